@@ -1,0 +1,558 @@
+//! A model checkpoint on disk (a GGUF file or a Hugging Face folder), and reading the tensors of
+//! one shard from it.
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::gguf::{GgufFile, Value};
+use crate::names::{LayerPart, TensorId};
+use crate::quant::{DType, dequantize};
+use crate::safetensors_files::SafetensorsSet;
+use crate::template::ChatTemplate;
+use crate::tokenizer::Tokenizer;
+
+/// A tensor decoded to `f32` in host memory, rows first, in Hugging Face layout.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostTensor {
+    /// Shape, rows first.
+    pub shape: Vec<usize>,
+    /// Values, row-major.
+    pub data: Vec<f32>,
+}
+
+/// Which part of the model a node holds: layers `[start, end)`, plus the embedding (first stage)
+/// and/or the final norm and head (last stage).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShardSpec {
+    /// The decoder layers.
+    pub layers: Range<usize>,
+    /// Whether the shard embeds tokens.
+    pub embedding: bool,
+    /// Whether the shard holds the final norm and head.
+    pub head: bool,
+}
+
+impl ShardSpec {
+    /// The whole model of `num_layers` layers as one shard.
+    pub fn whole(num_layers: usize) -> Self {
+        ShardSpec {
+            layers: 0..num_layers,
+            embedding: true,
+            head: true,
+        }
+    }
+}
+
+/// The weights of one decoder layer.
+#[derive(Clone, Debug)]
+#[allow(missing_docs)]
+pub struct LayerWeights {
+    pub attn_norm: HostTensor,
+    pub q: HostTensor,
+    pub k: HostTensor,
+    pub v: HostTensor,
+    /// Present when the model has attention bias.
+    pub qkv_bias: Option<[HostTensor; 3]>,
+    pub o: HostTensor,
+    pub mlp_norm: HostTensor,
+    pub gate: HostTensor,
+    pub up: HostTensor,
+    pub down: HostTensor,
+}
+
+/// How the last stage gets its output projection.
+#[derive(Clone, Debug)]
+pub enum HeadWeights {
+    /// The head is the embedding table, which this shard also holds.
+    SharedWithEmbedding,
+    /// The head's own matrix (or a copy of the tied embedding on a shard without the embedding).
+    Separate(HostTensor),
+}
+
+/// Everything one shard needs, read from the checkpoint.
+#[derive(Clone, Debug)]
+pub struct ShardWeights {
+    /// What was loaded.
+    pub spec: ShardSpec,
+    /// `[vocab, hidden]`, when `spec.embedding`.
+    pub embedding: Option<HostTensor>,
+    /// Layers `spec.layers`, in order.
+    pub layers: Vec<LayerWeights>,
+    /// `[hidden]`, when `spec.head`.
+    pub final_norm: Option<HostTensor>,
+    /// The head, when `spec.head`.
+    pub head: Option<HeadWeights>,
+}
+
+/// What has been read from a checkpoint so far: proof that a shard reads only its own tensors.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReadStats {
+    /// Names of the tensors read, in order.
+    pub tensors: Vec<String>,
+    /// Bytes of stored tensor data read.
+    pub bytes: u64,
+}
+
+#[derive(Debug)]
+enum Source {
+    Gguf(GgufFile),
+    Safetensors(SafetensorsSet),
+}
+
+/// An opened checkpoint: configuration parsed, tensors indexed, nothing read yet.
+#[derive(Debug)]
+pub struct Checkpoint {
+    path: PathBuf,
+    config: ModelConfig,
+    source: Source,
+    reads: Mutex<ReadStats>,
+}
+
+impl Checkpoint {
+    /// Opens a `.gguf` file or a Hugging Face folder (with `config.json` and safetensors).
+    pub fn open(path: &Path) -> Result<Self> {
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        let (config, source) = if meta.is_dir() {
+            let config_path = path.join("config.json");
+            let text =
+                std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+            let mut config = ModelConfig::from_hf_json(&text, &config_path)?;
+            merge_generation_config(path, &mut config)?;
+            (config, Source::Safetensors(SafetensorsSet::open(path)?))
+        } else {
+            let file = GgufFile::open(path)?;
+            (config_from_gguf(&file)?, Source::Gguf(file))
+        };
+        Ok(Checkpoint {
+            path: path.to_path_buf(),
+            config,
+            source,
+            reads: Mutex::new(ReadStats::default()),
+        })
+    }
+
+    /// The checkpoint's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The resolved configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// A short name for the model: the file stem or folder name.
+    pub fn name(&self) -> String {
+        self.path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into())
+    }
+
+    /// The GGUF file, when the checkpoint is one.
+    pub fn gguf(&self) -> Option<&GgufFile> {
+        match &self.source {
+            Source::Gguf(f) => Some(f),
+            Source::Safetensors(_) => None,
+        }
+    }
+
+    /// The tokenizer, checked against the model's vocabulary.
+    pub fn tokenizer(&self) -> Result<Tokenizer> {
+        let tokenizer = match &self.source {
+            Source::Gguf(file) => Tokenizer::from_gguf(file)?,
+            Source::Safetensors(_) => {
+                let mut t = Tokenizer::from_file(&self.path.join("tokenizer.json"))?;
+                let tc = self.tokenizer_config()?;
+                let add_bos = tc
+                    .get("add_bos_token")
+                    .and_then(|v| v.as_bool())
+                    .unwrap_or(false);
+                t.set_add_bos(self.config.bos_token_id, add_bos);
+                t
+            }
+        };
+        tokenizer.check_fits(self.config.vocab_size, &self.path)?;
+        Ok(tokenizer)
+    }
+
+    /// The checkpoint's chat template, if it has one.
+    pub fn chat_template(&self) -> Result<Option<ChatTemplate>> {
+        let tokenizer = self.tokenizer()?;
+        let token_text =
+            |id: Option<u32>| id.and_then(|id| tokenizer.token(id)).unwrap_or_default();
+        let bos = token_text(self.config.bos_token_id);
+        let eos = token_text(self.config.eos_token_ids.first().copied());
+        let source = match &self.source {
+            Source::Gguf(file) => file
+                .get("tokenizer.chat_template")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            Source::Safetensors(_) => {
+                let tc = self.tokenizer_config()?;
+                match tc.get("chat_template") {
+                    Some(serde_json::Value::String(s)) => Some(s.clone()),
+                    // A list of named templates: use the one called "default".
+                    Some(serde_json::Value::Array(items)) => items
+                        .iter()
+                        .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                        .and_then(|t| t.get("template"))
+                        .and_then(|t| t.as_str())
+                        .map(str::to_string),
+                    _ => None,
+                }
+            }
+        };
+        source
+            .map(|s| ChatTemplate::new(&s, &bos, &eos))
+            .transpose()
+    }
+
+    fn tokenizer_config(&self) -> Result<serde_json::Value> {
+        let path = self.path.join("tokenizer_config.json");
+        if !path.exists() {
+            return Ok(serde_json::Value::Null);
+        }
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        serde_json::from_str(&text).map_err(|e| Error::Tokenizer {
+            path,
+            message: e.to_string(),
+        })
+    }
+
+    /// Whether the checkpoint stores a tensor.
+    pub fn has_tensor(&self, id: TensorId) -> bool {
+        match &self.source {
+            Source::Gguf(f) => f.tensor(&id.gguf_name()).is_some(),
+            Source::Safetensors(s) => s.contains(&id.hf_name()),
+        }
+    }
+
+    /// Reads one tensor, decoded to `f32` and in Hugging Face layout, and checks its shape.
+    pub fn tensor(&self, id: TensorId) -> Result<HostTensor> {
+        let expected = self.config.expected_shape(id);
+        let (name, shape, dtype, bytes_len, data) = match &self.source {
+            Source::Gguf(file) => {
+                let name = id.gguf_name();
+                let info = file.tensor(&name).ok_or_else(|| Error::MissingTensor {
+                    path: self.path.clone(),
+                    name: name.clone(),
+                })?;
+                let bytes = file.tensor_bytes(info);
+                let mut data = Vec::with_capacity(info.elems());
+                dequantize(info.dtype, bytes, &mut data);
+                (name, info.shape.clone(), info.dtype, bytes.len(), data)
+            }
+            Source::Safetensors(set) => {
+                let name = id.hf_name();
+                let raw = set.get(&name)?.ok_or_else(|| Error::MissingTensor {
+                    path: self.path.clone(),
+                    name: name.clone(),
+                })?;
+                let elems: usize = raw.shape.iter().product();
+                if raw.dtype.bytes_for(elems) != Some(raw.bytes().len()) {
+                    return Err(Error::Safetensors {
+                        path: raw.file.clone(),
+                        message: format!(
+                            "tensor `{name}` has a byte length that does not match its shape"
+                        ),
+                    });
+                }
+                let mut data = Vec::with_capacity(elems);
+                dequantize(raw.dtype, raw.bytes(), &mut data);
+                (name, raw.shape.clone(), raw.dtype, raw.bytes().len(), data)
+            }
+        };
+        if shape != expected {
+            return Err(Error::ShapeMismatch {
+                path: self.path.clone(),
+                name,
+                expected,
+                actual: shape,
+            });
+        }
+        let _ = dtype;
+        {
+            let mut reads = self.reads.lock().unwrap_or_else(|p| p.into_inner());
+            reads.tensors.push(name);
+            reads.bytes += bytes_len as u64;
+        }
+        let mut tensor = HostTensor { shape, data };
+        if matches!(self.source, Source::Gguf(_)) && self.config.model_type == "llama" {
+            // llama.cpp's converter interleaves the rows of each q/k head for its RoPE layout;
+            // undo it so that every format reaches the model in Hugging Face's layout.
+            match id {
+                TensorId::Layer {
+                    part: LayerPart::Q | LayerPart::QBias,
+                    ..
+                } => unpermute_rows(&mut tensor, self.config.num_heads),
+                TensorId::Layer {
+                    part: LayerPart::K | LayerPart::KBias,
+                    ..
+                } => unpermute_rows(&mut tensor, self.config.num_kv_heads),
+                _ => {}
+            }
+        }
+        Ok(tensor)
+    }
+
+    /// Reads the tensors of one shard, and nothing else.
+    pub fn load_shard(&self, spec: &ShardSpec) -> Result<ShardWeights> {
+        let n = self.config.num_layers;
+        if spec.layers.start > spec.layers.end || spec.layers.end > n {
+            return Err(Error::LayerRange {
+                start: spec.layers.start,
+                end: spec.layers.end,
+                layers: n,
+            });
+        }
+        let embedding = spec
+            .embedding
+            .then(|| self.tensor(TensorId::Embedding))
+            .transpose()?;
+        let layers = spec
+            .layers
+            .clone()
+            .map(|layer| self.layer(layer))
+            .collect::<Result<Vec<_>>>()?;
+        let (final_norm, head) = if spec.head {
+            let norm = self.tensor(TensorId::FinalNorm)?;
+            let head = if self.has_tensor(TensorId::Head) {
+                HeadWeights::Separate(self.tensor(TensorId::Head)?)
+            } else if spec.embedding {
+                HeadWeights::SharedWithEmbedding
+            } else {
+                HeadWeights::Separate(self.tensor(TensorId::Embedding)?)
+            };
+            (Some(norm), Some(head))
+        } else {
+            (None, None)
+        };
+        Ok(ShardWeights {
+            spec: spec.clone(),
+            embedding,
+            layers,
+            final_norm,
+            head,
+        })
+    }
+
+    fn layer(&self, layer: usize) -> Result<LayerWeights> {
+        let t = |part| self.tensor(TensorId::Layer { layer, part });
+        let qkv_bias = if self.config.attention_bias {
+            Some([
+                t(LayerPart::QBias)?,
+                t(LayerPart::KBias)?,
+                t(LayerPart::VBias)?,
+            ])
+        } else {
+            None
+        };
+        Ok(LayerWeights {
+            attn_norm: t(LayerPart::AttnNorm)?,
+            q: t(LayerPart::Q)?,
+            k: t(LayerPart::K)?,
+            v: t(LayerPart::V)?,
+            qkv_bias,
+            o: t(LayerPart::O)?,
+            mlp_norm: t(LayerPart::MlpNorm)?,
+            gate: t(LayerPart::Gate)?,
+            up: t(LayerPart::Up)?,
+            down: t(LayerPart::Down)?,
+        })
+    }
+
+    /// What has been read so far.
+    pub fn read_stats(&self) -> ReadStats {
+        self.reads.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Bytes of stored weights of the tensors a shard would read (for memory planning).
+    pub fn stored_bytes(&self, id: TensorId) -> Option<u64> {
+        match &self.source {
+            Source::Gguf(f) => f.tensor(&id.gguf_name()).map(|i| i.len as u64),
+            Source::Safetensors(s) => s
+                .get(&id.hf_name())
+                .ok()
+                .flatten()
+                .map(|r| r.bytes().len() as u64),
+        }
+    }
+
+    /// The element type a tensor is stored in.
+    pub fn stored_dtype(&self, id: TensorId) -> Option<DType> {
+        match &self.source {
+            Source::Gguf(f) => f.tensor(&id.gguf_name()).map(|i| i.dtype),
+            Source::Safetensors(s) => s.get(&id.hf_name()).ok().flatten().map(|r| r.dtype),
+        }
+    }
+}
+
+/// Undoes llama.cpp's q/k row interleaving: within each head, GGUF row `2i + j` is Hugging Face
+/// row `j * head_dim/2 + i`.
+fn unpermute_rows(tensor: &mut HostTensor, heads: usize) {
+    let rows = tensor.shape[0];
+    let cols: usize = tensor.shape[1..].iter().product();
+    if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 {
+        return;
+    }
+    let head_dim = rows / heads;
+    let half = head_dim / 2;
+    let mut out = vec![0f32; tensor.data.len()];
+    for h in 0..heads {
+        for i in 0..half {
+            for j in 0..2 {
+                let src = h * head_dim + 2 * i + j;
+                let dst = h * head_dim + j * half + i;
+                out[dst * cols..(dst + 1) * cols]
+                    .copy_from_slice(&tensor.data[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    tensor.data = out;
+}
+
+/// Fills the configuration from a GGUF file's `{arch}.*` metadata.
+fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
+    let path = file.path();
+    let missing = |key: &str| Error::Config {
+        path: path.to_path_buf(),
+        message: format!("missing metadata `{key}`"),
+    };
+    let arch = file
+        .get("general.architecture")
+        .and_then(Value::as_str)
+        .ok_or_else(|| missing("general.architecture"))?
+        .to_string();
+    if !matches!(arch.as_str(), "llama" | "qwen2") {
+        return Err(Error::Config {
+            path: path.to_path_buf(),
+            message: format!("architecture `{arch}` is not supported (llama and qwen2 are)"),
+        });
+    }
+    let uint = |key: &str| {
+        let full = format!("{arch}.{key}");
+        file.get(&full)
+            .and_then(Value::as_u64)
+            .map(|v| v as usize)
+            .ok_or_else(|| missing(&full))
+    };
+    let float = |key: &str| file.get(&format!("{arch}.{key}")).and_then(Value::as_f64);
+    let hidden_size = uint("embedding_length")?;
+    let num_heads = uint("attention.head_count")?;
+    let num_kv_heads = uint("attention.head_count_kv").unwrap_or(num_heads);
+    let vocab_size = match uint("vocab_size") {
+        Ok(v) => v,
+        Err(_) => file
+            .tensor(&TensorId::Embedding.gguf_name())
+            .map(|t| t.shape[0])
+            .ok_or_else(|| missing(&format!("{arch}.vocab_size")))?,
+    };
+    let head_dim = match uint("attention.key_length") {
+        Ok(d) => d,
+        Err(_) if num_heads > 0 => hidden_size / num_heads,
+        Err(e) => return Err(e),
+    };
+    if file.tensor("rope_freqs.weight").is_some() {
+        tracing::warn!(
+            "{}: llama3 rope scaling stored as `rope_freqs.weight` is not applied yet; \
+             long contexts may degrade",
+            path.display()
+        );
+    }
+    let mut eos_token_ids = Vec::new();
+    for key in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"] {
+        if let Some(id) = file.get(key).and_then(Value::as_u64) {
+            if !eos_token_ids.contains(&(id as u32)) {
+                eos_token_ids.push(id as u32);
+            }
+        }
+    }
+    let config = ModelConfig {
+        model_type: arch.clone(),
+        vocab_size,
+        hidden_size,
+        intermediate_size: uint("feed_forward_length")?,
+        num_layers: uint("block_count")?,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        rms_norm_eps: float("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
+        rope_theta: float("rope.freq_base").unwrap_or(10_000.0),
+        rope_scaling: None,
+        max_position_embeddings: uint("context_length").unwrap_or(2048),
+        tie_word_embeddings: file.tensor(&TensorId::Head.gguf_name()).is_none(),
+        attention_bias: file
+            .tensor(
+                &TensorId::Layer {
+                    layer: 0,
+                    part: LayerPart::QBias,
+                }
+                .gguf_name(),
+            )
+            .is_some(),
+        bos_token_id: file
+            .get("tokenizer.ggml.bos_token_id")
+            .and_then(Value::as_u64)
+            .map(|v| v as u32),
+        eos_token_ids,
+    };
+    config.validate(path)?;
+    Ok(config)
+}
+
+/// Takes EOS ids from `generation_config.json` when the folder has one (it is what
+/// `transformers` stops on).
+fn merge_generation_config(folder: &Path, config: &mut ModelConfig) -> Result<()> {
+    let path = folder.join("generation_config.json");
+    if !path.exists() {
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Config {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    if let Some(eos) = value.get("eos_token_id") {
+        let ids: crate::config::OneOrMany =
+            serde_json::from_value(eos.clone()).map_err(|e| Error::Config {
+                path: path.clone(),
+                message: format!("eos_token_id: {e}"),
+            })?;
+        config.eos_token_ids = ids.into_vec();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unpermute_inverts_llama_cpp_permute() {
+        // llama.cpp: w.reshape(heads, 2, hd/2, cols).swapaxes(1, 2)
+        let (heads, head_dim, cols) = (2, 4, 3);
+        let rows = heads * head_dim;
+        let hf: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+        let mut permuted = vec![0f32; hf.len()];
+        for h in 0..heads {
+            for i in 0..head_dim / 2 {
+                for j in 0..2 {
+                    let gguf_row = h * head_dim + 2 * i + j;
+                    let hf_row = h * head_dim + j * (head_dim / 2) + i;
+                    permuted[gguf_row * cols..(gguf_row + 1) * cols]
+                        .copy_from_slice(&hf[hf_row * cols..(hf_row + 1) * cols]);
+                }
+            }
+        }
+        let mut t = HostTensor {
+            shape: vec![rows, cols],
+            data: permuted,
+        };
+        unpermute_rows(&mut t, heads);
+        assert_eq!(t.data, hf);
+    }
+}

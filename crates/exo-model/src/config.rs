@@ -1,0 +1,384 @@
+//! Model configuration: the serde mirror of a Hugging Face `config.json`, and the resolved
+//! runtime configuration every other crate uses.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// The Llama-family configuration with every default filled in and derived sizes computed.
+///
+/// Built from a `config.json` ([`ModelConfig::from_hf_json`]) or from GGUF metadata; both paths
+/// end here so that the model code has one source of truth.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    /// `model_type` as the checkpoint names it (`llama`, `qwen2`, ...).
+    pub model_type: String,
+    /// Rows of the embedding table and of the head.
+    pub vocab_size: usize,
+    /// Width of the residual stream.
+    pub hidden_size: usize,
+    /// Width of the MLP's hidden layer.
+    pub intermediate_size: usize,
+    /// Number of decoder layers.
+    pub num_layers: usize,
+    /// Query heads.
+    pub num_heads: usize,
+    /// Key/value heads (grouped-query attention when fewer than `num_heads`).
+    pub num_kv_heads: usize,
+    /// Width of one attention head.
+    pub head_dim: usize,
+    /// Epsilon of every RMSNorm.
+    pub rms_norm_eps: f64,
+    /// Base of the rotary embedding's frequencies.
+    pub rope_theta: f64,
+    /// Llama 3 style frequency scaling, if the checkpoint uses it.
+    pub rope_scaling: Option<RopeScaling>,
+    /// Longest context the checkpoint was trained for.
+    pub max_position_embeddings: usize,
+    /// Whether the head reuses the embedding table.
+    pub tie_word_embeddings: bool,
+    /// Whether the q/k/v projections have biases (Qwen2 style).
+    pub attention_bias: bool,
+    /// Beginning-of-sequence token, if any.
+    pub bos_token_id: Option<u32>,
+    /// Tokens that end generation.
+    pub eos_token_ids: Vec<u32>,
+}
+
+/// Llama 3 rotary-frequency scaling (`rope_scaling` with `rope_type: "llama3"`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RopeScaling {
+    /// How much the context was stretched.
+    pub factor: f64,
+    /// Wavelengths longer than `original / low_freq_factor` are fully scaled.
+    pub low_freq_factor: f64,
+    /// Wavelengths shorter than `original / high_freq_factor` are left alone.
+    pub high_freq_factor: f64,
+    /// The context length before scaling.
+    pub original_max_position_embeddings: usize,
+}
+
+/// `config.json` as Hugging Face writes it; only the fields we use.
+#[derive(Debug, Deserialize)]
+struct HfConfig {
+    #[serde(default = "default_model_type")]
+    model_type: String,
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    #[serde(default = "default_eps")]
+    rms_norm_eps: f64,
+    #[serde(default = "default_theta")]
+    rope_theta: f64,
+    rope_scaling: Option<HfRopeScaling>,
+    #[serde(default = "default_max_pos")]
+    max_position_embeddings: usize,
+    #[serde(default)]
+    tie_word_embeddings: bool,
+    attention_bias: Option<bool>,
+    bos_token_id: Option<u32>,
+    eos_token_id: Option<OneOrMany>,
+}
+
+#[derive(Debug, Deserialize)]
+struct HfRopeScaling {
+    #[serde(alias = "type")]
+    rope_type: String,
+    #[serde(default = "one")]
+    factor: f64,
+    #[serde(default = "one")]
+    low_freq_factor: f64,
+    #[serde(default = "four")]
+    high_freq_factor: f64,
+    #[serde(default = "default_original_max")]
+    original_max_position_embeddings: usize,
+}
+
+/// `eos_token_id` is an integer or a list of integers depending on the checkpoint.
+#[derive(Debug, Deserialize, Serialize, Clone)]
+#[serde(untagged)]
+pub(crate) enum OneOrMany {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl OneOrMany {
+    pub(crate) fn into_vec(self) -> Vec<u32> {
+        match self {
+            OneOrMany::One(id) => vec![id],
+            OneOrMany::Many(ids) => ids,
+        }
+    }
+}
+
+fn default_model_type() -> String {
+    "llama".into()
+}
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_theta() -> f64 {
+    10_000.0
+}
+fn default_max_pos() -> usize {
+    2048
+}
+fn one() -> f64 {
+    1.0
+}
+fn four() -> f64 {
+    4.0
+}
+fn default_original_max() -> usize {
+    8192
+}
+
+impl ModelConfig {
+    /// Parses a Hugging Face `config.json`; `path` is only used in error messages.
+    pub fn from_hf_json(text: &str, path: &Path) -> Result<Self> {
+        let raw: HfConfig = serde_json::from_str(text).map_err(|e| Error::Config {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let rope_scaling = match raw.rope_scaling {
+            None => None,
+            Some(s) if s.rope_type == "llama3" => Some(RopeScaling {
+                factor: s.factor,
+                low_freq_factor: s.low_freq_factor,
+                high_freq_factor: s.high_freq_factor,
+                original_max_position_embeddings: s.original_max_position_embeddings,
+            }),
+            Some(s) if s.rope_type == "default" => None,
+            Some(s) => {
+                return Err(Error::Config {
+                    path: path.to_path_buf(),
+                    message: format!(
+                        "rope_scaling type `{}` is not supported (supported: llama3)",
+                        s.rope_type
+                    ),
+                });
+            }
+        };
+        let head_dim = match raw.head_dim {
+            Some(d) => d,
+            None if raw.num_attention_heads > 0 => raw.hidden_size / raw.num_attention_heads,
+            None => 0,
+        };
+        let attention_bias = raw.attention_bias.unwrap_or(raw.model_type == "qwen2");
+        let config = ModelConfig {
+            model_type: raw.model_type,
+            vocab_size: raw.vocab_size,
+            hidden_size: raw.hidden_size,
+            intermediate_size: raw.intermediate_size,
+            num_layers: raw.num_hidden_layers,
+            num_heads: raw.num_attention_heads,
+            num_kv_heads: raw.num_key_value_heads.unwrap_or(raw.num_attention_heads),
+            head_dim,
+            rms_norm_eps: raw.rms_norm_eps,
+            rope_theta: raw.rope_theta,
+            rope_scaling,
+            max_position_embeddings: raw.max_position_embeddings,
+            tie_word_embeddings: raw.tie_word_embeddings,
+            attention_bias,
+            bos_token_id: raw.bos_token_id,
+            eos_token_ids: raw
+                .eos_token_id
+                .map(OneOrMany::into_vec)
+                .unwrap_or_default(),
+        };
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    /// Checks the relations between sizes that the model code relies on.
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        let bad = |message: String| Error::Config {
+            path: path.to_path_buf(),
+            message,
+        };
+        for (name, value) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_layers),
+            ("num_attention_heads", self.num_heads),
+            ("num_key_value_heads", self.num_kv_heads),
+            ("head_dim", self.head_dim),
+        ] {
+            if value == 0 {
+                return Err(bad(format!("`{name}` must be positive")));
+            }
+        }
+        if self.num_heads % self.num_kv_heads != 0 {
+            return Err(bad(format!(
+                "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
+                self.num_heads, self.num_kv_heads
+            )));
+        }
+        if self.head_dim % 2 != 0 {
+            return Err(bad(format!(
+                "head_dim ({}) must be even for rotary embeddings",
+                self.head_dim
+            )));
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rope_theta.is_finite() && self.rope_theta > 0.0)
+        {
+            return Err(bad(
+                "rms_norm_eps and rope_theta must be finite, rope_theta positive".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The `config.json` a Hugging Face loader expects for this configuration.
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        let mut value = serde_json::json!({
+            "architectures": [if self.model_type == "qwen2" { "Qwen2ForCausalLM" } else { "LlamaForCausalLM" }],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": self.attention_bias,
+            "hidden_act": "silu",
+            "torch_dtype": "float32",
+        });
+        if let Some(map) = value.as_object_mut() {
+            if let Some(bos) = self.bos_token_id {
+                map.insert("bos_token_id".into(), bos.into());
+            }
+            match self.eos_token_ids.as_slice() {
+                [] => {}
+                [one] => {
+                    map.insert("eos_token_id".into(), (*one).into());
+                }
+                many => {
+                    map.insert("eos_token_id".into(), many.to_vec().into());
+                }
+            }
+            if let Some(s) = &self.rope_scaling {
+                map.insert(
+                    "rope_scaling".into(),
+                    serde_json::json!({
+                        "rope_type": "llama3",
+                        "factor": s.factor,
+                        "low_freq_factor": s.low_freq_factor,
+                        "high_freq_factor": s.high_freq_factor,
+                        "original_max_position_embeddings": s.original_max_position_embeddings,
+                    }),
+                );
+            }
+        }
+        value
+    }
+
+    /// Number of weights (parameters) of layers `[start, end)`, for memory estimates.
+    pub fn layer_params(&self) -> usize {
+        let h = self.hidden_size;
+        let q = self.num_heads * self.head_dim;
+        let kv = self.num_kv_heads * self.head_dim;
+        let bias = if self.attention_bias { q + 2 * kv } else { 0 };
+        2 * h + h * q + 2 * h * kv + q * h + bias + 3 * h * self.intermediate_size
+    }
+
+    /// The shape (rows first) a tensor must have under this configuration.
+    pub fn expected_shape(&self, id: crate::TensorId) -> Vec<usize> {
+        use crate::{LayerPart as P, TensorId as T};
+        let h = self.hidden_size;
+        let q = self.num_heads * self.head_dim;
+        let kv = self.num_kv_heads * self.head_dim;
+        let i = self.intermediate_size;
+        match id {
+            T::Embedding | T::Head => vec![self.vocab_size, h],
+            T::FinalNorm => vec![h],
+            T::Layer { part, .. } => match part {
+                P::AttnNorm | P::MlpNorm => vec![h],
+                P::Q => vec![q, h],
+                P::K | P::V => vec![kv, h],
+                P::QBias => vec![q],
+                P::KBias | P::VBias => vec![kv],
+                P::O => vec![h, q],
+                P::Gate | P::Up => vec![i, h],
+                P::Down => vec![h, i],
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SMOL: &str = r#"{"architectures":["LlamaForCausalLM"],"model_type":"llama","vocab_size":49152,
+      "hidden_size":576,"intermediate_size":1536,"num_hidden_layers":30,"num_attention_heads":9,
+      "num_key_value_heads":3,"rms_norm_eps":1e-5,"rope_theta":100000,"tie_word_embeddings":true,
+      "max_position_embeddings":8192,"bos_token_id":1,"eos_token_id":2}"#;
+
+    #[test]
+    fn parses_a_llama_config_and_derives_head_dim() -> Result<()> {
+        let c = ModelConfig::from_hf_json(SMOL, Path::new("config.json"))?;
+        assert_eq!(c.head_dim, 64);
+        assert_eq!(c.num_kv_heads, 3);
+        assert!(c.tie_word_embeddings);
+        assert!(!c.attention_bias);
+        assert_eq!(c.eos_token_ids, vec![2]);
+        let back = ModelConfig::from_hf_json(&c.to_hf_json().to_string(), Path::new("x"))?;
+        assert_eq!(back, c);
+        Ok(())
+    }
+
+    #[test]
+    fn llama3_rope_scaling_and_eos_lists() -> Result<()> {
+        let text = SMOL.replace(
+            r#""eos_token_id":2"#,
+            r#""eos_token_id":[2,7],"rope_scaling":{"rope_type":"llama3","factor":8.0,
+               "low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192}"#,
+        );
+        let c = ModelConfig::from_hf_json(&text, Path::new("config.json"))?;
+        assert_eq!(c.eos_token_ids, vec![2, 7]);
+        assert_eq!(c.rope_scaling.as_ref().map(|s| s.factor), Some(8.0));
+        Ok(())
+    }
+
+    #[test]
+    fn qwen2_defaults_to_attention_bias() -> Result<()> {
+        let text = SMOL.replace(r#""model_type":"llama""#, r#""model_type":"qwen2""#);
+        let c = ModelConfig::from_hf_json(&text, Path::new("config.json"))?;
+        assert!(c.attention_bias);
+        Ok(())
+    }
+
+    #[test]
+    fn a_missing_field_is_named_with_the_file() {
+        let text = SMOL.replace(r#""hidden_size":576,"#, "");
+        let err = ModelConfig::from_hf_json(&text, Path::new("/m/config.json"))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("/m/config.json"), "{err}");
+        assert!(err.contains("hidden_size"), "{err}");
+    }
+
+    #[test]
+    fn inconsistent_heads_are_refused() {
+        let text = SMOL.replace(r#""num_key_value_heads":3"#, r#""num_key_value_heads":4"#);
+        let err = ModelConfig::from_hf_json(&text, Path::new("config.json"))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("not a multiple"), "{err}");
+    }
+}

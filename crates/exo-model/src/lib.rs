@@ -1,0 +1,35 @@
+//! Model files for exo-rs: GGUF files and Hugging Face folders (config, safetensors, tokenizer,
+//! chat template), read lazily so that a node reads only the tensors of its own shard.
+//!
+//! This crate turns bytes on disk into configuration, `f32` tensors in Hugging Face layout, token
+//! ids and prompt text. It does no tensor math and knows nothing of burn, networking or the
+//! cluster: the shard engine (`exo-shard`) builds the model from what this crate returns.
+//!
+//! Entry points: [`Checkpoint::open`] for any checkpoint, [`ensure_default_model`] for the
+//! default model, [`export_hf`] to turn a GGUF file into a Hugging Face folder.
+
+mod checkpoint;
+mod config;
+mod error;
+mod export;
+mod fetch;
+pub mod gguf;
+mod names;
+mod quant;
+mod safetensors_files;
+mod template;
+mod tokenizer;
+
+pub use checkpoint::{
+    Checkpoint, HeadWeights, HostTensor, LayerWeights, ReadStats, ShardSpec, ShardWeights,
+};
+pub use config::{ModelConfig, RopeScaling};
+pub use error::{Error, Result};
+pub use export::{ExportDtype, ExportSummary, export_hf};
+pub use fetch::{
+    DEFAULT_MODEL, DefaultModel, default_model_path, ensure_default_model, exo_home, sha256_file,
+};
+pub use names::{LayerPart, TensorId};
+pub use quant::{DType, dequantize, quantize_q4_1, quantize_q8_0};
+pub use template::{ChatMessage, ChatTemplate};
+pub use tokenizer::{TextStream, Tokenizer};
