@@ -1,0 +1,55 @@
+//! The per-request key/value cache: explicit state owned by the request, passed to `forward`.
+
+use burn::tensor::Tensor;
+
+/// Keys and values of one layer, `[batch, kv_heads, positions, head_dim]` each.
+#[derive(Debug, Default, Clone)]
+pub struct LayerCache {
+    kv: Option<(Tensor<4>, Tensor<4>)>,
+}
+
+impl LayerCache {
+    /// Appends this step's keys and values and returns everything cached so far.
+    pub(crate) fn append(&mut self, k: Tensor<4>, v: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
+        let (k, v) = match self.kv.take() {
+            None => (k, v),
+            Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
+        };
+        self.kv = Some((k.clone(), v.clone()));
+        (k, v)
+    }
+}
+
+/// The cache of one request on one shard: a [`LayerCache`] per layer the shard holds, and the
+/// number of positions already processed.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    pub(crate) layers: Vec<LayerCache>,
+    pub(crate) len: usize,
+}
+
+impl KvCache {
+    /// An empty cache for a shard of `layers` layers.
+    pub fn new(layers: usize) -> Self {
+        KvCache {
+            layers: vec![LayerCache::default(); layers],
+            len: 0,
+        }
+    }
+
+    /// Positions processed so far (the next token's position).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing has been processed yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Forgets everything, keeping the layer count.
+    pub fn clear(&mut self) {
+        self.layers.iter_mut().for_each(|l| l.kv = None);
+        self.len = 0;
+    }
+}

@@ -1,0 +1,284 @@
+//! Generation in one process: a prompt is prefilled in one forward pass through every stage,
+//! then tokens are decoded one at a time until EOS, a stop string or the token limit.
+
+use std::time::{Duration, Instant};
+
+use exo_model::Tokenizer;
+
+use crate::cache::KvCache;
+use crate::error::{Error, Result};
+use crate::sampling::{Sampler, SamplingParams};
+use crate::shard::LlamaShard;
+
+/// What to generate.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GenerateRequest {
+    /// The prompt, already tokenized (with the chat template applied, if any).
+    pub prompt_ids: Vec<u32>,
+    /// Upper bound on generated tokens.
+    pub max_tokens: usize,
+    /// How to pick tokens.
+    pub sampling: SamplingParams,
+    /// Generation ends before the first occurrence of any of these strings.
+    pub stop: Vec<String>,
+    /// Keep going past EOS tokens (used by parity tests and benchmarks).
+    pub ignore_eos: bool,
+}
+
+/// Why generation ended, in OpenAI's terms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An EOS token or a stop string.
+    Stop,
+    /// `max_tokens` reached, or the context is full.
+    Length,
+}
+
+/// Timings and counts of one generation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GenerationStats {
+    /// Tokens in the prompt.
+    pub prompt_tokens: usize,
+    /// Tokens generated (including a final EOS).
+    pub generated_tokens: usize,
+    /// From the start until the first generated token was known (prefill + first sample).
+    pub time_to_first_token: Duration,
+    /// From the first generated token to the last.
+    pub decode_time: Duration,
+    /// Why it ended.
+    pub finish_reason: FinishReason,
+}
+
+impl GenerationStats {
+    /// Prompt tokens per second of the prefill.
+    pub fn prefill_tokens_per_s(&self) -> f64 {
+        self.prompt_tokens as f64 / self.time_to_first_token.as_secs_f64().max(1e-9)
+    }
+
+    /// Generated tokens per second after the first one.
+    pub fn decode_tokens_per_s(&self) -> f64 {
+        let steps = self.generated_tokens.saturating_sub(1);
+        if steps == 0 {
+            return 0.0;
+        }
+        steps as f64 / self.decode_time.as_secs_f64().max(1e-9)
+    }
+}
+
+/// The result of [`generate`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Generation {
+    /// Generated ids (including a final EOS, excluding nothing else).
+    pub ids: Vec<u32>,
+    /// Generated text, cut before a stop string, without EOS text.
+    pub text: String,
+    /// Counts and timings.
+    pub stats: GenerationStats,
+}
+
+/// Runs `tokens` through every stage in order, returning the last position's logits.
+///
+/// `stages` must together hold the whole model: the first embeds, the last has the head, and
+/// their layer ranges follow each other.
+pub fn forward_tokens(
+    stages: &[LlamaShard],
+    tokens: &[u32],
+    caches: &mut [KvCache],
+) -> Result<Vec<f32>> {
+    let (first, last) = match (stages.first(), stages.last()) {
+        (Some(f), Some(l)) => (f, l),
+        _ => return Err(Error::Backend("no stages to run".into())),
+    };
+    if caches.len() != stages.len() {
+        return Err(Error::CacheMismatch {
+            expected: stages.len(),
+            actual: caches.len(),
+        });
+    }
+    let mut x = first.embed(tokens)?;
+    for (stage, cache) in stages.iter().zip(caches.iter_mut()) {
+        x = stage.forward(x, cache)?;
+    }
+    last.logits_vec(x)
+}
+
+/// Generates text for `request`, calling `on_text` with each new piece as soon as it is final.
+pub fn generate(
+    stages: &[LlamaShard],
+    tokenizer: &Tokenizer,
+    eos_ids: &[u32],
+    request: &GenerateRequest,
+    on_text: &mut dyn FnMut(&str),
+) -> Result<Generation> {
+    if request.prompt_ids.is_empty() {
+        return Err(Error::Shape {
+            what: "prompt".into(),
+            expected: vec![1],
+            actual: vec![0],
+        });
+    }
+    let mut sampler = Sampler::new(request.sampling.clone())?;
+    let mut caches: Vec<KvCache> = stages.iter().map(LlamaShard::new_cache).collect();
+    let mut stream = tokenizer.stream();
+    let mut stops = StopScanner::new(&request.stop);
+    let start = Instant::now();
+    let mut first_token_at = None;
+    let mut ids = Vec::new();
+    let mut finish = FinishReason::Length;
+    let mut input = request.prompt_ids.clone();
+    while ids.len() < request.max_tokens {
+        let logits = match forward_tokens(stages, &input, &mut caches) {
+            Ok(l) => l,
+            // Running out of context ends the answer the way max_tokens does.
+            Err(Error::ContextFull { .. }) if !ids.is_empty() => break,
+            Err(e) => return Err(e),
+        };
+        let id = sampler.sample(&logits)?;
+        first_token_at.get_or_insert_with(Instant::now);
+        ids.push(id);
+        if !request.ignore_eos && eos_ids.contains(&id) {
+            finish = FinishReason::Stop;
+            break;
+        }
+        let piece = stream.push(id)?;
+        if stops.push(&piece, on_text) {
+            finish = FinishReason::Stop;
+            break;
+        }
+        input = vec![id];
+    }
+    if finish == FinishReason::Length {
+        stops.flush(on_text);
+    }
+    let first = first_token_at.unwrap_or_else(Instant::now);
+    Ok(Generation {
+        ids,
+        text: stops.emitted,
+        stats: GenerationStats {
+            prompt_tokens: request.prompt_ids.len(),
+            generated_tokens: 0,
+            time_to_first_token: first.duration_since(start),
+            decode_time: first.elapsed(),
+            finish_reason: finish,
+        },
+    })
+    .map(|mut g| {
+        g.stats.generated_tokens = g.ids.len();
+        g
+    })
+}
+
+/// Holds back text that might be the start of a stop string, and finds stop strings that span
+/// several tokens.
+#[derive(Debug)]
+pub(crate) struct StopScanner<'a> {
+    stops: &'a [String],
+    pending: String,
+    emitted: String,
+}
+
+impl<'a> StopScanner<'a> {
+    pub(crate) fn new(stops: &'a [String]) -> Self {
+        StopScanner {
+            stops,
+            pending: String::new(),
+            emitted: String::new(),
+        }
+    }
+
+    /// Adds a piece; emits what is safe. Returns true when a stop string was found.
+    pub(crate) fn push(&mut self, piece: &str, on_text: &mut dyn FnMut(&str)) -> bool {
+        self.pending.push_str(piece);
+        let hit = self
+            .stops
+            .iter()
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| self.pending.find(s.as_str()))
+            .min();
+        if let Some(at) = hit {
+            let text = self.pending[..at].to_string();
+            self.emit(&text, on_text);
+            self.pending.clear();
+            return true;
+        }
+        // Keep the longest tail that could still grow into a stop string.
+        let keep = self
+            .stops
+            .iter()
+            .map(|s| {
+                (1..s.len().min(self.pending.len() + 1))
+                    .rev()
+                    .find(|&n| {
+                        let at = self.pending.len() - n;
+                        self.pending.is_char_boundary(at) && s.starts_with(&self.pending[at..])
+                    })
+                    .unwrap_or(0)
+            })
+            .max()
+            .unwrap_or(0);
+        let cut = self.pending.len() - keep;
+        let text: String = self.pending.drain(..cut).collect();
+        self.emit(&text, on_text);
+        false
+    }
+
+    pub(crate) fn flush(&mut self, on_text: &mut dyn FnMut(&str)) {
+        let text = std::mem::take(&mut self.pending);
+        self.emit(&text, on_text);
+    }
+
+    fn emit(&mut self, text: &str, on_text: &mut dyn FnMut(&str)) {
+        if !text.is_empty() {
+            self.emitted.push_str(text);
+            on_text(text);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scan(stops: &[&str], pieces: &[&str]) -> (String, bool, String) {
+        let stops: Vec<String> = stops.iter().map(|s| s.to_string()).collect();
+        let mut scanner = StopScanner::new(&stops);
+        let mut streamed = String::new();
+        let mut stopped = false;
+        for p in pieces {
+            if scanner.push(p, &mut |t| streamed.push_str(t)) {
+                stopped = true;
+                break;
+            }
+        }
+        if !stopped {
+            scanner.flush(&mut |t| streamed.push_str(t));
+        }
+        (scanner.emitted, stopped, streamed)
+    }
+
+    #[test]
+    fn a_stop_string_across_pieces_is_found_and_cut() {
+        let (text, stopped, streamed) = scan(&["\n\n"], &["Paris", ".", "\n", "\nNext"]);
+        assert!(stopped);
+        assert_eq!(text, "Paris.");
+        assert_eq!(streamed, "Paris.");
+    }
+
+    #[test]
+    fn a_partial_match_that_fails_is_released() {
+        let (text, stopped, _) = scan(&["END"], &["the E", "ND", "x"]);
+        assert!(stopped);
+        assert_eq!(text, "the ");
+        let (text, stopped, streamed) = scan(&["END"], &["the E", "nd"]);
+        assert!(!stopped);
+        assert_eq!(text, "the End");
+        assert_eq!(streamed, "the End");
+    }
+
+    #[test]
+    fn multibyte_text_is_never_split() {
+        let (text, stopped, _) = scan(&["é!"], &["caf", "é", "é", "!"]);
+        assert!(stopped);
+        assert_eq!(text, "café");
+    }
+}

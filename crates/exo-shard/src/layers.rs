@@ -1,0 +1,300 @@
+//! The building blocks of a Llama-family decoder: linear projections, RMSNorm, rotary
+//! embeddings, attention with a KV cache, and the SwiGLU MLP.
+
+use burn::module::{Module, Param};
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::{Device, Tensor, TensorData};
+
+use exo_model::{HostTensor, ModelConfig};
+
+use crate::cache::LayerCache;
+
+/// Uploads a host tensor of shape `[rows, cols]`, transposed to `[cols, rows]` when asked.
+pub(crate) fn tensor2(t: &HostTensor, transpose: bool, device: &Device) -> Tensor<2> {
+    let (rows, cols) = (t.shape[0], t.shape.get(1).copied().unwrap_or(1));
+    let tensor = Tensor::<2>::from_data(TensorData::new(t.data.clone(), [rows, cols]), device);
+    if transpose {
+        // Materialise the transposed layout once at load time, not on every token.
+        let data = tensor.transpose().into_data();
+        Tensor::<2>::from_data(data, device)
+    } else {
+        tensor
+    }
+}
+
+pub(crate) fn tensor1(t: &HostTensor, device: &Device) -> Tensor<1> {
+    Tensor::<1>::from_data(TensorData::new(t.data.clone(), [t.data.len()]), device)
+}
+
+/// A linear projection `y = x W^T + b`. The weight is kept as `[in, out]` so that the forward
+/// pass is one matmul. This is the layer a later quantized CPU kernel replaces.
+#[derive(Module, Debug)]
+pub struct Linear {
+    weight: Param<Tensor<2>>,
+    bias: Option<Param<Tensor<1>>>,
+}
+
+impl Linear {
+    /// From a Hugging Face `[out, in]` weight and an optional `[out]` bias.
+    pub(crate) fn load(weight: &HostTensor, bias: Option<&HostTensor>, device: &Device) -> Self {
+        Linear {
+            weight: Param::from_tensor(tensor2(weight, true, device)),
+            bias: bias.map(|b| Param::from_tensor(tensor1(b, device))),
+        }
+    }
+
+    /// Shapes: x [batch, seq, in] -> [batch, seq, out]
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        burn::tensor::module::linear(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()))
+    }
+}
+
+/// Root-mean-square normalisation with a learned scale.
+#[derive(Module, Debug)]
+pub struct RmsNorm {
+    weight: Param<Tensor<1>>,
+    eps: f64,
+}
+
+impl RmsNorm {
+    pub(crate) fn load(weight: &HostTensor, eps: f64, device: &Device) -> Self {
+        RmsNorm {
+            weight: Param::from_tensor(tensor1(weight, device)),
+            eps,
+        }
+    }
+
+    /// Shapes: x [batch, seq, hidden] -> [batch, seq, hidden]
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let rms = (x.clone().square().mean_dim(2) + self.eps).sqrt();
+        let hidden = self.weight.dims()[0];
+        (x / rms) * self.weight.val().reshape([1, 1, hidden])
+    }
+}
+
+/// Precomputed rotary-embedding tables (Hugging Face's "rotate half" layout).
+#[derive(Module, Debug)]
+pub struct Rope {
+    /// `[max_positions, head_dim]`
+    cos: Tensor<2>,
+    /// `[max_positions, head_dim]`
+    sin: Tensor<2>,
+}
+
+impl Rope {
+    pub(crate) fn new(config: &ModelConfig, device: &Device) -> Self {
+        let dim = config.head_dim;
+        let max = config.max_position_embeddings.max(1);
+        let inv_freq: Vec<f64> = (0..dim / 2)
+            .map(|i| 1.0 / config.rope_theta.powf((2 * i) as f64 / dim as f64))
+            .map(|f| match &config.rope_scaling {
+                None => f,
+                Some(s) => {
+                    let original = s.original_max_position_embeddings as f64;
+                    let low_wavelen = original / s.low_freq_factor;
+                    let high_wavelen = original / s.high_freq_factor;
+                    let wavelen = 2.0 * std::f64::consts::PI / f;
+                    if wavelen < high_wavelen {
+                        f
+                    } else if wavelen > low_wavelen {
+                        f / s.factor
+                    } else {
+                        let smooth = (original / wavelen - s.low_freq_factor)
+                            / (s.high_freq_factor - s.low_freq_factor);
+                        (1.0 - smooth) * f / s.factor + smooth * f
+                    }
+                }
+            })
+            .collect();
+        let mut cos = Vec::with_capacity(max * dim);
+        let mut sin = Vec::with_capacity(max * dim);
+        for pos in 0..max {
+            // Both halves of a head share the same frequencies.
+            for _ in 0..2 {
+                for f in &inv_freq {
+                    // Match the reference: frequencies and angles in f32.
+                    let angle = pos as f32 * (*f as f32);
+                    cos.push(angle.cos());
+                    sin.push(angle.sin());
+                }
+            }
+        }
+        Rope {
+            cos: Tensor::from_data(TensorData::new(cos, [max, dim]), device),
+            sin: Tensor::from_data(TensorData::new(sin, [max, dim]), device),
+        }
+    }
+
+    /// How many positions the tables cover.
+    pub(crate) fn max_positions(&self) -> usize {
+        self.cos.dims()[0]
+    }
+
+    /// Shapes: x [batch, heads, seq, head_dim] at positions `start..start+seq` -> same
+    pub fn apply(&self, x: Tensor<4>, start: usize) -> Tensor<4> {
+        let [_, _, seq, dim] = x.dims();
+        let cos = self
+            .cos
+            .clone()
+            .slice([start..start + seq])
+            .reshape([1, 1, seq, dim]);
+        let sin = self
+            .sin
+            .clone()
+            .slice([start..start + seq])
+            .reshape([1, 1, seq, dim]);
+        let half = dim / 2;
+        let x1 = x.clone().narrow(3, 0, half);
+        let x2 = x.clone().narrow(3, half, half);
+        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+        x * cos + rotated * sin
+    }
+}
+
+/// Grouped-query self-attention.
+#[derive(Module, Debug)]
+pub struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    pub(crate) fn load(w: &exo_model::LayerWeights, config: &ModelConfig, device: &Device) -> Self {
+        let bias = w.qkv_bias.as_ref();
+        Attention {
+            q: Linear::load(&w.q, bias.map(|b| &b[0]), device),
+            k: Linear::load(&w.k, bias.map(|b| &b[1]), device),
+            v: Linear::load(&w.v, bias.map(|b| &b[2]), device),
+            o: Linear::load(&w.o, None, device),
+            num_heads: config.num_heads,
+            num_kv_heads: config.num_kv_heads,
+            head_dim: config.head_dim,
+        }
+    }
+
+    /// Shapes: x [batch, seq, hidden] at positions `start..start+seq` -> [batch, seq, hidden]
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        rope: &Rope,
+        cache: &mut LayerCache,
+        start: usize,
+    ) -> Tensor<3> {
+        let [batch, seq, _] = x.dims();
+        let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let q = self
+            .q
+            .forward(x.clone())
+            .reshape([batch, seq, h, d])
+            .swap_dims(1, 2);
+        let k = self
+            .k
+            .forward(x.clone())
+            .reshape([batch, seq, kvh, d])
+            .swap_dims(1, 2);
+        let v = self
+            .v
+            .forward(x)
+            .reshape([batch, seq, kvh, d])
+            .swap_dims(1, 2);
+        let q = rope.apply(q, start);
+        let k = rope.apply(k, start);
+        let (k, v) = cache.append(k, v);
+        let total = k.dims()[2];
+
+        // Query heads that share a key/value head are stacked along the sequence axis, so one
+        // batched matmul per kv head serves them all without copying the cache.
+        let group = h / kvh;
+        let q = q.reshape([batch, kvh, group * seq, d]);
+        let scale = 1.0 / (d as f64).sqrt();
+        let mut scores = q.matmul(k.swap_dims(2, 3)) * scale;
+        if seq > 1 {
+            let mask = causal_mask(seq, total, group, &scores.device());
+            scores = scores + mask;
+        }
+        let probs = softmax(scores, 3);
+        let out = probs.matmul(v); // [batch, kvh, group*seq, d]
+        let out = out
+            .reshape([batch, h, seq, d])
+            .swap_dims(1, 2)
+            .reshape([batch, seq, h * d]);
+        self.o.forward(out)
+    }
+}
+
+/// Additive mask `[1, 1, group*seq, total]`: query `i` (at position `total - seq + i`) sees keys
+/// up to its own position.
+fn causal_mask(seq: usize, total: usize, group: usize, device: &Device) -> Tensor<4> {
+    let past = total - seq;
+    let mut data = Vec::with_capacity(group * seq * total);
+    for _ in 0..group {
+        for i in 0..seq {
+            data.extend((0..total).map(|j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }));
+        }
+    }
+    Tensor::from_data(TensorData::new(data, [1, 1, group * seq, total]), device)
+}
+
+/// The SwiGLU feed-forward block.
+#[derive(Module, Debug)]
+pub struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+impl Mlp {
+    pub(crate) fn load(w: &exo_model::LayerWeights, device: &Device) -> Self {
+        Mlp {
+            gate: Linear::load(&w.gate, None, device),
+            up: Linear::load(&w.up, None, device),
+            down: Linear::load(&w.down, None, device),
+        }
+    }
+
+    /// Shapes: x [batch, seq, hidden] -> [batch, seq, hidden]
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let gate = silu(self.gate.forward(x.clone()));
+        self.down.forward(gate * self.up.forward(x))
+    }
+}
+
+/// One decoder layer: pre-norm attention and pre-norm MLP, each with a residual connection.
+#[derive(Module, Debug)]
+pub struct DecoderLayer {
+    attn_norm: RmsNorm,
+    attn: Attention,
+    mlp_norm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl DecoderLayer {
+    pub(crate) fn load(w: &exo_model::LayerWeights, config: &ModelConfig, device: &Device) -> Self {
+        DecoderLayer {
+            attn_norm: RmsNorm::load(&w.attn_norm, config.rms_norm_eps, device),
+            attn: Attention::load(w, config, device),
+            mlp_norm: RmsNorm::load(&w.mlp_norm, config.rms_norm_eps, device),
+            mlp: Mlp::load(w, device),
+        }
+    }
+
+    /// Shapes: x [batch, seq, hidden] -> [batch, seq, hidden]
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        rope: &Rope,
+        cache: &mut LayerCache,
+        start: usize,
+    ) -> Tensor<3> {
+        let x = x.clone()
+            + self
+                .attn
+                .forward(self.attn_norm.forward(x), rope, cache, start);
+        x.clone() + self.mlp.forward(self.mlp_norm.forward(x))
+    }
+}
