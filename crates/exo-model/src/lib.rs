@@ -18,6 +18,7 @@ mod names;
 mod quant;
 mod safetensors_files;
 mod template;
+pub mod testing;
 mod tokenizer;
 
 pub use checkpoint::{
