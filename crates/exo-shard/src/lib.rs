@@ -13,6 +13,7 @@
 
 mod backend;
 mod cache;
+mod engine;
 mod error;
 mod generate;
 mod layers;
@@ -22,6 +23,7 @@ mod shard;
 pub use backend::BackendKind;
 pub use burn::tensor::{Device, Tensor};
 pub use cache::KvCache;
+pub use engine::{Engine, TextOptions};
 pub use error::{Error, Result};
 pub use generate::{
     FinishReason, GenerateRequest, Generation, GenerationStats, forward_tokens, generate,

