@@ -1,7 +1,7 @@
 //! `exo-node` as a user runs it: `generate` on the default model, `models export` and
 //! `models info`, and clear errors for bad model paths.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::process::Command;
 

@@ -396,7 +396,7 @@ impl Checkpoint {
 fn unpermute_rows(tensor: &mut HostTensor, heads: usize) {
     let rows = tensor.shape[0];
     let cols: usize = tensor.shape[1..].iter().product();
-    if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 {
+    if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
         return;
     }
     let head_dim = rows / heads;
@@ -465,10 +465,10 @@ fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
     }
     let mut eos_token_ids = Vec::new();
     for key in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"] {
-        if let Some(id) = file.get(key).and_then(Value::as_u64) {
-            if !eos_token_ids.contains(&(id as u32)) {
-                eos_token_ids.push(id as u32);
-            }
+        if let Some(id) = file.get(key).and_then(Value::as_u64)
+            && !eos_token_ids.contains(&(id as u32))
+        {
+            eos_token_ids.push(id as u32);
         }
     }
     let config = ModelConfig {

@@ -2,7 +2,7 @@
 //! reference outputs in `../shared/golden/smollm2-135m.json`. Needs the default model: it is
 //! fetched with pip on first use, as `exo-node` does.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::PathBuf;
 

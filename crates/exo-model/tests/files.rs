@@ -1,7 +1,7 @@
 //! Checkpoint files made by the tests themselves: partial reads, format equivalence, and clear
 //! errors for corrupt, truncated or mismatched files.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::Path;
 

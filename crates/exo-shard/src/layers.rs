@@ -136,12 +136,12 @@ impl Rope {
         let cos = self
             .cos
             .clone()
-            .slice([start..start + seq])
+            .narrow(0, start, seq)
             .reshape([1, 1, seq, dim]);
         let sin = self
             .sin
             .clone()
-            .slice([start..start + seq])
+            .narrow(0, start, seq)
             .reshape([1, 1, seq, dim]);
         let half = dim / 2;
         let x1 = x.clone().narrow(3, 0, half);

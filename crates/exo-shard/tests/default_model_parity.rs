@@ -4,7 +4,7 @@
 //!
 //! Uses the real model: run with `--release` (the README's test command does).
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};
 
