@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use exo_model::{ChatMessage, Checkpoint, ExportDtype, ensure_default_model, exo_home, export_hf};
-use exo_shard::{BackendKind, Engine, SamplingParams, TextOptions};
+use exo_shard::{BackendKind, Engine, SamplingParams, TextOptions, Weights};
 
 /// Run large language models across the computers you already own.
 #[derive(Parser, Debug)]
@@ -73,6 +73,15 @@ struct GenerateArgs {
     /// Compute backend.
     #[arg(long, value_enum, default_value_t = Backend::Flex)]
     backend: Backend,
+    /// How weights are held: `auto` keeps a GGUF's quantized weights quantized on the CPU
+    /// kernels (f32 on wgpu or for float checkpoints); `f32` dequantizes and runs on burn (the
+    /// reference path); `stored` keeps the checkpoint's format; `f16`, `q8_0`, `q4_0`, `q4_1`
+    /// convert at load (for Hugging Face checkpoints).
+    #[arg(long, default_value = "auto")]
+    weights: String,
+    /// Worker threads for the CPU kernels (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -167,10 +176,20 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
         Backend::Wgpu => BackendKind::Wgpu,
     };
     let device = backend.device()?;
+    if let Some(threads) = args.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads.max(1))
+            .build_global()
+            .context("setting up the worker threads")?;
+    }
+    let weights = resolve_weights(&args.weights, backend, &path)?;
     let load_start = std::time::Instant::now();
-    eprintln!("loading {} on {backend}", path.display());
-    let engine =
-        Engine::load(&path, &device).with_context(|| format!("loading {}", path.display()))?;
+    eprintln!(
+        "loading {} on {backend} ({weights:?} weights)",
+        path.display()
+    );
+    let engine = Engine::load(&path, &device, weights)
+        .with_context(|| format!("loading {}", path.display()))?;
     tracing::info!(seconds = load_start.elapsed().as_secs_f64(), "model loaded");
     let prompt = if args.raw {
         args.prompt
@@ -210,6 +229,28 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
         s.decode_tokens_per_s(),
     );
     Ok(())
+}
+
+/// `auto` keeps quantized GGUF weights quantized on the CPU kernels; everything else runs f32.
+fn resolve_weights(flag: &str, backend: BackendKind, model: &Path) -> Result<Weights> {
+    let cpu = backend != BackendKind::Wgpu;
+    if flag == "auto" {
+        let is_gguf = model
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+        return Ok(if cpu && is_gguf {
+            Weights::Stored
+        } else {
+            Weights::F32
+        });
+    }
+    let weights: Weights = flag.parse()?;
+    if !cpu && weights != Weights::F32 {
+        anyhow::bail!(
+            "--weights {flag} runs on the CPU kernels; with --backend wgpu use --weights f32"
+        );
+    }
+    Ok(weights)
 }
 
 fn info(path: &Path) -> Result<()> {

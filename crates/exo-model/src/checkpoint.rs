@@ -23,6 +23,17 @@ pub struct HostTensor {
     pub data: Vec<f32>,
 }
 
+/// A tensor as the checkpoint stores it (quantized blocks kept), rows in Hugging Face order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredTensor {
+    /// Element type of `bytes`.
+    pub dtype: DType,
+    /// Shape, rows first.
+    pub shape: Vec<usize>,
+    /// Encoded data, row-major.
+    pub bytes: Vec<u8>,
+}
+
 /// Which part of the model a node holds: layers `[start, end)`, plus the embedding (first stage)
 /// and/or the final norm and head (last stage).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -231,20 +242,23 @@ impl Checkpoint {
         }
     }
 
-    /// Reads one tensor, decoded to `f32` and in Hugging Face layout, and checks its shape.
-    pub fn tensor(&self, id: TensorId) -> Result<HostTensor> {
+    /// Reads one tensor as stored (quantized blocks stay quantized), in Hugging Face row order,
+    /// and checks its shape. Its bytes are copied out of the file.
+    pub fn stored_tensor(&self, id: TensorId) -> Result<StoredTensor> {
         let expected = self.config.expected_shape(id);
-        let (name, shape, dtype, bytes_len, data) = match &self.source {
+        let (name, shape, dtype, bytes) = match &self.source {
             Source::Gguf(file) => {
                 let name = id.gguf_name();
                 let info = file.tensor(&name).ok_or_else(|| Error::MissingTensor {
                     path: self.path.clone(),
                     name: name.clone(),
                 })?;
-                let bytes = file.tensor_bytes(info);
-                let mut data = Vec::with_capacity(info.elems());
-                dequantize(info.dtype, bytes, &mut data);
-                (name, info.shape.clone(), info.dtype, bytes.len(), data)
+                (
+                    name,
+                    info.shape.clone(),
+                    info.dtype,
+                    file.tensor_bytes(info).to_vec(),
+                )
             }
             Source::Safetensors(set) => {
                 let name = id.hf_name();
@@ -261,9 +275,7 @@ impl Checkpoint {
                         ),
                     });
                 }
-                let mut data = Vec::with_capacity(elems);
-                dequantize(raw.dtype, raw.bytes(), &mut data);
-                (name, raw.shape.clone(), raw.dtype, raw.bytes().len(), data)
+                (name, raw.shape.clone(), raw.dtype, raw.bytes().to_vec())
             }
         };
         if shape != expected {
@@ -274,16 +286,20 @@ impl Checkpoint {
                 actual: shape,
             });
         }
-        let _ = dtype;
         {
             let mut reads = self.reads.lock().unwrap_or_else(|p| p.into_inner());
             reads.tensors.push(name);
-            reads.bytes += bytes_len as u64;
+            reads.bytes += bytes.len() as u64;
         }
-        let mut tensor = HostTensor { shape, data };
+        let mut tensor = StoredTensor {
+            dtype,
+            shape,
+            bytes,
+        };
         if matches!(self.source, Source::Gguf(_)) && self.config.model_type == "llama" {
             // llama.cpp's converter interleaves the rows of each q/k head for its RoPE layout;
-            // undo it so that every format reaches the model in Hugging Face's layout.
+            // undo it so that every format reaches the model in Hugging Face's layout. Rows are
+            // whole blocks, so this works on quantized data too.
             match id {
                 TensorId::Layer {
                     part: LayerPart::Q | LayerPart::QBias,
@@ -297,6 +313,17 @@ impl Checkpoint {
             }
         }
         Ok(tensor)
+    }
+
+    /// Reads one tensor, decoded to `f32` and in Hugging Face layout, and checks its shape.
+    pub fn tensor(&self, id: TensorId) -> Result<HostTensor> {
+        let stored = self.stored_tensor(id)?;
+        let mut data = Vec::with_capacity(stored.shape.iter().product());
+        dequantize(stored.dtype, &stored.bytes, &mut data);
+        Ok(HostTensor {
+            shape: stored.shape,
+            data,
+        })
     }
 
     /// Reads the tensors of one shard, and nothing else.
@@ -393,26 +420,26 @@ impl Checkpoint {
 
 /// Undoes llama.cpp's q/k row interleaving: within each head, GGUF row `2i + j` is Hugging Face
 /// row `j * head_dim/2 + i`.
-fn unpermute_rows(tensor: &mut HostTensor, heads: usize) {
+fn unpermute_rows(tensor: &mut StoredTensor, heads: usize) {
     let rows = tensor.shape[0];
-    let cols: usize = tensor.shape[1..].iter().product();
     if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
         return;
     }
+    let row_bytes = tensor.bytes.len() / rows;
     let head_dim = rows / heads;
     let half = head_dim / 2;
-    let mut out = vec![0f32; tensor.data.len()];
+    let mut out = vec![0u8; tensor.bytes.len()];
     for h in 0..heads {
         for i in 0..half {
             for j in 0..2 {
                 let src = h * head_dim + 2 * i + j;
                 let dst = h * head_dim + j * half + i;
-                out[dst * cols..(dst + 1) * cols]
-                    .copy_from_slice(&tensor.data[src * cols..(src + 1) * cols]);
+                out[dst * row_bytes..(dst + 1) * row_bytes]
+                    .copy_from_slice(&tensor.bytes[src * row_bytes..(src + 1) * row_bytes]);
             }
         }
     }
-    tensor.data = out;
+    tensor.bytes = out;
 }
 
 /// Fills the configuration from a GGUF file's `{arch}.*` metadata.
@@ -548,11 +575,17 @@ mod tests {
                 }
             }
         }
-        let mut t = HostTensor {
+        let mut t = StoredTensor {
+            dtype: DType::F32,
             shape: vec![rows, cols],
-            data: permuted,
+            bytes: permuted.iter().flat_map(|v| v.to_le_bytes()).collect(),
         };
         unpermute_rows(&mut t, heads);
-        assert_eq!(t.data, hf);
+        let back: Vec<f32> = t
+            .bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        assert_eq!(back, hf);
     }
 }

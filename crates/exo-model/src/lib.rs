@@ -23,6 +23,7 @@ mod tokenizer;
 
 pub use checkpoint::{
     Checkpoint, HeadWeights, HostTensor, LayerWeights, ReadStats, ShardSpec, ShardWeights,
+    StoredTensor,
 };
 pub use config::{ModelConfig, RopeScaling};
 pub use error::{Error, Result};

@@ -174,59 +174,19 @@ pub fn dequantize(dtype: DType, bytes: &[u8], out: &mut Vec<f32>) {
             }
         }
         DType::Q4K => {
+            let mut buf = [0f32; 256];
             for b in blocks {
-                let d = f16_at(b, 0);
-                let dmin = f16_at(b, 2);
-                let scales = &b[4..16];
-                let qs = &b[16..144];
-                for (chunk, q) in qs.chunks_exact(32).enumerate() {
-                    let (sc1, m1) = scale_min_k4(2 * chunk, scales);
-                    let (sc2, m2) = scale_min_k4(2 * chunk + 1, scales);
-                    let (d1, min1) = (d * sc1 as f32, dmin * m1 as f32);
-                    let (d2, min2) = (d * sc2 as f32, dmin * m2 as f32);
-                    out.extend(q.iter().map(|&x| d1 * (x & 0x0f) as f32 - min1));
-                    out.extend(q.iter().map(|&x| d2 * (x >> 4) as f32 - min2));
-                }
+                exo_kernels::ggml::decode_q4_k(b, &mut buf);
+                out.extend_from_slice(&buf);
             }
         }
         DType::Q6K => {
+            let mut buf = [0f32; 256];
             for b in blocks {
-                let ql = &b[0..128];
-                let qh = &b[128..192];
-                let sc = &b[192..208];
-                let d = f16_at(b, 208);
-                for half in 0..2 {
-                    let ql = &ql[64 * half..64 * half + 64];
-                    let qh = &qh[32 * half..32 * half + 32];
-                    let sc = &sc[8 * half..8 * half + 8];
-                    let mut y = [0f32; 128];
-                    for l in 0..32 {
-                        let is = l / 16;
-                        let q1 = ((ql[l] & 0xf) | ((qh[l] & 3) << 4)) as i32 - 32;
-                        let q2 = ((ql[l + 32] & 0xf) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
-                        let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
-                        let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
-                        y[l] = d * (sc[is] as i8) as f32 * q1 as f32;
-                        y[l + 32] = d * (sc[is + 2] as i8) as f32 * q2 as f32;
-                        y[l + 64] = d * (sc[is + 4] as i8) as f32 * q3 as f32;
-                        y[l + 96] = d * (sc[is + 6] as i8) as f32 * q4 as f32;
-                    }
-                    out.extend_from_slice(&y);
-                }
+                exo_kernels::ggml::decode_q6_k(b, &mut buf);
+                out.extend_from_slice(&buf);
             }
         }
-    }
-}
-
-/// The 6-bit scale and min of sub-block `j` of a Q4_K super-block.
-fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
-    if j < 4 {
-        (q[j] & 63, q[j + 4] & 63)
-    } else {
-        (
-            (q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4),
-            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
-        )
     }
 }
 

@@ -2,6 +2,8 @@
 
 use burn::tensor::Tensor;
 
+use crate::native::NativeCache;
+
 /// Keys and values of one layer, `[batch, kv_heads, positions, head_dim]` each.
 #[derive(Debug, Default, Clone)]
 pub struct LayerCache {
@@ -25,6 +27,8 @@ impl LayerCache {
 #[derive(Debug, Clone)]
 pub struct KvCache {
     pub(crate) layers: Vec<LayerCache>,
+    /// The cache of a shard on the CPU kernels (then `layers` is empty).
+    pub(crate) native: Option<NativeCache>,
     pub(crate) len: usize,
 }
 
@@ -33,6 +37,7 @@ impl KvCache {
     pub fn new(layers: usize) -> Self {
         KvCache {
             layers: vec![LayerCache::default(); layers],
+            native: None,
             len: 0,
         }
     }
@@ -47,9 +52,21 @@ impl KvCache {
         self.len == 0
     }
 
+    /// An empty cache for a shard of `layers` layers on the CPU kernels.
+    pub(crate) fn native(layers: usize) -> Self {
+        KvCache {
+            layers: Vec::new(),
+            native: Some(NativeCache::new(layers)),
+            len: 0,
+        }
+    }
+
     /// Forgets everything, keeping the layer count.
     pub fn clear(&mut self) {
         self.layers.iter_mut().for_each(|l| l.kv = None);
+        if let Some(native) = &mut self.native {
+            native.clear();
+        }
         self.len = 0;
     }
 }

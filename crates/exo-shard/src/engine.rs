@@ -9,6 +9,7 @@ use exo_model::{ChatMessage, ChatTemplate, Checkpoint, ModelConfig, ShardSpec, T
 
 use crate::error::{Error, Result};
 use crate::generate::{GenerateRequest, Generation, generate};
+use crate::native::Weights;
 use crate::sampling::SamplingParams;
 use crate::shard::LlamaShard;
 
@@ -47,15 +48,17 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Loads the whole model at `path` (a `.gguf` file or a Hugging Face folder) onto `device`.
+    /// Loads the whole model at `path` (a `.gguf` file or a Hugging Face folder) onto `device`,
+    /// holding weights as `weights` says.
     ///
-    /// The checkpoint is closed (and its file unmapped) once the weights are on the device.
-    pub fn load(path: &Path, device: &Device) -> Result<Self> {
+    /// The checkpoint is closed (and its file unmapped) once the weights are loaded.
+    pub fn load(path: &Path, device: &Device, weights: Weights) -> Result<Self> {
         let checkpoint = Checkpoint::open(path)?;
         let tokenizer = checkpoint.tokenizer()?;
         let template = checkpoint.chat_template()?;
         let config = checkpoint.config().clone();
-        let shard = LlamaShard::load(&checkpoint, &ShardSpec::whole(config.num_layers), device)?;
+        let spec = ShardSpec::whole(config.num_layers);
+        let shard = LlamaShard::load_with(&checkpoint, &spec, device, weights)?;
         Ok(Engine {
             name: checkpoint.name(),
             config,
@@ -73,6 +76,11 @@ impl Engine {
     /// The model's configuration.
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    /// The loaded shard (the whole model).
+    pub fn shard(&self) -> &LlamaShard {
+        &self.stages[0]
     }
 
     /// The model's tokenizer.

@@ -83,45 +83,20 @@ pub struct Rope {
 
 impl Rope {
     pub(crate) fn new(config: &ModelConfig, device: &Device) -> Self {
+        let (cos_half, sin_half) = rope_frequencies(config);
         let dim = config.head_dim;
-        let max = config.max_position_embeddings.max(1);
-        let inv_freq: Vec<f64> = (0..dim / 2)
-            .map(|i| 1.0 / config.rope_theta.powf((2 * i) as f64 / dim as f64))
-            .map(|f| match &config.rope_scaling {
-                None => f,
-                Some(s) => {
-                    let original = s.original_max_position_embeddings as f64;
-                    let low_wavelen = original / s.low_freq_factor;
-                    let high_wavelen = original / s.high_freq_factor;
-                    let wavelen = 2.0 * std::f64::consts::PI / f;
-                    if wavelen < high_wavelen {
-                        f
-                    } else if wavelen > low_wavelen {
-                        f / s.factor
-                    } else {
-                        let smooth = (original / wavelen - s.low_freq_factor)
-                            / (s.high_freq_factor - s.low_freq_factor);
-                        (1.0 - smooth) * f / s.factor + smooth * f
-                    }
-                }
-            })
-            .collect();
-        let mut cos = Vec::with_capacity(max * dim);
-        let mut sin = Vec::with_capacity(max * dim);
-        for pos in 0..max {
-            // Both halves of a head share the same frequencies.
-            for _ in 0..2 {
-                for f in &inv_freq {
-                    // Match the reference: frequencies and angles in f32.
-                    let angle = pos as f32 * (*f as f32);
-                    cos.push(angle.cos());
-                    sin.push(angle.sin());
-                }
-            }
-        }
+        let half = dim / 2;
+        let max = cos_half.len() / half.max(1);
+        // Both halves of a head share the same frequencies.
+        let widen = |t: &[f32]| -> Vec<f32> {
+            t.chunks_exact(half)
+                .flat_map(|r| r.iter().chain(r))
+                .copied()
+                .collect()
+        };
         Rope {
-            cos: Tensor::from_data(TensorData::new(cos, [max, dim]), device),
-            sin: Tensor::from_data(TensorData::new(sin, [max, dim]), device),
+            cos: Tensor::from_data(TensorData::new(widen(&cos_half), [max, dim]), device),
+            sin: Tensor::from_data(TensorData::new(widen(&sin_half), [max, dim]), device),
         }
     }
 
@@ -149,6 +124,45 @@ impl Rope {
         let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
         x * cos + rotated * sin
     }
+}
+
+/// Rotary tables `[max_positions, head_dim / 2]` (cos, sin), with llama3 frequency scaling when
+/// the configuration asks for it. Angles are computed in f32, as the reference implementation does.
+pub(crate) fn rope_frequencies(config: &ModelConfig) -> (Vec<f32>, Vec<f32>) {
+    let dim = config.head_dim;
+    let max = config.max_position_embeddings.max(1);
+    let inv_freq: Vec<f32> = (0..dim / 2)
+        .map(|i| 1.0 / config.rope_theta.powf((2 * i) as f64 / dim as f64))
+        .map(|f| match &config.rope_scaling {
+            None => f,
+            Some(s) => {
+                let original = s.original_max_position_embeddings as f64;
+                let low_wavelen = original / s.low_freq_factor;
+                let high_wavelen = original / s.high_freq_factor;
+                let wavelen = 2.0 * std::f64::consts::PI / f;
+                if wavelen < high_wavelen {
+                    f
+                } else if wavelen > low_wavelen {
+                    f / s.factor
+                } else {
+                    let smooth = (original / wavelen - s.low_freq_factor)
+                        / (s.high_freq_factor - s.low_freq_factor);
+                    (1.0 - smooth) * f / s.factor + smooth * f
+                }
+            }
+        })
+        .map(|f| f as f32)
+        .collect();
+    let mut cos = Vec::with_capacity(max * dim / 2);
+    let mut sin = Vec::with_capacity(max * dim / 2);
+    for pos in 0..max {
+        for f in &inv_freq {
+            let angle = pos as f32 * f;
+            cos.push(angle.cos());
+            sin.push(angle.sin());
+        }
+    }
+    (cos, sin)
 }
 
 /// Grouped-query self-attention.

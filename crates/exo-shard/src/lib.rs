@@ -12,11 +12,13 @@
 //! [`generate`] to run every stage in one process.
 
 mod backend;
+mod burn_shard;
 mod cache;
 mod engine;
 mod error;
 mod generate;
 mod layers;
+mod native;
 mod sampling;
 mod shard;
 
@@ -25,8 +27,10 @@ pub use burn::tensor::{Device, Tensor};
 pub use cache::KvCache;
 pub use engine::{Engine, TextOptions};
 pub use error::{Error, Result};
+pub use exo_kernels::WeightFormat;
 pub use generate::{
     FinishReason, GenerateRequest, Generation, GenerationStats, forward_tokens, generate,
 };
+pub use native::Weights;
 pub use sampling::{Sampler, SamplingParams, argmax};
 pub use shard::LlamaShard;

@@ -1,112 +1,123 @@
 //! A shard of a Llama-family model: a contiguous range of decoder layers, plus the embedding on
-//! the first stage and the final norm and head on the last.
+//! the first stage and the final norm and head on the last. Its weights are either burn tensors
+//! (any backend, f32) or compact matrices on the CPU kernels; the entry points are the same.
 
-use burn::module::{Module, Param};
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
+use exo_model::{Checkpoint, ModelConfig, ShardSpec, ShardWeights};
 
-use exo_model::{Checkpoint, HeadWeights, ModelConfig, ShardSpec, ShardWeights};
-
+use crate::burn_shard::BurnShard;
 use crate::cache::KvCache;
 use crate::error::{Error, Result};
-use crate::layers::{DecoderLayer, RmsNorm, Rope, tensor2};
+use crate::native::{NativeShard, Weights};
+
+// Shards are few and long-lived; boxing either variant would only add an indirection.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+enum Kind {
+    Burn(BurnShard),
+    Native(NativeShard),
+}
 
 /// One stage's part of the model, on one device.
-#[derive(Module, Debug)]
+#[derive(Debug)]
 pub struct LlamaShard {
-    embedding: Option<Param<Tensor<2>>>,
-    layers: Vec<DecoderLayer>,
-    final_norm: Option<RmsNorm>,
-    /// The head's own matrix, kept as `[hidden, vocab]`; `None` on a tied last stage.
-    head: Option<Param<Tensor<2>>>,
-    /// The last stage's head is the embedding table.
-    tied_head: bool,
-    rope: Rope,
-    first_layer: usize,
-    vocab_size: usize,
-    hidden_size: usize,
+    kind: Kind,
+    device: Device,
 }
 
 impl LlamaShard {
-    /// Reads the shard's tensors from `checkpoint` (and only those) onto `device`.
+    /// Reads the shard's tensors from `checkpoint` (and only those) onto `device`, as f32.
     pub fn load(checkpoint: &Checkpoint, spec: &ShardSpec, device: &Device) -> Result<Self> {
-        let weights = checkpoint.load_shard(spec)?;
-        Self::from_weights(checkpoint.config(), &weights, device)
+        Self::load_with(checkpoint, spec, device, Weights::F32)
     }
 
-    /// Builds the shard from weights already in host memory.
+    /// As [`LlamaShard::load`], keeping or converting weights as `weights` says. Anything but
+    /// [`Weights::F32`] runs on the CPU kernels; `device` must then be a CPU device, and only
+    /// carries the activations handed in and out.
+    pub fn load_with(
+        checkpoint: &Checkpoint,
+        spec: &ShardSpec,
+        device: &Device,
+        weights: Weights,
+    ) -> Result<Self> {
+        let kind = match weights {
+            Weights::F32 => Kind::Burn(BurnShard::load(checkpoint, spec, device)?),
+            other => Kind::Native(NativeShard::load(checkpoint, spec, other)?),
+        };
+        Ok(LlamaShard {
+            kind,
+            device: device.clone(),
+        })
+    }
+
+    /// Builds an f32 shard from weights already in host memory.
     pub fn from_weights(
         config: &ModelConfig,
         weights: &ShardWeights,
         device: &Device,
     ) -> Result<Self> {
-        let embedding = weights
-            .embedding
-            .as_ref()
-            .map(|e| Param::from_tensor(tensor2(e, false, device)));
-        let layers = weights
-            .layers
-            .iter()
-            .map(|w| DecoderLayer::load(w, config, device))
-            .collect();
-        let final_norm = weights
-            .final_norm
-            .as_ref()
-            .map(|n| RmsNorm::load(n, config.rms_norm_eps, device));
-        let (head, tied_head) = match &weights.head {
-            None => (None, false),
-            Some(HeadWeights::SharedWithEmbedding) if embedding.is_some() => (None, true),
-            Some(HeadWeights::SharedWithEmbedding) => {
-                return Err(Error::NotHeld {
-                    part: "embedding that the tied head needs",
-                    layers: format!("{:?}", weights.spec.layers),
-                });
-            }
-            Some(HeadWeights::Separate(h)) => {
-                (Some(Param::from_tensor(tensor2(h, true, device))), false)
-            }
-        };
         Ok(LlamaShard {
-            embedding,
-            layers,
-            final_norm,
-            head,
-            tied_head,
-            rope: Rope::new(config, device),
-            first_layer: weights.spec.layers.start,
-            vocab_size: config.vocab_size,
-            hidden_size: config.hidden_size,
+            kind: Kind::Burn(BurnShard::from_weights(config, weights, device)?),
+            device: device.clone(),
         })
+    }
+
+    /// Whether the shard runs on the CPU kernels (compact weights) rather than burn.
+    pub fn is_native(&self) -> bool {
+        matches!(self.kind, Kind::Native(_))
+    }
+
+    /// Bytes of weights held by a shard on the CPU kernels (`None` for burn shards).
+    pub fn native_weight_bytes(&self) -> Option<usize> {
+        match &self.kind {
+            Kind::Native(n) => Some(n.weight_bytes()),
+            Kind::Burn(_) => None,
+        }
     }
 
     /// The layers this shard holds, as a model-wide range.
     pub fn layer_range(&self) -> std::ops::Range<usize> {
-        self.first_layer..self.first_layer + self.layers.len()
+        match &self.kind {
+            Kind::Burn(b) => b.layer_range(),
+            Kind::Native(n) => n.first_layer..n.first_layer + n.layer_count(),
+        }
     }
 
     /// Whether this shard embeds tokens (it is the first stage).
     pub fn has_embedding(&self) -> bool {
-        self.embedding.is_some()
+        match &self.kind {
+            Kind::Burn(b) => b.has_embedding(),
+            Kind::Native(n) => n.has_embedding(),
+        }
     }
 
     /// Whether this shard computes logits (it is the last stage).
     pub fn has_head(&self) -> bool {
-        self.head.is_some() || self.tied_head
+        match &self.kind {
+            Kind::Burn(b) => b.has_head(),
+            Kind::Native(n) => n.has_head(),
+        }
     }
 
     /// Width of the activations this shard takes and returns.
     pub fn hidden_size(&self) -> usize {
-        self.hidden_size
+        match &self.kind {
+            Kind::Burn(b) => b.hidden_size(),
+            Kind::Native(n) => n.hidden,
+        }
     }
 
     /// A fresh KV cache for one request on this shard.
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.layers.len())
+        match &self.kind {
+            Kind::Burn(b) => b.new_cache(),
+            Kind::Native(n) => KvCache::native(n.layer_count()),
+        }
     }
 
-    /// The device the weights live on.
+    /// The device activations live on.
     pub fn device(&self) -> Device {
-        // Every shard holds rope tables, so the list is never empty.
-        self.devices().into_iter().next().unwrap_or_default()
+        self.device.clone()
     }
 
     fn not_held(&self, part: &'static str) -> Error {
@@ -116,83 +127,108 @@ impl LlamaShard {
         }
     }
 
+    fn to_tensor(&self, data: Vec<f32>, seq: usize, hidden: usize) -> Tensor<3> {
+        Tensor::from_data(TensorData::new(data, [1, seq, hidden]), &self.device)
+    }
+
     /// Looks up token embeddings (first stage only).
     ///
     /// Shapes: tokens [seq] -> [1, seq, hidden]
     pub fn embed(&self, tokens: &[u32]) -> Result<Tensor<3>> {
-        let table = self
-            .embedding
-            .as_ref()
-            .ok_or_else(|| self.not_held("embedding"))?;
-        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= self.vocab_size) {
-            return Err(Error::TokenOutOfRange {
-                id,
-                vocab: self.vocab_size,
-            });
+        match &self.kind {
+            Kind::Burn(b) => b.embed(tokens),
+            Kind::Native(n) => {
+                if let Some(&id) = tokens.iter().find(|&&t| t as usize >= n.vocab_size) {
+                    return Err(Error::TokenOutOfRange {
+                        id,
+                        vocab: n.vocab_size,
+                    });
+                }
+                let data = n
+                    .embed(tokens)
+                    .ok_or_else(|| self.not_held("embedding"))??;
+                Ok(self.to_tensor(data, tokens.len(), n.hidden))
+            }
         }
-        let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
-        let device = table.val().device();
-        let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, tokens.len()]), &device);
-        Ok(burn::tensor::module::embedding(table.val(), ids))
     }
 
     /// Runs this shard's layers on activations for the positions after those already in `cache`.
     ///
     /// Shapes: x [1, seq, hidden] -> [1, seq, hidden]
     pub fn forward(&self, x: Tensor<3>, cache: &mut KvCache) -> Result<Tensor<3>> {
+        let n = match &self.kind {
+            Kind::Burn(b) => return b.forward(x, cache),
+            Kind::Native(n) => n,
+        };
         let [batch, seq, hidden] = x.dims();
-        if batch != 1 || hidden != self.hidden_size || seq == 0 {
+        if batch != 1 || hidden != n.hidden || seq == 0 {
             return Err(Error::Shape {
                 what: "activations".into(),
-                expected: vec![1, seq.max(1), self.hidden_size],
+                expected: vec![1, seq.max(1), n.hidden],
                 actual: vec![batch, seq, hidden],
             });
         }
-        if cache.layers.len() != self.layers.len() {
-            return Err(Error::CacheMismatch {
-                expected: self.layers.len(),
-                actual: cache.layers.len(),
-            });
-        }
+        let native = match &mut cache.native {
+            Some(c) if c.layers() == n.layer_count() => c,
+            other => {
+                return Err(Error::CacheMismatch {
+                    expected: n.layer_count(),
+                    actual: other.as_ref().map_or(cache.layers.len(), |c| c.layers()),
+                });
+            }
+        };
         let start = cache.len;
-        let needed = start + seq;
-        if needed > self.rope.max_positions() {
+        if start + seq > n.max_positions {
             return Err(Error::ContextFull {
-                needed,
-                max: self.rope.max_positions(),
+                needed: start + seq,
+                max: n.max_positions,
             });
         }
-        let mut x = x;
-        for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            x = layer.forward(x, &self.rope, layer_cache, start);
-        }
-        cache.len = needed;
-        Ok(x)
+        let mut data = x
+            .into_data()
+            .try_into_vec::<f32>()
+            .map_err(|e| Error::Backend(format!("reading activations: {e:?}")))?;
+        n.forward(&mut data, seq, start, native)?;
+        cache.len = start + seq;
+        Ok(self.to_tensor(data, seq, hidden))
     }
 
     /// Final norm and head on the last position (last stage only).
     ///
     /// Shapes: x [1, seq, hidden] -> logits [1, vocab]
     pub fn logits(&self, x: Tensor<3>) -> Result<Tensor<2>> {
-        let norm = self
-            .final_norm
-            .as_ref()
-            .ok_or_else(|| self.not_held("final norm"))?;
-        let [_, seq, hidden] = x.dims();
-        let last = x.narrow(1, seq - 1, 1);
-        let last = norm.forward(last).reshape([1, hidden]);
-        match (&self.head, &self.embedding) {
-            (Some(w), _) => Ok(last.matmul(w.val())),
-            (None, Some(table)) if self.tied_head => Ok(last.matmul(table.val().transpose())),
-            _ => Err(self.not_held("head")),
+        match &self.kind {
+            Kind::Burn(b) => b.logits(x),
+            Kind::Native(n) => {
+                let logits = self.logits_vec(x)?;
+                Ok(Tensor::from_data(
+                    TensorData::new(logits, [1, n.vocab_size]),
+                    &self.device,
+                ))
+            }
         }
     }
 
     /// [`LlamaShard::logits`] read back to the host.
     pub fn logits_vec(&self, x: Tensor<3>) -> Result<Vec<f32>> {
-        self.logits(x)?
+        let n = match &self.kind {
+            Kind::Burn(b) => return b.logits_vec(x),
+            Kind::Native(n) => n,
+        };
+        let [_, _, hidden] = x.dims();
+        if hidden != n.hidden {
+            return Err(Error::Shape {
+                what: "activations".into(),
+                expected: vec![1, 1, n.hidden],
+                actual: x.dims().to_vec(),
+            });
+        }
+        let data = x
             .into_data()
             .try_into_vec::<f32>()
-            .map_err(|e| Error::Backend(format!("reading logits: {e:?}")))
+            .map_err(|e| Error::Backend(format!("reading activations: {e:?}")))?;
+        let mut scratch = crate::native::NativeCache::new(0);
+        n.logits(&data, &mut scratch)
+            .ok_or_else(|| self.not_held("head"))?
     }
 }

@@ -144,3 +144,32 @@ fn bad_inputs_are_errors() {
         .unwrap_or_default();
     assert!(e.contains("context"), "{e}");
 }
+
+#[test]
+fn the_cpu_kernel_path_computes_the_burn_paths_logits() {
+    // With f32 weights the kernels must agree with burn to rounding; the same for any split.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.gguf");
+    write_gguf(&path, &tiny_config(LAYERS), 21).unwrap();
+    let checkpoint = Checkpoint::open(&path).unwrap();
+    let device = BackendKind::Flex.device().unwrap();
+    let native: Vec<LlamaShard> = [(0, 2, true, false), (2, LAYERS, false, true)]
+        .into_iter()
+        .map(|(a, b, embedding, head)| {
+            let spec = ShardSpec {
+                layers: a..b,
+                embedding,
+                head,
+            };
+            LlamaShard::load_with(&checkpoint, &spec, &device, exo_shard::Weights::Stored).unwrap()
+        })
+        .collect();
+    assert!(native.iter().all(LlamaShard::is_native));
+    let prompt = [1u32, 40, 41, 42, 7, 9];
+    let steps = [3u32, 77, 5];
+    assert_close(
+        &run(&stages(&checkpoint, &[]), &prompt, &steps),
+        &run(&native, &prompt, &steps),
+        1e-4,
+    );
+}

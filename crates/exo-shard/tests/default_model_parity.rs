@@ -106,3 +106,57 @@ fn exported_hugging_face_folder_matches_the_reference_engines() {
     }
     check_parity(&out);
 }
+
+/// First-position logits of the default model with weights held as `weights`.
+fn first_logits(weights: exo_shard::Weights) -> Vec<f32> {
+    let checkpoint = Checkpoint::open(&default_model()).unwrap();
+    let device = BackendKind::Flex.device().unwrap();
+    let whole = ShardSpec::whole(checkpoint.config().num_layers);
+    let shard = LlamaShard::load_with(&checkpoint, &whole, &device, weights).unwrap();
+    let mut caches = vec![shard.new_cache()];
+    forward_tokens(&[shard], &ids(&golden()["input_ids"]), &mut caches).unwrap()
+}
+
+fn top5(logits: &[f32]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    order.truncate(5);
+    order
+}
+
+#[test]
+fn quantized_cpu_path_stays_within_half_a_logit_of_f32() {
+    let reference = first_logits(exo_shard::Weights::F32);
+    let quantized = first_logits(exo_shard::Weights::Stored);
+    for i in top5(&reference) {
+        let (a, b) = (reference[i], quantized[i]);
+        eprintln!(
+            "token {i}: f32 {a:.3}, quantized {b:.3}; quantized top5 {:?}",
+            top5(&quantized)
+                .iter()
+                .map(|&j| (j, quantized[j]))
+                .collect::<Vec<_>>()
+        );
+        assert!((a - b).abs() < 0.5, "token {i}: f32 {a}, quantized {b}");
+    }
+}
+
+#[test]
+fn cpu_kernels_on_dequantized_weights_match_the_reference() {
+    let f32_kernels = first_logits(exo_shard::Weights::Quantize(exo_shard::WeightFormat::F32));
+    let golden = golden();
+    let expected: Vec<f32> =
+        serde_json::from_value(golden["first_pos_top5_logits"].clone()).unwrap();
+    let top = top5(&f32_kernels);
+    assert_eq!(
+        top.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+        ids(&golden["first_pos_top5_ids"])
+    );
+    for (i, want) in top.iter().zip(&expected) {
+        assert!(
+            (f32_kernels[*i] - want).abs() < 0.05,
+            "token {i}: {} vs {want}",
+            f32_kernels[*i]
+        );
+    }
+}

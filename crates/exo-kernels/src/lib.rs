@@ -1,0 +1,348 @@
+//! Quantized CPU kernels for exo-rs: weight matrices kept in their compact formats (Q8_0,
+//! Q4_0, Q4_1, Q4_K, Q6_K, f16, f32) and matrix-vector / matrix-matrix products that compute on
+//! the quantized blocks, with activations quantized to 8-bit blocks for the integer formats.
+//!
+//! The instruction set is chosen at run time ([`Isa`]): AVX-512 with VNNI, AVX2 + FMA, or the
+//! portable scalar code that is always compiled and against which the SIMD paths are tested.
+//! Work is split across cores by output rows on rayon's pool, whose idle workers sleep rather
+//! than spin, so a busy machine does not make them collapse.
+//!
+//! This crate knows numbers in memory and nothing else: no files, no burn, no model structure.
+
+mod acts;
+mod error;
+pub mod ggml;
+mod matrix;
+mod scalar;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+use std::sync::OnceLock;
+
+pub use acts::QuantizedActs;
+pub use error::{Error, Result};
+pub use matrix::{QuantMatrix, WeightFormat};
+
+use matrix::Storage;
+
+/// An instruction-set path of the kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Isa {
+    /// Portable Rust, always available.
+    Scalar,
+    /// AVX2 with FMA (and F16C for f16 weights).
+    Avx2,
+    /// AVX-512 F/BW/DQ with VNNI.
+    Avx512Vnni,
+}
+
+impl Isa {
+    /// The best path this CPU supports, detected once.
+    pub fn detected() -> Isa {
+        static DETECTED: OnceLock<Isa> = OnceLock::new();
+        *DETECTED.get_or_init(|| {
+            let best = [Isa::Avx512Vnni, Isa::Avx2]
+                .into_iter()
+                .find(|isa| isa.is_supported());
+            best.unwrap_or(Isa::Scalar)
+        })
+    }
+
+    /// Every path this CPU can run (for tests and benchmarks).
+    pub fn supported() -> Vec<Isa> {
+        [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni]
+            .into_iter()
+            .filter(|i| i.is_supported())
+            .collect()
+    }
+
+    /// Whether this CPU can run the path. Decided from the CPU's feature flags for exactly the
+    /// instructions the path uses; an `EXO_KERNELS_ISA` of `scalar` or `avx2` caps the choice.
+    pub fn is_supported(self) -> bool {
+        let cap = std::env::var("EXO_KERNELS_ISA").unwrap_or_default();
+        match self {
+            Isa::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                cap != "scalar"
+                    && is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => {
+                cap.is_empty()
+                    && Isa::Avx2.is_supported()
+                    && is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512dq")
+                    && is_x86_feature_detected!("avx512vnni")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// The path's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512Vnni => "avx512-vnni",
+        }
+    }
+}
+
+/// One output value with the chosen path (`isa` must be supported; callers check).
+fn dot(isa: Isa, w: &QuantMatrix, row: usize, a: &QuantizedActs, t: usize) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if isa != Isa::Scalar {
+        let nb = w.cols / 32;
+        let cols = w.cols;
+        let (ab, aq) = (t * nb, t * nb * 32);
+        let wide = isa == Isa::Avx512Vnni;
+        if !w.q8_acts {
+            let x = &a.f[t * cols..(t + 1) * cols];
+            let xsum = &a.fsum[t * nb..(t + 1) * nb];
+            // SAFETY: as below.
+            match &w.storage {
+                Storage::Q4_1 { d, m, q } => {
+                    let q = &q[row * nb * 16..(row + 1) * nb * 16];
+                    let r = row_args(
+                        &d[row * nb..(row + 1) * nb],
+                        &m[row * nb..(row + 1) * nb],
+                        q,
+                        a,
+                        0,
+                        0,
+                        0,
+                    );
+                    return unsafe {
+                        if wide {
+                            x86::dot_q4_f32_avx512(&r, x, xsum, nb, false)
+                        } else {
+                            x86::dot_q4_f32_avx2(&r, x, xsum, nb, false)
+                        }
+                    };
+                }
+                Storage::Q4_0 { d, q } => {
+                    let q = &q[row * nb * 16..(row + 1) * nb * 16];
+                    let r = row_args(&d[row * nb..(row + 1) * nb], &[], q, a, 0, 0, 0);
+                    return unsafe {
+                        if wide {
+                            x86::dot_q4_f32_avx512(&r, x, xsum, nb, true)
+                        } else {
+                            x86::dot_q4_f32_avx2(&r, x, xsum, nb, true)
+                        }
+                    };
+                }
+                Storage::Q8_0 { d, q } => {
+                    let q = &q[row * cols..(row + 1) * cols];
+                    // SAFETY: i8 and u8 have the same layout; the kernel reads them as i8.
+                    let q = unsafe { std::slice::from_raw_parts(q.as_ptr() as *const u8, q.len()) };
+                    let r = row_args(&d[row * nb..(row + 1) * nb], &[], q, a, 0, 0, 0);
+                    return unsafe {
+                        if wide {
+                            x86::dot_q8_f32_avx512(&r, x, nb)
+                        } else {
+                            x86::dot_q8_f32_avx2(&r, x, nb)
+                        }
+                    };
+                }
+                _ => {}
+            }
+        }
+        // SAFETY (all arms): `isa` was checked as supported by the CPU before dispatch, and
+        // every slice covers exactly `nb` blocks of this row.
+        match &w.storage {
+            Storage::Q4_1 { d, m, q } => {
+                let q = &q[row * nb * 16..(row + 1) * nb * 16];
+                let r = row_args(
+                    &d[row * nb..(row + 1) * nb],
+                    &m[row * nb..(row + 1) * nb],
+                    q,
+                    a,
+                    ab,
+                    aq,
+                    nb,
+                );
+                return unsafe {
+                    if wide {
+                        x86::dot_q4_avx512(&r, nb, false)
+                    } else {
+                        x86::dot_q4_avx2(&r, nb, false)
+                    }
+                };
+            }
+            Storage::Q4_0 { d, q } => {
+                let q = &q[row * nb * 16..(row + 1) * nb * 16];
+                let r = row_args(&d[row * nb..(row + 1) * nb], &[], q, a, ab, aq, nb);
+                return unsafe {
+                    if wide {
+                        x86::dot_q4_avx512(&r, nb, true)
+                    } else {
+                        x86::dot_q4_avx2(&r, nb, true)
+                    }
+                };
+            }
+            Storage::Q8_0 { d, q } => {
+                let q = &q[row * cols..(row + 1) * cols];
+                // SAFETY: i8 and u8 have the same size and alignment; the kernel reads the
+                // bytes back as i8.
+                let q = unsafe { std::slice::from_raw_parts(q.as_ptr() as *const u8, q.len()) };
+                let r = row_args(&d[row * nb..(row + 1) * nb], &[], q, a, ab, aq, nb);
+                return unsafe {
+                    if wide {
+                        x86::dot_q8_avx512(&r, nb)
+                    } else {
+                        x86::dot_q8_avx2(&r, nb)
+                    }
+                };
+            }
+            Storage::F32(v) => {
+                return unsafe {
+                    x86::dot_f32_avx2(
+                        &v[row * cols..(row + 1) * cols],
+                        &a.f[t * cols..(t + 1) * cols],
+                    )
+                };
+            }
+            Storage::F16(v) => {
+                return unsafe {
+                    x86::dot_f16_avx2(
+                        &v[row * cols..(row + 1) * cols],
+                        &a.f[t * cols..(t + 1) * cols],
+                    )
+                };
+            }
+            Storage::Raw(_) => {}
+        }
+    }
+    let _ = isa;
+    scalar::dot(w, row, a, t)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn row_args<'a>(
+    wd: &'a [f32],
+    wm: &'a [f32],
+    wq: &'a [u8],
+    a: &'a QuantizedActs,
+    ab: usize,
+    aq: usize,
+    nb: usize,
+) -> x86::RowArgs<'a> {
+    x86::RowArgs {
+        wd,
+        wm,
+        wq,
+        ad: &a.d[ab..ab + nb],
+        asum: &a.sum[ab..ab + nb],
+        aq: &a.q[aq..aq + nb * 32],
+    }
+}
+
+/// A raw pointer that may cross threads: each task writes a disjoint set of elements.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+
+impl OutPtr {
+    /// # Safety
+    /// `i` is in bounds of the buffer and no other task writes it.
+    unsafe fn write(self, i: usize, v: f32) {
+        // SAFETY: guaranteed by the caller.
+        unsafe { *self.0.add(i) = v };
+    }
+}
+// SAFETY: tasks write disjoint indices (distinct rows of the output), and the buffer outlives
+// the parallel section because `matmul_with` borrows it mutably for the whole call.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// `out[t, r] = sum_c w[r, c] * x[t, c]` for `n` activation rows `x` (`[n, cols]`), giving
+/// `out` (`[n, rows]`). `acts` is scratch reused between calls so decoding allocates nothing.
+pub fn matmul(
+    w: &QuantMatrix,
+    x: &[f32],
+    n: usize,
+    out: &mut [f32],
+    acts: &mut QuantizedActs,
+) -> Result<()> {
+    matmul_with(Isa::detected(), w, x, n, out, acts)
+}
+
+/// [`matmul`] on a chosen instruction-set path (falls back to scalar if the CPU lacks it).
+pub fn matmul_with(
+    isa: Isa,
+    w: &QuantMatrix,
+    x: &[f32],
+    n: usize,
+    out: &mut [f32],
+    acts: &mut QuantizedActs,
+) -> Result<()> {
+    if x.len() != n * w.cols {
+        return Err(Error::Shape {
+            what: "activations",
+            expected: n * w.cols,
+            actual: x.len(),
+        });
+    }
+    if out.len() != n * w.rows {
+        return Err(Error::Shape {
+            what: "output",
+            expected: n * w.rows,
+            actual: out.len(),
+        });
+    }
+    let isa = if isa.is_supported() { isa } else { Isa::Scalar };
+    if w.uses_q8_activations() {
+        acts.quantize(x, n, w.cols);
+    } else {
+        acts.keep_f32(x, n, w.cols);
+    }
+    let rows = w.rows;
+    let threads = rayon::current_num_threads();
+    let work = rows * w.cols * n;
+    let ptr = OutPtr(out.as_mut_ptr());
+    let acts = &*acts;
+    let run = move |r0: usize, r1: usize| {
+        for t in 0..n {
+            for r in r0..r1 {
+                let v = dot(isa, w, r, acts, t);
+                // SAFETY: `t * rows + r < n * rows = out.len()`, and row ranges are disjoint.
+                unsafe { ptr.write(t * rows + r, v) };
+            }
+        }
+    };
+    if threads <= 1 || work < 1 << 16 {
+        run(0, rows);
+    } else {
+        // A few tasks per thread balance uneven cores without much scheduling overhead.
+        let chunk = rows.div_ceil(threads * 4).max(8);
+        let tasks = rows.div_ceil(chunk);
+        rayon::scope(|s| {
+            for i in 1..tasks {
+                let (r0, r1) = (i * chunk, ((i + 1) * chunk).min(rows));
+                s.spawn(move |_| run(r0, r1));
+            }
+            run(0, chunk.min(rows));
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wrong_activation_length_is_an_error() -> Result<()> {
+        let w = QuantMatrix::from_f32(WeightFormat::Q8_0, 2, 32, &[0.5; 64])?;
+        let mut out = vec![0.0; 2];
+        let err = matmul(&w, &[1.0; 31], 1, &mut out, &mut QuantizedActs::new());
+        assert!(err.is_err());
+        let err = matmul(&w, &[1.0; 32], 1, &mut out[..1], &mut QuantizedActs::new());
+        assert!(err.is_err());
+        Ok(())
+    }
+}

@@ -1,0 +1,148 @@
+//! Every SIMD path equals the portable scalar reference on random matrices and activations,
+//! for every format; and the quantized products stay close to the exact f32 product.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use exo_kernels::{Isa, QuantMatrix, QuantizedActs, WeightFormat, matmul_with};
+use proptest::prelude::*;
+
+const FORMATS: [WeightFormat; 5] = [
+    WeightFormat::F32,
+    WeightFormat::F16,
+    WeightFormat::Q8_0,
+    WeightFormat::Q4_0,
+    WeightFormat::Q4_1,
+];
+
+fn product(isa: Isa, w: &QuantMatrix, x: &[f32], n: usize) -> Vec<f32> {
+    let mut out = vec![0f32; n * w.rows()];
+    matmul_with(isa, w, x, n, &mut out, &mut QuantizedActs::new()).unwrap();
+    out
+}
+
+/// Reference: dequantized weights times exact activations, in f64.
+fn exact(w: &QuantMatrix, x: &[f32], n: usize) -> Vec<f64> {
+    let mut row = vec![0f32; w.cols()];
+    let mut out = vec![0f64; n * w.rows()];
+    for r in 0..w.rows() {
+        w.dequantize_row(r, &mut row).unwrap();
+        for t in 0..n {
+            out[t * w.rows() + r] = row
+                .iter()
+                .zip(&x[t * w.cols()..(t + 1) * w.cols()])
+                .map(|(a, b)| *a as f64 * *b as f64)
+                .sum();
+        }
+    }
+    out
+}
+
+fn check(format: WeightFormat, q8_acts: bool, rows: usize, blocks: usize, n: usize, seed: u64) {
+    let cols = blocks * 32;
+    let mut state = seed | 1;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % 2001) as f32 / 1000.0 - 1.0
+    };
+    let values: Vec<f32> = (0..rows * cols).map(|_| next()).collect();
+    let x: Vec<f32> = (0..n * cols).map(|_| next() * 3.0).collect();
+    let mut w = QuantMatrix::from_f32(format, rows, cols, &values).unwrap();
+    if q8_acts {
+        w = w.with_q8_activations();
+    }
+    let reference = product(Isa::Scalar, &w, &x, n);
+    let scale: f32 = x.iter().map(|v| v.abs()).sum::<f32>() / n as f32;
+    for isa in Isa::supported() {
+        let got = product(isa, &w, &x, n);
+        for (i, (a, b)) in got.iter().zip(&reference).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-5 * scale + 1e-5,
+                "{format} {isa:?} output {i}: {a} vs scalar {b}"
+            );
+        }
+    }
+    // 8-bit activations move each value by at most half a step (amax / 254 of its block), so
+    // the error is bounded by the weights' magnitudes times those half-steps.
+    let exact = exact(&w, &x, n);
+    let mut row = vec![0f32; cols];
+    for r in 0..rows {
+        w.dequantize_row(r, &mut row).unwrap();
+        for t in 0..n {
+            let xs = &x[t * cols..(t + 1) * cols];
+            let bound: f64 = if !w.uses_q8_activations() {
+                1e-4 * row
+                    .iter()
+                    .zip(xs)
+                    .map(|(a, b)| (a * b).abs() as f64)
+                    .sum::<f64>()
+                    + 1e-5
+            } else {
+                row.chunks(32)
+                    .zip(xs.chunks(32))
+                    .map(|(wb, xb)| {
+                        let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+                        wb.iter().map(|v| v.abs() as f64).sum::<f64>() * amax / 254.0 * 1.001
+                    })
+                    .sum::<f64>()
+                    + 1e-4
+            };
+            let (a, b) = (reference[t * rows + r] as f64, exact[t * rows + r]);
+            assert!(
+                (a - b).abs() <= bound,
+                "{format}: row {r}: {a} vs exact {b}, bound {bound}"
+            );
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn simd_paths_equal_the_scalar_reference(
+        format in prop::sample::select(FORMATS.to_vec()),
+        rows in 1usize..40,
+        blocks in 1usize..9,
+        n in 1usize..4,
+        q8_acts in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        check(format, q8_acts, rows, blocks, n, seed);
+    }
+}
+
+#[test]
+fn large_shapes_split_across_threads_agree() {
+    // Big enough to take the multi-threaded path.
+    for format in FORMATS {
+        check(format, false, 300, 18, 2, 99);
+        check(format, true, 300, 18, 2, 98);
+    }
+}
+
+#[test]
+fn q8_0_weights_from_ggml_bytes_decode_like_the_format_says() {
+    // One block: scale 0.5 (f16 0x3800), quants 0..31.
+    let mut bytes = vec![0x00, 0x38];
+    bytes.extend((0..32u8).map(|q| q.wrapping_sub(16)));
+    let w = QuantMatrix::from_ggml(WeightFormat::Q8_0, 1, 32, &bytes).unwrap();
+    let mut row = vec![0f32; 32];
+    w.dequantize_row(0, &mut row).unwrap();
+    assert_eq!(row[0], -8.0);
+    assert_eq!(row[31], 7.5);
+    assert!(QuantMatrix::from_ggml(WeightFormat::Q8_0, 1, 32, &bytes[..33]).is_err());
+    assert!(QuantMatrix::from_ggml(WeightFormat::Q4_1, 1, 48, &[0; 40]).is_err());
+}
+
+#[test]
+fn stacking_matrices_stacks_their_outputs() {
+    let a = QuantMatrix::from_f32(WeightFormat::Q4_1, 3, 64, &vec![0.25; 192]).unwrap();
+    let b = QuantMatrix::from_f32(WeightFormat::Q4_1, 2, 64, &vec![-0.5; 128]).unwrap();
+    let both = QuantMatrix::stack(&[a.clone(), b.clone()]).unwrap();
+    let x = vec![1.0f32; 64];
+    let mut out = product(Isa::detected(), &a, &x, 1);
+    out.extend(product(Isa::detected(), &b, &x, 1));
+    assert_eq!(product(Isa::detected(), &both, &x, 1), out);
+}

@@ -1,0 +1,443 @@
+//! The CPU fast path: a shard whose weights stay in compact formats (quantized blocks, f16)
+//! and whose layers run through `exo-kernels` directly, in host memory, with preallocated
+//! scratch buffers. On the tiny matrices of decoding, burn's per-operation overhead would
+//! dominate; here a decoded token costs one kernel call per projection group and no allocation.
+
+use exo_kernels::{QuantMatrix, QuantizedActs, WeightFormat, matmul};
+use exo_model::{Checkpoint, DType, LayerPart, ShardSpec, StoredTensor, TensorId};
+
+use crate::error::{Error, Result};
+use crate::layers::rope_frequencies;
+
+/// How weights are held in memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Weights {
+    /// Dequantized to f32 and run by burn on any backend (the reference path).
+    #[default]
+    F32,
+    /// As the checkpoint stores them (quantized blocks stay quantized), on the CPU kernels.
+    Stored,
+    /// Converted at load to this format, on the CPU kernels (for safetensors checkpoints).
+    Quantize(WeightFormat),
+}
+
+impl std::str::FromStr for Weights {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "f32" => Weights::F32,
+            "stored" => Weights::Stored,
+            "f16" => Weights::Quantize(WeightFormat::F16),
+            "q8_0" => Weights::Quantize(WeightFormat::Q8_0),
+            "q4_0" => Weights::Quantize(WeightFormat::Q4_0),
+            "q4_1" => Weights::Quantize(WeightFormat::Q4_1),
+            other => {
+                return Err(Error::Backend(format!(
+                    "unknown weight format `{other}` (choose f32, stored, f16, q8_0, q4_0 or q4_1)"
+                )));
+            }
+        })
+    }
+}
+
+fn kernel_error(e: exo_kernels::Error) -> Error {
+    Error::Backend(format!("cpu kernel: {e}"))
+}
+
+/// Turns a stored tensor into a kernel matrix in the format `weights` asks for.
+fn matrix(stored: StoredTensor, weights: Weights) -> Result<QuantMatrix> {
+    let (rows, cols) = (stored.shape[0], stored.shape.get(1).copied().unwrap_or(1));
+    let native = match stored.dtype {
+        DType::F32 => Some(WeightFormat::F32),
+        DType::F16 => Some(WeightFormat::F16),
+        DType::Q8_0 => Some(WeightFormat::Q8_0),
+        DType::Q4_0 => Some(WeightFormat::Q4_0),
+        DType::Q4_1 => Some(WeightFormat::Q4_1),
+        DType::Q4K => Some(WeightFormat::Q4K),
+        DType::Q6K => Some(WeightFormat::Q6K),
+        DType::BF16 | DType::Q5_0 | DType::Q5_1 => None,
+    };
+    match (weights, native) {
+        (Weights::Stored, Some(format)) => {
+            QuantMatrix::from_ggml(format, rows, cols, &stored.bytes).map_err(kernel_error)
+        }
+        (target, _) => {
+            let format = match target {
+                Weights::Quantize(f) => f,
+                // Formats the kernels lack are widened to Q8_0, which keeps their precision.
+                _ => WeightFormat::Q8_0,
+            };
+            let mut values = Vec::with_capacity(rows * cols);
+            exo_model::dequantize(stored.dtype, &stored.bytes, &mut values);
+            QuantMatrix::from_f32(format, rows, cols, &values).map_err(kernel_error)
+        }
+    }
+}
+
+#[derive(Debug)]
+struct NativeLayer {
+    attn_norm: Vec<f32>,
+    /// q, k and v stacked: one kernel call for all three.
+    qkv: QuantMatrix,
+    qkv_bias: Option<Vec<f32>>,
+    o: QuantMatrix,
+    mlp_norm: Vec<f32>,
+    /// gate and up stacked.
+    gate_up: QuantMatrix,
+    down: QuantMatrix,
+}
+
+/// A shard on the CPU kernels.
+#[derive(Debug)]
+pub(crate) struct NativeShard {
+    embedding: Option<QuantMatrix>,
+    layers: Vec<NativeLayer>,
+    final_norm: Option<Vec<f32>>,
+    /// The head's own matrix; `None` with `tied` uses the embedding.
+    head: Option<QuantMatrix>,
+    tied: bool,
+    /// `[max_positions, head_dim / 2]`
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    pub(crate) first_layer: usize,
+    pub(crate) vocab_size: usize,
+    pub(crate) hidden: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    intermediate: usize,
+    eps: f32,
+    pub(crate) max_positions: usize,
+}
+
+/// Per-request state of a native shard: the KV cache and scratch buffers.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct NativeCache {
+    /// Per layer, `[position][kv_heads * head_dim]`.
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    scratch: Scratch,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Scratch {
+    xn: Vec<f32>,
+    qkv: Vec<f32>,
+    att: Vec<f32>,
+    proj: Vec<f32>,
+    gate_up: Vec<f32>,
+    h: Vec<f32>,
+    scores: Vec<f32>,
+    acts: QuantizedActs,
+}
+
+impl NativeCache {
+    pub(crate) fn new(layers: usize) -> Self {
+        NativeCache {
+            k: vec![Vec::new(); layers],
+            v: vec![Vec::new(); layers],
+            scratch: Scratch::default(),
+        }
+    }
+
+    pub(crate) fn layers(&self) -> usize {
+        self.k.len()
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.k
+            .iter_mut()
+            .chain(self.v.iter_mut())
+            .for_each(Vec::clear);
+    }
+}
+
+impl NativeShard {
+    pub(crate) fn load(
+        checkpoint: &Checkpoint,
+        spec: &ShardSpec,
+        weights: Weights,
+    ) -> Result<Self> {
+        let config = checkpoint.config();
+        let n = config.num_layers;
+        if spec.layers.start > spec.layers.end || spec.layers.end > n {
+            return Err(exo_model::Error::LayerRange {
+                start: spec.layers.start,
+                end: spec.layers.end,
+                layers: n,
+            }
+            .into());
+        }
+        let load = |id| -> Result<QuantMatrix> { matrix(checkpoint.stored_tensor(id)?, weights) };
+        let vector = |id| -> Result<Vec<f32>> { Ok(checkpoint.tensor(id)?.data) };
+        let embedding = spec
+            .embedding
+            .then(|| load(TensorId::Embedding))
+            .transpose()?;
+        let mut layers = Vec::with_capacity(spec.layers.len());
+        for layer in spec.layers.clone() {
+            let id = |part| TensorId::Layer { layer, part };
+            let stack = |parts: &[LayerPart]| -> Result<QuantMatrix> {
+                let ms = parts
+                    .iter()
+                    .map(|&p| load(id(p)))
+                    .collect::<Result<Vec<_>>>()?;
+                QuantMatrix::stack(&ms).map_err(kernel_error)
+            };
+            let qkv_bias = if config.attention_bias {
+                let mut b = vector(id(LayerPart::QBias))?;
+                b.extend(vector(id(LayerPart::KBias))?);
+                b.extend(vector(id(LayerPart::VBias))?);
+                Some(b)
+            } else {
+                None
+            };
+            layers.push(NativeLayer {
+                attn_norm: vector(id(LayerPart::AttnNorm))?,
+                qkv: stack(&[LayerPart::Q, LayerPart::K, LayerPart::V])?,
+                qkv_bias,
+                o: load(id(LayerPart::O))?,
+                mlp_norm: vector(id(LayerPart::MlpNorm))?,
+                gate_up: stack(&[LayerPart::Gate, LayerPart::Up])?,
+                down: load(id(LayerPart::Down))?,
+            });
+        }
+        let (final_norm, head, tied) = if spec.head {
+            let norm = vector(TensorId::FinalNorm)?;
+            if checkpoint.has_tensor(TensorId::Head) {
+                (Some(norm), Some(load(TensorId::Head)?), false)
+            } else if embedding.is_some() {
+                (Some(norm), None, true)
+            } else {
+                (Some(norm), Some(load(TensorId::Embedding)?), false)
+            }
+        } else {
+            (None, None, false)
+        };
+        let (cos, sin) = rope_frequencies(config);
+        Ok(NativeShard {
+            embedding,
+            layers,
+            final_norm,
+            head,
+            tied,
+            cos,
+            sin,
+            first_layer: spec.layers.start,
+            vocab_size: config.vocab_size,
+            hidden: config.hidden_size,
+            heads: config.num_heads,
+            kv_heads: config.num_kv_heads,
+            head_dim: config.head_dim,
+            intermediate: config.intermediate_size,
+            eps: config.rms_norm_eps as f32,
+            max_positions: config.max_position_embeddings.max(1),
+        })
+    }
+
+    pub(crate) fn layer_count(&self) -> usize {
+        self.layers.len()
+    }
+
+    pub(crate) fn has_embedding(&self) -> bool {
+        self.embedding.is_some()
+    }
+
+    pub(crate) fn has_head(&self) -> bool {
+        self.head.is_some() || self.tied
+    }
+
+    /// Shapes: tokens [seq] -> [seq * hidden]
+    pub(crate) fn embed(&self, tokens: &[u32]) -> Option<Result<Vec<f32>>> {
+        let table = self.embedding.as_ref()?;
+        let mut out = vec![0f32; tokens.len() * self.hidden];
+        for (row, &t) in out.chunks_exact_mut(self.hidden).zip(tokens) {
+            if let Err(e) = table.dequantize_row(t as usize, row) {
+                return Some(Err(kernel_error(e)));
+            }
+        }
+        Some(Ok(out))
+    }
+
+    /// Runs the layers on `x` (`[seq, hidden]`) at positions `start..start + seq`, in place.
+    pub(crate) fn forward(
+        &self,
+        x: &mut [f32],
+        seq: usize,
+        start: usize,
+        cache: &mut NativeCache,
+    ) -> Result<()> {
+        let (hd, h, kvh) = (self.head_dim, self.heads, self.kv_heads);
+        let (qd, kvd) = (h * hd, kvh * hd);
+        let qkv_width = qd + 2 * kvd;
+        let s = &mut cache.scratch;
+        for (l, layer) in self.layers.iter().enumerate() {
+            rms_norm(x, &layer.attn_norm, self.eps, &mut s.xn);
+            s.qkv.resize(seq * qkv_width, 0.0);
+            matmul(&layer.qkv, &s.xn, seq, &mut s.qkv, &mut s.acts).map_err(kernel_error)?;
+            let (kc, vc) = (&mut cache.k[l], &mut cache.v[l]);
+            if kc.capacity() < (start + seq) * kvd {
+                // Grow in steps of 256 positions so that decoding rarely allocates.
+                let want = (start + seq).next_multiple_of(256) * kvd;
+                kc.reserve(want - kc.len());
+                vc.reserve(want - vc.len());
+            }
+            for t in 0..seq {
+                let row = &mut s.qkv[t * qkv_width..(t + 1) * qkv_width];
+                if let Some(bias) = &layer.qkv_bias {
+                    row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+                }
+                let pos = start + t;
+                let (cos, sin) = self.rope_row(pos);
+                for head in row[..qd + kvd].chunks_exact_mut(hd) {
+                    rotate(head, cos, sin);
+                }
+                kc.extend_from_slice(&row[qd..qd + kvd]);
+                vc.extend_from_slice(&row[qd + kvd..]);
+            }
+            s.att.resize(seq * qd, 0.0);
+            attention(
+                &s.qkv,
+                qkv_width,
+                kc,
+                vc,
+                seq,
+                start,
+                h,
+                kvh,
+                hd,
+                &mut s.att,
+                &mut s.scores,
+            );
+            s.proj.resize(seq * self.hidden, 0.0);
+            matmul(&layer.o, &s.att, seq, &mut s.proj, &mut s.acts).map_err(kernel_error)?;
+            x.iter_mut().zip(&s.proj).for_each(|(a, b)| *a += b);
+
+            rms_norm(x, &layer.mlp_norm, self.eps, &mut s.xn);
+            let i = self.intermediate;
+            s.gate_up.resize(seq * 2 * i, 0.0);
+            matmul(&layer.gate_up, &s.xn, seq, &mut s.gate_up, &mut s.acts)
+                .map_err(kernel_error)?;
+            s.h.resize(seq * i, 0.0);
+            for (hrow, gu) in s.h.chunks_exact_mut(i).zip(s.gate_up.chunks_exact(2 * i)) {
+                let (gate, up) = gu.split_at(i);
+                for ((o, g), u) in hrow.iter_mut().zip(gate).zip(up) {
+                    *o = g / (1.0 + (-g).exp()) * u;
+                }
+            }
+            matmul(&layer.down, &s.h, seq, &mut s.proj, &mut s.acts).map_err(kernel_error)?;
+            x.iter_mut().zip(&s.proj).for_each(|(a, b)| *a += b);
+        }
+        Ok(())
+    }
+
+    /// Final norm and head on the last row of `x`. `None` if this shard has no head.
+    pub(crate) fn logits(&self, x: &[f32], cache: &mut NativeCache) -> Option<Result<Vec<f32>>> {
+        let head = if self.tied {
+            self.embedding.as_ref()?
+        } else {
+            self.head.as_ref()?
+        };
+        let norm = self.final_norm.as_ref()?;
+        let last = &x[x.len() - self.hidden..];
+        let s = &mut cache.scratch;
+        rms_norm(last, norm, self.eps, &mut s.xn);
+        let mut out = vec![0f32; self.vocab_size];
+        Some(
+            matmul(head, &s.xn, 1, &mut out, &mut s.acts)
+                .map(|_| out)
+                .map_err(kernel_error),
+        )
+    }
+
+    fn rope_row(&self, pos: usize) -> (&[f32], &[f32]) {
+        let half = self.head_dim / 2;
+        (
+            &self.cos[pos * half..(pos + 1) * half],
+            &self.sin[pos * half..(pos + 1) * half],
+        )
+    }
+
+    /// Bytes of weights held.
+    pub(crate) fn weight_bytes(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| l.qkv.bytes() + l.o.bytes() + l.gate_up.bytes() + l.down.bytes())
+            .sum();
+        layers
+            + self.embedding.as_ref().map_or(0, QuantMatrix::bytes)
+            + self.head.as_ref().map_or(0, QuantMatrix::bytes)
+    }
+}
+
+/// Row-wise RMSNorm of `x` (`[rows, w.len()]`) into `out`.
+fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut Vec<f32>) {
+    out.resize(x.len(), 0.0);
+    for (row, o) in x.chunks_exact(w.len()).zip(out.chunks_exact_mut(w.len())) {
+        let mean = row.iter().map(|v| v * v).sum::<f32>() / w.len() as f32;
+        let inv = 1.0 / (mean + eps).sqrt();
+        for ((o, v), g) in o.iter_mut().zip(row).zip(w) {
+            *o = v * inv * g;
+        }
+    }
+}
+
+/// Rotary embedding of one head in Hugging Face's rotate-half layout.
+fn rotate(head: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = head.len() / 2;
+    let (a, b) = head.split_at_mut(half);
+    for i in 0..half {
+        let (x0, x1) = (a[i], b[i]);
+        a[i] = x0 * cos[i] - x1 * sin[i];
+        b[i] = x1 * cos[i] + x0 * sin[i];
+    }
+}
+
+/// Causal grouped-query attention of `seq` new queries over every cached position.
+#[allow(clippy::too_many_arguments)]
+fn attention(
+    qkv: &[f32],
+    qkv_width: usize,
+    k: &[f32],
+    v: &[f32],
+    seq: usize,
+    start: usize,
+    heads: usize,
+    kv_heads: usize,
+    hd: usize,
+    out: &mut [f32],
+    scores: &mut Vec<f32>,
+) {
+    let kvd = kv_heads * hd;
+    let group = heads / kv_heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    scores.resize(start + seq, 0.0);
+    for t in 0..seq {
+        let visible = start + t + 1;
+        for h in 0..heads {
+            let q = &qkv[t * qkv_width + h * hd..][..hd];
+            let kvh = h / group;
+            let sc = &mut scores[..visible];
+            let mut max = f32::NEG_INFINITY;
+            for (j, s) in sc.iter_mut().enumerate() {
+                let key = &k[j * kvd + kvh * hd..][..hd];
+                *s = q.iter().zip(key).map(|(a, b)| a * b).sum::<f32>() * scale;
+                max = max.max(*s);
+            }
+            let mut total = 0f32;
+            for s in sc.iter_mut() {
+                *s = (*s - max).exp();
+                total += *s;
+            }
+            let o = &mut out[t * heads * hd + h * hd..][..hd];
+            o.fill(0.0);
+            for (j, p) in sc.iter().enumerate() {
+                let w = p / total;
+                let val = &v[j * kvd + kvh * hd..][..hd];
+                o.iter_mut().zip(val).for_each(|(o, v)| *o += w * v);
+            }
+        }
+    }
+}
