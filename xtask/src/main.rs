@@ -6,7 +6,8 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-const USAGE: &str = "usage: cargo xtask <ci | bench [--quick] [--runs N] [--tokens N]>";
+const USAGE: &str =
+    "usage: cargo xtask <ci | bench [--quick] [--runs N] [--llama-bench PATH | --no-llama]>";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -62,120 +63,290 @@ fn target_dir() -> PathBuf {
         .unwrap_or_else(|| root().join("target"))
 }
 
-struct Run {
+fn cache_dir() -> PathBuf {
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    home.join(".cache").join("exo-rs")
+}
+
+/// The figures line that `exo-node generate` prints last on stderr.
+#[derive(Clone, Debug)]
+struct Figures {
     prompt_tokens: usize,
     generated_tokens: usize,
     ttft_ms: f64,
     prefill: f64,
     decode: f64,
+    peak_mib: Option<f64>,
 }
 
-/// Parses the figures line that `exo-node generate` prints last on stderr.
-fn parse_figures(line: &str) -> Option<Run> {
+fn parse_figures(line: &str) -> Option<Figures> {
     let num = |after: &str, before: &str| -> Option<f64> {
         let start = line.find(after)? + after.len();
         let rest = &line[start..];
         rest[..rest.find(before)?].trim().parse().ok()
     };
-    Some(Run {
+    Some(Figures {
         prompt_tokens: num("prompt ", " tokens")? as usize,
         generated_tokens: num("generated ", " tokens")? as usize,
         ttft_ms: num("time to first token ", " ms")?,
         prefill: num("prefill ", " tokens/s")?,
         decode: num("decode ", " tokens/s")?,
+        peak_mib: num("peak memory ", " MiB"),
     })
 }
 
+/// Median with the smallest and largest value.
 fn median(mut v: Vec<f64>) -> (f64, f64, f64) {
     v.sort_by(f64::total_cmp);
-    let (lo, hi) = (v[0], v[v.len() - 1]);
-    (v[v.len() / 2], lo, hi)
+    if v.is_empty() {
+        return (0.0, 0.0, 0.0);
+    }
+    (v[v.len() / 2], v[0], v[v.len() - 1])
 }
 
-/// Single-node prefill and decode of `exo-node generate` on the default model.
+fn fmt_spread((m, lo, hi): (f64, f64, f64)) -> String {
+    format!("{m:.1} ({lo:.1}-{hi:.1})")
+}
+
+/// One run of `exo-node generate`.
+fn run_ours(
+    exe: &Path,
+    prompt: &str,
+    tokens: usize,
+    threads: usize,
+    weights: &str,
+) -> Result<Figures> {
+    let out = Command::new(exe)
+        .args([
+            "generate",
+            prompt,
+            "--raw",
+            "--ignore-eos",
+            "--max-tokens",
+            &tokens.to_string(),
+        ])
+        .args(["--threads", &threads.to_string(), "--weights", weights])
+        .output()
+        .with_context(|| format!("running {}", exe.display()))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        bail!("exo-node generate failed:\n{stderr}");
+    }
+    stderr
+        .lines()
+        .rev()
+        .find_map(parse_figures)
+        .context("no figures line from exo-node")
+}
+
+/// One run of llama.cpp's `llama-bench` (pp and tg of 128 tokens): tokens/s of each.
+fn run_llama(exe: &Path, model: &Path, threads: usize) -> Result<(f64, f64)> {
+    let out = Command::new(exe)
+        .arg("-m")
+        .arg(model)
+        .args([
+            "-p",
+            "128",
+            "-n",
+            "128",
+            "-r",
+            "1",
+            "-o",
+            "json",
+            "-t",
+            &threads.to_string(),
+        ])
+        .output()
+        .with_context(|| format!("running {}", exe.display()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "llama-bench failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Each result object has "n_prompt", "n_gen" and "avg_ts"; read them without a JSON crate.
+    let mut pp = None;
+    let mut tg = None;
+    for obj in stdout.split('}') {
+        let field = |name: &str| -> Option<f64> {
+            let at = obj.find(&format!("\"{name}\""))?;
+            let rest = obj[at..].split_once(':')?.1;
+            rest.trim_start()
+                .split([',', '\n'])
+                .next()?
+                .trim()
+                .parse()
+                .ok()
+        };
+        match (field("n_prompt"), field("n_gen"), field("avg_ts")) {
+            (Some(p), Some(g), Some(ts)) if p > 0.0 && g == 0.0 => pp = Some(ts),
+            (Some(p), Some(g), Some(ts)) if p == 0.0 && g > 0.0 => tg = Some(ts),
+            _ => {}
+        }
+    }
+    Ok((
+        pp.context("no pp result from llama-bench")?,
+        tg.context("no tg result from llama-bench")?,
+    ))
+}
+
+/// Builds llama.cpp's `llama-bench` once into the cache, from the PyPI source distribution of
+/// llama-cpp-python (which vendors llama.cpp), with portable SIMD flags: `GGML_NATIVE=ON` dies
+/// with an illegal instruction on CPUs that advertise AMX without allowing it.
+fn build_llama_bench() -> Result<PathBuf> {
+    let dir = cache_dir().join("llama-bench");
+    let exe = dir.join("build").join("bin").join("llama-bench");
+    if exe.exists() {
+        return Ok(exe);
+    }
+    std::fs::create_dir_all(&dir)?;
+    let sh = |script: &str| -> Result<()> {
+        eprintln!("$ {script}");
+        let status = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .current_dir(&dir)
+            .status()?;
+        if !status.success() {
+            bail!("`{script}` failed ({status})");
+        }
+        Ok(())
+    };
+    sh("command -v cmake >/dev/null || python3 -m pip install -q cmake ninja")?;
+    sh(
+        "ls llama_cpp_python-*.tar.gz >/dev/null 2>&1 || python3 -m pip download -q --no-deps \
+        --no-binary llama-cpp-python llama-cpp-python -d .",
+    )?;
+    sh(
+        "tar xzf llama_cpp_python-*.tar.gz && rm -rf src && mv llama_cpp_python-*/vendor/llama.cpp src",
+    )?;
+    sh(
+        "cmake -S src -B build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DGGML_AVX=ON \
+        -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON \
+        -DGGML_AVX512_VBMI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF \
+        -DGGML_AMX_BF16=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+        -DLLAMA_BUILD_SERVER=OFF >/dev/null",
+    )?;
+    sh("cmake --build build --target llama-bench -j 2 >/dev/null")?;
+    Ok(exe)
+}
+
+/// Single-node figures of `exo-node generate` on the default model and, when llama.cpp's
+/// `llama-bench` is available, the same workload side by side at 1 and 2 threads, the two
+/// engines run alternately so that neither is favoured by what else the machine is doing.
 fn bench(args: &[String]) -> Result<()> {
     let quick = args.iter().any(|a| a == "--quick");
-    let value = |flag: &str, default: usize| -> Result<usize> {
-        match args.iter().position(|a| a == flag) {
-            Some(i) => args
-                .get(i + 1)
-                .context("missing value")?
-                .parse()
-                .context(flag.to_string()),
-            None => Ok(default),
-        }
+    let flag = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
     };
-    let runs = value("--runs", if quick { 2 } else { 5 })?;
-    let tokens = value("--tokens", if quick { 32 } else { 128 })?;
+    let runs: usize = match flag("--runs") {
+        Some(v) => v.parse().context("--runs")?,
+        None if quick => 1,
+        None => 3,
+    };
     cargo(&["build", "--release", "-p", "exo-node"])?;
     let exe = target_dir().join("release").join("exo-node");
-    let long_prompt = "Summarise the following text in one sentence. ".to_string()
-        + &"The quick brown fox jumps over the lazy dog while the farmer watches from the hill. "
-            .repeat(28);
-    let workloads = [
-        ("short prompt", "What is the capital of France?".to_string()),
-        ("long prompt", long_prompt),
-    ];
-    let mut rows = Vec::new();
-    let mut json = Vec::new();
-    for (name, prompt) in &workloads {
-        let mut results = Vec::new();
-        for i in 0..runs {
-            let out = Command::new(&exe)
-                .args([
-                    "generate",
-                    prompt,
-                    "--ignore-eos",
-                    "--max-tokens",
-                    &tokens.to_string(),
-                ])
-                .output()
-                .with_context(|| format!("running {}", exe.display()))?;
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            if !out.status.success() {
-                bail!("exo-node generate failed:\n{stderr}");
+    let model = Command::new(&exe).args(["models", "fetch"]).output()?;
+    let model = PathBuf::from(String::from_utf8_lossy(&model.stdout).trim());
+    let llama = if args.iter().any(|a| a == "--no-llama") {
+        None
+    } else if let Some(path) = flag("--llama-bench") {
+        Some(PathBuf::from(path))
+    } else {
+        match build_llama_bench() {
+            Ok(p) => Some(p),
+            Err(e) => {
+                eprintln!("llama-bench unavailable, comparing nothing: {e:#}");
+                None
             }
-            let run = stderr
-                .lines()
-                .rev()
-                .find_map(parse_figures)
-                .context("no figures line")?;
-            eprintln!(
-                "{name} run {}: prefill {:.1} tok/s, decode {:.1} tok/s",
-                i + 1,
-                run.prefill,
-                run.decode
-            );
-            results.push(run);
         }
-        let prompt_tokens = results[0].prompt_tokens;
-        let generated = results[0].generated_tokens;
-        let (prefill, pl, ph) = median(results.iter().map(|r| r.prefill).collect());
-        let (decode, dl, dh) = median(results.iter().map(|r| r.decode).collect());
-        let (ttft, _, _) = median(results.iter().map(|r| r.ttft_ms).collect());
-        rows.push(format!(
-            "| {name} | {prompt_tokens} | {generated} | {prefill:.1} ({pl:.1}-{ph:.1}) | {decode:.1} ({dl:.1}-{dh:.1}) | {ttft:.0} |"
-        ));
-        json.push(format!(
-            "{{\"workload\":\"{name}\",\"prompt_tokens\":{prompt_tokens},\"generated_tokens\":{generated},\
-             \"prefill_tokens_per_s\":{prefill:.2},\"decode_tokens_per_s\":{decode:.2},\"ttft_ms\":{ttft:.1},\"runs\":{runs}}}"
-        ));
-    }
-    let table = format!(
-        "exo-node generate, default model (SmolLM2-135M-Instruct Q4_1 dequantized to f32), flex backend, \
-         {runs} runs, median (min-max)\n\n\
-         | workload | prompt tokens | generated | prefill tokens/s | decode tokens/s | TTFT ms |\n\
-         |---|---|---|---|---|---|\n{}\n",
-        rows.join("\n")
+    };
+    // About 128 tokens of prompt, as llama-bench's pp128.
+    let prompt =
+        "The quick brown fox jumps over the lazy dog while the farmer watches from the hill. "
+            .repeat(7);
+    let tokens = if quick { 32 } else { 128 };
+    let mut md = format!(
+        "Default model (SmolLM2-135M-Instruct, Q4_1 GGUF), prompt of ~128 tokens, {tokens} generated \
+         tokens, {runs} run(s) each, median (min-max); tokens/s.\n\n"
     );
+    let mut json = Vec::new();
+    md.push_str(
+        "| threads | engine | prefill | decode | TTFT ms | peak MiB |\n|---|---|---|---|---|---|\n",
+    );
+    let mut side = String::from(
+        "\n| threads | prefill ours / llama.cpp | decode ours / llama.cpp |\n|---|---|---|\n",
+    );
+    for threads in [1usize, 2] {
+        let mut ours = Vec::new();
+        let mut reference = Vec::new();
+        let mut theirs = Vec::new();
+        for _ in 0..runs {
+            ours.push(run_ours(&exe, &prompt, tokens, threads, "auto")?);
+            if let Some(llama) = &llama {
+                theirs.push(run_llama(llama, &model, threads)?);
+            }
+            if !quick {
+                reference.push(run_ours(&exe, &prompt, tokens, threads, "f32")?);
+            }
+        }
+        let row = |name: &str, f: &[Figures], md: &mut String, json: &mut Vec<String>| {
+            if f.is_empty() {
+                return;
+            }
+            let pre = median(f.iter().map(|r| r.prefill).collect());
+            let dec = median(f.iter().map(|r| r.decode).collect());
+            let ttft = median(f.iter().map(|r| r.ttft_ms).collect());
+            let peak = median(f.iter().filter_map(|r| r.peak_mib).collect());
+            md.push_str(&format!(
+                "| {threads} | {name} | {} | {} | {:.0} | {:.0} |\n",
+                fmt_spread(pre),
+                fmt_spread(dec),
+                ttft.0,
+                peak.0
+            ));
+            json.push(format!(
+                "{{\"threads\":{threads},\"engine\":\"{name}\",\"prompt_tokens\":{},\"generated_tokens\":{},\
+                 \"prefill_tokens_per_s\":{:.2},\"decode_tokens_per_s\":{:.2},\"ttft_ms\":{:.1},\"peak_mib\":{:.1}}}",
+                f[0].prompt_tokens, f[0].generated_tokens, pre.0, dec.0, ttft.0, peak.0
+            ));
+        };
+        row("exo-rs (quantized CPU kernels)", &ours, &mut md, &mut json);
+        row("exo-rs (f32, burn-flex)", &reference, &mut md, &mut json);
+        if !theirs.is_empty() {
+            let pp = median(theirs.iter().map(|t| t.0).collect());
+            let tg = median(theirs.iter().map(|t| t.1).collect());
+            md.push_str(&format!(
+                "| {threads} | llama.cpp llama-bench pp128/tg128 | {} | {} | | |\n",
+                fmt_spread(pp),
+                fmt_spread(tg)
+            ));
+            json.push(format!(
+                "{{\"threads\":{threads},\"engine\":\"llama.cpp\",\"prefill_tokens_per_s\":{:.2},\"decode_tokens_per_s\":{:.2}}}",
+                pp.0, tg.0
+            ));
+            let ours_pp = median(ours.iter().map(|r| r.prefill).collect()).0;
+            let ours_tg = median(ours.iter().map(|r| r.decode).collect()).0;
+            side.push_str(&format!(
+                "| {threads} | {:.2}x | {:.2}x |\n",
+                ours_pp / pp.0,
+                ours_tg / tg.0
+            ));
+        }
+    }
+    if llama.is_some() {
+        md.push_str(&side);
+    }
     let dir = target_dir().join("bench");
     std::fs::create_dir_all(&dir)?;
-    std::fs::write(dir.join("generate.md"), &table)?;
-    std::fs::write(
-        dir.join("generate.json"),
-        format!("[{}]\n", json.join(",\n")),
-    )?;
-    println!("{table}");
+    std::fs::write(dir.join("bench.md"), &md)?;
+    std::fs::write(dir.join("bench.json"), format!("[{}]\n", json.join(",\n")))?;
+    println!("{md}");
     println!("written to {}", dir.display());
     Ok(())
 }

@@ -220,8 +220,9 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
     })?;
     let _ = writeln!(stdout);
     let s = &generation.stats;
+    let peak = peak_memory_mib().map(|m| format!(", peak memory {m:.0} MiB")).unwrap_or_default();
     eprintln!(
-        "prompt {} tokens, generated {} tokens, time to first token {:.0} ms, prefill {:.1} tokens/s, decode {:.1} tokens/s",
+        "prompt {} tokens, generated {} tokens, time to first token {:.0} ms, prefill {:.1} tokens/s, decode {:.1} tokens/s{peak}",
         s.prompt_tokens,
         s.generated_tokens,
         s.time_to_first_token.as_secs_f64() * 1e3,
@@ -229,6 +230,14 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
         s.decode_tokens_per_s(),
     );
     Ok(())
+}
+
+/// The process's peak resident memory (Linux `VmHWM`), for the figures line.
+fn peak_memory_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
 }
 
 /// `auto` keeps quantized GGUF weights quantized on the CPU kernels; everything else runs f32.

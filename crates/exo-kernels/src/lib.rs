@@ -242,6 +242,56 @@ fn row_args<'a>(
     }
 }
 
+/// Four consecutive outputs `row..row + 4` at once where a fused kernel exists (AVX-512 with
+/// f32 activations); `None` otherwise, and the caller takes them one at a time.
+fn dot4(isa: Isa, w: &QuantMatrix, row: usize, a: &QuantizedActs, t: usize) -> Option<[f32; 4]> {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512Vnni && !w.q8_acts && row + 4 <= w.rows {
+        let (cols, nb) = (w.cols, w.cols / 32);
+        let x = &a.f[t * cols..(t + 1) * cols];
+        let xsum = &a.fsum[t * nb..(t + 1) * nb];
+        let scales = row * nb..(row + 4) * nb;
+        // SAFETY: the CPU supports AVX-512 (checked by the caller), and the slices cover four
+        // whole rows.
+        match &w.storage {
+            Storage::Q4_1 { d, m, q } => {
+                let r = row_args(
+                    &d[scales.clone()],
+                    &m[scales],
+                    &q[row * nb * 16..(row + 4) * nb * 16],
+                    a,
+                    0,
+                    0,
+                    0,
+                );
+                return Some(unsafe { x86::dot4_q4_f32_avx512(&r, x, xsum, nb, false) });
+            }
+            Storage::Q4_0 { d, q } => {
+                let r = row_args(
+                    &d[scales],
+                    &[],
+                    &q[row * nb * 16..(row + 4) * nb * 16],
+                    a,
+                    0,
+                    0,
+                    0,
+                );
+                return Some(unsafe { x86::dot4_q4_f32_avx512(&r, x, xsum, nb, true) });
+            }
+            Storage::Q8_0 { d, q } => {
+                let q = &q[row * cols..(row + 4) * cols];
+                // SAFETY: i8 and u8 have the same layout; the kernel reads them as i8.
+                let q = unsafe { std::slice::from_raw_parts(q.as_ptr() as *const u8, q.len()) };
+                let r = row_args(&d[scales], &[], q, a, 0, 0, 0);
+                return Some(unsafe { x86::dot4_q8_f32_avx512(&r, x, nb) });
+            }
+            _ => {}
+        }
+    }
+    let _ = (isa, w, row, a, t);
+    None
+}
+
 /// A raw pointer that may cross threads: each task writes a disjoint set of elements.
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
@@ -307,18 +357,31 @@ pub fn matmul_with(
     let acts = &*acts;
     let run = move |r0: usize, r1: usize| {
         for t in 0..n {
-            for r in r0..r1 {
+            let mut r = r0;
+            while r < r1 {
+                if r + 4 <= r1
+                    && let Some(four) = dot4(isa, w, r, acts, t)
+                {
+                    for (k, v) in four.into_iter().enumerate() {
+                        // SAFETY: `t * rows + r + k < n * rows`; row ranges are disjoint.
+                        unsafe { ptr.write(t * rows + r + k, v) };
+                    }
+                    r += 4;
+                    continue;
+                }
                 let v = dot(isa, w, r, acts, t);
                 // SAFETY: `t * rows + r < n * rows = out.len()`, and row ranges are disjoint.
                 unsafe { ptr.write(t * rows + r, v) };
+                r += 1;
             }
         }
     };
     if threads <= 1 || work < 1 << 16 {
         run(0, rows);
     } else {
-        // A few tasks per thread balance uneven cores without much scheduling overhead.
-        let chunk = rows.div_ceil(threads * 4).max(8);
+        // One task per thread: decoding makes ~120 of these calls per token, so scheduling
+        // overhead (a spawn and a wake-up per task) matters more than balance.
+        let chunk = rows.div_ceil(threads).max(8).next_multiple_of(4);
         let tasks = rows.div_ceil(chunk);
         rayon::scope(|s| {
             for i in 1..tasks {

@@ -291,7 +291,14 @@ pub(crate) unsafe fn dot_q8_f32_avx2(r: &RowArgs<'_>, x: &[f32], nb: usize) -> f
     hsum256(acc)
 }
 
-/// As [`dot_q4_f32_avx2`], sixteen lanes at a time.
+/// `sum_b a[b] * b[b]` for short per-block vectors (scales against block sums).
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_short(a: &[f32], b: &[f32]) -> f32 {
+    dot_f32_avx2(a, b)
+}
+
+/// As [`dot_q4_f32_avx2`], sixteen lanes at a time, two blocks per step on separate
+/// accumulators so that consecutive blocks do not wait on each other's FMA.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F/BW/DQ; `x` holds `nb * 32` values and `xsum` `nb` sums.
@@ -304,9 +311,7 @@ pub(crate) unsafe fn dot_q4_f32_avx512(
     offset: bool,
 ) -> f32 {
     let mask = _mm_set1_epi8(0x0f);
-    let mut acc = _mm512_setzero_ps();
-    let mut extra = 0f32;
-    for b in 0..nb {
+    let block = |b: usize| -> __m512 {
         let nib = _mm_loadu_si128(r.wq.as_ptr().add(b * 16) as *const __m128i);
         let lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(nib, mask)));
         let hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(
@@ -314,26 +319,40 @@ pub(crate) unsafe fn dot_q4_f32_avx512(
             mask,
         )));
         let xp = x.as_ptr().add(b * 32);
-        let t = _mm512_fmadd_ps(
+        _mm512_fmadd_ps(
             hi,
             _mm512_loadu_ps(xp.add(16)),
             _mm512_mul_ps(lo, _mm512_loadu_ps(xp)),
-        );
-        acc = _mm512_fmadd_ps(t, _mm512_set1_ps(r.wd[b]), acc);
-        extra += if offset { -8.0 * r.wd[b] } else { r.wm[b] } * xsum[b];
+        )
+    };
+    let mut acc0 = _mm512_setzero_ps();
+    let mut acc1 = _mm512_setzero_ps();
+    let mut b = 0;
+    while b + 2 <= nb {
+        acc0 = _mm512_fmadd_ps(block(b), _mm512_set1_ps(r.wd[b]), acc0);
+        acc1 = _mm512_fmadd_ps(block(b + 1), _mm512_set1_ps(r.wd[b + 1]), acc1);
+        b += 2;
     }
-    hsum512(acc) + extra
+    if b < nb {
+        acc0 = _mm512_fmadd_ps(block(b), _mm512_set1_ps(r.wd[b]), acc0);
+    }
+    // The offset term: sum_b m_b * xsum_b (Q4_1), or -8 * sum_b d_b * xsum_b (Q4_0).
+    let extra = if offset {
+        -8.0 * dot_short(&r.wd[..nb], &xsum[..nb])
+    } else {
+        dot_short(&r.wm[..nb], &xsum[..nb])
+    };
+    hsum512(_mm512_add_ps(acc0, acc1)) + extra
 }
 
-/// As [`dot_q8_f32_avx2`], sixteen lanes at a time.
+/// As [`dot_q8_f32_avx2`], sixteen lanes at a time, two blocks per step.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F/BW/DQ; `x` holds `nb * 32` values.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni,avx2,fma")]
 pub(crate) unsafe fn dot_q8_f32_avx512(r: &RowArgs<'_>, x: &[f32], nb: usize) -> f32 {
-    let mut acc = _mm512_setzero_ps();
     let wq = r.wq.as_ptr();
-    for b in 0..nb {
+    let block = |b: usize| -> __m512 {
         let xp = x.as_ptr().add(b * 32);
         let w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
             wq.add(b * 32) as *const __m128i
@@ -341,12 +360,97 @@ pub(crate) unsafe fn dot_q8_f32_avx512(r: &RowArgs<'_>, x: &[f32], nb: usize) ->
         let w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
             wq.add(b * 32 + 16) as *const __m128i
         )));
-        let t = _mm512_fmadd_ps(
+        _mm512_fmadd_ps(
             w1,
             _mm512_loadu_ps(xp.add(16)),
             _mm512_mul_ps(w0, _mm512_loadu_ps(xp)),
-        );
-        acc = _mm512_fmadd_ps(t, _mm512_set1_ps(r.wd[b]), acc);
+        )
+    };
+    let mut acc0 = _mm512_setzero_ps();
+    let mut acc1 = _mm512_setzero_ps();
+    let mut b = 0;
+    while b + 2 <= nb {
+        acc0 = _mm512_fmadd_ps(block(b), _mm512_set1_ps(r.wd[b]), acc0);
+        acc1 = _mm512_fmadd_ps(block(b + 1), _mm512_set1_ps(r.wd[b + 1]), acc1);
+        b += 2;
     }
-    hsum512(acc)
+    if b < nb {
+        acc0 = _mm512_fmadd_ps(block(b), _mm512_set1_ps(r.wd[b]), acc0);
+    }
+    hsum512(_mm512_add_ps(acc0, acc1))
+}
+
+/// Four consecutive rows of a 4-bit matrix against one f32 activation row: the activation
+/// loads are shared and the four rows' FMA chains run side by side.
+///
+/// `wd`/`wm` hold the four rows' scales (`4 * nb`), `wq` their nibbles (`4 * nb * 16`).
+///
+/// # Safety
+/// The CPU must support AVX-512 F/BW/DQ; slices hold four rows of `nb` blocks.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni,avx2,fma")]
+pub(crate) unsafe fn dot4_q4_f32_avx512(
+    r: &RowArgs<'_>,
+    x: &[f32],
+    xsum: &[f32],
+    nb: usize,
+    offset: bool,
+) -> [f32; 4] {
+    let mask = _mm_set1_epi8(0x0f);
+    let mut acc = [_mm512_setzero_ps(); 4];
+    for b in 0..nb {
+        let xp = x.as_ptr().add(b * 32);
+        let (x0, x1) = (_mm512_loadu_ps(xp), _mm512_loadu_ps(xp.add(16)));
+        for (k, a) in acc.iter_mut().enumerate() {
+            let i = k * nb + b;
+            let nib = _mm_loadu_si128(r.wq.as_ptr().add(i * 16) as *const __m128i);
+            let lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(nib, mask)));
+            let hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(
+                _mm_srli_epi16(nib, 4),
+                mask,
+            )));
+            let t = _mm512_fmadd_ps(hi, x1, _mm512_mul_ps(lo, x0));
+            *a = _mm512_fmadd_ps(t, _mm512_set1_ps(r.wd[i]), *a);
+        }
+    }
+    let mut out = [0f32; 4];
+    for (k, o) in out.iter_mut().enumerate() {
+        let scales = &r.wd[k * nb..(k + 1) * nb];
+        let extra = if offset {
+            -8.0 * dot_short(scales, &xsum[..nb])
+        } else {
+            dot_short(&r.wm[k * nb..(k + 1) * nb], &xsum[..nb])
+        };
+        *o = hsum512(acc[k]) + extra;
+    }
+    out
+}
+
+/// Four consecutive rows of a Q8_0 matrix against one f32 activation row.
+///
+/// # Safety
+/// The CPU must support AVX-512 F/BW/DQ; slices hold four rows of `nb` blocks.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni,avx2,fma")]
+pub(crate) unsafe fn dot4_q8_f32_avx512(r: &RowArgs<'_>, x: &[f32], nb: usize) -> [f32; 4] {
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let wq = r.wq.as_ptr();
+    for b in 0..nb {
+        let xp = x.as_ptr().add(b * 32);
+        let (x0, x1) = (_mm512_loadu_ps(xp), _mm512_loadu_ps(xp.add(16)));
+        for (k, a) in acc.iter_mut().enumerate() {
+            let i = k * nb + b;
+            let w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                wq.add(i * 32) as *const __m128i
+            )));
+            let w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                wq.add(i * 32 + 16) as *const __m128i
+            )));
+            let t = _mm512_fmadd_ps(w1, x1, _mm512_mul_ps(w0, x0));
+            *a = _mm512_fmadd_ps(t, _mm512_set1_ps(r.wd[i]), *a);
+        }
+    }
+    let mut out = [0f32; 4];
+    for (k, o) in out.iter_mut().enumerate() {
+        *o = hsum512(acc[k]);
+    }
+    out
 }

@@ -257,7 +257,7 @@ impl Checkpoint {
                     name,
                     info.shape.clone(),
                     info.dtype,
-                    file.tensor_bytes(info).to_vec(),
+                    file.read_tensor(info)?,
                 )
             }
             Source::Safetensors(set) => {
@@ -267,7 +267,7 @@ impl Checkpoint {
                     name: name.clone(),
                 })?;
                 let elems: usize = raw.shape.iter().product();
-                if raw.dtype.bytes_for(elems) != Some(raw.bytes().len()) {
+                if raw.dtype.bytes_for(elems) != Some(raw.range_len()) {
                     return Err(Error::Safetensors {
                         path: raw.file.clone(),
                         message: format!(
@@ -275,7 +275,7 @@ impl Checkpoint {
                         ),
                     });
                 }
-                (name, raw.shape.clone(), raw.dtype, raw.bytes().to_vec())
+                (name, raw.shape.clone(), raw.dtype, raw.read()?)
             }
         };
         if shape != expected {

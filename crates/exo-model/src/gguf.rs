@@ -111,6 +111,7 @@ impl TensorInfo {
 #[derive(Debug)]
 pub struct GgufFile {
     path: PathBuf,
+    file: File,
     map: Mmap,
     version: u32,
     metadata: BTreeMap<String, Value>,
@@ -125,10 +126,10 @@ impl GgufFile {
         // SAFETY: the map is read-only; a checkpoint modified while mapped is the user's error
         // and can only yield wrong numbers, which every reader of mapped model files accepts.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        Self::parse(path.to_path_buf(), map)
+        Self::parse(path.to_path_buf(), file, map)
     }
 
-    fn parse(path: PathBuf, map: Mmap) -> Result<Self> {
+    fn parse(path: PathBuf, file: File, map: Mmap) -> Result<Self> {
         let mut r = Reader {
             bytes: &map,
             pos: 0,
@@ -231,6 +232,7 @@ impl GgufFile {
         }
         Ok(GgufFile {
             path,
+            file,
             map,
             version,
             metadata,
@@ -274,6 +276,27 @@ impl GgufFile {
         // Offsets were checked against the file length in `parse`.
         &self.map[info.offset..info.offset + info.len]
     }
+
+    /// A copy of a tensor's raw bytes, read with `pread` rather than through the map, so the
+    /// file's pages do not add to this process's resident memory while weights are loaded.
+    pub fn read_tensor(&self, info: &TensorInfo) -> Result<Vec<u8>> {
+        let mut out = vec![0u8; info.len];
+        read_at(&self.file, &mut out, info.offset as u64).map_err(|e| Error::io(&self.path, e))?;
+        Ok(out)
+    }
+}
+
+#[cfg(unix)]
+pub(crate) fn read_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(file, buf, offset)
+}
+
+#[cfg(not(unix))]
+pub(crate) fn read_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = file.try_clone()?;
+    f.seek(SeekFrom::Start(offset))?;
+    f.read_exact(buf)
 }
 
 struct Reader<'a> {

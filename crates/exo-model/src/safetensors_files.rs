@@ -16,6 +16,7 @@ use crate::quant::DType;
 /// One mapped safetensors file with its parsed header.
 #[derive(Debug)]
 struct MappedFile {
+    file: File,
     map: Mmap,
     data_start: usize,
     metadata: Metadata,
@@ -42,6 +43,19 @@ pub(crate) struct RawTensor {
 impl RawTensor {
     pub(crate) fn bytes(&self) -> &[u8] {
         &self.map.map[self.range.clone()]
+    }
+
+    /// Length of the tensor's data in bytes.
+    pub(crate) fn range_len(&self) -> usize {
+        self.range.len()
+    }
+
+    /// A copy of the bytes read with `pread`, keeping the file's pages out of resident memory.
+    pub(crate) fn read(&self) -> Result<Vec<u8>> {
+        let mut out = vec![0u8; self.range.len()];
+        crate::gguf::read_at(&self.map.file, &mut out, self.range.start as u64)
+            .map_err(|e| Error::io(&self.file, e))?;
+        Ok(out)
     }
 }
 
@@ -155,6 +169,7 @@ fn map_file(path: &Path) -> Result<MappedFile> {
             message: format!("{e:?} (the file is truncated or not a safetensors file)"),
         })?;
     Ok(MappedFile {
+        file,
         data_start: 8 + header_len,
         map,
         metadata,
