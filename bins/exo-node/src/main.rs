@@ -181,6 +181,7 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
             .num_threads(threads.max(1))
             .build_global()
             .context("setting up the worker threads")?;
+        exo_shard::set_kernel_threads(threads);
     }
     let weights = resolve_weights(&args.weights, backend, &path)?;
     let load_start = std::time::Instant::now();

@@ -4,8 +4,8 @@
 //!
 //! The instruction set is chosen at run time ([`Isa`]): AVX-512 with VNNI, AVX2 + FMA, or the
 //! portable scalar code that is always compiled and against which the SIMD paths are tested.
-//! Work is split across cores by output rows on rayon's pool, whose idle workers sleep rather
-//! than spin, so a busy machine does not make them collapse.
+//! Work is split across cores by output rows on a small persistent pool whose idle workers spin
+//! only briefly before parking, so a busy machine does not make them collapse.
 //!
 //! This crate knows numbers in memory and nothing else: no files, no burn, no model structure.
 
@@ -13,6 +13,7 @@ mod acts;
 mod error;
 pub mod ggml;
 mod matrix;
+mod pool;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -22,6 +23,7 @@ use std::sync::OnceLock;
 pub use acts::QuantizedActs;
 pub use error::{Error, Result};
 pub use matrix::{QuantMatrix, WeightFormat};
+pub use pool::{set_threads, threads};
 
 use matrix::Storage;
 
@@ -351,7 +353,8 @@ pub fn matmul_with(
         acts.keep_f32(x, n, w.cols);
     }
     let rows = w.rows;
-    let threads = rayon::current_num_threads();
+    let pool = pool::pool();
+    let threads = pool.threads();
     let work = rows * w.cols * n;
     let ptr = OutPtr(out.as_mut_ptr());
     let acts = &*acts;
@@ -379,17 +382,10 @@ pub fn matmul_with(
     if threads <= 1 || work < 1 << 16 {
         run(0, rows);
     } else {
-        // One task per thread: decoding makes ~120 of these calls per token, so scheduling
-        // overhead (a spawn and a wake-up per task) matters more than balance.
-        let chunk = rows.div_ceil(threads).max(8).next_multiple_of(4);
+        // A couple of tasks per thread: balance when one core is busier, at little cost.
+        let chunk = rows.div_ceil(threads * 2).max(8).next_multiple_of(4);
         let tasks = rows.div_ceil(chunk);
-        rayon::scope(|s| {
-            for i in 1..tasks {
-                let (r0, r1) = (i * chunk, ((i + 1) * chunk).min(rows));
-                s.spawn(move |_| run(r0, r1));
-            }
-            run(0, chunk.min(rows));
-        });
+        pool.run(tasks, &|i| run(i * chunk, ((i + 1) * chunk).min(rows)));
     }
     Ok(())
 }

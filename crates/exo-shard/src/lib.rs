@@ -27,7 +27,7 @@ pub use burn::tensor::{Device, Tensor};
 pub use cache::KvCache;
 pub use engine::{Engine, TextOptions};
 pub use error::{Error, Result};
-pub use exo_kernels::WeightFormat;
+pub use exo_kernels::{WeightFormat, set_threads as set_kernel_threads};
 pub use generate::{
     FinishReason, GenerateRequest, Generation, GenerationStats, forward_tokens, generate,
 };
