@@ -294,6 +294,61 @@ fn dot4(isa: Isa, w: &QuantMatrix, row: usize, a: &QuantizedActs, t: usize) -> O
     None
 }
 
+/// Outputs `row..row + 4` for tokens `t..t + 4` at once (prefill), where a fused kernel exists.
+fn dot4x4(
+    isa: Isa,
+    w: &QuantMatrix,
+    row: usize,
+    a: &QuantizedActs,
+    t: usize,
+) -> Option<[[f32; 4]; 4]> {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512Vnni && !w.q8_acts && row + 4 <= w.rows && t + 4 <= a.rows {
+        let (cols, nb) = (w.cols, w.cols / 32);
+        let x = [0, 1, 2, 3].map(|k| &a.f[(t + k) * cols..(t + k + 1) * cols]);
+        let xsum = [0, 1, 2, 3].map(|k| &a.fsum[(t + k) * nb..(t + k + 1) * nb]);
+        let scales = row * nb..(row + 4) * nb;
+        let (r, kind) = match &w.storage {
+            Storage::Q4_1 { d, m, q } => (
+                row_args(
+                    &d[scales.clone()],
+                    &m[scales],
+                    &q[row * nb * 16..(row + 4) * nb * 16],
+                    a,
+                    0,
+                    0,
+                    0,
+                ),
+                x86::BlockKind::Q4 { offset: false },
+            ),
+            Storage::Q4_0 { d, q } => (
+                row_args(
+                    &d[scales],
+                    &[],
+                    &q[row * nb * 16..(row + 4) * nb * 16],
+                    a,
+                    0,
+                    0,
+                    0,
+                ),
+                x86::BlockKind::Q4 { offset: true },
+            ),
+            Storage::Q8_0 { d, q } => {
+                let q = &q[row * cols..(row + 4) * cols];
+                // SAFETY: i8 and u8 have the same layout; the kernel reads them as i8.
+                let q = unsafe { std::slice::from_raw_parts(q.as_ptr() as *const u8, q.len()) };
+                (row_args(&d[scales], &[], q, a, 0, 0, 0), x86::BlockKind::Q8)
+            }
+            _ => return None,
+        };
+        // SAFETY: the CPU supports AVX-512 (checked by the caller); slices cover four rows and
+        // four tokens.
+        return Some(unsafe { x86::dot4x4_f32_avx512(&r, x, xsum, nb, kind) });
+    }
+    let _ = (isa, w, row, a, t);
+    None
+}
+
 /// A raw pointer that may cross threads: each task writes a disjoint set of elements.
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
@@ -359,7 +414,28 @@ pub fn matmul_with(
     let ptr = OutPtr(out.as_mut_ptr());
     let acts = &*acts;
     let run = move |r0: usize, r1: usize| {
-        for t in 0..n {
+        // Prefill: four tokens at a time share each unpacked weight block.
+        let mut t = 0;
+        while t + 4 <= n {
+            let mut r = r0;
+            while r + 4 <= r1 {
+                let Some(block) = dot4x4(isa, w, r, acts, t) else {
+                    break;
+                };
+                for (k, row) in block.iter().enumerate() {
+                    for (j, v) in row.iter().enumerate() {
+                        // SAFETY: `(t + j) * rows + r + k < n * rows`; row ranges are disjoint.
+                        unsafe { ptr.write((t + j) * rows + r + k, *v) };
+                    }
+                }
+                r += 4;
+            }
+            if r < r1 {
+                break;
+            }
+            t += 4;
+        }
+        for t in t..n {
             let mut r = r0;
             while r < r1 {
                 if r + 4 <= r1

@@ -26,6 +26,8 @@ struct Job {
 unsafe impl Send for Job {}
 
 struct Shared {
+    /// Held by the thread whose job the workers are running: one job at a time.
+    caller: Mutex<()>,
     job: Mutex<Option<Job>>,
     wake: Condvar,
     generation: AtomicU64,
@@ -71,6 +73,7 @@ pub(crate) fn pool() -> &'static Pool {
 impl Pool {
     fn new(threads: usize) -> Pool {
         let shared: &'static Shared = Box::leak(Box::new(Shared {
+            caller: Mutex::new(()),
             job: Mutex::new(None),
             wake: Condvar::new(),
             generation: AtomicU64::new(0),
@@ -104,6 +107,12 @@ impl Pool {
             return;
         }
         let s = self.shared;
+        // Another thread's job is running (two requests decoding at once): run this one here
+        // rather than wait, so neither stalls the other.
+        let Ok(_caller) = s.caller.try_lock() else {
+            (0..tasks).for_each(f);
+            return;
+        };
         let generation = s.generation.load(Ordering::Relaxed) + 1;
         // SAFETY: erases the borrow's lifetime; the wait below outlives every use.
         let f: *const (dyn Fn(usize) + Sync) = unsafe { std::mem::transmute(f) };

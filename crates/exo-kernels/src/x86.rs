@@ -472,3 +472,84 @@ pub(crate) unsafe fn dot4_q8_f32_avx512(r: &RowArgs<'_>, x: &[f32], nb: usize) -
     }
     out
 }
+
+/// Four rows against four activation rows (prefill): each weight block is unpacked once and
+/// used for all four tokens. Returns `out[row][token]`.
+///
+/// # Safety
+/// The CPU must support AVX-512 F/BW/DQ; `r` holds four rows of `nb` blocks, each `x[t]`
+/// `nb * 32` values and each `xsum[t]` `nb` sums.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni,avx2,fma")]
+pub(crate) unsafe fn dot4x4_f32_avx512(
+    r: &RowArgs<'_>,
+    x: [&[f32]; 4],
+    xsum: [&[f32]; 4],
+    nb: usize,
+    kind: BlockKind,
+) -> [[f32; 4]; 4] {
+    let mask = _mm_set1_epi8(0x0f);
+    let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+    for b in 0..nb {
+        let mut xs = [[_mm512_setzero_ps(); 2]; 4];
+        for (t, xt) in xs.iter_mut().enumerate() {
+            let xp = x[t].as_ptr().add(b * 32);
+            *xt = [_mm512_loadu_ps(xp), _mm512_loadu_ps(xp.add(16))];
+        }
+        for (k, row_acc) in acc.iter_mut().enumerate() {
+            let i = k * nb + b;
+            let (lo, hi) = match kind {
+                BlockKind::Q4 { .. } => {
+                    let nib = _mm_loadu_si128(r.wq.as_ptr().add(i * 16) as *const __m128i);
+                    (
+                        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(nib, mask))),
+                        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(
+                            _mm_srli_epi16(nib, 4),
+                            mask,
+                        ))),
+                    )
+                }
+                BlockKind::Q8 => {
+                    let p = r.wq.as_ptr().add(i * 32);
+                    (
+                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                            p as *const __m128i,
+                        ))),
+                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                            p.add(16) as *const __m128i
+                        ))),
+                    )
+                }
+            };
+            let d = _mm512_set1_ps(r.wd[i]);
+            for (t, a) in row_acc.iter_mut().enumerate() {
+                let v = _mm512_fmadd_ps(hi, xs[t][1], _mm512_mul_ps(lo, xs[t][0]));
+                *a = _mm512_fmadd_ps(v, d, *a);
+            }
+        }
+    }
+    let mut out = [[0f32; 4]; 4];
+    for k in 0..4 {
+        for t in 0..4 {
+            let extra = match kind {
+                BlockKind::Q4 { offset: true } => {
+                    -8.0 * dot_short(&r.wd[k * nb..(k + 1) * nb], &xsum[t][..nb])
+                }
+                BlockKind::Q4 { offset: false } => {
+                    dot_short(&r.wm[k * nb..(k + 1) * nb], &xsum[t][..nb])
+                }
+                BlockKind::Q8 => 0.0,
+            };
+            out[k][t] = hsum512(acc[k][t]) + extra;
+        }
+    }
+    out
+}
+
+/// Which block layout [`dot4x4_f32_avx512`] reads.
+#[derive(Clone, Copy)]
+pub(crate) enum BlockKind {
+    /// 4-bit nibbles; `offset` for Q4_0 (values `q - 8`), else Q4_1 (a minimum per block).
+    Q4 { offset: bool },
+    /// Signed bytes (Q8_0).
+    Q8,
+}
