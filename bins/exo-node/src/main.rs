@@ -1,7 +1,9 @@
-//! `exo-node`: runs on each device. Today it generates text on one machine and converts model
-//! files; joining a cluster comes with the node runtime.
+//! `exo-node`: runs on each device. Today it generates text on one machine, converts model
+//! files and lists the cluster's peers (`peers`); serving shards comes with the node runtime.
 //!
 //! This binary is glue: it parses flags, sets up logging, and calls the library crates.
+
+mod peers;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -34,6 +36,12 @@ enum Command {
     /// Work with model files.
     #[command(subcommand)]
     Models(ModelsCommand),
+    /// List the other nodes of the cluster (found by mDNS or --peer) with their profiles and
+    /// link figures, and say why a peer that was seen is not connected.
+    ///
+    /// Joins the cluster as an observer for --wait seconds (or, with --watch, until
+    /// interrupted), then leaves.
+    Peers(peers::PeersArgs),
 }
 
 #[derive(Args, Debug)]
@@ -138,6 +146,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Models(ModelsCommand::Info { path }) => info(&path),
+        Command::Peers(args) => peers::run(args),
         Command::Models(ModelsCommand::Export { source, dir, dtype }) => {
             let checkpoint = Checkpoint::open(&source)?;
             let dtype = match dtype {
@@ -221,7 +230,9 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
     })?;
     let _ = writeln!(stdout);
     let s = &generation.stats;
-    let peak = peak_memory_mib().map(|m| format!(", peak memory {m:.0} MiB")).unwrap_or_default();
+    let peak = peak_memory_mib()
+        .map(|m| format!(", peak memory {m:.0} MiB"))
+        .unwrap_or_default();
     eprintln!(
         "prompt {} tokens, generated {} tokens, time to first token {:.0} ms, prefill {:.1} tokens/s, decode {:.1} tokens/s{peak}",
         s.prompt_tokens,

@@ -11,12 +11,15 @@ fn exo_node() -> Command {
 
 #[test]
 fn generate_answers_with_the_default_model_and_reports_figures() {
+    // The f32 reference path gives exactly the reference engines' greedy answer.
     let out = exo_node()
         .args([
             "generate",
             "What is the capital of France?",
             "--max-tokens",
             "16",
+            "--weights",
+            "f32",
         ])
         .output()
         .unwrap();
@@ -37,6 +40,26 @@ fn generate_answers_with_the_default_model_and_reports_figures() {
         figures.contains("time to first token") && figures.contains("decode"),
         "{figures}"
     );
+}
+
+#[test]
+fn the_default_quantized_path_answers_too() {
+    let out = exo_node()
+        .args([
+            "generate",
+            "What is the capital of France?",
+            "--max-tokens",
+            "16",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("Stored weights"), "{stderr}");
+    assert!(stdout.contains("Paris"), "{stdout}");
+    let figures = stderr.lines().last().unwrap_or_default();
+    assert!(figures.contains("peak memory"), "{figures}");
 }
 
 #[test]

@@ -1,0 +1,141 @@
+//! `exo-node peers`: join the cluster as an observer, then print who is there, how good the
+//! links are, and why a peer that was seen is not connected.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use exo_topology::{
+    ClusterKey, KeyOrigin, NodeRole, Topology, TopologyConfig, cpu_name, parse_peer_address,
+};
+use futures::StreamExt;
+
+#[derive(Args, Debug)]
+pub(crate) struct PeersArgs {
+    /// The cluster key, 64 hexadecimal digits. Without it the key in $EXO_HOME/cluster.key is
+    /// used (created on first use); every device of a cluster needs the same key.
+    #[arg(long, env = "EXO_CLUSTER_KEY", hide_env_values = true)]
+    cluster_key: Option<String>,
+    /// A peer to dial directly, for networks that block multicast (may be repeated):
+    /// `/ip4/10.0.0.5/tcp/52416`, `10.0.0.5:52416` or `10.0.0.5`.
+    #[arg(long = "peer")]
+    peers: Vec<String>,
+    /// Address to listen on (may be repeated). A port in use is replaced by a free one.
+    #[arg(long, default_values_t = [format!("/ip4/0.0.0.0/tcp/{}", exo_topology::DEFAULT_PORT)])]
+    listen: Vec<String>,
+    /// Seconds to gather before printing.
+    #[arg(long, default_value_t = 3.0)]
+    wait: f64,
+    /// Keep running and print events (joins, departures, measurements, problems) as they
+    /// happen, until interrupted.
+    #[arg(long)]
+    watch: bool,
+    /// Print JSON: the snapshot, or with --watch one JSON object per line (first the snapshot,
+    /// then the events).
+    #[arg(long)]
+    json: bool,
+    /// Do not discover peers by mDNS; only --peer.
+    #[arg(long)]
+    no_mdns: bool,
+}
+
+pub(crate) fn run(args: PeersArgs) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(peers(args))
+}
+
+async fn peers(args: PeersArgs) -> Result<()> {
+    let mut config = TopologyConfig::new(exo_model::exo_home());
+    config.cluster_key = args
+        .cluster_key
+        .as_deref()
+        .map(|k| ClusterKey::parse(k, "--cluster-key"))
+        .transpose()?;
+    config.static_peers = args
+        .peers
+        .iter()
+        .map(|p| parse_peer_address(p))
+        .collect::<Result<_, _>>()?;
+    config.listen = args
+        .listen
+        .iter()
+        .map(|a| parse_peer_address(a))
+        .collect::<Result<_, _>>()?;
+    config.mdns = !args.no_mdns;
+    config.role = NodeRole::Observer;
+    config.backend = "none".to_owned();
+    config.device = cpu_name();
+
+    let topology = Topology::start(config).await?;
+    if matches!(topology.cluster_key().origin, KeyOrigin::Generated { .. }) {
+        eprintln!(
+            "exo-node: generated a new cluster key; {}",
+            topology.cluster_key().share_hint()
+        );
+    }
+    if args.watch {
+        let (snapshot, mut events) = topology.subscribe().await?;
+        if args.json {
+            println!(
+                "{}",
+                serde_json::json!({ "event": "snapshot", "snapshot": snapshot })
+            );
+        } else {
+            println!("{snapshot}");
+        }
+        let shutdown = shutdown_signal();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                event = events.next() => match event {
+                    Some(event) if args.json => println!("{}", serde_json::to_string(&event)?),
+                    Some(event) => println!("{event}"),
+                    None => break,
+                },
+                () = &mut shutdown => break,
+            }
+        }
+    } else {
+        let wait = Duration::try_from_secs_f64(args.wait.max(0.0)).unwrap_or(Duration::ZERO);
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = shutdown_signal() => {}
+        }
+        let snapshot = topology.snapshot().await?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&snapshot)?);
+        } else {
+            print!("{snapshot}");
+        }
+    }
+    // Leave cleanly: the other nodes see this one go at once.
+    topology.shutdown().await?;
+    Ok(())
+}
+
+/// Ctrl-C, or SIGTERM on Unix.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}
