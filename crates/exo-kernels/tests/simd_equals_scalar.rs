@@ -174,9 +174,14 @@ fn concurrent_callers_get_their_own_results() {
 #[test]
 fn k_quant_rows_compute_what_they_decode_to() {
     // Any bytes are a valid K-quant block once its f16 scales are sane numbers.
-    for (format, block, scale_offsets) in [(WeightFormat::Q4K, 144usize, vec![0usize, 2]), (WeightFormat::Q6K, 210, vec![208])] {
+    for (format, block, scale_offsets) in [
+        (WeightFormat::Q4K, 144usize, vec![0usize, 2]),
+        (WeightFormat::Q6K, 210, vec![208]),
+    ] {
         let (rows, blocks) = (6, 2);
-        let mut bytes: Vec<u8> = (0..rows * blocks * block).map(|i| (i * 7919 % 251) as u8).collect();
+        let mut bytes: Vec<u8> = (0..rows * blocks * block)
+            .map(|i| (i * 7919 % 251) as u8)
+            .collect();
         for b in 0..rows * blocks {
             for &o in &scale_offsets {
                 let half = half::f16::from_f32(0.01 * (1 + b % 5) as f32).to_le_bytes();
@@ -189,7 +194,10 @@ fn k_quant_rows_compute_what_they_decode_to() {
         let got = product(Isa::detected(), &w, &x, 1);
         let want = exact(&w, &x, 1);
         for (a, b) in got.iter().zip(&want) {
-            assert!((*a as f64 - b).abs() <= 1e-3 * b.abs().max(1.0), "{format}: {a} vs {b}");
+            assert!(
+                (*a as f64 - b).abs() <= 1e-3 * b.abs().max(1.0),
+                "{format}: {a} vs {b}"
+            );
         }
     }
 }
