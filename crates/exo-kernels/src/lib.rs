@@ -99,129 +99,81 @@ impl Isa {
 fn dot(isa: Isa, w: &QuantMatrix, row: usize, a: &QuantizedActs, t: usize) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if isa != Isa::Scalar {
-        let nb = w.cols / 32;
-        let cols = w.cols;
-        let (ab, aq) = (t * nb, t * nb * 32);
+        use x86::BlockKind::{Q4, Q8};
+        let (cols, nb) = (w.cols, w.cols / 32);
         let wide = isa == Isa::Avx512Vnni;
-        if !w.q8_acts {
-            let x = &a.f[t * cols..(t + 1) * cols];
-            let xsum = &a.fsum[t * nb..(t + 1) * nb];
-            // SAFETY: as below.
-            match &w.storage {
-                Storage::Q4_1 { d, m, q } => {
-                    let q = &q[row * nb * 16..(row + 1) * nb * 16];
-                    let r = row_args(
-                        &d[row * nb..(row + 1) * nb],
-                        &m[row * nb..(row + 1) * nb],
-                        q,
-                        a,
-                        0,
-                        0,
-                        0,
-                    );
-                    return unsafe {
-                        if wide {
-                            x86::dot_q4_f32_avx512(&r, x, xsum, nb, false)
-                        } else {
-                            x86::dot_q4_f32_avx2(&r, x, xsum, nb, false)
-                        }
-                    };
-                }
-                Storage::Q4_0 { d, q } => {
-                    let q = &q[row * nb * 16..(row + 1) * nb * 16];
-                    let r = row_args(&d[row * nb..(row + 1) * nb], &[], q, a, 0, 0, 0);
-                    return unsafe {
-                        if wide {
-                            x86::dot_q4_f32_avx512(&r, x, xsum, nb, true)
-                        } else {
-                            x86::dot_q4_f32_avx2(&r, x, xsum, nb, true)
-                        }
-                    };
-                }
-                Storage::Q8_0 { d, q } => {
-                    let q = &q[row * cols..(row + 1) * cols];
-                    // SAFETY: i8 and u8 have the same layout; the kernel reads them as i8.
-                    let q = unsafe { std::slice::from_raw_parts(q.as_ptr() as *const u8, q.len()) };
-                    let r = row_args(&d[row * nb..(row + 1) * nb], &[], q, a, 0, 0, 0);
-                    return unsafe {
-                        if wide {
-                            x86::dot_q8_f32_avx512(&r, x, nb)
-                        } else {
-                            x86::dot_q8_f32_avx2(&r, x, nb)
-                        }
-                    };
-                }
-                _ => {}
+        let x = &a.f[t * cols..(t + 1) * cols];
+        // SAFETY (every call below): `isa` was checked as supported by the CPU before dispatch,
+        // and every slice covers exactly `nb` blocks of this row and this token.
+        if let Some((wd, wm, wq, kind)) = int_rows(w, row, 1) {
+            if !w.q8_acts {
+                let r = row_args(wd, wm, wq, a, 0, 0, 0);
+                let xsum = &a.fsum[t * nb..(t + 1) * nb];
+                return unsafe {
+                    match (kind, wide) {
+                        (Q4 { offset }, true) => x86::dot_q4_f32_avx512(&r, x, xsum, nb, offset),
+                        (Q4 { offset }, false) => x86::dot_q4_f32_avx2(&r, x, xsum, nb, offset),
+                        (Q8, true) => x86::dot_q8_f32_avx512(&r, x, nb),
+                        (Q8, false) => x86::dot_q8_f32_avx2(&r, x, nb),
+                    }
+                };
             }
+            let r = row_args(wd, wm, wq, a, t * nb, t * nb * 32, nb);
+            return unsafe {
+                match (kind, wide) {
+                    (Q4 { offset }, true) => x86::dot_q4_avx512(&r, nb, offset),
+                    (Q4 { offset }, false) => x86::dot_q4_avx2(&r, nb, offset),
+                    (Q8, true) => x86::dot_q8_avx512(&r, nb),
+                    (Q8, false) => x86::dot_q8_avx2(&r, nb),
+                }
+            };
         }
-        // SAFETY (all arms): `isa` was checked as supported by the CPU before dispatch, and
-        // every slice covers exactly `nb` blocks of this row.
         match &w.storage {
-            Storage::Q4_1 { d, m, q } => {
-                let q = &q[row * nb * 16..(row + 1) * nb * 16];
-                let r = row_args(
-                    &d[row * nb..(row + 1) * nb],
-                    &m[row * nb..(row + 1) * nb],
-                    q,
-                    a,
-                    ab,
-                    aq,
-                    nb,
-                );
-                return unsafe {
-                    if wide {
-                        x86::dot_q4_avx512(&r, nb, false)
-                    } else {
-                        x86::dot_q4_avx2(&r, nb, false)
-                    }
-                };
-            }
-            Storage::Q4_0 { d, q } => {
-                let q = &q[row * nb * 16..(row + 1) * nb * 16];
-                let r = row_args(&d[row * nb..(row + 1) * nb], &[], q, a, ab, aq, nb);
-                return unsafe {
-                    if wide {
-                        x86::dot_q4_avx512(&r, nb, true)
-                    } else {
-                        x86::dot_q4_avx2(&r, nb, true)
-                    }
-                };
-            }
-            Storage::Q8_0 { d, q } => {
-                let q = &q[row * cols..(row + 1) * cols];
-                // SAFETY: i8 and u8 have the same size and alignment; the kernel reads the
-                // bytes back as i8.
-                let q = unsafe { std::slice::from_raw_parts(q.as_ptr() as *const u8, q.len()) };
-                let r = row_args(&d[row * nb..(row + 1) * nb], &[], q, a, ab, aq, nb);
-                return unsafe {
-                    if wide {
-                        x86::dot_q8_avx512(&r, nb)
-                    } else {
-                        x86::dot_q8_avx2(&r, nb)
-                    }
-                };
-            }
             Storage::F32(v) => {
-                return unsafe {
-                    x86::dot_f32_avx2(
-                        &v[row * cols..(row + 1) * cols],
-                        &a.f[t * cols..(t + 1) * cols],
-                    )
-                };
+                return unsafe { x86::dot_f32_avx2(&v[row * cols..(row + 1) * cols], x) };
             }
             Storage::F16(v) => {
-                return unsafe {
-                    x86::dot_f16_avx2(
-                        &v[row * cols..(row + 1) * cols],
-                        &a.f[t * cols..(t + 1) * cols],
-                    )
-                };
+                return unsafe { x86::dot_f16_avx2(&v[row * cols..(row + 1) * cols], x) };
             }
-            Storage::Raw(_) => {}
+            _ => {}
         }
     }
     let _ = isa;
     scalar::dot(w, row, a, t)
+}
+
+/// Scales, minimums (Q4_1 only), quant bytes and block layout of some rows of a matrix.
+#[cfg(target_arch = "x86_64")]
+type IntRows<'a> = (&'a [f32], &'a [f32], &'a [u8], x86::BlockKind);
+
+/// Rows `row..row + count` of an integer-format matrix as the SIMD kernels read them; `None`
+/// for other formats.
+#[cfg(target_arch = "x86_64")]
+fn int_rows(w: &QuantMatrix, row: usize, count: usize) -> Option<IntRows<'_>> {
+    let nb = w.cols / 32;
+    let scales = row * nb..(row + count) * nb;
+    let nibbles = row * nb * 16..(row + count) * nb * 16;
+    match &w.storage {
+        Storage::Q4_1 { d, m, q } => Some((
+            &d[scales.clone()],
+            &m[scales],
+            &q[nibbles],
+            x86::BlockKind::Q4 { offset: false },
+        )),
+        Storage::Q4_0 { d, q } => Some((
+            &d[scales],
+            &[],
+            &q[nibbles],
+            x86::BlockKind::Q4 { offset: true },
+        )),
+        Storage::Q8_0 { d, q } => {
+            let q = &q[row * w.cols..(row + count) * w.cols];
+            // SAFETY: i8 and u8 have the same size and alignment; the kernels read them as i8.
+            let q = unsafe { std::slice::from_raw_parts(q.as_ptr() as *const u8, q.len()) };
+            Some((&d[scales], &[], q, x86::BlockKind::Q8))
+        }
+        _ => None,
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -250,45 +202,18 @@ fn dot4(isa: Isa, w: &QuantMatrix, row: usize, a: &QuantizedActs, t: usize) -> O
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512Vnni && !w.q8_acts && row + 4 <= w.rows {
         let (cols, nb) = (w.cols, w.cols / 32);
+        let (wd, wm, wq, kind) = int_rows(w, row, 4)?;
+        let r = row_args(wd, wm, wq, a, 0, 0, 0);
         let x = &a.f[t * cols..(t + 1) * cols];
         let xsum = &a.fsum[t * nb..(t + 1) * nb];
-        let scales = row * nb..(row + 4) * nb;
         // SAFETY: the CPU supports AVX-512 (checked by the caller), and the slices cover four
         // whole rows.
-        match &w.storage {
-            Storage::Q4_1 { d, m, q } => {
-                let r = row_args(
-                    &d[scales.clone()],
-                    &m[scales],
-                    &q[row * nb * 16..(row + 4) * nb * 16],
-                    a,
-                    0,
-                    0,
-                    0,
-                );
-                return Some(unsafe { x86::dot4_q4_f32_avx512(&r, x, xsum, nb, false) });
+        return Some(unsafe {
+            match kind {
+                x86::BlockKind::Q4 { offset } => x86::dot4_q4_f32_avx512(&r, x, xsum, nb, offset),
+                x86::BlockKind::Q8 => x86::dot4_q8_f32_avx512(&r, x, nb),
             }
-            Storage::Q4_0 { d, q } => {
-                let r = row_args(
-                    &d[scales],
-                    &[],
-                    &q[row * nb * 16..(row + 4) * nb * 16],
-                    a,
-                    0,
-                    0,
-                    0,
-                );
-                return Some(unsafe { x86::dot4_q4_f32_avx512(&r, x, xsum, nb, true) });
-            }
-            Storage::Q8_0 { d, q } => {
-                let q = &q[row * cols..(row + 4) * cols];
-                // SAFETY: i8 and u8 have the same layout; the kernel reads them as i8.
-                let q = unsafe { std::slice::from_raw_parts(q.as_ptr() as *const u8, q.len()) };
-                let r = row_args(&d[scales], &[], q, a, 0, 0, 0);
-                return Some(unsafe { x86::dot4_q8_f32_avx512(&r, x, nb) });
-            }
-            _ => {}
-        }
+        });
     }
     let _ = (isa, w, row, a, t);
     None
@@ -305,42 +230,10 @@ fn dot4x4(
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512Vnni && !w.q8_acts && row + 4 <= w.rows && t + 4 <= a.rows {
         let (cols, nb) = (w.cols, w.cols / 32);
+        let (wd, wm, wq, kind) = int_rows(w, row, 4)?;
+        let r = row_args(wd, wm, wq, a, 0, 0, 0);
         let x = [0, 1, 2, 3].map(|k| &a.f[(t + k) * cols..(t + k + 1) * cols]);
         let xsum = [0, 1, 2, 3].map(|k| &a.fsum[(t + k) * nb..(t + k + 1) * nb]);
-        let scales = row * nb..(row + 4) * nb;
-        let (r, kind) = match &w.storage {
-            Storage::Q4_1 { d, m, q } => (
-                row_args(
-                    &d[scales.clone()],
-                    &m[scales],
-                    &q[row * nb * 16..(row + 4) * nb * 16],
-                    a,
-                    0,
-                    0,
-                    0,
-                ),
-                x86::BlockKind::Q4 { offset: false },
-            ),
-            Storage::Q4_0 { d, q } => (
-                row_args(
-                    &d[scales],
-                    &[],
-                    &q[row * nb * 16..(row + 4) * nb * 16],
-                    a,
-                    0,
-                    0,
-                    0,
-                ),
-                x86::BlockKind::Q4 { offset: true },
-            ),
-            Storage::Q8_0 { d, q } => {
-                let q = &q[row * cols..(row + 4) * cols];
-                // SAFETY: i8 and u8 have the same layout; the kernel reads them as i8.
-                let q = unsafe { std::slice::from_raw_parts(q.as_ptr() as *const u8, q.len()) };
-                (row_args(&d[scales], &[], q, a, 0, 0, 0), x86::BlockKind::Q8)
-            }
-            _ => return None,
-        };
         // SAFETY: the CPU supports AVX-512 (checked by the caller); slices cover four rows and
         // four tokens.
         return Some(unsafe { x86::dot4x4_f32_avx512(&r, x, xsum, nb, kind) });
