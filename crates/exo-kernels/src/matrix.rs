@@ -100,6 +100,16 @@ pub(crate) enum Storage {
     Raw(Vec<u8>),
 }
 
+/// One storage field of every part, concatenated in order.
+fn cat<T: Clone>(parts: &[QuantMatrix], field: impl Fn(&Storage) -> Option<&Vec<T>>) -> Vec<T> {
+    parts
+        .iter()
+        .filter_map(|p| field(&p.storage))
+        .flatten()
+        .cloned()
+        .collect()
+}
+
 /// A `[rows, cols]` weight matrix (rows are outputs) in a compact format.
 #[derive(Clone, Debug)]
 pub struct QuantMatrix {
@@ -308,58 +318,54 @@ impl QuantMatrix {
             }
         }
         let rows = parts.iter().map(|p| p.rows).sum();
-        fn cat<T: Clone>(parts: impl Iterator<Item = Vec<T>>) -> Vec<T> {
-            parts.flatten().collect()
-        }
+        // Every part has `first`'s format (checked above), so each getter matches every part.
         let storage = match &first.storage {
-            Storage::F32(_) => Storage::F32(cat(parts.iter().map(|p| match &p.storage {
-                Storage::F32(v) => v.clone(),
-                _ => Vec::new(),
-            }))),
-            Storage::F16(_) => Storage::F16(cat(parts.iter().map(|p| match &p.storage {
-                Storage::F16(v) => v.clone(),
-                _ => Vec::new(),
-            }))),
-            Storage::Q8_0 { .. } => {
-                let (mut d, mut q) = (Vec::new(), Vec::new());
-                for p in parts {
-                    if let Storage::Q8_0 { d: pd, q: pq } = &p.storage {
-                        d.extend_from_slice(pd);
-                        q.extend_from_slice(pq);
-                    }
-                }
-                Storage::Q8_0 { d, q }
-            }
-            Storage::Q4_0 { .. } => {
-                let (mut d, mut q) = (Vec::new(), Vec::new());
-                for p in parts {
-                    if let Storage::Q4_0 { d: pd, q: pq } = &p.storage {
-                        d.extend_from_slice(pd);
-                        q.extend_from_slice(pq);
-                    }
-                }
-                Storage::Q4_0 { d, q }
-            }
-            Storage::Q4_1 { .. } => {
-                let (mut d, mut m, mut q) = (Vec::new(), Vec::new(), Vec::new());
-                for p in parts {
-                    if let Storage::Q4_1 {
-                        d: pd,
-                        m: pm,
-                        q: pq,
-                    } = &p.storage
-                    {
-                        d.extend_from_slice(pd);
-                        m.extend_from_slice(pm);
-                        q.extend_from_slice(pq);
-                    }
-                }
-                Storage::Q4_1 { d, m, q }
-            }
-            Storage::Raw(_) => Storage::Raw(cat(parts.iter().map(|p| match &p.storage {
-                Storage::Raw(v) => v.clone(),
-                _ => Vec::new(),
-            }))),
+            Storage::F32(_) => Storage::F32(cat(parts, |s| match s {
+                Storage::F32(v) => Some(v),
+                _ => None,
+            })),
+            Storage::F16(_) => Storage::F16(cat(parts, |s| match s {
+                Storage::F16(v) => Some(v),
+                _ => None,
+            })),
+            Storage::Q8_0 { .. } => Storage::Q8_0 {
+                d: cat(parts, |s| match s {
+                    Storage::Q8_0 { d, .. } => Some(d),
+                    _ => None,
+                }),
+                q: cat(parts, |s| match s {
+                    Storage::Q8_0 { q, .. } => Some(q),
+                    _ => None,
+                }),
+            },
+            Storage::Q4_0 { .. } => Storage::Q4_0 {
+                d: cat(parts, |s| match s {
+                    Storage::Q4_0 { d, .. } => Some(d),
+                    _ => None,
+                }),
+                q: cat(parts, |s| match s {
+                    Storage::Q4_0 { q, .. } => Some(q),
+                    _ => None,
+                }),
+            },
+            Storage::Q4_1 { .. } => Storage::Q4_1 {
+                d: cat(parts, |s| match s {
+                    Storage::Q4_1 { d, .. } => Some(d),
+                    _ => None,
+                }),
+                m: cat(parts, |s| match s {
+                    Storage::Q4_1 { m, .. } => Some(m),
+                    _ => None,
+                }),
+                q: cat(parts, |s| match s {
+                    Storage::Q4_1 { q, .. } => Some(q),
+                    _ => None,
+                }),
+            },
+            Storage::Raw(_) => Storage::Raw(cat(parts, |s| match s {
+                Storage::Raw(v) => Some(v),
+                _ => None,
+            })),
         };
         Ok(QuantMatrix {
             format,
