@@ -345,6 +345,14 @@ pub struct ClusterProfile {
     /// Used for a pair of nodes with no measurement in either direction.
     #[serde(default)]
     pub unmeasured_link: LinkQuality,
+    /// Largest tensor-parallel group the runtime can run (1: pipeline stages only). Groups
+    /// are never wider than four nodes whatever this says.
+    #[serde(default = "default_max_group")]
+    pub max_tensor_parallel: u32,
+}
+
+fn default_max_group() -> u32 {
+    u32::MAX
 }
 
 impl ClusterProfile {
@@ -354,6 +362,7 @@ impl ClusterProfile {
             nodes,
             links,
             unmeasured_link: LinkQuality::UNMEASURED,
+            max_tensor_parallel: default_max_group(),
         }
     }
 }

@@ -88,7 +88,8 @@ pub(crate) fn units(ctx: &Ctx<'_>) -> Vec<Unit> {
     let mut groups: Vec<(u64, Unit)> = Vec::new();
     let largest = MAX_GROUP
         .min(n)
-        .min(usize::try_from(ctx.kv_heads()).unwrap_or(usize::MAX));
+        .min(usize::try_from(ctx.kv_heads()).unwrap_or(usize::MAX))
+        .min(usize::try_from(ctx.cluster.max_tensor_parallel).unwrap_or(usize::MAX));
     for size in 2..=largest {
         for_each_combination(n, size, &mut |nodes| {
             if let Some(group) = group(ctx, nodes) {

@@ -120,6 +120,21 @@ fn equal_nodes_on_a_fast_link_form_a_tensor_group_that_decodes_faster() {
 }
 
 #[test]
+fn a_runtime_without_tensor_parallelism_gets_pipeline_stages_only() {
+    let model = llama3_8b_f16();
+    let request = RequestProfile::new(4096, 512);
+    let mut cluster = pair(THUNDERBOLT);
+    cluster.max_tensor_parallel = 1;
+    let plan = ours(&model, &cluster, &request);
+    assert!(
+        plan.stages.iter().all(|s| !s.is_tensor_parallel()),
+        "{plan}"
+    );
+    // A pipeline split of a model that fits on one node only adds hops: it stays on one.
+    assert_eq!(plan.nodes().count(), 1, "{plan}");
+}
+
+#[test]
 fn equal_nodes_on_a_slow_link_do_not_form_a_tensor_group() {
     let model = llama3_8b_f16();
     let request = RequestProfile::new(4096, 512);

@@ -67,6 +67,19 @@ impl ClusterKey {
         self.psk().fingerprint().to_string()
     }
 
+    /// A secret for one `purpose` (such as `"exo.shard.v1 credential"`), derived from the key
+    /// one way: knowing it reveals neither the key nor the secrets of other purposes. Other
+    /// services of the cluster (the shard transport) authenticate with these.
+    pub fn derive(&self, purpose: &str) -> [u8; 32] {
+        use sha2::Digest;
+        let mut hasher = sha2::Sha256::new();
+        hasher.update(b"exo-rs cluster key derivation v1\0");
+        hasher.update(purpose.as_bytes());
+        hasher.update(b"\0");
+        hasher.update(self.0);
+        hasher.finalize().into()
+    }
+
     pub(crate) fn psk(&self) -> PreSharedKey {
         PreSharedKey::new(self.0)
     }
@@ -224,6 +237,16 @@ mod tests {
         assert!(err.to_string().contains("--cluster-key"), "{err}");
         let err = ClusterKey::parse(&"zz".repeat(32), "f").unwrap_err();
         assert!(err.to_string().contains("`zz`"), "{err}");
+    }
+
+    #[test]
+    fn derived_secrets_depend_on_key_and_purpose() {
+        let key = ClusterKey::generate();
+        let again = ClusterKey::parse(&key.to_hex(), "test").unwrap();
+        assert_eq!(key.derive("a"), again.derive("a"));
+        assert_ne!(key.derive("a"), key.derive("b"));
+        assert_ne!(key.derive("a"), ClusterKey::generate().derive("a"));
+        assert_ne!(key.derive("a"), key.0);
     }
 
     #[test]
