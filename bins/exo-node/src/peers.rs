@@ -10,6 +10,8 @@ use exo_topology::{
 };
 use futures::StreamExt;
 
+use crate::shutdown_signal;
+
 #[derive(Args, Debug)]
 pub(crate) struct PeersArgs {
     /// The cluster key, 64 hexadecimal digits. Without it the key in $EXO_HOME/cluster.key is
@@ -114,28 +116,4 @@ async fn peers(args: PeersArgs) -> Result<()> {
     // Leave cleanly: the other nodes see this one go at once.
     topology.shutdown().await?;
     Ok(())
-}
-
-/// Ctrl-C, or SIGTERM on Unix.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = terminate => {}
-    }
 }

@@ -169,16 +169,17 @@ pub fn generate(
 }
 
 /// Holds back text that might be the start of a stop string, and finds stop strings that span
-/// several tokens.
+/// several tokens. Used by every loop that turns tokens into streamed text.
 #[derive(Debug)]
-pub(crate) struct StopScanner<'a> {
+pub struct StopScanner<'a> {
     stops: &'a [String],
     pending: String,
     emitted: String,
 }
 
 impl<'a> StopScanner<'a> {
-    pub(crate) fn new(stops: &'a [String]) -> Self {
+    /// A scanner for `stops` (empty strings are ignored).
+    pub fn new(stops: &'a [String]) -> Self {
         StopScanner {
             stops,
             pending: String::new(),
@@ -187,7 +188,7 @@ impl<'a> StopScanner<'a> {
     }
 
     /// Adds a piece; emits what is safe. Returns true when a stop string was found.
-    pub(crate) fn push(&mut self, piece: &str, on_text: &mut dyn FnMut(&str)) -> bool {
+    pub fn push(&mut self, piece: &str, on_text: &mut dyn FnMut(&str)) -> bool {
         self.pending.push_str(piece);
         let hit = self
             .stops
@@ -222,9 +223,15 @@ impl<'a> StopScanner<'a> {
         false
     }
 
-    pub(crate) fn flush(&mut self, on_text: &mut dyn FnMut(&str)) {
+    /// Emits what was held back (at the end of a generation that did not stop on a string).
+    pub fn flush(&mut self, on_text: &mut dyn FnMut(&str)) {
         let text = std::mem::take(&mut self.pending);
         self.emit(&text, on_text);
+    }
+
+    /// Everything emitted so far.
+    pub fn emitted(&self) -> &str {
+        &self.emitted
     }
 
     fn emit(&mut self, text: &str, on_text: &mut dyn FnMut(&str)) {

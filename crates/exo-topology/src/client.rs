@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::event::{TopologyEvent, TopologySnapshot};
 use crate::event_loop::{Command, EventLoop};
 use crate::identity::{
-    ClusterKeyInfo, KeyOrigin, hex, load_or_create_identity, resolve_cluster_key,
+    ClusterKey, ClusterKeyInfo, KeyOrigin, hex, load_or_create_identity, resolve_cluster_key,
 };
 use crate::network::{Behaviour, build_swarm};
 use crate::profile::{NodeId, NodeProfile, host_name, read_memory};
@@ -36,6 +36,7 @@ pub struct Topology {
     commands: mpsc::Sender<Command>,
     local_id: NodeId,
     cluster_key: ClusterKeyInfo,
+    key: ClusterKey,
 }
 
 impl Topology {
@@ -78,6 +79,7 @@ impl Topology {
         };
         let agent = format!("exo-rs/{} ({instance})", env!("CARGO_PKG_VERSION"));
         let mut swarm = build_swarm(&keypair, cluster_key.psk(), &config, agent)?;
+        let key = cluster_key.clone();
         let listeners = config
             .listen
             .iter()
@@ -93,7 +95,14 @@ impl Topology {
             commands,
             local_id,
             cluster_key: key_info,
+            key,
         })
+    }
+
+    /// A secret derived from the cluster key for `purpose` (see [`ClusterKey::derive`]): how
+    /// other services of the cluster authenticate each other.
+    pub fn derive_secret(&self, purpose: &str) -> [u8; 32] {
+        self.key.derive(purpose)
     }
 
     /// This node's id.

@@ -111,13 +111,29 @@ impl Error {
 
     pub(crate) fn remote(endpoint: &str, status: &tonic::Status) -> Self {
         let code = Code::from_tonic(status.code());
-        let message = if status.message().is_empty() {
-            match code {
-                Code::Unavailable | Code::Internal | Code::Cancelled => {
-                    "the connection was lost (did the node stop?)".to_owned()
-                }
-                _ => format!("{:?}", status.code()),
-            }
+        // Failures of the connection itself (not errors the node reported) come with tonic's
+        // own wording; say what they mean.
+        let reported = status.metadata().get(REPORTED).is_some();
+        let lost = !reported
+            && matches!(
+                status.code(),
+                tonic::Code::Unknown
+                    | tonic::Code::Unavailable
+                    | tonic::Code::Internal
+                    | tonic::Code::Cancelled
+            )
+            && (status.message().is_empty()
+                || status.message().contains("h2 protocol error")
+                || status.message().contains("transport error")
+                || status.message().contains("connection"));
+        let code = if lost { Code::Unavailable } else { code };
+        let message = if lost {
+            format!(
+                "the connection was lost (did the node stop?): {}",
+                status.message()
+            )
+        } else if status.message().is_empty() {
+            format!("{:?}", status.code())
         } else {
             status.message().to_owned()
         };
@@ -129,9 +145,16 @@ impl Error {
     }
 
     pub(crate) fn into_status(self) -> tonic::Status {
-        tonic::Status::new(self.code().to_tonic(), self.to_string())
+        let mut status = tonic::Status::new(self.code().to_tonic(), self.to_string());
+        status
+            .metadata_mut()
+            .insert(REPORTED, tonic::metadata::MetadataValue::from_static("1"));
+        status
     }
 }
+
+/// Marks statuses a node reported itself, as opposed to failures of the connection.
+const REPORTED: &str = "x-exo-reported";
 
 /// Results of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

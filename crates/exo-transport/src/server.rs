@@ -147,9 +147,8 @@ impl pb::shard_server::Shard for Service {
                     event = events.recv() => {
                         let Some(event) = event else { break };
                         let item = event
-                            .as_ref()
-                            .map(pb::GenerateEvent::from)
-                            .map_err(|e| Status::new(e.code().to_tonic(), e.to_string()));
+                            .map(|e| pb::GenerateEvent::from(&e))
+                            .map_err(Error::into_status);
                         let failed = item.is_err();
                         if tx.send(item).await.is_err() || failed {
                             break;

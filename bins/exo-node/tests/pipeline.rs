@@ -1,0 +1,355 @@
+//! Several `exo-node serve` processes on loopback run the default model together: the same
+//! greedy tokens as one machine, each node holding only its layers, bad frames and missing
+//! credentials refused without harm, and a killed node failing the request in flight quickly.
+//!
+//! Runs the real default model: run with `--release` (as CI does).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use exo_transport::testing::{RawFrame, send_raw_frame};
+use exo_transport::{Code, Credential, Limits, ShardClient};
+
+const KEY: &str = "5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed";
+const QUESTION: &str = "What is the capital of France?";
+
+fn exo_node() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_exo-node"))
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct NodeProc {
+    child: Child,
+    grpc: String,
+    log: Arc<Mutex<Vec<String>>>,
+    _home: tempfile::TempDir,
+}
+
+impl NodeProc {
+    fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// Resident and peak resident memory, bytes (Linux).
+    fn memory(&self) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let field = |name: &str| -> u64 {
+            let line = status.lines().find(|l| l.starts_with(name)).unwrap();
+            line.split_whitespace()
+                .nth(1)
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+                * 1024
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+}
+
+struct Cluster {
+    nodes: Vec<NodeProc>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            let _ = node.child.kill();
+            let _ = node.child.wait();
+        }
+    }
+}
+
+/// Starts `n` nodes that know each other as static peers (no mDNS), each offering
+/// `memory_limit`, and waits until every one has joined a plan of `n` stages.
+fn start_cluster(n: usize, memory_limit: &str, extra: &[&str]) -> Cluster {
+    let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+    let mut nodes = Vec::new();
+    for (i, port) in ports.iter().enumerate() {
+        let home = tempfile::tempdir().unwrap();
+        let grpc_port = free_port();
+        let mut cmd = exo_node();
+        cmd.env("EXO_HOME", home.path())
+            .env("EXO_LOG", "info")
+            .env("NO_COLOR", "1")
+            .args([
+                "serve",
+                "--no-mdns",
+                "--cluster-key",
+                KEY,
+                "--memory-limit",
+                memory_limit,
+            ])
+            .args(["--listen", &format!("/ip4/127.0.0.1/tcp/{port}")])
+            .args(["--grpc-listen", &format!("127.0.0.1:{grpc_port}")])
+            .args(extra);
+        for (j, other) in ports.iter().enumerate() {
+            if i != j {
+                cmd.args(["--peer", &format!("/ip4/127.0.0.1/tcp/{other}")]);
+            }
+        }
+        // The model comes from the cache the default-model tests fill ($EXO_HOME of the test
+        // run), not from the node's empty home.
+        cmd.args(["--model", default_model().to_str().unwrap()]);
+        let mut child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        nodes.push(NodeProc {
+            child,
+            grpc: format!("http://127.0.0.1:{grpc_port}"),
+            log,
+            _home: home,
+        });
+    }
+    let cluster = Cluster { nodes };
+    let want = format!("{n} stage(s)");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    for node in &cluster.nodes {
+        while !node.log_text().contains(&want) {
+            assert!(
+                Instant::now() < deadline,
+                "no {n}-stage plan within 90 s; log:\n{}",
+                node.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    cluster
+}
+
+fn default_model() -> std::path::PathBuf {
+    let out = exo_node().args(["models", "fetch"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::path::PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+/// Greedy ids (EOS ignored) and text from `generate`, locally or through `--node`.
+fn generate(extra: &[&str]) -> (Vec<u32>, String, String) {
+    let out = exo_node()
+        .args([
+            "generate",
+            QUESTION,
+            "--max-tokens",
+            "32",
+            "--ignore-eos",
+            "--show-token-ids",
+        ])
+        .args(["--cluster-key", KEY])
+        .args(extra)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{stderr}");
+    let ids = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("token ids: "))
+        .unwrap_or_else(|| panic!("no ids in: {stderr}"));
+    let ids = ids
+        .trim_matches(|c| c == '[' || c == ']')
+        .split(", ")
+        .map(|t| t.parse().unwrap())
+        .collect();
+    (
+        ids,
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        stderr,
+    )
+}
+
+fn credential() -> Credential {
+    let key = exo_topology::ClusterKey::parse(KEY, "test").unwrap();
+    Credential::new(key.derive(Credential::PURPOSE))
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn three_nodes_answer_like_one_and_hold_only_their_layers() {
+    let (single, single_text, _) = generate(&[]);
+    assert_eq!(single.len(), 32);
+
+    // 80 MiB each: two nodes cannot hold the model with its KV reserve, three can.
+    let cluster = start_cluster(3, "80MiB", &[]);
+    for node in &cluster.nodes {
+        assert!(
+            node.log_text().contains("joined plan"),
+            "{}",
+            node.log_text()
+        );
+    }
+    let (ids, text, stderr) = generate(&["--node", &cluster.nodes[0].grpc]);
+    assert_eq!(
+        ids, single,
+        "three nodes (f16 activations) vs one; {stderr}"
+    );
+    assert_eq!(text, single_text);
+    // Any node can take the request.
+    let (ids, _, _) = generate(&["--node", &cluster.nodes[2].grpc]);
+    assert_eq!(ids, single);
+
+    let rt = runtime();
+    let statuses: Vec<_> = cluster
+        .nodes
+        .iter()
+        .map(|n| {
+            rt.block_on(async {
+                ShardClient::connect(&n.grpc, Some(&credential()), Limits::default())
+                    .await
+                    .unwrap()
+                    .status()
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut layers: Vec<_> = statuses.iter().map(|s| s.layers.clone()).collect();
+    layers.sort_by_key(|r| r.start);
+    assert_eq!(layers.first().unwrap().start, 0);
+    assert_eq!(layers.last().unwrap().end, 30);
+    assert!(
+        layers.windows(2).all(|w| w[0].end == w[1].start),
+        "{layers:?}"
+    );
+    let whole: u64 = statuses.iter().map(|s| s.weight_bytes).sum();
+    for (node, status) in cluster.nodes.iter().zip(&statuses) {
+        let (rss, peak) = node.memory();
+        eprintln!(
+            "node {} layers {:?}: weights {:.1} MiB, resident {:.1} MiB, peak {:.1} MiB, activations sent {} bytes for {} positions",
+            status.node_id,
+            status.layers,
+            status.weight_bytes as f64 / 1048576.0,
+            rss as f64 / 1048576.0,
+            peak as f64 / 1048576.0,
+            status.activation_bytes_sent,
+            status.activation_positions_sent,
+        );
+        assert!(status.ready && status.active_requests == 0, "{status:?}");
+        // Only its layers: well under the whole model, and memory that follows its weights.
+        assert!(
+            status.weight_bytes * 10 < whole * 6,
+            "{status:?} of {whole}"
+        );
+        // The process itself (runtime, tokenizer, connections) takes about 40 MiB; loading
+        // briefly holds a tensor's stored and repacked forms together.
+        assert!(
+            rss < status.weight_bytes + (48 << 20) && peak < status.weight_bytes + (80 << 20),
+            "node {:?} holds {rss} bytes (peak {peak}) with {} bytes of weights",
+            status.layers,
+            status.weight_bytes
+        );
+        if status.layers.end < 30 {
+            // f16 on the wire: 2 bytes per value of the 576-wide hidden state.
+            assert_eq!(
+                status.activation_bytes_sent,
+                status.activation_positions_sent * 576 * 2,
+                "{status:?}"
+            );
+        }
+    }
+
+    // A malformed frame, a missing credential, and a wrong one: refused, and the node serves on.
+    let target = &cluster.nodes[1].grpc;
+    let frame = |shape: Vec<u32>, len: usize| RawFrame {
+        request_id: "bad".into(),
+        epoch: statuses[1].epoch,
+        dtype: 2,
+        shape,
+        data: vec![0; len],
+    };
+    rt.block_on(async {
+        let e = send_raw_frame(target, Some(&credential()), frame(vec![1, 576], 1151))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+        assert!(e.to_string().contains("1152"), "{e}");
+        let e = send_raw_frame(target, Some(&credential()), frame(vec![1, 7], 14))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+        let e = send_raw_frame(target, None, frame(vec![1, 576], 1152))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{e}");
+        let other = Credential::new([1; 32]);
+        let e = send_raw_frame(target, Some(&other), frame(vec![1, 576], 1152))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{e}");
+    });
+    let (ids, _, _) = generate(&["--node", &cluster.nodes[0].grpc]);
+    assert_eq!(ids, single, "the cluster still answers correctly");
+}
+
+#[test]
+fn killing_a_node_fails_the_request_in_flight_quickly() {
+    let mut cluster = start_cluster(3, "80MiB", &[]);
+    let origin = cluster.nodes[0].grpc.clone();
+    let mut request = exo_node()
+        .args([
+            "generate",
+            "Tell me a very long story about a dragon.",
+            "--max-tokens",
+            "4000",
+        ])
+        .args(["--ignore-eos", "--cluster-key", KEY, "--node", &origin])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Let it generate a while, then kill a stage that is not the origin.
+    let mut stdout = request.stdout.take().unwrap();
+    let mut first = [0u8; 16];
+    std::io::Read::read_exact(&mut stdout, &mut first).unwrap();
+    let victim = cluster.nodes.iter_mut().find(|n| n.grpc != origin).unwrap();
+    victim.child.kill().unwrap();
+    let killed = Instant::now();
+    let deadline = killed + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = request.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the request still runs 15 s after the kill"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let took = killed.elapsed();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut request.stderr.take().unwrap(), &mut stderr).unwrap();
+    eprintln!("failed {took:?} after the kill: {stderr}");
+    assert!(!status.success());
+    assert!(stderr.contains("stage of node"), "{stderr}");
+    assert!(stderr.contains("connection was lost"), "{stderr}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+}
