@@ -1,0 +1,312 @@
+//! Errors: [`EngineError`], what an engine may report, and `ApiError`, the one type every
+//! handler fails with, which renders OpenAI's error envelope and never leaks internals.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+/// Why an [`Engine`](crate::Engine) could not start or finish a generation. Each variant maps
+/// to one HTTP status; see the variants.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    /// The model is not served here: 404 with code `model_not_found`.
+    #[error("model `{model}` does not exist or is not loaded; {}", list_models(.available))]
+    UnknownModel {
+        /// The model the client asked for.
+        model: String,
+        /// The models that are served, to tell the client what to ask for instead.
+        available: Vec<String>,
+    },
+    /// The prompt plus `max_tokens` does not fit the model's context: 400 with code
+    /// `context_length_exceeded`.
+    #[error(
+        "this model's maximum context length is {context_length} tokens, but {} tokens were \
+         requested ({prompt_tokens} in the prompt, {max_tokens} for the completion)",
+        prompt_tokens.saturating_add(*max_tokens)
+    )]
+    ContextExceeded {
+        /// Tokens in the prompt after templating.
+        prompt_tokens: usize,
+        /// Tokens requested for the completion.
+        max_tokens: usize,
+        /// The model's context length.
+        context_length: usize,
+    },
+    /// The request cannot be served as asked: 400.
+    #[error("{message}")]
+    Invalid {
+        /// The request field at fault, such as `messages` or `stop`, if one is.
+        param: Option<String>,
+        /// What is wrong, shown to the client.
+        message: String,
+    },
+    /// The cluster cannot serve now, for example because it lacks memory for the model: 503.
+    /// The message is shown to the client.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The engine has no room for another generation right now: 429.
+    #[error("the engine is busy with other requests; retry shortly")]
+    Busy,
+    /// A bug or an unexpected failure: 500. The detail goes to the log only; the client sees
+    /// a generic message.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+fn list_models(available: &[String]) -> String {
+    if available.is_empty() {
+        "no models are available".to_owned()
+    } else {
+        format!("available models: {}", available.join(", "))
+    }
+}
+
+/// An error response in OpenAI's envelope: `{"error": {"message", "type", "param", "code"}}`.
+///
+/// OpenAI's SDKs pick the exception class from the status code alone, so the status is what
+/// matters most; `type` follows OpenAI's own values.
+#[derive(Debug)]
+pub(crate) struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
+    param: Option<String>,
+    code: Option<&'static str>,
+}
+
+const INVALID_REQUEST: &str = "invalid_request_error";
+const SERVER_ERROR: &str = "server_error";
+const RATE_LIMIT: &str = "rate_limit_error";
+const INTERNAL_MESSAGE: &str = "internal error, see the node's log";
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            kind,
+            message: message.into(),
+            param: None,
+            code: None,
+        }
+    }
+
+    /// 400: the request is malformed or asks for something unsupported.
+    pub(crate) fn invalid(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, INVALID_REQUEST, message)
+    }
+
+    /// 400 naming the request field at fault.
+    pub(crate) fn invalid_param(param: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::invalid(message).with_param(param)
+    }
+
+    /// 401: the API key is missing or wrong.
+    pub(crate) fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, INVALID_REQUEST, message).with_code("invalid_api_key")
+    }
+
+    /// 404 for a path nothing is routed at.
+    pub(crate) fn unknown_route(method: &str, path: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            INVALID_REQUEST,
+            format!("invalid URL ({method} {path}): no such route"),
+        )
+        .with_code("unknown_url")
+    }
+
+    /// 405 for a routed path asked with the wrong method.
+    pub(crate) fn method_not_allowed(method: &str, path: &str) -> Self {
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            INVALID_REQUEST,
+            format!("method {method} is not allowed on {path}"),
+        )
+        .with_code("method_not_allowed")
+    }
+
+    /// 404 for a model that is not served.
+    pub(crate) fn unknown_model(model: &str, available: Vec<String>) -> Self {
+        Self::from_engine(
+            EngineError::UnknownModel {
+                model: model.to_owned(),
+                available,
+            },
+            "model",
+        )
+    }
+
+    /// 413: the body is over the configured limit.
+    pub(crate) fn body_too_large(limit: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            INVALID_REQUEST,
+            format!("request body is larger than the limit of {limit} bytes"),
+        )
+        .with_code("request_too_large")
+    }
+
+    /// 429: the generation queue is full.
+    pub(crate) fn queue_full(running: usize, queued: usize) -> Self {
+        Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            RATE_LIMIT,
+            format!(
+                "server is at capacity: {running} generation(s) running and the queue of \
+                 {queued} waiting request(s) is full; retry shortly"
+            ),
+        )
+        .with_code("rate_limit_exceeded")
+    }
+
+    /// 500 with the generic message; the caller has logged the detail.
+    pub(crate) fn internal() -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            SERVER_ERROR,
+            INTERNAL_MESSAGE,
+        )
+    }
+
+    /// Maps an engine error to its status; `prompt_param` names the request field holding the
+    /// prompt (`messages` or `prompt`), blamed when the prompt alone overflows the context.
+    pub(crate) fn from_engine(error: EngineError, prompt_param: &str) -> Self {
+        let message = error.to_string();
+        match error {
+            EngineError::UnknownModel { .. } => {
+                Self::new(StatusCode::NOT_FOUND, INVALID_REQUEST, message)
+                    .with_param("model")
+                    .with_code("model_not_found")
+            }
+            EngineError::ContextExceeded {
+                prompt_tokens,
+                context_length,
+                ..
+            } => {
+                let param = if prompt_tokens >= context_length {
+                    prompt_param
+                } else {
+                    "max_tokens"
+                };
+                Self::invalid_param(param, message).with_code("context_length_exceeded")
+            }
+            EngineError::Invalid { param, message } => Self {
+                param,
+                ..Self::invalid(message)
+            },
+            EngineError::Unavailable(message) => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, SERVER_ERROR, message)
+                    .with_code("service_unavailable")
+            }
+            EngineError::Busy => Self::new(StatusCode::TOO_MANY_REQUESTS, RATE_LIMIT, message)
+                .with_code("rate_limit_exceeded"),
+            EngineError::Internal(detail) => {
+                tracing::error!(error = %detail, "engine failed");
+                Self::internal()
+            }
+        }
+    }
+
+    pub(crate) fn with_param(mut self, param: impl Into<String>) -> Self {
+        self.param = Some(param.into());
+        self
+    }
+
+    pub(crate) fn with_code(mut self, code: &'static str) -> Self {
+        self.code = Some(code);
+        self
+    }
+
+    pub(crate) fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The envelope, also sent as an SSE event when a stream fails after its first chunk.
+    pub(crate) fn envelope(&self) -> Value {
+        json!({
+            "error": {
+                "message": self.message,
+                "type": self.kind,
+                "param": self.param,
+                "code": self.code,
+            }
+        })
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, axum::Json(self.envelope())).into_response();
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
+            // The OpenAI SDKs honour this when they retry.
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_model_message_lists_available_models() {
+        let error = EngineError::UnknownModel {
+            model: "gpt-9".into(),
+            available: vec!["llama-3.2-1b".into(), "qwen3-0.6b".into()],
+        };
+        assert_eq!(
+            error.to_string(),
+            "model `gpt-9` does not exist or is not loaded; available models: llama-3.2-1b, \
+             qwen3-0.6b"
+        );
+        let none = EngineError::UnknownModel {
+            model: "x".into(),
+            available: vec![],
+        };
+        assert!(none.to_string().ends_with("no models are available"));
+    }
+
+    #[test]
+    fn context_overflow_blames_the_prompt_only_when_the_prompt_alone_overflows() {
+        let completion_too_long = ApiError::from_engine(
+            EngineError::ContextExceeded {
+                prompt_tokens: 100,
+                max_tokens: 8000,
+                context_length: 8192,
+            },
+            "messages",
+        );
+        assert_eq!(completion_too_long.param.as_deref(), Some("max_tokens"));
+        assert!(
+            completion_too_long
+                .message
+                .contains("8100 tokens were requested"),
+            "{}",
+            completion_too_long.message
+        );
+        let prompt_too_long = ApiError::from_engine(
+            EngineError::ContextExceeded {
+                prompt_tokens: 9000,
+                max_tokens: 1,
+                context_length: 8192,
+            },
+            "messages",
+        );
+        assert_eq!(prompt_too_long.param.as_deref(), Some("messages"));
+        assert_eq!(prompt_too_long.code, Some("context_length_exceeded"));
+    }
+
+    #[test]
+    fn internal_detail_is_not_shown_to_the_client() {
+        let error = ApiError::from_engine(
+            EngineError::Internal("tensor shape [3] vs [4]".into()),
+            "prompt",
+        );
+        assert_eq!(error.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(!error.envelope().to_string().contains("tensor"));
+    }
+}

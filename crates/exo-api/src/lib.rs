@@ -1,0 +1,70 @@
+//! The OpenAI-compatible HTTP API, as a library.
+//!
+//! [`router`] builds an axum router serving `POST /v1/chat/completions` and
+//! `POST /v1/completions` (as one JSON response or as server-sent events), `GET /v1/models`,
+//! `GET /v1/models/{model}`, `GET /v1/cluster`, `GET /healthz` and `GET /openapi.json`;
+//! [`serve`] runs it on an already-bound listener until a shutdown future resolves. Requests
+//! are validated here, in OpenAI's terms and with OpenAI's error envelope, then admitted by a
+//! bounded queue ([`ApiConfig::max_concurrent`] running, [`ApiConfig::max_queued`] waiting,
+//! 429 beyond), and only then handed to the [`Engine`].
+//!
+//! This crate knows HTTP and the OpenAI wire format and must NOT know about models,
+//! tokenizers, tensors, libp2p, gRPC or how the cluster is laid out: it reaches the cluster
+//! only through the [`Engine`] trait, which the node and gateway binaries implement and
+//! which the tests implement with a scripted fake. Resolving model ids, applying chat
+//! templates, counting tokens and enforcing stop strings and context limits are the engine's
+//! job. When a client goes away the API drops the engine's receiver, and the engine stops.
+//!
+//! ```no_run
+//! # async fn run(engine: std::sync::Arc<dyn exo_api::Engine>) -> std::io::Result<()> {
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:52415").await?;
+//! let shutdown = async { let _ = tokio::signal::ctrl_c().await; };
+//! exo_api::serve(listener, engine, exo_api::ApiConfig::default(), shutdown).await
+//! # }
+//! ```
+
+mod cluster;
+mod config;
+mod engine;
+mod error;
+mod generate;
+mod middleware;
+mod openapi;
+mod queue;
+mod request;
+mod routes;
+
+use std::future::Future;
+use std::sync::Arc;
+
+pub use crate::cluster::{ClusterView, LinkView, NodeView, PlanView, StageView};
+pub use crate::config::ApiConfig;
+pub use crate::engine::{
+    Chunk, Engine, FinishReason, GenerationRequest, Message, ModelCard, Prompt,
+};
+pub use crate::error::EngineError;
+pub use crate::openapi::openapi;
+pub use crate::routes::router;
+
+/// Serves the API on an already-bound `listener` until `shutdown` resolves, then stops
+/// accepting connections and waits for the requests in flight, streams included, to finish.
+///
+/// It binds nothing itself, so the caller chooses the address (tests bind `127.0.0.1:0`).
+/// Generations in flight run to their end; a caller that cannot wait that long should race
+/// this future against a timeout.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    engine: Arc<dyn Engine>,
+    config: ApiConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    match listener.local_addr() {
+        Ok(address) => tracing::info!(%address, "serving the OpenAI-compatible API"),
+        Err(error) => tracing::warn!(%error, "serving on a listener without a local address"),
+    }
+    axum::serve(listener, router(engine, config))
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    tracing::info!("API server stopped");
+    Ok(())
+}

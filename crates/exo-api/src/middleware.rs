@@ -1,0 +1,208 @@
+//! What wraps every route: the request log line, API-key checks and the error envelopes for
+//! requests no handler takes.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::http::{Method, Uri, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use http_body::{Frame, SizeHint};
+
+use crate::error::ApiError;
+
+/// Per-request facts only a handler learns (token counts), for the log line written when the
+/// response body is done.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct RequestLog(Arc<OnceLock<(usize, usize)>>);
+
+impl RequestLog {
+    pub(crate) fn record_tokens(&self, prompt_tokens: usize, completion_tokens: usize) {
+        // Only one generation runs per request; a second record would be a bug, and the first
+        // value is the right one to keep.
+        let _ = self.0.set((prompt_tokens, completion_tokens));
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for RequestLog {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Infallible> {
+        Ok(parts.extensions.get::<Self>().cloned().unwrap_or_default())
+    }
+}
+
+/// Writes one info line per request once its response body has been sent or dropped, so
+/// that a streamed generation is logged with its full duration and token counts.
+pub(crate) async fn log_requests(mut req: Request, next: Next) -> Response {
+    let log = RequestLog::default();
+    req.extensions_mut().insert(log.clone());
+    let mut line = LogLine {
+        method: req.method().clone(),
+        path: req.uri().path().to_owned(),
+        status: CLIENT_CLOSED_REQUEST,
+        started: Instant::now(),
+        log,
+        complete: false,
+    };
+    // When the client goes away before the response is ready, this future is dropped here
+    // and the line is written with the placeholder status.
+    let response = next.run(req).await;
+    line.status = response.status().as_u16();
+    response.map(|inner| Body::new(LoggedBody { inner, line }))
+}
+
+/// The status logged for a request whose client left before the response was ready, as
+/// nginx logs it.
+const CLIENT_CLOSED_REQUEST: u16 = 499;
+
+struct LogLine {
+    method: Method,
+    path: String,
+    status: u16,
+    started: Instant,
+    log: RequestLog,
+    /// Whether the whole body went out; false when the client went away first.
+    complete: bool,
+}
+
+impl Drop for LogLine {
+    fn drop(&mut self) {
+        let duration_ms = self.started.elapsed().as_secs_f64() * 1e3;
+        let status = self.status;
+        match self.log.0.get() {
+            Some(&(prompt_tokens, completion_tokens)) => tracing::info!(
+                method = %self.method,
+                path = %self.path,
+                status,
+                duration_ms,
+                prompt_tokens,
+                completion_tokens,
+                complete = self.complete,
+                "request",
+            ),
+            None => tracing::info!(
+                method = %self.method,
+                path = %self.path,
+                status,
+                duration_ms,
+                complete = self.complete,
+                "request",
+            ),
+        }
+    }
+}
+
+/// A response body that writes its request's log line when dropped.
+struct LoggedBody {
+    inner: Body,
+    line: LogLine,
+}
+
+impl http_body::Body for LoggedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => self.line.complete = true,
+            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.line.complete = true,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Requires `Authorization: Bearer <key>` on `/v1/*`.
+pub(crate) async fn require_api_key(
+    State(key): State<Arc<str>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let path = req.uri().path();
+    if !(path == "/v1" || path.starts_with("/v1/")) {
+        return next.run(req).await;
+    }
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(bearer_token);
+    match given {
+        Some(given) if same_secret(given.as_bytes(), key.as_bytes()) => next.run(req).await,
+        Some(_) => ApiError::unauthorized("incorrect API key provided").into_response(),
+        None => ApiError::unauthorized(
+            "missing API key: send it in an 'Authorization: Bearer <key>' header",
+        )
+        .into_response(),
+    }
+}
+
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
+        .filter(|token| !token.is_empty())
+}
+
+/// Compares two secrets in time independent of where they first differ.
+fn same_secret(given: &[u8], expected: &[u8]) -> bool {
+    if given.len() != expected.len() {
+        return false;
+    }
+    given
+        .iter()
+        .zip(expected)
+        .fold(0u8, |difference, (a, b)| difference | (a ^ b))
+        == 0
+}
+
+/// 404 envelope for paths nothing is routed at.
+pub(crate) async fn not_found(method: Method, uri: Uri) -> ApiError {
+    ApiError::unknown_route(method.as_str(), uri.path())
+}
+
+/// 405 envelope for routed paths asked with another method.
+pub(crate) async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::method_not_allowed(method.as_str(), uri.path())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive_and_token_required() {
+        assert_eq!(bearer_token("Bearer sk-1"), Some("sk-1"));
+        assert_eq!(bearer_token("bearer  sk-1 "), Some("sk-1"));
+        assert_eq!(bearer_token("Basic sk-1"), None);
+        assert_eq!(bearer_token("Bearer "), None);
+        assert_eq!(bearer_token("sk-1"), None);
+    }
+
+    #[test]
+    fn secrets_compare_by_content_and_length() {
+        assert!(same_secret(b"sk-1", b"sk-1"));
+        assert!(!same_secret(b"sk-2", b"sk-1"));
+        assert!(!same_secret(b"sk-10", b"sk-1"));
+    }
+}

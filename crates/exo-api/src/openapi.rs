@@ -1,0 +1,591 @@
+//! The OpenAPI 3.1 document served at `/openapi.json`, written by hand.
+//!
+//! It describes the subset of OpenAI's API this crate accepts, so it names only the fields the
+//! API reads or writes; other request fields are accepted and ignored, as OpenAI's are.
+
+use serde_json::{Value, json};
+
+/// The OpenAPI 3.1 document describing every route, its request and response bodies, and
+/// the error envelope. It is also served at `GET /openapi.json`.
+pub fn openapi() -> Value {
+    json!({
+        "openapi": "3.1.0",
+        "info": {
+            "title": "exo-rs OpenAI-compatible API",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "Chat and text completions served by a cluster of exo-rs nodes. \
+                When the server has an API key configured, every /v1 route requires \
+                `Authorization: Bearer <key>`.",
+        },
+        "paths": paths(),
+        "components": {
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+            },
+            "schemas": schemas(),
+            "responses": error_responses(),
+        },
+    })
+}
+
+fn paths() -> Value {
+    let secured = json!([{"bearer": []}]);
+    json!({
+        "/v1/chat/completions": {
+            "post": {
+                "operationId": "createChatCompletion",
+                "summary": "Generate the assistant's next message",
+                "security": secured,
+                "requestBody": {
+                    "required": true,
+                    "content": {"application/json": {"schema": schema_ref("ChatCompletionRequest")}},
+                },
+                "responses": generation_responses("ChatCompletion", "ChatCompletionChunk"),
+            },
+        },
+        "/v1/completions": {
+            "post": {
+                "operationId": "createCompletion",
+                "summary": "Continue a text prompt (legacy completions)",
+                "security": secured,
+                "requestBody": {
+                    "required": true,
+                    "content": {"application/json": {"schema": schema_ref("CompletionRequest")}},
+                },
+                "responses": generation_responses("Completion", "CompletionChunk"),
+            },
+        },
+        "/v1/models": {
+            "get": {
+                "operationId": "listModels",
+                "summary": "List the models the cluster can serve now",
+                "security": secured,
+                "responses": with_errors(
+                    json!({"200": ok_json("The models", "ModelList")}),
+                    &["401"],
+                ),
+            },
+        },
+        "/v1/models/{model}": {
+            "get": {
+                "operationId": "retrieveModel",
+                "summary": "Describe one model",
+                "security": secured,
+                "parameters": [{
+                    "name": "model",
+                    "in": "path",
+                    "required": true,
+                    "description": "The model id; it may contain slashes.",
+                    "schema": {"type": "string"},
+                }],
+                "responses": with_errors(
+                    json!({"200": ok_json("The model", "Model")}),
+                    &["401", "404"],
+                ),
+            },
+        },
+        "/v1/cluster": {
+            "get": {
+                "operationId": "getCluster",
+                "summary": "The cluster's nodes, measured links and placement plan",
+                "security": secured,
+                "responses": with_errors(
+                    json!({"200": ok_json("The cluster", "ClusterView")}),
+                    &["401"],
+                ),
+            },
+        },
+        "/healthz": {
+            "get": {
+                "operationId": "health",
+                "summary": "Liveness check; never requires a key",
+                "responses": {"200": ok_json("The server is up", "Health")},
+            },
+        },
+        "/openapi.json": {
+            "get": {
+                "operationId": "openapi",
+                "summary": "This document; never requires a key",
+                "responses": {
+                    "200": {
+                        "description": "An OpenAPI 3.1 document",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    },
+                },
+            },
+        },
+    })
+}
+
+fn schema_ref(name: &str) -> Value {
+    json!({"$ref": format!("#/components/schemas/{name}")})
+}
+
+fn ok_json(description: &str, schema: &str) -> Value {
+    json!({
+        "description": description,
+        "content": {"application/json": {"schema": schema_ref(schema)}},
+    })
+}
+
+fn with_errors(mut responses: Value, statuses: &[&str]) -> Value {
+    if let Value::Object(map) = &mut responses {
+        for status in statuses {
+            map.insert(
+                (*status).to_owned(),
+                json!({"$ref": format!("#/components/responses/{status}")}),
+            );
+        }
+    }
+    responses
+}
+
+fn generation_responses(whole: &str, chunk: &str) -> Value {
+    with_errors(
+        json!({
+            "200": {
+                "description": "The completion as one JSON object, or with `stream: true` a \
+                    server-sent event stream: one `data:` line per chunk, then `data: [DONE]`. \
+                    An error after the first chunk arrives as a `data:` line holding the error \
+                    envelope, and the stream ends without `[DONE]`.",
+                "content": {
+                    "application/json": {"schema": schema_ref(whole)},
+                    "text/event-stream": {
+                        "schema": {"type": "string"},
+                        "itemSchema": schema_ref(chunk),
+                    },
+                },
+            },
+        }),
+        &["400", "401", "404", "413", "429", "500", "503"],
+    )
+}
+
+fn error_responses() -> Value {
+    let error = |description: &str| {
+        json!({
+            "description": description,
+            "content": {"application/json": {"schema": schema_ref("ErrorResponse")}},
+        })
+    };
+    json!({
+        "400": error("Malformed or unsupported request; `param` names the field at fault"),
+        "401": error("Missing or wrong API key (code `invalid_api_key`)"),
+        "404": error("Unknown model (code `model_not_found`, the message lists the available ones) or route"),
+        "413": error("Request body over the server's limit"),
+        "429": error("Generation queue full or engine busy; retry after the `Retry-After` seconds"),
+        "500": error("Internal error; details are in the node's log"),
+        "503": error("The cluster cannot serve the model now, for example for lack of memory"),
+    })
+}
+
+fn schemas() -> Value {
+    let mut schemas = serde_json::Map::new();
+    for (name, schema) in [
+        ("ChatCompletionRequest", chat_request()),
+        ("ChatMessage", chat_message()),
+        ("CompletionRequest", completion_request()),
+        ("ChatCompletion", chat_completion()),
+        ("ChatCompletionChunk", chat_completion_chunk()),
+        ("Completion", completion(false)),
+        ("CompletionChunk", completion(true)),
+        ("Usage", usage()),
+        (
+            "FinishReason",
+            json!({"type": "string", "enum": ["stop", "length"]}),
+        ),
+        ("Model", model()),
+        (
+            "ModelList",
+            object(
+                json!({
+                    "object": {"const": "list"},
+                    "data": {"type": "array", "items": schema_ref("Model")},
+                }),
+                &["object", "data"],
+            ),
+        ),
+        (
+            "Health",
+            object(json!({"status": {"const": "ok"}}), &["status"]),
+        ),
+        ("ErrorResponse", error_envelope()),
+    ]
+    .into_iter()
+    .chain(cluster_schemas())
+    {
+        schemas.insert(name.to_owned(), schema);
+    }
+    Value::Object(schemas)
+}
+
+fn object(properties: Value, required: &[&str]) -> Value {
+    json!({"type": "object", "properties": properties, "required": required})
+}
+
+/// Fields the chat and completion requests share.
+fn sampling_properties() -> serde_json::Map<String, Value> {
+    let properties = json!({
+        "model": {"type": "string", "description": "A model id from GET /v1/models"},
+        "stream": {"type": ["boolean", "null"], "default": false},
+        "stream_options": {
+            "type": ["object", "null"],
+            "properties": {"include_usage": {"type": "boolean"}},
+            "description": "With include_usage, a last chunk with empty choices carries usage",
+        },
+        "max_tokens": {"type": ["integer", "null"], "minimum": 1},
+        "temperature": {"type": ["number", "null"], "minimum": 0, "maximum": 2, "default": 1},
+        "top_p": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 1, "default": 1},
+        "seed": {"type": ["integer", "null"]},
+        "stop": {
+            "oneOf": [
+                {"type": "string"},
+                {"type": "array", "items": {"type": "string"}, "maxItems": 4},
+                {"type": "null"},
+            ],
+        },
+        "n": {"type": ["integer", "null"], "const": 1, "description": "Only 1 is supported"},
+        "presence_penalty": {"type": ["number", "null"], "const": 0, "description": "Only 0 is supported"},
+        "frequency_penalty": {"type": ["number", "null"], "const": 0, "description": "Only 0 is supported"},
+        "user": {"type": "string", "description": "Accepted and ignored"},
+    });
+    match properties {
+        Value::Object(map) => map,
+        _ => serde_json::Map::new(),
+    }
+}
+
+fn chat_request() -> Value {
+    let mut properties = sampling_properties();
+    properties.insert(
+        "messages".to_owned(),
+        json!({"type": "array", "minItems": 1, "items": schema_ref("ChatMessage")}),
+    );
+    properties.insert(
+        "max_completion_tokens".to_owned(),
+        json!({"type": ["integer", "null"], "minimum": 1, "description": "Wins over max_tokens"}),
+    );
+    properties.insert(
+        "logprobs".to_owned(),
+        json!({"type": ["boolean", "null"], "const": false, "description": "Not supported"}),
+    );
+    object(Value::Object(properties), &["model", "messages"])
+}
+
+fn chat_message() -> Value {
+    object(
+        json!({
+            "role": {
+                "type": "string",
+                "enum": ["system", "developer", "user", "assistant"],
+                "description": "developer is treated as system",
+            },
+            "content": {
+                "oneOf": [
+                    {"type": "string"},
+                    {
+                        "type": "array",
+                        "items": object(
+                            json!({"type": {"const": "text"}, "text": {"type": "string"}}),
+                            &["type", "text"],
+                        ),
+                    },
+                    {"type": "null", "description": "Only for assistant messages"},
+                ],
+            },
+            "name": {"type": "string", "description": "Accepted and ignored"},
+        }),
+        &["role", "content"],
+    )
+}
+
+fn completion_request() -> Value {
+    let mut properties = sampling_properties();
+    properties.insert(
+        "prompt".to_owned(),
+        json!({
+            "oneOf": [
+                {"type": "string"},
+                {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1},
+            ],
+        }),
+    );
+    for (name, description) in [
+        ("echo", "Only false is supported"),
+        ("best_of", "Only 1 is supported"),
+        ("suffix", "Not supported"),
+        ("logprobs", "Not supported"),
+    ] {
+        properties.insert(name.to_owned(), json!({"description": description}));
+    }
+    object(Value::Object(properties), &["model", "prompt"])
+}
+
+fn generation_object(object_name: &str, choice: Value, usage_required: bool) -> Value {
+    let mut required = vec!["id", "object", "created", "model", "choices"];
+    if usage_required {
+        required.push("usage");
+    }
+    object(
+        json!({
+            "id": {"type": "string"},
+            "object": {"const": object_name},
+            "created": {"type": "integer", "description": "Unix seconds"},
+            "model": {"type": "string"},
+            "choices": {"type": "array", "items": choice},
+            "usage": if usage_required {
+                schema_ref("Usage")
+            } else {
+                json!({
+                    "oneOf": [schema_ref("Usage"), {"type": "null"}],
+                    "description": "Present only with stream_options.include_usage: null on \
+                        every chunk but the last, whose choices are empty",
+                })
+            },
+        }),
+        &required,
+    )
+}
+
+fn chat_completion() -> Value {
+    generation_object(
+        "chat.completion",
+        object(
+            json!({
+                "index": {"type": "integer"},
+                "message": object(
+                    json!({"role": {"const": "assistant"}, "content": {"type": "string"}}),
+                    &["role", "content"],
+                ),
+                "logprobs": {"type": "null"},
+                "finish_reason": schema_ref("FinishReason"),
+            }),
+            &["index", "message", "finish_reason"],
+        ),
+        true,
+    )
+}
+
+fn chat_completion_chunk() -> Value {
+    generation_object(
+        "chat.completion.chunk",
+        object(
+            json!({
+                "index": {"type": "integer"},
+                "delta": {
+                    "type": "object",
+                    "properties": {"role": {"const": "assistant"}, "content": {"type": "string"}},
+                },
+                "logprobs": {"type": "null"},
+                "finish_reason": {"oneOf": [schema_ref("FinishReason"), {"type": "null"}]},
+            }),
+            &["index", "delta", "finish_reason"],
+        ),
+        false,
+    )
+}
+
+fn completion(chunk: bool) -> Value {
+    let finish_reason = if chunk {
+        json!({"oneOf": [schema_ref("FinishReason"), {"type": "null"}]})
+    } else {
+        schema_ref("FinishReason")
+    };
+    generation_object(
+        "text_completion",
+        object(
+            json!({
+                "text": {"type": "string"},
+                "index": {"type": "integer"},
+                "logprobs": {"type": "null"},
+                "finish_reason": finish_reason,
+            }),
+            &["text", "index", "finish_reason"],
+        ),
+        !chunk,
+    )
+}
+
+fn usage() -> Value {
+    object(
+        json!({
+            "prompt_tokens": {"type": "integer"},
+            "completion_tokens": {"type": "integer"},
+            "total_tokens": {"type": "integer"},
+        }),
+        &["prompt_tokens", "completion_tokens", "total_tokens"],
+    )
+}
+
+fn model() -> Value {
+    object(
+        json!({
+            "id": {"type": "string"},
+            "object": {"const": "model"},
+            "created": {"type": "integer", "description": "Unix seconds"},
+            "owned_by": {"type": "string"},
+            "context_length": {"type": "integer", "description": "Prompt plus completion tokens"},
+        }),
+        &["id", "object", "created", "owned_by"],
+    )
+}
+
+fn error_envelope() -> Value {
+    object(
+        json!({
+            "error": object(
+                json!({
+                    "message": {"type": "string"},
+                    "type": {
+                        "type": "string",
+                        "enum": ["invalid_request_error", "rate_limit_error", "server_error"],
+                    },
+                    "param": {"type": ["string", "null"]},
+                    "code": {"type": ["string", "null"]},
+                }),
+                &["message", "type", "param", "code"],
+            ),
+        }),
+        &["error"],
+    )
+}
+
+fn cluster_schemas() -> Vec<(&'static str, Value)> {
+    let optional_number = json!({"type": ["number", "null"]});
+    vec![
+        (
+            "ClusterView",
+            object(
+                json!({
+                    "nodes": {"type": "array", "items": schema_ref("NodeView")},
+                    "links": {"type": "array", "items": schema_ref("LinkView")},
+                    "plan": {"oneOf": [schema_ref("PlanView"), {"type": "null"}]},
+                    "status": {"type": "string"},
+                }),
+                &["nodes", "links", "plan", "status"],
+            ),
+        ),
+        (
+            "NodeView",
+            object(
+                json!({
+                    "id": {"type": "string"},
+                    "name": {"type": "string"},
+                    "role": {"type": "string"},
+                    "address": {"type": ["string", "null"]},
+                    "memory_bytes": {"type": "integer"},
+                    "offered_memory_bytes": {"type": "integer"},
+                    "flops": {"type": "number"},
+                    "models": {"type": "array", "items": {"type": "string"}},
+                    "is_self": {"type": "boolean"},
+                }),
+                &[
+                    "id",
+                    "name",
+                    "role",
+                    "address",
+                    "memory_bytes",
+                    "offered_memory_bytes",
+                    "flops",
+                    "models",
+                    "is_self",
+                ],
+            ),
+        ),
+        (
+            "LinkView",
+            object(
+                json!({
+                    "from": {"type": "string"},
+                    "to": {"type": "string"},
+                    "latency_ms": optional_number,
+                    "bandwidth_bytes_per_s": optional_number,
+                }),
+                &["from", "to", "latency_ms", "bandwidth_bytes_per_s"],
+            ),
+        ),
+        (
+            "PlanView",
+            object(
+                json!({
+                    "epoch": {"type": "string"},
+                    "model": {"type": "string"},
+                    "stages": {"type": "array", "items": schema_ref("StageView")},
+                    "predicted_decode_tokens_per_s": optional_number,
+                    "predicted_time_to_first_token_ms": optional_number,
+                    "explanation": {"type": "array", "items": {"type": "string"}},
+                }),
+                &[
+                    "epoch",
+                    "model",
+                    "stages",
+                    "predicted_decode_tokens_per_s",
+                    "predicted_time_to_first_token_ms",
+                    "explanation",
+                ],
+            ),
+        ),
+        (
+            "StageView",
+            object(
+                json!({
+                    "node": {"type": "string"},
+                    "layers_start": {"type": "integer", "description": "Inclusive"},
+                    "layers_end": {"type": "integer", "description": "Exclusive"},
+                    "embeds": {"type": "boolean"},
+                    "has_head": {"type": "boolean"},
+                }),
+                &["node", "layers_start", "layers_end", "embeds", "has_head"],
+            ),
+        ),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routes::PATHS;
+
+    #[test]
+    fn document_lists_exactly_the_routed_paths_and_methods() {
+        let document = openapi();
+        let Some(paths) = document["paths"].as_object() else {
+            unreachable!("paths is built as an object")
+        };
+        let mut documented: Vec<(String, Vec<String>)> = paths
+            .iter()
+            .map(|(path, item)| {
+                let methods = item
+                    .as_object()
+                    .map_or_else(Vec::new, |ops| ops.keys().cloned().collect());
+                (path.clone(), methods)
+            })
+            .collect();
+        let mut routed: Vec<(String, Vec<String>)> = PATHS
+            .iter()
+            .map(|(path, methods)| {
+                (
+                    (*path).to_owned(),
+                    methods.iter().map(|m| (*m).to_owned()).collect(),
+                )
+            })
+            .collect();
+        documented.sort();
+        routed.sort();
+        assert_eq!(documented, routed);
+    }
+
+    #[test]
+    fn every_schema_reference_resolves() {
+        let document = openapi();
+        let text = document.to_string();
+        for reference in text.split("\"$ref\":\"").skip(1) {
+            let target = reference.split('"').next().unwrap_or_default();
+            let pointer = target.trim_start_matches('#');
+            assert!(
+                document.pointer(pointer).is_some(),
+                "dangling reference {target}"
+            );
+        }
+    }
+}

@@ -1,0 +1,584 @@
+//! Reading and validating request bodies in OpenAI's shapes.
+//!
+//! Bodies are parsed into a `serde_json` object and read field by field rather than derived
+//! into structs: that lets every 400 name the field at fault (`param`) and describe the
+//! problem in JSON terms ("must be a number, got a string") instead of serde's Rust terms
+//! ("expected f32"), and lets unknown fields pass as OpenAI's do.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
+use axum::http::{StatusCode, header};
+use serde_json::{Map, Value};
+
+use crate::engine::{GenerationRequest, Message, Prompt};
+use crate::error::ApiError;
+use crate::routes::AppState;
+
+/// OpenAI accepts at most this many stop strings.
+const MAX_STOP: usize = 4;
+
+/// A request body that is a JSON object.
+#[derive(Debug)]
+pub(crate) struct JsonObject(pub(crate) Map<String, Value>);
+
+impl FromRequest<AppState> for JsonObject {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
+        if let Some(content_type) = req.headers().get(header::CONTENT_TYPE) {
+            let essence = content_type
+                .to_str()
+                .unwrap_or_default()
+                .split(';')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_ascii_lowercase();
+            if essence != "application/json" && !essence.ends_with("+json") {
+                return Err(ApiError::invalid(format!(
+                    "Content-Type must be application/json, got {}",
+                    if essence.is_empty() {
+                        "an unreadable value"
+                    } else {
+                        &essence
+                    }
+                )));
+            }
+        }
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::body_too_large(state.config.max_body_bytes)
+            } else {
+                ApiError::invalid(format!(
+                    "could not read the request body: {}",
+                    rejection.body_text()
+                ))
+            }
+        })?;
+        let value: Value = serde_json::from_slice(&bytes).map_err(|error| {
+            ApiError::invalid(format!("could not parse the request body as JSON: {error}"))
+        })?;
+        match value {
+            Value::Object(map) => Ok(Self(map)),
+            other => Err(ApiError::invalid(format!(
+                "request body must be a JSON object, got {}",
+                describe(&other)
+            ))),
+        }
+    }
+}
+
+/// A validated generation request and how to deliver its result.
+#[derive(Debug)]
+pub(crate) struct Parsed {
+    pub(crate) request: GenerationRequest,
+    pub(crate) stream: bool,
+    pub(crate) include_usage: bool,
+}
+
+/// Validates a `POST /v1/chat/completions` body.
+pub(crate) fn chat(
+    body: &Map<String, Value>,
+    default_max_tokens: Option<usize>,
+) -> Result<Parsed, ApiError> {
+    let fields = Fields(body);
+    let model = fields.required_string("model")?;
+    let messages = messages(fields.get("messages").ok_or_else(|| missing("messages"))?)?;
+    if fields.bool("logprobs")? == Some(true) {
+        return Err(ApiError::invalid_param(
+            "logprobs",
+            "logprobs are not supported",
+        ));
+    }
+    if fields.count("top_logprobs")?.is_some_and(|n| n > 0) {
+        return Err(ApiError::invalid_param(
+            "top_logprobs",
+            "logprobs are not supported",
+        ));
+    }
+    if let Some(tools) = fields.get("tools")
+        && tools.as_array().is_none_or(|tools| !tools.is_empty())
+    {
+        return Err(ApiError::invalid_param("tools", "tools are not supported"));
+    }
+    if let Some(format) = fields.get("response_format") {
+        let kind = format.get("type").and_then(Value::as_str);
+        if kind != Some("text") {
+            return Err(ApiError::invalid_param(
+                "response_format",
+                "only response_format {\"type\": \"text\"} is supported",
+            ));
+        }
+    }
+    common(&fields, model, Prompt::Chat(messages), default_max_tokens)
+}
+
+/// Validates a `POST /v1/completions` body.
+pub(crate) fn completion(
+    body: &Map<String, Value>,
+    default_max_tokens: Option<usize>,
+) -> Result<Parsed, ApiError> {
+    let fields = Fields(body);
+    let model = fields.required_string("model")?;
+    let prompt = match fields.get("prompt").ok_or_else(|| missing("prompt"))? {
+        Value::String(text) => text.clone(),
+        Value::Array(items) => match items.as_slice() {
+            [Value::String(text)] => text.clone(),
+            [] | [_, _, ..] => {
+                return Err(ApiError::invalid_param(
+                    "prompt",
+                    format!(
+                        "'prompt' must be a string or an array of exactly one string; \
+                         batches of {} prompts are not supported",
+                        items.len()
+                    ),
+                ));
+            }
+            [_] => {
+                return Err(ApiError::invalid_param(
+                    "prompt",
+                    "'prompt' must be text; token-id prompts are not supported",
+                ));
+            }
+        },
+        other => {
+            return Err(ApiError::invalid_param(
+                "prompt",
+                format!("'prompt' must be a string, got {}", describe(other)),
+            ));
+        }
+    };
+    if fields.bool("echo")? == Some(true) {
+        return Err(ApiError::invalid_param("echo", "echo is not supported"));
+    }
+    if fields.count("best_of")?.is_some_and(|n| n > 1) {
+        return Err(ApiError::invalid_param(
+            "best_of",
+            "best_of > 1 is not supported",
+        ));
+    }
+    if fields.string("suffix")?.is_some_and(|s| !s.is_empty()) {
+        return Err(ApiError::invalid_param("suffix", "suffix is not supported"));
+    }
+    if fields.count("logprobs")?.is_some_and(|n| n > 0) {
+        return Err(ApiError::invalid_param(
+            "logprobs",
+            "logprobs are not supported",
+        ));
+    }
+    common(&fields, model, Prompt::Text(prompt), default_max_tokens)
+}
+
+/// The fields both endpoints share: sampling, limits, streaming and the unsupported extras.
+fn common(
+    fields: &Fields<'_>,
+    model: String,
+    prompt: Prompt,
+    default_max_tokens: Option<usize>,
+) -> Result<Parsed, ApiError> {
+    if let Some(n) = fields.count("n")?
+        && n != 1
+    {
+        return Err(ApiError::invalid_param(
+            "n",
+            format!("only n=1 is supported, got {n}"),
+        ));
+    }
+    for penalty in ["presence_penalty", "frequency_penalty"] {
+        if let Some(value) = fields.number(penalty)?
+            && value != 0.0
+        {
+            return Err(ApiError::invalid_param(
+                penalty,
+                format!("{penalty} is not supported; only 0 is accepted, got {value}"),
+            ));
+        }
+    }
+    if let Some(bias) = fields.get("logit_bias")
+        && bias.as_object().is_none_or(|bias| !bias.is_empty())
+    {
+        return Err(ApiError::invalid_param(
+            "logit_bias",
+            "logit_bias is not supported",
+        ));
+    }
+
+    // OpenAI's newer name wins when both are given.
+    let max_tokens = match fields.count("max_completion_tokens")? {
+        Some(n) => Some(("max_completion_tokens", n)),
+        None => fields.count("max_tokens")?.map(|n| ("max_tokens", n)),
+    };
+    let max_tokens = match max_tokens {
+        Some((param, 0)) => {
+            return Err(ApiError::invalid_param(
+                param,
+                format!("'{param}' must be at least 1, got 0"),
+            ));
+        }
+        Some((_, n)) => Some(usize::try_from(n).unwrap_or(usize::MAX)),
+        None => default_max_tokens,
+    };
+
+    let temperature = fields.number("temperature")?.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(ApiError::invalid_param(
+            "temperature",
+            format!("'temperature' must be between 0 and 2, got {temperature}"),
+        ));
+    }
+    let top_p = fields.number("top_p")?.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::invalid_param(
+            "top_p",
+            format!("'top_p' must be greater than 0 and at most 1, got {top_p}"),
+        ));
+    }
+
+    let seed = match fields.get("seed") {
+        None => None,
+        // OpenAI takes any 64-bit signed integer; a seed is only bits, so negative ones are
+        // reinterpreted rather than refused.
+        Some(value) => Some(
+            value
+                .as_u64()
+                .or_else(|| value.as_i64().map(|n| n as u64))
+                .ok_or_else(|| {
+                    ApiError::invalid_param(
+                        "seed",
+                        format!("'seed' must be an integer, got {}", describe(value)),
+                    )
+                })?,
+        ),
+    };
+
+    let stop = stop(fields.get("stop"))?;
+
+    let stream = fields.bool("stream")?.unwrap_or(false);
+    let include_usage = match fields.get("stream_options") {
+        None => false,
+        Some(Value::Object(options)) => Fields(options)
+            .bool("include_usage")
+            .map_err(|error| error.with_param("stream_options.include_usage"))?
+            .unwrap_or(false),
+        Some(other) => {
+            return Err(ApiError::invalid_param(
+                "stream_options",
+                format!(
+                    "'stream_options' must be an object, got {}",
+                    describe(other)
+                ),
+            ));
+        }
+    };
+
+    Ok(Parsed {
+        request: GenerationRequest {
+            model,
+            prompt,
+            max_tokens,
+            temperature: temperature as f32,
+            top_p: top_p as f32,
+            seed,
+            stop,
+        },
+        stream,
+        include_usage: stream && include_usage,
+    })
+}
+
+fn messages(value: &Value) -> Result<Vec<Message>, ApiError> {
+    let Value::Array(items) = value else {
+        return Err(ApiError::invalid_param(
+            "messages",
+            format!("'messages' must be an array, got {}", describe(value)),
+        ));
+    };
+    if items.is_empty() {
+        return Err(ApiError::invalid_param(
+            "messages",
+            "'messages' must contain at least one message",
+        ));
+    }
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| message(i, item))
+        .collect()
+}
+
+fn message(i: usize, item: &Value) -> Result<Message, ApiError> {
+    let at = |field: &str| format!("messages[{i}].{field}");
+    let Value::Object(object) = item else {
+        return Err(ApiError::invalid_param(
+            format!("messages[{i}]"),
+            format!("'messages[{i}]' must be an object, got {}", describe(item)),
+        ));
+    };
+    let fields = Fields(object);
+    let role = match fields.get("role") {
+        None => return Err(missing(&at("role"))),
+        Some(Value::String(role)) => role.as_str(),
+        Some(other) => {
+            return Err(ApiError::invalid_param(
+                at("role"),
+                format!("'{}' must be a string, got {}", at("role"), describe(other)),
+            ));
+        }
+    };
+    let role = match role {
+        "system" | "developer" => "system",
+        "user" => "user",
+        "assistant" => "assistant",
+        other => {
+            return Err(ApiError::invalid_param(
+                at("role"),
+                format!(
+                    "'{}' is '{other}', which is not supported; use system, developer, user or \
+                     assistant",
+                    at("role")
+                ),
+            ));
+        }
+    };
+    let content = match fields.get("content") {
+        Some(Value::String(text)) => text.clone(),
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .enumerate()
+            .map(|(j, part)| text_part(i, j, part))
+            .collect::<Result<Vec<_>, _>>()?
+            .join("\n"),
+        // An assistant turn that only called tools has no content; it adds nothing here.
+        None if role == "assistant" => String::new(),
+        None => return Err(missing(&at("content"))),
+        Some(other) => {
+            return Err(ApiError::invalid_param(
+                at("content"),
+                format!(
+                    "'{}' must be a string or an array of text parts, got {}",
+                    at("content"),
+                    describe(other)
+                ),
+            ));
+        }
+    };
+    Ok(Message {
+        role: role.to_owned(),
+        content,
+    })
+}
+
+fn text_part(i: usize, j: usize, part: &Value) -> Result<&str, ApiError> {
+    let at = format!("messages[{i}].content[{j}]");
+    let kind = part.get("type").and_then(Value::as_str);
+    match (kind, part.get("text")) {
+        (Some("text"), Some(Value::String(text))) => Ok(text),
+        (Some("text"), _) => Err(ApiError::invalid_param(
+            format!("{at}.text"),
+            format!("'{at}.text' must be a string"),
+        )),
+        (Some(other), _) => Err(ApiError::invalid_param(
+            format!("{at}.type"),
+            format!("content parts of type '{other}' are not supported; only 'text' parts are"),
+        )),
+        (None, _) => Err(ApiError::invalid_param(
+            format!("{at}.type"),
+            format!("'{at}' must be an object with \"type\": \"text\" and a \"text\" string"),
+        )),
+    }
+}
+
+fn stop(value: Option<&Value>) -> Result<Vec<String>, ApiError> {
+    let strings = match value {
+        None => return Ok(Vec::new()),
+        Some(Value::String(stop)) => vec![stop.clone()],
+        Some(Value::Array(items)) => {
+            if items.len() > MAX_STOP {
+                return Err(ApiError::invalid_param(
+                    "stop",
+                    format!(
+                        "'stop' may hold at most {MAX_STOP} strings, got {}",
+                        items.len()
+                    ),
+                ));
+            }
+            items
+                .iter()
+                .map(|item| match item {
+                    Value::String(stop) => Ok(stop.clone()),
+                    other => Err(ApiError::invalid_param(
+                        "stop",
+                        format!("'stop' must hold strings, got {}", describe(other)),
+                    )),
+                })
+                .collect::<Result<Vec<_>, _>>()?
+        }
+        Some(other) => {
+            return Err(ApiError::invalid_param(
+                "stop",
+                format!(
+                    "'stop' must be a string or an array of strings, got {}",
+                    describe(other)
+                ),
+            ));
+        }
+    };
+    // An empty stop string would end every generation at once; clients that send one mean
+    // "no stop string".
+    Ok(strings
+        .into_iter()
+        .filter(|stop| !stop.is_empty())
+        .collect())
+}
+
+/// Typed access to an object's fields, treating `null` as absent as OpenAI does.
+struct Fields<'a>(&'a Map<String, Value>);
+
+impl Fields<'_> {
+    fn get(&self, name: &str) -> Option<&Value> {
+        self.0.get(name).filter(|value| !value.is_null())
+    }
+
+    fn required_string(&self, name: &str) -> Result<String, ApiError> {
+        self.string(name)?
+            .map(str::to_owned)
+            .ok_or_else(|| missing(name))
+    }
+
+    fn string(&self, name: &str) -> Result<Option<&str>, ApiError> {
+        self.typed(name, "a string", Value::as_str)
+    }
+
+    fn bool(&self, name: &str) -> Result<Option<bool>, ApiError> {
+        self.typed(name, "a boolean", Value::as_bool)
+    }
+
+    fn number(&self, name: &str) -> Result<Option<f64>, ApiError> {
+        self.typed(name, "a number", Value::as_f64)
+    }
+
+    fn count(&self, name: &str) -> Result<Option<u64>, ApiError> {
+        self.typed(name, "a non-negative integer", Value::as_u64)
+    }
+
+    fn typed<'v, T>(
+        &'v self,
+        name: &str,
+        expected: &str,
+        read: impl FnOnce(&'v Value) -> Option<T>,
+    ) -> Result<Option<T>, ApiError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(value) => read(value).map(Some).ok_or_else(|| {
+                ApiError::invalid_param(
+                    name,
+                    format!("'{name}' must be {expected}, got {}", describe(value)),
+                )
+            }),
+        }
+    }
+}
+
+fn missing(name: &str) -> ApiError {
+    ApiError::invalid_param(name, format!("missing required parameter '{name}'"))
+}
+
+/// A JSON value described for an error message, without echoing long input back.
+fn describe(value: &Value) -> String {
+    match value {
+        Value::Null => "null".to_owned(),
+        Value::Bool(b) => b.to_string(),
+        Value::Number(n) => n.to_string(),
+        Value::String(_) => "a string".to_owned(),
+        Value::Array(_) => "an array".to_owned(),
+        Value::Object(_) => "an object".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+
+    use super::*;
+    use serde_json::json;
+
+    fn parse_chat(body: Value) -> Result<Parsed, ApiError> {
+        match body {
+            Value::Object(map) => chat(&map, None),
+            _ => Err(ApiError::invalid("not an object")),
+        }
+    }
+
+    fn error_of(body: Value) -> Value {
+        match parse_chat(body) {
+            Ok(parsed) => panic!("expected an error, got {parsed:?}"),
+            Err(error) => error.envelope()["error"].clone(),
+        }
+    }
+
+    #[test]
+    fn defaults_follow_openai() {
+        let parsed = parse_chat(json!({
+            "model": "m",
+            "messages": [{"role": "developer", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
+            "user": "ignored",
+        }))
+        .unwrap();
+        assert_eq!(parsed.request.temperature, 1.0);
+        assert_eq!(parsed.request.top_p, 1.0);
+        assert_eq!(parsed.request.max_tokens, None);
+        assert!(!parsed.stream);
+        assert_eq!(
+            parsed.request.prompt,
+            Prompt::Chat(vec![Message {
+                role: "system".into(),
+                content: "a\nb".into()
+            }])
+        );
+    }
+
+    #[test]
+    fn max_completion_tokens_wins_over_max_tokens() {
+        let parsed = parse_chat(json!({
+            "model": "m", "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 5, "max_completion_tokens": 7,
+        }))
+        .unwrap();
+        assert_eq!(parsed.request.max_tokens, Some(7));
+    }
+
+    #[test]
+    fn wrong_types_are_described_in_json_terms() {
+        let error = error_of(json!({
+            "model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot",
+        }));
+        assert_eq!(error["param"], "temperature");
+        assert_eq!(
+            error["message"],
+            "'temperature' must be a number, got a string"
+        );
+    }
+
+    #[test]
+    fn negative_seeds_are_accepted_and_fractional_ones_are_not() {
+        let parsed = parse_chat(json!({
+            "model": "m", "messages": [{"role": "user", "content": "hi"}], "seed": -1,
+        }))
+        .unwrap();
+        assert_eq!(parsed.request.seed, Some(u64::MAX));
+        let error = error_of(json!({
+            "model": "m", "messages": [{"role": "user", "content": "hi"}], "seed": 1.5,
+        }));
+        assert_eq!(error["param"], "seed");
+    }
+
+    #[test]
+    fn include_usage_only_applies_to_streams() {
+        let parsed = parse_chat(json!({
+            "model": "m", "messages": [{"role": "user", "content": "hi"}],
+            "stream_options": {"include_usage": true},
+        }))
+        .unwrap();
+        assert!(!parsed.include_usage);
+    }
+}

@@ -1,0 +1,170 @@
+//! The router: which handler answers which path, and the layers around them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::rejection::PathRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderValue, Method};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{Value, json};
+use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
+
+use crate::config::ApiConfig;
+use crate::engine::{Engine, ModelCard};
+use crate::error::ApiError;
+use crate::generate::{Api, respond};
+use crate::middleware::{self, RequestLog};
+use crate::queue::Admission;
+use crate::request::{self, JsonObject};
+
+/// What every handler shares.
+#[derive(Clone)]
+pub(crate) struct AppState {
+    pub(crate) engine: Arc<dyn Engine>,
+    pub(crate) config: Arc<ApiConfig>,
+    pub(crate) admission: Arc<Admission>,
+}
+
+/// Every routed path, in OpenAPI's notation, with its methods. The OpenAPI document is
+/// checked against this list in the tests.
+#[cfg(test)]
+pub(crate) const PATHS: &[(&str, &[&str])] = &[
+    ("/v1/chat/completions", &["post"]),
+    ("/v1/completions", &["post"]),
+    ("/v1/models", &["get"]),
+    ("/v1/models/{model}", &["get"]),
+    ("/v1/cluster", &["get"]),
+    ("/healthz", &["get"]),
+    ("/openapi.json", &["get"]),
+];
+
+/// Builds the API's router over `engine`; see the crate documentation for the routes.
+pub fn router(engine: Arc<dyn Engine>, config: ApiConfig) -> Router {
+    let admission = Arc::new(Admission::new(config.max_concurrent, config.max_queued));
+    let cors = cors(&config.cors_origins);
+    let api_key: Option<Arc<str>> = config.api_key.as_deref().map(Arc::from);
+    let body_limit = DefaultBodyLimit::max(config.max_body_bytes);
+    let state = AppState {
+        engine,
+        config: Arc::new(config),
+        admission,
+    };
+
+    let mut router = Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(list_models))
+        // Model ids such as `meta-llama/Llama-3.2-1B` contain slashes.
+        .route("/v1/models/{*model}", get(get_model))
+        .route("/v1/cluster", get(cluster))
+        .route("/healthz", get(healthz))
+        .route("/openapi.json", get(openapi))
+        .method_not_allowed_fallback(middleware::method_not_allowed)
+        .fallback(middleware::not_found)
+        .layer(body_limit)
+        .with_state(state);
+    if let Some(key) = api_key {
+        router = router.layer(axum::middleware::from_fn_with_state(
+            key,
+            middleware::require_api_key,
+        ));
+    }
+    router = router.layer(axum::middleware::from_fn(middleware::log_requests));
+    // Outermost, so that preflight requests are answered without a key and that errors,
+    // 401s included, carry the headers a browser needs to read them.
+    if let Some(cors) = cors {
+        router = router.layer(cors);
+    }
+    router
+}
+
+fn cors(origins: &[String]) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
+    let allow_origin = if origins.iter().any(|origin| origin == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|origin| {
+            HeaderValue::from_str(origin)
+                .inspect_err(|_| tracing::warn!(%origin, "ignoring unusable CORS origin"))
+                .ok()
+        }))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow_origin)
+            .allow_methods([Method::GET, Method::POST])
+            // A wildcard would not cover `Authorization`, so echo what the browser asks for.
+            .allow_headers(AllowHeaders::mirror_request())
+            .max_age(Duration::from_secs(3600)),
+    )
+}
+
+async fn chat_completions(
+    State(state): State<AppState>,
+    log: RequestLog,
+    JsonObject(body): JsonObject,
+) -> Result<Response, ApiError> {
+    let parsed = request::chat(&body, state.config.default_max_tokens)?;
+    respond(&state, Api::Chat, parsed, log).await
+}
+
+async fn completions(
+    State(state): State<AppState>,
+    log: RequestLog,
+    JsonObject(body): JsonObject,
+) -> Result<Response, ApiError> {
+    let parsed = request::completion(&body, state.config.default_max_tokens)?;
+    respond(&state, Api::Completion, parsed, log).await
+}
+
+fn model_object(card: &ModelCard) -> Value {
+    json!({
+        "id": card.id,
+        "object": "model",
+        "created": card.created,
+        "owned_by": card.owned_by,
+        "context_length": card.context_length,
+    })
+}
+
+async fn list_models(State(state): State<AppState>) -> Json<Value> {
+    let data: Vec<Value> = state.engine.models().iter().map(model_object).collect();
+    Json(json!({"object": "list", "data": data}))
+}
+
+async fn get_model(
+    State(state): State<AppState>,
+    model: Result<Path<String>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Path(model) = model.map_err(|rejection| {
+        ApiError::invalid_param(
+            "model",
+            format!("unreadable model id: {}", rejection.body_text()),
+        )
+    })?;
+    let models = state.engine.models();
+    match models.iter().find(|card| card.id == model) {
+        Some(card) => Ok(Json(model_object(card))),
+        None => Err(ApiError::unknown_model(
+            &model,
+            models.into_iter().map(|card| card.id).collect(),
+        )),
+    }
+}
+
+async fn cluster(State(state): State<AppState>) -> Response {
+    Json(state.engine.cluster().await).into_response()
+}
+
+async fn healthz() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn openapi() -> Json<Value> {
+    Json(crate::openapi::openapi())
+}

@@ -1,0 +1,375 @@
+//! `POST /v1/chat/completions`: both response shapes and what reaches the engine.
+
+use exo_api::{ApiConfig, EngineError, FinishReason, GenerationRequest, Message, Prompt};
+use serde_json::{Value, json};
+
+use crate::fake::FakeEngine;
+use crate::support::{app, app_with, chat_body, post, sse_chunks, sse_data, with};
+
+#[tokio::test]
+async fn non_streaming_response_has_openai_shape() {
+    let engine = FakeEngine::new().build();
+    let reply = post(&app(&engine), "/v1/chat/completions", chat_body()).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert!(
+        reply
+            .header("content-type")
+            .unwrap()
+            .starts_with("application/json")
+    );
+    let body = reply.json();
+    assert!(
+        body["id"].as_str().unwrap().starts_with("chatcmpl-"),
+        "{body}"
+    );
+    assert_eq!(body["object"], "chat.completion");
+    assert!(body["created"].as_u64().unwrap() > 1_600_000_000);
+    assert_eq!(body["model"], "llama-3.2-1b");
+    assert_eq!(
+        body["choices"],
+        json!([{
+            "index": 0,
+            "message": {"role": "assistant", "content": "Hello, world!"},
+            "logprobs": null,
+            "finish_reason": "stop",
+        }])
+    );
+    assert_eq!(
+        body["usage"],
+        json!({"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10})
+    );
+}
+
+#[tokio::test]
+async fn ids_differ_between_requests() {
+    let engine = FakeEngine::new().build();
+    let app = app(&engine);
+    let first = post(&app, "/v1/chat/completions", chat_body()).await.json();
+    let second = post(&app, "/v1/chat/completions", chat_body()).await.json();
+    assert_ne!(first["id"], second["id"]);
+}
+
+#[tokio::test]
+async fn length_finish_reason_is_reported() {
+    let engine = FakeEngine::new()
+        .finish_reason(FinishReason::Length)
+        .build();
+    let body = post(&app(&engine), "/v1/chat/completions", chat_body())
+        .await
+        .json();
+    assert_eq!(body["choices"][0]["finish_reason"], "length");
+}
+
+#[tokio::test]
+async fn stream_sends_role_then_deltas_then_finish_then_done() {
+    let engine = FakeEngine::new().build();
+    let reply = post(
+        &app(&engine),
+        "/v1/chat/completions",
+        with(chat_body(), json!({"stream": true})),
+    )
+    .await;
+    assert_eq!(reply.header("cache-control"), Some("no-cache"));
+    let chunks = sse_chunks(&reply);
+    assert_eq!(chunks.len(), 5, "role, three pieces, finish: {chunks:?}");
+    let id = chunks[0]["id"].as_str().unwrap();
+    assert!(id.starts_with("chatcmpl-"));
+    for chunk in &chunks {
+        assert_eq!(chunk["object"], "chat.completion.chunk");
+        assert_eq!(chunk["id"], id);
+        assert_eq!(chunk["created"], chunks[0]["created"]);
+        assert_eq!(chunk["model"], "llama-3.2-1b");
+        assert!(
+            chunk.get("usage").is_none(),
+            "no usage unless asked: {chunk}"
+        );
+        assert_eq!(chunk["choices"].as_array().unwrap().len(), 1);
+        assert_eq!(chunk["choices"][0]["index"], 0);
+    }
+    assert_eq!(
+        chunks[0]["choices"][0]["delta"],
+        json!({"role": "assistant", "content": ""})
+    );
+    assert_eq!(chunks[0]["choices"][0]["finish_reason"], Value::Null);
+    for (chunk, piece) in chunks[1..4].iter().zip(["Hello", ", wor", "ld!"]) {
+        assert_eq!(chunk["choices"][0]["delta"], json!({"content": piece}));
+        assert_eq!(chunk["choices"][0]["finish_reason"], Value::Null);
+    }
+    assert_eq!(chunks[4]["choices"][0]["delta"], json!({}));
+    assert_eq!(chunks[4]["choices"][0]["finish_reason"], "stop");
+}
+
+#[tokio::test]
+async fn streamed_chunks_assemble_to_the_non_streamed_content() {
+    let engine = FakeEngine::new()
+        .pieces(&["Zwei ", "Wörter", " — und ", "ein 🦀", "\nZeilenumbruch"])
+        .build();
+    let app = app(&engine);
+    let whole = post(&app, "/v1/chat/completions", chat_body()).await.json();
+    let streamed = sse_chunks(
+        &post(
+            &app,
+            "/v1/chat/completions",
+            with(chat_body(), json!({"stream": true})),
+        )
+        .await,
+    );
+    let assembled: String = streamed
+        .iter()
+        .filter_map(|chunk| chunk["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(assembled, whole["choices"][0]["message"]["content"]);
+    assert_eq!(assembled, "Zwei Wörter — und ein 🦀\nZeilenumbruch");
+}
+
+#[tokio::test]
+async fn include_usage_adds_a_usage_chunk_and_null_usage_elsewhere() {
+    let engine = FakeEngine::new().build();
+    let chunks = sse_chunks(
+        &post(
+            &app(&engine),
+            "/v1/chat/completions",
+            with(
+                chat_body(),
+                json!({"stream": true, "stream_options": {"include_usage": true}}),
+            ),
+        )
+        .await,
+    );
+    let (last, rest) = chunks.split_last().unwrap();
+    assert_eq!(last["choices"], json!([]));
+    assert_eq!(last["object"], "chat.completion.chunk");
+    assert_eq!(
+        last["usage"],
+        json!({"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10})
+    );
+    assert_eq!(rest.len(), 5);
+    for chunk in rest {
+        assert_eq!(chunk["usage"], Value::Null, "{chunk}");
+        assert!(
+            chunk.get("usage").is_some(),
+            "usage is present as null: {chunk}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn request_fields_reach_the_engine() {
+    let engine = FakeEngine::new().build();
+    let body = json!({
+        "model": "llama-3.2-1b",
+        "messages": [
+            {"role": "developer", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]},
+            {"role": "assistant", "content": null},
+            {"role": "user", "content": "Again", "name": "bob"},
+        ],
+        "max_tokens": 50,
+        "max_completion_tokens": 20,
+        "temperature": 0.5,
+        "top_p": 0.9,
+        "seed": 42,
+        "stop": "\n\n",
+        "n": 1,
+        "presence_penalty": 0,
+        "frequency_penalty": 0.0,
+        "logprobs": false,
+        "user": "someone",
+        "metadata": {"anything": "goes"},
+    });
+    let reply = post(&app(&engine), "/v1/chat/completions", body).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let message = |role: &str, content: &str| Message {
+        role: role.into(),
+        content: content.into(),
+    };
+    assert_eq!(
+        engine.probe.requests(),
+        vec![GenerationRequest {
+            model: "llama-3.2-1b".into(),
+            prompt: Prompt::Chat(vec![
+                message("system", "Be brief."),
+                message("user", "Hi\nthere"),
+                message("assistant", ""),
+                message("user", "Again"),
+            ]),
+            max_tokens: Some(20),
+            temperature: 0.5,
+            top_p: 0.9,
+            seed: Some(42),
+            stop: vec!["\n\n".into()],
+        }]
+    );
+}
+
+#[tokio::test]
+async fn defaults_reach_the_engine_and_configured_max_tokens_applies() {
+    let engine = FakeEngine::new().build();
+    let config = ApiConfig {
+        default_max_tokens: Some(256),
+        ..ApiConfig::default()
+    };
+    let app = app_with(&engine, config);
+    post(&app, "/v1/chat/completions", chat_body()).await;
+    post(
+        &app,
+        "/v1/chat/completions",
+        with(chat_body(), json!({"max_tokens": 3, "stop": ["a", "b"]})),
+    )
+    .await;
+    let requests = engine.probe.requests();
+    assert_eq!(requests[0].max_tokens, Some(256));
+    assert_eq!(requests[0].temperature, 1.0);
+    assert_eq!(requests[0].top_p, 1.0);
+    assert_eq!(requests[0].seed, None);
+    assert!(requests[0].stop.is_empty());
+    assert_eq!(requests[1].max_tokens, Some(3));
+    assert_eq!(requests[1].stop, vec!["a".to_owned(), "b".to_owned()]);
+}
+
+#[tokio::test]
+async fn engine_error_before_the_first_chunk_is_an_http_error() {
+    let engine = FakeEngine::new()
+        .start_error(EngineError::Unavailable(
+            "not enough memory across nodes: need 3.1 GiB, have 2.0 GiB".into(),
+        ))
+        .build();
+    let app = app(&engine);
+    for stream in [false, true] {
+        let reply = post(
+            &app,
+            "/v1/chat/completions",
+            with(chat_body(), json!({"stream": stream})),
+        )
+        .await;
+        let message = reply.assert_error(503, None, Some("service_unavailable"));
+        assert_eq!(
+            message,
+            "not enough memory across nodes: need 3.1 GiB, have 2.0 GiB"
+        );
+    }
+}
+
+#[tokio::test]
+async fn engine_error_on_the_first_item_of_a_stream_is_an_http_error() {
+    let engine = FakeEngine::new().error_at(0, EngineError::Busy).build();
+    let reply = post(
+        &app(&engine),
+        "/v1/chat/completions",
+        with(chat_body(), json!({"stream": true})),
+    )
+    .await;
+    reply.assert_error(429, None, Some("rate_limit_exceeded"));
+}
+
+#[tokio::test]
+async fn engine_error_mid_stream_is_an_error_event_without_done() {
+    let engine = FakeEngine::new()
+        .error_at(
+            2,
+            EngineError::Unavailable("node desktop left the cluster".into()),
+        )
+        .build();
+    let reply = post(
+        &app(&engine),
+        "/v1/chat/completions",
+        with(chat_body(), json!({"stream": true})),
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+    let data = sse_data(&reply.text());
+    assert!(!data.iter().any(|d| d == "[DONE]"), "{data:?}");
+    let last: Value = serde_json::from_str(data.last().unwrap()).unwrap();
+    assert_eq!(
+        last,
+        json!({"error": {
+            "message": "node desktop left the cluster",
+            "type": "server_error",
+            "param": null,
+            "code": "service_unavailable",
+        }})
+    );
+    // Role chunk and the two pieces before the failure came first.
+    assert_eq!(data.len(), 4, "{data:?}");
+}
+
+#[tokio::test]
+async fn engine_error_mid_non_streamed_generation_is_an_http_error() {
+    let engine = FakeEngine::new()
+        .error_at(1, EngineError::Internal("stage 2 returned NaN".into()))
+        .build();
+    let reply = post(&app(&engine), "/v1/chat/completions", chat_body()).await;
+    let message = reply.assert_error(500, None, None);
+    assert_eq!(message, "internal error, see the node's log");
+    assert!(!reply.text().contains("NaN"));
+}
+
+#[tokio::test]
+async fn engine_errors_map_to_statuses() {
+    let cases = [
+        (
+            EngineError::ContextExceeded {
+                prompt_tokens: 100,
+                max_tokens: 9000,
+                context_length: 8192,
+            },
+            400,
+            Some("max_tokens"),
+            Some("context_length_exceeded"),
+        ),
+        (
+            EngineError::ContextExceeded {
+                prompt_tokens: 9000,
+                max_tokens: 16,
+                context_length: 8192,
+            },
+            400,
+            Some("messages"),
+            Some("context_length_exceeded"),
+        ),
+        (
+            EngineError::Invalid {
+                param: Some("stop".into()),
+                message: "stop strings longer than 64 bytes are not supported".into(),
+            },
+            400,
+            Some("stop"),
+            None,
+        ),
+        (EngineError::Busy, 429, None, Some("rate_limit_exceeded")),
+        (EngineError::Internal("oops".into()), 500, None, None),
+    ];
+    for (error, status, param, code) in cases {
+        let engine = FakeEngine::new().start_error(error.clone()).build();
+        let reply = post(&app(&engine), "/v1/chat/completions", chat_body()).await;
+        let message = reply.assert_error(status, param, code);
+        if status == 400 {
+            assert_eq!(message, error.to_string());
+        }
+    }
+}
+
+#[tokio::test]
+async fn busy_engine_response_says_when_to_retry() {
+    let engine = FakeEngine::new().start_error(EngineError::Busy).build();
+    let reply = post(&app(&engine), "/v1/chat/completions", chat_body()).await;
+    assert_eq!(reply.status, 429);
+    assert_eq!(reply.header("retry-after"), Some("1"));
+}
+
+#[tokio::test]
+async fn unknown_model_is_404_listing_available_models() {
+    let engine = FakeEngine::new().build();
+    let reply = post(
+        &app(&engine),
+        "/v1/chat/completions",
+        with(chat_body(), json!({"model": "gpt-4o"})),
+    )
+    .await;
+    let message = reply.assert_error(404, Some("model"), Some("model_not_found"));
+    assert!(message.contains("gpt-4o"), "{message}");
+    assert!(
+        message.contains("llama-3.2-1b, meta-llama/Llama-3.2-1B"),
+        "{message}"
+    );
+}

@@ -1,0 +1,135 @@
+//! `POST /v1/completions`, the legacy text completions.
+
+use exo_api::Prompt;
+use serde_json::{Value, json};
+
+use crate::fake::FakeEngine;
+use crate::support::{app, completion_body, post, sse_chunks, with};
+
+#[tokio::test]
+async fn non_streaming_response_has_openai_shape() {
+    let engine = FakeEngine::new().build();
+    let reply = post(&app(&engine), "/v1/completions", completion_body()).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let body = reply.json();
+    assert!(body["id"].as_str().unwrap().starts_with("cmpl-"), "{body}");
+    assert_eq!(body["object"], "text_completion");
+    assert_eq!(body["model"], "llama-3.2-1b");
+    assert!(body["created"].as_u64().is_some());
+    assert_eq!(
+        body["choices"],
+        json!([{"text": "Hello, world!", "index": 0, "logprobs": null, "finish_reason": "stop"}])
+    );
+    assert_eq!(body["usage"]["total_tokens"], 10);
+    assert_eq!(
+        engine.probe.requests()[0].prompt,
+        Prompt::Text("Once upon a time".into())
+    );
+}
+
+#[tokio::test]
+async fn stream_sends_text_chunks_then_finish_then_usage_then_done() {
+    let engine = FakeEngine::new().build();
+    let chunks = sse_chunks(
+        &post(
+            &app(&engine),
+            "/v1/completions",
+            with(
+                completion_body(),
+                json!({"stream": true, "stream_options": {"include_usage": true}}),
+            ),
+        )
+        .await,
+    );
+    assert_eq!(chunks.len(), 5, "three pieces, finish, usage: {chunks:?}");
+    for chunk in &chunks {
+        assert_eq!(chunk["object"], "text_completion");
+        assert_eq!(chunk["id"], chunks[0]["id"]);
+    }
+    let texts: Vec<&str> = chunks[..3]
+        .iter()
+        .map(|chunk| chunk["choices"][0]["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, ["Hello", ", wor", "ld!"]);
+    for chunk in &chunks[..3] {
+        assert_eq!(chunk["choices"][0]["finish_reason"], Value::Null);
+        assert_eq!(chunk["usage"], Value::Null);
+    }
+    assert_eq!(
+        chunks[3]["choices"],
+        json!([{"text": "", "index": 0, "logprobs": null, "finish_reason": "stop"}])
+    );
+    assert_eq!(chunks[4]["choices"], json!([]));
+    assert_eq!(
+        chunks[4]["usage"],
+        json!({"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10})
+    );
+}
+
+#[tokio::test]
+async fn prompt_may_be_an_array_of_one_string() {
+    let engine = FakeEngine::new().build();
+    let reply = post(
+        &app(&engine),
+        "/v1/completions",
+        with(completion_body(), json!({"prompt": ["In the beginning"]})),
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(
+        engine.probe.requests()[0].prompt,
+        Prompt::Text("In the beginning".into())
+    );
+}
+
+#[tokio::test]
+async fn unsupported_prompts_and_options_are_400() {
+    let engine = FakeEngine::new().build();
+    let app = app(&engine);
+    let cases = [
+        (json!({"prompt": ["a", "b"]}), "prompt"),
+        (json!({"prompt": []}), "prompt"),
+        (json!({"prompt": [1, 2, 3]}), "prompt"),
+        (json!({"prompt": [[1, 2, 3]]}), "prompt"),
+        (json!({"prompt": 5}), "prompt"),
+        (json!({"echo": true}), "echo"),
+        (json!({"best_of": 3}), "best_of"),
+        (json!({"suffix": "the end"}), "suffix"),
+        (json!({"logprobs": 5}), "logprobs"),
+        (json!({"n": 2}), "n"),
+        (json!({"max_tokens": 0}), "max_tokens"),
+    ];
+    for (fields, param) in cases {
+        let reply = post(
+            &app,
+            "/v1/completions",
+            with(completion_body(), fields.clone()),
+        )
+        .await;
+        let message = reply.assert_error(400, Some(param), None);
+        assert!(!message.is_empty(), "{fields}");
+    }
+    let mut missing = completion_body();
+    missing.as_object_mut().unwrap().remove("prompt");
+    let reply = post(&app, "/v1/completions", missing).await;
+    reply.assert_error(400, Some("prompt"), None);
+    assert!(engine.probe.requests().is_empty());
+
+    // The neutral values of the unsupported options are accepted.
+    let neutral = json!({"echo": false, "best_of": 1, "suffix": null, "logprobs": null});
+    let reply = post(&app, "/v1/completions", with(completion_body(), neutral)).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+}
+
+#[tokio::test]
+async fn context_overflow_blames_the_prompt_field() {
+    let engine = FakeEngine::new()
+        .start_error(exo_api::EngineError::ContextExceeded {
+            prompt_tokens: 10_000,
+            max_tokens: 16,
+            context_length: 8192,
+        })
+        .build();
+    let reply = post(&app(&engine), "/v1/completions", completion_body()).await;
+    reply.assert_error(400, Some("prompt"), Some("context_length_exceeded"));
+}

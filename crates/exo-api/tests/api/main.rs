@@ -1,0 +1,15 @@
+//! The HTTP API against a scripted fake engine: in-process through `router` + `oneshot`, and
+//! over a real socket through `serve` where disconnects and shutdown matter.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod access;
+mod chat;
+mod completions;
+mod errors;
+mod fake;
+mod logging;
+mod models;
+mod openapi;
+mod queue;
+mod serve;
+mod support;
