@@ -57,6 +57,44 @@ pub(crate) struct ServeArgs {
     /// Tokens generated when a request does not say.
     #[arg(long, default_value_t = 256)]
     pub(crate) default_max_tokens: usize,
+    #[command(flatten)]
+    pub(crate) api: ApiArgs,
+}
+
+/// The OpenAI-compatible HTTP API's flags (shared with `exo-gateway`'s).
+#[derive(Args, Debug)]
+pub(crate) struct ApiArgs {
+    /// Where the OpenAI-compatible HTTP API listens (point clients at http://ADDR/v1).
+    #[arg(long, default_value = "127.0.0.1:52415")]
+    pub(crate) api_addr: SocketAddr,
+    /// Do not serve the HTTP API on this node.
+    #[arg(long)]
+    pub(crate) no_api: bool,
+    /// Require this key as `Authorization: Bearer KEY` on every /v1 request.
+    #[arg(long, env = "EXO_API_KEY", hide_env_values = true)]
+    pub(crate) api_key: Option<String>,
+    /// Allow browsers on this origin to call the API (may be repeated; `*` for any). Off by
+    /// default.
+    #[arg(long = "cors-origin")]
+    pub(crate) cors_origins: Vec<String>,
+    /// Generations run at once; more wait in the queue.
+    #[arg(long, default_value_t = 4)]
+    pub(crate) max_concurrent: usize,
+    /// Requests that may wait; beyond that the API answers 429.
+    #[arg(long, default_value_t = 64)]
+    pub(crate) max_queued: usize,
+}
+
+impl ApiArgs {
+    pub(crate) fn config(&self) -> exo_api::ApiConfig {
+        exo_api::ApiConfig {
+            api_key: self.api_key.clone().filter(|k| !k.is_empty()),
+            cors_origins: self.cors_origins.clone(),
+            max_concurrent: self.max_concurrent.max(1),
+            max_queued: self.max_queued,
+            ..exo_api::ApiConfig::default()
+        }
+    }
 }
 
 /// Parses `512MiB`, `2GiB`, `3G`, `1.5GB` or a plain number of bytes.
@@ -133,8 +171,29 @@ pub(crate) fn run(args: ServeArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    let api = (!args.api.no_api).then(|| (args.api.api_addr, args.api.config()));
     runtime.block_on(async move {
-        let node = Node::start(config).await?;
+        // Bind the API first: a port in use is an error before anything else starts.
+        let api_listener = match &api {
+            Some((address, _)) => Some(
+                tokio::net::TcpListener::bind(address)
+                    .await
+                    .with_context(|| format!("binding the API to {address} (use --api-addr or --no-api)"))?,
+            ),
+            None => None,
+        };
+        let node = std::sync::Arc::new(Node::start(config).await?);
+        let (api_stop, api_stopped) = tokio::sync::oneshot::channel::<()>();
+        let api_task = match (api_listener, api) {
+            (Some(listener), Some((address, api_config))) => {
+                eprintln!("exo-node: OpenAI-compatible API at http://{address}/v1");
+                let engine = std::sync::Arc::new(exo_cluster::NodeEngine::new(std::sync::Arc::clone(&node)));
+                Some(tokio::spawn(exo_api::serve(listener, engine, api_config, async move {
+                    let _ = api_stopped.await;
+                })))
+            }
+            _ => None,
+        };
         eprintln!(
             "exo-node: serving {} as node {}; shard service at {}",
             node.model_name(),
@@ -169,6 +228,11 @@ pub(crate) fn run(args: ServeArgs) -> Result<()> {
             () = shutdown_signal() => {}
         }
         eprintln!("exo-node: leaving the cluster");
+        let _ = api_stop.send(());
+        if let Some(task) = api_task {
+            // Streams in flight get a moment to finish.
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
         tokio::time::timeout(Duration::from_secs(10), node.shutdown())
             .await
             .context("leaving the cluster took too long")??;

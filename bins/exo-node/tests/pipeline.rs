@@ -6,147 +6,17 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use exo_transport::testing::{RawFrame, send_raw_frame};
 use exo_transport::{Code, Credential, Limits, ShardClient};
 
-const KEY: &str = "5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed";
+mod common;
+
+use common::{KEY, exo_node, start_cluster};
+
 const QUESTION: &str = "What is the capital of France?";
-
-fn exo_node() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_exo-node"))
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct NodeProc {
-    child: Child,
-    grpc: String,
-    log: Arc<Mutex<Vec<String>>>,
-    _home: tempfile::TempDir,
-}
-
-impl NodeProc {
-    fn log_text(&self) -> String {
-        self.log.lock().unwrap().join("\n")
-    }
-
-    /// Resident and peak resident memory, bytes (Linux).
-    fn memory(&self) -> (u64, u64) {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        let field = |name: &str| -> u64 {
-            let line = status.lines().find(|l| l.starts_with(name)).unwrap();
-            line.split_whitespace()
-                .nth(1)
-                .unwrap()
-                .parse::<u64>()
-                .unwrap()
-                * 1024
-        };
-        (field("VmRSS:"), field("VmHWM:"))
-    }
-}
-
-struct Cluster {
-    nodes: Vec<NodeProc>,
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for node in &mut self.nodes {
-            let _ = node.child.kill();
-            let _ = node.child.wait();
-        }
-    }
-}
-
-/// Starts `n` nodes that know each other as static peers (no mDNS), each offering
-/// `memory_limit`, and waits until every one has joined a plan of `n` stages.
-fn start_cluster(n: usize, memory_limit: &str, extra: &[&str]) -> Cluster {
-    let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
-    let mut nodes = Vec::new();
-    for (i, port) in ports.iter().enumerate() {
-        let home = tempfile::tempdir().unwrap();
-        let grpc_port = free_port();
-        let mut cmd = exo_node();
-        cmd.env("EXO_HOME", home.path())
-            .env("EXO_LOG", "info")
-            .env("NO_COLOR", "1")
-            .args([
-                "serve",
-                "--no-mdns",
-                "--cluster-key",
-                KEY,
-                "--memory-limit",
-                memory_limit,
-            ])
-            .args(["--listen", &format!("/ip4/127.0.0.1/tcp/{port}")])
-            .args(["--grpc-listen", &format!("127.0.0.1:{grpc_port}")])
-            .args(extra);
-        for (j, other) in ports.iter().enumerate() {
-            if i != j {
-                cmd.args(["--peer", &format!("/ip4/127.0.0.1/tcp/{other}")]);
-            }
-        }
-        // The model comes from the cache the default-model tests fill ($EXO_HOME of the test
-        // run), not from the node's empty home.
-        cmd.args(["--model", default_model().to_str().unwrap()]);
-        let mut child = cmd
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&log);
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
-        nodes.push(NodeProc {
-            child,
-            grpc: format!("http://127.0.0.1:{grpc_port}"),
-            log,
-            _home: home,
-        });
-    }
-    let cluster = Cluster { nodes };
-    let want = format!("{n} stage(s)");
-    let deadline = Instant::now() + Duration::from_secs(90);
-    for node in &cluster.nodes {
-        while !node.log_text().contains(&want) {
-            assert!(
-                Instant::now() < deadline,
-                "no {n}-stage plan within 90 s; log:\n{}",
-                node.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-    cluster
-}
-
-fn default_model() -> std::path::PathBuf {
-    let out = exo_node().args(["models", "fetch"]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    std::path::PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-}
 
 /// Greedy ids (EOS ignored) and text from `generate`, locally or through `--node`.
 fn generate(extra: &[&str]) -> (Vec<u32>, String, String) {
@@ -331,7 +201,7 @@ fn killing_a_node_fails_the_request_in_flight_quickly() {
     let mut first = [0u8; 16];
     std::io::Read::read_exact(&mut stdout, &mut first).unwrap();
     let victim = cluster.nodes.iter_mut().find(|n| n.grpc != origin).unwrap();
-    victim.child.kill().unwrap();
+    victim.proc.child.kill().unwrap();
     let killed = Instant::now();
     let deadline = killed + Duration::from_secs(15);
     let status = loop {

@@ -9,15 +9,23 @@
 //! - the node that receives a request (through [`Node::generate`], the gRPC `Generate` call or
 //!   the HTTP API) tokenizes it, drives the stages, and streams text back.
 //!
+//! It also implements the API crate's engine trait twice ([`NodeEngine`] over a node's own
+//! runtime, [`GatewayEngine`] for a gateway that computes nothing and forwards to a node), and
+//! runs a gateway ([`run_gateway`]).
+//!
 //! This crate is the only place that knows all of them; it must NOT know HTTP or the OpenAI
-//! wire format (the API crate reaches it through its engine trait, implemented in the binary).
+//! wire format: those stay in `exo-api`, which sees only its engine trait's plain types.
 
+mod api;
 mod error;
+mod gateway;
 mod node;
 mod origin;
 mod planning;
 mod runtime;
 
+pub use api::{GatewayEngine, NodeEngine};
 pub use error::{Error, Result};
-pub use node::{ClusterConfig, Node, PlanState, run};
+pub use gateway::{GatewayConfig, run_gateway};
+pub use node::{ClusterConfig, Node, PlanState, run, shutdown_signal};
 pub use planning::{ActivePlan, model_profile};

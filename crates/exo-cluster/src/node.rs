@@ -80,8 +80,8 @@ pub struct Node {
     runtime: Arc<Runtime>,
     topology: Topology,
     endpoint: String,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    stop: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl Node {
@@ -190,8 +190,8 @@ impl Node {
             runtime,
             topology,
             endpoint,
-            stop: Some(stop),
-            tasks: vec![server, planner],
+            stop: Mutex::new(Some(stop)),
+            tasks: Mutex::new(vec![server, planner]),
         })
     }
 
@@ -213,6 +213,19 @@ impl Node {
     /// The model's context length.
     pub fn context_length(&self) -> usize {
         self.runtime.config.max_position_embeddings
+    }
+
+    /// Whether `model` names the model this node serves (with or without `.gguf`).
+    pub fn serves_model(&self, model: &str) -> bool {
+        self.runtime.model_matches(model)
+    }
+
+    /// Tokens `prompt` takes once templated.
+    pub fn count_prompt_tokens(
+        &self,
+        prompt: &exo_transport::Prompt,
+    ) -> exo_transport::Result<usize> {
+        self.runtime.prompt_ids(prompt).map(|ids| ids.len())
     }
 
     /// The membership client.
@@ -238,15 +251,22 @@ impl Node {
         crate::origin::start(Arc::clone(&self.runtime), call).await
     }
 
-    /// Stops serving and leaves the cluster.
-    pub async fn shutdown(mut self) -> Result<()> {
-        if let Some(stop) = self.stop.take() {
+    /// Stops serving and leaves the cluster (the others see it go at once).
+    pub async fn shutdown(&self) -> Result<()> {
+        if let Some(stop) = self.stop.lock().ok().and_then(|mut s| s.take()) {
             let _ = stop.send(());
         }
-        for task in &self.tasks[1..] {
-            task.abort();
+        let tasks = self
+            .tasks
+            .lock()
+            .map(|mut t| std::mem::take(&mut *t))
+            .unwrap_or_default();
+        let mut tasks = tasks.into_iter();
+        let server = tasks.next();
+        tasks.for_each(|t| t.abort());
+        if let Some(server) = server {
+            let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
         }
-        let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.tasks[0]).await;
         self.topology.clone().shutdown().await?;
         Ok(())
     }
@@ -380,4 +400,28 @@ pub async fn run(config: ClusterConfig, shutdown: impl Future<Output = ()>) -> R
     let node = Node::start(config).await?;
     shutdown.await;
     node.shutdown().await
+}
+
+/// Ctrl-C, or SIGTERM on Unix.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
 }

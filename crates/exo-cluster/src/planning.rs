@@ -101,7 +101,7 @@ pub fn model_profile(checkpoint: &Checkpoint, weights: Weights, wire: WireDtype)
 /// A shard service endpoint as a peer announced it, made reachable: an unspecified host
 /// (`0.0.0.0`, the node listens everywhere) is replaced by the address its membership
 /// connection came from.
-fn reachable(endpoint: &str, peer_addresses: &[String]) -> String {
+pub(crate) fn reachable(endpoint: &str, peer_addresses: &[String]) -> String {
     let Some(rest) = endpoint.strip_prefix("http://0.0.0.0:") else {
         return endpoint.to_owned();
     };

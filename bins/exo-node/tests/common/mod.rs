@@ -1,0 +1,173 @@
+//! Running `exo-node serve` processes on loopback for the multi-node tests.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const KEY: &str = "5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed";
+
+pub fn exo_node() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_exo-node"))
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The default model, fetched into the test run's $EXO_HOME if needed.
+pub fn default_model() -> PathBuf {
+    let out = exo_node().args(["models", "fetch"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+/// A child process whose stderr is collected line by line.
+pub struct Proc {
+    pub child: Child,
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    pub fn spawn(mut cmd: Command) -> Proc {
+        let mut child = cmd
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Proc { child, log }
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// Waits until the log contains `text`.
+    pub fn wait_for(&self, text: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        while !self.log_text().contains(text) {
+            assert!(
+                Instant::now() < deadline,
+                "`{text}` not logged within {within:?}; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Resident and peak resident memory, bytes (Linux).
+    pub fn memory(&self) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let field = |name: &str| -> u64 {
+            let line = status.lines().find(|l| l.starts_with(name)).unwrap();
+            line.split_whitespace()
+                .nth(1)
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+                * 1024
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One `exo-node serve`.
+pub struct NodeProc {
+    pub proc: Proc,
+    /// Its shard service.
+    pub grpc: String,
+    /// Its HTTP API (`http://127.0.0.1:PORT/v1`).
+    pub api: String,
+    /// Its membership address.
+    pub membership: String,
+    _home: tempfile::TempDir,
+}
+
+impl std::ops::Deref for NodeProc {
+    type Target = Proc;
+
+    fn deref(&self) -> &Proc {
+        &self.proc
+    }
+}
+
+pub struct Cluster {
+    pub nodes: Vec<NodeProc>,
+}
+
+/// Starts `n` nodes with cluster key `key` that know each other as static peers (no mDNS),
+/// each offering `memory_limit`, and waits until every one has joined a plan of `n` stages.
+pub fn start_cluster_with_key(n: usize, memory_limit: &str, key: &str, extra: &[&str]) -> Cluster {
+    let model = default_model();
+    let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+    let mut nodes = Vec::new();
+    for (i, port) in ports.iter().enumerate() {
+        let home = tempfile::tempdir().unwrap();
+        let (grpc_port, api_port) = (free_port(), free_port());
+        let mut cmd = exo_node();
+        cmd.env("EXO_HOME", home.path())
+            .env("EXO_LOG", "info")
+            .args([
+                "serve",
+                "--no-mdns",
+                "--cluster-key",
+                key,
+                "--memory-limit",
+                memory_limit,
+            ])
+            .args(["--listen", &format!("/ip4/127.0.0.1/tcp/{port}")])
+            .args(["--grpc-listen", &format!("127.0.0.1:{grpc_port}")])
+            .args(["--api-addr", &format!("127.0.0.1:{api_port}")])
+            .args(["--model", model.to_str().unwrap()])
+            .args(extra);
+        for (j, other) in ports.iter().enumerate() {
+            if i != j {
+                cmd.args(["--peer", &format!("/ip4/127.0.0.1/tcp/{other}")]);
+            }
+        }
+        nodes.push(NodeProc {
+            proc: Proc::spawn(cmd),
+            grpc: format!("http://127.0.0.1:{grpc_port}"),
+            api: format!("http://127.0.0.1:{api_port}/v1"),
+            membership: format!("/ip4/127.0.0.1/tcp/{port}"),
+            _home: home,
+        });
+    }
+    let want = format!("{n} stage(s)");
+    for node in &nodes {
+        node.wait_for(&want, Duration::from_secs(90));
+    }
+    Cluster { nodes }
+}
+
+pub fn start_cluster(n: usize, memory_limit: &str, extra: &[&str]) -> Cluster {
+    start_cluster_with_key(n, memory_limit, KEY, extra)
+}

@@ -1,0 +1,280 @@
+//! A gateway: joins the cluster as an observer (it computes nothing and is never given
+//! layers), serves the HTTP API, and forwards each request to a node that serves the model.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use exo_api::{
+    ApiConfig, ClusterView, EngineError, GenerationRequest, ModelCard, PlanView, StageView,
+};
+use exo_topology::{NodeRole, Topology, TopologyConfig, TopologySnapshot};
+use exo_transport::{Credential, Limits, ShardClient};
+use futures::StreamExt;
+use futures::future::BoxFuture;
+
+use crate::api::{Events, Source, engine_error, model_id, now_s, relay, to_call, view_of};
+use crate::error::{Error, Result};
+use crate::planning::reachable;
+
+/// Everything a gateway needs.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// Membership settings; the gateway joins as an observer whatever `role` says.
+    pub topology: TopologyConfig,
+    /// Where the HTTP API listens.
+    pub api_listen: SocketAddr,
+    /// The API's settings (key, CORS, queue).
+    pub api: ApiConfig,
+    /// Frame size limits for calls to nodes.
+    pub limits: Limits,
+}
+
+/// Serves the API for the cluster's nodes, forwarding every request to one of them.
+#[derive(Debug)]
+pub struct GatewayEngine {
+    topology: Topology,
+    credential: Credential,
+    limits: Limits,
+    snapshot: Arc<Mutex<Option<TopologySnapshot>>>,
+    clients: Mutex<HashMap<String, ShardClient>>,
+    next: AtomicUsize,
+    created: u64,
+}
+
+/// A worker the gateway can send requests to.
+struct Worker {
+    id: String,
+    endpoint: String,
+    models: Vec<String>,
+}
+
+impl GatewayEngine {
+    /// An engine that forwards through `topology`'s cluster, keeping its view of the members
+    /// up to date on a background task.
+    pub async fn start(topology: Topology, limits: Limits) -> Result<Self> {
+        let credential = Credential::new(topology.derive_secret(Credential::PURPOSE));
+        let (first, mut events) = topology.subscribe().await?;
+        let snapshot = Arc::new(Mutex::new(Some(first)));
+        let (watch, view) = (topology.clone(), Arc::clone(&snapshot));
+        tokio::spawn(async move {
+            while events.next().await.is_some() {
+                let Ok(now) = watch.snapshot().await else {
+                    return;
+                };
+                if let Ok(mut slot) = view.lock() {
+                    *slot = Some(now);
+                }
+            }
+        });
+        Ok(GatewayEngine {
+            topology,
+            credential,
+            limits,
+            snapshot,
+            clients: Mutex::new(HashMap::new()),
+            next: AtomicUsize::new(0),
+            created: now_s(),
+        })
+    }
+
+    fn snapshot(&self) -> Option<TopologySnapshot> {
+        self.snapshot.lock().ok().and_then(|s| s.clone())
+    }
+
+    fn workers(&self) -> Vec<Worker> {
+        let Some(snapshot) = self.snapshot() else {
+            return Vec::new();
+        };
+        let mut workers: Vec<Worker> = snapshot
+            .nodes
+            .iter()
+            .filter(|p| p.profile.role == NodeRole::Worker)
+            .filter_map(|p| {
+                Some(Worker {
+                    id: p.profile.id.as_str().to_owned(),
+                    endpoint: reachable(p.profile.grpc_endpoint.as_deref()?, &p.addresses),
+                    models: p.profile.models.iter().map(|m| model_id(&m.name)).collect(),
+                })
+            })
+            .collect();
+        workers.sort_by(|a, b| a.id.cmp(&b.id));
+        workers
+    }
+
+    async fn client(&self, endpoint: &str) -> exo_transport::Result<ShardClient> {
+        if let Some(c) = self
+            .clients
+            .lock()
+            .ok()
+            .and_then(|m| m.get(endpoint).cloned())
+        {
+            return Ok(c);
+        }
+        let client = ShardClient::connect(endpoint, Some(&self.credential), self.limits).await?;
+        if let Ok(mut map) = self.clients.lock() {
+            map.insert(endpoint.to_owned(), client.clone());
+        }
+        Ok(client)
+    }
+
+    fn forget(&self, endpoint: &str) {
+        if let Ok(mut map) = self.clients.lock() {
+            map.remove(endpoint);
+        }
+    }
+
+    /// The membership client.
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+}
+
+impl exo_api::Engine for GatewayEngine {
+    fn models(&self) -> Vec<ModelCard> {
+        let mut ids: Vec<String> = self.workers().into_iter().flat_map(|w| w.models).collect();
+        ids.sort();
+        ids.dedup();
+        ids.into_iter()
+            .map(|id| ModelCard {
+                id,
+                created: self.created,
+                owned_by: "exo-rs".to_owned(),
+                // The gateway does not read models; nodes check the context.
+                context_length: 0,
+            })
+            .collect()
+    }
+
+    fn cluster(&self) -> BoxFuture<'_, ClusterView> {
+        Box::pin(async move {
+            let (nodes, links) = self.snapshot().as_ref().map(view_of).unwrap_or_default();
+            // The plan in force, as the nodes report what they hold.
+            let mut stages = Vec::new();
+            let mut epoch = 0;
+            let mut model = String::new();
+            for worker in self.workers() {
+                let Ok(client) = self.client(&worker.endpoint).await else {
+                    continue;
+                };
+                if let Ok(status) = client.status().await
+                    && status.ready
+                {
+                    epoch = status.epoch;
+                    model = model_id(&status.model);
+                    stages.push(StageView {
+                        node: status.node_id,
+                        layers_start: status.layers.start,
+                        layers_end: status.layers.end,
+                        embeds: status.layers.start == 0,
+                        has_head: false,
+                    });
+                }
+            }
+            stages.sort_by_key(|s| s.layers_start);
+            if let Some(last) = stages.last_mut() {
+                last.has_head = true;
+            }
+            let plan = (!stages.is_empty()).then(|| PlanView {
+                epoch: format!("{epoch:016x}"),
+                model,
+                stages,
+                predicted_decode_tokens_per_s: None,
+                predicted_time_to_first_token_ms: None,
+                explanation: vec!["as reported by the nodes to this gateway".to_owned()],
+            });
+            let status = if plan.is_some() {
+                "ready"
+            } else {
+                "no node holds layers yet"
+            };
+            ClusterView {
+                nodes,
+                links,
+                plan,
+                status: status.to_owned(),
+            }
+        })
+    }
+
+    fn generate(&self, request: GenerationRequest) -> BoxFuture<'_, Result<Events, EngineError>> {
+        Box::pin(async move {
+            let workers = self.workers();
+            let available: Vec<String> = {
+                let mut ids: Vec<String> = workers.iter().flat_map(|w| w.models.clone()).collect();
+                ids.sort();
+                ids.dedup();
+                ids
+            };
+            let wanted = model_id(&request.model);
+            let serving: Vec<&Worker> = workers
+                .iter()
+                .filter(|w| w.models.contains(&wanted))
+                .collect();
+            if serving.is_empty() {
+                if workers.is_empty() {
+                    return Err(EngineError::Unavailable(
+                        "no node has joined the cluster yet".to_owned(),
+                    ));
+                }
+                return Err(EngineError::UnknownModel {
+                    model: request.model.clone(),
+                    available,
+                });
+            }
+            let call = to_call(&request);
+            let start = self.next.fetch_add(1, Ordering::Relaxed);
+            let mut last_error = None;
+            // Try the nodes in turn, so one that just left does not fail the request.
+            for i in 0..serving.len() {
+                let worker = serving[(start + i) % serving.len()];
+                let outcome =
+                    async { self.client(&worker.endpoint).await?.generate(&call).await }.await;
+                match outcome {
+                    Ok(stream) => {
+                        tracing::debug!(node = %worker.id, "forwarded a request");
+                        return Ok(relay(Source::Remote(Box::new(stream)), available));
+                    }
+                    Err(e) if e.code() == exo_transport::Code::Unavailable => {
+                        self.forget(&worker.endpoint);
+                        last_error = Some(e);
+                    }
+                    Err(e) => return Err(engine_error(&e, &available)),
+                }
+            }
+            Err(last_error.map_or_else(
+                || EngineError::Unavailable("no node answered".to_owned()),
+                |e| engine_error(&e, &available),
+            ))
+        })
+    }
+}
+
+/// Runs a gateway until `shutdown` resolves.
+pub async fn run_gateway(
+    config: GatewayConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let mut topology = config.topology;
+    topology.role = NodeRole::Observer;
+    topology.backend = "none".to_owned();
+    topology.grpc_endpoint = None;
+    topology.models = Vec::new();
+    let listener = tokio::net::TcpListener::bind(config.api_listen)
+        .await
+        .map_err(|source| Error::Listen {
+            address: config.api_listen.to_string(),
+            source,
+        })?;
+    let topology = Topology::start(topology).await?;
+    let engine = Arc::new(GatewayEngine::start(topology.clone(), config.limits).await?);
+    tracing::info!(address = %config.api_listen, "gateway serving the API");
+    let served = exo_api::serve(listener, engine, config.api, shutdown).await;
+    topology.shutdown().await?;
+    served.map_err(|source| Error::Listen {
+        address: config.api_listen.to_string(),
+        source,
+    })
+}
