@@ -14,7 +14,7 @@ use exo_transport::{Code, Credential, Limits, ShardClient};
 
 mod common;
 
-use common::{KEY, exo_node, start_cluster};
+use common::{KEY, exo_node, http, start_cluster};
 
 const QUESTION: &str = "What is the capital of France?";
 
@@ -178,6 +178,82 @@ fn three_nodes_answer_like_one_and_hold_only_their_layers() {
     });
     let (ids, _, _) = generate(&["--node", &cluster.nodes[0].grpc]);
     assert_eq!(ids, single, "the cluster still answers correctly");
+
+    // The API of any node shows the plan.
+    let (status, body) = http(&cluster.nodes[1].api, "GET", "/v1/cluster", None);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body.matches("\"layers_start\"").count(), 3, "{body}");
+    assert_eq!(body.matches("\"is_self\":true").count(), 1, "{body}");
+
+    // A streaming client that goes away cancels its request on every stage.
+    {
+        use std::io::{Read, Write};
+        let host = cluster.nodes[0]
+            .api
+            .trim_start_matches("http://")
+            .trim_end_matches("/v1")
+            .to_owned();
+        let mut stream = std::net::TcpStream::connect(&host).unwrap();
+        let body = r#"{"model":"SmolLM2-135M-Instruct.Q4_1","messages":[{"role":"user","content":"Tell me a long story."}],"max_tokens":4000,"stream":true}"#;
+        write!(
+            stream,
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut first = [0u8; 512];
+        let n = stream.read(&mut first).unwrap();
+        assert!(String::from_utf8_lossy(&first[..n]).contains("200 OK"));
+        let busy = rt.block_on(async {
+            let c = ShardClient::connect(
+                &cluster.nodes[2].grpc,
+                Some(&credential()),
+                Limits::default(),
+            )
+            .await
+            .unwrap();
+            c.status().await.unwrap().active_requests
+        });
+        assert_eq!(busy, 1, "the last stage holds the streaming request");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for node in &cluster.nodes {
+        rt.block_on(async {
+            let c = ShardClient::connect(&node.grpc, Some(&credential()), Limits::default())
+                .await
+                .unwrap();
+            loop {
+                let active = c.status().await.unwrap().active_requests;
+                if active == 0 {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{active} requests still held after the client left"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+    }
+}
+
+#[test]
+fn a_cluster_without_enough_memory_answers_503_and_says_why() {
+    // One node offering 40 MiB cannot hold the model; it waits, and its API says why.
+    let mut nodes = common::spawn_nodes(1, "40MiB", KEY, &[]);
+    let node = nodes.remove(0);
+    node.wait_for("waiting: cluster offers", Duration::from_secs(60));
+    let (status, body) = http(
+        &node.api,
+        "POST",
+        "/v1/chat/completions",
+        Some(
+            r#"{"model":"SmolLM2-135M-Instruct.Q4_1","messages":[{"role":"user","content":"Hi"}]}"#,
+        ),
+    );
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("short by"), "{body}");
+    assert!(body.contains("\"error\""), "{body}");
 }
 
 #[test]

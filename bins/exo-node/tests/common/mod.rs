@@ -126,6 +126,16 @@ pub struct Cluster {
 /// Starts `n` nodes with cluster key `key` that know each other as static peers (no mDNS),
 /// each offering `memory_limit`, and waits until every one has joined a plan of `n` stages.
 pub fn start_cluster_with_key(n: usize, memory_limit: &str, key: &str, extra: &[&str]) -> Cluster {
+    let nodes = spawn_nodes(n, memory_limit, key, extra);
+    let want = format!("{n} stage(s)");
+    for node in &nodes {
+        node.wait_for(&want, Duration::from_secs(90));
+    }
+    Cluster { nodes }
+}
+
+/// Starts `n` nodes as [`start_cluster_with_key`] does, without waiting for a plan.
+pub fn spawn_nodes(n: usize, memory_limit: &str, key: &str, extra: &[&str]) -> Vec<NodeProc> {
     let model = default_model();
     let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
     let mut nodes = Vec::new();
@@ -161,13 +171,41 @@ pub fn start_cluster_with_key(n: usize, memory_limit: &str, key: &str, extra: &[
             _home: home,
         });
     }
-    let want = format!("{n} stage(s)");
-    for node in &nodes {
-        node.wait_for(&want, Duration::from_secs(90));
-    }
-    Cluster { nodes }
+    nodes
 }
 
 pub fn start_cluster(n: usize, memory_limit: &str, extra: &[&str]) -> Cluster {
     start_cluster_with_key(n, memory_limit, KEY, extra)
+}
+
+/// One HTTP/1.1 request over a fresh connection; returns the status and the body.
+pub fn http(api: &str, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    use std::io::{Read, Write};
+    let host = api
+        .trim_start_matches("http://")
+        .trim_end_matches("/v1")
+        .to_owned();
+    let mut stream = std::net::TcpStream::connect(&host).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .unwrap();
+    let body = body.unwrap_or("");
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
 }
