@@ -6,8 +6,9 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-const USAGE: &str =
-    "usage: cargo xtask <ci | bench [--quick] [--runs N] [--llama-bench PATH | --no-llama]>";
+mod cluster;
+
+const USAGE: &str = "usage: cargo xtask <ci | bench [--quick] [--runs N] [--llama-bench PATH | --no-llama] [--no-cluster]>";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -342,11 +343,150 @@ fn bench(args: &[String]) -> Result<()> {
     if llama.is_some() {
         md.push_str(&side);
     }
+    if !args.iter().any(|a| a == "--no-cluster") {
+        cluster_tables(
+            &exe, &model, &prompt, tokens, runs, quick, &mut md, &mut json,
+        )?;
+    }
     let dir = target_dir().join("bench");
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("bench.md"), &md)?;
     std::fs::write(dir.join("bench.json"), format!("[{}]\n", json.join(",\n")))?;
     println!("{md}");
     println!("written to {}", dir.display());
+    Ok(())
+}
+
+/// Multi-node decode on loopback, and concurrent streams through the API.
+#[allow(clippy::too_many_arguments)]
+fn cluster_tables(
+    exe: &Path,
+    model: &Path,
+    prompt: &str,
+    tokens: usize,
+    runs: usize,
+    quick: bool,
+    md: &mut String,
+    json: &mut Vec<String>,
+) -> Result<()> {
+    use cluster::Layout;
+    let layouts = [
+        Layout {
+            name: "1 node, 1 core",
+            nodes: 1,
+            memory_limit: None,
+            threads: 1,
+            pin: true,
+        },
+        Layout {
+            name: "1 node, 2 cores",
+            nodes: 1,
+            memory_limit: None,
+            threads: 2,
+            pin: false,
+        },
+        Layout {
+            name: "2 nodes, 1 core each",
+            nodes: 2,
+            memory_limit: Some("120MiB"),
+            threads: 1,
+            pin: true,
+        },
+        Layout {
+            name: "3 nodes on 2 cores",
+            nodes: 3,
+            memory_limit: Some("80MiB"),
+            threads: 1,
+            pin: true,
+        },
+    ];
+    md.push_str(&format!(
+        "\nThrough the cluster on loopback (`exo-node serve` processes, `generate --node`, {tokens} tokens, \
+         f16 activations; cores pinned with taskset where it exists):\n\n\
+         | layout | decode tokens/s | TTFT ms | activation bytes/token/hop | resident MiB per node |\n|---|---|---|---|---|\n"
+    ));
+    for layout in &layouts {
+        let nodes = cluster::start(exe, model, layout, &[])?;
+        let origin = &nodes[0];
+        let mut decode = Vec::new();
+        let mut ttft = Vec::new();
+        for _ in 0..runs {
+            let (d, t) = cluster::generate_through(exe, origin, prompt, tokens)?;
+            decode.push(d);
+            ttft.push(t);
+        }
+        let mut per_hop = Vec::new();
+        for node in &nodes {
+            let s = cluster::status(exe, node)?;
+            let (bytes, positions) = (
+                s["activation_bytes_sent"].as_f64().unwrap_or(0.0),
+                s["activation_positions_sent"].as_f64().unwrap_or(0.0),
+            );
+            if positions > 0.0 {
+                per_hop.push(bytes / positions);
+            }
+        }
+        let rss: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("{:.0}", n.rss_mib()))
+            .collect();
+        let hop = if per_hop.is_empty() {
+            "none".to_owned()
+        } else {
+            format!("{:.0}", per_hop[0])
+        };
+        let d = median(decode);
+        md.push_str(&format!(
+            "| {} | {} | {:.0} | {hop} | {} |\n",
+            layout.name,
+            fmt_spread(d),
+            median(ttft).0,
+            rss.join(", ")
+        ));
+        json.push(format!(
+            "{{\"layout\":\"{}\",\"decode_tokens_per_s\":{:.2},\"bytes_per_token_per_hop\":{},\"rss_mib\":[{}]}}",
+            layout.name,
+            d.0,
+            per_hop.first().copied().unwrap_or(0.0),
+            rss.join(",")
+        ));
+    }
+
+    let single = Layout {
+        name: "API",
+        nodes: 1,
+        memory_limit: None,
+        threads: 2,
+        pin: false,
+    };
+    let nodes = cluster::start(exe, model, &single, &["--max-concurrent", "8"])?;
+    let max_tokens = if quick { 32 } else { 64 };
+    md.push_str(&format!(
+        "\nThrough the HTTP API of one node (2 threads), streaming chat, {max_tokens} tokens each:\n\n\
+         | concurrent streams | aggregate tokens/s | TTFT p50 ms | TTFT p95 ms |\n|---|---|---|---|\n"
+    ));
+    for streams in [1usize, 8] {
+        let mut rates = Vec::new();
+        let mut ttfts = Vec::new();
+        // At least 8 streams measured per row, so the percentiles mean something.
+        let rounds = runs.max(if streams == 1 { 8 } else { 1 });
+        for _ in 0..rounds {
+            let (rate, t) = cluster::concurrent_streams(&nodes[0].api, streams, max_tokens)?;
+            rates.push(rate);
+            ttfts.extend(t);
+        }
+        let (p50, p95) = (
+            cluster::percentile(&ttfts, 50.0),
+            cluster::percentile(&ttfts, 95.0),
+        );
+        md.push_str(&format!(
+            "| {streams} | {} | {p50:.0} | {p95:.0} |\n",
+            fmt_spread(median(rates.clone()))
+        ));
+        json.push(format!(
+            "{{\"api_streams\":{streams},\"aggregate_tokens_per_s\":{:.2},\"ttft_p50_ms\":{p50:.1},\"ttft_p95_ms\":{p95:.1}}}",
+            median(rates).0
+        ));
+    }
     Ok(())
 }

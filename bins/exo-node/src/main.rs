@@ -44,6 +44,16 @@ enum Command {
     /// Work with model files.
     #[command(subcommand)]
     Models(ModelsCommand),
+    /// Ask a running node what it holds: plan epoch, layers, active requests, memory, and the
+    /// activation bytes it has sent to the next node (one JSON object on stdout).
+    Status {
+        /// The node's shard service (`http://10.0.0.5:52417`).
+        #[arg(long)]
+        node: String,
+        /// The cluster key (default: $EXO_HOME/cluster.key).
+        #[arg(long, env = "EXO_CLUSTER_KEY", hide_env_values = true)]
+        cluster_key: Option<String>,
+    },
     /// List the other nodes of the cluster (found by mDNS or --peer) with their profiles and
     /// link figures, and say why a peer that was seen is not connected.
     ///
@@ -186,6 +196,7 @@ fn main() -> Result<()> {
         Command::Serve(args) => serve::run(args),
         Command::Generate(args) if args.node.is_some() => remote::generate(args),
         Command::Generate(args) => run_generate(args),
+        Command::Status { node, cluster_key } => remote::status(&node, cluster_key.as_deref()),
         Command::Models(ModelsCommand::Fetch) => {
             println!("{}", resolve_model(None)?.display());
             Ok(())

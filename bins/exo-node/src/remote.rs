@@ -99,3 +99,35 @@ pub(crate) fn generate(args: GenerateArgs) -> Result<()> {
         anyhow::Ok(())
     })
 }
+
+pub(crate) fn status(endpoint: &str, cluster_key: Option<&str>) -> Result<()> {
+    let key = self::cluster_key(cluster_key)?;
+    let credential = Credential::new(key.derive(Credential::PURPOSE));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let s = runtime.block_on(async {
+        ShardClient::connect(endpoint, Some(&credential), Limits::default())
+            .await?
+            .status()
+            .await
+    })?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "node_id": s.node_id,
+            "model": s.model,
+            "epoch": format!("{:016x}", s.epoch),
+            "layers": [s.layers.start, s.layers.end],
+            "ready": s.ready,
+            "active_requests": s.active_requests,
+            "weight_bytes": s.weight_bytes,
+            "resident_bytes": s.resident_bytes,
+            "activation_bytes_sent": s.activation_bytes_sent,
+            "activation_frames_sent": s.activation_frames_sent,
+            "activation_positions_sent": s.activation_positions_sent,
+        })
+    );
+    Ok(())
+}

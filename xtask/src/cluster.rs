@@ -1,0 +1,301 @@
+//! The multi-node and API parts of `cargo xtask bench`: `exo-node serve` processes on loopback,
+//! pinned to cores with `taskset` where it exists, measured through `exo-node generate --node`,
+//! `exo-node status` and the HTTP API.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+const KEY: &str = "be9c4be9c4be9c4be9c4be9c4be9c4be9c4be9c4be9c4be9c4be9c4be9c4be9c";
+
+/// One running `exo-node serve`.
+pub(crate) struct Node {
+    child: Child,
+    log: Arc<Mutex<String>>,
+    pub(crate) grpc: String,
+    pub(crate) api: String,
+    home: PathBuf,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.home);
+    }
+}
+
+impl Node {
+    /// Resident memory, MiB.
+    pub(crate) fn rss_mib(&self) -> f64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .ok()
+            .and_then(|s| {
+                let line = s.lines().find(|l| l.starts_with("VmRSS:"))?.to_owned();
+                line.split_whitespace().nth(1)?.parse::<f64>().ok()
+            })
+            .map_or(0.0, |kib| kib / 1024.0)
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn has_taskset() -> bool {
+    Command::new("taskset")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// How a configuration places its nodes.
+pub(crate) struct Layout {
+    pub(crate) name: &'static str,
+    pub(crate) nodes: usize,
+    pub(crate) memory_limit: Option<&'static str>,
+    pub(crate) threads: usize,
+    /// Pin node `i` to core `i % cores`.
+    pub(crate) pin: bool,
+}
+
+/// Starts the nodes of `layout` and waits until they agree on a plan of `layout.nodes` stages.
+pub(crate) fn start(
+    exe: &Path,
+    model: &Path,
+    layout: &Layout,
+    extra: &[&str],
+) -> Result<Vec<Node>> {
+    let ports: Vec<u16> = (0..layout.nodes)
+        .map(|_| free_port())
+        .collect::<Result<_>>()?;
+    let pin = layout.pin && has_taskset();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut nodes = Vec::new();
+    for (i, port) in ports.iter().enumerate() {
+        let home =
+            std::env::temp_dir().join(format!("exo-bench-{}-{i}-{port}", std::process::id()));
+        std::fs::create_dir_all(&home)?;
+        let (grpc, api) = (free_port()?, free_port()?);
+        let mut cmd = if pin {
+            let mut c = Command::new("taskset");
+            c.args(["-c", &(i % cores).to_string()]).arg(exe);
+            c
+        } else {
+            Command::new(exe)
+        };
+        cmd.env("EXO_HOME", &home)
+            .env("NO_COLOR", "1")
+            .args(["--log", "warn", "serve", "--no-mdns", "--cluster-key", KEY])
+            .args(["--model", &model.display().to_string()])
+            .args(["--threads", &layout.threads.to_string()])
+            .args(["--listen", &format!("/ip4/127.0.0.1/tcp/{port}")])
+            .args(["--grpc-listen", &format!("127.0.0.1:{grpc}")])
+            .args(["--api-addr", &format!("127.0.0.1:{api}")])
+            .args(extra);
+        if let Some(limit) = layout.memory_limit {
+            cmd.args(["--memory-limit", limit]);
+        }
+        for (j, other) in ports.iter().enumerate() {
+            if i != j {
+                cmd.args(["--peer", &format!("/ip4/127.0.0.1/tcp/{other}")]);
+            }
+        }
+        let mut child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", exe.display()))?;
+        let log = Arc::new(Mutex::new(String::new()));
+        if let Some(stderr) = child.stderr.take() {
+            let sink = Arc::clone(&log);
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if let Ok(mut l) = sink.lock() {
+                        l.push_str(&line);
+                        l.push('\n');
+                    }
+                }
+            });
+        }
+        nodes.push(Node {
+            child,
+            log,
+            grpc: format!("http://127.0.0.1:{grpc}"),
+            api: format!("127.0.0.1:{api}"),
+            home,
+        });
+    }
+    let want = format!("{} stage(s)", layout.nodes);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    for node in &nodes {
+        loop {
+            let log = node.log.lock().map(|l| l.clone()).unwrap_or_default();
+            if log.contains(&want) {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("{}: no {want} plan within 90 s:\n{log}", layout.name);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    Ok(nodes)
+}
+
+/// Decode tokens/s and time to first token (ms) of one generation through `node`.
+pub(crate) fn generate_through(
+    exe: &Path,
+    node: &Node,
+    prompt: &str,
+    tokens: usize,
+) -> Result<(f64, f64)> {
+    let out = Command::new(exe)
+        .args([
+            "generate",
+            prompt,
+            "--raw",
+            "--ignore-eos",
+            "--max-tokens",
+            &tokens.to_string(),
+        ])
+        .args(["--node", &node.grpc, "--cluster-key", KEY])
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        bail!("generate --node failed:\n{stderr}");
+    }
+    let num = |line: &str, after: &str, before: &str| -> Option<f64> {
+        let start = line.find(after)? + after.len();
+        let rest = &line[start..];
+        rest[..rest.find(before)?].trim().parse().ok()
+    };
+    stderr
+        .lines()
+        .rev()
+        .find_map(|l| {
+            Some((
+                num(l, "decode ", " tokens/s")?,
+                num(l, "time to first token ", " ms")?,
+            ))
+        })
+        .context("no figures line from generate --node")
+}
+
+/// `exo-node status` of a node, as JSON.
+pub(crate) fn status(exe: &Path, node: &Node) -> Result<serde_json::Value> {
+    let out = Command::new(exe)
+        .args(["status", "--node", &node.grpc, "--cluster-key", KEY])
+        .output()?;
+    if !out.status.success() {
+        bail!("status failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// One streaming chat request: time to the first text (ms), completion tokens, seconds in all.
+fn stream_once(api: &str, max_tokens: usize, question: &str) -> Result<(f64, usize, f64)> {
+    let body = serde_json::json!({
+        "model": "SmolLM2-135M-Instruct.Q4_1",
+        "messages": [{"role": "user", "content": question}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+    })
+    .to_string();
+    let started = Instant::now();
+    let mut stream = std::net::TcpStream::connect(api)?;
+    stream.set_read_timeout(Some(Duration::from_secs(300)))?;
+    write!(
+        stream,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {api}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut first = None;
+    let mut tokens = 0;
+    let mut pending = String::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        pending.push_str(&String::from_utf8_lossy(&buf[..n]));
+        while let Some(at) = pending.find('\n') {
+            let line: String = pending.drain(..=at).collect();
+            let Some(data) = line.trim().strip_prefix("data: ") else {
+                continue;
+            };
+            if data == "[DONE]" {
+                continue;
+            }
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(data) else {
+                continue;
+            };
+            let text = v["choices"][0]["delta"]["content"].as_str().unwrap_or("");
+            if !text.is_empty() && first.is_none() {
+                first = Some(started.elapsed().as_secs_f64() * 1e3);
+            }
+            if let Some(t) = v["usage"]["completion_tokens"].as_u64() {
+                tokens = t as usize;
+            }
+        }
+    }
+    if tokens == 0 {
+        bail!("a stream from {api} ended without usage");
+    }
+    Ok((
+        first.unwrap_or(0.0),
+        tokens,
+        started.elapsed().as_secs_f64(),
+    ))
+}
+
+/// `streams` concurrent streaming requests: aggregate completion tokens/s and every TTFT.
+pub(crate) fn concurrent_streams(
+    api: &str,
+    streams: usize,
+    max_tokens: usize,
+) -> Result<(f64, Vec<f64>)> {
+    let started = Instant::now();
+    let handles: Vec<_> = (0..streams)
+        .map(|i| {
+            let api = api.to_owned();
+            std::thread::spawn(move || {
+                stream_once(
+                    &api,
+                    max_tokens,
+                    &format!("Write a short poem about the number {i}."),
+                )
+            })
+        })
+        .collect();
+    let mut ttfts = Vec::new();
+    let mut tokens = 0;
+    for h in handles {
+        let (ttft, t, _) = h
+            .join()
+            .map_err(|_| anyhow::anyhow!("a stream thread panicked"))??;
+        ttfts.push(ttft);
+        tokens += t;
+    }
+    Ok((tokens as f64 / started.elapsed().as_secs_f64(), ttfts))
+}
+
+/// The `p`-th percentile (0..=100) of `v`, nearest rank.
+pub(crate) fn percentile(v: &[f64], p: f64) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+    v[rank.clamp(1, v.len()) - 1]
+}
