@@ -343,6 +343,34 @@ fn bench(args: &[String]) -> Result<()> {
     if llama.is_some() {
         md.push_str(&side);
     }
+    md.push_str(
+        "\nPrefill by prompt length (quantized CPU kernels, 1 generated token):\n\n\
+         | threads | prompt tokens | prefill tokens/s | TTFT ms |\n|---|---|---|---|\n",
+    );
+    let sentence =
+        "The quick brown fox jumps over the lazy dog while the farmer watches from the hill. ";
+    for threads in [1usize, 2] {
+        // About 32 and about 512 tokens.
+        for repeats in [2usize, 28] {
+            let text = sentence.repeat(repeats);
+            let mut f = Vec::new();
+            for _ in 0..runs {
+                f.push(run_ours(&exe, &text, 1, threads, "auto")?);
+            }
+            let pre = median(f.iter().map(|r| r.prefill).collect());
+            let ttft = median(f.iter().map(|r| r.ttft_ms).collect());
+            md.push_str(&format!(
+                "| {threads} | {} | {} | {:.0} |\n",
+                f[0].prompt_tokens,
+                fmt_spread(pre),
+                ttft.0
+            ));
+            json.push(format!(
+                "{{\"threads\":{threads},\"prompt_tokens\":{},\"prefill_tokens_per_s\":{:.2},\"ttft_ms\":{:.1}}}",
+                f[0].prompt_tokens, pre.0, ttft.0
+            ));
+        }
+    }
     if !args.iter().any(|a| a == "--no-cluster") {
         cluster_tables(
             &exe, &model, &prompt, tokens, runs, quick, &mut md, &mut json,

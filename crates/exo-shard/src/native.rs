@@ -395,6 +395,26 @@ fn rotate(head: &mut [f32], cos: &[f32], sin: &[f32]) {
     }
 }
 
+/// Dot product with eight independent sums, so that the compiler can keep them in one SIMD
+/// register (a single running sum is a chain of dependent additions it may not reorder).
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 /// Causal grouped-query attention of `seq` new queries over every cached position.
 #[allow(clippy::too_many_arguments)]
 fn attention(
@@ -423,7 +443,7 @@ fn attention(
             let mut max = f32::NEG_INFINITY;
             for (j, s) in sc.iter_mut().enumerate() {
                 let key = &k[j * kvd + kvh * hd..][..hd];
-                *s = q.iter().zip(key).map(|(a, b)| a * b).sum::<f32>() * scale;
+                *s = dot(q, key) * scale;
                 max = max.max(*s);
             }
             let mut total = 0f32;

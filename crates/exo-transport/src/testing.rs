@@ -22,6 +22,28 @@ pub struct RawFrame {
     pub data: Vec<u8>,
 }
 
+/// Encodes activations as a frame would carry them (for benchmarks).
+pub fn encode_frame(activations: &crate::Activations, dtype: crate::WireDtype) -> RawFrame {
+    let t = crate::convert::encode_activations(activations, dtype);
+    RawFrame {
+        request_id: String::new(),
+        epoch: 0,
+        dtype: t.dtype,
+        shape: t.shape,
+        data: t.data,
+    }
+}
+
+/// Checks and decodes a frame's activations as a node does (for benchmarks and tests).
+pub fn decode_frame(frame: &RawFrame) -> Result<crate::Activations> {
+    let t = pb::Tensor {
+        dtype: frame.dtype,
+        shape: frame.shape.clone(),
+        data: frame.data.clone(),
+    };
+    crate::convert::decode_activations(&t, &Limits::default())
+}
+
 /// Opens a forward stream to `endpoint`, sends `frame` as its first frame, and returns what
 /// the node answers: its first reply's token, or its error.
 pub async fn send_raw_frame(
