@@ -156,26 +156,14 @@ pub(crate) fn generate_through(
     prompt: &str,
     tokens: usize,
 ) -> Result<(f64, f64)> {
-    let out = Command::new(exe)
-        .args([
-            "generate",
-            prompt,
-            "--raw",
-            "--ignore-eos",
-            "--max-tokens",
-            &tokens.to_string(),
-        ])
+    let out = crate::generate_command(exe, prompt, tokens)
         .args(["--node", &node.grpc, "--cluster-key", KEY])
         .output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() {
         bail!("generate --node failed:\n{stderr}");
     }
-    let num = |line: &str, after: &str, before: &str| -> Option<f64> {
-        let start = line.find(after)? + after.len();
-        let rest = &line[start..];
-        rest[..rest.find(before)?].trim().parse().ok()
-    };
+    let num = crate::number_between;
     stderr
         .lines()
         .rev()

@@ -82,12 +82,23 @@ struct Figures {
     peak_mib: Option<f64>,
 }
 
+/// The number between `after` and the next `before` in `line`.
+fn number_between(line: &str, after: &str, before: &str) -> Option<f64> {
+    let start = line.find(after)? + after.len();
+    let rest = &line[start..];
+    rest[..rest.find(before)?].trim().parse().ok()
+}
+
+/// `exo-node generate PROMPT --raw --ignore-eos --max-tokens N`, to which callers add flags.
+fn generate_command(exe: &Path, prompt: &str, tokens: usize) -> Command {
+    let mut cmd = Command::new(exe);
+    cmd.args(["generate", prompt, "--raw", "--ignore-eos"])
+        .args(["--max-tokens", &tokens.to_string()]);
+    cmd
+}
+
 fn parse_figures(line: &str) -> Option<Figures> {
-    let num = |after: &str, before: &str| -> Option<f64> {
-        let start = line.find(after)? + after.len();
-        let rest = &line[start..];
-        rest[..rest.find(before)?].trim().parse().ok()
-    };
+    let num = |after: &str, before: &str| number_between(line, after, before);
     Some(Figures {
         prompt_tokens: num("prompt ", " tokens")? as usize,
         generated_tokens: num("generated ", " tokens")? as usize,
@@ -119,15 +130,7 @@ fn run_ours(
     threads: usize,
     weights: &str,
 ) -> Result<Figures> {
-    let out = Command::new(exe)
-        .args([
-            "generate",
-            prompt,
-            "--raw",
-            "--ignore-eos",
-            "--max-tokens",
-            &tokens.to_string(),
-        ])
+    let out = generate_command(exe, prompt, tokens)
         .args(["--threads", &threads.to_string(), "--weights", weights])
         .output()
         .with_context(|| format!("running {}", exe.display()))?;

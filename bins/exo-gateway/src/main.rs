@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use exo_topology::{ClusterKey, TopologyConfig, parse_peer_address};
+use exo_topology::{TopologyConfig, parse_peer_address};
 
 /// An OpenAI-compatible API front for an exo-rs cluster: point clients at http://ADDR/v1.
 #[derive(Parser, Debug)]
@@ -55,27 +55,14 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let mut topology = TopologyConfig::new(exo_model::exo_home());
-    topology.cluster_key = cli
-        .cluster_key
-        .as_deref()
-        .map(|k| ClusterKey::parse(k, "--cluster-key"))
-        .transpose()?;
-    topology.static_peers = cli
-        .peers
-        .iter()
-        .map(|p| parse_peer_address(p))
-        .collect::<Result<_, _>>()?;
-    if !cli.listen.is_empty() {
-        topology.listen = cli
-            .listen
-            .iter()
-            .map(|a| parse_peer_address(a))
-            .collect::<Result<_, _>>()?;
-    } else {
-        // A gateway beside a node on the same machine must not take the node's port.
-        topology.listen = vec![parse_peer_address("/ip4/0.0.0.0/tcp/0")?];
-    }
-    topology.mdns = !cli.no_mdns;
+    // A gateway beside a node on the same machine must not take the node's port.
+    topology.listen = vec![parse_peer_address("/ip4/0.0.0.0/tcp/0")?];
+    topology.apply_flags(
+        cli.cluster_key.as_deref(),
+        &cli.peers,
+        &cli.listen,
+        !cli.no_mdns,
+    )?;
     let config = exo_cluster::GatewayConfig {
         topology,
         api_listen: cli.api_addr,

@@ -5,9 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use exo_topology::{
-    ClusterKey, KeyOrigin, NodeRole, Topology, TopologyConfig, cpu_name, parse_peer_address,
-};
+use exo_topology::{KeyOrigin, NodeRole, Topology, TopologyConfig, cpu_name};
 use futures::StreamExt;
 
 use crate::shutdown_signal;
@@ -51,22 +49,12 @@ pub(crate) fn run(args: PeersArgs) -> Result<()> {
 
 async fn peers(args: PeersArgs) -> Result<()> {
     let mut config = TopologyConfig::new(exo_model::exo_home());
-    config.cluster_key = args
-        .cluster_key
-        .as_deref()
-        .map(|k| ClusterKey::parse(k, "--cluster-key"))
-        .transpose()?;
-    config.static_peers = args
-        .peers
-        .iter()
-        .map(|p| parse_peer_address(p))
-        .collect::<Result<_, _>>()?;
-    config.listen = args
-        .listen
-        .iter()
-        .map(|a| parse_peer_address(a))
-        .collect::<Result<_, _>>()?;
-    config.mdns = !args.no_mdns;
+    config.apply_flags(
+        args.cluster_key.as_deref(),
+        &args.peers,
+        &args.listen,
+        !args.no_mdns,
+    )?;
     config.role = NodeRole::Observer;
     config.backend = "none".to_owned();
     config.device = cpu_name();

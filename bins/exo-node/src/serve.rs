@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args;
 use exo_cluster::{ClusterConfig, Node, PlanState};
-use exo_topology::{ClusterKey, TopologyConfig, cpu_name, parse_peer_address};
+use exo_topology::{TopologyConfig, cpu_name};
 
 use crate::{Backend, resolve_model, resolve_weights, shutdown_signal};
 
@@ -139,24 +139,12 @@ pub(crate) fn run(args: ServeArgs) -> Result<()> {
         .parse()
         .map_err(|e| anyhow::anyhow!("--wire: {e}"))?;
     let mut topology = TopologyConfig::new(exo_model::exo_home());
-    topology.cluster_key = args
-        .cluster_key
-        .as_deref()
-        .map(|k| ClusterKey::parse(k, "--cluster-key"))
-        .transpose()?;
-    topology.static_peers = args
-        .peers
-        .iter()
-        .map(|p| parse_peer_address(p))
-        .collect::<Result<_, _>>()?;
-    if !args.listen.is_empty() {
-        topology.listen = args
-            .listen
-            .iter()
-            .map(|a| parse_peer_address(a))
-            .collect::<Result<_, _>>()?;
-    }
-    topology.mdns = !args.no_mdns;
+    topology.apply_flags(
+        args.cluster_key.as_deref(),
+        &args.peers,
+        &args.listen,
+        !args.no_mdns,
+    )?;
     topology.memory_limit = args.memory_limit;
     topology.backend = backend.name().to_owned();
     topology.device = cpu_name();

@@ -88,6 +88,8 @@ fn three_nodes_answer_like_one_and_hold_only_their_layers() {
     assert_eq!(ids, single);
 
     let rt = runtime();
+    // The stages free a finished request's state as its streams close, just after the answer.
+    wait_until_idle(&rt, &cluster);
     let statuses: Vec<_> = cluster
         .nodes
         .iter()
@@ -216,6 +218,11 @@ fn three_nodes_answer_like_one_and_hold_only_their_layers() {
         });
         assert_eq!(busy, 1, "the last stage holds the streaming request");
     }
+    wait_until_idle(&rt, &cluster);
+}
+
+/// Waits (at most 10 s) until no node holds any request's state.
+fn wait_until_idle(rt: &tokio::runtime::Runtime, cluster: &common::Cluster) {
     let deadline = Instant::now() + Duration::from_secs(10);
     for node in &cluster.nodes {
         rt.block_on(async {
@@ -229,7 +236,7 @@ fn three_nodes_answer_like_one_and_hold_only_their_layers() {
                 }
                 assert!(
                     Instant::now() < deadline,
-                    "{active} requests still held after the client left"
+                    "{active} requests still held 10 s after their client left"
                 );
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }

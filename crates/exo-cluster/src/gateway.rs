@@ -1,7 +1,6 @@
 //! A gateway: joins the cluster as an observer (it computes nothing and is never given
 //! layers), serves the HTTP API, and forwards each request to a node that serves the model.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -11,7 +10,9 @@ use exo_api::{
     ApiConfig, ClusterView, EngineError, GenerationRequest, ModelCard, PlanView, StageView,
 };
 use exo_topology::{NodeRole, Topology, TopologyConfig, TopologySnapshot};
-use exo_transport::{Credential, Limits, ShardClient};
+use exo_transport::{Credential, Limits};
+
+use crate::clients::ClientPool;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 
@@ -36,10 +37,8 @@ pub struct GatewayConfig {
 #[derive(Debug)]
 pub struct GatewayEngine {
     topology: Topology,
-    credential: Credential,
-    limits: Limits,
     snapshot: Arc<Mutex<Option<TopologySnapshot>>>,
-    clients: Mutex<HashMap<String, ShardClient>>,
+    clients: ClientPool,
     next: AtomicUsize,
     created: u64,
 }
@@ -71,10 +70,8 @@ impl GatewayEngine {
         });
         Ok(GatewayEngine {
             topology,
-            credential,
-            limits,
             snapshot,
-            clients: Mutex::new(HashMap::new()),
+            clients: ClientPool::new(credential, limits),
             next: AtomicUsize::new(0),
             created: now_s(),
         })
@@ -102,28 +99,6 @@ impl GatewayEngine {
             .collect();
         workers.sort_by(|a, b| a.id.cmp(&b.id));
         workers
-    }
-
-    async fn client(&self, endpoint: &str) -> exo_transport::Result<ShardClient> {
-        if let Some(c) = self
-            .clients
-            .lock()
-            .ok()
-            .and_then(|m| m.get(endpoint).cloned())
-        {
-            return Ok(c);
-        }
-        let client = ShardClient::connect(endpoint, Some(&self.credential), self.limits).await?;
-        if let Ok(mut map) = self.clients.lock() {
-            map.insert(endpoint.to_owned(), client.clone());
-        }
-        Ok(client)
-    }
-
-    fn forget(&self, endpoint: &str) {
-        if let Ok(mut map) = self.clients.lock() {
-            map.remove(endpoint);
-        }
     }
 
     /// The membership client.
@@ -156,7 +131,7 @@ impl exo_api::Engine for GatewayEngine {
             let mut epoch = 0;
             let mut model = String::new();
             for worker in self.workers() {
-                let Ok(client) = self.client(&worker.endpoint).await else {
+                let Ok(client) = self.clients.get(&worker.endpoint).await else {
                     continue;
                 };
                 if let Ok(status) = client.status().await
@@ -230,15 +205,21 @@ impl exo_api::Engine for GatewayEngine {
             // Try the nodes in turn, so one that just left does not fail the request.
             for i in 0..serving.len() {
                 let worker = serving[(start + i) % serving.len()];
-                let outcome =
-                    async { self.client(&worker.endpoint).await?.generate(&call).await }.await;
+                let outcome = async {
+                    self.clients
+                        .get(&worker.endpoint)
+                        .await?
+                        .generate(&call)
+                        .await
+                }
+                .await;
                 match outcome {
                     Ok(stream) => {
                         tracing::debug!(node = %worker.id, "forwarded a request");
                         return Ok(relay(Source::Remote(Box::new(stream)), available));
                     }
                     Err(e) if e.code() == exo_transport::Code::Unavailable => {
-                        self.forget(&worker.endpoint);
+                        self.clients.forget(&worker.endpoint);
                         last_error = Some(e);
                     }
                     Err(e) => return Err(engine_error(&e, &available)),

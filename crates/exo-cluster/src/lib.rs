@@ -17,6 +17,7 @@
 //! wire format: those stay in `exo-api`, which sees only its engine trait's plain types.
 
 mod api;
+mod clients;
 mod error;
 mod gateway;
 mod node;

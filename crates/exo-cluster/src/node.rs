@@ -1,7 +1,6 @@
 //! Starting a node: bind the shard service, join the cluster, then keep a plan in step with
 //! membership and hold this node's part of it.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -146,15 +145,16 @@ impl Node {
             device: config.device.clone(),
             weights: config.weights,
             wire: config.wire,
-            limits: config.limits,
-            credential: Credential::new(topology.derive_secret(Credential::PURPOSE)),
             default_max_tokens: config.default_max_tokens,
             prefill_chunk: 512,
             held: RwLock::new(None),
             held_epoch,
             loading: tokio::sync::Mutex::new(()),
             plan: plan_tx,
-            clients: Mutex::new(HashMap::new()),
+            clients: crate::clients::ClientPool::new(
+                Credential::new(topology.derive_secret(Credential::PURPOSE)),
+                config.limits,
+            ),
             sent: Arc::default(),
             active: Arc::new(AtomicU32::new(0)),
         });
@@ -163,7 +163,7 @@ impl Node {
         let server = tokio::spawn({
             let handler: Arc<dyn exo_transport::ShardHandler> =
                 Arc::new(Handler(Arc::clone(&runtime)));
-            let (credential, limits) = (runtime.credential.clone(), config.limits);
+            let (credential, limits) = (runtime.clients.credential().clone(), config.limits);
             async move {
                 let shutdown = async move {
                     let _ = stopped.await;

@@ -1,18 +1,17 @@
 //! What a node holds and how it answers the shard service: assignments, and each request's
 //! steps through its layers.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use exo_model::{ChatTemplate, Checkpoint, ModelConfig, ShardSpec, Tokenizer};
 use exo_shard::{Device, KvCache, LlamaShard, Sampler, SamplingParams, Tensor, Weights};
 use exo_transport::{
-    Activations, AssignReport, Assignment, Code, Credential, Error as TError, ForwardSession,
-    GenerateCall, GenerateEvent, Limits, NodeStatus, RequestOpen, SentCounters, ShardClient,
-    ShardHandler, StageRef, StageSession, Step, StepInput, TokenReply, WireDtype,
+    Activations, AssignReport, Assignment, Code, Error as TError, ForwardSession, GenerateCall,
+    GenerateEvent, NodeStatus, RequestOpen, SentCounters, ShardClient, ShardHandler, StageRef,
+    StageSession, Step, StepInput, TokenReply, WireDtype,
 };
 use futures::future::BoxFuture;
 use tokio::sync::mpsc;
@@ -49,8 +48,6 @@ pub(crate) struct Runtime {
     pub(crate) device: Device,
     pub(crate) weights: Weights,
     pub(crate) wire: WireDtype,
-    pub(crate) limits: Limits,
-    pub(crate) credential: Credential,
     pub(crate) default_max_tokens: usize,
     /// Largest prompt chunk sent in one frame.
     pub(crate) prefill_chunk: usize,
@@ -60,7 +57,7 @@ pub(crate) struct Runtime {
     /// Serialises loads, so that two assignments never hold two shards at once.
     pub(crate) loading: tokio::sync::Mutex<()>,
     pub(crate) plan: tokio::sync::watch::Sender<crate::PlanState>,
-    pub(crate) clients: Mutex<HashMap<String, ShardClient>>,
+    pub(crate) clients: crate::clients::ClientPool,
     pub(crate) sent: Arc<SentCounters>,
     pub(crate) active: Arc<AtomicU32>,
 }
@@ -96,26 +93,12 @@ impl Runtime {
 
     /// A client for `endpoint`, connecting on first use.
     pub(crate) async fn client(&self, endpoint: &str) -> TResult<ShardClient> {
-        if let Some(c) = self
-            .clients
-            .lock()
-            .ok()
-            .and_then(|m| m.get(endpoint).cloned())
-        {
-            return Ok(c);
-        }
-        let client = ShardClient::connect(endpoint, Some(&self.credential), self.limits).await?;
-        if let Ok(mut map) = self.clients.lock() {
-            map.insert(endpoint.to_owned(), client.clone());
-        }
-        Ok(client)
+        self.clients.get(endpoint).await
     }
 
     /// Forgets a connection that failed, so the next call dials again.
     pub(crate) fn forget_client(&self, endpoint: &str) {
-        if let Ok(mut map) = self.clients.lock() {
-            map.remove(endpoint);
-        }
+        self.clients.forget(endpoint);
     }
 
     /// Holds this node's part of `assignment`, loading it unless the same layers are held.

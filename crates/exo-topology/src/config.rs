@@ -110,6 +110,33 @@ impl TopologyConfig {
         }
     }
 
+    /// Applies the membership flags every binary offers: the cluster key as typed
+    /// (`--cluster-key`), static peers (`--peer`), listen addresses (`--listen`; none keeps the
+    /// current ones) and whether to use mDNS.
+    pub fn apply_flags(
+        &mut self,
+        cluster_key: Option<&str>,
+        peers: &[String],
+        listen: &[String],
+        mdns: bool,
+    ) -> Result<()> {
+        self.cluster_key = cluster_key
+            .map(|k| ClusterKey::parse(k, "--cluster-key"))
+            .transpose()?;
+        self.static_peers = peers
+            .iter()
+            .map(|p| parse_peer_address(p))
+            .collect::<Result<_>>()?;
+        if !listen.is_empty() {
+            self.listen = listen
+                .iter()
+                .map(|a| parse_peer_address(a))
+                .collect::<Result<_>>()?;
+        }
+        self.mdns = mdns;
+        Ok(())
+    }
+
     /// Defaults for an in-process test node: the memory transport listening on `/memory/<port>`,
     /// no mDNS, fixed benchmark figures, probes every 2 s.
     pub fn in_memory(home: impl Into<PathBuf>, port: u64) -> Self {

@@ -34,6 +34,25 @@ pub fn default_model() -> PathBuf {
     PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
 
+/// `line` without terminal colour codes.
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // Skip `ESC [ ... letter`.
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// A child process whose stderr is collected line by line.
 pub struct Proc {
     pub child: Child,
@@ -53,7 +72,7 @@ impl Proc {
         let sink = Arc::clone(&log);
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
+                sink.lock().unwrap().push(strip_ansi(&line));
             }
         });
         Proc { child, log }
@@ -61,6 +80,18 @@ impl Proc {
 
     pub fn log_text(&self) -> String {
         self.log.lock().unwrap().join("\n")
+    }
+
+    /// The rest of the first log line containing `marker`, after it, up to white space.
+    pub fn wait_for_value(&self, marker: &str, within: Duration) -> String {
+        self.wait_for(marker, within);
+        let log = self.log_text();
+        let at = log.find(marker).unwrap() + marker.len();
+        log[at..]
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_owned()
     }
 
     /// Waits until the log contains `text`.
@@ -135,13 +166,15 @@ pub fn start_cluster_with_key(n: usize, memory_limit: &str, key: &str, extra: &[
 }
 
 /// Starts `n` nodes as [`start_cluster_with_key`] does, without waiting for a plan.
+///
+/// Each node listens on ports the system picks and dials every node started before it (the
+/// connections work both ways), so no two tests can race for a port.
 pub fn spawn_nodes(n: usize, memory_limit: &str, key: &str, extra: &[&str]) -> Vec<NodeProc> {
     let model = default_model();
-    let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
-    let mut nodes = Vec::new();
-    for (i, port) in ports.iter().enumerate() {
+    let mut nodes: Vec<NodeProc> = Vec::new();
+    for _ in 0..n {
         let home = tempfile::tempdir().unwrap();
-        let (grpc_port, api_port) = (free_port(), free_port());
+        let api_port = free_port();
         let mut cmd = exo_node();
         cmd.env("EXO_HOME", home.path())
             .env("EXO_LOG", "info")
@@ -153,21 +186,22 @@ pub fn spawn_nodes(n: usize, memory_limit: &str, key: &str, extra: &[&str]) -> V
                 "--memory-limit",
                 memory_limit,
             ])
-            .args(["--listen", &format!("/ip4/127.0.0.1/tcp/{port}")])
-            .args(["--grpc-listen", &format!("127.0.0.1:{grpc_port}")])
+            .args(["--listen", "/ip4/127.0.0.1/tcp/0"])
+            .args(["--grpc-listen", "127.0.0.1:0"])
             .args(["--api-addr", &format!("127.0.0.1:{api_port}")])
             .args(["--model", model.to_str().unwrap()])
             .args(extra);
-        for (j, other) in ports.iter().enumerate() {
-            if i != j {
-                cmd.args(["--peer", &format!("/ip4/127.0.0.1/tcp/{other}")]);
-            }
+        for earlier in &nodes {
+            cmd.args(["--peer", &earlier.membership]);
         }
+        let proc = Proc::spawn(cmd);
+        let membership = proc.wait_for_value("listening address=", Duration::from_secs(60));
+        let grpc = proc.wait_for_value("shard service at ", Duration::from_secs(60));
         nodes.push(NodeProc {
-            proc: Proc::spawn(cmd),
-            grpc: format!("http://127.0.0.1:{grpc_port}"),
+            proc,
+            grpc,
             api: format!("http://127.0.0.1:{api_port}/v1"),
-            membership: format!("/ip4/127.0.0.1/tcp/{port}"),
+            membership,
             _home: home,
         });
     }
