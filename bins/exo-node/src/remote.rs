@@ -12,26 +12,37 @@ use exo_transport::{
 
 use crate::GenerateArgs;
 
-/// The cluster key given, or the one in `$EXO_HOME/cluster.key`.
-pub(crate) fn cluster_key(given: Option<&str>) -> Result<ClusterKey> {
-    if let Some(key) = given {
-        return Ok(ClusterKey::parse(key, "--cluster-key")?);
-    }
-    let path = exo_model::exo_home().join(CLUSTER_KEY_FILE);
-    let text = std::fs::read_to_string(&path).with_context(|| {
-        format!(
-            "reading the cluster key from {} (give it with --cluster-key)",
-            path.display()
-        )
-    })?;
-    Ok(ClusterKey::parse(&text, &path.display().to_string())?)
+/// The shard service credential of the cluster key given, or of the one in
+/// `$EXO_HOME/cluster.key`.
+fn credential(given: Option<&str>) -> Result<Credential> {
+    let key = match given {
+        Some(key) => ClusterKey::parse(key, "--cluster-key")?,
+        None => {
+            let path = exo_model::exo_home().join(CLUSTER_KEY_FILE);
+            let text = std::fs::read_to_string(&path).with_context(|| {
+                format!(
+                    "reading the cluster key from {} (give it with --cluster-key)",
+                    path.display()
+                )
+            })?;
+            ClusterKey::parse(&text, &path.display().to_string())?
+        }
+    };
+    Ok(Credential::new(key.derive(Credential::PURPOSE)))
+}
+
+/// A single-threaded runtime: these commands only wait on one node.
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
 }
 
 pub(crate) fn generate(args: GenerateArgs) -> Result<()> {
     let endpoint = args.node.clone().unwrap_or_default();
     let show_ids = args.show_token_ids;
-    let key = cluster_key(args.cluster_key.as_deref())?;
-    let credential = Credential::new(key.derive(Credential::PURPOSE));
+    let credential = credential(args.cluster_key.as_deref())?;
     let prompt = if args.raw {
         Prompt::Text(args.prompt)
     } else {
@@ -61,11 +72,7 @@ pub(crate) fn generate(args: GenerateArgs) -> Result<()> {
         stop: args.stop,
         ignore_eos: args.ignore_eos,
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(async move {
+    runtime()?.block_on(async move {
         let started = Instant::now();
         let client = ShardClient::connect(&endpoint, Some(&credential), Limits::default()).await?;
         let mut events = client.generate(&call).await?;
@@ -101,13 +108,8 @@ pub(crate) fn generate(args: GenerateArgs) -> Result<()> {
 }
 
 pub(crate) fn status(endpoint: &str, cluster_key: Option<&str>) -> Result<()> {
-    let key = self::cluster_key(cluster_key)?;
-    let credential = Credential::new(key.derive(Credential::PURPOSE));
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    let s = runtime.block_on(async {
+    let credential = credential(cluster_key)?;
+    let s = runtime()?.block_on(async {
         ShardClient::connect(endpoint, Some(&credential), Limits::default())
             .await?
             .status()

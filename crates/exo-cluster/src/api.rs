@@ -16,6 +16,7 @@ use futures::future::BoxFuture;
 use tokio::sync::mpsc;
 
 use crate::node::{Node, PlanState};
+use crate::runtime::model_id;
 
 pub(crate) type Events = mpsc::Receiver<Result<Chunk, EngineError>>;
 
@@ -23,11 +24,6 @@ pub(crate) fn now_s() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-}
-
-/// The model id clients use: the file name without `.gguf`.
-pub(crate) fn model_id(name: &str) -> String {
-    name.strip_suffix(".gguf").unwrap_or(name).to_owned()
 }
 
 pub(crate) fn to_call(request: &GenerationRequest) -> GenerateCall {

@@ -16,9 +16,10 @@ use crate::clients::ClientPool;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 
-use crate::api::{Events, Source, engine_error, model_id, now_s, relay, to_call, view_of};
+use crate::api::{Events, Source, engine_error, now_s, relay, to_call, view_of};
 use crate::error::{Error, Result};
 use crate::planning::reachable;
+use crate::runtime::model_id;
 
 /// Everything a gateway needs.
 #[derive(Debug, Clone)]
@@ -107,12 +108,18 @@ impl GatewayEngine {
     }
 }
 
+/// Every model some worker serves, sorted, once each.
+fn model_ids(workers: &[Worker]) -> Vec<String> {
+    let mut ids: Vec<String> = workers.iter().flat_map(|w| w.models.clone()).collect();
+    ids.sort();
+    ids.dedup();
+    ids
+}
+
 impl exo_api::Engine for GatewayEngine {
     fn models(&self) -> Vec<ModelCard> {
-        let mut ids: Vec<String> = self.workers().into_iter().flat_map(|w| w.models).collect();
-        ids.sort();
-        ids.dedup();
-        ids.into_iter()
+        model_ids(&self.workers())
+            .into_iter()
             .map(|id| ModelCard {
                 id,
                 created: self.created,
@@ -177,12 +184,7 @@ impl exo_api::Engine for GatewayEngine {
     fn generate(&self, request: GenerationRequest) -> BoxFuture<'_, Result<Events, EngineError>> {
         Box::pin(async move {
             let workers = self.workers();
-            let available: Vec<String> = {
-                let mut ids: Vec<String> = workers.iter().flat_map(|w| w.models.clone()).collect();
-                ids.sort();
-                ids.dedup();
-                ids
-            };
+            let available = model_ids(&workers);
             let wanted = model_id(&request.model);
             let serving: Vec<&Worker> = workers
                 .iter()

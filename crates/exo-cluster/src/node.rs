@@ -157,6 +157,7 @@ impl Node {
             ),
             sent: Arc::default(),
             active: Arc::new(AtomicU32::new(0)),
+            assigned_epoch: std::sync::atomic::AtomicU64::new(0),
         });
 
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

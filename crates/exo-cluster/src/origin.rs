@@ -2,6 +2,7 @@
 //! the stages in order, and turns the tokens that come back into streamed text.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use exo_model::ChatMessage;
@@ -13,7 +14,7 @@ use exo_transport::{
 use tokio::sync::mpsc;
 
 use crate::planning::ActivePlan;
-use crate::runtime::Runtime;
+use crate::runtime::{Runtime, model_id, stage_error};
 
 type TResult<T> = exo_transport::Result<T>;
 
@@ -62,8 +63,7 @@ pub(crate) async fn start(
 
 impl Runtime {
     pub(crate) fn model_matches(&self, name: &str) -> bool {
-        let stem = |s: &str| s.strip_suffix(".gguf").unwrap_or(s).to_owned();
-        name == self.model_name || stem(name) == stem(&self.model_name)
+        model_id(name) == model_id(&self.model_name)
     }
 
     /// Token ids of a prompt: chat messages through the chat template, or text as is.
@@ -75,16 +75,8 @@ impl Runtime {
                     .iter()
                     .map(|m| ChatMessage::new(&m.role, &m.content))
                     .collect();
-                match &self.template {
-                    Some(t) => t
-                        .render(&messages, true)
-                        .map_err(|e| TError::invalid(format!("chat template: {e}")))?,
-                    None => messages
-                        .iter()
-                        .map(|m| m.content.as_str())
-                        .collect::<Vec<_>>()
-                        .join("\n"),
-                }
+                exo_model::render_prompt(self.template.as_ref(), &messages)
+                    .map_err(|e| TError::invalid(format!("chat template: {e}")))?
             }
         };
         let ids = self
@@ -142,7 +134,12 @@ async fn drive(
     tx: &mpsc::Sender<TResult<GenerateEvent>>,
 ) -> TResult<Finished> {
     let started = Instant::now();
-    runtime.assign_all(plan).await?;
+    // Once per epoch: afterwards every stage holds its shard (a node that restarts plans and
+    // loads by itself, and its stage waits for that load).
+    if runtime.assigned_epoch.load(Ordering::Acquire) != plan.epoch {
+        runtime.assign_all(plan).await?;
+        runtime.assigned_epoch.store(plan.epoch, Ordering::Release);
+    }
     let Some(first) = plan.stages.first() else {
         return Err(TError::service(Code::Unavailable, "the plan has no stages"));
     };
@@ -156,13 +153,7 @@ async fn drive(
     })?;
     let stage_error = |e: TError| {
         runtime.forget_client(&first.endpoint);
-        TError::service(
-            e.code(),
-            format!(
-                "stage of node {} (layers {:?}): {e}",
-                first.node_id, first.layers
-            ),
-        )
+        stage_error(first, e)
     };
     let mut session = client
         .open(open, runtime.wire, Arc::clone(&runtime.sent))

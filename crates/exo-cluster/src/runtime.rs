@@ -60,10 +60,28 @@ pub(crate) struct Runtime {
     pub(crate) clients: crate::clients::ClientPool,
     pub(crate) sent: Arc<SentCounters>,
     pub(crate) active: Arc<AtomicU32>,
+    /// The last plan epoch every stage confirmed holding (0: none yet).
+    pub(crate) assigned_epoch: std::sync::atomic::AtomicU64,
 }
 
 fn service_error(code: Code, message: impl Into<String>) -> TError {
     TError::service(code, message)
+}
+
+/// A failure of a later stage, as told to this stage's caller: its code kept, the stage named.
+pub(crate) fn stage_error(stage: &StageRef, e: TError) -> TError {
+    service_error(
+        e.code(),
+        format!(
+            "stage of node {} (layers {:?}): {e}",
+            stage.node_id, stage.layers
+        ),
+    )
+}
+
+/// The model id clients use: the file name without `.gguf`.
+pub(crate) fn model_id(name: &str) -> String {
+    name.strip_suffix(".gguf").unwrap_or(name).to_owned()
 }
 
 /// Maps a shard failure to what the caller is told.
@@ -346,13 +364,7 @@ impl Session {
                 };
                 let context = |e: TError| {
                     self.runtime.forget_client(&stage.endpoint);
-                    service_error(
-                        e.code(),
-                        format!(
-                            "stage of node {} (layers {:?}): {e}",
-                            stage.node_id, stage.layers
-                        ),
-                    )
+                    stage_error(stage, e)
                 };
                 if let Err(e) = next.send(&step).await {
                     return Err(context(e));
@@ -474,13 +486,7 @@ impl ShardHandler for Handler {
                         Ok(session) => Some((session, stage.clone())),
                         Err(e) => {
                             runtime.forget_client(&stage.endpoint);
-                            return Err(service_error(
-                                e.code(),
-                                format!(
-                                    "stage of node {} (layers {:?}): {e}",
-                                    stage.node_id, stage.layers
-                                ),
-                            ));
+                            return Err(stage_error(stage, e));
                         }
                     }
                 }

@@ -33,5 +33,5 @@ pub use fetch::{
 };
 pub use names::{LayerPart, TensorId};
 pub use quant::{DType, dequantize, quantize_q4_1, quantize_q8_0};
-pub use template::{ChatMessage, ChatTemplate};
+pub use template::{ChatMessage, ChatTemplate, render_prompt};
 pub use tokenizer::{TextStream, Tokenizer};

@@ -80,6 +80,19 @@ impl ChatTemplate {
     }
 }
 
+/// The prompt text for `messages`: rendered with `template`, opening the assistant's turn, or,
+/// for a checkpoint without a template, the messages' contents one per line.
+pub fn render_prompt(template: Option<&ChatTemplate>, messages: &[ChatMessage]) -> Result<String> {
+    match template {
+        Some(t) => t.render(messages, true),
+        None => Ok(messages
+            .iter()
+            .map(|m| m.content.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -91,14 +91,7 @@ impl Engine {
     /// Renders chat messages with the checkpoint's template, opening the assistant's turn.
     /// A checkpoint without a template gets the messages' contents, one per line.
     pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String> {
-        match &self.template {
-            Some(t) => Ok(t.render(messages, true)?),
-            None => Ok(messages
-                .iter()
-                .map(|m| m.content.as_str())
-                .collect::<Vec<_>>()
-                .join("\n")),
-        }
+        Ok(exo_model::render_prompt(self.template.as_ref(), messages)?)
     }
 
     /// Generates from prompt text (already templated), streaming pieces to `on_text`.
