@@ -4,12 +4,14 @@
 //!
 //! The instruction set is chosen at run time ([`Isa`]): AVX-512 with VNNI, AVX2 + FMA, or the
 //! portable scalar code that is always compiled and against which the SIMD paths are tested.
+//! [`attend`] is one head of attention over cached keys and values, on the same paths.
 //! Work is split across cores by output rows on a small persistent pool whose idle workers spin
 //! only briefly before parking, so a busy machine does not make them collapse.
 //!
 //! This crate knows numbers in memory and nothing else: no files, no burn, no model structure.
 
 mod acts;
+mod attn;
 mod error;
 pub mod ggml;
 mod matrix;
@@ -21,6 +23,7 @@ mod x86;
 use std::sync::OnceLock;
 
 pub use acts::QuantizedActs;
+pub use attn::{attend, attend_with};
 pub use error::{Error, Result};
 pub use matrix::{QuantMatrix, WeightFormat};
 pub use pool::{set_threads, threads};
@@ -242,6 +245,39 @@ fn dot4x4(
     None
 }
 
+/// Calls `f(i, piece)` for every `chunk`-sized piece of `data` (the last may be shorter), spread
+/// over the kernels' thread pool; returns when every call has ended. Each piece goes to exactly
+/// one call, so `f` may write it freely: this is how model code outside the kernels (attention
+/// heads, for example) shares the pool without an unsafe line of its own.
+pub fn for_each_chunk<T: Send>(data: &mut [T], chunk: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+    let chunk = chunk.max(1);
+    let len = data.len();
+    let tasks = len.div_ceil(chunk);
+    let base = SendPtr(data.as_mut_ptr());
+    pool::pool().run(tasks, &|i| {
+        let start = i * chunk;
+        let end = (start + chunk).min(len);
+        // SAFETY: `run` calls each index in `0..tasks` exactly once and returns only after
+        // every call has ended, so the pieces `start..end` are disjoint, in bounds, and borrowed
+        // from `data` (held mutably for this whole function) while they are used.
+        let piece = unsafe { std::slice::from_raw_parts_mut(base.get().add(start), end - start) };
+        f(i, piece)
+    });
+}
+
+/// A pointer to a buffer whose disjoint pieces go to different tasks.
+struct SendPtr<T>(*mut T);
+
+impl<T> SendPtr<T> {
+    fn get(&self) -> *mut T {
+        self.0
+    }
+}
+
+// SAFETY: only used by `for_each_chunk`, whose tasks touch disjoint pieces of `T: Send` values.
+unsafe impl<T: Send> Send for SendPtr<T> {}
+unsafe impl<T: Send> Sync for SendPtr<T> {}
+
 /// A raw pointer that may cross threads: each task writes a disjoint set of elements.
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
@@ -362,6 +398,21 @@ pub fn matmul_with(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn for_each_chunk_gives_every_piece_to_exactly_one_call() {
+        for (len, chunk) in [(0, 4), (1, 4), (10, 3), (64, 1), (1000, 7), (5, 0)] {
+            let mut data = vec![0u32; len];
+            for_each_chunk(&mut data, chunk, |i, piece| {
+                assert!(piece.len() <= chunk.max(1));
+                for v in piece.iter_mut() {
+                    *v += i as u32 + 1;
+                }
+            });
+            let expect: Vec<u32> = (0..len).map(|j| (j / chunk.max(1)) as u32 + 1).collect();
+            assert_eq!(data, expect, "len {len} chunk {chunk}");
+        }
+    }
 
     #[test]
     fn a_wrong_activation_length_is_an_error() -> Result<()> {

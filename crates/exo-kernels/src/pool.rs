@@ -36,6 +36,9 @@ struct Shared {
     done: AtomicUsize,
     /// A task panicked on a worker (reported by `run`).
     panicked: AtomicBool,
+    /// Workers parked on `wake` (changed only under `job`'s lock), so that `run` makes the
+    /// wake-up system call only when someone sleeps.
+    parked: AtomicUsize,
 }
 
 /// The pool: `threads - 1` workers plus the calling thread.
@@ -80,6 +83,7 @@ impl Pool {
             next: AtomicU64::new(0),
             done: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
+            parked: AtomicUsize::new(0),
         }));
         let workers = (1..threads)
             .filter_map(|i| {
@@ -121,15 +125,19 @@ impl Pool {
             tasks,
             f,
         };
-        {
-            // Publish under the lock, so a worker about to park cannot miss the new generation.
+        let parked = {
+            // Publish under the lock, so a worker about to park cannot miss the new generation:
+            // it counts itself in `parked` and checks the generation under this same lock.
             let mut slot = s.job.lock().unwrap_or_else(|p| p.into_inner());
             *slot = Some(job);
             s.done.store(0, Ordering::Relaxed);
             s.next.store(generation << 32, Ordering::Relaxed);
             s.generation.store(generation, Ordering::Release);
+            s.parked.load(Ordering::Relaxed)
+        };
+        if parked > 0 {
+            s.wake.notify_all();
         }
-        s.wake.notify_all();
         work(s, job);
         // Every claimed task must end before `f` (borrowed from the caller's stack) goes away;
         // `work` catches panics, so a failing task still counts as done.
@@ -183,10 +191,12 @@ fn worker(s: &'static Shared) {
                 continue;
             }
             let guard = s.job.lock().unwrap_or_else(|p| p.into_inner());
+            s.parked.fetch_add(1, Ordering::Relaxed);
             let _guard = s
                 .wake
                 .wait_while(guard, |_| s.generation.load(Ordering::Acquire) == seen)
                 .unwrap_or_else(|p| p.into_inner());
+            s.parked.fetch_sub(1, Ordering::Relaxed);
             break;
         }
         let job = *s.job.lock().unwrap_or_else(|p| p.into_inner());

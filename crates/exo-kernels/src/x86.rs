@@ -20,7 +20,7 @@ pub(crate) struct RowArgs<'a> {
 }
 
 #[target_feature(enable = "avx2,fma")]
-unsafe fn hsum256(v: __m256) -> f32 {
+pub(crate) unsafe fn hsum256(v: __m256) -> f32 {
     let lo = _mm256_castps256_ps128(v);
     let hi = _mm256_extractf128_ps(v, 1);
     let s = _mm_add_ps(lo, hi);

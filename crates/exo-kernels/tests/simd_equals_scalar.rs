@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use exo_kernels::{Isa, QuantMatrix, QuantizedActs, WeightFormat, matmul_with};
+use exo_kernels::{Isa, QuantMatrix, QuantizedActs, WeightFormat, attend_with, matmul_with};
 use proptest::prelude::*;
 
 const FORMATS: [WeightFormat; 5] = [
@@ -37,15 +37,20 @@ fn exact(w: &QuantMatrix, x: &[f32], n: usize) -> Vec<f64> {
     out
 }
 
-fn check(format: WeightFormat, q8_acts: bool, rows: usize, blocks: usize, n: usize, seed: u64) {
-    let cols = blocks * 32;
+/// Reproducible values in -1..=1 (xorshift).
+fn uniform(seed: u64) -> impl FnMut() -> f32 {
     let mut state = seed | 1;
-    let mut next = move || {
+    move || {
         state ^= state << 13;
         state ^= state >> 7;
         state ^= state << 17;
         (state % 2001) as f32 / 1000.0 - 1.0
-    };
+    }
+}
+
+fn check(format: WeightFormat, q8_acts: bool, rows: usize, blocks: usize, n: usize, seed: u64) {
+    let cols = blocks * 32;
+    let mut next = uniform(seed);
     let values: Vec<f32> = (0..rows * cols).map(|_| next()).collect();
     let x: Vec<f32> = (0..n * cols).map(|_| next() * 3.0).collect();
     let mut w = QuantMatrix::from_f32(format, rows, cols, &values).unwrap();
@@ -110,6 +115,51 @@ proptest! {
         seed in any::<u64>(),
     ) {
         check(format, q8_acts, rows, blocks, n, seed);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn attention_paths_equal_the_scalar_reference_and_an_f64_softmax(
+        hd in 1usize..80,
+        heads in 1usize..4,
+        visible in 0usize..70,
+        seed in any::<u64>(),
+    ) {
+        let stride = hd * heads;
+        let mut next = uniform(seed);
+        let q: Vec<f32> = (0..hd).map(|_| next() * 2.0).collect();
+        let keys: Vec<f32> = (0..visible * stride).map(|_| next()).collect();
+        let values: Vec<f32> = (0..visible * stride).map(|_| next() * 3.0).collect();
+        let scale = 1.0 / (hd as f32).sqrt();
+        // The last head of the interleaved caches: keys start `(heads - 1) * hd` in.
+        let off = (heads - 1) * hd;
+        let (k, v) = if visible == 0 { (&keys[..], &values[..]) } else { (&keys[off..], &values[off..]) };
+        let run = |isa| {
+            let (mut scores, mut out) = (vec![0f32; visible], vec![0f32; hd]);
+            attend_with(isa, &q, k, v, stride, visible, scale, &mut scores, &mut out).unwrap();
+            out
+        };
+        let reference = run(Isa::Scalar);
+        // f64 softmax-weighted values.
+        let logits: Vec<f64> = (0..visible)
+            .map(|j| (0..hd).map(|i| q[i] as f64 * k[j * stride + i] as f64).sum::<f64>() * scale as f64)
+            .collect();
+        let max = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let w: Vec<f64> = logits.iter().map(|l| (l - max).exp()).collect();
+        let total: f64 = w.iter().sum();
+        for i in 0..hd {
+            let want: f64 = (0..visible).map(|j| w[j] / total * v[j * stride + i] as f64).sum();
+            prop_assert!((reference[i] as f64 - want).abs() < 1e-4, "scalar {} vs f64 {want}", reference[i]);
+        }
+        for isa in Isa::supported() {
+            let got = run(isa);
+            for (a, b) in got.iter().zip(&reference) {
+                prop_assert!((a - b).abs() <= 1e-5, "{isa:?}: {a} vs scalar {b}");
+            }
+        }
     }
 }
 

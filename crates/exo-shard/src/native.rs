@@ -128,7 +128,6 @@ struct Scratch {
     proj: Vec<f32>,
     gate_up: Vec<f32>,
     h: Vec<f32>,
-    scores: Vec<f32>,
     acts: QuantizedActs,
 }
 
@@ -298,18 +297,9 @@ impl NativeShard {
             }
             s.att.resize(seq * qd, 0.0);
             attention(
-                &s.qkv,
-                qkv_width,
-                kc,
-                vc,
-                seq,
-                start,
-                h,
-                kvh,
-                hd,
-                &mut s.att,
-                &mut s.scores,
-            );
+                &s.qkv, qkv_width, kc, vc, seq, start, h, kvh, hd, &mut s.att,
+            )
+            .map_err(kernel_error)?;
             s.proj.resize(seq * self.hidden, 0.0);
             matmul(&layer.o, &s.att, seq, &mut s.proj, &mut s.acts).map_err(kernel_error)?;
             x.iter_mut().zip(&s.proj).for_each(|(a, b)| *a += b);
@@ -395,27 +385,8 @@ fn rotate(head: &mut [f32], cos: &[f32], sin: &[f32]) {
     }
 }
 
-/// Dot product with eight independent sums, so that the compiler can keep them in one SIMD
-/// register (a single running sum is a chain of dependent additions it may not reorder).
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
-/// Causal grouped-query attention of `seq` new queries over every cached position.
+/// Causal grouped-query attention of `seq` new queries over every cached position. Each
+/// (query, head) pair is one task on the kernels' pool when there is enough work to share.
 #[allow(clippy::too_many_arguments)]
 fn attention(
     qkv: &[f32],
@@ -428,36 +399,43 @@ fn attention(
     kv_heads: usize,
     hd: usize,
     out: &mut [f32],
-    scores: &mut Vec<f32>,
-) {
+) -> std::result::Result<(), exo_kernels::Error> {
+    thread_local! {
+        /// Attention scores of the head a thread is working on (grows, never shrinks).
+        static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
     let kvd = kv_heads * hd;
     let group = heads / kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
-    scores.resize(start + seq, 0.0);
-    for t in 0..seq {
+    // The first error of any task (only a bug in the shapes above could cause one).
+    let failed = std::sync::Mutex::new(None);
+    let task = |i: usize, o: &mut [f32]| {
+        let (t, h) = (i / heads, i % heads);
         let visible = start + t + 1;
-        for h in 0..heads {
-            let q = &qkv[t * qkv_width + h * hd..][..hd];
-            let kvh = h / group;
-            let sc = &mut scores[..visible];
-            let mut max = f32::NEG_INFINITY;
-            for (j, s) in sc.iter_mut().enumerate() {
-                let key = &k[j * kvd + kvh * hd..][..hd];
-                *s = dot(q, key) * scale;
-                max = max.max(*s);
+        let q = &qkv[t * qkv_width + h * hd..][..hd];
+        let kvh = h / group;
+        let (keys, values) = (&k[kvh * hd..], &v[kvh * hd..]);
+        SCORES.with_borrow_mut(|scores| {
+            if scores.len() < visible {
+                scores.resize(visible, 0.0);
             }
-            let mut total = 0f32;
-            for s in sc.iter_mut() {
-                *s = (*s - max).exp();
-                total += *s;
+            if let Err(e) = exo_kernels::attend(q, keys, values, kvd, visible, scale, scores, o) {
+                let mut first = failed.lock().unwrap_or_else(|p| p.into_inner());
+                first.get_or_insert(e);
             }
-            let o = &mut out[t * heads * hd + h * hd..][..hd];
-            o.fill(0.0);
-            for (j, p) in sc.iter().enumerate() {
-                let w = p / total;
-                let val = &v[j * kvd + kvh * hd..][..hd];
-                o.iter_mut().zip(val).for_each(|(o, v)| *o += w * v);
-            }
-        }
+        });
+    };
+    let out = &mut out[..seq * heads * hd];
+    // Below this many multiply-adds a hand-off to the pool costs more than it saves.
+    if seq * heads * (start + seq) * hd < 1 << 15 {
+        out.chunks_exact_mut(hd)
+            .enumerate()
+            .for_each(|(i, o)| task(i, o));
+    } else {
+        exo_kernels::for_each_chunk(out, hd, task);
+    }
+    match failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
 }
