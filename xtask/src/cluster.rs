@@ -63,6 +63,8 @@ pub(crate) struct Layout {
     pub(crate) threads: usize,
     /// Pin node `i` to core `i % cores`.
     pub(crate) pin: bool,
+    /// How activations travel (`exo-node serve --wire`).
+    pub(crate) wire: &'static str,
 }
 
 /// Starts the nodes of `layout` and waits until they agree on a plan of `layout.nodes` stages.
@@ -95,6 +97,7 @@ pub(crate) fn start(
             .args(["--log", "warn", "serve", "--no-mdns", "--cluster-key", KEY])
             .args(["--model", &model.display().to_string()])
             .args(["--threads", &layout.threads.to_string()])
+            .args(["--wire", layout.wire])
             .args(["--listen", &format!("/ip4/127.0.0.1/tcp/{port}")])
             .args(["--grpc-listen", &format!("127.0.0.1:{grpc}")])
             .args(["--api-addr", &format!("127.0.0.1:{api}")])

@@ -408,6 +408,7 @@ fn cluster_tables(
             memory_limit: None,
             threads: 1,
             pin: true,
+            wire: "f16",
         },
         Layout {
             name: "1 node, 2 cores",
@@ -415,6 +416,7 @@ fn cluster_tables(
             memory_limit: None,
             threads: 2,
             pin: false,
+            wire: "f16",
         },
         Layout {
             name: "2 nodes, 1 core each",
@@ -422,6 +424,15 @@ fn cluster_tables(
             memory_limit: Some("120MiB"),
             threads: 1,
             pin: true,
+            wire: "f16",
+        },
+        Layout {
+            name: "2 nodes, 1 core each, q8 wire",
+            nodes: 2,
+            memory_limit: Some("120MiB"),
+            threads: 1,
+            pin: true,
+            wire: "q8",
         },
         Layout {
             name: "3 nodes on 2 cores",
@@ -429,11 +440,12 @@ fn cluster_tables(
             memory_limit: Some("80MiB"),
             threads: 1,
             pin: true,
+            wire: "f16",
         },
     ];
     md.push_str(&format!(
         "\nThrough the cluster on loopback (`exo-node serve` processes, `generate --node`, {tokens} tokens, \
-         f16 activations; cores pinned with taskset where it exists):\n\n\
+         f16 activations unless the layout says q8; cores pinned with taskset where it exists):\n\n\
          | layout | decode tokens/s | TTFT ms | activation bytes/token/hop | resident MiB per node |\n|---|---|---|---|---|\n"
     ));
     for layout in &layouts {
@@ -489,6 +501,7 @@ fn cluster_tables(
         memory_limit: None,
         threads: 2,
         pin: false,
+        wire: "f16",
     };
     let nodes = cluster::start(exe, model, &single, &["--max-concurrent", "8"])?;
     let max_tokens = if quick { 32 } else { 64 };

@@ -44,8 +44,9 @@ pub(crate) struct ServeArgs {
     /// How weights are held (see `exo-node generate --help`).
     #[arg(long, default_value = "auto")]
     pub(crate) weights: String,
-    /// How activations travel to the next node: `f16` (default, 2 bytes a value), `bf16`, or
-    /// `f32` (exact).
+    /// How activations travel to the next node: `f16` (default, 2 bytes a value), `bf16`,
+    /// `q8` (8-bit blocks with an f16 scale per 32 values: 1.06 bytes a value, each within
+    /// half a step of its block), or `f32` (exact).
     #[arg(long, default_value = "f16")]
     pub(crate) wire: String,
     /// Worker threads for the CPU kernels (default: all cores).

@@ -222,6 +222,51 @@ fn three_nodes_answer_like_one_and_hold_only_their_layers() {
 }
 
 /// Waits (at most 10 s) until no node holds any request's state.
+#[test]
+fn eight_bit_activations_halve_the_bytes_and_keep_the_answer() {
+    let (single, single_text, _) = generate(&[]);
+    // 120 MiB each: the model needs both nodes; the first stage sends 8-bit blocks.
+    let cluster = start_cluster(2, "120MiB", &["--wire", "q8"]);
+    let (ids, text, stderr) = generate(&["--node", &cluster.nodes[0].grpc]);
+    let same = ids.iter().zip(&single).take_while(|(a, b)| a == b).count();
+    eprintln!("q8 wire: first {same} of 32 greedy tokens as one node; {text:?} vs {single_text:?}");
+    // The answer the quick start shows stays the same; later tokens may drift, as any
+    // quantization of the hidden state can make them.
+    assert!(
+        same >= 16,
+        "q8 wire diverged at token {same}: {text:?} vs {single_text:?}; {stderr}"
+    );
+    assert!(
+        text.starts_with("The capital of France is Paris."),
+        "{text:?}"
+    );
+
+    let rt = runtime();
+    wait_until_idle(&rt, &cluster);
+    let sent: Vec<_> = cluster
+        .nodes
+        .iter()
+        .map(|n| {
+            rt.block_on(async {
+                let c = ShardClient::connect(&n.grpc, Some(&credential()), Limits::default())
+                    .await
+                    .unwrap();
+                c.status().await.unwrap()
+            })
+        })
+        .filter(|s| s.layers.end < 30)
+        .collect();
+    assert_eq!(sent.len(), 1);
+    // 576 values: 18 blocks of one f16 scale and 32 bytes, 612 bytes per position (f16: 1152).
+    assert!(sent[0].activation_positions_sent > 0);
+    assert_eq!(
+        sent[0].activation_bytes_sent,
+        sent[0].activation_positions_sent * 612,
+        "{:?}",
+        sent[0]
+    );
+}
+
 fn wait_until_idle(rt: &tokio::runtime::Runtime, cluster: &common::Cluster) {
     let deadline = Instant::now() + Duration::from_secs(10);
     for node in &cluster.nodes {

@@ -94,7 +94,11 @@ pub fn model_profile(checkpoint: &Checkpoint, weights: Weights, wire: WireDtype)
         kv_heads: config.num_kv_heads as u32,
         kv_bytes_per_token_per_layer: kv,
         vocab_size: config.vocab_size as u32,
-        activation_bytes: wire.size() as u32,
+        // Bytes per value on the wire, rounded (8-bit blocks: 1.0625 -> 1).
+        activation_bytes: (wire.row_bytes(config.hidden_size) as f64
+            / config.hidden_size.max(1) as f64)
+            .round()
+            .max(1.0) as u32,
     }
 }
 

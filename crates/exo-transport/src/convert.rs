@@ -14,13 +14,26 @@ use crate::types::{
 /// Longest request id accepted.
 const MAX_REQUEST_ID: usize = 128;
 
-/// Encodes activations as `dtype`; a frame with a value f16 cannot hold travels as f32.
+/// Encodes activations as `dtype`; a frame with a value f16 (or a Q8 block's f16 scale)
+/// cannot hold travels as f32.
 pub(crate) fn encode_activations(a: &Activations, dtype: WireDtype) -> pb::Tensor {
+    let f16_max = f16::MAX.to_f32();
     let dtype = match dtype {
-        WireDtype::F16 if a.values.iter().any(|v| v.abs() > f16::MAX.to_f32()) => WireDtype::F32,
+        // (NaN too: the receiver refuses it, as it refuses any value that is not finite.)
+        WireDtype::F16 if a.values.iter().any(|v| v.is_nan() || v.abs() > f16_max) => {
+            WireDtype::F32
+        }
+        WireDtype::Q8
+            if a.values
+                .iter()
+                .any(|v| v.is_nan() || v.abs() / 127.0 > f16_max) =>
+        {
+            WireDtype::F32
+        }
         other => other,
     };
-    let mut data = Vec::with_capacity(a.values.len() * dtype.size());
+    let rows = a.values.len().checked_div(a.hidden).unwrap_or(0);
+    let mut data = Vec::with_capacity(rows * dtype.row_bytes(a.hidden));
     match dtype {
         WireDtype::F32 => a
             .values
@@ -34,12 +47,32 @@ pub(crate) fn encode_activations(a: &Activations, dtype: WireDtype) -> pb::Tenso
             .values
             .iter()
             .for_each(|v| data.extend_from_slice(&bf16::from_f32(*v).to_le_bytes())),
+        WireDtype::Q8 => {
+            for row in a.values.chunks(a.hidden.max(1)) {
+                for block in row.chunks(WireDtype::Q8_BLOCK) {
+                    let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    let d = f16::from_f32(amax / 127.0);
+                    let inv = if d.to_f32() > 0.0 {
+                        1.0 / d.to_f32()
+                    } else {
+                        0.0
+                    };
+                    data.extend_from_slice(&d.to_le_bytes());
+                    data.extend(
+                        block
+                            .iter()
+                            .map(|v| (v * inv).round().clamp(-127.0, 127.0) as i8 as u8),
+                    );
+                }
+            }
+        }
     }
     pb::Tensor {
         dtype: match dtype {
             WireDtype::F32 => pb::DType::F32,
             WireDtype::F16 => pb::DType::F16,
             WireDtype::Bf16 => pb::DType::Bf16,
+            WireDtype::Q8 => pb::DType::Q8,
         } as i32,
         shape: vec![a.positions as u32, a.hidden as u32],
         data,
@@ -53,9 +86,10 @@ pub(crate) fn decode_activations(t: &pb::Tensor, limits: &Limits) -> Result<Acti
         Ok(pb::DType::F32) => WireDtype::F32,
         Ok(pb::DType::F16) => WireDtype::F16,
         Ok(pb::DType::Bf16) => WireDtype::Bf16,
+        Ok(pb::DType::Q8) => WireDtype::Q8,
         _ => {
             return Err(Error::invalid(format!(
-                "activation dtype {} is not f32, f16 or bf16",
+                "activation dtype {} is not f32, f16, bf16 or q8",
                 t.dtype
             )));
         }
@@ -78,9 +112,7 @@ pub(crate) fn decode_activations(t: &pb::Tensor, limits: &Limits) -> Result<Acti
             ),
         ));
     }
-    let expected = positions
-        .checked_mul(hidden)
-        .and_then(|n| n.checked_mul(dtype.size()));
+    let expected = positions.checked_mul(dtype.row_bytes(hidden));
     if expected != Some(t.data.len()) {
         return Err(Error::invalid(format!(
             "activation frame of shape [{positions}, {hidden}] in {dtype} needs {} bytes, got {}",
@@ -104,6 +136,19 @@ pub(crate) fn decode_activations(t: &pb::Tensor, limits: &Limits) -> Result<Acti
             .chunks_exact(2)
             .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
             .collect(),
+        WireDtype::Q8 => {
+            let mut values = Vec::with_capacity(positions * hidden);
+            for row in t.data.chunks_exact(dtype.row_bytes(hidden)) {
+                let mut rest = row;
+                while let [d0, d1, tail @ ..] = rest {
+                    let d = f16::from_le_bytes([*d0, *d1]).to_f32();
+                    let n = WireDtype::Q8_BLOCK.min(tail.len());
+                    values.extend(tail[..n].iter().map(|&q| d * f32::from(q as i8)));
+                    rest = &tail[n..];
+                }
+            }
+            values
+        }
     };
     if let Some(at) = values.iter().position(|v| !v.is_finite()) {
         return Err(Error::invalid(format!(
@@ -520,7 +565,52 @@ mod tests {
                     prop_assert!((x - y).abs() <= rel * x.abs() + 1e-6 * scale, "{dtype}: {x} vs {y}");
                 }
             }
+            // 8-bit blocks: each value within half a step of its block, plus the f16 rounding
+            // of the block's scale.
+            let t = encode_activations(&a, WireDtype::Q8);
+            prop_assert_eq!(t.data.len(), positions * WireDtype::Q8.row_bytes(hidden));
+            let back = decode_activations(&t, &Limits::default()).unwrap();
+            for (r, (row, got)) in values.chunks(hidden).zip(back.values.chunks(hidden)).enumerate() {
+                for (b, (block, got)) in row.chunks(32).zip(got.chunks(32)).enumerate() {
+                    let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    let bound = amax * (1.0 / 254.0 + 1.0 / 1024.0) + 1e-30;
+                    for (x, y) in block.iter().zip(got) {
+                        prop_assert!((x - y).abs() <= bound, "q8 row {r} block {b}: {x} vs {y}");
+                    }
+                }
+            }
         }
+    }
+
+    #[test]
+    fn q8_rows_take_one_byte_a_value_and_a_scale_per_32() {
+        assert_eq!(WireDtype::Q8.row_bytes(576), 612);
+        assert_eq!(WireDtype::Q8.row_bytes(33), 37);
+        assert_eq!(WireDtype::F16.row_bytes(576), 1152);
+        let t = encode_activations(&acts(1, 3, vec![1.0, -0.5, 0.0]), WireDtype::Q8);
+        assert_eq!(t.dtype, pb::DType::Q8 as i32);
+        // Scale 1/127 in f16, then 127, -64 (rounded from -63.5), 0.
+        assert_eq!(&t.data[2..], &[127, (-64i8) as u8, 0]);
+        let zeros = encode_activations(&acts(1, 4, vec![0.0; 4]), WireDtype::Q8);
+        let back = decode_activations(&zeros, &Limits::default()).unwrap();
+        assert_eq!(back.values, vec![0.0; 4]);
+    }
+
+    #[test]
+    fn q8_falls_back_to_f32_where_its_scale_cannot_reach_and_bad_q8_frames_are_refused() {
+        let t = encode_activations(&acts(1, 2, vec![1.0, 1e8]), WireDtype::Q8);
+        assert_eq!(t.dtype, pb::DType::F32 as i32);
+        let limits = Limits::default();
+        let nan = encode_activations(&acts(1, 2, vec![1.0, f32::NAN]), WireDtype::Q8);
+        assert!(decode_activations(&nan, &limits).is_err());
+        let mut t = encode_activations(&acts(2, 40, vec![0.5; 80]), WireDtype::Q8);
+        t.data.pop();
+        let e = decode_activations(&t, &limits).unwrap_err();
+        assert!(e.to_string().contains("needs 88 bytes, got 87"), "{e}");
+        // An infinite scale makes infinite values: refused like any non-finite value.
+        let mut t = encode_activations(&acts(1, 2, vec![1.0, 2.0]), WireDtype::Q8);
+        t.data[..2].copy_from_slice(&f16::INFINITY.to_le_bytes());
+        assert!(decode_activations(&t, &limits).is_err());
     }
 
     #[test]

@@ -45,14 +45,22 @@ pub enum WireDtype {
     F16,
     /// 2 bytes per value, f32's range with 8 bits of mantissa.
     Bf16,
+    /// 8-bit blocks as the quantized kernels use them: per 32 values, one f16 scale and 32
+    /// signed bytes (1.0625 bytes per value; each value within half a step, `amax / 254` of its
+    /// block). A frame holding a value beyond the scale's range travels as f32 instead.
+    Q8,
 }
 
 impl WireDtype {
-    /// Bytes per value.
-    pub fn size(self) -> usize {
+    /// Values per 8-bit block of [`WireDtype::Q8`].
+    pub const Q8_BLOCK: usize = 32;
+
+    /// Bytes one row of `width` values takes on the wire.
+    pub fn row_bytes(self, width: usize) -> usize {
         match self {
-            WireDtype::F32 => 4,
-            WireDtype::F16 | WireDtype::Bf16 => 2,
+            WireDtype::F32 => width.saturating_mul(4),
+            WireDtype::F16 | WireDtype::Bf16 => width.saturating_mul(2),
+            WireDtype::Q8 => width.saturating_add(width.div_ceil(Self::Q8_BLOCK) * 2),
         }
     }
 }
@@ -63,6 +71,7 @@ impl fmt::Display for WireDtype {
             WireDtype::F32 => "f32",
             WireDtype::F16 => "f16",
             WireDtype::Bf16 => "bf16",
+            WireDtype::Q8 => "q8",
         })
     }
 }
@@ -75,8 +84,9 @@ impl FromStr for WireDtype {
             "f32" => Ok(WireDtype::F32),
             "f16" => Ok(WireDtype::F16),
             "bf16" => Ok(WireDtype::Bf16),
+            "q8" => Ok(WireDtype::Q8),
             other => Err(Error::invalid(format!(
-                "unknown activation wire type `{other}` (choose f32, f16 or bf16)"
+                "unknown activation wire type `{other}` (choose f32, f16, bf16 or q8)"
             ))),
         }
     }
