@@ -1,8 +1,8 @@
 //! Attention of one query head over cached keys and values, with the instruction set chosen at
 //! run time like the matrix kernels.
 //!
-//! The portable code is the reference; the x86 paths use fused multiply-adds on 8 or 16 lanes
-//! and keep an output row in registers, and agree with it to rounding.
+//! The portable code is the reference; the SIMD paths (x86 on 8 or 16 lanes, NEON on 4) use
+//! fused multiply-adds and keep an output row in registers, and agree with it to rounding.
 
 use crate::{Error, Isa, Result};
 
@@ -88,18 +88,24 @@ pub fn attend_with(
             // SAFETY: as above.
             unsafe { attend_avx2(q, keys, values, stride, scale, scores, out) }
         }
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon if isa.is_supported() => {
+            // SAFETY: as above.
+            unsafe { attend_neon(q, keys, values, stride, scale, scores, out) }
+        }
         _ => attend_body(q, keys, values, stride, scale, scores, out),
     }
     Ok(())
 }
 
-/// Writes an x86 path of [`attend`]: one fused multiply-add chain of `$lanes`-wide vectors per
-/// key, and the output row accumulated in registers four vectors at a time. Head sizes that are
-/// not a multiple of `$lanes` take the portable code, compiled for the path's features.
-#[cfg(target_arch = "x86_64")]
-macro_rules! x86_attend {
-    ($(#[$doc:meta])* $name:ident, $features:literal, $lanes:literal, $zero:ident, $load:ident,
-     $store:ident, $fma:ident, $splat:ident, $sum:path) => {
+/// Writes a SIMD path of [`attend`] with the intrinsics of `std::arch::$arch`: one fused
+/// multiply-add chain of `$lanes`-wide vectors per key, and the output row accumulated in
+/// registers four vectors at a time. `$fma(a, b, c)` is `a * b + c`. Head sizes that are not a
+/// multiple of `$lanes` take the portable code, compiled for the path's features.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+macro_rules! simd_attend {
+    ($(#[$doc:meta])* $name:ident, $arch:ident, $features:literal, $lanes:literal, $zero:path,
+     $load:path, $store:path, $fma:path, $splat:path, $sum:path) => {
         $(#[$doc])*
         #[target_feature(enable = $features)]
         #[allow(unsafe_op_in_unsafe_fn)]
@@ -112,7 +118,7 @@ macro_rules! x86_attend {
             scores: &mut [f32],
             out: &mut [f32],
         ) {
-            use std::arch::x86_64::*;
+            use std::arch::$arch::*;
             const L: usize = $lanes;
             let hd = q.len();
             if !hd.is_multiple_of(L) {
@@ -158,17 +164,24 @@ macro_rules! x86_attend {
 }
 
 #[cfg(target_arch = "x86_64")]
-x86_attend!(
+simd_attend!(
     /// AVX-512: 16 lanes.
-    attend_avx512, "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma", 16, _mm512_setzero_ps,
+    attend_avx512, x86_64, "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma", 16, _mm512_setzero_ps,
     _mm512_loadu_ps, _mm512_storeu_ps, _mm512_fmadd_ps, _mm512_set1_ps, _mm512_reduce_add_ps
 );
 
 #[cfg(target_arch = "x86_64")]
-x86_attend!(
+simd_attend!(
     /// AVX2 + FMA: 8 lanes.
-    attend_avx2, "avx2,fma", 8, _mm256_setzero_ps, _mm256_loadu_ps, _mm256_storeu_ps,
+    attend_avx2, x86_64, "avx2,fma", 8, _mm256_setzero_ps, _mm256_loadu_ps, _mm256_storeu_ps,
     _mm256_fmadd_ps, _mm256_set1_ps, crate::x86::hsum256
+);
+
+#[cfg(target_arch = "aarch64")]
+simd_attend!(
+    /// NEON: 4 lanes.
+    attend_neon, aarch64, "neon", 4, crate::neon::zero, vld1q_f32, vst1q_f32, crate::neon::fmadd,
+    vdupq_n_f32, vaddvq_f32
 );
 
 /// The arithmetic of [`attend`] in portable Rust (the scalar path, and the fallback of the SIMD

@@ -2,9 +2,12 @@
 //! Q4_0, Q4_1, Q4_K, Q6_K, f16, f32) and matrix-vector / matrix-matrix products that compute on
 //! the quantized blocks, with activations quantized to 8-bit blocks for the integer formats.
 //!
-//! The instruction set is chosen at run time ([`Isa`]): AVX-512 with VNNI, AVX2 + FMA, or the
-//! portable scalar code that is always compiled and against which the SIMD paths are tested.
-//! [`attend`] is one head of attention over cached keys and values, on the same paths.
+//! The instruction set is chosen at run time ([`Isa`]): on x86-64 AVX-512 with VNNI or AVX2 +
+//! FMA, on aarch64 NEON (with the dot-product extension's SDOT for 8-bit activations where the
+//! CPU has it), or the portable scalar code that is always compiled and against which the SIMD
+//! paths are tested. Formats without a kernel on a path (f16 and the K-quants on NEON) take the
+//! scalar code there. [`attend`] is one head of attention over cached keys and values, on the
+//! same paths.
 //! Work is split across cores by output rows on a small persistent pool whose idle workers spin
 //! only briefly before parking, so a busy machine does not make them collapse.
 //!
@@ -15,6 +18,8 @@ mod attn;
 mod error;
 pub mod ggml;
 mod matrix;
+#[cfg(target_arch = "aarch64")]
+mod neon;
 mod pool;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
@@ -39,6 +44,10 @@ pub enum Isa {
     Avx2,
     /// AVX-512 F/BW/DQ with VNNI.
     Avx512Vnni,
+    /// aarch64 NEON (Advanced SIMD); 8-bit activations use SDOT where the CPU has the
+    /// dot-product extension and widening multiplies where it does not. f16 and K-quant weights
+    /// take the scalar code on this path.
+    Neon,
 }
 
 impl Isa {
@@ -46,7 +55,7 @@ impl Isa {
     pub fn detected() -> Isa {
         static DETECTED: OnceLock<Isa> = OnceLock::new();
         *DETECTED.get_or_init(|| {
-            let best = [Isa::Avx512Vnni, Isa::Avx2]
+            let best = [Isa::Avx512Vnni, Isa::Avx2, Isa::Neon]
                 .into_iter()
                 .find(|isa| isa.is_supported());
             best.unwrap_or(Isa::Scalar)
@@ -55,16 +64,20 @@ impl Isa {
 
     /// Every path this CPU can run (for tests and benchmarks).
     pub fn supported() -> Vec<Isa> {
-        [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni]
+        [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni, Isa::Neon]
             .into_iter()
             .filter(|i| i.is_supported())
             .collect()
     }
 
     /// Whether this CPU can run the path. Decided from the CPU's feature flags for exactly the
-    /// instructions the path uses; an `EXO_KERNELS_ISA` of `scalar` or `avx2` caps the choice.
+    /// instructions the path uses; an `EXO_KERNELS_ISA` of `scalar` caps the choice to scalar
+    /// code, and `avx2` caps x86 to AVX2. The x86 paths are never supported on aarch64, nor NEON
+    /// on x86.
     pub fn is_supported(self) -> bool {
-        let cap = std::env::var("EXO_KERNELS_ISA").unwrap_or_default();
+        // Read once: every kernel call asks, and reading the environment locks and allocates.
+        static CAP: OnceLock<String> = OnceLock::new();
+        let cap = CAP.get_or_init(|| std::env::var("EXO_KERNELS_ISA").unwrap_or_default());
         match self {
             Isa::Scalar => true,
             #[cfg(target_arch = "x86_64")]
@@ -83,7 +96,8 @@ impl Isa {
                     && is_x86_feature_detected!("avx512dq")
                     && is_x86_feature_detected!("avx512vnni")
             }
-            #[cfg(not(target_arch = "x86_64"))]
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => cap != "scalar" && std::arch::is_aarch64_feature_detected!("neon"),
             _ => false,
         }
     }
@@ -94,6 +108,7 @@ impl Isa {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
             Isa::Avx512Vnni => "avx512-vnni",
+            Isa::Neon => "neon",
         }
     }
 }
@@ -101,8 +116,8 @@ impl Isa {
 /// One output value with the chosen path (`isa` must be supported; callers check).
 fn dot(isa: Isa, w: &QuantMatrix, row: usize, a: &QuantizedActs, t: usize) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if isa != Isa::Scalar {
-        use x86::BlockKind::{Q4, Q8};
+    if matches!(isa, Isa::Avx2 | Isa::Avx512Vnni) {
+        use BlockKind::{Q4, Q8};
         let (cols, nb) = (w.cols, w.cols / 32);
         let wide = isa == Isa::Avx512Vnni;
         let x = &a.f[t * cols..(t + 1) * cols];
@@ -141,17 +156,76 @@ fn dot(isa: Isa, w: &QuantMatrix, row: usize, a: &QuantizedActs, t: usize) -> f3
             _ => {}
         }
     }
+    #[cfg(target_arch = "aarch64")]
+    if isa == Isa::Neon {
+        if let Some([v]) = neon_rows::<1>(w, row, a, t) {
+            return v;
+        }
+        if let Storage::F32(v) = &w.storage {
+            let cols = w.cols;
+            // SAFETY: `isa` was checked as supported (NEON) before dispatch; both slices hold
+            // `cols` values.
+            return unsafe {
+                neon::dot_f32(&v[row * cols..(row + 1) * cols], &a.f[t * cols..][..cols])
+            };
+        }
+    }
     let _ = isa;
     scalar::dot(w, row, a, t)
 }
 
+/// Rows `row..row + R` of an integer-format matrix against activation row `t` with the NEON
+/// kernels (f32 or 8-bit activations, as the matrix asks); `None` for other formats.
+#[cfg(target_arch = "aarch64")]
+fn neon_rows<const R: usize>(
+    w: &QuantMatrix,
+    row: usize,
+    a: &QuantizedActs,
+    t: usize,
+) -> Option<[f32; R]> {
+    let (cols, nb) = (w.cols, w.cols / 32);
+    let (wd, wm, wq, kind) = int_rows(w, row, R)?;
+    if w.q8_acts {
+        let r = row_args(wd, wm, wq, a, t * nb, t * nb * 32, nb);
+        // SAFETY: the caller checked NEON as supported; `r` holds `R` rows of `nb` blocks and
+        // the `nb` activation blocks of token `t`.
+        return Some(unsafe { neon::dot_q8_acts::<R>(&r, nb, kind) });
+    }
+    let r = row_args(wd, wm, wq, a, 0, 0, 0);
+    let x = &a.f[t * cols..(t + 1) * cols];
+    let xsum = &a.fsum[t * nb..(t + 1) * nb];
+    // SAFETY: as above; `x` holds `nb * 32` values and `xsum` `nb` sums.
+    Some(unsafe { neon::dot_f32_acts::<R>(&r, x, xsum, nb, kind) })
+}
+
+/// Slices of some weight rows and one activation row, already cut to the blocks a kernel reads.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+pub(crate) struct RowArgs<'a> {
+    pub(crate) wd: &'a [f32],
+    pub(crate) wm: &'a [f32],
+    pub(crate) wq: &'a [u8],
+    pub(crate) ad: &'a [f32],
+    pub(crate) asum: &'a [f32],
+    pub(crate) aq: &'a [i8],
+}
+
+/// Which block layout an integer kernel reads.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum BlockKind {
+    /// 4-bit nibbles; `offset` for Q4_0 (values `q - 8`), else Q4_1 (a minimum per block).
+    Q4 { offset: bool },
+    /// Signed bytes (Q8_0).
+    Q8,
+}
+
 /// Scales, minimums (Q4_1 only), quant bytes and block layout of some rows of a matrix.
-#[cfg(target_arch = "x86_64")]
-type IntRows<'a> = (&'a [f32], &'a [f32], &'a [u8], x86::BlockKind);
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+type IntRows<'a> = (&'a [f32], &'a [f32], &'a [u8], BlockKind);
 
 /// Rows `row..row + count` of an integer-format matrix as the SIMD kernels read them; `None`
 /// for other formats.
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 fn int_rows(w: &QuantMatrix, row: usize, count: usize) -> Option<IntRows<'_>> {
     let nb = w.cols / 32;
     let scales = row * nb..(row + count) * nb;
@@ -161,25 +235,22 @@ fn int_rows(w: &QuantMatrix, row: usize, count: usize) -> Option<IntRows<'_>> {
             &d[scales.clone()],
             &m[scales],
             &q[nibbles],
-            x86::BlockKind::Q4 { offset: false },
+            BlockKind::Q4 { offset: false },
         )),
-        Storage::Q4_0 { d, q } => Some((
-            &d[scales],
-            &[],
-            &q[nibbles],
-            x86::BlockKind::Q4 { offset: true },
-        )),
+        Storage::Q4_0 { d, q } => {
+            Some((&d[scales], &[], &q[nibbles], BlockKind::Q4 { offset: true }))
+        }
         Storage::Q8_0 { d, q } => {
             let q = &q[row * w.cols..(row + count) * w.cols];
             // SAFETY: i8 and u8 have the same size and alignment; the kernels read them as i8.
             let q = unsafe { std::slice::from_raw_parts(q.as_ptr() as *const u8, q.len()) };
-            Some((&d[scales], &[], q, x86::BlockKind::Q8))
+            Some((&d[scales], &[], q, BlockKind::Q8))
         }
         _ => None,
     }
 }
 
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 fn row_args<'a>(
     wd: &'a [f32],
     wm: &'a [f32],
@@ -188,8 +259,8 @@ fn row_args<'a>(
     ab: usize,
     aq: usize,
     nb: usize,
-) -> x86::RowArgs<'a> {
-    x86::RowArgs {
+) -> RowArgs<'a> {
+    RowArgs {
         wd,
         wm,
         wq,
@@ -200,8 +271,13 @@ fn row_args<'a>(
 }
 
 /// Four consecutive outputs `row..row + 4` at once where a fused kernel exists (AVX-512 with
-/// f32 activations); `None` otherwise, and the caller takes them one at a time.
+/// f32 activations; NEON with either activation kind); `None` otherwise, and the caller takes
+/// them one at a time.
 fn dot4(isa: Isa, w: &QuantMatrix, row: usize, a: &QuantizedActs, t: usize) -> Option<[f32; 4]> {
+    #[cfg(target_arch = "aarch64")]
+    if isa == Isa::Neon && row + 4 <= w.rows {
+        return neon_rows::<4>(w, row, a, t);
+    }
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512Vnni && !w.q8_acts && row + 4 <= w.rows {
         let (cols, nb) = (w.cols, w.cols / 32);
@@ -213,8 +289,8 @@ fn dot4(isa: Isa, w: &QuantMatrix, row: usize, a: &QuantizedActs, t: usize) -> O
         // whole rows.
         return Some(unsafe {
             match kind {
-                x86::BlockKind::Q4 { offset } => x86::dot4_q4_f32_avx512(&r, x, xsum, nb, offset),
-                x86::BlockKind::Q8 => x86::dot4_q8_f32_avx512(&r, x, nb),
+                BlockKind::Q4 { offset } => x86::dot4_q4_f32_avx512(&r, x, xsum, nb, offset),
+                BlockKind::Q8 => x86::dot4_q8_f32_avx512(&r, x, nb),
             }
         });
     }

@@ -9,15 +9,7 @@
 
 use std::arch::x86_64::*;
 
-/// Slices of one weight row and one activation row, already cut to `nb` blocks.
-pub(crate) struct RowArgs<'a> {
-    pub(crate) wd: &'a [f32],
-    pub(crate) wm: &'a [f32],
-    pub(crate) wq: &'a [u8],
-    pub(crate) ad: &'a [f32],
-    pub(crate) asum: &'a [f32],
-    pub(crate) aq: &'a [i8],
-}
+use crate::{BlockKind, RowArgs};
 
 #[target_feature(enable = "avx2,fma")]
 pub(crate) unsafe fn hsum256(v: __m256) -> f32 {
@@ -543,13 +535,4 @@ pub(crate) unsafe fn dot4x4_f32_avx512(
         }
     }
     out
-}
-
-/// Which block layout [`dot4x4_f32_avx512`] reads.
-#[derive(Clone, Copy)]
-pub(crate) enum BlockKind {
-    /// 4-bit nibbles; `offset` for Q4_0 (values `q - 8`), else Q4_1 (a minimum per block).
-    Q4 { offset: bool },
-    /// Signed bytes (Q8_0).
-    Q8,
 }

@@ -251,3 +251,23 @@ fn k_quant_rows_compute_what_they_decode_to() {
         }
     }
 }
+
+#[test]
+fn each_architecture_offers_its_own_simd_paths_only() {
+    let supported = Isa::supported();
+    assert!(supported.contains(&Isa::Scalar));
+    let capped = std::env::var("EXO_KERNELS_ISA").as_deref() == Ok("scalar");
+    if cfg!(target_arch = "aarch64") {
+        // NEON is part of the aarch64 baseline, so every aarch64 CPU runs it.
+        assert_eq!(supported.contains(&Isa::Neon), !capped, "{supported:?}");
+        assert_eq!(
+            Isa::detected(),
+            if capped { Isa::Scalar } else { Isa::Neon }
+        );
+        assert!(!supported.contains(&Isa::Avx2) && !supported.contains(&Isa::Avx512Vnni));
+    } else {
+        assert!(!supported.contains(&Isa::Neon), "{supported:?}");
+        assert!(!Isa::Neon.is_supported());
+    }
+    assert_eq!(Isa::Neon.name(), "neon");
+}
