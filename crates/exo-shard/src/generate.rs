@@ -85,21 +85,42 @@ pub fn forward_tokens(
     tokens: &[u32],
     caches: &mut [KvCache],
 ) -> Result<Vec<f32>> {
-    let (first, last) = match (stages.first(), stages.last()) {
-        (Some(f), Some(l)) => (f, l),
-        _ => return Err(Error::Backend("no stages to run".into())),
-    };
-    if caches.len() != stages.len() {
-        return Err(Error::CacheMismatch {
-            expected: stages.len(),
-            actual: caches.len(),
-        });
+    let mut step = Step::default();
+    step.run(stages, tokens, caches)?;
+    Ok(step.logits)
+}
+
+/// Host buffers of one step through every stage, reused from step to step so that decoding on
+/// the CPU kernels allocates nothing per token.
+#[derive(Debug, Default)]
+struct Step {
+    hidden: Vec<f32>,
+    logits: Vec<f32>,
+}
+
+impl Step {
+    /// [`forward_tokens`] into `self.logits`.
+    fn run(&mut self, stages: &[LlamaShard], tokens: &[u32], caches: &mut [KvCache]) -> Result<()> {
+        let (first, last) = match (stages.first(), stages.last()) {
+            (Some(f), Some(l)) => (f, l),
+            _ => return Err(Error::Backend("no stages to run".into())),
+        };
+        let last_cache = caches.len().checked_sub(1);
+        if caches.len() != stages.len() {
+            return Err(Error::CacheMismatch {
+                expected: stages.len(),
+                actual: caches.len(),
+            });
+        }
+        first.embed_into(tokens, &mut self.hidden)?;
+        for (stage, cache) in stages.iter().zip(caches.iter_mut()) {
+            stage.forward_in_place(&mut self.hidden, cache)?;
+        }
+        let cache = last_cache
+            .and_then(|i| caches.get_mut(i))
+            .ok_or_else(|| Error::Backend("no stages to run".into()))?;
+        last.logits_into(&self.hidden, cache, &mut self.logits)
     }
-    let mut x = first.embed(tokens)?;
-    for (stage, cache) in stages.iter().zip(caches.iter_mut()) {
-        x = stage.forward(x, cache)?;
-    }
-    last.logits_vec(x)
 }
 
 /// Generates text for `request`, calling `on_text` with each new piece as soon as it is final.
@@ -119,6 +140,12 @@ pub fn generate(
     }
     let mut sampler = Sampler::new(request.sampling.clone())?;
     let mut caches: Vec<KvCache> = stages.iter().map(LlamaShard::new_cache).collect();
+    // Keys and values for the whole answer, reserved now rather than grown while decoding.
+    let positions = request.prompt_ids.len() + request.max_tokens;
+    for (stage, cache) in stages.iter().zip(caches.iter_mut()) {
+        stage.reserve(cache, positions);
+    }
+    let mut step = Step::default();
     let mut stream = tokenizer.stream();
     let mut stops = StopScanner::new(&request.stop);
     let start = Instant::now();
@@ -127,13 +154,13 @@ pub fn generate(
     let mut finish = FinishReason::Length;
     let mut input = request.prompt_ids.clone();
     while ids.len() < request.max_tokens {
-        let logits = match forward_tokens(stages, &input, &mut caches) {
-            Ok(l) => l,
+        match step.run(stages, &input, &mut caches) {
+            Ok(()) => {}
             // Running out of context ends the answer the way max_tokens does.
             Err(Error::ContextFull { .. }) if !ids.is_empty() => break,
             Err(e) => return Err(e),
         };
-        let id = sampler.sample(&logits)?;
+        let id = sampler.sample(&step.logits)?;
         first_token_at.get_or_insert_with(Instant::now);
         ids.push(id);
         if !request.ignore_eos && eos_ids.contains(&id) {
@@ -145,7 +172,8 @@ pub fn generate(
             finish = FinishReason::Stop;
             break;
         }
-        input = vec![id];
+        input.clear();
+        input.push(id);
     }
     if finish == FinishReason::Length {
         stops.flush(on_text);

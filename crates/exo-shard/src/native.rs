@@ -247,16 +247,29 @@ impl NativeShard {
         self.head.is_some() || self.tied
     }
 
-    /// Shapes: tokens [seq] -> [seq * hidden]
-    pub(crate) fn embed(&self, tokens: &[u32]) -> Option<Result<Vec<f32>>> {
+    /// Shapes: tokens [seq] -> `out` [seq * hidden]
+    pub(crate) fn embed_into(&self, tokens: &[u32], out: &mut Vec<f32>) -> Option<Result<()>> {
         let table = self.embedding.as_ref()?;
-        let mut out = vec![0f32; tokens.len() * self.hidden];
+        out.resize(tokens.len() * self.hidden, 0.0);
         for (row, &t) in out.chunks_exact_mut(self.hidden).zip(tokens) {
             if let Err(e) = table.dequantize_row(t as usize, row) {
                 return Some(Err(kernel_error(e)));
             }
         }
-        Some(Ok(out))
+        Some(Ok(()))
+    }
+
+    /// Room for `positions` positions of keys and values in every layer of `cache`, as far as
+    /// the allocator grants it (untouched pages cost no memory; a refusal only means the cache
+    /// grows later, in steps).
+    pub(crate) fn reserve(&self, cache: &mut NativeCache, positions: usize) {
+        let kvd = self.kv_heads * self.head_dim;
+        for kv in cache.k.iter_mut().chain(cache.v.iter_mut()) {
+            let want = positions.saturating_mul(kvd).saturating_sub(kv.len());
+            if kv.try_reserve_exact(want).is_err() {
+                return;
+            }
+        }
     }
 
     /// Runs the layers on `x` (`[seq, hidden]`) at positions `start..start + seq`, in place.
@@ -322,8 +335,13 @@ impl NativeShard {
         Ok(())
     }
 
-    /// Final norm and head on the last row of `x`. `None` if this shard has no head.
-    pub(crate) fn logits(&self, x: &[f32], cache: &mut NativeCache) -> Option<Result<Vec<f32>>> {
+    /// Final norm and head on the last row of `x`, into `out`. `None` if this shard has no head.
+    pub(crate) fn logits_into(
+        &self,
+        x: &[f32],
+        cache: &mut NativeCache,
+        out: &mut Vec<f32>,
+    ) -> Option<Result<()>> {
         let head = if self.tied {
             self.embedding.as_ref()?
         } else {
@@ -333,12 +351,8 @@ impl NativeShard {
         let last = &x[x.len() - self.hidden..];
         let s = &mut cache.scratch;
         rms_norm(last, norm, self.eps, &mut s.xn);
-        let mut out = vec![0f32; self.vocab_size];
-        Some(
-            matmul(head, &s.xn, 1, &mut out, &mut s.acts)
-                .map(|_| out)
-                .map_err(kernel_error),
-        )
+        out.resize(self.vocab_size, 0.0);
+        Some(matmul(head, &s.xn, 1, out, &mut s.acts).map_err(kernel_error))
     }
 
     fn rope_row(&self, pos: usize) -> (&[f32], &[f32]) {
@@ -417,7 +431,8 @@ fn attention(
         let (keys, values) = (&k[kvh * hd..], &v[kvh * hd..]);
         SCORES.with_borrow_mut(|scores| {
             if scores.len() < visible {
-                scores.resize(visible, 0.0);
+                // In steps of 1024 positions, so that decoding rarely allocates here.
+                scores.resize(visible.next_multiple_of(1024), 0.0);
             }
             if let Err(e) = exo_kernels::attend(q, keys, values, kvd, visible, scale, scores, o) {
                 let mut first = failed.lock().unwrap_or_else(|p| p.into_inner());

@@ -138,18 +138,27 @@ impl LlamaShard {
         match &self.kind {
             Kind::Burn(b) => b.embed(tokens),
             Kind::Native(n) => {
-                if let Some(&id) = tokens.iter().find(|&&t| t as usize >= n.vocab_size) {
-                    return Err(Error::TokenOutOfRange {
-                        id,
-                        vocab: n.vocab_size,
-                    });
-                }
-                let data = n
-                    .embed(tokens)
-                    .ok_or_else(|| self.not_held("embedding"))??;
+                let mut data = Vec::new();
+                self.embed_into(tokens, &mut data)?;
                 Ok(self.to_tensor(data, tokens.len(), n.hidden))
             }
         }
+    }
+
+    /// [`LlamaShard::embed`] into a host buffer the caller reuses (`[seq * hidden]`).
+    pub fn embed_into(&self, tokens: &[u32], out: &mut Vec<f32>) -> Result<()> {
+        let n = match &self.kind {
+            Kind::Burn(b) => return read_into(b.embed(tokens)?, out),
+            Kind::Native(n) => n,
+        };
+        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= n.vocab_size) {
+            return Err(Error::TokenOutOfRange {
+                id,
+                vocab: n.vocab_size,
+            });
+        }
+        n.embed_into(tokens, out)
+            .ok_or_else(|| self.not_held("embedding"))?
     }
 
     /// Runs this shard's layers on activations for the positions after those already in `cache`.
@@ -161,13 +170,46 @@ impl LlamaShard {
             Kind::Native(n) => n,
         };
         let [batch, seq, hidden] = x.dims();
-        if batch != 1 || hidden != n.hidden || seq == 0 {
+        if batch != 1 || hidden != n.hidden {
             return Err(Error::Shape {
                 what: "activations".into(),
                 expected: vec![1, seq.max(1), n.hidden],
                 actual: vec![batch, seq, hidden],
             });
         }
+        let mut data = read(x)?;
+        self.forward_in_place(&mut data, cache)?;
+        Ok(self.to_tensor(data, seq, hidden))
+    }
+
+    /// [`LlamaShard::forward`] on a host buffer (`[seq * hidden]`), in place. On the CPU kernels
+    /// it allocates nothing once `cache` has room (see [`LlamaShard::reserve`]).
+    pub fn forward_in_place(&self, x: &mut [f32], cache: &mut KvCache) -> Result<()> {
+        let n = match &self.kind {
+            Kind::Burn(b) => {
+                let hidden = b.hidden_size();
+                if hidden == 0 || x.is_empty() || !x.len().is_multiple_of(hidden) {
+                    return Err(Error::Shape {
+                        what: "activations".into(),
+                        expected: vec![x.len().div_ceil(hidden.max(1)).max(1) * hidden],
+                        actual: vec![x.len()],
+                    });
+                }
+                let t = self.to_tensor(x.to_vec(), x.len() / hidden, hidden);
+                let y = read(b.forward(t, cache)?)?;
+                x.copy_from_slice(&y);
+                return Ok(());
+            }
+            Kind::Native(n) => n,
+        };
+        if x.is_empty() || !x.len().is_multiple_of(n.hidden) {
+            return Err(Error::Shape {
+                what: "activations".into(),
+                expected: vec![x.len().div_ceil(n.hidden).max(1) * n.hidden],
+                actual: vec![x.len()],
+            });
+        }
+        let seq = x.len() / n.hidden;
         let native = match &mut cache.native {
             Some(c) if c.layers() == n.layer_count() => c,
             other => {
@@ -184,13 +226,17 @@ impl LlamaShard {
                 max: n.max_positions,
             });
         }
-        let mut data = x
-            .into_data()
-            .try_into_vec::<f32>()
-            .map_err(|e| Error::Backend(format!("reading activations: {e:?}")))?;
-        n.forward(&mut data, seq, start, native)?;
+        n.forward(x, seq, start, native)?;
         cache.len = start + seq;
-        Ok(self.to_tensor(data, seq, hidden))
+        Ok(())
+    }
+
+    /// Makes room in `cache` for `positions` positions in all (capped at the model's context),
+    /// so that the steps up to there allocate nothing for keys and values.
+    pub fn reserve(&self, cache: &mut KvCache, positions: usize) {
+        if let (Kind::Native(n), Some(native)) = (&self.kind, &mut cache.native) {
+            n.reserve(native, positions.min(n.max_positions));
+        }
     }
 
     /// Final norm and head on the last position (last stage only).
@@ -211,24 +257,69 @@ impl LlamaShard {
 
     /// [`LlamaShard::logits`] read back to the host.
     pub fn logits_vec(&self, x: Tensor<3>) -> Result<Vec<f32>> {
+        if let Kind::Burn(b) = &self.kind {
+            return b.logits_vec(x);
+        }
+        let mut out = Vec::new();
+        let mut scratch = self.new_cache();
+        self.logits_into(&read(x)?, &mut scratch, &mut out)?;
+        Ok(out)
+    }
+
+    /// The last position's logits from a host buffer of activations (`[seq * hidden]`) into
+    /// `out` (`[vocab]`); `cache` lends its scratch buffers, so a decoding loop on the CPU
+    /// kernels allocates nothing here.
+    pub fn logits_into(&self, x: &[f32], cache: &mut KvCache, out: &mut Vec<f32>) -> Result<()> {
         let n = match &self.kind {
-            Kind::Burn(b) => return b.logits_vec(x),
+            Kind::Burn(b) => {
+                let hidden = b.hidden_size();
+                let seq = x.len() / hidden.max(1);
+                if seq == 0 || x.len() != seq * hidden {
+                    return Err(Error::Shape {
+                        what: "activations".into(),
+                        expected: vec![1, seq.max(1), hidden],
+                        actual: vec![x.len()],
+                    });
+                }
+                let logits = b.logits_vec(self.to_tensor(x.to_vec(), seq, hidden))?;
+                out.clear();
+                out.extend_from_slice(&logits);
+                return Ok(());
+            }
             Kind::Native(n) => n,
         };
-        let [_, _, hidden] = x.dims();
-        if hidden != n.hidden {
+        if x.len() < n.hidden || !x.len().is_multiple_of(n.hidden) {
             return Err(Error::Shape {
                 what: "activations".into(),
                 expected: vec![1, 1, n.hidden],
-                actual: x.dims().to_vec(),
+                actual: vec![x.len()],
             });
         }
-        let data = x
-            .into_data()
-            .try_into_vec::<f32>()
-            .map_err(|e| Error::Backend(format!("reading activations: {e:?}")))?;
-        let mut scratch = crate::native::NativeCache::new(0);
-        n.logits(&data, &mut scratch)
+        let scratch = match &mut cache.native {
+            Some(c) => c,
+            None => {
+                return Err(Error::CacheMismatch {
+                    expected: n.layer_count(),
+                    actual: cache.layers.len(),
+                });
+            }
+        };
+        n.logits_into(x, scratch, out)
             .ok_or_else(|| self.not_held("head"))?
     }
+}
+
+/// A tensor's values on the host.
+fn read<const D: usize>(x: Tensor<D>) -> Result<Vec<f32>> {
+    x.into_data()
+        .try_into_vec::<f32>()
+        .map_err(|e| Error::Backend(format!("reading activations: {e:?}")))
+}
+
+/// A tensor's values into a host buffer the caller reuses.
+fn read_into<const D: usize>(x: Tensor<D>, out: &mut Vec<f32>) -> Result<()> {
+    let values = read(x)?;
+    out.clear();
+    out.extend_from_slice(&values);
+    Ok(())
 }
