@@ -145,16 +145,23 @@ fn run_ours(
         .context("no figures line from exo-node")
 }
 
-/// One run of llama.cpp's `llama-bench` (pp and tg of 128 tokens): tokens/s of each.
-fn run_llama(exe: &Path, model: &Path, threads: usize) -> Result<(f64, f64)> {
+/// One run of llama.cpp's `llama-bench` (pp `prompt` and tg `generated` tokens): tokens/s of each
+/// (no prefill figure when `prompt` is 0).
+fn run_llama(
+    exe: &Path,
+    model: &Path,
+    threads: usize,
+    prompt: usize,
+    generated: usize,
+) -> Result<(Option<f64>, f64)> {
     let out = Command::new(exe)
         .arg("-m")
         .arg(model)
         .args([
             "-p",
-            "128",
+            &prompt.to_string(),
             "-n",
-            "128",
+            &generated.to_string(),
             "-r",
             "1",
             "-o",
@@ -191,10 +198,42 @@ fn run_llama(exe: &Path, model: &Path, threads: usize) -> Result<(f64, f64)> {
             _ => {}
         }
     }
-    Ok((
-        pp.context("no pp result from llama-bench")?,
-        tg.context("no tg result from llama-bench")?,
-    ))
+    if prompt > 0 && pp.is_none() {
+        bail!("no pp result from llama-bench");
+    }
+    Ok((pp, tg.context("no tg result from llama-bench")?))
+}
+
+/// A thread that keeps one core busy until dropped, as another program on the machine would.
+struct BusyNeighbour {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl BusyNeighbour {
+    fn start() -> BusyNeighbour {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut x = 0u64;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+            }
+        });
+        BusyNeighbour {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for BusyNeighbour {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// Builds llama.cpp's `llama-bench` once into the cache, from the PyPI source distribution of
@@ -293,7 +332,8 @@ fn bench(args: &[String]) -> Result<()> {
         for _ in 0..runs {
             ours.push(run_ours(&exe, &prompt, tokens, threads, "auto")?);
             if let Some(llama) = &llama {
-                theirs.push(run_llama(llama, &model, threads)?);
+                let (pp, tg) = run_llama(llama, &model, threads, 128, 128)?;
+                theirs.push((pp.unwrap_or(0.0), tg));
             }
             if !quick {
                 reference.push(run_ours(&exe, &prompt, tokens, threads, "f32")?);
@@ -371,6 +411,42 @@ fn bench(args: &[String]) -> Result<()> {
             json.push(format!(
                 "{{\"threads\":{threads},\"prompt_tokens\":{},\"prefill_tokens_per_s\":{:.2},\"ttft_ms\":{:.1}}}",
                 f[0].prompt_tokens, pre.0, ttft.0
+            ));
+        }
+    }
+    {
+        // Two threads beside one busy core: threads that spin waiting for each other collapse.
+        let generated = 32;
+        md.push_str(&format!(
+            "\nBeside a busy process (a thread of the bench spinning on one of the cores), 2 threads, \
+             {generated} generated tokens:\n\n| engine | decode tokens/s |\n|---|---|\n"
+        ));
+        let busy = BusyNeighbour::start();
+        let mut ours = Vec::new();
+        let mut theirs = Vec::new();
+        for _ in 0..runs {
+            ours.push(run_ours(&exe, &prompt, generated, 2, "auto")?.decode);
+            if let Some(llama) = &llama {
+                theirs.push(run_llama(llama, &model, 2, 0, generated)?.1);
+            }
+        }
+        drop(busy);
+        md.push_str(&format!(
+            "| exo-rs (quantized CPU kernels) | {} |\n",
+            fmt_spread(median(ours.clone()))
+        ));
+        json.push(format!(
+            "{{\"busy_neighbour\":true,\"threads\":2,\"engine\":\"exo-rs\",\"decode_tokens_per_s\":{:.2}}}",
+            median(ours).0
+        ));
+        if !theirs.is_empty() {
+            md.push_str(&format!(
+                "| llama.cpp llama-bench tg{generated} | {} |\n",
+                fmt_spread(median(theirs.clone()))
+            ));
+            json.push(format!(
+                "{{\"busy_neighbour\":true,\"threads\":2,\"engine\":\"llama.cpp\",\"decode_tokens_per_s\":{:.2}}}",
+                median(theirs).0
             ));
         }
     }
