@@ -7,7 +7,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use exo_model::{ChatTemplate, Checkpoint, ModelConfig, ShardSpec, Tokenizer};
-use exo_shard::{Device, KvCache, LlamaShard, Sampler, SamplingParams, Tensor, Weights};
+use exo_shard::{Device, KvCache, LlamaShard, Sampler, SamplingParams, Weights};
 use exo_transport::{
     Activations, AssignReport, Assignment, Code, Error as TError, ForwardSession, GenerateCall,
     GenerateEvent, NodeStatus, RequestOpen, SentCounters, ShardClient, ShardHandler, StageRef,
@@ -306,6 +306,8 @@ struct Compute {
     held: Arc<Held>,
     cache: KvCache,
     sampler: Option<Sampler>,
+    /// The last stage's logits buffer, reused from step to step.
+    logits: Vec<f32>,
 }
 
 /// One request on this stage.
@@ -383,14 +385,18 @@ impl Session {
 
 fn compute_step(compute: &mut Compute, input: StepInput, sample: bool) -> TResult<Output> {
     let shard = &compute.held.shard;
-    let x: Tensor<3> = match input {
+    let hidden = shard.hidden_size();
+    // Host buffers throughout: activations arrive and leave as plain values.
+    let mut x: Vec<f32> = match input {
         StepInput::Tokens(ids) => {
             if !shard.has_embedding() {
                 return Err(TError::invalid(
                     "token ids sent to a stage that does not embed tokens (send activations)",
                 ));
             }
-            shard.embed(&ids).map_err(shard_error)?
+            let mut x = Vec::new();
+            shard.embed_into(&ids, &mut x).map_err(shard_error)?;
+            x
         }
         StepInput::Hidden(a) => {
             if shard.has_embedding() {
@@ -398,42 +404,37 @@ fn compute_step(compute: &mut Compute, input: StepInput, sample: bool) -> TResul
                     "activations sent to the first stage (send token ids)",
                 ));
             }
-            if a.hidden != shard.hidden_size() {
+            if a.hidden != hidden {
                 return Err(TError::invalid(format!(
                     "activations are {} wide but the model's hidden size is {}",
-                    a.hidden,
-                    shard.hidden_size()
+                    a.hidden, hidden
                 )));
             }
-            Tensor::from_data(
-                exo_shard::TensorData::new(a.values, [1, a.positions, a.hidden]),
-                &shard.device(),
-            )
+            a.values
         }
     };
-    let x = shard.forward(x, &mut compute.cache).map_err(shard_error)?;
+    shard
+        .forward_in_place(&mut x, &mut compute.cache)
+        .map_err(shard_error)?;
     if !compute.held.is_last() {
-        let [_, positions, hidden] = x.dims();
-        let values = x
-            .into_data()
-            .try_into_vec::<f32>()
-            .map_err(|e| service_error(Code::Internal, format!("reading activations: {e:?}")))?;
         return Ok(Output::Hidden(Activations {
-            positions,
+            positions: x.len() / hidden,
             hidden,
-            values,
+            values: x,
         }));
     }
     if !sample {
         return Ok(Output::Token(None));
     }
-    let logits = shard.logits_vec(x).map_err(shard_error)?;
+    shard
+        .logits_into(&x, &mut compute.cache, &mut compute.logits)
+        .map_err(shard_error)?;
     let sampler = compute
         .sampler
         .as_mut()
         .ok_or_else(|| service_error(Code::Internal, "the last stage has no sampler"))?;
     Ok(Output::Token(Some(
-        sampler.sample(&logits).map_err(shard_error)?,
+        sampler.sample(&compute.logits).map_err(shard_error)?,
     )))
 }
 
@@ -497,6 +498,7 @@ impl ShardHandler for Handler {
                     cache: held.shard.new_cache(),
                     held,
                     sampler,
+                    logits: Vec::new(),
                 }),
                 next,
                 runtime: Arc::clone(runtime),

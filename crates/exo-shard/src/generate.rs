@@ -105,7 +105,6 @@ impl Step {
             (Some(f), Some(l)) => (f, l),
             _ => return Err(Error::Backend("no stages to run".into())),
         };
-        let last_cache = caches.len().checked_sub(1);
         if caches.len() != stages.len() {
             return Err(Error::CacheMismatch {
                 expected: stages.len(),
@@ -116,8 +115,9 @@ impl Step {
         for (stage, cache) in stages.iter().zip(caches.iter_mut()) {
             stage.forward_in_place(&mut self.hidden, cache)?;
         }
-        let cache = last_cache
-            .and_then(|i| caches.get_mut(i))
+        // As many caches as stages, and at least one stage: there is a last cache.
+        let cache = caches
+            .last_mut()
             .ok_or_else(|| Error::Backend("no stages to run".into()))?;
         last.logits_into(&self.hidden, cache, &mut self.logits)
     }

@@ -127,6 +127,20 @@ impl LlamaShard {
         }
     }
 
+    /// Positions and width of a host buffer of activations: whole rows of the hidden width, at
+    /// least one.
+    fn host_rows(&self, x: &[f32]) -> Result<(usize, usize)> {
+        let hidden = self.hidden_size();
+        if hidden == 0 || x.is_empty() || !x.len().is_multiple_of(hidden) {
+            return Err(Error::Shape {
+                what: "activations".into(),
+                expected: vec![x.len().div_ceil(hidden.max(1)).max(1), hidden],
+                actual: vec![x.len()],
+            });
+        }
+        Ok((x.len() / hidden, hidden))
+    }
+
     fn to_tensor(&self, data: Vec<f32>, seq: usize, hidden: usize) -> Tensor<3> {
         Tensor::from_data(TensorData::new(data, [1, seq, hidden]), &self.device)
     }
@@ -185,31 +199,15 @@ impl LlamaShard {
     /// [`LlamaShard::forward`] on a host buffer (`[seq * hidden]`), in place. On the CPU kernels
     /// it allocates nothing once `cache` has room (see [`LlamaShard::reserve`]).
     pub fn forward_in_place(&self, x: &mut [f32], cache: &mut KvCache) -> Result<()> {
+        let (seq, hidden) = self.host_rows(x)?;
         let n = match &self.kind {
             Kind::Burn(b) => {
-                let hidden = b.hidden_size();
-                if hidden == 0 || x.is_empty() || !x.len().is_multiple_of(hidden) {
-                    return Err(Error::Shape {
-                        what: "activations".into(),
-                        expected: vec![x.len().div_ceil(hidden.max(1)).max(1) * hidden],
-                        actual: vec![x.len()],
-                    });
-                }
-                let t = self.to_tensor(x.to_vec(), x.len() / hidden, hidden);
-                let y = read(b.forward(t, cache)?)?;
+                let y = read(b.forward(self.to_tensor(x.to_vec(), seq, hidden), cache)?)?;
                 x.copy_from_slice(&y);
                 return Ok(());
             }
             Kind::Native(n) => n,
         };
-        if x.is_empty() || !x.len().is_multiple_of(n.hidden) {
-            return Err(Error::Shape {
-                what: "activations".into(),
-                expected: vec![x.len().div_ceil(n.hidden).max(1) * n.hidden],
-                actual: vec![x.len()],
-            });
-        }
-        let seq = x.len() / n.hidden;
         let native = match &mut cache.native {
             Some(c) if c.layers() == n.layer_count() => c,
             other => {
@@ -270,17 +268,9 @@ impl LlamaShard {
     /// `out` (`[vocab]`); `cache` lends its scratch buffers, so a decoding loop on the CPU
     /// kernels allocates nothing here.
     pub fn logits_into(&self, x: &[f32], cache: &mut KvCache, out: &mut Vec<f32>) -> Result<()> {
+        let (seq, hidden) = self.host_rows(x)?;
         let n = match &self.kind {
             Kind::Burn(b) => {
-                let hidden = b.hidden_size();
-                let seq = x.len() / hidden.max(1);
-                if seq == 0 || x.len() != seq * hidden {
-                    return Err(Error::Shape {
-                        what: "activations".into(),
-                        expected: vec![1, seq.max(1), hidden],
-                        actual: vec![x.len()],
-                    });
-                }
                 let logits = b.logits_vec(self.to_tensor(x.to_vec(), seq, hidden))?;
                 out.clear();
                 out.extend_from_slice(&logits);
@@ -288,13 +278,6 @@ impl LlamaShard {
             }
             Kind::Native(n) => n,
         };
-        if x.len() < n.hidden || !x.len().is_multiple_of(n.hidden) {
-            return Err(Error::Shape {
-                what: "activations".into(),
-                expected: vec![1, 1, n.hidden],
-                actual: vec![x.len()],
-            });
-        }
         let scratch = match &mut cache.native {
             Some(c) => c,
             None => {
