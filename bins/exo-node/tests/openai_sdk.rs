@@ -1,7 +1,8 @@
 //! The official `openai` Python SDK against a real `exo-node` on the default model, and the
 //! same streaming request through `exo-gateway` in front of a two-node cluster.
 //!
-//! Needs `python3` with the `openai` package (`.ci/run` installs it). Run with `--release`.
+//! Needs `python3` with pip: the test installs the pinned `openai` package itself, once, into a
+//! folder under the target directory. Run with `--release`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -13,33 +14,21 @@ use std::time::Duration;
 use common::{Proc, free_port, start_cluster_with_key};
 
 const SINGLE_KEY: &str = "a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1";
+/// The SDK version the test runs, pinned so that a new release cannot change the test.
+const OPENAI_SDK: &str = "openai==3.54.0";
 const PAIR_KEY: &str = "b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2";
 
 #[test]
 fn the_openai_sdk_works_against_a_node_and_through_a_gateway() {
-    let probe = Command::new("python3")
-        .args(["-c", "import openai"])
-        .output()
-        .expect("python3 is needed for this test");
-    assert!(
-        probe.status.success(),
-        "the `openai` Python package is needed (`python3 -m pip install openai`; .ci/run does): {}",
-        String::from_utf8_lossy(&probe.stderr)
-    );
+    // The SDK is installed by the test itself, once, under the target directory.
+    let python = || common::python_with(&[OPENAI_SDK]);
 
     // One node with an API key.
     let single = start_cluster_with_key(1, "4GiB", SINGLE_KEY, &["--api-key", "node-key"]);
     // Two nodes that must split the model, and a gateway that knows them as static peers.
     let pair = start_cluster_with_key(2, "120MiB", PAIR_KEY, &["--no-api"]);
     let gateway_api = format!("127.0.0.1:{}", free_port());
-    // The gateway is another package's binary: `cargo test --workspace` builds it beside ours.
-    let gateway_bin =
-        std::path::Path::new(env!("CARGO_BIN_EXE_exo-node")).with_file_name("exo-gateway");
-    assert!(
-        gateway_bin.exists(),
-        "{} is missing: build it with `cargo build --release -p exo-gateway` (`cargo test --workspace --release` does)",
-        gateway_bin.display()
-    );
+    let gateway_bin = common::sibling_binary("exo-gateway", "exo-gateway");
     let mut gateway = Command::new(gateway_bin);
     let home = tempfile::tempdir().unwrap();
     gateway
@@ -70,7 +59,7 @@ fn the_openai_sdk_works_against_a_node_and_through_a_gateway() {
     assert!(joined >= 2, "gateway log:\n{}", gateway.log_text());
 
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_e2e.py");
-    let out = Command::new("python3")
+    let out = python()
         .arg(script)
         .args(["--base-url", &single.nodes[0].api, "--api-key", "node-key"])
         .args([

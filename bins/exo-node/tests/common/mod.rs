@@ -243,3 +243,103 @@ pub fn http(api: &str, method: &str, path: &str, body: Option<&str>) -> (u16, St
         .unwrap_or_default();
     (status, body)
 }
+
+/// A Python interpreter that can import `requirements` (pinned `name==version` strings),
+/// installed once with pip into a folder of their own under the target directory and reused
+/// by later runs. A private package folder (`pip install --target`) rather than a virtual
+/// environment: it needs only `python3` with pip (Debian's Python lacks the `venv` module
+/// unless `python3-venv` is installed), and it works where the system's site-packages are
+/// externally managed.
+///
+/// Fails the test with pip's own words when the packages cannot be had: a test that needs
+/// them never skips silently.
+pub fn python_with(requirements: &[&str]) -> Command {
+    let mut name = String::from("python-");
+    for r in requirements {
+        name.extend(r.chars().map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        }));
+        name.push('_');
+    }
+    let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let packages = root.join(&name);
+    if !packages.join(".complete").exists() {
+        std::fs::create_dir_all(&root).unwrap();
+        // Install beside, then rename: tests running at once never see half a folder.
+        let staging = tempfile::tempdir_in(&root).unwrap();
+        let out = Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(["--no-input", "--target"])
+            .arg(staging.path())
+            .args(requirements)
+            .output()
+            .unwrap_or_else(|e| panic!("python3 is needed to run this test: {e}"));
+        assert!(
+            out.status.success(),
+            "could not install {requirements:?} with `python3 -m pip install --target` into {}: {}{}",
+            packages.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::write(staging.path().join(".complete"), requirements.join("\n")).unwrap();
+        let staged = staging.keep();
+        if std::fs::rename(&staged, &packages).is_err() {
+            // Another test got there first; its folder is as good as ours.
+            let _ = std::fs::remove_dir_all(&staged);
+        }
+    }
+    let mut python = Command::new("python3");
+    python
+        .env("PYTHONPATH", &packages)
+        .env("PYTHONNOUSERSITE", "1");
+    python
+}
+
+/// The path of `binary`, built by another package of the workspace (`package`), beside this
+/// test's own binaries. `cargo test --workspace` builds it already (that package has
+/// integration tests); running this package's tests alone builds it here, once.
+pub fn sibling_binary(package: &str, binary: &str) -> PathBuf {
+    let ours = std::path::Path::new(env!("CARGO_BIN_EXE_exo-node"));
+    let path = ours.with_file_name(format!("{binary}{}", std::env::consts::EXE_SUFFIX));
+    if path.exists() {
+        return path;
+    }
+    let profile_dir = ours.parent().unwrap();
+    let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") => "dev",
+        Some(other) => other,
+        None => "release",
+    };
+    let target = profile_dir.parent().unwrap();
+    let status = Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "--quiet",
+            "--profile",
+            profile,
+            "-p",
+            package,
+            "--bin",
+            binary,
+        ])
+        .env("CARGO_TARGET_DIR", target)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .unwrap();
+    assert!(
+        status.success() && path.exists(),
+        "building {binary} (cargo build -p {package}) failed; {} is missing",
+        path.display()
+    );
+    path
+}
