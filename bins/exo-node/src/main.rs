@@ -267,7 +267,7 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
         max_tokens: args.max_tokens,
         sampling: SamplingParams {
             temperature: args.temperature,
-            top_k: args.top_k,
+            top_k: u32::try_from(args.top_k).unwrap_or(u32::MAX),
             top_p: args.top_p,
             seed: args.seed,
         },

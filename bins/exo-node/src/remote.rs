@@ -4,11 +4,9 @@ use std::io::Write;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use exo_core::{ChatMessage, GenerationEvent, GenerationRequest, Prompt, SamplingParams};
 use exo_topology::{CLUSTER_KEY_FILE, ClusterKey};
-use exo_transport::{
-    Credential, GenerateCall, GenerateEvent, Limits, Prompt, PromptMessage, SamplingSpec,
-    ShardClient,
-};
+use exo_transport::{Credential, Limits, ShardClient};
 
 use crate::GenerateArgs;
 
@@ -48,22 +46,16 @@ pub(crate) fn generate(args: GenerateArgs) -> Result<()> {
     } else {
         let mut messages = Vec::new();
         if let Some(system) = args.system {
-            messages.push(PromptMessage {
-                role: "system".into(),
-                content: system,
-            });
+            messages.push(ChatMessage::new("system", system));
         }
-        messages.push(PromptMessage {
-            role: "user".into(),
-            content: args.prompt,
-        });
+        messages.push(ChatMessage::new("user", args.prompt));
         Prompt::Chat(messages)
     };
-    let call = GenerateCall {
+    let request = GenerationRequest {
         model: String::new(),
         prompt,
         max_tokens: Some(u32::try_from(args.max_tokens).unwrap_or(u32::MAX).max(1)),
-        sampling: SamplingSpec {
+        sampling: SamplingParams {
             temperature: args.temperature,
             top_p: args.top_p,
             top_k: u32::try_from(args.top_k).unwrap_or(u32::MAX),
@@ -75,26 +67,22 @@ pub(crate) fn generate(args: GenerateArgs) -> Result<()> {
     runtime()?.block_on(async move {
         let started = Instant::now();
         let client = ShardClient::connect(&endpoint, Some(&credential), Limits::default()).await?;
-        let mut events = client.generate(&call).await?;
+        let mut events = client.generate(&request).await?;
         let mut stdout = std::io::stdout().lock();
-        while let Some(event) = events.next().await? {
-            match event {
-                GenerateEvent::Text(piece) => {
+        while let Some(item) = events.next().await? {
+            match item? {
+                GenerationEvent::Text(piece) => {
                     let _ = stdout.write_all(piece.as_bytes());
                     let _ = stdout.flush();
                 }
-                GenerateEvent::Finished(f) => {
+                GenerationEvent::Finished(f) => {
                     let _ = writeln!(stdout);
-                    let generated = f.token_ids.len();
-                    let decode = if generated > 1 && f.decode_s > 0.0 {
-                        (generated - 1) as f64 / f.decode_s
-                    } else {
-                        0.0
-                    };
                     eprintln!(
-                        "prompt {} tokens, generated {generated} tokens, time to first token {:.0} ms, decode {decode:.1} tokens/s (through {endpoint}, {:.2} s in all)",
+                        "prompt {} tokens, generated {} tokens, time to first token {:.0} ms, decode {:.1} tokens/s (through {endpoint}, {:.2} s in all)",
                         f.prompt_tokens,
+                        f.token_ids.len(),
                         f.time_to_first_token_s * 1e3,
+                        f.decode_tokens_per_s(),
                         started.elapsed().as_secs_f64()
                     );
                     if show_ids {
@@ -120,7 +108,7 @@ pub(crate) fn status(endpoint: &str, cluster_key: Option<&str>) -> Result<()> {
         serde_json::json!({
             "node_id": s.node_id,
             "model": s.model,
-            "epoch": format!("{:016x}", s.epoch),
+            "epoch": s.epoch.map(|e| e.to_string()),
             "layers": [s.layers.start, s.layers.end],
             "ready": s.ready,
             "active_requests": s.active_requests,

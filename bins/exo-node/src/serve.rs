@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use exo_api::Readiness;
 use exo_cluster::{ClusterConfig, Node, PlanState};
 use exo_topology::{TopologyConfig, cpu_name};
 
@@ -173,6 +174,10 @@ pub(crate) fn run(args: ServeArgs) -> Result<()> {
         };
         let node = std::sync::Arc::new(Node::start(config).await?);
         let (api_stop, api_stopped) = tokio::sync::oneshot::channel::<()>();
+        let api_url = api
+            .as_ref()
+            .map(|(address, _)| format!(" at http://{address}/v1"))
+            .unwrap_or_default();
         let api_task = match (api_listener, api) {
             (Some(listener), Some((address, api_config))) => {
                 eprintln!("exo-node: OpenAI-compatible API at http://{address}/v1");
@@ -196,10 +201,10 @@ pub(crate) fn run(args: ServeArgs) -> Result<()> {
                     PlanState::Ready(plan) => {
                         let mine = plan
                             .index_of(node.node_id())
-                            .map(|i| format!("layers {:?} (stage {} of {})", plan.stages[i].layers, i + 1, plan.stages.len()))
+                            .map(|i| format!("layers {} (stage {} of {})", plan.stages[i].layers, i + 1, plan.stages.len()))
                             .unwrap_or_else(|| "no layers".to_owned());
                         eprintln!(
-                            "exo-node: plan {:016x}: {} stage(s), this node holds {mine}; predicted {:.1} tokens/s",
+                            "exo-node: plan {}: {} stage(s), this node holds {mine}; predicted {:.1} tokens/s",
                             plan.epoch,
                             plan.stages.len(),
                             plan.plan.predicted.decode_tokens_per_s
@@ -212,8 +217,36 @@ pub(crate) fn run(args: ServeArgs) -> Result<()> {
                 }
             }
         };
+        // One line when the cluster can serve (every stage holds its layers and this node
+        // reaches them all), and one when it stops being able to.
+        let mut readiness = node.readiness_changes();
+        let api_url = api_url.clone();
+        let ready = async {
+            let mut was_ready = false;
+            loop {
+                let now = readiness.borrow_and_update().clone();
+                match now {
+                    Readiness::Ready if !was_ready => {
+                        was_ready = true;
+                        eprintln!(
+                            "exo-node: ready: the cluster serves {}{api_url}",
+                            node.model_id()
+                        );
+                    }
+                    Readiness::NotReady(reason) if was_ready => {
+                        was_ready = false;
+                        eprintln!("exo-node: not ready: {reason}");
+                    }
+                    _ => {}
+                }
+                if readiness.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
         tokio::select! {
             () = report => {}
+            () = ready => {}
             () = shutdown_signal() => {}
         }
         eprintln!("exo-node: leaving the cluster");

@@ -104,7 +104,7 @@ fn three_nodes_answer_like_one_and_hold_only_their_layers() {
             })
         })
         .collect();
-    let mut layers: Vec<_> = statuses.iter().map(|s| s.layers.clone()).collect();
+    let mut layers: Vec<_> = statuses.iter().map(|s| s.layers).collect();
     layers.sort_by_key(|r| r.start);
     assert_eq!(layers.first().unwrap().start, 0);
     assert_eq!(layers.last().unwrap().end, 30);
@@ -152,8 +152,8 @@ fn three_nodes_answer_like_one_and_hold_only_their_layers() {
     // A malformed frame, a missing credential, and a wrong one: refused, and the node serves on.
     let target = &cluster.nodes[1].grpc;
     let frame = |shape: Vec<u32>, len: usize| RawFrame {
-        request_id: "bad".into(),
-        epoch: statuses[1].epoch,
+        request_id: 1,
+        epoch: statuses[1].epoch.unwrap().get(),
         dtype: 2,
         shape,
         data: vec![0; len],

@@ -12,8 +12,10 @@ pub struct ClusterView {
     pub links: Vec<LinkView>,
     /// The placement in force, if a model is loaded.
     pub plan: Option<PlanView>,
-    /// A short human-readable state, such as `ready`, `planning` or `loading`.
+    /// A short human-readable state, such as `ready` or `waiting: <why>`.
     pub status: String,
+    /// Whether this node can serve the model now (what `GET /readyz` answers).
+    pub ready: bool,
 }
 
 /// One node.

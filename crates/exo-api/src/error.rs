@@ -1,66 +1,10 @@
-//! Errors: [`EngineError`], what an engine may report, and `ApiError`, the one type every
-//! handler fails with, which renders OpenAI's error envelope and never leaks internals.
+//! `ApiError`, the one type every handler fails with, which renders OpenAI's error envelope
+//! and never leaks internals; engines report `exo-core`'s `GenerationError`, mapped here.
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use exo_core::GenerationError;
 use serde_json::{Value, json};
-
-/// Why an [`Engine`](crate::Engine) could not start or finish a generation. Each variant maps
-/// to one HTTP status; see the variants.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum EngineError {
-    /// The model is not served here: 404 with code `model_not_found`.
-    #[error("model `{model}` does not exist or is not loaded; {}", list_models(.available))]
-    UnknownModel {
-        /// The model the client asked for.
-        model: String,
-        /// The models that are served, to tell the client what to ask for instead.
-        available: Vec<String>,
-    },
-    /// The prompt plus `max_tokens` does not fit the model's context: 400 with code
-    /// `context_length_exceeded`.
-    #[error(
-        "this model's maximum context length is {context_length} tokens, but {} tokens were \
-         requested ({prompt_tokens} in the prompt, {max_tokens} for the completion)",
-        prompt_tokens.saturating_add(*max_tokens)
-    )]
-    ContextExceeded {
-        /// Tokens in the prompt after templating.
-        prompt_tokens: usize,
-        /// Tokens requested for the completion.
-        max_tokens: usize,
-        /// The model's context length.
-        context_length: usize,
-    },
-    /// The request cannot be served as asked: 400.
-    #[error("{message}")]
-    Invalid {
-        /// The request field at fault, such as `messages` or `stop`, if one is.
-        param: Option<String>,
-        /// What is wrong, shown to the client.
-        message: String,
-    },
-    /// The cluster cannot serve now, for example because it lacks memory for the model: 503.
-    /// The message is shown to the client.
-    #[error("{0}")]
-    Unavailable(String),
-    /// The engine has no room for another generation right now: 429.
-    #[error("the engine is busy with other requests; retry shortly")]
-    Busy,
-    /// A bug or an unexpected failure: 500. The detail goes to the log only; the client sees
-    /// a generic message.
-    #[error("internal error: {0}")]
-    Internal(String),
-}
-
-fn list_models(available: &[String]) -> String {
-    if available.is_empty() {
-        "no models are available".to_owned()
-    } else {
-        format!("available models: {}", available.join(", "))
-    }
-}
 
 /// An error response in OpenAI's envelope: `{"error": {"message", "type", "param", "code"}}`.
 ///
@@ -129,7 +73,7 @@ impl ApiError {
     /// 404 for a model that is not served.
     pub(crate) fn unknown_model(model: &str, available: Vec<String>) -> Self {
         Self::from_engine(
-            EngineError::UnknownModel {
+            GenerationError::UnknownModel {
                 model: model.to_owned(),
                 available,
             },
@@ -171,15 +115,15 @@ impl ApiError {
 
     /// Maps an engine error to its status; `prompt_param` names the request field holding the
     /// prompt (`messages` or `prompt`), blamed when the prompt alone overflows the context.
-    pub(crate) fn from_engine(error: EngineError, prompt_param: &str) -> Self {
+    pub(crate) fn from_engine(error: GenerationError, prompt_param: &str) -> Self {
         let message = error.to_string();
         match error {
-            EngineError::UnknownModel { .. } => {
+            GenerationError::UnknownModel { .. } => {
                 Self::new(StatusCode::NOT_FOUND, INVALID_REQUEST, message)
                     .with_param("model")
                     .with_code("model_not_found")
             }
-            EngineError::ContextExceeded {
+            GenerationError::ContextExceeded {
                 prompt_tokens,
                 context_length,
                 ..
@@ -191,18 +135,28 @@ impl ApiError {
                 };
                 Self::invalid_param(param, message).with_code("context_length_exceeded")
             }
-            EngineError::Invalid { param, message } => Self {
+            GenerationError::Invalid { param, message } => Self {
                 param,
                 ..Self::invalid(message)
             },
-            EngineError::Unavailable(message) => {
+            GenerationError::Unavailable(message) => {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, SERVER_ERROR, message)
                     .with_code("service_unavailable")
             }
-            EngineError::Busy => Self::new(StatusCode::TOO_MANY_REQUESTS, RATE_LIMIT, message)
+            GenerationError::Busy => Self::new(StatusCode::TOO_MANY_REQUESTS, RATE_LIMIT, message)
                 .with_code("rate_limit_exceeded"),
-            EngineError::Internal(detail) => {
-                tracing::error!(error = %detail, "engine failed");
+            // A device of the cluster failed under the request: the client may retry.
+            GenerationError::StageFailed(failure) => {
+                tracing::warn!(%failure, "generation failed on a stage");
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, SERVER_ERROR, message)
+                    .with_code("service_unavailable")
+            }
+            GenerationError::Cancelled => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, SERVER_ERROR, message)
+                    .with_code("cancelled")
+            }
+            other => {
+                tracing::error!(error = %other, "engine failed");
                 Self::internal()
             }
         }
@@ -254,7 +208,7 @@ mod tests {
 
     #[test]
     fn unknown_model_message_lists_available_models() {
-        let error = EngineError::UnknownModel {
+        let error = GenerationError::UnknownModel {
             model: "gpt-9".into(),
             available: vec!["llama-3.2-1b".into(), "qwen3-0.6b".into()],
         };
@@ -263,7 +217,7 @@ mod tests {
             "model `gpt-9` does not exist or is not loaded; available models: llama-3.2-1b, \
              qwen3-0.6b"
         );
-        let none = EngineError::UnknownModel {
+        let none = GenerationError::UnknownModel {
             model: "x".into(),
             available: vec![],
         };
@@ -273,7 +227,7 @@ mod tests {
     #[test]
     fn context_overflow_blames_the_prompt_only_when_the_prompt_alone_overflows() {
         let completion_too_long = ApiError::from_engine(
-            EngineError::ContextExceeded {
+            GenerationError::ContextExceeded {
                 prompt_tokens: 100,
                 max_tokens: 8000,
                 context_length: 8192,
@@ -289,7 +243,7 @@ mod tests {
             completion_too_long.message
         );
         let prompt_too_long = ApiError::from_engine(
-            EngineError::ContextExceeded {
+            GenerationError::ContextExceeded {
                 prompt_tokens: 9000,
                 max_tokens: 1,
                 context_length: 8192,
@@ -303,7 +257,7 @@ mod tests {
     #[test]
     fn internal_detail_is_not_shown_to_the_client() {
         let error = ApiError::from_engine(
-            EngineError::Internal("tensor shape [3] vs [4]".into()),
+            GenerationError::Internal("tensor shape [3] vs [4]".into()),
             "prompt",
         );
         assert_eq!(error.status, StatusCode::INTERNAL_SERVER_ERROR);

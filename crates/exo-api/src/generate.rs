@@ -11,8 +11,9 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-use crate::engine::{Chunk, FinishReason};
-use crate::error::{ApiError, EngineError};
+use exo_core::{FinishReason, Finished, GenerationError, GenerationEvent};
+
+use crate::error::ApiError;
 use crate::middleware::RequestLog;
 use crate::queue::Slot;
 use crate::request::Parsed;
@@ -63,17 +64,14 @@ pub(crate) async fn respond(
         let mut text = String::new();
         loop {
             match rx.recv().await {
-                Some(Ok(Chunk::Text(piece))) => text.push_str(&piece),
-                Some(Ok(Chunk::Finished {
-                    finish_reason,
-                    prompt_tokens,
-                    completion_tokens,
-                })) => {
+                Some(Ok(GenerationEvent::Text(piece))) => text.push_str(&piece),
+                Some(Ok(GenerationEvent::Finished(finished))) => {
                     drop(rx);
                     drop(slot);
+                    let (prompt_tokens, completion_tokens) = counts(&finished);
                     log.record_tokens(prompt_tokens, completion_tokens);
                     let usage = usage(prompt_tokens, completion_tokens);
-                    return Ok(Json(format.whole(&text, finish_reason, usage)).into_response());
+                    return Ok(Json(format.whole(&text, finished.reason, usage)).into_response());
                 }
                 Some(Err(error)) => return Err(ApiError::from_engine(error, api.prompt_param())),
                 None => return Err(ended_early()),
@@ -119,6 +117,13 @@ fn ended_early() -> ApiError {
     ApiError::internal()
 }
 
+fn counts(finished: &Finished) -> (usize, usize) {
+    (
+        finished.prompt_tokens as usize,
+        finished.completion_tokens() as usize,
+    )
+}
+
 fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {
     json!({
         "prompt_tokens": prompt_tokens,
@@ -131,7 +136,7 @@ fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {
 /// and the server dropped the body) drops the receiver, which tells the engine to stop, and
 /// frees the generation slot.
 struct EventStream {
-    rx: Option<mpsc::Receiver<Result<Chunk, EngineError>>>,
+    rx: Option<mpsc::Receiver<Result<GenerationEvent, GenerationError>>>,
     slot: Option<Slot>,
     pending: VecDeque<Event>,
     format: Format,
@@ -145,22 +150,19 @@ impl EventStream {
     }
 
     /// Turns one item from the engine into the events it produces.
-    fn handle(&mut self, item: Option<Result<Chunk, EngineError>>) {
+    fn handle(&mut self, item: Option<Result<GenerationEvent, GenerationError>>) {
         match item {
-            Some(Ok(Chunk::Text(piece))) => {
+            Some(Ok(GenerationEvent::Text(piece))) => {
                 if !piece.is_empty() {
                     let delta = self.format.delta(piece);
                     self.push(delta);
                 }
             }
-            Some(Ok(Chunk::Finished {
-                finish_reason,
-                prompt_tokens,
-                completion_tokens,
-            })) => {
+            Some(Ok(GenerationEvent::Finished(finished))) => {
                 self.finish();
+                let (prompt_tokens, completion_tokens) = counts(&finished);
                 self.log.record_tokens(prompt_tokens, completion_tokens);
-                let last = self.format.last(finish_reason);
+                let last = self.format.last(finished.reason);
                 self.push(last);
                 if self.format.include_usage {
                     let usage = self

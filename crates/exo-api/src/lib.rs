@@ -2,7 +2,8 @@
 //!
 //! [`router`] builds an axum router serving `POST /v1/chat/completions` and
 //! `POST /v1/completions` (as one JSON response or as server-sent events), `GET /v1/models`,
-//! `GET /v1/models/{model}`, `GET /v1/cluster`, `GET /healthz` and `GET /openapi.json`;
+//! `GET /v1/models/{model}`, `GET /v1/cluster`, `GET /healthz` (alive), `GET /readyz` (can serve
+//! now; 503 with the reason until then) and `GET /openapi.json`;
 //! [`serve`] runs it on an already-bound listener until a shutdown future resolves. Requests
 //! are validated here, in OpenAI's terms and with OpenAI's error envelope, then admitted by a
 //! bounded queue ([`ApiConfig::max_concurrent`] running, [`ApiConfig::max_queued`] waiting,
@@ -14,6 +15,7 @@
 //! which the tests implement with a scripted fake. Resolving model ids, applying chat
 //! templates, counting tokens and enforcing stop strings and context limits are the engine's
 //! job. When a client goes away the API drops the engine's receiver, and the engine stops.
+//! What crosses the trait is `exo-core`'s plain types (request, events, typed errors).
 //!
 //! ```no_run
 //! # async fn run(engine: std::sync::Arc<dyn exo_api::Engine>) -> std::io::Result<()> {
@@ -39,12 +41,13 @@ use std::sync::Arc;
 
 pub use crate::cluster::{ClusterView, LinkView, NodeView, PlanView, StageView};
 pub use crate::config::ApiConfig;
-pub use crate::engine::{
-    Chunk, Engine, FinishReason, GenerationRequest, Message, ModelCard, Prompt,
-};
-pub use crate::error::EngineError;
+pub use crate::engine::{Engine, Generation, ModelCard, Readiness};
 pub use crate::openapi::openapi;
 pub use crate::routes::router;
+pub use exo_core::{
+    ChatMessage, FinishReason, Finished, GenerationError, GenerationEvent, GenerationRequest,
+    Prompt, SamplingParams,
+};
 
 /// Serves the API on an already-bound `listener` until `shutdown` resolves, then stops
 /// accepting connections and waits for the requests in flight, streams included, to finish.

@@ -102,6 +102,16 @@ fn paths() -> Value {
                 "responses": {"200": ok_json("The server is up", "Health")},
             },
         },
+        "/readyz": {
+            "get": {
+                "operationId": "ready",
+                "summary": "Readiness: 200 once the cluster can serve the model, 503 with the reason until then; never requires a key",
+                "responses": {
+                    "200": ok_json("The node can serve", "Readiness"),
+                    "503": ok_json("The node cannot serve yet, and why", "Readiness"),
+                },
+            },
+        },
         "/openapi.json": {
             "get": {
                 "operationId": "openapi",
@@ -208,6 +218,16 @@ fn schemas() -> Value {
         (
             "Health",
             object(json!({"status": {"const": "ok"}}), &["status"]),
+        ),
+        (
+            "Readiness",
+            object(
+                json!({
+                    "status": {"enum": ["ready", "not_ready"]},
+                    "reason": {"type": "string"},
+                }),
+                &["status"],
+            ),
         ),
         ("ErrorResponse", error_envelope()),
     ]
@@ -461,8 +481,9 @@ fn cluster_schemas() -> Vec<(&'static str, Value)> {
                     "links": {"type": "array", "items": schema_ref("LinkView")},
                     "plan": {"oneOf": [schema_ref("PlanView"), {"type": "null"}]},
                     "status": {"type": "string"},
+                    "ready": {"type": "boolean"},
                 }),
-                &["nodes", "links", "plan", "status"],
+                &["nodes", "links", "plan", "status", "ready"],
             ),
         ),
         (

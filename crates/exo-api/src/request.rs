@@ -10,9 +10,9 @@ use axum::extract::{FromRequest, Request};
 use axum::http::{StatusCode, header};
 use serde_json::{Map, Value};
 
-use crate::engine::{GenerationRequest, Message, Prompt};
 use crate::error::ApiError;
 use crate::routes::AppState;
+use exo_core::{ChatMessage as Message, GenerationRequest, Prompt, SamplingParams};
 
 /// OpenAI accepts at most this many stop strings.
 const MAX_STOP: usize = 4;
@@ -215,8 +215,8 @@ fn common(
                 format!("'{param}' must be at least 1, got 0"),
             ));
         }
-        Some((_, n)) => Some(usize::try_from(n).unwrap_or(usize::MAX)),
-        None => default_max_tokens,
+        Some((_, n)) => Some(u32::try_from(n).unwrap_or(u32::MAX)),
+        None => default_max_tokens.map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
     };
 
     let temperature = fields.number("temperature")?.unwrap_or(1.0);
@@ -276,10 +276,15 @@ fn common(
             model,
             prompt,
             max_tokens,
-            temperature: temperature as f32,
-            top_p: top_p as f32,
-            seed,
+            sampling: SamplingParams {
+                temperature: temperature as f32,
+                top_p: top_p as f32,
+                top_k: 0,
+                // Without a seed every request samples differently, as OpenAI's API does.
+                seed: seed.unwrap_or_else(rand::random),
+            },
             stop,
+            ignore_eos: false,
         },
         stream,
         include_usage: stream && include_usage,
@@ -524,8 +529,8 @@ mod tests {
             "user": "ignored",
         }))
         .unwrap();
-        assert_eq!(parsed.request.temperature, 1.0);
-        assert_eq!(parsed.request.top_p, 1.0);
+        assert_eq!(parsed.request.sampling.temperature, 1.0);
+        assert_eq!(parsed.request.sampling.top_p, 1.0);
         assert_eq!(parsed.request.max_tokens, None);
         assert!(!parsed.stream);
         assert_eq!(
@@ -565,7 +570,7 @@ mod tests {
             "model": "m", "messages": [{"role": "user", "content": "hi"}], "seed": -1,
         }))
         .unwrap();
-        assert_eq!(parsed.request.seed, Some(u64::MAX));
+        assert_eq!(parsed.request.sampling.seed, u64::MAX);
         let error = error_of(json!({
             "model": "m", "messages": [{"role": "user", "content": "hi"}], "seed": 1.5,
         }));

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 
 use crate::config::ApiConfig;
-use crate::engine::{Engine, ModelCard};
+use crate::engine::{Engine, ModelCard, Readiness};
 use crate::error::ApiError;
 use crate::generate::{Api, respond};
 use crate::middleware::{self, RequestLog};
@@ -38,6 +38,7 @@ pub(crate) const PATHS: &[(&str, &[&str])] = &[
     ("/v1/models/{model}", &["get"]),
     ("/v1/cluster", &["get"]),
     ("/healthz", &["get"]),
+    ("/readyz", &["get"]),
     ("/openapi.json", &["get"]),
 ];
 
@@ -61,6 +62,7 @@ pub fn router(engine: Arc<dyn Engine>, config: ApiConfig) -> Router {
         .route("/v1/models/{*model}", get(get_model))
         .route("/v1/cluster", get(cluster))
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/openapi.json", get(openapi))
         .method_not_allowed_fallback(middleware::method_not_allowed)
         .fallback(middleware::not_found)
@@ -163,6 +165,19 @@ async fn cluster(State(state): State<AppState>) -> Response {
 
 async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
+}
+
+/// 200 once the engine can serve, 503 with the reason until then (`GET /healthz` only says
+/// the API answers).
+async fn readyz(State(state): State<AppState>) -> Response {
+    match state.engine.readiness() {
+        Readiness::Ready => Json(json!({"status": "ready"})).into_response(),
+        Readiness::NotReady(reason) => (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "not_ready", "reason": reason})),
+        )
+            .into_response(),
+    }
 }
 
 async fn openapi() -> Json<Value> {

@@ -23,11 +23,6 @@ impl ClientPool {
         }
     }
 
-    /// The cluster's credential.
-    pub(crate) fn credential(&self) -> &Credential {
-        &self.credential
-    }
-
     /// A client for `endpoint`, connecting on first use.
     pub(crate) async fn get(&self, endpoint: &str) -> exo_transport::Result<ShardClient> {
         if let Some(c) = self

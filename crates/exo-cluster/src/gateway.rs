@@ -6,20 +6,20 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use exo_api::{
-    ApiConfig, ClusterView, EngineError, GenerationRequest, ModelCard, PlanView, StageView,
-};
+use exo_api::{ApiConfig, ClusterView, Generation, ModelCard, PlanView, Readiness, StageView};
+use exo_core::{GenerationError, GenerationEvent, GenerationRequest};
 use exo_topology::{NodeRole, Topology, TopologyConfig, TopologySnapshot};
-use exo_transport::{Credential, Limits};
-
-use crate::clients::ClientPool;
+use exo_transport::{Credential, GenerateStream, Limits};
 use futures::StreamExt;
 use futures::future::BoxFuture;
+use tokio::sync::mpsc;
 
-use crate::api::{Events, Source, engine_error, now_s, relay, to_call, view_of};
+use crate::clients::ClientPool;
+use crate::engine::now_s;
 use crate::error::{Error, Result};
-use crate::planning::reachable;
-use crate::runtime::model_id;
+use crate::origin::model_id;
+use crate::plan::reachable;
+use crate::views::view_of;
 
 /// Everything a gateway needs.
 #[derive(Debug, Clone)]
@@ -135,7 +135,7 @@ impl exo_api::Engine for GatewayEngine {
             let (nodes, links) = self.snapshot().as_ref().map(view_of).unwrap_or_default();
             // The plan in force, as the nodes report what they hold.
             let mut stages = Vec::new();
-            let mut epoch = 0;
+            let mut epoch = None;
             let mut model = String::new();
             for worker in self.workers() {
                 let Ok(client) = self.clients.get(&worker.endpoint).await else {
@@ -160,7 +160,9 @@ impl exo_api::Engine for GatewayEngine {
                 last.has_head = true;
             }
             let plan = (!stages.is_empty()).then(|| PlanView {
-                epoch: format!("{epoch:016x}"),
+                epoch: epoch
+                    .map(|e: exo_core::Epoch| e.to_string())
+                    .unwrap_or_default(),
                 model,
                 stages,
                 predicted_decode_tokens_per_s: None,
@@ -175,13 +177,25 @@ impl exo_api::Engine for GatewayEngine {
             ClusterView {
                 nodes,
                 links,
+                ready: plan.is_some(),
                 plan,
                 status: status.to_owned(),
             }
         })
     }
 
-    fn generate(&self, request: GenerationRequest) -> BoxFuture<'_, Result<Events, EngineError>> {
+    fn readiness(&self) -> Readiness {
+        if self.workers().is_empty() {
+            Readiness::NotReady("no node has joined the cluster yet".to_owned())
+        } else {
+            Readiness::Ready
+        }
+    }
+
+    fn generate(
+        &self,
+        request: GenerationRequest,
+    ) -> BoxFuture<'_, std::result::Result<Generation, GenerationError>> {
         Box::pin(async move {
             let workers = self.workers();
             let available = model_ids(&workers);
@@ -192,16 +206,15 @@ impl exo_api::Engine for GatewayEngine {
                 .collect();
             if serving.is_empty() {
                 if workers.is_empty() {
-                    return Err(EngineError::Unavailable(
+                    return Err(GenerationError::Unavailable(
                         "no node has joined the cluster yet".to_owned(),
                     ));
                 }
-                return Err(EngineError::UnknownModel {
+                return Err(GenerationError::UnknownModel {
                     model: request.model.clone(),
                     available,
                 });
             }
-            let call = to_call(&request);
             let start = self.next.fetch_add(1, Ordering::Relaxed);
             let mut last_error = None;
             // Try the nodes in turn, so one that just left does not fail the request.
@@ -211,28 +224,56 @@ impl exo_api::Engine for GatewayEngine {
                     self.clients
                         .get(&worker.endpoint)
                         .await?
-                        .generate(&call)
+                        .generate(&request)
                         .await
                 }
                 .await;
                 match outcome {
                     Ok(stream) => {
                         tracing::debug!(node = %worker.id, "forwarded a request");
-                        return Ok(relay(Source::Remote(Box::new(stream)), available));
+                        return Ok(relay(stream, worker.id.clone()));
                     }
-                    Err(e) if e.code() == exo_transport::Code::Unavailable => {
+                    // Try the next node: this one may just have left.
+                    Err(e) => {
                         self.clients.forget(&worker.endpoint);
-                        last_error = Some(e);
+                        last_error = Some(format!("node {}: {e}", worker.id));
                     }
-                    Err(e) => return Err(engine_error(&e, &available)),
                 }
             }
-            Err(last_error.map_or_else(
-                || EngineError::Unavailable("no node answered".to_owned()),
-                |e| engine_error(&e, &available),
-            ))
+            Err(GenerationError::Unavailable(last_error.map_or_else(
+                || "no node answered".to_owned(),
+                |e| format!("no node could take the request ({e})"),
+            )))
         })
     }
+}
+
+/// Streams a node's generation to the API until the API drops its receiver (which drops the
+/// stream, cancelling the generation on the node).
+fn relay(mut stream: GenerateStream, node: String) -> Generation {
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let item = tokio::select! {
+                item = stream.next() => item,
+                () = tx.closed() => return,
+            };
+            let item = match item {
+                Ok(Some(item)) => item,
+                Ok(None) => Err(GenerationError::Internal(format!(
+                    "node {node} ended the generation without a final event"
+                ))),
+                Err(e) => Err(GenerationError::Unavailable(format!(
+                    "the node serving the request went away: {e}"
+                ))),
+            };
+            let last = !matches!(item, Ok(GenerationEvent::Text(_)));
+            if tx.send(item).await.is_err() || last {
+                return;
+            }
+        }
+    });
+    rx
 }
 
 /// Runs a gateway until `shutdown` resolves.

@@ -3,30 +3,42 @@
 //! - membership (`exo-topology`) says who is in the cluster and what each node offers;
 //! - every node turns the same snapshot into the same plan (`exo-partition`, pipeline stages,
 //!   with a plan epoch that is a hash of the plan itself) and loads **only its own layers**
-//!   (`exo-shard`);
-//! - the shard service (`exo-transport`) carries each request's activations from stage to
-//!   stage, and the sampled token back;
-//! - the node that receives a request (through [`Node::generate`], the gRPC `Generate` call or
-//!   the HTTP API) tokenizes it, drives the stages, and streams text back.
+//!   (`exo-shard`), which one stage worker per plan computes on;
+//! - a request travels a ring: its origin (the node it came in at) sends its steps to the
+//!   first stage, each stage sends its activations to the next, and the last stage sends the
+//!   sampled token straight back to the origin; stages in this process are reached through
+//!   their worker's queue, others over the shard service (`exo-transport`);
+//! - the origin templates and tokenizes once, runs the request as a state machine that owns
+//!   its journal, and turns tokens into text with one detokenizer (`exo-model`).
 //!
-//! It also implements the API crate's engine trait twice ([`NodeEngine`] over a node's own
-//! runtime, [`GatewayEngine`] for a gateway that computes nothing and forwards to a node), and
-//! runs a gateway ([`run_gateway`]).
+//! It also implements the API crate's engine trait twice ([`NodeEngine`] over a node,
+//! [`GatewayEngine`] for a gateway that computes nothing and forwards to a node), and runs a
+//! gateway ([`run_gateway`]).
 //!
-//! This crate is the only place that knows all of them; it must NOT know HTTP or the OpenAI
-//! wire format: those stay in `exo-api`, which sees only its engine trait's plain types.
+//! This crate is the only library that knows all of them; it must NOT know HTTP or the OpenAI
+//! wire format (those stay in `exo-api`, reached through its engine trait and `exo-core`'s
+//! plain types), protobuf (the transport converts at its edge), or model math (the shard).
+//!
+//! Modules, each using only those listed before it: `tasks`, `clients`, `plan`, `inbox`,
+//! `stage` (worker, link, the holder), `origin` (route, request), `service`, `views`, `node`,
+//! `engine`, `gateway`.
 
-mod api;
 mod clients;
+mod engine;
 mod error;
 mod gateway;
+mod inbox;
 mod node;
 mod origin;
-mod planning;
-mod runtime;
+mod plan;
+mod service;
+mod stage;
+mod tasks;
+mod views;
 
-pub use api::{GatewayEngine, NodeEngine};
+pub use engine::NodeEngine;
 pub use error::{Error, Result};
-pub use gateway::{GatewayConfig, run_gateway};
-pub use node::{ClusterConfig, Node, PlanState, run, shutdown_signal};
-pub use planning::{ActivePlan, model_profile};
+pub use exo_partition::Strategy;
+pub use gateway::{GatewayConfig, GatewayEngine, run_gateway};
+pub use node::{ClusterConfig, Node, run, shutdown_signal};
+pub use plan::{ActivePlan, PlanState, model_profile};

@@ -1,24 +1,31 @@
 //! Starting a node: bind the shard service, join the cluster, then keep a plan in step with
-//! membership and hold this node's part of it.
+//! membership, hold this node's part of it, and keep a route to it warm (which is what makes
+//! the node ready).
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicU32;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use exo_api::Readiness;
+use exo_core::{GenerationError, GenerationRequest, NodeId};
 use exo_model::Checkpoint;
-use exo_partition::ModelProfile;
+use exo_partition::{ModelProfile, Strategy};
 use exo_shard::{Device, Weights};
 use exo_topology::{ModelFile, Topology, TopologyConfig};
-use exo_transport::{Assignment, Credential, GenerateCall, GenerateEvent, Limits, WireDtype};
+use exo_transport::{Assignment, Credential, Limits, NodeStatus, SentCounters, WireDtype};
 use futures::StreamExt;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
+use crate::clients::ClientPool;
 use crate::error::{Error, Result};
-use crate::planning::{ActivePlan, model_profile, plan_cluster};
-use crate::runtime::{Handler, Runtime};
+use crate::origin::{OriginModel, Origins, model_id};
+use crate::plan::{ActivePlan, PlanState, model_profile, plan_cluster};
+use crate::service::Service;
+use crate::stage::link::LinkSettings;
+use crate::stage::{ModelSource, Stages};
+use crate::tasks::Tasks;
 
 /// Everything a node needs to start.
 #[derive(Debug, Clone)]
@@ -40,10 +47,14 @@ pub struct ClusterConfig {
     pub plan_context: usize,
     /// Tokens generated when a request does not say.
     pub default_max_tokens: usize,
+    /// Largest prompt chunk sent to the first stage in one frame.
+    pub prefill_chunk: usize,
     /// How long membership must be quiet before the node plans again.
     pub settle: Duration,
     /// Frame size limits.
     pub limits: Limits,
+    /// How the planner places layers (every node of a cluster must use the same).
+    pub strategy: Strategy,
 }
 
 impl ClusterConfig {
@@ -58,29 +69,26 @@ impl ClusterConfig {
             wire: WireDtype::F16,
             plan_context: 2048,
             default_max_tokens: 256,
+            prefill_chunk: 512,
             settle: Duration::from_millis(500),
             limits: Limits::default(),
+            strategy: Strategy::CostOptimal,
         }
     }
-}
-
-/// Whether the cluster can serve the model now.
-#[derive(Clone, Debug)]
-pub enum PlanState {
-    /// Not yet, and why (`not enough memory across nodes: ...`).
-    Waiting(String),
-    /// Serving by this plan.
-    Ready(Arc<ActivePlan>),
 }
 
 /// A running node.
 #[derive(Debug)]
 pub struct Node {
-    runtime: Arc<Runtime>,
+    id: NodeId,
     topology: Topology,
     endpoint: String,
-    stop: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
-    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    stages: Arc<Stages>,
+    origins: Arc<Origins>,
+    plan: watch::Receiver<PlanState>,
+    ready: watch::Receiver<Readiness>,
+    tasks: Tasks,
+    stopped: Mutex<bool>,
 }
 
 impl Node {
@@ -88,27 +96,23 @@ impl Node {
     /// Layers are loaded once a plan gives this node some.
     pub async fn start(config: ClusterConfig) -> Result<Node> {
         let path = config.model.clone();
-        let (checkpoint_info, profile) = {
-            let (weights, wire) = (config.weights, config.wire);
+        let (weights, wire) = (config.weights, config.wire);
+        let (name, model_config, tokenizer, template, profile) =
             tokio::task::spawn_blocking(move || -> Result<_> {
                 let checkpoint = Checkpoint::open(&path)?;
                 let tokenizer = checkpoint.tokenizer()?;
                 let template = checkpoint.chat_template()?;
                 let profile = model_profile(&checkpoint, weights, wire);
                 Ok((
-                    (
-                        checkpoint.name(),
-                        checkpoint.config().clone(),
-                        tokenizer,
-                        template,
-                    ),
+                    checkpoint.name(),
+                    checkpoint.config().clone(),
+                    tokenizer,
+                    template,
                     profile,
                 ))
             })
             .await
-            .map_err(|e| Error::Config(format!("loading the model's metadata: {e}")))??
-        };
-        let (name, model_config, tokenizer, template) = checkpoint_info;
+            .map_err(|e| Error::Config(format!("loading the model's metadata: {e}")))??;
         let model_file = ModelFile {
             name: name.clone(),
             bytes: model_bytes(&config.model),
@@ -131,68 +135,100 @@ impl Node {
         topology_config.grpc_endpoint = Some(endpoint.clone());
         topology_config.models = vec![model_file.clone()];
         let topology = Topology::start(topology_config).await?;
-        let node_id = topology.local_id().as_str().to_owned();
+        let id = NodeId::from(topology.local_id().as_str());
 
-        let (plan_tx, _) = watch::channel(PlanState::Waiting("planning has not run yet".into()));
-        let (held_epoch, _) = watch::channel(0);
-        let runtime = Arc::new(Runtime {
-            node_id,
-            model_name: name,
-            model_path: config.model.clone(),
-            config: model_config,
-            tokenizer,
-            template,
-            device: config.device.clone(),
-            weights: config.weights,
+        let tasks = Tasks::default();
+        let (plan_tx, plan) = watch::channel(PlanState::Waiting("planning has not run yet".into()));
+        let (ready_tx, ready) =
+            watch::channel(Readiness::NotReady("planning has not run yet".into()));
+        let credential = Credential::new(topology.derive_secret(Credential::PURPOSE));
+        let links = LinkSettings {
+            clients: Arc::new(ClientPool::new(credential.clone(), config.limits)),
             wire: config.wire,
-            default_max_tokens: config.default_max_tokens,
-            prefill_chunk: 512,
-            held: RwLock::new(None),
-            held_epoch,
-            loading: tokio::sync::Mutex::new(()),
-            plan: plan_tx,
-            clients: crate::clients::ClientPool::new(
-                Credential::new(topology.derive_secret(Credential::PURPOSE)),
-                config.limits,
-            ),
-            sent: Arc::default(),
-            active: Arc::new(AtomicU32::new(0)),
-            assigned_epoch: std::sync::atomic::AtomicU64::new(0),
-        });
+            sent: Arc::new(SentCounters::default()),
+        };
+        let context = model_config.max_position_embeddings;
+        let eos = model_config.eos_token_ids.clone();
+        let stages = Arc::new(Stages::new(
+            id.clone(),
+            ModelSource {
+                path: config.model.clone(),
+                name: name.clone(),
+                config: model_config,
+                device: config.device.clone(),
+                weights: config.weights,
+            },
+            plan.clone(),
+            links.clone(),
+            tasks.clone(),
+        ));
+        let origins = Arc::new(Origins::new(
+            id.clone(),
+            Arc::new(OriginModel {
+                name: name.clone(),
+                tokenizer,
+                template,
+                eos,
+                context,
+                default_max_tokens: config.default_max_tokens,
+                prefill_chunk: config.prefill_chunk,
+            }),
+            Arc::clone(&stages),
+            links,
+            tasks.clone(),
+            plan.clone(),
+        ));
 
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn({
-            let handler: Arc<dyn exo_transport::ShardHandler> =
-                Arc::new(Handler(Arc::clone(&runtime)));
-            let (credential, limits) = (runtime.clients.credential().clone(), config.limits);
-            async move {
-                let shutdown = async move {
-                    let _ = stopped.await;
-                };
-                if let Err(e) =
-                    exo_transport::serve(listener, handler, credential, limits, shutdown).await
-                {
+        let service = Arc::new(Service {
+            stages: Arc::clone(&stages),
+            origins: Arc::clone(&origins),
+        });
+        let (limits, stop) = (config.limits, tasks.clone());
+        tasks.spawn_detached(async move {
+            let graceful = {
+                let stop = stop.clone();
+                async move { stop.cancelled().await }
+            };
+            let serve = exo_transport::serve(listener, service, credential, limits, graceful);
+            // Other nodes' streams into this one may stay open: after a moment's grace the
+            // server is dropped, which closes them.
+            let hard_stop = async move {
+                stop.cancelled().await;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            };
+            tokio::select! {
+                served = serve => if let Err(e) = served {
                     tracing::error!(error = %e, "shard service stopped");
-                }
+                },
+                () = hard_stop => {}
             }
         });
-        let planner = tokio::spawn(plan_loop(
-            Arc::clone(&runtime),
-            topology.clone(),
-            model_file,
+        let planner = Planner {
+            node: id.clone(),
+            stages: Arc::clone(&stages),
+            origins: Arc::clone(&origins),
+            topology: topology.clone(),
+            model: model_file,
             profile,
-            config
-                .plan_context
-                .min(runtime.config.max_position_embeddings) as u64,
-            config.settle,
-        ));
-        tracing::info!(%endpoint, node = %runtime.node_id, model = %runtime.model_name, "shard service listening");
+            context: config.plan_context.min(context) as u64,
+            settle: config.settle,
+            strategy: config.strategy,
+            plan: plan_tx,
+            ready: ready_tx,
+            tasks: tasks.clone(),
+        };
+        tasks.spawn(planner.run());
+        tracing::info!(%endpoint, node = %id, model = %name, "shard service listening");
         Ok(Node {
-            runtime,
+            id,
             topology,
             endpoint,
-            stop: Mutex::new(Some(stop)),
-            tasks: Mutex::new(vec![server, planner]),
+            stages,
+            origins,
+            plan,
+            ready,
+            tasks,
+            stopped: Mutex::new(false),
         })
     }
 
@@ -202,31 +238,23 @@ impl Node {
     }
 
     /// This node's identity.
-    pub fn node_id(&self) -> &str {
-        &self.runtime.node_id
+    pub fn node_id(&self) -> &NodeId {
+        &self.id
     }
 
     /// The model this node serves (its file or folder name).
     pub fn model_name(&self) -> &str {
-        &self.runtime.model_name
+        &self.origins.model.name
+    }
+
+    /// The id clients use for the model (the file name without `.gguf`).
+    pub fn model_id(&self) -> String {
+        model_id(self.model_name())
     }
 
     /// The model's context length.
     pub fn context_length(&self) -> usize {
-        self.runtime.config.max_position_embeddings
-    }
-
-    /// Whether `model` names the model this node serves (with or without `.gguf`).
-    pub fn serves_model(&self, model: &str) -> bool {
-        self.runtime.model_matches(model)
-    }
-
-    /// Tokens `prompt` takes once templated.
-    pub fn count_prompt_tokens(
-        &self,
-        prompt: &exo_transport::Prompt,
-    ) -> exo_transport::Result<usize> {
-        self.runtime.prompt_ids(prompt).map(|ids| ids.len())
+        self.origins.model.context
     }
 
     /// The membership client.
@@ -236,38 +264,50 @@ impl Node {
 
     /// The current plan, or why there is none.
     pub fn plan_state(&self) -> PlanState {
-        self.runtime.plan.borrow().clone()
+        self.plan.borrow().clone()
     }
 
     /// Changes of [`Node::plan_state`].
     pub fn plan_changes(&self) -> watch::Receiver<PlanState> {
-        self.runtime.plan.subscribe()
+        self.plan.clone()
     }
 
-    /// Generates with this node as the origin. Dropping the receiver cancels the request.
+    /// Whether this node can serve a request now: a plan exists, every stage of it holds its
+    /// layers, and this node reaches them all.
+    pub fn readiness(&self) -> Readiness {
+        self.ready.borrow().clone()
+    }
+
+    /// Changes of [`Node::readiness`].
+    pub fn readiness_changes(&self) -> watch::Receiver<Readiness> {
+        self.ready.clone()
+    }
+
+    /// What this node holds, as its shard service reports it.
+    pub fn status(&self) -> NodeStatus {
+        self.stages.status()
+    }
+
+    /// Generates with this node as the origin. Dropping the receiver cancels the request on
+    /// every stage.
     pub async fn generate(
         &self,
-        call: GenerateCall,
-    ) -> exo_transport::Result<mpsc::Receiver<exo_transport::Result<GenerateEvent>>> {
-        crate::origin::start(Arc::clone(&self.runtime), call).await
+        request: GenerationRequest,
+    ) -> std::result::Result<exo_api::Generation, GenerationError> {
+        self.origins.start(request).await
     }
 
-    /// Stops serving and leaves the cluster (the others see it go at once).
+    /// Stops serving and leaves the cluster (the others see it go at once). Requests in flight
+    /// end; the shard service gets a moment to close its streams.
     pub async fn shutdown(&self) -> Result<()> {
-        if let Some(stop) = self.stop.lock().ok().and_then(|mut s| s.take()) {
-            let _ = stop.send(());
+        if let Ok(mut stopped) = self.stopped.lock() {
+            if *stopped {
+                return Ok(());
+            }
+            *stopped = true;
         }
-        let tasks = self
-            .tasks
-            .lock()
-            .map(|mut t| std::mem::take(&mut *t))
-            .unwrap_or_default();
-        let mut tasks = tasks.into_iter();
-        let server = tasks.next();
-        tasks.for_each(|t| t.abort());
-        if let Some(server) = server {
-            let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
-        }
+        self.tasks.shut_down(Duration::from_secs(5)).await;
+        self.stages.stop();
         self.topology.clone().shutdown().await?;
         Ok(())
     }
@@ -289,78 +329,136 @@ fn model_bytes(path: &std::path::Path) -> u64 {
     }
 }
 
-/// Plans again whenever membership changes (after it has been quiet for `settle`), publishes
-/// the plan and holds this node's part of it.
-async fn plan_loop(
-    runtime: Arc<Runtime>,
+/// Keeps the plan in step with membership.
+struct Planner {
+    node: NodeId,
+    stages: Arc<Stages>,
+    origins: Arc<Origins>,
     topology: Topology,
     model: ModelFile,
     profile: ModelProfile,
     context: u64,
     settle: Duration,
-) {
-    let mut events = match topology.events().await {
-        Ok(events) => events,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot follow membership; the plan will not change");
-            return;
-        }
-    };
-    let mut last_epoch = 0u64;
-    let mut last_reason = String::new();
-    loop {
-        // Let a burst of joins settle before planning.
-        tokio::time::sleep(settle).await;
-        let snapshot = match topology.snapshot().await {
-            Ok(s) => s,
-            Err(_) => return,
+    strategy: Strategy,
+    plan: watch::Sender<PlanState>,
+    ready: watch::Sender<Readiness>,
+    tasks: Tasks,
+}
+
+impl Planner {
+    /// Plans again whenever membership changes (after it has been quiet for `settle`),
+    /// publishes the plan, holds this node's part of it and keeps a route to it warm.
+    async fn run(self) {
+        let mut events = match self.topology.events().await {
+            Ok(events) => events,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot follow membership; the plan will not change");
+                return;
+            }
         };
-        match plan_cluster(&snapshot, &model, &profile, context) {
-            Ok(plan) if plan.epoch == last_epoch => {}
-            Ok(plan) => {
-                last_epoch = plan.epoch;
-                last_reason.clear();
-                log_plan(&runtime.node_id, &plan);
-                let plan = Arc::new(plan);
-                runtime
-                    .plan
-                    .send_replace(PlanState::Ready(Arc::clone(&plan)));
-                if plan.index_of(&runtime.node_id).is_some() {
-                    let assignment = Assignment {
-                        model: plan.model.clone(),
-                        epoch: plan.epoch,
-                        stages: plan.stages.clone(),
-                    };
-                    let runtime = Arc::clone(&runtime);
-                    tokio::spawn(async move {
-                        if let Err(e) = runtime.hold(&assignment).await {
-                            tracing::error!(error = %e, "cannot load this node's layers");
-                        }
-                    });
-                } else {
-                    runtime.release().await;
+        let mut last_epoch = None;
+        let mut last_reason = String::new();
+        // Work that belongs to the current plan, cancelled when it changes.
+        let mut current = self.tasks.child();
+        loop {
+            // Let a burst of joins settle before planning.
+            tokio::time::sleep(self.settle).await;
+            let Ok(snapshot) = self.topology.snapshot().await else {
+                return;
+            };
+            match plan_cluster(
+                &snapshot,
+                &self.model,
+                &self.profile,
+                self.context,
+                self.strategy,
+            ) {
+                Ok(plan) if Some(plan.epoch) == last_epoch => {}
+                Ok(plan) => {
+                    last_epoch = Some(plan.epoch);
+                    last_reason.clear();
+                    log_plan(&self.node, &plan);
+                    let plan = Arc::new(plan);
+                    self.plan.send_replace(PlanState::Ready(Arc::clone(&plan)));
+                    current.cancel();
+                    current = self.tasks.child();
+                    self.follow(&current, plan);
+                }
+                Err(reason) => {
+                    if reason != last_reason {
+                        tracing::warn!(%reason, "the cluster cannot serve the model yet");
+                        last_reason.clone_from(&reason);
+                    }
+                    last_epoch = None;
+                    current.cancel();
+                    self.plan.send_replace(PlanState::Waiting(reason.clone()));
+                    self.ready.send_replace(Readiness::NotReady(reason));
                 }
             }
-            Err(reason) => {
-                if reason != last_reason {
-                    tracing::warn!(%reason, "the cluster cannot serve the model yet");
-                    last_reason.clone_from(&reason);
-                }
-                last_epoch = 0;
-                runtime.plan.send_replace(PlanState::Waiting(reason));
+            // Wait for the next change of membership.
+            if events.next().await.is_none() {
+                return;
             }
         }
-        // Wait for the next change of membership.
-        if events.next().await.is_none() {
-            return;
-        }
+    }
+
+    /// Holds this node's part of `plan` and keeps the route to it warm, on `tasks`.
+    fn follow(&self, tasks: &Tasks, plan: Arc<ActivePlan>) {
+        let stages = Arc::clone(&self.stages);
+        let (origins, ready) = (Arc::clone(&self.origins), self.ready.clone());
+        let in_plan = plan.index_of(&self.node).is_some();
+        let assignment = Assignment {
+            model: plan.model.clone(),
+            epoch: plan.epoch,
+            stages: plan.stages.clone(),
+        };
+        tasks.spawn(async move {
+            if in_plan {
+                if let Err(e) = stages.hold(&assignment).await {
+                    tracing::error!(error = %e, "cannot load this node's layers");
+                }
+            } else {
+                stages.release().await;
+            }
+            keep_ready(&origins, &plan, &ready).await;
+        });
     }
 }
 
-fn log_plan(me: &str, plan: &ActivePlan) {
+/// Builds the route to `plan` until it works, says the node is ready, and starts again when
+/// the route breaks (a stage was lost), until the plan changes.
+async fn keep_ready(origins: &Origins, plan: &Arc<ActivePlan>, ready: &watch::Sender<Readiness>) {
+    loop {
+        ready.send_replace(Readiness::NotReady(format!(
+            "plan {}: waiting for its {} stage(s) to hold their layers",
+            plan.epoch,
+            plan.stages.len()
+        )));
+        match origins.route(plan).await {
+            Ok(route) => {
+                ready.send_replace(Readiness::Ready);
+                tracing::info!(
+                    epoch = %plan.epoch,
+                    stages = plan.stages.len(),
+                    model = %model_id(&plan.model),
+                    "ready: the cluster serves the model"
+                );
+                let failure = route.until_broken().await;
+                ready.send_replace(Readiness::NotReady(failure.to_string()));
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "the plan's route is not up yet");
+                ready.send_replace(Readiness::NotReady(e.to_string()));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn log_plan(me: &NodeId, plan: &ActivePlan) {
     let Some(index) = plan.index_of(me) else {
         tracing::info!(
-            epoch = plan.epoch,
+            epoch = %plan.epoch,
             stages = plan.stages.len(),
             "joined plan without layers (this node is left out)"
         );
@@ -375,17 +473,17 @@ fn log_plan(me: &str, plan: &ActivePlan) {
         .and_then(|i| plan.stages.get(i))
         .map_or_else(
             || "the origin of each request".to_owned(),
-            |s| s.node_id.clone(),
+            |s| s.node.to_string(),
         );
     let after = plan.stages.get(index + 1).map_or_else(
-        || "none (samples the token)".to_owned(),
-        |s| s.node_id.clone(),
+        || "none (samples the token and sends it to the origin)".to_owned(),
+        |s| s.node.to_string(),
     );
     tracing::info!(
-        epoch = plan.epoch,
+        epoch = %plan.epoch,
         stage = index,
         stages = plan.stages.len(),
-        layers = ?stage.layers,
+        layers = %stage.layers,
         %before,
         %after,
         predicted_tokens_per_s = plan.plan.predicted.decode_tokens_per_s,

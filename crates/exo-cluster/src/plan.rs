@@ -7,31 +7,43 @@
 //! plan itself, so a membership change that does not change the plan (an observer joining)
 //! does not disturb requests in flight.
 
+use std::sync::Arc;
+
+use exo_core::{Epoch, LayerRange, NodeId, Stage};
 use exo_model::{Checkpoint, LayerPart, ModelConfig, TensorId};
 use exo_partition::{ClusterProfile, ModelProfile, NodeProfile, Plan, RequestProfile, Strategy};
 use exo_shard::{WeightFormat, Weights};
 use exo_topology::{ModelFile, NodeRole, TopologySnapshot};
-use exo_transport::{StageRef, WireDtype};
+use exo_transport::WireDtype;
 use sha2::Digest;
 
 /// The plan a node serves by.
 #[derive(Clone, Debug)]
 pub struct ActivePlan {
-    /// A hash of the model and the stages; never 0.
-    pub epoch: u64,
+    /// A hash of the model and the stages.
+    pub epoch: Epoch,
     /// The model's name.
     pub model: String,
     /// The stages in order, with where each node's shard service listens.
-    pub stages: Vec<StageRef>,
+    pub stages: Vec<Stage>,
     /// The planner's full answer (predictions, explanation).
     pub plan: Plan,
 }
 
 impl ActivePlan {
-    /// Where `node_id` stands in the ring, if it is in it.
-    pub fn index_of(&self, node_id: &str) -> Option<usize> {
-        self.stages.iter().position(|s| s.node_id == node_id)
+    /// Where `node` stands in the ring, if it is in it.
+    pub fn index_of(&self, node: &NodeId) -> Option<usize> {
+        self.stages.iter().position(|s| &s.node == node)
     }
+}
+
+/// Whether the cluster can serve the model now.
+#[derive(Clone, Debug)]
+pub enum PlanState {
+    /// Not yet, and why (`not enough memory across nodes: ...`).
+    Waiting(String),
+    /// Serving by this plan.
+    Ready(Arc<ActivePlan>),
 }
 
 /// Bytes a tensor takes in memory once loaded as `weights`.
@@ -120,13 +132,14 @@ pub(crate) fn reachable(endpoint: &str, peer_addresses: &[String]) -> String {
     format!("http://{}:{rest}", ip.as_deref().unwrap_or("127.0.0.1"))
 }
 
-/// Plans `model` on the workers of `snapshot` that hold the same model file. `Err` says why
-/// the cluster cannot serve it now.
+/// Plans `model` on the workers of `snapshot` that hold the same model file, with `strategy`.
+/// `Err` says why the cluster cannot serve it now.
 pub(crate) fn plan_cluster(
     snapshot: &TopologySnapshot,
     model: &ModelFile,
     profile: &ModelProfile,
     context: u64,
+    strategy: Strategy,
 ) -> Result<ActivePlan, String> {
     let mut members: Vec<(NodeProfile, String)> = Vec::new();
     let local = &snapshot.local;
@@ -170,17 +183,17 @@ pub(crate) fn plan_cluster(
     cluster.max_tensor_parallel = 1;
     let context = context.clamp(1, u64::from(u32::MAX));
     let request = RequestProfile::new(context, context.min(512));
-    let plan = exo_partition::plan(profile, &cluster, &request, Strategy::CostOptimal)
-        .map_err(|e| e.to_string())?;
-    let stages: Vec<StageRef> = plan
+    let plan =
+        exo_partition::plan(profile, &cluster, &request, strategy).map_err(|e| e.to_string())?;
+    let stages: Vec<Stage> = plan
         .stages
         .iter()
         .filter_map(|s| {
             let node = s.lead()?.as_str().to_owned();
-            Some(StageRef {
+            Some(Stage {
                 endpoint: endpoints.get(&node)?.clone(),
-                node_id: node,
-                layers: s.layers.start..s.layers.end,
+                node: NodeId::from(node),
+                layers: LayerRange::new(s.layers.start, s.layers.end),
             })
         })
         .collect();
@@ -196,12 +209,12 @@ pub(crate) fn plan_cluster(
 }
 
 /// A hash of what a request depends on: the model and who holds which layers where.
-pub(crate) fn epoch_of(model: &str, stages: &[StageRef]) -> u64 {
+pub(crate) fn epoch_of(model: &str, stages: &[Stage]) -> Epoch {
     let mut hasher = sha2::Sha256::new();
     hasher.update(model.as_bytes());
     for s in stages {
         hasher.update([0]);
-        hasher.update(s.node_id.as_bytes());
+        hasher.update(s.node.as_str().as_bytes());
         hasher.update([0]);
         hasher.update(s.endpoint.as_bytes());
         hasher.update(s.layers.start.to_le_bytes());
@@ -210,7 +223,7 @@ pub(crate) fn epoch_of(model: &str, stages: &[StageRef]) -> u64 {
     let digest = hasher.finalize();
     let mut first = [0u8; 8];
     first.copy_from_slice(&digest[..8]);
-    u64::from_le_bytes(first).max(1)
+    Epoch::from_hash(u64::from_le_bytes(first))
 }
 
 #[cfg(test)]
@@ -232,15 +245,15 @@ mod tests {
 
     #[test]
     fn epochs_change_with_the_stages_and_are_never_zero() {
-        let stage = |n: &str, r: std::ops::Range<u32>| StageRef {
-            node_id: n.into(),
+        let stage = |n: &str, r: std::ops::Range<u32>| Stage {
+            node: n.into(),
             endpoint: format!("http://{n}"),
-            layers: r,
+            layers: r.into(),
         };
         let a = epoch_of("m", &[stage("a", 0..10), stage("b", 10..30)]);
         assert_eq!(a, epoch_of("m", &[stage("a", 0..10), stage("b", 10..30)]));
         assert_ne!(a, epoch_of("m", &[stage("a", 0..11), stage("b", 11..30)]));
         assert_ne!(a, epoch_of("m", &[stage("b", 0..10), stage("a", 10..30)]));
-        assert_ne!(a, 0);
+        assert_ne!(a.get(), 0);
     }
 }

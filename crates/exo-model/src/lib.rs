@@ -10,6 +10,7 @@
 
 mod checkpoint;
 mod config;
+mod detokenize;
 mod error;
 mod export;
 mod fetch;
@@ -26,6 +27,7 @@ pub use checkpoint::{
     StoredTensor,
 };
 pub use config::{ModelConfig, RopeScaling};
+pub use detokenize::{Decoded, Detokenizer};
 pub use error::{Error, Result};
 pub use export::{ExportDtype, ExportSummary, export_hf};
 pub use fetch::{

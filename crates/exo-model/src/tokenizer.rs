@@ -213,36 +213,54 @@ impl Tokenizer {
         TextStream {
             tokenizer: self,
             ids: Vec::new(),
-            emitted: 0,
+            prefix: 0,
+            read: 0,
         }
     }
 }
 
 /// Turns ids into text one at a time, holding back incomplete UTF-8 sequences.
+///
+/// Each step decodes only a short window (the ids since the last piece, after a few ids of
+/// context so that word-initial spaces come out right), so a long answer costs linear time,
+/// not quadratic.
 #[derive(Debug)]
 pub struct TextStream<'a> {
     tokenizer: &'a Tokenizer,
     ids: Vec<u32>,
-    emitted: usize,
+    /// Start of the context window.
+    prefix: usize,
+    /// End of what has been emitted.
+    read: usize,
 }
 
 impl TextStream<'_> {
     /// Adds one id and returns the text it completes (possibly empty).
     pub fn push(&mut self, id: u32) -> Result<String> {
         self.ids.push(id);
-        let text = self.tokenizer.decode(&self.ids)?;
+        let before = self.tokenizer.decode(&self.ids[self.prefix..self.read])?;
+        let after = self.tokenizer.decode(&self.ids[self.prefix..])?;
         // A byte-level token can end in the middle of a character; wait for the rest.
-        if text.ends_with('\u{fffd}') || text.len() < self.emitted {
+        if after.len() <= before.len() || after.ends_with('\u{fffd}') {
             return Ok(String::new());
         }
-        let piece = text.get(self.emitted..).unwrap_or_default().to_string();
-        self.emitted = text.len();
+        let Some(piece) = after.get(before.len()..) else {
+            return Ok(String::new());
+        };
+        let piece = piece.to_owned();
+        self.prefix = self.read;
+        self.read = self.ids.len();
         Ok(piece)
     }
 
     /// Everything decoded so far.
     pub fn text(&self) -> Result<String> {
         self.tokenizer.decode(&self.ids)
+    }
+
+    /// The ids pushed so far.
+    pub fn ids(&self) -> &[u32] {
+        &self.ids
     }
 }
 

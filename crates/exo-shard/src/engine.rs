@@ -112,7 +112,7 @@ impl Engine {
         let request = GenerateRequest {
             prompt_ids,
             max_tokens: options.max_tokens,
-            sampling: options.sampling.clone(),
+            sampling: options.sampling,
             stop: options.stop.clone(),
             ignore_eos: options.ignore_eos,
         };

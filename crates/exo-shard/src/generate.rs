@@ -3,7 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-use exo_model::Tokenizer;
+use exo_core::FinishReason;
+use exo_model::{Detokenizer, Tokenizer};
 
 use crate::cache::KvCache;
 use crate::error::{Error, Result};
@@ -23,15 +24,6 @@ pub struct GenerateRequest {
     pub stop: Vec<String>,
     /// Keep going past EOS tokens (used by parity tests and benchmarks).
     pub ignore_eos: bool,
-}
-
-/// Why generation ended, in OpenAI's terms.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FinishReason {
-    /// An EOS token or a stop string.
-    Stop,
-    /// `max_tokens` reached, or the context is full.
-    Length,
 }
 
 /// Timings and counts of one generation.
@@ -138,7 +130,7 @@ pub fn generate(
             actual: vec![0],
         });
     }
-    let mut sampler = Sampler::new(request.sampling.clone())?;
+    let mut sampler = Sampler::new(request.sampling)?;
     let mut caches: Vec<KvCache> = stages.iter().map(LlamaShard::new_cache).collect();
     // Keys and values for the whole answer, reserved now rather than grown while decoding.
     let positions = request.prompt_ids.len() + request.max_tokens;
@@ -146,174 +138,50 @@ pub fn generate(
         stage.reserve(cache, positions);
     }
     let mut step = Step::default();
-    let mut stream = tokenizer.stream();
-    let mut stops = StopScanner::new(&request.stop);
+    let mut text = Detokenizer::new(
+        tokenizer,
+        eos_ids,
+        &request.stop,
+        request.ignore_eos,
+        request.max_tokens,
+    );
     let start = Instant::now();
     let mut first_token_at = None;
     let mut ids = Vec::new();
-    let mut finish = FinishReason::Length;
     let mut input = request.prompt_ids.clone();
-    while ids.len() < request.max_tokens {
+    let finish = loop {
+        if let Some(reason) = text.finished() {
+            break reason;
+        }
         match step.run(stages, &input, &mut caches) {
             Ok(()) => {}
             // Running out of context ends the answer the way max_tokens does.
-            Err(Error::ContextFull { .. }) if !ids.is_empty() => break,
+            Err(Error::ContextFull { .. }) if !ids.is_empty() => {
+                on_text(&text.context_full().text);
+                break FinishReason::Length;
+            }
             Err(e) => return Err(e),
         };
         let id = sampler.sample(&step.logits)?;
         first_token_at.get_or_insert_with(Instant::now);
         ids.push(id);
-        if !request.ignore_eos && eos_ids.contains(&id) {
-            finish = FinishReason::Stop;
-            break;
-        }
-        let piece = stream.push(id)?;
-        if stops.push(&piece, on_text) {
-            finish = FinishReason::Stop;
-            break;
+        let decoded = text.push(id)?;
+        if !decoded.text.is_empty() {
+            on_text(&decoded.text);
         }
         input.clear();
         input.push(id);
-    }
-    if finish == FinishReason::Length {
-        stops.flush(on_text);
-    }
+    };
     let first = first_token_at.unwrap_or_else(Instant::now);
     Ok(Generation {
-        ids,
-        text: stops.emitted,
+        text: text.emitted().to_owned(),
         stats: GenerationStats {
             prompt_tokens: request.prompt_ids.len(),
-            generated_tokens: 0,
+            generated_tokens: ids.len(),
             time_to_first_token: first.duration_since(start),
             decode_time: first.elapsed(),
             finish_reason: finish,
         },
+        ids,
     })
-    .map(|mut g| {
-        g.stats.generated_tokens = g.ids.len();
-        g
-    })
-}
-
-/// Holds back text that might be the start of a stop string, and finds stop strings that span
-/// several tokens. Used by every loop that turns tokens into streamed text.
-#[derive(Debug)]
-pub struct StopScanner<'a> {
-    stops: &'a [String],
-    pending: String,
-    emitted: String,
-}
-
-impl<'a> StopScanner<'a> {
-    /// A scanner for `stops` (empty strings are ignored).
-    pub fn new(stops: &'a [String]) -> Self {
-        StopScanner {
-            stops,
-            pending: String::new(),
-            emitted: String::new(),
-        }
-    }
-
-    /// Adds a piece; emits what is safe. Returns true when a stop string was found.
-    pub fn push(&mut self, piece: &str, on_text: &mut dyn FnMut(&str)) -> bool {
-        self.pending.push_str(piece);
-        let hit = self
-            .stops
-            .iter()
-            .filter(|s| !s.is_empty())
-            .filter_map(|s| self.pending.find(s.as_str()))
-            .min();
-        if let Some(at) = hit {
-            let text = self.pending[..at].to_string();
-            self.emit(&text, on_text);
-            self.pending.clear();
-            return true;
-        }
-        // Keep the longest tail that could still grow into a stop string.
-        let keep = self
-            .stops
-            .iter()
-            .map(|s| {
-                (1..s.len().min(self.pending.len() + 1))
-                    .rev()
-                    .find(|&n| {
-                        let at = self.pending.len() - n;
-                        self.pending.is_char_boundary(at) && s.starts_with(&self.pending[at..])
-                    })
-                    .unwrap_or(0)
-            })
-            .max()
-            .unwrap_or(0);
-        let cut = self.pending.len() - keep;
-        let text: String = self.pending.drain(..cut).collect();
-        self.emit(&text, on_text);
-        false
-    }
-
-    /// Emits what was held back (at the end of a generation that did not stop on a string).
-    pub fn flush(&mut self, on_text: &mut dyn FnMut(&str)) {
-        let text = std::mem::take(&mut self.pending);
-        self.emit(&text, on_text);
-    }
-
-    /// Everything emitted so far.
-    pub fn emitted(&self) -> &str {
-        &self.emitted
-    }
-
-    fn emit(&mut self, text: &str, on_text: &mut dyn FnMut(&str)) {
-        if !text.is_empty() {
-            self.emitted.push_str(text);
-            on_text(text);
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn scan(stops: &[&str], pieces: &[&str]) -> (String, bool, String) {
-        let stops: Vec<String> = stops.iter().map(|s| s.to_string()).collect();
-        let mut scanner = StopScanner::new(&stops);
-        let mut streamed = String::new();
-        let mut stopped = false;
-        for p in pieces {
-            if scanner.push(p, &mut |t| streamed.push_str(t)) {
-                stopped = true;
-                break;
-            }
-        }
-        if !stopped {
-            scanner.flush(&mut |t| streamed.push_str(t));
-        }
-        (scanner.emitted, stopped, streamed)
-    }
-
-    #[test]
-    fn a_stop_string_across_pieces_is_found_and_cut() {
-        let (text, stopped, streamed) = scan(&["\n\n"], &["Paris", ".", "\n", "\nNext"]);
-        assert!(stopped);
-        assert_eq!(text, "Paris.");
-        assert_eq!(streamed, "Paris.");
-    }
-
-    #[test]
-    fn a_partial_match_that_fails_is_released() {
-        let (text, stopped, _) = scan(&["END"], &["the E", "ND", "x"]);
-        assert!(stopped);
-        assert_eq!(text, "the ");
-        let (text, stopped, streamed) = scan(&["END"], &["the E", "nd"]);
-        assert!(!stopped);
-        assert_eq!(text, "the End");
-        assert_eq!(streamed, "the End");
-    }
-
-    #[test]
-    fn multibyte_text_is_never_split() {
-        let (text, stopped, _) = scan(&["é!"], &["caf", "é", "é", "!"]);
-        assert!(stopped);
-        assert_eq!(text, "café");
-    }
 }

@@ -27,11 +27,9 @@ pub use burn::tensor::{Device, Tensor, TensorData};
 pub use cache::KvCache;
 pub use engine::{Engine, TextOptions};
 pub use error::{Error, Result};
+pub use exo_core::FinishReason;
 pub use exo_kernels::{WeightFormat, set_threads as set_kernel_threads};
-pub use generate::{
-    FinishReason, GenerateRequest, Generation, GenerationStats, StopScanner, forward_tokens,
-    generate,
-};
+pub use generate::{GenerateRequest, Generation, GenerationStats, forward_tokens, generate};
 pub use native::Weights;
 pub use sampling::{Sampler, SamplingParams, argmax};
 pub use shard::LlamaShard;

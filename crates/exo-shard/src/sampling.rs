@@ -5,53 +5,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::error::{Error, Result};
 
-/// How to pick the next token.
-#[derive(Clone, Debug, PartialEq)]
-pub struct SamplingParams {
-    /// 0 picks the most likely token (greedy); higher values flatten the distribution.
-    pub temperature: f32,
-    /// Keep only the `top_k` most likely tokens (0 keeps all).
-    pub top_k: usize,
-    /// Keep the smallest set of tokens whose probability reaches `top_p` (1 keeps all).
-    pub top_p: f32,
-    /// Seed of the random choice; the same seed gives the same text.
-    pub seed: u64,
-}
-
-impl Default for SamplingParams {
-    fn default() -> Self {
-        SamplingParams {
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            seed: 0,
-        }
-    }
-}
-
-impl SamplingParams {
-    /// Greedy decoding.
-    pub fn greedy() -> Self {
-        Self::default()
-    }
-
-    /// Checks the ranges.
-    pub fn validate(&self) -> Result<()> {
-        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
-            return Err(Error::Sampling(format!(
-                "temperature must be a number >= 0, got {}",
-                self.temperature
-            )));
-        }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(Error::Sampling(format!(
-                "top_p must be in (0, 1], got {}",
-                self.top_p
-            )));
-        }
-        Ok(())
-    }
-}
+pub use exo_core::SamplingParams;
 
 /// A sampler with its own random state (one per request).
 #[derive(Debug)]
@@ -63,7 +17,9 @@ pub struct Sampler {
 impl Sampler {
     /// A sampler for `params`.
     pub fn new(params: SamplingParams) -> Result<Self> {
-        params.validate()?;
+        params
+            .validate()
+            .map_err(|e| Error::Sampling(e.to_string()))?;
         let rng = StdRng::seed_from_u64(params.seed);
         Ok(Sampler { params, rng })
     }
@@ -87,7 +43,7 @@ impl Sampler {
         }
         candidates.sort_by(|a, b| b.1.total_cmp(&a.1));
         if self.params.top_k > 0 {
-            candidates.truncate(self.params.top_k);
+            candidates.truncate(self.params.top_k as usize);
         }
         let max = candidates[0].1;
         let mut probs: Vec<f32> = candidates.iter().map(|(_, l)| (l - max).exp()).collect();
@@ -164,7 +120,7 @@ mod tests {
         };
         let logits: Vec<f32> = (0..50).map(|i| (i % 7) as f32 * 0.3).collect();
         let run = || -> Result<Vec<u32>> {
-            let mut s = Sampler::new(params.clone())?;
+            let mut s = Sampler::new(params)?;
             (0..30).map(|_| s.sample(&logits)).collect()
         };
         let a = run()?;

@@ -2,15 +2,16 @@
 //! one decode position and a 512-token prefill chunk, as f32, f16 and bf16.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use exo_core::Activations;
+use exo_transport::WireDtype;
 use exo_transport::testing::{decode_frame, encode_frame};
-use exo_transport::{Activations, WireDtype};
 use std::hint::black_box;
 
 fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("activation frame (hidden 576)");
     for positions in [1usize, 512] {
         let a = Activations {
-            positions,
+            rows: positions,
             hidden: 576,
             values: (0..positions * 576)
                 .map(|i| ((i * 2654435761usize) % 1000) as f32 / 100.0 - 5.0)

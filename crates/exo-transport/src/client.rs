@@ -4,21 +4,22 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use exo_core::{
+    Epoch, GenerationError, GenerationEvent, GenerationRequest, NodeId, StepFrame, StepInput,
+    TokenOut,
+};
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::auth::{AddCredential, Credential};
-use crate::convert::step_to_pb;
+use crate::convert::{frame_to_pb, generation_item_from_pb};
 use crate::error::{Error, Result};
 use crate::pb;
 use crate::server::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
-use crate::types::{
-    AssignReport, Assignment, GenerateCall, GenerateEvent, Limits, NodeStatus, RequestOpen, Step,
-    StepInput, TokenReply, WireDtype,
-};
+use crate::types::{AssignReport, Assignment, Limits, LinkOpen, NodeStatus, WireDtype};
 
 type Inner = pb::shard_client::ShardClient<InterceptedService<Channel, AddCredential>>;
 
@@ -29,7 +30,7 @@ pub struct ShardClient {
     endpoint: String,
 }
 
-/// Counts of what a client sent to the next stage.
+/// Counts of what a node sent to the next stage.
 #[derive(Debug, Default)]
 pub struct SentCounters {
     /// Activation payload bytes.
@@ -91,7 +92,7 @@ impl ShardClient {
             .assign(pb::AssignRequest::from(assignment))
             .await
             .map_err(|s| self.remote(&s))?;
-        Ok(reply.into_inner().into())
+        reply.into_inner().try_into()
     }
 
     /// The node's report on itself.
@@ -105,39 +106,78 @@ impl ShardClient {
         Ok(reply.into_inner().into())
     }
 
-    /// Opens a request on the node's stage; activations are sent as `wire`.
-    pub async fn open(
+    /// Opens a link to the node's stage of `open.epoch`; activations are sent as `wire` and
+    /// counted in `counters`. The link lives until the sender is dropped or the node ends it
+    /// ([`LinkSender::ended`]).
+    pub async fn link(
         &self,
-        open: RequestOpen,
+        open: LinkOpen,
         wire: WireDtype,
         counters: Arc<SentCounters>,
-    ) -> Result<ForwardSession> {
-        let (tx, rx) = mpsc::channel(4);
-        let replies = self
-            .inner
-            .clone()
-            .forward(ReceiverStream::new(rx))
-            .await
-            .map_err(|s| self.remote(&s))?
-            .into_inner();
-        Ok(ForwardSession {
+    ) -> Result<LinkSender> {
+        let (tx, rx) = mpsc::channel(8);
+        let first = pb::LinkMessage {
+            kind: Some(pb::link_message::Kind::Open((&open).into())),
+        };
+        if tx.send(first).await.is_err() {
+            return Err(Error::Connect {
+                endpoint: self.endpoint.clone(),
+                message: "the link closed before it opened".to_owned(),
+            });
+        }
+        let (done, ended) = watch::channel(None);
+        let mut inner = self.inner.clone();
+        let endpoint = self.endpoint.clone();
+        tokio::spawn(async move {
+            let outcome = inner
+                .forward(ReceiverStream::new(rx))
+                .await
+                .map(|_| ())
+                .map_err(|s| Error::remote(&endpoint, &s));
+            let _ = done.send(Some(outcome));
+        });
+        Ok(LinkSender {
             tx,
-            replies,
-            open,
-            sent_first: false,
+            ended: LinkEnded(ended),
             wire,
-            endpoint: self.endpoint.clone(),
             counters,
         })
     }
 
+    /// Subscribes `origin` to what this node's stage of `epoch` delivers for the requests that
+    /// came in at `origin`; resolves once the subscription is in place.
+    pub async fn deliveries(&self, epoch: Epoch, origin: &NodeId) -> Result<DeliveryStream> {
+        let mut stream = self
+            .inner
+            .clone()
+            .deliveries(pb::DeliveriesRequest {
+                epoch: epoch.get(),
+                origin: origin.as_str().to_owned(),
+            })
+            .await
+            .map_err(|s| self.remote(&s))?
+            .into_inner();
+        match stream.message().await {
+            Ok(Some(first)) if first.subscribed => Ok(DeliveryStream {
+                stream,
+                endpoint: self.endpoint.clone(),
+            }),
+            Ok(_) => Err(Error::Remote {
+                endpoint: self.endpoint.clone(),
+                code: crate::Code::Internal,
+                message: "the node did not confirm the subscription".to_owned(),
+            }),
+            Err(status) => Err(self.remote(&status)),
+        }
+    }
+
     /// Generates text on the node, which acts as the request's origin. Dropping the returned
     /// stream cancels the generation.
-    pub async fn generate(&self, call: &GenerateCall) -> Result<GenerateStream> {
+    pub async fn generate(&self, request: &GenerationRequest) -> Result<GenerateStream> {
         let events = self
             .inner
             .clone()
-            .generate(pb::GenerateRequest::from(call))
+            .generate(pb::GenerateRequest::from(request))
             .await
             .map_err(|s| self.remote(&s))?
             .into_inner();
@@ -146,64 +186,105 @@ impl ShardClient {
             endpoint: self.endpoint.clone(),
         })
     }
+
+    pub(crate) fn raw(&self) -> Inner {
+        self.inner.clone()
+    }
 }
 
-/// One request's stream to the next stage.
+/// The sending end of a link to a stage.
 #[derive(Debug)]
-pub struct ForwardSession {
-    tx: mpsc::Sender<pb::ForwardFrame>,
-    replies: Streaming<pb::ForwardReply>,
-    open: RequestOpen,
-    sent_first: bool,
+pub struct LinkSender {
+    tx: mpsc::Sender<pb::LinkMessage>,
+    ended: LinkEnded,
     wire: WireDtype,
-    endpoint: String,
     counters: Arc<SentCounters>,
 }
 
-impl ForwardSession {
-    /// Sends the next step.
-    pub async fn send(&mut self, step: &Step) -> Result<()> {
-        let frame = step_to_pb(&self.open, !self.sent_first, step, self.wire);
-        if let (StepInput::Hidden(a), Some(pb::forward_frame::Input::Hidden(t))) =
-            (&step.input, &frame.input)
-        {
-            self.counters
-                .bytes
-                .fetch_add(t.data.len() as u64, Ordering::Relaxed);
+impl LinkSender {
+    /// Sends a frame. Fails with the reason the link ended, if it has.
+    pub async fn send(&mut self, frame: &StepFrame) -> Result<()> {
+        let message = pb::LinkMessage {
+            kind: Some(pb::link_message::Kind::Frame(frame_to_pb(frame, self.wire))),
+        };
+        let hidden_bytes = match &message.kind {
+            Some(pb::link_message::Kind::Frame(pb::Frame {
+                input: Some(pb::frame::Input::Hidden(t)),
+                ..
+            })) => Some(t.data.len() as u64),
+            _ => None,
+        };
+        if self.tx.send(message).await.is_err() {
+            return Err(self
+                .ended
+                .clone()
+                .wait()
+                .await
+                .err()
+                .unwrap_or_else(|| Error::Remote {
+                    endpoint: String::new(),
+                    code: crate::Code::Unavailable,
+                    message: "the stage closed the link".to_owned(),
+                }));
+        }
+        if let (Some(bytes), StepInput::Hidden(a)) = (hidden_bytes, &frame.input) {
+            self.counters.bytes.fetch_add(bytes, Ordering::Relaxed);
             self.counters.frames.fetch_add(1, Ordering::Relaxed);
             self.counters
                 .positions
-                .fetch_add(a.positions as u64, Ordering::Relaxed);
-        }
-        self.sent_first = true;
-        if self.tx.send(frame).await.is_err() {
-            // The stream is gone; its status says why.
-            return Err(self.failure().await);
+                .fetch_add(a.rows as u64, Ordering::Relaxed);
         }
         Ok(())
     }
 
-    /// Waits for the next token the later stages send back.
-    pub async fn next_token(&mut self) -> Result<TokenReply> {
-        match self.replies.message().await {
-            Ok(Some(reply)) => Ok(reply.into()),
-            Ok(None) => Err(self.closed()),
+    /// A handle that resolves when the link ends.
+    pub fn ended(&self) -> LinkEnded {
+        self.ended.clone()
+    }
+}
+
+/// Resolves when a link ends: `Ok` when the stage closed it after the sender let go, the
+/// error when the stage refused or failed it, or the connection was lost.
+#[derive(Clone, Debug)]
+pub struct LinkEnded(watch::Receiver<Option<Result<()>>>);
+
+impl LinkEnded {
+    /// Waits for the end.
+    pub async fn wait(mut self) -> Result<()> {
+        loop {
+            if let Some(outcome) = self.0.borrow_and_update().clone() {
+                return outcome;
+            }
+            if self.0.changed().await.is_err() {
+                return Err(Error::Remote {
+                    endpoint: String::new(),
+                    code: crate::Code::Unavailable,
+                    message: "the link's call ended without an outcome".to_owned(),
+                });
+            }
+        }
+    }
+}
+
+/// What a stage delivers to one origin.
+#[derive(Debug)]
+pub struct DeliveryStream {
+    stream: Streaming<pb::Delivery>,
+    endpoint: String,
+}
+
+impl DeliveryStream {
+    /// The next items; `None` once the node ends the stream cleanly.
+    pub async fn next(&mut self) -> Result<Option<Vec<TokenOut>>> {
+        match self.stream.message().await {
+            Ok(Some(delivery)) => delivery
+                .items
+                .iter()
+                .map(TokenOut::try_from)
+                .collect::<Result<Vec<_>>>()
+                .map(Some),
+            Ok(None) => Ok(None),
             Err(status) => Err(Error::remote(&self.endpoint, &status)),
-        }
-    }
-
-    async fn failure(&mut self) -> Error {
-        match self.replies.message().await {
-            Err(status) => Error::remote(&self.endpoint, &status),
-            _ => self.closed(),
-        }
-    }
-
-    fn closed(&self) -> Error {
-        Error::Remote {
-            endpoint: self.endpoint.clone(),
-            code: crate::Code::Unavailable,
-            message: "the stage closed the request's stream".to_owned(),
         }
     }
 }
@@ -216,10 +297,13 @@ pub struct GenerateStream {
 }
 
 impl GenerateStream {
-    /// The next event; `None` once the node ends the stream.
-    pub async fn next(&mut self) -> Result<Option<GenerateEvent>> {
+    /// The next item: an event, or the generation's typed failure; `None` once the node ends
+    /// the stream. `Err` is a failure of the call itself (connection lost, refused).
+    pub async fn next(
+        &mut self,
+    ) -> Result<Option<std::result::Result<GenerationEvent, GenerationError>>> {
         match self.events.message().await {
-            Ok(Some(event)) => GenerateEvent::try_from(event).map(Some),
+            Ok(Some(event)) => generation_item_from_pb(event).map(Some),
             Ok(None) => Ok(None),
             Err(status) => Err(Error::remote(&self.endpoint, &status)),
         }
@@ -237,14 +321,4 @@ fn source_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     text
-}
-
-impl ForwardSession {
-    pub(crate) async fn send_raw(&mut self, frame: pb::ForwardFrame) -> Result<()> {
-        self.sent_first = true;
-        if self.tx.send(frame).await.is_err() {
-            return Err(self.failure().await);
-        }
-        Ok(())
-    }
 }

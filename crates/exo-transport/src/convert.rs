@@ -1,18 +1,19 @@
-//! Conversions between the protobuf messages and this crate's types, and the checks every
-//! incoming message passes before a handler sees it.
+//! Conversions between the protobuf messages and the plain types (`exo-core`'s and this
+//! crate's), and the checks every incoming message passes before a handler sees it.
 
+use exo_core::{
+    Activations, ChatMessage, Epoch, FailureKind, FinishReason, Finished, GenerationError,
+    GenerationEvent, GenerationRequest, LayerRange, NodeId, Prompt, RequestId, RequestStart,
+    SamplingParams, Stage, StageFailure, StepEntry, StepFrame, StepInput, TokenOut,
+};
 use half::{bf16, f16};
 
 use crate::error::{Error, Result};
 use crate::pb;
-use crate::types::{
-    Activations, AssignReport, Assignment, FinishReason, Finished, GenerateCall, GenerateEvent,
-    Limits, NodeStatus, Prompt, PromptMessage, RequestOpen, SamplingSpec, StageRef, Step,
-    StepInput, TokenReply, WireDtype,
-};
+use crate::types::{AssignReport, Assignment, Limits, LinkOpen, NodeStatus, WireDtype};
 
-/// Longest request id accepted.
-const MAX_REQUEST_ID: usize = 128;
+/// Longest node id accepted (libp2p peer ids in base58 take about 52 bytes).
+const MAX_NODE_ID: usize = 128;
 
 /// Encodes activations as `dtype`; a frame with a value f16 (or a Q8 block's f16 scale)
 /// cannot hold travels as f32.
@@ -74,7 +75,7 @@ pub(crate) fn encode_activations(a: &Activations, dtype: WireDtype) -> pb::Tenso
             WireDtype::Bf16 => pb::DType::Bf16,
             WireDtype::Q8 => pb::DType::Q8,
         } as i32,
-        shape: vec![a.positions as u32, a.hidden as u32],
+        shape: vec![a.rows as u32, a.hidden as u32],
         data,
     }
 }
@@ -156,13 +157,13 @@ pub(crate) fn decode_activations(t: &pb::Tensor, limits: &Limits) -> Result<Acti
         )));
     }
     Ok(Activations {
-        positions,
+        rows: positions,
         hidden,
         values,
     })
 }
 
-pub(crate) fn sampling_to_pb(s: &SamplingSpec) -> pb::Sampling {
+pub(crate) fn sampling_to_pb(s: &SamplingParams) -> pb::Sampling {
     pb::Sampling {
         temperature: s.temperature,
         top_p: s.top_p,
@@ -171,59 +172,99 @@ pub(crate) fn sampling_to_pb(s: &SamplingSpec) -> pb::Sampling {
     }
 }
 
-fn sampling_from_pb(s: &pb::Sampling) -> Result<SamplingSpec> {
-    if !s.temperature.is_finite() || s.temperature < 0.0 {
-        return Err(Error::invalid(format!(
-            "temperature {} is not a finite value of at least 0",
-            s.temperature
-        )));
-    }
-    if !(s.top_p > 0.0 && s.top_p <= 1.0) {
-        return Err(Error::invalid(format!(
-            "top_p {} is not in (0, 1]",
-            s.top_p
-        )));
-    }
-    Ok(SamplingSpec {
+fn sampling_from_pb(s: &pb::Sampling) -> Result<SamplingParams> {
+    let params = SamplingParams {
         temperature: s.temperature,
         top_p: s.top_p,
         top_k: s.top_k,
         seed: s.seed,
-    })
+    };
+    params
+        .validate()
+        .map_err(|e| Error::invalid(e.to_string()))?;
+    Ok(params)
 }
 
-pub(crate) fn step_to_pb(
-    open: &RequestOpen,
-    first: bool,
-    step: &Step,
-    wire: WireDtype,
-) -> pb::ForwardFrame {
-    pb::ForwardFrame {
-        request_id: open.request_id.clone(),
-        epoch: open.epoch,
-        position: step.position,
-        sampling: first.then(|| sampling_to_pb(&open.sampling)),
-        input: Some(match &step.input {
-            StepInput::Tokens(ids) => {
-                pb::forward_frame::Input::Tokens(pb::TokenIds { ids: ids.clone() })
-            }
-            StepInput::Hidden(a) => pb::forward_frame::Input::Hidden(encode_activations(a, wire)),
-        }),
-        sample: step.sample,
+fn node_from_pb(id: &str, what: &str) -> Result<NodeId> {
+    if id.is_empty() || id.len() > MAX_NODE_ID {
+        return Err(Error::invalid(format!(
+            "{what} must have 1 to {MAX_NODE_ID} bytes, got {}",
+            id.len()
+        )));
+    }
+    Ok(NodeId::from(id))
+}
+
+fn epoch_from_pb(epoch: u64) -> Result<Epoch> {
+    Epoch::new(epoch).ok_or_else(|| Error::invalid("plan epoch 0 is no epoch"))
+}
+
+impl From<&LinkOpen> for pb::LinkOpen {
+    fn from(o: &LinkOpen) -> Self {
+        pb::LinkOpen {
+            epoch: o.epoch.get(),
+            from_node: o.from.as_str().to_owned(),
+        }
     }
 }
 
-fn step_from_pb(frame: &pb::ForwardFrame, limits: &Limits) -> Result<Step> {
+impl TryFrom<&pb::LinkOpen> for LinkOpen {
+    type Error = Error;
+
+    fn try_from(o: &pb::LinkOpen) -> Result<Self> {
+        Ok(LinkOpen {
+            epoch: epoch_from_pb(o.epoch)?,
+            from: node_from_pb(&o.from_node, "the sending node's id")?,
+        })
+    }
+}
+
+/// Encodes a frame; activations travel as `wire`.
+pub(crate) fn frame_to_pb(frame: &StepFrame, wire: WireDtype) -> pb::Frame {
+    let entries = frame
+        .entries
+        .iter()
+        .map(|e| pb::Entry {
+            request_id: e.request.0,
+            position: e.position,
+            rows: e.rows,
+            sample: e.sample,
+            start: e.start.as_ref().map(|s| pb::RequestStart {
+                origin: s.origin.as_str().to_owned(),
+                sampling: Some(sampling_to_pb(&s.sampling)),
+                positions: s.positions,
+            }),
+            end: e.end,
+        })
+        .collect();
     let input = match &frame.input {
-        None => {
-            return Err(Error::invalid(
-                "frame carries neither token ids nor activations",
-            ));
-        }
-        Some(pb::forward_frame::Input::Tokens(t)) => {
-            if t.ids.is_empty() {
-                return Err(Error::invalid("frame carries an empty list of token ids"));
-            }
+        StepInput::Tokens(ids) if ids.is_empty() => None,
+        StepInput::Tokens(ids) => Some(pb::frame::Input::Tokens(pb::TokenIds { ids: ids.clone() })),
+        StepInput::Hidden(a) if a.rows == 0 => None,
+        StepInput::Hidden(a) => Some(pb::frame::Input::Hidden(encode_activations(a, wire))),
+    };
+    pb::Frame { entries, input }
+}
+
+/// Checks and decodes a frame: entries within the limits and accounting for exactly the
+/// input's rows, positions that fit, every request start complete and valid.
+pub(crate) fn frame_from_pb(frame: &pb::Frame, limits: &Limits) -> Result<StepFrame> {
+    if frame.entries.is_empty() {
+        return Err(Error::invalid("frame carries no request entries"));
+    }
+    if frame.entries.len() > limits.max_frame_entries {
+        return Err(Error::service(
+            crate::Code::ResourceExhausted,
+            format!(
+                "frame carries {} request entries, over the limit of {}",
+                frame.entries.len(),
+                limits.max_frame_entries
+            ),
+        ));
+    }
+    let input = match &frame.input {
+        None => StepInput::Tokens(Vec::new()),
+        Some(pb::frame::Input::Tokens(t)) => {
             if t.ids.len() > limits.max_frame_tokens {
                 return Err(Error::service(
                     crate::Code::ResourceExhausted,
@@ -236,83 +277,144 @@ fn step_from_pb(frame: &pb::ForwardFrame, limits: &Limits) -> Result<Step> {
             }
             StepInput::Tokens(t.ids.clone())
         }
-        Some(pb::forward_frame::Input::Hidden(t)) => {
-            StepInput::Hidden(decode_activations(t, limits)?)
-        }
+        Some(pb::frame::Input::Hidden(t)) => StepInput::Hidden(decode_activations(t, limits)?),
     };
-    if u64::from(frame.position) + input.positions() as u64 > u64::from(u32::MAX) {
-        return Err(Error::invalid("frame positions run past 2^32"));
-    }
-    Ok(Step {
-        position: frame.position,
-        input,
-        sample: frame.sample,
-    })
-}
-
-/// Checks and decodes the frame that opens a request.
-pub(crate) fn first_frame(
-    frame: &pb::ForwardFrame,
-    limits: &Limits,
-) -> Result<(RequestOpen, Step)> {
-    if frame.request_id.is_empty() || frame.request_id.len() > MAX_REQUEST_ID {
+    let entries = frame
+        .entries
+        .iter()
+        .map(|e| {
+            if u64::from(e.position) + u64::from(e.rows) > u64::from(u32::MAX) {
+                return Err(Error::invalid(format!(
+                    "request {} runs past position 2^32",
+                    RequestId(e.request_id)
+                )));
+            }
+            if e.sample && e.rows == 0 {
+                return Err(Error::invalid(format!(
+                    "request {} asks for a token after no rows",
+                    RequestId(e.request_id)
+                )));
+            }
+            let start = match &e.start {
+                None => None,
+                Some(s) => Some(RequestStart {
+                    origin: node_from_pb(&s.origin, "a request's origin")?,
+                    sampling: sampling_from_pb(s.sampling.as_ref().ok_or_else(|| {
+                        Error::invalid("a request's start must carry its sampling")
+                    })?)?,
+                    positions: s.positions,
+                }),
+            };
+            Ok(StepEntry {
+                request: RequestId(e.request_id),
+                position: e.position,
+                rows: e.rows,
+                sample: e.sample,
+                start,
+                end: e.end,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let frame = StepFrame { entries, input };
+    if !frame.rows_match() {
+        let rows: u64 = frame.entries.iter().map(|e| u64::from(e.rows)).sum();
         return Err(Error::invalid(format!(
-            "request id must have 1 to {MAX_REQUEST_ID} bytes, got {}",
-            frame.request_id.len()
+            "frame entries account for {rows} rows but its input has {}",
+            frame.input.rows()
         )));
     }
-    if frame.epoch == 0 {
-        return Err(Error::invalid("frame names plan epoch 0"));
-    }
-    let sampling = frame
-        .sampling
-        .as_ref()
-        .ok_or_else(|| Error::invalid("the first frame of a request must carry its sampling"))?;
-    let open = RequestOpen {
-        request_id: frame.request_id.clone(),
-        epoch: frame.epoch,
-        sampling: sampling_from_pb(sampling)?,
-    };
-    Ok((open, step_from_pb(frame, limits)?))
+    Ok(frame)
 }
 
-/// Checks and decodes a later frame of the request `open`.
-pub(crate) fn next_frame(
-    frame: &pb::ForwardFrame,
-    open: &RequestOpen,
-    limits: &Limits,
-) -> Result<Step> {
-    if frame.request_id != open.request_id {
-        return Err(Error::invalid(format!(
-            "frame for request `{}` on the stream of request `{}`",
-            frame.request_id, open.request_id
-        )));
-    }
-    if frame.epoch != open.epoch {
-        return Err(Error::invalid(format!(
-            "frame for plan epoch {} on a stream opened for epoch {}",
-            frame.epoch, open.epoch
-        )));
-    }
-    step_from_pb(frame, limits)
-}
-
-impl From<&TokenReply> for pb::ForwardReply {
-    fn from(r: &TokenReply) -> Self {
-        pb::ForwardReply {
-            request_id: String::new(),
-            token: r.token,
-            position: r.position,
+impl From<&StageFailure> for pb::StageFailure {
+    fn from(f: &StageFailure) -> Self {
+        pb::StageFailure {
+            node: f.node.as_str().to_owned(),
+            stage: f.stage,
+            layer_start: f.layers.start,
+            layer_end: f.layers.end,
+            epoch: f.epoch.get(),
+            kind: match f.kind {
+                FailureKind::Lost => pb::FailureKind::Lost,
+                FailureKind::Unresponsive => pb::FailureKind::Unresponsive,
+                FailureKind::Refused => pb::FailureKind::Refused,
+                _ => pb::FailureKind::Failed,
+            } as i32,
+            reason: f.reason.clone(),
         }
     }
 }
 
-impl From<pb::ForwardReply> for TokenReply {
-    fn from(r: pb::ForwardReply) -> Self {
-        TokenReply {
-            token: r.token,
-            position: r.position,
+impl TryFrom<&pb::StageFailure> for StageFailure {
+    type Error = Error;
+
+    fn try_from(f: &pb::StageFailure) -> Result<Self> {
+        Ok(StageFailure {
+            node: node_from_pb(&f.node, "a failed stage's node")?,
+            stage: f.stage,
+            layers: LayerRange::new(f.layer_start, f.layer_end),
+            epoch: epoch_from_pb(f.epoch)?,
+            kind: match pb::FailureKind::try_from(f.kind) {
+                Ok(pb::FailureKind::Lost) => FailureKind::Lost,
+                Ok(pb::FailureKind::Unresponsive) => FailureKind::Unresponsive,
+                Ok(pb::FailureKind::Refused) => FailureKind::Refused,
+                _ => FailureKind::Failed,
+            },
+            reason: f.reason.clone(),
+        })
+    }
+}
+
+impl From<&TokenOut> for pb::TokenOut {
+    fn from(t: &TokenOut) -> Self {
+        match t {
+            TokenOut::Token {
+                request,
+                token,
+                position,
+            } => pb::TokenOut {
+                request_id: request.0,
+                kind: Some(pb::token_out::Kind::Token(pb::SampledToken {
+                    token: *token,
+                    position: *position,
+                })),
+            },
+            TokenOut::Failed { request, failure } => pb::TokenOut {
+                request_id: request.0,
+                kind: Some(pb::token_out::Kind::Failed(failure.into())),
+            },
         }
+    }
+}
+
+impl TryFrom<&pb::TokenOut> for TokenOut {
+    type Error = Error;
+
+    fn try_from(t: &pb::TokenOut) -> Result<Self> {
+        let request = RequestId(t.request_id);
+        match &t.kind {
+            Some(pb::token_out::Kind::Token(s)) => Ok(TokenOut::Token {
+                request,
+                token: s.token,
+                position: s.position,
+            }),
+            Some(pb::token_out::Kind::Failed(f)) => Ok(TokenOut::Failed {
+                request,
+                failure: f.try_into()?,
+            }),
+            None => Err(Error::invalid(format!(
+                "delivery for request {request} carries nothing"
+            ))),
+        }
+    }
+}
+
+fn stage_to_pb(s: &Stage) -> pb::StageRef {
+    pb::StageRef {
+        node_id: s.node.as_str().to_owned(),
+        endpoint: s.endpoint.clone(),
+        layer_start: s.layers.start,
+        layer_end: s.layers.end,
     }
 }
 
@@ -320,17 +422,8 @@ impl From<&Assignment> for pb::AssignRequest {
     fn from(a: &Assignment) -> Self {
         pb::AssignRequest {
             model: a.model.clone(),
-            epoch: a.epoch,
-            stages: a
-                .stages
-                .iter()
-                .map(|s| pb::StageRef {
-                    node_id: s.node_id.clone(),
-                    endpoint: s.endpoint.clone(),
-                    layer_start: s.layers.start,
-                    layer_end: s.layers.end,
-                })
-                .collect(),
+            epoch: a.epoch.get(),
+            stages: a.stages.iter().map(stage_to_pb).collect(),
         }
     }
 }
@@ -354,16 +447,18 @@ impl TryFrom<pb::AssignRequest> for Assignment {
         }
         Ok(Assignment {
             model: a.model,
-            epoch: a.epoch,
+            epoch: epoch_from_pb(a.epoch)?,
             stages: a
                 .stages
                 .into_iter()
-                .map(|s| StageRef {
-                    node_id: s.node_id,
-                    endpoint: s.endpoint,
-                    layers: s.layer_start..s.layer_end,
+                .map(|s| {
+                    Ok(Stage {
+                        node: node_from_pb(&s.node_id, "a stage's node")?,
+                        endpoint: s.endpoint,
+                        layers: LayerRange::new(s.layer_start, s.layer_end),
+                    })
                 })
-                .collect(),
+                .collect::<Result<_>>()?,
         })
     }
 }
@@ -371,7 +466,7 @@ impl TryFrom<pb::AssignRequest> for Assignment {
 impl From<&AssignReport> for pb::AssignReply {
     fn from(r: &AssignReport) -> Self {
         pb::AssignReply {
-            epoch: r.epoch,
+            epoch: r.epoch.get(),
             layer_start: r.layers.start,
             layer_end: r.layers.end,
             weight_bytes: r.weight_bytes,
@@ -380,22 +475,24 @@ impl From<&AssignReport> for pb::AssignReply {
     }
 }
 
-impl From<pb::AssignReply> for AssignReport {
-    fn from(r: pb::AssignReply) -> Self {
-        AssignReport {
-            epoch: r.epoch,
-            layers: r.layer_start..r.layer_end,
+impl TryFrom<pb::AssignReply> for AssignReport {
+    type Error = Error;
+
+    fn try_from(r: pb::AssignReply) -> Result<Self> {
+        Ok(AssignReport {
+            epoch: epoch_from_pb(r.epoch)?,
+            layers: LayerRange::new(r.layer_start, r.layer_end),
             weight_bytes: r.weight_bytes,
             load_seconds: r.load_seconds,
-        }
+        })
     }
 }
 
-impl From<&GenerateCall> for pb::GenerateRequest {
-    fn from(c: &GenerateCall) -> Self {
+impl From<&GenerationRequest> for pb::GenerateRequest {
+    fn from(r: &GenerationRequest) -> Self {
         pb::GenerateRequest {
-            model: c.model.clone(),
-            prompt: Some(match &c.prompt {
+            model: r.model.clone(),
+            prompt: Some(match &r.prompt {
                 Prompt::Text(t) => pb::generate_request::Prompt::Text(t.clone()),
                 Prompt::Chat(messages) => pb::generate_request::Prompt::Chat(pb::ChatPrompt {
                     messages: messages
@@ -407,15 +504,15 @@ impl From<&GenerateCall> for pb::GenerateRequest {
                         .collect(),
                 }),
             }),
-            max_tokens: c.max_tokens.unwrap_or(0),
-            sampling: Some(sampling_to_pb(&c.sampling)),
-            stop: c.stop.clone(),
-            ignore_eos: c.ignore_eos,
+            max_tokens: r.max_tokens.unwrap_or(0),
+            sampling: Some(sampling_to_pb(&r.sampling)),
+            stop: r.stop.clone(),
+            ignore_eos: r.ignore_eos,
         }
     }
 }
 
-impl TryFrom<pb::GenerateRequest> for GenerateCall {
+impl TryFrom<pb::GenerateRequest> for GenerationRequest {
     type Error = Error;
 
     fn try_from(r: pb::GenerateRequest) -> Result<Self> {
@@ -425,20 +522,17 @@ impl TryFrom<pb::GenerateRequest> for GenerateCall {
             Some(pb::generate_request::Prompt::Chat(c)) => Prompt::Chat(
                 c.messages
                     .into_iter()
-                    .map(|m| PromptMessage {
-                        role: m.role,
-                        content: m.content,
-                    })
+                    .map(|m| ChatMessage::new(m.role, m.content))
                     .collect(),
             ),
         };
-        Ok(GenerateCall {
+        Ok(GenerationRequest {
             model: r.model,
             prompt,
             max_tokens: (r.max_tokens > 0).then_some(r.max_tokens),
             sampling: match &r.sampling {
                 Some(s) => sampling_from_pb(s)?,
-                None => SamplingSpec::default(),
+                None => SamplingParams::greedy(),
             },
             stop: r.stop,
             ignore_eos: r.ignore_eos,
@@ -446,44 +540,111 @@ impl TryFrom<pb::GenerateRequest> for GenerateCall {
     }
 }
 
-impl From<&GenerateEvent> for pb::GenerateEvent {
-    fn from(e: &GenerateEvent) -> Self {
-        pb::GenerateEvent {
-            event: Some(match e {
-                GenerateEvent::Text(t) => pb::generate_event::Event::Text(t.clone()),
-                GenerateEvent::Finished(f) => pb::generate_event::Event::Finished(pb::Finished {
-                    reason: match f.reason {
-                        FinishReason::Stop => pb::FinishReason::Stop,
-                        FinishReason::Length => pb::FinishReason::Length,
-                    } as i32,
-                    prompt_tokens: f.prompt_tokens,
-                    token_ids: f.token_ids.clone(),
-                    time_to_first_token_s: f.time_to_first_token_s,
-                    decode_s: f.decode_s,
-                }),
+impl From<&GenerationError> for pb::GenerationError {
+    fn from(e: &GenerationError) -> Self {
+        use pb::generation_error::Kind;
+        let kind = match e {
+            GenerationError::UnknownModel { model, available } => {
+                Kind::UnknownModel(pb::UnknownModel {
+                    model: model.clone(),
+                    available: available.clone(),
+                })
+            }
+            GenerationError::ContextExceeded {
+                prompt_tokens,
+                max_tokens,
+                context_length,
+            } => Kind::ContextExceeded(pb::ContextExceeded {
+                prompt_tokens: *prompt_tokens as u64,
+                max_tokens: *max_tokens as u64,
+                context_length: *context_length as u64,
             }),
+            GenerationError::Invalid { param, message } => Kind::Invalid(pb::Invalid {
+                param: param.clone().unwrap_or_default(),
+                message: message.clone(),
+            }),
+            GenerationError::Unavailable(m) => Kind::Unavailable(m.clone()),
+            GenerationError::Busy => Kind::Busy(true),
+            GenerationError::StageFailed(f) => Kind::StageFailed(f.into()),
+            GenerationError::Cancelled => Kind::Cancelled(true),
+            other => Kind::Internal(other.to_string()),
+        };
+        pb::GenerationError { kind: Some(kind) }
+    }
+}
+
+impl From<&pb::GenerationError> for GenerationError {
+    fn from(e: &pb::GenerationError) -> Self {
+        use pb::generation_error::Kind;
+        let size = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
+        match &e.kind {
+            Some(Kind::UnknownModel(u)) => GenerationError::UnknownModel {
+                model: u.model.clone(),
+                available: u.available.clone(),
+            },
+            Some(Kind::ContextExceeded(c)) => GenerationError::ContextExceeded {
+                prompt_tokens: size(c.prompt_tokens),
+                max_tokens: size(c.max_tokens),
+                context_length: size(c.context_length),
+            },
+            Some(Kind::Invalid(i)) => GenerationError::Invalid {
+                param: (!i.param.is_empty()).then(|| i.param.clone()),
+                message: i.message.clone(),
+            },
+            Some(Kind::Unavailable(m)) => GenerationError::Unavailable(m.clone()),
+            Some(Kind::Busy(_)) => GenerationError::Busy,
+            Some(Kind::StageFailed(f)) => match StageFailure::try_from(f) {
+                Ok(f) => GenerationError::StageFailed(f),
+                Err(e) => GenerationError::Internal(format!("a malformed stage failure: {e}")),
+            },
+            Some(Kind::Cancelled(_)) => GenerationError::Cancelled,
+            Some(Kind::Internal(m)) => GenerationError::Internal(m.clone()),
+            None => GenerationError::Internal("an error without a kind".to_owned()),
         }
     }
 }
 
-impl TryFrom<pb::GenerateEvent> for GenerateEvent {
-    type Error = Error;
+/// One item of a generation's stream as its event.
+pub(crate) fn generation_item_to_pb(
+    item: &std::result::Result<GenerationEvent, GenerationError>,
+) -> pb::GenerateEvent {
+    use pb::generate_event::Event;
+    let event = match item {
+        Ok(GenerationEvent::Text(t)) => Event::Text(t.clone()),
+        Ok(GenerationEvent::Finished(f)) => Event::Finished(pb::Finished {
+            reason: match f.reason {
+                FinishReason::Stop => pb::FinishReason::Stop,
+                FinishReason::Length => pb::FinishReason::Length,
+            } as i32,
+            prompt_tokens: f.prompt_tokens,
+            token_ids: f.token_ids.clone(),
+            time_to_first_token_s: f.time_to_first_token_s,
+            decode_s: f.decode_s,
+        }),
+        Err(e) => Event::Error(e.into()),
+    };
+    pb::GenerateEvent { event: Some(event) }
+}
 
-    fn try_from(e: pb::GenerateEvent) -> Result<Self> {
-        match e.event {
-            Some(pb::generate_event::Event::Text(t)) => Ok(GenerateEvent::Text(t)),
-            Some(pb::generate_event::Event::Finished(f)) => Ok(GenerateEvent::Finished(Finished {
-                reason: match pb::FinishReason::try_from(f.reason) {
-                    Ok(pb::FinishReason::Length) => FinishReason::Length,
-                    _ => FinishReason::Stop,
-                },
-                prompt_tokens: f.prompt_tokens,
-                token_ids: f.token_ids,
-                time_to_first_token_s: f.time_to_first_token_s,
-                decode_s: f.decode_s,
-            })),
-            None => Err(Error::invalid("generate event carries nothing")),
-        }
+/// A generation's event back as the item it was.
+pub(crate) fn generation_item_from_pb(
+    e: pb::GenerateEvent,
+) -> Result<std::result::Result<GenerationEvent, GenerationError>> {
+    use pb::generate_event::Event;
+    match e.event {
+        Some(Event::Text(t)) => Ok(Ok(GenerationEvent::Text(t))),
+        Some(Event::Finished(f)) => Ok(Ok(GenerationEvent::Finished(Finished {
+            reason: match pb::FinishReason::try_from(f.reason) {
+                Ok(pb::FinishReason::Length) => FinishReason::Length,
+                _ => FinishReason::Stop,
+            },
+            prompt_tokens: f.prompt_tokens,
+            token_ids: f.token_ids,
+            time_to_first_token_s: f.time_to_first_token_s,
+            decode_s: f.decode_s,
+        }))),
+        Some(Event::Error(e)) => Ok(Err((&e).into())),
+        None => Err(Error::invalid("generate event carries nothing")),
     }
 }
 
@@ -492,7 +653,7 @@ impl From<&NodeStatus> for pb::StatusReply {
         pb::StatusReply {
             node_id: s.node_id.clone(),
             model: s.model.clone(),
-            epoch: s.epoch,
+            epoch: s.epoch.map_or(0, Epoch::get),
             layer_start: s.layers.start,
             layer_end: s.layers.end,
             ready: s.ready,
@@ -511,8 +672,8 @@ impl From<pb::StatusReply> for NodeStatus {
         NodeStatus {
             node_id: s.node_id,
             model: s.model,
-            epoch: s.epoch,
-            layers: s.layer_start..s.layer_end,
+            epoch: Epoch::new(s.epoch),
+            layers: LayerRange::new(s.layer_start, s.layer_end),
             ready: s.ready,
             active_requests: s.active_requests,
             weight_bytes: s.weight_bytes,
@@ -532,9 +693,9 @@ mod tests {
 
     use super::*;
 
-    fn acts(positions: usize, hidden: usize, values: Vec<f32>) -> Activations {
+    fn acts(rows: usize, hidden: usize, values: Vec<f32>) -> Activations {
         Activations {
-            positions,
+            rows,
             hidden,
             values,
         }
@@ -559,7 +720,7 @@ mod tests {
             for (dtype, rel) in [(WireDtype::F32, 0.0f32), (WireDtype::F16, 1e-3), (WireDtype::Bf16, 8e-3)] {
                 let t = encode_activations(&a, dtype);
                 let back = decode_activations(&t, &Limits::default()).unwrap();
-                prop_assert_eq!(back.positions, positions);
+                prop_assert_eq!(back.rows, positions);
                 prop_assert_eq!(back.hidden, hidden);
                 for (x, y) in values.iter().zip(&back.values) {
                     prop_assert!((x - y).abs() <= rel * x.abs() + 1e-6 * scale, "{dtype}: {x} vs {y}");
@@ -671,45 +832,127 @@ mod tests {
         );
     }
 
+    fn start() -> RequestStart {
+        RequestStart {
+            origin: NodeId::from("origin"),
+            sampling: SamplingParams::greedy(),
+            positions: 40,
+        }
+    }
+
     #[test]
-    fn frames_of_another_request_or_epoch_are_refused() {
+    fn frames_round_trip_and_entries_must_cover_the_rows() {
         let limits = Limits::default();
-        let open = RequestOpen {
-            request_id: "r1".into(),
-            epoch: 7,
-            sampling: SamplingSpec::default(),
+        let mut first = StepEntry::rows(RequestId(7), 0, 2, false);
+        first.start = Some(start());
+        let frame = StepFrame {
+            entries: vec![first, StepEntry::rows(RequestId(9), 5, 1, true)],
+            input: StepInput::Hidden(acts(3, 4, vec![0.5; 12])),
         };
-        let step = Step {
-            position: 0,
-            input: StepInput::Tokens(vec![1, 2]),
-            sample: true,
+        let back = frame_from_pb(&frame_to_pb(&frame, WireDtype::F32), &limits).unwrap();
+        assert_eq!(back, frame);
+
+        let ends = StepFrame {
+            entries: vec![StepEntry::end(RequestId(7))],
+            input: StepInput::Tokens(Vec::new()),
         };
-        let first = step_to_pb(&open, true, &step, WireDtype::F16);
-        let (o, s) = first_frame(&first, &limits).unwrap();
-        assert_eq!(o, open);
-        assert_eq!(s, step);
-        let mut later = step_to_pb(&open, false, &step, WireDtype::F16);
-        assert!(
-            first_frame(&later, &limits).is_err(),
-            "no sampling on a first frame"
+        assert_eq!(
+            frame_from_pb(&frame_to_pb(&ends, WireDtype::F16), &limits).unwrap(),
+            ends
         );
-        later.request_id = "r2".into();
+
+        let mut short = frame_to_pb(&frame, WireDtype::F32);
+        short.entries[1].rows = 2;
+        let e = frame_from_pb(&short, &limits).unwrap_err();
+        assert_eq!(e.code(), crate::Code::InvalidArgument);
+        assert!(e.to_string().contains("4 rows but its input has 3"), "{e}");
+
+        let mut no_sampling = frame_to_pb(&frame, WireDtype::F32);
+        no_sampling.entries[0].start.as_mut().unwrap().sampling = None;
         assert!(
-            next_frame(&later, &open, &limits)
+            frame_from_pb(&no_sampling, &limits)
                 .unwrap_err()
                 .to_string()
-                .contains("r2")
+                .contains("sampling")
         );
-        later.request_id = "r1".into();
-        later.epoch = 8;
+
+        let mut hot = frame_to_pb(&frame, WireDtype::F32);
+        hot.entries[0]
+            .start
+            .as_mut()
+            .unwrap()
+            .sampling
+            .as_mut()
+            .unwrap()
+            .top_p = 0.0;
         assert!(
-            next_frame(&later, &open, &limits)
+            frame_from_pb(&hot, &limits)
                 .unwrap_err()
                 .to_string()
-                .contains("epoch")
+                .contains("top_p")
         );
-        later.epoch = 7;
-        later.input = None;
-        assert!(next_frame(&later, &open, &limits).is_err());
+
+        let mut far = frame_to_pb(&frame, WireDtype::F32);
+        far.entries[1].position = u32::MAX;
+        assert!(
+            frame_from_pb(&far, &limits)
+                .unwrap_err()
+                .to_string()
+                .contains("2^32")
+        );
+
+        let empty = pb::Frame {
+            entries: vec![],
+            input: None,
+        };
+        assert!(frame_from_pb(&empty, &limits).is_err());
+
+        let few = Limits {
+            max_frame_entries: 1,
+            ..Limits::default()
+        };
+        assert_eq!(
+            frame_from_pb(&frame_to_pb(&frame, WireDtype::F32), &few)
+                .unwrap_err()
+                .code(),
+            crate::Code::ResourceExhausted
+        );
+    }
+
+    #[test]
+    fn typed_errors_cross_the_wire_as_data() {
+        let failure = StageFailure {
+            node: NodeId::from("n1"),
+            stage: 2,
+            layers: LayerRange::new(4, 8),
+            epoch: Epoch::from_hash(99),
+            kind: FailureKind::Unresponsive,
+            reason: "silent for 5 s".into(),
+        };
+        let errors = [
+            GenerationError::StageFailed(failure.clone()),
+            GenerationError::ContextExceeded {
+                prompt_tokens: 3,
+                max_tokens: 9,
+                context_length: 10,
+            },
+            GenerationError::invalid("stop", "too many"),
+            GenerationError::UnknownModel {
+                model: "m".into(),
+                available: vec!["a".into()],
+            },
+            GenerationError::Unavailable("loading".into()),
+            GenerationError::Busy,
+            GenerationError::Cancelled,
+        ];
+        for e in errors {
+            let back = generation_item_from_pb(generation_item_to_pb(&Err(e.clone()))).unwrap();
+            assert_eq!(back, Err(e));
+        }
+        let out = TokenOut::Failed {
+            request: RequestId(3),
+            failure,
+        };
+        assert_eq!(TokenOut::try_from(&pb::TokenOut::from(&out)).unwrap(), out);
     }
 }

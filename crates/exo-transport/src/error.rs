@@ -55,7 +55,7 @@ impl Code {
 }
 
 /// An error of the shard service.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// The node at `endpoint` could not be reached.

@@ -1,17 +1,21 @@
-//! The shard service between nodes, over gRPC (tonic + prost): a node asks another to hold a
-//! shard ([`Assignment`]), streams a request's activations through the stages
-//! ([`ShardClient::open`] → [`ForwardSession`], served by a [`ShardHandler`]'s
-//! [`StageSession`]s), asks for end-to-end generation, and reads a node's status.
+//! The shard service between nodes, over gRPC (tonic + prost). A request travels a ring: its
+//! origin opens a link to the first stage ([`ShardClient::link`] → [`LinkSender`], served by a
+//! [`ShardHandler`]'s [`FrameSink`]), each stage links to the next, and every stage delivers
+//! tokens and failures straight back to the origin on a stream the origin subscribed to
+//! ([`ShardClient::deliveries`]). A node also asks another to hold a shard ([`Assignment`]),
+//! to generate end to end ([`ShardClient::generate`]), and for its status.
 //!
-//! Activations travel as f16 by default ([`WireDtype`]). Every incoming frame is checked
+//! Activations travel as f16 by default ([`WireDtype`]). Every incoming message is checked
 //! before a handler sees it: shape × dtype = byte length, within [`Limits`], finite values,
-//! the request and epoch of its stream; a bad frame ends its stream with `InvalidArgument`
-//! and the server keeps serving. Every call carries a [`Credential`] derived from the cluster
-//! key; calls without it are refused with `Unauthenticated`.
+//! entries that account for the rows, valid sampling; a bad message ends its stream with
+//! `InvalidArgument` and the server keeps serving. Every call carries a [`Credential`]
+//! derived from the cluster key; calls without it are refused with `Unauthenticated`.
+//! Generation failures cross the wire as data (`exo-core`'s typed `GenerationError`), not as
+//! status codes.
 //!
 //! This crate knows protobuf, gRPC and tensor bytes. It must NOT know libp2p, burn, models or
-//! plans: the node runtime implements [`ShardHandler`] and decides what a step computes.
-//! Protobuf types never leave it.
+//! plans: the node runtime implements [`ShardHandler`] and decides what a frame computes.
+//! Protobuf types never leave it; everything a request carries is `exo-core`'s.
 
 mod auth;
 mod client;
@@ -37,11 +41,9 @@ mod pb {
 }
 
 pub use auth::Credential;
-pub use client::{ForwardSession, GenerateStream, SentCounters, ShardClient};
-pub use error::{Code, Error, Result};
-pub use server::{ShardHandler, StageSession, serve};
-pub use types::{
-    Activations, AssignReport, Assignment, FinishReason, Finished, GenerateCall, GenerateEvent,
-    Limits, NodeStatus, Prompt, PromptMessage, RequestOpen, SamplingSpec, StageRef, Step,
-    StepInput, TokenReply, WireDtype,
+pub use client::{
+    DeliveryStream, GenerateStream, LinkEnded, LinkSender, SentCounters, ShardClient,
 };
+pub use error::{Code, Error, Result};
+pub use server::{FrameSink, GenerationItems, ShardHandler, serve};
+pub use types::{AssignReport, Assignment, Limits, LinkOpen, NodeStatus, WireDtype};

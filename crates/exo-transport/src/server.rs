@@ -1,10 +1,13 @@
-//! The shard service's server: checks the credential and every frame, then hands plain types
-//! to a [`ShardHandler`].
+//! The shard service's server: checks the credential and every message, then hands plain
+//! types to a [`ShardHandler`].
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use exo_core::{
+    Epoch, GenerationError, GenerationEvent, GenerationRequest, NodeId, StepFrame, TokenOut,
+};
 use futures::future::BoxFuture;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -13,20 +16,21 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::{CheckCredential, Credential};
-use crate::convert::{first_frame, next_frame};
+use crate::convert::{frame_from_pb, generation_item_to_pb};
 use crate::error::{Error, Result};
 use crate::pb;
-use crate::types::{
-    AssignReport, Assignment, GenerateCall, GenerateEvent, Limits, NodeStatus, RequestOpen, Step,
-    TokenReply,
-};
+use crate::types::{AssignReport, Assignment, Limits, LinkOpen, NodeStatus};
 
-/// One request's state on one stage, kept between its steps.
-pub trait StageSession: Send + 'static {
-    /// Runs one step. Returns the sampled token when the step asked for one (the last stage
-    /// samples; earlier stages pass on the token the next stage returned).
-    fn step(&mut self, step: Step) -> BoxFuture<'_, Result<Option<TokenReply>>>;
+/// Where the frames of one inbound link go. Dropping it closes the link: the stage ends every
+/// request that came over it.
+pub trait FrameSink: Send + 'static {
+    /// Hands a checked frame to the stage; fails once the stage cannot take frames on this
+    /// link any more.
+    fn send(&mut self, frame: StepFrame) -> BoxFuture<'_, Result<()>>;
 }
+
+/// A generation's items: events, then the end or a typed failure.
+pub type GenerationItems = mpsc::Receiver<std::result::Result<GenerationEvent, GenerationError>>;
 
 /// What a node does when the shard service is called. The node runtime implements it.
 pub trait ShardHandler: Send + Sync + 'static {
@@ -36,17 +40,23 @@ pub trait ShardHandler: Send + Sync + 'static {
     /// The node's report on itself.
     fn status(&self) -> BoxFuture<'_, NodeStatus>;
 
-    /// Opens a request on this stage (and, for a stage before the last, on the next one).
-    /// The session is dropped when the caller closes the stream or goes away: free its state.
-    fn open(&self, open: RequestOpen) -> BoxFuture<'_, Result<Box<dyn StageSession>>>;
+    /// Opens an inbound link to this node's stage of `open.epoch`.
+    fn open_link(&self, open: LinkOpen) -> BoxFuture<'_, Result<Box<dyn FrameSink>>>;
+
+    /// Subscribes `origin` to what this node's stage of `epoch` delivers for the requests that
+    /// came in at `origin`. Dropping the receiver ends the subscription.
+    fn deliveries(
+        &self,
+        epoch: Epoch,
+        origin: NodeId,
+    ) -> BoxFuture<'_, Result<mpsc::UnboundedReceiver<Vec<TokenOut>>>>;
 
     /// Generates text end to end, this node acting as the request's origin. Dropping the
     /// receiver cancels the generation.
-    #[allow(clippy::type_complexity)]
     fn generate(
         &self,
-        call: GenerateCall,
-    ) -> BoxFuture<'_, Result<mpsc::Receiver<Result<GenerateEvent>>>>;
+        request: GenerationRequest,
+    ) -> BoxFuture<'_, std::result::Result<GenerationItems, GenerationError>>;
 }
 
 /// How long a connection may stay silent before keep-alive pings give up on it.
@@ -54,7 +64,7 @@ pub(crate) const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
 pub(crate) const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Serves the shard service on `listener` until `shutdown` resolves. Calls without
-/// `credential` are refused with `Unauthenticated`; malformed frames end their stream with
+/// `credential` are refused with `Unauthenticated`; malformed messages end their stream with
 /// `InvalidArgument` and leave the server serving.
 pub async fn serve(
     listener: TcpListener,
@@ -109,20 +119,58 @@ impl pb::shard_server::Shard for Service {
         Ok(Response::new((&report).into()))
     }
 
-    type ForwardStream = ReplyStream<pb::ForwardReply>;
-
     async fn forward(
         &self,
-        request: Request<Streaming<pb::ForwardFrame>>,
-    ) -> std::result::Result<Response<Self::ForwardStream>, Status> {
-        let inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(16);
-        let handler = Arc::clone(&self.handler);
-        let limits = self.limits;
+        request: Request<Streaming<pb::LinkMessage>>,
+    ) -> std::result::Result<Response<pb::LinkClosed>, Status> {
+        run_link(&*self.handler, &self.limits, request.into_inner())
+            .await
+            .map_err(|e| {
+                tracing::debug!(error = %e, "link ended with an error");
+                e.into_status()
+            })?;
+        Ok(Response::new(pb::LinkClosed {}))
+    }
+
+    type DeliveriesStream = ReplyStream<pb::Delivery>;
+
+    async fn deliveries(
+        &self,
+        request: Request<pb::DeliveriesRequest>,
+    ) -> std::result::Result<Response<Self::DeliveriesStream>, Status> {
+        let request = request.into_inner();
+        let epoch = Epoch::new(request.epoch)
+            .ok_or_else(|| Error::invalid("plan epoch 0 is no epoch").into_status())?;
+        if request.origin.is_empty() {
+            return Err(Error::invalid("a subscription must name its origin").into_status());
+        }
+        let mut items = self
+            .handler
+            .deliveries(epoch, NodeId::from(request.origin))
+            .await
+            .map_err(Error::into_status)?;
+        let (tx, rx) = mpsc::channel(64);
+        let subscribed = pb::Delivery {
+            subscribed: true,
+            items: Vec::new(),
+        };
+        let _ = tx.send(Ok(subscribed)).await;
         tokio::spawn(async move {
-            if let Err(e) = run_forward(handler, limits, inbound, &tx).await {
-                tracing::debug!(error = %e, "forward stream ended with an error");
-                let _ = tx.send(Err(e.into_status())).await;
+            loop {
+                tokio::select! {
+                    batch = items.recv() => {
+                        let Some(batch) = batch else { break };
+                        let delivery = pb::Delivery {
+                            subscribed: false,
+                            items: batch.iter().map(pb::TokenOut::from).collect(),
+                        };
+                        if tx.send(Ok(delivery)).await.is_err() {
+                            break;
+                        }
+                    }
+                    // The origin went away: dropping `items` ends the subscription.
+                    () = tx.closed() => break,
+                }
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -134,23 +182,24 @@ impl pb::shard_server::Shard for Service {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> std::result::Result<Response<Self::GenerateStream>, Status> {
-        let call = GenerateCall::try_from(request.into_inner()).map_err(Error::into_status)?;
-        let mut events = self
-            .handler
-            .generate(call)
-            .await
-            .map_err(Error::into_status)?;
+        let request =
+            GenerationRequest::try_from(request.into_inner()).map_err(Error::into_status)?;
         let (tx, rx) = mpsc::channel(16);
+        let mut events = match self.handler.generate(request).await {
+            Ok(events) => events,
+            Err(e) => {
+                // A refusal is the stream's one event, as data, like a later failure.
+                let _ = tx.send(Ok(generation_item_to_pb(&Err(e)))).await;
+                return Ok(Response::new(ReceiverStream::new(rx)));
+            }
+        };
         tokio::spawn(async move {
             loop {
                 tokio::select! {
-                    event = events.recv() => {
-                        let Some(event) = event else { break };
-                        let item = event
-                            .map(|e| pb::GenerateEvent::from(&e))
-                            .map_err(Error::into_status);
-                        let failed = item.is_err();
-                        if tx.send(item).await.is_err() || failed {
+                    item = events.recv() => {
+                        let Some(item) = item else { break };
+                        let last = !matches!(item, Ok(GenerationEvent::Text(_)));
+                        if tx.send(Ok(generation_item_to_pb(&item))).await.is_err() || last {
                             break;
                         }
                     }
@@ -174,47 +223,35 @@ impl pb::shard_server::Shard for Service {
 fn inbound_error(status: &Status) -> Error {
     Error::service(
         crate::Code::Cancelled,
-        format!("the caller's stream failed: {}", status.message()),
+        format!("the sender's stream failed: {}", status.message()),
     )
 }
 
-async fn run_forward(
-    handler: Arc<dyn ShardHandler>,
-    limits: Limits,
-    mut inbound: Streaming<pb::ForwardFrame>,
-    tx: &mpsc::Sender<std::result::Result<pb::ForwardReply, Status>>,
+/// Serves one inbound link: the opening message, then frames until the sender closes.
+async fn run_link(
+    handler: &dyn ShardHandler,
+    limits: &Limits,
+    mut inbound: Streaming<pb::LinkMessage>,
 ) -> Result<()> {
-    let first = match inbound.message().await {
-        Ok(Some(frame)) => frame,
+    let open = match inbound.message().await {
+        Ok(Some(pb::LinkMessage {
+            kind: Some(pb::link_message::Kind::Open(open)),
+        })) => LinkOpen::try_from(&open)?,
+        Ok(Some(_)) => return Err(Error::invalid("a link must open with its epoch and sender")),
         Ok(None) => return Ok(()),
         Err(status) => return Err(inbound_error(&status)),
     };
-    let (open, step) = first_frame(&first, &limits)?;
-    let request_id = open.request_id.clone();
-    let mut session = handler.open(open.clone()).await?;
-    let mut pending = Some(step);
+    let mut sink = handler.open_link(open).await?;
     loop {
-        let step = match pending.take() {
-            Some(step) => step,
-            None => {
-                let frame = tokio::select! {
-                    frame = inbound.message() => frame,
-                    () = tx.closed() => return Ok(()),
-                };
-                match frame {
-                    Ok(Some(frame)) => next_frame(&frame, &open, &limits)?,
-                    // The caller closed its side: the request is over.
-                    Ok(None) => return Ok(()),
-                    Err(status) => return Err(inbound_error(&status)),
-                }
-            }
+        let frame = match inbound.message().await {
+            Ok(Some(pb::LinkMessage {
+                kind: Some(pb::link_message::Kind::Frame(frame)),
+            })) => frame_from_pb(&frame, limits)?,
+            Ok(Some(_)) => return Err(Error::invalid("a link opens once; send frames after it")),
+            // The sender closed the link.
+            Ok(None) => return Ok(()),
+            Err(status) => return Err(inbound_error(&status)),
         };
-        if let Some(reply) = session.step(step).await? {
-            let mut reply = pb::ForwardReply::from(&reply);
-            reply.request_id.clone_from(&request_id);
-            if tx.send(Ok(reply)).await.is_err() {
-                return Ok(());
-            }
-        }
+        sink.send(frame).await?;
     }
 }

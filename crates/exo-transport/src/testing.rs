@@ -1,20 +1,24 @@
-//! Helpers for tests that play a misbehaving peer: they send frames a correct client never
+//! Helpers for tests that play a misbehaving peer: they send messages a correct node never
 //! would. Not for production use.
+
+use std::sync::Arc;
+
+use exo_core::{Epoch, NodeId};
 
 use crate::auth::Credential;
 use crate::client::ShardClient;
 use crate::error::Result;
 use crate::pb;
-use crate::types::{Limits, SamplingSpec};
+use crate::types::{Limits, LinkOpen};
 
-/// A hand-made activation frame.
+/// A hand-made activation frame of one request.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RawFrame {
     /// The request id.
-    pub request_id: String,
-    /// The plan epoch.
+    pub request_id: u64,
+    /// The plan epoch of the link it is sent on.
     pub epoch: u64,
-    /// `1`: f32, `2`: f16, `3`: bf16; anything else is invalid.
+    /// `1`: f32, `2`: f16, `3`: bf16, `4`: q8; anything else is invalid.
     pub dtype: i32,
     /// The shape claimed.
     pub shape: Vec<u32>,
@@ -23,10 +27,10 @@ pub struct RawFrame {
 }
 
 /// Encodes activations as a frame would carry them (for benchmarks).
-pub fn encode_frame(activations: &crate::Activations, dtype: crate::WireDtype) -> RawFrame {
+pub fn encode_frame(activations: &exo_core::Activations, dtype: crate::WireDtype) -> RawFrame {
     let t = crate::convert::encode_activations(activations, dtype);
     RawFrame {
-        request_id: String::new(),
+        request_id: 0,
         epoch: 0,
         dtype: t.dtype,
         shape: t.shape,
@@ -35,7 +39,7 @@ pub fn encode_frame(activations: &crate::Activations, dtype: crate::WireDtype) -
 }
 
 /// Checks and decodes a frame's activations as a node does (for benchmarks and tests).
-pub fn decode_frame(frame: &RawFrame) -> Result<crate::Activations> {
+pub fn decode_frame(frame: &RawFrame) -> Result<exo_core::Activations> {
     let t = pb::Tensor {
         dtype: frame.dtype,
         shape: frame.shape.clone(),
@@ -44,43 +48,69 @@ pub fn decode_frame(frame: &RawFrame) -> Result<crate::Activations> {
     crate::convert::decode_activations(&t, &Limits::default())
 }
 
-/// Opens a forward stream to `endpoint`, sends `frame` as its first frame, and returns what
-/// the node answers: its first reply's token, or its error.
+/// Opens a link to `endpoint` for the frame's epoch (as node `raw-peer`), sends `frame` as one
+/// request's first step, closes the link, and returns how the node ended it.
 pub async fn send_raw_frame(
     endpoint: &str,
     credential: Option<&Credential>,
     frame: RawFrame,
-) -> Result<u32> {
+) -> Result<()> {
     let client = ShardClient::connect(endpoint, credential, Limits::default()).await?;
-    let frame = pb::ForwardFrame {
-        request_id: frame.request_id,
-        epoch: frame.epoch,
-        position: 0,
-        sampling: Some(crate::convert::sampling_to_pb(&SamplingSpec::default())),
-        input: Some(pb::forward_frame::Input::Hidden(pb::Tensor {
-            dtype: frame.dtype,
-            shape: frame.shape,
-            data: frame.data,
+    let rows = frame.shape.first().copied().unwrap_or(0);
+    let open = pb::LinkMessage {
+        kind: Some(pb::link_message::Kind::Open(pb::LinkOpen {
+            epoch: frame.epoch,
+            from_node: "raw-peer".into(),
         })),
-        sample: true,
     };
-    client.forward_raw(frame).await
+    let frame = pb::LinkMessage {
+        kind: Some(pb::link_message::Kind::Frame(pb::Frame {
+            entries: vec![pb::Entry {
+                request_id: frame.request_id,
+                position: 0,
+                rows,
+                sample: true,
+                start: Some(pb::RequestStart {
+                    origin: "raw-peer".into(),
+                    sampling: Some(crate::convert::sampling_to_pb(
+                        &exo_core::SamplingParams::greedy(),
+                    )),
+                    positions: rows,
+                }),
+                end: true,
+            }],
+            input: Some(pb::frame::Input::Hidden(pb::Tensor {
+                dtype: frame.dtype,
+                shape: frame.shape,
+                data: frame.data,
+            })),
+        })),
+    };
+    let messages = tokio_stream::iter(vec![open, frame]);
+    client
+        .raw()
+        .forward(messages)
+        .await
+        .map(|_| ())
+        .map_err(|s| crate::Error::remote(endpoint, &s))
 }
 
-impl ShardClient {
-    pub(crate) async fn forward_raw(&self, frame: pb::ForwardFrame) -> Result<u32> {
-        let mut session = self
-            .open(
-                crate::RequestOpen {
-                    request_id: frame.request_id.clone(),
-                    epoch: frame.epoch,
-                    sampling: SamplingSpec::default(),
-                },
-                crate::WireDtype::F32,
-                Default::default(),
-            )
-            .await?;
-        session.send_raw(frame).await?;
-        Ok(session.next_token().await?.token)
-    }
+/// Opens a well-formed link as node `from` (for tests of what a stage does with it).
+pub async fn open_link(
+    endpoint: &str,
+    credential: &Credential,
+    epoch: Epoch,
+    from: &str,
+) -> Result<crate::LinkSender> {
+    ShardClient::connect(endpoint, Some(credential), Limits::default())
+        .await?
+        .link(
+            LinkOpen {
+                epoch,
+                from: NodeId::from(from),
+            },
+            crate::WireDtype::F32,
+            Arc::default(),
+        )
+        .await
 }

@@ -1,9 +1,11 @@
-//! The service's messages as plain Rust types. Protobuf types never leave this crate: these are
-//! converted to and from them at the boundary (`convert.rs`).
+//! The service's own plain types (sizes, wire formats, assignments, status). Everything a
+//! request carries is `exo-core`'s; protobuf types never leave this crate: `convert.rs` maps
+//! both at the boundary.
 
 use std::fmt;
-use std::ops::Range;
 use std::str::FromStr;
+
+use exo_core::{Epoch, LayerRange, NodeId, Stage};
 
 use crate::error::{Error, Result};
 
@@ -14,6 +16,8 @@ pub struct Limits {
     pub max_frame_bytes: usize,
     /// Most token ids in one frame.
     pub max_frame_tokens: usize,
+    /// Most request entries in one frame.
+    pub max_frame_entries: usize,
 }
 
 impl Default for Limits {
@@ -21,6 +25,7 @@ impl Default for Limits {
         Limits {
             max_frame_bytes: 64 << 20,
             max_frame_tokens: 1 << 16,
+            max_frame_entries: 4096,
         }
     }
 }
@@ -30,6 +35,7 @@ impl Limits {
     pub(crate) fn max_message_bytes(&self) -> usize {
         self.max_frame_bytes
             .saturating_add(self.max_frame_tokens.saturating_mul(5))
+            .saturating_add(self.max_frame_entries.saturating_mul(64))
             .saturating_add(64 << 10)
     }
 }
@@ -92,192 +98,37 @@ impl FromStr for WireDtype {
     }
 }
 
-/// Hidden activations of consecutive positions: `positions × hidden` values, row-major.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Activations {
-    /// Number of positions (rows).
-    pub positions: usize,
-    /// Width of each row.
-    pub hidden: usize,
-    /// The values.
-    pub values: Vec<f32>,
-}
-
-/// One stage of a plan, as the ring lists it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct StageRef {
-    /// The node that holds it.
-    pub node_id: String,
-    /// Where that node's shard service listens.
-    pub endpoint: String,
-    /// Its layers.
-    pub layers: Range<u32>,
-}
-
 /// What a node is asked to hold.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Assignment {
     /// The model's name.
     pub model: String,
     /// The plan epoch.
-    pub epoch: u64,
+    pub epoch: Epoch,
     /// Every stage in order; the receiver finds itself by node id.
-    pub stages: Vec<StageRef>,
+    pub stages: Vec<Stage>,
 }
 
 /// A node's answer to an [`Assignment`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct AssignReport {
     /// The epoch now held.
-    pub epoch: u64,
+    pub epoch: Epoch,
     /// The layers now held.
-    pub layers: Range<u32>,
+    pub layers: LayerRange,
     /// Bytes of weights held.
     pub weight_bytes: u64,
     /// How long loading took (0 when the shard was already held).
     pub load_seconds: f64,
 }
 
-/// How the last stage picks tokens.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct SamplingSpec {
-    /// 0 picks the most likely token.
-    pub temperature: f32,
-    /// Nucleus sampling mass (1 keeps all).
-    pub top_p: f32,
-    /// Keep the k most likely (0 keeps all).
-    pub top_k: u32,
-    /// RNG seed.
-    pub seed: u64,
-}
-
-impl Default for SamplingSpec {
-    fn default() -> Self {
-        SamplingSpec {
-            temperature: 0.0,
-            top_p: 1.0,
-            top_k: 0,
-            seed: 0,
-        }
-    }
-}
-
-/// What the first frame of a request says about the whole request.
-#[derive(Clone, Debug, PartialEq)]
-pub struct RequestOpen {
-    /// Unique per request.
-    pub request_id: String,
-    /// The plan epoch the caller routes by.
-    pub epoch: u64,
-    /// How the last stage samples.
-    pub sampling: SamplingSpec,
-}
-
-/// The input of one step.
-#[derive(Clone, Debug, PartialEq)]
-pub enum StepInput {
-    /// Token ids, for the first stage.
-    Tokens(Vec<u32>),
-    /// Hidden activations, for the other stages.
-    Hidden(Activations),
-}
-
-impl StepInput {
-    /// Positions this input covers.
-    pub fn positions(&self) -> usize {
-        match self {
-            StepInput::Tokens(t) => t.len(),
-            StepInput::Hidden(a) => a.positions,
-        }
-    }
-}
-
-/// One step of a request at one stage: the next positions.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Step {
-    /// Position of the first of them.
-    pub position: u32,
-    /// Their tokens or activations.
-    pub input: StepInput,
-    /// Whether the last stage samples a token after this step.
-    pub sample: bool,
-}
-
-/// A token sampled by the last stage.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TokenReply {
-    /// The token id.
-    pub token: u32,
-    /// The position it will take.
-    pub position: u32,
-}
-
-/// One chat message.
+/// What opens a link to a stage.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PromptMessage {
-    /// `system`, `user` or `assistant`.
-    pub role: String,
-    /// The text.
-    pub content: String,
-}
-
-/// What to answer.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Prompt {
-    /// Messages, rendered with the model's chat template.
-    Chat(Vec<PromptMessage>),
-    /// Text sent as is.
-    Text(String),
-}
-
-/// An end-to-end generation asked of a node.
-#[derive(Clone, Debug, PartialEq)]
-pub struct GenerateCall {
-    /// The model; empty for the one the cluster serves.
-    pub model: String,
-    /// The prompt.
-    pub prompt: Prompt,
-    /// Most tokens to generate; `None` for the node's default.
-    pub max_tokens: Option<u32>,
-    /// How to pick tokens.
-    pub sampling: SamplingSpec,
-    /// Stop before any of these strings.
-    pub stop: Vec<String>,
-    /// Keep going past end-of-sequence tokens.
-    pub ignore_eos: bool,
-}
-
-/// Why a generation ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FinishReason {
-    /// End of sequence or a stop string.
-    Stop,
-    /// The token limit or the context's end.
-    Length,
-}
-
-/// The end of a generation.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Finished {
-    /// Why it ended.
-    pub reason: FinishReason,
-    /// Tokens in the prompt.
-    pub prompt_tokens: u32,
-    /// Every generated id.
-    pub token_ids: Vec<u32>,
-    /// Seconds to the first token.
-    pub time_to_first_token_s: f64,
-    /// Seconds from the first token to the last.
-    pub decode_s: f64,
-}
-
-/// What a generation streams back.
-#[derive(Clone, Debug, PartialEq)]
-pub enum GenerateEvent {
-    /// The next piece of text.
-    Text(String),
-    /// The end.
-    Finished(Finished),
+pub struct LinkOpen {
+    /// The plan epoch the link serves.
+    pub epoch: Epoch,
+    /// The node sending: a request's origin, or the previous stage.
+    pub from: NodeId,
 }
 
 /// A node's report on itself.
@@ -287,10 +138,10 @@ pub struct NodeStatus {
     pub node_id: String,
     /// The model it serves.
     pub model: String,
-    /// The plan epoch it holds (0: none).
-    pub epoch: u64,
+    /// The plan epoch it holds, if any.
+    pub epoch: Option<Epoch>,
     /// The layers it holds.
-    pub layers: Range<u32>,
+    pub layers: LayerRange,
     /// Whether its shard is loaded.
     pub ready: bool,
     /// Requests with state on it now.

@@ -1,6 +1,9 @@
 //! `POST /v1/chat/completions`: both response shapes and what reaches the engine.
 
-use exo_api::{ApiConfig, EngineError, FinishReason, GenerationRequest, Message, Prompt};
+use exo_api::{
+    ApiConfig, ChatMessage as Message, FinishReason, GenerationError as EngineError,
+    GenerationRequest, Prompt, SamplingParams,
+};
 use serde_json::{Value, json};
 
 use crate::fake::FakeEngine;
@@ -194,10 +197,14 @@ async fn request_fields_reach_the_engine() {
                 message("user", "Again"),
             ]),
             max_tokens: Some(20),
-            temperature: 0.5,
-            top_p: 0.9,
-            seed: Some(42),
+            sampling: SamplingParams {
+                temperature: 0.5,
+                top_p: 0.9,
+                top_k: 0,
+                seed: 42,
+            },
             stop: vec!["\n\n".into()],
+            ignore_eos: false,
         }]
     );
 }
@@ -219,9 +226,10 @@ async fn defaults_reach_the_engine_and_configured_max_tokens_applies() {
     .await;
     let requests = engine.probe.requests();
     assert_eq!(requests[0].max_tokens, Some(256));
-    assert_eq!(requests[0].temperature, 1.0);
-    assert_eq!(requests[0].top_p, 1.0);
-    assert_eq!(requests[0].seed, None);
+    assert_eq!(requests[0].sampling.temperature, 1.0);
+    assert_eq!(requests[0].sampling.top_p, 1.0);
+    // Without a seed each request samples differently, as OpenAI's API does.
+    assert_ne!(requests[0].sampling.seed, requests[1].sampling.seed);
     assert!(requests[0].stop.is_empty());
     assert_eq!(requests[1].max_tokens, Some(3));
     assert_eq!(requests[1].stop, vec!["a".to_owned(), "b".to_owned()]);

@@ -124,7 +124,7 @@ async fn unsupported_prompts_and_options_are_400() {
 #[tokio::test]
 async fn context_overflow_blames_the_prompt_field() {
     let engine = FakeEngine::new()
-        .start_error(exo_api::EngineError::ContextExceeded {
+        .start_error(exo_api::GenerationError::ContextExceeded {
             prompt_tokens: 10_000,
             max_tokens: 16,
             context_length: 8192,

@@ -6,7 +6,7 @@ mod access;
 mod chat;
 mod completions;
 mod errors;
-mod fake;
+use exo_testkit::fake;
 mod logging;
 mod models;
 mod openapi;

@@ -1,4 +1,5 @@
-//! `GET /v1/models`, `GET /v1/models/{model}`, `GET /v1/cluster` and `GET /healthz`.
+//! `GET /v1/models`, `GET /v1/models/{model}`, `GET /v1/cluster`, `GET /healthz` and
+//! `GET /readyz`.
 
 use serde_json::json;
 
@@ -79,4 +80,24 @@ async fn healthz_is_ok() {
     let reply = get(&app(&engine), "/healthz").await;
     assert_eq!(reply.status, 200);
     assert_eq!(reply.json(), json!({"status": "ok"}));
+}
+
+#[tokio::test]
+async fn readyz_says_why_until_the_engine_can_serve_and_healthz_stays_ok() {
+    let loading = FakeEngine::new()
+        .not_ready("loading layers 0..15 of SmolLM2")
+        .build();
+    let app = app(&loading);
+    let reply = get(&app, "/readyz").await;
+    assert_eq!(reply.status, 503);
+    assert_eq!(
+        reply.json(),
+        json!({"status": "not_ready", "reason": "loading layers 0..15 of SmolLM2"})
+    );
+    assert_eq!(get(&app, "/healthz").await.status, 200);
+
+    let ready = FakeEngine::new().build();
+    let reply = get(&super::support::app(&ready), "/readyz").await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.json(), json!({"status": "ready"}));
 }

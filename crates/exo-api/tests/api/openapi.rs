@@ -28,6 +28,7 @@ async fn every_routed_path_is_documented_and_every_documented_path_is_routed() {
         [
             "/healthz",
             "/openapi.json",
+            "/readyz",
             "/v1/chat/completions",
             "/v1/cluster",
             "/v1/completions",

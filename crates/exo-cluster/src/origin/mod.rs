@@ -1,0 +1,260 @@
+//! The origin: the node a request comes in at. It admits the request (model, sampling, one
+//! templating and tokenization, one context rule), routes it to the current plan, and runs it
+//! as a state machine ([`request`]) that sends its steps into the ring and turns the tokens
+//! the last stage delivers into text.
+
+pub(crate) mod request;
+pub(crate) mod route;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use exo_core::{Epoch, GenerationError, GenerationRequest, NodeId, Prompt, RequestId};
+use exo_model::{ChatTemplate, Tokenizer};
+use tokio::sync::{mpsc, watch};
+
+use crate::inbox::Inboxes;
+use crate::origin::request::{Journal, RequestTask};
+use crate::origin::route::{Route, RouteDeps};
+use crate::plan::{ActivePlan, PlanState};
+use crate::stage::Stages;
+use crate::stage::link::LinkSettings;
+use crate::tasks::Tasks;
+
+/// What the origin needs to know of the model.
+#[derive(Debug)]
+pub(crate) struct OriginModel {
+    /// The model's name (file or folder name).
+    pub(crate) name: String,
+    pub(crate) tokenizer: Tokenizer,
+    pub(crate) template: Option<ChatTemplate>,
+    pub(crate) eos: Vec<u32>,
+    /// Positions a request may use in all (prompt plus generated).
+    pub(crate) context: usize,
+    /// Tokens generated when a request does not say.
+    pub(crate) default_max_tokens: usize,
+    /// Largest prompt chunk sent in one frame.
+    pub(crate) prefill_chunk: usize,
+}
+
+/// The model id clients use: the file name without `.gguf`.
+pub(crate) fn model_id(name: &str) -> String {
+    name.strip_suffix(".gguf").unwrap_or(name).to_owned()
+}
+
+impl OriginModel {
+    /// Whether `name` names this model (with or without `.gguf`).
+    pub(crate) fn matches(&self, name: &str) -> bool {
+        model_id(name) == model_id(&self.name)
+    }
+
+    /// Token ids of a prompt: chat messages through the chat template, or text as is.
+    fn prompt_ids(&self, prompt: &Prompt) -> Result<Vec<u32>, GenerationError> {
+        let (text, param) = match prompt {
+            Prompt::Text(t) => (t.clone(), "prompt"),
+            Prompt::Chat(messages) => (
+                exo_model::render_prompt(self.template.as_ref(), messages).map_err(|e| {
+                    GenerationError::invalid("messages", format!("chat template: {e}"))
+                })?,
+                "messages",
+            ),
+        };
+        let ids = self
+            .tokenizer
+            .encode(&text)
+            .map_err(|e| GenerationError::invalid(param, format!("tokenizing the prompt: {e}")))?;
+        if ids.is_empty() {
+            return Err(GenerationError::invalid(param, "the prompt is empty"));
+        }
+        Ok(ids)
+    }
+
+    /// The one context rule: the prompt and the tokens asked for must fit the context; a
+    /// request that asks for no number gets the default, cut to what fits.
+    fn max_tokens(&self, prompt: usize, asked: Option<u32>) -> Result<usize, GenerationError> {
+        let exceeded = |max_tokens: usize| GenerationError::ContextExceeded {
+            prompt_tokens: prompt,
+            max_tokens,
+            context_length: self.context,
+        };
+        match asked {
+            _ if prompt >= self.context => Err(exceeded(asked.map_or(1, |m| m as usize))),
+            Some(m) if prompt + m as usize > self.context => Err(exceeded(m as usize)),
+            Some(m) => Ok(m as usize),
+            None => Ok(self.default_max_tokens.min(self.context - prompt).max(1)),
+        }
+    }
+}
+
+/// The requests that come in at this node, and the routes they run on.
+#[derive(Debug)]
+pub(crate) struct Origins {
+    pub(crate) node: NodeId,
+    pub(crate) model: Arc<OriginModel>,
+    pub(crate) stages: Arc<Stages>,
+    pub(crate) inboxes: Arc<Inboxes>,
+    pub(crate) links: LinkSettings,
+    pub(crate) tasks: Tasks,
+    pub(crate) plan: watch::Receiver<PlanState>,
+    /// One route per plan epoch; building one is serialised.
+    routes: tokio::sync::Mutex<HashMap<Epoch, Arc<Route>>>,
+}
+
+impl Origins {
+    pub(crate) fn new(
+        node: NodeId,
+        model: Arc<OriginModel>,
+        stages: Arc<Stages>,
+        links: LinkSettings,
+        tasks: Tasks,
+        plan: watch::Receiver<PlanState>,
+    ) -> Self {
+        Origins {
+            node,
+            model,
+            stages,
+            inboxes: Arc::default(),
+            links,
+            tasks,
+            plan,
+            routes: tokio::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The current plan, or why there is none.
+    pub(crate) fn current_plan(&self) -> Result<Arc<ActivePlan>, GenerationError> {
+        match &*self.plan.borrow() {
+            PlanState::Ready(plan) => Ok(Arc::clone(plan)),
+            PlanState::Waiting(reason) => Err(GenerationError::Unavailable(format!(
+                "the cluster cannot serve `{}` now: {reason}",
+                model_id(&self.model.name)
+            ))),
+        }
+    }
+
+    /// The route of `plan`, built if this node has none that works. Routes of older plans
+    /// are dropped once no request runs on them.
+    pub(crate) async fn route(
+        &self,
+        plan: &Arc<ActivePlan>,
+    ) -> Result<Arc<Route>, GenerationError> {
+        let mut routes = self.routes.lock().await;
+        routes.retain(|epoch, r| (*epoch == plan.epoch && r.broken().is_none()) || r.running() > 0);
+        if let Some(route) = routes.get(&plan.epoch).filter(|r| r.broken().is_none()) {
+            return Ok(Arc::clone(route));
+        }
+        let deps = RouteDeps {
+            node: &self.node,
+            stages: &self.stages,
+            inboxes: &self.inboxes,
+            links: &self.links,
+            tasks: &self.tasks,
+        };
+        let route = route::build(deps, Arc::clone(plan)).await?;
+        routes.insert(plan.epoch, Arc::clone(&route));
+        Ok(route)
+    }
+
+    /// Admits `request` and starts it; the receiver streams its text and its end. Dropping
+    /// the receiver cancels it on every stage.
+    pub(crate) async fn start(
+        &self,
+        request: GenerationRequest,
+    ) -> Result<mpsc::Receiver<Result<exo_core::GenerationEvent, GenerationError>>, GenerationError>
+    {
+        let started = Instant::now();
+        if !request.model.is_empty() && !self.model.matches(&request.model) {
+            return Err(GenerationError::UnknownModel {
+                model: request.model,
+                available: vec![model_id(&self.model.name)],
+            });
+        }
+        request.sampling.validate()?;
+        let plan = self.current_plan()?;
+        // Templating and tokenizing a long prompt takes a while: off the async workers.
+        let (model, prompt) = (Arc::clone(&self.model), request.prompt);
+        let prompt = tokio::task::spawn_blocking(move || model.prompt_ids(&prompt))
+            .await
+            .map_err(|e| GenerationError::Internal(format!("tokenizing task: {e}")))??;
+        let max_tokens = self.model.max_tokens(prompt.len(), request.max_tokens)?;
+        let route = self.route(&plan).await?;
+        let id = RequestId(rand::random());
+        let (events, rx) = mpsc::channel(64);
+        let task = RequestTask {
+            id,
+            origin: self.node.clone(),
+            model: Arc::clone(&self.model),
+            inbox: self.inboxes.open(id, route.epoch()),
+            route,
+            journal: Journal {
+                prompt,
+                generated: Vec::new(),
+            },
+            sampling: request.sampling,
+            max_tokens,
+            stop: request.stop,
+            ignore_eos: request.ignore_eos,
+            events,
+            started,
+        };
+        self.tasks.spawn(task.run());
+        Ok(rx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn model(context: usize) -> OriginModel {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf");
+        exo_model::testing::write_gguf(&path, &exo_model::testing::tiny_config(1), 1).unwrap();
+        let checkpoint = exo_model::Checkpoint::open(&path).unwrap();
+        OriginModel {
+            name: "m.gguf".into(),
+            tokenizer: checkpoint.tokenizer().unwrap(),
+            template: None,
+            eos: vec![2],
+            context,
+            default_max_tokens: 256,
+            prefill_chunk: 512,
+        }
+    }
+
+    #[test]
+    fn one_context_rule_for_every_request() {
+        let m = model(100);
+        assert_eq!(m.max_tokens(10, Some(90)).unwrap(), 90);
+        assert!(matches!(
+            m.max_tokens(10, Some(91)),
+            Err(GenerationError::ContextExceeded {
+                prompt_tokens: 10,
+                max_tokens: 91,
+                context_length: 100
+            })
+        ));
+        // Without a number: the default, cut to what fits.
+        assert_eq!(m.max_tokens(10, None).unwrap(), 90);
+        assert_eq!(model(1000).max_tokens(10, None).unwrap(), 256);
+        assert!(m.max_tokens(100, None).is_err());
+    }
+
+    #[test]
+    fn prompts_are_tokenized_once_and_empty_ones_refused() {
+        let m = model(100);
+        assert!(
+            !m.prompt_ids(&Prompt::Text("abc".into()))
+                .unwrap()
+                .is_empty()
+        );
+        assert!(matches!(
+            m.prompt_ids(&Prompt::Text(String::new())),
+            Err(GenerationError::Invalid { param: Some(p), .. }) if p == "prompt"
+        ));
+        assert!(m.matches("m") && m.matches("m.gguf") && !m.matches("n"));
+    }
+}

@@ -1,0 +1,356 @@
+//! What this node holds: its shard of the plan (loaded only when the plan gives it layers,
+//! reused when only the ring around it changed) and the worker that computes on it, one per
+//! plan epoch. A worker of an older plan keeps serving the requests it has and stops when they
+//! end; it takes no new ones.
+
+pub(crate) mod link;
+pub(crate) mod worker;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use exo_core::{Epoch, LayerRange, NodeId, Stage};
+use exo_model::{Checkpoint, ModelConfig, ShardSpec};
+use exo_shard::{Device, LlamaShard, Weights};
+use exo_transport::{AssignReport, Assignment, NodeStatus};
+use tokio::sync::watch;
+
+use crate::plan::PlanState;
+use crate::stage::link::{LinkSettings, LinkTarget};
+use crate::stage::worker::{WorkerHandle, WorkerMsg, WorkerSpec};
+use crate::tasks::Tasks;
+
+/// The model this node serves, as its stages load it.
+#[derive(Debug)]
+pub(crate) struct ModelSource {
+    pub(crate) path: PathBuf,
+    pub(crate) name: String,
+    pub(crate) config: ModelConfig,
+    pub(crate) device: Device,
+    pub(crate) weights: Weights,
+}
+
+/// The shard this node holds for one plan epoch.
+#[derive(Debug)]
+pub(crate) struct Held {
+    pub(crate) epoch: Epoch,
+    pub(crate) stages: Vec<Stage>,
+    pub(crate) index: usize,
+    pub(crate) shard: Arc<LlamaShard>,
+    pub(crate) weight_bytes: u64,
+}
+
+impl Held {
+    fn is_last(&self) -> bool {
+        self.index + 1 == self.stages.len()
+    }
+}
+
+/// Why this node cannot hold what it was assigned.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum HoldError {
+    /// The assignment is for another model.
+    #[error("this node serves model `{serves}`, not `{asked}`")]
+    WrongModel { serves: String, asked: String },
+    /// The assignment gives this node no stage.
+    #[error("node {node} is not part of plan {epoch}")]
+    NotInPlan { node: NodeId, epoch: Epoch },
+    /// Loading the layers failed.
+    #[error("loading layers {layers}: {reason}")]
+    Load { layers: LayerRange, reason: String },
+}
+
+/// This node's stages.
+#[derive(Debug)]
+pub(crate) struct Stages {
+    node: NodeId,
+    source: ModelSource,
+    held: RwLock<Option<Arc<Held>>>,
+    /// The epoch of the held shard, for waiters.
+    held_epoch: watch::Sender<Option<Epoch>>,
+    workers: Mutex<HashMap<Epoch, WorkerHandle>>,
+    /// Serialises loads, so that two assignments never load at once.
+    loading: tokio::sync::Mutex<()>,
+    plan: watch::Receiver<PlanState>,
+    active: Arc<AtomicU32>,
+    links: LinkSettings,
+    tasks: Tasks,
+}
+
+impl Stages {
+    pub(crate) fn new(
+        node: NodeId,
+        source: ModelSource,
+        plan: watch::Receiver<PlanState>,
+        links: LinkSettings,
+        tasks: Tasks,
+    ) -> Self {
+        Stages {
+            node,
+            source,
+            held: RwLock::new(None),
+            held_epoch: watch::channel(None).0,
+            workers: Mutex::new(HashMap::new()),
+            loading: tokio::sync::Mutex::new(()),
+            plan,
+            active: Arc::default(),
+            links,
+            tasks,
+        }
+    }
+
+    /// The shard held now, if any.
+    pub(crate) fn held(&self) -> Option<Arc<Held>> {
+        self.held.read().ok().and_then(|h| h.clone())
+    }
+
+    /// Requests with state on this node.
+    pub(crate) fn active_requests(&self) -> u32 {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Holds this node's part of `assignment`, loading it unless the same layers are held,
+    /// and starts its worker.
+    pub(crate) async fn hold(&self, assignment: &Assignment) -> Result<AssignReport, HoldError> {
+        if assignment.model != self.source.name {
+            return Err(HoldError::WrongModel {
+                serves: self.source.name.clone(),
+                asked: assignment.model.clone(),
+            });
+        }
+        let Some(index) = assignment.stages.iter().position(|s| s.node == self.node) else {
+            return Err(HoldError::NotInPlan {
+                node: self.node.clone(),
+                epoch: assignment.epoch,
+            });
+        };
+        let layers = assignment.stages[index].layers;
+        let last = index + 1 == assignment.stages.len();
+        let _loading = self.loading.lock().await;
+        let mut load_seconds = 0.0;
+        let shard = match self.held() {
+            Some(held) if held.epoch == assignment.epoch => return Ok(report(&held, 0.0)),
+            // Same layers, same role: keep the weights, take the new ring.
+            Some(held)
+                if held.shard.layer_range() == layers.to_range()
+                    && (held.index == 0) == (index == 0)
+                    && held.is_last() == last =>
+            {
+                (Arc::clone(&held.shard), held.weight_bytes)
+            }
+            _ => {
+                // Free the old shard first: a node never loads a second one beside it (a
+                // retiring worker may keep its own until its requests end).
+                self.set_held(None);
+                let started = Instant::now();
+                let loaded = self.load(assignment, index).await?;
+                load_seconds = started.elapsed().as_secs_f64();
+                loaded
+            }
+        };
+        let held = Arc::new(Held {
+            epoch: assignment.epoch,
+            stages: assignment.stages.clone(),
+            index,
+            shard: shard.0,
+            weight_bytes: shard.1,
+        });
+        self.start_worker(&held).map_err(|e| HoldError::Load {
+            layers,
+            reason: format!("starting the stage's worker thread: {e}"),
+        })?;
+        self.set_held(Some(Arc::clone(&held)));
+        Ok(report(&held, load_seconds))
+    }
+
+    async fn load(
+        &self,
+        assignment: &Assignment,
+        index: usize,
+    ) -> Result<(Arc<LlamaShard>, u64), HoldError> {
+        let stage = &assignment.stages[index];
+        let spec = ShardSpec {
+            layers: stage.layers.to_range(),
+            embedding: index == 0,
+            head: index + 1 == assignment.stages.len(),
+        };
+        let (path, device, weights) = (
+            self.source.path.clone(),
+            self.source.device.clone(),
+            self.source.weights,
+        );
+        let for_load = spec.clone();
+        let shard = tokio::task::spawn_blocking(move || {
+            let checkpoint = Checkpoint::open(&path)?;
+            LlamaShard::load_with(&checkpoint, &for_load, &device, weights)
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()))
+        .map_err(|reason| HoldError::Load {
+            layers: stage.layers,
+            reason,
+        })?;
+        let weight_bytes = shard.native_weight_bytes().map_or_else(
+            || (spec.layers.len() * self.source.config.layer_params() * 4) as u64,
+            |b| b as u64,
+        );
+        tracing::info!(
+            epoch = %assignment.epoch,
+            layers = %stage.layers,
+            embedding = spec.embedding,
+            head = spec.head,
+            weight_mib = weight_bytes as f64 / (1 << 20) as f64,
+            "loaded shard"
+        );
+        Ok((Arc::new(shard), weight_bytes))
+    }
+
+    /// Starts the worker of `held` (with its link to the next stage) and retires older ones.
+    fn start_worker(&self, held: &Held) -> std::io::Result<()> {
+        let (handle, rx) = worker::queue();
+        let downstream = held.stages.get(held.index + 1).map(|next| {
+            let target = LinkTarget {
+                stage: next.clone(),
+                index: (held.index + 1) as u32,
+                epoch: held.epoch,
+                from: self.node.clone(),
+            };
+            let worker = handle.clone();
+            link::spawn_pump(&self.tasks, &self.links, target, move |failure| {
+                worker.send(WorkerMsg::DownstreamFailed(failure));
+            })
+        });
+        let spec = WorkerSpec {
+            node: self.node.clone(),
+            epoch: held.epoch,
+            index: held.index,
+            stages: held.stages.clone(),
+            shard: Arc::clone(&held.shard),
+            active: Arc::clone(&self.active),
+        };
+        let handle = worker::spawn(spec, downstream, (handle, rx))?;
+        if let Ok(mut workers) = self.workers.lock() {
+            workers.retain(|_, w| w.is_running());
+            for old in workers.values() {
+                old.send(WorkerMsg::Retire);
+            }
+            workers.insert(held.epoch, handle);
+        }
+        Ok(())
+    }
+
+    fn set_held(&self, held: Option<Arc<Held>>) {
+        let epoch = held.as_ref().map(|h| h.epoch);
+        if let Ok(mut slot) = self.held.write() {
+            *slot = held;
+        }
+        self.held_epoch.send_replace(epoch);
+    }
+
+    /// Drops the held shard (this node is not in the plan any more); running requests finish
+    /// on the retiring worker.
+    pub(crate) async fn release(&self) {
+        let _loading = self.loading.lock().await;
+        if self.held().is_some() {
+            tracing::info!("this node holds no layers in the current plan; freeing its shard");
+            self.set_held(None);
+            if let Ok(workers) = self.workers.lock() {
+                for w in workers.values() {
+                    w.send(WorkerMsg::Retire);
+                }
+            }
+        }
+    }
+
+    /// The worker of `epoch`. When this node's own plan has that epoch, waits for its load;
+    /// otherwise waits a moment for this node to see the same membership.
+    pub(crate) async fn worker(&self, epoch: Epoch) -> Result<WorkerHandle, String> {
+        let mut held_changes = self.held_epoch.subscribe();
+        let mut plan_changes = self.plan.clone();
+        let started = Instant::now();
+        loop {
+            let found = self
+                .workers
+                .lock()
+                .ok()
+                .and_then(|w| w.get(&epoch).filter(|w| w.is_running()).cloned());
+            if let Some(worker) = found {
+                return Ok(worker);
+            }
+            let expected_here =
+                matches!(&*plan_changes.borrow(), PlanState::Ready(p) if p.epoch == epoch);
+            let patience = if expected_here {
+                Duration::from_secs(120)
+            } else {
+                Duration::from_secs(3)
+            };
+            let Some(left) = patience.checked_sub(started.elapsed()) else {
+                break;
+            };
+            tokio::select! {
+                _ = held_changes.changed() => {}
+                _ = plan_changes.changed() => {}
+                () = tokio::time::sleep(left) => {}
+            }
+        }
+        Err(format!(
+            "node {} holds plan {}, not plan {epoch}",
+            self.node,
+            self.held()
+                .map_or_else(|| "none".to_owned(), |h| h.epoch.to_string())
+        ))
+    }
+
+    /// Stops every worker now (the node is shutting down).
+    pub(crate) fn stop(&self) {
+        if let Ok(mut workers) = self.workers.lock() {
+            for w in workers.values() {
+                w.send(WorkerMsg::Stop);
+            }
+            workers.clear();
+        }
+        self.set_held(None);
+    }
+
+    pub(crate) fn status(&self) -> NodeStatus {
+        let held = self.held();
+        let sent = &self.links.sent;
+        NodeStatus {
+            node_id: self.node.as_str().to_owned(),
+            model: self.source.name.clone(),
+            epoch: held.as_ref().map(|h| h.epoch),
+            layers: held
+                .as_ref()
+                .map(|h| h.stages[h.index].layers)
+                .unwrap_or_default(),
+            ready: held.is_some(),
+            active_requests: self.active_requests(),
+            weight_bytes: held.as_ref().map_or(0, |h| h.weight_bytes),
+            resident_bytes: resident_bytes(),
+            activation_bytes_sent: sent.bytes.load(Ordering::Relaxed),
+            activation_frames_sent: sent.frames.load(Ordering::Relaxed),
+            activation_positions_sent: sent.positions.load(Ordering::Relaxed),
+        }
+    }
+}
+
+fn report(held: &Held, load_seconds: f64) -> AssignReport {
+    AssignReport {
+        epoch: held.epoch,
+        layers: held.stages[held.index].layers,
+        weight_bytes: held.weight_bytes,
+        load_seconds,
+    }
+}
+
+/// Resident memory of this process (Linux; 0 elsewhere).
+pub(crate) fn resident_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096)
+}

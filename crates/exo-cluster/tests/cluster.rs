@@ -1,0 +1,230 @@
+//! The cluster core in one process: N real nodes (membership over the memory transport, shard
+//! services on loopback, stage workers, origins) on a tiny random model.
+//!
+//! - any split of the layers gives exactly the tokens one process gives, on 1 to 4 stages and
+//!   several plans, greedy and seeded, with prompts sent in several chunks;
+//! - a caller that goes away frees the request on every stage;
+//! - a plan change between requests (a node joins) is followed, and answers stay the same;
+//! - a stage that stops mid-request fails it promptly with a typed failure naming the stage;
+//! - bad requests are refused with typed errors before anything runs.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use exo_core::{FailureKind, GenerationError, GenerationEvent, SamplingParams};
+use exo_shard::Weights;
+use exo_testkit::cluster::Options;
+use exo_testkit::{TestCluster, TestModel, collect, raw_request};
+
+const GIB: u64 = 1 << 30;
+const PROMPT: &str = "hello,cluster;split_me";
+
+async fn ids_from(
+    cluster: &TestCluster,
+    node: usize,
+    request: exo_core::GenerationRequest,
+) -> Vec<u32> {
+    let events = cluster.node(node).generate(request).await.unwrap();
+    collect(events).await.unwrap().1.token_ids
+}
+
+/// Sampling at a high temperature: any change in the logits shows in the tokens (a random
+/// model's greedy answer tends to repeat one token).
+fn hot(seed: u64) -> SamplingParams {
+    SamplingParams {
+        temperature: 1.5,
+        top_p: 1.0,
+        top_k: 0,
+        seed,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn any_split_answers_exactly_like_one_process() {
+    let model = TestModel::tiny(8, 11);
+    let reference = model.reference(PROMPT, 12, SamplingParams::greedy(), Weights::Stored);
+    let sampled = model.reference(PROMPT, 24, hot(5), Weights::Stored);
+    assert_eq!(reference.len(), 12);
+    let distinct: std::collections::HashSet<_> = sampled.iter().collect();
+    assert!(distinct.len() > 5, "a varied reference: {sampled:?}");
+    // Prompts go in chunks of 5 tokens, so prefill spans several frames.
+    let options = Options {
+        prefill_chunk: 5,
+        ..Options::default()
+    };
+    for memory in [
+        vec![GIB],
+        vec![GIB, GIB],
+        vec![3 * GIB, GIB, GIB],
+        vec![GIB, 2 * GIB, GIB, GIB],
+    ] {
+        let cluster = TestCluster::start_with(&model, &memory, options.clone()).await;
+        let plan = cluster.wait_ready().await;
+        let layers: Vec<String> = plan.stages.iter().map(|s| s.layers.to_string()).collect();
+        for origin in [0, cluster.nodes.len() - 1] {
+            let ids = ids_from(&cluster, origin, raw_request(PROMPT, 12)).await;
+            assert_eq!(ids, reference, "plan {layers:?}, request at node {origin}");
+            let mut request = raw_request(PROMPT, 24);
+            request.sampling = hot(5);
+            let ids = ids_from(&cluster, origin, request).await;
+            assert_eq!(
+                ids, sampled,
+                "plan {layers:?}, sampled, request at node {origin}"
+            );
+        }
+        cluster.wait_idle().await;
+        cluster.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn seeded_sampling_is_the_same_across_stages() {
+    let model = TestModel::tiny(4, 3);
+    let sampling = SamplingParams {
+        temperature: 0.9,
+        top_p: 0.95,
+        top_k: 20,
+        seed: 77,
+    };
+    let reference = model.reference(PROMPT, 10, sampling, Weights::Stored);
+    let cluster = TestCluster::start(&model, &[GIB, GIB]).await;
+    let mut request = raw_request(PROMPT, 10);
+    request.sampling = sampling;
+    assert_eq!(ids_from(&cluster, 1, request).await, reference);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_caller_that_goes_away_frees_the_request_on_every_stage() {
+    let model = TestModel::tiny(6, 5);
+    let cluster = TestCluster::start(&model, &[GIB, GIB, GIB]).await;
+    let mut events = cluster
+        .node(1)
+        .generate(raw_request(PROMPT, 200))
+        .await
+        .unwrap();
+    // A few tokens in, every stage holds the request.
+    let mut seen = 0;
+    while seen < 3 {
+        match events.recv().await {
+            Some(Ok(GenerationEvent::Text(_))) => seen += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let held: Vec<u32> = cluster
+        .nodes
+        .iter()
+        .map(|n| n.node.status().active_requests)
+        .collect();
+    assert_eq!(held, vec![1, 1, 1]);
+    drop(events);
+    cluster.wait_idle().await;
+    // And the cluster serves on.
+    let ids = ids_from(&cluster, 0, raw_request(PROMPT, 4)).await;
+    assert_eq!(ids.len(), 4);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_plan_change_between_requests_is_followed() {
+    let model = TestModel::tiny(6, 9);
+    let reference = model.reference(PROMPT, 8, SamplingParams::greedy(), Weights::Stored);
+    let mut cluster = TestCluster::start(&model, &[GIB, GIB]).await;
+    let before = cluster.wait_ready().await;
+    assert_eq!(
+        ids_from(&cluster, 0, raw_request(PROMPT, 8)).await,
+        reference
+    );
+
+    cluster.add_node(&model, GIB).await;
+    let after = cluster.wait_ready().await;
+    assert_ne!(before.epoch, after.epoch);
+    assert_eq!(after.stages.len(), 3);
+    for origin in 0..3 {
+        assert_eq!(
+            ids_from(&cluster, origin, raw_request(PROMPT, 8)).await,
+            reference,
+            "request at node {origin} after the plan changed"
+        );
+    }
+    cluster.wait_idle().await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stage_that_stops_mid_request_fails_it_with_a_typed_failure() {
+    let model = TestModel::tiny(6, 13);
+    let mut cluster = TestCluster::start(&model, &[GIB, GIB, GIB]).await;
+    let plan = cluster.wait_ready().await;
+    let mut events = cluster
+        .node(0)
+        .generate(raw_request(PROMPT, 200))
+        .await
+        .unwrap();
+    match events.recv().await {
+        Some(Ok(GenerationEvent::Text(_))) => {}
+        other => panic!("unexpected {other:?}"),
+    }
+    // Stop a node that is neither the origin nor, necessarily, next to it.
+    let victim = cluster.node(2).node_id().clone();
+    let index = plan.index_of(&victim).unwrap() as u32;
+    cluster.stop_node(2).await;
+    let failure = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match events.recv().await {
+                Some(Ok(GenerationEvent::Text(_))) => {}
+                Some(Err(GenerationError::StageFailed(f))) => return f,
+                other => panic!("expected a stage failure, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("the request must fail within 10 s, not hang");
+    eprintln!("the request failed as it should: {failure}");
+    assert_eq!(failure.node, victim, "{failure}");
+    assert_eq!(failure.stage, index, "{failure}");
+    assert_eq!(failure.epoch, plan.epoch, "{failure}");
+    assert_eq!(failure.kind, FailureKind::Lost, "{failure}");
+    // The survivors free the request.
+    cluster.wait_idle().await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_requests_are_refused_with_typed_errors_before_anything_runs() {
+    let model = TestModel::tiny(2, 1);
+    let cluster = TestCluster::start(&model, &[GIB]).await;
+    let node = cluster.node(0);
+    let context = model.config.max_position_embeddings as u32;
+
+    let mut wrong_model = raw_request(PROMPT, 4);
+    wrong_model.model = "another-model".into();
+    assert!(matches!(
+        node.generate(wrong_model).await,
+        Err(GenerationError::UnknownModel { available, .. }) if available == vec![model.id()]
+    ));
+
+    let too_long = raw_request(PROMPT, context);
+    assert!(matches!(
+        node.generate(too_long).await,
+        Err(GenerationError::ContextExceeded { max_tokens, .. }) if max_tokens == context as usize
+    ));
+
+    let empty = raw_request("", 4);
+    assert!(matches!(
+        node.generate(empty).await,
+        Err(GenerationError::Invalid { .. })
+    ));
+
+    let mut hot = raw_request(PROMPT, 4);
+    hot.sampling.top_p = 0.0;
+    assert!(matches!(
+        node.generate(hot).await,
+        Err(GenerationError::Invalid { param: Some(p), .. }) if p == "top_p"
+    ));
+    // Nothing of them reached a stage, and the node still answers.
+    assert_eq!(node.status().active_requests, 0);
+    assert_eq!(ids_from(&cluster, 0, raw_request(PROMPT, 3)).await.len(), 3);
+    cluster.shutdown().await;
+}

@@ -1,0 +1,241 @@
+//! What is asked of the model and what comes back.
+
+#[cfg(feature = "serde")]
+use serde::{Deserialize, Serialize};
+
+use crate::error::GenerationError;
+
+/// One chat message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
+pub struct ChatMessage {
+    /// `system`, `user` or `assistant` (or whatever else the model's chat template accepts).
+    pub role: String,
+    /// The message text.
+    pub content: String,
+}
+
+impl ChatMessage {
+    /// A message with the given role and text.
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        ChatMessage {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+}
+
+/// What to continue.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(Serialize, Deserialize),
+    serde(rename_all = "snake_case")
+)]
+pub enum Prompt {
+    /// Messages, rendered with the model's chat template (which opens the assistant's turn).
+    Chat(Vec<ChatMessage>),
+    /// Text continued as is, without the chat template.
+    Text(String),
+}
+
+/// How the next token is picked from the logits.
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
+pub struct SamplingParams {
+    /// 0 picks the most likely token (greedy); higher values flatten the distribution.
+    pub temperature: f32,
+    /// Keep the smallest set of tokens whose probability reaches `top_p` (1 keeps all).
+    pub top_p: f32,
+    /// Keep only the `top_k` most likely tokens (0 keeps all).
+    pub top_k: u32,
+    /// Seed of the random choice: the same seed and settings give the same text.
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams::greedy()
+    }
+}
+
+impl SamplingParams {
+    /// Always the most likely token.
+    pub fn greedy() -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: 0,
+        }
+    }
+
+    /// Whether every choice is the most likely token (no randomness at all).
+    pub fn is_greedy(&self) -> bool {
+        self.temperature == 0.0
+    }
+
+    /// Checks the ranges: temperature a finite number >= 0, top_p in (0, 1].
+    pub fn validate(&self) -> Result<(), GenerationError> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(GenerationError::invalid(
+                "temperature",
+                format!(
+                    "temperature must be a number >= 0, got {}",
+                    self.temperature
+                ),
+            ));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(GenerationError::invalid(
+                "top_p",
+                format!("top_p must be in (0, 1], got {}", self.top_p),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One generation asked of the cluster (or of a single process).
+#[derive(Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
+pub struct GenerationRequest {
+    /// The model id as the client gave it; empty for the one model being served.
+    pub model: String,
+    /// What to continue.
+    pub prompt: Prompt,
+    /// The most tokens to generate; `None` leaves it to the server's default, within the
+    /// model's context.
+    pub max_tokens: Option<u32>,
+    /// How to pick tokens.
+    pub sampling: SamplingParams,
+    /// Generation stops before the first of these strings; they are not part of the output.
+    pub stop: Vec<String>,
+    /// Keep generating past end-of-sequence tokens (benchmarks, parity tests).
+    pub ignore_eos: bool,
+}
+
+impl GenerationRequest {
+    /// A greedy request for `prompt` with the server's defaults.
+    pub fn new(prompt: Prompt) -> Self {
+        GenerationRequest {
+            model: String::new(),
+            prompt,
+            max_tokens: None,
+            sampling: SamplingParams::greedy(),
+            stop: Vec::new(),
+            ignore_eos: false,
+        }
+    }
+}
+
+/// Why a generation ended, in OpenAI's terms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(
+    feature = "serde",
+    derive(Serialize, Deserialize),
+    serde(rename_all = "snake_case")
+)]
+pub enum FinishReason {
+    /// An end-of-sequence token or a stop string.
+    Stop,
+    /// `max_tokens` reached, or the model's context is full.
+    Length,
+}
+
+impl FinishReason {
+    /// OpenAI's `finish_reason` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// The end of a generation.
+#[derive(Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
+pub struct Finished {
+    /// Why it ended.
+    pub reason: FinishReason,
+    /// Tokens in the prompt after templating.
+    pub prompt_tokens: u32,
+    /// Every generated id, in order (a final end-of-sequence token included).
+    pub token_ids: Vec<u32>,
+    /// Seconds from the start to the first generated token.
+    pub time_to_first_token_s: f64,
+    /// Seconds from the first generated token to the last.
+    pub decode_s: f64,
+}
+
+impl Finished {
+    /// Tokens generated.
+    pub fn completion_tokens(&self) -> u32 {
+        self.token_ids.len() as u32
+    }
+
+    /// Generated tokens per second after the first one (0 with fewer than two).
+    pub fn decode_tokens_per_s(&self) -> f64 {
+        let steps = self.token_ids.len().saturating_sub(1);
+        if steps == 0 || self.decode_s <= 0.0 {
+            return 0.0;
+        }
+        steps as f64 / self.decode_s
+    }
+}
+
+/// What a generation streams: text pieces as they are decided, then exactly one
+/// [`GenerationEvent::Finished`].
+#[derive(Clone, Debug, PartialEq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(Serialize, Deserialize),
+    serde(rename_all = "snake_case")
+)]
+pub enum GenerationEvent {
+    /// The next piece of text (one token or several, or none of a character held back until
+    /// it is complete).
+    Text(String),
+    /// The end; always the last event.
+    Finished(Finished),
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn sampling_ranges_are_checked_and_name_the_parameter() {
+        assert!(SamplingParams::greedy().validate().is_ok());
+        let hot = SamplingParams {
+            temperature: -1.0,
+            ..SamplingParams::greedy()
+        };
+        let e = hot.validate().unwrap_err();
+        assert!(e.to_string().contains("temperature"), "{e}");
+        let nan = SamplingParams {
+            top_p: f32::NAN,
+            ..SamplingParams::greedy()
+        };
+        assert!(matches!(
+            nan.validate(),
+            Err(GenerationError::Invalid { param: Some(p), .. }) if p == "top_p"
+        ));
+    }
+
+    #[test]
+    fn decode_speed_counts_steps_after_the_first_token() {
+        let f = Finished {
+            reason: FinishReason::Length,
+            prompt_tokens: 3,
+            token_ids: vec![1, 2, 3],
+            time_to_first_token_s: 0.1,
+            decode_s: 0.5,
+        };
+        assert_eq!(f.completion_tokens(), 3);
+        assert!((f.decode_tokens_per_s() - 4.0).abs() < 1e-9);
+    }
+}
