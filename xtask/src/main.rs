@@ -7,14 +7,17 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 mod cluster;
+mod modules;
 
-const USAGE: &str = "usage: cargo xtask <ci | bench [--quick] [--runs N] [--llama-bench PATH | --no-llama] [--no-cluster]>";
+const USAGE: &str = "usage: cargo xtask <ci | bench [--quick] [--runs N] [--llama-bench PATH | --no-llama] [--no-cluster] | bench-cluster [--exe PATH]... [--runs N] [--quick] | modules>";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("ci") => ci(),
         Some("bench") => bench(&args[1..]),
+        Some("bench-cluster") => bench_cluster(&args[1..]),
+        Some("modules") => modules::check(&root()),
         Some("-h" | "--help") | None => {
             println!("{USAGE}");
             Ok(())
@@ -461,6 +464,49 @@ fn bench(args: &[String]) -> Result<()> {
     std::fs::write(dir.join("bench.json"), format!("[{}]\n", json.join(",\n")))?;
     println!("{md}");
     println!("written to {}", dir.display());
+    Ok(())
+}
+
+/// Only the cluster tables, for one or more `exo-node` binaries (`--exe`, repeatable; default
+/// the one built from this tree), measured in turn within one run so that builds can be
+/// compared side by side (before and after a change to the runtime).
+fn bench_cluster(args: &[String]) -> Result<()> {
+    let quick = args.iter().any(|a| a == "--quick");
+    let runs: usize = match args.iter().position(|a| a == "--runs") {
+        Some(i) => args.get(i + 1).context("--runs needs a number")?.parse()?,
+        None if quick => 1,
+        None => 3,
+    };
+    let mut exes: Vec<PathBuf> = args
+        .iter()
+        .enumerate()
+        .filter(|(_, a)| *a == "--exe")
+        .filter_map(|(i, _)| args.get(i + 1).map(PathBuf::from))
+        .collect();
+    if exes.is_empty() {
+        cargo(&["build", "--release", "-p", "exo-node"])?;
+        exes.push(target_dir().join("release").join("exo-node"));
+    }
+    let model = Command::new(&exes[0]).args(["models", "fetch"]).output()?;
+    let model = PathBuf::from(String::from_utf8_lossy(&model.stdout).trim());
+    let prompt =
+        "The quick brown fox jumps over the lazy dog while the farmer watches from the hill. "
+            .repeat(7);
+    let tokens = if quick { 32 } else { 128 };
+    let mut md = String::new();
+    let mut json = Vec::new();
+    for exe in &exes {
+        md.push_str(&format!(
+            "
+### {}
+",
+            exe.display()
+        ));
+        cluster_tables(
+            exe, &model, &prompt, tokens, runs, quick, &mut md, &mut json,
+        )?;
+    }
+    println!("{md}");
     Ok(())
 }
 

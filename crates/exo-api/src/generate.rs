@@ -17,7 +17,7 @@ use crate::error::ApiError;
 use crate::middleware::RequestLog;
 use crate::queue::Slot;
 use crate::request::Parsed;
-use crate::routes::AppState;
+use crate::state::AppState;
 
 /// Comment lines sent while a stream is idle (a long prefill, a slow stage) so that proxies do
 /// not time the connection out and a client that went away is noticed on the next write.

@@ -35,6 +35,7 @@ mod openapi;
 mod queue;
 mod request;
 mod routes;
+mod state;
 
 use std::future::Future;
 use std::sync::Arc;

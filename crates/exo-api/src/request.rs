@@ -11,7 +11,7 @@ use axum::http::{StatusCode, header};
 use serde_json::{Map, Value};
 
 use crate::error::ApiError;
-use crate::routes::AppState;
+use crate::state::AppState;
 use exo_core::{ChatMessage as Message, GenerationRequest, Prompt, SamplingParams};
 
 /// OpenAI accepts at most this many stop strings.

@@ -19,14 +19,7 @@ use crate::generate::{Api, respond};
 use crate::middleware::{self, RequestLog};
 use crate::queue::Admission;
 use crate::request::{self, JsonObject};
-
-/// What every handler shares.
-#[derive(Clone)]
-pub(crate) struct AppState {
-    pub(crate) engine: Arc<dyn Engine>,
-    pub(crate) config: Arc<ApiConfig>,
-    pub(crate) admission: Arc<Admission>,
-}
+use crate::state::AppState;
 
 /// Every routed path, in OpenAPI's notation, with its methods. The OpenAPI document is
 /// checked against this list in the tests.

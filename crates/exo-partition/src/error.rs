@@ -3,7 +3,7 @@
 use std::fmt;
 
 use crate::format::{bytes, plural};
-use crate::profile::NodeId;
+use crate::node::NodeId;
 
 /// Everything that can stop [`plan`](crate::plan) from producing a plan.
 #[derive(Debug, thiserror::Error)]

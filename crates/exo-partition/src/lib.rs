@@ -40,6 +40,7 @@ mod cost;
 mod error;
 mod explain;
 mod format;
+mod node;
 mod plan;
 mod profile;
 mod search;

@@ -1,0 +1,16 @@
+//! What every handler shares: the engine, the configuration and the admission queue. Its own
+//! module so that the handlers' modules and the router do not depend on each other.
+
+use std::sync::Arc;
+
+use crate::config::ApiConfig;
+use crate::engine::Engine;
+use crate::queue::Admission;
+
+/// What every handler shares.
+#[derive(Clone)]
+pub(crate) struct AppState {
+    pub(crate) engine: Arc<dyn Engine>,
+    pub(crate) config: Arc<ApiConfig>,
+    pub(crate) admission: Arc<Admission>,
+}
