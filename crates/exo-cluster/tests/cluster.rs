@@ -15,6 +15,7 @@ use std::time::Duration;
 use exo_core::{FailureKind, GenerationError, GenerationEvent, SamplingParams};
 use exo_shard::Weights;
 use exo_testkit::cluster::Options;
+use exo_testkit::http::request;
 use exo_testkit::{TestCluster, TestModel, collect, raw_request};
 
 const GIB: u64 = 1 << 30;
@@ -188,6 +189,78 @@ async fn a_stage_that_stops_mid_request_fails_it_with_a_typed_failure() {
     assert_eq!(failure.kind, FailureKind::Lost, "{failure}");
     // The survivors free the request.
     cluster.wait_idle().await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn readyz_says_why_until_the_cluster_can_serve_then_answers_200() {
+    let model = TestModel::tiny(4, 21);
+    let options = Options {
+        strategy: exo_cluster::Strategy::CostOptimal,
+        ..Options::default()
+    };
+    let mut cluster = TestCluster::empty(options);
+    // One node offering 64 KiB cannot hold the model.
+    cluster.add_node(&model, 64 << 10).await;
+    let node = std::sync::Arc::clone(cluster.node(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let engine = std::sync::Arc::new(exo_cluster::NodeEngine::new(node));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(exo_api::serve(
+        listener,
+        engine,
+        exo_api::ApiConfig::default(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let waiting = loop {
+        let reply = request(address, "GET", "/readyz", None).await;
+        assert_eq!(reply.status, 503, "{}", reply.body);
+        if reply.json()["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("short by"))
+        {
+            break reply;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{}", reply.body);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!("not ready yet: {}", waiting.body);
+    assert_eq!(request(address, "GET", "/healthz", None).await.status, 200);
+    let cluster_view = request(address, "GET", "/v1/cluster", None).await.json();
+    assert_eq!(cluster_view["ready"], false, "{cluster_view}");
+
+    // A node with room joins: the plan puts every layer there, and the first node serves
+    // through it.
+    cluster.add_node(&model, GIB).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let reply = request(address, "GET", "/readyz", None).await;
+        if reply.status == 200 {
+            assert_eq!(reply.json(), serde_json::json!({"status": "ready"}));
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{}", reply.body);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let body = serde_json::json!({
+        "model": model.id(),
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 3,
+    });
+    let reply = request(address, "POST", "/v1/chat/completions", Some(&body)).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert!(
+        reply.json()["usage"]["completion_tokens"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0
+    );
+    let _ = stop.send(());
+    let _ = server.await;
     cluster.shutdown().await;
 }
 

@@ -85,6 +85,9 @@ pub struct Options {
     pub wire: WireDtype,
     /// Largest prompt chunk the origin sends in one frame.
     pub prefill_chunk: usize,
+    /// How the planner places layers (memory-weighted by default, so the memory each node
+    /// offers decides the split).
+    pub strategy: Strategy,
 }
 
 impl Default for Options {
@@ -93,6 +96,7 @@ impl Default for Options {
             weights: Weights::Stored,
             wire: WireDtype::F32,
             prefill_chunk: 512,
+            strategy: Strategy::MemoryWeighted,
         }
     }
 }
@@ -127,13 +131,19 @@ impl TestCluster {
         Self::start_with(model, memory, Options::default()).await
     }
 
-    /// [`TestCluster::start`] with other options.
-    pub async fn start_with(model: &TestModel, memory: &[u64], options: Options) -> TestCluster {
-        let mut cluster = TestCluster {
+    /// A cluster of no nodes yet, for tests that add nodes one at a time
+    /// ([`TestCluster::add_node`]).
+    pub fn empty(options: Options) -> TestCluster {
+        TestCluster {
             nodes: Vec::new(),
             key: ClusterKey::generate(),
             options,
-        };
+        }
+    }
+
+    /// [`TestCluster::start`] with other options.
+    pub async fn start_with(model: &TestModel, memory: &[u64], options: Options) -> TestCluster {
+        let mut cluster = TestCluster::empty(options);
         for &bytes in memory {
             cluster.add_node(model, bytes).await;
         }
@@ -158,7 +168,7 @@ impl TestCluster {
         config.prefill_chunk = self.options.prefill_chunk;
         config.plan_context = 64;
         config.settle = Duration::from_millis(200);
-        config.strategy = Strategy::MemoryWeighted;
+        config.strategy = self.options.strategy;
         let node = Node::start(config)
             .await
             .unwrap_or_else(|e| panic!("starting a test node: {e}"));
