@@ -142,9 +142,11 @@ impl Stages {
                 (Arc::clone(&held.shard), held.weight_bytes)
             }
             _ => {
-                // Free the old shard first: a node never loads a second one beside it (a
-                // retiring worker may keep its own until its requests end).
+                // Free the old shard first: a node never loads a second one beside it. Its
+                // worker retires now, and lets go of the weights at once unless requests are
+                // still running on it (they finish first).
                 self.set_held(None);
+                self.retire_workers();
                 let started = Instant::now();
                 let loaded = self.load(assignment, index).await?;
                 load_seconds = started.elapsed().as_secs_f64();
@@ -233,14 +235,21 @@ impl Stages {
             active: Arc::clone(&self.active),
         };
         let handle = worker::spawn(spec, downstream, (handle, rx))?;
+        self.retire_workers();
+        if let Ok(mut workers) = self.workers.lock() {
+            workers.insert(held.epoch, handle);
+        }
+        Ok(())
+    }
+
+    /// Tells every worker to take no new requests and stop once its running ones end.
+    fn retire_workers(&self) {
         if let Ok(mut workers) = self.workers.lock() {
             workers.retain(|_, w| w.is_running());
             for old in workers.values() {
                 old.send(WorkerMsg::Retire);
             }
-            workers.insert(held.epoch, handle);
         }
-        Ok(())
     }
 
     fn set_held(&self, held: Option<Arc<Held>>) {
@@ -258,11 +267,7 @@ impl Stages {
         if self.held().is_some() {
             tracing::info!("this node holds no layers in the current plan; freeing its shard");
             self.set_held(None);
-            if let Ok(workers) = self.workers.lock() {
-                for w in workers.values() {
-                    w.send(WorkerMsg::Retire);
-                }
-            }
+            self.retire_workers();
         }
     }
 
