@@ -19,11 +19,12 @@ use crate::diagnose::chain_text;
 use crate::error::{Error, Result};
 use crate::event::{TopologyEvent, TopologySnapshot};
 use crate::event_loop::{Command, EventLoop};
+use crate::host::{host_name, logical_cores, read_memory};
 use crate::identity::{
     ClusterKey, ClusterKeyInfo, KeyOrigin, hex, load_or_create_identity, resolve_cluster_key,
 };
 use crate::network::{Behaviour, build_swarm};
-use crate::profile::{NodeId, NodeProfile, host_name, read_memory};
+use crate::profile::{NodeId, NodeProfile};
 
 /// How long the start-up micro-benchmark runs.
 const BENCHMARK_BUDGET: Duration = Duration::from_millis(240);
@@ -70,7 +71,7 @@ impl Topology {
             memory: read_memory(config.memory_limit),
             backend: config.backend.clone(),
             device: config.device.clone(),
-            cores: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+            cores: logical_cores(),
             flops_per_s: benchmark.flops_per_s,
             mem_bandwidth_bytes_per_s: benchmark.mem_bandwidth_bytes_per_s,
             software_version: env!("CARGO_PKG_VERSION").to_owned(),

@@ -96,7 +96,7 @@ impl TopologyConfig {
             mdns: true,
             role: NodeRole::Worker,
             backend: "flex".to_owned(),
-            device: crate::profile::cpu_name(),
+            device: crate::host::cpu_name(),
             grpc_endpoint: None,
             models: Vec::new(),
             memory_limit: None,
