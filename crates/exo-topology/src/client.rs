@@ -49,9 +49,9 @@ impl Topology {
         let (cluster_key, key_info) =
             resolve_cluster_key(config.cluster_key.as_ref(), &config.home)?;
         match &key_info.origin {
-            KeyOrigin::Generated { .. } => {
-                tracing::info!("generated a new cluster key: {}", key_info.share_hint());
-            }
+            // Until the key is shared no other device can join, so this is said at warning
+            // level: it reaches the user of every binary whatever its default log level.
+            KeyOrigin::Generated { .. } => tracing::warn!("{}", key_info.share_hint()),
             _ => tracing::info!(fingerprint = %key_info.fingerprint, "using the cluster key"),
         }
         let benchmark = match config.benchmark {

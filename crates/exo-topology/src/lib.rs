@@ -57,7 +57,9 @@ pub use event::{
     Discovery, LeaveReason, PeerDiagnostic, PeerInfo, Problem, TopologyEvent, TopologySnapshot,
 };
 pub use host::{ProcessMemory, cpu_name, process_memory};
-pub use identity::{CLUSTER_KEY_FILE, ClusterKey, ClusterKeyInfo, KeyOrigin, NODE_KEY_FILE};
+pub use identity::{
+    CLUSTER_KEY_FILE, ClusterKey, ClusterKeyInfo, KeyOrigin, MIN_PASSPHRASE_CHARS, NODE_KEY_FILE,
+};
 pub use libp2p::Multiaddr;
 pub use profile::{LinkMeasurement, MemoryInfo, ModelFile, NodeId, NodeProfile, NodeRole};
 pub use protocol::PROTOCOL_VERSION;
