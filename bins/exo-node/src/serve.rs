@@ -129,6 +129,14 @@ pub(crate) fn parse_bytes(text: &str) -> Result<u64, String> {
 }
 
 pub(crate) fn run(args: ServeArgs) -> Result<()> {
+    // Flags first (a short passphrase is refused at once), then the model (maybe a download).
+    let mut topology = TopologyConfig::new(exo_model::exo_home());
+    topology.apply_flags(
+        args.cluster_key.as_deref(),
+        &args.peers,
+        &args.listen,
+        !args.no_mdns,
+    )?;
     let model = resolve_model(args.model.clone())?;
     let backend = args.backend.kind();
     let device = backend.device()?;
@@ -140,13 +148,6 @@ pub(crate) fn run(args: ServeArgs) -> Result<()> {
         .wire
         .parse()
         .map_err(|e| anyhow::anyhow!("--wire: {e}"))?;
-    let mut topology = TopologyConfig::new(exo_model::exo_home());
-    topology.apply_flags(
-        args.cluster_key.as_deref(),
-        &args.peers,
-        &args.listen,
-        !args.no_mdns,
-    )?;
     topology.memory_limit = args.memory_limit;
     topology.backend = backend.name().to_owned();
     topology.device = cpu_name();

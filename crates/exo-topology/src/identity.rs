@@ -172,7 +172,7 @@ impl ClusterKeyInfo {
                 path.display()
             ),
             KeyOrigin::Generated { path } => format!(
-                "generated a new cluster key {fingerprint} in {path}; every device of a cluster needs the same key: \
+                "generated a new cluster key (fingerprint {fingerprint}) in {path}; every device of a cluster needs the same key: \
                  copy {path} into the other devices' $EXO_HOME, \
                  or start them with --cluster-key <the 64 hexadecimal digits in that file> (or EXO_CLUSTER_KEY=<digits>); \
                  or instead choose a passphrase of at least {MIN_PASSPHRASE_CHARS} characters \
