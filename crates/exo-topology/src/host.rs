@@ -345,8 +345,9 @@ mod tests {
         let resident = before.resident_bytes.expect("resident memory");
         let peak = before.peak_bytes.expect("peak memory");
         assert!(resident > 1 << 20, "{before:?}");
-        // Touch 64 MiB so the peak has to move past it.
-        let block = vec![1u8; 64 << 20];
+        // Touch 64 MiB so the peak has to move past it (`black_box`: the optimiser must not
+        // drop the allocation of a release build).
+        let block = std::hint::black_box(vec![1u8; 64 << 20]);
         let touched: u64 = block.iter().step_by(4096).map(|&b| u64::from(b)).sum();
         assert_eq!(touched, (64 << 20) / 4096);
         let after = process_memory();
