@@ -17,7 +17,8 @@ struct Cli {
     /// Log level filter (`info`, `debug`, ...); also read from RUST_LOG.
     #[arg(long, env = "EXO_LOG", default_value = "info")]
     log: String,
-    /// The cluster key, 64 hexadecimal digits (default: $EXO_HOME/cluster.key).
+    /// The cluster key: 64 hexadecimal digits, or the passphrase (at least 12 characters) the
+    /// cluster's nodes were started with (default: $EXO_HOME/cluster.key).
     #[arg(long, env = "EXO_CLUSTER_KEY", hide_env_values = true)]
     cluster_key: Option<String>,
     /// A node to dial directly, for networks that block multicast (may be repeated).

@@ -50,7 +50,8 @@ enum Command {
         /// The node's shard service (`http://10.0.0.5:52417`).
         #[arg(long)]
         node: String,
-        /// The cluster key (default: $EXO_HOME/cluster.key).
+        /// The cluster key: 64 hexadecimal digits or the cluster's passphrase (default:
+        /// $EXO_HOME/cluster.key).
         #[arg(long, env = "EXO_CLUSTER_KEY", hide_env_values = true)]
         cluster_key: Option<String>,
     },
@@ -115,7 +116,8 @@ struct GenerateArgs {
     /// Print the generated token ids to stderr after the figures (for parity checks).
     #[arg(long)]
     show_token_ids: bool,
-    /// With --node: the cluster key (default: $EXO_HOME/cluster.key).
+    /// With --node: the cluster key, 64 hexadecimal digits or the cluster's passphrase
+    /// (default: $EXO_HOME/cluster.key).
     #[arg(long, env = "EXO_CLUSTER_KEY", hide_env_values = true)]
     cluster_key: Option<String>,
 }
@@ -299,12 +301,10 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-/// The process's peak resident memory (Linux `VmHWM`), for the figures line.
+/// The process's peak resident memory, for the figures line.
 fn peak_memory_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
+    let bytes = exo_topology::process_memory().peak_bytes?;
+    Some(bytes as f64 / (1u64 << 20) as f64)
 }
 
 /// `auto` keeps quantized GGUF weights quantized on the CPU kernels; everything else runs f32.

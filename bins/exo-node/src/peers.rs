@@ -5,15 +5,16 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use exo_topology::{KeyOrigin, NodeRole, Topology, TopologyConfig, cpu_name};
+use exo_topology::{NodeRole, Topology, TopologyConfig, cpu_name};
 use futures::StreamExt;
 
 use crate::shutdown_signal;
 
 #[derive(Args, Debug)]
 pub(crate) struct PeersArgs {
-    /// The cluster key, 64 hexadecimal digits. Without it the key in $EXO_HOME/cluster.key is
-    /// used (created on first use); every device of a cluster needs the same key.
+    /// The cluster key: 64 hexadecimal digits, or a passphrase of at least 12 characters
+    /// typed the same on every device. Without it the key in $EXO_HOME/cluster.key is used
+    /// (created on first use); every device of a cluster needs the same key.
     #[arg(long, env = "EXO_CLUSTER_KEY", hide_env_values = true)]
     cluster_key: Option<String>,
     /// A peer to dial directly, for networks that block multicast (may be repeated):
@@ -59,13 +60,8 @@ async fn peers(args: PeersArgs) -> Result<()> {
     config.backend = "none".to_owned();
     config.device = cpu_name();
 
+    // A key generated now comes with a warning that says how to share it (from exo-topology).
     let topology = Topology::start(config).await?;
-    if matches!(topology.cluster_key().origin, KeyOrigin::Generated { .. }) {
-        eprintln!(
-            "exo-node: generated a new cluster key; {}",
-            topology.cluster_key().share_hint()
-        );
-    }
     if args.watch {
         let (snapshot, mut events) = topology.subscribe().await?;
         if args.json {

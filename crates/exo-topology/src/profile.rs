@@ -116,87 +116,11 @@ impl LinkMeasurement {
     }
 }
 
-/// Memory from `/proc/meminfo` and the cgroup limit, capped by `limit`.
-pub(crate) fn read_memory(limit: Option<u64>) -> MemoryInfo {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let field = |name: &str| -> Option<u64> {
-        meminfo
-            .lines()
-            .find_map(|line| line.strip_prefix(name))
-            .and_then(|rest| {
-                rest.trim()
-                    .trim_end_matches("kB")
-                    .trim()
-                    .parse::<u64>()
-                    .ok()
-            })
-            .map(|kib| kib * 1024)
-    };
-    let mut total = field("MemTotal:");
-    let mut available = field("MemAvailable:");
-    // A container's limit is what the node can really use.
-    let cgroup = |file: &str| -> Option<u64> {
-        std::fs::read_to_string(format!("/sys/fs/cgroup/{file}"))
-            .ok()
-            .and_then(|text| text.trim().parse::<u64>().ok())
-    };
-    if let Some(max) = cgroup("memory.max") {
-        total = Some(total.map_or(max, |t| t.min(max)));
-        let free = max.saturating_sub(cgroup("memory.current").unwrap_or(0));
-        available = Some(available.map_or(free, |a| a.min(free)));
-    }
-    if let Some(limit) = limit {
-        total = Some(total.map_or(limit, |t| t.min(limit)));
-        available = Some(available.map_or(limit, |a| a.min(limit)));
-    }
-    MemoryInfo {
-        total_bytes: total,
-        available_bytes: available,
-    }
-}
-
-/// The host name, or `unknown`.
-pub(crate) fn host_name() -> String {
-    ["/proc/sys/kernel/hostname", "/etc/hostname"]
-        .iter()
-        .find_map(|p| std::fs::read_to_string(p).ok())
-        .map(|s| s.trim().to_owned())
-        .filter(|s| !s.is_empty())
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| "unknown".to_owned())
-}
-
-/// The CPU model name from `/proc/cpuinfo`, or the architecture.
-pub fn cpu_name() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|text| {
-            text.lines()
-                .find(|l| l.starts_with("model name") || l.starts_with("Model"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_owned())
-        })
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| format!("{} cpu", std::env::consts::ARCH))
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
     use super::*;
-
-    #[test]
-    fn a_memory_limit_caps_total_and_available() {
-        let limited = read_memory(Some(1 << 20));
-        assert_eq!(limited.total_bytes, Some(1 << 20));
-        assert!(limited.available_bytes.unwrap() <= 1 << 20);
-        if cfg!(target_os = "linux") {
-            let mem = read_memory(None);
-            assert!(mem.total_bytes.unwrap() >= mem.available_bytes.unwrap());
-            assert!(mem.total_bytes.unwrap() > 1 << 26);
-        }
-    }
 
     #[test]
     fn profiles_are_plain_json() {
@@ -212,7 +136,5 @@ mod tests {
             serde_json::from_str::<LinkMeasurement>(&json).unwrap(),
             link
         );
-        assert!(!cpu_name().is_empty());
-        assert!(!host_name().is_empty());
     }
 }
