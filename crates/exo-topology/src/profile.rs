@@ -68,7 +68,7 @@ pub struct NodeProfile {
     pub mem_bandwidth_bytes_per_s: f64,
     /// The software version (`0.1.0`).
     pub software_version: String,
-    /// The cluster protocol version (`/exo/1.0.0`); nodes with another major version cannot
+    /// The cluster protocol version (`/exo/2.0.0`); nodes with another major version cannot
     /// work together.
     pub protocol_version: String,
     /// Model files the node holds, so that weights can be fetched from a neighbour.

@@ -9,8 +9,9 @@ use libp2p::StreamProtocol;
 use libp2p::request_response::Codec;
 
 /// The cluster protocol version, sent as identify's `protocol_version`. Nodes whose major
-/// versions differ refuse each other (and say so in their diagnostics).
-pub const PROTOCOL_VERSION: &str = "/exo/1.0.0";
+/// versions differ refuse each other (and say so in their diagnostics). Major 2: the shard
+/// service's ring of links and deliveries, which nodes of major 1 do not speak.
+pub const PROTOCOL_VERSION: &str = "/exo/2.0.0";
 
 /// The profile exchange: each side sends its [`crate::NodeProfile`] and gets the other's back.
 pub(crate) const PROFILE_PROTOCOL: StreamProtocol = StreamProtocol::new("/exo/profile/1.0.0");

@@ -314,7 +314,7 @@ async fn a_node_of_another_major_version_is_refused_and_diagnosed() {
         .unwrap();
     let mut cc = config(dirs[1].path(), memory_port(), &key);
     cc.static_peers = vec![address(pa)];
-    cc.protocol_version = "/exo/2.0.0".to_owned();
+    cc.protocol_version = "/exo/3.0.0".to_owned();
     let c = Topology::start(cc).await.unwrap();
 
     for node in [&a, &c] {
@@ -327,7 +327,7 @@ async fn a_node_of_another_major_version_is_refused_and_diagnosed() {
         let text = snapshot.to_string();
         assert!(text.contains("incompatible version"), "{text}");
         assert!(
-            text.contains("/exo/2.0.0") && text.contains("/exo/1.0.0"),
+            text.contains("/exo/3.0.0") && text.contains("/exo/2.0.0"),
             "{text}"
         );
         assert!(snapshot.nodes.is_empty(), "{text}");

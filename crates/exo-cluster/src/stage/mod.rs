@@ -352,10 +352,7 @@ fn report(held: &Held, load_seconds: f64) -> AssignReport {
     }
 }
 
-/// Resident memory of this process (Linux; 0 elsewhere).
+/// Resident memory of this process, on every platform (0 where it cannot be read).
 pub(crate) fn resident_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map_or(0, |pages| pages * 4096)
+    exo_topology::process_memory().resident_bytes.unwrap_or(0)
 }
