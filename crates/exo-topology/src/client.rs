@@ -19,7 +19,7 @@ use crate::diagnose::chain_text;
 use crate::error::{Error, Result};
 use crate::event::{TopologyEvent, TopologySnapshot};
 use crate::event_loop::{Command, EventLoop};
-use crate::host::{host_name, logical_cores, read_memory};
+use crate::host::{host_name, logical_cores, os_name, read_memory};
 use crate::identity::{
     ClusterKey, ClusterKeyInfo, KeyOrigin, hex, load_or_create_identity, resolve_cluster_key,
 };
@@ -66,6 +66,7 @@ impl Topology {
             id: local_id.clone(),
             instance: instance.clone(),
             name: host_name(),
+            os: os_name(),
             role: config.role,
             grpc_endpoint: config.grpc_endpoint.clone(),
             memory: read_memory(config.memory_limit),

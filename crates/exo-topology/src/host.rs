@@ -67,6 +67,16 @@ pub(crate) fn host_name() -> String {
         .unwrap_or_else(|| "unknown".to_owned())
 }
 
+/// The operating system for people (`Linux (Debian GNU/Linux 12)`, `macOS 15.1.1 Sequoia`,
+/// `Windows 11 Pro`), or the platform's short name (`linux`) where it does not say more.
+pub(crate) fn os_name() -> String {
+    System::long_os_version()
+        .ok()
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| std::env::consts::OS.to_owned())
+}
+
 /// The memory this node offers: the machine's, capped by its container's (cgroup) limit on Linux
 /// and by `limit`.
 pub(crate) fn read_memory(limit: Option<u64>) -> MemoryInfo {

@@ -50,6 +50,10 @@ pub struct NodeProfile {
     pub instance: String,
     /// The host name, for people reading the topology.
     pub name: String,
+    /// The operating system, for people (`Linux (Debian GNU/Linux 12)`); empty from a node of
+    /// a release that did not send it.
+    #[serde(default)]
+    pub os: String,
     /// What the node does.
     pub role: NodeRole,
     /// Where its shard service (gRPC) listens, once it runs one (`http://10.0.0.5:52417`).
