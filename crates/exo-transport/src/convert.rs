@@ -663,6 +663,13 @@ impl From<&NodeStatus> for pb::StatusReply {
             activation_bytes_sent: s.activation_bytes_sent,
             activation_frames_sent: s.activation_frames_sent,
             activation_positions_sent: s.activation_positions_sent,
+            loading: s.loading.is_some(),
+            loading_start: s.loading.map_or(0, |r| r.start),
+            loading_end: s.loading.map_or(0, |r| r.end),
+            loading_fraction: s.loading_fraction,
+            steps_computed: s.steps_computed,
+            positions_computed: s.positions_computed,
+            compute_nanos: s.compute_nanos,
         }
     }
 }
@@ -681,6 +688,18 @@ impl From<pb::StatusReply> for NodeStatus {
             activation_bytes_sent: s.activation_bytes_sent,
             activation_frames_sent: s.activation_frames_sent,
             activation_positions_sent: s.activation_positions_sent,
+            loading: s
+                .loading
+                .then(|| LayerRange::new(s.loading_start, s.loading_end)),
+            // A figure for people: out-of-range or NaN values from a peer are clamped.
+            loading_fraction: if s.loading_fraction.is_finite() {
+                s.loading_fraction.clamp(0.0, 1.0)
+            } else {
+                0.0
+            },
+            steps_computed: s.steps_computed,
+            positions_computed: s.positions_computed,
+            compute_nanos: s.compute_nanos,
         }
     }
 }
@@ -954,5 +973,29 @@ mod tests {
             failure,
         };
         assert_eq!(TokenOut::try_from(&pb::TokenOut::from(&out)).unwrap(), out);
+    }
+
+    #[test]
+    fn statuses_round_trip_with_loading_and_compute_figures() {
+        let status = NodeStatus {
+            node_id: "n1".into(),
+            model: "m.gguf".into(),
+            epoch: Some(Epoch::from_hash(7)),
+            layers: LayerRange::new(0, 10),
+            ready: false,
+            loading: Some(LayerRange::new(10, 20)),
+            loading_fraction: 0.25,
+            steps_computed: 40,
+            positions_computed: 90,
+            compute_nanos: 1_000_000,
+            ..NodeStatus::default()
+        };
+        assert_eq!(NodeStatus::from(pb::StatusReply::from(&status)), status);
+        let idle = NodeStatus::default();
+        assert_eq!(NodeStatus::from(pb::StatusReply::from(&idle)), idle);
+        // A peer's nonsense fraction is kept in range.
+        let mut reply = pb::StatusReply::from(&status);
+        reply.loading_fraction = f64::NAN;
+        assert_eq!(NodeStatus::from(reply).loading_fraction, 0.0);
     }
 }

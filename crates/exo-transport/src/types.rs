@@ -156,4 +156,14 @@ pub struct NodeStatus {
     pub activation_frames_sent: u64,
     /// Positions whose activations it sent.
     pub activation_positions_sent: u64,
+    /// The layers it is loading now, if it is.
+    pub loading: Option<LayerRange>,
+    /// The part of those layers' bytes read so far, 0 to 1 (0 when not loading).
+    pub loading_fraction: f64,
+    /// Steps (frames of work) its stage workers computed since it started.
+    pub steps_computed: u64,
+    /// Positions (rows of those frames) they computed.
+    pub positions_computed: u64,
+    /// Time they spent computing, nanoseconds.
+    pub compute_nanos: u64,
 }

@@ -8,12 +8,12 @@ pub(crate) mod worker;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use exo_core::{Epoch, LayerRange, NodeId, Stage};
-use exo_model::{Checkpoint, ModelConfig, ShardSpec};
+use exo_model::{Checkpoint, LayerPart, ModelConfig, ShardSpec, TensorId};
 use exo_shard::{Device, LlamaShard, Weights};
 use exo_transport::{AssignReport, Assignment, NodeStatus};
 use tokio::sync::watch;
@@ -63,6 +63,66 @@ pub(crate) enum HoldError {
     Load { layers: LayerRange, reason: String },
 }
 
+/// What this node's stage workers computed, counted since the node started: the live view turns
+/// the differences between two readings into step times and tokens/s.
+#[derive(Debug, Default)]
+pub(crate) struct StageMeter {
+    steps: AtomicU64,
+    positions: AtomicU64,
+    nanos: AtomicU64,
+}
+
+impl StageMeter {
+    /// Counts one step (a frame of work) of `positions` rows that took `took` to compute.
+    pub(crate) fn record(&self, positions: u64, took: Duration) {
+        self.steps.fetch_add(1, Ordering::Relaxed);
+        self.positions.fetch_add(positions, Ordering::Relaxed);
+        let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        self.nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+}
+
+/// A load under way: its layers, and the checkpoint it reads, whose read counter says how far
+/// it got.
+#[derive(Debug)]
+struct Loading {
+    layers: LayerRange,
+    checkpoint: Arc<Checkpoint>,
+    total_bytes: u64,
+}
+
+impl Loading {
+    fn fraction(&self) -> f64 {
+        let read = self.checkpoint.read_stats().bytes;
+        (read as f64 / self.total_bytes.max(1) as f64).clamp(0.0, 1.0)
+    }
+}
+
+/// Stored bytes of the tensors a shard of `spec` reads: what a load's progress is measured
+/// against.
+fn shard_bytes(checkpoint: &Checkpoint, spec: &ShardSpec) -> u64 {
+    let bytes = |id| checkpoint.stored_bytes(id).unwrap_or(0);
+    let mut total: u64 = spec
+        .layers
+        .clone()
+        .flat_map(|layer| LayerPart::ALL.map(|part| TensorId::Layer { layer, part }))
+        .filter(|&id| checkpoint.has_tensor(id))
+        .map(bytes)
+        .sum();
+    if spec.embedding {
+        total += bytes(TensorId::Embedding);
+    }
+    if spec.head {
+        total += bytes(TensorId::FinalNorm);
+        if checkpoint.has_tensor(TensorId::Head) {
+            total += bytes(TensorId::Head);
+        } else if !spec.embedding {
+            total += bytes(TensorId::Embedding);
+        }
+    }
+    total
+}
+
 /// This node's stages.
 #[derive(Debug)]
 pub(crate) struct Stages {
@@ -76,6 +136,11 @@ pub(crate) struct Stages {
     loading: tokio::sync::Mutex<()>,
     plan: watch::Receiver<PlanState>,
     active: Arc<AtomicU32>,
+    meter: Arc<StageMeter>,
+    /// The load under way, if any.
+    load: Mutex<Option<Loading>>,
+    /// Bumped when a load starts or ends, for the live view.
+    changes: watch::Sender<u64>,
     links: LinkSettings,
     tasks: Tasks,
 }
@@ -97,9 +162,16 @@ impl Stages {
             loading: tokio::sync::Mutex::new(()),
             plan,
             active: Arc::default(),
+            meter: Arc::default(),
+            load: Mutex::new(None),
+            changes: watch::channel(0).0,
             links,
             tasks,
         }
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// The shard held now, if any.
@@ -184,18 +256,30 @@ impl Stages {
             self.source.device.clone(),
             self.source.weights,
         );
-        let for_load = spec.clone();
-        let shard = tokio::task::spawn_blocking(move || {
-            let checkpoint = Checkpoint::open(&path)?;
-            LlamaShard::load_with(&checkpoint, &for_load, &device, weights)
-        })
-        .await
-        .map_err(|e| e.to_string())
-        .and_then(|r| r.map_err(|e| e.to_string()))
-        .map_err(|reason| HoldError::Load {
+        let failed = |reason: String| HoldError::Load {
             layers: stage.layers,
             reason,
-        })?;
+        };
+        let checkpoint = tokio::task::spawn_blocking(move || Checkpoint::open(&path))
+            .await
+            .map_err(|e| failed(e.to_string()))?
+            .map_err(|e| failed(e.to_string()))?;
+        let checkpoint = Arc::new(checkpoint);
+        self.set_loading(Some(Loading {
+            layers: stage.layers,
+            checkpoint: Arc::clone(&checkpoint),
+            total_bytes: shard_bytes(&checkpoint, &spec),
+        }));
+        let for_load = spec.clone();
+        let shard = tokio::task::spawn_blocking(move || {
+            LlamaShard::load_with(&checkpoint, &for_load, &device, weights)
+        })
+        .await;
+        self.set_loading(None);
+        let shard = shard
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()))
+            .map_err(failed)?;
         let weight_bytes = shard.native_weight_bytes().map_or_else(
             || (spec.layers.len() * self.source.config.layer_params() * 4) as u64,
             |b| b as u64,
@@ -209,6 +293,13 @@ impl Stages {
             "loaded shard"
         );
         Ok((Arc::new(shard), weight_bytes))
+    }
+
+    fn set_loading(&self, loading: Option<Loading>) {
+        if let Ok(mut slot) = self.load.lock() {
+            *slot = loading;
+        }
+        self.changed();
     }
 
     /// Starts the worker of `held` (with its link to the next stage) and retires older ones.
@@ -233,6 +324,7 @@ impl Stages {
             stages: held.stages.clone(),
             shard: Arc::clone(&held.shard),
             active: Arc::clone(&self.active),
+            meter: Arc::clone(&self.meter),
         };
         let handle = worker::spawn(spec, downstream, (handle, rx))?;
         self.retire_workers();
@@ -258,6 +350,7 @@ impl Stages {
             *slot = held;
         }
         self.held_epoch.send_replace(epoch);
+        self.changed();
     }
 
     /// Drops the held shard (this node is not in the plan any more); running requests finish
@@ -324,6 +417,12 @@ impl Stages {
     pub(crate) fn status(&self) -> NodeStatus {
         let held = self.held();
         let sent = &self.links.sent;
+        let (loading, loading_fraction) = self
+            .load
+            .lock()
+            .ok()
+            .and_then(|slot| slot.as_ref().map(|l| (Some(l.layers), l.fraction())))
+            .unwrap_or((None, 0.0));
         NodeStatus {
             node_id: self.node.as_str().to_owned(),
             model: self.source.name.clone(),
@@ -339,6 +438,11 @@ impl Stages {
             activation_bytes_sent: sent.bytes.load(Ordering::Relaxed),
             activation_frames_sent: sent.frames.load(Ordering::Relaxed),
             activation_positions_sent: sent.positions.load(Ordering::Relaxed),
+            loading,
+            loading_fraction,
+            steps_computed: self.meter.steps.load(Ordering::Relaxed),
+            positions_computed: self.meter.positions.load(Ordering::Relaxed),
+            compute_nanos: self.meter.nanos.load(Ordering::Relaxed),
         }
     }
 }

@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Instant;
 
 use exo_core::{
     Activations, Epoch, FailureKind, NodeId, RequestId, Stage, StageFailure, StepEntry, StepFrame,
@@ -18,6 +19,7 @@ use exo_shard::{KvCache, LlamaShard, Sampler};
 use tokio::sync::mpsc;
 
 use crate::inbox::Inboxes;
+use crate::stage::StageMeter;
 
 /// Identifies one inbound link of a worker (requests end with the link they came over).
 pub(crate) type LinkId = u64;
@@ -123,6 +125,8 @@ pub(crate) struct WorkerSpec {
     pub(crate) shard: Arc<LlamaShard>,
     /// Requests with state on this node, across its workers (for status).
     pub(crate) active: Arc<AtomicU32>,
+    /// Steps, positions and compute time, across its workers (for the live view).
+    pub(crate) meter: Arc<StageMeter>,
 }
 
 /// Starts a worker on its own thread. `downstream` is the next stage's link (none for the
@@ -236,6 +240,7 @@ impl Worker {
     }
 
     fn frame(&mut self, link: LinkId, frame: StepFrame) {
+        let started = Instant::now();
         let mut out = Output::default();
         let mut row = 0usize;
         for entry in &frame.entries {
@@ -268,6 +273,8 @@ impl Worker {
                 self.requests.remove(&entry.request);
             }
         }
+        let positions = frame.entries.iter().map(|e| u64::from(e.rows)).sum();
+        self.spec.meter.record(positions, started.elapsed());
         self.send(out);
     }
 
