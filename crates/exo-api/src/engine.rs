@@ -4,7 +4,7 @@
 use exo_core::{GenerationError, GenerationEvent, GenerationRequest};
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::cluster::ClusterView;
 
@@ -24,6 +24,17 @@ pub trait Engine: Send + Sync + 'static {
 
     /// The cluster as the engine sees it, for `GET /v1/cluster`.
     fn cluster(&self) -> BoxFuture<'_, ClusterView>;
+
+    /// The cluster view as it changes, for `GET /v1/cluster/events` (the web page's live
+    /// view). The receiver holds the latest view and is marked changed whenever the view
+    /// changes: membership, the plan, loading progress and, while someone watches, the stages'
+    /// figures. The event stream ends when the sender is dropped.
+    ///
+    /// `None`, the default, means the engine keeps no live view: the route then sends
+    /// [`Engine::cluster`] once and keeps the stream open.
+    fn cluster_events(&self) -> Option<watch::Receiver<ClusterView>> {
+        None
+    }
 
     /// Whether the engine can serve a generation now, and if not, why (`GET /readyz`). The
     /// API itself is alive as long as it answers (`GET /healthz`).

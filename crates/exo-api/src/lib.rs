@@ -2,7 +2,8 @@
 //!
 //! [`router`] builds an axum router serving `POST /v1/chat/completions` and
 //! `POST /v1/completions` (as one JSON response or as server-sent events), `GET /v1/models`,
-//! `GET /v1/models/{model}`, `GET /v1/cluster`, `GET /healthz` (alive), `GET /readyz` (can serve
+//! `GET /v1/models/{model}`, `GET /v1/cluster` (and `GET /v1/cluster/events`, the same view as
+//! server-sent events each time it changes), `GET /healthz` (alive), `GET /readyz` (can serve
 //! now; 503 with the reason until then) and `GET /openapi.json`;
 //! [`serve`] runs it on an already-bound listener until a shutdown future resolves. Requests
 //! are validated here, in OpenAI's terms and with OpenAI's error envelope, then admitted by a
@@ -40,7 +41,9 @@ mod state;
 use std::future::Future;
 use std::sync::Arc;
 
-pub use crate::cluster::{ClusterView, LinkView, NodeView, PlanView, StageView};
+pub use crate::cluster::{
+    ClusterView, LinkView, NodeState, NodeView, PeerProblemView, PlanView, StageView,
+};
 pub use crate::config::ApiConfig;
 pub use crate::engine::{Engine, Generation, ModelCard, Readiness};
 pub use crate::openapi::openapi;

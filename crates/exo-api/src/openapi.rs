@@ -95,6 +95,33 @@ fn paths() -> Value {
                 ),
             },
         },
+        "/v1/cluster/events": {
+            "get": {
+                "operationId": "watchCluster",
+                "summary": "The cluster view now, then again each time it changes (the web page's live view)",
+                "description": "A server-sent event stream: one event named `cluster` whose `data:` \
+                    line is a ClusterView, sent at once and again whenever the view changes \
+                    (membership, the plan, loading progress, and while the stream is open the \
+                    stages' figures, at most about once a second). Idle streams carry comment \
+                    lines every 15 s. Browsers read it with `fetch` and a streaming reader, \
+                    which can send the API key (`EventSource` cannot).",
+                "security": secured,
+                "responses": with_errors(
+                    json!({
+                        "200": {
+                            "description": "Server-sent events",
+                            "content": {
+                                "text/event-stream": {
+                                    "schema": {"type": "string"},
+                                    "itemSchema": schema_ref("ClusterView"),
+                                },
+                            },
+                        },
+                    }),
+                    &["401"],
+                ),
+            },
+        },
         "/healthz": {
             "get": {
                 "operationId": "health",
@@ -482,9 +509,32 @@ fn cluster_schemas() -> Vec<(&'static str, Value)> {
                     "plan": {"oneOf": [schema_ref("PlanView"), {"type": "null"}]},
                     "status": {"type": "string"},
                     "ready": {"type": "boolean"},
+                    "problems": {"type": "array", "items": schema_ref("PeerProblemView")},
                 }),
                 &["nodes", "links", "plan", "status", "ready"],
             ),
+        ),
+        (
+            "PeerProblemView",
+            object(
+                json!({
+                    "peer": {"type": ["string", "null"]},
+                    "address": {"type": ["string", "null"]},
+                    "problem": {"type": "string"},
+                }),
+                &["peer", "address", "problem"],
+            ),
+        ),
+        (
+            "NodeState",
+            json!({
+                "type": "string",
+                "enum": ["joining", "loading", "ready", "idle", "waiting", "observer", "gone"],
+                "description": "joining: in the cluster, not yet in the plan; loading: loading its \
+                    layers of the plan; ready: holds them; idle: a worker the plan leaves out; \
+                    waiting: a worker while the cluster has no plan; observer: a gateway; \
+                    gone: left a moment ago",
+            }),
         ),
         (
             "NodeView",
@@ -499,6 +549,20 @@ fn cluster_schemas() -> Vec<(&'static str, Value)> {
                     "flops": {"type": "number"},
                     "models": {"type": "array", "items": {"type": "string"}},
                     "is_self": {"type": "boolean"},
+                    "state": schema_ref("NodeState"),
+                    "progress": {
+                        "type": ["number", "null"],
+                        "description": "While loading: the part loaded, 0 to 1",
+                    },
+                    "os": {"type": "string"},
+                    "device": {"type": "string", "description": "A CPU model or a GPU name"},
+                    "cores": {"type": "integer"},
+                    "backend": {"type": "string"},
+                    "used_memory_bytes": {
+                        "type": ["integer", "null"],
+                        "description": "Resident memory of the node's process",
+                    },
+                    "weight_bytes": {"type": ["integer", "null"]},
                 }),
                 &[
                     "id",
@@ -555,6 +619,23 @@ fn cluster_schemas() -> Vec<(&'static str, Value)> {
                     "layers_end": {"type": "integer", "description": "Exclusive"},
                     "embeds": {"type": "boolean"},
                     "has_head": {"type": "boolean"},
+                    "group": {
+                        "type": "array",
+                        "items": {"type": "string"},
+                        "description": "A tensor-parallel group's nodes, lead first; empty for one node",
+                    },
+                    "step_ms": {
+                        "type": ["number", "null"],
+                        "description": "Mean time per step (one frame of work) lately",
+                    },
+                    "tokens_per_s": {
+                        "type": ["number", "null"],
+                        "description": "Positions computed per second lately, prompts included",
+                    },
+                    "requests": {
+                        "type": ["integer", "null"],
+                        "description": "Requests with state on the stage's node",
+                    },
                 }),
                 &["node", "layers_start", "layers_end", "embeds", "has_head"],
             ),

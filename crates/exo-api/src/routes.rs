@@ -1,11 +1,13 @@
 //! The router: which handler answers which path, and the layers around them.
 
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::rejection::PathRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderValue, Method};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -30,6 +32,7 @@ pub(crate) const PATHS: &[(&str, &[&str])] = &[
     ("/v1/models", &["get"]),
     ("/v1/models/{model}", &["get"]),
     ("/v1/cluster", &["get"]),
+    ("/v1/cluster/events", &["get"]),
     ("/healthz", &["get"]),
     ("/readyz", &["get"]),
     ("/openapi.json", &["get"]),
@@ -54,6 +57,7 @@ pub fn router(engine: Arc<dyn Engine>, config: ApiConfig) -> Router {
         // Model ids such as `meta-llama/Llama-3.2-1B` contain slashes.
         .route("/v1/models/{*model}", get(get_model))
         .route("/v1/cluster", get(cluster))
+        .route("/v1/cluster/events", get(cluster_events))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/openapi.json", get(openapi))
@@ -154,6 +158,47 @@ async fn get_model(
 
 async fn cluster(State(state): State<AppState>) -> Response {
     Json(state.engine.cluster().await).into_response()
+}
+
+/// Comment lines sent on an idle event stream, so that proxies keep it open and a browser that
+/// went away is noticed.
+const EVENTS_KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+/// `GET /v1/cluster/events`: the cluster view now, then again each time it changes, as
+/// server-sent events named `cluster` whose data is a `ClusterView`.
+async fn cluster_events(State(state): State<AppState>) -> Response {
+    let mut live = state.engine.cluster_events();
+    let first = match live.as_mut() {
+        Some(rx) => rx.borrow_and_update().clone(),
+        None => state.engine.cluster().await,
+    };
+    let views = futures::stream::unfold((Some(first), live), |(first, live)| async move {
+        if let Some(view) = first {
+            return Some((view, (None, live)));
+        }
+        match live {
+            Some(mut rx) => {
+                // Only changes after the view already sent; a dropped sender ends the stream.
+                rx.changed().await.ok()?;
+                let view = rx.borrow_and_update().clone();
+                Some((view, (None, Some(rx))))
+            }
+            // No live view: the stream stays open with keep-alive comments only.
+            None => std::future::pending().await,
+        }
+    });
+    let events = futures::StreamExt::map(views, |view| {
+        Event::default()
+            .event("cluster")
+            .json_data(view)
+            .or_else(|error| {
+                tracing::error!(%error, "cluster view not serialisable");
+                Ok::<_, Infallible>(Event::default().comment("unserialisable view"))
+            })
+    });
+    Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(EVENTS_KEEP_ALIVE))
+        .into_response()
 }
 
 async fn healthz() -> Json<Value> {

@@ -5,21 +5,23 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use exo_api::{ApiConfig, ClusterView, Generation, ModelCard, PlanView, Readiness, StageView};
 use exo_core::{GenerationError, GenerationEvent, GenerationRequest};
-use exo_topology::{NodeRole, Topology, TopologyConfig, TopologySnapshot};
-use exo_transport::{Credential, GenerateStream, Limits};
+use exo_topology::{NodeRole, Topology, TopologyConfig, TopologyEvent, TopologySnapshot};
+use exo_transport::{Credential, GenerateStream, Limits, NodeStatus};
 use futures::StreamExt;
 use futures::future::BoxFuture;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::clients::ClientPool;
 use crate::engine::now_s;
 use crate::error::{Error, Result};
+use crate::live::{self, LiveView, ViewSource};
 use crate::origin::model_id;
 use crate::plan::reachable;
-use crate::views::view_of;
+use crate::views::{self, Reports, Tracker, ViewInput};
 
 /// Everything a gateway needs.
 #[derive(Debug, Clone)]
@@ -37,11 +39,20 @@ pub struct GatewayConfig {
 /// Serves the API for the cluster's nodes, forwarding every request to one of them.
 #[derive(Debug)]
 pub struct GatewayEngine {
-    topology: Topology,
-    snapshot: Arc<Mutex<Option<TopologySnapshot>>>,
-    clients: ClientPool,
+    views: Arc<GatewayViews>,
+    live: Option<LiveView>,
     next: AtomicUsize,
     created: u64,
+}
+
+/// What the gateway knows of the cluster: membership, kept up to date by a background task,
+/// and connections to the nodes.
+#[derive(Debug)]
+struct GatewayViews {
+    topology: Topology,
+    snapshot: Mutex<Option<TopologySnapshot>>,
+    clients: ClientPool,
+    tracker: Mutex<Tracker>,
 }
 
 /// A worker the gateway can send requests to.
@@ -53,37 +64,45 @@ struct Worker {
 
 impl GatewayEngine {
     /// An engine that forwards through `topology`'s cluster, keeping its view of the members
-    /// up to date on a background task.
+    /// up to date on a background task, and a live view of the cluster for the web page.
     pub async fn start(topology: Topology, limits: Limits) -> Result<Self> {
         let credential = Credential::new(topology.derive_secret(Credential::PURPOSE));
         let (first, mut events) = topology.subscribe().await?;
-        let snapshot = Arc::new(Mutex::new(Some(first)));
-        let (watch, view) = (topology.clone(), Arc::clone(&snapshot));
+        let views = Arc::new(GatewayViews {
+            topology: topology.clone(),
+            snapshot: Mutex::new(Some(first)),
+            clients: ClientPool::new(credential, limits),
+            tracker: Mutex::default(),
+        });
+        let (watch, view) = (topology.clone(), Arc::clone(&views));
         tokio::spawn(async move {
             while events.next().await.is_some() {
                 let Ok(now) = watch.snapshot().await else {
                     return;
                 };
-                if let Ok(mut slot) = view.lock() {
-                    *slot = Some(now);
+                view.keep(now);
+            }
+        });
+        let wakes = Box::pin(async move {
+            match topology.events().await {
+                Ok(events) => live::membership(events),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the live view will not follow membership");
+                    futures::stream::empty().boxed()
                 }
             }
         });
+        let source: Arc<dyn ViewSource> = views.clone();
         Ok(GatewayEngine {
-            topology,
-            snapshot,
-            clients: ClientPool::new(credential, limits),
+            live: live::start(source, wakes),
+            views,
             next: AtomicUsize::new(0),
             created: now_s(),
         })
     }
 
-    fn snapshot(&self) -> Option<TopologySnapshot> {
-        self.snapshot.lock().ok().and_then(|s| s.clone())
-    }
-
     fn workers(&self) -> Vec<Worker> {
-        let Some(snapshot) = self.snapshot() else {
+        let Some(snapshot) = self.views.snapshot() else {
             return Vec::new();
         };
         let mut workers: Vec<Worker> = snapshot
@@ -104,8 +123,107 @@ impl GatewayEngine {
 
     /// The membership client.
     pub fn topology(&self) -> &Topology {
-        &self.topology
+        &self.views.topology
     }
+}
+
+impl GatewayViews {
+    fn snapshot(&self) -> Option<TopologySnapshot> {
+        self.snapshot.lock().ok().and_then(|s| s.clone())
+    }
+
+    fn keep(&self, snapshot: TopologySnapshot) {
+        if let Ok(mut slot) = self.snapshot.lock() {
+            *slot = Some(snapshot);
+        }
+    }
+
+    /// The cluster as the nodes report it to the gateway: the plan is what they hold.
+    async fn build(&self) -> ClusterView {
+        let snapshot = match self.topology.snapshot().await {
+            Ok(now) => {
+                self.keep(now.clone());
+                Some(now)
+            }
+            Err(_) => self.snapshot(),
+        };
+        let reports = match &snapshot {
+            Some(snapshot) => views::reports(&self.clients, snapshot).await,
+            None => Reports::new(),
+        };
+        let plan = plan_from(&reports);
+        let workers = snapshot.as_ref().map_or(0, |s| {
+            s.nodes
+                .iter()
+                .filter(|p| p.profile.role == NodeRole::Worker)
+                .count()
+        });
+        let status = if plan.is_some() {
+            "ready".to_owned()
+        } else if workers == 0 {
+            "waiting: no node has joined the cluster yet".to_owned()
+        } else {
+            "waiting: no node holds layers yet".to_owned()
+        };
+        let input = ViewInput {
+            snapshot: snapshot.as_ref(),
+            reports: &reports,
+            ready: plan.is_some(),
+            plan,
+            epoch: None,
+            status,
+        };
+        match self.tracker.lock() {
+            Ok(mut tracker) => tracker.view(input, Instant::now()),
+            Err(poisoned) => poisoned.into_inner().view(input, Instant::now()),
+        }
+    }
+}
+
+impl ViewSource for GatewayViews {
+    fn view(&self) -> BoxFuture<'_, ClusterView> {
+        Box::pin(self.build())
+    }
+
+    fn observe(&self, event: &TopologyEvent) {
+        if let Ok(mut tracker) = self.tracker.lock() {
+            tracker.observe(event, Instant::now());
+        }
+    }
+}
+
+/// The plan in force as the nodes report what they hold (the gateway does not plan).
+fn plan_from(reports: &Reports) -> Option<PlanView> {
+    let mut stages = Vec::new();
+    let mut epoch = None;
+    let mut model = String::new();
+    let mut held: Vec<&NodeStatus> = reports.values().filter(|r| r.ready).collect();
+    held.sort_by_key(|r| r.layers.start);
+    for status in held {
+        epoch = status.epoch;
+        model = model_id(&status.model);
+        stages.push(StageView {
+            node: status.node_id.clone(),
+            layers_start: status.layers.start,
+            layers_end: status.layers.end,
+            embeds: status.layers.start == 0,
+            has_head: false,
+            ..StageView::default()
+        });
+    }
+    if let Some(last) = stages.last_mut() {
+        last.has_head = true;
+    }
+    (!stages.is_empty()).then(|| PlanView {
+        epoch: epoch
+            .map(|e: exo_core::Epoch| e.to_string())
+            .unwrap_or_default(),
+        model,
+        stages,
+        predicted_decode_tokens_per_s: None,
+        predicted_time_to_first_token_ms: None,
+        explanation: vec!["as reported by the nodes to this gateway".to_owned()],
+    })
 }
 
 /// Every model some worker serves, sorted, once each.
@@ -131,57 +249,11 @@ impl exo_api::Engine for GatewayEngine {
     }
 
     fn cluster(&self) -> BoxFuture<'_, ClusterView> {
-        Box::pin(async move {
-            let (nodes, links) = self.snapshot().as_ref().map(view_of).unwrap_or_default();
-            // The plan in force, as the nodes report what they hold.
-            let mut stages = Vec::new();
-            let mut epoch = None;
-            let mut model = String::new();
-            for worker in self.workers() {
-                let Ok(client) = self.clients.get(&worker.endpoint).await else {
-                    continue;
-                };
-                if let Ok(status) = client.status().await
-                    && status.ready
-                {
-                    epoch = status.epoch;
-                    model = model_id(&status.model);
-                    stages.push(StageView {
-                        node: status.node_id,
-                        layers_start: status.layers.start,
-                        layers_end: status.layers.end,
-                        embeds: status.layers.start == 0,
-                        has_head: false,
-                    });
-                }
-            }
-            stages.sort_by_key(|s| s.layers_start);
-            if let Some(last) = stages.last_mut() {
-                last.has_head = true;
-            }
-            let plan = (!stages.is_empty()).then(|| PlanView {
-                epoch: epoch
-                    .map(|e: exo_core::Epoch| e.to_string())
-                    .unwrap_or_default(),
-                model,
-                stages,
-                predicted_decode_tokens_per_s: None,
-                predicted_time_to_first_token_ms: None,
-                explanation: vec!["as reported by the nodes to this gateway".to_owned()],
-            });
-            let status = if plan.is_some() {
-                "ready"
-            } else {
-                "no node holds layers yet"
-            };
-            ClusterView {
-                nodes,
-                links,
-                ready: plan.is_some(),
-                plan,
-                status: status.to_owned(),
-            }
-        })
+        self.views.view()
+    }
+
+    fn cluster_events(&self) -> Option<watch::Receiver<ClusterView>> {
+        self.live.as_ref().map(LiveView::subscribe)
     }
 
     fn readiness(&self) -> Readiness {
@@ -221,7 +293,8 @@ impl exo_api::Engine for GatewayEngine {
             for i in 0..serving.len() {
                 let worker = serving[(start + i) % serving.len()];
                 let outcome = async {
-                    self.clients
+                    self.views
+                        .clients
                         .get(&worker.endpoint)
                         .await?
                         .generate(&request)
@@ -235,7 +308,7 @@ impl exo_api::Engine for GatewayEngine {
                     }
                     // Try the next node: this one may just have left.
                     Err(e) => {
-                        self.clients.forget(&worker.endpoint);
+                        self.views.clients.forget(&worker.endpoint);
                         last_error = Some(format!("node {}: {e}", worker.id));
                     }
                 }

@@ -20,14 +20,15 @@
 //! plain types), protobuf (the transport converts at its edge), or model math (the shard).
 //!
 //! Modules, each using only those listed before it: `tasks`, `clients`, `plan`, `inbox`,
-//! `stage` (worker, link, the holder), `origin` (route, request), `service`, `views`, `node`,
-//! `engine`, `gateway`.
+//! `stage` (worker, link, the holder), `origin` (route, request), `service`, `views`, `live`,
+//! `node`, `engine`, `gateway`.
 
 mod clients;
 mod engine;
 mod error;
 mod gateway;
 mod inbox;
+mod live;
 mod node;
 mod origin;
 mod plan;

@@ -288,6 +288,16 @@ impl Node {
         self.stages.status()
     }
 
+    /// Changes whenever this node starts or ends loading layers, or holds other ones.
+    pub(crate) fn stage_changes(&self) -> watch::Receiver<u64> {
+        self.stages.changes()
+    }
+
+    /// The connections to other nodes' shard services.
+    pub(crate) fn clients(&self) -> &ClientPool {
+        &self.origins.links.clients
+    }
+
     /// Generates with this node as the origin. Dropping the receiver cancels the request on
     /// every stage.
     pub async fn generate(

@@ -1,38 +1,330 @@
-//! Membership as the API shows it.
+//! The cluster as the API shows it. Membership, the plan and what each node reports about
+//! itself (its shard service's status) become `exo_api`'s views. A [`Tracker`] keeps what a
+//! view needs from before: the last reading of each node's counters (step times and tokens/s
+//! are differences between two readings) and the nodes that left a moment ago.
 
-use exo_api::{LinkView, NodeView};
-use exo_topology::{NodeRole, TopologySnapshot};
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
 
+use exo_api::{ClusterView, LinkView, NodeState, NodeView, PeerProblemView, PlanView};
+use exo_core::Epoch;
+use exo_topology::{NodeProfile, NodeRole, TopologyEvent, TopologySnapshot};
+use exo_transport::NodeStatus;
+
+use crate::clients::ClientPool;
 use crate::origin::model_id;
+use crate::plan::reachable;
 
-/// The nodes and measured links of a membership snapshot.
-pub(crate) fn view_of(snapshot: &TopologySnapshot) -> (Vec<NodeView>, Vec<LinkView>) {
-    let node = |p: &exo_topology::NodeProfile, is_self: bool, address: Option<String>| NodeView {
-        id: p.id.as_str().to_owned(),
-        name: p.name.clone(),
-        role: match p.role {
+/// How long a node's status may take before the view goes on without it.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a node that left is still shown, as gone.
+const GONE_FOR: Duration = Duration::from_secs(60);
+/// A worker that joined this recently and is not in the plan is joining (the cluster plans
+/// again once membership settles); later, it is idle.
+const JOINING_FOR_S: f64 = 10.0;
+/// Readings closer together than this are too noisy to divide: the last figures stand.
+const MIN_INTERVAL: Duration = Duration::from_millis(800);
+
+/// What the nodes that could be asked said about themselves, by node id.
+pub(crate) type Reports = HashMap<String, NodeStatus>;
+
+/// Asks every worker of `snapshot` that runs a shard service for its status, all at once; a
+/// node that does not answer within [`STATUS_TIMEOUT`] is left out (and its connection
+/// forgotten, so the next call dials again).
+pub(crate) async fn reports(clients: &ClientPool, snapshot: &TopologySnapshot) -> Reports {
+    let asks = snapshot
+        .nodes
+        .iter()
+        .filter(|p| p.profile.role == NodeRole::Worker)
+        .filter_map(|p| {
+            let endpoint = reachable(p.profile.grpc_endpoint.as_deref()?, &p.addresses);
+            Some(async move {
+                let ask = async { clients.get(&endpoint).await?.status().await };
+                match tokio::time::timeout(STATUS_TIMEOUT, ask).await {
+                    Ok(Ok(status)) => Some((p.profile.id.as_str().to_owned(), status)),
+                    _ => {
+                        clients.forget(&endpoint);
+                        None
+                    }
+                }
+            })
+        });
+    futures::future::join_all(asks)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+/// What a view is made of, gathered by an engine.
+#[derive(Debug)]
+pub(crate) struct ViewInput<'a> {
+    /// Membership, if it could be read.
+    pub(crate) snapshot: Option<&'a TopologySnapshot>,
+    /// What the nodes said about themselves.
+    pub(crate) reports: &'a Reports,
+    /// The plan in force, without the stages' figures (they are filled in here).
+    pub(crate) plan: Option<PlanView>,
+    /// The plan's epoch, when the engine knows which plan is in force.
+    pub(crate) epoch: Option<Epoch>,
+    /// The cluster's state for people.
+    pub(crate) status: String,
+    /// Whether the engine can serve now.
+    pub(crate) ready: bool,
+}
+
+/// The last reading of one node's counters, and the figures derived from the one before.
+#[derive(Clone, Copy, Debug)]
+struct Reading {
+    at: Instant,
+    steps: u64,
+    positions: u64,
+    nanos: u64,
+    step_ms: Option<f64>,
+    tokens_per_s: Option<f64>,
+}
+
+/// What views remember between one another.
+#[derive(Debug, Default)]
+pub(crate) struct Tracker {
+    readings: HashMap<String, Reading>,
+    /// The nodes of the last view, by id: what a node that leaves is shown as.
+    known: HashMap<String, NodeView>,
+    /// Nodes that left, and when.
+    gone: Vec<(NodeView, Instant)>,
+}
+
+impl Tracker {
+    /// Takes note of a membership event: a node that left is shown as gone for a while.
+    pub(crate) fn observe(&mut self, event: &TopologyEvent, now: Instant) {
+        match event {
+            TopologyEvent::NodeLeft { id, .. } => {
+                if let Some(node) = self.known.get(id.as_str()) {
+                    self.gone.retain(|(n, _)| n.id != node.id);
+                    let gone = NodeView {
+                        state: NodeState::Gone,
+                        progress: None,
+                        used_memory_bytes: None,
+                        is_self: false,
+                        ..node.clone()
+                    };
+                    self.gone.push((gone, now));
+                }
+            }
+            TopologyEvent::NodeJoined { profile, .. } => {
+                self.gone.retain(|(n, _)| n.id != profile.id.as_str());
+            }
+            _ => {}
+        }
+    }
+
+    /// The step time and tokens/s of the node whose counters `report` carries.
+    fn figures(
+        &mut self,
+        id: &str,
+        report: &NodeStatus,
+        now: Instant,
+    ) -> (Option<f64>, Option<f64>) {
+        let counters = (
+            report.steps_computed,
+            report.positions_computed,
+            report.compute_nanos,
+        );
+        let fresh = |step_ms, tokens_per_s| Reading {
+            at: now,
+            steps: counters.0,
+            positions: counters.1,
+            nanos: counters.2,
+            step_ms,
+            tokens_per_s,
+        };
+        let reading = match self.readings.get(id) {
+            // The first reading, or the node restarted (its counters went back): the mean
+            // step time since it started, and no rate yet.
+            None => fresh(mean_step_ms(counters.0, counters.2), None),
+            Some(last) if counters.0 < last.steps || counters.1 < last.positions => {
+                fresh(mean_step_ms(counters.0, counters.2), None)
+            }
+            Some(last) if now.duration_since(last.at) < MIN_INTERVAL => *last,
+            Some(last) => {
+                let steps = counters.0 - last.steps;
+                let positions = counters.1 - last.positions;
+                let seconds = now.duration_since(last.at).as_secs_f64();
+                let step_ms = if steps > 0 {
+                    mean_step_ms(steps, counters.2.saturating_sub(last.nanos))
+                } else {
+                    last.step_ms
+                };
+                fresh(step_ms, Some(positions as f64 / seconds))
+            }
+        };
+        self.readings.insert(id.to_owned(), reading);
+        (reading.step_ms, reading.tokens_per_s)
+    }
+
+    /// Builds the view from `input`, as of `now`.
+    pub(crate) fn view(&mut self, input: ViewInput<'_>, now: Instant) -> ClusterView {
+        let ViewInput {
+            snapshot,
+            reports,
+            mut plan,
+            epoch,
+            status,
+            ready,
+        } = input;
+        let mut in_plan = HashSet::new();
+        if let Some(plan) = plan.as_mut() {
+            for stage in &mut plan.stages {
+                in_plan.insert(stage.node.clone());
+                in_plan.extend(stage.group.iter().cloned());
+                if let Some(report) = reports.get(&stage.node) {
+                    let (step_ms, tokens_per_s) = self.figures(&stage.node, report, now);
+                    stage.step_ms = step_ms;
+                    stage.tokens_per_s = tokens_per_s;
+                    stage.requests = Some(report.active_requests);
+                }
+            }
+        }
+        let place = Place {
+            in_plan: &in_plan,
+            planned: plan.is_some(),
+            epoch,
+        };
+        let mut nodes = Vec::new();
+        if let Some(snapshot) = snapshot {
+            let local = &snapshot.local;
+            nodes.push(node_view(
+                local,
+                true,
+                None,
+                None,
+                reports.get(local.id.as_str()),
+                &place,
+            ));
+            nodes.extend(snapshot.nodes.iter().map(|p| {
+                node_view(
+                    &p.profile,
+                    false,
+                    p.addresses.first().cloned(),
+                    Some(p.joined_s_ago),
+                    reports.get(p.profile.id.as_str()),
+                    &place,
+                )
+            }));
+        }
+        self.known = nodes.iter().map(|n| (n.id.clone(), n.clone())).collect();
+        let present: HashSet<&str> = nodes.iter().map(|n| n.id.as_str()).collect();
+        self.gone.retain(|(node, at)| {
+            now.duration_since(*at) < GONE_FOR && !present.contains(node.id.as_str())
+        });
+        nodes.extend(self.gone.iter().map(|(node, _)| node.clone()));
+        let (links, problems) = snapshot.map(links_and_problems).unwrap_or_default();
+        ClusterView {
+            nodes,
+            links,
+            plan,
+            status,
+            ready,
+            problems,
+        }
+    }
+}
+
+fn mean_step_ms(steps: u64, nanos: u64) -> Option<f64> {
+    (steps > 0).then(|| nanos as f64 / steps as f64 / 1e6)
+}
+
+/// Where the plan in force puts nodes.
+struct Place<'a> {
+    in_plan: &'a HashSet<String>,
+    planned: bool,
+    epoch: Option<Epoch>,
+}
+
+fn node_view(
+    profile: &NodeProfile,
+    is_self: bool,
+    address: Option<String>,
+    joined_s_ago: Option<f64>,
+    report: Option<&NodeStatus>,
+    place: &Place<'_>,
+) -> NodeView {
+    let id = profile.id.as_str();
+    let (state, progress) = state_of(
+        profile.role,
+        report,
+        place.in_plan.contains(id),
+        place.planned,
+        place.epoch,
+        joined_s_ago,
+    );
+    NodeView {
+        id: id.to_owned(),
+        name: profile.name.clone(),
+        role: match profile.role {
             NodeRole::Worker => "worker",
             NodeRole::Observer => "observer",
         }
         .to_owned(),
-        address: p.grpc_endpoint.clone().or(address),
-        memory_bytes: p.memory.total_bytes.unwrap_or(0),
-        offered_memory_bytes: p
+        address: profile.grpc_endpoint.clone().or(address),
+        memory_bytes: profile.memory.total_bytes.unwrap_or(0),
+        offered_memory_bytes: profile
             .memory
             .available_bytes
-            .or(p.memory.total_bytes)
+            .or(profile.memory.total_bytes)
             .unwrap_or(0),
-        flops: p.flops_per_s,
-        models: p.models.iter().map(|m| model_id(&m.name)).collect(),
+        flops: profile.flops_per_s,
+        models: profile.models.iter().map(|m| model_id(&m.name)).collect(),
         is_self,
-    };
-    let mut nodes = vec![node(&snapshot.local, true, None)];
-    nodes.extend(
-        snapshot
-            .nodes
-            .iter()
-            .map(|p| node(&p.profile, false, p.addresses.first().cloned())),
-    );
+        state,
+        progress,
+        os: profile.os.clone(),
+        device: profile.device.clone(),
+        cores: profile.cores,
+        backend: profile.backend.clone(),
+        // Whole MiB: resident memory moves by pages all the time, and a view that changes
+        // every second for nothing would be sent every second.
+        used_memory_bytes: report
+            .map(|r| r.resident_bytes >> 20 << 20)
+            .filter(|&b| b > 0),
+        weight_bytes: report.map(|r| r.weight_bytes).filter(|&b| b > 0),
+    }
+}
+
+/// Where a node stands, and how far its load got when it loads.
+fn state_of(
+    role: NodeRole,
+    report: Option<&NodeStatus>,
+    in_plan: bool,
+    planned: bool,
+    epoch: Option<Epoch>,
+    joined_s_ago: Option<f64>,
+) -> (NodeState, Option<f64>) {
+    if role == NodeRole::Observer {
+        return (NodeState::Observer, None);
+    }
+    if let Some(report) = report
+        && report.loading.is_some()
+    {
+        return (NodeState::Loading, Some(report.loading_fraction));
+    }
+    if in_plan {
+        let holds = report.is_some_and(|r| r.ready && (epoch.is_none() || r.epoch == epoch));
+        return if holds {
+            (NodeState::Ready, None)
+        } else {
+            (NodeState::Loading, None)
+        };
+    }
+    match joined_s_ago {
+        Some(s) if s < JOINING_FOR_S => (NodeState::Joining, None),
+        _ if planned => (NodeState::Idle, None),
+        _ => (NodeState::Waiting, None),
+    }
+}
+
+/// The measured links of a membership snapshot, and the peers seen but not in the cluster.
+fn links_and_problems(snapshot: &TopologySnapshot) -> (Vec<LinkView>, Vec<PeerProblemView>) {
     let links = snapshot
         .nodes
         .iter()
@@ -43,5 +335,146 @@ pub(crate) fn view_of(snapshot: &TopologySnapshot) -> (Vec<NodeView>, Vec<LinkVi
             bandwidth_bytes_per_s: p.link.bandwidth_bytes_per_s,
         })
         .collect();
-    (nodes, links)
+    let problems = snapshot
+        .diagnostics
+        .iter()
+        .map(|d| PeerProblemView {
+            peer: d.id.as_ref().map(|id| id.as_str().to_owned()),
+            address: d.address.clone(),
+            problem: d.problem.as_ref().map_or_else(
+                || "connecting (a first attempt is under way)".to_owned(),
+                ToString::to_string,
+            ),
+        })
+        .collect();
+    (links, problems)
+}
+
+#[cfg(test)]
+mod tests {
+    use exo_core::LayerRange;
+
+    use super::*;
+
+    fn counters(steps: u64, positions: u64, nanos: u64) -> NodeStatus {
+        NodeStatus {
+            steps_computed: steps,
+            positions_computed: positions,
+            compute_nanos: nanos,
+            ..NodeStatus::default()
+        }
+    }
+
+    #[test]
+    fn step_times_and_rates_come_from_differences_between_readings() {
+        let mut tracker = Tracker::default();
+        let start = Instant::now();
+        // Since it started: 10 steps in 50 ms, no rate yet.
+        let (step, rate) = tracker.figures("a", &counters(10, 40, 50_000_000), start);
+        assert_eq!((step, rate), (Some(5.0), None));
+        // Two seconds later: 20 more steps of 1 position in 200 ms.
+        let later = start + Duration::from_secs(2);
+        let (step, rate) = tracker.figures("a", &counters(30, 60, 250_000_000), later);
+        assert_eq!(step, Some(10.0));
+        assert_eq!(rate, Some(10.0));
+        // Too soon to divide: the same figures.
+        let soon = later + Duration::from_millis(100);
+        let again = tracker.figures("a", &counters(31, 61, 260_000_000), soon);
+        assert_eq!(again, (Some(10.0), Some(10.0)));
+        // Idle: the last step time stands, no positions per second.
+        let idle = later + Duration::from_secs(2);
+        let (step, rate) = tracker.figures("a", &counters(30, 60, 250_000_000), idle);
+        // (Counters back below the last baseline would be a restart; these equal it.)
+        assert_eq!((step, rate), (Some(10.0), Some(0.0)));
+        // A restart: counters went back.
+        let restarted = idle + Duration::from_secs(2);
+        let (step, rate) = tracker.figures("a", &counters(0, 0, 0), restarted);
+        assert_eq!((step, rate), (None, None));
+    }
+
+    #[test]
+    fn states_follow_the_report_and_the_plan() {
+        let epoch = Epoch::from_hash(3);
+        let held = NodeStatus {
+            ready: true,
+            epoch: Some(epoch),
+            ..NodeStatus::default()
+        };
+        let loading = NodeStatus {
+            loading: Some(LayerRange::new(0, 8)),
+            loading_fraction: 0.5,
+            ..NodeStatus::default()
+        };
+        let worker = NodeRole::Worker;
+        assert_eq!(
+            state_of(worker, Some(&held), true, true, Some(epoch), Some(60.0)),
+            (NodeState::Ready, None)
+        );
+        // Holding an older plan's layers is not ready for this one.
+        let older = NodeStatus {
+            epoch: Some(Epoch::from_hash(4)),
+            ..held.clone()
+        };
+        assert_eq!(
+            state_of(worker, Some(&older), true, true, Some(epoch), None).0,
+            NodeState::Loading
+        );
+        assert_eq!(
+            state_of(worker, Some(&loading), true, true, Some(epoch), None),
+            (NodeState::Loading, Some(0.5))
+        );
+        assert_eq!(
+            state_of(worker, None, false, true, None, Some(1.0)).0,
+            NodeState::Joining
+        );
+        assert_eq!(
+            state_of(worker, None, false, true, None, Some(600.0)).0,
+            NodeState::Idle
+        );
+        assert_eq!(
+            state_of(worker, None, false, false, None, None).0,
+            NodeState::Waiting
+        );
+        assert_eq!(
+            state_of(NodeRole::Observer, Some(&held), true, true, None, None).0,
+            NodeState::Observer
+        );
+    }
+
+    #[test]
+    fn a_node_that_leaves_is_shown_as_gone_for_a_while() {
+        let mut tracker = Tracker::default();
+        let start = Instant::now();
+        tracker.known.insert(
+            "b".into(),
+            NodeView {
+                id: "b".into(),
+                name: "laptop".into(),
+                state: NodeState::Ready,
+                used_memory_bytes: Some(1 << 20),
+                ..NodeView::default()
+            },
+        );
+        let left = TopologyEvent::NodeLeft {
+            id: exo_topology::NodeId("b".into()),
+            reason: exo_topology::LeaveReason::Closed,
+        };
+        tracker.observe(&left, start);
+        let input = |reports| ViewInput {
+            snapshot: None,
+            reports,
+            plan: None,
+            epoch: None,
+            status: "waiting".into(),
+            ready: false,
+        };
+        let reports = Reports::new();
+        let view = tracker.view(input(&reports), start + Duration::from_secs(1));
+        assert_eq!(view.nodes.len(), 1);
+        assert_eq!(view.nodes[0].name, "laptop");
+        assert_eq!(view.nodes[0].state, NodeState::Gone);
+        assert_eq!(view.nodes[0].used_memory_bytes, None);
+        let view = tracker.view(input(&reports), start + GONE_FOR);
+        assert!(view.nodes.is_empty(), "{view:?}");
+    }
 }

@@ -6,7 +6,9 @@
 //! - a caller that goes away frees the request on every stage;
 //! - a plan change between requests (a node joins) is followed, and answers stay the same;
 //! - a stage that stops mid-request fails it promptly with a typed failure naming the stage;
-//! - bad requests are refused with typed errors before anything runs.
+//! - bad requests are refused with typed errors before anything runs;
+//! - the live view (`GET /v1/cluster/events`' source) follows a node joining, a request's
+//!   figures and a node leaving, without being asked again.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -299,5 +301,110 @@ async fn bad_requests_are_refused_with_typed_errors_before_anything_runs() {
     // Nothing of them reached a stage, and the node still answers.
     assert_eq!(node.status().active_requests, 0);
     assert_eq!(ids_from(&cluster, 0, raw_request(PROMPT, 3)).await.len(), 3);
+    cluster.shutdown().await;
+}
+
+/// Waits (at most 30 s) on the live view `rx` until `condition` holds; returns that view.
+async fn wait_view(
+    rx: &mut tokio::sync::watch::Receiver<exo_api::ClusterView>,
+    what: &str,
+    condition: impl Fn(&exo_api::ClusterView) -> bool,
+) -> exo_api::ClusterView {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let view = rx.borrow_and_update().clone();
+        if condition(&view) {
+            return view;
+        }
+        match tokio::time::timeout_at(deadline, rx.changed()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => panic!("the live view ended while waiting for {what}: {view:#?}"),
+            Err(_) => panic!("no view with {what} within 30 s; the last: {view:#?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_live_view_follows_a_join_a_request_and_a_departure() {
+    use exo_api::{Engine, NodeState};
+
+    let model = TestModel::tiny(4, 33);
+    let options = Options {
+        strategy: exo_cluster::Strategy::CostOptimal,
+        ..Options::default()
+    };
+    let mut cluster = TestCluster::empty(options);
+    // A node too small for the model: the view says the cluster waits, and why.
+    cluster.add_node(&model, 64 << 10).await;
+    let first = std::sync::Arc::clone(cluster.node(0));
+    let engine = exo_cluster::NodeEngine::new(std::sync::Arc::clone(&first));
+    let mut rx = engine
+        .cluster_events()
+        .expect("a node engine keeps a live view");
+    let view = wait_view(&mut rx, "the planner's reason", |v| {
+        v.status.contains("short by") && v.nodes.len() == 1
+    })
+    .await;
+    assert!(!view.ready);
+    assert!(view.plan.is_none());
+    assert_eq!(view.nodes[0].state, NodeState::Waiting, "{view:#?}");
+    assert!(view.nodes[0].is_self);
+    assert!(!view.nodes[0].os.is_empty(), "{view:#?}");
+    assert!(view.nodes[0].cores > 0);
+
+    // A node with room joins: the same receiver sees it, then the plan that gives it the layers.
+    cluster.add_node(&model, GIB).await;
+    let second = cluster.node(1).node_id().to_string();
+    let view = wait_view(&mut rx, "the second node holding every layer", |v| {
+        v.ready
+            && v.plan.as_ref().is_some_and(|p| p.stages.len() == 1)
+            && v.nodes
+                .iter()
+                .any(|n| n.id == second && n.state == NodeState::Ready)
+    })
+    .await;
+    let plan = view.plan.as_ref().unwrap();
+    assert_eq!(plan.stages[0].node, second);
+    assert_eq!(
+        (plan.stages[0].layers_start, plan.stages[0].layers_end),
+        (0, 4)
+    );
+    // The small node is left out, and says so.
+    let small = view.nodes.iter().find(|n| n.is_self).unwrap();
+    assert!(
+        matches!(small.state, NodeState::Idle | NodeState::Joining),
+        "{view:#?}"
+    );
+    assert_eq!(view.links.len(), 1, "{view:#?}");
+    let holder = view.nodes.iter().find(|n| n.id == second).unwrap();
+    assert!(holder.used_memory_bytes.is_some_and(|b| b > 0), "{view:#?}");
+    assert!(holder.weight_bytes.is_some_and(|b| b > 0), "{view:#?}");
+
+    // A request through the first node runs on the second: the view, still watched, shows
+    // the stage's step time and rate.
+    let events = engine.generate(raw_request(PROMPT, 8)).await.unwrap();
+    let (_, finished) = collect(events).await.unwrap();
+    assert_eq!(finished.token_ids.len(), 8);
+    let view = wait_view(&mut rx, "the stage's figures", |v| {
+        v.plan.as_ref().is_some_and(|p| {
+            p.stages[0].step_ms.is_some_and(|ms| ms > 0.0)
+                && p.stages[0].tokens_per_s.is_some()
+                && p.stages[0].requests.is_some()
+        })
+    })
+    .await;
+    eprintln!("after one request: {:#?}", view.plan);
+
+    // The second node leaves: it stays in the view as gone, and the cluster waits again.
+    cluster.stop_node(1).await;
+    let view = wait_view(&mut rx, "the second node gone", |v| {
+        v.plan.is_none()
+            && v.nodes
+                .iter()
+                .any(|n| n.id == second && n.state == NodeState::Gone)
+    })
+    .await;
+    assert!(!view.ready);
+    drop(engine);
     cluster.shutdown().await;
 }

@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use exo_api::{
     ClusterView, Engine, FinishReason, Finished, Generation, GenerationError, GenerationEvent,
-    GenerationRequest, LinkView, ModelCard, NodeView, PlanView, Readiness, StageView,
+    GenerationRequest, LinkView, ModelCard, NodeState, NodeView, PlanView, Readiness, StageView,
 };
 use futures::future::BoxFuture;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, watch};
 
 /// How long a test waits for something that should happen promptly before failing.
 pub const PROMPTLY: Duration = Duration::from_secs(10);
@@ -81,6 +81,12 @@ pub struct FakeEngine {
     pub probe: Arc<Probe>,
     /// What `readiness` answers.
     pub readiness: Readiness,
+    /// What `cluster` answers; a test changes it with `send_replace` to play a cluster that
+    /// changes.
+    pub cluster: watch::Sender<ClusterView>,
+    /// Whether `cluster_events` offers the changes of `cluster` (otherwise it offers none,
+    /// like an engine that keeps no live view).
+    pub live: bool,
 }
 
 /// A model card for `id` with an 8192-token context.
@@ -116,7 +122,15 @@ impl FakeEngine {
             },
             probe: Arc::default(),
             readiness: Readiness::Ready,
+            cluster: watch::Sender::new(sample_cluster()),
+            live: false,
         }
+    }
+
+    /// Offers the changes of [`FakeEngine::cluster`] to `GET /v1/cluster/events`.
+    pub fn live(mut self) -> Self {
+        self.live = true;
+        self
     }
 
     /// Answers `GET /readyz` as not ready, for `reason`.
@@ -178,6 +192,14 @@ pub fn sample_cluster() -> ClusterView {
             flops: 2.0e13,
             models: vec!["llama-3.2-1b".into()],
             is_self: true,
+            state: NodeState::Ready,
+            os: "Debian GNU/Linux 12".into(),
+            device: "AMD Ryzen 9 7950X".into(),
+            cores: 32,
+            backend: "flex".into(),
+            used_memory_bytes: Some(3 << 30),
+            weight_bytes: Some(2 << 30),
+            ..NodeView::default()
         }],
         links: vec![LinkView {
             from: "12D3KooWA".into(),
@@ -194,6 +216,10 @@ pub fn sample_cluster() -> ClusterView {
                 layers_end: 16,
                 embeds: true,
                 has_head: true,
+                step_ms: Some(21.5),
+                tokens_per_s: Some(46.5),
+                requests: Some(0),
+                ..StageView::default()
             }],
             predicted_decode_tokens_per_s: Some(42.0),
             predicted_time_to_first_token_ms: None,
@@ -201,6 +227,7 @@ pub fn sample_cluster() -> ClusterView {
         }),
         status: "ready".into(),
         ready: true,
+        problems: Vec::new(),
     }
 }
 
@@ -210,7 +237,11 @@ impl Engine for FakeEngine {
     }
 
     fn cluster(&self) -> BoxFuture<'_, ClusterView> {
-        Box::pin(async { sample_cluster() })
+        Box::pin(async { self.cluster.borrow().clone() })
+    }
+
+    fn cluster_events(&self) -> Option<watch::Receiver<ClusterView>> {
+        self.live.then(|| self.cluster.subscribe())
     }
 
     fn readiness(&self) -> Readiness {

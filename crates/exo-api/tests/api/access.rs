@@ -36,6 +36,7 @@ async fn missing_or_wrong_key_is_401() {
     for path in [
         "/v1/models",
         "/v1/cluster",
+        "/v1/cluster/events",
         "/v1/models/llama-3.2-1b",
         "/v1/nothing",
     ] {

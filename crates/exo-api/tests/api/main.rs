@@ -6,6 +6,7 @@ mod access;
 mod chat;
 mod completions;
 mod errors;
+mod events;
 use exo_testkit::fake;
 mod logging;
 mod models;

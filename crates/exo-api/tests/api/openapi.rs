@@ -31,6 +31,7 @@ async fn every_routed_path_is_documented_and_every_documented_path_is_routed() {
             "/readyz",
             "/v1/chat/completions",
             "/v1/cluster",
+            "/v1/cluster/events",
             "/v1/completions",
             "/v1/models",
             "/v1/models/{model}",
@@ -40,8 +41,22 @@ async fn every_routed_path_is_documented_and_every_documented_path_is_routed() {
     let engine = FakeEngine::new().build();
     let app = app(&engine);
     for (path, item) in paths {
-        let concrete = path.replace("{model}", "llama-3.2-1b");
+        let concrete = path
+            .replace("{model}", "llama-3.2-1b")
+            .replace("{file}", "app.js");
         for method in item.as_object().unwrap().keys() {
+            if path == "/v1/cluster/events" {
+                // An event stream does not end: its status is what can be checked here (its
+                // events are checked in `web.rs`).
+                let request = axum::http::Request::get(path)
+                    .body(axum::body::Body::empty())
+                    .unwrap();
+                let response = tower::ServiceExt::oneshot(app.clone(), request)
+                    .await
+                    .unwrap();
+                assert_eq!(response.status(), 200, "{method} {path}");
+                continue;
+            }
             let reply = match method.as_str() {
                 "get" => get(&app, &concrete).await,
                 "post" => {

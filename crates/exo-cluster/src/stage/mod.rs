@@ -170,6 +170,11 @@ impl Stages {
         }
     }
 
+    /// Changes whenever a load starts or ends, or the held shard changes.
+    pub(crate) fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
     fn changed(&self) {
         self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
