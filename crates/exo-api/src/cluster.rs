@@ -141,7 +141,8 @@ pub struct StageView {
     /// Every node of a tensor-parallel group, the lead first; empty for a one-node stage.
     #[serde(default)]
     pub group: Vec<String>,
-    /// Mean time the stage took per step (one frame of work) lately, in milliseconds.
+    /// Mean time the stage took per decode step lately (one position of every request in the
+    /// frame; prompt chunks left out), in milliseconds. It stays while the stage is idle.
     #[serde(default)]
     pub step_ms: Option<f64>,
     /// Positions (prompt and generated tokens) the stage computed per second lately.

@@ -626,7 +626,7 @@ fn cluster_schemas() -> Vec<(&'static str, Value)> {
                     },
                     "step_ms": {
                         "type": ["number", "null"],
-                        "description": "Mean time per step (one frame of work) lately",
+                        "description": "Mean time per decode step lately (prompt chunks left out)",
                     },
                     "tokens_per_s": {
                         "type": ["number", "null"],

@@ -77,9 +77,9 @@ pub(crate) struct ViewInput<'a> {
 #[derive(Clone, Copy, Debug)]
 struct Reading {
     at: Instant,
-    steps: u64,
     positions: u64,
-    nanos: u64,
+    decode_steps: u64,
+    decode_nanos: u64,
     step_ms: Option<f64>,
     tokens_per_s: Option<f64>,
 }
@@ -118,40 +118,41 @@ impl Tracker {
         }
     }
 
-    /// The step time and tokens/s of the node whose counters `report` carries.
+    /// The step time and tokens/s of the node whose counters `report` carries: the mean time
+    /// of its decode steps (one position for every request in the frame; prompt chunks would
+    /// blur it) and the positions it computed per second, both since the last reading.
     fn figures(
         &mut self,
         id: &str,
         report: &NodeStatus,
         now: Instant,
     ) -> (Option<f64>, Option<f64>) {
-        let counters = (
-            report.steps_computed,
-            report.positions_computed,
-            report.compute_nanos,
-        );
         let fresh = |step_ms, tokens_per_s| Reading {
             at: now,
-            steps: counters.0,
-            positions: counters.1,
-            nanos: counters.2,
+            positions: report.positions_computed,
+            decode_steps: report.decode_steps,
+            decode_nanos: report.decode_nanos,
             step_ms,
             tokens_per_s,
         };
+        let since_start = mean_step_ms(report.decode_steps, report.decode_nanos);
         let reading = match self.readings.get(id) {
             // The first reading, or the node restarted (its counters went back): the mean
             // step time since it started, and no rate yet.
-            None => fresh(mean_step_ms(counters.0, counters.2), None),
-            Some(last) if counters.0 < last.steps || counters.1 < last.positions => {
-                fresh(mean_step_ms(counters.0, counters.2), None)
+            None => fresh(since_start, None),
+            Some(last)
+                if report.decode_steps < last.decode_steps
+                    || report.positions_computed < last.positions =>
+            {
+                fresh(since_start, None)
             }
             Some(last) if now.duration_since(last.at) < MIN_INTERVAL => *last,
             Some(last) => {
-                let steps = counters.0 - last.steps;
-                let positions = counters.1 - last.positions;
+                let steps = report.decode_steps - last.decode_steps;
+                let positions = report.positions_computed - last.positions;
                 let seconds = now.duration_since(last.at).as_secs_f64();
                 let step_ms = if steps > 0 {
-                    mean_step_ms(steps, counters.2.saturating_sub(last.nanos))
+                    mean_step_ms(steps, report.decode_nanos.saturating_sub(last.decode_nanos))
                 } else {
                     last.step_ms
                 };
@@ -356,11 +357,15 @@ mod tests {
 
     use super::*;
 
+    /// A status whose counters say `steps` decode steps took `nanos` in all, and `positions`
+    /// positions were computed (prompt chunks included).
     fn counters(steps: u64, positions: u64, nanos: u64) -> NodeStatus {
         NodeStatus {
-            steps_computed: steps,
+            steps_computed: steps + 1,
             positions_computed: positions,
-            compute_nanos: nanos,
+            compute_nanos: nanos + 400_000_000,
+            decode_steps: steps,
+            decode_nanos: nanos,
             ..NodeStatus::default()
         }
     }
@@ -369,10 +374,11 @@ mod tests {
     fn step_times_and_rates_come_from_differences_between_readings() {
         let mut tracker = Tracker::default();
         let start = Instant::now();
-        // Since it started: 10 steps in 50 ms, no rate yet.
+        // Since it started: 10 decode steps in 50 ms (and a long prompt chunk, left out of
+        // the step time); no rate yet.
         let (step, rate) = tracker.figures("a", &counters(10, 40, 50_000_000), start);
         assert_eq!((step, rate), (Some(5.0), None));
-        // Two seconds later: 20 more steps of 1 position in 200 ms.
+        // Two seconds later: 20 more decode steps in 200 ms, 20 positions.
         let later = start + Duration::from_secs(2);
         let (step, rate) = tracker.figures("a", &counters(30, 60, 250_000_000), later);
         assert_eq!(step, Some(10.0));
@@ -384,7 +390,6 @@ mod tests {
         // Idle: the last step time stands, no positions per second.
         let idle = later + Duration::from_secs(2);
         let (step, rate) = tracker.figures("a", &counters(30, 60, 250_000_000), idle);
-        // (Counters back below the last baseline would be a restart; these equal it.)
         assert_eq!((step, rate), (Some(10.0), Some(0.0)));
         // A restart: counters went back.
         let restarted = idle + Duration::from_secs(2);

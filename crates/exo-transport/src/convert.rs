@@ -670,6 +670,8 @@ impl From<&NodeStatus> for pb::StatusReply {
             steps_computed: s.steps_computed,
             positions_computed: s.positions_computed,
             compute_nanos: s.compute_nanos,
+            decode_steps: s.decode_steps,
+            decode_nanos: s.decode_nanos,
         }
     }
 }
@@ -700,6 +702,8 @@ impl From<pb::StatusReply> for NodeStatus {
             steps_computed: s.steps_computed,
             positions_computed: s.positions_computed,
             compute_nanos: s.compute_nanos,
+            decode_steps: s.decode_steps,
+            decode_nanos: s.decode_nanos,
         }
     }
 }
@@ -988,6 +992,8 @@ mod tests {
             steps_computed: 40,
             positions_computed: 90,
             compute_nanos: 1_000_000,
+            decode_steps: 30,
+            decode_nanos: 600_000,
             ..NodeStatus::default()
         };
         assert_eq!(NodeStatus::from(pb::StatusReply::from(&status)), status);

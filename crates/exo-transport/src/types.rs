@@ -166,4 +166,8 @@ pub struct NodeStatus {
     pub positions_computed: u64,
     /// Time they spent computing, nanoseconds.
     pub compute_nanos: u64,
+    /// Of those steps, the decode steps (every request in the frame advanced by one position).
+    pub decode_steps: u64,
+    /// Time the decode steps took, nanoseconds.
+    pub decode_nanos: u64,
 }

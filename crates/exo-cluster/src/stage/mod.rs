@@ -70,15 +70,22 @@ pub(crate) struct StageMeter {
     steps: AtomicU64,
     positions: AtomicU64,
     nanos: AtomicU64,
+    decode_steps: AtomicU64,
+    decode_nanos: AtomicU64,
 }
 
 impl StageMeter {
-    /// Counts one step (a frame of work) of `positions` rows that took `took` to compute.
-    pub(crate) fn record(&self, positions: u64, took: Duration) {
+    /// Counts one step (a frame of work) of `positions` rows that took `took` to compute;
+    /// `decode` when every request in it advanced by one position.
+    pub(crate) fn record(&self, positions: u64, decode: bool, took: Duration) {
+        let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
         self.steps.fetch_add(1, Ordering::Relaxed);
         self.positions.fetch_add(positions, Ordering::Relaxed);
-        let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
         self.nanos.fetch_add(nanos, Ordering::Relaxed);
+        if decode {
+            self.decode_steps.fetch_add(1, Ordering::Relaxed);
+            self.decode_nanos.fetch_add(nanos, Ordering::Relaxed);
+        }
     }
 }
 
@@ -448,6 +455,8 @@ impl Stages {
             steps_computed: self.meter.steps.load(Ordering::Relaxed),
             positions_computed: self.meter.positions.load(Ordering::Relaxed),
             compute_nanos: self.meter.nanos.load(Ordering::Relaxed),
+            decode_steps: self.meter.decode_steps.load(Ordering::Relaxed),
+            decode_nanos: self.meter.decode_nanos.load(Ordering::Relaxed),
         }
     }
 }

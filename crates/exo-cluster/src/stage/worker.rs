@@ -274,7 +274,8 @@ impl Worker {
             }
         }
         let positions = frame.entries.iter().map(|e| u64::from(e.rows)).sum();
-        self.spec.meter.record(positions, started.elapsed());
+        let decode = frame.entries.iter().all(|e| e.rows <= 1);
+        self.spec.meter.record(positions, decode, started.elapsed());
         self.send(out);
     }
 
