@@ -1,5 +1,6 @@
-//! `exo-gateway` as a user starts it: alone (no node has joined yet) it serves the API, says it
-//! is alive, and answers requests with 503 and the reason instead of hanging or failing hard.
+//! `exo-gateway` as a user starts it: alone (no node has joined yet) it serves the API and the
+//! web page, says it is alive, and answers requests with 503 and the reason instead of hanging
+//! or failing hard.
 //!
 //! Its end-to-end use in front of real nodes is tested by `exo-node`'s `openai_sdk` test; this
 //! package having an integration test is also what makes `cargo test --workspace` build the
@@ -82,6 +83,15 @@ fn a_gateway_without_nodes_is_alive_and_says_why_it_cannot_answer() {
     .unwrap();
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("no node has joined"), "{body}");
+
+    // The web page is served here too, and its cluster view says why nothing can answer.
+    let (status, page) = http(&address, "GET", "/", "").unwrap();
+    assert_eq!(status, 200);
+    assert!(page.contains("/ui/app.js"), "{page}");
+    let (status, view) = http(&address, "GET", "/v1/cluster", "").unwrap();
+    assert_eq!(status, 200, "{view}");
+    assert!(view.contains("no node has joined"), "{view}");
+    assert!(view.contains(r#""state":"observer""#), "{view}");
 }
 
 #[test]

@@ -122,6 +122,43 @@ fn paths() -> Value {
                 ),
             },
         },
+        "/": {
+            "get": {
+                "operationId": "webPage",
+                "summary": "The web page: a chat and the cluster, live; never requires a key (the page asks for it)",
+                "responses": {
+                    "200": {
+                        "description": "An HTML page whose scripts and style sheet are served under /ui/",
+                        "content": {"text/html": {"schema": {"type": "string"}}},
+                    },
+                },
+            },
+        },
+        "/ui/{file}": {
+            "get": {
+                "operationId": "webAsset",
+                "summary": "A file of the web page (scripts, style sheet, icon), embedded in the binary",
+                "parameters": [{
+                    "name": "file",
+                    "in": "path",
+                    "required": true,
+                    "schema": {"type": "string"},
+                }],
+                "responses": with_errors(
+                    json!({
+                        "200": {
+                            "description": "The file",
+                            "content": {
+                                "text/javascript": {"schema": {"type": "string"}},
+                                "text/css": {"schema": {"type": "string"}},
+                                "image/svg+xml": {"schema": {"type": "string"}},
+                            },
+                        },
+                    }),
+                    &["404"],
+                ),
+            },
+        },
         "/healthz": {
             "get": {
                 "operationId": "health",

@@ -22,6 +22,7 @@ use crate::middleware::{self, RequestLog};
 use crate::queue::Admission;
 use crate::request::{self, JsonObject};
 use crate::state::AppState;
+use crate::web;
 
 /// Every routed path, in OpenAPI's notation, with its methods. The OpenAPI document is
 /// checked against this list in the tests.
@@ -36,6 +37,8 @@ pub(crate) const PATHS: &[(&str, &[&str])] = &[
     ("/healthz", &["get"]),
     ("/readyz", &["get"]),
     ("/openapi.json", &["get"]),
+    ("/", &["get"]),
+    ("/ui/{file}", &["get"]),
 ];
 
 /// Builds the API's router over `engine`; see the crate documentation for the routes.
@@ -61,6 +64,8 @@ pub fn router(engine: Arc<dyn Engine>, config: ApiConfig) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/openapi.json", get(openapi))
+        .route("/", get(web::index))
+        .route("/ui/{file}", get(web::asset))
         .method_not_allowed_fallback(middleware::method_not_allowed)
         .fallback(middleware::not_found)
         .layer(body_limit)

@@ -14,3 +14,4 @@ mod openapi;
 mod queue;
 mod serve;
 mod support;
+mod web;

@@ -26,9 +26,11 @@ async fn every_routed_path_is_documented_and_every_documented_path_is_routed() {
     assert_eq!(
         documented,
         [
+            "/",
             "/healthz",
             "/openapi.json",
             "/readyz",
+            "/ui/{file}",
             "/v1/chat/completions",
             "/v1/cluster",
             "/v1/cluster/events",
