@@ -170,42 +170,49 @@ pub fn start_cluster_with_key(n: usize, memory_limit: &str, key: &str, extra: &[
 /// Each node listens on ports the system picks and dials every node started before it (the
 /// connections work both ways), so no two tests can race for a port.
 pub fn spawn_nodes(n: usize, memory_limit: &str, key: &str, extra: &[&str]) -> Vec<NodeProc> {
-    let model = default_model();
     let mut nodes: Vec<NodeProc> = Vec::new();
     for _ in 0..n {
-        let home = tempfile::tempdir().unwrap();
-        let api_port = free_port();
-        let mut cmd = exo_node();
-        cmd.env("EXO_HOME", home.path())
-            .env("EXO_LOG", "info")
-            .args([
-                "serve",
-                "--no-mdns",
-                "--cluster-key",
-                key,
-                "--memory-limit",
-                memory_limit,
-            ])
-            .args(["--listen", "/ip4/127.0.0.1/tcp/0"])
-            .args(["--grpc-listen", "127.0.0.1:0"])
-            .args(["--api-addr", &format!("127.0.0.1:{api_port}")])
-            .args(["--model", model.to_str().unwrap()])
-            .args(extra);
-        for earlier in &nodes {
-            cmd.args(["--peer", &earlier.membership]);
-        }
-        let proc = Proc::spawn(cmd);
-        let membership = proc.wait_for_value("listening address=", Duration::from_secs(60));
-        let grpc = proc.wait_for_value("shard service at ", Duration::from_secs(60));
-        nodes.push(NodeProc {
-            proc,
-            grpc,
-            api: format!("http://127.0.0.1:{api_port}/v1"),
-            membership,
-            _home: home,
-        });
+        let node = spawn_node(memory_limit, key, extra, &nodes);
+        nodes.push(node);
     }
     nodes
+}
+
+/// Starts one node on the default model with cluster key `key`, offering `memory_limit`, that
+/// dials `peers` (no mDNS), and waits until it listens.
+pub fn spawn_node(memory_limit: &str, key: &str, extra: &[&str], peers: &[NodeProc]) -> NodeProc {
+    let model = default_model();
+    let home = tempfile::tempdir().unwrap();
+    let api_port = free_port();
+    let mut cmd = exo_node();
+    cmd.env("EXO_HOME", home.path())
+        .env("EXO_LOG", "info")
+        .args([
+            "serve",
+            "--no-mdns",
+            "--cluster-key",
+            key,
+            "--memory-limit",
+            memory_limit,
+        ])
+        .args(["--listen", "/ip4/127.0.0.1/tcp/0"])
+        .args(["--grpc-listen", "127.0.0.1:0"])
+        .args(["--api-addr", &format!("127.0.0.1:{api_port}")])
+        .args(["--model", model.to_str().unwrap()])
+        .args(extra);
+    for earlier in peers {
+        cmd.args(["--peer", &earlier.membership]);
+    }
+    let proc = Proc::spawn(cmd);
+    let membership = proc.wait_for_value("listening address=", Duration::from_secs(60));
+    let grpc = proc.wait_for_value("shard service at ", Duration::from_secs(60));
+    NodeProc {
+        proc,
+        grpc,
+        api: format!("http://127.0.0.1:{api_port}/v1"),
+        membership,
+        _home: home,
+    }
 }
 
 pub fn start_cluster(n: usize, memory_limit: &str, extra: &[&str]) -> Cluster {
