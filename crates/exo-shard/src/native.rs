@@ -239,6 +239,11 @@ impl NativeShard {
         self.layers.len()
     }
 
+    /// Bytes of keys and values one position takes in a cache of this shard (f32).
+    pub(crate) fn kv_bytes_per_position(&self) -> usize {
+        self.layers.len() * 2 * self.kv_heads * self.head_dim * 4
+    }
+
     pub(crate) fn has_embedding(&self) -> bool {
         self.embedding.is_some()
     }

@@ -292,6 +292,65 @@ impl LlamaShard {
     }
 }
 
+impl LlamaShard {
+    /// Runs one step of several requests at once: `x` holds their rows one request after
+    /// another, and `batch` lists, in the same order, each request's cache and row count.
+    /// Each request's rows go at the positions after those its cache holds.
+    ///
+    /// Shapes: x [Σ rows * hidden] -> [Σ rows * hidden], in place
+    pub fn forward_batch(&self, x: &mut [f32], batch: &mut [(&mut KvCache, usize)]) -> Result<()> {
+        let (rows, hidden) = self.host_rows(x)?;
+        let total: usize = batch.iter().map(|(_, r)| *r).sum();
+        if total != rows {
+            return Err(Error::Shape {
+                what: "batched activations".into(),
+                expected: vec![total, hidden],
+                actual: vec![rows, hidden],
+            });
+        }
+        let mut rest = x;
+        for (cache, rows) in batch.iter_mut() {
+            let (mine, tail) = rest.split_at_mut(*rows * hidden);
+            rest = tail;
+            if *rows > 0 {
+                self.forward_in_place(mine, cache)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Logits of `n` rows at once (the last row of each of `n` requests), into `out`
+    /// (`[n * vocab]`); `cache` lends its scratch buffers.
+    ///
+    /// Shapes: rows [n * hidden] -> out [n * vocab]
+    pub fn logits_rows(&self, rows: &[f32], cache: &mut KvCache, out: &mut Vec<f32>) -> Result<()> {
+        let (n, hidden) = self.host_rows(rows)?;
+        out.clear();
+        let mut one = Vec::new();
+        for row in rows.chunks_exact(hidden).take(n) {
+            self.logits_into(row, cache, &mut one)?;
+            out.extend_from_slice(&one);
+        }
+        Ok(())
+    }
+
+    /// Positions a request may hold in all (the model's context).
+    pub fn max_positions(&self) -> usize {
+        match &self.kind {
+            Kind::Burn(b) => b.max_positions(),
+            Kind::Native(n) => n.max_positions,
+        }
+    }
+
+    /// Bytes of keys and values one position takes in a cache of this shard.
+    pub fn kv_bytes_per_position(&self) -> usize {
+        match &self.kind {
+            Kind::Burn(b) => b.kv_bytes_per_position(),
+            Kind::Native(n) => n.kv_bytes_per_position(),
+        }
+    }
+}
+
 /// A tensor's values on the host.
 fn read<const D: usize>(x: Tensor<D>) -> Result<Vec<f32>> {
     x.into_data()

@@ -23,7 +23,7 @@ use crate::stage::link::{LinkSettings, LinkTarget};
 use crate::stage::worker::{WorkerHandle, WorkerMsg, WorkerSpec};
 use crate::tasks::Tasks;
 
-/// The model this node serves, as its stages load it.
+/// The model this node serves, as its stages load it, and how they batch.
 #[derive(Debug)]
 pub(crate) struct ModelSource {
     pub(crate) path: PathBuf,
@@ -31,7 +31,16 @@ pub(crate) struct ModelSource {
     pub(crate) config: ModelConfig,
     pub(crate) device: Device,
     pub(crate) weights: Weights,
+    /// Most prompt rows a worker's step computes.
+    pub(crate) step_rows: usize,
+    /// Memory this node offers the cluster, if known: what its weights leave of it bounds the
+    /// keys and values its requests may reserve.
+    pub(crate) memory_offered: Option<u64>,
 }
+
+/// Room left for keys and values once the weights are held, kept for the process and its
+/// buffers.
+const MEMORY_MARGIN: u64 = 64 << 20;
 
 /// The shard this node holds for one plan epoch.
 #[derive(Debug)]
@@ -76,8 +85,24 @@ pub(crate) struct Stages {
     loading: tokio::sync::Mutex<()>,
     plan: watch::Receiver<PlanState>,
     active: Arc<AtomicU32>,
+    stats: Arc<worker::StepStats>,
     links: LinkSettings,
     tasks: Tasks,
+}
+
+/// What this node's stage workers have computed since the node started.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StageStats {
+    /// Steps run.
+    pub steps: u64,
+    /// Rows computed (prompt and decode).
+    pub rows: u64,
+    /// Request pieces computed: a step of `n` requests counts `n`.
+    pub pieces: u64,
+    /// The most requests one step computed together.
+    pub max_batch: u64,
+    /// Seconds spent computing steps.
+    pub busy_s: f64,
 }
 
 impl Stages {
@@ -97,6 +122,7 @@ impl Stages {
             loading: tokio::sync::Mutex::new(()),
             plan,
             active: Arc::default(),
+            stats: Arc::default(),
             links,
             tasks,
         }
@@ -105,6 +131,18 @@ impl Stages {
     /// The shard held now, if any.
     pub(crate) fn held(&self) -> Option<Arc<Held>> {
         self.held.read().ok().and_then(|h| h.clone())
+    }
+
+    /// What the workers have computed.
+    pub(crate) fn stats(&self) -> StageStats {
+        let s = &self.stats;
+        StageStats {
+            steps: s.steps.load(Ordering::Relaxed),
+            rows: s.rows.load(Ordering::Relaxed),
+            pieces: s.pieces.load(Ordering::Relaxed),
+            max_batch: s.max_batch.load(Ordering::Relaxed),
+            busy_s: s.busy_us.load(Ordering::Relaxed) as f64 / 1e6,
+        }
     }
 
     /// Requests with state on this node.
@@ -213,7 +251,10 @@ impl Stages {
 
     /// Starts the worker of `held` (with its link to the next stage) and retires older ones.
     fn start_worker(&self, held: &Held) -> std::io::Result<()> {
-        let (handle, rx) = worker::queue();
+        let (handle, rx) = worker::queue(worker::InputShape {
+            embeds: held.shard.has_embedding(),
+            hidden: held.shard.hidden_size(),
+        });
         let downstream = held.stages.get(held.index + 1).map(|next| {
             let target = LinkTarget {
                 stage: next.clone(),
@@ -233,6 +274,12 @@ impl Stages {
             stages: held.stages.clone(),
             shard: Arc::clone(&held.shard),
             active: Arc::clone(&self.active),
+            step_rows: self.source.step_rows,
+            stats: Arc::clone(&self.stats),
+            kv_positions: self.source.memory_offered.map(|offered| {
+                let room = offered.saturating_sub(held.weight_bytes + MEMORY_MARGIN);
+                room / (held.shard.kv_bytes_per_position().max(1) as u64)
+            }),
         };
         let handle = worker::spawn(spec, downstream, (handle, rx))?;
         self.retire_workers();
