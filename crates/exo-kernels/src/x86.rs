@@ -536,3 +536,326 @@ pub(crate) unsafe fn dot4x4_f32_avx512(
     }
     out
 }
+
+/// Bytes of a repacked Q4_K super-block, and where its parts start (see `Storage::Q4K`).
+const Q4K_BYTES: usize = crate::matrix::Q4K_PACKED;
+const Q4K_SCALES: usize = 4;
+const Q4K_MINS: usize = 12;
+const Q4K_QUANTS: usize = 20;
+/// Bytes of a Q6_K super-block, and where its parts start (ggml's layout).
+const Q6K_BYTES: usize = 210;
+const Q6K_HIGH: usize = 128;
+const Q6K_SCALES: usize = 192;
+const Q6K_D: usize = 208;
+
+/// The f16 at `p` as f32.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f16_at(p: *const u8) -> f32 {
+    let bits = std::ptr::read_unaligned(p as *const u16);
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+}
+
+/// The minimum part of `R` rows of a Q4_K matrix against `T` activation rows:
+/// `sum over super-blocks s, sub-blocks j of dmin_s * min_sj * xsum_sj`, which the caller
+/// subtracts from the scale part.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C; `w` holds `R` rows of `nsb` repacked super-blocks,
+/// `row_bytes` apart, and each `xsum[t]` holds `nsb * 8` block sums.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4k_mins<const R: usize, const T: usize>(
+    w: &[u8],
+    row_bytes: usize,
+    xsum: [&[f32]; T],
+    nsb: usize,
+) -> [[f32; T]; R] {
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    for s in 0..nsb {
+        for (r, row_acc) in acc.iter_mut().enumerate() {
+            let b = w.as_ptr().add(r * row_bytes + s * Q4K_BYTES);
+            let m = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                b.add(Q4K_MINS) as *const __m128i
+            )));
+            let m = _mm256_mul_ps(m, _mm256_set1_ps(f16_at(b.add(2))));
+            for (t, a) in row_acc.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(m, _mm256_loadu_ps(xsum[t].as_ptr().add(s * 8)), *a);
+            }
+        }
+    }
+    let mut out = [[0f32; T]; R];
+    for r in 0..R {
+        for t in 0..T {
+            out[r][t] = hsum256(acc[r][t]);
+        }
+    }
+    out
+}
+
+/// `R` consecutive rows of a Q4_K matrix (repacked super-blocks, `row_bytes` apart) against `T`
+/// f32 activation rows, sixteen lanes at a time: each sub-block's quants are widened to floats
+/// and scaled once, then used for every token. Returns `out[row][token]`.
+///
+/// # Safety
+/// The CPU must support AVX-512 F/BW/DQ, AVX2, FMA and F16C; `w` holds `R` rows of `nsb`
+/// super-blocks, each `x[t]` `nsb * 256` values and each `xsum[t]` `nsb * 8` block sums.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni,avx2,fma,f16c")]
+pub(crate) unsafe fn q4k_avx512<const R: usize, const T: usize>(
+    w: &[u8],
+    row_bytes: usize,
+    x: [&[f32]; T],
+    xsum: [&[f32]; T],
+    nsb: usize,
+) -> [[f32; T]; R] {
+    let mask = _mm256_set1_epi8(0x0f);
+    let mut acc = [[_mm512_setzero_ps(); T]; R];
+    let mut scales = [[0f32; 8]; R];
+    for s in 0..nsb {
+        for (r, sc) in scales.iter_mut().enumerate() {
+            let b = w.as_ptr().add(r * row_bytes + s * Q4K_BYTES);
+            // The next super-block of each row is ~150 bytes on: ask for it one block ahead.
+            if s + 1 < nsb {
+                _mm_prefetch::<_MM_HINT_T0>(b.add(Q4K_BYTES + 64) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(b.add(Q4K_BYTES + 128) as *const i8);
+            }
+            let v = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                b.add(Q4K_SCALES) as *const __m128i
+            )));
+            _mm256_storeu_ps(sc.as_mut_ptr(), _mm256_mul_ps(v, _mm256_set1_ps(f16_at(b))));
+        }
+        for j in 0..8 {
+            let e = s * 256 + j * 32;
+            let mut xs = [[_mm512_setzero_ps(); 2]; T];
+            for (t, xt) in xs.iter_mut().enumerate() {
+                let p = x[t].as_ptr().add(e);
+                *xt = [_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16))];
+            }
+            for r in 0..R {
+                let q = w
+                    .as_ptr()
+                    .add(r * row_bytes + s * Q4K_BYTES + Q4K_QUANTS + (j / 2) * 32);
+                let q = _mm256_loadu_si256(q as *const __m256i);
+                let v = if j % 2 == 0 {
+                    _mm256_and_si256(q, mask)
+                } else {
+                    _mm256_and_si256(_mm256_srli_epi16(q, 4), mask)
+                };
+                let sc = _mm512_set1_ps(scales[r][j]);
+                let w0 = _mm512_mul_ps(
+                    _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(v))),
+                    sc,
+                );
+                let w1 = _mm512_mul_ps(
+                    _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(v, 1))),
+                    sc,
+                );
+                for (t, xt) in xs.iter().enumerate() {
+                    acc[r][t] = _mm512_fmadd_ps(w1, xt[1], _mm512_fmadd_ps(w0, xt[0], acc[r][t]));
+                }
+            }
+        }
+    }
+    let mins = q4k_mins::<R, T>(w, row_bytes, xsum, nsb);
+    let mut out = [[0f32; T]; R];
+    for r in 0..R {
+        for t in 0..T {
+            out[r][t] = hsum512(acc[r][t]) - mins[r][t];
+        }
+    }
+    out
+}
+
+/// As [`q4k_avx512`], eight lanes at a time.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C; slices as for [`q4k_avx512`].
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn q4k_avx2<const R: usize, const T: usize>(
+    w: &[u8],
+    row_bytes: usize,
+    x: [&[f32]; T],
+    xsum: [&[f32]; T],
+    nsb: usize,
+) -> [[f32; T]; R] {
+    let mask = _mm_set1_epi8(0x0f);
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    for s in 0..nsb {
+        for r in 0..R {
+            let b = w.as_ptr().add(r * row_bytes + s * Q4K_BYTES);
+            let d = f16_at(b);
+            for j in 0..8 {
+                let sc = _mm256_set1_ps(d * *b.add(Q4K_SCALES + j) as f32);
+                let q = b.add(Q4K_QUANTS + (j / 2) * 32);
+                for half in 0..2 {
+                    let q = _mm_loadu_si128(q.add(half * 16) as *const __m128i);
+                    let v = if j % 2 == 0 {
+                        _mm_and_si128(q, mask)
+                    } else {
+                        _mm_and_si128(_mm_srli_epi16(q, 4), mask)
+                    };
+                    let e = s * 256 + j * 32 + half * 16;
+                    let w0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)), sc);
+                    let w1 = _mm256_mul_ps(
+                        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(v, 8))),
+                        sc,
+                    );
+                    for t in 0..T {
+                        let p = x[t].as_ptr().add(e);
+                        acc[r][t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(p), acc[r][t]);
+                        acc[r][t] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(p.add(8)), acc[r][t]);
+                    }
+                }
+            }
+        }
+    }
+    let mins = q4k_mins::<R, T>(w, row_bytes, xsum, nsb);
+    let mut out = [[0f32; T]; R];
+    for r in 0..R {
+        for t in 0..T {
+            out[r][t] = hsum256(acc[r][t]) - mins[r][t];
+        }
+    }
+    out
+}
+
+/// The 32 six-bit quants (minus 32, as signed bytes) of group `g` (0..4) of one half of a
+/// Q6_K super-block, from its 64 low-bit bytes at `ql` and 32 high-bit bytes at `qh`.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn q6k_group(ql: *const u8, qh: *const u8, g: usize) -> __m256i {
+    let low = _mm256_loadu_si256(ql.add((g & 1) * 32) as *const __m256i);
+    let high = _mm256_loadu_si256(qh as *const __m256i);
+    let m4 = _mm256_set1_epi8(0x0f);
+    let m2 = _mm256_set1_epi8(0x30);
+    let low = if g < 2 {
+        _mm256_and_si256(low, m4)
+    } else {
+        _mm256_and_si256(_mm256_srli_epi16(low, 4), m4)
+    };
+    // Bits 2g..2g+2 of each high byte, moved to bits 4..6.
+    let high = match g {
+        0 => _mm256_and_si256(_mm256_slli_epi16(high, 4), m2),
+        1 => _mm256_and_si256(_mm256_slli_epi16(high, 2), m2),
+        2 => _mm256_and_si256(high, m2),
+        _ => _mm256_and_si256(_mm256_srli_epi16(high, 2), m2),
+    };
+    _mm256_sub_epi8(_mm256_or_si256(low, high), _mm256_set1_epi8(32))
+}
+
+/// `R` consecutive rows of a Q6_K matrix (ggml's super-blocks, `row_bytes` apart) against `T`
+/// f32 activation rows, sixteen lanes at a time (one lane group per 16-element scale).
+///
+/// # Safety
+/// The CPU must support AVX-512 F/BW/DQ, AVX2, FMA and F16C; `w` holds `R` rows of `nsb`
+/// super-blocks and each `x[t]` `nsb * 256` values.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vnni,avx2,fma,f16c")]
+pub(crate) unsafe fn q6k_avx512<const R: usize, const T: usize>(
+    w: &[u8],
+    row_bytes: usize,
+    x: [&[f32]; T],
+    nsb: usize,
+) -> [[f32; T]; R] {
+    let mut acc = [[_mm512_setzero_ps(); T]; R];
+    let mut scales = [[0f32; 16]; R];
+    for s in 0..nsb {
+        for (r, sc) in scales.iter_mut().enumerate() {
+            let b = w.as_ptr().add(r * row_bytes + s * Q6K_BYTES);
+            if s + 1 < nsb {
+                for line in [64, 128, 192, 256] {
+                    _mm_prefetch::<_MM_HINT_T0>(b.add(Q6K_BYTES + line - 64) as *const i8);
+                }
+            }
+            let v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                b.add(Q6K_SCALES) as *const __m128i
+            )));
+            _mm512_storeu_ps(
+                sc.as_mut_ptr(),
+                _mm512_mul_ps(v, _mm512_set1_ps(f16_at(b.add(Q6K_D)))),
+            );
+        }
+        for h in 0..2 {
+            for g in 0..4 {
+                let e = s * 256 + h * 128 + g * 32;
+                let mut xs = [[_mm512_setzero_ps(); 2]; T];
+                for (t, xt) in xs.iter_mut().enumerate() {
+                    let p = x[t].as_ptr().add(e);
+                    *xt = [_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16))];
+                }
+                for r in 0..R {
+                    let b = w.as_ptr().add(r * row_bytes + s * Q6K_BYTES);
+                    let q = q6k_group(b.add(h * 64), b.add(Q6K_HIGH + h * 32), g);
+                    let k = h * 8 + g * 2;
+                    let w0 = _mm512_mul_ps(
+                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q))),
+                        _mm512_set1_ps(scales[r][k]),
+                    );
+                    let w1 = _mm512_mul_ps(
+                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1))),
+                        _mm512_set1_ps(scales[r][k + 1]),
+                    );
+                    for (t, xt) in xs.iter().enumerate() {
+                        acc[r][t] =
+                            _mm512_fmadd_ps(w1, xt[1], _mm512_fmadd_ps(w0, xt[0], acc[r][t]));
+                    }
+                }
+            }
+        }
+    }
+    let mut out = [[0f32; T]; R];
+    for r in 0..R {
+        for t in 0..T {
+            out[r][t] = hsum512(acc[r][t]);
+        }
+    }
+    out
+}
+
+/// As [`q6k_avx512`], eight lanes at a time.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C; slices as for [`q6k_avx512`].
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn q6k_avx2<const R: usize, const T: usize>(
+    w: &[u8],
+    row_bytes: usize,
+    x: [&[f32]; T],
+    nsb: usize,
+) -> [[f32; T]; R] {
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    for s in 0..nsb {
+        for r in 0..R {
+            let b = w.as_ptr().add(r * row_bytes + s * Q6K_BYTES);
+            let d = f16_at(b.add(Q6K_D));
+            for h in 0..2 {
+                for g in 0..4 {
+                    let q = q6k_group(b.add(h * 64), b.add(Q6K_HIGH + h * 32), g);
+                    for half in 0..2 {
+                        let k = h * 8 + g * 2 + half;
+                        let sc = _mm256_set1_ps(d * (*b.add(Q6K_SCALES + k) as i8) as f32);
+                        let v = if half == 0 {
+                            _mm256_castsi256_si128(q)
+                        } else {
+                            _mm256_extracti128_si256(q, 1)
+                        };
+                        let w0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), sc);
+                        let w1 = _mm256_mul_ps(
+                            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8))),
+                            sc,
+                        );
+                        let e = s * 256 + h * 128 + g * 32 + half * 16;
+                        for t in 0..T {
+                            let p = x[t].as_ptr().add(e);
+                            acc[r][t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(p), acc[r][t]);
+                            acc[r][t] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(p.add(8)), acc[r][t]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let mut out = [[0f32; T]; R];
+    for r in 0..R {
+        for t in 0..T {
+            out[r][t] = hsum256(acc[r][t]);
+        }
+    }
+    out
+}
