@@ -1,7 +1,7 @@
 //! Weight matrices kept in their compact formats, repacked for the kernels: scales as `f32`
 //! beside the packed quants, so the inner loops never convert half floats.
 
-use half::f16;
+use half::{bf16, f16};
 
 use crate::error::{Error, Result};
 
@@ -12,6 +12,8 @@ pub enum WeightFormat {
     F32,
     /// 16-bit floats.
     F16,
+    /// bfloat16 (the top half of an f32).
+    BF16,
     /// 8-bit quants, one scale per 32.
     Q8_0,
     /// 4-bit quants around 8, one scale per 32.
@@ -20,6 +22,8 @@ pub enum WeightFormat {
     Q4_1,
     /// llama.cpp's Q4_K super-blocks of 256.
     Q4K,
+    /// llama.cpp's Q5_K super-blocks of 256.
+    Q5K,
     /// llama.cpp's Q6_K super-blocks of 256.
     Q6K,
 }
@@ -30,10 +34,12 @@ impl WeightFormat {
         match self {
             WeightFormat::F32 => "F32",
             WeightFormat::F16 => "F16",
+            WeightFormat::BF16 => "BF16",
             WeightFormat::Q8_0 => "Q8_0",
             WeightFormat::Q4_0 => "Q4_0",
             WeightFormat::Q4_1 => "Q4_1",
             WeightFormat::Q4K => "Q4_K",
+            WeightFormat::Q5K => "Q5_K",
             WeightFormat::Q6K => "Q6_K",
         }
     }
@@ -41,9 +47,9 @@ impl WeightFormat {
     /// Elements per block.
     pub fn block_elems(self) -> usize {
         match self {
-            WeightFormat::F32 | WeightFormat::F16 => 1,
+            WeightFormat::F32 | WeightFormat::F16 | WeightFormat::BF16 => 1,
             WeightFormat::Q8_0 | WeightFormat::Q4_0 | WeightFormat::Q4_1 => 32,
-            WeightFormat::Q4K | WeightFormat::Q6K => 256,
+            WeightFormat::Q4K | WeightFormat::Q5K | WeightFormat::Q6K => 256,
         }
     }
 
@@ -51,11 +57,12 @@ impl WeightFormat {
     pub fn ggml_block_bytes(self) -> usize {
         match self {
             WeightFormat::F32 => 4,
-            WeightFormat::F16 => 2,
+            WeightFormat::F16 | WeightFormat::BF16 => 2,
             WeightFormat::Q8_0 => 34,
             WeightFormat::Q4_0 => 18,
             WeightFormat::Q4_1 => 20,
             WeightFormat::Q4K => 144,
+            WeightFormat::Q5K => 176,
             WeightFormat::Q6K => 210,
         }
     }
@@ -79,6 +86,7 @@ impl std::fmt::Display for WeightFormat {
 pub(crate) enum Storage {
     F32(Vec<f32>),
     F16(Vec<f16>),
+    BF16(Vec<bf16>),
     /// Scales per block; quants row-major.
     Q8_0 {
         d: Vec<f32>,
@@ -102,6 +110,9 @@ pub(crate) enum Storage {
     /// Unpacking the scales at load saves the kernels a dozen bit operations per super-block
     /// for 4 more bytes (0.578 bytes per weight instead of 0.5625).
     Q4K(Vec<u8>),
+    /// Q5_K super-blocks repacked as Q4_K's, with ggml's 32 bytes of fifth bits between the
+    /// minimums and the quants: [`Q5K_PACKED`] bytes (0.703 bytes per weight instead of 0.688).
+    Q5K(Vec<u8>),
     /// Q6_K super-blocks as ggml stores them (210 bytes: low 4 bits, high 2 bits, sixteen
     /// signed 8-bit scales, f16 `d`): their layout already suits the kernels.
     Q6K(Vec<u8>),
@@ -113,8 +124,12 @@ pub(crate) enum Storage {
 /// Bytes of a repacked Q4_K super-block (see [`Storage::Q4K`]).
 pub(crate) const Q4K_PACKED: usize = 148;
 
-/// Repacks one ggml Q4_K super-block (144 bytes) into the kernels' layout.
-fn repack_q4k(b: &[u8], out: &mut Vec<u8>) {
+/// Bytes of a repacked Q5_K super-block (see [`Storage::Q5K`]).
+pub(crate) const Q5K_PACKED: usize = 180;
+
+/// Repacks one ggml Q4_K (144 bytes) or Q5_K (176 bytes) super-block into the kernels' layout:
+/// `d`, `dmin`, the scales and minimums unpacked to a byte each, then the rest as stored.
+fn repack_k(b: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(&b[0..4]);
     let scales = &b[4..16];
     let (mut sc, mut m) = ([0u8; 8], [0u8; 8]);
@@ -123,7 +138,7 @@ fn repack_q4k(b: &[u8], out: &mut Vec<u8>) {
     }
     out.extend_from_slice(&sc);
     out.extend_from_slice(&m);
-    out.extend_from_slice(&b[16..144]);
+    out.extend_from_slice(&b[16..]);
 }
 
 /// One storage field of every part, concatenated in order.
@@ -187,6 +202,12 @@ impl QuantMatrix {
                     .map(|b| f16::from_le_bytes([b[0], b[1]]))
                     .collect(),
             ),
+            WeightFormat::BF16 => Storage::BF16(
+                bytes
+                    .chunks_exact(2)
+                    .map(|b| bf16::from_le_bytes([b[0], b[1]]))
+                    .collect(),
+            ),
             WeightFormat::Q8_0 => {
                 let mut d = Vec::with_capacity(blocks);
                 let mut q = Vec::with_capacity(blocks * 32);
@@ -219,9 +240,16 @@ impl QuantMatrix {
             WeightFormat::Q4K => {
                 let mut out = Vec::with_capacity(blocks * Q4K_PACKED);
                 for b in bytes.chunks_exact(bb) {
-                    repack_q4k(b, &mut out);
+                    repack_k(b, &mut out);
                 }
                 Storage::Q4K(out)
+            }
+            WeightFormat::Q5K => {
+                let mut out = Vec::with_capacity(blocks * Q5K_PACKED);
+                for b in bytes.chunks_exact(bb) {
+                    repack_k(b, &mut out);
+                }
+                Storage::Q5K(out)
             }
             WeightFormat::Q6K => Storage::Q6K(bytes.to_vec()),
         };
@@ -237,7 +265,7 @@ impl QuantMatrix {
     /// Quantizes (or converts) an `f32` matrix, `rows * cols` values row-major.
     ///
     /// K-quant formats are produced only by llama.cpp's converter; asking for one here gives
-    /// Q8_0 (Q6_K) or Q4_1 (Q4_K) instead.
+    /// Q8_0 (Q6_K, Q5_K) or Q4_1 (Q4_K) instead.
     pub fn from_f32(
         format: WeightFormat,
         rows: usize,
@@ -252,7 +280,7 @@ impl QuantMatrix {
             });
         }
         let format = match format {
-            WeightFormat::Q6K => WeightFormat::Q8_0,
+            WeightFormat::Q6K | WeightFormat::Q5K => WeightFormat::Q8_0,
             WeightFormat::Q4K => WeightFormat::Q4_1,
             f => f,
         };
@@ -267,6 +295,9 @@ impl QuantMatrix {
         let storage = match format {
             WeightFormat::F32 => Storage::F32(values.to_vec()),
             WeightFormat::F16 => Storage::F16(values.iter().map(|&v| f16::from_f32(v)).collect()),
+            WeightFormat::BF16 => {
+                Storage::BF16(values.iter().map(|&v| bf16::from_f32(v)).collect())
+            }
             WeightFormat::Q8_0 => {
                 let mut d = Vec::new();
                 let mut q = Vec::with_capacity(values.len());
@@ -321,7 +352,9 @@ impl QuantMatrix {
                 }
                 Storage::Q4_1 { d, m, q }
             }
-            WeightFormat::Q4K | WeightFormat::Q6K => Storage::F32(values.to_vec()),
+            WeightFormat::Q4K | WeightFormat::Q5K | WeightFormat::Q6K => {
+                Storage::F32(values.to_vec())
+            }
         };
         Ok(QuantMatrix {
             format,
@@ -437,10 +470,11 @@ impl QuantMatrix {
         match &self.storage {
             Storage::F32(v) => v.len() * 4,
             Storage::F16(v) => v.len() * 2,
+            Storage::BF16(v) => v.len() * 2,
             Storage::Q8_0 { d, q } => d.len() * 4 + q.len(),
             Storage::Q4_0 { d, q } => d.len() * 4 + q.len(),
             Storage::Q4_1 { d, m, q } => (d.len() + m.len()) * 4 + q.len(),
-            Storage::Q4K(v) | Storage::Q6K(v) => v.len(),
+            Storage::Q4K(v) | Storage::Q5K(v) | Storage::Q6K(v) => v.len(),
             Storage::Parts(parts) => parts.iter().map(QuantMatrix::bytes).sum(),
         }
     }
@@ -491,6 +525,10 @@ fn stack_same(parts: &[&QuantMatrix]) -> QuantMatrix {
             Storage::F16(v) => Some(v),
             _ => None,
         })),
+        Storage::BF16(_) => Storage::BF16(cat(parts, |s| match s {
+            Storage::BF16(v) => Some(v),
+            _ => None,
+        })),
         Storage::Q8_0 { .. } => Storage::Q8_0 {
             d: cat(parts, |s| match s {
                 Storage::Q8_0 { d, .. } => Some(d),
@@ -527,6 +565,10 @@ fn stack_same(parts: &[&QuantMatrix]) -> QuantMatrix {
         },
         Storage::Q4K(_) => Storage::Q4K(cat(parts, |s| match s {
             Storage::Q4K(v) => Some(v),
+            _ => None,
+        })),
+        Storage::Q5K(_) => Storage::Q5K(cat(parts, |s| match s {
+            Storage::Q5K(v) => Some(v),
             _ => None,
         })),
         Storage::Q6K(_) => Storage::Q6K(cat(parts, |s| match s {
