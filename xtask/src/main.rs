@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail};
 mod cluster;
 mod formats;
 
-const USAGE: &str = "usage: cargo xtask <ci | bench [--quick] [--runs N] [--llama-bench PATH | --no-llama] [--no-cluster] [--no-formats | --formats-only] [--formats Q4_K_M,Q8_0,...] [--shapes default,1b] | synth-model [--formats ...] [--shapes ...]>";
+const USAGE: &str = "usage: cargo xtask <ci | bench [--quick] [--runs N] [--llama-bench PATH | --no-llama] [--no-cluster] [--no-formats | --formats-only] [--formats Q4_K_M,Q8_0,...] [--shapes default,1b] | synth-model [--formats ...] [--shapes ...] | bandwidth>";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -19,6 +19,15 @@ fn main() -> Result<()> {
         Some("ci") => ci(),
         Some("bench") => bench(&args[1..]),
         Some("synth-model") => synth_model(&args[1..]),
+        Some("bandwidth") => {
+            for threads in [1, 2] {
+                println!(
+                    "memory read bandwidth, {threads} thread(s): {:.1} GB/s",
+                    formats::read_bandwidth(threads)
+                );
+            }
+            Ok(())
+        }
         Some("-h" | "--help") | None => {
             println!("{USAGE}");
             Ok(())
