@@ -26,7 +26,7 @@ const PROMPTS: [&str; 8] = [
 ];
 
 fn sampling(i: usize) -> SamplingParams {
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         SamplingParams::greedy()
     } else {
         SamplingParams {
@@ -113,8 +113,8 @@ async fn cancelling_one_request_of_a_batch_leaves_the_others_unchanged() {
         .collect();
     let cluster = TestCluster::start(&model, &[GIB, GIB, GIB]).await;
     let mut streams = Vec::new();
-    for i in 0..4 {
-        let mut request = raw_request(PROMPTS[i], 30);
+    for (i, prompt) in PROMPTS.iter().enumerate().take(4) {
+        let mut request = raw_request(prompt, 30);
         request.sampling = sampling(i);
         streams.push(cluster.node(i % 3).generate(request).await.unwrap());
     }

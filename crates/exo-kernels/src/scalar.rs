@@ -2,7 +2,9 @@
 //! the SIMD extensions. The SIMD paths must equal these (tests compare them on random blocks).
 
 use crate::acts::QuantizedActs;
-use crate::matrix::{QuantMatrix, Storage, WeightFormat};
+use half::f16;
+
+use crate::matrix::{Q4K_PACKED, Q5K_PACKED, QuantMatrix, Storage, WeightFormat};
 
 /// One output: row `row` of `w` dotted with activation row `t`.
 pub(crate) fn dot(w: &QuantMatrix, row: usize, a: &QuantizedActs, t: usize) -> f32 {
@@ -16,6 +18,11 @@ pub(crate) fn dot(w: &QuantMatrix, row: usize, a: &QuantizedActs, t: usize) -> f
             .map(|(a, b)| a * b)
             .sum(),
         Storage::F16(v) => v[row * cols..(row + 1) * cols]
+            .iter()
+            .zip(x)
+            .map(|(a, b)| a.to_f32() * b)
+            .sum(),
+        Storage::BF16(v) => v[row * cols..(row + 1) * cols]
             .iter()
             .zip(x)
             .map(|(a, b)| a.to_f32() * b)
@@ -90,19 +97,21 @@ pub(crate) fn dot(w: &QuantMatrix, row: usize, a: &QuantizedActs, t: usize) -> f
             }
             acc
         }
-        Storage::Raw(bytes) => {
+        Storage::Q4K(bytes) | Storage::Q5K(bytes) | Storage::Q6K(bytes) => {
             let mut buf = [0f32; 256];
-            let per_row = cols / 256 * w.format.ggml_block_bytes();
+            let bb = k_block_bytes(w);
+            let per_row = cols / 256 * bb;
             let row_bytes = &bytes[row * per_row..(row + 1) * per_row];
             let mut acc = 0f32;
-            for (blk, xs) in row_bytes
-                .chunks_exact(w.format.ggml_block_bytes())
-                .zip(x.chunks_exact(256))
-            {
-                decode_k_block(w.format, blk, &mut buf);
+            for (blk, xs) in row_bytes.chunks_exact(bb).zip(x.chunks_exact(256)) {
+                decode_k_block(w, blk, &mut buf);
                 acc += buf.iter().zip(xs).map(|(a, b)| a * b).sum::<f32>();
             }
             acc
+        }
+        Storage::Parts(_) => {
+            let (part, row) = w.part_of(row);
+            dot(part, row, a, t)
         }
     }
 }
@@ -122,6 +131,11 @@ pub(crate) fn dequantize_row(w: &QuantMatrix, row: usize, out: &mut [f32]) {
     match &w.storage {
         Storage::F32(v) => out.copy_from_slice(&v[row * cols..(row + 1) * cols]),
         Storage::F16(v) => {
+            for (o, h) in out.iter_mut().zip(&v[row * cols..(row + 1) * cols]) {
+                *o = h.to_f32();
+            }
+        }
+        Storage::BF16(v) => {
             for (o, h) in out.iter_mut().zip(&v[row * cols..(row + 1) * cols]) {
                 *o = h.to_f32();
             }
@@ -149,22 +163,69 @@ pub(crate) fn dequantize_row(w: &QuantMatrix, row: usize, out: &mut [f32]) {
                 }
             }
         }
-        Storage::Raw(bytes) => {
-            let bb = w.format.ggml_block_bytes();
+        Storage::Q4K(bytes) | Storage::Q5K(bytes) | Storage::Q6K(bytes) => {
+            let bb = k_block_bytes(w);
             let per_row = cols / 256 * bb;
             let row_bytes = &bytes[row * per_row..(row + 1) * per_row];
             for (blk, o) in row_bytes.chunks_exact(bb).zip(out.chunks_exact_mut(256)) {
                 let mut buf = [0f32; 256];
-                decode_k_block(w.format, blk, &mut buf);
+                decode_k_block(w, blk, &mut buf);
                 o.copy_from_slice(&buf);
             }
+        }
+        Storage::Parts(_) => {
+            let (part, row) = w.part_of(row);
+            dequantize_row(part, row, out);
         }
     }
 }
 
-fn decode_k_block(format: WeightFormat, blk: &[u8], out: &mut [f32; 256]) {
-    match format {
+/// Bytes of one super-block of a K-quant matrix as the kernels keep it.
+fn k_block_bytes(w: &QuantMatrix) -> usize {
+    match w.storage {
+        Storage::Q4K(_) => Q4K_PACKED,
+        Storage::Q5K(_) => Q5K_PACKED,
+        _ => w.format.ggml_block_bytes(),
+    }
+}
+
+fn decode_k_block(w: &QuantMatrix, blk: &[u8], out: &mut [f32; 256]) {
+    match w.format {
         WeightFormat::Q6K => crate::ggml::decode_q6_k(blk, out),
-        _ => crate::ggml::decode_q4_k(blk, out),
+        WeightFormat::Q5K => decode_q5k_packed(blk, out),
+        _ => decode_q4k_packed(blk, out),
+    }
+}
+
+/// Decodes one repacked Q4_K super-block (see `Storage::Q4K`): `d * scale * q - dmin * min`.
+pub(crate) fn decode_q4k_packed(b: &[u8], out: &mut [f32; 256]) {
+    let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+    let dmin = f16::from_le_bytes([b[2], b[3]]).to_f32();
+    let (sc, m, qs) = (&b[4..12], &b[12..20], &b[20..148]);
+    for (c, q) in qs.chunks_exact(32).enumerate() {
+        let (d1, m1) = (d * sc[2 * c] as f32, dmin * m[2 * c] as f32);
+        let (d2, m2) = (d * sc[2 * c + 1] as f32, dmin * m[2 * c + 1] as f32);
+        let o = &mut out[c * 64..c * 64 + 64];
+        for (l, &x) in q.iter().enumerate() {
+            o[l] = d1 * (x & 0x0f) as f32 - m1;
+            o[l + 32] = d2 * (x >> 4) as f32 - m2;
+        }
+    }
+}
+
+/// Decodes one repacked Q5_K super-block (see `Storage::Q5K`): `d * scale * q - dmin * min`
+/// with `q` taking its fifth bit from bit `j` of byte `l` of the high bits.
+pub(crate) fn decode_q5k_packed(b: &[u8], out: &mut [f32; 256]) {
+    let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+    let dmin = f16::from_le_bytes([b[2], b[3]]).to_f32();
+    let (sc, m, qh, qs) = (&b[4..12], &b[12..20], &b[20..52], &b[52..180]);
+    for j in 0..8 {
+        let (scale, min) = (d * sc[j] as f32, dmin * m[j] as f32);
+        let q = &qs[(j / 2) * 32..(j / 2) * 32 + 32];
+        for l in 0..32 {
+            let low = if j % 2 == 0 { q[l] & 0x0f } else { q[l] >> 4 };
+            let high = ((qh[l] >> j) & 1) << 4;
+            out[j * 32 + l] = scale * (low | high) as f32 - min;
+        }
     }
 }

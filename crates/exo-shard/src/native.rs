@@ -29,12 +29,13 @@ impl std::str::FromStr for Weights {
             "f32" => Weights::F32,
             "stored" => Weights::Stored,
             "f16" => Weights::Quantize(WeightFormat::F16),
+            "bf16" => Weights::Quantize(WeightFormat::BF16),
             "q8_0" => Weights::Quantize(WeightFormat::Q8_0),
             "q4_0" => Weights::Quantize(WeightFormat::Q4_0),
             "q4_1" => Weights::Quantize(WeightFormat::Q4_1),
             other => {
                 return Err(Error::Backend(format!(
-                    "unknown weight format `{other}` (choose f32, stored, f16, q8_0, q4_0 or q4_1)"
+                    "unknown weight format `{other}` (choose f32, stored, f16, bf16, q8_0, q4_0 or q4_1)"
                 )));
             }
         })
@@ -51,12 +52,14 @@ fn matrix(stored: StoredTensor, weights: Weights) -> Result<QuantMatrix> {
     let native = match stored.dtype {
         DType::F32 => Some(WeightFormat::F32),
         DType::F16 => Some(WeightFormat::F16),
+        DType::BF16 => Some(WeightFormat::BF16),
         DType::Q8_0 => Some(WeightFormat::Q8_0),
         DType::Q4_0 => Some(WeightFormat::Q4_0),
         DType::Q4_1 => Some(WeightFormat::Q4_1),
         DType::Q4K => Some(WeightFormat::Q4K),
+        DType::Q5K => Some(WeightFormat::Q5K),
         DType::Q6K => Some(WeightFormat::Q6K),
-        DType::BF16 | DType::Q5_0 | DType::Q5_1 => None,
+        DType::Q5_0 | DType::Q5_1 => None,
     };
     match (weights, native) {
         (Weights::Stored, Some(format)) => {

@@ -959,7 +959,7 @@ impl Worker {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
     use exo_core::{LayerRange, SamplingParams};
     use exo_model::{Checkpoint, ShardSpec};
