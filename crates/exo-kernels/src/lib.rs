@@ -15,6 +15,7 @@
 
 mod acts;
 mod attn;
+mod decode;
 mod error;
 pub mod ggml;
 mod matrix;

@@ -479,20 +479,6 @@ impl QuantMatrix {
         }
     }
 
-    /// Decodes one row to `f32` into `out` (`cols` values): embedding lookups use this.
-    pub fn dequantize_row(&self, row: usize, out: &mut [f32]) -> Result<()> {
-        if row >= self.rows || out.len() != self.cols {
-            return Err(Error::Shape {
-                what: "row to dequantize",
-                expected: self.cols,
-                actual: out.len(),
-            });
-        }
-        let (part, row) = self.part_of(row);
-        crate::scalar::dequantize_row(part, row, out);
-        Ok(())
-    }
-
     /// The part holding `row` (`row < self.rows`), and the row's index within it.
     pub(crate) fn part_of(&self, row: usize) -> (&QuantMatrix, usize) {
         let Storage::Parts(parts) = &self.storage else {
