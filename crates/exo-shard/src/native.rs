@@ -114,6 +114,26 @@ pub(crate) struct NativeShard {
     pub(crate) max_positions: usize,
 }
 
+/// One request's part of a batched step: its cache, the position its rows start at, and how
+/// many rows it has.
+#[derive(Debug)]
+pub(crate) struct Segment<'a> {
+    pub(crate) cache: &'a mut NativeCache,
+    pub(crate) start: usize,
+    pub(crate) rows: usize,
+}
+
+/// One segment as attention sees it: its keys and values, and where its rows are.
+struct Span<'a> {
+    k: &'a [f32],
+    v: &'a [f32],
+    /// Position of its first row.
+    start: usize,
+    /// Index of its first row among the batch's rows.
+    first: usize,
+    rows: usize,
+}
+
 /// Per-request state of a native shard: the KV cache and scratch buffers.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct NativeCache {
@@ -123,8 +143,9 @@ pub(crate) struct NativeCache {
     scratch: Scratch,
 }
 
+/// Buffers one step reuses (a request's own, or lent to a batch).
 #[derive(Debug, Clone, Default)]
-struct Scratch {
+pub(crate) struct Scratch {
     xn: Vec<f32>,
     qkv: Vec<f32>,
     att: Vec<f32>,
@@ -145,6 +166,16 @@ impl NativeCache {
 
     pub(crate) fn layers(&self) -> usize {
         self.k.len()
+    }
+
+    /// Takes the scratch buffers (to lend them to a batch), leaving empty ones.
+    pub(crate) fn take_scratch(&mut self) -> Scratch {
+        std::mem::take(&mut self.scratch)
+    }
+
+    /// Gives scratch buffers back.
+    pub(crate) fn put_scratch(&mut self, scratch: Scratch) {
+        self.scratch = scratch;
     }
 
     pub(crate) fn clear(&mut self) {
@@ -288,39 +319,80 @@ impl NativeShard {
         start: usize,
         cache: &mut NativeCache,
     ) -> Result<()> {
+        let mut scratch = std::mem::take(&mut cache.scratch);
+        let result = self.forward_batch(
+            x,
+            &mut [Segment {
+                cache: &mut *cache,
+                start,
+                rows: seq,
+            }],
+            &mut scratch,
+        );
+        cache.scratch = scratch;
+        result
+    }
+
+    /// Runs the layers once for several requests: `x` holds each segment's rows, one segment
+    /// after another (`[Σ rows, hidden]`); each segment's rows go at the positions after
+    /// `start` in its own cache. The weights are read once for all of them; attention runs per
+    /// segment over its own keys and values.
+    pub(crate) fn forward_batch(
+        &self,
+        x: &mut [f32],
+        segments: &mut [Segment<'_>],
+        s: &mut Scratch,
+    ) -> Result<()> {
         let (hd, h, kvh) = (self.head_dim, self.heads, self.kv_heads);
         let (qd, kvd) = (h * hd, kvh * hd);
         let qkv_width = qd + 2 * kvd;
-        let s = &mut cache.scratch;
+        let seq: usize = segments.iter().map(|g| g.rows).sum();
         for (l, layer) in self.layers.iter().enumerate() {
             rms_norm(x, &layer.attn_norm, self.eps, &mut s.xn);
             s.qkv.resize(seq * qkv_width, 0.0);
             matmul(&layer.qkv, &s.xn, seq, &mut s.qkv, &mut s.acts).map_err(kernel_error)?;
-            let (kc, vc) = (&mut cache.k[l], &mut cache.v[l]);
-            if kc.capacity() < (start + seq) * kvd {
-                // Grow in steps of 256 positions so that decoding rarely allocates.
-                let want = (start + seq).next_multiple_of(256) * kvd;
-                kc.reserve(want - kc.len());
-                vc.reserve(want - vc.len());
-            }
-            for t in 0..seq {
-                let row = &mut s.qkv[t * qkv_width..(t + 1) * qkv_width];
-                if let Some(bias) = &layer.qkv_bias {
-                    row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+            let mut first = 0;
+            for g in segments.iter_mut() {
+                let (kc, vc) = (&mut g.cache.k[l], &mut g.cache.v[l]);
+                if kc.capacity() < (g.start + g.rows) * kvd {
+                    // Grow in steps of 256 positions so that decoding rarely allocates.
+                    let want = (g.start + g.rows).next_multiple_of(256) * kvd;
+                    kc.reserve(want - kc.len());
+                    vc.reserve(want - vc.len());
                 }
-                let pos = start + t;
-                let (cos, sin) = self.rope_row(pos);
-                for head in row[..qd + kvd].chunks_exact_mut(hd) {
-                    rotate(head, cos, sin);
+                for t in 0..g.rows {
+                    let row = &mut s.qkv[(first + t) * qkv_width..(first + t + 1) * qkv_width];
+                    if let Some(bias) = &layer.qkv_bias {
+                        row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+                    }
+                    let (cos, sin) = self.rope_row(g.start + t);
+                    for head in row[..qd + kvd].chunks_exact_mut(hd) {
+                        rotate(head, cos, sin);
+                    }
+                    kc.extend_from_slice(&row[qd..qd + kvd]);
+                    vc.extend_from_slice(&row[qd + kvd..]);
                 }
-                kc.extend_from_slice(&row[qd..qd + kvd]);
-                vc.extend_from_slice(&row[qd + kvd..]);
+                first += g.rows;
             }
             s.att.resize(seq * qd, 0.0);
-            attention(
-                &s.qkv, qkv_width, kc, vc, seq, start, h, kvh, hd, &mut s.att,
-            )
-            .map_err(kernel_error)?;
+            let spans: Vec<Span<'_>> = {
+                let mut first = 0;
+                segments
+                    .iter()
+                    .map(|g| {
+                        let span = Span {
+                            k: &g.cache.k[l],
+                            v: &g.cache.v[l],
+                            start: g.start,
+                            first,
+                            rows: g.rows,
+                        };
+                        first += g.rows;
+                        span
+                    })
+                    .collect()
+            };
+            attention(&s.qkv, qkv_width, &spans, h, kvh, hd, &mut s.att).map_err(kernel_error)?;
             s.proj.resize(seq * self.hidden, 0.0);
             matmul(&layer.o, &s.att, seq, &mut s.proj, &mut s.acts).map_err(kernel_error)?;
             x.iter_mut().zip(&s.proj).for_each(|(a, b)| *a += b);
@@ -341,6 +413,26 @@ impl NativeShard {
             x.iter_mut().zip(&s.proj).for_each(|(a, b)| *a += b);
         }
         Ok(())
+    }
+
+    /// The logits of `n` rows (`[n * hidden]`) into `out` (`[n * vocab]`), the head read once.
+    pub(crate) fn logits_rows(
+        &self,
+        rows: &[f32],
+        n: usize,
+        cache: &mut NativeCache,
+        out: &mut Vec<f32>,
+    ) -> Option<Result<()>> {
+        let head = if self.tied {
+            self.embedding.as_ref()?
+        } else {
+            self.head.as_ref()?
+        };
+        let norm = self.final_norm.as_ref()?;
+        let s = &mut cache.scratch;
+        rms_norm(rows, norm, self.eps, &mut s.xn);
+        out.resize(n * self.vocab_size, 0.0);
+        Some(matmul(head, &s.xn, n, out, &mut s.acts).map_err(kernel_error))
     }
 
     /// Final norm and head on the last row of `x`, into `out`. `None` if this shard has no head.
@@ -413,10 +505,7 @@ fn rotate(head: &mut [f32], cos: &[f32], sin: &[f32]) {
 fn attention(
     qkv: &[f32],
     qkv_width: usize,
-    k: &[f32],
-    v: &[f32],
-    seq: usize,
-    start: usize,
+    spans: &[Span<'_>],
     heads: usize,
     kv_heads: usize,
     hd: usize,
@@ -429,14 +518,19 @@ fn attention(
     let kvd = kv_heads * hd;
     let group = heads / kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
+    let seq: usize = spans.iter().map(|s| s.rows).sum();
     // The first error of any task (only a bug in the shapes above could cause one).
     let failed = std::sync::Mutex::new(None);
     let task = |i: usize, o: &mut [f32]| {
         let (t, h) = (i / heads, i % heads);
-        let visible = start + t + 1;
+        // The span holding row `t` (spans are few: a batch's requests).
+        let Some(span) = spans.iter().find(|s| t >= s.first && t < s.first + s.rows) else {
+            return;
+        };
+        let visible = span.start + (t - span.first) + 1;
         let q = &qkv[t * qkv_width + h * hd..][..hd];
         let kvh = h / group;
-        let (keys, values) = (&k[kvh * hd..], &v[kvh * hd..]);
+        let (keys, values) = (&span.k[kvh * hd..], &span.v[kvh * hd..]);
         SCORES.with_borrow_mut(|scores| {
             if scores.len() < visible {
                 // In steps of 1024 positions, so that decoding rarely allocates here.
@@ -449,8 +543,14 @@ fn attention(
         });
     };
     let out = &mut out[..seq * heads * hd];
+    let work: usize = spans
+        .iter()
+        .map(|s| s.rows * (s.start + s.rows))
+        .sum::<usize>()
+        * heads
+        * hd;
     // Below this many multiply-adds a hand-off to the pool costs more than it saves.
-    if seq * heads * (start + seq) * hd < 1 << 15 {
+    if work < 1 << 15 {
         out.chunks_exact_mut(hd)
             .enumerate()
             .for_each(|(i, o)| task(i, o));

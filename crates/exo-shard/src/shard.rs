@@ -8,7 +8,7 @@ use exo_model::{Checkpoint, ModelConfig, ShardSpec, ShardWeights};
 use crate::burn_shard::BurnShard;
 use crate::cache::KvCache;
 use crate::error::{Error, Result};
-use crate::native::{NativeShard, Weights};
+use crate::native::{NativeShard, Segment, Weights};
 
 // Shards are few and long-lived; boxing either variant would only add an indirection.
 #[allow(clippy::large_enum_variant)]
@@ -308,13 +308,65 @@ impl LlamaShard {
                 actual: vec![rows, hidden],
             });
         }
-        let mut rest = x;
-        for (cache, rows) in batch.iter_mut() {
-            let (mine, tail) = rest.split_at_mut(*rows * hidden);
-            rest = tail;
-            if *rows > 0 {
-                self.forward_in_place(mine, cache)?;
+        let n = match &self.kind {
+            Kind::Native(n) => n,
+            Kind::Burn(_) => {
+                // burn runs one request at a time.
+                let mut rest = x;
+                for (cache, rows) in batch.iter_mut() {
+                    let (mine, tail) = rest.split_at_mut(*rows * hidden);
+                    rest = tail;
+                    if *rows > 0 {
+                        self.forward_in_place(mine, cache)?;
+                    }
+                }
+                return Ok(());
             }
+        };
+        // Every cache must be this shard's and have room, before anything runs.
+        for (cache, rows) in batch.iter() {
+            match &cache.native {
+                Some(c) if c.layers() == n.layer_count() => {}
+                other => {
+                    return Err(Error::CacheMismatch {
+                        expected: n.layer_count(),
+                        actual: other.as_ref().map_or(cache.layers.len(), |c| c.layers()),
+                    });
+                }
+            }
+            if cache.len + rows > n.max_positions {
+                return Err(Error::ContextFull {
+                    needed: cache.len + rows,
+                    max: n.max_positions,
+                });
+            }
+        }
+        let mut scratch = None;
+        let result = {
+            let mut segments: Vec<Segment<'_>> = Vec::with_capacity(batch.len());
+            for (cache, rows) in batch.iter_mut().filter(|(_, rows)| *rows > 0) {
+                let start = cache.len;
+                if let Some(native) = cache.native.as_mut() {
+                    if scratch.is_none() {
+                        scratch = Some(native.take_scratch());
+                    }
+                    segments.push(Segment {
+                        cache: native,
+                        start,
+                        rows: *rows,
+                    });
+                }
+            }
+            let mut lent = scratch.take().unwrap_or_default();
+            let result = n.forward_batch(x, &mut segments, &mut lent);
+            if let Some(first) = segments.first_mut() {
+                first.cache.put_scratch(lent);
+            }
+            result
+        };
+        result?;
+        for (cache, rows) in batch.iter_mut() {
+            cache.len += *rows;
         }
         Ok(())
     }
@@ -324,10 +376,15 @@ impl LlamaShard {
     ///
     /// Shapes: rows [n * hidden] -> out [n * vocab]
     pub fn logits_rows(&self, rows: &[f32], cache: &mut KvCache, out: &mut Vec<f32>) -> Result<()> {
-        let (n, hidden) = self.host_rows(rows)?;
+        let (count, hidden) = self.host_rows(rows)?;
+        if let (Kind::Native(n), Some(native)) = (&self.kind, cache.native.as_mut()) {
+            return n
+                .logits_rows(rows, count, native, out)
+                .ok_or_else(|| self.not_held("head"))?;
+        }
         out.clear();
         let mut one = Vec::new();
-        for row in rows.chunks_exact(hidden).take(n) {
+        for row in rows.chunks_exact(hidden).take(count) {
             self.logits_into(row, cache, &mut one)?;
             out.extend_from_slice(&one);
         }
