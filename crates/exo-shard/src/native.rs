@@ -123,15 +123,12 @@ pub(crate) struct Segment<'a> {
     pub(crate) rows: usize,
 }
 
-/// One segment as attention sees it: its keys and values, and where its rows are.
-struct Span<'a> {
-    k: &'a [f32],
-    v: &'a [f32],
-    /// Position of its first row.
-    start: usize,
-    /// Index of its first row among the batch's rows.
-    first: usize,
-    rows: usize,
+/// The attention heads' shape.
+#[derive(Clone, Copy)]
+struct Heads {
+    heads: usize,
+    kv_heads: usize,
+    hd: usize,
 }
 
 /// Per-request state of a native shard: the KV cache and scratch buffers.
@@ -375,24 +372,12 @@ impl NativeShard {
                 first += g.rows;
             }
             s.att.resize(seq * qd, 0.0);
-            let spans: Vec<Span<'_>> = {
-                let mut first = 0;
-                segments
-                    .iter()
-                    .map(|g| {
-                        let span = Span {
-                            k: &g.cache.k[l],
-                            v: &g.cache.v[l],
-                            start: g.start,
-                            first,
-                            rows: g.rows,
-                        };
-                        first += g.rows;
-                        span
-                    })
-                    .collect()
+            let heads = Heads {
+                heads: h,
+                kv_heads: kvh,
+                hd,
             };
-            attention(&s.qkv, qkv_width, &spans, h, kvh, hd, &mut s.att).map_err(kernel_error)?;
+            attention(&s.qkv, qkv_width, segments, l, heads, &mut s.att).map_err(kernel_error)?;
             s.proj.resize(seq * self.hidden, 0.0);
             matmul(&layer.o, &s.att, seq, &mut s.proj, &mut s.acts).map_err(kernel_error)?;
             x.iter_mut().zip(&s.proj).for_each(|(a, b)| *a += b);
@@ -501,16 +486,22 @@ fn rotate(head: &mut [f32], cos: &[f32], sin: &[f32]) {
 
 /// Causal grouped-query attention of `seq` new queries over every cached position. Each
 /// (query, head) pair is one task on the kernels' pool when there is enough work to share.
-#[allow(clippy::too_many_arguments)]
+///
+/// The segments' rows follow one another in `qkv`; each attends over layer `layer` of its own
+/// cache. Nothing is allocated here (a decode step must not allocate).
 fn attention(
     qkv: &[f32],
     qkv_width: usize,
-    spans: &[Span<'_>],
-    heads: usize,
-    kv_heads: usize,
-    hd: usize,
+    segments: &[Segment<'_>],
+    layer: usize,
+    shape: Heads,
     out: &mut [f32],
 ) -> std::result::Result<(), exo_kernels::Error> {
+    let Heads {
+        heads,
+        kv_heads,
+        hd,
+    } = shape;
     thread_local! {
         /// Attention scores of the head a thread is working on (grows, never shrinks).
         static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -518,19 +509,26 @@ fn attention(
     let kvd = kv_heads * hd;
     let group = heads / kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
-    let seq: usize = spans.iter().map(|s| s.rows).sum();
+    let seq: usize = segments.iter().map(|s| s.rows).sum();
     // The first error of any task (only a bug in the shapes above could cause one).
     let failed = std::sync::Mutex::new(None);
     let task = |i: usize, o: &mut [f32]| {
         let (t, h) = (i / heads, i % heads);
-        // The span holding row `t` (spans are few: a batch's requests).
-        let Some(span) = spans.iter().find(|s| t >= s.first && t < s.first + s.rows) else {
+        // The segment holding row `t` (segments are few: a batch's requests).
+        let mut first = 0;
+        let Some(g) = segments.iter().find(|g| {
+            let found = t < first + g.rows;
+            if !found {
+                first += g.rows;
+            }
+            found
+        }) else {
             return;
         };
-        let visible = span.start + (t - span.first) + 1;
+        let visible = g.start + (t - first) + 1;
         let q = &qkv[t * qkv_width + h * hd..][..hd];
         let kvh = h / group;
-        let (keys, values) = (&span.k[kvh * hd..], &span.v[kvh * hd..]);
+        let (keys, values) = (&g.cache.k[layer][kvh * hd..], &g.cache.v[layer][kvh * hd..]);
         SCORES.with_borrow_mut(|scores| {
             if scores.len() < visible {
                 // In steps of 1024 positions, so that decoding rarely allocates here.
@@ -543,7 +541,7 @@ fn attention(
         });
     };
     let out = &mut out[..seq * heads * hd];
-    let work: usize = spans
+    let work: usize = segments
         .iter()
         .map(|s| s.rows * (s.start + s.rows))
         .sum::<usize>()
