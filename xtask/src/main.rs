@@ -1,5 +1,7 @@
 //! Developer tasks: `cargo xtask ci` runs what CI runs; `cargo xtask bench` measures
-//! `exo-node generate` on the default model and writes a table to `target/bench/`.
+//! `exo-node generate` on the default model and writes a table to `target/bench/`, with a
+//! matrix of formats and two model sizes beside llama.cpp; `cargo xtask synth-model` makes that
+//! matrix's models.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -7,9 +9,10 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 mod cluster;
+mod formats;
 mod modules;
 
-const USAGE: &str = "usage: cargo xtask <ci | bench [--quick] [--runs N] [--llama-bench PATH | --no-llama] [--no-cluster] | bench-cluster [--exe PATH]... [--runs N] [--quick] | modules>";
+const USAGE: &str = "usage: cargo xtask <ci | bench [--quick] [--runs N] [--llama-bench PATH | --no-llama] [--no-cluster] [--no-formats | --formats-only] [--formats Q4_K_M,Q8_0,...] [--shapes default,1b] | bench-cluster [--exe PATH]... [--runs N] [--quick] | synth-model [--formats ...] [--shapes ...] | bandwidth | modules>";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -18,6 +21,16 @@ fn main() -> Result<()> {
         Some("bench") => bench(&args[1..]),
         Some("bench-cluster") => bench_cluster(&args[1..]),
         Some("modules") => modules::check(&root()),
+        Some("synth-model") => synth_model(&args[1..]),
+        Some("bandwidth") => {
+            for threads in [1, 2] {
+                println!(
+                    "memory read bandwidth, {threads} thread(s): {:.1} GB/s",
+                    formats::read_bandwidth(threads)
+                );
+            }
+            Ok(())
+        }
         Some("-h" | "--help") | None => {
             println!("{USAGE}");
             Ok(())
@@ -239,14 +252,24 @@ impl Drop for BusyNeighbour {
     }
 }
 
-/// Builds llama.cpp's `llama-bench` once into the cache, from the PyPI source distribution of
-/// llama-cpp-python (which vendors llama.cpp), with portable SIMD flags: `GGML_NATIVE=ON` dies
-/// with an illegal instruction on CPUs that advertise AMX without allowing it.
+/// llama.cpp's `llama-bench`, built once into the cache (see [`build_llama_tools`]).
 fn build_llama_bench() -> Result<PathBuf> {
+    Ok(build_llama_tools()?.0)
+}
+
+/// Builds llama.cpp's `llama-bench` and `llama-quantize` once into the cache, from the PyPI
+/// source distribution of llama-cpp-python (which vendors llama.cpp), with portable SIMD flags
+/// chosen for this CPU: `GGML_NATIVE=ON` dies with an illegal instruction on CPUs that
+/// advertise AMX without allowing it, and the AVX-512 options only where the CPU has AVX-512
+/// (one build directory per choice, so a cache moved between machines stays right).
+fn build_llama_tools() -> Result<(PathBuf, PathBuf)> {
     let dir = cache_dir().join("llama-bench");
-    let exe = dir.join("build").join("bin").join("llama-bench");
-    if exe.exists() {
-        return Ok(exe);
+    let avx512 = has_avx512();
+    let build = if avx512 { "build" } else { "build-avx2" };
+    let bin = dir.join(build).join("bin");
+    let (bench, quantize) = (bin.join("llama-bench"), bin.join("llama-quantize"));
+    if bench.exists() && quantize.exists() {
+        return Ok((bench, quantize));
     }
     std::fs::create_dir_all(&dir)?;
     let sh = |script: &str| -> Result<()> {
@@ -267,17 +290,20 @@ fn build_llama_bench() -> Result<PathBuf> {
         --no-binary llama-cpp-python llama-cpp-python -d .",
     )?;
     sh(
-        "tar xzf llama_cpp_python-*.tar.gz && rm -rf src && mv llama_cpp_python-*/vendor/llama.cpp src",
+        "test -d src || { tar xzf llama_cpp_python-*.tar.gz && mv llama_cpp_python-*/vendor/llama.cpp src; }",
     )?;
-    sh(
-        "cmake -S src -B build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DGGML_AVX=ON \
-        -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON \
-        -DGGML_AVX512_VBMI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF \
-        -DGGML_AMX_BF16=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-        -DLLAMA_BUILD_SERVER=OFF >/dev/null",
-    )?;
-    sh("cmake --build build --target llama-bench -j 2 >/dev/null")?;
-    Ok(exe)
+    sh(&format!(
+        "cmake -S src -B {build} -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DGGML_AVX=ON \
+            -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512={on} \
+            -DGGML_AVX512_VNNI={on} -DGGML_AVX512_VBMI={on} -DGGML_AVX512_BF16={on} \
+            -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DLLAMA_CURL=OFF \
+            -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >/dev/null",
+        on = if avx512 { "ON" } else { "OFF" }
+    ))?;
+    sh(&format!(
+        "cmake --build {build} --target llama-bench llama-quantize -j 2 >/dev/null"
+    ))?;
+    Ok((bench, quantize))
 }
 
 /// Single-node figures of `exo-node generate` on the default model and, when llama.cpp's
@@ -312,16 +338,80 @@ fn bench(args: &[String]) -> Result<()> {
             }
         }
     };
+    let mut md = String::new();
+    let mut json = Vec::new();
+    if !args.iter().any(|a| a == "--formats-only") {
+        default_tables(
+            &exe,
+            &model,
+            llama.as_deref(),
+            runs,
+            quick,
+            args,
+            &mut md,
+            &mut json,
+        )?;
+    }
+    if !args.iter().any(|a| a == "--no-formats") {
+        let (shapes, list) = matrix_choice(args)?;
+        let quantize = build_llama_tools()?.1;
+        formats::synth_models(&quantize, &model, &shapes, &list)?;
+        formats::matrix(
+            &exe,
+            llama.as_deref(),
+            &model,
+            &shapes,
+            &list,
+            runs,
+            quick,
+            &mut md,
+            &mut json,
+        )?;
+    }
+    let dir = target_dir().join("bench");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("bench.md"), &md)?;
+    std::fs::write(dir.join("bench.json"), format!("[{}]\n", json.join(",\n")))?;
+    println!("{md}");
+    println!("written to {}", dir.display());
+    Ok(())
+}
+
+/// Whether this CPU has the AVX-512 subsets llama.cpp's AVX-512 build uses.
+fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vnni")
+        && is_x86_feature_detected!("avx512vbmi")
+        && is_x86_feature_detected!("avx512bf16");
+    #[cfg(not(target_arch = "x86_64"))]
+    return false;
+}
+
+/// The single-model tables: the default model at 1 and 2 threads beside llama.cpp, prefill by
+/// prompt length, decode beside a busy process, and (unless `--no-cluster`) the cluster and
+/// API tables.
+#[allow(clippy::too_many_arguments)]
+fn default_tables(
+    exe: &Path,
+    model: &Path,
+    llama: Option<&Path>,
+    runs: usize,
+    quick: bool,
+    args: &[String],
+    md: &mut String,
+    json: &mut Vec<String>,
+) -> Result<()> {
     // About 128 tokens of prompt, as llama-bench's pp128.
     let prompt =
         "The quick brown fox jumps over the lazy dog while the farmer watches from the hill. "
             .repeat(7);
     let tokens = if quick { 32 } else { 128 };
-    let mut md = format!(
+    md.push_str(&format!(
         "Default model (SmolLM2-135M-Instruct, Q4_1 GGUF), prompt of ~128 tokens, {tokens} generated \
          tokens, {runs} run(s) each, median (min-max); tokens/s.\n\n"
-    );
-    let mut json = Vec::new();
+    ));
     md.push_str(
         "| threads | engine | prefill | decode | TTFT ms | peak MiB |\n|---|---|---|---|---|---|\n",
     );
@@ -333,13 +423,13 @@ fn bench(args: &[String]) -> Result<()> {
         let mut reference = Vec::new();
         let mut theirs = Vec::new();
         for _ in 0..runs {
-            ours.push(run_ours(&exe, &prompt, tokens, threads, "auto")?);
+            ours.push(run_ours(exe, &prompt, tokens, threads, "auto")?);
             if let Some(llama) = &llama {
-                let (pp, tg) = run_llama(llama, &model, threads, 128, 128)?;
+                let (pp, tg) = run_llama(llama, model, threads, 128, 128)?;
                 theirs.push((pp.unwrap_or(0.0), tg));
             }
             if !quick {
-                reference.push(run_ours(&exe, &prompt, tokens, threads, "f32")?);
+                reference.push(run_ours(exe, &prompt, tokens, threads, "f32")?);
             }
         }
         let row = |name: &str, f: &[Figures], md: &mut String, json: &mut Vec<String>| {
@@ -363,8 +453,8 @@ fn bench(args: &[String]) -> Result<()> {
                 f[0].prompt_tokens, f[0].generated_tokens, pre.0, dec.0, ttft.0, peak.0
             ));
         };
-        row("exo-rs (quantized CPU kernels)", &ours, &mut md, &mut json);
-        row("exo-rs (f32, burn-flex)", &reference, &mut md, &mut json);
+        row("exo-rs (quantized CPU kernels)", &ours, md, json);
+        row("exo-rs (f32, burn-flex)", &reference, md, json);
         if !theirs.is_empty() {
             let pp = median(theirs.iter().map(|t| t.0).collect());
             let tg = median(theirs.iter().map(|t| t.1).collect());
@@ -401,7 +491,7 @@ fn bench(args: &[String]) -> Result<()> {
             let text = sentence.repeat(repeats);
             let mut f = Vec::new();
             for _ in 0..runs {
-                f.push(run_ours(&exe, &text, 1, threads, "auto")?);
+                f.push(run_ours(exe, &text, 1, threads, "auto")?);
             }
             let pre = median(f.iter().map(|r| r.prefill).collect());
             let ttft = median(f.iter().map(|r| r.ttft_ms).collect());
@@ -428,9 +518,9 @@ fn bench(args: &[String]) -> Result<()> {
         let mut ours = Vec::new();
         let mut theirs = Vec::new();
         for _ in 0..runs {
-            ours.push(run_ours(&exe, &prompt, generated, 2, "auto")?.decode);
+            ours.push(run_ours(exe, &prompt, generated, 2, "auto")?.decode);
             if let Some(llama) = &llama {
-                theirs.push(run_llama(llama, &model, 2, 0, generated)?.1);
+                theirs.push(run_llama(llama, model, 2, 0, generated)?.1);
             }
         }
         drop(busy);
@@ -454,16 +544,60 @@ fn bench(args: &[String]) -> Result<()> {
         }
     }
     if !args.iter().any(|a| a == "--no-cluster") {
-        cluster_tables(
-            &exe, &model, &prompt, tokens, runs, quick, &mut md, &mut json,
-        )?;
+        cluster_tables(exe, model, &prompt, tokens, runs, quick, md, json)?;
     }
-    let dir = target_dir().join("bench");
-    std::fs::create_dir_all(&dir)?;
-    std::fs::write(dir.join("bench.md"), &md)?;
-    std::fs::write(dir.join("bench.json"), format!("[{}]\n", json.join(",\n")))?;
-    println!("{md}");
-    println!("written to {}", dir.display());
+    Ok(())
+}
+
+/// Which models and formats the matrix covers (`--shapes default,1b`, `--formats Q4_K_M,...`).
+fn matrix_choice(args: &[String]) -> Result<(Vec<formats::Shape>, Vec<&'static str>)> {
+    let flag = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+    };
+    let shapes = match flag("--shapes") {
+        None => vec![formats::Shape::Default, formats::Shape::OneB],
+        Some(list) => list
+            .split(',')
+            .map(|s| match s {
+                "default" => Ok(formats::Shape::Default),
+                "1b" => Ok(formats::Shape::OneB),
+                other => bail!("unknown shape `{other}` (default, 1b)"),
+            })
+            .collect::<Result<_>>()?,
+    };
+    let list = match flag("--formats") {
+        None => formats::FORMATS.to_vec(),
+        Some(list) => list
+            .split(',')
+            .map(|f| {
+                formats::FORMATS
+                    .iter()
+                    .chain(formats::MORE_FORMATS.iter())
+                    .find(|k| k.eq_ignore_ascii_case(f))
+                    .copied()
+                    .with_context(|| format!("unknown format `{f}`"))
+            })
+            .collect::<Result<_>>()?,
+    };
+    Ok((shapes, list))
+}
+
+/// `cargo xtask synth-model`: the matrix's models, made where missing.
+fn synth_model(args: &[String]) -> Result<()> {
+    cargo(&["build", "--release", "-p", "exo-node"])?;
+    let exe = target_dir().join("release").join("exo-node");
+    let model = Command::new(&exe).args(["models", "fetch"]).output()?;
+    let model = PathBuf::from(String::from_utf8_lossy(&model.stdout).trim());
+    let (shapes, list) = matrix_choice(args)?;
+    let quantize = build_llama_tools()?.1;
+    formats::synth_models(&quantize, &model, &shapes, &list)?;
+    for shape in shapes {
+        for format in &list {
+            println!("{}", formats::model_path(shape, format, &model).display());
+        }
+    }
     Ok(())
 }
 

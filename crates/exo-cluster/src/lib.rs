@@ -43,3 +43,4 @@ pub use exo_partition::Strategy;
 pub use gateway::{GatewayConfig, GatewayEngine, run_gateway};
 pub use node::{ClusterConfig, Node, run, shutdown_signal};
 pub use plan::{ActivePlan, PlanState, model_profile};
+pub use stage::StageStats;

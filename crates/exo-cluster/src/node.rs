@@ -24,7 +24,7 @@ use crate::origin::{OriginModel, Origins, model_id};
 use crate::plan::{ActivePlan, PlanState, model_profile, plan_cluster};
 use crate::service::Service;
 use crate::stage::link::LinkSettings;
-use crate::stage::{ModelSource, Stages};
+use crate::stage::{ModelSource, StageStats, Stages};
 use crate::tasks::Tasks;
 
 /// Everything a node needs to start.
@@ -49,6 +49,9 @@ pub struct ClusterConfig {
     pub default_max_tokens: usize,
     /// Largest prompt chunk sent to the first stage in one frame.
     pub prefill_chunk: usize,
+    /// Most prompt rows a stage computes in one step beside the decode tokens of the running
+    /// requests: bounds how long a prompt arriving stalls the streams that are decoding.
+    pub step_rows: usize,
     /// How long membership must be quiet before the node plans again.
     pub settle: Duration,
     /// Frame size limits.
@@ -70,6 +73,7 @@ impl ClusterConfig {
             plan_context: 2048,
             default_max_tokens: 256,
             prefill_chunk: 512,
+            step_rows: 64,
             settle: Duration::from_millis(500),
             limits: Limits::default(),
             strategy: Strategy::CostOptimal,
@@ -136,6 +140,9 @@ impl Node {
         topology_config.models = vec![model_file.clone()];
         let topology = Topology::start(topology_config).await?;
         let id = NodeId::from(topology.local_id().as_str());
+        // What this node offers (its limit, cgroup and free memory), as the planner sees it.
+        let offered = topology.snapshot().await?.local.memory;
+        let memory_offered = offered.available_bytes.or(offered.total_bytes);
 
         let tasks = Tasks::default();
         let (plan_tx, plan) = watch::channel(PlanState::Waiting("planning has not run yet".into()));
@@ -157,6 +164,8 @@ impl Node {
                 config: model_config,
                 device: config.device.clone(),
                 weights: config.weights,
+                step_rows: config.step_rows,
+                memory_offered,
             },
             plan.clone(),
             links.clone(),
@@ -296,6 +305,11 @@ impl Node {
     /// The connections to other nodes' shard services.
     pub(crate) fn clients(&self) -> &ClientPool {
         &self.origins.links.clients
+    }
+
+    /// What this node's stage workers have computed (steps, rows, batch sizes, busy time).
+    pub fn stage_stats(&self) -> StageStats {
+        self.stages.stats()
     }
 
     /// Generates with this node as the origin. Dropping the receiver cancels the request on

@@ -12,7 +12,7 @@ use futures::future::BoxFuture;
 use tokio::sync::mpsc;
 
 use crate::origin::Origins;
-use crate::stage::worker::{DeliverySink, WorkerLink, WorkerMsg};
+use crate::stage::worker::{DeliverySink, LinkRefusal, WorkerLink, WorkerMsg};
 use crate::stage::{HoldError, Stages};
 
 /// A cloneable handle on a node's stages and origin, served over gRPC.
@@ -24,17 +24,11 @@ pub(crate) struct Service {
 
 impl FrameSink for WorkerLink {
     fn send(&mut self, frame: StepFrame) -> BoxFuture<'_, exo_transport::Result<()>> {
-        let sent = WorkerLink::send(self, frame);
-        Box::pin(async move {
-            if sent {
-                Ok(())
-            } else {
-                Err(TError::service(
-                    Code::FailedPrecondition,
-                    "this node's stage of the plan has stopped",
-                ))
-            }
-        })
+        let sent = WorkerLink::send(self, frame).map_err(|e| match e {
+            LinkRefusal::Malformed(m) => TError::invalid(m),
+            LinkRefusal::Stopped => TError::service(Code::FailedPrecondition, e.to_string()),
+        });
+        Box::pin(async move { sent })
     }
 }
 

@@ -34,8 +34,8 @@ impl QuantizedActs {
         self.d.resize(blocks, 0.0);
         self.sum.resize(blocks, 0.0);
         self.q.resize(blocks * 32, 0);
-        self.f.clear();
-        self.f.extend_from_slice(x);
+        // The float values and block sums too: a stack may mix formats that take them.
+        self.keep_f32(x, rows, cols);
         for (b, chunk) in x.chunks_exact(32).enumerate() {
             let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
             let d = amax / 127.0;

@@ -1,4 +1,4 @@
-//! Decoding of ggml's K-quant super-blocks (256 elements). The one implementation in the
+//! Decoding of ggml's K-quant super-blocks (256 elements: Q4_K, Q5_K, Q6_K). The one implementation in the
 //! workspace: `exo-model` decodes checkpoint tensors with it, and the kernels decode on the fly.
 
 use half::f16;
@@ -26,8 +26,32 @@ pub fn decode_q4_k(b: &[u8], out: &mut [f32; 256]) {
     }
 }
 
-/// The 6-bit scale and min of sub-block `j` of a Q4_K super-block.
-fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+/// Decodes one Q5_K super-block (176 bytes) into 256 values: Q4_K's layout with a fifth bit
+/// per value (bit `j` of byte `l` of `qh` for element `l` of sub-block `j`).
+pub fn decode_q5_k(b: &[u8], out: &mut [f32; 256]) {
+    let d = f16_at(b, 0);
+    let dmin = f16_at(b, 2);
+    let scales = &b[4..16];
+    let qh = &b[16..48];
+    let qs = &b[48..176];
+    for (chunk, q) in qs.chunks_exact(32).enumerate() {
+        let (sc1, m1) = scale_min_k4(2 * chunk, scales);
+        let (sc2, m2) = scale_min_k4(2 * chunk + 1, scales);
+        let (d1, min1) = (d * sc1 as f32, dmin * m1 as f32);
+        let (d2, min2) = (d * sc2 as f32, dmin * m2 as f32);
+        let (u1, u2) = (1u8 << (2 * chunk), 2u8 << (2 * chunk));
+        let o = &mut out[chunk * 64..chunk * 64 + 64];
+        for (l, &x) in q.iter().enumerate() {
+            let h1 = if qh[l] & u1 != 0 { 16 } else { 0 };
+            let h2 = if qh[l] & u2 != 0 { 16 } else { 0 };
+            o[l] = d1 * ((x & 0x0f) + h1) as f32 - min1;
+            o[l + 32] = d2 * ((x >> 4) + h2) as f32 - min2;
+        }
+    }
+}
+
+/// The 6-bit scale and min of sub-block `j` of a Q4_K (or Q5_K) super-block.
+pub(crate) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {

@@ -15,6 +15,7 @@
 
 mod acts;
 mod attn;
+mod decode;
 mod error;
 pub mod ggml;
 mod matrix;
@@ -116,6 +117,10 @@ impl Isa {
 /// One output value with the chosen path (`isa` must be supported; callers check).
 fn dot(isa: Isa, w: &QuantMatrix, row: usize, a: &QuantizedActs, t: usize) -> f32 {
     #[cfg(target_arch = "x86_64")]
+    if let Some([[v]]) = tiled_rows::<1, 1>(isa, w, row, a, t) {
+        return v;
+    }
+    #[cfg(target_arch = "x86_64")]
     if matches!(isa, Isa::Avx2 | Isa::Avx512Vnni) {
         use BlockKind::{Q4, Q8};
         let (cols, nb) = (w.cols, w.cols / 32);
@@ -146,14 +151,8 @@ fn dot(isa: Isa, w: &QuantMatrix, row: usize, a: &QuantizedActs, t: usize) -> f3
                 }
             };
         }
-        match &w.storage {
-            Storage::F32(v) => {
-                return unsafe { x86::dot_f32_avx2(&v[row * cols..(row + 1) * cols], x) };
-            }
-            Storage::F16(v) => {
-                return unsafe { x86::dot_f16_avx2(&v[row * cols..(row + 1) * cols], x) };
-            }
-            _ => {}
+        if let Storage::F32(v) = &w.storage {
+            return unsafe { x86::dot_f32_avx2(&v[row * cols..(row + 1) * cols], x) };
         }
     }
     #[cfg(target_arch = "aarch64")]
@@ -196,6 +195,109 @@ fn neon_rows<const R: usize>(
     let xsum = &a.fsum[t * nb..(t + 1) * nb];
     // SAFETY: as above; `x` holds `nb * 32` values and `xsum` `nb` sums.
     Some(unsafe { neon::dot_f32_acts::<R>(&r, x, xsum, nb, kind) })
+}
+
+/// Rows `row..row + R` against activation rows `t..t + T` with the x86 kernels written for
+/// any tile: K-quants and 16-bit floats on both paths, and on AVX2 also Q4_0/Q4_1/Q8_0 with f32
+/// activations (AVX-512 has its own kernels for those). `None` for other formats or paths.
+#[cfg(target_arch = "x86_64")]
+fn x86_rows<const R: usize, const T: usize>(
+    isa: Isa,
+    w: &QuantMatrix,
+    row: usize,
+    a: &QuantizedActs,
+    t: usize,
+) -> Option<[[f32; T]; R]> {
+    if let Some(v) = tiled_rows::<R, T>(isa, w, row, a, t) {
+        return Some(v);
+    }
+    if isa != Isa::Avx2 || w.q8_acts {
+        return None;
+    }
+    let (cols, nb) = (w.cols, w.cols / 32);
+    let (wd, wm, wq, kind) = int_rows(w, row, R)?;
+    let r = row_args(wd, wm, wq, a, 0, 0, 0);
+    let x: [&[f32]; T] = std::array::from_fn(|k| &a.f[(t + k) * cols..(t + k + 1) * cols]);
+    let xsum: [&[f32]; T] = std::array::from_fn(|k| &a.fsum[(t + k) * nb..(t + k + 1) * nb]);
+    // SAFETY: the caller checked AVX2 as supported; `r` holds `R` whole rows, each `x` `cols`
+    // values and each `xsum` `nb` sums.
+    Some(unsafe { x86::int_rows_avx2::<R, T>(&r, x, xsum, nb, kind) })
+}
+
+/// Rows `row..row + R` of a K-quant or 16-bit float matrix against activation rows
+/// `t..t + T` with the x86 kernels, as `out[row][token]`; `None` for other formats or paths. The
+/// caller checks that the rows and tokens exist.
+#[cfg(target_arch = "x86_64")]
+fn tiled_rows<const R: usize, const T: usize>(
+    isa: Isa,
+    w: &QuantMatrix,
+    row: usize,
+    a: &QuantizedActs,
+    t: usize,
+) -> Option<[[f32; T]; R]> {
+    use half::slice::HalfFloatSliceExt;
+    if !matches!(isa, Isa::Avx2 | Isa::Avx512Vnni) {
+        return None;
+    }
+    let cols = w.cols;
+    let (bits, bf16) = match &w.storage {
+        Storage::F16(v) => (v.reinterpret_cast(), false),
+        Storage::BF16(v) => (v.reinterpret_cast(), true),
+        _ => return k_quant_rows::<R, T>(isa, w, row, a, t),
+    };
+    let rows = &bits[row * cols..(row + R) * cols];
+    let x: [&[f32]; T] = std::array::from_fn(|k| &a.f[(t + k) * cols..(t + k + 1) * cols]);
+    // SAFETY: `isa` was checked as supported before dispatch (both x86 paths include F16C);
+    // `rows` holds `R` rows of `cols` values and each `x` `cols` values.
+    Some(unsafe {
+        match (isa, bf16) {
+            (Isa::Avx512Vnni, false) => x86::half_rows_avx512::<R, T, false>(rows, cols, x),
+            (Isa::Avx512Vnni, true) => x86::half_rows_avx512::<R, T, true>(rows, cols, x),
+            (_, false) => x86::half_rows_avx2::<R, T, false>(rows, cols, x),
+            (_, true) => x86::half_rows_avx2::<R, T, true>(rows, cols, x),
+        }
+    })
+}
+
+/// The K-quant part of [`tiled_rows`].
+#[cfg(target_arch = "x86_64")]
+fn k_quant_rows<const R: usize, const T: usize>(
+    isa: Isa,
+    w: &QuantMatrix,
+    row: usize,
+    a: &QuantizedActs,
+    t: usize,
+) -> Option<[[f32; T]; R]> {
+    if !matches!(isa, Isa::Avx2 | Isa::Avx512Vnni) {
+        return None;
+    }
+    let (bytes, block) = match &w.storage {
+        Storage::Q4K(b) => (b, matrix::Q4K_PACKED),
+        Storage::Q5K(b) => (b, matrix::Q5K_PACKED),
+        Storage::Q6K(b) => (b, WeightFormat::Q6K.ggml_block_bytes()),
+        _ => return None,
+    };
+    let format = w.format;
+    let (cols, nsb) = (w.cols, w.cols / 256);
+    let per_row = nsb * block;
+    let rows = &bytes[row * per_row..(row + R) * per_row];
+    let x: [&[f32]; T] = std::array::from_fn(|k| &a.f[(t + k) * cols..(t + k + 1) * cols]);
+    let nb = cols / 32;
+    let xsum: [&[f32]; T] = std::array::from_fn(|k| &a.fsum[(t + k) * nb..(t + k + 1) * nb]);
+    // SAFETY: `isa` was checked as supported by the CPU before dispatch (both x86 paths include
+    // F16C); `rows` holds `R` rows of `nsb` super-blocks, each `x` `cols` values and each
+    // `xsum` `cols / 32` sums.
+    Some(unsafe {
+        use WeightFormat::{Q4K, Q5K};
+        match (isa, format) {
+            (Isa::Avx512Vnni, Q4K) => x86::q4k_avx512::<R, T, false>(rows, per_row, x, xsum, nsb),
+            (Isa::Avx512Vnni, Q5K) => x86::q4k_avx512::<R, T, true>(rows, per_row, x, xsum, nsb),
+            (Isa::Avx512Vnni, _) => x86::q6k_avx512::<R, T>(rows, per_row, x, nsb),
+            (_, Q4K) => x86::q4k_avx2::<R, T, false>(rows, per_row, x, xsum, nsb),
+            (_, Q5K) => x86::q4k_avx2::<R, T, true>(rows, per_row, x, xsum, nsb),
+            (_, _) => x86::q6k_avx2::<R, T>(rows, per_row, x, nsb),
+        }
+    })
 }
 
 /// Slices of some weight rows and one activation row, already cut to the blocks a kernel reads.
@@ -274,6 +376,12 @@ fn row_args<'a>(
 /// f32 activations; NEON with either activation kind); `None` otherwise, and the caller takes
 /// them one at a time.
 fn dot4(isa: Isa, w: &QuantMatrix, row: usize, a: &QuantizedActs, t: usize) -> Option<[f32; 4]> {
+    #[cfg(target_arch = "x86_64")]
+    if row + 4 <= w.rows
+        && let Some(four) = x86_rows::<4, 1>(isa, w, row, a, t)
+    {
+        return Some(four.map(|[v]| v));
+    }
     #[cfg(target_arch = "aarch64")]
     if isa == Isa::Neon && row + 4 <= w.rows {
         return neon_rows::<4>(w, row, a, t);
@@ -306,6 +414,21 @@ fn dot4x4(
     a: &QuantizedActs,
     t: usize,
 ) -> Option<[[f32; 4]; 4]> {
+    #[cfg(target_arch = "x86_64")]
+    if row + 4 <= w.rows && t + 4 <= a.rows {
+        if isa == Isa::Avx512Vnni
+            && let Some(block) = tiled_rows::<4, 4>(isa, w, row, a, t)
+        {
+            return Some(block);
+        }
+        // Sixteen AVX2 registers hold two rows by four tokens of sums, not four by four.
+        if isa == Isa::Avx2
+            && let Some([r0, r1]) = x86_rows::<2, 4>(isa, w, row, a, t)
+            && let Some([r2, r3]) = x86_rows::<2, 4>(isa, w, row + 2, a, t)
+        {
+            return Some([r0, r1, r2, r3]);
+        }
+    }
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512Vnni && !w.q8_acts && row + 4 <= w.rows && t + 4 <= a.rows {
         let (cols, nb) = (w.cols, w.cols / 32);
@@ -355,7 +478,7 @@ unsafe impl<T: Send> Send for SendPtr<T> {}
 unsafe impl<T: Send> Sync for SendPtr<T> {}
 
 /// A raw pointer that may cross threads: each task writes a disjoint set of elements.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 struct OutPtr(*mut f32);
 
 impl OutPtr {
@@ -416,48 +539,30 @@ pub fn matmul_with(
     let pool = pool::pool();
     let threads = pool.threads();
     let work = rows * w.cols * n;
-    let ptr = OutPtr(out.as_mut_ptr());
+    let out = OutRows {
+        ptr: OutPtr(out.as_mut_ptr()),
+        stride: rows,
+        offset: 0,
+    };
     let acts = &*acts;
+    // A stack of mixed formats runs each part's rows with that part's kernels; tasks may span
+    // parts.
+    let parts = match &w.storage {
+        Storage::Parts(parts) => parts.as_slice(),
+        _ => std::slice::from_ref(w),
+    };
     let run = move |r0: usize, r1: usize| {
-        // Prefill: four tokens at a time share each unpacked weight block.
-        let mut t = 0;
-        while t + 4 <= n {
-            let mut r = r0;
-            while r + 4 <= r1 {
-                let Some(block) = dot4x4(isa, w, r, acts, t) else {
-                    break;
+        let mut base = 0;
+        for p in parts {
+            let (lo, hi) = (r0.max(base), r1.min(base + p.rows));
+            if lo < hi {
+                let out = OutRows {
+                    offset: base,
+                    ..out
                 };
-                for (k, row) in block.iter().enumerate() {
-                    for (j, v) in row.iter().enumerate() {
-                        // SAFETY: `(t + j) * rows + r + k < n * rows`; row ranges are disjoint.
-                        unsafe { ptr.write((t + j) * rows + r + k, *v) };
-                    }
-                }
-                r += 4;
+                rows_into(isa, p, acts, n, lo - base, hi - base, out);
             }
-            if r < r1 {
-                break;
-            }
-            t += 4;
-        }
-        for t in t..n {
-            let mut r = r0;
-            while r < r1 {
-                if r + 4 <= r1
-                    && let Some(four) = dot4(isa, w, r, acts, t)
-                {
-                    for (k, v) in four.into_iter().enumerate() {
-                        // SAFETY: `t * rows + r + k < n * rows`; row ranges are disjoint.
-                        unsafe { ptr.write(t * rows + r + k, v) };
-                    }
-                    r += 4;
-                    continue;
-                }
-                let v = dot(isa, w, r, acts, t);
-                // SAFETY: `t * rows + r < n * rows = out.len()`, and row ranges are disjoint.
-                unsafe { ptr.write(t * rows + r, v) };
-                r += 1;
-            }
+            base += p.rows;
         }
     };
     if threads <= 1 || work < 1 << 16 {
@@ -469,6 +574,80 @@ pub fn matmul_with(
         pool.run(tasks, &|i| run(i * chunk, ((i + 1) * chunk).min(rows)));
     }
     Ok(())
+}
+
+/// Where a task writes its outputs: token `t`, row `r` of a part goes to
+/// `ptr[t * stride + offset + r]`.
+#[derive(Clone, Copy)]
+struct OutRows {
+    ptr: OutPtr,
+    stride: usize,
+    offset: usize,
+}
+
+impl OutRows {
+    /// # Safety
+    /// `t * stride + offset + r` is in bounds of the output, and no other task writes it.
+    unsafe fn write(self, t: usize, r: usize, v: f32) {
+        // SAFETY: guaranteed by the caller.
+        unsafe { self.ptr.write(t * self.stride + self.offset + r, v) };
+    }
+}
+
+/// Rows `r0..r1` of `w` (a matrix of one format) for all `n` tokens.
+fn rows_into(
+    isa: Isa,
+    w: &QuantMatrix,
+    acts: &QuantizedActs,
+    n: usize,
+    r0: usize,
+    r1: usize,
+    out: OutRows,
+) {
+    // SAFETY (every write below): `matmul_with` checked `out` against `n` tokens of all the
+    // stack's rows, `r < r1 <= w.rows` and the part's rows start at `out.offset`; tasks own
+    // disjoint row ranges.
+    //
+    // Four rows at a time for a block of tokens, four tokens at a time where a kernel takes
+    // them (each unpacked weight serves all four): the four rows stay in the nearest cache while
+    // the block's activations stream past, so a matrix bigger than the caches is read from
+    // memory once per block of tokens, not once per four tokens.
+    const TOKENS: usize = 32;
+    for t0 in (0..n).step_by(TOKENS) {
+        let t1 = (t0 + TOKENS).min(n);
+        let mut r = r0;
+        while r + 4 <= r1 {
+            let mut t = t0;
+            while t + 4 <= t1 {
+                let Some(block) = dot4x4(isa, w, r, acts, t) else {
+                    break;
+                };
+                for (k, row) in block.iter().enumerate() {
+                    for (j, v) in row.iter().enumerate() {
+                        unsafe { out.write(t + j, r + k, *v) };
+                    }
+                }
+                t += 4;
+            }
+            for t in t..t1 {
+                if let Some(four) = dot4(isa, w, r, acts, t) {
+                    for (k, v) in four.into_iter().enumerate() {
+                        unsafe { out.write(t, r + k, v) };
+                    }
+                } else {
+                    for k in 0..4 {
+                        unsafe { out.write(t, r + k, dot(isa, w, r + k, acts, t)) };
+                    }
+                }
+            }
+            r += 4;
+        }
+        for r in r..r1 {
+            for t in t0..t1 {
+                unsafe { out.write(t, r, dot(isa, w, r, acts, t)) };
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! Weight matrices kept in their compact formats, repacked for the kernels: scales as `f32`
 //! beside the packed quants, so the inner loops never convert half floats.
 
-use half::f16;
+use half::{bf16, f16};
 
 use crate::error::{Error, Result};
 
@@ -12,6 +12,8 @@ pub enum WeightFormat {
     F32,
     /// 16-bit floats.
     F16,
+    /// bfloat16 (the top half of an f32).
+    BF16,
     /// 8-bit quants, one scale per 32.
     Q8_0,
     /// 4-bit quants around 8, one scale per 32.
@@ -20,6 +22,8 @@ pub enum WeightFormat {
     Q4_1,
     /// llama.cpp's Q4_K super-blocks of 256.
     Q4K,
+    /// llama.cpp's Q5_K super-blocks of 256.
+    Q5K,
     /// llama.cpp's Q6_K super-blocks of 256.
     Q6K,
 }
@@ -30,10 +34,12 @@ impl WeightFormat {
         match self {
             WeightFormat::F32 => "F32",
             WeightFormat::F16 => "F16",
+            WeightFormat::BF16 => "BF16",
             WeightFormat::Q8_0 => "Q8_0",
             WeightFormat::Q4_0 => "Q4_0",
             WeightFormat::Q4_1 => "Q4_1",
             WeightFormat::Q4K => "Q4_K",
+            WeightFormat::Q5K => "Q5_K",
             WeightFormat::Q6K => "Q6_K",
         }
     }
@@ -41,9 +47,9 @@ impl WeightFormat {
     /// Elements per block.
     pub fn block_elems(self) -> usize {
         match self {
-            WeightFormat::F32 | WeightFormat::F16 => 1,
+            WeightFormat::F32 | WeightFormat::F16 | WeightFormat::BF16 => 1,
             WeightFormat::Q8_0 | WeightFormat::Q4_0 | WeightFormat::Q4_1 => 32,
-            WeightFormat::Q4K | WeightFormat::Q6K => 256,
+            WeightFormat::Q4K | WeightFormat::Q5K | WeightFormat::Q6K => 256,
         }
     }
 
@@ -51,11 +57,12 @@ impl WeightFormat {
     pub fn ggml_block_bytes(self) -> usize {
         match self {
             WeightFormat::F32 => 4,
-            WeightFormat::F16 => 2,
+            WeightFormat::F16 | WeightFormat::BF16 => 2,
             WeightFormat::Q8_0 => 34,
             WeightFormat::Q4_0 => 18,
             WeightFormat::Q4_1 => 20,
             WeightFormat::Q4K => 144,
+            WeightFormat::Q5K => 176,
             WeightFormat::Q6K => 210,
         }
     }
@@ -79,6 +86,7 @@ impl std::fmt::Display for WeightFormat {
 pub(crate) enum Storage {
     F32(Vec<f32>),
     F16(Vec<f16>),
+    BF16(Vec<bf16>),
     /// Scales per block; quants row-major.
     Q8_0 {
         d: Vec<f32>,
@@ -96,12 +104,45 @@ pub(crate) enum Storage {
         m: Vec<f32>,
         q: Vec<u8>,
     },
-    /// ggml's K-quant super-blocks, decoded block by block in the kernel.
-    Raw(Vec<u8>),
+    /// Q4_K super-blocks of 256 repacked to [`Q4K_PACKED`] bytes: `d` and `dmin` (f16), the eight
+    /// 6-bit scales and eight 6-bit minimums unpacked to one byte each, then ggml's 128 quant
+    /// bytes (chunk `c` holds sub-block `2c` in its low nibbles and `2c + 1` in its high ones).
+    /// Unpacking the scales at load saves the kernels a dozen bit operations per super-block
+    /// for 4 more bytes (0.578 bytes per weight instead of 0.5625).
+    Q4K(Vec<u8>),
+    /// Q5_K super-blocks repacked as Q4_K's, with ggml's 32 bytes of fifth bits between the
+    /// minimums and the quants: [`Q5K_PACKED`] bytes (0.703 bytes per weight instead of 0.688).
+    Q5K(Vec<u8>),
+    /// Q6_K super-blocks as ggml stores them (210 bytes: low 4 bits, high 2 bits, sixteen
+    /// signed 8-bit scales, f16 `d`): their layout already suits the kernels.
+    Q6K(Vec<u8>),
+    /// Matrices of different formats stacked (a Q4_K_M file mixes Q4_K and Q6_K within one
+    /// layer's q/k/v): each part keeps its own format and kernels, rows one after another.
+    Parts(Vec<QuantMatrix>),
+}
+
+/// Bytes of a repacked Q4_K super-block (see [`Storage::Q4K`]).
+pub(crate) const Q4K_PACKED: usize = 148;
+
+/// Bytes of a repacked Q5_K super-block (see [`Storage::Q5K`]).
+pub(crate) const Q5K_PACKED: usize = 180;
+
+/// Repacks one ggml Q4_K (144 bytes) or Q5_K (176 bytes) super-block into the kernels' layout:
+/// `d`, `dmin`, the scales and minimums unpacked to a byte each, then the rest as stored.
+fn repack_k(b: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(&b[0..4]);
+    let scales = &b[4..16];
+    let (mut sc, mut m) = ([0u8; 8], [0u8; 8]);
+    for j in 0..8 {
+        (sc[j], m[j]) = crate::ggml::scale_min_k4(j, scales);
+    }
+    out.extend_from_slice(&sc);
+    out.extend_from_slice(&m);
+    out.extend_from_slice(&b[16..]);
 }
 
 /// One storage field of every part, concatenated in order.
-fn cat<T: Clone>(parts: &[QuantMatrix], field: impl Fn(&Storage) -> Option<&Vec<T>>) -> Vec<T> {
+fn cat<T: Clone>(parts: &[&QuantMatrix], field: impl Fn(&Storage) -> Option<&Vec<T>>) -> Vec<T> {
     parts
         .iter()
         .filter_map(|p| field(&p.storage))
@@ -161,6 +202,12 @@ impl QuantMatrix {
                     .map(|b| f16::from_le_bytes([b[0], b[1]]))
                     .collect(),
             ),
+            WeightFormat::BF16 => Storage::BF16(
+                bytes
+                    .chunks_exact(2)
+                    .map(|b| bf16::from_le_bytes([b[0], b[1]]))
+                    .collect(),
+            ),
             WeightFormat::Q8_0 => {
                 let mut d = Vec::with_capacity(blocks);
                 let mut q = Vec::with_capacity(blocks * 32);
@@ -190,7 +237,21 @@ impl QuantMatrix {
                 }
                 Storage::Q4_1 { d, m, q }
             }
-            WeightFormat::Q4K | WeightFormat::Q6K => Storage::Raw(bytes.to_vec()),
+            WeightFormat::Q4K => {
+                let mut out = Vec::with_capacity(blocks * Q4K_PACKED);
+                for b in bytes.chunks_exact(bb) {
+                    repack_k(b, &mut out);
+                }
+                Storage::Q4K(out)
+            }
+            WeightFormat::Q5K => {
+                let mut out = Vec::with_capacity(blocks * Q5K_PACKED);
+                for b in bytes.chunks_exact(bb) {
+                    repack_k(b, &mut out);
+                }
+                Storage::Q5K(out)
+            }
+            WeightFormat::Q6K => Storage::Q6K(bytes.to_vec()),
         };
         Ok(QuantMatrix {
             format,
@@ -204,7 +265,7 @@ impl QuantMatrix {
     /// Quantizes (or converts) an `f32` matrix, `rows * cols` values row-major.
     ///
     /// K-quant formats are produced only by llama.cpp's converter; asking for one here gives
-    /// Q8_0 (Q6_K) or Q4_1 (Q4_K) instead.
+    /// Q8_0 (Q6_K, Q5_K) or Q4_1 (Q4_K) instead.
     pub fn from_f32(
         format: WeightFormat,
         rows: usize,
@@ -219,7 +280,7 @@ impl QuantMatrix {
             });
         }
         let format = match format {
-            WeightFormat::Q6K => WeightFormat::Q8_0,
+            WeightFormat::Q6K | WeightFormat::Q5K => WeightFormat::Q8_0,
             WeightFormat::Q4K => WeightFormat::Q4_1,
             f => f,
         };
@@ -234,6 +295,9 @@ impl QuantMatrix {
         let storage = match format {
             WeightFormat::F32 => Storage::F32(values.to_vec()),
             WeightFormat::F16 => Storage::F16(values.iter().map(|&v| f16::from_f32(v)).collect()),
+            WeightFormat::BF16 => {
+                Storage::BF16(values.iter().map(|&v| bf16::from_f32(v)).collect())
+            }
             WeightFormat::Q8_0 => {
                 let mut d = Vec::new();
                 let mut q = Vec::with_capacity(values.len());
@@ -288,7 +352,9 @@ impl QuantMatrix {
                 }
                 Storage::Q4_1 { d, m, q }
             }
-            WeightFormat::Q4K | WeightFormat::Q6K => Storage::F32(values.to_vec()),
+            WeightFormat::Q4K | WeightFormat::Q5K | WeightFormat::Q6K => {
+                Storage::F32(values.to_vec())
+            }
         };
         Ok(QuantMatrix {
             format,
@@ -300,79 +366,53 @@ impl QuantMatrix {
     }
 
     /// Stacks matrices with the same column count into one (their rows one after another), so
-    /// that projections sharing an input (q, k, v; gate, up) run as one kernel call.
+    /// that projections sharing an input (q, k, v; gate, up) run as one kernel call. Parts may
+    /// have different formats: consecutive parts of one format are joined, and the groups keep
+    /// their own formats and kernels inside the stack.
     pub fn stack(parts: &[QuantMatrix]) -> Result<Self> {
         let first = parts.first().ok_or(Error::Shape {
             what: "matrices to stack",
             expected: 1,
             actual: 0,
         })?;
-        let (format, cols) = (first.format, first.cols);
-        for p in parts {
-            if p.format != format || p.cols != cols {
-                return Err(Error::Shape {
-                    what: "columns of stacked matrices",
-                    expected: cols,
-                    actual: p.cols,
-                });
-            }
+        let cols = first.cols;
+        if let Some(p) = parts.iter().find(|p| p.cols != cols) {
+            return Err(Error::Shape {
+                what: "columns of stacked matrices",
+                expected: cols,
+                actual: p.cols,
+            });
         }
-        let rows = parts.iter().map(|p| p.rows).sum();
-        // Every part has `first`'s format (checked above), so each getter matches every part.
-        let storage = match &first.storage {
-            Storage::F32(_) => Storage::F32(cat(parts, |s| match s {
-                Storage::F32(v) => Some(v),
-                _ => None,
-            })),
-            Storage::F16(_) => Storage::F16(cat(parts, |s| match s {
-                Storage::F16(v) => Some(v),
-                _ => None,
-            })),
-            Storage::Q8_0 { .. } => Storage::Q8_0 {
-                d: cat(parts, |s| match s {
-                    Storage::Q8_0 { d, .. } => Some(d),
-                    _ => None,
-                }),
-                q: cat(parts, |s| match s {
-                    Storage::Q8_0 { q, .. } => Some(q),
-                    _ => None,
-                }),
-            },
-            Storage::Q4_0 { .. } => Storage::Q4_0 {
-                d: cat(parts, |s| match s {
-                    Storage::Q4_0 { d, .. } => Some(d),
-                    _ => None,
-                }),
-                q: cat(parts, |s| match s {
-                    Storage::Q4_0 { q, .. } => Some(q),
-                    _ => None,
-                }),
-            },
-            Storage::Q4_1 { .. } => Storage::Q4_1 {
-                d: cat(parts, |s| match s {
-                    Storage::Q4_1 { d, .. } => Some(d),
-                    _ => None,
-                }),
-                m: cat(parts, |s| match s {
-                    Storage::Q4_1 { m, .. } => Some(m),
-                    _ => None,
-                }),
-                q: cat(parts, |s| match s {
-                    Storage::Q4_1 { q, .. } => Some(q),
-                    _ => None,
-                }),
-            },
-            Storage::Raw(_) => Storage::Raw(cat(parts, |s| match s {
-                Storage::Raw(v) => Some(v),
-                _ => None,
-            })),
-        };
+        // Flatten stacks of stacks, then join runs of one format.
+        let flat: Vec<&QuantMatrix> = parts
+            .iter()
+            .flat_map(|p| match &p.storage {
+                Storage::Parts(inner) => inner.iter().collect::<Vec<_>>(),
+                _ => vec![p],
+            })
+            .collect();
+        let mut groups: Vec<QuantMatrix> = Vec::new();
+        let mut run: Vec<&QuantMatrix> = Vec::new();
+        for p in flat {
+            if let Some(last) = run.last()
+                && (last.format != p.format || last.q8_acts != p.q8_acts)
+            {
+                groups.push(stack_same(&run));
+                run.clear();
+            }
+            run.push(p);
+        }
+        groups.push(stack_same(&run));
+        if groups.len() == 1 {
+            return Ok(groups.remove(0));
+        }
+        let rows = groups.iter().map(|g| g.rows).sum();
         Ok(QuantMatrix {
-            format,
-            q8_acts: false,
+            format: groups[0].format,
+            q8_acts: groups.iter().any(|g| g.q8_acts),
             rows,
             cols,
-            storage,
+            storage: Storage::Parts(groups),
         })
     }
 
@@ -384,12 +424,29 @@ impl QuantMatrix {
     /// logits by up to 1.0 where f32 activations stay within 0.12. So f32 is the default.
     pub fn with_q8_activations(mut self) -> Self {
         self.q8_acts = true;
+        if let Storage::Parts(parts) = &mut self.storage {
+            for p in parts.iter_mut() {
+                p.q8_acts = true;
+            }
+        }
         self
     }
 
     /// Whether the kernels quantize this matrix's activations to 8-bit blocks.
     pub fn uses_q8_activations(&self) -> bool {
-        self.format.uses_q8_activations() && self.q8_acts
+        match &self.storage {
+            Storage::Parts(parts) => parts.iter().any(QuantMatrix::uses_q8_activations),
+            _ => self.format.uses_q8_activations() && self.q8_acts,
+        }
+    }
+
+    /// The formats of the matrix's parts, in row order: one for a plain matrix, several for a
+    /// stack of mixed formats.
+    pub fn formats(&self) -> Vec<WeightFormat> {
+        match &self.storage {
+            Storage::Parts(parts) => parts.iter().map(|p| p.format).collect(),
+            _ => vec![self.format],
+        }
     }
 
     /// Output rows.
@@ -402,7 +459,8 @@ impl QuantMatrix {
         self.cols
     }
 
-    /// The storage format.
+    /// The storage format (of the first part, for a stack of mixed formats: see
+    /// [`QuantMatrix::formats`]).
     pub fn format(&self) -> WeightFormat {
         self.format
     }
@@ -412,23 +470,105 @@ impl QuantMatrix {
         match &self.storage {
             Storage::F32(v) => v.len() * 4,
             Storage::F16(v) => v.len() * 2,
+            Storage::BF16(v) => v.len() * 2,
             Storage::Q8_0 { d, q } => d.len() * 4 + q.len(),
             Storage::Q4_0 { d, q } => d.len() * 4 + q.len(),
             Storage::Q4_1 { d, m, q } => (d.len() + m.len()) * 4 + q.len(),
-            Storage::Raw(v) => v.len(),
+            Storage::Q4K(v) | Storage::Q5K(v) | Storage::Q6K(v) => v.len(),
+            Storage::Parts(parts) => parts.iter().map(QuantMatrix::bytes).sum(),
         }
     }
 
-    /// Decodes one row to `f32` into `out` (`cols` values): embedding lookups use this.
-    pub fn dequantize_row(&self, row: usize, out: &mut [f32]) -> Result<()> {
-        if row >= self.rows || out.len() != self.cols {
-            return Err(Error::Shape {
-                what: "row to dequantize",
-                expected: self.cols,
-                actual: out.len(),
-            });
+    /// The part holding `row` (`row < self.rows`), and the row's index within it.
+    pub(crate) fn part_of(&self, row: usize) -> (&QuantMatrix, usize) {
+        let Storage::Parts(parts) = &self.storage else {
+            return (self, row);
+        };
+        let mut base = 0;
+        for p in parts {
+            if row < base + p.rows {
+                return p.part_of(row - base);
+            }
+            base += p.rows;
         }
-        crate::scalar::dequantize_row(self, row, out);
-        Ok(())
+        (self, row)
+    }
+}
+
+/// Stacks matrices of one format and activation kind (`parts` is not empty).
+fn stack_same(parts: &[&QuantMatrix]) -> QuantMatrix {
+    let first = parts[0];
+    if parts.len() == 1 {
+        return first.clone();
+    }
+    let rows = parts.iter().map(|p| p.rows).sum();
+    let storage = match &first.storage {
+        Storage::F32(_) => Storage::F32(cat(parts, |s| match s {
+            Storage::F32(v) => Some(v),
+            _ => None,
+        })),
+        Storage::F16(_) => Storage::F16(cat(parts, |s| match s {
+            Storage::F16(v) => Some(v),
+            _ => None,
+        })),
+        Storage::BF16(_) => Storage::BF16(cat(parts, |s| match s {
+            Storage::BF16(v) => Some(v),
+            _ => None,
+        })),
+        Storage::Q8_0 { .. } => Storage::Q8_0 {
+            d: cat(parts, |s| match s {
+                Storage::Q8_0 { d, .. } => Some(d),
+                _ => None,
+            }),
+            q: cat(parts, |s| match s {
+                Storage::Q8_0 { q, .. } => Some(q),
+                _ => None,
+            }),
+        },
+        Storage::Q4_0 { .. } => Storage::Q4_0 {
+            d: cat(parts, |s| match s {
+                Storage::Q4_0 { d, .. } => Some(d),
+                _ => None,
+            }),
+            q: cat(parts, |s| match s {
+                Storage::Q4_0 { q, .. } => Some(q),
+                _ => None,
+            }),
+        },
+        Storage::Q4_1 { .. } => Storage::Q4_1 {
+            d: cat(parts, |s| match s {
+                Storage::Q4_1 { d, .. } => Some(d),
+                _ => None,
+            }),
+            m: cat(parts, |s| match s {
+                Storage::Q4_1 { m, .. } => Some(m),
+                _ => None,
+            }),
+            q: cat(parts, |s| match s {
+                Storage::Q4_1 { q, .. } => Some(q),
+                _ => None,
+            }),
+        },
+        Storage::Q4K(_) => Storage::Q4K(cat(parts, |s| match s {
+            Storage::Q4K(v) => Some(v),
+            _ => None,
+        })),
+        Storage::Q5K(_) => Storage::Q5K(cat(parts, |s| match s {
+            Storage::Q5K(v) => Some(v),
+            _ => None,
+        })),
+        Storage::Q6K(_) => Storage::Q6K(cat(parts, |s| match s {
+            Storage::Q6K(v) => Some(v),
+            _ => None,
+        })),
+        // `stack` flattens stacks before grouping.
+        Storage::Parts(_) => Storage::Parts(parts.iter().map(|&p| p.clone()).collect()),
+    };
+    QuantMatrix {
+        format: first.format,
+        q8_acts: first.q8_acts,
+        rows,
+        cols: first.cols,
+        storage,
     }
 }

@@ -2,7 +2,9 @@
 //! the SIMD extensions. The SIMD paths must equal these (tests compare them on random blocks).
 
 use crate::acts::QuantizedActs;
-use crate::matrix::{QuantMatrix, Storage, WeightFormat};
+
+use crate::decode::{decode_k_block, k_block_bytes};
+use crate::matrix::{QuantMatrix, Storage};
 
 /// One output: row `row` of `w` dotted with activation row `t`.
 pub(crate) fn dot(w: &QuantMatrix, row: usize, a: &QuantizedActs, t: usize) -> f32 {
@@ -16,6 +18,11 @@ pub(crate) fn dot(w: &QuantMatrix, row: usize, a: &QuantizedActs, t: usize) -> f
             .map(|(a, b)| a * b)
             .sum(),
         Storage::F16(v) => v[row * cols..(row + 1) * cols]
+            .iter()
+            .zip(x)
+            .map(|(a, b)| a.to_f32() * b)
+            .sum(),
+        Storage::BF16(v) => v[row * cols..(row + 1) * cols]
             .iter()
             .zip(x)
             .map(|(a, b)| a.to_f32() * b)
@@ -90,19 +97,21 @@ pub(crate) fn dot(w: &QuantMatrix, row: usize, a: &QuantizedActs, t: usize) -> f
             }
             acc
         }
-        Storage::Raw(bytes) => {
+        Storage::Q4K(bytes) | Storage::Q5K(bytes) | Storage::Q6K(bytes) => {
             let mut buf = [0f32; 256];
-            let per_row = cols / 256 * w.format.ggml_block_bytes();
+            let bb = k_block_bytes(w);
+            let per_row = cols / 256 * bb;
             let row_bytes = &bytes[row * per_row..(row + 1) * per_row];
             let mut acc = 0f32;
-            for (blk, xs) in row_bytes
-                .chunks_exact(w.format.ggml_block_bytes())
-                .zip(x.chunks_exact(256))
-            {
-                decode_k_block(w.format, blk, &mut buf);
+            for (blk, xs) in row_bytes.chunks_exact(bb).zip(x.chunks_exact(256)) {
+                decode_k_block(w, blk, &mut buf);
                 acc += buf.iter().zip(xs).map(|(a, b)| a * b).sum::<f32>();
             }
             acc
+        }
+        Storage::Parts(_) => {
+            let (part, row) = w.part_of(row);
+            dot(part, row, a, t)
         }
     }
 }
@@ -114,57 +123,4 @@ fn nibble_dot(w: &[u8], a: &[i8]) -> i32 {
         s += (w[j] & 0x0f) as i32 * a[j] as i32 + (w[j] >> 4) as i32 * a[j + 16] as i32;
     }
     s
-}
-
-pub(crate) fn dequantize_row(w: &QuantMatrix, row: usize, out: &mut [f32]) {
-    let cols = w.cols;
-    let nb = cols / 32;
-    match &w.storage {
-        Storage::F32(v) => out.copy_from_slice(&v[row * cols..(row + 1) * cols]),
-        Storage::F16(v) => {
-            for (o, h) in out.iter_mut().zip(&v[row * cols..(row + 1) * cols]) {
-                *o = h.to_f32();
-            }
-        }
-        Storage::Q8_0 { d, q } => {
-            for (i, o) in out.iter_mut().enumerate() {
-                *o = d[row * nb + i / 32] * q[row * cols + i] as f32;
-            }
-        }
-        Storage::Q4_0 { d, q } | Storage::Q4_1 { d, q, .. } => {
-            let min = match &w.storage {
-                Storage::Q4_1 { m, .. } => Some(m),
-                _ => None,
-            };
-            for b in 0..nb {
-                let qs = &q[(row * nb + b) * 16..][..16];
-                let scale = d[row * nb + b];
-                let (offset, add) = match min {
-                    Some(m) => (0.0, m[row * nb + b]),
-                    None => (8.0, 0.0),
-                };
-                for j in 0..16 {
-                    out[b * 32 + j] = ((qs[j] & 0x0f) as f32 - offset) * scale + add;
-                    out[b * 32 + j + 16] = ((qs[j] >> 4) as f32 - offset) * scale + add;
-                }
-            }
-        }
-        Storage::Raw(bytes) => {
-            let bb = w.format.ggml_block_bytes();
-            let per_row = cols / 256 * bb;
-            let row_bytes = &bytes[row * per_row..(row + 1) * per_row];
-            for (blk, o) in row_bytes.chunks_exact(bb).zip(out.chunks_exact_mut(256)) {
-                let mut buf = [0f32; 256];
-                decode_k_block(w.format, blk, &mut buf);
-                o.copy_from_slice(&buf);
-            }
-        }
-    }
-}
-
-fn decode_k_block(format: WeightFormat, blk: &[u8], out: &mut [f32; 256]) {
-    match format {
-        WeightFormat::Q6K => crate::ggml::decode_q6_k(blk, out),
-        _ => crate::ggml::decode_q4_k(blk, out),
-    }
 }

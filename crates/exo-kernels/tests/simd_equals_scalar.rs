@@ -6,9 +6,10 @@
 use exo_kernels::{Isa, QuantMatrix, QuantizedActs, WeightFormat, attend_with, matmul_with};
 use proptest::prelude::*;
 
-const FORMATS: [WeightFormat; 5] = [
+const FORMATS: [WeightFormat; 6] = [
     WeightFormat::F32,
     WeightFormat::F16,
+    WeightFormat::BF16,
     WeightFormat::Q8_0,
     WeightFormat::Q4_0,
     WeightFormat::Q4_1,
@@ -161,6 +162,229 @@ proptest! {
             }
         }
     }
+}
+
+/// Random K-quant super-blocks (`rows * blocks` of them) with sane f16 scales: any other bytes
+/// are a valid block.
+fn k_quant_bytes(format: WeightFormat, rows: usize, blocks: usize, seed: u64) -> Vec<u8> {
+    let block = format.ggml_block_bytes();
+    let mut state = seed | 1;
+    let mut bytes: Vec<u8> = (0..rows * blocks * block)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8
+        })
+        .collect();
+    let scale_offsets: &[usize] = match format {
+        WeightFormat::Q4K | WeightFormat::Q5K => &[0, 2],
+        _ => &[208],
+    };
+    for b in 0..rows * blocks {
+        for &o in scale_offsets {
+            let v = 0.001 * (1 + (b * 7 + o) % 13) as f32;
+            let half = half::f16::from_f32(v).to_le_bytes();
+            bytes[b * block + o..b * block + o + 2].copy_from_slice(&half);
+        }
+    }
+    bytes
+}
+
+/// Every path's product of `w` with `x` (`n` rows) equals the scalar path's, within rounding of
+/// the terms' magnitudes, and the scalar path equals dequantized weights times `x` in f64.
+fn check_matrix(w: &QuantMatrix, x: &[f32], n: usize) {
+    let (rows, cols) = (w.rows(), w.cols());
+    let reference = product(Isa::Scalar, w, x, n);
+    let exact = exact(w, x, n);
+    let mut row = vec![0f32; cols];
+    let mut magnitude = vec![0f64; n * rows];
+    for r in 0..rows {
+        w.dequantize_row(r, &mut row).unwrap();
+        for t in 0..n {
+            magnitude[t * rows + r] = row
+                .iter()
+                .zip(&x[t * cols..(t + 1) * cols])
+                .map(|(a, b)| (a * b).abs() as f64)
+                .sum();
+        }
+    }
+    for (i, (a, b)) in reference.iter().zip(&exact).enumerate() {
+        let bound = 1e-5 * magnitude[i] + 1e-5;
+        assert!(
+            (*a as f64 - b).abs() <= bound,
+            "scalar output {i}: {a} vs exact {b}"
+        );
+    }
+    for isa in Isa::supported() {
+        let got = product(isa, w, x, n);
+        for (i, (a, b)) in got.iter().zip(&reference).enumerate() {
+            let bound = 2e-5 * magnitude[i] + 1e-5;
+            assert!(
+                ((a - b).abs() as f64) <= bound,
+                "{:?} {isa:?} output {i}: {a} vs scalar {b}",
+                w.formats()
+            );
+        }
+    }
+}
+
+fn activations(n: usize, cols: usize, seed: u64) -> Vec<f32> {
+    let mut next = uniform(seed);
+    (0..n * cols).map(|_| next() * 3.0).collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn k_quant_paths_equal_the_scalar_reference(
+        format in prop::sample::select(vec![WeightFormat::Q4K, WeightFormat::Q5K, WeightFormat::Q6K]),
+        rows in 1usize..14,
+        blocks in 1usize..4,
+        n in 1usize..10,
+        seed in any::<u64>(),
+    ) {
+        let cols = blocks * 256;
+        let bytes = k_quant_bytes(format, rows, blocks, seed);
+        let w = QuantMatrix::from_ggml(format, rows, cols, &bytes).unwrap();
+        check_matrix(&w, &activations(n, cols, seed ^ 5), n);
+    }
+
+    #[test]
+    fn mixed_format_stacks_equal_their_parts(
+        picks in prop::collection::vec((0usize..8, 1usize..7), 1..5),
+        n in 1usize..7,
+        q8_acts in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        let cols = 512;
+        let mut next = uniform(seed);
+        let parts: Vec<QuantMatrix> = picks
+            .iter()
+            .enumerate()
+            .map(|(i, &(f, rows))| {
+                let format = [
+                    WeightFormat::Q4K,
+                    WeightFormat::Q6K,
+                    WeightFormat::Q4_1,
+                    WeightFormat::Q8_0,
+                    WeightFormat::F16,
+                    WeightFormat::Q4_0,
+                    WeightFormat::Q5K,
+                    WeightFormat::BF16,
+                ][f];
+                let m = if matches!(format, WeightFormat::Q4K | WeightFormat::Q5K | WeightFormat::Q6K) {
+                    let bytes = k_quant_bytes(format, rows, cols / 256, seed ^ i as u64);
+                    QuantMatrix::from_ggml(format, rows, cols, &bytes).unwrap()
+                } else {
+                    let values: Vec<f32> = (0..rows * cols).map(|_| next()).collect();
+                    QuantMatrix::from_f32(format, rows, cols, &values).unwrap()
+                };
+                if q8_acts { m.with_q8_activations() } else { m }
+            })
+            .collect();
+        let stacked = QuantMatrix::stack(&parts).unwrap();
+        let total: usize = parts.iter().map(QuantMatrix::rows).sum();
+        prop_assert_eq!(stacked.rows(), total);
+        let x = activations(n, cols, seed ^ 9);
+        for isa in Isa::supported() {
+            let got = product(isa, &stacked, &x, n);
+            // Equal to rounding: a task's rows may start inside a part, so rows can be grouped
+            // in fours differently than when the part runs alone.
+            let mut base = 0;
+            let mut row = vec![0f32; cols];
+            for p in &parts {
+                let alone = product(isa, p, &x, n);
+                for r in 0..p.rows() {
+                    p.dequantize_row(r, &mut row).unwrap();
+                    for t in 0..n {
+                        let magnitude: f32 = row
+                            .iter()
+                            .zip(&x[t * cols..(t + 1) * cols])
+                            .map(|(a, b)| (a * b).abs())
+                            .sum();
+                        let (a, b) = (got[t * total + base + r], alone[t * p.rows() + r]);
+                        prop_assert!(
+                            (a - b).abs() <= 2e-5 * magnitude + 1e-5,
+                            "{:?} {:?} token {} row {}: {} vs {}", isa, stacked.formats(), t, base + r, a, b
+                        );
+                    }
+                }
+                base += p.rows();
+            }
+        }
+        // Rows decode from the part that holds them.
+        let (mut a, mut b) = (vec![0f32; cols], vec![0f32; cols]);
+        let mut base = 0;
+        for p in &parts {
+            for r in 0..p.rows() {
+                stacked.dequantize_row(base + r, &mut a).unwrap();
+                p.dequantize_row(r, &mut b).unwrap();
+                prop_assert_eq!(&a, &b);
+            }
+            base += p.rows();
+        }
+    }
+}
+
+#[test]
+fn a_q4_k_m_style_mix_stacks_into_one_matrix_of_parts() {
+    // q and k in Q4_K, v in Q6_K: a Q4_K_M layer's attention (the load that used to fail).
+    let cols = 512;
+    let q = QuantMatrix::from_ggml(
+        WeightFormat::Q4K,
+        64,
+        cols,
+        &k_quant_bytes(WeightFormat::Q4K, 64, 2, 1),
+    )
+    .unwrap();
+    let k = QuantMatrix::from_ggml(
+        WeightFormat::Q4K,
+        16,
+        cols,
+        &k_quant_bytes(WeightFormat::Q4K, 16, 2, 2),
+    )
+    .unwrap();
+    let v = QuantMatrix::from_ggml(
+        WeightFormat::Q6K,
+        16,
+        cols,
+        &k_quant_bytes(WeightFormat::Q6K, 16, 2, 3),
+    )
+    .unwrap();
+    let qkv = QuantMatrix::stack(&[q.clone(), k.clone(), v.clone()]).unwrap();
+    assert_eq!(qkv.formats(), [WeightFormat::Q4K, WeightFormat::Q6K]);
+    assert_eq!(qkv.rows(), 96);
+    assert_eq!(qkv.bytes(), q.bytes() + k.bytes() + v.bytes());
+    check_matrix(&qkv, &activations(5, cols, 4), 5);
+    // Different widths are still an error, and say which widths.
+    let narrow = QuantMatrix::from_f32(WeightFormat::Q8_0, 2, 256, &[0.5; 512]).unwrap();
+    let err = QuantMatrix::stack(&[q, narrow]).unwrap_err().to_string();
+    assert!(err.contains("512") && err.contains("256"), "{err}");
+}
+
+#[test]
+fn large_k_quant_and_mixed_shapes_split_across_threads_agree() {
+    let cols = 1024;
+    let q4k = QuantMatrix::from_ggml(
+        WeightFormat::Q4K,
+        300,
+        cols,
+        &k_quant_bytes(WeightFormat::Q4K, 300, 4, 11),
+    )
+    .unwrap();
+    let q6k = QuantMatrix::from_ggml(
+        WeightFormat::Q6K,
+        90,
+        cols,
+        &k_quant_bytes(WeightFormat::Q6K, 90, 4, 12),
+    )
+    .unwrap();
+    check_matrix(&q4k, &activations(6, cols, 13), 6);
+    check_matrix(&q6k, &activations(9, cols, 14), 9);
+    let mixed = QuantMatrix::stack(&[q4k, q6k]).unwrap();
+    check_matrix(&mixed, &activations(7, cols, 15), 7);
 }
 
 #[test]

@@ -34,6 +34,9 @@ pub use fetch::{
     DEFAULT_MODEL, DefaultModel, default_model_path, ensure_default_model, exo_home, sha256_file,
 };
 pub use names::{LayerPart, TensorId};
-pub use quant::{DType, dequantize, quantize_q4_1, quantize_q8_0};
+pub use quant::{
+    DType, dequantize, quantize_q4_0, quantize_q4_1, quantize_q4_k, quantize_q5_k, quantize_q6_k,
+    quantize_q8_0,
+};
 pub use template::{ChatMessage, ChatTemplate, render_prompt};
 pub use tokenizer::{TextStream, Tokenizer};

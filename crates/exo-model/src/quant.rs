@@ -19,6 +19,7 @@ pub enum DType {
     Q5_1,
     Q8_0,
     Q4K,
+    Q5K,
     Q6K,
 }
 
@@ -34,6 +35,7 @@ impl DType {
             7 => DType::Q5_1,
             8 => DType::Q8_0,
             12 => DType::Q4K,
+            13 => DType::Q5K,
             14 => DType::Q6K,
             30 => DType::BF16,
             _ => return None,
@@ -51,6 +53,7 @@ impl DType {
             DType::Q5_1 => 7,
             DType::Q8_0 => 8,
             DType::Q4K => 12,
+            DType::Q5K => 13,
             DType::Q6K => 14,
             DType::BF16 => 30,
         }
@@ -61,7 +64,7 @@ impl DType {
         match self {
             DType::F32 | DType::F16 | DType::BF16 => 1,
             DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 => 32,
-            DType::Q4K | DType::Q6K => 256,
+            DType::Q4K | DType::Q5K | DType::Q6K => 256,
         }
     }
 
@@ -76,6 +79,7 @@ impl DType {
             DType::Q5_1 => 24,
             DType::Q8_0 => 34,
             DType::Q4K => 144,
+            DType::Q5K => 176,
             DType::Q6K => 210,
         }
     }
@@ -100,6 +104,7 @@ impl DType {
             DType::Q5_1 => "Q5_1",
             DType::Q8_0 => "Q8_0",
             DType::Q4K => "Q4_K",
+            DType::Q5K => "Q5_K",
             DType::Q6K => "Q6_K",
         }
     }
@@ -180,6 +185,13 @@ pub fn dequantize(dtype: DType, bytes: &[u8], out: &mut Vec<f32>) {
                 out.extend_from_slice(&buf);
             }
         }
+        DType::Q5K => {
+            let mut buf = [0f32; 256];
+            for b in blocks {
+                exo_kernels::ggml::decode_q5_k(b, &mut buf);
+                out.extend_from_slice(&buf);
+            }
+        }
         DType::Q6K => {
             let mut buf = [0f32; 256];
             for b in blocks {
@@ -205,6 +217,29 @@ pub fn quantize_q8_0(values: &[f32]) -> Vec<u8> {
     out
 }
 
+/// Encodes `values` as Q4_0 blocks (used by tests and tools), as ggml does: the value of
+/// largest magnitude maps to -8. `values.len()` must be a multiple of 32.
+pub fn quantize_q4_0(values: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len() / 32 * 18);
+    for block in values.chunks_exact(32) {
+        let max = block
+            .iter()
+            .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+        let d = f16::from_f32(max / -8.0);
+        let inv = if d.to_f32() != 0.0 {
+            1.0 / d.to_f32()
+        } else {
+            0.0
+        };
+        out.extend_from_slice(&d.to_le_bytes());
+        let q = |v: f32| ((v * inv + 8.5) as i32).clamp(0, 15) as u8;
+        for j in 0..16 {
+            out.push(q(block[j]) | (q(block[j + 16]) << 4));
+        }
+    }
+    out
+}
+
 /// Encodes `values` as Q4_1 blocks (used by tests); `values.len()` must be a multiple of 32.
 pub fn quantize_q4_1(values: &[f32]) -> Vec<u8> {
     let mut out = Vec::with_capacity(values.len() / 32 * 20);
@@ -223,9 +258,159 @@ pub fn quantize_q4_1(values: &[f32]) -> Vec<u8> {
     out
 }
 
+/// Encodes `values` as Q4_K super-blocks (used by tests and tools that write small GGUF files):
+/// a plain min/max fit per 32 values, not llama.cpp's search for the best scales. `values.len()`
+/// must be a multiple of 256; a trailing partial super-block is dropped.
+pub fn quantize_q4_k(values: &[f32]) -> Vec<u8> {
+    quantize_k(values, false)
+}
+
+/// Encodes `values` as Q5_K super-blocks, as [`quantize_q4_k`] does with 32 levels.
+pub fn quantize_q5_k(values: &[f32]) -> Vec<u8> {
+    quantize_k(values, true)
+}
+
+/// Q4_K, or Q5_K with `five`: 6-bit scales and minimums per 32 values, 4 or 5-bit quants.
+fn quantize_k(values: &[f32], five: bool) -> Vec<u8> {
+    let levels = if five { 31.0 } else { 15.0 };
+    let mut out = Vec::with_capacity(values.len() / 256 * if five { 176 } else { 144 });
+    for sb in values.chunks_exact(256) {
+        let (mut scales, mut mins) = ([0f32; 8], [0f32; 8]);
+        for (j, sub) in sb.chunks_exact(32).enumerate() {
+            // Values are `scale * q - min` with `min >= 0`, so the range must include 0.
+            let lo = sub.iter().fold(0f32, |m, v| m.min(*v));
+            let hi = sub.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
+            scales[j] = (hi - lo) / levels;
+            mins[j] = -lo;
+        }
+        let top = |v: &[f32; 8]| v.iter().fold(0f32, |m, x| m.max(*x));
+        let d = f16::from_f32(top(&scales) / 63.0);
+        let dmin = f16::from_f32(top(&mins) / 63.0);
+        let six = |v: f32, unit: f32| {
+            if unit > 0.0 {
+                (v / unit).round().clamp(0.0, 63.0) as u8
+            } else {
+                0
+            }
+        };
+        let sc: Vec<u8> = scales.iter().map(|&v| six(v, d.to_f32())).collect();
+        let m: Vec<u8> = mins.iter().map(|&v| six(v, dmin.to_f32())).collect();
+        let mut packed = [0u8; 12];
+        for j in 0..4 {
+            packed[j] = sc[j] | ((sc[j + 4] >> 4) << 6);
+            packed[j + 4] = m[j] | ((m[j + 4] >> 4) << 6);
+            packed[j + 8] = (sc[j + 4] & 0x0f) | ((m[j + 4] & 0x0f) << 4);
+        }
+        out.extend_from_slice(&d.to_le_bytes());
+        out.extend_from_slice(&dmin.to_le_bytes());
+        out.extend_from_slice(&packed);
+        let q = |j: usize, v: f32| {
+            let (step, min) = (d.to_f32() * sc[j] as f32, dmin.to_f32() * m[j] as f32);
+            if step > 0.0 {
+                ((v + min) / step).round().clamp(0.0, levels) as u8
+            } else {
+                0
+            }
+        };
+        let quants: Vec<u8> = (0..256).map(|e| q(e / 32, sb[e])).collect();
+        if five {
+            // Bit `j` of byte `l`: the fifth bit of element `l` of sub-block `j`.
+            for l in 0..32 {
+                out.push((0..8).fold(0u8, |h, j| h | ((quants[j * 32 + l] >> 4) << j)));
+            }
+        }
+        for c in 0..4 {
+            for l in 0..32 {
+                let (a, b) = (quants[2 * c * 32 + l], quants[(2 * c + 1) * 32 + l]);
+                out.push((a & 0x0f) | ((b & 0x0f) << 4));
+            }
+        }
+    }
+    out
+}
+
+/// Encodes `values` as Q6_K super-blocks (used by tests and tools that write small GGUF files):
+/// a plain absolute-maximum fit per 16 values. `values.len()` must be a multiple of 256; a
+/// trailing partial super-block is dropped.
+pub fn quantize_q6_k(values: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len() / 256 * 210);
+    for sb in values.chunks_exact(256) {
+        let mut scales = [0f32; 16];
+        for (i, sub) in sb.chunks_exact(16).enumerate() {
+            scales[i] = sub.iter().fold(0f32, |m, v| m.max(v.abs())) / 31.0;
+        }
+        let d = f16::from_f32(scales.iter().fold(0f32, |m, v| m.max(*v)) / 127.0);
+        let unit = d.to_f32();
+        let sc: Vec<i8> = scales
+            .iter()
+            .map(|&v| {
+                if unit > 0.0 {
+                    (v / unit).round().clamp(-128.0, 127.0) as i8
+                } else {
+                    0
+                }
+            })
+            .collect();
+        let q: Vec<u8> = sb
+            .iter()
+            .enumerate()
+            .map(|(e, &v)| {
+                let step = unit * sc[e / 16] as f32;
+                let q = if step != 0.0 { (v / step).round() } else { 0.0 };
+                (q.clamp(-32.0, 31.0) as i32 + 32) as u8
+            })
+            .collect();
+        let (mut ql, mut qh) = ([0u8; 128], [0u8; 64]);
+        for h in 0..2 {
+            for l in 0..32 {
+                let e = h * 128 + l;
+                let (q1, q2, q3, q4) = (q[e], q[e + 32], q[e + 64], q[e + 96]);
+                ql[h * 64 + l] = (q1 & 0x0f) | ((q3 & 0x0f) << 4);
+                ql[h * 64 + l + 32] = (q2 & 0x0f) | ((q4 & 0x0f) << 4);
+                qh[h * 32 + l] = (q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6);
+            }
+        }
+        out.extend_from_slice(&ql);
+        out.extend_from_slice(&qh);
+        out.extend(sc.iter().map(|&v| v as u8));
+        out.extend_from_slice(&d.to_le_bytes());
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn k_quants_round_trip_within_a_step() {
+        let values: Vec<f32> = (0..512)
+            .map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.45) * (1.0 + (i / 64) as f32))
+            .collect();
+        for (dtype, bytes) in [
+            (DType::Q4K, quantize_q4_k(&values)),
+            (DType::Q5K, quantize_q5_k(&values)),
+            (DType::Q6K, quantize_q6_k(&values)),
+        ] {
+            assert_eq!(Some(bytes.len()), dtype.bytes_for(values.len()));
+            let mut out = Vec::new();
+            dequantize(dtype, &bytes, &mut out);
+            let levels = match dtype {
+                DType::Q4K => 15.0,
+                DType::Q5K => 31.0,
+                _ => 62.0,
+            };
+            for (sub, (a, b)) in values.chunks(32).zip(out.chunks(32)).enumerate() {
+                let range = a.iter().fold(0f32, |m, v| m.max(v.abs())) * 2.0;
+                for (x, y) in a.iter().zip(b) {
+                    assert!(
+                        (x - y).abs() <= range / levels,
+                        "{dtype} sub-block {sub}: {x} vs {y}"
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn q8_0_round_trips_within_half_a_step() {

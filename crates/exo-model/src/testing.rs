@@ -130,6 +130,18 @@ pub fn write_hf_folder(dir: &Path, config: &ModelConfig, seed: u64, shards: usiz
 /// Writes the same model as a GGUF file, with q/k rows permuted as llama.cpp's converter does
 /// and with a tiny byte-level tokenizer in the metadata.
 pub fn write_gguf(path: &Path, config: &ModelConfig, seed: u64) -> Result<()> {
+    write_gguf_typed(path, config, seed, &|_| DType::F32)
+}
+
+/// As [`write_gguf`], each tensor stored as `dtype(id)` says (F32, F16, BF16, Q8_0, Q4_0, Q4_1,
+/// Q4_K, Q5_K or Q6_K; other types, vectors and matrices whose rows are not whole blocks stay F32): a Q4_K_M file,
+/// for example, mixes Q4_K and Q6_K within one layer.
+pub fn write_gguf_typed(
+    path: &Path,
+    config: &ModelConfig,
+    seed: u64,
+    dtype: &dyn Fn(TensorId) -> DType,
+) -> Result<()> {
     let mut tensors = Vec::new();
     for (id, (shape, mut data)) in random_tensors(config, seed) {
         if let TensorId::Layer { part, .. } = id {
@@ -139,11 +151,14 @@ pub fn write_gguf(path: &Path, config: &ModelConfig, seed: u64) -> Result<()> {
                 _ => {}
             }
         }
+        let want = dtype(id);
+        let whole_blocks = shape.len() == 2 && shape[1].is_multiple_of(want.block_elems());
+        let (dtype, data) = encode(if whole_blocks { want } else { DType::F32 }, &data);
         tensors.push(TensorToWrite {
             name: id.gguf_name(),
             shape,
-            dtype: DType::F32,
-            data: data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            dtype,
+            data,
         });
     }
     let arch = |k: &str| format!("llama.{k}");
@@ -209,4 +224,172 @@ fn permute_rows(data: &mut Vec<f32>, shape: &[usize], heads: usize) {
         }
     }
     *data = out;
+}
+
+/// Writes a copy of the GGUF file `src` with every tensor decoded to F32 (same names, shapes and
+/// metadata): the source for llama.cpp's `llama-quantize` when only a quantized file exists.
+pub fn write_dequantized_gguf(src: &Path, dst: &Path) -> Result<()> {
+    write_converted_gguf(src, dst, &|_| DType::F32)
+}
+
+/// Writes a copy of the GGUF file `src` with each tensor decoded and encoded again as
+/// `dtype(name)` says (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K or Q6_K; vectors, other types and
+/// matrices whose rows are not whole blocks become F32). Same names, shapes and metadata.
+pub fn write_converted_gguf(src: &Path, dst: &Path, dtype: &dyn Fn(&str) -> DType) -> Result<()> {
+    let file = gguf::GgufFile::open(src)?;
+    let metadata: Vec<(String, Value)> = file
+        .metadata()
+        .iter()
+        .filter(|(k, _)| {
+            !matches!(
+                k.as_str(),
+                "general.file_type" | "general.quantization_version"
+            )
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let mut tensors = Vec::with_capacity(file.tensors().len());
+    for info in file.tensors() {
+        let bytes = file.read_tensor(info)?;
+        let mut values = Vec::with_capacity(info.elems());
+        crate::quant::dequantize(info.dtype, &bytes, &mut values);
+        let want = dtype(&info.name);
+        let whole_blocks =
+            info.shape.len() == 2 && info.shape[1].is_multiple_of(want.block_elems());
+        let (dtype, data) = encode(if whole_blocks { want } else { DType::F32 }, &values);
+        tensors.push(TensorToWrite {
+            name: info.name.clone(),
+            shape: info.shape.clone(),
+            dtype,
+            data,
+        });
+    }
+    gguf::write(dst, &metadata, &tensors)
+}
+
+/// `values` encoded as `dtype` where this crate has an encoder, else as F32; returns the type
+/// used.
+fn encode(dtype: DType, values: &[f32]) -> (DType, Vec<u8>) {
+    use crate::quant::{
+        quantize_q4_0, quantize_q4_1, quantize_q4_k, quantize_q5_k, quantize_q6_k, quantize_q8_0,
+    };
+    match dtype {
+        DType::F16 => (
+            dtype,
+            values
+                .iter()
+                .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                .collect(),
+        ),
+        DType::BF16 => (
+            dtype,
+            values
+                .iter()
+                .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                .collect(),
+        ),
+        DType::Q8_0 => (dtype, quantize_q8_0(values)),
+        DType::Q4_0 => (dtype, quantize_q4_0(values)),
+        DType::Q4_1 => (dtype, quantize_q4_1(values)),
+        DType::Q4K => (dtype, quantize_q4_k(values)),
+        DType::Q5K => (dtype, quantize_q5_k(values)),
+        DType::Q6K => (dtype, quantize_q6_k(values)),
+        _ => (
+            DType::F32,
+            values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ),
+    }
+}
+
+/// Writes a Llama-family GGUF of `config`'s shape with random weights stored as F16 (F32 for
+/// norms) and the tokenizer and chat template of the GGUF file
+/// `tokenizer_from` (whose vocabulary must have `config.vocab_size` tokens): a realistic-size
+/// model for benchmarks, quantized from there with llama.cpp's `llama-quantize`. Weights are
+/// uniform with a standard deviation of about `1 / sqrt(cols)`, so activations stay in range.
+pub fn write_synthetic_gguf(
+    path: &Path,
+    config: &ModelConfig,
+    seed: u64,
+    tokenizer_from: &Path,
+) -> Result<()> {
+    let source = gguf::GgufFile::open(tokenizer_from)?;
+    let arch = |k: &str| format!("llama.{k}");
+    let u = |v: usize| Value::U32(v as u32);
+    let mut metadata = vec![
+        (
+            "general.architecture".to_string(),
+            Value::String("llama".into()),
+        ),
+        (
+            "general.name".to_string(),
+            Value::String(format!(
+                "synthetic-{}x{}",
+                config.num_layers, config.hidden_size
+            )),
+        ),
+        (arch("block_count"), u(config.num_layers)),
+        (arch("embedding_length"), u(config.hidden_size)),
+        (arch("feed_forward_length"), u(config.intermediate_size)),
+        (arch("attention.head_count"), u(config.num_heads)),
+        (arch("attention.head_count_kv"), u(config.num_kv_heads)),
+        (arch("context_length"), u(config.max_position_embeddings)),
+        (arch("rope.dimension_count"), u(config.head_dim)),
+        (arch("vocab_size"), u(config.vocab_size)),
+        (
+            arch("attention.layer_norm_rms_epsilon"),
+            Value::F32(config.rms_norm_eps as f32),
+        ),
+        (arch("rope.freq_base"), Value::F32(config.rope_theta as f32)),
+    ];
+    metadata.extend(
+        source
+            .metadata()
+            .iter()
+            .filter(|(k, _)| k.starts_with("tokenizer."))
+            .map(|(k, v)| (k.clone(), v.clone())),
+    );
+    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut ids = vec![TensorId::Embedding, TensorId::FinalNorm];
+    if !config.tie_word_embeddings {
+        ids.push(TensorId::Head);
+    }
+    for layer in 0..config.num_layers {
+        for part in LayerPart::ALL {
+            if !part.is_bias() {
+                ids.push(TensorId::Layer { layer, part });
+            }
+        }
+    }
+    let mut tensors = Vec::with_capacity(ids.len());
+    for id in ids {
+        let shape = config.expected_shape(id);
+        let n: usize = shape.iter().product();
+        let data = if shape.len() == 2 {
+            // Uniform in +-sqrt(3 / cols): standard deviation 1 / sqrt(cols).
+            let bound = (3.0 / shape[1] as f32).sqrt();
+            let mut bytes = Vec::with_capacity(n * 2);
+            for _ in 0..n {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                let v = ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * bound;
+                bytes.extend_from_slice(&half::f16::from_f32(v).to_le_bytes());
+            }
+            bytes
+        } else {
+            (0..n).flat_map(|_| 1f32.to_le_bytes()).collect()
+        };
+        let dtype = if shape.len() == 2 {
+            DType::F16
+        } else {
+            DType::F32
+        };
+        tensors.push(TensorToWrite {
+            name: id.gguf_name(),
+            shape,
+            dtype,
+            data,
+        });
+    }
+    gguf::write(path, &metadata, &tensors)
 }

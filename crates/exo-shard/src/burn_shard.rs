@@ -23,6 +23,8 @@ pub(crate) struct BurnShard {
     first_layer: usize,
     vocab_size: usize,
     hidden_size: usize,
+    /// Bytes of keys and values one position takes in a cache of this shard (f32).
+    kv_bytes_per_position: usize,
 }
 
 impl BurnShard {
@@ -74,7 +76,22 @@ impl BurnShard {
             first_layer: weights.spec.layers.start,
             vocab_size: config.vocab_size,
             hidden_size: config.hidden_size,
+            kv_bytes_per_position: weights.layers.len()
+                * 2
+                * config.num_kv_heads
+                * config.head_dim
+                * 4,
         })
+    }
+
+    /// Positions a request may hold in all.
+    pub(crate) fn max_positions(&self) -> usize {
+        self.rope.max_positions()
+    }
+
+    /// Bytes of keys and values one position takes in a cache of this shard.
+    pub(crate) fn kv_bytes_per_position(&self) -> usize {
+        self.kv_bytes_per_position
     }
 
     /// The layers this shard holds, as a model-wide range.

@@ -1,26 +1,7 @@
 //! The per-request key/value cache: explicit state owned by the request, passed to `forward`.
 
-use burn::tensor::Tensor;
-
+use crate::layers::LayerCache;
 use crate::native::NativeCache;
-
-/// Keys and values of one layer, `[batch, kv_heads, positions, head_dim]` each.
-#[derive(Debug, Default, Clone)]
-pub struct LayerCache {
-    kv: Option<(Tensor<4>, Tensor<4>)>,
-}
-
-impl LayerCache {
-    /// Appends this step's keys and values and returns everything cached so far.
-    pub(crate) fn append(&mut self, k: Tensor<4>, v: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
-        let (k, v) = match self.kv.take() {
-            None => (k, v),
-            Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
-        };
-        self.kv = Some((k.clone(), v.clone()));
-        (k, v)
-    }
-}
 
 /// The cache of one request on one shard: a [`LayerCache`] per layer the shard holds, and the
 /// number of positions already processed.
@@ -63,7 +44,7 @@ impl KvCache {
 
     /// Forgets everything, keeping the layer count.
     pub fn clear(&mut self) {
-        self.layers.iter_mut().for_each(|l| l.kv = None);
+        self.layers.iter_mut().for_each(LayerCache::clear);
         if let Some(native) = &mut self.native {
             native.clear();
         }

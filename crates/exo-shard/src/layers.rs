@@ -7,8 +7,6 @@ use burn::tensor::{Device, Tensor, TensorData};
 
 use exo_model::{HostTensor, ModelConfig};
 
-use crate::cache::LayerCache;
-
 /// Uploads a host tensor of shape `[rows, cols]`, transposed to `[cols, rows]` when asked.
 pub(crate) fn tensor2(t: &HostTensor, transpose: bool, device: &Device) -> Tensor<2> {
     let (rows, cols) = (t.shape[0], t.shape.get(1).copied().unwrap_or(1));
@@ -310,5 +308,28 @@ impl DecoderLayer {
                 .attn
                 .forward(self.attn_norm.forward(x), rope, cache, start);
         x.clone() + self.mlp.forward(self.mlp_norm.forward(x))
+    }
+}
+
+/// Keys and values of one layer, `[batch, kv_heads, positions, head_dim]` each.
+#[derive(Debug, Default, Clone)]
+pub struct LayerCache {
+    kv: Option<(Tensor<4>, Tensor<4>)>,
+}
+
+impl LayerCache {
+    /// Forgets what it holds.
+    pub(crate) fn clear(&mut self) {
+        self.kv = None;
+    }
+
+    /// Appends this step's keys and values and returns everything cached so far.
+    pub(crate) fn append(&mut self, k: Tensor<4>, v: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
+        let (k, v) = match self.kv.take() {
+            None => (k, v),
+            Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
+        };
+        self.kv = Some((k.clone(), v.clone()));
+        (k, v)
     }
 }

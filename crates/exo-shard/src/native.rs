@@ -29,12 +29,13 @@ impl std::str::FromStr for Weights {
             "f32" => Weights::F32,
             "stored" => Weights::Stored,
             "f16" => Weights::Quantize(WeightFormat::F16),
+            "bf16" => Weights::Quantize(WeightFormat::BF16),
             "q8_0" => Weights::Quantize(WeightFormat::Q8_0),
             "q4_0" => Weights::Quantize(WeightFormat::Q4_0),
             "q4_1" => Weights::Quantize(WeightFormat::Q4_1),
             other => {
                 return Err(Error::Backend(format!(
-                    "unknown weight format `{other}` (choose f32, stored, f16, q8_0, q4_0 or q4_1)"
+                    "unknown weight format `{other}` (choose f32, stored, f16, bf16, q8_0, q4_0 or q4_1)"
                 )));
             }
         })
@@ -51,12 +52,14 @@ fn matrix(stored: StoredTensor, weights: Weights) -> Result<QuantMatrix> {
     let native = match stored.dtype {
         DType::F32 => Some(WeightFormat::F32),
         DType::F16 => Some(WeightFormat::F16),
+        DType::BF16 => Some(WeightFormat::BF16),
         DType::Q8_0 => Some(WeightFormat::Q8_0),
         DType::Q4_0 => Some(WeightFormat::Q4_0),
         DType::Q4_1 => Some(WeightFormat::Q4_1),
         DType::Q4K => Some(WeightFormat::Q4K),
+        DType::Q5K => Some(WeightFormat::Q5K),
         DType::Q6K => Some(WeightFormat::Q6K),
-        DType::BF16 | DType::Q5_0 | DType::Q5_1 => None,
+        DType::Q5_0 | DType::Q5_1 => None,
     };
     match (weights, native) {
         (Weights::Stored, Some(format)) => {
@@ -111,6 +114,23 @@ pub(crate) struct NativeShard {
     pub(crate) max_positions: usize,
 }
 
+/// One request's part of a batched step: its cache, the position its rows start at, and how
+/// many rows it has.
+#[derive(Debug)]
+pub(crate) struct Segment<'a> {
+    pub(crate) cache: &'a mut NativeCache,
+    pub(crate) start: usize,
+    pub(crate) rows: usize,
+}
+
+/// The attention heads' shape.
+#[derive(Clone, Copy)]
+struct Heads {
+    heads: usize,
+    kv_heads: usize,
+    hd: usize,
+}
+
 /// Per-request state of a native shard: the KV cache and scratch buffers.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct NativeCache {
@@ -120,8 +140,9 @@ pub(crate) struct NativeCache {
     scratch: Scratch,
 }
 
+/// Buffers one step reuses (a request's own, or lent to a batch).
 #[derive(Debug, Clone, Default)]
-struct Scratch {
+pub(crate) struct Scratch {
     xn: Vec<f32>,
     qkv: Vec<f32>,
     att: Vec<f32>,
@@ -142,6 +163,16 @@ impl NativeCache {
 
     pub(crate) fn layers(&self) -> usize {
         self.k.len()
+    }
+
+    /// Takes the scratch buffers (to lend them to a batch), leaving empty ones.
+    pub(crate) fn take_scratch(&mut self) -> Scratch {
+        std::mem::take(&mut self.scratch)
+    }
+
+    /// Gives scratch buffers back.
+    pub(crate) fn put_scratch(&mut self, scratch: Scratch) {
+        self.scratch = scratch;
     }
 
     pub(crate) fn clear(&mut self) {
@@ -239,6 +270,11 @@ impl NativeShard {
         self.layers.len()
     }
 
+    /// Bytes of keys and values one position takes in a cache of this shard (f32).
+    pub(crate) fn kv_bytes_per_position(&self) -> usize {
+        self.layers.len() * 2 * self.kv_heads * self.head_dim * 4
+    }
+
     pub(crate) fn has_embedding(&self) -> bool {
         self.embedding.is_some()
     }
@@ -280,39 +316,68 @@ impl NativeShard {
         start: usize,
         cache: &mut NativeCache,
     ) -> Result<()> {
+        let mut scratch = std::mem::take(&mut cache.scratch);
+        let result = self.forward_batch(
+            x,
+            &mut [Segment {
+                cache: &mut *cache,
+                start,
+                rows: seq,
+            }],
+            &mut scratch,
+        );
+        cache.scratch = scratch;
+        result
+    }
+
+    /// Runs the layers once for several requests: `x` holds each segment's rows, one segment
+    /// after another (`[Σ rows, hidden]`); each segment's rows go at the positions after
+    /// `start` in its own cache. The weights are read once for all of them; attention runs per
+    /// segment over its own keys and values.
+    pub(crate) fn forward_batch(
+        &self,
+        x: &mut [f32],
+        segments: &mut [Segment<'_>],
+        s: &mut Scratch,
+    ) -> Result<()> {
         let (hd, h, kvh) = (self.head_dim, self.heads, self.kv_heads);
         let (qd, kvd) = (h * hd, kvh * hd);
         let qkv_width = qd + 2 * kvd;
-        let s = &mut cache.scratch;
+        let seq: usize = segments.iter().map(|g| g.rows).sum();
         for (l, layer) in self.layers.iter().enumerate() {
             rms_norm(x, &layer.attn_norm, self.eps, &mut s.xn);
             s.qkv.resize(seq * qkv_width, 0.0);
             matmul(&layer.qkv, &s.xn, seq, &mut s.qkv, &mut s.acts).map_err(kernel_error)?;
-            let (kc, vc) = (&mut cache.k[l], &mut cache.v[l]);
-            if kc.capacity() < (start + seq) * kvd {
-                // Grow in steps of 256 positions so that decoding rarely allocates.
-                let want = (start + seq).next_multiple_of(256) * kvd;
-                kc.reserve(want - kc.len());
-                vc.reserve(want - vc.len());
-            }
-            for t in 0..seq {
-                let row = &mut s.qkv[t * qkv_width..(t + 1) * qkv_width];
-                if let Some(bias) = &layer.qkv_bias {
-                    row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+            let mut first = 0;
+            for g in segments.iter_mut() {
+                let (kc, vc) = (&mut g.cache.k[l], &mut g.cache.v[l]);
+                if kc.capacity() < (g.start + g.rows) * kvd {
+                    // Grow in steps of 256 positions so that decoding rarely allocates.
+                    let want = (g.start + g.rows).next_multiple_of(256) * kvd;
+                    kc.reserve(want - kc.len());
+                    vc.reserve(want - vc.len());
                 }
-                let pos = start + t;
-                let (cos, sin) = self.rope_row(pos);
-                for head in row[..qd + kvd].chunks_exact_mut(hd) {
-                    rotate(head, cos, sin);
+                for t in 0..g.rows {
+                    let row = &mut s.qkv[(first + t) * qkv_width..(first + t + 1) * qkv_width];
+                    if let Some(bias) = &layer.qkv_bias {
+                        row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+                    }
+                    let (cos, sin) = self.rope_row(g.start + t);
+                    for head in row[..qd + kvd].chunks_exact_mut(hd) {
+                        rotate(head, cos, sin);
+                    }
+                    kc.extend_from_slice(&row[qd..qd + kvd]);
+                    vc.extend_from_slice(&row[qd + kvd..]);
                 }
-                kc.extend_from_slice(&row[qd..qd + kvd]);
-                vc.extend_from_slice(&row[qd + kvd..]);
+                first += g.rows;
             }
             s.att.resize(seq * qd, 0.0);
-            attention(
-                &s.qkv, qkv_width, kc, vc, seq, start, h, kvh, hd, &mut s.att,
-            )
-            .map_err(kernel_error)?;
+            let heads = Heads {
+                heads: h,
+                kv_heads: kvh,
+                hd,
+            };
+            attention(&s.qkv, qkv_width, segments, l, heads, &mut s.att).map_err(kernel_error)?;
             s.proj.resize(seq * self.hidden, 0.0);
             matmul(&layer.o, &s.att, seq, &mut s.proj, &mut s.acts).map_err(kernel_error)?;
             x.iter_mut().zip(&s.proj).for_each(|(a, b)| *a += b);
@@ -333,6 +398,26 @@ impl NativeShard {
             x.iter_mut().zip(&s.proj).for_each(|(a, b)| *a += b);
         }
         Ok(())
+    }
+
+    /// The logits of `n` rows (`[n * hidden]`) into `out` (`[n * vocab]`), the head read once.
+    pub(crate) fn logits_rows(
+        &self,
+        rows: &[f32],
+        n: usize,
+        cache: &mut NativeCache,
+        out: &mut Vec<f32>,
+    ) -> Option<Result<()>> {
+        let head = if self.tied {
+            self.embedding.as_ref()?
+        } else {
+            self.head.as_ref()?
+        };
+        let norm = self.final_norm.as_ref()?;
+        let s = &mut cache.scratch;
+        rms_norm(rows, norm, self.eps, &mut s.xn);
+        out.resize(n * self.vocab_size, 0.0);
+        Some(matmul(head, &s.xn, n, out, &mut s.acts).map_err(kernel_error))
     }
 
     /// Final norm and head on the last row of `x`, into `out`. `None` if this shard has no head.
@@ -401,19 +486,22 @@ fn rotate(head: &mut [f32], cos: &[f32], sin: &[f32]) {
 
 /// Causal grouped-query attention of `seq` new queries over every cached position. Each
 /// (query, head) pair is one task on the kernels' pool when there is enough work to share.
-#[allow(clippy::too_many_arguments)]
+///
+/// The segments' rows follow one another in `qkv`; each attends over layer `layer` of its own
+/// cache. Nothing is allocated here (a decode step must not allocate).
 fn attention(
     qkv: &[f32],
     qkv_width: usize,
-    k: &[f32],
-    v: &[f32],
-    seq: usize,
-    start: usize,
-    heads: usize,
-    kv_heads: usize,
-    hd: usize,
+    segments: &[Segment<'_>],
+    layer: usize,
+    shape: Heads,
     out: &mut [f32],
 ) -> std::result::Result<(), exo_kernels::Error> {
+    let Heads {
+        heads,
+        kv_heads,
+        hd,
+    } = shape;
     thread_local! {
         /// Attention scores of the head a thread is working on (grows, never shrinks).
         static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -421,14 +509,26 @@ fn attention(
     let kvd = kv_heads * hd;
     let group = heads / kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
+    let seq: usize = segments.iter().map(|s| s.rows).sum();
     // The first error of any task (only a bug in the shapes above could cause one).
     let failed = std::sync::Mutex::new(None);
     let task = |i: usize, o: &mut [f32]| {
         let (t, h) = (i / heads, i % heads);
-        let visible = start + t + 1;
+        // The segment holding row `t` (segments are few: a batch's requests).
+        let mut first = 0;
+        let Some(g) = segments.iter().find(|g| {
+            let found = t < first + g.rows;
+            if !found {
+                first += g.rows;
+            }
+            found
+        }) else {
+            return;
+        };
+        let visible = g.start + (t - first) + 1;
         let q = &qkv[t * qkv_width + h * hd..][..hd];
         let kvh = h / group;
-        let (keys, values) = (&k[kvh * hd..], &v[kvh * hd..]);
+        let (keys, values) = (&g.cache.k[layer][kvh * hd..], &g.cache.v[layer][kvh * hd..]);
         SCORES.with_borrow_mut(|scores| {
             if scores.len() < visible {
                 // In steps of 1024 positions, so that decoding rarely allocates here.
@@ -441,8 +541,14 @@ fn attention(
         });
     };
     let out = &mut out[..seq * heads * hd];
+    let work: usize = segments
+        .iter()
+        .map(|s| s.rows * (s.start + s.rows))
+        .sum::<usize>()
+        * heads
+        * hd;
     // Below this many multiply-adds a hand-off to the pool costs more than it saves.
-    if seq * heads * (start + seq) * hd < 1 << 15 {
+    if work < 1 << 15 {
         out.chunks_exact_mut(hd)
             .enumerate()
             .for_each(|(i, o)| task(i, o));

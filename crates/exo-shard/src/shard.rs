@@ -8,7 +8,7 @@ use exo_model::{Checkpoint, ModelConfig, ShardSpec, ShardWeights};
 use crate::burn_shard::BurnShard;
 use crate::cache::KvCache;
 use crate::error::{Error, Result};
-use crate::native::{NativeShard, Weights};
+use crate::native::{NativeShard, Segment, Weights};
 
 // Shards are few and long-lived; boxing either variant would only add an indirection.
 #[allow(clippy::large_enum_variant)]
@@ -289,6 +289,122 @@ impl LlamaShard {
         };
         n.logits_into(x, scratch, out)
             .ok_or_else(|| self.not_held("head"))?
+    }
+}
+
+impl LlamaShard {
+    /// Runs one step of several requests at once: `x` holds their rows one request after
+    /// another, and `batch` lists, in the same order, each request's cache and row count.
+    /// Each request's rows go at the positions after those its cache holds.
+    ///
+    /// Shapes: x [Σ rows * hidden] -> [Σ rows * hidden], in place
+    pub fn forward_batch(&self, x: &mut [f32], batch: &mut [(&mut KvCache, usize)]) -> Result<()> {
+        let (rows, hidden) = self.host_rows(x)?;
+        let total: usize = batch.iter().map(|(_, r)| *r).sum();
+        if total != rows {
+            return Err(Error::Shape {
+                what: "batched activations".into(),
+                expected: vec![total, hidden],
+                actual: vec![rows, hidden],
+            });
+        }
+        let n = match &self.kind {
+            Kind::Native(n) => n,
+            Kind::Burn(_) => {
+                // burn runs one request at a time.
+                let mut rest = x;
+                for (cache, rows) in batch.iter_mut() {
+                    let (mine, tail) = rest.split_at_mut(*rows * hidden);
+                    rest = tail;
+                    if *rows > 0 {
+                        self.forward_in_place(mine, cache)?;
+                    }
+                }
+                return Ok(());
+            }
+        };
+        // Every cache must be this shard's and have room, before anything runs.
+        for (cache, rows) in batch.iter() {
+            match &cache.native {
+                Some(c) if c.layers() == n.layer_count() => {}
+                other => {
+                    return Err(Error::CacheMismatch {
+                        expected: n.layer_count(),
+                        actual: other.as_ref().map_or(cache.layers.len(), |c| c.layers()),
+                    });
+                }
+            }
+            if cache.len + rows > n.max_positions {
+                return Err(Error::ContextFull {
+                    needed: cache.len + rows,
+                    max: n.max_positions,
+                });
+            }
+        }
+        let mut scratch = None;
+        let result = {
+            let mut segments: Vec<Segment<'_>> = Vec::with_capacity(batch.len());
+            for (cache, rows) in batch.iter_mut().filter(|(_, rows)| *rows > 0) {
+                let start = cache.len;
+                if let Some(native) = cache.native.as_mut() {
+                    if scratch.is_none() {
+                        scratch = Some(native.take_scratch());
+                    }
+                    segments.push(Segment {
+                        cache: native,
+                        start,
+                        rows: *rows,
+                    });
+                }
+            }
+            let mut lent = scratch.take().unwrap_or_default();
+            let result = n.forward_batch(x, &mut segments, &mut lent);
+            if let Some(first) = segments.first_mut() {
+                first.cache.put_scratch(lent);
+            }
+            result
+        };
+        result?;
+        for (cache, rows) in batch.iter_mut() {
+            cache.len += *rows;
+        }
+        Ok(())
+    }
+
+    /// Logits of `n` rows at once (the last row of each of `n` requests), into `out`
+    /// (`[n * vocab]`); `cache` lends its scratch buffers.
+    ///
+    /// Shapes: rows [n * hidden] -> out [n * vocab]
+    pub fn logits_rows(&self, rows: &[f32], cache: &mut KvCache, out: &mut Vec<f32>) -> Result<()> {
+        let (count, hidden) = self.host_rows(rows)?;
+        if let (Kind::Native(n), Some(native)) = (&self.kind, cache.native.as_mut()) {
+            return n
+                .logits_rows(rows, count, native, out)
+                .ok_or_else(|| self.not_held("head"))?;
+        }
+        out.clear();
+        let mut one = Vec::new();
+        for row in rows.chunks_exact(hidden).take(count) {
+            self.logits_into(row, cache, &mut one)?;
+            out.extend_from_slice(&one);
+        }
+        Ok(())
+    }
+
+    /// Positions a request may hold in all (the model's context).
+    pub fn max_positions(&self) -> usize {
+        match &self.kind {
+            Kind::Burn(b) => b.max_positions(),
+            Kind::Native(n) => n.max_positions,
+        }
+    }
+
+    /// Bytes of keys and values one position takes in a cache of this shard.
+    pub fn kv_bytes_per_position(&self) -> usize {
+        match &self.kind {
+            Kind::Burn(b) => b.kv_bytes_per_position(),
+            Kind::Native(n) => n.kv_bytes_per_position(),
+        }
     }
 }
 

@@ -85,6 +85,8 @@ pub struct Options {
     pub wire: WireDtype,
     /// Largest prompt chunk the origin sends in one frame.
     pub prefill_chunk: usize,
+    /// Most prompt rows a stage computes in one step.
+    pub step_rows: usize,
     /// How the planner places layers (memory-weighted by default, so the memory each node
     /// offers decides the split).
     pub strategy: Strategy,
@@ -96,6 +98,7 @@ impl Default for Options {
             weights: Weights::Stored,
             wire: WireDtype::F32,
             prefill_chunk: 512,
+            step_rows: 64,
             strategy: Strategy::MemoryWeighted,
         }
     }
@@ -166,6 +169,7 @@ impl TestCluster {
         config.weights = self.options.weights;
         config.wire = self.options.wire;
         config.prefill_chunk = self.options.prefill_chunk;
+        config.step_rows = self.options.step_rows;
         config.plan_context = 64;
         config.settle = Duration::from_millis(200);
         config.strategy = self.options.strategy;

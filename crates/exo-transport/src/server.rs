@@ -10,7 +10,7 @@ use exo_core::{
 };
 use futures::future::BoxFuture;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
@@ -77,7 +77,18 @@ pub async fn serve(
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
-    let service = Service { handler, limits };
+    // Links and deliveries are long-lived streams: on shutdown they end too, or the graceful
+    // shutdown would wait for them forever.
+    let (stopping, stopped) = watch::channel(false);
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stopping.send(true);
+    };
+    let service = Service {
+        handler,
+        limits,
+        stopped,
+    };
     let server = pb::shard_server::ShardServer::new(service)
         .max_decoding_message_size(limits.max_message_bytes())
         .max_encoding_message_size(limits.max_message_bytes());
@@ -100,6 +111,17 @@ pub async fn serve(
 struct Service {
     handler: Arc<dyn ShardHandler>,
     limits: Limits,
+    /// Turns true when the server shuts down.
+    stopped: watch::Receiver<bool>,
+}
+
+/// Resolves once the server shuts down.
+async fn stopping(mut stopped: watch::Receiver<bool>) {
+    while !*stopped.borrow_and_update() {
+        if stopped.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 type ReplyStream<T> = ReceiverStream<std::result::Result<T, Status>>;
@@ -123,12 +145,20 @@ impl pb::shard_server::Shard for Service {
         &self,
         request: Request<Streaming<pb::LinkMessage>>,
     ) -> std::result::Result<Response<pb::LinkClosed>, Status> {
-        run_link(&*self.handler, &self.limits, request.into_inner())
-            .await
-            .map_err(|e| {
+        let link = run_link(&*self.handler, &self.limits, request.into_inner());
+        tokio::select! {
+            outcome = link => outcome.map_err(|e| {
                 tracing::debug!(error = %e, "link ended with an error");
                 e.into_status()
-            })?;
+            })?,
+            () = stopping(self.stopped.clone()) => {
+                return Err(Error::service(
+                    crate::Code::Unavailable,
+                    "the node is shutting down",
+                )
+                .into_status());
+            }
+        }
         Ok(Response::new(pb::LinkClosed {}))
     }
 
@@ -155,9 +185,13 @@ impl pb::shard_server::Shard for Service {
             items: Vec::new(),
         };
         let _ = tx.send(Ok(subscribed)).await;
+        let stopped = self.stopped.clone();
         tokio::spawn(async move {
+            let stop = stopping(stopped);
+            tokio::pin!(stop);
             loop {
                 tokio::select! {
+                    () = &mut stop => break,
                     batch = items.recv() => {
                         let Some(batch) = batch else { break };
                         let delivery = pb::Delivery {
@@ -193,9 +227,13 @@ impl pb::shard_server::Shard for Service {
                 return Ok(Response::new(ReceiverStream::new(rx)));
             }
         };
+        let stopped = self.stopped.clone();
         tokio::spawn(async move {
+            let stop = stopping(stopped);
+            tokio::pin!(stop);
             loop {
                 tokio::select! {
+                    () = &mut stop => break,
                     item = events.recv() => {
                         let Some(item) = item else { break };
                         let last = !matches!(item, Ok(GenerationEvent::Text(_)));

@@ -155,12 +155,17 @@ pub struct Cluster {
 }
 
 /// Starts `n` nodes with cluster key `key` that know each other as static peers (no mDNS),
-/// each offering `memory_limit`, and waits until every one has joined a plan of `n` stages.
+/// each offering `memory_limit`, and waits until every one has joined a plan of `n` stages and
+/// printed its ready line.
 pub fn start_cluster_with_key(n: usize, memory_limit: &str, key: &str, extra: &[&str]) -> Cluster {
     let nodes = spawn_nodes(n, memory_limit, key, extra);
     let want = format!("{n} stage(s)");
     for node in &nodes {
         node.wait_for(&want, Duration::from_secs(90));
+        node.wait_for(
+            "exo-node: ready: the cluster serves",
+            Duration::from_secs(90),
+        );
     }
     Cluster { nodes }
 }

@@ -26,7 +26,7 @@ impl StageLink {
     /// Sends a frame; `false` when the link is gone (its failure is reported on its own).
     pub(crate) async fn send(&self, frame: StepFrame) -> bool {
         match self {
-            StageLink::Local(link) => link.send(frame),
+            StageLink::Local(link) => link.send(frame).is_ok(),
             StageLink::Remote(tx) => tx.send(frame).await.is_ok(),
         }
     }

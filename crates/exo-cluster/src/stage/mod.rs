@@ -8,7 +8,7 @@ pub(crate) mod worker;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -23,7 +23,7 @@ use crate::stage::link::{LinkSettings, LinkTarget};
 use crate::stage::worker::{WorkerHandle, WorkerMsg, WorkerSpec};
 use crate::tasks::Tasks;
 
-/// The model this node serves, as its stages load it.
+/// The model this node serves, as its stages load it, and how they batch.
 #[derive(Debug)]
 pub(crate) struct ModelSource {
     pub(crate) path: PathBuf,
@@ -31,7 +31,16 @@ pub(crate) struct ModelSource {
     pub(crate) config: ModelConfig,
     pub(crate) device: Device,
     pub(crate) weights: Weights,
+    /// Most prompt rows a worker's step computes.
+    pub(crate) step_rows: usize,
+    /// Memory this node offers the cluster, if known: what its weights leave of it bounds the
+    /// keys and values its requests may reserve.
+    pub(crate) memory_offered: Option<u64>,
 }
+
+/// Room left for keys and values once the weights are held, kept for the process and its
+/// buffers.
+const MEMORY_MARGIN: u64 = 64 << 20;
 
 /// The shard this node holds for one plan epoch.
 #[derive(Debug)]
@@ -61,32 +70,6 @@ pub(crate) enum HoldError {
     /// Loading the layers failed.
     #[error("loading layers {layers}: {reason}")]
     Load { layers: LayerRange, reason: String },
-}
-
-/// What this node's stage workers computed, counted since the node started: the live view turns
-/// the differences between two readings into step times and tokens/s.
-#[derive(Debug, Default)]
-pub(crate) struct StageMeter {
-    steps: AtomicU64,
-    positions: AtomicU64,
-    nanos: AtomicU64,
-    decode_steps: AtomicU64,
-    decode_nanos: AtomicU64,
-}
-
-impl StageMeter {
-    /// Counts one step (a frame of work) of `positions` rows that took `took` to compute;
-    /// `decode` when every request in it advanced by one position.
-    pub(crate) fn record(&self, positions: u64, decode: bool, took: Duration) {
-        let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
-        self.steps.fetch_add(1, Ordering::Relaxed);
-        self.positions.fetch_add(positions, Ordering::Relaxed);
-        self.nanos.fetch_add(nanos, Ordering::Relaxed);
-        if decode {
-            self.decode_steps.fetch_add(1, Ordering::Relaxed);
-            self.decode_nanos.fetch_add(nanos, Ordering::Relaxed);
-        }
-    }
 }
 
 /// A load under way: its layers, and the checkpoint it reads, whose read counter says how far
@@ -143,13 +126,28 @@ pub(crate) struct Stages {
     loading: tokio::sync::Mutex<()>,
     plan: watch::Receiver<PlanState>,
     active: Arc<AtomicU32>,
-    meter: Arc<StageMeter>,
+    stats: Arc<worker::StepStats>,
     /// The load under way, if any.
     load: Mutex<Option<Loading>>,
     /// Bumped when a load starts or ends, for the live view.
     changes: watch::Sender<u64>,
     links: LinkSettings,
     tasks: Tasks,
+}
+
+/// What this node's stage workers have computed since the node started.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StageStats {
+    /// Steps run.
+    pub steps: u64,
+    /// Rows computed (prompt and decode).
+    pub rows: u64,
+    /// Request pieces computed: a step of `n` requests counts `n`.
+    pub pieces: u64,
+    /// The most requests one step computed together.
+    pub max_batch: u64,
+    /// Seconds spent computing steps.
+    pub busy_s: f64,
 }
 
 impl Stages {
@@ -169,7 +167,7 @@ impl Stages {
             loading: tokio::sync::Mutex::new(()),
             plan,
             active: Arc::default(),
-            meter: Arc::default(),
+            stats: Arc::default(),
             load: Mutex::new(None),
             changes: watch::channel(0).0,
             links,
@@ -189,6 +187,18 @@ impl Stages {
     /// The shard held now, if any.
     pub(crate) fn held(&self) -> Option<Arc<Held>> {
         self.held.read().ok().and_then(|h| h.clone())
+    }
+
+    /// What the workers have computed.
+    pub(crate) fn stats(&self) -> StageStats {
+        let s = &self.stats;
+        StageStats {
+            steps: s.steps.load(Ordering::Relaxed),
+            rows: s.rows.load(Ordering::Relaxed),
+            pieces: s.pieces.load(Ordering::Relaxed),
+            max_batch: s.max_batch.load(Ordering::Relaxed),
+            busy_s: s.busy_us.load(Ordering::Relaxed) as f64 / 1e6,
+        }
     }
 
     /// Requests with state on this node.
@@ -316,7 +326,10 @@ impl Stages {
 
     /// Starts the worker of `held` (with its link to the next stage) and retires older ones.
     fn start_worker(&self, held: &Held) -> std::io::Result<()> {
-        let (handle, rx) = worker::queue();
+        let (handle, rx) = worker::queue(worker::InputShape {
+            embeds: held.shard.has_embedding(),
+            hidden: held.shard.hidden_size(),
+        });
         let downstream = held.stages.get(held.index + 1).map(|next| {
             let target = LinkTarget {
                 stage: next.clone(),
@@ -336,7 +349,12 @@ impl Stages {
             stages: held.stages.clone(),
             shard: Arc::clone(&held.shard),
             active: Arc::clone(&self.active),
-            meter: Arc::clone(&self.meter),
+            step_rows: self.source.step_rows,
+            stats: Arc::clone(&self.stats),
+            kv_positions: self.source.memory_offered.map(|offered| {
+                let room = offered.saturating_sub(held.weight_bytes + MEMORY_MARGIN);
+                room / (held.shard.kv_bytes_per_position().max(1) as u64)
+            }),
         };
         let handle = worker::spawn(spec, downstream, (handle, rx))?;
         self.retire_workers();
@@ -452,11 +470,11 @@ impl Stages {
             activation_positions_sent: sent.positions.load(Ordering::Relaxed),
             loading,
             loading_fraction,
-            steps_computed: self.meter.steps.load(Ordering::Relaxed),
-            positions_computed: self.meter.positions.load(Ordering::Relaxed),
-            compute_nanos: self.meter.nanos.load(Ordering::Relaxed),
-            decode_steps: self.meter.decode_steps.load(Ordering::Relaxed),
-            decode_nanos: self.meter.decode_nanos.load(Ordering::Relaxed),
+            steps_computed: self.stats.steps.load(Ordering::Relaxed),
+            positions_computed: self.stats.rows.load(Ordering::Relaxed),
+            compute_nanos: self.stats.busy_us.load(Ordering::Relaxed) * 1000,
+            decode_steps: self.stats.decode_steps.load(Ordering::Relaxed),
+            decode_nanos: self.stats.decode_us.load(Ordering::Relaxed) * 1000,
         }
     }
 }

@@ -1,25 +1,27 @@
-//! The stage worker: one thread per held shard. It owns everything that computes on the shard:
-//! a KV cache (and, on the last stage, a sampler) per request, and a queue of work that every
-//! link into the stage feeds. Frames go in; activations go on to the next stage in one frame
-//! per frame received, and sampled tokens and failures go straight to each request's origin.
+//! The stage worker: one thread per held shard and plan epoch. It owns everything that
+//! computes on the shard: a KV cache (and, on the last stage, a sampler) per request, and a
+//! queue of work that every link into the stage feeds.
 //!
-//! This is where batching (several requests' rows in one pass over the weights) and
-//! tensor-parallel collectives will land; today each entry of a frame runs on its own.
+//! It batches continuously. Each step takes, from every request with work waiting, its next
+//! piece: a decode token, or a chunk of a prompt within the step's row budget (so a long prompt
+//! arriving does not stall the streams that are decoding), and runs every layer once for all of
+//! them, attention per request over its own keys and values. Requests join and leave between
+//! steps. The activations of a step go on to the next stage in one frame; sampled tokens and
+//! failures go straight to each request's origin. A request starts only when the keys and values
+//! it may need fit the stage's budget; until then it waits, first come first served.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::time::Instant;
 
 use exo_core::{
-    Activations, Epoch, FailureKind, NodeId, RequestId, Stage, StageFailure, StepEntry, StepFrame,
-    StepInput, TokenOut,
+    Activations, Epoch, FailureKind, NodeId, RequestId, RequestStart, Stage, StageFailure,
+    StepEntry, StepFrame, StepInput, TokenOut,
 };
 use exo_shard::{KvCache, LlamaShard, Sampler};
 use tokio::sync::mpsc;
 
 use crate::inbox::Inboxes;
-use crate::stage::StageMeter;
 
 /// Identifies one inbound link of a worker (requests end with the link they came over).
 pub(crate) type LinkId = u64;
@@ -66,10 +68,20 @@ impl DeliverySink {
     }
 }
 
+/// What the rows of frames sent to a stage must look like.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct InputShape {
+    /// The stage embeds tokens: it takes token ids, the others activations.
+    pub(crate) embeds: bool,
+    /// The activations' width.
+    pub(crate) hidden: usize,
+}
+
 /// A cloneable handle on a worker's queue.
 #[derive(Clone, Debug)]
 pub(crate) struct WorkerHandle {
     tx: mpsc::UnboundedSender<WorkerMsg>,
+    shape: InputShape,
 }
 
 impl WorkerHandle {
@@ -99,13 +111,49 @@ pub(crate) struct WorkerLink {
     link: LinkId,
 }
 
+/// Why a link refused a frame.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum LinkRefusal {
+    /// The frame's rows are not what this stage takes.
+    #[error("{0}")]
+    Malformed(String),
+    /// The stage's worker has stopped.
+    #[error("this node's stage of the plan has stopped")]
+    Stopped,
+}
+
 impl WorkerLink {
-    /// Queues a frame; `false` once the worker has stopped.
-    pub(crate) fn send(&self, frame: StepFrame) -> bool {
-        self.worker.send(WorkerMsg::Frame {
+    /// Checks a frame against what the stage takes and queues it.
+    pub(crate) fn send(&self, frame: StepFrame) -> Result<(), LinkRefusal> {
+        let shape = self.worker.shape;
+        match &frame.input {
+            StepInput::Tokens(ids) if !ids.is_empty() && !shape.embeds => {
+                return Err(LinkRefusal::Malformed(
+                    "token ids sent to a stage that does not embed tokens (send activations)"
+                        .into(),
+                ));
+            }
+            StepInput::Hidden(a) if a.rows > 0 && shape.embeds => {
+                return Err(LinkRefusal::Malformed(
+                    "activations sent to the first stage (send token ids)".into(),
+                ));
+            }
+            StepInput::Hidden(a) if a.rows > 0 && a.hidden != shape.hidden => {
+                return Err(LinkRefusal::Malformed(format!(
+                    "activations are {} wide but the model's hidden size is {}",
+                    a.hidden, shape.hidden
+                )));
+            }
+            _ => {}
+        }
+        if self.worker.send(WorkerMsg::Frame {
             link: self.link,
             frame,
-        })
+        }) {
+            Ok(())
+        } else {
+            Err(LinkRefusal::Stopped)
+        }
     }
 }
 
@@ -115,7 +163,26 @@ impl Drop for WorkerLink {
     }
 }
 
-/// What a worker serves: this node's stage of one plan.
+/// What the workers of a node have done, for status and benchmarks.
+#[derive(Debug, Default)]
+pub(crate) struct StepStats {
+    /// Steps run.
+    pub(crate) steps: AtomicU64,
+    /// Rows computed (prompt and decode).
+    pub(crate) rows: AtomicU64,
+    /// Request pieces computed (a step of `n` requests counts `n`).
+    pub(crate) pieces: AtomicU64,
+    /// The most requests one step has computed together.
+    pub(crate) max_batch: AtomicU64,
+    /// Time spent computing steps, microseconds.
+    pub(crate) busy_us: AtomicU64,
+    /// Steps in which every request advanced one position (no prompt rows).
+    pub(crate) decode_steps: AtomicU64,
+    /// Time spent computing those, microseconds.
+    pub(crate) decode_us: AtomicU64,
+}
+
+/// What a worker serves: this node's stage of one plan, and how it batches.
 #[derive(Debug)]
 pub(crate) struct WorkerSpec {
     pub(crate) node: NodeId,
@@ -125,8 +192,19 @@ pub(crate) struct WorkerSpec {
     pub(crate) shard: Arc<LlamaShard>,
     /// Requests with state on this node, across its workers (for status).
     pub(crate) active: Arc<AtomicU32>,
-    /// Steps, positions and compute time, across its workers (for the live view).
-    pub(crate) meter: Arc<StageMeter>,
+    /// Most prompt rows one step computes (decode tokens always go in).
+    pub(crate) step_rows: usize,
+    /// Positions of keys and values the requests here may reserve in all (`None`: no bound);
+    /// one request at a time is always admitted.
+    pub(crate) kv_positions: Option<u64>,
+    /// Where the worker counts its steps.
+    pub(crate) stats: Arc<StepStats>,
+}
+
+/// A worker's queue, before the worker starts.
+pub(crate) fn queue(shape: InputShape) -> (WorkerHandle, mpsc::UnboundedReceiver<WorkerMsg>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (WorkerHandle { tx, shape }, rx)
 }
 
 /// Starts a worker on its own thread. `downstream` is the next stage's link (none for the
@@ -144,9 +222,14 @@ pub(crate) fn spawn(
         spec,
         downstream,
         requests: HashMap::new(),
+        waiting: HashMap::new(),
+        order: VecDeque::new(),
+        reserved: 0,
         subscribers: HashMap::new(),
         retiring: false,
         x: Vec::new(),
+        tokens: Vec::new(),
+        sample_rows: Vec::new(),
         logits: Vec::new(),
     };
     std::thread::Builder::new()
@@ -155,18 +238,14 @@ pub(crate) fn spawn(
     Ok(handle)
 }
 
-/// A worker's queue, before the worker starts.
-pub(crate) fn queue() -> (WorkerHandle, mpsc::UnboundedReceiver<WorkerMsg>) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    (WorkerHandle { tx }, rx)
-}
-
-/// One request on this stage.
+/// One request admitted on this stage.
 struct Request {
     cache: KvCache,
     sampler: Option<Sampler>,
     origin: NodeId,
     link: LinkId,
+    /// Positions reserved against the stage's budget.
+    positions: u64,
     _active: ActiveGuard,
 }
 
@@ -185,20 +264,76 @@ impl Drop for ActiveGuard {
     }
 }
 
+/// Rows of one request's entry, waiting to be computed.
+#[derive(Debug)]
+struct Work {
+    link: LinkId,
+    position: u32,
+    input: WorkInput,
+    sample: bool,
+    start: Option<RequestStart>,
+    end: bool,
+}
+
+#[derive(Debug)]
+enum WorkInput {
+    Tokens(Vec<u32>),
+    Hidden(Vec<f32>),
+}
+
+impl Work {
+    fn rows(&self, hidden: usize) -> usize {
+        match &self.input {
+            WorkInput::Tokens(t) => t.len(),
+            WorkInput::Hidden(v) => v.len() / hidden.max(1),
+        }
+    }
+
+    /// Splits off the first `rows` rows as a piece of its own; the rest stays, at the
+    /// positions after them, keeping the entry's end and sampling.
+    fn split_front(&mut self, rows: usize, hidden: usize) -> Work {
+        let input = match &mut self.input {
+            WorkInput::Tokens(t) => WorkInput::Tokens(t.drain(..rows).collect()),
+            WorkInput::Hidden(v) => WorkInput::Hidden(v.drain(..rows * hidden).collect()),
+        };
+        let front = Work {
+            link: self.link,
+            position: self.position,
+            input,
+            sample: false,
+            start: self.start.take(),
+            end: false,
+        };
+        self.position += rows as u32;
+        front
+    }
+}
+
 struct Worker {
     spec: WorkerSpec,
     last: bool,
     downstream: Option<mpsc::Sender<StepFrame>>,
+    /// Admitted requests.
     requests: HashMap<RequestId, Request>,
+    /// Work waiting, per request (admitted or not yet).
+    waiting: HashMap<RequestId, VecDeque<Work>>,
+    /// Requests with work waiting, in the order their work arrived.
+    order: VecDeque<RequestId>,
+    /// Positions the admitted requests reserved.
+    reserved: u64,
     subscribers: HashMap<NodeId, DeliverySink>,
     retiring: bool,
-    /// Activations of the entry being computed, reused.
+    /// A step's activations, reused.
     x: Vec<f32>,
-    /// The last stage's logits, reused.
+    /// A step's token ids (first stage), reused.
+    tokens: Vec<u32>,
+    /// The last rows of the requests that sample, reused.
+    sample_rows: Vec<f32>,
+    /// Their logits, reused.
     logits: Vec<f32>,
 }
 
-/// What one frame produces.
+/// What one step produces.
 #[derive(Default)]
 struct Output {
     entries: Vec<StepEntry>,
@@ -206,25 +341,60 @@ struct Output {
     deliveries: HashMap<NodeId, Vec<TokenOut>>,
 }
 
+/// One request's piece of a step.
+struct Piece {
+    request: RequestId,
+    work: Work,
+    rows: usize,
+}
+
 impl Worker {
     fn run(&mut self, mut rx: mpsc::UnboundedReceiver<WorkerMsg>) {
         tracing::debug!(epoch = %self.spec.epoch, stage = self.spec.index, "stage worker started");
-        while let Some(msg) = rx.blocking_recv() {
-            match msg {
-                WorkerMsg::Frame { link, frame } => self.frame(link, frame),
-                WorkerMsg::LinkClosed(link) => self.link_closed(link),
-                WorkerMsg::Subscribe { origin, sink } => {
-                    self.subscribers.insert(origin, sink);
+        'run: loop {
+            if !self.runnable() {
+                match rx.blocking_recv() {
+                    Some(msg) => {
+                        if !self.handle(msg) {
+                            break 'run;
+                        }
+                    }
+                    None => break 'run,
                 }
-                WorkerMsg::DownstreamFailed(failure) => self.downstream_failed(&failure),
-                WorkerMsg::Retire => self.retiring = true,
-                WorkerMsg::Stop => break,
             }
-            if self.retiring && self.requests.is_empty() {
+            // Everything that has arrived joins this step.
+            while let Ok(msg) = rx.try_recv() {
+                if !self.handle(msg) {
+                    break 'run;
+                }
+            }
+            if self.runnable() {
+                self.step();
+            }
+            if self.retiring && self.requests.is_empty() && self.waiting.is_empty() {
                 break;
             }
         }
         tracing::debug!(epoch = %self.spec.epoch, stage = self.spec.index, "stage worker stopped");
+    }
+
+    /// Takes one message; `false` to stop now.
+    fn handle(&mut self, msg: WorkerMsg) -> bool {
+        match msg {
+            WorkerMsg::Frame { link, frame } => self.enqueue(link, frame),
+            WorkerMsg::LinkClosed(link) => self.link_closed(link),
+            WorkerMsg::Subscribe { origin, sink } => {
+                self.subscribers.insert(origin, sink);
+            }
+            WorkerMsg::DownstreamFailed(failure) => self.downstream_failed(&failure),
+            WorkerMsg::Retire => self.retiring = true,
+            WorkerMsg::Stop => return false,
+        }
+        true
+    }
+
+    fn hidden(&self) -> usize {
+        self.spec.shard.hidden_size()
     }
 
     fn failure(&self, kind: FailureKind, reason: impl Into<String>) -> StageFailure {
@@ -239,54 +409,157 @@ impl Worker {
         }
     }
 
-    fn frame(&mut self, link: LinkId, frame: StepFrame) {
-        let started = Instant::now();
-        let mut out = Output::default();
+    /// Splits a frame into each request's work.
+    fn enqueue(&mut self, link: LinkId, frame: StepFrame) {
+        let hidden = self.hidden();
         let mut row = 0usize;
-        for entry in &frame.entries {
+        for entry in frame.entries {
             let rows = entry.rows as usize;
-            let first_row = row;
-            row += rows;
-            if let Some(start) = &entry.start
-                && !self.start(entry.request, link, start, &mut out)
-            {
-                continue;
-            }
-            if !self.requests.contains_key(&entry.request) {
-                // Ended or failed here before: later stages only need to hear it is over.
-                if entry.end && !self.last {
-                    out.entries.push(StepEntry::end(entry.request));
+            let input = match &frame.input {
+                StepInput::Tokens(ids) => {
+                    WorkInput::Tokens(ids.get(row..row + rows).unwrap_or_default().to_vec())
                 }
-                continue;
+                StepInput::Hidden(a) => WorkInput::Hidden(
+                    a.values
+                        .get(row * hidden..(row + rows) * hidden)
+                        .unwrap_or_default()
+                        .to_vec(),
+                ),
+            };
+            row += rows;
+            let work = Work {
+                link,
+                position: entry.position,
+                input,
+                sample: entry.sample,
+                start: entry.start,
+                end: entry.end,
+            };
+            let queue = self.waiting.entry(entry.request).or_default();
+            if queue.is_empty() {
+                self.order.push_back(entry.request);
             }
-            if rows > 0
-                && let Err(reason) = self.compute(entry, &frame.input, first_row, &mut out)
-            {
-                let failure = self.failure(FailureKind::Failed, reason);
-                self.fail(entry.request, failure, &mut out);
-                continue;
-            }
-            if rows == 0 && !self.last {
-                out.entries.push(entry.clone());
-            }
-            if entry.end {
-                self.requests.remove(&entry.request);
-            }
+            queue.push_back(work);
         }
-        let positions = frame.entries.iter().map(|e| u64::from(e.rows)).sum();
-        let decode = frame.entries.iter().all(|e| e.rows <= 1);
-        self.spec.meter.record(positions, decode, started.elapsed());
-        self.send(out);
     }
 
-    /// Sets up a request that starts here; `false` (with the failure reported) if it cannot.
-    fn start(
-        &mut self,
-        request: RequestId,
-        link: LinkId,
-        start: &exo_core::RequestStart,
-        out: &mut Output,
-    ) -> bool {
+    /// Whether a step would do something now.
+    fn runnable(&self) -> bool {
+        let mut admit_checked = false;
+        for id in &self.order {
+            let Some(work) = self.waiting.get(id).and_then(VecDeque::front) else {
+                continue;
+            };
+            if self.requests.contains_key(id) || work.start.is_none() {
+                return true;
+            }
+            // Only the first request waiting for admission may be admitted next.
+            if !admit_checked {
+                admit_checked = true;
+                if self.admissible(work.start.as_ref()) {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
+    fn admissible(&self, start: Option<&RequestStart>) -> bool {
+        let Some(start) = start else { return true };
+        if self.retiring || self.requests.is_empty() {
+            return true;
+        }
+        match self.spec.kv_positions {
+            None => true,
+            Some(limit) => self.reserved + u64::from(start.positions) <= limit,
+        }
+    }
+
+    /// Chooses the pieces of this step: every request's next piece, in arrival order; decode
+    /// tokens always, prompt rows within the budget; new requests while their keys and values
+    /// fit, first come first served.
+    fn choose(&mut self) -> Vec<Piece> {
+        let hidden = self.hidden();
+        let decoding = self
+            .order
+            .iter()
+            .filter(|id| self.requests.contains_key(id))
+            .filter(|id| {
+                self.waiting
+                    .get(id)
+                    .and_then(VecDeque::front)
+                    .is_some_and(|w| w.rows(hidden) <= 1)
+            })
+            .count();
+        // Prompts get what decode tokens leave of the budget, and never less than a quarter of
+        // it, so that prefill keeps moving however many streams decode.
+        let budget = self.spec.step_rows.max(1);
+        let mut prompt_rows = budget.saturating_sub(decoding).max(budget / 4).max(1);
+        let mut admission_blocked = false;
+        let mut pieces = Vec::new();
+        // One piece per request per step (a request's pieces must run in order).
+        let mut seen = std::collections::HashSet::new();
+        let order: Vec<RequestId> = self
+            .order
+            .iter()
+            .copied()
+            .filter(|id| seen.insert(*id))
+            .collect();
+        for id in order {
+            let Some(front) = self.waiting.get(&id).and_then(VecDeque::front) else {
+                continue;
+            };
+            let (rows, link, start) = (front.rows(hidden), front.link, front.start.clone());
+            if let Some(start) = start.filter(|_| !self.requests.contains_key(&id)) {
+                if admission_blocked || !self.admissible(Some(&start)) {
+                    admission_blocked = true;
+                    continue;
+                }
+                if !self.admit(id, link, &start) {
+                    continue;
+                }
+            }
+            let take = if rows <= 1 {
+                rows
+            } else if prompt_rows == 0 {
+                continue;
+            } else {
+                rows.min(prompt_rows)
+            };
+            if rows > 1 {
+                prompt_rows -= take;
+            }
+            let Some(queue) = self.waiting.get_mut(&id) else {
+                continue;
+            };
+            let work = if take < rows {
+                match queue.front_mut() {
+                    Some(front) => front.split_front(take, hidden),
+                    None => continue,
+                }
+            } else {
+                match queue.pop_front() {
+                    Some(w) => w,
+                    None => continue,
+                }
+            };
+            pieces.push(Piece {
+                request: id,
+                work,
+                rows: take,
+            });
+        }
+        // Requests with nothing left drop out of the order; new work puts them at the back.
+        self.waiting.retain(|_, q| !q.is_empty());
+        let mut kept = std::collections::HashSet::new();
+        let waiting = &self.waiting;
+        self.order
+            .retain(|id| waiting.contains_key(id) && kept.insert(*id));
+        pieces
+    }
+
+    /// Admits a request that starts here; `false` (with the failure reported) if it cannot.
+    fn admit(&mut self, request: RequestId, link: LinkId, start: &RequestStart) -> bool {
         let refused = if self.retiring {
             Some(format!(
                 "this node now holds a newer plan than {}",
@@ -302,39 +575,30 @@ impl Worker {
         } else {
             None
         };
+        let sampler = match (&refused, self.last) {
+            (None, true) => match Sampler::new(start.sampling) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    self.drop_waiting(
+                        request,
+                        start.origin.clone(),
+                        FailureKind::Failed,
+                        e.to_string(),
+                    );
+                    return false;
+                }
+            },
+            _ => None,
+        };
         if let Some(reason) = refused {
-            out.deliveries
-                .entry(start.origin.clone())
-                .or_default()
-                .push(TokenOut::Failed {
-                    request,
-                    failure: self.failure(FailureKind::Refused, reason),
-                });
-            if !self.last {
-                out.entries.push(StepEntry::end(request));
-            }
+            self.drop_waiting(request, start.origin.clone(), FailureKind::Refused, reason);
             return false;
         }
         let shard = &self.spec.shard;
         let mut cache = shard.new_cache();
         shard.reserve(&mut cache, start.positions as usize);
-        let sampler = if self.last {
-            match Sampler::new(start.sampling) {
-                Ok(s) => Some(s),
-                Err(e) => {
-                    out.deliveries
-                        .entry(start.origin.clone())
-                        .or_default()
-                        .push(TokenOut::Failed {
-                            request,
-                            failure: self.failure(FailureKind::Failed, e.to_string()),
-                        });
-                    return false;
-                }
-            }
-        } else {
-            None
-        };
+        let positions = u64::from(start.positions);
+        self.reserved += positions;
         self.requests.insert(
             request,
             Request {
@@ -342,86 +606,235 @@ impl Worker {
                 sampler,
                 origin: start.origin.clone(),
                 link,
+                positions,
                 _active: ActiveGuard::new(&self.spec.active),
             },
         );
         true
     }
 
-    /// Runs one entry's rows through the shard.
-    fn compute(
+    /// Drops the waiting work of a request that cannot start, telling its origin why and
+    /// the later stages that it is over.
+    fn drop_waiting(
         &mut self,
-        entry: &StepEntry,
-        input: &StepInput,
-        first_row: usize,
-        out: &mut Output,
-    ) -> Result<(), String> {
-        let shard = Arc::clone(&self.spec.shard);
-        let rows = entry.rows as usize;
-        let last = self.last;
-        let Some(request) = self.requests.get_mut(&entry.request) else {
-            return Ok(());
-        };
-        if entry.position as usize != request.cache.len() {
-            return Err(format!(
-                "request {} sent position {} but this stage holds {} of its positions",
-                entry.request,
-                entry.position,
-                request.cache.len()
-            ));
+        request: RequestId,
+        origin: NodeId,
+        kind: FailureKind,
+        reason: String,
+    ) {
+        self.waiting.remove(&request);
+        let mut out = Output::default();
+        out.deliveries
+            .entry(origin)
+            .or_default()
+            .push(TokenOut::Failed {
+                request,
+                failure: self.failure(kind, reason),
+            });
+        if !self.last {
+            out.entries.push(StepEntry::end(request));
         }
-        match input {
-            StepInput::Tokens(ids) if shard.has_embedding() => {
-                let ids = ids.get(first_row..first_row + rows).unwrap_or_default();
+        self.send(out);
+    }
+
+    fn remove(&mut self, request: RequestId) -> Option<Request> {
+        let state = self.requests.remove(&request)?;
+        self.reserved = self.reserved.saturating_sub(state.positions);
+        Some(state)
+    }
+
+    /// One step: every chosen piece through the shard at once.
+    fn step(&mut self) {
+        let pieces = self.choose();
+        if pieces.is_empty() {
+            return;
+        }
+        let mut out = Output::default();
+        // Pieces whose request is no longer here only pass their end on.
+        let mut live: Vec<Piece> = Vec::with_capacity(pieces.len());
+        for piece in pieces {
+            if self.requests.contains_key(&piece.request) {
+                live.push(piece);
+            } else if piece.work.end && !self.last {
+                out.entries.push(StepEntry::end(piece.request));
+            }
+        }
+        // Each piece must start where its request's cache ends.
+        let mut runnable: Vec<Piece> = Vec::with_capacity(live.len());
+        for piece in live {
+            let held = self
+                .requests
+                .get(&piece.request)
+                .map_or(0, |r| r.cache.len());
+            if piece.rows > 0 && piece.work.position as usize != held {
+                let reason = format!(
+                    "request {} sent position {} but this stage holds {held} of its positions",
+                    piece.request, piece.work.position
+                );
+                let failure = self.failure(FailureKind::Failed, reason);
+                self.fail(piece.request, failure, &mut out);
+            } else if piece.rows > 0 && held + piece.rows > self.spec.shard.max_positions() {
+                let reason = format!(
+                    "request {} would hold {} positions; the model's context is {}",
+                    piece.request,
+                    held + piece.rows,
+                    self.spec.shard.max_positions()
+                );
+                let failure = self.failure(FailureKind::Failed, reason);
+                self.fail(piece.request, failure, &mut out);
+            } else {
+                runnable.push(piece);
+            }
+        }
+        let started = std::time::Instant::now();
+        let computed = self.compute(&runnable, &mut out);
+        let stats = &self.spec.stats;
+        stats.steps.fetch_add(1, Ordering::Relaxed);
+        stats.rows.fetch_add(
+            runnable.iter().map(|p| p.rows as u64).sum(),
+            Ordering::Relaxed,
+        );
+        stats
+            .pieces
+            .fetch_add(runnable.len() as u64, Ordering::Relaxed);
+        stats
+            .max_batch
+            .fetch_max(runnable.len() as u64, Ordering::Relaxed);
+        let took = started.elapsed().as_micros() as u64;
+        stats.busy_us.fetch_add(took, Ordering::Relaxed);
+        if !runnable.is_empty() && runnable.iter().all(|p| p.rows <= 1) {
+            stats.decode_steps.fetch_add(1, Ordering::Relaxed);
+            stats.decode_us.fetch_add(took, Ordering::Relaxed);
+        }
+        if let Err(reason) = computed {
+            // A failure of the whole step fails every request in it.
+            for piece in &runnable {
+                let failure = self.failure(FailureKind::Failed, reason.clone());
+                self.fail(piece.request, failure, &mut out);
+            }
+        } else {
+            for piece in &runnable {
+                if piece.work.end {
+                    self.remove(piece.request);
+                }
+            }
+        }
+        self.send(out);
+    }
+
+    /// Runs the pieces' rows through the shard in one batch and records what they produce.
+    fn compute(&mut self, pieces: &[Piece], out: &mut Output) -> Result<(), String> {
+        if pieces.is_empty() {
+            return Ok(());
+        }
+        let shard = Arc::clone(&self.spec.shard);
+        let hidden = shard.hidden_size();
+        // The step's rows, one request after another.
+        self.x.clear();
+        if shard.has_embedding() {
+            self.tokens.clear();
+            for piece in pieces {
+                if let WorkInput::Tokens(ids) = &piece.work.input {
+                    self.tokens.extend_from_slice(ids);
+                }
+            }
+            if !self.tokens.is_empty() {
                 shard
-                    .embed_into(ids, &mut self.x)
+                    .embed_into(&self.tokens, &mut self.x)
                     .map_err(|e| e.to_string())?;
             }
-            StepInput::Hidden(a) if !shard.has_embedding() => {
-                let hidden = shard.hidden_size();
-                if a.hidden != hidden {
-                    return Err(format!(
-                        "activations are {} wide but the model's hidden size is {hidden}",
-                        a.hidden
-                    ));
+        } else {
+            for piece in pieces {
+                if let WorkInput::Hidden(values) = &piece.work.input {
+                    self.x.extend_from_slice(values);
                 }
-                let values = a
-                    .values
-                    .get(first_row * hidden..(first_row + rows) * hidden)
-                    .unwrap_or_default();
-                self.x.clear();
-                self.x.extend_from_slice(values);
-            }
-            StepInput::Tokens(_) => {
-                return Err("token ids sent to a stage that does not embed tokens".to_owned());
-            }
-            StepInput::Hidden(_) => {
-                return Err("activations sent to the first stage".to_owned());
             }
         }
-        shard
-            .forward_in_place(&mut self.x, &mut request.cache)
-            .map_err(|e| e.to_string())?;
-        if !last {
+        let total: usize = pieces.iter().map(|p| p.rows).sum();
+        if self.x.len() != total * hidden {
+            return Err(format!(
+                "the step's input holds {} values for {total} rows of {hidden}",
+                self.x.len()
+            ));
+        }
+        if total > 0 {
+            // The pieces' states, taken out for the step and put back after it.
+            let mut states: Vec<(RequestId, Request)> = Vec::with_capacity(pieces.len());
+            for piece in pieces {
+                match self.requests.remove(&piece.request) {
+                    Some(state) => states.push((piece.request, state)),
+                    None => {
+                        for (id, state) in states {
+                            self.requests.insert(id, state);
+                        }
+                        return Err(format!("request {} left the step", piece.request));
+                    }
+                }
+            }
+            let result = {
+                let mut batch: Vec<(&mut KvCache, usize)> = states
+                    .iter_mut()
+                    .zip(pieces)
+                    .map(|((_, r), p)| (&mut r.cache, p.rows))
+                    .collect();
+                shard.forward_batch(&mut self.x, &mut batch)
+            };
+            for (id, state) in states {
+                self.requests.insert(id, state);
+            }
+            result.map_err(|e| e.to_string())?;
+        }
+        if !self.last {
             out.values.extend_from_slice(&self.x);
-            out.entries.push(entry.clone());
+            for piece in pieces {
+                out.entries.push(StepEntry {
+                    request: piece.request,
+                    position: piece.work.position,
+                    rows: piece.rows as u32,
+                    sample: piece.work.sample,
+                    start: piece.work.start.clone(),
+                    end: piece.work.end,
+                });
+            }
             return Ok(());
         }
-        if entry.sample {
-            shard
-                .logits_into(&self.x, &mut request.cache, &mut self.logits)
-                .map_err(|e| e.to_string())?;
+        // The last stage: logits of each sampling request's last row, in one batch.
+        self.sample_rows.clear();
+        let mut sampling: Vec<&Piece> = Vec::new();
+        let mut row = 0usize;
+        for piece in pieces {
+            row += piece.rows;
+            if piece.work.sample && piece.rows > 0 {
+                self.sample_rows
+                    .extend_from_slice(&self.x[(row - 1) * hidden..row * hidden]);
+                sampling.push(piece);
+            }
+        }
+        if sampling.is_empty() {
+            return Ok(());
+        }
+        let Some(first) = self.requests.get_mut(&sampling[0].request) else {
+            return Err("a sampling request left the step".to_owned());
+        };
+        shard
+            .logits_rows(&self.sample_rows, &mut first.cache, &mut self.logits)
+            .map_err(|e| e.to_string())?;
+        let vocab = self.logits.len() / sampling.len();
+        for (piece, logits) in sampling.iter().zip(self.logits.chunks_exact(vocab.max(1))) {
+            let Some(request) = self.requests.get_mut(&piece.request) else {
+                continue;
+            };
             let Some(sampler) = request.sampler.as_mut() else {
                 return Err("the last stage has no sampler".to_owned());
             };
-            let token = sampler.sample(&self.logits).map_err(|e| e.to_string())?;
+            let token = sampler.sample(logits).map_err(|e| e.to_string())?;
             out.deliveries
                 .entry(request.origin.clone())
                 .or_default()
                 .push(TokenOut::Token {
-                    request: entry.request,
+                    request: piece.request,
                     token,
-                    position: entry.position + entry.rows,
+                    position: piece.work.position + piece.rows as u32,
                 });
         }
         Ok(())
@@ -430,7 +843,8 @@ impl Worker {
     /// Ends `request` here with `failure`, tells its origin, and frees it on later stages.
     fn fail(&mut self, request: RequestId, failure: StageFailure, out: &mut Output) {
         tracing::debug!(%request, %failure, "request failed on this stage");
-        if let Some(state) = self.requests.remove(&request) {
+        self.waiting.remove(&request);
+        if let Some(state) = self.remove(request) {
             out.deliveries
                 .entry(state.origin)
                 .or_default()
@@ -447,6 +861,12 @@ impl Worker {
             .iter()
             .filter(|(_, r)| r.link == link)
             .map(|(id, _)| *id)
+            .chain(
+                self.waiting
+                    .iter()
+                    .filter(|(_, q)| q.front().is_some_and(|w| w.link == link))
+                    .map(|(id, _)| *id),
+            )
             .collect();
         if ended.is_empty() {
             return;
@@ -454,7 +874,8 @@ impl Worker {
         tracing::debug!(requests = ended.len(), "a link closed; ending its requests");
         let mut out = Output::default();
         for request in ended {
-            self.requests.remove(&request);
+            self.waiting.remove(&request);
+            self.remove(request);
             if !self.last {
                 out.entries.push(StepEntry::end(request));
             }
@@ -468,19 +889,23 @@ impl Worker {
         }
         tracing::warn!(%failure, requests = self.requests.len(), "the next stage failed");
         let mut out = Output::default();
-        for (request, state) in self.requests.drain() {
-            out.deliveries
-                .entry(state.origin)
-                .or_default()
-                .push(TokenOut::Failed {
-                    request,
-                    failure: failure.clone(),
-                });
+        let ids: Vec<RequestId> = self.requests.keys().copied().collect();
+        for request in ids {
+            self.waiting.remove(&request);
+            if let Some(state) = self.remove(request) {
+                out.deliveries
+                    .entry(state.origin)
+                    .or_default()
+                    .push(TokenOut::Failed {
+                        request,
+                        failure: failure.clone(),
+                    });
+            }
         }
         self.deliver(out.deliveries);
     }
 
-    /// Sends what a frame produced: activations on, deliveries to origins.
+    /// Sends what a step produced: activations on, deliveries to origins.
     fn send(&mut self, out: Output) {
         let Output {
             mut entries,
@@ -497,7 +922,7 @@ impl Worker {
         let Some(downstream) = &self.downstream else {
             return;
         };
-        let hidden = self.spec.shard.hidden_size();
+        let hidden = self.hidden();
         let frame = StepFrame {
             entries,
             input: StepInput::Hidden(Activations {
@@ -522,15 +947,168 @@ impl Worker {
             if !delivered {
                 // The origin is gone: nobody waits for its requests any more.
                 self.subscribers.remove(&origin);
-                self.requests.retain(|id, r| {
-                    let keep = r.origin != origin;
-                    if !keep {
-                        abandoned.push(*id);
-                    }
-                    keep
-                });
+                let gone: Vec<RequestId> = self
+                    .requests
+                    .iter()
+                    .filter(|(_, r)| r.origin == origin)
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in gone {
+                    self.waiting.remove(&id);
+                    self.remove(id);
+                    abandoned.push(id);
+                }
             }
         }
         abandoned
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use exo_core::{LayerRange, SamplingParams};
+    use exo_model::{Checkpoint, ShardSpec};
+    use exo_shard::Weights;
+
+    use super::*;
+
+    fn worker(kv_positions: Option<u64>, step_rows: usize) -> (Worker, Arc<Inboxes>, Epoch) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf");
+        let config = exo_model::testing::tiny_config(2);
+        exo_model::testing::write_gguf(&path, &config, 3).unwrap();
+        let checkpoint = Checkpoint::open(&path).unwrap();
+        let device = exo_shard::BackendKind::Flex.device().unwrap();
+        let shard =
+            LlamaShard::load_with(&checkpoint, &ShardSpec::whole(2), &device, Weights::Stored)
+                .unwrap();
+        let epoch = Epoch::from_hash(5);
+        let spec = WorkerSpec {
+            node: NodeId::from("me"),
+            epoch,
+            index: 0,
+            stages: vec![Stage {
+                node: NodeId::from("me"),
+                endpoint: String::new(),
+                layers: LayerRange::new(0, 2),
+            }],
+            shard: Arc::new(shard),
+            active: Arc::default(),
+            step_rows,
+            kv_positions,
+            stats: Arc::default(),
+        };
+        let mut w = Worker {
+            last: true,
+            spec,
+            downstream: None,
+            requests: HashMap::new(),
+            waiting: HashMap::new(),
+            order: VecDeque::new(),
+            reserved: 0,
+            subscribers: HashMap::new(),
+            retiring: false,
+            x: Vec::new(),
+            tokens: Vec::new(),
+            sample_rows: Vec::new(),
+            logits: Vec::new(),
+        };
+        let inboxes = Arc::new(Inboxes::default());
+        w.subscribers.insert(
+            NodeId::from("me"),
+            DeliverySink::Local(Arc::clone(&inboxes)),
+        );
+        (w, inboxes, epoch)
+    }
+
+    fn start(request: u64, rows: u32, positions: u32) -> StepFrame {
+        let mut entry = StepEntry::rows(RequestId(request), 0, rows, true);
+        entry.start = Some(RequestStart {
+            origin: NodeId::from("me"),
+            sampling: SamplingParams::greedy(),
+            positions,
+        });
+        StepFrame {
+            entries: vec![entry],
+            input: StepInput::Tokens((0..rows).map(|i| 3 + i).collect()),
+        }
+    }
+
+    fn end(request: u64) -> StepFrame {
+        StepFrame {
+            entries: vec![StepEntry::end(RequestId(request))],
+            input: StepInput::Tokens(Vec::new()),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_waits_until_its_keys_and_values_fit_then_runs() {
+        // Room for 60 positions: one request reserving 50 at a time.
+        let (mut w, inboxes, epoch) = worker(Some(60), 64);
+        let mut a = inboxes.open(RequestId(1), epoch);
+        let mut b = inboxes.open(RequestId(2), epoch);
+        w.enqueue(1, start(1, 4, 50));
+        w.enqueue(1, start(2, 4, 50));
+        w.step();
+        assert!(matches!(
+            a.recv().await,
+            Some(TokenOut::Token { position: 4, .. })
+        ));
+        assert_eq!(w.requests.len(), 1, "the second request waits");
+        assert_eq!(w.spec.active.load(Ordering::Relaxed), 1);
+        assert!(
+            !w.runnable(),
+            "nothing can run until the first request ends"
+        );
+        w.enqueue(1, end(1));
+        w.step();
+        assert!(w.runnable());
+        w.step();
+        assert!(matches!(
+            b.recv().await,
+            Some(TokenOut::Token { position: 4, .. })
+        ));
+        assert_eq!(w.requests.len(), 1);
+        assert_eq!(
+            w.reserved, 50,
+            "what the first request reserved was given back"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_long_prompt_is_cut_into_budgeted_pieces_while_decode_goes_on() {
+        // 8 rows per step: a 20-token prompt takes three steps; the decoding request's
+        // token goes in every step.
+        let (mut w, inboxes, epoch) = worker(None, 8);
+        let mut a = inboxes.open(RequestId(1), epoch);
+        let mut b = inboxes.open(RequestId(2), epoch);
+        w.enqueue(1, start(1, 2, 64));
+        w.step();
+        let Some(TokenOut::Token { token, .. }) = a.recv().await else {
+            panic!("no token")
+        };
+        w.enqueue(1, start(2, 20, 64));
+        let decode = |position| StepFrame {
+            entries: vec![StepEntry::rows(RequestId(1), position, 1, true)],
+            input: StepInput::Tokens(vec![token]),
+        };
+        for (step, position) in (2..5).enumerate() {
+            w.enqueue(1, decode(position));
+            w.step();
+            assert!(
+                matches!(a.recv().await, Some(TokenOut::Token { .. })),
+                "the decoding request got its token in step {step}"
+            );
+        }
+        // The prompt's last piece sampled: its token arrives once, after all 20 rows.
+        assert!(matches!(
+            b.recv().await,
+            Some(TokenOut::Token { position: 20, .. })
+        ));
+        let stats = &w.spec.stats;
+        assert_eq!(stats.max_batch.load(Ordering::Relaxed), 2);
+        assert_eq!(stats.rows.load(Ordering::Relaxed), 2 + 3 + 20);
     }
 }
