@@ -80,8 +80,10 @@ pub(crate) struct ApiArgs {
     /// default.
     #[arg(long = "cors-origin")]
     pub(crate) cors_origins: Vec<String>,
-    /// Generations run at once; more wait in the queue.
-    #[arg(long, default_value_t = 4)]
+    /// Generations run at once; more wait in the queue. Those running are batched together on
+    /// every stage (each step reads the weights once for all of them), and a stage starts a
+    /// request only when its keys and values fit the memory it offers.
+    #[arg(long, default_value_t = 16)]
     pub(crate) max_concurrent: usize,
     /// Requests that may wait; beyond that the API answers 429.
     #[arg(long, default_value_t = 64)]

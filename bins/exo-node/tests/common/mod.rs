@@ -162,7 +162,10 @@ pub fn start_cluster_with_key(n: usize, memory_limit: &str, key: &str, extra: &[
     let want = format!("{n} stage(s)");
     for node in &nodes {
         node.wait_for(&want, Duration::from_secs(90));
-        node.wait_for("exo-node: ready: the cluster serves", Duration::from_secs(90));
+        node.wait_for(
+            "exo-node: ready: the cluster serves",
+            Duration::from_secs(90),
+        );
     }
     Cluster { nodes }
 }
