@@ -562,17 +562,8 @@ fn default_tables(
         }
     }
     if !args.iter().any(|a| a == "--no-cluster") {
-        cluster_tables(
-            exe,
-            model,
-            &prompt,
-            tokens,
-            runs,
-            quick,
-            llama.is_some(),
-            md,
-            json,
-        )?;
+        cluster_tables(exe, model, &prompt, tokens, runs, md, json)?;
+        api_tables(exe, model, runs, quick, llama.is_some(), md, json)?;
     }
     Ok(())
 }
@@ -656,6 +647,7 @@ fn bench_cluster(args: &[String]) -> Result<()> {
             .repeat(7);
     let tokens = if quick { 32 } else { 128 };
     let with_llama = !args.iter().any(|a| a == "--no-llama");
+    let no_api = args.iter().any(|a| a == "--no-api");
     let mut md = String::new();
     let mut json = Vec::new();
     for exe in &exes {
@@ -665,9 +657,10 @@ fn bench_cluster(args: &[String]) -> Result<()> {
 ",
             exe.display()
         ));
-        cluster_tables(
-            exe, &model, &prompt, tokens, runs, quick, with_llama, &mut md, &mut json,
-        )?;
+        cluster_tables(exe, &model, &prompt, tokens, runs, &mut md, &mut json)?;
+        if !no_api {
+            api_tables(exe, &model, runs, quick, with_llama, &mut md, &mut json)?;
+        }
     }
     println!("{md}");
     Ok(())
@@ -681,8 +674,6 @@ fn cluster_tables(
     prompt: &str,
     tokens: usize,
     runs: usize,
-    quick: bool,
-    with_llama: bool,
     md: &mut String,
     json: &mut Vec<String>,
 ) -> Result<()> {
@@ -781,7 +772,7 @@ fn cluster_tables(
         ));
     }
 
-    api_tables(exe, model, runs, quick, with_llama, md, json)
+    Ok(())
 }
 
 /// Concurrent streaming chats through the HTTP API: one node beside llama-server on the same

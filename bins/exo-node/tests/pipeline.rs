@@ -360,14 +360,41 @@ fn killing_a_stage_mid_answer_loses_nothing_the_answer_goes_on_elsewhere() {
     let reference_err = String::from_utf8_lossy(&reference.stderr).to_string();
     assert!(reference.status.success(), "{reference_err}");
 
-    // Three nodes, any two of which can hold the model.
-    let mut cluster = start_cluster(3, "120MiB", &[]);
-    let origin = cluster.nodes[0].grpc.clone();
+    // Three nodes, any two of which hold the model: the plan uses two, the third waits.
+    let mut nodes = common::spawn_nodes(3, "120MiB", KEY, &[]);
+    for node in &nodes {
+        node.wait_for("2 stage(s)", Duration::from_secs(90));
+        node.wait_for(
+            "exo-node: ready: the cluster serves",
+            Duration::from_secs(90),
+        );
+    }
+    let rt = runtime();
+    let holds_layers = |grpc: &str| {
+        rt.block_on(async {
+            let status = ShardClient::connect(grpc, Some(&credential()), Limits::default())
+                .await
+                .unwrap()
+                .status()
+                .await
+                .unwrap();
+            !status.layers.is_empty()
+        })
+    };
+    let origin = nodes
+        .iter()
+        .find(|n| holds_layers(&n.grpc))
+        .unwrap()
+        .grpc
+        .clone();
     let mut request = story("160", &["--node", &origin]);
     let reader = timed_reader(request.stdout.take().unwrap());
-    // Let it stream a while, then kill -9 a stage that is not the origin.
+    // Let it stream a while, then kill -9 the stage that is not the origin.
     std::thread::sleep(Duration::from_millis(1500));
-    let victim = cluster.nodes.iter_mut().find(|n| n.grpc != origin).unwrap();
+    let victim = nodes
+        .iter_mut()
+        .find(|n| n.grpc != origin && holds_layers(&n.grpc))
+        .unwrap();
     victim.proc.child.kill().unwrap();
     let killed = Instant::now();
     let deadline = killed + Duration::from_secs(60);
