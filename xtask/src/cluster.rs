@@ -190,8 +190,27 @@ pub(crate) fn status(exe: &Path, node: &Node) -> Result<serde_json::Value> {
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
-/// One streaming chat request: time to the first text (ms), completion tokens, seconds in all.
-fn stream_once(api: &str, max_tokens: usize, question: &str) -> Result<(f64, usize, f64)> {
+/// One streaming chat request as its client saw it.
+pub(crate) struct StreamRun {
+    /// Time to the first text, ms.
+    pub(crate) ttft_ms: f64,
+    /// Completion tokens (from the usage chunk, else one per text chunk).
+    pub(crate) tokens: usize,
+    /// Gaps between consecutive text chunks, ms.
+    pub(crate) gaps_ms: Vec<f64>,
+}
+
+/// The question of stream `i`: about 100 tokens once templated, different for each stream.
+pub(crate) fn question(i: usize) -> String {
+    format!(
+        "Some context first. {}Now, write a short poem about the number {i}.",
+        "The quick brown fox jumps over the lazy dog while the farmer watches from the hill. "
+            .repeat(4)
+    )
+}
+
+/// One streaming chat request to the OpenAI-compatible API at `api` (`host:port`).
+pub(crate) fn stream_once(api: &str, max_tokens: usize, question: &str) -> Result<StreamRun> {
     let body = serde_json::json!({
         "model": "SmolLM2-135M-Instruct.Q4_1",
         "messages": [{"role": "user", "content": question}],
@@ -210,8 +229,11 @@ fn stream_once(api: &str, max_tokens: usize, question: &str) -> Result<(f64, usi
         body.len()
     )?;
     let mut first = None;
-    let mut tokens = 0;
+    let mut last = None;
+    let mut gaps_ms = Vec::new();
+    let (mut usage, mut chunks) = (0usize, 0usize);
     let mut pending = String::new();
+    let mut head = String::new();
     let mut buf = [0u8; 4096];
     loop {
         let n = stream.read(&mut buf)?;
@@ -221,63 +243,141 @@ fn stream_once(api: &str, max_tokens: usize, question: &str) -> Result<(f64, usi
         pending.push_str(&String::from_utf8_lossy(&buf[..n]));
         while let Some(at) = pending.find('\n') {
             let line: String = pending.drain(..=at).collect();
+            if head.len() < 200 {
+                head.push_str(&line);
+            }
             let Some(data) = line.trim().strip_prefix("data: ") else {
                 continue;
             };
-            if data == "[DONE]" {
-                continue;
-            }
             let Ok(v) = serde_json::from_str::<serde_json::Value>(data) else {
                 continue;
             };
             let text = v["choices"][0]["delta"]["content"].as_str().unwrap_or("");
-            if !text.is_empty() && first.is_none() {
-                first = Some(started.elapsed().as_secs_f64() * 1e3);
+            if !text.is_empty() {
+                let now = started.elapsed().as_secs_f64() * 1e3;
+                first.get_or_insert(now);
+                if let Some(before) = last {
+                    gaps_ms.push(now - before);
+                }
+                last = Some(now);
+                chunks += 1;
             }
             if let Some(t) = v["usage"]["completion_tokens"].as_u64() {
-                tokens = t as usize;
+                usage = t as usize;
             }
         }
     }
+    let tokens = if usage > 0 { usage } else { chunks };
     if tokens == 0 {
-        bail!("a stream from {api} ended without usage");
+        bail!("a stream from {api} gave no tokens: {head}");
     }
-    Ok((
-        first.unwrap_or(0.0),
+    Ok(StreamRun {
+        ttft_ms: first.unwrap_or(0.0),
         tokens,
-        started.elapsed().as_secs_f64(),
-    ))
+        gaps_ms,
+    })
 }
 
-/// `streams` concurrent streaming requests: aggregate completion tokens/s and every TTFT.
+/// What `streams` concurrent streaming requests saw together.
+pub(crate) struct Streams {
+    /// Completion tokens of all, per second of the whole run.
+    pub(crate) rate: f64,
+    pub(crate) ttfts: Vec<f64>,
+    /// Every gap between two tokens of a stream, ms.
+    pub(crate) gaps: Vec<f64>,
+}
+
+/// `streams` concurrent streaming requests (stream `i` asks [`question`]`(offset + i)`).
 pub(crate) fn concurrent_streams(
     api: &str,
     streams: usize,
     max_tokens: usize,
-) -> Result<(f64, Vec<f64>)> {
+    offset: usize,
+) -> Result<Streams> {
     let started = Instant::now();
     let handles: Vec<_> = (0..streams)
         .map(|i| {
             let api = api.to_owned();
-            std::thread::spawn(move || {
-                stream_once(
-                    &api,
-                    max_tokens,
-                    &format!("Write a short poem about the number {i}."),
-                )
-            })
+            std::thread::spawn(move || stream_once(&api, max_tokens, &question(offset + i)))
         })
         .collect();
-    let mut ttfts = Vec::new();
+    let mut out = Streams {
+        rate: 0.0,
+        ttfts: Vec::new(),
+        gaps: Vec::new(),
+    };
     let mut tokens = 0;
     for h in handles {
-        let (ttft, t, _) = h
+        let run = h
             .join()
             .map_err(|_| anyhow::anyhow!("a stream thread panicked"))??;
-        ttfts.push(ttft);
-        tokens += t;
+        out.ttfts.push(run.ttft_ms);
+        out.gaps.extend(run.gaps_ms);
+        tokens += run.tokens;
     }
-    Ok((tokens as f64 / started.elapsed().as_secs_f64(), ttfts))
+    out.rate = tokens as f64 / started.elapsed().as_secs_f64();
+    Ok(out)
+}
+
+/// A running `llama-server` (llama.cpp's OpenAI-compatible server, continuous batching).
+pub(crate) struct LlamaServer {
+    child: Child,
+    pub(crate) api: String,
+}
+
+impl Drop for LlamaServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl LlamaServer {
+    /// Starts `bin` on `model` with `threads` threads and `parallel` slots of `context`
+    /// positions each, and waits until it answers `/health`.
+    pub(crate) fn start(
+        bin: &Path,
+        model: &Path,
+        threads: usize,
+        parallel: usize,
+        context: usize,
+    ) -> Result<LlamaServer> {
+        let port = free_port()?;
+        let child = Command::new(bin)
+            .args(["-m", &model.display().to_string()])
+            .args(["-t", &threads.to_string(), "-tb", &threads.to_string()])
+            .args(["-np", &parallel.to_string(), "-cb"])
+            .args(["-c", &(parallel * context).to_string()])
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let server = LlamaServer {
+            child,
+            api: format!("127.0.0.1:{port}"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < deadline {
+            if health(&server.api).unwrap_or(false) {
+                return Ok(server);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        bail!("llama-server did not answer /health within 120 s")
+    }
+}
+
+fn health(api: &str) -> Result<bool> {
+    let mut s = std::net::TcpStream::connect(api)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET /health HTTP/1.1\r\nHost: {api}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply)?;
+    Ok(reply.starts_with("HTTP/1.1 200"))
 }
 
 /// The `p`-th percentile (0..=100) of `v`, nearest rank.

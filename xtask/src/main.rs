@@ -12,7 +12,7 @@ mod cluster;
 mod formats;
 mod modules;
 
-const USAGE: &str = "usage: cargo xtask <ci | bench [--quick] [--runs N] [--llama-bench PATH | --no-llama] [--no-cluster] [--no-formats | --formats-only] [--formats Q4_K_M,Q8_0,...] [--shapes default,1b] | bench-cluster [--exe PATH]... [--runs N] [--quick] | synth-model [--formats ...] [--shapes ...] | bandwidth | modules>";
+const USAGE: &str = "usage: cargo xtask <ci | bench [--quick] [--runs N] [--llama-bench PATH | --no-llama] [--no-cluster] [--no-formats | --formats-only] [--formats Q4_K_M,Q8_0,...] [--shapes default,1b] | bench-cluster [--exe PATH]... [--runs N] [--quick] [--no-llama] [--no-api] | synth-model [--formats ...] [--shapes ...] | bandwidth | modules>";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -254,7 +254,14 @@ impl Drop for BusyNeighbour {
 
 /// llama.cpp's `llama-bench`, built once into the cache (see [`build_llama_tools`]).
 fn build_llama_bench() -> Result<PathBuf> {
-    Ok(build_llama_tools()?.0)
+    Ok(build_llama_tools(false)?.0)
+}
+
+/// llama.cpp's `llama-server` (continuous batching), built once from the same source and
+/// flags as `llama-bench`.
+fn build_llama_server() -> Result<PathBuf> {
+    build_llama_tools(false)?;
+    Ok(build_llama_tools(true)?.2)
 }
 
 /// Builds llama.cpp's `llama-bench` and `llama-quantize` once into the cache, from the PyPI
@@ -262,14 +269,19 @@ fn build_llama_bench() -> Result<PathBuf> {
 /// chosen for this CPU: `GGML_NATIVE=ON` dies with an illegal instruction on CPUs that
 /// advertise AMX without allowing it, and the AVX-512 options only where the CPU has AVX-512
 /// (one build directory per choice, so a cache moved between machines stays right).
-fn build_llama_tools() -> Result<(PathBuf, PathBuf)> {
+fn build_llama_tools(server: bool) -> Result<(PathBuf, PathBuf, PathBuf)> {
     let dir = cache_dir().join("llama-bench");
     let avx512 = has_avx512();
     let build = if avx512 { "build" } else { "build-avx2" };
     let bin = dir.join(build).join("bin");
     let (bench, quantize) = (bin.join("llama-bench"), bin.join("llama-quantize"));
-    if bench.exists() && quantize.exists() {
-        return Ok((bench, quantize));
+    let built = if server {
+        bin.join("llama-server").exists()
+    } else {
+        bench.exists() && quantize.exists()
+    };
+    if built {
+        return Ok((bench, quantize, bin.join("llama-server")));
     }
     std::fs::create_dir_all(&dir)?;
     let sh = |script: &str| -> Result<()> {
@@ -297,13 +309,19 @@ fn build_llama_tools() -> Result<(PathBuf, PathBuf)> {
             -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512={on} \
             -DGGML_AVX512_VNNI={on} -DGGML_AVX512_VBMI={on} -DGGML_AVX512_BF16={on} \
             -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DLLAMA_CURL=OFF \
-            -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >/dev/null",
+            -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+            -DLLAMA_BUILD_SERVER=ON >/dev/null",
         on = if avx512 { "ON" } else { "OFF" }
     ))?;
     sh(&format!(
-        "cmake --build {build} --target llama-bench llama-quantize -j 2 >/dev/null"
+        "cmake --build {build} --target {targets} -j 2 >/dev/null",
+        targets = if server {
+            "llama-server"
+        } else {
+            "llama-bench llama-quantize"
+        }
     ))?;
-    Ok((bench, quantize))
+    Ok((bench, quantize, bin.join("llama-server")))
 }
 
 /// Single-node figures of `exo-node generate` on the default model and, when llama.cpp's
@@ -354,7 +372,7 @@ fn bench(args: &[String]) -> Result<()> {
     }
     if !args.iter().any(|a| a == "--no-formats") {
         let (shapes, list) = matrix_choice(args)?;
-        let quantize = build_llama_tools()?.1;
+        let quantize = build_llama_tools(false)?.1;
         formats::synth_models(&quantize, &model, &shapes, &list)?;
         formats::matrix(
             &exe,
@@ -544,7 +562,8 @@ fn default_tables(
         }
     }
     if !args.iter().any(|a| a == "--no-cluster") {
-        cluster_tables(exe, model, &prompt, tokens, runs, quick, md, json)?;
+        cluster_tables(exe, model, &prompt, tokens, runs, md, json)?;
+        api_tables(exe, model, runs, quick, llama.is_some(), md, json)?;
     }
     Ok(())
 }
@@ -591,7 +610,7 @@ fn synth_model(args: &[String]) -> Result<()> {
     let model = Command::new(&exe).args(["models", "fetch"]).output()?;
     let model = PathBuf::from(String::from_utf8_lossy(&model.stdout).trim());
     let (shapes, list) = matrix_choice(args)?;
-    let quantize = build_llama_tools()?.1;
+    let quantize = build_llama_tools(false)?.1;
     formats::synth_models(&quantize, &model, &shapes, &list)?;
     for shape in shapes {
         for format in &list {
@@ -627,6 +646,8 @@ fn bench_cluster(args: &[String]) -> Result<()> {
         "The quick brown fox jumps over the lazy dog while the farmer watches from the hill. "
             .repeat(7);
     let tokens = if quick { 32 } else { 128 };
+    let with_llama = !args.iter().any(|a| a == "--no-llama");
+    let no_api = args.iter().any(|a| a == "--no-api");
     let mut md = String::new();
     let mut json = Vec::new();
     for exe in &exes {
@@ -636,9 +657,10 @@ fn bench_cluster(args: &[String]) -> Result<()> {
 ",
             exe.display()
         ));
-        cluster_tables(
-            exe, &model, &prompt, tokens, runs, quick, &mut md, &mut json,
-        )?;
+        cluster_tables(exe, &model, &prompt, tokens, runs, &mut md, &mut json)?;
+        if !no_api {
+            api_tables(exe, &model, runs, quick, with_llama, &mut md, &mut json)?;
+        }
     }
     println!("{md}");
     Ok(())
@@ -652,7 +674,6 @@ fn cluster_tables(
     prompt: &str,
     tokens: usize,
     runs: usize,
-    quick: bool,
     md: &mut String,
     json: &mut Vec<String>,
 ) -> Result<()> {
@@ -751,6 +772,42 @@ fn cluster_tables(
         ));
     }
 
+    Ok(())
+}
+
+/// Concurrent streaming chats through the HTTP API: one node beside llama-server on the same
+/// GGUF and threads at 1, 4, 8 and 16 streams; the cluster layouts at 1 and 8 streams; and the
+/// node's resident memory across many requests.
+fn api_tables(
+    exe: &Path,
+    model: &Path,
+    runs: usize,
+    quick: bool,
+    with_llama: bool,
+    md: &mut String,
+    json: &mut Vec<String>,
+) -> Result<()> {
+    use cluster::Layout;
+    let max_tokens = if quick { 32 } else { 64 };
+    let llama_server = if with_llama {
+        match build_llama_server() {
+            Ok(p) => Some(p),
+            Err(e) => {
+                eprintln!("llama-server unavailable, comparing nothing: {e:#}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    md.push_str(&format!(
+        "\nThrough the HTTP API, streaming chats of about 100 prompt tokens and up to {max_tokens} \
+         generated tokens each (greedy), one process with 2 threads: `exo-node serve \
+         --max-concurrent 16` beside `llama-server -np 8 -cb` on the same GGUF. \
+         ITL: the gap between two tokens of one stream.\n\n\
+         | engine | streams | aggregate tokens/s | x its 1 stream | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | ITL p95 ms |\n\
+         |---|---|---|---|---|---|---|---|\n"
+    ));
     let single = Layout {
         name: "API",
         nodes: 1,
@@ -759,34 +816,153 @@ fn cluster_tables(
         pin: false,
         wire: "f16",
     };
-    let nodes = cluster::start(exe, model, &single, &["--max-concurrent", "8"])?;
-    let max_tokens = if quick { 32 } else { 64 };
-    md.push_str(&format!(
-        "\nThrough the HTTP API of one node (2 threads), streaming chat, {max_tokens} tokens each:\n\n\
-         | concurrent streams | aggregate tokens/s | TTFT p50 ms | TTFT p95 ms |\n|---|---|---|---|\n"
-    ));
-    for streams in [1usize, 8] {
-        let mut rates = Vec::new();
-        let mut ttfts = Vec::new();
-        // At least 8 streams measured per row, so the percentiles mean something.
-        let rounds = runs.max(if streams == 1 { 8 } else { 1 });
-        for _ in 0..rounds {
-            let (rate, t) = cluster::concurrent_streams(&nodes[0].api, streams, max_tokens)?;
-            rates.push(rate);
-            ttfts.extend(t);
-        }
-        let (p50, p95) = (
-            cluster::percentile(&ttfts, 50.0),
-            cluster::percentile(&ttfts, 95.0),
-        );
-        md.push_str(&format!(
-            "| {streams} | {} | {p50:.0} | {p95:.0} |\n",
-            fmt_spread(median(rates.clone()))
-        ));
-        json.push(format!(
-            "{{\"api_streams\":{streams},\"aggregate_tokens_per_s\":{:.2},\"ttft_p50_ms\":{p50:.1},\"ttft_p95_ms\":{p95:.1}}}",
-            median(rates).0
-        ));
+    let stream_counts: &[usize] = if quick { &[1, 8] } else { &[1, 4, 8, 16] };
+    let mut engines: Vec<&str> = vec!["exo-node"];
+    if llama_server.is_some() {
+        engines.push("llama-server");
     }
+    for engine in engines {
+        // One engine alive at a time: they would share the two cores otherwise.
+        let mut _nodes = Vec::new();
+        let mut _server = None;
+        let api = if engine == "exo-node" {
+            _nodes = cluster::start(exe, model, &single, &["--max-concurrent", "16"])?;
+            _nodes[0].api.clone()
+        } else {
+            let bin = llama_server.as_deref().context("no llama-server")?;
+            let server = cluster::LlamaServer::start(bin, model, 2, 8, 1024)?;
+            let api = server.api.clone();
+            _server = Some(server);
+            api
+        };
+        // A warm-up request, so that no row pays for first-touch page faults.
+        cluster::concurrent_streams(&api, 1, 8, 1000)?;
+        let mut one = 0.0;
+        for &streams in stream_counts {
+            let mut rates = Vec::new();
+            let (mut ttfts, mut gaps) = (Vec::new(), Vec::new());
+            // At least 8 streams measured per row, so the percentiles mean something.
+            let rounds = runs.max(8usize.div_ceil(streams));
+            for round in 0..rounds {
+                let r = cluster::concurrent_streams(&api, streams, max_tokens, round * streams)?;
+                rates.push(r.rate);
+                ttfts.extend(r.ttfts);
+                gaps.extend(r.gaps);
+            }
+            let rate = median(rates.clone());
+            if streams == 1 {
+                one = rate.0;
+            }
+            let p = cluster::percentile;
+            md.push_str(&format!(
+                "| {engine} | {streams} | {} | {:.2}x | {:.0} | {:.0} | {:.1} | {:.1} |\n",
+                fmt_spread(rate),
+                rate.0 / one.max(1e-9),
+                p(&ttfts, 50.0),
+                p(&ttfts, 95.0),
+                p(&gaps, 50.0),
+                p(&gaps, 95.0),
+            ));
+            json.push(format!(
+                "{{\"api_engine\":\"{engine}\",\"api_streams\":{streams},\"aggregate_tokens_per_s\":{:.2},\"ttft_p50_ms\":{:.1},\"ttft_p95_ms\":{:.1},\"itl_p50_ms\":{:.1},\"itl_p95_ms\":{:.1}}}",
+                rate.0,
+                p(&ttfts, 50.0),
+                p(&ttfts, 95.0),
+                p(&gaps, 50.0),
+                p(&gaps, 95.0),
+            ));
+        }
+    }
+
+    md.push_str(&format!(
+        "\nThe cluster layouts through the API of the first node (same chats, {max_tokens} tokens, \
+         `--max-concurrent 16`):\n\n\
+         | layout | streams | aggregate tokens/s | TTFT p95 ms | ITL p95 ms |\n|---|---|---|---|---|\n"
+    ));
+    let layouts = [
+        Layout {
+            name: "1 node, 1 core",
+            nodes: 1,
+            memory_limit: None,
+            threads: 1,
+            pin: true,
+            wire: "f16",
+        },
+        Layout {
+            name: "2 nodes, 1 core each",
+            nodes: 2,
+            memory_limit: Some("120MiB"),
+            threads: 1,
+            pin: true,
+            wire: "f16",
+        },
+        Layout {
+            name: "3 nodes on 2 cores",
+            nodes: 3,
+            memory_limit: Some("80MiB"),
+            threads: 1,
+            pin: true,
+            wire: "f16",
+        },
+    ];
+    for layout in &layouts {
+        let nodes = cluster::start(exe, model, layout, &["--max-concurrent", "16"])?;
+        let api = nodes[0].api.clone();
+        cluster::concurrent_streams(&api, 1, 8, 1000)?;
+        for streams in [1usize, 8] {
+            let mut rates = Vec::new();
+            let (mut ttfts, mut gaps) = (Vec::new(), Vec::new());
+            let rounds = runs
+                .max(8usize.div_ceil(streams))
+                .min(if quick { 2 } else { 8 });
+            for round in 0..rounds {
+                let r = cluster::concurrent_streams(&api, streams, max_tokens, round * streams)?;
+                rates.push(r.rate);
+                ttfts.extend(r.ttfts);
+                gaps.extend(r.gaps);
+            }
+            let rate = median(rates);
+            md.push_str(&format!(
+                "| {} | {streams} | {} | {:.0} | {:.1} |\n",
+                layout.name,
+                fmt_spread(rate),
+                cluster::percentile(&ttfts, 95.0),
+                cluster::percentile(&gaps, 95.0),
+            ));
+            json.push(format!(
+                "{{\"api_layout\":\"{}\",\"api_streams\":{streams},\"aggregate_tokens_per_s\":{:.2}}}",
+                layout.name, rate.0
+            ));
+        }
+    }
+
+    // Resident memory of one node across many requests: flat once the first ones have sized its
+    // buffers (each request's keys and values are freed when it ends).
+    let total = if quick { 80 } else { 504 };
+    let nodes = cluster::start(exe, model, &single, &["--max-concurrent", "16"])?;
+    let api = nodes[0].api.clone();
+    let mut rss = Vec::new();
+    let mut done = 0;
+    while done < total {
+        cluster::concurrent_streams(&api, 8, 16, done)?;
+        done += 8;
+        if done == 8 || done == 104 || done >= total {
+            rss.push((done, nodes[0].rss_mib()));
+        }
+    }
+    md.push_str(&format!(
+        "\nResident memory of one node across {total} chats (8 at a time, 16 tokens each): {}\n",
+        rss.iter()
+            .map(|(n, m)| format!("{m:.0} MiB after {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    json.push(format!(
+        "{{\"rss_mib_after_requests\":[{}]}}",
+        rss.iter()
+            .map(|(n, m)| format!("[{n},{m:.1}]"))
+            .collect::<Vec<_>>()
+            .join(",")
+    ));
     Ok(())
 }

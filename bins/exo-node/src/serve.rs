@@ -60,6 +60,15 @@ pub(crate) struct ServeArgs {
     /// Tokens generated when a request does not say.
     #[arg(long, default_value_t = 256)]
     pub(crate) default_max_tokens: usize,
+    /// Seconds without a token (at least; 20 times the measured time between tokens when that
+    /// is longer) before a request counts a stage as stopped and goes on without it.
+    #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
+    pub(crate) stall_timeout: f64,
+    /// Seconds a request whose stage was lost waits for a plan without that stage; it then
+    /// replays its tokens there and its stream goes on. Past that, the stream ends with an
+    /// error saying why.
+    #[arg(long, default_value_t = 20.0, value_name = "SECONDS")]
+    pub(crate) resume_within: f64,
     #[command(flatten)]
     pub(crate) api: ApiArgs,
 }
@@ -80,8 +89,10 @@ pub(crate) struct ApiArgs {
     /// default.
     #[arg(long = "cors-origin")]
     pub(crate) cors_origins: Vec<String>,
-    /// Generations run at once; more wait in the queue.
-    #[arg(long, default_value_t = 4)]
+    /// Generations run at once; more wait in the queue. Those running are batched together on
+    /// every stage (each step reads the weights once for all of them), and a stage starts a
+    /// request only when its keys and values fit the memory it offers.
+    #[arg(long, default_value_t = 16)]
     pub(crate) max_concurrent: usize,
     /// Requests that may wait; beyond that the API answers 429.
     #[arg(long, default_value_t = 64)]
@@ -129,6 +140,14 @@ pub(crate) fn parse_bytes(text: &str) -> Result<u64, String> {
     Ok((number * scale) as u64)
 }
 
+/// A duration from a flag's seconds.
+fn seconds(value: f64, flag: &str) -> Result<std::time::Duration> {
+    std::time::Duration::try_from_secs_f64(value)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .with_context(|| format!("{flag} {value}: give a positive number of seconds"))
+}
+
 pub(crate) fn run(args: ServeArgs) -> Result<()> {
     // Flags first (a short passphrase is refused at once), then the model (maybe a download).
     let mut topology = TopologyConfig::new(exo_model::exo_home());
@@ -158,6 +177,8 @@ pub(crate) fn run(args: ServeArgs) -> Result<()> {
     config.wire = wire;
     config.plan_context = args.plan_context;
     config.default_max_tokens = args.default_max_tokens;
+    config.stall_timeout = seconds(args.stall_timeout, "--stall-timeout")?;
+    config.resume_within = seconds(args.resume_within, "--resume-within")?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -27,7 +27,7 @@ impl Default for ApiConfig {
             api_key: None,
             cors_origins: Vec::new(),
             max_body_bytes: 4 << 20,
-            max_concurrent: 4,
+            max_concurrent: 16,
             max_queued: 64,
             default_max_tokens: None,
         }

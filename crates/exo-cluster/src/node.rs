@@ -20,6 +20,7 @@ use tokio::sync::watch;
 
 use crate::clients::ClientPool;
 use crate::error::{Error, Result};
+use crate::origin::request::ResumePolicy;
 use crate::origin::{OriginModel, Origins, model_id};
 use crate::plan::{ActivePlan, PlanState, model_profile, plan_cluster};
 use crate::service::Service;
@@ -58,6 +59,13 @@ pub struct ClusterConfig {
     pub limits: Limits,
     /// How the planner places layers (every node of a cluster must use the same).
     pub strategy: Strategy,
+    /// The least time a request waits for its next token before it counts its route as
+    /// stalled and finds the stage that does not answer (the bound grows with the measured
+    /// time between tokens: 20 times it).
+    pub stall_timeout: Duration,
+    /// How long a request whose stage was lost waits for a plan without it, to replay its
+    /// tokens there and go on; past that its stream ends with an error naming why.
+    pub resume_within: Duration,
 }
 
 impl ClusterConfig {
@@ -77,6 +85,8 @@ impl ClusterConfig {
             settle: Duration::from_millis(500),
             limits: Limits::default(),
             strategy: Strategy::CostOptimal,
+            stall_timeout: Duration::from_secs(10),
+            resume_within: Duration::from_secs(20),
         }
     }
 }
@@ -186,6 +196,11 @@ impl Node {
             links,
             tasks.clone(),
             plan.clone(),
+            ResumePolicy {
+                stall_floor: config.stall_timeout,
+                within: config.resume_within,
+                ..ResumePolicy::default()
+            },
         ));
 
         let service = Arc::new(Service {
@@ -305,6 +320,14 @@ impl Node {
     /// The connections to other nodes' shard services.
     pub(crate) fn clients(&self) -> &ClientPool {
         &self.origins.links.clients
+    }
+
+    /// Requests that came in at this node and were moved onto another plan (replayed there)
+    /// after one of their stages was lost or stopped answering.
+    pub fn resumed_requests(&self) -> u64 {
+        self.origins
+            .resumed
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// What this node's stage workers have computed (steps, rows, batch sizes, busy time).

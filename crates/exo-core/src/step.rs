@@ -51,6 +51,9 @@ pub struct RequestStart {
     /// Positions the request may reach (prompt plus tokens asked for), so stages can make
     /// room for its keys and values once.
     pub positions: u32,
+    /// Random draws the sampler has already made for this request: a request resumed on
+    /// another plan replays its tokens, and its sampler goes on where it stopped.
+    pub sampled: u32,
 }
 
 /// One request's part of a frame.

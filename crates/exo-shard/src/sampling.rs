@@ -24,6 +24,17 @@ impl Sampler {
         Ok(Sampler { params, rng })
     }
 
+    /// Makes the random draws of `tokens` samples without sampling: a request replayed on
+    /// another plan continues as if it had never stopped (each sample draws once, greedy
+    /// sampling never).
+    pub fn skip(&mut self, tokens: u32) {
+        if self.params.temperature != 0.0 {
+            for _ in 0..tokens {
+                let _: f32 = self.rng.random();
+            }
+        }
+    }
+
     /// Picks a token id from one position's logits.
     pub fn sample(&mut self, logits: &[f32]) -> Result<u32> {
         if logits.is_empty() {
@@ -126,6 +137,13 @@ mod tests {
         let a = run()?;
         assert_eq!(a, run()?);
         assert!(a.iter().collect::<std::collections::HashSet<_>>().len() > 1);
+        // A sampler that skips the draws of the first 12 samples goes on like the first.
+        let mut resumed = Sampler::new(params)?;
+        resumed.skip(12);
+        let rest: Vec<u32> = (12..30)
+            .map(|_| resumed.sample(&logits))
+            .collect::<Result<_>>()?;
+        assert_eq!(rest, a[12..]);
         Ok(())
     }
 

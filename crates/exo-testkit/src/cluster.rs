@@ -90,6 +90,10 @@ pub struct Options {
     /// How the planner places layers (memory-weighted by default, so the memory each node
     /// offers decides the split).
     pub strategy: Strategy,
+    /// How long a request whose stage was lost waits for a plan without it.
+    pub resume_within: Duration,
+    /// The least time without a token before a request counts its route as stalled.
+    pub stall_timeout: Duration,
 }
 
 impl Default for Options {
@@ -100,6 +104,8 @@ impl Default for Options {
             prefill_chunk: 512,
             step_rows: 64,
             strategy: Strategy::MemoryWeighted,
+            resume_within: Duration::from_secs(20),
+            stall_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -173,6 +179,8 @@ impl TestCluster {
         config.plan_context = 64;
         config.settle = Duration::from_millis(200);
         config.strategy = self.options.strategy;
+        config.resume_within = self.options.resume_within;
+        config.stall_timeout = self.options.stall_timeout;
         let node = Node::start(config)
             .await
             .unwrap_or_else(|e| panic!("starting a test node: {e}"));

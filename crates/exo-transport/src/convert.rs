@@ -233,6 +233,7 @@ pub(crate) fn frame_to_pb(frame: &StepFrame, wire: WireDtype) -> pb::Frame {
                 origin: s.origin.as_str().to_owned(),
                 sampling: Some(sampling_to_pb(&s.sampling)),
                 positions: s.positions,
+                sampled: s.sampled,
             }),
             end: e.end,
         })
@@ -303,6 +304,7 @@ pub(crate) fn frame_from_pb(frame: &pb::Frame, limits: &Limits) -> Result<StepFr
                         Error::invalid("a request's start must carry its sampling")
                     })?)?,
                     positions: s.positions,
+                    sampled: s.sampled,
                 }),
             };
             Ok(StepEntry {
@@ -860,6 +862,7 @@ mod tests {
             origin: NodeId::from("origin"),
             sampling: SamplingParams::greedy(),
             positions: 40,
+            sampled: 3,
         }
     }
 

@@ -76,6 +76,7 @@ pub async fn send_raw_frame(
                         &exo_core::SamplingParams::greedy(),
                     )),
                     positions: rows,
+                    sampled: 0,
                 }),
                 end: true,
             }],

@@ -202,6 +202,7 @@ fn started(request: u64, position: u32, rows: u32) -> StepEntry {
         origin: NodeId::from("origin-a"),
         sampling: SamplingParams::greedy(),
         positions: 64,
+        sampled: 0,
     });
     e
 }

@@ -15,7 +15,7 @@ use exo_model::{ChatTemplate, Tokenizer};
 use tokio::sync::{mpsc, watch};
 
 use crate::inbox::Inboxes;
-use crate::origin::request::{Journal, RequestTask};
+use crate::origin::request::{Journal, RequestTask, ResumePolicy};
 use crate::origin::route::{Route, RouteDeps};
 use crate::plan::{ActivePlan, PlanState};
 use crate::stage::Stages;
@@ -97,6 +97,10 @@ pub(crate) struct Origins {
     pub(crate) links: LinkSettings,
     pub(crate) tasks: Tasks,
     pub(crate) plan: watch::Receiver<PlanState>,
+    /// When requests give up on a stage and how long they wait to resume.
+    pub(crate) policy: ResumePolicy,
+    /// Requests moved onto another plan after a stage failed.
+    pub(crate) resumed: std::sync::atomic::AtomicU64,
     /// One route per plan epoch; building one is serialised.
     routes: tokio::sync::Mutex<HashMap<Epoch, Arc<Route>>>,
 }
@@ -109,6 +113,7 @@ impl Origins {
         links: LinkSettings,
         tasks: Tasks,
         plan: watch::Receiver<PlanState>,
+        policy: ResumePolicy,
     ) -> Self {
         Origins {
             node,
@@ -118,6 +123,8 @@ impl Origins {
             links,
             tasks,
             plan,
+            policy,
+            resumed: std::sync::atomic::AtomicU64::new(0),
             routes: tokio::sync::Mutex::new(HashMap::new()),
         }
     }
@@ -159,7 +166,7 @@ impl Origins {
     /// Admits `request` and starts it; the receiver streams its text and its end. Dropping
     /// the receiver cancels it on every stage.
     pub(crate) async fn start(
-        &self,
+        self: &Arc<Self>,
         request: GenerationRequest,
     ) -> Result<mpsc::Receiver<Result<exo_core::GenerationEvent, GenerationError>>, GenerationError>
     {
@@ -184,6 +191,7 @@ impl Origins {
         let task = RequestTask {
             id,
             origin: self.node.clone(),
+            origins: Arc::clone(self),
             model: Arc::clone(&self.model),
             inbox: self.inboxes.open(id, route.epoch()),
             route,
@@ -197,6 +205,8 @@ impl Origins {
             ignore_eos: request.ignore_eos,
             events,
             started,
+            policy: self.policy,
+            gap_s: None,
         };
         self.tasks.spawn(task.run());
         Ok(rx)

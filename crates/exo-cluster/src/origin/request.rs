@@ -1,36 +1,43 @@
 //! One request at its origin, as a state machine: routed to a plan, prefilling the prompt in
 //! chunks, decoding a token at a time, then finished, cancelled or failed. It owns the
-//! request's journal (prompt ids, generated ids, positions): what a replay on another plan
-//! would need.
+//! request's journal (prompt ids, generated ids, positions), and when a stage is lost or stops
+//! answering it resumes: it waits for a plan without that stage and replays the journal there
+//! (prompt and generated tokens in one prefill, the sampler's draws skipped), so the caller's
+//! stream goes on after a pause, with no text lost or repeated.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use exo_core::{
-    FinishReason, Finished, GenerationError, GenerationEvent, NodeId, RequestId, RequestStart,
-    SamplingParams, StepEntry, StepFrame, StepInput, TokenOut,
+    FailureKind, FinishReason, Finished, GenerationError, GenerationEvent, NodeId, RequestId,
+    RequestStart, SamplingParams, StageFailure, StepEntry, StepFrame, StepInput, TokenOut,
 };
 use exo_model::Detokenizer;
 use tokio::sync::mpsc;
 
 use crate::inbox::Inbox;
-use crate::origin::OriginModel;
 use crate::origin::route::Route;
+use crate::origin::{OriginModel, Origins};
+use crate::plan::PlanState;
 
 /// Where a request stands.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) enum State {
     /// Routed to a plan; nothing sent yet.
     Routed,
-    /// Sending the prompt; `sent` of its tokens are on their way.
+    /// Sending the prompt (and, when resumed, the tokens generated so far); `sent` of them are
+    /// on their way.
     Prefilling { sent: usize },
     /// Generating, one token per step.
     Decoding,
+    /// A stage was lost or stopped answering: waiting for a plan without it, to replay the
+    /// journal there.
+    Resuming(StageFailure),
     /// Done, for this reason.
     Finished(FinishReason),
     /// The caller went away.
     Cancelled,
-    /// A stage or the route failed.
+    /// A stage or the route failed, and the request could not go on.
     Failed(GenerationError),
 }
 
@@ -57,6 +64,47 @@ impl Journal {
     fn positions(&self) -> u32 {
         (self.prompt.len() + self.generated.len()) as u32
     }
+
+    /// What a (re)start sends: the prompt, then every token generated so far.
+    fn replay(&self) -> Vec<u32> {
+        let mut ids = Vec::with_capacity(self.prompt.len() + self.generated.len());
+        ids.extend_from_slice(&self.prompt);
+        ids.extend_from_slice(&self.generated);
+        ids
+    }
+}
+
+/// When a request gives up on a stage, and how long it waits for a plan without it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ResumePolicy {
+    /// The least time without a token before the route is declared stalled. The bound grows
+    /// with the measured time between tokens (20 times it) and, before the first token, with
+    /// the rows being prefilled (one more floor per 1024 rows).
+    pub(crate) stall_floor: Duration,
+    /// How long a request waits for a plan without the failed stage before it ends with an
+    /// error naming why.
+    pub(crate) within: Duration,
+    /// The most times one request resumes.
+    pub(crate) max_resumes: u32,
+}
+
+impl Default for ResumePolicy {
+    fn default() -> Self {
+        ResumePolicy {
+            stall_floor: Duration::from_secs(10),
+            within: Duration::from_secs(20),
+            max_resumes: 8,
+        }
+    }
+}
+
+/// Failures a replay on another plan can get past: the node is gone, silent or holds another
+/// plan. A step that failed on a node (a computation error) would fail again.
+fn resumable(kind: FailureKind) -> bool {
+    matches!(
+        kind,
+        FailureKind::Lost | FailureKind::Unresponsive | FailureKind::Refused
+    )
 }
 
 /// Everything one request needs to run.
@@ -64,6 +112,7 @@ impl Journal {
 pub(crate) struct RequestTask {
     pub(crate) id: RequestId,
     pub(crate) origin: NodeId,
+    pub(crate) origins: Arc<Origins>,
     pub(crate) model: Arc<OriginModel>,
     pub(crate) route: Arc<Route>,
     pub(crate) inbox: Inbox,
@@ -74,13 +123,14 @@ pub(crate) struct RequestTask {
     pub(crate) ignore_eos: bool,
     pub(crate) events: mpsc::Sender<Result<GenerationEvent, GenerationError>>,
     pub(crate) started: Instant,
+    pub(crate) policy: ResumePolicy,
+    /// Mean time between two tokens, seconds (exponentially weighted), once measured.
+    pub(crate) gap_s: Option<f64>,
 }
 
 impl RequestTask {
     /// Runs the request to its end and tells the caller how it ended.
     pub(crate) async fn run(mut self) {
-        let _running = self.route.enter();
-        let mut state = State::Routed;
         let mut first_token_at = None;
         let model = Arc::clone(&self.model);
         let mut text = Detokenizer::new(
@@ -90,12 +140,37 @@ impl RequestTask {
             self.ignore_eos,
             self.max_tokens,
         );
-        state = self.prefill(state).await;
-        if state == State::Decoding {
-            state = self.decode(&mut text, &mut first_token_at).await;
-        }
-        // However it ended, the stages free the request's state.
-        self.send(vec![StepEntry::end(self.id)], Vec::new()).await;
+        let mut resumes = 0;
+        let state = loop {
+            let running = self.route.enter();
+            let mut state = self.prefill(State::Routed).await;
+            if state == State::Decoding {
+                state = self.decode(&mut text, &mut first_token_at).await;
+            }
+            // However it ended, the stages free the request's state (those that can still
+            // hear it; the others drop it with the link that brought it).
+            self.send(vec![StepEntry::end(self.id)], Vec::new()).await;
+            drop(running);
+            let failure = match state {
+                State::Failed(GenerationError::StageFailed(f))
+                    if resumable(f.kind)
+                        && resumes < self.policy.max_resumes
+                        && !self.events.is_closed() =>
+                {
+                    f
+                }
+                other => break other,
+            };
+            resumes += 1;
+            tracing::warn!(
+                request = %self.id, %failure, generated = self.journal.generated.len(),
+                "resuming the request on a plan without the failed stage"
+            );
+            match self.resume(State::Resuming(failure)).await {
+                State::Routed => {}
+                other => break other,
+            }
+        };
         let first = first_token_at.unwrap_or_else(Instant::now);
         match state {
             State::Finished(reason) => {
@@ -135,25 +210,36 @@ impl RequestTask {
         self.route.first().send(frame).await
     }
 
+    fn failure_at(&self, index: usize, kind: FailureKind, reason: String) -> StageFailure {
+        let stage = &self.route.plan.stages[index];
+        StageFailure {
+            node: stage.node.clone(),
+            stage: index as u32,
+            layers: stage.layers,
+            epoch: self.route.epoch(),
+            kind,
+            reason,
+        }
+    }
+
     fn link_lost(&self) -> State {
-        let failure = self
-            .route
-            .broken()
-            .unwrap_or_else(|| exo_core::StageFailure {
-                node: self.route.plan.stages[0].node.clone(),
-                stage: 0,
-                layers: self.route.plan.stages[0].layers,
-                epoch: self.route.epoch(),
-                kind: exo_core::FailureKind::Lost,
-                reason: "the link to the first stage is closed".to_owned(),
-            });
+        let failure = self.route.broken().unwrap_or_else(|| {
+            self.failure_at(
+                0,
+                FailureKind::Lost,
+                "the link to the first stage is closed".to_owned(),
+            )
+        });
         State::Failed(GenerationError::StageFailed(failure))
     }
 
-    /// Sends the prompt in chunks (no frame outgrows the limits); the last one samples.
+    /// Sends the journal (the prompt, and the tokens generated before a resume) in chunks (no
+    /// frame outgrows the limits); the last one samples.
     async fn prefill(&mut self, mut state: State) -> State {
+        debug_assert_eq!(state, State::Routed);
         let chunk = self.model.prefill_chunk.max(1);
-        let total = self.journal.prompt.len();
+        let ids = self.journal.replay();
+        let total = ids.len();
         let mut sent = 0;
         while sent < total {
             if self.events.is_closed() {
@@ -166,11 +252,14 @@ impl RequestTask {
                 entry.start = Some(RequestStart {
                     origin: self.origin.clone(),
                     sampling: self.sampling,
-                    positions: (total + self.max_tokens) as u32,
+                    positions: (self.journal.prompt.len() + self.max_tokens) as u32,
+                    sampled: self.journal.generated.len() as u32,
                 });
             }
-            let ids = self.journal.prompt[sent..sent + rows].to_vec();
-            if !self.send(vec![entry], ids).await {
+            if !self
+                .send(vec![entry], ids[sent..sent + rows].to_vec())
+                .await
+            {
                 return self.link_lost();
             }
             sent += rows;
@@ -180,16 +269,42 @@ impl RequestTask {
         State::Decoding
     }
 
+    /// How long to wait for the next token before the route counts as stalled.
+    fn stall_bound(&self, first: bool) -> Duration {
+        let floor = self.policy.stall_floor;
+        if first {
+            let rows = self.journal.positions();
+            return floor * (1 + rows / 1024);
+        }
+        self.gap_s
+            .map_or(floor, |gap| floor.max(Duration::from_secs_f64(gap * 20.0)))
+    }
+
     /// Takes tokens as they come, turns them into text, and asks for the next one.
     async fn decode(
         &mut self,
         text: &mut Detokenizer<'_>,
         first_token_at: &mut Option<Instant>,
     ) -> State {
+        let mut plan = self.origins.plan.clone();
+        plan.mark_unchanged();
+        let mut first = true;
+        let mut last_token = Instant::now();
         loop {
+            let bound = self.stall_bound(first);
             let item = tokio::select! {
                 item = self.inbox.recv() => item,
                 () = self.events.closed() => return State::Cancelled,
+                () = tokio::time::sleep_until((last_token + bound).into()) => {
+                    return State::Failed(GenerationError::StageFailed(self.stalled(bound).await));
+                }
+                Ok(()) = plan.changed() => {
+                    let left = self.left_the_plan(&plan.borrow_and_update());
+                    if let Some(failure) = left {
+                        return State::Failed(GenerationError::StageFailed(failure));
+                    }
+                    continue;
+                }
             };
             let (token, position) = match item {
                 Some(TokenOut::Token {
@@ -206,7 +321,13 @@ impl RequestTask {
                     self.journal.positions()
                 )));
             }
-            first_token_at.get_or_insert_with(Instant::now);
+            let now = Instant::now();
+            if !first {
+                let gap = now.duration_since(last_token).as_secs_f64();
+                self.gap_s = Some(self.gap_s.map_or(gap, |g| 0.8 * g + 0.2 * gap));
+            }
+            (first, last_token) = (false, now);
+            first_token_at.get_or_insert(now);
             self.journal.generated.push(token);
             let decoded = match text.push(token) {
                 Ok(d) => d,
@@ -235,6 +356,120 @@ impl RequestTask {
                 return self.link_lost();
             }
         }
+    }
+
+    /// A newer plan that leaves out a node of this request's route: membership saw it go
+    /// (a node that hangs keeps its connections open, so no link breaks).
+    fn left_the_plan(&self, plan: &PlanState) -> Option<StageFailure> {
+        let PlanState::Ready(plan) = plan else {
+            return None;
+        };
+        if plan.epoch == self.route.epoch() {
+            return None;
+        }
+        let stages = &self.route.plan.stages;
+        let gone = stages
+            .iter()
+            .position(|s| plan.index_of(&s.node).is_none())?;
+        Some(self.failure_at(
+            gone,
+            FailureKind::Lost,
+            format!(
+                "it left the cluster (plan {} has no place for it)",
+                plan.epoch
+            ),
+        ))
+    }
+
+    /// No token came within `bound`: finds the stage that does not answer (a status call
+    /// each, one second at most) and names it; the last stage when every one answers.
+    async fn stalled(&self, bound: Duration) -> StageFailure {
+        let stages = &self.route.plan.stages;
+        let clients = &self.origins.links.clients;
+        let mut culprit = None;
+        for (i, stage) in stages.iter().enumerate() {
+            if stage.node == self.origin {
+                continue;
+            }
+            let probe = async {
+                let client = clients.get(&stage.endpoint).await?;
+                client.status().await
+            };
+            match tokio::time::timeout(Duration::from_secs(1), probe).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    culprit = Some((i, e.to_string()));
+                    break;
+                }
+                Err(_) => {
+                    culprit = Some((i, "its status did not come within 1 s".to_owned()));
+                    break;
+                }
+            }
+        }
+        let (index, why) = culprit.unwrap_or((
+            stages.len() - 1,
+            "every stage answers its status".to_owned(),
+        ));
+        self.failure_at(
+            index,
+            FailureKind::Unresponsive,
+            format!("no token for {:.1} s ({why})", bound.as_secs_f64()),
+        )
+    }
+
+    /// Waits (within the policy's bound) for a plan without the failed stage, and moves the
+    /// request onto it under a new id; `Routed` when it can replay there, or how it ended.
+    async fn resume(&mut self, state: State) -> State {
+        let State::Resuming(failure) = state else {
+            return state;
+        };
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + self.policy.within;
+        let mut plan = self.origins.plan.clone();
+        let mut why = "no new plan yet".to_owned();
+        loop {
+            let current = plan.borrow_and_update().clone();
+            match current {
+                PlanState::Ready(p) if p.epoch != failure.epoch => {
+                    match tokio::time::timeout_at(deadline, self.origins.route(&p)).await {
+                        Ok(Ok(route)) => {
+                            let id = RequestId(rand::random());
+                            tracing::info!(
+                                request = %self.id, resumed_as = %id, plan = %p.epoch,
+                                waited_ms = started.elapsed().as_millis() as u64,
+                                "replaying the request on the new plan"
+                            );
+                            self.origins
+                                .resumed
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            self.inbox = self.origins.inboxes.open(id, route.epoch());
+                            self.id = id;
+                            self.route = route;
+                            return State::Routed;
+                        }
+                        Ok(Err(e)) => why = e.to_string(),
+                        Err(_) => break,
+                    }
+                }
+                PlanState::Ready(_) => {
+                    why = "the cluster has not planned without it yet".to_owned();
+                }
+                PlanState::Waiting(reason) => why = reason,
+            }
+            tokio::select! {
+                changed = plan.changed() => if changed.is_err() { break },
+                // A route that could not be built (a stage still loading) is tried again.
+                () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                () = tokio::time::sleep_until(deadline) => break,
+                () = self.events.closed() => return State::Cancelled,
+            }
+        }
+        State::Failed(GenerationError::Unavailable(format!(
+            "{failure}, and the request could not go on: after {:.0} s there is no plan \
+             without it ({why})",
+            self.policy.within.as_secs_f64()
+        )))
     }
 }
 

@@ -577,7 +577,10 @@ impl Worker {
         };
         let sampler = match (&refused, self.last) {
             (None, true) => match Sampler::new(start.sampling) {
-                Ok(s) => Some(s),
+                Ok(mut s) => {
+                    s.skip(start.sampled);
+                    Some(s)
+                }
                 Err(e) => {
                     self.drop_waiting(
                         request,
@@ -1029,6 +1032,7 @@ mod tests {
             origin: NodeId::from("me"),
             sampling: SamplingParams::greedy(),
             positions,
+            sampled: 0,
         });
         StepFrame {
             entries: vec![entry],
