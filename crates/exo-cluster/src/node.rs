@@ -353,9 +353,13 @@ impl Node {
             }
             *stopped = true;
         }
-        self.tasks.shut_down(Duration::from_secs(5)).await;
+        // Leaving drains: the stage workers stop first (the links into them close, so every
+        // origin with a request here moves it onto another plan at once), and the node says
+        // goodbye to membership, so the others plan without it; then its tasks end.
         self.stages.stop();
-        self.topology.clone().shutdown().await?;
+        let left = self.topology.clone().shutdown().await;
+        self.tasks.shut_down(Duration::from_secs(5)).await;
+        left?;
         Ok(())
     }
 }
