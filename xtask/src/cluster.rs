@@ -200,10 +200,11 @@ pub(crate) struct StreamRun {
     pub(crate) gaps_ms: Vec<f64>,
 }
 
-/// The question of stream `i`: about 100 tokens once templated, different for each stream.
+/// The question of stream `i`: about 100 tokens once templated, different for each stream from
+/// its first words (a server that caches prompt prefixes, as llama-server does, gains little).
 pub(crate) fn question(i: usize) -> String {
     format!(
-        "Some context first. {}Now, write a short poem about the number {i}.",
+        "Question {i}. {}Now, write a short poem about the number {i}.",
         "The quick brown fox jumps over the lazy dog while the farmer watches from the hill. "
             .repeat(4)
     )
@@ -243,7 +244,7 @@ pub(crate) fn stream_once(api: &str, max_tokens: usize, question: &str) -> Resul
         pending.push_str(&String::from_utf8_lossy(&buf[..n]));
         while let Some(at) = pending.find('\n') {
             let line: String = pending.drain(..=at).collect();
-            if head.len() < 200 {
+            if head.len() < 1000 {
                 head.push_str(&line);
             }
             let Some(data) = line.trim().strip_prefix("data: ") else {
@@ -269,7 +270,7 @@ pub(crate) fn stream_once(api: &str, max_tokens: usize, question: &str) -> Resul
     }
     let tokens = if usage > 0 { usage } else { chunks };
     if tokens == 0 {
-        bail!("a stream from {api} gave no tokens: {head}");
+        bail!("a stream from {api} gave no tokens: {head}{pending}");
     }
     Ok(StreamRun {
         ttft_ms: first.unwrap_or(0.0),
@@ -366,6 +367,34 @@ impl LlamaServer {
         }
         bail!("llama-server did not answer /health within 120 s")
     }
+}
+
+/// Waits (at most 60 s) until the API at `api` says it is ready: `/readyz` answers anything
+/// but 503 (older builds without it answer 404).
+pub(crate) fn wait_ready(api: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let reply = get(api, "/readyz").unwrap_or_default();
+        if !reply.is_empty() && !reply.starts_with("HTTP/1.1 503") {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{api} not ready within 60 s: {reply}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn get(api: &str, path: &str) -> Result<String> {
+    let mut s = std::net::TcpStream::connect(api)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {api}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply)?;
+    Ok(reply)
 }
 
 fn health(api: &str) -> Result<bool> {

@@ -12,7 +12,7 @@ mod cluster;
 mod formats;
 mod modules;
 
-const USAGE: &str = "usage: cargo xtask <ci | bench [--quick] [--runs N] [--llama-bench PATH | --no-llama] [--no-cluster] [--no-formats | --formats-only] [--formats Q4_K_M,Q8_0,...] [--shapes default,1b] | bench-cluster [--exe PATH]... [--runs N] [--quick] [--no-llama] [--no-api] | synth-model [--formats ...] [--shapes ...] | bandwidth | modules>";
+const USAGE: &str = "usage: cargo xtask <ci | bench [--quick] [--runs N] [--llama-bench PATH | --no-llama] [--no-cluster] [--no-formats | --formats-only] [--formats Q4_K_M,Q8_0,...] [--shapes default,1b] | bench-cluster [--exe PATH]... [--runs N] [--quick] [--no-llama] [--no-api | --api-only] | synth-model [--formats ...] [--shapes ...] | bandwidth | modules>";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -648,6 +648,7 @@ fn bench_cluster(args: &[String]) -> Result<()> {
     let tokens = if quick { 32 } else { 128 };
     let with_llama = !args.iter().any(|a| a == "--no-llama");
     let no_api = args.iter().any(|a| a == "--no-api");
+    let no_layouts = args.iter().any(|a| a == "--api-only");
     let mut md = String::new();
     let mut json = Vec::new();
     for exe in &exes {
@@ -657,7 +658,9 @@ fn bench_cluster(args: &[String]) -> Result<()> {
 ",
             exe.display()
         ));
-        cluster_tables(exe, &model, &prompt, tokens, runs, &mut md, &mut json)?;
+        if !no_layouts {
+            cluster_tables(exe, &model, &prompt, tokens, runs, &mut md, &mut json)?;
+        }
         if !no_api {
             api_tables(exe, &model, runs, quick, with_llama, &mut md, &mut json)?;
         }
@@ -827,6 +830,7 @@ fn api_tables(
         let mut _server = None;
         let api = if engine == "exo-node" {
             _nodes = cluster::start(exe, model, &single, &["--max-concurrent", "16"])?;
+            cluster::wait_ready(&_nodes[0].api)?;
             _nodes[0].api.clone()
         } else {
             let bin = llama_server.as_deref().context("no llama-server")?;
@@ -854,7 +858,7 @@ fn api_tables(
                 one = rate.0;
             }
             let p = cluster::percentile;
-            md.push_str(&format!(
+            let row = format!(
                 "| {engine} | {streams} | {} | {:.2}x | {:.0} | {:.0} | {:.1} | {:.1} |\n",
                 fmt_spread(rate),
                 rate.0 / one.max(1e-9),
@@ -862,7 +866,9 @@ fn api_tables(
                 p(&ttfts, 95.0),
                 p(&gaps, 50.0),
                 p(&gaps, 95.0),
-            ));
+            );
+            eprint!("{row}");
+            md.push_str(&row);
             json.push(format!(
                 "{{\"api_engine\":\"{engine}\",\"api_streams\":{streams},\"aggregate_tokens_per_s\":{:.2},\"ttft_p50_ms\":{:.1},\"ttft_p95_ms\":{:.1},\"itl_p50_ms\":{:.1},\"itl_p95_ms\":{:.1}}}",
                 rate.0,
@@ -908,6 +914,7 @@ fn api_tables(
     for layout in &layouts {
         let nodes = cluster::start(exe, model, layout, &["--max-concurrent", "16"])?;
         let api = nodes[0].api.clone();
+        cluster::wait_ready(&api)?;
         cluster::concurrent_streams(&api, 1, 8, 1000)?;
         for streams in [1usize, 8] {
             let mut rates = Vec::new();
@@ -922,13 +929,15 @@ fn api_tables(
                 gaps.extend(r.gaps);
             }
             let rate = median(rates);
-            md.push_str(&format!(
+            let row = format!(
                 "| {} | {streams} | {} | {:.0} | {:.1} |\n",
                 layout.name,
                 fmt_spread(rate),
                 cluster::percentile(&ttfts, 95.0),
                 cluster::percentile(&gaps, 95.0),
-            ));
+            );
+            eprint!("{row}");
+            md.push_str(&row);
             json.push(format!(
                 "{{\"api_layout\":\"{}\",\"api_streams\":{streams},\"aggregate_tokens_per_s\":{:.2}}}",
                 layout.name, rate.0
@@ -941,6 +950,7 @@ fn api_tables(
     let total = if quick { 80 } else { 504 };
     let nodes = cluster::start(exe, model, &single, &["--max-concurrent", "16"])?;
     let api = nodes[0].api.clone();
+    cluster::wait_ready(&api)?;
     let mut rss = Vec::new();
     let mut done = 0;
     while done < total {

@@ -61,7 +61,8 @@ pub(crate) struct ServeArgs {
     #[arg(long, default_value_t = 256)]
     pub(crate) default_max_tokens: usize,
     /// Seconds without a token (at least; 20 times the measured time between tokens when that
-    /// is longer) before a request counts a stage as stopped and goes on without it.
+    /// is longer) before a request asks its stages' status: one that does not answer within a
+    /// second counts as stopped, and the request goes on without it.
     #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
     pub(crate) stall_timeout: f64,
     /// Seconds a request whose stage was lost waits for a plan without that stage; it then

@@ -296,7 +296,17 @@ impl RequestTask {
                 item = self.inbox.recv() => item,
                 () = self.events.closed() => return State::Cancelled,
                 () = tokio::time::sleep_until((last_token + bound).into()) => {
-                    return State::Failed(GenerationError::StageFailed(self.stalled(bound).await));
+                    match self.stalled(bound).await {
+                        Some(failure) => {
+                            return State::Failed(GenerationError::StageFailed(failure));
+                        }
+                        // Every stage answers: the request is only waiting (for room on a
+                        // busy stage, or behind long prompts). Wait another bound.
+                        None => {
+                            last_token = Instant::now();
+                            continue;
+                        }
+                    }
                 }
                 Ok(()) = plan.changed() => {
                     let left = self.left_the_plan(&plan.borrow_and_update());
@@ -382,8 +392,9 @@ impl RequestTask {
     }
 
     /// No token came within `bound`: finds the stage that does not answer (a status call
-    /// each, one second at most) and names it; the last stage when every one answers.
-    async fn stalled(&self, bound: Duration) -> StageFailure {
+    /// each, one second at most) and names it; `None` when every one answers (the request is
+    /// waiting behind others, not lost).
+    async fn stalled(&self, bound: Duration) -> Option<StageFailure> {
         let stages = &self.route.plan.stages;
         let clients = &self.origins.links.clients;
         let mut culprit = None;
@@ -407,15 +418,13 @@ impl RequestTask {
                 }
             }
         }
-        let (index, why) = culprit.unwrap_or((
-            stages.len() - 1,
-            "every stage answers its status".to_owned(),
-        ));
-        self.failure_at(
+        let (index, why) = culprit?;
+        tracing::warn!(request = %self.id, stage = index, %why, "a stage stopped answering");
+        Some(self.failure_at(
             index,
             FailureKind::Unresponsive,
             format!("no token for {:.1} s ({why})", bound.as_secs_f64()),
-        )
+        ))
     }
 
     /// Waits (within the policy's bound) for a plan without the failed stage, and moves the
