@@ -359,12 +359,12 @@ fn ids_in(stderr: &str) -> &str {
 
 #[test]
 fn killing_a_stage_mid_answer_loses_nothing_the_answer_goes_on_elsewhere() {
-    stage_goes_mid_answer("kill -9", |child| child.kill().unwrap());
+    let _ = stage_goes_mid_answer("kill -9", |child| child.kill().unwrap());
 }
 
 #[test]
 fn a_stage_told_to_leave_mid_answer_loses_nothing_the_answer_goes_on_elsewhere() {
-    stage_goes_mid_answer("SIGTERM", |child| {
+    let _ = stage_goes_mid_answer("SIGTERM", |child| {
         let status = std::process::Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
             .status()
@@ -376,7 +376,7 @@ fn a_stage_told_to_leave_mid_answer_loses_nothing_the_answer_goes_on_elsewhere()
 /// A long greedy answer through a cluster of three nodes (the plan uses two; any two hold the
 /// model), the stage that is not the origin made to go (`how`) mid-answer: the answer goes on
 /// and equals one machine's.
-fn stage_goes_mid_answer(what: &str, how: impl FnOnce(&mut std::process::Child)) {
+fn stage_goes_mid_answer(what: &str, how: impl FnOnce(&mut std::process::Child)) -> GoneStage {
     // The answer of one machine.
     let reference = story("160", &[]).wait_with_output().unwrap();
     let reference_err = String::from_utf8_lossy(&reference.stderr).to_string();
@@ -426,10 +426,10 @@ fn stage_goes_mid_answer(what: &str, how: impl FnOnce(&mut std::process::Child))
         std::thread::sleep(Duration::from_millis(10));
     }
     let victim = nodes
-        .iter_mut()
-        .find(|n| n.grpc != origin && holds_layers(&n.grpc))
+        .iter()
+        .position(|n| n.grpc != origin && holds_layers(&n.grpc))
         .unwrap();
-    how(&mut victim.proc.child);
+    how(&mut nodes[victim].proc.child);
     let killed = Instant::now();
     let deadline = killed + Duration::from_secs(60);
     let status = loop {
@@ -466,6 +466,49 @@ fn stage_goes_mid_answer(what: &str, how: impl FnOnce(&mut std::process::Child))
         String::from_utf8_lossy(&text),
         String::from_utf8_lossy(&reference.stdout)
     );
+    GoneStage {
+        nodes,
+        victim,
+        origin,
+        reference,
+    }
+}
+
+/// What [`stage_goes_mid_answer`] leaves: the cluster, which node went, the origin, and one
+/// machine's answer.
+struct GoneStage {
+    nodes: Vec<common::NodeProc>,
+    victim: usize,
+    origin: String,
+    reference: std::process::Output,
+}
+
+#[test]
+fn a_frozen_stage_is_left_behind_and_waking_it_later_breaks_nothing() {
+    // SIGSTOP: the node keeps its connections open but answers nothing; membership declares it
+    // gone (about 2 s of silence) and the answer moves on.
+    let signal = |child: &std::process::Child, sig: &str| {
+        let status = std::process::Command::new("kill")
+            .args([sig, &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    let gone = stage_goes_mid_answer("SIGSTOP", |child| signal(child, "-STOP"));
+    // Woken later, its stale stage (an old plan) must not disturb anything: the next answer
+    // is still one machine's.
+    signal(&gone.nodes[gone.victim].proc.child, "-CONT");
+    std::thread::sleep(Duration::from_secs(3));
+    let again = story("160", &["--node", &gone.origin])
+        .wait_with_output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&again.stderr).to_string();
+    assert!(again.status.success(), "{stderr}");
+    assert_eq!(
+        ids_in(&stderr),
+        ids_in(&String::from_utf8_lossy(&gone.reference.stderr))
+    );
+    assert_eq!(again.stdout, gone.reference.stdout);
 }
 
 #[test]
