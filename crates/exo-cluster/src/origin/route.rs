@@ -95,7 +95,12 @@ pub(crate) struct RouteDeps<'a> {
     pub(crate) tasks: &'a Tasks,
 }
 
-fn failure_at(plan: &ActivePlan, index: usize, kind: FailureKind, reason: String) -> StageFailure {
+pub(crate) fn failure_at(
+    plan: &ActivePlan,
+    index: usize,
+    kind: FailureKind,
+    reason: String,
+) -> StageFailure {
     let stage = &plan.stages[index];
     StageFailure {
         node: stage.node.clone(),
