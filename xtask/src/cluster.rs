@@ -398,7 +398,15 @@ fn get(api: &str, path: &str) -> Result<String> {
 }
 
 fn health(api: &str) -> Result<bool> {
-    Ok(get(api, "/health")?.starts_with("HTTP/1.1 200"))
+    let mut s = std::net::TcpStream::connect(api)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET /health HTTP/1.1\r\nHost: {api}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply)?;
+    Ok(reply.starts_with("HTTP/1.1 200"))
 }
 
 /// The `p`-th percentile (0..=100) of `v`, nearest rank.

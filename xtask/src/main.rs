@@ -669,10 +669,19 @@ fn bench_cluster(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// The cluster layouts the benches start: how many nodes, their memory, threads and wire.
-fn cluster_layouts() -> [cluster::Layout; 5] {
+/// Multi-node decode on loopback, and concurrent streams through the API.
+#[allow(clippy::too_many_arguments)]
+fn cluster_tables(
+    exe: &Path,
+    model: &Path,
+    prompt: &str,
+    tokens: usize,
+    runs: usize,
+    md: &mut String,
+    json: &mut Vec<String>,
+) -> Result<()> {
     use cluster::Layout;
-    [
+    let layouts = [
         Layout {
             name: "1 node, 1 core",
             nodes: 1,
@@ -713,21 +722,7 @@ fn cluster_layouts() -> [cluster::Layout; 5] {
             pin: true,
             wire: "f16",
         },
-    ]
-}
-
-/// Multi-node decode on loopback, and concurrent streams through the API.
-#[allow(clippy::too_many_arguments)]
-fn cluster_tables(
-    exe: &Path,
-    model: &Path,
-    prompt: &str,
-    tokens: usize,
-    runs: usize,
-    md: &mut String,
-    json: &mut Vec<String>,
-) -> Result<()> {
-    let layouts = cluster_layouts();
+    ];
     md.push_str(&format!(
         "\nThrough the cluster on loopback (`exo-node serve` processes, `generate --node`, {tokens} tokens, \
          f16 activations unless the layout says q8; cores pinned with taskset where it exists):\n\n\
@@ -890,11 +885,32 @@ fn api_tables(
          `--max-concurrent 16`):\n\n\
          | layout | streams | aggregate tokens/s | TTFT p95 ms | ITL p95 ms |\n|---|---|---|---|---|\n"
     ));
-    // The one-core layouts of the cluster tables (the 2-core and q8 ones add nothing here).
-    let layouts: Vec<Layout> = cluster_layouts()
-        .into_iter()
-        .filter(|l| l.threads == 1 && l.wire == "f16")
-        .collect();
+    let layouts = [
+        Layout {
+            name: "1 node, 1 core",
+            nodes: 1,
+            memory_limit: None,
+            threads: 1,
+            pin: true,
+            wire: "f16",
+        },
+        Layout {
+            name: "2 nodes, 1 core each",
+            nodes: 2,
+            memory_limit: Some("120MiB"),
+            threads: 1,
+            pin: true,
+            wire: "f16",
+        },
+        Layout {
+            name: "3 nodes on 2 cores",
+            nodes: 3,
+            memory_limit: Some("80MiB"),
+            threads: 1,
+            pin: true,
+            wire: "f16",
+        },
+    ];
     for layout in &layouts {
         let nodes = cluster::start(exe, model, layout, &["--max-concurrent", "16"])?;
         let api = nodes[0].api.clone();

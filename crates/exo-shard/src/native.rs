@@ -427,7 +427,17 @@ impl NativeShard {
         cache: &mut NativeCache,
         out: &mut Vec<f32>,
     ) -> Option<Result<()>> {
-        self.logits_rows(&x[x.len() - self.hidden..], 1, cache, out)
+        let head = if self.tied {
+            self.embedding.as_ref()?
+        } else {
+            self.head.as_ref()?
+        };
+        let norm = self.final_norm.as_ref()?;
+        let last = &x[x.len() - self.hidden..];
+        let s = &mut cache.scratch;
+        rms_norm(last, norm, self.eps, &mut s.xn);
+        out.resize(self.vocab_size, 0.0);
+        Some(matmul(head, &s.xn, 1, out, &mut s.acts).map_err(kernel_error))
     }
 
     fn rope_row(&self, pos: usize) -> (&[f32], &[f32]) {

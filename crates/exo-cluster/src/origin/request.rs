@@ -16,7 +16,7 @@ use exo_model::Detokenizer;
 use tokio::sync::mpsc;
 
 use crate::inbox::Inbox;
-use crate::origin::route::{self, Route};
+use crate::origin::route::Route;
 use crate::origin::{OriginModel, Origins};
 use crate::plan::PlanState;
 
@@ -211,7 +211,15 @@ impl RequestTask {
     }
 
     fn failure_at(&self, index: usize, kind: FailureKind, reason: String) -> StageFailure {
-        route::failure_at(&self.route.plan, index, kind, reason)
+        let stage = &self.route.plan.stages[index];
+        StageFailure {
+            node: stage.node.clone(),
+            stage: index as u32,
+            layers: stage.layers,
+            epoch: self.route.epoch(),
+            kind,
+            reason,
+        }
     }
 
     fn link_lost(&self) -> State {

@@ -95,12 +95,7 @@ pub(crate) struct RouteDeps<'a> {
     pub(crate) tasks: &'a Tasks,
 }
 
-pub(crate) fn failure_at(
-    plan: &ActivePlan,
-    index: usize,
-    kind: FailureKind,
-    reason: String,
-) -> StageFailure {
+fn failure_at(plan: &ActivePlan, index: usize, kind: FailureKind, reason: String) -> StageFailure {
     let stage = &plan.stages[index];
     StageFailure {
         node: stage.node.clone(),

@@ -217,7 +217,21 @@ pub(crate) fn spawn(
 ) -> std::io::Result<WorkerHandle> {
     let (handle, rx) = queue;
     let name = format!("stage-{}", spec.index);
-    let mut worker = Worker::new(spec, downstream);
+    let mut worker = Worker {
+        last: spec.index + 1 == spec.stages.len(),
+        spec,
+        downstream,
+        requests: HashMap::new(),
+        waiting: HashMap::new(),
+        order: VecDeque::new(),
+        reserved: 0,
+        subscribers: HashMap::new(),
+        retiring: false,
+        x: Vec::new(),
+        tokens: Vec::new(),
+        sample_rows: Vec::new(),
+        logits: Vec::new(),
+    };
     std::thread::Builder::new()
         .name(name)
         .spawn(move || worker.run(rx))?;
@@ -335,25 +349,6 @@ struct Piece {
 }
 
 impl Worker {
-    /// A worker for `spec` with nothing admitted yet; the last stage's worker samples.
-    fn new(spec: WorkerSpec, downstream: Option<mpsc::Sender<StepFrame>>) -> Self {
-        Worker {
-            last: spec.index + 1 == spec.stages.len(),
-            spec,
-            downstream,
-            requests: HashMap::new(),
-            waiting: HashMap::new(),
-            order: VecDeque::new(),
-            reserved: 0,
-            subscribers: HashMap::new(),
-            retiring: false,
-            x: Vec::new(),
-            tokens: Vec::new(),
-            sample_rows: Vec::new(),
-            logits: Vec::new(),
-        }
-    }
-
     fn run(&mut self, mut rx: mpsc::UnboundedReceiver<WorkerMsg>) {
         tracing::debug!(epoch = %self.spec.epoch, stage = self.spec.index, "stage worker started");
         'run: loop {
@@ -1008,7 +1003,21 @@ mod tests {
             kv_positions,
             stats: Arc::default(),
         };
-        let mut w = Worker::new(spec, None);
+        let mut w = Worker {
+            last: true,
+            spec,
+            downstream: None,
+            requests: HashMap::new(),
+            waiting: HashMap::new(),
+            order: VecDeque::new(),
+            reserved: 0,
+            subscribers: HashMap::new(),
+            retiring: false,
+            x: Vec::new(),
+            tokens: Vec::new(),
+            sample_rows: Vec::new(),
+            logits: Vec::new(),
+        };
         let inboxes = Arc::new(Inboxes::default());
         w.subscribers.insert(
             NodeId::from("me"),
