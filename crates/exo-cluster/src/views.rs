@@ -99,16 +99,8 @@ impl Tracker {
     pub(crate) fn observe(&mut self, event: &TopologyEvent, now: Instant) {
         match event {
             TopologyEvent::NodeLeft { id, .. } => {
-                if let Some(node) = self.known.get(id.as_str()) {
-                    self.gone.retain(|(n, _)| n.id != node.id);
-                    let gone = NodeView {
-                        state: NodeState::Gone,
-                        progress: None,
-                        used_memory_bytes: None,
-                        is_self: false,
-                        ..node.clone()
-                    };
-                    self.gone.push((gone, now));
+                if let Some(node) = self.known.remove(id.as_str()) {
+                    self.mark_gone(node, now);
                 }
             }
             TopologyEvent::NodeJoined { profile, .. } => {
@@ -116,6 +108,19 @@ impl Tracker {
             }
             _ => {}
         }
+    }
+
+    /// Shows `node` as gone from `now` on (once, however it was learned).
+    fn mark_gone(&mut self, node: NodeView, now: Instant) {
+        self.gone.retain(|(n, _)| n.id != node.id);
+        let gone = NodeView {
+            state: NodeState::Gone,
+            progress: None,
+            used_memory_bytes: None,
+            is_self: false,
+            ..node
+        };
+        self.gone.push((gone, now));
     }
 
     /// The step time and tokens/s of the node whose counters `report` carries: the mean time
@@ -213,8 +218,21 @@ impl Tracker {
                 )
             }));
         }
-        self.known = nodes.iter().map(|n| (n.id.clone(), n.clone())).collect();
         let present: HashSet<&str> = nodes.iter().map(|n| n.id.as_str()).collect();
+        if snapshot.is_some() {
+            // A node of the last view that membership no longer lists left, even when this
+            // view was built (on a plan change, say) before its departure's event came.
+            let departed: Vec<NodeView> = self
+                .known
+                .values()
+                .filter(|n| !present.contains(n.id.as_str()))
+                .cloned()
+                .collect();
+            for node in departed {
+                self.mark_gone(node, now);
+            }
+            self.known = nodes.iter().map(|n| (n.id.clone(), n.clone())).collect();
+        }
         self.gone.retain(|(node, at)| {
             now.duration_since(*at) < GONE_FOR && !present.contains(node.id.as_str())
         });
@@ -481,5 +499,82 @@ mod tests {
         assert_eq!(view.nodes[0].used_memory_bytes, None);
         let view = tracker.view(input(&reports), start + GONE_FOR);
         assert!(view.nodes.is_empty(), "{view:?}");
+    }
+
+    fn profile(id: &str) -> NodeProfile {
+        NodeProfile {
+            id: exo_topology::NodeId(id.into()),
+            instance: "1".into(),
+            name: format!("host-{id}"),
+            os: "Linux".into(),
+            role: NodeRole::Worker,
+            grpc_endpoint: None,
+            memory: exo_topology::MemoryInfo::default(),
+            backend: "flex".into(),
+            device: "cpu".into(),
+            cores: 2,
+            flops_per_s: 1e9,
+            mem_bandwidth_bytes_per_s: 1e9,
+            software_version: "0".into(),
+            protocol_version: "/exo/2.0.0".into(),
+            models: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_node_missing_from_membership_is_gone_even_before_its_event() {
+        let mut tracker = Tracker::default();
+        let start = Instant::now();
+        let snapshot = |peers: &[&str]| TopologySnapshot {
+            local: profile("a"),
+            listen_addresses: Vec::new(),
+            cluster_key: exo_topology::ClusterKeyInfo {
+                origin: exo_topology::KeyOrigin::Given,
+                fingerprint: "f".into(),
+            },
+            nodes: peers
+                .iter()
+                .map(|id| exo_topology::PeerInfo {
+                    profile: profile(id),
+                    addresses: Vec::new(),
+                    via: exo_topology::Discovery::Mdns,
+                    link: Default::default(),
+                    joined_s_ago: 1.0,
+                })
+                .collect(),
+            diagnostics: Vec::new(),
+        };
+        let reports = Reports::new();
+        let input = |snapshot| ViewInput {
+            snapshot,
+            reports: &reports,
+            plan: None,
+            epoch: None,
+            status: "waiting".into(),
+            ready: false,
+        };
+        let both = snapshot(&["b"]);
+        let view = tracker.view(input(Some(&both)), start);
+        assert_eq!(view.nodes.len(), 2);
+        // A plan change wakes the view first: membership already lacks b.
+        let alone = snapshot(&[]);
+        let view = tracker.view(input(Some(&alone)), start);
+        let b = view.nodes.iter().find(|n| n.id == "b").expect("b is shown");
+        assert_eq!(b.state, NodeState::Gone);
+        // Its event, coming later, changes nothing; nor does a view without membership.
+        tracker.observe(
+            &TopologyEvent::NodeLeft {
+                id: exo_topology::NodeId("b".into()),
+                reason: exo_topology::LeaveReason::Closed,
+            },
+            start,
+        );
+        let view = tracker.view(input(None), start);
+        assert_eq!(view.nodes.len(), 1, "{view:?}");
+        assert_eq!(view.nodes[0].state, NodeState::Gone);
+        // b comes back: shown once, as itself.
+        let view = tracker.view(input(Some(&both)), start);
+        assert_eq!(view.nodes.len(), 2, "{view:?}");
+        assert!(view.nodes.iter().all(|n| n.state != NodeState::Gone));
     }
 }
