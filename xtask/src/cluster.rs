@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-const KEY: &str = "be9c4be9c4be9c4be9c4be9c4be9c4be9c4be9c4be9c4be9c4be9c4be9c4be9c";
+pub(crate) const KEY: &str = "be9c4be9c4be9c4be9c4be9c4be9c4be9c4be9c4be9c4be9c4be9c4be9c4be9c";
 
 /// One running `exo-node serve`.
 pub(crate) struct Node {
@@ -19,6 +19,9 @@ pub(crate) struct Node {
     pub(crate) grpc: String,
     pub(crate) api: String,
     home: PathBuf,
+    /// How it was started (program and arguments), to start it again.
+    program: PathBuf,
+    args: Vec<String>,
 }
 
 impl Drop for Node {
@@ -30,6 +33,31 @@ impl Drop for Node {
 }
 
 impl Node {
+    /// Starts `program` with `args` and $EXO_HOME `home`, collecting its stderr.
+    fn launch(program: &Path, args: &[String], home: &Path) -> Result<(Child, Arc<Mutex<String>>)> {
+        let mut child = Command::new(program)
+            .args(args)
+            .env("EXO_HOME", home)
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", program.display()))?;
+        let log = Arc::new(Mutex::new(String::new()));
+        if let Some(stderr) = child.stderr.take() {
+            let sink = Arc::clone(&log);
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if let Ok(mut l) = sink.lock() {
+                        l.push_str(&line);
+                        l.push('\n');
+                    }
+                }
+            });
+        }
+        Ok((child, log))
+    }
+
     /// Resident memory, MiB.
     pub(crate) fn rss_mib(&self) -> f64 {
         std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
@@ -39,6 +67,26 @@ impl Node {
                 line.split_whitespace().nth(1)?.parse::<f64>().ok()
             })
             .map_or(0.0, |kib| kib / 1024.0)
+    }
+
+    /// What it logged so far.
+    pub(crate) fn log(&self) -> String {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// Kills it at once (SIGKILL: no goodbye to anyone).
+    pub(crate) fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again as it was started, with the same home (the same identity) and ports.
+    pub(crate) fn restart(&mut self) -> Result<()> {
+        self.kill();
+        let (child, log) = Node::launch(&self.program, &self.args, &self.home)?;
+        self.child = child;
+        self.log = log;
+        Ok(())
     }
 }
 
@@ -74,6 +122,18 @@ pub(crate) fn start(
     layout: &Layout,
     extra: &[&str],
 ) -> Result<Vec<Node>> {
+    let nodes = start_nodes(exe, model, layout, extra)?;
+    wait_for_plan(&nodes, layout.name, layout.nodes)?;
+    Ok(nodes)
+}
+
+/// Starts the nodes of `layout`, each dialling all the others, without waiting for a plan.
+pub(crate) fn start_nodes(
+    exe: &Path,
+    model: &Path,
+    layout: &Layout,
+    extra: &[&str],
+) -> Result<Vec<Node>> {
     let ports: Vec<u16> = (0..layout.nodes)
         .map(|_| free_port())
         .collect::<Result<_>>()?;
@@ -85,71 +145,67 @@ pub(crate) fn start(
             std::env::temp_dir().join(format!("exo-bench-{}-{i}-{port}", std::process::id()));
         std::fs::create_dir_all(&home)?;
         let (grpc, api) = (free_port()?, free_port()?);
-        let mut cmd = if pin {
-            let mut c = Command::new("taskset");
-            c.args(["-c", &(i % cores).to_string()]).arg(exe);
-            c
+        let (program, mut args) = if pin {
+            let core = (i % cores).to_string();
+            (
+                PathBuf::from("taskset"),
+                vec!["-c".to_owned(), core, exe.display().to_string()],
+            )
         } else {
-            Command::new(exe)
+            (exe.to_path_buf(), Vec::new())
         };
-        cmd.env("EXO_HOME", &home)
-            .env("NO_COLOR", "1")
-            .args(["--log", "warn", "serve", "--no-mdns", "--cluster-key", KEY])
-            .args(["--model", &model.display().to_string()])
-            .args(["--threads", &layout.threads.to_string()])
-            .args(["--wire", layout.wire])
-            .args(["--listen", &format!("/ip4/127.0.0.1/tcp/{port}")])
-            .args(["--grpc-listen", &format!("127.0.0.1:{grpc}")])
-            .args(["--api-addr", &format!("127.0.0.1:{api}")])
-            .args(extra);
+        let port_args = [
+            format!("--model={}", model.display()),
+            format!("--threads={}", layout.threads),
+            format!("--wire={}", layout.wire),
+            format!("--listen=/ip4/127.0.0.1/tcp/{port}"),
+            format!("--grpc-listen=127.0.0.1:{grpc}"),
+            format!("--api-addr=127.0.0.1:{api}"),
+        ];
+        args.extend(
+            ["--log", "warn", "serve", "--no-mdns", "--cluster-key", KEY].map(str::to_owned),
+        );
+        args.extend(port_args);
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
         if let Some(limit) = layout.memory_limit {
-            cmd.args(["--memory-limit", limit]);
+            args.push(format!("--memory-limit={limit}"));
         }
         for (j, other) in ports.iter().enumerate() {
             if i != j {
-                cmd.args(["--peer", &format!("/ip4/127.0.0.1/tcp/{other}")]);
+                args.push(format!("--peer=/ip4/127.0.0.1/tcp/{other}"));
             }
         }
-        let mut child = cmd
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting {}", exe.display()))?;
-        let log = Arc::new(Mutex::new(String::new()));
-        if let Some(stderr) = child.stderr.take() {
-            let sink = Arc::clone(&log);
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    if let Ok(mut l) = sink.lock() {
-                        l.push_str(&line);
-                        l.push('\n');
-                    }
-                }
-            });
-        }
+        let (child, log) = Node::launch(&program, &args, &home)?;
         nodes.push(Node {
             child,
             log,
             grpc: format!("http://127.0.0.1:{grpc}"),
             api: format!("127.0.0.1:{api}"),
             home,
+            program,
+            args,
         });
     }
-    let want = format!("{} stage(s)", layout.nodes);
+    Ok(nodes)
+}
+
+/// Waits (at most 90 s) until every node of `nodes` logged a plan of `stages` stages.
+pub(crate) fn wait_for_plan(nodes: &[Node], name: &str, stages: usize) -> Result<()> {
+    let want = format!("{stages} stage(s)");
     let deadline = Instant::now() + Duration::from_secs(90);
-    for node in &nodes {
+    for node in nodes {
         loop {
-            let log = node.log.lock().map(|l| l.clone()).unwrap_or_default();
+            let log = node.log();
             if log.contains(&want) {
                 break;
             }
             if Instant::now() > deadline {
-                bail!("{}: no {want} plan within 90 s:\n{log}", layout.name);
+                bail!("{name}: no {want} plan within 90 s:\n{log}");
             }
             std::thread::sleep(Duration::from_millis(100));
         }
     }
-    Ok(nodes)
+    Ok(())
 }
 
 /// Decode tokens/s and time to first token (ms) of one generation through `node`.
@@ -383,6 +439,16 @@ pub(crate) fn wait_ready(api: &str) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The JSON body of `GET path` from the API at `api`.
+pub(crate) fn get_json(api: &str, path: &str) -> Result<serde_json::Value> {
+    let reply = get(api, path)?;
+    let body = reply
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .with_context(|| format!("no body in the reply to GET {path}: {reply}"))?;
+    serde_json::from_str(body).with_context(|| format!("GET {path} gave no JSON: {body}"))
 }
 
 fn get(api: &str, path: &str) -> Result<String> {

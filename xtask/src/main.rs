@@ -1,7 +1,7 @@
 //! Developer tasks: `cargo xtask ci` runs what CI runs; `cargo xtask bench` measures
 //! `exo-node generate` on the default model and writes a table to `target/bench/`, with a
 //! matrix of formats and two model sizes beside llama.cpp; `cargo xtask synth-model` makes that
-//! matrix's models.
+//! matrix's models; `cargo xtask bench-failover` kills stages mid-answer and reports the pauses.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -9,10 +9,11 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 mod cluster;
+mod failover;
 mod formats;
 mod modules;
 
-const USAGE: &str = "usage: cargo xtask <ci | bench [--quick] [--runs N] [--llama-bench PATH | --no-llama] [--no-cluster] [--no-formats | --formats-only] [--formats Q4_K_M,Q8_0,...] [--shapes default,1b] | bench-cluster [--exe PATH]... [--runs N] [--quick] [--no-llama] [--no-api | --api-only] | synth-model [--formats ...] [--shapes ...] | bandwidth | modules>";
+const USAGE: &str = "usage: cargo xtask <ci | bench [--quick] [--runs N] [--llama-bench PATH | --no-llama] [--no-cluster] [--no-formats | --formats-only] [--formats Q4_K_M,Q8_0,...] [--shapes default,1b] | bench-cluster [--exe PATH]... [--runs N] [--quick] [--no-llama] [--no-api | --api-only] | bench-failover [--kills N] [--exe PATH] | synth-model [--formats ...] [--shapes ...] | bandwidth | modules>";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -20,6 +21,7 @@ fn main() -> Result<()> {
         Some("ci") => ci(),
         Some("bench") => bench(&args[1..]),
         Some("bench-cluster") => bench_cluster(&args[1..]),
+        Some("bench-failover") => failover::run(&args[1..]),
         Some("modules") => modules::check(&root()),
         Some("synth-model") => synth_model(&args[1..]),
         Some("bandwidth") => {

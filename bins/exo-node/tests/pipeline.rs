@@ -1,7 +1,8 @@
 //! Several `exo-node serve` processes on loopback run the default model together: the same
 //! greedy tokens as one machine, each node holding only its layers, bad frames and missing
 //! credentials refused without harm, a killed stage's request going on elsewhere with nothing
-//! lost, and one that cannot go on ending within the bound, saying why.
+//! lost, one that cannot go on ending within the bound, saying why, and a killed node started
+//! again rejoining (between answers, never breaking one).
 //!
 //! Runs the real default model: run with `--release` (as CI does).
 
@@ -358,8 +359,70 @@ fn ids_in(stderr: &str) -> &str {
 }
 
 #[test]
-fn killing_a_stage_mid_answer_loses_nothing_the_answer_goes_on_elsewhere() {
-    let _ = stage_goes_mid_answer("kill -9", |child| child.kill().unwrap());
+fn a_killed_stage_loses_nothing_and_restarted_it_rejoins_without_breaking_an_answer() {
+    let GoneStage {
+        mut nodes,
+        victim,
+        victim_id,
+        origin,
+        reference,
+    } = stage_goes_mid_answer("kill -9", |child| child.kill().unwrap());
+    let origin_api = nodes.iter().find(|n| n.grpc == origin).unwrap().api.clone();
+    common::wait_for_node_state(&origin_api, &victim_id, "gone", Duration::from_secs(10));
+
+    // A long answer runs while the killed node starts again, with its home (its identity).
+    let mut request = story("160", &["--node", &origin]);
+    let mut stdout = request.stdout.take().unwrap();
+    let mut text = vec![0u8; 16];
+    std::io::Read::read_exact(&mut stdout, &mut text).unwrap();
+    let peers = common::peers_of(&nodes, victim);
+    nodes[victim].restart(&peers);
+    // The origin shows it back under its own id, not gone; the cluster plans again with it
+    // (its node reports a plan of its own), and the answer running meanwhile is not broken.
+    let view =
+        common::wait_for_node_state(&origin_api, &victim_id, "ready", Duration::from_secs(90));
+    eprintln!("rejoined: {view:#}");
+    assert_eq!(common::node_id(&nodes[victim].api), victim_id);
+    std::io::Read::read_to_end(&mut stdout, &mut text).unwrap();
+    let out = request.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        out.status.success(),
+        "the answer broke on the rejoin: {stderr}"
+    );
+    assert_eq!(
+        ids_in(&stderr),
+        ids_in(&String::from_utf8_lossy(&reference.stderr))
+    );
+    assert_eq!(text, reference.stdout);
+
+    // `exo-node peers` lists it too.
+    let peers_out = exo_node()
+        .args(["peers", "--json", "--no-mdns", "--wait", "2"])
+        .args(["--listen", "/ip4/127.0.0.1/tcp/0"])
+        .args(["--cluster-key", KEY])
+        .args(["--peer", &nodes[victim].membership])
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&peers_out.stdout);
+    assert!(
+        peers_out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&peers_out.stderr)
+    );
+    assert!(listed.contains(&victim_id), "{listed}");
+
+    // The next answer runs on the plan with it, and is still one machine's.
+    let again = story("160", &["--node", &origin])
+        .wait_with_output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&again.stderr).to_string();
+    assert!(again.status.success(), "{stderr}");
+    assert_eq!(
+        ids_in(&stderr),
+        ids_in(&String::from_utf8_lossy(&reference.stderr))
+    );
+    assert_eq!(again.stdout, reference.stdout);
 }
 
 #[test]
@@ -429,6 +492,7 @@ fn stage_goes_mid_answer(what: &str, how: impl FnOnce(&mut std::process::Child))
         .iter()
         .position(|n| n.grpc != origin && holds_layers(&n.grpc))
         .unwrap();
+    let victim_id = common::node_id(&nodes[victim].api);
     how(&mut nodes[victim].proc.child);
     let killed = Instant::now();
     let deadline = killed + Duration::from_secs(60);
@@ -469,16 +533,18 @@ fn stage_goes_mid_answer(what: &str, how: impl FnOnce(&mut std::process::Child))
     GoneStage {
         nodes,
         victim,
+        victim_id,
         origin,
         reference,
     }
 }
 
-/// What [`stage_goes_mid_answer`] leaves: the cluster, which node went, the origin, and one
-/// machine's answer.
+/// What [`stage_goes_mid_answer`] leaves: the cluster, which node went (its index and id),
+/// the origin, and one machine's answer.
 struct GoneStage {
     nodes: Vec<common::NodeProc>,
     victim: usize,
+    victim_id: String,
     origin: String,
     reference: std::process::Output,
 }
@@ -512,7 +578,7 @@ fn a_frozen_stage_is_left_behind_and_waking_it_later_breaks_nothing() {
 }
 
 #[test]
-fn a_killed_node_whose_part_fits_nowhere_ends_the_request_within_the_bound_saying_why() {
+fn a_killed_node_whose_part_fits_nowhere_ends_the_request_saying_why_and_restarted_serves_again() {
     // Three nodes, all three needed: after a kill no plan fits.
     let mut cluster = start_cluster(3, "80MiB", &["--resume-within", "3"]);
     let origin = cluster.nodes[0].grpc.clone();
@@ -521,8 +587,9 @@ fn a_killed_node_whose_part_fits_nowhere_ends_the_request_within_the_bound_sayin
     let mut stdout = request.stdout.take().unwrap();
     let mut first = [0u8; 16];
     std::io::Read::read_exact(&mut stdout, &mut first).unwrap();
-    let victim = cluster.nodes.iter_mut().find(|n| n.grpc != origin).unwrap();
-    victim.proc.child.kill().unwrap();
+    let victim = cluster.nodes.iter().position(|n| n.grpc != origin).unwrap();
+    let victim_id = common::node_id(&cluster.nodes[victim].api);
+    cluster.nodes[victim].proc.child.kill().unwrap();
     let killed = Instant::now();
     let deadline = killed + Duration::from_secs(20);
     let status = loop {
@@ -546,6 +613,17 @@ fn a_killed_node_whose_part_fits_nowhere_ends_the_request_within_the_bound_sayin
     assert!(stderr.contains("no plan without it"), "{stderr}");
     assert!(stderr.contains("short by"), "{stderr}");
     assert!(took < Duration::from_secs(10), "{took:?}");
+
+    // Started again with its home (its identity), the node rejoins: the cluster plans with it
+    // once more and answers as one machine does.
+    let peers = cluster.peers_of(victim);
+    cluster.nodes[victim].restart(&peers);
+    let origin_api = &cluster.nodes[0].api;
+    common::wait_for_node_state(origin_api, &victim_id, "ready", Duration::from_secs(90));
+    let (want, want_text, _) = generate(&[]);
+    let (ids, text, _) = generate(&["--node", &origin]);
+    assert_eq!(ids, want);
+    assert_eq!(text, want_text);
 }
 
 #[test]

@@ -2,6 +2,8 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod netns;
+
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -139,7 +141,12 @@ pub struct NodeProc {
     pub api: String,
     /// Its membership address.
     pub membership: String,
-    _home: tempfile::TempDir,
+    /// What it was started with, to start it again.
+    memory_limit: String,
+    key: String,
+    extra: Vec<String>,
+    /// Its $EXO_HOME (its identity and key): kept across restarts.
+    home: tempfile::TempDir,
 }
 
 impl std::ops::Deref for NodeProc {
@@ -150,8 +157,95 @@ impl std::ops::Deref for NodeProc {
     }
 }
 
+impl NodeProc {
+    /// Starts the node again, as it was started, with the same home (so the same identity),
+    /// dialling the membership addresses `peers`; the old process is killed first if it still
+    /// runs. Waits until it listens.
+    pub fn restart(&mut self, peers: &[String]) {
+        let _ = self.proc.child.kill();
+        let _ = self.proc.child.wait();
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        let peers: Vec<&str> = peers.iter().map(String::as_str).collect();
+        let (proc, grpc, api, membership) = launch(
+            self.home.path(),
+            &self.memory_limit,
+            &self.key,
+            &extra,
+            &peers,
+        );
+        self.proc = proc;
+        self.grpc = grpc;
+        self.api = api;
+        self.membership = membership;
+    }
+}
+
 pub struct Cluster {
     pub nodes: Vec<NodeProc>,
+}
+
+impl Cluster {
+    /// The membership addresses of every node but the `i`th.
+    pub fn peers_of(&self, i: usize) -> Vec<String> {
+        peers_of(&self.nodes, i)
+    }
+}
+
+/// The membership addresses of every node of `nodes` but the `i`th.
+pub fn peers_of(nodes: &[NodeProc], i: usize) -> Vec<String> {
+    nodes
+        .iter()
+        .enumerate()
+        .filter(|&(j, _)| j != i)
+        .map(|(_, n)| n.membership.clone())
+        .collect()
+}
+
+/// The cluster as node `api` shows it (`GET /v1/cluster`).
+pub fn cluster_view(api: &str) -> serde_json::Value {
+    let (status, body) = http(api, "GET", "/v1/cluster", None);
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// The id of the node whose API is `api`.
+pub fn node_id(api: &str) -> String {
+    let view = cluster_view(api);
+    view["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["is_self"] == true)
+        .and_then(|n| n["id"].as_str())
+        .unwrap()
+        .to_owned()
+}
+
+/// Waits (at most `within`) until node `api`'s view lists node `id` as `state`; returns the
+/// view.
+pub fn wait_for_node_state(
+    api: &str,
+    id: &str,
+    state: &str,
+    within: Duration,
+) -> serde_json::Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let view = cluster_view(api);
+        let shown = view["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["id"] == id && n["state"] == state);
+        if shown {
+            return view;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {id} not shown as {state} within {within:?}: {view:#}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Starts `n` nodes with cluster key `key` that know each other as static peers (no mDNS),
@@ -186,11 +280,34 @@ pub fn spawn_nodes(n: usize, memory_limit: &str, key: &str, extra: &[&str]) -> V
 /// Starts one node on the default model with cluster key `key`, offering `memory_limit`, that
 /// dials `peers` (no mDNS), and waits until it listens.
 pub fn spawn_node(memory_limit: &str, key: &str, extra: &[&str], peers: &[NodeProc]) -> NodeProc {
-    let model = default_model();
     let home = tempfile::tempdir().unwrap();
+    let peers: Vec<&str> = peers.iter().map(|p| p.membership.as_str()).collect();
+    let (proc, grpc, api, membership) = launch(home.path(), memory_limit, key, extra, &peers);
+    NodeProc {
+        proc,
+        grpc,
+        api,
+        membership,
+        memory_limit: memory_limit.to_owned(),
+        key: key.to_owned(),
+        extra: extra.iter().map(|s| (*s).to_owned()).collect(),
+        home,
+    }
+}
+
+/// Starts `exo-node serve` with home `home`; returns it with its gRPC, API and membership
+/// addresses once it listens.
+fn launch(
+    home: &std::path::Path,
+    memory_limit: &str,
+    key: &str,
+    extra: &[&str],
+    peers: &[&str],
+) -> (Proc, String, String, String) {
+    let model = default_model();
     let api_port = free_port();
     let mut cmd = exo_node();
-    cmd.env("EXO_HOME", home.path())
+    cmd.env("EXO_HOME", home)
         .env("EXO_LOG", "info")
         .args([
             "serve",
@@ -205,19 +322,14 @@ pub fn spawn_node(memory_limit: &str, key: &str, extra: &[&str], peers: &[NodePr
         .args(["--api-addr", &format!("127.0.0.1:{api_port}")])
         .args(["--model", model.to_str().unwrap()])
         .args(extra);
-    for earlier in peers {
-        cmd.args(["--peer", &earlier.membership]);
+    for peer in peers {
+        cmd.args(["--peer", peer]);
     }
     let proc = Proc::spawn(cmd);
     let membership = proc.wait_for_value("listening address=", Duration::from_secs(60));
     let grpc = proc.wait_for_value("shard service at ", Duration::from_secs(60));
-    NodeProc {
-        proc,
-        grpc,
-        api: format!("http://127.0.0.1:{api_port}/v1"),
-        membership,
-        _home: home,
-    }
+    let api = format!("http://127.0.0.1:{api_port}/v1");
+    (proc, grpc, api, membership)
 }
 
 pub fn start_cluster(n: usize, memory_limit: &str, extra: &[&str]) -> Cluster {
