@@ -221,12 +221,12 @@ pub fn node_id(api: &str) -> String {
         .to_owned()
 }
 
-/// Waits (at most `within`) until node `api`'s view lists node `id` as `state`; returns the
-/// view.
+/// Waits (at most `within`) until node `api`'s view lists node `id` in one of `states`;
+/// returns the view.
 pub fn wait_for_node_state(
     api: &str,
     id: &str,
-    state: &str,
+    states: &[&str],
     within: Duration,
 ) -> serde_json::Value {
     let deadline = Instant::now() + within;
@@ -236,13 +236,13 @@ pub fn wait_for_node_state(
             .as_array()
             .unwrap()
             .iter()
-            .any(|n| n["id"] == id && n["state"] == state);
+            .any(|n| n["id"] == id && states.iter().any(|s| n["state"] == *s));
         if shown {
             return view;
         }
         assert!(
             Instant::now() < deadline,
-            "node {id} not shown as {state} within {within:?}: {view:#}"
+            "node {id} not shown as {states:?} within {within:?}: {view:#}"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
