@@ -139,6 +139,8 @@ pub(crate) fn start_nodes(
         .collect::<Result<_>>()?;
     let pin = layout.pin && has_taskset();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // The nodes' log level (`EXO_BENCH_LOG`, default `warn`).
+    let level = std::env::var("EXO_BENCH_LOG").unwrap_or_else(|_| "warn".to_owned());
     let mut nodes = Vec::new();
     for (i, port) in ports.iter().enumerate() {
         let home =
@@ -163,7 +165,7 @@ pub(crate) fn start_nodes(
             format!("--api-addr=127.0.0.1:{api}"),
         ];
         args.extend(
-            ["--log", "warn", "serve", "--no-mdns", "--cluster-key", KEY].map(str::to_owned),
+            ["--log", &level, "serve", "--no-mdns", "--cluster-key", KEY].map(str::to_owned),
         );
         args.extend(port_args);
         args.extend(extra.iter().map(|s| (*s).to_owned()));

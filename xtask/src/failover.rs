@@ -249,7 +249,27 @@ fn one_kill(
     }
     let lost = !status.is_some_and(|s| s.success());
     if lost {
-        eprintln!("a request was lost: {stderr}");
+        eprintln!(
+            "a request was lost ({}): {stderr}",
+            if status.is_none() {
+                "no end within 60 s"
+            } else {
+                "it ended with an error"
+            }
+        );
+        for (i, node) in nodes.iter().enumerate() {
+            let log = node.log();
+            let tail: Vec<&str> = log
+                .lines()
+                .filter(|l| !l.contains("readyz") && !l.contains(" plan: "))
+                .rev()
+                .take(25)
+                .collect();
+            eprintln!(
+                "--- node {i}'s log (origin {origin}, victim {victim}), last lines ---\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
     }
     Ok(Kill {
         pause,

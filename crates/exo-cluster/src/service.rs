@@ -38,7 +38,9 @@ impl ShardHandler for Service {
             self.stages.hold(&assignment).await.map_err(|e| {
                 let code = match e {
                     HoldError::WrongModel { .. } => Code::NotFound,
-                    HoldError::NotInPlan { .. } => Code::FailedPrecondition,
+                    HoldError::NotInPlan { .. } | HoldError::OtherPlan { .. } => {
+                        Code::FailedPrecondition
+                    }
                     HoldError::Load { .. } => Code::Internal,
                 };
                 TError::service(code, e.to_string())

@@ -207,6 +207,7 @@ impl Origins {
             started,
             policy: self.policy,
             gap_s: None,
+            replay_in_place: false,
         };
         self.tasks.spawn(task.run());
         Ok(rx)

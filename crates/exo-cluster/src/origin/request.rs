@@ -126,7 +126,14 @@ pub(crate) struct RequestTask {
     pub(crate) policy: ResumePolicy,
     /// Mean time between two tokens, seconds (exponentially weighted), once measured.
     pub(crate) gap_s: Option<f64>,
+    /// The request was lost on a route whose stages all answer: it may be replayed on the
+    /// same plan.
+    pub(crate) replay_in_place: bool,
 }
+
+/// Stall bounds in a row without a token, every stage answering, after which the request
+/// counts as lost on the way (a step dropped somewhere) and is replayed.
+const QUIET_BOUNDS: u32 = 3;
 
 impl RequestTask {
     /// Runs the request to its end and tells the caller how it ended.
@@ -290,6 +297,7 @@ impl RequestTask {
         plan.mark_unchanged();
         let mut first = true;
         let mut last_token = Instant::now();
+        let mut quiet = 0;
         loop {
             let bound = self.stall_bound(first);
             let item = tokio::select! {
@@ -301,10 +309,29 @@ impl RequestTask {
                             return State::Failed(GenerationError::StageFailed(failure));
                         }
                         // Every stage answers: the request is only waiting (for room on a
-                        // busy stage, or behind long prompts). Wait another bound.
-                        None => {
+                        // busy stage, or behind long prompts). Wait another bound; after a
+                        // few, it was lost on the way: replay it, on the same plan if need be.
+                        None if quiet + 1 < QUIET_BOUNDS => {
+                            quiet += 1;
                             last_token = Instant::now();
                             continue;
+                        }
+                        None => {
+                            let last = self.route.plan.stages.len().saturating_sub(1);
+                            let waited = last_token.elapsed() + bound * quiet;
+                            tracing::warn!(
+                                request = %self.id, waited_s = waited.as_secs_f64(),
+                                "no token though every stage answers; replaying the request"
+                            );
+                            self.replay_in_place = true;
+                            return State::Failed(GenerationError::StageFailed(self.failure_at(
+                                last,
+                                FailureKind::Unresponsive,
+                                format!(
+                                    "no token for {:.0} s though every stage answers",
+                                    waited.as_secs_f64()
+                                ),
+                            )));
                         }
                     }
                 }
@@ -336,7 +363,7 @@ impl RequestTask {
                 let gap = now.duration_since(last_token).as_secs_f64();
                 self.gap_s = Some(self.gap_s.map_or(gap, |g| 0.8 * g + 0.2 * gap));
             }
-            (first, last_token) = (false, now);
+            (first, last_token, quiet) = (false, now, 0);
             first_token_at.get_or_insert(now);
             self.journal.generated.push(token);
             let decoded = match text.push(token) {
@@ -440,7 +467,7 @@ impl RequestTask {
         loop {
             let current = plan.borrow_and_update().clone();
             match current {
-                PlanState::Ready(p) if p.epoch != failure.epoch => {
+                PlanState::Ready(p) if p.epoch != failure.epoch || self.replay_in_place => {
                     match tokio::time::timeout_at(deadline, self.origins.route(&p)).await {
                         Ok(Ok(route)) => {
                             let id = RequestId(rand::random());
@@ -453,6 +480,7 @@ impl RequestTask {
                                 .resumed
                                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             self.inbox = self.origins.inboxes.open(id, route.epoch());
+                            self.replay_in_place = false;
                             self.id = id;
                             self.route = route;
                             return State::Routed;

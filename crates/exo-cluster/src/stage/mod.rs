@@ -58,6 +58,10 @@ impl Held {
     }
 }
 
+/// How long an assignment of a plan this node does not follow yet waits for its own planner
+/// to come to it (planning waits for membership to settle first).
+const FOLLOW_WAIT: Duration = Duration::from_secs(5);
+
 /// Why this node cannot hold what it was assigned.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum HoldError {
@@ -70,6 +74,14 @@ pub(crate) enum HoldError {
     /// Loading the layers failed.
     #[error("loading layers {layers}: {reason}")]
     Load { layers: LayerRange, reason: String },
+    /// The assignment is not the plan this node follows (a stale one, or one this node has
+    /// not come to within the wait).
+    #[error("node {node} follows {ours}, not plan {asked}")]
+    OtherPlan {
+        node: NodeId,
+        ours: String,
+        asked: Epoch,
+    },
 }
 
 /// A load under way: its layers, and the checkpoint it reads, whose read counter says how far
@@ -223,7 +235,13 @@ impl Stages {
         };
         let layers = assignment.stages[index].layers;
         let last = index + 1 == assignment.stages.len();
+        // Only the plan this node follows itself. Another one is either newer (this node's own
+        // planner comes to it within moments: wait for that) or stale (an origin still
+        // building a route to a plan that lost a node): holding a stale one would drop the
+        // shard of the plan in force, and with it the requests running there.
+        self.wait_to_follow(assignment.epoch).await?;
         let _loading = self.loading.lock().await;
+        self.follows(assignment.epoch)?;
         let mut load_seconds = 0.0;
         let shard = match self.held() {
             Some(held) if held.epoch == assignment.epoch => return Ok(report(&held, 0.0)),
@@ -260,6 +278,37 @@ impl Stages {
         })?;
         self.set_held(Some(Arc::clone(&held)));
         Ok(report(&held, load_seconds))
+    }
+
+    /// `Ok` when this node's own plan is `epoch`; otherwise why not.
+    fn follows(&self, epoch: Epoch) -> Result<(), HoldError> {
+        let ours = match &*self.plan.borrow() {
+            PlanState::Ready(p) if p.epoch == epoch => return Ok(()),
+            PlanState::Ready(p) => format!("plan {}", p.epoch),
+            PlanState::Waiting(_) => "no plan".to_owned(),
+        };
+        Err(HoldError::OtherPlan {
+            node: self.node.clone(),
+            ours,
+            asked: epoch,
+        })
+    }
+
+    /// Waits (at most [`FOLLOW_WAIT`]) until this node's own plan is `epoch`.
+    async fn wait_to_follow(&self, epoch: Epoch) -> Result<(), HoldError> {
+        let mut changes = self.plan.clone();
+        let deadline = tokio::time::Instant::now() + FOLLOW_WAIT;
+        loop {
+            changes.borrow_and_update();
+            let refused = match self.follows(epoch) {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { return Err(refused) },
+                () = tokio::time::sleep_until(deadline) => return Err(refused),
+            }
+        }
     }
 
     async fn load(
