@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 mod common;
 
 use common::netns::{Lab, remove_leftovers, unsupported};
-use common::{KEY, Proc, default_model};
+use common::{KEY, Proc, default_model, ids_in};
 
 const NODES: usize = 3;
 const PROMPT: &str = "Tell me a very long story about a dragon.";
@@ -36,13 +36,6 @@ fn story(mut command: Command, extra: &[&str]) -> std::process::Child {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap()
-}
-
-fn ids_in(stderr: &str) -> &str {
-    stderr
-        .lines()
-        .find_map(|l| l.strip_prefix("token ids: "))
-        .unwrap_or_else(|| panic!("no ids in: {stderr}"))
 }
 
 #[test]

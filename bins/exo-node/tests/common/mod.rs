@@ -36,6 +36,14 @@ pub fn default_model() -> PathBuf {
     PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
 
+/// The token ids `generate --show-token-ids` printed on stderr.
+pub fn ids_in(stderr: &str) -> &str {
+    stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("token ids: "))
+        .unwrap_or_else(|| panic!("no ids in: {stderr}"))
+}
+
 /// `line` without terminal colour codes.
 fn strip_ansi(line: &str) -> String {
     let mut out = String::with_capacity(line.len());
