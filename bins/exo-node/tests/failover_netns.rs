@@ -8,7 +8,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -116,50 +115,25 @@ fn cutting_a_stage_link_mid_answer_loses_nothing_the_answer_goes_on_elsewhere() 
     client.args(["netns", "exec", &lab.nodes[origin]]);
     let endpoint = format!("http://{}:52417", address(origin));
     let mut request = story(client, &["--node", &endpoint]);
-    let mut stdout = request.stdout.take().unwrap();
-    let mut text = vec![0u8; 40];
-    stdout.read_exact(&mut text).unwrap();
+    let (pieces, reader) = common::timed_reader(request.stdout.take().unwrap());
+    common::wait_for_text(&pieces, 40);
 
     // Cut the other stage's link: nothing tells anyone.
     let cut = Instant::now();
     lab.cut(victim);
-    let reader = std::thread::spawn(move || {
-        // When each piece of text came.
-        let mut pieces = Vec::new();
-        let mut buf = [0u8; 256];
-        while let Ok(n @ 1..) = stdout.read(&mut buf) {
-            pieces.push((Instant::now(), buf[..n].to_vec()));
-        }
-        pieces
-    });
-    let deadline = cut + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = request.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
+    let status = common::wait_exit(&mut request, Duration::from_secs(60)).unwrap_or_else(|| {
+        panic!(
             "the request still runs 60 s after the cut\n{}",
             nodes[origin].log_text()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let pieces = reader.join().unwrap();
+        )
+    });
+    reader.join().unwrap();
+    let pieces = std::mem::take(&mut *pieces.lock().unwrap());
     // The pause the client saw: the longest wait for text from the cut on.
-    let mut pause = Duration::ZERO;
-    let mut last = cut;
-    for (at, piece) in pieces {
-        pause = pause.max(at - last);
-        last = at;
-        text.extend(piece);
-    }
+    let pause = common::longest_wait(&pieces, cut);
+    let text: Vec<u8> = pieces.into_iter().flat_map(|(_, p)| p).collect();
     let mut stderr = String::new();
-    request
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
+    std::io::Read::read_to_string(&mut request.stderr.take().unwrap(), &mut stderr).unwrap();
     assert!(
         status.success(),
         "the request failed after the cut: {stderr}\n{}",

@@ -335,25 +335,6 @@ fn story(tokens: &str, extra: &[&str]) -> std::process::Child {
         .unwrap()
 }
 
-/// What a child wrote to stdout, and when each piece came.
-type Pieces = std::sync::Arc<std::sync::Mutex<Vec<(Instant, Vec<u8>)>>>;
-
-/// Reads a child's stdout on a thread, keeping when each piece came.
-fn timed_reader(stdout: std::process::ChildStdout) -> (Pieces, std::thread::JoinHandle<()>) {
-    let pieces = Pieces::default();
-    let sink = std::sync::Arc::clone(&pieces);
-    let reader = std::thread::spawn(move || {
-        let mut stdout = stdout;
-        let mut buf = [0u8; 256];
-        while let Ok(n @ 1..) = std::io::Read::read(&mut stdout, &mut buf) {
-            sink.lock()
-                .unwrap()
-                .push((Instant::now(), buf[..n].to_vec()));
-        }
-    });
-    (pieces, reader)
-}
-
 #[test]
 fn a_killed_stage_loses_nothing_and_restarted_it_rejoins_without_breaking_an_answer() {
     let GoneStage {
@@ -479,21 +460,10 @@ fn stage_goes_mid_answer(what: &str, how: impl FnOnce(&mut std::process::Child))
         .grpc
         .clone();
     let mut request = story("160", &["--node", &origin]);
-    let (pieces, reader) = timed_reader(request.stdout.take().unwrap());
+    let (pieces, reader) = common::timed_reader(request.stdout.take().unwrap());
     // Let it stream a while (some 40 bytes of text), then make the stage that is not the
     // origin go.
-    let streaming = Instant::now() + Duration::from_secs(60);
-    while pieces
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(_, p)| p.len())
-        .sum::<usize>()
-        < 40
-    {
-        assert!(Instant::now() < streaming, "no text within 60 s");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    common::wait_for_text(&pieces, 40);
     let victim = nodes
         .iter()
         .position(|n| n.grpc != origin && holds_layers(&n.grpc))
@@ -501,17 +471,8 @@ fn stage_goes_mid_answer(what: &str, how: impl FnOnce(&mut std::process::Child))
     let victim_id = common::node_id(&nodes[victim].api);
     how(&mut nodes[victim].proc.child);
     let killed = Instant::now();
-    let deadline = killed + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = request.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the request still runs 60 s after the kill"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = common::wait_exit(&mut request, Duration::from_secs(60))
+        .expect("the request still runs 60 s after the kill");
     reader.join().unwrap();
     let pieces = std::mem::take(&mut *pieces.lock().unwrap());
     let mut stderr = String::new();
@@ -523,12 +484,7 @@ fn stage_goes_mid_answer(what: &str, how: impl FnOnce(&mut std::process::Child))
     let before = pieces.iter().filter(|(at, _)| *at < killed).count();
     assert!(before > 0, "nothing streamed before the kill: {stderr}");
     // The pause the client saw: the longest wait for text from the moment the stage went.
-    let mut pause = Duration::ZERO;
-    let mut last = killed;
-    for (at, _) in pieces.iter().filter(|(at, _)| *at >= killed) {
-        pause = pause.max(at.duration_since(last));
-        last = *at;
-    }
+    let pause = common::longest_wait(&pieces, killed);
     eprintln!("{what}: {before} pieces before; the longest pause after it {pause:?}");
     let text: Vec<u8> = pieces.into_iter().flat_map(|(_, p)| p).collect();
     assert_eq!(ids_in(&stderr), ids_in(&reference_err), "{stderr}");
@@ -588,17 +544,8 @@ fn a_killed_node_whose_part_fits_nowhere_ends_the_request_saying_why_and_restart
     let victim_id = common::node_id(&cluster.nodes[victim].api);
     cluster.nodes[victim].proc.child.kill().unwrap();
     let killed = Instant::now();
-    let deadline = killed + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = request.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the request still runs 20 s after the kill"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = common::wait_exit(&mut request, Duration::from_secs(20))
+        .expect("the request still runs 20 s after the kill");
     let took = killed.elapsed();
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut request.stderr.take().unwrap(), &mut stderr).unwrap();
@@ -613,7 +560,7 @@ fn a_killed_node_whose_part_fits_nowhere_ends_the_request_saying_why_and_restart
 
     // Started again with its home (its identity), the node rejoins: the cluster plans with it
     // once more and answers as one machine does.
-    let peers = cluster.peers_of(victim);
+    let peers = common::peers_of(&cluster.nodes, victim);
     cluster.nodes[victim].restart(&peers);
     let origin_api = &cluster.nodes[0].api;
     common::wait_for_node_state(origin_api, &victim_id, &["ready"], Duration::from_secs(90));

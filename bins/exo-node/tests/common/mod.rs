@@ -44,6 +44,69 @@ pub fn ids_in(stderr: &str) -> &str {
         .unwrap_or_else(|| panic!("no ids in: {stderr}"))
 }
 
+/// What a child wrote to stdout, and when each piece came.
+pub type Pieces = Arc<Mutex<Vec<(Instant, Vec<u8>)>>>;
+
+/// Reads a child's stdout on a thread, keeping when each piece came.
+pub fn timed_reader(stdout: std::process::ChildStdout) -> (Pieces, std::thread::JoinHandle<()>) {
+    let pieces = Pieces::default();
+    let sink = Arc::clone(&pieces);
+    let reader = std::thread::spawn(move || {
+        let mut stdout = stdout;
+        let mut buf = [0u8; 256];
+        while let Ok(n @ 1..) = std::io::Read::read(&mut stdout, &mut buf) {
+            sink.lock()
+                .unwrap()
+                .push((Instant::now(), buf[..n].to_vec()));
+        }
+    });
+    (pieces, reader)
+}
+
+/// Waits (at most 60 s) until `pieces` hold `bytes` bytes of text.
+pub fn wait_for_text(pieces: &Pieces, bytes: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while pieces
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, p)| p.len())
+        .sum::<usize>()
+        < bytes
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no {bytes} bytes of text within 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Waits (at most `within`) until `child` ends; `None` when it still runs.
+pub fn wait_exit(child: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The longest wait for text from `from` on: the pause a client saw after `from`.
+pub fn longest_wait(pieces: &[(Instant, Vec<u8>)], from: Instant) -> Duration {
+    let mut longest = Duration::ZERO;
+    let mut last = from;
+    for (at, _) in pieces.iter().filter(|(at, _)| *at >= from) {
+        longest = longest.max(at.duration_since(last));
+        last = *at;
+    }
+    longest
+}
+
 /// `line` without terminal colour codes.
 fn strip_ansi(line: &str) -> String {
     let mut out = String::with_capacity(line.len());
@@ -190,13 +253,6 @@ impl NodeProc {
 
 pub struct Cluster {
     pub nodes: Vec<NodeProc>,
-}
-
-impl Cluster {
-    /// The membership addresses of every node but the `i`th.
-    pub fn peers_of(&self, i: usize) -> Vec<String> {
-        peers_of(&self.nodes, i)
-    }
 }
 
 /// The membership addresses of every node of `nodes` but the `i`th.
