@@ -156,7 +156,7 @@ pub(crate) fn start_nodes(
         } else {
             (exe.to_path_buf(), Vec::new())
         };
-        let port_args = [
+        let serve_args = [
             format!("--model={}", model.display()),
             format!("--threads={}", layout.threads),
             format!("--wire={}", layout.wire),
@@ -167,7 +167,7 @@ pub(crate) fn start_nodes(
         args.extend(
             ["--log", &level, "serve", "--no-mdns", "--cluster-key", KEY].map(str::to_owned),
         );
-        args.extend(port_args);
+        args.extend(serve_args);
         args.extend(extra.iter().map(|s| (*s).to_owned()));
         if let Some(limit) = layout.memory_limit {
             args.push(format!("--memory-limit={limit}"));

@@ -458,9 +458,7 @@ impl Stages {
             if let Some(worker) = found {
                 return Ok(worker);
             }
-            let expected_here =
-                matches!(&*plan_changes.borrow(), PlanState::Ready(p) if p.epoch == epoch);
-            let patience = if expected_here {
+            let patience = if self.follows(epoch).is_ok() {
                 Duration::from_secs(120)
             } else {
                 Duration::from_secs(3)
