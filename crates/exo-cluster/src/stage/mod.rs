@@ -458,7 +458,9 @@ impl Stages {
             if let Some(worker) = found {
                 return Ok(worker);
             }
-            let patience = if self.follows(epoch).is_ok() {
+            let expected_here =
+                matches!(&*plan_changes.borrow(), PlanState::Ready(p) if p.epoch == epoch);
+            let patience = if expected_here {
                 Duration::from_secs(120)
             } else {
                 Duration::from_secs(3)
