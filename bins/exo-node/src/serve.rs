@@ -54,7 +54,10 @@ pub(crate) struct ServeArgs {
     /// Worker threads for the CPU kernels (default: all cores).
     #[arg(long)]
     pub(crate) threads: Option<usize>,
-    /// Tokens of KV cache the plan reserves for a request (capped by the model's context).
+    /// Tokens of KV cache the plan reserves for a request (capped by the model's context),
+    /// and so the most tokens (prompt plus completion) one request may use; longer requests
+    /// are refused with 400. Each node's memory holds its layers' keys and values for this
+    /// many positions, and stages run as many requests at once as their memory holds.
     #[arg(long, default_value_t = 2048)]
     pub(crate) plan_context: usize,
     /// Tokens generated when a request does not say.

@@ -46,9 +46,11 @@ pub trait Engine: Send + Sync + 'static {
     ///
     /// The returned receiver yields [`GenerationEvent::Text`] pieces as they are decided, then
     /// exactly one [`GenerationEvent::Finished`], or an `Err` at any point (after which nothing
-    /// follows). Dropping the receiver means the client went away: the engine must stop and
-    /// free the request's state. An engine notices that with `Sender::closed` or a failed
-    /// `send`. The request's `model` is exactly what the client sent; resolving it is the
+    /// follows). A closed (or dropped) receiver means the client went away: the engine must
+    /// stop and free the request's state. An engine notices that with `Sender::closed` or a
+    /// failed `send`. The API keeps the generation's slot until the engine drops its sender
+    /// (at most 30 s after the client left), so `max_concurrent` bounds the work that really
+    /// runs: an engine drops the sender once the work has stopped. The request's `model` is exactly what the client sent; resolving it is the
     /// engine's job ([`GenerationError::UnknownModel`] when it cannot), as are chat templates,
     /// token counts, stop strings and the context limit.
     fn generate(

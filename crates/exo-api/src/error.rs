@@ -3,7 +3,7 @@
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use exo_core::GenerationError;
+use exo_core::{FailureKind, GenerationError};
 use serde_json::{Value, json};
 
 /// An error response in OpenAI's envelope: `{"error": {"message", "type", "param", "code"}}`.
@@ -145,11 +145,16 @@ impl ApiError {
             }
             GenerationError::Busy => Self::new(StatusCode::TOO_MANY_REQUESTS, RATE_LIMIT, message)
                 .with_code("rate_limit_exceeded"),
-            // A device of the cluster failed under the request: the client may retry.
+            // A device of the cluster failed under the request: the client may retry. Which
+            // node, where and why is for the log, not for clients.
             GenerationError::StageFailed(failure) => {
                 tracing::warn!(%failure, "generation failed on a stage");
-                Self::new(StatusCode::SERVICE_UNAVAILABLE, SERVER_ERROR, message)
-                    .with_code("service_unavailable")
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    SERVER_ERROR,
+                    stage_failure_for_clients(failure.kind),
+                )
+                .with_code("service_unavailable")
             }
             GenerationError::Cancelled => {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, SERVER_ERROR, message)
@@ -160,6 +165,15 @@ impl ApiError {
                 Self::internal()
             }
         }
+    }
+
+    /// Adds the request's id to a server error's message, so that the client can quote it
+    /// and the operator find the detail in the log (every line about the request carries it).
+    pub(crate) fn for_request(mut self, id: &str) -> Self {
+        if self.status.is_server_error() && !id.is_empty() {
+            self.message = format!("{} (request {id})", self.message);
+        }
+        self
     }
 
     pub(crate) fn with_param(mut self, param: impl Into<String>) -> Self {
@@ -186,6 +200,25 @@ impl ApiError {
                 "code": self.code,
             }
         })
+    }
+}
+
+/// What a client is told when a stage fails: the cluster-level problem, without node ids or
+/// addresses.
+fn stage_failure_for_clients(kind: FailureKind) -> &'static str {
+    match kind {
+        FailureKind::Lost => {
+            "a node of the cluster went away while computing this request, and the request \
+             could not go on without it; retry"
+        }
+        FailureKind::Unresponsive => {
+            "a node of the cluster stopped answering while computing this request, and the \
+             request could not go on without it; retry"
+        }
+        FailureKind::Refused => {
+            "the cluster was changing its plan and could not take this request; retry"
+        }
+        _ => "a node of the cluster failed while computing this request; see its log",
     }
 }
 

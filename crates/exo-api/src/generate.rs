@@ -54,41 +54,45 @@ pub(crate) async fn respond(
     } = parsed;
     let format = Format::new(api, request.model.clone(), include_usage);
     let slot = state.admission.admit().await?;
-    let mut rx = state
-        .engine
-        .generate(request)
-        .await
-        .map_err(|error| ApiError::from_engine(error, api.prompt_param()))?;
+    let rx =
+        state.engine.generate(request).await.map_err(|error| {
+            ApiError::from_engine(error, api.prompt_param()).for_request(log.id())
+        })?;
+    let mut running = Running::new(rx, slot);
 
     if !stream {
         let mut text = String::new();
         loop {
-            match rx.recv().await {
+            match running.recv().await {
                 Some(Ok(GenerationEvent::Text(piece))) => text.push_str(&piece),
                 Some(Ok(GenerationEvent::Finished(finished))) => {
-                    drop(rx);
-                    drop(slot);
+                    running.done();
                     let (prompt_tokens, completion_tokens) = counts(&finished);
                     log.record_tokens(prompt_tokens, completion_tokens);
                     let usage = usage(prompt_tokens, completion_tokens);
                     return Ok(Json(format.whole(&text, finished.reason, usage)).into_response());
                 }
-                Some(Err(error)) => return Err(ApiError::from_engine(error, api.prompt_param())),
-                None => return Err(ended_early()),
+                Some(Err(error)) => {
+                    return Err(
+                        ApiError::from_engine(error, api.prompt_param()).for_request(log.id())
+                    );
+                }
+                None => return Err(ended_early().for_request(log.id())),
             }
         }
     }
 
     // Until the first item the response can still be an ordinary error; after it, errors
     // can only travel inside the stream.
-    let first = match rx.recv().await {
+    let first = match running.recv().await {
         Some(Ok(chunk)) => chunk,
-        Some(Err(error)) => return Err(ApiError::from_engine(error, api.prompt_param())),
-        None => return Err(ended_early()),
+        Some(Err(error)) => {
+            return Err(ApiError::from_engine(error, api.prompt_param()).for_request(log.id()));
+        }
+        None => return Err(ended_early().for_request(log.id())),
     };
     let mut events = EventStream {
-        rx: Some(rx),
-        slot: Some(slot),
+        running,
         pending: VecDeque::new(),
         format,
         log,
@@ -103,7 +107,10 @@ pub(crate) async fn respond(
             if let Some(event) = events.pending.pop_front() {
                 return Some((Ok::<_, Infallible>(event), events));
             }
-            let item = events.rx.as_mut()?.recv().await;
+            if events.running.is_done() {
+                return None;
+            }
+            let item = events.running.recv().await;
             events.handle(item);
         }
     });
@@ -132,12 +139,80 @@ fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {
     })
 }
 
-/// The state of a streamed response. Dropping it (the stream ended, or the client went away
-/// and the server dropped the body) drops the receiver, which tells the engine to stop, and
-/// frees the generation slot.
-struct EventStream {
+/// A generation the engine is running, and the slot it holds.
+///
+/// Once the generation has ended (its last event came) both go at once. Dropped before that
+/// (the client went away), it closes the receiver, which tells the engine to stop, and keeps
+/// the slot until the engine has let go of its sender, that is until the work has stopped, so
+/// that [`ApiConfig::max_concurrent`](crate::ApiConfig::max_concurrent) bounds the work really
+/// running and not only the clients still connected. An engine that holds on longer than
+/// [`STOP_GRACE`] frees the slot anyway, with a warning.
+struct Running {
     rx: Option<mpsc::Receiver<Result<GenerationEvent, GenerationError>>>,
     slot: Option<Slot>,
+}
+
+/// How long a slot stays taken after its client left, waiting for the engine to stop.
+const STOP_GRACE: Duration = Duration::from_secs(30);
+
+/// How often a client's departed generation is checked for having stopped.
+const STOP_POLL: Duration = Duration::from_millis(20);
+
+impl Running {
+    fn new(rx: mpsc::Receiver<Result<GenerationEvent, GenerationError>>, slot: Slot) -> Self {
+        Self {
+            rx: Some(rx),
+            slot: Some(slot),
+        }
+    }
+
+    async fn recv(&mut self) -> Option<Result<GenerationEvent, GenerationError>> {
+        self.rx.as_mut()?.recv().await
+    }
+
+    /// The generation ended: nothing more is expected from the engine.
+    fn done(&mut self) {
+        self.rx = None;
+        self.slot = None;
+    }
+
+    fn is_done(&self) -> bool {
+        self.rx.is_none()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let (Some(mut rx), Some(slot)) = (self.rx.take(), self.slot.take()) else {
+            return;
+        };
+        rx.close();
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            // A closed channel tells nothing when its last sender goes: ask, now and then.
+            let stopped = async {
+                while rx.sender_strong_count() > 0 {
+                    tokio::time::sleep(STOP_POLL).await;
+                }
+            };
+            if tokio::time::timeout(STOP_GRACE, stopped).await.is_err() {
+                tracing::warn!(
+                    grace_s = STOP_GRACE.as_secs(),
+                    "the engine still runs a generation whose client left; freeing its slot"
+                );
+            }
+            drop(slot);
+        });
+    }
+}
+
+/// The state of a streamed response. Dropping it (the stream ended, or the client went away
+/// and the server dropped the body) stops the generation and, once it has stopped, frees its
+/// slot.
+struct EventStream {
+    running: Running,
     pending: VecDeque<Event>,
     format: Format,
     log: RequestLog,
@@ -174,7 +249,8 @@ impl EventStream {
             }
             Some(Err(error)) => {
                 self.finish();
-                let error = ApiError::from_engine(error, self.format.api.prompt_param());
+                let error = ApiError::from_engine(error, self.format.api.prompt_param())
+                    .for_request(self.log.id());
                 tracing::warn!(
                     status = error.status().as_u16(),
                     "generation failed mid-stream"
@@ -183,15 +259,14 @@ impl EventStream {
             }
             None => {
                 self.finish();
-                self.push(ended_early().envelope());
+                self.push(ended_early().for_request(self.log.id()).envelope());
             }
         }
     }
 
     /// Lets go of the engine and the slot as soon as nothing more is expected.
     fn finish(&mut self) {
-        self.rx = None;
-        self.slot = None;
+        self.running.done();
     }
 }
 

@@ -10,23 +10,43 @@ use std::time::Instant;
 use axum::body::{Body, Bytes};
 use axum::extract::{FromRequestParts, Request, State};
 use axum::http::request::Parts;
-use axum::http::{Method, Uri, header};
+use axum::http::{HeaderValue, Method, Uri, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use http_body::{Frame, SizeHint};
+use tracing::Instrument;
 
 use crate::error::ApiError;
 
 /// Per-request facts only a handler learns (token counts), for the log line written when the
-/// response body is done.
+/// response body is done, and the request's id.
 #[derive(Clone, Debug, Default)]
-pub(crate) struct RequestLog(Arc<OnceLock<(usize, usize)>>);
+pub(crate) struct RequestLog {
+    tokens: Arc<OnceLock<(usize, usize)>>,
+    id: Arc<str>,
+}
+
+/// The header that gives a client its request's id, which every log line about the request
+/// carries (`request{id=...}`): what to quote when asking what went wrong.
+pub(crate) const REQUEST_ID: &str = "x-request-id";
 
 impl RequestLog {
+    fn new() -> Self {
+        Self {
+            tokens: Arc::default(),
+            id: format!("req_{:016x}", rand::random::<u64>()).into(),
+        }
+    }
+
     pub(crate) fn record_tokens(&self, prompt_tokens: usize, completion_tokens: usize) {
         // Only one generation runs per request; a second record would be a bug, and the first
         // value is the right one to keep.
-        let _ = self.0.set((prompt_tokens, completion_tokens));
+        let _ = self.tokens.set((prompt_tokens, completion_tokens));
+    }
+
+    /// The request's id (`req_` and 16 hex digits; empty outside the logging middleware).
+    pub(crate) fn id(&self) -> &str {
+        &self.id
     }
 }
 
@@ -41,8 +61,9 @@ impl<S: Send + Sync> FromRequestParts<S> for RequestLog {
 /// Writes one info line per request once its response body has been sent or dropped, so
 /// that a streamed generation is logged with its full duration and token counts.
 pub(crate) async fn log_requests(mut req: Request, next: Next) -> Response {
-    let log = RequestLog::default();
+    let log = RequestLog::new();
     req.extensions_mut().insert(log.clone());
+    let span = tracing::info_span!("request", id = %log.id);
     let mut line = LogLine {
         method: req.method().clone(),
         path: req.uri().path().to_owned(),
@@ -53,9 +74,12 @@ pub(crate) async fn log_requests(mut req: Request, next: Next) -> Response {
     };
     // When the client goes away before the response is ready, this future is dropped here
     // and the line is written with the placeholder status.
-    let response = next.run(req).await;
+    let mut response = next.run(req).instrument(span.clone()).await;
     line.status = response.status().as_u16();
-    response.map(|inner| Body::new(LoggedBody { inner, line }))
+    if let Ok(value) = HeaderValue::from_str(&line.log.id) {
+        response.headers_mut().insert(REQUEST_ID, value);
+    }
+    response.map(|inner| Body::new(LoggedBody { inner, line, span }))
 }
 
 /// The status logged for a request whose client left before the response was ready, as
@@ -76,8 +100,9 @@ impl Drop for LogLine {
     fn drop(&mut self) {
         let duration_ms = self.started.elapsed().as_secs_f64() * 1e3;
         let status = self.status;
-        match self.log.0.get() {
+        match self.log.tokens.get() {
             Some(&(prompt_tokens, completion_tokens)) => tracing::info!(
+                id = %self.log.id,
                 method = %self.method,
                 path = %self.path,
                 status,
@@ -88,6 +113,7 @@ impl Drop for LogLine {
                 "request",
             ),
             None => tracing::info!(
+                id = %self.log.id,
                 method = %self.method,
                 path = %self.path,
                 status,
@@ -99,10 +125,12 @@ impl Drop for LogLine {
     }
 }
 
-/// A response body that writes its request's log line when dropped.
+/// A response body that writes its request's log line when dropped; what it logs while it
+/// streams carries the request's id.
 struct LoggedBody {
     inner: Body,
     line: LogLine,
+    span: tracing::Span,
 }
 
 impl http_body::Body for LoggedBody {
@@ -113,6 +141,8 @@ impl http_body::Body for LoggedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let span = self.span.clone();
+        let _entered = span.enter();
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(None) => self.line.complete = true,

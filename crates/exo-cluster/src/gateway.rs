@@ -313,10 +313,12 @@ impl exo_api::Engine for GatewayEngine {
                     }
                 }
             }
-            Err(GenerationError::Unavailable(last_error.map_or_else(
-                || "no node answered".to_owned(),
-                |e| format!("no node could take the request ({e})"),
-            )))
+            if let Some(error) = &last_error {
+                tracing::warn!(%error, "no node could take a request");
+            }
+            Err(GenerationError::Unavailable(
+                "no node of the cluster could take the request; retry".to_owned(),
+            ))
         })
     }
 }
@@ -336,9 +338,12 @@ fn relay(mut stream: GenerateStream, node: String) -> Generation {
                 Ok(None) => Err(GenerationError::Internal(format!(
                     "node {node} ended the generation without a final event"
                 ))),
-                Err(e) => Err(GenerationError::Unavailable(format!(
-                    "the node serving the request went away: {e}"
-                ))),
+                Err(e) => {
+                    tracing::warn!(%node, error = %e, "the node serving a request went away");
+                    Err(GenerationError::Unavailable(
+                        "the node serving the request went away; retry".to_owned(),
+                    ))
+                }
             };
             let last = !matches!(item, Ok(GenerationEvent::Text(_)));
             if tx.send(item).await.is_err() || last {

@@ -44,7 +44,8 @@ pub struct ClusterConfig {
     pub weights: Weights,
     /// How activations travel to the next stage.
     pub wire: WireDtype,
-    /// Tokens of KV cache the plan reserves per request (capped by the model's context).
+    /// Tokens of KV cache the plan reserves per request (capped by the model's context), and
+    /// so the most tokens (prompt plus completion) one request may use.
     pub plan_context: usize,
     /// Tokens generated when a request does not say.
     pub default_max_tokens: usize,
@@ -164,7 +165,13 @@ impl Node {
             wire: config.wire,
             sent: Arc::new(SentCounters::default()),
         };
-        let context = model_config.max_position_embeddings;
+        // A request may use what the plan reserves keys and values for, no more: the planner
+        // gives every stage room for `plan_context` positions, and stages admit requests only
+        // while what they reserved fits the memory they offer.
+        let context = model_config
+            .max_position_embeddings
+            .min(config.plan_context.max(1));
+        let longest_token_bytes = tokenizer.longest_token_bytes();
         let eos = model_config.eos_token_ids.clone();
         let stages = Arc::new(Stages::new(
             id.clone(),
@@ -189,6 +196,7 @@ impl Node {
                 template,
                 eos,
                 context,
+                longest_token_bytes,
                 default_max_tokens: config.default_max_tokens,
                 prefill_chunk: config.prefill_chunk,
             }),
@@ -234,7 +242,7 @@ impl Node {
             topology: topology.clone(),
             model: model_file,
             profile,
-            context: config.plan_context.min(context) as u64,
+            context: context as u64,
             settle: config.settle,
             strategy: config.strategy,
             plan: plan_tx,
@@ -276,7 +284,8 @@ impl Node {
         model_id(self.model_name())
     }
 
-    /// The model's context length.
+    /// The most tokens one request may use: the model's context length, or the plan's
+    /// (`plan_context`) when that is smaller.
     pub fn context_length(&self) -> usize {
         self.origins.model.context
     }

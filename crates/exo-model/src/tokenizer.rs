@@ -174,6 +174,21 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// An upper bound on the bytes of text one token covers: the longest entry of the
+    /// vocabulary, in bytes as stored (a byte-level entry stores each byte as one character of
+    /// one or two bytes, so this is never less than what it stands for). Text of `n` bytes
+    /// takes at least `n / longest_token_bytes()` tokens, which refuses a prompt far too long
+    /// without tokenizing it.
+    pub fn longest_token_bytes(&self) -> usize {
+        self.inner
+            .get_vocab(true)
+            .keys()
+            .map(String::len)
+            .max()
+            .unwrap_or(1)
+            .max(1)
+    }
+
     /// The id of a token, if the vocabulary has it.
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)

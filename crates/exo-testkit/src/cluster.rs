@@ -176,7 +176,8 @@ impl TestCluster {
         config.wire = self.options.wire;
         config.prefill_chunk = self.options.prefill_chunk;
         config.step_rows = self.options.step_rows;
-        config.plan_context = 64;
+        // The tiny models' whole context: tests ask for up to a few hundred positions.
+        config.plan_context = 256;
         config.settle = Duration::from_millis(200);
         config.strategy = self.options.strategy;
         config.resume_within = self.options.resume_within;

@@ -29,6 +29,9 @@ pub struct Script {
     pub hang_after: Option<usize>,
     /// Pause before each piece.
     pub delay: Duration,
+    /// How long the work goes on after the fake noticed its client left (a stage finishing
+    /// its step), before it lets go of the sender.
+    pub stop_delay: Duration,
 }
 
 /// What the fake observed, shared with the test.
@@ -119,6 +122,7 @@ impl FakeEngine {
                 error_at: None,
                 hang_after: None,
                 delay: Duration::ZERO,
+                stop_delay: Duration::ZERO,
             },
             probe: Arc::default(),
             readiness: Readiness::Ready,
@@ -166,6 +170,11 @@ impl FakeEngine {
 
     pub fn delay(mut self, delay: Duration) -> Self {
         self.script.delay = delay;
+        self
+    }
+
+    pub fn stop_delay(mut self, delay: Duration) -> Self {
+        self.script.stop_delay = delay;
         self
     }
 
@@ -275,6 +284,8 @@ impl Engine for FakeEngine {
                 let cancelled = !run(&script, &tx).await;
                 if cancelled {
                     probe.cancelled.fetch_add(1, Ordering::SeqCst);
+                    probe.touch();
+                    tokio::time::sleep(script.stop_delay).await;
                 } else {
                     probe.finished.store(true, Ordering::SeqCst);
                 }

@@ -251,9 +251,11 @@ async fn engine_error_before_the_first_chunk_is_an_http_error() {
         )
         .await;
         let message = reply.assert_error(503, None, Some("service_unavailable"));
+        let id = reply.header("x-request-id").unwrap();
+        assert!(id.starts_with("req_"), "{id}");
         assert_eq!(
             message,
-            "not enough memory across nodes: need 3.1 GiB, have 2.0 GiB"
+            format!("not enough memory across nodes: need 3.1 GiB, have 2.0 GiB (request {id})")
         );
     }
 }
@@ -285,13 +287,14 @@ async fn engine_error_mid_stream_is_an_error_event_without_done() {
     )
     .await;
     assert_eq!(reply.status, 200);
+    let id = reply.header("x-request-id").unwrap().to_owned();
     let data = sse_data(&reply.text());
     assert!(!data.iter().any(|d| d == "[DONE]"), "{data:?}");
     let last: Value = serde_json::from_str(data.last().unwrap()).unwrap();
     assert_eq!(
         last,
         json!({"error": {
-            "message": "node desktop left the cluster",
+            "message": format!("node desktop left the cluster (request {id})"),
             "type": "server_error",
             "param": null,
             "code": "service_unavailable",
@@ -308,8 +311,52 @@ async fn engine_error_mid_non_streamed_generation_is_an_http_error() {
         .build();
     let reply = post(&app(&engine), "/v1/chat/completions", chat_body()).await;
     let message = reply.assert_error(500, None, None);
-    assert_eq!(message, "internal error, see the node's log");
+    let id = reply.header("x-request-id").unwrap();
+    assert_eq!(
+        message,
+        format!("internal error, see the node's log (request {id})")
+    );
     assert!(!reply.text().contains("NaN"));
+}
+
+#[tokio::test]
+async fn a_failed_stage_is_told_to_clients_without_node_ids_or_addresses() {
+    use exo_core::{Epoch, FailureKind, LayerRange, NodeId, StageFailure};
+    for (kind, status, says) in [
+        (FailureKind::Lost, 503, "went away"),
+        (FailureKind::Unresponsive, 503, "stopped answering"),
+        (FailureKind::Failed, 503, "failed while computing"),
+    ] {
+        let failure = StageFailure {
+            node: NodeId::from("12D3KooWSecretNodeId"),
+            stage: 1,
+            layers: LayerRange::new(5, 23),
+            epoch: Epoch::from_hash(0xbeef),
+            kind,
+            reason: "node at http://10.0.0.7:52417: connection reset".into(),
+        };
+        let engine = FakeEngine::new()
+            .error_at(1, EngineError::StageFailed(failure))
+            .build();
+        for stream in [false, true] {
+            let reply = post(
+                &app(&engine),
+                "/v1/chat/completions",
+                with(chat_body(), json!({"stream": stream})),
+            )
+            .await;
+            let text = reply.text();
+            for secret in ["12D3KooW", "10.0.0.7", "52417", "5..23", "beef"] {
+                assert!(!text.contains(secret), "{secret} in {text}");
+            }
+            assert!(text.contains(says), "{text}");
+            let id = reply.header("x-request-id").unwrap();
+            assert!(text.contains(&format!("(request {id})")), "{text}");
+            if !stream {
+                assert_eq!(reply.status.as_u16(), status);
+            }
+        }
+    }
 }
 
 #[tokio::test]

@@ -31,6 +31,37 @@ fn in_background(app: &Router) -> tokio::task::JoinHandle<u16> {
     })
 }
 
+/// Sends a chat request in the background once the engine has stopped every generation and
+/// the API has freed their slots (a departed client's slot frees shortly after its engine
+/// stops), retrying while it is refused with 429; returns when the engine has started
+/// `started` generations in all.
+async fn in_background_once_free(
+    app: &Router,
+    engine: &FakeEngine,
+    started: usize,
+) -> tokio::task::JoinHandle<u16> {
+    let deadline = tokio::time::Instant::now() + PROMPTLY;
+    loop {
+        let mut attempt = in_background(app);
+        let began = async {
+            engine
+                .probe
+                .wait_for("a generation to start", |p| {
+                    p.started.load(Ordering::SeqCst) == started
+                })
+                .await;
+        };
+        tokio::select! {
+            () = began => return attempt,
+            refused = async { (&mut attempt).await } => {
+                assert_eq!(refused.unwrap(), 429, "the request ended without starting");
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no slot freed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 #[tokio::test]
 async fn full_queue_is_429_at_once() {
     let engine = FakeEngine::new().hang_after(0).build();
@@ -57,13 +88,7 @@ async fn full_queue_is_429_at_once() {
             p.cancelled.load(Ordering::SeqCst) == 1
         })
         .await;
-    let third = in_background(&app);
-    engine
-        .probe
-        .wait_for("a new generation to start", |p| {
-            p.started.load(Ordering::SeqCst) == 2
-        })
-        .await;
+    let third = in_background_once_free(&app, &engine, 2).await;
     third.abort();
 }
 
@@ -138,12 +163,52 @@ async fn a_stream_holds_its_slot_until_its_body_is_dropped() {
             p.cancelled.load(Ordering::SeqCst) == 1
         })
         .await;
-    let next = in_background(&app);
+    let next = in_background_once_free(&app, &engine, 2).await;
+    next.abort();
+}
+
+#[tokio::test]
+async fn a_slot_stays_taken_until_the_work_of_a_client_that_left_has_stopped() {
+    // The engine goes on for 400 ms after it notices its client left (a stage finishing its
+    // step): the next request must not start before then, or `max_concurrent` would bound
+    // connected clients rather than work.
+    let stop_delay = Duration::from_millis(400);
+    let engine = FakeEngine::new()
+        .hang_after(0)
+        .stop_delay(stop_delay)
+        .build();
+    let app = app_with(&engine, limits(1, 1));
+    let first = in_background(&app);
     engine
         .probe
-        .wait_for("the next generation to start", |p| {
+        .wait_for("the first generation to start", |p| {
+            p.running.load(Ordering::SeqCst) == 1
+        })
+        .await;
+    first.abort();
+    engine
+        .probe
+        .wait_for("the first generation to notice its client left", |p| {
+            p.cancelled.load(Ordering::SeqCst) == 1
+        })
+        .await;
+    let noticed = std::time::Instant::now();
+    let second = in_background(&app);
+    engine
+        .probe
+        .wait_for("the second generation to start", |p| {
             p.started.load(Ordering::SeqCst) == 2
         })
         .await;
-    next.abort();
+    assert!(
+        noticed.elapsed() >= stop_delay - Duration::from_millis(50),
+        "the second request started {:?} after the first was cancelled, before its work stopped",
+        noticed.elapsed()
+    );
+    assert_eq!(
+        engine.probe.peak.load(Ordering::SeqCst),
+        1,
+        "two generations ran at once with max_concurrent 1"
+    );
+    second.abort();
 }

@@ -30,8 +30,12 @@ pub(crate) struct OriginModel {
     pub(crate) tokenizer: Tokenizer,
     pub(crate) template: Option<ChatTemplate>,
     pub(crate) eos: Vec<u32>,
-    /// Positions a request may use in all (prompt plus generated).
+    /// Positions a request may use in all (prompt plus generated): the model's context, or
+    /// less, what the plan reserves keys and values for (`--plan-context`).
     pub(crate) context: usize,
+    /// The most bytes of text one token stands for, so that a prompt far too long is refused
+    /// before it is templated or tokenized.
+    pub(crate) longest_token_bytes: usize,
     /// Tokens generated when a request does not say.
     pub(crate) default_max_tokens: usize,
     /// Largest prompt chunk sent in one frame.
@@ -70,6 +74,31 @@ impl OriginModel {
         Ok(ids)
     }
 
+    /// Refuses, from its length in bytes alone, a prompt that cannot fit the context however
+    /// it tokenizes: a prompt of megabytes is turned away before any work (templating and
+    /// tokenizing it would take seconds and a lot of memory).
+    fn refuse_far_too_long(&self, prompt: &Prompt) -> Result<(), GenerationError> {
+        let (bytes, param) = match prompt {
+            Prompt::Text(t) => (t.len(), "prompt"),
+            Prompt::Chat(messages) => (
+                messages.iter().map(|m| m.content.len()).sum::<usize>(),
+                "messages",
+            ),
+        };
+        let at_least = bytes / self.longest_token_bytes.max(1);
+        if at_least < self.context {
+            return Ok(());
+        }
+        Err(GenerationError::invalid(
+            param,
+            format!(
+                "this model's maximum context length is {} tokens, but the prompt alone takes \
+                 at least {at_least} tokens ({bytes} bytes of text)",
+                self.context
+            ),
+        ))
+    }
+
     /// The one context rule: the prompt and the tokens asked for must fit the context; a
     /// request that asks for no number gets the default, cut to what fits.
     fn max_tokens(&self, prompt: usize, asked: Option<u32>) -> Result<usize, GenerationError> {
@@ -103,6 +132,8 @@ pub(crate) struct Origins {
     pub(crate) resumed: std::sync::atomic::AtomicU64,
     /// One route per plan epoch; building one is serialised.
     routes: tokio::sync::Mutex<HashMap<Epoch, Arc<Route>>>,
+    /// Prompts templated and tokenized at once: half the cores, at least one.
+    tokenizing: Arc<tokio::sync::Semaphore>,
 }
 
 impl Origins {
@@ -126,6 +157,9 @@ impl Origins {
             policy,
             resumed: std::sync::atomic::AtomicU64::new(0),
             routes: tokio::sync::Mutex::new(HashMap::new()),
+            tokenizing: Arc::new(tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
+            )),
         }
     }
 
@@ -178,12 +212,24 @@ impl Origins {
             });
         }
         request.sampling.validate()?;
+        self.model.refuse_far_too_long(&request.prompt)?;
         let plan = self.current_plan()?;
-        // Templating and tokenizing a long prompt takes a while: off the async workers.
-        let (model, prompt) = (Arc::clone(&self.model), request.prompt);
-        let prompt = tokio::task::spawn_blocking(move || model.prompt_ids(&prompt))
+        // Templating and tokenizing a long prompt takes a while: off the async workers, and a
+        // bounded number at a time, so that membership and the shard service, which run on
+        // those workers, always find a core (a peer that does not hear from this node for 2 s
+        // declares it gone).
+        let permit = Arc::clone(&self.tokenizing)
+            .acquire_owned()
             .await
-            .map_err(|e| GenerationError::Internal(format!("tokenizing task: {e}")))??;
+            .map_err(|_| GenerationError::Internal("the tokenizing pool closed".into()))?;
+        let (model, prompt) = (Arc::clone(&self.model), request.prompt);
+        let prompt = tokio::task::spawn_blocking(move || {
+            let ids = model.prompt_ids(&prompt);
+            drop(permit);
+            ids
+        })
+        .await
+        .map_err(|e| GenerationError::Internal(format!("tokenizing task: {e}")))??;
         let max_tokens = self.model.max_tokens(prompt.len(), request.max_tokens)?;
         let route = self.route(&plan).await?;
         let id = RequestId(rand::random());
@@ -209,7 +255,9 @@ impl Origins {
             gap_s: None,
             replay_in_place: false,
         };
-        self.tasks.spawn(task.run());
+        // What the request logs carries the caller's span (the API's request id).
+        self.tasks
+            .spawn(tracing::Instrument::in_current_span(task.run()));
         Ok(rx)
     }
 }
@@ -229,6 +277,7 @@ mod tests {
             name: "m.gguf".into(),
             tokenizer: checkpoint.tokenizer().unwrap(),
             template: None,
+            longest_token_bytes: 8,
             eos: vec![2],
             context,
             default_max_tokens: 256,
@@ -252,6 +301,37 @@ mod tests {
         assert_eq!(m.max_tokens(10, None).unwrap(), 90);
         assert_eq!(model(1000).max_tokens(10, None).unwrap(), 256);
         assert!(m.max_tokens(100, None).is_err());
+    }
+
+    #[test]
+    fn a_prompt_far_too_long_is_refused_from_its_bytes_alone() {
+        let m = model(100);
+        // 8 bytes a token at most: 800 bytes cannot fit 100 positions, 792 might.
+        let refused = m
+            .refuse_far_too_long(&Prompt::Text("a".repeat(800)))
+            .unwrap_err();
+        assert!(
+            refused
+                .to_string()
+                .contains("at least 100 tokens (800 bytes"),
+            "{refused}"
+        );
+        assert!(
+            m.refuse_far_too_long(&Prompt::Text("a".repeat(792)))
+                .is_ok()
+        );
+        let chat = |n| {
+            Prompt::Chat(vec![exo_core::ChatMessage {
+                role: "user".into(),
+                content: "b".repeat(n),
+            }])
+        };
+        assert!(matches!(
+            m.refuse_far_too_long(&chat(100_000)),
+            Err(GenerationError::Invalid { param: Some(p), .. }) if p == "messages"
+        ));
+        // The real tokenizer's longest entry bounds what one token covers.
+        assert!(m.tokenizer.longest_token_bytes() >= 1);
     }
 
     #[test]

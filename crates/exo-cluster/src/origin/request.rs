@@ -263,11 +263,14 @@ impl RequestTask {
                     sampled: self.journal.generated.len() as u32,
                 });
             }
-            if !self
-                .send(vec![entry], ids[sent..sent + rows].to_vec())
-                .await
-            {
-                return self.link_lost();
+            // A busy first stage may hold a chunk back for a while: a caller that leaves
+            // meanwhile stops the prefill at once.
+            let sending = self.send(vec![entry], ids[sent..sent + rows].to_vec());
+            tokio::select! {
+                delivered = sending => if !delivered {
+                    return self.link_lost();
+                },
+                () = self.events.closed() => return State::Cancelled,
             }
             sent += rows;
             state = State::Prefilling { sent };
@@ -502,9 +505,19 @@ impl RequestTask {
                 () = self.events.closed() => return State::Cancelled,
             }
         }
+        // Which node, and why, is for the log; the client hears the cluster-level problem.
+        tracing::warn!(
+            request = %self.id, %failure, waited_s = self.policy.within.as_secs_f64(), %why,
+            "no plan without the failed stage came; the request ends"
+        );
         State::Failed(GenerationError::Unavailable(format!(
-            "{failure}, and the request could not go on: after {:.0} s there is no plan \
-             without it ({why})",
+            "a node of the cluster {} while computing this request, and the request could \
+             not go on: after {:.0} s there is no plan without it ({why})",
+            match failure.kind {
+                FailureKind::Unresponsive => "stopped answering",
+                FailureKind::Refused => "would not take it",
+                _ => "went away",
+            },
             self.policy.within.as_secs_f64()
         )))
     }

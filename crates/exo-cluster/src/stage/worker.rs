@@ -436,6 +436,12 @@ impl Worker {
                 end: entry.end,
             };
             let queue = self.waiting.entry(entry.request).or_default();
+            // An end alone (the caller went away, or the request moved to another plan) makes
+            // the work still queued for it useless: it is dropped, so a long prompt abandoned
+            // mid-prefill stops after the step in progress.
+            if work.end && work.rows(hidden) == 0 && !queue.is_empty() {
+                queue.clear();
+            }
             if queue.is_empty() {
                 self.order.push_back(entry.request);
             }
@@ -1114,5 +1120,38 @@ mod tests {
         let stats = &w.spec.stats;
         assert_eq!(stats.max_batch.load(Ordering::Relaxed), 2);
         assert_eq!(stats.rows.load(Ordering::Relaxed), 2 + 3 + 20);
+    }
+
+    #[tokio::test]
+    async fn an_end_drops_the_prompt_still_queued_so_abandoned_work_stops() {
+        // 8 rows per step: a 40-row prompt in two frames; after one step the caller goes.
+        let (mut w, inboxes, epoch) = worker(None, 8);
+        let _a = inboxes.open(RequestId(1), epoch);
+        let mut first = start(1, 20, 64);
+        first.entries[0].sample = false;
+        w.enqueue(1, first);
+        w.enqueue(
+            1,
+            StepFrame {
+                entries: vec![StepEntry::rows(RequestId(1), 20, 20, true)],
+                input: StepInput::Tokens((0..20).map(|i| 3 + i).collect()),
+            },
+        );
+        w.step();
+        assert_eq!(w.spec.stats.rows.load(Ordering::Relaxed), 8);
+        w.enqueue(1, end(1));
+        let mut steps = 0;
+        while w.runnable() && steps < 10 {
+            w.step();
+            steps += 1;
+        }
+        assert_eq!(steps, 1, "only the end itself ran");
+        assert_eq!(
+            w.spec.stats.rows.load(Ordering::Relaxed),
+            8,
+            "no row of the abandoned prompt was computed after the end"
+        );
+        assert!(w.requests.is_empty() && w.waiting.is_empty());
+        assert_eq!(w.spec.active.load(Ordering::Relaxed), 0);
     }
 }
