@@ -202,6 +202,50 @@ pub fn dequantize(dtype: DType, bytes: &[u8], out: &mut Vec<f32>) {
     }
 }
 
+/// A NaN or infinity found in stored tensor data: which element (float types) or which block's
+/// scale (quantized types).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct NonFinite {
+    /// Index of the element or block.
+    pub(crate) index: usize,
+    /// `value of element`, `scale of block` (`d`) or `minimum of block` (`dmin`, `m`).
+    pub(crate) field: &'static str,
+}
+
+/// The first NaN or infinity in `bytes` holding whole blocks of `dtype`, looking only at what
+/// can hold one: every value of a float type, and the f16 scale and minimum of each quantized
+/// block (their other fields are small integers). One pass over those fields costs far less
+/// than decoding, and a corrupt scale would otherwise poison every activation downstream.
+pub(crate) fn first_non_finite(dtype: DType, bytes: &[u8]) -> Option<NonFinite> {
+    // Tested on the bits: an all-ones exponent is NaN or infinity, in every float format.
+    let f16_bad = |b: &[u8], at: usize| u16::from_le_bytes([b[at], b[at + 1]]) & 0x7c00 == 0x7c00;
+    let bf16_bad = |b: &[u8], at: usize| u16::from_le_bytes([b[at], b[at + 1]]) & 0x7f80 == 0x7f80;
+    let f32_bad = |b: &[u8], at: usize| {
+        u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]) & 0x7f80_0000 == 0x7f80_0000
+    };
+    type Check = fn(&[u8], usize) -> bool;
+    // (byte offset in the block, what it is, how to test it)
+    let fields: &[(usize, &'static str, Check)] = match dtype {
+        DType::F32 => &[(0, "value of element", f32_bad)],
+        DType::F16 => &[(0, "value of element", f16_bad)],
+        DType::BF16 => &[(0, "value of element", bf16_bad)],
+        DType::Q4_0 | DType::Q5_0 | DType::Q8_0 => &[(0, "scale of block", f16_bad)],
+        DType::Q4_1 | DType::Q5_1 | DType::Q4K | DType::Q5K => {
+            &[(0, "scale of block", f16_bad), (2, "minimum of block", f16_bad)]
+        }
+        DType::Q6K => &[(208, "scale of block", f16_bad)],
+    };
+    bytes
+        .chunks_exact(dtype.block_bytes())
+        .enumerate()
+        .find_map(|(index, b)| {
+            fields
+                .iter()
+                .find(|(at, _, bad)| bad(b, *at))
+                .map(|&(_, field, _)| NonFinite { index, field })
+        })
+}
+
 /// Encodes `values` as Q8_0 blocks (used by tests and tools that write small GGUF files).
 ///
 /// `values.len()` must be a multiple of 32; a trailing partial block is dropped.
