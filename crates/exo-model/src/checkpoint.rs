@@ -168,9 +168,10 @@ impl Checkpoint {
                     format!("{}.block_count", self.config.model_type),
                     first_norm(present).gguf_name(),
                 ),
-                Source::Safetensors(_) => {
-                    ("num_hidden_layers".to_string(), first_norm(present).hf_name())
-                }
+                Source::Safetensors(_) => (
+                    "num_hidden_layers".to_string(),
+                    first_norm(present).hf_name(),
+                ),
             };
             return Err(Error::Config {
                 path: self.path.clone(),

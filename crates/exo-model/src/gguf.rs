@@ -419,7 +419,8 @@ impl<'a> Reader<'a> {
     fn array_header(&mut self) -> Result<(u32, u64), String> {
         let item_ty = self.u32()?;
         let count = self.u64()?;
-        let min = min_value_bytes(item_ty).ok_or_else(|| format!("unknown value type {item_ty}"))?;
+        let min =
+            min_value_bytes(item_ty).ok_or_else(|| format!("unknown value type {item_ty}"))?;
         let left = (self.bytes.len() - self.pos) as u64;
         if count.checked_mul(min).is_none_or(|need| need > left) {
             return Err(format!(
@@ -458,8 +459,8 @@ impl<'a> Reader<'a> {
                 }
             }
             other => {
-                let size =
-                    fixed_value_bytes(other).ok_or_else(|| format!("unknown value type {other}"))?;
+                let size = fixed_value_bytes(other)
+                    .ok_or_else(|| format!("unknown value type {other}"))?;
                 self.take_u64(size)?;
             }
         }
@@ -501,7 +502,7 @@ fn fixed_value_bytes(ty: u32) -> Option<u64> {
     match ty {
         0 | 1 | 7 => Some(1),
         2 | 3 => Some(2),
-        4 | 5 | 6 => Some(4),
+        4..=6 => Some(4),
         10..=12 => Some(8),
         _ => None,
     }
