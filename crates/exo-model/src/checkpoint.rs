@@ -5,11 +5,11 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use crate::config::ModelConfig;
+use crate::config::{MAX_CONTEXT, ModelConfig};
 use crate::error::{Error, Result};
 use crate::gguf::{GgufFile, Value};
 use crate::names::{LayerPart, TensorId};
-use crate::quant::{DType, dequantize};
+use crate::quant::{DType, dequantize, first_non_finite};
 use crate::safetensors_files::SafetensorsSet;
 use crate::template::ChatTemplate;
 use crate::tokenizer::Tokenizer;
@@ -137,12 +137,76 @@ impl Checkpoint {
             let file = GgufFile::open(path)?;
             (config_from_gguf(&file)?, Source::Gguf(file))
         };
-        Ok(Checkpoint {
+        let mut checkpoint = Checkpoint {
             path: path.to_path_buf(),
             config,
             source,
             reads: Mutex::new(ReadStats::default()),
-        })
+        };
+        checkpoint.check_tensors_against_config()?;
+        checkpoint.config.cap_context(path);
+        Ok(checkpoint)
+    }
+
+    /// Checks what the configuration claims against the tensor index, before anything is
+    /// sized by it: every layer it counts must be in the file, and (for GGUF, whose index is
+    /// already in memory) every tensor present must have the shape the sizes imply. Reads no
+    /// tensor data.
+    fn check_tensors_against_config(&self) -> Result<()> {
+        let layers = self.config.num_layers;
+        let first_norm = |layer| TensorId::Layer {
+            layer,
+            part: LayerPart::AttnNorm,
+        };
+        // Bounded by the tensors in the file: the count stops at the first layer missing.
+        let present = (0..layers)
+            .take_while(|&layer| self.has_tensor(first_norm(layer)))
+            .count();
+        if present < layers {
+            let (key, name) = match &self.source {
+                Source::Gguf(_) => (
+                    format!("{}.block_count", self.config.model_type),
+                    first_norm(present).gguf_name(),
+                ),
+                Source::Safetensors(_) => (
+                    "num_hidden_layers".to_string(),
+                    first_norm(present).hf_name(),
+                ),
+            };
+            return Err(Error::Config {
+                path: self.path.clone(),
+                message: format!(
+                    "`{key}` is {layers} but the checkpoint holds tensors for {present} layers \
+                     (`{name}` is missing)"
+                ),
+            });
+        }
+        let Source::Gguf(file) = &self.source else {
+            return Ok(());
+        };
+        let ids = [TensorId::Embedding, TensorId::FinalNorm, TensorId::Head]
+            .into_iter()
+            .chain((0..layers).flat_map(|layer| {
+                LayerPart::ALL
+                    .into_iter()
+                    .map(move |part| TensorId::Layer { layer, part })
+            }));
+        for id in ids {
+            let name = id.gguf_name();
+            let Some(info) = file.tensor(&name) else {
+                continue;
+            };
+            let expected = self.config.expected_shape(id);
+            if info.shape != expected {
+                return Err(Error::ShapeMismatch {
+                    path: self.path.clone(),
+                    name,
+                    expected,
+                    actual: info.shape.clone(),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// The checkpoint's path.
@@ -284,6 +348,16 @@ impl Checkpoint {
                 name,
                 expected,
                 actual: shape,
+            });
+        }
+        // The one place every tensor passes on its way to a model: a NaN scale or norm here
+        // would otherwise load silently and turn every answer into garbage.
+        if let Some(bad) = first_non_finite(dtype, &bytes) {
+            return Err(Error::NonFinite {
+                path: self.path.clone(),
+                name,
+                field: bad.field,
+                index: bad.index,
             });
         }
         {
@@ -483,6 +557,16 @@ fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
         Err(_) if num_heads > 0 => hidden_size / num_heads,
         Err(e) => return Err(e),
     };
+    let context_length = uint("context_length").unwrap_or(2048);
+    if context_length > MAX_CONTEXT {
+        return Err(Error::Config {
+            path: path.to_path_buf(),
+            message: format!(
+                "`{arch}.context_length` is {context_length}, beyond {MAX_CONTEXT} positions, \
+                 longer than any model is trained for"
+            ),
+        });
+    }
     if file.tensor("rope_freqs.weight").is_some() {
         tracing::warn!(
             "{}: llama3 rope scaling stored as `rope_freqs.weight` is not applied yet; \
@@ -510,7 +594,7 @@ fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
         rms_norm_eps: float("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
         rope_theta: float("rope.freq_base").unwrap_or(10_000.0),
         rope_scaling: None,
-        max_position_embeddings: uint("context_length").unwrap_or(2048),
+        max_position_embeddings: context_length,
         tie_word_embeddings: file.tensor(&TensorId::Head.gguf_name()).is_none(),
         attention_bias: file
             .tensor(

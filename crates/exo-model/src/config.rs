@@ -7,6 +7,17 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
+/// The longest context a configuration may claim: 2^24 positions, beyond every released model
+/// (the longest train for about 10 million). A larger value is a corrupt file, not a model, and
+/// is refused rather than sized into tables.
+pub(crate) const MAX_CONTEXT: usize = 1 << 24;
+
+/// The longest context the runtime prepares for: 2^20 positions. The shards precompute rotary
+/// tables for every position (head_dim * 4 bytes per position: 256 MiB at head_dim 64 here) and
+/// a full KV cache grows with it, so a longer (but plausible) claim is capped with a warning
+/// instead of refused: the model still runs, on contexts up to the cap.
+pub(crate) const RUNTIME_CONTEXT: usize = 1 << 20;
+
 /// The Llama-family configuration with every default filled in and derived sizes computed.
 ///
 /// Built from a `config.json` ([`ModelConfig::from_hf_json`]) or from GGUF metadata; both paths
@@ -227,6 +238,29 @@ impl ModelConfig {
                 self.head_dim
             )));
         }
+        if self.max_position_embeddings > MAX_CONTEXT {
+            return Err(bad(format!(
+                "max_position_embeddings ({}) is beyond {MAX_CONTEXT} positions, longer than any \
+                 model is trained for",
+                self.max_position_embeddings
+            )));
+        }
+        // Every size the model code multiplies must fit, or a corrupt count would overflow
+        // there instead of being refused here.
+        if self.checked_layer_params().is_none()
+            || self.vocab_size.checked_mul(self.hidden_size).is_none()
+        {
+            return Err(bad(format!(
+                "sizes overflow: hidden_size {}, intermediate_size {}, {} heads and {} kv heads \
+                 of {}, vocab_size {}",
+                self.hidden_size,
+                self.intermediate_size,
+                self.num_heads,
+                self.num_kv_heads,
+                self.head_dim,
+                self.vocab_size
+            )));
+        }
         if !(self.rms_norm_eps.is_finite() && self.rope_theta.is_finite() && self.rope_theta > 0.0)
         {
             return Err(bad(
@@ -285,13 +319,41 @@ impl ModelConfig {
         value
     }
 
-    /// Number of weights (parameters) of layers `[start, end)`, for memory estimates.
+    /// Caps the context at what the runtime prepares for ([`RUNTIME_CONTEXT`]), with a warning
+    /// naming the file; `validate` has already refused absurd values.
+    pub(crate) fn cap_context(&mut self, path: &Path) {
+        if self.max_position_embeddings > RUNTIME_CONTEXT {
+            tracing::warn!(
+                "{}: the context length {} is capped at {RUNTIME_CONTEXT} positions, the most \
+                 the runtime prepares rotary tables and caches for",
+                path.display(),
+                self.max_position_embeddings
+            );
+            self.max_position_embeddings = RUNTIME_CONTEXT;
+        }
+    }
+
+    /// Number of weights (parameters) of one layer, for memory estimates.
     pub fn layer_params(&self) -> usize {
+        // `validate` refused configurations whose sizes overflow.
+        self.checked_layer_params().unwrap_or(usize::MAX)
+    }
+
+    fn checked_layer_params(&self) -> Option<usize> {
         let h = self.hidden_size;
-        let q = self.num_heads * self.head_dim;
-        let kv = self.num_kv_heads * self.head_dim;
-        let bias = if self.attention_bias { q + 2 * kv } else { 0 };
-        2 * h + h * q + 2 * h * kv + q * h + bias + 3 * h * self.intermediate_size
+        let q = self.num_heads.checked_mul(self.head_dim)?;
+        let kv = self.num_kv_heads.checked_mul(self.head_dim)?;
+        let bias = if self.attention_bias {
+            q.checked_add(kv.checked_mul(2)?)?
+        } else {
+            0
+        };
+        let attention = h.checked_mul(q.checked_mul(2)?.checked_add(kv.checked_mul(2)?)?)?;
+        let mlp = h.checked_mul(self.intermediate_size)?.checked_mul(3)?;
+        h.checked_mul(2)?
+            .checked_add(attention)?
+            .checked_add(bias)?
+            .checked_add(mlp)
     }
 
     /// The shape (rows first) a tensor must have under this configuration.

@@ -71,6 +71,19 @@ pub enum Error {
         /// The type as the file names it.
         dtype: String,
     },
+    /// A tensor holds a NaN or an infinity where the format needs a finite number (a float
+    /// value, or a quantized block's scale or minimum): the file is corrupt.
+    #[error("{path}: tensor `{name}` holds a NaN or infinite {field} {index}: the file is corrupt")]
+    NonFinite {
+        /// The checkpoint.
+        path: PathBuf,
+        /// The tensor's name.
+        name: String,
+        /// What was not finite: `value of element`, `scale of block` or `minimum of block`.
+        field: &'static str,
+        /// Which element or block.
+        index: usize,
+    },
     /// The tokenizer could not be built or used.
     #[error("{path}: tokenizer: {message}")]
     Tokenizer {

@@ -15,6 +15,17 @@ use crate::quant::DType;
 
 const MAGIC: &[u8; 4] = b"GGUF";
 const DEFAULT_ALIGNMENT: u64 = 32;
+/// The fewest bytes one metadata entry takes: key length, value type and a one-byte value.
+const MIN_KV_BYTES: u64 = 8 + 4 + 1;
+/// The fewest bytes one tensor index entry takes: name length, dimension count, one dimension,
+/// element type and offset.
+const MIN_TENSOR_ENTRY_BYTES: u64 = 8 + 4 + 8 + 4 + 8;
+/// The most metadata values (array items included) a file may hold. Each one becomes a
+/// [`Value`] of 32 bytes in memory, so a one-byte item costs 32 times its size on disk: without a
+/// bound, a 100 MB file of `u8` arrays would take 3 GB. The largest vocabularies of the families
+/// we read (Gemma's 262,144 tokens with scores and types, Llama 3's 128,256 tokens with 280,147
+/// merges) stay under a million values; four million leaves room and caps the cost at 128 MiB.
+const MAX_METADATA_VALUES: u64 = 1 << 22;
 
 /// A metadata value.
 #[derive(Clone, Debug, PartialEq)]
@@ -150,7 +161,24 @@ impl GgufFile {
         }
         let n_tensors = r.u64().map_err(&fail)?;
         let n_kv = r.u64().map_err(&fail)?;
-        let mut metadata = BTreeMap::new();
+        // Bound both counts by what the rest of the file could hold before anything is sized
+        // by them.
+        let left = (map.len() - r.pos) as u64;
+        let need = n_kv
+            .checked_mul(MIN_KV_BYTES)
+            .zip(n_tensors.checked_mul(MIN_TENSOR_ENTRY_BYTES))
+            .and_then(|(a, b)| a.checked_add(b));
+        if need.is_none_or(|need| need > left) {
+            return Err(fail(format!(
+                "the header declares {n_kv} metadata entries and {n_tensors} tensors, which \
+                 cannot fit in the {left} bytes left: the file is truncated or corrupt"
+            )));
+        }
+        // A first pass walks the metadata without building values, so that a corrupt length
+        // (an array retyped to one-byte items with a count as large as the file) is found by
+        // the tensor index that follows it, before any value is allocated.
+        let metadata_start = r.pos;
+        let mut values = 0u64;
         for i in 0..n_kv {
             let key = r
                 .string()
@@ -158,10 +186,14 @@ impl GgufFile {
             let ty = r
                 .u32()
                 .map_err(|e| fail(format!("metadata `{key}`: {e}")))?;
-            let value = r
-                .value(ty, 0)
+            r.skip_value(ty, 0, &mut values)
                 .map_err(|e| fail(format!("metadata `{key}`: {e}")))?;
-            metadata.insert(key, value);
+        }
+        if values > MAX_METADATA_VALUES {
+            return Err(fail(format!(
+                "the metadata holds {values} values, more than the {MAX_METADATA_VALUES} any \
+                 model needs"
+            )));
         }
         let mut raw = Vec::new();
         for i in 0..n_tensors {
@@ -181,6 +213,27 @@ impl GgufFile {
             let offset = r.u64().map_err(ctx)?;
             raw.push((name, ne, code, offset));
         }
+        let index_end = r.pos;
+        r.pos = metadata_start;
+        let mut metadata = BTreeMap::new();
+        for i in 0..n_kv {
+            let key = r
+                .string()
+                .map_err(|e| fail(format!("metadata entry {i}: {e}")))?;
+            let ty = r
+                .u32()
+                .map_err(|e| fail(format!("metadata `{key}`: {e}")))?;
+            let value = r
+                .value(ty, 0)
+                .map_err(|e| fail(format!("metadata `{key}`: {e}")))?;
+            // With two values for one key, readers disagree on which one counts (llama.cpp
+            // takes the first, a map the last): refuse rather than guess.
+            if metadata.contains_key(&key) {
+                return Err(fail(format!("metadata key `{key}` appears twice")));
+            }
+            metadata.insert(key, value);
+        }
+        r.pos = index_end;
         let alignment = match metadata.get("general.alignment").and_then(Value::as_u64) {
             Some(a) if a > 0 && a.is_power_of_two() => a,
             Some(a) => return Err(fail(format!("general.alignment {a} is not a power of two"))),
@@ -209,6 +262,12 @@ impl GgufFile {
                     dtype.name()
                 ))
             })?;
+            if !offset.is_multiple_of(alignment) {
+                return Err(fail(format!(
+                    "tensor `{name}`: data offset {offset} is not a multiple of the alignment \
+                     {alignment}"
+                )));
+            }
             let start = data_start
                 .checked_add(offset)
                 .filter(|s| s.checked_add(len as u64).is_some_and(|end| end <= file_len))
@@ -336,11 +395,76 @@ impl<'a> Reader<'a> {
     }
 
     fn string(&mut self) -> Result<String, String> {
-        let len =
-            usize::try_from(self.u64()?).map_err(|_| "string length overflows".to_string())?;
-        let bytes = self.take(len)?;
+        let len = self.u64()?;
+        let bytes = self.take_u64(len)?;
         String::from_utf8(bytes.to_vec())
             .map_err(|_| format!("string at {} is not utf-8", self.pos))
+    }
+
+    /// `take` for a length read from the file, which may not fit a `usize`.
+    fn take_u64(&mut self, n: u64) -> Result<&'a [u8], String> {
+        match usize::try_from(n) {
+            Ok(n) => self.take(n),
+            Err(_) => Err(format!(
+                "length {n} at offset {} is beyond the end of the file ({} bytes)",
+                self.pos,
+                self.bytes.len()
+            )),
+        }
+    }
+
+    /// An array's item type and count, checked against the bytes left: every item takes at
+    /// least [`min_value_bytes`], so a larger count is corrupt and is refused before anything
+    /// is sized by it.
+    fn array_header(&mut self) -> Result<(u32, u64), String> {
+        let item_ty = self.u32()?;
+        let count = self.u64()?;
+        let min =
+            min_value_bytes(item_ty).ok_or_else(|| format!("unknown value type {item_ty}"))?;
+        let left = (self.bytes.len() - self.pos) as u64;
+        if count.checked_mul(min).is_none_or(|need| need > left) {
+            return Err(format!(
+                "array of {count} items of type {item_ty} ({min} bytes or more each) cannot fit \
+                 in the {left} bytes left: the file is truncated or corrupt"
+            ));
+        }
+        Ok((item_ty, count))
+    }
+
+    /// Steps over a value without building it, checking every length on the way; `values`
+    /// counts the values (array items included) that parsing it would build.
+    fn skip_value(&mut self, ty: u32, depth: usize, values: &mut u64) -> Result<(), String> {
+        *values += 1;
+        match ty {
+            8 => {
+                let len = self.u64()?;
+                self.take_u64(len)?;
+            }
+            9 => {
+                if depth > 2 {
+                    return Err("arrays nested too deeply".into());
+                }
+                let (item_ty, count) = self.array_header()?;
+                match fixed_value_bytes(item_ty) {
+                    // Checked by `array_header`: `count * size` fits in the bytes left.
+                    Some(size) => {
+                        self.take_u64(count * size)?;
+                        *values += count;
+                    }
+                    None => {
+                        for _ in 0..count {
+                            self.skip_value(item_ty, depth + 1, values)?;
+                        }
+                    }
+                }
+            }
+            other => {
+                let size = fixed_value_bytes(other)
+                    .ok_or_else(|| format!("unknown value type {other}"))?;
+                self.take_u64(size)?;
+            }
+        }
+        Ok(())
     }
 
     fn value(&mut self, ty: u32, depth: usize) -> Result<Value, String> {
@@ -358,14 +482,7 @@ impl<'a> Reader<'a> {
                 if depth > 2 {
                     return Err("arrays nested too deeply".into());
                 }
-                let item_ty = self.u32()?;
-                let count = self.u64()?;
-                // Every element takes at least one byte: a count beyond the bytes left is corrupt,
-                // and checking it first avoids a huge allocation.
-                let left = (self.bytes.len() - self.pos) as u64;
-                if count > left {
-                    return Err(format!("array of {count} items cannot fit in {left} bytes"));
-                }
+                let (item_ty, count) = self.array_header()?;
                 let mut items = Vec::with_capacity(count as usize);
                 for _ in 0..count {
                     items.push(self.value(item_ty, depth + 1)?);
@@ -377,6 +494,27 @@ impl<'a> Reader<'a> {
             12 => Value::F64(f64::from_le_bytes(self.array()?)),
             other => return Err(format!("unknown value type {other}")),
         })
+    }
+}
+
+/// The size of a value of type `ty` when it is the same for every value (numbers and bools).
+fn fixed_value_bytes(ty: u32) -> Option<u64> {
+    match ty {
+        0 | 1 | 7 => Some(1),
+        2 | 3 => Some(2),
+        4..=6 => Some(4),
+        10..=12 => Some(8),
+        _ => None,
+    }
+}
+
+/// The fewest bytes a value of type `ty` takes: a string its length, an array its item type and
+/// count.
+fn min_value_bytes(ty: u32) -> Option<u64> {
+    match ty {
+        8 => Some(8),
+        9 => Some(4 + 8),
+        other => fixed_value_bytes(other),
     }
 }
 

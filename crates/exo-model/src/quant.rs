@@ -202,6 +202,75 @@ pub fn dequantize(dtype: DType, bytes: &[u8], out: &mut Vec<f32>) {
     }
 }
 
+/// A NaN or infinity found in stored tensor data: which element (float types) or which block's
+/// scale (quantized types).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct NonFinite {
+    /// Index of the element or block.
+    pub(crate) index: usize,
+    /// `value of element`, `scale of block` (`d`) or `minimum of block` (`dmin`, `m`).
+    pub(crate) field: &'static str,
+}
+
+/// The first NaN or infinity in `bytes` holding whole blocks of `dtype`, looking only at what
+/// can hold one: every value of a float type, and the f16 scale and minimum of each quantized
+/// block (their other fields are small integers). One pass over those fields costs far less
+/// than decoding, and a corrupt scale would otherwise poison every activation downstream.
+pub(crate) fn first_non_finite(dtype: DType, bytes: &[u8]) -> Option<NonFinite> {
+    use Float::{BF16, F16, F32};
+    // (byte offset in the block, what it is, its format)
+    let fields: &[(usize, &'static str, Float)] = match dtype {
+        DType::F32 => &[(0, "value of element", F32)],
+        DType::F16 => &[(0, "value of element", F16)],
+        DType::BF16 => &[(0, "value of element", BF16)],
+        DType::Q4_0 | DType::Q5_0 | DType::Q8_0 => &[(0, "scale of block", F16)],
+        DType::Q4_1 | DType::Q5_1 | DType::Q4K | DType::Q5K => {
+            &[(0, "scale of block", F16), (2, "minimum of block", F16)]
+        }
+        DType::Q6K => &[(208, "scale of block", F16)],
+    };
+    let block = dtype.block_bytes();
+    // Each field is scanned on its own and the earliest block reported, so that the inner loop
+    // stays a byte test with a stride (it runs over every block of every tensor at load).
+    fields
+        .iter()
+        .filter_map(|&(at, field, float)| {
+            first_bad(bytes, block, at, float).map(|index| NonFinite { index, field })
+        })
+        .min_by_key(|bad| bad.index)
+}
+
+/// The float formats scale fields come in.
+#[derive(Clone, Copy)]
+enum Float {
+    F16,
+    BF16,
+    F32,
+}
+
+/// The first whole block of `bytes` whose float at byte `at` is NaN or infinite: its exponent
+/// bits are all ones. Only the bytes holding the exponent are read (little-endian: the last
+/// one or two bytes of the value).
+fn first_bad(bytes: &[u8], block: usize, at: usize, float: Float) -> Option<usize> {
+    let blocks = bytes.len() / block;
+    let (hi, hi_mask, lo_mask) = match float {
+        // Sign, 5 exponent bits, 10 mantissa bits: the exponent is 0x7c of the high byte.
+        Float::F16 => (at + 1, 0x7c, 0x00),
+        // Sign, 8 exponent bits, 7 (bf16) or 23 (f32) mantissa bits: 0x7f of the high byte
+        // and 0x80 of the one below it.
+        Float::BF16 => (at + 1, 0x7f, 0x80),
+        Float::F32 => (at + 3, 0x7f, 0x80),
+    };
+    let mut pos = hi;
+    for index in 0..blocks {
+        if bytes[pos] & hi_mask == hi_mask && bytes[pos - 1] & lo_mask == lo_mask {
+            return Some(index);
+        }
+        pos += block;
+    }
+    None
+}
+
 /// Encodes `values` as Q8_0 blocks (used by tests and tools that write small GGUF files).
 ///
 /// `values.len()` must be a multiple of 32; a trailing partial block is dropped.
@@ -381,6 +450,63 @@ pub fn quantize_q6_k(values: &[f32]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_scale_field_is_checked_and_each_one_checked_matters() {
+        let f16_nan = 0x7e00u16.to_le_bytes();
+        let f16_inf = 0x7c00u16.to_le_bytes();
+        // (type, where each f16 scale or minimum sits in a block, ggml's layouts)
+        let cases: [(DType, &[usize]); 11] = [
+            (DType::Q4_0, &[0]),
+            (DType::Q4_1, &[0, 2]),
+            (DType::Q5_0, &[0]),
+            (DType::Q5_1, &[0, 2]),
+            (DType::Q8_0, &[0]),
+            (DType::Q4K, &[0, 2]),
+            (DType::Q5K, &[0, 2]),
+            (DType::Q6K, &[208]),
+            (DType::F16, &[0]),
+            (DType::BF16, &[]),
+            (DType::F32, &[]),
+        ];
+        for (dtype, fields) in cases {
+            let bb = dtype.block_bytes();
+            let clean = vec![0u8; 3 * bb];
+            assert_eq!(first_non_finite(dtype, &clean), None, "{dtype}");
+            let mut poisoned: Vec<Vec<u8>> = Vec::new();
+            for &at in fields {
+                for bits in [f16_nan, f16_inf] {
+                    let mut bytes = clean.clone();
+                    bytes[bb + at..bb + at + 2].copy_from_slice(&bits);
+                    poisoned.push(bytes);
+                }
+            }
+            if dtype == DType::BF16 {
+                let mut bytes = clean.clone();
+                bytes[bb..bb + 2].copy_from_slice(&0x7fc0u16.to_le_bytes());
+                poisoned.push(bytes);
+            }
+            if dtype == DType::F32 {
+                for v in [f32::NAN, f32::NEG_INFINITY] {
+                    let mut bytes = clean.clone();
+                    bytes[bb..bb + 4].copy_from_slice(&v.to_le_bytes());
+                    poisoned.push(bytes);
+                }
+            }
+            for bytes in poisoned {
+                let found = first_non_finite(dtype, &bytes);
+                assert_eq!(found.map(|f| f.index), Some(1), "{dtype}");
+                // The field matters: decoding the block gives a non-finite value.
+                let mut out = Vec::new();
+                dequantize(dtype, &bytes, &mut out);
+                assert!(out.iter().any(|v| !v.is_finite()), "{dtype}");
+            }
+        }
+        // Large finite scales are not mistaken for infinities.
+        let mut bytes = vec![0u8; DType::Q8_0.block_bytes()];
+        bytes[0..2].copy_from_slice(&half::f16::MAX.to_le_bytes());
+        assert_eq!(first_non_finite(DType::Q8_0, &bytes), None);
+    }
 
     #[test]
     fn k_quants_round_trip_within_a_step() {

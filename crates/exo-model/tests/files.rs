@@ -3,10 +3,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
 use std::path::Path;
 
-use exo_model::testing::{tiny_config, write_gguf, write_hf_folder};
-use exo_model::{Checkpoint, LayerPart, ShardSpec, TensorId};
+use exo_model::gguf::{GgufFile, TensorToWrite, Value};
+use exo_model::testing::{tiny_config, write_gguf, write_gguf_typed, write_hf_folder};
+use exo_model::{Checkpoint, DType, LayerPart, ShardSpec, TensorId};
 
 fn err_text<T: std::fmt::Debug>(r: exo_model::Result<T>) -> String {
     match r {
@@ -260,4 +263,299 @@ fn a_layer_range_beyond_the_model_is_an_error() {
     };
     let e = err_text(checkpoint.load_shard(&spec));
     assert!(e.contains("1..5") && e.contains("2 layers"), "{e}");
+}
+
+/// Copies the GGUF file `src` to `dst` with its metadata and tensors edited by `edit`: how the
+/// tests below make files that a writer would never produce.
+fn rewrite_gguf(
+    src: &Path,
+    dst: &Path,
+    edit: impl FnOnce(&mut Vec<(String, Value)>, &mut Vec<TensorToWrite>),
+) {
+    let file = GgufFile::open(src).unwrap();
+    let mut metadata: Vec<(String, Value)> = file
+        .metadata()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let mut tensors: Vec<TensorToWrite> = file
+        .tensors()
+        .iter()
+        .map(|info| TensorToWrite {
+            name: info.name.clone(),
+            shape: info.shape.clone(),
+            dtype: info.dtype,
+            data: file.read_tensor(info).unwrap(),
+        })
+        .collect();
+    edit(&mut metadata, &mut tensors);
+    exo_model::gguf::write(dst, &metadata, &tensors).unwrap();
+}
+
+fn set_metadata(metadata: &mut [(String, Value)], key: &str, value: Value) {
+    let entry = metadata.iter_mut().find(|(k, _)| k == key).unwrap();
+    entry.1 = value;
+}
+
+fn tensor_data<'a>(tensors: &'a mut [TensorToWrite], name: &str) -> &'a mut Vec<u8> {
+    &mut tensors.iter_mut().find(|t| t.name == name).unwrap().data
+}
+
+/// Where `needle` first occurs in `haystack`.
+fn find(haystack: &[u8], needle: &[u8]) -> usize {
+    haystack
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .unwrap()
+}
+
+thread_local! {
+    /// The largest single allocation this thread has asked for, so that a test can show that a
+    /// corrupt count was refused before anything was sized by it (tests run on threads of their
+    /// own, so one test's allocations do not show in another's).
+    static LARGEST_ALLOCATION: Cell<usize> = const { Cell::new(0) };
+}
+
+fn note_allocation(size: usize) {
+    // `try_with`: the allocator also serves a thread's last moments, after its locals are gone.
+    let _ = LARGEST_ALLOCATION.try_with(|largest| largest.set(largest.get().max(size)));
+}
+
+struct Tracking;
+
+// SAFETY: every call is passed on to the system allocator unchanged.
+unsafe impl GlobalAlloc for Tracking {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        note_allocation(layout.size());
+        // SAFETY: the caller's contract is the system allocator's.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from `alloc` above, which is the system allocator's.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        note_allocation(new_size);
+        // SAFETY: as for `alloc` and `dealloc`.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Tracking = Tracking;
+
+#[test]
+fn a_block_count_beyond_the_layers_present_names_both_numbers() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.gguf");
+    write_gguf(&good, &tiny_config(2), 5).unwrap();
+    let bad = dir.path().join("bad.gguf");
+    rewrite_gguf(&good, &bad, |metadata, _| {
+        set_metadata(metadata, "llama.block_count", Value::U32(u32::MAX));
+    });
+    let e = err_text(Checkpoint::open(&bad));
+    assert!(
+        e.contains("bad.gguf")
+            && e.contains("`llama.block_count` is 4294967295")
+            && e.contains("tensors for 2 layers")
+            && e.contains("blk.2.attn_norm.weight"),
+        "{e}"
+    );
+
+    // One layer more than the file holds is refused the same way.
+    rewrite_gguf(&good, &bad, |metadata, _| {
+        set_metadata(metadata, "llama.block_count", Value::U32(3));
+    });
+    let e = err_text(Checkpoint::open(&bad));
+    assert!(e.contains("is 3") && e.contains("2 layers"), "{e}");
+}
+
+#[test]
+fn an_absurd_context_length_is_refused_and_a_long_one_capped() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.gguf");
+    write_gguf(&good, &tiny_config(1), 5).unwrap();
+    let bad = dir.path().join("bad.gguf");
+    rewrite_gguf(&good, &bad, |metadata, _| {
+        set_metadata(metadata, "llama.context_length", Value::U32(u32::MAX));
+    });
+    let e = err_text(Checkpoint::open(&bad));
+    assert!(
+        e.contains("bad.gguf")
+            && e.contains("`llama.context_length` is 4294967295")
+            && e.contains("16777216"),
+        "{e}"
+    );
+
+    // Plausible but longer than the runtime prepares for: opened, with the context capped.
+    let long = dir.path().join("long.gguf");
+    rewrite_gguf(&good, &long, |metadata, _| {
+        set_metadata(metadata, "llama.context_length", Value::U32(1 << 23));
+    });
+    let checkpoint = Checkpoint::open(&long).unwrap();
+    assert_eq!(checkpoint.config().max_position_embeddings, 1 << 20);
+}
+
+#[test]
+fn a_token_array_retyped_to_bytes_with_a_huge_count_allocates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.gguf");
+    write_gguf(&good, &tiny_config(1), 5).unwrap();
+    // 16 MiB of trailing bytes give a one-byte-item count room to pass a plain bytes-left check:
+    // the old parser then built 16 million 32-byte values (512 MiB) before failing.
+    let mut bytes = std::fs::read(&good).unwrap();
+    bytes.resize(bytes.len() + (16 << 20), 0);
+    let key = b"tokenizer.ggml.tokens";
+    // key, value type (array), item type (string), count
+    let item_type = find(&bytes, key) + key.len() + 4;
+    assert_eq!(bytes[item_type..item_type + 4], 8u32.to_le_bytes());
+    bytes[item_type..item_type + 4].copy_from_slice(&0u32.to_le_bytes());
+    let count = item_type + 4;
+    let bad = dir.path().join("bad.gguf");
+
+    // A count the rest of the file cannot hold is refused by name.
+    bytes[count..count + 8].copy_from_slice(&(u64::MAX / 2).to_le_bytes());
+    std::fs::write(&bad, &bytes).unwrap();
+    let e = err_text(Checkpoint::open(&bad));
+    assert!(
+        e.contains("bad.gguf")
+            && e.contains("metadata `tokenizer.ggml.tokens`")
+            && e.contains(&format!("array of {} items", u64::MAX / 2)),
+        "{e}"
+    );
+
+    // A count that fits the bytes left swallows the tensor index, which is found missing
+    // before any value is built.
+    let left = (bytes.len() - count - 8) as u64;
+    bytes[count..count + 8].copy_from_slice(&left.to_le_bytes());
+    std::fs::write(&bad, &bytes).unwrap();
+    drop(bytes);
+    LARGEST_ALLOCATION.with(|largest| largest.set(0));
+    let e = err_text(Checkpoint::open(&bad));
+    assert!(e.contains("bad.gguf") && e.contains("truncated"), "{e}");
+    let largest = LARGEST_ALLOCATION.with(Cell::get);
+    assert!(largest < 1 << 20, "an allocation of {largest} bytes");
+}
+
+#[test]
+fn metadata_with_more_values_than_any_model_needs_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.gguf");
+    write_gguf(&good, &tiny_config(1), 5).unwrap();
+    let small = dir.path().join("small.gguf");
+    rewrite_gguf(&good, &small, |metadata, _| {
+        metadata.push((
+            "general.padding".into(),
+            Value::Array(vec![Value::U8(0); 32]),
+        ));
+    });
+    // Grown in place to 5 Mi one-byte items (more than the 4 Mi values allowed, and well
+    // formed): the tensor index and data move by a multiple of the alignment, so they stay valid.
+    let mut bytes = std::fs::read(&small).unwrap();
+    let key = b"general.padding";
+    let count = find(&bytes, key) + key.len() + 4 + 4;
+    assert_eq!(bytes[count..count + 8], 32u64.to_le_bytes());
+    let extra = (5 << 20) - 32;
+    bytes[count..count + 8].copy_from_slice(&(5u64 << 20).to_le_bytes());
+    bytes.splice(count + 8..count + 8, std::iter::repeat_n(0u8, extra));
+    let bad = dir.path().join("bad.gguf");
+    std::fs::write(&bad, &bytes).unwrap();
+    drop(bytes);
+    LARGEST_ALLOCATION.with(|largest| largest.set(0));
+    let e = err_text(Checkpoint::open(&bad));
+    assert!(
+        e.contains("bad.gguf") && e.contains("values, more than the 4194304"),
+        "{e}"
+    );
+    let largest = LARGEST_ALLOCATION.with(Cell::get);
+    assert!(largest < 1 << 20, "an allocation of {largest} bytes");
+}
+
+#[test]
+fn a_duplicate_metadata_key_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.gguf");
+    write_gguf(&good, &tiny_config(1), 5).unwrap();
+    let bad = dir.path().join("bad.gguf");
+    rewrite_gguf(&good, &bad, |metadata, _| {
+        metadata.push(("llama.embedding_length".into(), Value::U32(64)));
+    });
+    let e = err_text(Checkpoint::open(&bad));
+    assert!(
+        e.contains("bad.gguf") && e.contains("`llama.embedding_length` appears twice"),
+        "{e}"
+    );
+}
+
+#[test]
+fn an_unaligned_tensor_offset_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.gguf");
+    write_gguf(&good, &tiny_config(1), 5).unwrap();
+    let mut bytes = std::fs::read(&good).unwrap();
+    // The index entry: name, dimension count, dimensions, element type, offset.
+    let name = b"token_embd.weight";
+    let offset = find(&bytes, name) + name.len() + 4 + 2 * 8 + 4;
+    assert_eq!(bytes[offset..offset + 8], 0u64.to_le_bytes());
+    bytes[offset..offset + 8].copy_from_slice(&4u64.to_le_bytes());
+    let bad = dir.path().join("bad.gguf");
+    std::fs::write(&bad, &bytes).unwrap();
+    let e = err_text(Checkpoint::open(&bad));
+    assert!(
+        e.contains("bad.gguf")
+            && e.contains("tensor `token_embd.weight`")
+            && e.contains("offset 4 is not a multiple of the alignment 32"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_nan_scale_in_a_quantized_tensor_is_refused_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.gguf");
+    write_gguf_typed(&good, &tiny_config(2), 5, &|_| DType::Q8_0).unwrap();
+    let bad = dir.path().join("bad.gguf");
+    rewrite_gguf(&good, &bad, |_, tensors| {
+        let data = tensor_data(tensors, "blk.1.ffn_down.weight");
+        // Block 3's f16 scale (Q8_0 blocks are 34 bytes, the scale first) becomes a NaN.
+        data[3 * 34..3 * 34 + 2].copy_from_slice(&0x7e00u16.to_le_bytes());
+    });
+    let checkpoint = Checkpoint::open(&bad).unwrap();
+    checkpoint.load_shard(&ShardSpec::whole(1)).unwrap();
+    let e = err_text(checkpoint.load_shard(&ShardSpec::whole(2)));
+    assert!(
+        e.contains("bad.gguf")
+            && e.contains("tensor `blk.1.ffn_down.weight`")
+            && e.contains("NaN or infinite scale of block 3"),
+        "{e}"
+    );
+    // The stored path (quantized weights kept) is refused the same way.
+    let id = TensorId::Layer {
+        layer: 1,
+        part: LayerPart::Down,
+    };
+    let e = err_text(checkpoint.stored_tensor(id));
+    assert!(e.contains("scale of block 3"), "{e}");
+}
+
+#[test]
+fn a_nan_in_a_norm_is_refused_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.gguf");
+    write_gguf(&good, &tiny_config(2), 5).unwrap();
+    let bad = dir.path().join("bad.gguf");
+    rewrite_gguf(&good, &bad, |_, tensors| {
+        let data = tensor_data(tensors, "blk.0.attn_norm.weight");
+        data[5 * 4..6 * 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    });
+    let checkpoint = Checkpoint::open(&bad).unwrap();
+    let e = err_text(checkpoint.load_shard(&ShardSpec::whole(2)));
+    assert!(
+        e.contains("bad.gguf")
+            && e.contains("tensor `blk.0.attn_norm.weight`")
+            && e.contains("NaN or infinite value of element 5"),
+        "{e}"
+    );
 }
