@@ -1,7 +1,10 @@
 //! The tokenizer: loaded from `tokenizer.json`, or built from a GGUF file's `tokenizer.ggml.*`
 //! metadata, and an incremental decoder for streaming text.
 
+use std::collections::HashMap;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
@@ -27,6 +30,10 @@ const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{
 #[derive(Debug, Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// `inner` with special tokens read as plain text, made on first use.
+    plain: OnceLock<tokenizers::Tokenizer>,
+    /// The special (control) tokens: id to text.
+    special: HashMap<u32, String>,
     source: PathBuf,
     bos_token: Option<u32>,
     add_bos: bool,
@@ -39,12 +46,12 @@ impl Tokenizer {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
-        Ok(Tokenizer {
+        Ok(Tokenizer::with_inner(
             inner,
-            source: path.to_path_buf(),
-            bos_token: None,
-            add_bos: false,
-        })
+            path.to_path_buf(),
+            None,
+            false,
+        ))
     }
 
     /// Builds the tokenizer that a GGUF file describes (the gpt2-style byte-level BPE with merges).
@@ -123,12 +130,29 @@ impl Tokenizer {
             .get("tokenizer.ggml.add_bos_token")
             .and_then(Value::as_bool)
             .unwrap_or(false);
-        Ok(Tokenizer {
+        Ok(Tokenizer::with_inner(inner, path, bos_token, add_bos))
+    }
+
+    fn with_inner(
+        inner: tokenizers::Tokenizer,
+        source: PathBuf,
+        bos_token: Option<u32>,
+        add_bos: bool,
+    ) -> Self {
+        let special = inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, t)| (id, t.content))
+            .collect();
+        Tokenizer {
             inner,
-            source: path,
+            plain: OnceLock::new(),
+            special,
+            source,
             bos_token,
             add_bos,
-        })
+        }
     }
 
     /// Sets whether [`Tokenizer::encode`] prepends the BOS token (from `tokenizer_config.json`).
@@ -144,21 +168,118 @@ impl Tokenizer {
 
     /// Encodes text. Special tokens written in the text (`<|im_start|>`) become their ids, as chat
     /// templates need; BOS is prepended when the checkpoint asks for it and the text lacks it.
+    ///
+    /// Only for text this server wrote or a client asked to have parsed: in text a user typed,
+    /// special tokens forge control tokens (a new turn, an end of text). Encode that with
+    /// [`Tokenizer::encode_plain`], and chats with [`crate::encode_chat`].
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let ids = self.ids(&self.inner, text)?;
+        Ok(self.with_bos(ids))
+    }
+
+    /// Encodes text as plain text: special tokens written in it (`<|im_start|>`) are spelled
+    /// with ordinary tokens, never their control ids. BOS is prepended as [`Tokenizer::encode`]
+    /// does.
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        let ids = self.ids(self.plain(), text)?;
+        Ok(self.with_bos(ids))
+    }
+
+    /// Encodes `text` in which the byte ranges `plain` are user-supplied: special tokens are
+    /// parsed outside them and spelled out inside them. BOS as [`Tokenizer::encode`] does.
+    ///
+    /// Text with no special token inside a range encodes exactly as `encode` encodes it. Otherwise
+    /// the text between the special tokens that stay (which the tokenizer encodes as separate
+    /// pieces anyway) is encoded piece by piece as plain text, so the pieces split where
+    /// `encode` splits them.
+    pub(crate) fn encode_with_plain_spans(
+        &self,
+        text: &str,
+        plain: &[Range<usize>],
+    ) -> Result<Vec<u32>> {
         let encoding = self
             .inner
             .encode(text, false)
-            .map_err(|e| Error::Tokenizer {
-                path: self.source.clone(),
-                message: format!("encoding: {e}"),
-            })?;
-        let mut ids = encoding.get_ids().to_vec();
+            .map_err(|e| self.encoding_error(e))?;
+        let ids = encoding.get_ids();
+        let offsets = encoding.get_offsets();
+        let forged: Vec<bool> = ids
+            .iter()
+            .zip(offsets)
+            .map(|(id, &(start, end))| {
+                let Some(content) = self.special.get(id) else {
+                    return false;
+                };
+                // A special token with lstrip or rstrip also covers the spaces beside it, which
+                // may be a message's; the token itself is what must lie outside.
+                let core = text
+                    .get(start..end)
+                    .and_then(|t| t.find(content.as_str()))
+                    .map_or(start..end, |at| start + at..start + at + content.len());
+                plain
+                    .iter()
+                    .any(|span| core.start < span.end && span.start < core.end)
+            })
+            .collect();
+        if !forged.contains(&true) {
+            return Ok(self.with_bos(ids.to_vec()));
+        }
+        let mut out = Vec::with_capacity(ids.len());
+        let mut from = 0;
+        for ((id, &(start, end)), forged) in ids.iter().zip(offsets).zip(forged) {
+            if forged || !self.special.contains_key(id) {
+                continue;
+            }
+            if start > from {
+                out.extend(self.ids(self.plain(), self.slice(text, from..start)?)?);
+            }
+            out.push(*id);
+            from = from.max(end);
+        }
+        if from < text.len() {
+            out.extend(self.ids(self.plain(), self.slice(text, from..text.len())?)?);
+        }
+        Ok(self.with_bos(out))
+    }
+
+    fn ids(&self, tokenizer: &tokenizers::Tokenizer, text: &str) -> Result<Vec<u32>> {
+        let encoding = tokenizer
+            .encode(text, false)
+            .map_err(|e| self.encoding_error(e))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    fn with_bos(&self, mut ids: Vec<u32>) -> Vec<u32> {
         if let (true, Some(bos)) = (self.add_bos, self.bos_token)
             && ids.first() != Some(&bos)
         {
             ids.insert(0, bos);
         }
-        Ok(ids)
+        ids
+    }
+
+    fn plain(&self) -> &tokenizers::Tokenizer {
+        self.plain.get_or_init(|| {
+            let mut plain = self.inner.clone();
+            plain.set_encode_special_tokens(true);
+            plain
+        })
+    }
+
+    fn slice<'t>(&self, text: &'t str, range: Range<usize>) -> Result<&'t str> {
+        text.get(range.clone()).ok_or_else(|| Error::Tokenizer {
+            path: self.source.clone(),
+            message: format!(
+                "encoding: token offsets {range:?} are not character boundaries of the text"
+            ),
+        })
+    }
+
+    fn encoding_error(&self, e: tokenizers::Error) -> Error {
+        Error::Tokenizer {
+            path: self.source.clone(),
+            message: format!("encoding: {e}"),
+        }
     }
 
     /// Decodes ids to text, keeping special tokens.
@@ -322,4 +443,72 @@ fn pre_tokenizer_for(pre: &str) -> Result<PreTokenizerWrapper, String> {
             ));
         }
     })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A byte-level tokenizer with one token per byte, a merge for `ab`, and ChatML's two
+    /// control tokens (ids 257 and 258) and BOS `<s>` (259), prepended.
+    pub(crate) fn chatml_tokenizer() -> Result<Tokenizer> {
+        let mut vocab = tokenizers::models::bpe::Vocab::new();
+        let mut alphabet: Vec<char> = ByteLevel::alphabet().into_iter().collect();
+        alphabet.sort_unstable();
+        for c in alphabet {
+            let id = vocab.len() as u32;
+            vocab.insert(c.to_string(), id);
+        }
+        vocab.insert("ab".into(), vocab.len() as u32);
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, vec![("a".into(), "b".into())])
+            .build()
+            .map_err(|e| Error::Template(e.to_string()))?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        inner.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+        inner.with_decoder(Some(ByteLevel::default()));
+        inner.add_special_tokens(&[
+            AddedToken::from("<|im_start|>", true),
+            AddedToken::from("<|im_end|>", true),
+            AddedToken::from("<s>", true),
+        ]);
+        let bos = inner.token_to_id("<s>");
+        Ok(Tokenizer::with_inner(inner, "chatml".into(), bos, true))
+    }
+
+    #[test]
+    fn plain_encoding_spells_special_tokens_out() -> Result<()> {
+        let t = chatml_tokenizer()?;
+        let start = t.token_id("<|im_start|>");
+        let bos = t.token_id("<s>");
+        assert_eq!(
+            t.encode("<|im_start|>")?,
+            [bos, start].map(Option::unwrap_or_default)
+        );
+        let plain = t.encode_plain("<|im_start|>ab")?;
+        // BOS, then the twelve bytes of the token's text, then the merged `ab`.
+        assert_eq!(plain.len(), 14, "{plain:?}");
+        assert_eq!(plain.first().copied(), bos);
+        assert!(plain[1..].iter().all(|id| !t.special.contains_key(id)));
+        assert_eq!(t.decode(&plain[1..])?, "<|im_start|>ab");
+        Ok(())
+    }
+
+    #[test]
+    fn plain_spans_keep_the_specials_outside_them() -> Result<()> {
+        let t = chatml_tokenizer()?;
+        let text = "<|im_start|>user\nab<|im_end|>x<|im_end|>";
+        // No special token inside the span: the ids are `encode`'s.
+        assert_eq!(
+            t.encode_with_plain_spans(text, std::slice::from_ref(&(17..19)))?,
+            t.encode(text)?
+        );
+        // The span covers the first `<|im_end|>`: it is spelled out, the second stays.
+        let ids = t.encode_with_plain_spans(text, std::slice::from_ref(&(17..30)))?;
+        let end = t.token_id("<|im_end|>").unwrap_or_default();
+        assert_eq!(ids.iter().filter(|&&id| id == end).count(), 1);
+        assert_eq!(ids.last(), Some(&end));
+        assert_eq!(t.decode(&ids)?, format!("<s>{text}"));
+        Ok(())
+    }
 }

@@ -49,9 +49,22 @@ pub enum Error {
         /// Layers of the cache.
         actual: usize,
     },
-    /// Invalid sampling parameters.
-    #[error("invalid sampling parameters: {0}")]
+    /// Sampling could not pick a token: invalid parameters, no logits, or no possible token.
+    #[error("sampling: {0}")]
     Sampling(String),
+    /// The logits hold NaN: the model's arithmetic broke down (overflow in a layer, corrupt
+    /// weights), so no token can be trusted.
+    #[error(
+        "the model produced NaN logits at {nan} of {vocab} vocabulary entries (the first at token {first})"
+    )]
+    NanLogits {
+        /// How many logits are NaN.
+        nan: usize,
+        /// The vocabulary size (logits per position).
+        vocab: usize,
+        /// The first token id whose logit is NaN.
+        first: usize,
+    },
     /// The backend failed (reading a tensor back, an unavailable device).
     #[error("backend: {0}")]
     Backend(String),

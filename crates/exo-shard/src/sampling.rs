@@ -7,6 +7,11 @@ use crate::error::{Error, Result};
 
 pub use exo_core::SamplingParams;
 
+/// Temperatures below this sample greedily. Dividing logits by a smaller temperature overflows
+/// (1e-40 turns every logit into an infinity) and leaves nothing to draw between anyway: at
+/// 1e-5 a logit gap of 0.001 already weighs e^-100. vLLM draws the same line (`_SAMPLING_EPS`).
+pub(crate) const GREEDY_TEMPERATURE: f32 = 1e-5;
+
 /// A sampler with its own random state (one per request).
 #[derive(Debug)]
 pub struct Sampler {
@@ -19,16 +24,24 @@ impl Sampler {
     pub fn new(params: SamplingParams) -> Result<Self> {
         params
             .validate()
-            .map_err(|e| Error::Sampling(e.to_string()))?;
+            .map_err(|e| Error::Sampling(format!("invalid parameters: {e}")))?;
         let rng = StdRng::seed_from_u64(params.seed);
         Ok(Sampler { params, rng })
+    }
+
+    /// Whether this sampler takes the most likely token (temperature 0, or one below 1e-5) and
+    /// so never draws: [`Sampler::sample`] and [`Sampler::skip`] both ask this.
+    pub fn is_greedy(&self) -> bool {
+        // A NaN temperature (refused by `new`) would be greedy too.
+        let t = self.params.temperature;
+        t.is_nan() || t < GREEDY_TEMPERATURE
     }
 
     /// Makes the random draws of `tokens` samples without sampling: a request replayed on
     /// another plan continues as if it had never stopped (each sample draws once, greedy
     /// sampling never).
     pub fn skip(&mut self, tokens: u32) {
-        if self.params.temperature != 0.0 {
+        if !self.is_greedy() {
             for _ in 0..tokens {
                 let _: f32 = self.rng.random();
             }
@@ -36,28 +49,58 @@ impl Sampler {
     }
 
     /// Picks a token id from one position's logits.
+    ///
+    /// NaN logits are an error in every mode ([`Error::NanLogits`]): a model that produces them
+    /// has broken down, and whichever token came out would be noise. `-inf` marks a token as
+    /// impossible; `+inf` is read as the limit it stands for, all of the probability shared by
+    /// the infinite logits (greedy takes the first of them).
     pub fn sample(&mut self, logits: &[f32]) -> Result<u32> {
         if logits.is_empty() {
             return Err(Error::Sampling("no logits to sample from".into()));
         }
-        if self.params.temperature == 0.0 {
+        if let Some(first) = logits.iter().position(|l| l.is_nan()) {
+            return Err(Error::NanLogits {
+                nan: logits.iter().filter(|l| l.is_nan()).count(),
+                vocab: logits.len(),
+                first,
+            });
+        }
+        if logits.iter().all(|&l| l == f32::NEG_INFINITY) {
+            return Err(Error::Sampling(format!(
+                "every one of the {} logits is -inf: no token is possible",
+                logits.len()
+            )));
+        }
+        if self.is_greedy() {
             return Ok(argmax(logits));
         }
+        let t = self.params.temperature;
         let mut candidates: Vec<(u32, f32)> = logits
             .iter()
             .enumerate()
-            .filter(|(_, l)| l.is_finite())
-            .map(|(i, &l)| (i as u32, l / self.params.temperature))
+            .filter(|(_, l)| **l > f32::NEG_INFINITY)
+            .map(|(i, &l)| (i as u32, l))
             .collect();
-        if candidates.is_empty() {
-            return Err(Error::Sampling("every logit is NaN or infinite".into()));
-        }
         candidates.sort_by(|a, b| b.1.total_cmp(&a.1));
         if self.params.top_k > 0 {
             candidates.truncate(self.params.top_k as usize);
         }
+        // Weights relative to the largest logit, so none exceeds 1 and the largest is exactly 1:
+        // the total is at least 1 and the normalisation never divides by zero or makes NaN.
         let max = candidates[0].1;
-        let mut probs: Vec<f32> = candidates.iter().map(|(_, l)| (l - max).exp()).collect();
+        let top = max / t;
+        let weight = |l: f32| -> f32 {
+            if max == f32::INFINITY {
+                if l == f32::INFINITY { 1.0 } else { 0.0 }
+            } else if top.is_finite() {
+                // The ordinary case, computed as it always was so that seeded runs repeat.
+                (l / t - top).exp()
+            } else {
+                // Huge logits whose quotient overflows: subtract first.
+                ((l - max) / t).exp()
+            }
+        };
+        let mut probs: Vec<f32> = candidates.iter().map(|&(_, l)| weight(l)).collect();
         let total: f32 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= total);
         if self.params.top_p < 1.0 {
@@ -82,7 +125,9 @@ impl Sampler {
                 return Ok(candidates[i].0);
             }
         }
-        Ok(candidates[probs.len() - 1].0)
+        // Rounding left the draw past the last sum: take the last token that had any weight.
+        let last = probs.iter().rposition(|p| *p > 0.0).unwrap_or(0);
+        Ok(candidates[last].0)
     }
 }
 
@@ -100,6 +145,113 @@ pub fn argmax(logits: &[f32]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn sampler(temperature: f32) -> Result<Sampler> {
+        Sampler::new(SamplingParams {
+            temperature,
+            seed: 7,
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn a_tiny_temperature_is_greedy() -> Result<()> {
+        // Token 2 is the most likely but not by much: at temperature 1 it would often lose.
+        let logits = [2.9, 0.1, 3.0, -1.0, 2.95];
+        for t in [
+            1e-40,
+            f32::MIN_POSITIVE,
+            f32::MIN_POSITIVE / 4.0, // subnormal
+            f32::from_bits(1),       // the smallest subnormal
+            1e-30,
+            1e-6,
+        ] {
+            let mut s = sampler(t)?;
+            assert!(s.is_greedy(), "temperature {t:e}");
+            for _ in 0..20 {
+                assert_eq!(s.sample(&logits)?, 2, "temperature {t:e}");
+            }
+        }
+        assert!(!sampler(1e-5)?.is_greedy());
+        assert!(!sampler(0.7)?.is_greedy());
+        Ok(())
+    }
+
+    #[test]
+    fn a_greedy_temperature_draws_nothing_and_skip_agrees() -> Result<()> {
+        // A greedy sampler's skip leaves the random state alone, like its samples do: a
+        // request replayed after some tokens goes on exactly as the original did.
+        let logits: Vec<f32> = (0..10).map(|i| (i % 3) as f32).collect();
+        let mut a = sampler(1e-40)?;
+        let mut b = sampler(1e-40)?;
+        for _ in 0..5 {
+            a.sample(&logits)?;
+        }
+        b.skip(5);
+        let x: f32 = a.rng.random();
+        let y: f32 = b.rng.random();
+        assert_eq!(x, y);
+        Ok(())
+    }
+
+    #[test]
+    fn a_small_ordinary_temperature_stays_finite() -> Result<()> {
+        // Just above the greedy line, with logits far apart: weights underflow to zero instead
+        // of overflowing, and the draw still lands on a possible token.
+        let mut s = sampler(1e-5)?;
+        for _ in 0..20 {
+            assert_eq!(s.sample(&[-3e38, 1.0, 3e38, 0.0])?, 2);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn nan_logits_are_an_error_in_every_mode() -> Result<()> {
+        for t in [0.0, 1e-40, 0.8] {
+            let mut s = sampler(t)?;
+            let all = s.sample(&[f32::NAN; 8]).err().map(|e| e.to_string());
+            assert_eq!(
+                all.as_deref(),
+                Some(
+                    "the model produced NaN logits at 8 of 8 vocabulary entries (the first at token 0)"
+                ),
+                "temperature {t}"
+            );
+            let one = s.sample(&[1.0, 5.0, f32::NAN, 0.0]);
+            assert!(
+                matches!(
+                    one,
+                    Err(Error::NanLogits {
+                        nan: 1,
+                        vocab: 4,
+                        first: 2
+                    })
+                ),
+                "temperature {t}: {one:?}"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn infinite_logits_take_all_the_mass() -> Result<()> {
+        for t in [0.0, 1.0] {
+            let mut s = sampler(t)?;
+            for _ in 0..20 {
+                assert_eq!(s.sample(&[1.0, f32::NEG_INFINITY, f32::INFINITY, 3e38])?, 2);
+            }
+            assert!(
+                s.sample(&[f32::NEG_INFINITY; 3]).is_err(),
+                "temperature {t}"
+            );
+        }
+        // -inf masks a token out; the rest are drawn as usual.
+        let mut s = sampler(1.0)?;
+        for _ in 0..50 {
+            assert_ne!(s.sample(&[0.0, f32::NEG_INFINITY, 0.0])?, 1);
+        }
+        Ok(())
+    }
 
     #[test]
     fn greedy_takes_the_largest() -> Result<()> {

@@ -829,6 +829,9 @@ impl Worker {
             .logits_rows(&self.sample_rows, &mut first.cache, &mut self.logits)
             .map_err(|e| e.to_string())?;
         let vocab = self.logits.len() / sampling.len();
+        // A request whose logits cannot be sampled (NaN from a broken-down model) fails alone;
+        // the failure names this stage and its layers, the last that computed its logits.
+        let mut unsampled: Vec<(RequestId, String)> = Vec::new();
         for (piece, logits) in sampling.iter().zip(self.logits.chunks_exact(vocab.max(1))) {
             let Some(request) = self.requests.get_mut(&piece.request) else {
                 continue;
@@ -836,7 +839,14 @@ impl Worker {
             let Some(sampler) = request.sampler.as_mut() else {
                 return Err("the last stage has no sampler".to_owned());
             };
-            let token = sampler.sample(logits).map_err(|e| e.to_string())?;
+            let token = match sampler.sample(logits) {
+                Ok(token) => token,
+                Err(e) => {
+                    let at = piece.work.position + piece.rows as u32;
+                    unsampled.push((piece.request, format!("sampling position {at}: {e}")));
+                    continue;
+                }
+            };
             out.deliveries
                 .entry(request.origin.clone())
                 .or_default()
@@ -845,6 +855,10 @@ impl Worker {
                     token,
                     position: piece.work.position + piece.rows as u32,
                 });
+        }
+        for (request, reason) in unsampled {
+            let failure = self.failure(FailureKind::Failed, reason);
+            self.fail(request, failure, out);
         }
         Ok(())
     }
