@@ -394,6 +394,16 @@ fn completion_request() -> Value {
             ],
         }),
     );
+    properties.insert(
+        "parse_special_tokens".to_owned(),
+        json!({
+            "type": "boolean",
+            "default": false,
+            "description": "exo extension: parse special tokens written in the prompt \
+                (`<|im_start|>`) as the control tokens they name. By default they are \
+                plain text, so a prompt cannot forge the model's control sequences.",
+        }),
+    );
     for (name, description) in [
         ("echo", "Only false is supported"),
         ("best_of", "Only 1 is supported"),

@@ -166,7 +166,13 @@ pub(crate) fn completion(
             "logprobs are not supported",
         ));
     }
-    common(&fields, model, Prompt::Text(prompt), default_max_tokens)
+    // Special tokens written in the prompt stay text unless the caller asks for them.
+    let prompt = if fields.bool("parse_special_tokens")? == Some(true) {
+        Prompt::Raw(prompt)
+    } else {
+        Prompt::Text(prompt)
+    };
+    common(&fields, model, prompt, default_max_tokens)
 }
 
 /// The fields both endpoints share: sampling, limits, streaming and the unsupported extras.

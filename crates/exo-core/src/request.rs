@@ -35,8 +35,12 @@ impl ChatMessage {
 pub enum Prompt {
     /// Messages, rendered with the model's chat template (which opens the assistant's turn).
     Chat(Vec<ChatMessage>),
-    /// Text continued as is, without the chat template.
+    /// Text continued as is, without the chat template; special tokens written in it
+    /// (`<|im_start|>`) are plain text, so a user cannot forge a turn.
     Text(String),
+    /// Text continued as is, in which special tokens written out are the control tokens they
+    /// name: for a caller that writes the model's own format (opted into per request).
+    Raw(String),
 }
 
 /// How the next token is picked from the logits.

@@ -496,6 +496,7 @@ impl From<&GenerationRequest> for pb::GenerateRequest {
             model: r.model.clone(),
             prompt: Some(match &r.prompt {
                 Prompt::Text(t) => pb::generate_request::Prompt::Text(t.clone()),
+                Prompt::Raw(t) => pb::generate_request::Prompt::RawText(t.clone()),
                 Prompt::Chat(messages) => pb::generate_request::Prompt::Chat(pb::ChatPrompt {
                     messages: messages
                         .iter()
@@ -521,6 +522,7 @@ impl TryFrom<pb::GenerateRequest> for GenerationRequest {
         let prompt = match r.prompt {
             None => return Err(Error::invalid("generate request carries no prompt")),
             Some(pb::generate_request::Prompt::Text(t)) => Prompt::Text(t),
+            Some(pb::generate_request::Prompt::RawText(t)) => Prompt::Raw(t),
             Some(pb::generate_request::Prompt::Chat(c)) => Prompt::Chat(
                 c.messages
                     .into_iter()

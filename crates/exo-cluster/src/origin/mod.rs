@@ -53,21 +53,21 @@ impl OriginModel {
         model_id(name) == model_id(&self.name)
     }
 
-    /// Token ids of a prompt: chat messages through the chat template, or text as is.
+    /// Token ids of a prompt: chat messages through the chat template (special tokens only
+    /// where the template writes them), or text as is (special tokens written in it parsed
+    /// only when the caller asked for that).
     fn prompt_ids(&self, prompt: &Prompt) -> Result<Vec<u32>, GenerationError> {
-        let (text, param) = match prompt {
-            Prompt::Text(t) => (t.clone(), "prompt"),
+        let tokenizing = |e: exo_model::Error| format!("tokenizing the prompt: {e}");
+        let (ids, param) = match prompt {
+            Prompt::Text(t) => (self.tokenizer.encode_plain(t).map_err(tokenizing), "prompt"),
+            Prompt::Raw(t) => (self.tokenizer.encode(t).map_err(tokenizing), "prompt"),
             Prompt::Chat(messages) => (
-                exo_model::render_prompt(self.template.as_ref(), messages).map_err(|e| {
-                    GenerationError::invalid("messages", format!("chat template: {e}"))
-                })?,
+                exo_model::encode_chat(&self.tokenizer, self.template.as_ref(), messages)
+                    .map_err(|e| format!("chat template: {e}")),
                 "messages",
             ),
         };
-        let ids = self
-            .tokenizer
-            .encode(&text)
-            .map_err(|e| GenerationError::invalid(param, format!("tokenizing the prompt: {e}")))?;
+        let ids = ids.map_err(|message| GenerationError::invalid(param, message))?;
         if ids.is_empty() {
             return Err(GenerationError::invalid(param, "the prompt is empty"));
         }
@@ -79,7 +79,7 @@ impl OriginModel {
     /// tokenizing it would take seconds and a lot of memory).
     fn refuse_far_too_long(&self, prompt: &Prompt) -> Result<(), GenerationError> {
         let (bytes, param) = match prompt {
-            Prompt::Text(t) => (t.len(), "prompt"),
+            Prompt::Text(t) | Prompt::Raw(t) => (t.len(), "prompt"),
             Prompt::Chat(messages) => (
                 messages.iter().map(|m| m.content.len()).sum::<usize>(),
                 "messages",
