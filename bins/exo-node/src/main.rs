@@ -91,7 +91,8 @@ struct GenerateArgs {
     /// Stop before this string (may be repeated).
     #[arg(long)]
     stop: Vec<String>,
-    /// Send the prompt as is, without the chat template.
+    /// Send the prompt as is, without the chat template, in the model's own format: special
+    /// tokens written in it (`<|im_start|>`) are parsed as the control tokens they name.
     #[arg(long)]
     raw: bool,
     /// Keep generating past end-of-sequence tokens (for benchmarks).
@@ -255,15 +256,17 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
     let engine = Engine::load(&path, &device, weights)
         .with_context(|| format!("loading {}", path.display()))?;
     tracing::info!(seconds = load_start.elapsed().as_secs_f64(), "model loaded");
-    let prompt = if args.raw {
-        args.prompt
+    // Raw text is the model's own format: special tokens written in it are parsed. In a
+    // chat they are text, as the API treats them.
+    let prompt_ids = if args.raw {
+        engine.tokenizer().encode(&args.prompt)?
     } else {
         let mut messages = Vec::new();
         if let Some(system) = args.system {
             messages.push(ChatMessage::new("system", system));
         }
         messages.push(ChatMessage::new("user", args.prompt));
-        engine.render_chat(&messages)?
+        engine.encode_chat(&messages)?
     };
     let options = TextOptions {
         max_tokens: args.max_tokens,
@@ -277,7 +280,7 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
         ignore_eos: args.ignore_eos,
     };
     let mut stdout = std::io::stdout().lock();
-    let generation = engine.generate_text(&prompt, &options, &mut |piece| {
+    let generation = engine.generate_ids(prompt_ids, &options, &mut |piece| {
         // A closed pipe (`| head`) is not worth a panic; the figures still go to stderr.
         let _ = stdout.write_all(piece.as_bytes());
         let _ = stdout.flush();

@@ -42,7 +42,7 @@ pub(crate) fn generate(args: GenerateArgs) -> Result<()> {
     let show_ids = args.show_token_ids;
     let credential = credential(args.cluster_key.as_deref())?;
     let prompt = if args.raw {
-        Prompt::Text(args.prompt)
+        Prompt::Raw(args.prompt)
     } else {
         let mut messages = Vec::new();
         if let Some(system) = args.system {

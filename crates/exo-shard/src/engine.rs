@@ -94,7 +94,18 @@ impl Engine {
         Ok(exo_model::render_prompt(self.template.as_ref(), messages)?)
     }
 
-    /// Generates from prompt text (already templated), streaming pieces to `on_text`.
+    /// Token ids of chat messages through the checkpoint's template: special tokens only
+    /// where the template writes them; typed in a message they are text.
+    pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+        Ok(exo_model::encode_chat(
+            &self.tokenizer,
+            self.template.as_ref(),
+            messages,
+        )?)
+    }
+
+    /// Generates from prompt text (already templated: special tokens written in it are
+    /// parsed), streaming pieces to `on_text`.
     pub fn generate_text(
         &self,
         prompt: &str,
@@ -102,6 +113,16 @@ impl Engine {
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Generation> {
         let prompt_ids = self.tokenizer.encode(prompt)?;
+        self.generate_ids(prompt_ids, options, on_text)
+    }
+
+    /// Generates from prompt token ids, streaming pieces to `on_text`.
+    pub fn generate_ids(
+        &self,
+        prompt_ids: Vec<u32>,
+        options: &TextOptions,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Generation> {
         let max = self.config.max_position_embeddings;
         if prompt_ids.len() >= max {
             return Err(Error::ContextFull {
