@@ -259,3 +259,48 @@ fn what_a_client_writes_cannot_overflow_the_context_rule_forge_turns_or_garble_s
     };
     assert_eq!(sampled("1e-40"), sampled("0"));
 }
+
+#[test]
+fn a_prompt_as_long_as_the_plan_allows_grows_a_stage_by_its_keys_and_values_only() {
+    // 120 MiB each: the model needs both nodes with keys and values for 2,048 positions
+    // (`--plan-context`, the default), which bounds every request.
+    let cluster = start_cluster(2, "120MiB", &[]);
+    let api = &cluster.nodes[0].api;
+    let before: Vec<u64> = cluster.nodes.iter().map(|n| n.memory().0).collect();
+    // ~1,980 tokens of prompt and 64 generated: nearly all the plan reserved.
+    let (prompt_tokens, _) = answer(
+        api,
+        "/v1/chat/completions",
+        &chat(&"hello world ".repeat(975), r#","max_tokens":64"#),
+    );
+    assert!(prompt_tokens > 1900, "{prompt_tokens}");
+    let view = cluster_view(api);
+    for (node, before) in cluster.nodes.iter().zip(before) {
+        let id = common::node_id(&node.api);
+        let stage = view["plan"]["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["node"] == id.as_str())
+            .unwrap();
+        let layers =
+            stage["layers_end"].as_u64().unwrap() - stage["layers_start"].as_u64().unwrap();
+        // Keys and values of 3 heads of 64 f32 values per layer and position.
+        let kv = 2048 * layers * 2 * 3 * 64 * 4;
+        let (_, peak) = node.memory();
+        let grew = peak.saturating_sub(before);
+        eprintln!(
+            "node holding {layers} layers: resident {:.1} MiB before the request, peak {:.1} MiB \
+             after: grew {:.1} MiB against {:.1} MiB of keys and values reserved",
+            before as f64 / 1048576.0,
+            peak as f64 / 1048576.0,
+            grew as f64 / 1048576.0,
+            kv as f64 / 1048576.0,
+        );
+        // A step's activations and buffers come on top: at most 16 MiB.
+        assert!(
+            grew < kv + (16 << 20),
+            "grew {grew} bytes with {kv} reserved for keys and values"
+        );
+    }
+}
