@@ -45,6 +45,7 @@ fn prompts_of_megabytes_are_refused_at_once_and_leave_every_node_answering() {
     let api = cluster.nodes[0].api.clone();
     // Two prompts of 3.9 MB each, at once ("hello world " 325,000 times).
     let body = chat(&"hello world ".repeat(325_000), "");
+    let (resident_before, _) = cluster.nodes[0].memory();
     let senders: Vec<_> = (0..2)
         .map(|_| {
             let (api, body) = (api.clone(), body.clone());
@@ -69,8 +70,19 @@ fn prompts_of_megabytes_are_refused_at_once_and_leave_every_node_answering() {
             "{reply}"
         );
     }
-    eprintln!("slowest /healthz while two 3.9 MB prompts came in: {slowest:?}");
+    let (resident_after, _) = cluster.nodes[0].memory();
+    eprintln!(
+        "slowest /healthz while two 3.9 MB prompts came in: {slowest:?}; resident {:.1} MiB \
+         before, {:.1} MiB after",
+        resident_before as f64 / 1048576.0,
+        resident_after as f64 / 1048576.0
+    );
     assert!(slowest < Duration::from_millis(200), "{slowest:?}");
+    // Refused prompts leave nothing behind (they once left the node 600 MB larger).
+    assert!(
+        resident_after < resident_before + (64 << 20),
+        "{resident_before} -> {resident_after}"
+    );
     // No peer lost sight of the node, and the cluster serves on.
     for node in &cluster.nodes {
         assert!(

@@ -304,7 +304,8 @@ impl Work {
             start: self.start.take(),
             end: false,
         };
-        self.position += rows as u32;
+        // Saturating: a position near u32::MAX from a peer then fails the position check.
+        self.position = self.position.saturating_add(u32::try_from(rows).unwrap_or(u32::MAX));
         front
     }
 }
