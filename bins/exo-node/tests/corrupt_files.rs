@@ -6,8 +6,8 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use exo_model::gguf::{GgufFile, TensorToWrite, Value};
-use exo_model::testing::{tiny_config, write_gguf};
+use exo_model::gguf::Value;
+use exo_model::testing::{rewrite_gguf, tiny_config, write_gguf};
 
 fn exo_node() -> Command {
     Command::new(env!("CARGO_BIN_EXE_exo-node"))
@@ -17,25 +17,12 @@ fn exo_node() -> Command {
 fn corrupt_gguf(dir: &Path, key: &str, value: Value) -> std::path::PathBuf {
     let good = dir.join("good.gguf");
     write_gguf(&good, &tiny_config(2), 3).unwrap();
-    let file = GgufFile::open(&good).unwrap();
-    let metadata: Vec<(String, Value)> = file
-        .metadata()
-        .iter()
-        .map(|(k, v)| (k.clone(), if k == key { value.clone() } else { v.clone() }))
-        .collect();
-    assert!(metadata.iter().any(|(k, _)| k == key), "no `{key}`");
-    let tensors: Vec<TensorToWrite> = file
-        .tensors()
-        .iter()
-        .map(|info| TensorToWrite {
-            name: info.name.clone(),
-            shape: info.shape.clone(),
-            dtype: info.dtype,
-            data: file.read_tensor(info).unwrap(),
-        })
-        .collect();
     let bad = dir.join("bad.gguf");
-    exo_model::gguf::write(&bad, &metadata, &tensors).unwrap();
+    rewrite_gguf(&good, &bad, |metadata, _| {
+        let entry = metadata.iter_mut().find(|(k, _)| k == key);
+        entry.unwrap_or_else(|| panic!("no `{key}`")).1 = value;
+    })
+    .unwrap();
     bad
 }
 

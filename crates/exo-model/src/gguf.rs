@@ -180,12 +180,7 @@ impl GgufFile {
         let metadata_start = r.pos;
         let mut values = 0u64;
         for i in 0..n_kv {
-            let key = r
-                .string()
-                .map_err(|e| fail(format!("metadata entry {i}: {e}")))?;
-            let ty = r
-                .u32()
-                .map_err(|e| fail(format!("metadata `{key}`: {e}")))?;
+            let (key, ty) = r.entry_head(i).map_err(&fail)?;
             r.skip_value(ty, 0, &mut values)
                 .map_err(|e| fail(format!("metadata `{key}`: {e}")))?;
         }
@@ -217,12 +212,7 @@ impl GgufFile {
         r.pos = metadata_start;
         let mut metadata = BTreeMap::new();
         for i in 0..n_kv {
-            let key = r
-                .string()
-                .map_err(|e| fail(format!("metadata entry {i}: {e}")))?;
-            let ty = r
-                .u32()
-                .map_err(|e| fail(format!("metadata `{key}`: {e}")))?;
+            let (key, ty) = r.entry_head(i).map_err(&fail)?;
             let value = r
                 .value(ty, 0)
                 .map_err(|e| fail(format!("metadata `{key}`: {e}")))?;
@@ -392,6 +382,15 @@ impl<'a> Reader<'a> {
 
     fn u64(&mut self) -> Result<u64, String> {
         Ok(u64::from_le_bytes(self.array()?))
+    }
+
+    /// The key and value type of metadata entry `i`.
+    fn entry_head(&mut self, i: u64) -> Result<(String, u32), String> {
+        let key = self
+            .string()
+            .map_err(|e| format!("metadata entry {i}: {e}"))?;
+        let ty = self.u32().map_err(|e| format!("metadata `{key}`: {e}"))?;
+        Ok((key, ty))
     }
 
     fn string(&mut self) -> Result<String, String> {

@@ -393,3 +393,29 @@ pub fn write_synthetic_gguf(
     }
     gguf::write(path, &metadata, &tensors)
 }
+
+/// Copies the GGUF file `src` to `dst` with its metadata and tensors edited by `edit`: how
+/// tests make files that a writer would never produce (corrupt counts, odd types).
+pub fn rewrite_gguf(
+    src: &Path,
+    dst: &Path,
+    edit: impl FnOnce(&mut Vec<(String, Value)>, &mut Vec<TensorToWrite>),
+) -> Result<()> {
+    let file = gguf::GgufFile::open(src)?;
+    let mut metadata: Vec<(String, Value)> = file
+        .metadata()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let mut tensors = Vec::with_capacity(file.tensors().len());
+    for info in file.tensors() {
+        tensors.push(TensorToWrite {
+            name: info.name.clone(),
+            shape: info.shape.clone(),
+            dtype: info.dtype,
+            data: file.read_tensor(info)?,
+        });
+    }
+    edit(&mut metadata, &mut tensors);
+    gguf::write(dst, &metadata, &tensors)
+}

@@ -7,8 +7,10 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::path::Path;
 
-use exo_model::gguf::{GgufFile, TensorToWrite, Value};
-use exo_model::testing::{tiny_config, write_gguf, write_gguf_typed, write_hf_folder};
+use exo_model::gguf::{TensorToWrite, Value};
+use exo_model::testing::{
+    rewrite_gguf, tiny_config, write_gguf, write_gguf_typed, write_hf_folder,
+};
 use exo_model::{Checkpoint, DType, LayerPart, ShardSpec, TensorId};
 
 fn err_text<T: std::fmt::Debug>(r: exo_model::Result<T>) -> String {
@@ -265,33 +267,6 @@ fn a_layer_range_beyond_the_model_is_an_error() {
     assert!(e.contains("1..5") && e.contains("2 layers"), "{e}");
 }
 
-/// Copies the GGUF file `src` to `dst` with its metadata and tensors edited by `edit`: how the
-/// tests below make files that a writer would never produce.
-fn rewrite_gguf(
-    src: &Path,
-    dst: &Path,
-    edit: impl FnOnce(&mut Vec<(String, Value)>, &mut Vec<TensorToWrite>),
-) {
-    let file = GgufFile::open(src).unwrap();
-    let mut metadata: Vec<(String, Value)> = file
-        .metadata()
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    let mut tensors: Vec<TensorToWrite> = file
-        .tensors()
-        .iter()
-        .map(|info| TensorToWrite {
-            name: info.name.clone(),
-            shape: info.shape.clone(),
-            dtype: info.dtype,
-            data: file.read_tensor(info).unwrap(),
-        })
-        .collect();
-    edit(&mut metadata, &mut tensors);
-    exo_model::gguf::write(dst, &metadata, &tensors).unwrap();
-}
-
 fn set_metadata(metadata: &mut [(String, Value)], key: &str, value: Value) {
     let entry = metadata.iter_mut().find(|(k, _)| k == key).unwrap();
     entry.1 = value;
@@ -354,7 +329,8 @@ fn a_block_count_beyond_the_layers_present_names_both_numbers() {
     let bad = dir.path().join("bad.gguf");
     rewrite_gguf(&good, &bad, |metadata, _| {
         set_metadata(metadata, "llama.block_count", Value::U32(u32::MAX));
-    });
+    })
+    .unwrap();
     let e = err_text(Checkpoint::open(&bad));
     assert!(
         e.contains("bad.gguf")
@@ -367,7 +343,8 @@ fn a_block_count_beyond_the_layers_present_names_both_numbers() {
     // One layer more than the file holds is refused the same way.
     rewrite_gguf(&good, &bad, |metadata, _| {
         set_metadata(metadata, "llama.block_count", Value::U32(3));
-    });
+    })
+    .unwrap();
     let e = err_text(Checkpoint::open(&bad));
     assert!(e.contains("is 3") && e.contains("2 layers"), "{e}");
 }
@@ -380,7 +357,8 @@ fn an_absurd_context_length_is_refused_and_a_long_one_capped() {
     let bad = dir.path().join("bad.gguf");
     rewrite_gguf(&good, &bad, |metadata, _| {
         set_metadata(metadata, "llama.context_length", Value::U32(u32::MAX));
-    });
+    })
+    .unwrap();
     let e = err_text(Checkpoint::open(&bad));
     assert!(
         e.contains("bad.gguf")
@@ -393,7 +371,8 @@ fn an_absurd_context_length_is_refused_and_a_long_one_capped() {
     let long = dir.path().join("long.gguf");
     rewrite_gguf(&good, &long, |metadata, _| {
         set_metadata(metadata, "llama.context_length", Value::U32(1 << 23));
-    });
+    })
+    .unwrap();
     let checkpoint = Checkpoint::open(&long).unwrap();
     assert_eq!(checkpoint.config().max_position_embeddings, 1 << 20);
 }
@@ -450,7 +429,8 @@ fn metadata_with_more_values_than_any_model_needs_is_refused() {
             "general.padding".into(),
             Value::Array(vec![Value::U8(0); 32]),
         ));
-    });
+    })
+    .unwrap();
     // Grown in place to 5 Mi one-byte items (more than the 4 Mi values allowed, and well
     // formed): the tensor index and data move by a multiple of the alignment, so they stay valid.
     let mut bytes = std::fs::read(&small).unwrap();
@@ -481,7 +461,8 @@ fn a_duplicate_metadata_key_is_refused() {
     let bad = dir.path().join("bad.gguf");
     rewrite_gguf(&good, &bad, |metadata, _| {
         metadata.push(("llama.embedding_length".into(), Value::U32(64)));
-    });
+    })
+    .unwrap();
     let e = err_text(Checkpoint::open(&bad));
     assert!(
         e.contains("bad.gguf") && e.contains("`llama.embedding_length` appears twice"),
@@ -521,7 +502,8 @@ fn a_nan_scale_in_a_quantized_tensor_is_refused_at_load() {
         let data = tensor_data(tensors, "blk.1.ffn_down.weight");
         // Block 3's f16 scale (Q8_0 blocks are 34 bytes, the scale first) becomes a NaN.
         data[3 * 34..3 * 34 + 2].copy_from_slice(&0x7e00u16.to_le_bytes());
-    });
+    })
+    .unwrap();
     let checkpoint = Checkpoint::open(&bad).unwrap();
     checkpoint.load_shard(&ShardSpec::whole(1)).unwrap();
     let e = err_text(checkpoint.load_shard(&ShardSpec::whole(2)));
@@ -549,7 +531,8 @@ fn a_nan_in_a_norm_is_refused_at_load() {
     rewrite_gguf(&good, &bad, |_, tensors| {
         let data = tensor_data(tensors, "blk.0.attn_norm.weight");
         data[5 * 4..6 * 4].copy_from_slice(&f32::NAN.to_le_bytes());
-    });
+    })
+    .unwrap();
     let checkpoint = Checkpoint::open(&bad).unwrap();
     let e = err_text(checkpoint.load_shard(&ShardSpec::whole(2)));
     assert!(

@@ -305,7 +305,9 @@ impl Work {
             end: false,
         };
         // Saturating: a position near u32::MAX from a peer then fails the position check.
-        self.position = self.position.saturating_add(u32::try_from(rows).unwrap_or(u32::MAX));
+        self.position = self
+            .position
+            .saturating_add(u32::try_from(rows).unwrap_or(u32::MAX));
         front
     }
 }
