@@ -45,6 +45,10 @@ struct Cli {
     /// Requests that may wait; beyond that the API answers 429.
     #[arg(long, default_value_t = 256)]
     max_queued: usize,
+    /// HTTP connections kept open at once. At the cap a new connection closes the longest-idle
+    /// one; when every one has a request in flight it gets 503 (retry after 1 s).
+    #[arg(long, default_value_t = 512)]
+    max_connections: usize,
 }
 
 fn main() -> Result<()> {
@@ -55,6 +59,17 @@ fn main() -> Result<()> {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    // Before anything opens a socket: a soft limit of 1,024 open files, common by default, is
+    // too low for a server's connections.
+    match exo_topology::raise_open_file_limit() {
+        Ok(Some(limit)) => tracing::debug!(
+            before = limit.before,
+            after = limit.after,
+            "soft limit on open files"
+        ),
+        Ok(None) => {}
+        Err(error) => tracing::debug!(%error, "could not raise the soft limit on open files"),
+    }
     let mut topology = TopologyConfig::new(exo_model::exo_home());
     // A gateway beside a node on the same machine must not take the node's port.
     topology.listen = vec![parse_peer_address("/ip4/0.0.0.0/tcp/0")?];
@@ -72,6 +87,7 @@ fn main() -> Result<()> {
             cors_origins: cli.cors_origins,
             max_concurrent: cli.max_concurrent.max(1),
             max_queued: cli.max_queued,
+            max_connections: cli.max_connections.max(1),
             ..exo_api::ApiConfig::default()
         },
         limits: Default::default(),

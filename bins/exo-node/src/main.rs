@@ -195,6 +195,17 @@ fn main() -> Result<()> {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    // Before anything opens a socket: a soft limit of 1,024 open files, common by default, is
+    // too low for a server's connections.
+    match exo_topology::raise_open_file_limit() {
+        Ok(Some(limit)) => tracing::debug!(
+            before = limit.before,
+            after = limit.after,
+            "soft limit on open files"
+        ),
+        Ok(None) => {}
+        Err(error) => tracing::debug!(%error, "could not raise the soft limit on open files"),
+    }
     match command {
         Command::Serve(args) => serve::run(args),
         Command::Generate(args) if args.node.is_some() => remote::generate(args),

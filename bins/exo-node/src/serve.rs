@@ -101,6 +101,10 @@ pub(crate) struct ApiArgs {
     /// Requests that may wait; beyond that the API answers 429.
     #[arg(long, default_value_t = 64)]
     pub(crate) max_queued: usize,
+    /// HTTP connections kept open at once. At the cap a new connection closes the longest-idle
+    /// one; when every one has a request in flight it gets 503 (retry after 1 s).
+    #[arg(long, default_value_t = 512)]
+    pub(crate) max_connections: usize,
 }
 
 impl ApiArgs {
@@ -110,6 +114,7 @@ impl ApiArgs {
             cors_origins: self.cors_origins.clone(),
             max_concurrent: self.max_concurrent.max(1),
             max_queued: self.max_queued,
+            max_connections: self.max_connections.max(1),
             ..exo_api::ApiConfig::default()
         }
     }

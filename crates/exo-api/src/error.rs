@@ -91,6 +91,32 @@ impl ApiError {
         .with_code("request_too_large")
     }
 
+    /// 408: the request body did not arrive within `limit`.
+    pub(crate) fn body_timeout(limit: std::time::Duration) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            INVALID_REQUEST,
+            format!(
+                "the request body did not arrive within {} s",
+                limit.as_secs_f64()
+            ),
+        )
+        .with_code("request_timeout")
+    }
+
+    /// 503: every one of the server's `max_connections` connections has a request in flight.
+    pub(crate) fn too_many_connections(max_connections: usize) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            SERVER_ERROR,
+            format!(
+                "server is at its limit of {max_connections} open connections, each with a \
+                 request in flight; retry shortly"
+            ),
+        )
+        .with_code("service_unavailable")
+    }
+
     /// 429: the generation queue is full.
     pub(crate) fn queue_full(running: usize, queued: usize) -> Self {
         Self::new(

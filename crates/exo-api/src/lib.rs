@@ -37,6 +37,7 @@ mod openapi;
 mod queue;
 mod request;
 mod routes;
+mod server;
 mod state;
 mod web;
 
@@ -61,6 +62,12 @@ pub use exo_core::{
 /// It binds nothing itself, so the caller chooses the address (tests bind `127.0.0.1:0`).
 /// Generations in flight run to their end; a caller that cannot wait that long should race
 /// this future against a timeout.
+///
+/// Connections are HTTP/1.1, held to [`ApiConfig::max_connections`] (at the cap the
+/// longest-idle one makes room; with none idle the newcomer gets 503), and closed when idle
+/// for [`ApiConfig::idle_timeout`] or slower than [`ApiConfig::header_timeout`] to send a
+/// request's head. Errors accepting a connection, such as running out of file descriptors,
+/// are logged and retried: only `shutdown` ends the loop.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     engine: Arc<dyn Engine>,
@@ -71,9 +78,8 @@ pub async fn serve(
         Ok(address) => tracing::info!(%address, "serving the OpenAI-compatible API"),
         Err(error) => tracing::warn!(%error, "serving on a listener without a local address"),
     }
-    axum::serve(listener, router(engine, config))
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    let limits = server::Limits::new(&config);
+    server::serve(listener, router(engine, config), limits, shutdown).await;
     tracing::info!("API server stopped");
     Ok(())
 }

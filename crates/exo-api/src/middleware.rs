@@ -1,11 +1,12 @@
-//! What wraps every route: the request log line, API-key checks and the error envelopes for
-//! requests no handler takes.
+//! What wraps every route: the request log line, API-key checks, the request body's time
+//! limit and the error envelopes for requests no handler takes.
 
 use std::convert::Infallible;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{FromRequestParts, Request, State};
@@ -14,6 +15,7 @@ use axum::http::{HeaderValue, Method, Uri, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use http_body::{Frame, SizeHint};
+use tower_http::timeout::{DeadlineBody, TimeoutError};
 use tracing::Instrument;
 
 use crate::error::ApiError;
@@ -204,6 +206,67 @@ fn same_secret(given: &[u8], expected: &[u8]) -> bool {
         .zip(expected)
         .fold(0u8, |difference, (a, b)| difference | (a ^ b))
         == 0
+}
+
+/// Gives a request's body `limit` from the end of its head to arrive in full; a handler
+/// reading a slower one gets an error, and the client 408 with the connection closed.
+pub(crate) async fn limit_body_time(
+    State(limit): State<Duration>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let timed_out = Arc::new(AtomicBool::new(false));
+    let req = req.map(|body| {
+        Body::new(DeadlineNoted {
+            inner: Box::pin(DeadlineBody::new(limit, body)),
+            timed_out: Arc::clone(&timed_out),
+        })
+    });
+    let response = next.run(req).await;
+    if !timed_out.load(Ordering::Relaxed) {
+        return response;
+    }
+    let mut response = ApiError::body_timeout(limit).into_response();
+    // The rest of the body may still be on its way; the connection cannot carry another
+    // request after it.
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+/// A request body that notes when its deadline passed, so that the response can say so
+/// whatever the handler made of the failed read.
+struct DeadlineNoted {
+    /// Boxed because the deadline's timer must not move.
+    inner: Pin<Box<DeadlineBody<Body>>>,
+    timed_out: Arc<AtomicBool>,
+}
+
+impl http_body::Body for DeadlineNoted {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let polled = self.inner.as_mut().poll_frame(cx);
+        if let Poll::Ready(Some(Err(error))) = &polled
+            && error.is::<TimeoutError>()
+        {
+            self.timed_out.store(true, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// 404 envelope for paths nothing is routed at.

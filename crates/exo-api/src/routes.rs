@@ -47,6 +47,7 @@ pub fn router(engine: Arc<dyn Engine>, config: ApiConfig) -> Router {
     let cors = cors(&config.cors_origins);
     let api_key: Option<Arc<str>> = config.api_key.as_deref().map(Arc::from);
     let body_limit = DefaultBodyLimit::max(config.max_body_bytes);
+    let body_timeout = config.request_body_timeout;
     let state = AppState {
         engine,
         config: Arc::new(config),
@@ -76,6 +77,10 @@ pub fn router(engine: Arc<dyn Engine>, config: ApiConfig) -> Router {
             middleware::require_api_key,
         ));
     }
+    router = router.layer(axum::middleware::from_fn_with_state(
+        body_timeout,
+        middleware::limit_body_time,
+    ));
     router = router.layer(axum::middleware::from_fn(middleware::log_requests));
     // Outermost, so that preflight requests are answered without a key and that errors,
     // 401s included, carry the headers a browser needs to read them.

@@ -46,6 +46,7 @@ mod format;
 mod host;
 mod identity;
 mod network;
+mod open_files;
 mod profile;
 mod protocol;
 
@@ -61,5 +62,6 @@ pub use identity::{
     CLUSTER_KEY_FILE, ClusterKey, ClusterKeyInfo, KeyOrigin, MIN_PASSPHRASE_CHARS, NODE_KEY_FILE,
 };
 pub use libp2p::Multiaddr;
+pub use open_files::{OpenFileLimit, raise_open_file_limit};
 pub use profile::{LinkMeasurement, MemoryInfo, ModelFile, NodeId, NodeProfile, NodeRole};
 pub use protocol::PROTOCOL_VERSION;

@@ -21,6 +21,7 @@ mod auth;
 mod client;
 mod convert;
 mod error;
+mod incoming;
 mod server;
 mod types;
 

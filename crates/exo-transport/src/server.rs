@@ -11,7 +11,7 @@ use exo_core::{
 use futures::future::BoxFuture;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -63,9 +63,16 @@ pub trait ShardHandler: Send + Sync + 'static {
 pub(crate) const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
 pub(crate) const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// Streams one connection may have open at once (tonic sets no limit): far more than the links,
+/// deliveries and generations a peer or a gateway holds, but a bound on what one connection
+/// can make the server keep.
+const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
+
 /// Serves the shard service on `listener` until `shutdown` resolves. Calls without
 /// `credential` are refused with `Unauthenticated`; malformed messages end their stream with
-/// `InvalidArgument` and leave the server serving.
+/// `InvalidArgument` and leave the server serving. At most 256 connections are open at once
+/// (more are closed at once), a connection silent for 10 s after it is accepted is closed, and
+/// errors accepting (such as running out of file descriptors) are retried, never fatal.
 pub async fn serve(
     listener: TcpListener,
     handler: Arc<dyn ShardHandler>,
@@ -92,15 +99,23 @@ pub async fn serve(
     let server = pb::shard_server::ShardServer::new(service)
         .max_decoding_message_size(limits.max_message_bytes())
         .max_encoding_message_size(limits.max_message_bytes());
+    // No request timeout: links and deliveries are streams that last as long as a plan. A
+    // dead peer is found by the keep-alive pings, a silent connection by the first-byte timeout
+    // of `incoming`, and open connections and each one's streams are capped.
+    let incoming = crate::incoming::accept(
+        listener,
+        crate::incoming::MAX_CONNECTIONS,
+        crate::incoming::FIRST_BYTE_TIMEOUT,
+    );
     tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .add_service(InterceptedService::new(
             server,
             CheckCredential::new(&credential),
         ))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(|e| Error::Connect {
             endpoint: local,

@@ -7,6 +7,7 @@ mod chat;
 mod completions;
 mod errors;
 mod events;
+mod limits;
 use exo_testkit::fake;
 mod logging;
 mod models;
