@@ -101,6 +101,11 @@ pub(crate) struct ApiArgs {
     /// Requests that may wait; beyond that the API answers 429.
     #[arg(long, default_value_t = 64)]
     pub(crate) max_queued: usize,
+    /// The largest request body accepted (`512KiB`, `8MiB`, bytes); larger ones get 413.
+    /// Default: what a prompt that fits the context can take, twice over for JSON escaping,
+    /// plus 1 MiB for the rest of the request (at most 64 MiB).
+    #[arg(long, value_parser = parse_bytes)]
+    pub(crate) max_body_bytes: Option<u64>,
     /// HTTP connections kept open at once. At the cap a new connection closes the longest-idle
     /// one; when every one has a request in flight it gets 503 (retry after 1 s).
     #[arg(long, default_value_t = 512)]
@@ -117,6 +122,18 @@ impl ApiArgs {
             max_connections: self.max_connections.max(1),
             ..exo_api::ApiConfig::default()
         }
+    }
+}
+
+/// The request body limit: `asked`, or what a prompt of `prompt_bytes` (the most text that
+/// fits the context) takes twice over (JSON escapes) plus 1 MiB for the rest, at most 64 MiB.
+fn body_limit(asked: Option<u64>, prompt_bytes: usize) -> usize {
+    match asked {
+        Some(bytes) => usize::try_from(bytes).unwrap_or(usize::MAX),
+        None => prompt_bytes
+            .saturating_mul(2)
+            .saturating_add(1 << 20)
+            .min(64 << 20),
     }
 }
 
@@ -194,6 +211,7 @@ pub(crate) fn run(args: ServeArgs) -> Result<()> {
         .build()
         .context("starting the async runtime")?;
     let api = (!args.api.no_api).then(|| (args.api.api_addr, args.api.config()));
+    let max_body_bytes = args.api.max_body_bytes;
     runtime.block_on(async move {
         // Bind the API first: a port in use is an error before anything else starts.
         let api_listener = match &api {
@@ -211,7 +229,9 @@ pub(crate) fn run(args: ServeArgs) -> Result<()> {
             .map(|(address, _)| format!(" at http://{address}/v1"))
             .unwrap_or_default();
         let api_task = match (api_listener, api) {
-            (Some(listener), Some((address, api_config))) => {
+            (Some(listener), Some((address, mut api_config))) => {
+                api_config.max_body_bytes = body_limit(max_body_bytes, node.max_prompt_bytes());
+                tracing::debug!(bytes = api_config.max_body_bytes, "request body limit");
                 eprintln!("exo-node: OpenAI-compatible API at http://{address}/v1");
                 let engine = std::sync::Arc::new(exo_cluster::NodeEngine::new(std::sync::Arc::clone(&node)));
                 Some(tokio::spawn(exo_api::serve(listener, engine, api_config, async move {
@@ -298,7 +318,15 @@ pub(crate) fn run(args: ServeArgs) -> Result<()> {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use super::parse_bytes;
+    use super::{body_limit, parse_bytes};
+
+    #[test]
+    fn the_body_limit_follows_the_context_unless_asked() {
+        // 2,048 positions of at most 32 bytes: 64 KiB of text, 128 KiB escaped, plus 1 MiB.
+        assert_eq!(body_limit(None, 2048 * 32), (128 << 10) + (1 << 20));
+        assert_eq!(body_limit(None, usize::MAX), 64 << 20);
+        assert_eq!(body_limit(Some(10 << 20), 1), 10 << 20);
+    }
 
     #[test]
     fn sizes_parse_with_units() {

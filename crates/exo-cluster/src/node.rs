@@ -284,6 +284,15 @@ impl Node {
         model_id(self.model_name())
     }
 
+    /// The most bytes of text a prompt that fits the context can hold (every token standing
+    /// for the longest entry of the vocabulary): a bound for request bodies.
+    pub fn max_prompt_bytes(&self) -> usize {
+        self.origins
+            .model
+            .context
+            .saturating_mul(self.origins.model.longest_token_bytes)
+    }
+
     /// The most tokens one request may use: the model's context length, or the plan's
     /// (`plan_context`) when that is smaller.
     pub fn context_length(&self) -> usize {
