@@ -203,7 +203,7 @@ fn three_nodes_answer_like_one_and_hold_only_their_layers() {
             .trim_end_matches("/v1")
             .to_owned();
         let mut stream = std::net::TcpStream::connect(&host).unwrap();
-        let body = r#"{"model":"SmolLM2-135M-Instruct.Q4_1","messages":[{"role":"user","content":"Tell me a long story."}],"max_tokens":4000,"stream":true}"#;
+        let body = r#"{"model":"SmolLM2-135M-Instruct.Q4_1","messages":[{"role":"user","content":"Tell me a long story."}],"max_tokens":1900,"stream":true}"#;
         write!(
             stream,
             "POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
@@ -535,7 +535,7 @@ fn a_killed_node_whose_part_fits_nowhere_ends_the_request_saying_why_and_restart
     // Three nodes, all three needed: after a kill no plan fits.
     let mut cluster = start_cluster(3, "80MiB", &["--resume-within", "3"]);
     let origin = cluster.nodes[0].grpc.clone();
-    let mut request = story("4000", &["--node", &origin]);
+    let mut request = story("1900", &["--node", &origin]);
     // Let it generate a while, then kill a stage that is not the origin.
     let mut stdout = request.stdout.take().unwrap();
     let mut first = [0u8; 16];

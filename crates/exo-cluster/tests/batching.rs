@@ -83,22 +83,31 @@ async fn eight_requests_in_batches_answer_as_each_would_alone() {
     };
     for memory in [vec![GIB], vec![GIB, GIB, GIB]] {
         let cluster = TestCluster::start_with(&model, &memory, options.clone()).await;
-        let answers = all_at_once(&cluster).await;
-        for (i, (got, want)) in answers.iter().zip(&reference).enumerate() {
-            assert_eq!(
-                got,
-                want,
-                "request {i} ({:?}) on {} node(s)",
-                PROMPTS[i],
-                memory.len()
-            );
+        // Requests of a tiny model end within milliseconds: on a loaded machine eight of them
+        // may happen not to overlap. Rounds go on (at most 5) until a step has batched two;
+        // every round's answers must equal the references.
+        let mut batched = 0;
+        for _round in 0..5 {
+            let answers = all_at_once(&cluster).await;
+            for (i, (got, want)) in answers.iter().zip(&reference).enumerate() {
+                assert_eq!(
+                    got,
+                    want,
+                    "request {i} ({:?}) on {} node(s)",
+                    PROMPTS[i],
+                    memory.len()
+                );
+            }
+            batched = cluster
+                .nodes
+                .iter()
+                .map(|n| n.node.stage_stats().max_batch)
+                .max()
+                .unwrap();
+            if batched >= 2 {
+                break;
+            }
         }
-        let batched = cluster
-            .nodes
-            .iter()
-            .map(|n| n.node.stage_stats().max_batch)
-            .max()
-            .unwrap();
         assert!(batched >= 2, "no step computed two requests together");
         cluster.wait_idle().await;
         cluster.shutdown().await;
