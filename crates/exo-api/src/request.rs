@@ -17,7 +17,8 @@ use exo_core::{ChatMessage as Message, GenerationRequest, Prompt, SamplingParams
 /// OpenAI accepts at most this many stop strings.
 const MAX_STOP: usize = 4;
 
-/// A request body that is a JSON object.
+/// A request body that is a JSON object, sent with a JSON media type, with none, or with one
+/// that clients use for JSON by accident (see [`json_or_lenient`]).
 #[derive(Debug)]
 pub(crate) struct JsonObject(pub(crate) Map<String, Value>);
 
@@ -34,7 +35,7 @@ impl FromRequest<AppState> for JsonObject {
                 .unwrap_or_default()
                 .trim()
                 .to_ascii_lowercase();
-            if essence != "application/json" && !essence.ends_with("+json") {
+            if !json_or_lenient(&essence) {
                 return Err(ApiError::invalid(format!(
                     "Content-Type must be application/json, got {}",
                     if essence.is_empty() {
@@ -66,6 +67,16 @@ impl FromRequest<AppState> for JsonObject {
             ))),
         }
     }
+}
+
+/// Whether a body of this media type is read as JSON: JSON's own types, and the two that
+/// clients send JSON under without meaning to (`curl -d` sends form-urlencoded, a browser's
+/// `fetch` with a string body text/plain). The body must still parse as JSON.
+fn json_or_lenient(essence: &str) -> bool {
+    essence == "application/json"
+        || essence.ends_with("+json")
+        || essence == "text/plain"
+        || essence == "application/x-www-form-urlencoded"
 }
 
 /// A validated generation request and how to deliver its result.

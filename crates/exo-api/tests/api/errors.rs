@@ -6,7 +6,9 @@ use exo_api::ApiConfig;
 use serde_json::{Value, json};
 
 use crate::fake::FakeEngine;
-use crate::support::{app, app_with, chat_body, get, json_request, post, send, with};
+use crate::support::{
+    app, app_with, chat_body, completion_body, get, json_request, post, send, with,
+};
 
 #[tokio::test]
 async fn invalid_chat_requests_are_400_naming_the_field() {
@@ -194,11 +196,7 @@ async fn malformed_bodies_are_400_saying_what_is_wrong() {
     let reply = send(&app, raw("", Some("application/json"))).await;
     reply.assert_error(400, None, None);
 
-    let reply = send(
-        &app,
-        raw("model=x", Some("application/x-www-form-urlencoded")),
-    )
-    .await;
+    let reply = send(&app, raw("model=x", Some("multipart/form-data"))).await;
     let message = reply.assert_error(400, None, None);
     assert!(
         message.contains("Content-Type must be application/json"),
@@ -211,6 +209,76 @@ async fn malformed_bodies_are_400_saying_what_is_wrong() {
     assert_eq!(reply.status, 200, "{}", reply.text());
     let reply = send(&app, raw(body, None)).await;
     assert_eq!(reply.status, 200, "{}", reply.text());
+}
+
+#[tokio::test]
+async fn json_sent_as_form_or_text_or_untyped_is_read_as_json() {
+    let engine = FakeEngine::new().build();
+    let app = app(&engine);
+    let raw = |path: &str, body: String, content_type: Option<&str>| {
+        let mut request = Request::post(path);
+        if let Some(content_type) = content_type {
+            request = request.header(header::CONTENT_TYPE, content_type);
+        }
+        request.body(Body::from(body)).unwrap()
+    };
+    // What `curl -d`, a browser's `fetch` with a string body and a bare client send.
+    let lenient = [
+        None,
+        Some("text/plain;charset=UTF-8"),
+        Some("application/x-www-form-urlencoded"),
+    ];
+    for content_type in lenient {
+        for (path, body) in [
+            ("/v1/chat/completions", chat_body()),
+            ("/v1/completions", completion_body()),
+        ] {
+            let reply = send(&app, raw(path, body.to_string(), content_type)).await;
+            assert_eq!(
+                reply.status,
+                200,
+                "{path} {content_type:?}: {}",
+                reply.text()
+            );
+            assert!(
+                reply.json()["choices"][0].is_object(),
+                "{path} {content_type:?}"
+            );
+        }
+    }
+    let requests = engine.probe.requests();
+    assert_eq!(requests.len(), 6);
+    assert!(
+        requests
+            .iter()
+            .all(|request| request.model == "llama-3.2-1b")
+    );
+
+    // A body that is not JSON gets the message it gets as application/json.
+    let body = "model=llama-3.2-1b&prompt=hi";
+    let strict = send(
+        &app,
+        raw(
+            "/v1/chat/completions",
+            body.into(),
+            Some("application/json"),
+        ),
+    )
+    .await
+    .assert_error(400, None, None);
+    assert!(
+        strict.contains("could not parse the request body as JSON"),
+        "{strict}"
+    );
+    for content_type in lenient {
+        let reply = send(&app, raw("/v1/chat/completions", body.into(), content_type)).await;
+        assert_eq!(
+            reply.assert_error(400, None, None),
+            strict,
+            "{content_type:?}"
+        );
+    }
+    assert_eq!(engine.probe.requests().len(), 6);
 }
 
 #[tokio::test]
