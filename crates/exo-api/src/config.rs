@@ -6,8 +6,8 @@ use std::time::Duration;
 /// Settings for [`router`](crate::router) and [`serve`](crate::serve).
 #[derive(Clone)]
 pub struct ApiConfig {
-    /// When set, every `/v1/*` route requires `Authorization: Bearer <key>`; `/healthz` and
-    /// `/openapi.json` stay open. A missing or wrong key gets 401.
+    /// When set, every `/v1/*` route and `/metrics` require `Authorization: Bearer <key>`;
+    /// `/healthz` and `/openapi.json` stay open. A missing or wrong key gets 401.
     pub api_key: Option<String>,
     /// Origins allowed to call the API from a browser; `"*"` allows any. Empty means no CORS
     /// headers at all, so browsers on other origins are refused.

@@ -3,6 +3,7 @@
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Json;
@@ -18,6 +19,7 @@ use crate::middleware::RequestLog;
 use crate::queue::Slot;
 use crate::request::Parsed;
 use crate::state::AppState;
+use crate::telemetry::Metrics;
 
 /// Comment lines sent while a stream is idle (a long prefill, a slow stage) so that proxies do
 /// not time the connection out and a client that went away is noticed on the next write.
@@ -53,11 +55,14 @@ pub(crate) async fn respond(
         include_usage,
     } = parsed;
     let format = Format::new(api, request.model.clone(), include_usage);
-    let slot = state.admission.admit().await?;
-    let rx =
-        state.engine.generate(request).await.map_err(|error| {
-            ApiError::from_engine(error, api.prompt_param()).for_request(log.id())
-        })?;
+    let metrics = &state.metrics;
+    let slot = (state.admission.admit().await).inspect_err(|error| {
+        if error.status() == axum::http::StatusCode::TOO_MANY_REQUESTS {
+            metrics.queue_full();
+        }
+    })?;
+    let rx = (state.engine.generate(request).await)
+        .map_err(|error| engine_error(metrics, error, api, log.id()))?;
     let mut running = Running::new(rx, slot);
 
     if !stream {
@@ -67,17 +72,14 @@ pub(crate) async fn respond(
                 Some(Ok(GenerationEvent::Text(piece))) => text.push_str(&piece),
                 Some(Ok(GenerationEvent::Finished(finished))) => {
                     running.done();
+                    metrics.finished(&finished);
                     let (prompt_tokens, completion_tokens) = counts(&finished);
                     log.record_tokens(prompt_tokens, completion_tokens);
                     let usage = usage(prompt_tokens, completion_tokens);
                     return Ok(Json(format.whole(&text, finished.reason, usage)).into_response());
                 }
-                Some(Err(error)) => {
-                    return Err(
-                        ApiError::from_engine(error, api.prompt_param()).for_request(log.id())
-                    );
-                }
-                None => return Err(ended_early().for_request(log.id())),
+                Some(Err(error)) => return Err(engine_error(metrics, error, api, log.id())),
+                None => return Err(ended_early(metrics).for_request(log.id())),
             }
         }
     }
@@ -86,16 +88,15 @@ pub(crate) async fn respond(
     // can only travel inside the stream.
     let first = match running.recv().await {
         Some(Ok(chunk)) => chunk,
-        Some(Err(error)) => {
-            return Err(ApiError::from_engine(error, api.prompt_param()).for_request(log.id()));
-        }
-        None => return Err(ended_early().for_request(log.id())),
+        Some(Err(error)) => return Err(engine_error(metrics, error, api, log.id())),
+        None => return Err(ended_early(metrics).for_request(log.id())),
     };
     let mut events = EventStream {
         running,
         pending: VecDeque::new(),
         format,
         log,
+        metrics: Arc::clone(metrics),
     };
     if api == Api::Chat {
         let role = json!({"role": "assistant", "content": ""});
@@ -119,8 +120,15 @@ pub(crate) async fn respond(
         .into_response())
 }
 
-fn ended_early() -> ApiError {
+/// Counts an engine's error and turns it into the client's.
+fn engine_error(metrics: &Metrics, error: GenerationError, api: Api, id: &str) -> ApiError {
+    metrics.engine_error(&error);
+    ApiError::from_engine(error, api.prompt_param()).for_request(id)
+}
+
+fn ended_early(metrics: &Metrics) -> ApiError {
     tracing::error!("engine closed a generation without finishing it");
+    metrics.ended_early();
     ApiError::internal()
 }
 
@@ -216,6 +224,7 @@ struct EventStream {
     pending: VecDeque<Event>,
     format: Format,
     log: RequestLog,
+    metrics: Arc<Metrics>,
 }
 
 impl EventStream {
@@ -235,6 +244,7 @@ impl EventStream {
             }
             Some(Ok(GenerationEvent::Finished(finished))) => {
                 self.finish();
+                self.metrics.finished(&finished);
                 let (prompt_tokens, completion_tokens) = counts(&finished);
                 self.log.record_tokens(prompt_tokens, completion_tokens);
                 let last = self.format.last(finished.reason);
@@ -249,8 +259,7 @@ impl EventStream {
             }
             Some(Err(error)) => {
                 self.finish();
-                let error = ApiError::from_engine(error, self.format.api.prompt_param())
-                    .for_request(self.log.id());
+                let error = engine_error(&self.metrics, error, self.format.api, self.log.id());
                 tracing::warn!(
                     status = error.status().as_u16(),
                     "generation failed mid-stream"
@@ -259,7 +268,8 @@ impl EventStream {
             }
             None => {
                 self.finish();
-                self.push(ended_early().for_request(self.log.id()).envelope());
+                let error = ended_early(&self.metrics).for_request(self.log.id());
+                self.push(error.envelope());
             }
         }
     }

@@ -3,9 +3,10 @@
 //! [`router`] builds an axum router serving `POST /v1/chat/completions` and
 //! `POST /v1/completions` (as one JSON response or as server-sent events), `GET /v1/models`,
 //! `GET /v1/models/{model}`, `GET /v1/cluster` (and `GET /v1/cluster/events`, the same view as
-//! server-sent events each time it changes), `GET /healthz` (alive), `GET /readyz` (can serve
-//! now; 503 with the reason until then), `GET /openapi.json`, and a web page at `/` (a chat
-//! and the cluster, live; its files are embedded and served at `/ui/{file}`);
+//! server-sent events each time it changes), `GET /healthz` (alive; also `GET /health`),
+//! `GET /readyz` (can serve now; 503 with the reason until then), `GET /metrics` (Prometheus's
+//! text format; every metric is listed in `telemetry.rs`), `GET /openapi.json`, and a web page
+//! at `/` (a chat and the cluster, live; its files are embedded and served at `/ui/{file}`);
 //! [`serve`] runs it on an already-bound listener until a shutdown future resolves. Requests
 //! are validated here, in OpenAI's terms and with OpenAI's error envelope, then admitted by a
 //! bounded queue ([`ApiConfig::max_concurrent`] running, [`ApiConfig::max_queued`] waiting,
@@ -39,6 +40,7 @@ mod request;
 mod routes;
 mod server;
 mod state;
+mod telemetry;
 mod web;
 
 use std::future::Future;

@@ -163,14 +163,14 @@ impl http_body::Body for LoggedBody {
     }
 }
 
-/// Requires `Authorization: Bearer <key>` on `/v1/*`.
+/// Requires `Authorization: Bearer <key>` on `/v1/*` and `/metrics`.
 pub(crate) async fn require_api_key(
     State(key): State<Arc<str>>,
     req: Request,
     next: Next,
 ) -> Response {
     let path = req.uri().path();
-    if !(path == "/v1" || path.starts_with("/v1/")) {
+    if !(path == "/v1" || path.starts_with("/v1/") || path == "/metrics") {
         return next.run(req).await;
     }
     let given = req

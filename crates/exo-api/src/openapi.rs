@@ -14,8 +14,8 @@ pub fn openapi() -> Value {
             "title": "exo-rs OpenAI-compatible API",
             "version": env!("CARGO_PKG_VERSION"),
             "description": "Chat and text completions served by a cluster of exo-rs nodes. \
-                When the server has an API key configured, every /v1 route requires \
-                `Authorization: Bearer <key>`.",
+                When the server has an API key configured, every /v1 route and /metrics \
+                require `Authorization: Bearer <key>`.",
         },
         "paths": paths(),
         "components": {
@@ -164,6 +164,34 @@ fn paths() -> Value {
                 "operationId": "health",
                 "summary": "Liveness check; never requires a key",
                 "responses": {"200": ok_json("The server is up", "Health")},
+            },
+        },
+        "/health": {
+            "get": {
+                "operationId": "healthAlias",
+                "summary": "The same as /healthz, under the name some load balancers ask for; never requires a key",
+                "responses": {"200": ok_json("The server is up", "Health")},
+            },
+        },
+        "/metrics": {
+            "get": {
+                "operationId": "metrics",
+                "summary": "Counters, gauges and histograms in Prometheus's text format",
+                "description": "Requests by route and status, prompt and completion tokens, \
+                    time to first token and between tokens, generations running, queued, \
+                    refused and failed, and each pipeline stage's step time, throughput and \
+                    requests (labelled by stage index and layer range). Requires the API key \
+                    when one is configured, as /v1 does.",
+                "security": secured,
+                "responses": with_errors(
+                    json!({
+                        "200": {
+                            "description": "The Prometheus text exposition format, version 0.0.4",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        },
+                    }),
+                    &["401"],
+                ),
             },
         },
         "/readyz": {

@@ -56,6 +56,17 @@ impl Admission {
                 ApiError::internal()
             })
     }
+
+    /// Generations holding a slot now.
+    pub(crate) fn running(&self) -> usize {
+        self.max_concurrent
+            .saturating_sub(self.running.available_permits())
+    }
+
+    /// Generations waiting for a slot now.
+    pub(crate) fn queued(&self) -> usize {
+        self.waiting.load(Ordering::Acquire)
+    }
 }
 
 /// One place in the queue, given up when the wait ends either way.

@@ -22,6 +22,7 @@ use crate::middleware::{self, RequestLog};
 use crate::queue::Admission;
 use crate::request::{self, JsonObject};
 use crate::state::AppState;
+use crate::telemetry::{self, Metrics};
 use crate::web;
 
 /// Every routed path, in OpenAPI's notation, with its methods. The OpenAPI document is
@@ -35,6 +36,8 @@ pub(crate) const PATHS: &[(&str, &[&str])] = &[
     ("/v1/cluster", &["get"]),
     ("/v1/cluster/events", &["get"]),
     ("/healthz", &["get"]),
+    ("/health", &["get"]),
+    ("/metrics", &["get"]),
     ("/readyz", &["get"]),
     ("/openapi.json", &["get"]),
     ("/", &["get"]),
@@ -48,10 +51,12 @@ pub fn router(engine: Arc<dyn Engine>, config: ApiConfig) -> Router {
     let api_key: Option<Arc<str>> = config.api_key.as_deref().map(Arc::from);
     let body_limit = DefaultBodyLimit::max(config.max_body_bytes);
     let body_timeout = config.request_body_timeout;
+    let metrics = Arc::new(Metrics::new());
     let state = AppState {
         engine,
         config: Arc::new(config),
         admission,
+        metrics: Arc::clone(&metrics),
     };
 
     let mut router = Router::new()
@@ -63,6 +68,8 @@ pub fn router(engine: Arc<dyn Engine>, config: ApiConfig) -> Router {
         .route("/v1/cluster", get(cluster))
         .route("/v1/cluster/events", get(cluster_events))
         .route("/healthz", get(healthz))
+        .route("/health", get(healthz))
+        .route("/metrics", get(telemetry::scrape))
         .route("/readyz", get(readyz))
         .route("/openapi.json", get(openapi))
         .route("/", get(web::index))
@@ -80,6 +87,11 @@ pub fn router(engine: Arc<dyn Engine>, config: ApiConfig) -> Router {
     router = router.layer(axum::middleware::from_fn_with_state(
         body_timeout,
         middleware::limit_body_time,
+    ));
+    // Outside the key check, so that 401s are counted.
+    router = router.layer(axum::middleware::from_fn_with_state(
+        metrics,
+        telemetry::count_requests,
     ));
     router = router.layer(axum::middleware::from_fn(middleware::log_requests));
     // Outermost, so that preflight requests are answered without a key and that errors,

@@ -39,6 +39,7 @@ async fn missing_or_wrong_key_is_401() {
         "/v1/cluster/events",
         "/v1/models/llama-3.2-1b",
         "/v1/nothing",
+        "/metrics",
     ] {
         let reply = send(&app, authorized(path, None)).await;
         let message = reply.assert_error(401, None, Some("invalid_api_key"));
@@ -81,6 +82,7 @@ async fn health_and_openapi_stay_open() {
     let engine = FakeEngine::new().build();
     let app = app_with(&engine, keyed());
     assert_eq!(get(&app, "/healthz").await.status, 200);
+    assert_eq!(get(&app, "/health").await.status, 200);
     assert_eq!(get(&app, "/openapi.json").await.status, 200);
 }
 

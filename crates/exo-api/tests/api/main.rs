@@ -10,6 +10,7 @@ mod events;
 mod limits;
 use exo_testkit::fake;
 mod logging;
+mod metrics;
 mod models;
 mod openapi;
 mod queue;

@@ -75,11 +75,13 @@ async fn cluster_view_is_served_as_snake_case_json() {
 }
 
 #[tokio::test]
-async fn healthz_is_ok() {
+async fn healthz_and_its_alias_health_are_ok() {
     let engine = FakeEngine::new().build();
-    let reply = get(&app(&engine), "/healthz").await;
-    assert_eq!(reply.status, 200);
-    assert_eq!(reply.json(), json!({"status": "ok"}));
+    for path in ["/healthz", "/health"] {
+        let reply = get(&app(&engine), path).await;
+        assert_eq!(reply.status, 200, "{path}");
+        assert_eq!(reply.json(), json!({"status": "ok"}), "{path}");
+    }
 }
 
 #[tokio::test]

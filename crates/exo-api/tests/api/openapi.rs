@@ -27,7 +27,9 @@ async fn every_routed_path_is_documented_and_every_documented_path_is_routed() {
         documented,
         [
             "/",
+            "/health",
             "/healthz",
+            "/metrics",
             "/openapi.json",
             "/readyz",
             "/ui/{file}",
