@@ -11,6 +11,7 @@ mod limits;
 use exo_testkit::fake;
 mod logging;
 mod models;
+mod ollama;
 mod openapi;
 mod queue;
 mod serve;
