@@ -250,7 +250,26 @@ fn stage_failure_for_clients(kind: FailureKind) -> &'static str {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut response = (self.status, axum::Json(self.envelope())).into_response();
+        let envelope = self.envelope();
+        self.respond_with(envelope)
+    }
+}
+
+impl ApiError {
+    /// Ollama's error shape, `{"error": "<message>"}`, with the same status: what the
+    /// `/api/*` routes answer, and also a line of their NDJSON streams.
+    pub(crate) fn ollama_body(&self) -> Value {
+        json!({"error": self.message})
+    }
+
+    /// The response for an `/api/*` route (Ollama's dialect).
+    pub(crate) fn into_ollama_response(self) -> Response {
+        let body = self.ollama_body();
+        self.respond_with(body)
+    }
+
+    fn respond_with(self, body: Value) -> Response {
+        let mut response = (self.status, axum::Json(body)).into_response();
         if self.status == StatusCode::TOO_MANY_REQUESTS {
             // The OpenAI SDKs honour this when they retry.
             response

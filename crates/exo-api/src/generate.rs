@@ -126,13 +126,13 @@ fn engine_error(metrics: &Metrics, error: GenerationError, api: Api, id: &str) -
     ApiError::from_engine(error, api.prompt_param()).for_request(id)
 }
 
-fn ended_early(metrics: &Metrics) -> ApiError {
+pub(crate) fn ended_early(metrics: &Metrics) -> ApiError {
     tracing::error!("engine closed a generation without finishing it");
     metrics.ended_early();
     ApiError::internal()
 }
 
-fn counts(finished: &Finished) -> (usize, usize) {
+pub(crate) fn counts(finished: &Finished) -> (usize, usize) {
     (
         finished.prompt_tokens as usize,
         finished.completion_tokens() as usize,
@@ -154,8 +154,9 @@ fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {
 /// the slot until the engine has let go of its sender, that is until the work has stopped, so
 /// that [`ApiConfig::max_concurrent`](crate::ApiConfig::max_concurrent) bounds the work really
 /// running and not only the clients still connected. An engine that holds on longer than
-/// [`STOP_GRACE`] frees the slot anyway, with a warning.
-struct Running {
+/// [`STOP_GRACE`] frees the slot anyway, with a warning. Every dialect (OpenAI's, Ollama's)
+/// delivers its generations through one.
+pub(crate) struct Running {
     rx: Option<mpsc::Receiver<Result<GenerationEvent, GenerationError>>>,
     slot: Option<Slot>,
 }
@@ -167,24 +168,27 @@ const STOP_GRACE: Duration = Duration::from_secs(30);
 const STOP_POLL: Duration = Duration::from_millis(20);
 
 impl Running {
-    fn new(rx: mpsc::Receiver<Result<GenerationEvent, GenerationError>>, slot: Slot) -> Self {
+    pub(crate) fn new(
+        rx: mpsc::Receiver<Result<GenerationEvent, GenerationError>>,
+        slot: Slot,
+    ) -> Self {
         Self {
             rx: Some(rx),
             slot: Some(slot),
         }
     }
 
-    async fn recv(&mut self) -> Option<Result<GenerationEvent, GenerationError>> {
+    pub(crate) async fn recv(&mut self) -> Option<Result<GenerationEvent, GenerationError>> {
         self.rx.as_mut()?.recv().await
     }
 
     /// The generation ended: nothing more is expected from the engine.
-    fn done(&mut self) {
+    pub(crate) fn done(&mut self) {
         self.rx = None;
         self.slot = None;
     }
 
-    fn is_done(&self) -> bool {
+    pub(crate) fn is_done(&self) -> bool {
         self.rx.is_none()
     }
 }

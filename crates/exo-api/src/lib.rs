@@ -5,14 +5,18 @@
 //! `GET /v1/models/{model}`, `GET /v1/cluster` (and `GET /v1/cluster/events`, the same view as
 //! server-sent events each time it changes), `GET /healthz` (alive; also `GET /health`),
 //! `GET /readyz` (can serve now; 503 with the reason until then), `GET /metrics` (Prometheus's
-//! text format; every metric is listed in `telemetry.rs`), `GET /openapi.json`, and a web page
-//! at `/` (a chat and the cluster, live; its files are embedded and served at `/ui/{file}`);
+//! text format; every metric is listed in `telemetry.rs`), `GET /openapi.json`, a web page
+//! at `/` (a chat and the cluster, live; its files are embedded and served at `/ui/{file}`),
+//! and Ollama's dialect of the same generations (`POST /api/chat`, `POST /api/generate`,
+//! `GET /api/tags`, `POST /api/show`, `GET /api/ps`, `GET /api/version`, answered as NDJSON
+//! lines with Ollama's `{"error": ...}` errors; a configured API key protects `/api/*` as it
+//! does `/v1/*`);
 //! [`serve`] runs it on an already-bound listener until a shutdown future resolves. Requests
 //! are validated here, in OpenAI's terms and with OpenAI's error envelope, then admitted by a
 //! bounded queue ([`ApiConfig::max_concurrent`] running, [`ApiConfig::max_queued`] waiting,
 //! 429 beyond), and only then handed to the [`Engine`].
 //!
-//! This crate knows HTTP and the OpenAI wire format and must NOT know about models,
+//! This crate knows HTTP and the OpenAI (and Ollama) wire formats and must NOT know about models,
 //! tokenizers, tensors, libp2p, gRPC or how the cluster is laid out: it reaches the cluster
 //! only through the [`Engine`] trait, which the node and gateway binaries implement and
 //! which the tests implement with a scripted fake. Resolving model ids, applying chat
@@ -34,6 +38,7 @@ mod engine;
 mod error;
 mod generate;
 mod middleware;
+mod ollama;
 mod openapi;
 mod queue;
 mod request;

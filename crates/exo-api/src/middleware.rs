@@ -163,14 +163,22 @@ impl http_body::Body for LoggedBody {
     }
 }
 
-/// Requires `Authorization: Bearer <key>` on `/v1/*` and `/metrics`.
+/// Requires `Authorization: Bearer <key>` on `/v1/*` (OpenAI's dialect), `/metrics` and
+/// `/api/*` (Ollama's), answering each in its own error shape. Ollama's clients send no key
+/// unless told to, but they can send the header (`ollama.Client(headers=...)`, Open WebUI's
+/// connection key), and a configured key that one dialect bypassed would protect nothing.
 pub(crate) async fn require_api_key(
     State(key): State<Arc<str>>,
     req: Request,
     next: Next,
 ) -> Response {
     let path = req.uri().path();
-    if !(path == "/v1" || path.starts_with("/v1/") || path == "/metrics") {
+    let under = |prefix: &str| {
+        path.strip_prefix(prefix)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    };
+    let ollama = under("/api");
+    if !(under("/v1") || ollama || path == "/metrics") {
         return next.run(req).await;
     }
     let given = req
@@ -178,13 +186,19 @@ pub(crate) async fn require_api_key(
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
         .and_then(bearer_token);
-    match given {
-        Some(given) if same_secret(given.as_bytes(), key.as_bytes()) => next.run(req).await,
-        Some(_) => ApiError::unauthorized("incorrect API key provided").into_response(),
+    let error = match given {
+        Some(given) if same_secret(given.as_bytes(), key.as_bytes()) => {
+            return next.run(req).await;
+        }
+        Some(_) => ApiError::unauthorized("incorrect API key provided"),
         None => ApiError::unauthorized(
             "missing API key: send it in an 'Authorization: Bearer <key>' header",
-        )
-        .into_response(),
+        ),
+    };
+    if ollama {
+        error.into_ollama_response()
+    } else {
+        error.into_response()
     }
 }
 

@@ -14,8 +14,8 @@ pub fn openapi() -> Value {
             "title": "exo-rs OpenAI-compatible API",
             "version": env!("CARGO_PKG_VERSION"),
             "description": "Chat and text completions served by a cluster of exo-rs nodes. \
-                When the server has an API key configured, every /v1 route and /metrics \
-                require `Authorization: Bearer <key>`.",
+                When the server has an API key configured, every /v1 route, /metrics and \
+                every /api route (Ollama's dialect) require `Authorization: Bearer <key>`.",
         },
         "paths": paths(),
         "components": {
@@ -30,7 +30,7 @@ pub fn openapi() -> Value {
 
 fn paths() -> Value {
     let secured = json!([{"bearer": []}]);
-    json!({
+    let mut paths = json!({
         "/v1/chat/completions": {
             "post": {
                 "operationId": "createChatCompletion",
@@ -216,7 +216,101 @@ fn paths() -> Value {
                 },
             },
         },
-    })
+    });
+    if let Value::Object(map) = &mut paths {
+        map.extend(ollama_paths(&secured));
+    }
+    paths
+}
+
+/// Ollama's dialect, briefly: its shapes are Ollama's own (see Ollama's API documentation),
+/// and its errors are `{"error": "<message>"}`.
+fn ollama_paths(secured: &Value) -> serde_json::Map<String, Value> {
+    let object = json!({"type": "object"});
+    let error = json!({
+        "description": "Ollama's error shape, with the status OpenAI's routes give the same \
+            failure (400, 401, 404 unknown model, 413, 429, 500, 503)",
+        "content": {"application/json": {"schema": {
+            "type": "object",
+            "required": ["error"],
+            "properties": {"error": {"type": "string"}},
+        }}},
+    });
+    let generation = |operation: &str, summary: &str| {
+        json!({"post": {
+            "operationId": operation,
+            "summary": summary,
+            "security": secured,
+            "requestBody": {"required": true, "content": {"application/json": {"schema": object}}},
+            "responses": {
+                "200": {
+                    "description": "With `stream` absent or true, NDJSON: one object per line \
+                        with a piece of the answer and `done: false`, then one with `done: true`, \
+                        `done_reason` (`stop` or `length`), token counts and durations in \
+                        nanoseconds; an error after the first line arrives as a line \
+                        `{\"error\": ...}`. With `stream: false`, one object with the whole \
+                        answer.",
+                    "content": {
+                        "application/x-ndjson": {"schema": {"type": "string"}},
+                        "application/json": {"schema": object},
+                    },
+                },
+                "default": error,
+            },
+        }})
+    };
+    let read = |method: &str, operation: &str, summary: &str| {
+        let mut item = json!({
+            "operationId": operation,
+            "summary": summary,
+            "security": secured,
+            "responses": {
+                "200": {"description": summary, "content": {"application/json": {"schema": object}}},
+                "default": error,
+            },
+        });
+        if method == "post" {
+            item["requestBody"] =
+                json!({"required": true, "content": {"application/json": {"schema": object}}});
+        }
+        json!({method: item})
+    };
+    serde_json::Map::from_iter([
+        (
+            "/api/chat".to_owned(),
+            generation(
+                "ollamaChat",
+                "Ollama: the assistant's next message (`model`, `messages`, `stream`, `options`)",
+            ),
+        ),
+        (
+            "/api/generate".to_owned(),
+            generation(
+                "ollamaGenerate",
+                "Ollama: continue a prompt (`model`, `prompt`, `system`, `raw`, `stream`, `options`)",
+            ),
+        ),
+        (
+            "/api/tags".to_owned(),
+            read("get", "ollamaTags", "Ollama: the models served"),
+        ),
+        (
+            "/api/show".to_owned(),
+            read(
+                "post",
+                "ollamaShow",
+                "Ollama: one model's details (`model`)",
+            ),
+        ),
+        (
+            "/api/ps".to_owned(),
+            read("get", "ollamaPs", "Ollama: the models loaded"),
+        ),
+        (
+            "/api/version".to_owned(),
+            read("get", "ollamaVersion", "Ollama: this server's version"),
+        ),
+    ])
 }
 
 fn schema_ref(name: &str) -> Value {

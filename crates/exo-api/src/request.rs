@@ -308,7 +308,7 @@ fn common(
     })
 }
 
-fn messages(value: &Value) -> Result<Vec<Message>, ApiError> {
+pub(crate) fn messages(value: &Value) -> Result<Vec<Message>, ApiError> {
     let Value::Array(items) = value else {
         return Err(ApiError::invalid_param(
             "messages",
@@ -454,32 +454,32 @@ fn stop(value: Option<&Value>) -> Result<Vec<String>, ApiError> {
 }
 
 /// Typed access to an object's fields, treating `null` as absent as OpenAI does.
-struct Fields<'a>(&'a Map<String, Value>);
+pub(crate) struct Fields<'a>(pub(crate) &'a Map<String, Value>);
 
 impl Fields<'_> {
-    fn get(&self, name: &str) -> Option<&Value> {
+    pub(crate) fn get(&self, name: &str) -> Option<&Value> {
         self.0.get(name).filter(|value| !value.is_null())
     }
 
-    fn required_string(&self, name: &str) -> Result<String, ApiError> {
+    pub(crate) fn required_string(&self, name: &str) -> Result<String, ApiError> {
         self.string(name)?
             .map(str::to_owned)
             .ok_or_else(|| missing(name))
     }
 
-    fn string(&self, name: &str) -> Result<Option<&str>, ApiError> {
+    pub(crate) fn string(&self, name: &str) -> Result<Option<&str>, ApiError> {
         self.typed(name, "a string", Value::as_str)
     }
 
-    fn bool(&self, name: &str) -> Result<Option<bool>, ApiError> {
+    pub(crate) fn bool(&self, name: &str) -> Result<Option<bool>, ApiError> {
         self.typed(name, "a boolean", Value::as_bool)
     }
 
-    fn number(&self, name: &str) -> Result<Option<f64>, ApiError> {
+    pub(crate) fn number(&self, name: &str) -> Result<Option<f64>, ApiError> {
         self.typed(name, "a number", Value::as_f64)
     }
 
-    fn count(&self, name: &str) -> Result<Option<u64>, ApiError> {
+    pub(crate) fn count(&self, name: &str) -> Result<Option<u64>, ApiError> {
         self.typed(name, "a non-negative integer", Value::as_u64)
     }
 
@@ -501,12 +501,12 @@ impl Fields<'_> {
     }
 }
 
-fn missing(name: &str) -> ApiError {
+pub(crate) fn missing(name: &str) -> ApiError {
     ApiError::invalid_param(name, format!("missing required parameter '{name}'"))
 }
 
 /// A JSON value described for an error message, without echoing long input back.
-fn describe(value: &Value) -> String {
+pub(crate) fn describe(value: &Value) -> String {
     match value {
         Value::Null => "null".to_owned(),
         Value::Bool(b) => b.to_string(),

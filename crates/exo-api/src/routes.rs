@@ -19,6 +19,7 @@ use crate::engine::{Engine, ModelCard, Readiness};
 use crate::error::ApiError;
 use crate::generate::{Api, respond};
 use crate::middleware::{self, RequestLog};
+use crate::ollama;
 use crate::queue::Admission;
 use crate::request::{self, JsonObject};
 use crate::state::AppState;
@@ -42,6 +43,12 @@ pub(crate) const PATHS: &[(&str, &[&str])] = &[
     ("/openapi.json", &["get"]),
     ("/", &["get"]),
     ("/ui/{file}", &["get"]),
+    ("/api/chat", &["post"]),
+    ("/api/generate", &["post"]),
+    ("/api/tags", &["get"]),
+    ("/api/show", &["post"]),
+    ("/api/ps", &["get"]),
+    ("/api/version", &["get"]),
 ];
 
 /// Builds the API's router over `engine`; see the crate documentation for the routes.
@@ -74,6 +81,13 @@ pub fn router(engine: Arc<dyn Engine>, config: ApiConfig) -> Router {
         .route("/openapi.json", get(openapi))
         .route("/", get(web::index))
         .route("/ui/{file}", get(web::asset))
+        // Ollama's dialect, over the same engine and queue.
+        .route("/api/chat", post(ollama::chat))
+        .route("/api/generate", post(ollama::generate))
+        .route("/api/tags", get(ollama::tags))
+        .route("/api/show", post(ollama::show))
+        .route("/api/ps", get(ollama::ps))
+        .route("/api/version", get(ollama::version))
         .method_not_allowed_fallback(middleware::method_not_allowed)
         .fallback(middleware::not_found)
         .layer(body_limit)

@@ -12,6 +12,7 @@ use exo_testkit::fake;
 mod logging;
 mod metrics;
 mod models;
+mod ollama;
 mod openapi;
 mod queue;
 mod serve;

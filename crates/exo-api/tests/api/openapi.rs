@@ -27,6 +27,12 @@ async fn every_routed_path_is_documented_and_every_documented_path_is_routed() {
         documented,
         [
             "/",
+            "/api/chat",
+            "/api/generate",
+            "/api/ps",
+            "/api/show",
+            "/api/tags",
+            "/api/version",
             "/health",
             "/healthz",
             "/metrics",
