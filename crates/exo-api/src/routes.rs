@@ -76,7 +76,7 @@ pub fn router(engine: Arc<dyn Engine>, config: ApiConfig) -> Router {
         .route("/v1/cluster/events", get(cluster_events))
         .route("/healthz", get(healthz))
         .route("/health", get(healthz))
-        .route("/metrics", get(telemetry::scrape))
+        .route("/metrics", get(scrape_metrics))
         .route("/readyz", get(readyz))
         .route("/openapi.json", get(openapi))
         .route("/", get(web::index))
@@ -256,4 +256,15 @@ async fn readyz(State(state): State<AppState>) -> Response {
 
 async fn openapi() -> Json<Value> {
     Json(crate::openapi::openapi())
+}
+
+/// `GET /metrics`: every metric in Prometheus's text format.
+async fn scrape_metrics(State(state): State<AppState>) -> Response {
+    let cluster = state.engine.cluster().await;
+    let text = state.metrics.render(&state.admission, &cluster);
+    (
+        [(axum::http::header::CONTENT_TYPE, telemetry::CONTENT_TYPE)],
+        text,
+    )
+        .into_response()
 }

@@ -35,9 +35,8 @@
 use std::sync::Arc;
 
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::header;
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use exo_core::{Finished, GenerationError};
 use metrics::{
     Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
@@ -46,7 +45,6 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusRecorder
 
 use crate::cluster::ClusterView;
 use crate::queue::Admission;
-use crate::state::AppState;
 
 const REQUESTS: &str = "exo_http_requests_total";
 const PROMPT_TOKENS: &str = "exo_prompt_tokens_total";
@@ -76,8 +74,8 @@ const INTER_TOKEN_LATENCY_BUCKETS: &[f64] = &[
 /// the output without bound.
 const UNMATCHED: &str = "unmatched";
 
-/// The Prometheus text format's content type.
-const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+/// The media type of Prometheus's text format.
+pub(crate) const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// One router's metrics.
 pub(crate) struct Metrics {
@@ -185,7 +183,7 @@ impl Metrics {
     }
 
     /// The exposition: what was recorded, then the gauges read now.
-    fn render(&self, admission: &Admission, cluster: &ClusterView) -> String {
+    pub(crate) fn render(&self, admission: &Admission, cluster: &ClusterView) -> String {
         self.record(|| {
             gauge!(RUNNING).set(admission.running() as f64);
             gauge!(QUEUED).set(admission.queued() as f64);
@@ -276,11 +274,4 @@ pub(crate) async fn count_requests(
     let response = next.run(req).await;
     metrics.request(path, response.status().as_u16());
     response
-}
-
-/// `GET /metrics`: every metric in Prometheus's text format.
-pub(crate) async fn scrape(State(state): State<AppState>) -> Response {
-    let cluster = state.engine.cluster().await;
-    let text = state.metrics.render(&state.admission, &cluster);
-    ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response()
 }
