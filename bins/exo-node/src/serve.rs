@@ -60,9 +60,11 @@ pub(crate) struct ServeArgs {
     /// many positions, and stages run as many requests at once as their memory holds.
     #[arg(long, default_value_t = 2048)]
     pub(crate) plan_context: usize,
-    /// Tokens generated when a request does not say.
-    #[arg(long, default_value_t = 256)]
-    pub(crate) default_max_tokens: usize,
+    /// Tokens generated when a request does not say. Default: as many as fit the context
+    /// (`--plan-context`), as OpenAI's API and llama-server do; an answer still ends at its
+    /// end-of-sequence token or a stop string.
+    #[arg(long)]
+    pub(crate) default_max_tokens: Option<usize>,
     /// Seconds without a token (at least; 20 times the measured time between tokens when that
     /// is longer) before a request asks its stages' status: one that does not answer within a
     /// second counts as stopped, and the request goes on without it.

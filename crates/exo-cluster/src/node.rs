@@ -47,8 +47,10 @@ pub struct ClusterConfig {
     /// Tokens of KV cache the plan reserves per request (capped by the model's context), and
     /// so the most tokens (prompt plus completion) one request may use.
     pub plan_context: usize,
-    /// Tokens generated when a request does not say.
-    pub default_max_tokens: usize,
+    /// Tokens generated when a request does not say; `None`, the default: as many as fit the
+    /// context (as OpenAI's API and llama-server do), so an answer ends at its end-of-sequence
+    /// token, a stop string, or a full context.
+    pub default_max_tokens: Option<usize>,
     /// Largest prompt chunk sent to the first stage in one frame.
     pub prefill_chunk: usize,
     /// Most prompt rows a stage computes in one step beside the decode tokens of the running
@@ -80,7 +82,7 @@ impl ClusterConfig {
             weights: Weights::Stored,
             wire: WireDtype::F16,
             plan_context: 2048,
-            default_max_tokens: 256,
+            default_max_tokens: None,
             prefill_chunk: 512,
             step_rows: 64,
             settle: Duration::from_millis(500),

@@ -36,8 +36,8 @@ pub(crate) struct OriginModel {
     /// The most bytes of text one token stands for, so that a prompt far too long is refused
     /// before it is templated or tokenized.
     pub(crate) longest_token_bytes: usize,
-    /// Tokens generated when a request does not say.
-    pub(crate) default_max_tokens: usize,
+    /// Tokens generated when a request does not say (`None`: as many as fit).
+    pub(crate) default_max_tokens: Option<usize>,
     /// Largest prompt chunk sent in one frame.
     pub(crate) prefill_chunk: usize,
 }
@@ -111,7 +111,11 @@ impl OriginModel {
             _ if prompt >= self.context => Err(exceeded(asked.map_or(1, |m| m as usize))),
             Some(m) if prompt + m as usize > self.context => Err(exceeded(m as usize)),
             Some(m) => Ok(m as usize),
-            None => Ok(self.default_max_tokens.min(self.context - prompt).max(1)),
+            None => Ok(self
+                .default_max_tokens
+                .unwrap_or(usize::MAX)
+                .min(self.context - prompt)
+                .max(1)),
         }
     }
 }
@@ -280,7 +284,7 @@ mod tests {
             longest_token_bytes: 8,
             eos: vec![2],
             context,
-            default_max_tokens: 256,
+            default_max_tokens: Some(256),
             prefill_chunk: 512,
         }
     }
@@ -301,6 +305,12 @@ mod tests {
         assert_eq!(m.max_tokens(10, None).unwrap(), 90);
         assert_eq!(model(1000).max_tokens(10, None).unwrap(), 256);
         assert!(m.max_tokens(100, None).is_err());
+        // Without a default either: what fits.
+        let open = OriginModel {
+            default_max_tokens: None,
+            ..model(1000)
+        };
+        assert_eq!(open.max_tokens(10, None).unwrap(), 990);
     }
 
     #[test]
