@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-use exo_core::{FinishReason, Finished, GenerationError, GenerationEvent};
+use exo_core::{FinishReason, Finished, GenerationError, GenerationEvent, GenerationRequest};
 
 use crate::error::ApiError;
 use crate::middleware::RequestLog;
@@ -55,78 +55,43 @@ pub(crate) async fn respond(
         include_usage,
     } = parsed;
     let format = Format::new(api, request.model.clone(), include_usage);
-    let metrics = &state.metrics;
-    let slot = (state.admission.admit().await).inspect_err(|error| {
-        if error.status() == axum::http::StatusCode::TOO_MANY_REQUESTS {
-            metrics.queue_full();
-        }
-    })?;
-    let rx = (state.engine.generate(request).await)
-        .map_err(|error| engine_error(metrics, error, api, log.id()))?;
-    let mut running = Running::new(rx, slot);
+    let mut running = Running::start(state, request, api.prompt_param(), log).await?;
 
     if !stream {
-        let mut text = String::new();
-        loop {
-            match running.recv().await {
-                Some(Ok(GenerationEvent::Text(piece))) => text.push_str(&piece),
-                Some(Ok(GenerationEvent::Finished(finished))) => {
-                    running.done();
-                    metrics.finished(&finished);
-                    let (prompt_tokens, completion_tokens) = counts(&finished);
-                    log.record_tokens(prompt_tokens, completion_tokens);
-                    let usage = usage(prompt_tokens, completion_tokens);
-                    return Ok(Json(format.whole(&text, finished.reason, usage)).into_response());
-                }
-                Some(Err(error)) => return Err(engine_error(metrics, error, api, log.id())),
-                None => return Err(ended_early(metrics).for_request(log.id())),
-            }
-        }
+        let (text, finished) = running.whole().await?;
+        let (prompt_tokens, completion_tokens) = counts(&finished);
+        let usage = usage(prompt_tokens, completion_tokens);
+        return Ok(Json(format.whole(&text, finished.reason, usage)).into_response());
     }
 
     // Until the first item the response can still be an ordinary error; after it, errors
     // can only travel inside the stream.
-    let first = match running.recv().await {
-        Some(Ok(chunk)) => chunk,
-        Some(Err(error)) => return Err(engine_error(metrics, error, api, log.id())),
-        None => return Err(ended_early(metrics).for_request(log.id())),
-    };
-    let mut events = EventStream {
-        running,
-        pending: VecDeque::new(),
-        format,
-        log,
-        metrics: Arc::clone(metrics),
-    };
+    let first = running.first().await?;
+    let mut pending = VecDeque::new();
     if api == Api::Chat {
         let role = json!({"role": "assistant", "content": ""});
-        events.push(events.format.chunk(role, None));
+        pending.push_back(event(&format.chunk(role, None)));
     }
-    events.handle(Some(Ok(first)));
-    let stream = futures::stream::unfold(events, |mut events| async move {
-        loop {
-            if let Some(event) = events.pending.pop_front() {
-                return Some((Ok::<_, Infallible>(event), events));
-            }
-            if events.running.is_done() {
-                return None;
-            }
-            let item = events.running.recv().await;
-            events.handle(item);
-        }
-    });
+    let render = move |step: Step, out: &mut VecDeque<Event>| format.render(step, out);
+    render(first, &mut pending);
+    let stream = running.into_stream(pending, render);
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
         .into_response())
 }
 
 /// Counts an engine's error and turns it into the client's.
-fn engine_error(metrics: &Metrics, error: GenerationError, api: Api, id: &str) -> ApiError {
+fn engine_error(
+    metrics: &Metrics,
+    error: GenerationError,
+    prompt_param: &str,
+    id: &str,
+) -> ApiError {
     metrics.engine_error(&error);
-    ApiError::from_engine(error, api.prompt_param()).for_request(id)
+    ApiError::from_engine(error, prompt_param).for_request(id)
 }
 
-pub(crate) fn ended_early(metrics: &Metrics) -> ApiError {
+fn ended_early(metrics: &Metrics) -> ApiError {
     tracing::error!("engine closed a generation without finishing it");
     metrics.ended_early();
     ApiError::internal()
@@ -159,6 +124,18 @@ fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {
 pub(crate) struct Running {
     rx: Option<mpsc::Receiver<Result<GenerationEvent, GenerationError>>>,
     slot: Option<Slot>,
+    metrics: Arc<Metrics>,
+    log: RequestLog,
+    /// The request field holding the prompt, blamed when the prompt alone overflows.
+    prompt_param: &'static str,
+}
+
+/// One item of a running generation, already counted (metrics, the request's log line) and,
+/// when it is a failure, already the client's error.
+pub(crate) enum Step {
+    Text(String),
+    Finished(Finished),
+    Failed(ApiError),
 }
 
 /// How long a slot stays taken after its client left, waiting for the engine to stop.
@@ -168,28 +145,113 @@ const STOP_GRACE: Duration = Duration::from_secs(30);
 const STOP_POLL: Duration = Duration::from_millis(20);
 
 impl Running {
-    pub(crate) fn new(
-        rx: mpsc::Receiver<Result<GenerationEvent, GenerationError>>,
-        slot: Slot,
-    ) -> Self {
-        Self {
+    /// Admits `request` (a slot, or 429) and starts it on the engine.
+    pub(crate) async fn start(
+        state: &AppState,
+        request: GenerationRequest,
+        prompt_param: &'static str,
+        log: RequestLog,
+    ) -> Result<Self, ApiError> {
+        let metrics = Arc::clone(&state.metrics);
+        let slot = (state.admission.admit().await).inspect_err(|error| {
+            if error.status() == axum::http::StatusCode::TOO_MANY_REQUESTS {
+                metrics.queue_full();
+            }
+        })?;
+        let rx = (state.engine.generate(request).await)
+            .map_err(|error| engine_error(&metrics, error, prompt_param, log.id()))?;
+        Ok(Self {
             rx: Some(rx),
             slot: Some(slot),
+            metrics,
+            log,
+            prompt_param,
+        })
+    }
+
+    /// The next item; `None` once the generation has ended (its last item was a
+    /// [`Step::Finished`] or a [`Step::Failed`]).
+    pub(crate) async fn next(&mut self) -> Option<Step> {
+        let item = self.rx.as_mut()?.recv().await;
+        Some(match item {
+            Some(Ok(GenerationEvent::Text(piece))) => Step::Text(piece),
+            Some(Ok(GenerationEvent::Finished(finished))) => {
+                self.done();
+                self.metrics.finished(&finished);
+                let (prompt_tokens, completion_tokens) = counts(&finished);
+                self.log.record_tokens(prompt_tokens, completion_tokens);
+                Step::Finished(finished)
+            }
+            Some(Err(error)) => {
+                self.done();
+                let id = self.log.id();
+                Step::Failed(engine_error(&self.metrics, error, self.prompt_param, id))
+            }
+            None => {
+                self.done();
+                Step::Failed(ended_early(&self.metrics).for_request(self.log.id()))
+            }
+        })
+    }
+
+    /// The first item of a streamed answer; a failure there is still an ordinary error
+    /// response.
+    pub(crate) async fn first(&mut self) -> Result<Step, ApiError> {
+        match self.next().await {
+            Some(Step::Failed(error)) => Err(error),
+            Some(step) => Ok(step),
+            None => Err(ApiError::internal()),
         }
     }
 
-    pub(crate) async fn recv(&mut self) -> Option<Result<GenerationEvent, GenerationError>> {
-        self.rx.as_mut()?.recv().await
+    /// The whole answer and how it ended, or the error.
+    pub(crate) async fn whole(&mut self) -> Result<(String, Finished), ApiError> {
+        let mut text = String::new();
+        loop {
+            match self.next().await {
+                Some(Step::Text(piece)) => text.push_str(&piece),
+                Some(Step::Finished(finished)) => return Ok((text, finished)),
+                Some(Step::Failed(error)) => return Err(error),
+                None => return Err(ApiError::internal()),
+            }
+        }
+    }
+
+    /// A response body's stream: `pending`, then what `render` makes of each later item,
+    /// until the generation ends. Dropping it (the client went away) stops the generation.
+    pub(crate) fn into_stream<P, R>(
+        self,
+        pending: VecDeque<P>,
+        render: R,
+    ) -> impl futures::Stream<Item = Result<P, Infallible>> + Send + 'static
+    where
+        P: Send + 'static,
+        R: FnMut(Step, &mut VecDeque<P>) + Send + 'static,
+    {
+        futures::stream::unfold(
+            (self, pending, render),
+            |(mut running, mut pending, mut render)| async move {
+                loop {
+                    if let Some(piece) = pending.pop_front() {
+                        return Some((Ok(piece), (running, pending, render)));
+                    }
+                    let step = running.next().await?;
+                    if let Step::Failed(error) = &step {
+                        tracing::warn!(
+                            status = error.status().as_u16(),
+                            "generation failed mid-stream"
+                        );
+                    }
+                    render(step, &mut pending);
+                }
+            },
+        )
     }
 
     /// The generation ended: nothing more is expected from the engine.
-    pub(crate) fn done(&mut self) {
+    fn done(&mut self) {
         self.rx = None;
         self.slot = None;
-    }
-
-    pub(crate) fn is_done(&self) -> bool {
-        self.rx.is_none()
     }
 }
 
@@ -220,68 +282,9 @@ impl Drop for Running {
     }
 }
 
-/// The state of a streamed response. Dropping it (the stream ended, or the client went away
-/// and the server dropped the body) stops the generation and, once it has stopped, frees its
-/// slot.
-struct EventStream {
-    running: Running,
-    pending: VecDeque<Event>,
-    format: Format,
-    log: RequestLog,
-    metrics: Arc<Metrics>,
-}
-
-impl EventStream {
-    fn push(&mut self, data: Value) {
-        self.pending
-            .push_back(Event::default().data(data.to_string()));
-    }
-
-    /// Turns one item from the engine into the events it produces.
-    fn handle(&mut self, item: Option<Result<GenerationEvent, GenerationError>>) {
-        match item {
-            Some(Ok(GenerationEvent::Text(piece))) => {
-                if !piece.is_empty() {
-                    let delta = self.format.delta(piece);
-                    self.push(delta);
-                }
-            }
-            Some(Ok(GenerationEvent::Finished(finished))) => {
-                self.finish();
-                self.metrics.finished(&finished);
-                let (prompt_tokens, completion_tokens) = counts(&finished);
-                self.log.record_tokens(prompt_tokens, completion_tokens);
-                let last = self.format.last(finished.reason);
-                self.push(last);
-                if self.format.include_usage {
-                    let usage = self
-                        .format
-                        .usage_chunk(usage(prompt_tokens, completion_tokens));
-                    self.push(usage);
-                }
-                self.pending.push_back(Event::default().data("[DONE]"));
-            }
-            Some(Err(error)) => {
-                self.finish();
-                let error = engine_error(&self.metrics, error, self.format.api, self.log.id());
-                tracing::warn!(
-                    status = error.status().as_u16(),
-                    "generation failed mid-stream"
-                );
-                self.push(error.envelope());
-            }
-            None => {
-                self.finish();
-                let error = ended_early(&self.metrics).for_request(self.log.id());
-                self.push(error.envelope());
-            }
-        }
-    }
-
-    /// Lets go of the engine and the slot as soon as nothing more is expected.
-    fn finish(&mut self) {
-        self.running.done();
-    }
+/// An SSE event carrying `data`.
+fn event(data: &Value) -> Event {
+    Event::default().data(data.to_string())
 }
 
 /// What every response or chunk of one generation shares.
@@ -295,6 +298,27 @@ struct Format {
 }
 
 impl Format {
+    /// The events one item of a streamed generation produces.
+    fn render(&self, step: Step, out: &mut VecDeque<Event>) {
+        match step {
+            Step::Text(piece) => {
+                if !piece.is_empty() {
+                    out.push_back(event(&self.delta(piece)));
+                }
+            }
+            Step::Finished(finished) => {
+                let (prompt_tokens, completion_tokens) = counts(&finished);
+                out.push_back(event(&self.last(finished.reason)));
+                if self.include_usage {
+                    let usage = usage(prompt_tokens, completion_tokens);
+                    out.push_back(event(&self.usage_chunk(usage)));
+                }
+                out.push_back(Event::default().data("[DONE]"));
+            }
+            Step::Failed(error) => out.push_back(event(&error.envelope())),
+        }
+    }
+
     fn new(api: Api, model: String, include_usage: bool) -> Self {
         let prefix = match api {
             Api::Chat => "chatcmpl",

@@ -9,8 +9,6 @@
 //! `{"error": "<message>"}` with the status OpenAI's routes would give.
 
 use std::collections::VecDeque;
-use std::convert::Infallible;
-use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Json;
@@ -21,18 +19,14 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
-use exo_core::{
-    ChatMessage, FinishReason, Finished, GenerationError, GenerationEvent, GenerationRequest,
-    Prompt, SamplingParams,
-};
+use exo_core::{ChatMessage, FinishReason, Finished, GenerationRequest, Prompt, SamplingParams};
 
 use crate::engine::ModelCard;
 use crate::error::ApiError;
-use crate::generate::{Running, counts, ended_early};
+use crate::generate::{Running, Step, counts};
 use crate::middleware::RequestLog;
 use crate::request::{Fields, JsonObject, describe, messages, missing};
 use crate::state::AppState;
-use crate::telemetry::Metrics;
 
 /// The content type of Ollama's streamed answers: one JSON object per line.
 const NDJSON: &str = "application/x-ndjson";
@@ -476,24 +470,7 @@ async fn run(
     started: Instant,
     log: RequestLog,
 ) -> Result<Response, OllamaError> {
-    let metrics = &state.metrics;
-    let engine_error = |error: GenerationError, log: &RequestLog| -> OllamaError {
-        metrics.engine_error(&error);
-        ApiError::from_engine(error, dialect.prompt_param())
-            .for_request(log.id())
-            .into()
-    };
-    let slot = (state.admission.admit().await).inspect_err(|error| {
-        if error.status() == axum::http::StatusCode::TOO_MANY_REQUESTS {
-            metrics.queue_full();
-        }
-    })?;
-    let rx = state
-        .engine
-        .generate(request)
-        .await
-        .map_err(|error| engine_error(error, &log))?;
-    let mut running = Running::new(rx, slot);
+    let mut running = Running::start(state, request, dialect.prompt_param(), log).await?;
     let lines = Lines {
         dialect,
         model,
@@ -501,110 +478,21 @@ async fn run(
     };
 
     if !stream {
-        let mut text = String::new();
-        loop {
-            match running.recv().await {
-                Some(Ok(GenerationEvent::Text(piece))) => text.push_str(&piece),
-                Some(Ok(GenerationEvent::Finished(finished))) => {
-                    running.done();
-                    metrics.finished(&finished);
-                    let (prompt_tokens, completion_tokens) = counts(&finished);
-                    log.record_tokens(prompt_tokens, completion_tokens);
-                    return Ok(Json(lines.last(&text, &finished)).into_response());
-                }
-                Some(Err(error)) => return Err(engine_error(error, &log)),
-                None => return Err(ended_early(metrics).for_request(log.id()).into()),
-            }
-        }
+        let (text, finished) = running.whole().await?;
+        return Ok(Json(lines.last(&text, &finished)).into_response());
     }
 
     // Until the first item the response can still be an ordinary error; after it, errors
     // can only travel inside the stream, as a line `{"error": ...}` (as Ollama sends them).
-    let first = match running.recv().await {
-        Some(Ok(event)) => event,
-        Some(Err(error)) => return Err(engine_error(error, &log)),
-        None => return Err(ended_early(metrics).for_request(log.id()).into()),
-    };
-    let mut stream = LineStream {
-        running,
-        pending: VecDeque::new(),
-        lines,
-        log,
-        metrics: Arc::clone(metrics),
-    };
-    stream.handle(Some(Ok(first)));
-    let body = futures::stream::unfold(stream, |mut stream| async move {
-        loop {
-            if let Some(line) = stream.pending.pop_front() {
-                return Some((Ok::<_, Infallible>(line), stream));
-            }
-            if stream.running.is_done() {
-                return None;
-            }
-            let item = stream.running.recv().await;
-            stream.handle(item);
-        }
-    });
+    let first = running.first().await?;
+    let mut pending = VecDeque::new();
+    lines.render(first, &mut pending);
+    let body = running.into_stream(pending, move |step, out| lines.render(step, out));
     let mut response = Body::from_stream(body).into_response();
     response
         .headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(NDJSON));
     Ok(response)
-}
-
-/// A streamed answer's state. Dropping it (the stream ended, or the client went away and
-/// the server dropped the body) stops the generation and, once it has stopped, frees its
-/// slot, through [`Running`].
-struct LineStream {
-    running: Running,
-    pending: VecDeque<Bytes>,
-    lines: Lines,
-    log: RequestLog,
-    metrics: Arc<Metrics>,
-}
-
-impl LineStream {
-    fn push(&mut self, line: &Value) {
-        let mut bytes = line.to_string().into_bytes();
-        bytes.push(b'\n');
-        self.pending.push_back(Bytes::from(bytes));
-    }
-
-    /// Turns one item from the engine into the lines it produces.
-    fn handle(&mut self, item: Option<Result<GenerationEvent, GenerationError>>) {
-        match item {
-            Some(Ok(GenerationEvent::Text(piece))) => {
-                if !piece.is_empty() {
-                    let line = self.lines.piece(&piece);
-                    self.push(&line);
-                }
-            }
-            Some(Ok(GenerationEvent::Finished(finished))) => {
-                self.running.done();
-                self.metrics.finished(&finished);
-                let (prompt_tokens, completion_tokens) = counts(&finished);
-                self.log.record_tokens(prompt_tokens, completion_tokens);
-                let line = self.lines.last("", &finished);
-                self.push(&line);
-            }
-            Some(Err(error)) => {
-                self.running.done();
-                self.metrics.engine_error(&error);
-                let error = ApiError::from_engine(error, self.lines.dialect.prompt_param())
-                    .for_request(self.log.id());
-                tracing::warn!(
-                    status = error.status().as_u16(),
-                    "generation failed mid-stream"
-                );
-                self.push(&error.ollama_body());
-            }
-            None => {
-                self.running.done();
-                let error = ended_early(&self.metrics).for_request(self.log.id());
-                self.push(&error.ollama_body());
-            }
-        }
-    }
 }
 
 /// What every line of one answer shares.
@@ -617,6 +505,19 @@ struct Lines {
 }
 
 impl Lines {
+    /// The NDJSON lines one item of a streamed answer produces.
+    fn render(&self, step: Step, out: &mut VecDeque<Bytes>) {
+        let line = match step {
+            Step::Text(piece) if piece.is_empty() => return,
+            Step::Text(piece) => self.piece(&piece),
+            Step::Finished(finished) => self.last("", &finished),
+            Step::Failed(error) => error.ollama_body(),
+        };
+        let mut bytes = line.to_string().into_bytes();
+        bytes.push(b'\n');
+        out.push_back(Bytes::from(bytes));
+    }
+
     /// A line carrying a piece of the answer.
     fn piece(&self, piece: &str) -> Value {
         let mut line = Line::new(self.dialect, &self.model).text(piece);
