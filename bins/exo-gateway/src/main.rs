@@ -61,15 +61,7 @@ fn main() -> Result<()> {
         .init();
     // Before anything opens a socket: a soft limit of 1,024 open files, common by default, is
     // too low for a server's connections.
-    match exo_topology::raise_open_file_limit() {
-        Ok(Some(limit)) => tracing::debug!(
-            before = limit.before,
-            after = limit.after,
-            "soft limit on open files"
-        ),
-        Ok(None) => {}
-        Err(error) => tracing::debug!(%error, "could not raise the soft limit on open files"),
-    }
+    exo_topology::raise_open_file_limit_at_start();
     let mut topology = TopologyConfig::new(exo_model::exo_home());
     // A gateway beside a node on the same machine must not take the node's port.
     topology.listen = vec![parse_peer_address("/ip4/0.0.0.0/tcp/0")?];

@@ -197,15 +197,7 @@ fn main() -> Result<()> {
         .init();
     // Before anything opens a socket: a soft limit of 1,024 open files, common by default, is
     // too low for a server's connections.
-    match exo_topology::raise_open_file_limit() {
-        Ok(Some(limit)) => tracing::debug!(
-            before = limit.before,
-            after = limit.after,
-            "soft limit on open files"
-        ),
-        Ok(None) => {}
-        Err(error) => tracing::debug!(%error, "could not raise the soft limit on open files"),
-    }
+    exo_topology::raise_open_file_limit_at_start();
     match command {
         Command::Serve(args) => serve::run(args),
         Command::Generate(args) if args.node.is_some() => remote::generate(args),

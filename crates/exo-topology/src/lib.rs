@@ -62,6 +62,6 @@ pub use identity::{
     CLUSTER_KEY_FILE, ClusterKey, ClusterKeyInfo, KeyOrigin, MIN_PASSPHRASE_CHARS, NODE_KEY_FILE,
 };
 pub use libp2p::Multiaddr;
-pub use open_files::{OpenFileLimit, raise_open_file_limit};
+pub use open_files::{OpenFileLimit, raise_open_file_limit, raise_open_file_limit_at_start};
 pub use profile::{LinkMeasurement, MemoryInfo, ModelFile, NodeId, NodeProfile, NodeRole};
 pub use protocol::PROTOCOL_VERSION;

@@ -54,6 +54,21 @@ pub fn raise_open_file_limit() -> std::io::Result<Option<OpenFileLimit>> {
     Ok(None)
 }
 
+/// [`raise_open_file_limit`] as a binary calls it at start, before anything opens a socket:
+/// what happened is logged at debug, and a failure only logged (the process runs on at the
+/// limit it has).
+pub fn raise_open_file_limit_at_start() {
+    match raise_open_file_limit() {
+        Ok(Some(limit)) => tracing::debug!(
+            before = limit.before,
+            after = limit.after,
+            "soft limit on open files"
+        ),
+        Ok(None) => {}
+        Err(error) => tracing::debug!(%error, "could not raise the soft limit on open files"),
+    }
+}
+
 /// macOS's `OPEN_MAX`: `setrlimit` refuses a higher soft limit on open files.
 #[cfg(unix)]
 const MACOS_OPEN_MAX: libc::rlim_t = 10_240;
