@@ -1,17 +1,14 @@
 //! Ollama's dialect (`/api/*`) over the same fake engine: NDJSON streams, whole answers,
 //! the model list and Ollama's `{"error": ...}` shape.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
-use exo_api::{ApiConfig, Engine, FinishReason, GenerationError, Prompt, serve};
+use exo_api::{ApiConfig, FinishReason, GenerationError, Prompt};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 
-use crate::fake::{FakeEngine, PROMPTLY};
+use crate::fake::FakeEngine;
 use crate::support::{Reply, app, app_with, get, post, send, with};
 
 fn chat_body() -> Value {
@@ -391,34 +388,10 @@ async fn a_configured_key_protects_the_ollama_routes() {
 async fn dropping_a_streamed_chat_cancels_the_generation() {
     // One piece, then nothing until cancelled: only the disconnect can stop it.
     let engine = FakeEngine::new().hang_after(1).build();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    let dyn_engine: Arc<dyn Engine> = engine.clone();
-    let (_shutdown, stop) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(serve(listener, dyn_engine, ApiConfig::default(), async {
-        let _ = stop.await;
-    }));
-
-    let mut stream = TcpStream::connect(address).await.unwrap();
-    let body = chat_body().to_string();
-    let head = format!(
-        "POST /api/chat HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await.unwrap();
-    stream.write_all(body.as_bytes()).await.unwrap();
-    let mut received = Vec::new();
-    let mut buffer = [0u8; 4096];
-    let read = async {
-        while !String::from_utf8_lossy(&received).contains("Hello") {
-            let n = stream.read(&mut buffer).await.unwrap();
-            assert!(n > 0, "closed early");
-            received.extend_from_slice(&buffer[..n]);
-        }
-    };
-    tokio::time::timeout(PROMPTLY, read).await.unwrap();
-    let received = String::from_utf8_lossy(&received);
+    let server = crate::serve::start(&engine).await;
+    let mut stream =
+        crate::serve::request(server.address, "POST", "/api/chat", Some(&chat_body())).await;
+    let received = crate::serve::read_until(&mut stream, "Hello").await;
     assert!(received.contains("application/x-ndjson"), "{received}");
     assert_eq!(engine.probe.cancelled.load(Ordering::SeqCst), 0);
 

@@ -14,13 +14,13 @@ use tokio::task::JoinHandle;
 use crate::fake::{FakeEngine, PROMPTLY};
 use crate::support::{chat_body, with};
 
-struct Server {
-    address: SocketAddr,
+pub(crate) struct Server {
+    pub(crate) address: SocketAddr,
     shutdown: oneshot::Sender<()>,
     task: JoinHandle<std::io::Result<()>>,
 }
 
-async fn start(engine: &Arc<FakeEngine>) -> Server {
+pub(crate) async fn start(engine: &Arc<FakeEngine>) -> Server {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     let (shutdown, stop) = oneshot::channel::<()>();
@@ -36,7 +36,12 @@ async fn start(engine: &Arc<FakeEngine>) -> Server {
 }
 
 /// Writes one HTTP/1.1 request and returns the open connection.
-async fn request(address: SocketAddr, method: &str, path: &str, body: Option<&Value>) -> TcpStream {
+pub(crate) async fn request(
+    address: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> TcpStream {
     let mut stream = TcpStream::connect(address).await.unwrap();
     let body = body.map(Value::to_string).unwrap_or_default();
     let head = format!(
@@ -50,7 +55,7 @@ async fn request(address: SocketAddr, method: &str, path: &str, body: Option<&Va
 }
 
 /// Reads until `needle` has arrived; returns everything read so far.
-async fn read_until(stream: &mut TcpStream, needle: &str) -> String {
+pub(crate) async fn read_until(stream: &mut TcpStream, needle: &str) -> String {
     let mut received = Vec::new();
     let mut buffer = [0u8; 4096];
     let read = async {
