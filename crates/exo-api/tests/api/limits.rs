@@ -12,6 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
 use crate::fake::{FakeEngine, PROMPTLY};
+use crate::serve::read_until;
 use crate::support::{chat_body, with};
 
 /// A timeout short enough for a quick test.
@@ -56,33 +57,12 @@ async fn read_to_close(stream: &mut TcpStream) -> Option<String> {
     Some(String::from_utf8_lossy(&received).into_owned())
 }
 
-/// Reads until `end` has arrived; returns everything read so far.
-async fn read_response(stream: &mut TcpStream, end: &str) -> String {
-    let mut received = Vec::new();
-    let mut buffer = [0u8; 4096];
-    let read = async {
-        while !String::from_utf8_lossy(&received).contains(end) {
-            let n = stream.read(&mut buffer).await.unwrap();
-            assert!(
-                n > 0,
-                "closed before {end:?}: {}",
-                String::from_utf8_lossy(&received)
-            );
-            received.extend_from_slice(&buffer[..n]);
-        }
-    };
-    tokio::time::timeout(PROMPTLY, read)
-        .await
-        .unwrap_or_else(|_| panic!("no response: {}", String::from_utf8_lossy(&received)));
-    String::from_utf8_lossy(&received).into_owned()
-}
-
 /// A chat over a fresh connection; returns the response up to its answer.
 async fn chat(address: SocketAddr) -> String {
     let mut stream = TcpStream::connect(address).await.unwrap();
     let request = message(address, "POST", "/v1/chat/completions", &chat_body());
     stream.write_all(request.as_bytes()).await.unwrap();
-    read_response(&mut stream, "Hello, world!").await
+    read_until(&mut stream, "Hello, world!").await
 }
 
 #[tokio::test]
@@ -100,7 +80,7 @@ async fn a_client_that_stalls_in_the_middle_of_a_head_is_disconnected() {
     tokio::time::sleep(SHORT * 3).await;
     let request = message(address, "POST", "/v1/chat/completions", &chat_body());
     idle.write_all(request.as_bytes()).await.unwrap();
-    let response = read_response(&mut idle, "Hello, world!").await;
+    let response = read_until(&mut idle, "Hello, world!").await;
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
 
     let mut slow = TcpStream::connect(address).await.unwrap();
@@ -161,7 +141,7 @@ async fn idle_connections_close_but_a_slow_stream_runs_to_its_end() {
         &with(chat_body(), json!({"stream": true})),
     );
     stream.write_all(request.as_bytes()).await.unwrap();
-    let received = read_response(&mut stream, "data: [DONE]").await;
+    let received = read_until(&mut stream, "data: [DONE]").await;
     assert!(received.contains("\"content\":\"ld!\""), "{received}");
 
     // Once the response is done, the same connection is idle and is closed.
@@ -216,7 +196,7 @@ async fn with_every_connection_busy_a_new_one_gets_503_at_once() {
         let mut stream = TcpStream::connect(address).await.unwrap();
         let request = message(address, "POST", "/v1/chat/completions", &streaming);
         stream.write_all(request.as_bytes()).await.unwrap();
-        read_response(&mut stream, "Hello").await;
+        read_until(&mut stream, "Hello").await;
         busy.push(stream);
     }
 
