@@ -64,6 +64,7 @@ pub(crate) fn one_b_config() -> ModelConfig {
         attention_bias: false,
         bos_token_id: Some(1),
         eos_token_ids: vec![2],
+        variant: Default::default(),
     }
 }
 

@@ -5,7 +5,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use crate::config::{MAX_CONTEXT, ModelConfig};
+use crate::config::{Activation, MAX_CONTEXT, ModelConfig, Variant};
 use crate::error::{Error, Result};
 use crate::gguf::{GgufFile, Value};
 use crate::names::{LayerPart, TensorId};
@@ -72,6 +72,10 @@ pub struct LayerWeights {
     pub gate: HostTensor,
     pub up: HostTensor,
     pub down: HostTensor,
+    /// Per-head query and key norms, when the family has them (Qwen3, Gemma 3).
+    pub qk_norm: Option<[HostTensor; 2]>,
+    /// Norms of the attention and MLP outputs, when the family has them (Gemma).
+    pub post_norms: Option<[HostTensor; 2]>,
 }
 
 /// How the last stage gets its output projection.
@@ -170,7 +174,7 @@ impl Checkpoint {
                 ),
                 Source::Safetensors(_) => (
                     "num_hidden_layers".to_string(),
-                    first_norm(present).hf_name(),
+                    first_norm(present).hf_name_in(&self.config.model_type),
                 ),
             };
             return Err(Error::Config {
@@ -302,7 +306,7 @@ impl Checkpoint {
     pub fn has_tensor(&self, id: TensorId) -> bool {
         match &self.source {
             Source::Gguf(f) => f.tensor(&id.gguf_name()).is_some(),
-            Source::Safetensors(s) => s.contains(&id.hf_name()),
+            Source::Safetensors(s) => s.contains(&id.hf_name_in(&self.config.model_type)),
         }
     }
 
@@ -325,7 +329,7 @@ impl Checkpoint {
                 )
             }
             Source::Safetensors(set) => {
-                let name = id.hf_name();
+                let name = id.hf_name_in(&self.config.model_type);
                 let raw = set.get(&name)?.ok_or_else(|| Error::MissingTensor {
                     path: self.path.clone(),
                     name: name.clone(),
@@ -385,6 +389,20 @@ impl Checkpoint {
                 } => unpermute_rows(&mut tensor, self.config.num_kv_heads),
                 _ => {}
             }
+        }
+        if matches!(self.source, Source::Safetensors(_))
+            && self.config.variant.sandwich_norms
+            && is_norm(id)
+        {
+            // Gemma's norms scale by `1 + weight`; GGUF files store the sum (llama.cpp's
+            // converter adds the one), and so does every model here.
+            let mut values = Vec::with_capacity(tensor.shape.iter().product());
+            dequantize(tensor.dtype, &tensor.bytes, &mut values);
+            tensor.bytes = values
+                .iter()
+                .flat_map(|v| (v + 1.0).to_le_bytes())
+                .collect();
+            tensor.dtype = DType::F32;
         }
         Ok(tensor)
     }
@@ -463,6 +481,16 @@ impl Checkpoint {
             gate: t(LayerPart::Gate)?,
             up: t(LayerPart::Up)?,
             down: t(LayerPart::Down)?,
+            qk_norm: if self.config.variant.qk_norm {
+                Some([t(LayerPart::QNorm)?, t(LayerPart::KNorm)?])
+            } else {
+                None
+            },
+            post_norms: if self.config.variant.sandwich_norms {
+                Some([t(LayerPart::PostAttnNorm)?, t(LayerPart::PostMlpNorm)?])
+            } else {
+                None
+            },
         })
     }
 
@@ -476,7 +504,7 @@ impl Checkpoint {
         match &self.source {
             Source::Gguf(f) => f.tensor(&id.gguf_name()).map(|i| i.len as u64),
             Source::Safetensors(s) => s
-                .get(&id.hf_name())
+                .get(&id.hf_name_in(&self.config.model_type))
                 .ok()
                 .flatten()
                 .map(|r| r.bytes().len() as u64),
@@ -487,7 +515,11 @@ impl Checkpoint {
     pub fn stored_dtype(&self, id: TensorId) -> Option<DType> {
         match &self.source {
             Source::Gguf(f) => f.tensor(&id.gguf_name()).map(|i| i.dtype),
-            Source::Safetensors(s) => s.get(&id.hf_name()).ok().flatten().map(|r| r.dtype),
+            Source::Safetensors(s) => s
+                .get(&id.hf_name_in(&self.config.model_type))
+                .ok()
+                .flatten()
+                .map(|r| r.dtype),
         }
     }
 }
@@ -516,6 +548,26 @@ fn unpermute_rows(tensor: &mut StoredTensor, heads: usize) {
     tensor.bytes = out;
 }
 
+/// Whether `id` is an RMSNorm weight.
+pub(crate) fn is_norm(id: TensorId) -> bool {
+    match id {
+        TensorId::FinalNorm => true,
+        TensorId::Layer { part, .. } => matches!(
+            part,
+            LayerPart::AttnNorm
+                | LayerPart::MlpNorm
+                | LayerPart::QNorm
+                | LayerPart::KNorm
+                | LayerPart::PostAttnNorm
+                | LayerPart::PostMlpNorm
+        ),
+        _ => false,
+    }
+}
+
+/// The GGUF architectures this reader understands.
+const GGUF_ARCHITECTURES: &str = "llama, qwen2, qwen3, gemma3";
+
 /// Fills the configuration from a GGUF file's `{arch}.*` metadata.
 fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
     let path = file.path();
@@ -528,10 +580,12 @@ fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
         .and_then(Value::as_str)
         .ok_or_else(|| missing("general.architecture"))?
         .to_string();
-    if !matches!(arch.as_str(), "llama" | "qwen2") {
+    if !matches!(arch.as_str(), "llama" | "qwen2" | "qwen3" | "gemma3") {
         return Err(Error::Config {
             path: path.to_path_buf(),
-            message: format!("architecture `{arch}` is not supported (llama and qwen2 are)"),
+            message: format!(
+                "architecture `{arch}` is not supported (supported: {GGUF_ARCHITECTURES})"
+            ),
         });
     }
     let uint = |key: &str| {
@@ -610,9 +664,67 @@ fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
             .and_then(Value::as_u64)
             .map(|v| v as u32),
         eos_token_ids,
+        variant: gguf_variant(file, &arch, hidden_size, head_dim, num_heads),
     };
     config.validate(path)?;
     Ok(config)
+}
+
+/// What a GGUF architecture changes in the Llama layer, with the constants llama.cpp fixes
+/// for it where the metadata is silent.
+fn gguf_variant(
+    file: &GgufFile,
+    arch: &str,
+    hidden: usize,
+    head_dim: usize,
+    heads: usize,
+) -> Variant {
+    let float = |key: &str| file.get(&format!("{arch}.{key}")).and_then(Value::as_f64);
+    let uint = |key: &str| {
+        file.get(&format!("{arch}.{key}"))
+            .and_then(Value::as_u64)
+            .map(|v| v as usize)
+    };
+    let linear = match file
+        .get(&format!("{arch}.rope.scaling.type"))
+        .and_then(Value::as_str)
+    {
+        Some("linear") => float("rope.scaling.factor").filter(|f| *f != 1.0),
+        _ => None,
+    };
+    match arch {
+        "qwen3" => Variant {
+            qk_norm: true,
+            rope_linear_factor: linear,
+            ..Variant::default()
+        },
+        "gemma3" => {
+            let layers = uint("block_count").unwrap_or(0);
+            // llama.cpp: queries are scaled by 1/sqrt(head_dim), except in the 27B model
+            // (62 layers), whose `query_pre_attn_scalar` is hidden / heads.
+            let scalar = if layers == 62 && heads > 0 {
+                (hidden / heads) as f64
+            } else {
+                head_dim as f64
+            };
+            Variant {
+                qk_norm: true,
+                sandwich_norms: true,
+                activation: Activation::GeluTanh,
+                embedding_scale: Some((hidden as f64).sqrt()),
+                attention_scale: Some(1.0 / scalar.sqrt()),
+                sliding_window: uint("attention.sliding_window"),
+                global_every: Some(6),
+                rope_local_theta: Some(10_000.0),
+                rope_linear_factor: linear,
+                final_logit_softcap: float("final_logit_softcapping"),
+            }
+        }
+        _ => Variant {
+            rope_linear_factor: linear,
+            ..Variant::default()
+        },
+    }
 }
 
 /// Takes EOS ids from `generation_config.json` when the folder has one (it is what

@@ -56,6 +56,64 @@ pub struct ModelConfig {
     pub bos_token_id: Option<u32>,
     /// Tokens that end generation.
     pub eos_token_ids: Vec<u32>,
+    /// What the model's family changes in the Llama layer (nothing for Llama and Qwen2).
+    #[serde(default)]
+    pub variant: Variant,
+}
+
+/// What a family changes in the Llama decoder layer. Every field off (the default) is Llama;
+/// Qwen2 differs only by `attention_bias`. The model code implements each field once, so a new
+/// family is a new way of filling this in (from GGUF metadata or `config.json`), not new layers.
+#[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Variant {
+    /// RMSNorm of each query and key head (weights `[head_dim]`) before the rotary embedding
+    /// (Qwen3, Gemma 3).
+    pub qk_norm: bool,
+    /// RMSNorm of the attention and MLP outputs before they join the residual stream
+    /// (Gemma 2 and 3).
+    pub sandwich_norms: bool,
+    /// The activation of the MLP's gate.
+    pub activation: Activation,
+    /// Factor applied to every embedding row (Gemma: the square root of the hidden size).
+    pub embedding_scale: Option<f64>,
+    /// Scale of attention scores; `None` is `1 / sqrt(head_dim)`.
+    pub attention_scale: Option<f64>,
+    /// Sliding-window attention: how many positions a query sees, itself included.
+    pub sliding_window: Option<usize>,
+    /// With a window, every `n`-th layer (`n - 1`, `2n - 1`, ...) attends to the whole context
+    /// instead (Gemma 3: 6); `None` slides in every layer.
+    pub global_every: Option<usize>,
+    /// Rotary base of the sliding-window layers (Gemma 3: 10 000); `None` uses `rope_theta`.
+    pub rope_local_theta: Option<f64>,
+    /// Linear rotary scaling of the global layers: positions divided by this factor.
+    pub rope_linear_factor: Option<f64>,
+    /// Final logits soft-capped as `cap * tanh(logit / cap)`.
+    pub final_logit_softcap: Option<f64>,
+}
+
+/// The activation of an MLP's gate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Activation {
+    /// SiLU (`x * sigmoid(x)`): Llama, Qwen, Mistral.
+    #[default]
+    Silu,
+    /// GELU with the tanh approximation: Gemma.
+    GeluTanh,
+}
+
+impl Activation {
+    /// The activation of one value.
+    #[inline]
+    pub fn apply(self, x: f32) -> f32 {
+        match self {
+            Activation::Silu => x / (1.0 + (-x).exp()),
+            Activation::GeluTanh => {
+                const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+                0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)).tanh())
+            }
+        }
+    }
 }
 
 /// Llama 3 rotary-frequency scaling (`rope_scaling` with `rope_type: "llama3"`).
@@ -95,6 +153,14 @@ struct HfConfig {
     attention_bias: Option<bool>,
     bos_token_id: Option<u32>,
     eos_token_id: Option<OneOrMany>,
+    hidden_act: Option<String>,
+    hidden_activation: Option<String>,
+    query_pre_attn_scalar: Option<f64>,
+    sliding_window: Option<usize>,
+    sliding_window_pattern: Option<usize>,
+    layer_types: Option<Vec<String>>,
+    rope_local_base_freq: Option<f64>,
+    final_logit_softcapping: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -150,14 +216,113 @@ fn default_original_max() -> usize {
     8192
 }
 
+/// The families whose `config.json` this reader understands.
+const HF_FAMILIES: &str = "llama, mistral, qwen2, qwen3, gemma3_text";
+
+/// What a `config.json`'s family changes in the Llama layer.
+fn hf_variant(raw: &HfConfig, head_dim: usize, path: &Path) -> Result<Variant> {
+    let bad = |message: String| Error::Config {
+        path: path.to_path_buf(),
+        message,
+    };
+    let activation = match raw
+        .hidden_activation
+        .as_deref()
+        .or(raw.hidden_act.as_deref())
+        .unwrap_or("silu")
+    {
+        "silu" | "swish" => Activation::Silu,
+        "gelu_pytorch_tanh" | "gelu_tanh" => Activation::GeluTanh,
+        other => {
+            return Err(bad(format!(
+                "activation `{other}` is not supported (silu and gelu_pytorch_tanh are)"
+            )));
+        }
+    };
+    let linear = raw
+        .rope_scaling
+        .as_ref()
+        .filter(|s| s.rope_type == "linear")
+        .map(|s| s.factor);
+    Ok(match raw.model_type.as_str() {
+        "llama" | "qwen2" => Variant {
+            activation,
+            rope_linear_factor: linear,
+            ..Variant::default()
+        },
+        "mistral" => Variant {
+            activation,
+            sliding_window: raw.sliding_window,
+            rope_linear_factor: linear,
+            ..Variant::default()
+        },
+        "qwen3" => Variant {
+            qk_norm: true,
+            activation,
+            rope_linear_factor: linear,
+            ..Variant::default()
+        },
+        "gemma3_text" | "gemma3" => {
+            let global_every = match &raw.layer_types {
+                // Newer configs list each layer's kind; the pattern is where the first global
+                // layer is.
+                Some(kinds) => kinds
+                    .iter()
+                    .position(|k| k == "full_attention")
+                    .map(|i| i + 1),
+                None => Some(raw.sliding_window_pattern.unwrap_or(6)),
+            };
+            Variant {
+                qk_norm: true,
+                sandwich_norms: true,
+                activation,
+                embedding_scale: Some((raw.hidden_size as f64).sqrt()),
+                attention_scale: Some(
+                    1.0 / raw.query_pre_attn_scalar.unwrap_or(head_dim as f64).sqrt(),
+                ),
+                sliding_window: raw.sliding_window,
+                global_every,
+                rope_local_theta: Some(raw.rope_local_base_freq.unwrap_or(10_000.0)),
+                rope_linear_factor: linear,
+                final_logit_softcap: raw.final_logit_softcapping,
+            }
+        }
+        other => {
+            return Err(bad(format!(
+                "model_type `{other}` is not supported (supported: {HF_FAMILIES})"
+            )));
+        }
+    })
+}
+
 impl ModelConfig {
+    /// Whether layer `layer` attends through a sliding window, and how wide.
+    pub fn window_of(&self, layer: usize) -> Option<usize> {
+        let window = self.variant.sliding_window?;
+        match self.variant.global_every {
+            Some(n) if n > 0 && (layer + 1).is_multiple_of(n) => None,
+            _ => Some(window),
+        }
+    }
+
+    /// Whether a checkpoint of this configuration has the layer tensor `part`.
+    pub fn has_part(&self, part: crate::LayerPart) -> bool {
+        use crate::LayerPart as P;
+        match part {
+            P::QBias | P::KBias | P::VBias => self.attention_bias,
+            P::QNorm | P::KNorm => self.variant.qk_norm,
+            P::PostAttnNorm | P::PostMlpNorm => self.variant.sandwich_norms,
+            _ => true,
+        }
+    }
+
     /// Parses a Hugging Face `config.json`; `path` is only used in error messages.
     pub fn from_hf_json(text: &str, path: &Path) -> Result<Self> {
         let raw: HfConfig = serde_json::from_str(text).map_err(|e| Error::Config {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
-        let rope_scaling = match raw.rope_scaling {
+        let rope_scaling = match &raw.rope_scaling {
             None => None,
             Some(s) if s.rope_type == "llama3" => Some(RopeScaling {
                 factor: s.factor,
@@ -165,12 +330,12 @@ impl ModelConfig {
                 high_freq_factor: s.high_freq_factor,
                 original_max_position_embeddings: s.original_max_position_embeddings,
             }),
-            Some(s) if s.rope_type == "default" => None,
+            Some(s) if s.rope_type == "default" || s.rope_type == "linear" => None,
             Some(s) => {
                 return Err(Error::Config {
                     path: path.to_path_buf(),
                     message: format!(
-                        "rope_scaling type `{}` is not supported (supported: llama3)",
+                        "rope_scaling type `{}` is not supported (supported: llama3, linear)",
                         s.rope_type
                     ),
                 });
@@ -182,6 +347,7 @@ impl ModelConfig {
             None => 0,
         };
         let attention_bias = raw.attention_bias.unwrap_or(raw.model_type == "qwen2");
+        let variant = hf_variant(&raw, head_dim, path)?;
         let config = ModelConfig {
             model_type: raw.model_type,
             vocab_size: raw.vocab_size,
@@ -202,6 +368,7 @@ impl ModelConfig {
                 .eos_token_id
                 .map(OneOrMany::into_vec)
                 .unwrap_or_default(),
+            variant,
         };
         config.validate(path)?;
         Ok(config)
@@ -261,6 +428,21 @@ impl ModelConfig {
                 self.vocab_size
             )));
         }
+        let v = &self.variant;
+        let positive = |x: Option<f64>| x.is_none_or(|x| x.is_finite() && x > 0.0);
+        if !(positive(v.embedding_scale)
+            && positive(v.attention_scale)
+            && positive(v.rope_local_theta)
+            && positive(v.rope_linear_factor)
+            && positive(v.final_logit_softcap))
+        {
+            return Err(bad(format!(
+                "the family's scales must be finite and positive: {v:?}"
+            )));
+        }
+        if v.sliding_window == Some(0) {
+            return Err(bad("sliding_window must be positive".into()));
+        }
         if !(self.rms_norm_eps.is_finite() && self.rope_theta.is_finite() && self.rope_theta > 0.0)
         {
             return Err(bad(
@@ -272,9 +454,21 @@ impl ModelConfig {
 
     /// The `config.json` a Hugging Face loader expects for this configuration.
     pub fn to_hf_json(&self) -> serde_json::Value {
+        let (architecture, model_type) = match self.model_type.as_str() {
+            "qwen2" => ("Qwen2ForCausalLM", "qwen2"),
+            "qwen3" => ("Qwen3ForCausalLM", "qwen3"),
+            "mistral" => ("MistralForCausalLM", "mistral"),
+            "gemma3" | "gemma3_text" => ("Gemma3ForCausalLM", "gemma3_text"),
+            _ => ("LlamaForCausalLM", "llama"),
+        };
+        let v = &self.variant;
+        let activation = match v.activation {
+            Activation::Silu => "silu",
+            Activation::GeluTanh => "gelu_pytorch_tanh",
+        };
         let mut value = serde_json::json!({
-            "architectures": [if self.model_type == "qwen2" { "Qwen2ForCausalLM" } else { "LlamaForCausalLM" }],
-            "model_type": self.model_type,
+            "architectures": [architecture],
+            "model_type": model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -287,7 +481,8 @@ impl ModelConfig {
             "max_position_embeddings": self.max_position_embeddings,
             "tie_word_embeddings": self.tie_word_embeddings,
             "attention_bias": self.attention_bias,
-            "hidden_act": "silu",
+            "hidden_act": activation,
+            "hidden_activation": activation,
             "torch_dtype": "float32",
         });
         if let Some(map) = value.as_object_mut() {
@@ -302,6 +497,34 @@ impl ModelConfig {
                 many => {
                     map.insert("eos_token_id".into(), many.to_vec().into());
                 }
+            }
+            if let Some(scale) = v.attention_scale {
+                map.insert(
+                    "query_pre_attn_scalar".into(),
+                    (1.0 / (scale * scale)).into(),
+                );
+            }
+            if let Some(window) = v.sliding_window {
+                map.insert("sliding_window".into(), window.into());
+                let kinds: Vec<&str> = (0..self.num_layers)
+                    .map(|l| match self.window_of(l) {
+                        Some(_) => "sliding_attention",
+                        None => "full_attention",
+                    })
+                    .collect();
+                map.insert("layer_types".into(), kinds.into());
+            }
+            if let Some(theta) = v.rope_local_theta {
+                map.insert("rope_local_base_freq".into(), theta.into());
+            }
+            if let Some(cap) = v.final_logit_softcap {
+                map.insert("final_logit_softcapping".into(), cap.into());
+            }
+            if let Some(factor) = v.rope_linear_factor {
+                map.insert(
+                    "rope_scaling".into(),
+                    serde_json::json!({"rope_type": "linear", "factor": factor}),
+                );
             }
             if let Some(s) = &self.rope_scaling {
                 map.insert(
@@ -367,7 +590,8 @@ impl ModelConfig {
             T::Embedding | T::Head => vec![self.vocab_size, h],
             T::FinalNorm => vec![h],
             T::Layer { part, .. } => match part {
-                P::AttnNorm | P::MlpNorm => vec![h],
+                P::AttnNorm | P::MlpNorm | P::PostAttnNorm | P::PostMlpNorm => vec![h],
+                P::QNorm | P::KNorm => vec![self.head_dim],
                 P::Q => vec![q, h],
                 P::K | P::V => vec![kv, h],
                 P::QBias => vec![q],

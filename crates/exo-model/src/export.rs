@@ -72,7 +72,7 @@ fn write_folder(checkpoint: &Checkpoint, dir: &Path, dtype: ExportDtype) -> Resu
     let mut ids = vec![TensorId::Embedding];
     for layer in 0..config.num_layers {
         for part in LayerPart::ALL {
-            if part.is_bias() && !config.attention_bias {
+            if !config.has_part(part) {
                 continue;
             }
             ids.push(TensorId::Layer { layer, part });
@@ -84,7 +84,12 @@ fn write_folder(checkpoint: &Checkpoint, dir: &Path, dtype: ExportDtype) -> Resu
     }
     let mut tensors = Vec::with_capacity(ids.len());
     for id in ids {
-        let t = checkpoint.tensor(id)?;
+        let mut t = checkpoint.tensor(id)?;
+        if config.variant.sandwich_norms && crate::checkpoint::is_norm(id) {
+            // Gemma's folders store `weight` for a norm that scales by `1 + weight`; every
+            // model here holds the sum.
+            t.data.iter_mut().for_each(|v| *v -= 1.0);
+        }
         let (bytes, st_dtype) = match dtype {
             ExportDtype::F32 => (
                 t.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
@@ -106,7 +111,7 @@ fn write_folder(checkpoint: &Checkpoint, dir: &Path, dtype: ExportDtype) -> Resu
             ),
         };
         tensors.push((
-            id.hf_name(),
+            id.hf_name_in(&config.model_type),
             F32Tensor {
                 shape: t.shape,
                 bytes,

@@ -26,12 +26,13 @@ pub use checkpoint::{
     Checkpoint, HeadWeights, HostTensor, LayerWeights, ReadStats, ShardSpec, ShardWeights,
     StoredTensor,
 };
-pub use config::{ModelConfig, RopeScaling};
+pub use config::{Activation, ModelConfig, RopeScaling, Variant};
 pub use detokenize::{Decoded, Detokenizer};
 pub use error::{Error, Result};
 pub use export::{ExportDtype, ExportSummary, export_hf};
 pub use fetch::{
-    DEFAULT_MODEL, DefaultModel, default_model_path, ensure_default_model, exo_home, sha256_file,
+    DEFAULT_MODEL, DefaultModel, GEMMA3_270M, PACKAGED_MODELS, PackagedModel, default_model_path,
+    ensure_default_model, ensure_packaged_model, exo_home, packaged_model, sha256_file,
 };
 pub use names::{LayerPart, TensorId};
 pub use quant::{

@@ -39,11 +39,20 @@ pub enum LayerPart {
     Gate,
     Up,
     Down,
+    /// RMSNorm of each query head (Qwen3, Gemma 3), `[head_dim]`.
+    QNorm,
+    /// RMSNorm of each key head (Qwen3, Gemma 3), `[head_dim]`.
+    KNorm,
+    /// RMSNorm of the attention output before the residual (Gemma), `[hidden]`.
+    PostAttnNorm,
+    /// RMSNorm of the MLP output before the residual (Gemma), `[hidden]`.
+    PostMlpNorm,
 }
 
 impl LayerPart {
-    /// Every part, biases included (a checkpoint without attention bias skips the bias parts).
-    pub const ALL: [LayerPart; 12] = [
+    /// Every part of every family (a checkpoint has those its configuration's
+    /// `ModelConfig::has_part` names).
+    pub const ALL: [LayerPart; 16] = [
         LayerPart::AttnNorm,
         LayerPart::Q,
         LayerPart::K,
@@ -56,6 +65,10 @@ impl LayerPart {
         LayerPart::Gate,
         LayerPart::Up,
         LayerPart::Down,
+        LayerPart::QNorm,
+        LayerPart::KNorm,
+        LayerPart::PostAttnNorm,
+        LayerPart::PostMlpNorm,
     ];
 
     /// Whether this part exists only in checkpoints with attention bias (Qwen2 style).
@@ -65,8 +78,28 @@ impl LayerPart {
 }
 
 impl TensorId {
-    /// The tensor's name in a Hugging Face safetensors checkpoint.
+    /// The tensor's name in a Hugging Face safetensors checkpoint of a Llama-layout family.
     pub fn hf_name(self) -> String {
+        self.hf_name_in("llama")
+    }
+
+    /// The tensor's name in a Hugging Face checkpoint whose `model_type` is `model_type`: Gemma
+    /// names its four norms differently (its `post_attention_layernorm` is the attention
+    /// output's norm, where Llama's is the MLP's input norm).
+    pub fn hf_name_in(self, model_type: &str) -> String {
+        if model_type.starts_with("gemma")
+            && let TensorId::Layer { layer, part } = self
+        {
+            let suffix = match part {
+                LayerPart::MlpNorm => Some("pre_feedforward_layernorm.weight"),
+                LayerPart::PostAttnNorm => Some("post_attention_layernorm.weight"),
+                LayerPart::PostMlpNorm => Some("post_feedforward_layernorm.weight"),
+                _ => None,
+            };
+            if let Some(suffix) = suffix {
+                return format!("model.layers.{layer}.{suffix}");
+            }
+        }
         match self {
             TensorId::Embedding => "model.embed_tokens.weight".into(),
             TensorId::FinalNorm => "model.norm.weight".into(),
@@ -85,6 +118,10 @@ impl TensorId {
                     LayerPart::Gate => "mlp.gate_proj.weight",
                     LayerPart::Up => "mlp.up_proj.weight",
                     LayerPart::Down => "mlp.down_proj.weight",
+                    LayerPart::QNorm => "self_attn.q_norm.weight",
+                    LayerPart::KNorm => "self_attn.k_norm.weight",
+                    LayerPart::PostAttnNorm => "post_attention_norm.weight",
+                    LayerPart::PostMlpNorm => "post_feedforward_layernorm.weight",
                 };
                 format!("model.layers.{layer}.{suffix}")
             }
@@ -111,6 +148,10 @@ impl TensorId {
                     LayerPart::Gate => "ffn_gate.weight",
                     LayerPart::Up => "ffn_up.weight",
                     LayerPart::Down => "ffn_down.weight",
+                    LayerPart::QNorm => "attn_q_norm.weight",
+                    LayerPart::KNorm => "attn_k_norm.weight",
+                    LayerPart::PostAttnNorm => "post_attention_norm.weight",
+                    LayerPart::PostMlpNorm => "post_ffw_norm.weight",
                 };
                 format!("blk.{layer}.{suffix}")
             }
@@ -144,9 +185,11 @@ mod tests {
     fn every_part_has_distinct_names() {
         let mut hf = std::collections::HashSet::new();
         let mut gguf = std::collections::HashSet::new();
+        let mut gemma = std::collections::HashSet::new();
         for part in LayerPart::ALL {
             let id = TensorId::Layer { layer: 3, part };
             assert!(hf.insert(id.hf_name()));
+            assert!(gemma.insert(id.hf_name_in("gemma3_text")));
             assert!(gguf.insert(id.gguf_name()));
         }
     }

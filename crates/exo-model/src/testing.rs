@@ -30,6 +30,7 @@ pub fn tiny_config(num_layers: usize) -> ModelConfig {
         attention_bias: false,
         bos_token_id: Some(1),
         eos_token_ids: vec![2],
+        variant: Default::default(),
     }
 }
 
@@ -53,7 +54,7 @@ pub fn random_tensors(
     }
     for layer in 0..config.num_layers {
         for part in LayerPart::ALL {
-            if !part.is_bias() || config.attention_bias {
+            if config.has_part(part) {
                 ids.push(TensorId::Layer { layer, part });
             }
         }
@@ -66,7 +67,12 @@ pub fn random_tensors(
                 id,
                 TensorId::FinalNorm
                     | TensorId::Layer {
-                        part: LayerPart::AttnNorm | LayerPart::MlpNorm,
+                        part: LayerPart::AttnNorm
+                            | LayerPart::MlpNorm
+                            | LayerPart::QNorm
+                            | LayerPart::KNorm
+                            | LayerPart::PostAttnNorm
+                            | LayerPart::PostMlpNorm,
                         ..
                     }
             );
@@ -142,9 +148,17 @@ pub fn write_gguf_typed(
     seed: u64,
     dtype: &dyn Fn(TensorId) -> DType,
 ) -> Result<()> {
+    // The GGUF architecture of the configuration's family; only llama's converter permutes
+    // the q/k rows for its rotary layout.
+    let family = match config.model_type.as_str() {
+        "gemma3_text" => "gemma3",
+        other => other,
+    };
     let mut tensors = Vec::new();
     for (id, (shape, mut data)) in random_tensors(config, seed) {
-        if let TensorId::Layer { part, .. } = id {
+        if let TensorId::Layer { part, .. } = id
+            && family == "llama"
+        {
             match part {
                 LayerPart::Q => permute_rows(&mut data, &shape, config.num_heads),
                 LayerPart::K => permute_rows(&mut data, &shape, config.num_kv_heads),
@@ -161,7 +175,7 @@ pub fn write_gguf_typed(
             data,
         });
     }
-    let arch = |k: &str| format!("llama.{k}");
+    let arch = |k: &str| format!("{family}.{k}");
     let u = |v: usize| Value::U32(v as u32);
     // A vocabulary of printable bytes after three control tokens.
     let mut tokens = vec!["<unk>".to_string(), "<s>".into(), "</s>".into()];
@@ -176,11 +190,13 @@ pub fn write_gguf_typed(
     let types = (0..tokens.len())
         .map(|i| Value::I32(if i < 3 { 3 } else { 1 }))
         .collect();
-    let metadata = vec![
+    let mut metadata = vec![
         (
             "general.architecture".to_string(),
-            Value::String("llama".into()),
+            Value::String(family.into()),
         ),
+        (arch("attention.key_length"), u(config.head_dim)),
+        (arch("attention.value_length"), u(config.head_dim)),
         (arch("block_count"), u(config.num_layers)),
         (arch("embedding_length"), u(config.hidden_size)),
         (arch("feed_forward_length"), u(config.intermediate_size)),
@@ -203,6 +219,9 @@ pub fn write_gguf_typed(
         ("tokenizer.ggml.bos_token_id".into(), Value::U32(1)),
         ("tokenizer.ggml.eos_token_id".into(), Value::U32(2)),
     ];
+    if let Some(window) = config.variant.sliding_window {
+        metadata.push((arch("attention.sliding_window"), u(window)));
+    }
     gguf::write(path, &metadata, &tensors)
 }
 
@@ -355,7 +374,7 @@ pub fn write_synthetic_gguf(
     }
     for layer in 0..config.num_layers {
         for part in LayerPart::ALL {
-            if !part.is_bias() {
+            if config.has_part(part) && !part.is_bias() {
                 ids.push(TensorId::Layer { layer, part });
             }
         }

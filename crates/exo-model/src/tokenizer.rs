@@ -18,6 +18,7 @@ use crate::error::{Error, Result};
 use crate::gguf::{GgufFile, Value};
 
 /// Token types of `tokenizer.ggml.token_type` (llama.cpp's `llama_token_type`).
+const TOKEN_TYPE_NORMAL: u64 = 1;
 const TOKEN_TYPE_CONTROL: u64 = 3;
 const TOKEN_TYPE_USER_DEFINED: u64 = 4;
 
@@ -54,7 +55,8 @@ impl Tokenizer {
         ))
     }
 
-    /// Builds the tokenizer that a GGUF file describes (the gpt2-style byte-level BPE with merges).
+    /// Builds the tokenizer that a GGUF file describes: the gpt2-style byte-level BPE with merges,
+    /// or SentencePiece's BPE with scores and byte fallback (`llama`, as Gemma and Llama 2 store it).
     pub fn from_gguf(file: &GgufFile) -> Result<Self> {
         let path = file.path().to_path_buf();
         let bad = |message: String| Error::Tokenizer {
@@ -65,14 +67,13 @@ impl Tokenizer {
             .get("tokenizer.ggml.model")
             .and_then(Value::as_str)
             .ok_or_else(|| bad("no `tokenizer.ggml.model` metadata".into()))?;
-        if model != "gpt2" {
+        if !matches!(model, "gpt2" | "llama") {
             return Err(bad(format!(
-                "tokenizer model `{model}` is not supported yet (only the byte-level BPE `gpt2` is); \
-                 use a Hugging Face folder with tokenizer.json instead"
+                "tokenizer model `{model}` is not supported yet (the byte-level BPE `gpt2` and \
+                 SentencePiece `llama` are); use a Hugging Face folder with tokenizer.json instead"
             )));
         }
         let tokens = string_array(file, "tokenizer.ggml.tokens").map_err(&bad)?;
-        let merges = string_array(file, "tokenizer.ggml.merges").map_err(&bad)?;
         let types: Vec<u64> = match file
             .get("tokenizer.ggml.token_type")
             .and_then(Value::as_array)
@@ -80,34 +81,18 @@ impl Tokenizer {
             Some(items) => items.iter().map(|v| v.as_u64().unwrap_or(1)).collect(),
             None => vec![1; tokens.len()],
         };
-        let mut vocab = tokenizers::models::bpe::Vocab::with_capacity(tokens.len());
-        for (id, token) in tokens.iter().enumerate() {
-            vocab.entry(token.to_string()).or_insert(id as u32);
+        if types.len() != tokens.len() {
+            return Err(bad(format!(
+                "{} token types for {} tokens",
+                types.len(),
+                tokens.len()
+            )));
         }
-        let merges = merges
-            .iter()
-            .map(|m| {
-                m.split_once(' ')
-                    .map(|(a, b)| (a.to_string(), b.to_string()))
-                    .ok_or_else(|| {
-                        bad(format!(
-                            "merge `{m}` is not two tokens separated by a space"
-                        ))
-                    })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .build()
-            .map_err(|e| bad(format!("building the BPE model: {e}")))?;
-        let pre = file
-            .get("tokenizer.ggml.pre")
-            .and_then(Value::as_str)
-            .unwrap_or("default");
-        let pre_tokenizer = pre_tokenizer_for(pre).map_err(&bad)?;
-        let mut inner = tokenizers::Tokenizer::new(bpe);
-        inner.with_pre_tokenizer(Some(pre_tokenizer));
-        inner.with_decoder(Some(ByteLevel::default()));
+        let mut inner = if model == "llama" {
+            sentencepiece(file, &tokens, &types).map_err(&bad)?
+        } else {
+            byte_level_bpe(file, &tokens).map_err(&bad)?
+        };
         let special: Vec<AddedToken> = tokens
             .iter()
             .zip(&types)
@@ -398,6 +383,132 @@ impl TextStream<'_> {
     pub fn ids(&self) -> &[u32] {
         &self.ids
     }
+}
+
+/// The byte-level BPE (`tokenizer.ggml.model = gpt2`): the vocabulary with its merges, and the
+/// pre-tokenizer `tokenizer.ggml.pre` names.
+fn byte_level_bpe(file: &GgufFile, tokens: &[&str]) -> Result<tokenizers::Tokenizer, String> {
+    let merges = string_array(file, "tokenizer.ggml.merges")?;
+    let mut vocab = tokenizers::models::bpe::Vocab::with_capacity(tokens.len());
+    for (id, token) in tokens.iter().enumerate() {
+        vocab.entry(token.to_string()).or_insert(id as u32);
+    }
+    let merges = merges
+        .iter()
+        .map(|m| {
+            m.split_once(' ')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .ok_or_else(|| format!("merge `{m}` is not two tokens separated by a space"))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .build()
+        .map_err(|e| format!("building the BPE model: {e}"))?;
+    let pre = file
+        .get("tokenizer.ggml.pre")
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    let mut inner = tokenizers::Tokenizer::new(bpe);
+    inner.with_pre_tokenizer(Some(pre_tokenizer_for(pre)?));
+    inner.with_decoder(Some(ByteLevel::default()));
+    Ok(inner)
+}
+
+/// SentencePiece's BPE as llama.cpp runs it for `tokenizer.ggml.model = llama` (Llama 2,
+/// Gemma, Mistral's older files): spaces become `▁` (with one in front when
+/// `tokenizer.ggml.add_space_prefix` says so), then the adjacent pair whose joined text is the
+/// best-scored vocabulary entry merges first, until no pair joins; text no entry covers falls
+/// back to the `<0xXX>` byte tokens.
+///
+/// GGUF files store scores, not merges, so the merges are derived: every way of splitting a
+/// normal vocabulary entry into two entries is a merge, ranked by the entry's score. A BPE over
+/// those ranks makes the same choices as the score-driven loop.
+fn sentencepiece(
+    file: &GgufFile,
+    tokens: &[&str],
+    types: &[u64],
+) -> Result<tokenizers::Tokenizer, String> {
+    use tokenizers::decoders::byte_fallback::ByteFallback;
+    use tokenizers::decoders::fuse::Fuse;
+    use tokenizers::decoders::sequence::Sequence as Decoders;
+    use tokenizers::decoders::strip::Strip;
+    use tokenizers::normalizers::{Prepend, Replace, Sequence as Normalizers};
+
+    let scores: Vec<f64> = match file.get("tokenizer.ggml.scores").and_then(Value::as_array) {
+        Some(items) => items.iter().map(|v| v.as_f64().unwrap_or(0.0)).collect(),
+        None => return Err("no `tokenizer.ggml.scores` array in the metadata".into()),
+    };
+    if scores.len() != tokens.len() {
+        return Err(format!(
+            "{} scores for {} tokens",
+            scores.len(),
+            tokens.len()
+        ));
+    }
+    let mut vocab = tokenizers::models::bpe::Vocab::with_capacity(tokens.len());
+    for (id, token) in tokens.iter().enumerate() {
+        vocab.entry(token.to_string()).or_insert(id as u32);
+    }
+    let mut ranked: Vec<(f64, u32, &str, &str)> = Vec::new();
+    for (id, token) in tokens.iter().enumerate() {
+        if types[id] != TOKEN_TYPE_NORMAL {
+            continue;
+        }
+        for (at, _) in token.char_indices().skip(1) {
+            let (left, right) = token.split_at(at);
+            if vocab.contains_key(left) && vocab.contains_key(right) {
+                ranked.push((scores[id], id as u32, left, right));
+            }
+        }
+    }
+    // Best score first; equal scores in vocabulary order.
+    ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    let merges = ranked
+        .into_iter()
+        .map(|(_, _, l, r)| (l.to_string(), r.to_string()))
+        .collect();
+    let unk = file
+        .get("tokenizer.ggml.unknown_token_id")
+        .and_then(Value::as_u64)
+        .and_then(|id| tokens.get(id as usize))
+        .map(|t| t.to_string());
+    let mut builder = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .byte_fallback(true);
+    if let Some(unk) = unk {
+        builder = builder.unk_token(unk);
+    }
+    let bpe = builder
+        .build()
+        .map_err(|e| format!("building the SentencePiece model: {e}"))?;
+    let space_prefix = file
+        .get("tokenizer.ggml.add_space_prefix")
+        .and_then(Value::as_bool)
+        .unwrap_or(true);
+    let replace = |from: &str, to: &str| {
+        Replace::new(from, to).map_err(|e| format!("SentencePiece normalizer: {e}"))
+    };
+    let mut inner = tokenizers::Tokenizer::new(bpe);
+    let spaces = replace(" ", "\u{2581}")?;
+    if space_prefix {
+        inner.with_normalizer(Some(Normalizers::new(vec![
+            Prepend::new("\u{2581}".into()).into(),
+            spaces.into(),
+        ])));
+    } else {
+        inner.with_normalizer(Some(spaces));
+    }
+    let mut decoders = vec![
+        replace("\u{2581}", " ")?.into(),
+        ByteFallback::default().into(),
+        Fuse::default().into(),
+    ];
+    if space_prefix {
+        decoders.push(Strip::new(' ', 1, 0).into());
+    }
+    inner.with_decoder(Some(Decoders::new(decoders)));
+    Ok(inner)
 }
 
 fn string_array<'a>(file: &'a GgufFile, key: &str) -> Result<Vec<&'a str>, String> {
