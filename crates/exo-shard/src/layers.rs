@@ -1,11 +1,12 @@
 //! The building blocks of a Llama-family decoder: linear projections, RMSNorm, rotary
-//! embeddings, attention with a KV cache, and the SwiGLU MLP.
+//! embeddings, attention with a KV cache, and the gated MLP, with what the configuration's
+//! [`exo_model::Variant`] changes (query/key norms, sandwich norms, GELU, sliding windows).
 
 use burn::module::{Module, Param};
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{Device, Tensor, TensorData};
 
-use exo_model::{HostTensor, ModelConfig};
+use exo_model::{Activation, HostTensor, ModelConfig};
 
 /// Uploads a host tensor of shape `[rows, cols]`, transposed to `[cols, rows]` when asked.
 pub(crate) fn tensor2(t: &HostTensor, transpose: bool, device: &Device) -> Tensor<2> {
@@ -64,9 +65,16 @@ impl RmsNorm {
 
     /// Shapes: x [batch, seq, hidden] -> [batch, seq, hidden]
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let rms = (x.clone().square().mean_dim(2) + self.eps).sqrt();
-        let hidden = self.weight.dims()[0];
-        (x / rms) * self.weight.val().reshape([1, 1, hidden])
+        self.forward_last(x)
+    }
+
+    /// Normalises over the last axis, of any rank (a head's values in `[batch, heads, seq,
+    /// head_dim]`).
+    pub fn forward_last<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let rms = (x.clone().square().mean_dim(D - 1) + self.eps).sqrt();
+        let mut shape = [1; D];
+        shape[D - 1] = self.weight.dims()[0];
+        (x / rms) * self.weight.val().reshape(shape)
     }
 }
 
@@ -80,8 +88,18 @@ pub struct Rope {
 }
 
 impl Rope {
-    pub(crate) fn new(config: &ModelConfig, device: &Device) -> Self {
-        let (cos_half, sin_half) = rope_frequencies(config);
+    /// The tables of rotary base `theta`, with linear scaling by `linear` when given.
+    pub(crate) fn new(
+        config: &ModelConfig,
+        theta: f64,
+        linear: Option<f64>,
+        device: &Device,
+    ) -> Self {
+        let RopeTables {
+            cos: cos_half,
+            sin: sin_half,
+            ..
+        } = rope_tables(config, theta, linear);
         let dim = config.head_dim;
         let half = dim / 2;
         let max = cos_half.len() / half.max(1);
@@ -124,13 +142,33 @@ impl Rope {
     }
 }
 
-/// Rotary tables `[max_positions, head_dim / 2]` (cos, sin), with llama3 frequency scaling when
-/// the configuration asks for it. Angles are computed in f32, as the reference implementation does.
-pub(crate) fn rope_frequencies(config: &ModelConfig) -> (Vec<f32>, Vec<f32>) {
+/// Rotary tables `[max_positions, head_dim / 2]`: cosines and sines of each position's angles.
+#[derive(Clone, Debug)]
+pub(crate) struct RopeTables {
+    pub(crate) cos: Vec<f32>,
+    pub(crate) sin: Vec<f32>,
+    half: usize,
+}
+
+impl RopeTables {
+    /// The cosines and sines of position `pos`.
+    pub(crate) fn row(&self, pos: usize) -> (&[f32], &[f32]) {
+        let h = self.half;
+        (
+            &self.cos[pos * h..(pos + 1) * h],
+            &self.sin[pos * h..(pos + 1) * h],
+        )
+    }
+}
+
+/// Rotary tables of base `theta` for every position the configuration allows, with llama3
+/// frequency scaling when the configuration asks for it and linear scaling (positions divided
+/// by `linear`) when given. Angles are computed in f32, as the reference implementation does.
+pub(crate) fn rope_tables(config: &ModelConfig, theta: f64, linear: Option<f64>) -> RopeTables {
     let dim = config.head_dim;
     let max = config.max_position_embeddings.max(1);
     let inv_freq: Vec<f32> = (0..dim / 2)
-        .map(|i| 1.0 / config.rope_theta.powf((2 * i) as f64 / dim as f64))
+        .map(|i| 1.0 / theta.powf((2 * i) as f64 / dim as f64) / linear.unwrap_or(1.0))
         .map(|f| match &config.rope_scaling {
             None => f,
             Some(s) => {
@@ -160,7 +198,11 @@ pub(crate) fn rope_frequencies(config: &ModelConfig) -> (Vec<f32>, Vec<f32>) {
             sin.push(angle.sin());
         }
     }
-    (cos, sin)
+    RopeTables {
+        cos,
+        sin,
+        half: dim / 2,
+    }
 }
 
 /// Grouped-query self-attention.
@@ -170,22 +212,46 @@ pub struct Attention {
     k: Linear,
     v: Linear,
     o: Linear,
+    /// Per-head norms of queries and keys (Qwen3, Gemma 3).
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
+    scale: f64,
+    /// Positions a query sees in a sliding-window layer.
+    window: Option<usize>,
 }
 
 impl Attention {
-    pub(crate) fn load(w: &exo_model::LayerWeights, config: &ModelConfig, device: &Device) -> Self {
+    pub(crate) fn load(
+        w: &exo_model::LayerWeights,
+        config: &ModelConfig,
+        window: Option<usize>,
+        device: &Device,
+    ) -> Self {
         let bias = w.qkv_bias.as_ref();
+        let eps = config.rms_norm_eps;
+        let norm = |i: usize| {
+            w.qk_norm
+                .as_ref()
+                .map(|n| RmsNorm::load(&n[i], eps, device))
+        };
         Attention {
             q: Linear::load(&w.q, bias.map(|b| &b[0]), device),
             k: Linear::load(&w.k, bias.map(|b| &b[1]), device),
             v: Linear::load(&w.v, bias.map(|b| &b[2]), device),
             o: Linear::load(&w.o, None, device),
+            q_norm: norm(0),
+            k_norm: norm(1),
             num_heads: config.num_heads,
             num_kv_heads: config.num_kv_heads,
             head_dim: config.head_dim,
+            scale: config
+                .variant
+                .attention_scale
+                .unwrap_or(1.0 / (config.head_dim as f64).sqrt()),
+            window,
         }
     }
 
@@ -214,6 +280,10 @@ impl Attention {
             .forward(x)
             .reshape([batch, seq, kvh, d])
             .swap_dims(1, 2);
+        let (q, k) = match (&self.q_norm, &self.k_norm) {
+            (Some(qn), Some(kn)) => (qn.forward_last(q), kn.forward_last(k)),
+            _ => (q, k),
+        };
         let q = rope.apply(q, start);
         let k = rope.apply(k, start);
         let (k, v) = cache.append(k, v);
@@ -223,10 +293,10 @@ impl Attention {
         // batched matmul per kv head serves them all without copying the cache.
         let group = h / kvh;
         let q = q.reshape([batch, kvh, group * seq, d]);
-        let scale = 1.0 / (d as f64).sqrt();
-        let mut scores = q.matmul(k.swap_dims(2, 3)) * scale;
-        if seq > 1 {
-            let mask = causal_mask(seq, total, group, &scores.device());
+        let mut scores = q.matmul(k.swap_dims(2, 3)) * self.scale;
+        let windowed = self.window.is_some_and(|w| total > w);
+        if seq > 1 || windowed {
+            let mask = causal_mask(seq, total, group, self.window, &scores.device());
             scores = scores + mask;
         }
         let probs = softmax(scores, 3);
@@ -240,58 +310,108 @@ impl Attention {
 }
 
 /// Additive mask `[1, 1, group*seq, total]`: query `i` (at position `total - seq + i`) sees keys
-/// up to its own position.
-fn causal_mask(seq: usize, total: usize, group: usize, device: &Device) -> Tensor<4> {
+/// up to its own position, and with a sliding `window` only the last `window` of them.
+fn causal_mask(
+    seq: usize,
+    total: usize,
+    group: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> Tensor<4> {
     let past = total - seq;
     let mut data = Vec::with_capacity(group * seq * total);
     for _ in 0..group {
         for i in 0..seq {
-            data.extend((0..total).map(|j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }));
+            let pos = past + i;
+            let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+            data.extend((0..total).map(|j| {
+                if j > pos || j < first {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            }));
         }
     }
     Tensor::from_data(TensorData::new(data, [1, 1, group * seq, total]), device)
 }
 
-/// The SwiGLU feed-forward block.
+/// The gated feed-forward block (SwiGLU, or GELU-gated for Gemma).
 #[derive(Module, Debug)]
 pub struct Mlp {
     gate: Linear,
     up: Linear,
     down: Linear,
+    /// Whether the gate takes GELU (tanh approximation) instead of SiLU.
+    gelu: bool,
 }
 
 impl Mlp {
-    pub(crate) fn load(w: &exo_model::LayerWeights, device: &Device) -> Self {
+    pub(crate) fn load(
+        w: &exo_model::LayerWeights,
+        activation: Activation,
+        device: &Device,
+    ) -> Self {
         Mlp {
             gate: Linear::load(&w.gate, None, device),
             up: Linear::load(&w.up, None, device),
             down: Linear::load(&w.down, None, device),
+            gelu: activation == Activation::GeluTanh,
         }
     }
 
     /// Shapes: x [batch, seq, hidden] -> [batch, seq, hidden]
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let gate = silu(self.gate.forward(x.clone()));
+        let g = self.gate.forward(x.clone());
+        let gate = if self.gelu {
+            // 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))
+            let inner =
+                (g.clone() + g.clone().powi_scalar(3) * 0.044_715) * 0.797_884_560_802_865_4;
+            g * (inner.tanh() + 1.0) * 0.5
+        } else {
+            silu(g)
+        };
         self.down.forward(gate * self.up.forward(x))
     }
 }
 
-/// One decoder layer: pre-norm attention and pre-norm MLP, each with a residual connection.
+/// One decoder layer: pre-norm attention and pre-norm MLP, each with a residual connection
+/// (through an output norm too, in Gemma's sandwich layout).
 #[derive(Module, Debug)]
 pub struct DecoderLayer {
     attn_norm: RmsNorm,
     attn: Attention,
     mlp_norm: RmsNorm,
     mlp: Mlp,
+    post_attn_norm: Option<RmsNorm>,
+    post_mlp_norm: Option<RmsNorm>,
+    /// Whether the layer takes the local (sliding-window) rotary tables.
+    pub(crate) local_rope: bool,
 }
 
 impl DecoderLayer {
-    pub(crate) fn load(w: &exo_model::LayerWeights, config: &ModelConfig, device: &Device) -> Self {
+    /// Layer number `layer` of the model, from its weights.
+    pub(crate) fn load(
+        w: &exo_model::LayerWeights,
+        layer: usize,
+        config: &ModelConfig,
+        device: &Device,
+    ) -> Self {
+        let eps = config.rms_norm_eps;
+        let window = config.window_of(layer);
+        let post = |i: usize| {
+            w.post_norms
+                .as_ref()
+                .map(|n| RmsNorm::load(&n[i], eps, device))
+        };
         DecoderLayer {
-            attn_norm: RmsNorm::load(&w.attn_norm, config.rms_norm_eps, device),
-            attn: Attention::load(w, config, device),
-            mlp_norm: RmsNorm::load(&w.mlp_norm, config.rms_norm_eps, device),
-            mlp: Mlp::load(w, device),
+            attn_norm: RmsNorm::load(&w.attn_norm, eps, device),
+            attn: Attention::load(w, config, window, device),
+            mlp_norm: RmsNorm::load(&w.mlp_norm, eps, device),
+            mlp: Mlp::load(w, config.variant.activation, device),
+            post_attn_norm: post(0),
+            post_mlp_norm: post(1),
+            local_rope: window.is_some() && config.variant.rope_local_theta.is_some(),
         }
     }
 
@@ -303,11 +423,16 @@ impl DecoderLayer {
         cache: &mut LayerCache,
         start: usize,
     ) -> Tensor<3> {
-        let x = x.clone()
-            + self
-                .attn
-                .forward(self.attn_norm.forward(x), rope, cache, start);
-        x.clone() + self.mlp.forward(self.mlp_norm.forward(x))
+        let post = |norm: &Option<RmsNorm>, y: Tensor<3>| match norm {
+            Some(n) => n.forward(y),
+            None => y,
+        };
+        let a = self
+            .attn
+            .forward(self.attn_norm.forward(x.clone()), rope, cache, start);
+        let x = x + post(&self.post_attn_norm, a);
+        let m = self.mlp.forward(self.mlp_norm.forward(x.clone()));
+        x + post(&self.post_mlp_norm, m)
     }
 }
 

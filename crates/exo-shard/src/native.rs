@@ -4,10 +4,10 @@
 //! dominate; here a decoded token costs one kernel call per projection group and no allocation.
 
 use exo_kernels::{QuantMatrix, QuantizedActs, WeightFormat, matmul};
-use exo_model::{Checkpoint, DType, LayerPart, ShardSpec, StoredTensor, TensorId};
+use exo_model::{Activation, Checkpoint, DType, LayerPart, ShardSpec, StoredTensor, TensorId};
 
 use crate::error::{Error, Result};
-use crate::layers::rope_frequencies;
+use crate::layers::{RopeTables, rope_tables};
 
 /// How weights are held in memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -89,6 +89,14 @@ struct NativeLayer {
     /// gate and up stacked.
     gate_up: QuantMatrix,
     down: QuantMatrix,
+    /// Per-head RMSNorm weights of queries and keys (`[head_dim]` each), when the family has them.
+    qk_norm: Option<[Vec<f32>; 2]>,
+    /// RMSNorm weights of the attention and MLP outputs, when the family has them.
+    post_norms: Option<[Vec<f32>; 2]>,
+    /// Positions a query sees in a sliding-window layer; `None` attends to all.
+    window: Option<usize>,
+    /// Whether the layer takes the local (sliding-window) rotary tables.
+    local_rope: bool,
 }
 
 /// A shard on the CPU kernels.
@@ -100,9 +108,14 @@ pub(crate) struct NativeShard {
     /// The head's own matrix; `None` with `tied` uses the embedding.
     head: Option<QuantMatrix>,
     tied: bool,
-    /// `[max_positions, head_dim / 2]`
-    cos: Vec<f32>,
-    sin: Vec<f32>,
+    /// Rotary tables of the global layers, and of the sliding-window layers where their base
+    /// differs.
+    rope: RopeTables,
+    local_rope: Option<RopeTables>,
+    activation: Activation,
+    embedding_scale: Option<f32>,
+    attention_scale: f32,
+    logit_softcap: Option<f32>,
     pub(crate) first_layer: usize,
     pub(crate) vocab_size: usize,
     pub(crate) hidden: usize,
@@ -129,6 +142,10 @@ struct Heads {
     heads: usize,
     kv_heads: usize,
     hd: usize,
+    /// Scale of the scores.
+    scale: f32,
+    /// Positions a query sees (itself included) in a sliding-window layer.
+    window: Option<usize>,
 }
 
 /// Per-request state of a native shard: the KV cache and scratch buffers.
@@ -205,6 +222,11 @@ impl NativeShard {
             .embedding
             .then(|| load(TensorId::Embedding))
             .transpose()?;
+        let local_rope = config
+            .variant
+            .rope_local_theta
+            .filter(|_| config.variant.sliding_window.is_some())
+            .map(|theta| rope_tables(config, theta, None));
         let mut layers = Vec::with_capacity(spec.layers.len());
         for layer in spec.layers.clone() {
             let id = |part| TensorId::Layer { layer, part };
@@ -223,7 +245,23 @@ impl NativeShard {
             } else {
                 None
             };
+            let pair = |a, b, present: bool| -> Result<Option<[Vec<f32>; 2]>> {
+                Ok(if present {
+                    Some([vector(id(a))?, vector(id(b))?])
+                } else {
+                    None
+                })
+            };
+            let window = config.window_of(layer);
             layers.push(NativeLayer {
+                qk_norm: pair(LayerPart::QNorm, LayerPart::KNorm, config.variant.qk_norm)?,
+                post_norms: pair(
+                    LayerPart::PostAttnNorm,
+                    LayerPart::PostMlpNorm,
+                    config.variant.sandwich_norms,
+                )?,
+                window,
+                local_rope: window.is_some() && local_rope.is_some(),
                 attn_norm: vector(id(LayerPart::AttnNorm))?,
                 qkv: stack(&[LayerPart::Q, LayerPart::K, LayerPart::V])?,
                 qkv_bias,
@@ -245,15 +283,21 @@ impl NativeShard {
         } else {
             (None, None, false)
         };
-        let (cos, sin) = rope_frequencies(config);
+        let v = &config.variant;
         Ok(NativeShard {
             embedding,
             layers,
             final_norm,
             head,
             tied,
-            cos,
-            sin,
+            rope: rope_tables(config, config.rope_theta, v.rope_linear_factor),
+            local_rope,
+            activation: v.activation,
+            embedding_scale: v.embedding_scale.map(|s| s as f32),
+            attention_scale: v
+                .attention_scale
+                .map_or(1.0 / (config.head_dim as f32).sqrt(), |s| s as f32),
+            logit_softcap: v.final_logit_softcap.map(|c| c as f32),
             first_layer: spec.layers.start,
             vocab_size: config.vocab_size,
             hidden: config.hidden_size,
@@ -290,6 +334,9 @@ impl NativeShard {
         for (row, &t) in out.chunks_exact_mut(self.hidden).zip(tokens) {
             if let Err(e) = table.dequantize_row(t as usize, row) {
                 return Some(Err(kernel_error(e)));
+            }
+            if let Some(scale) = self.embedding_scale {
+                row.iter_mut().for_each(|v| *v *= scale);
             }
         }
         Some(Ok(()))
@@ -357,12 +404,25 @@ impl NativeShard {
                     kc.reserve(want - kc.len());
                     vc.reserve(want - vc.len());
                 }
+                let rope = match (&self.local_rope, layer.local_rope) {
+                    (Some(local), true) => local,
+                    _ => &self.rope,
+                };
                 for t in 0..g.rows {
                     let row = &mut s.qkv[(first + t) * qkv_width..(first + t + 1) * qkv_width];
                     if let Some(bias) = &layer.qkv_bias {
                         row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
                     }
-                    let (cos, sin) = self.rope_row(g.start + t);
+                    if let Some([qn, kn]) = &layer.qk_norm {
+                        let (q, k) = row[..qd + kvd].split_at_mut(qd);
+                        for head in q.chunks_exact_mut(hd) {
+                            rms_norm_in_place(head, qn, self.eps);
+                        }
+                        for head in k.chunks_exact_mut(hd) {
+                            rms_norm_in_place(head, kn, self.eps);
+                        }
+                    }
+                    let (cos, sin) = rope.row(g.start + t);
                     for head in row[..qd + kvd].chunks_exact_mut(hd) {
                         rotate(head, cos, sin);
                     }
@@ -376,11 +436,14 @@ impl NativeShard {
                 heads: h,
                 kv_heads: kvh,
                 hd,
+                scale: self.attention_scale,
+                window: layer.window,
             };
             attention(&s.qkv, qkv_width, segments, l, heads, &mut s.att).map_err(kernel_error)?;
             s.proj.resize(seq * self.hidden, 0.0);
             matmul(&layer.o, &s.att, seq, &mut s.proj, &mut s.acts).map_err(kernel_error)?;
-            x.iter_mut().zip(&s.proj).for_each(|(a, b)| *a += b);
+            let post = layer.post_norms.as_ref();
+            add_residual(x, &mut s.proj, post.map(|[a, _]| a.as_slice()), self.eps);
 
             rms_norm(x, &layer.mlp_norm, self.eps, &mut s.xn);
             let i = self.intermediate;
@@ -388,14 +451,15 @@ impl NativeShard {
             matmul(&layer.gate_up, &s.xn, seq, &mut s.gate_up, &mut s.acts)
                 .map_err(kernel_error)?;
             s.h.resize(seq * i, 0.0);
+            let act = self.activation;
             for (hrow, gu) in s.h.chunks_exact_mut(i).zip(s.gate_up.chunks_exact(2 * i)) {
                 let (gate, up) = gu.split_at(i);
                 for ((o, g), u) in hrow.iter_mut().zip(gate).zip(up) {
-                    *o = g / (1.0 + (-g).exp()) * u;
+                    *o = act.apply(*g) * u;
                 }
             }
             matmul(&layer.down, &s.h, seq, &mut s.proj, &mut s.acts).map_err(kernel_error)?;
-            x.iter_mut().zip(&s.proj).for_each(|(a, b)| *a += b);
+            add_residual(x, &mut s.proj, post.map(|[_, b]| b.as_slice()), self.eps);
         }
         Ok(())
     }
@@ -417,7 +481,9 @@ impl NativeShard {
         let s = &mut cache.scratch;
         rms_norm(rows, norm, self.eps, &mut s.xn);
         out.resize(n * self.vocab_size, 0.0);
-        Some(matmul(head, &s.xn, n, out, &mut s.acts).map_err(kernel_error))
+        let result = matmul(head, &s.xn, n, out, &mut s.acts).map_err(kernel_error);
+        self.soft_cap(out);
+        Some(result)
     }
 
     /// Final norm and head on the last row of `x`, into `out`. `None` if this shard has no head.
@@ -437,15 +503,16 @@ impl NativeShard {
         let s = &mut cache.scratch;
         rms_norm(last, norm, self.eps, &mut s.xn);
         out.resize(self.vocab_size, 0.0);
-        Some(matmul(head, &s.xn, 1, out, &mut s.acts).map_err(kernel_error))
+        let result = matmul(head, &s.xn, 1, out, &mut s.acts).map_err(kernel_error);
+        self.soft_cap(out);
+        Some(result)
     }
 
-    fn rope_row(&self, pos: usize) -> (&[f32], &[f32]) {
-        let half = self.head_dim / 2;
-        (
-            &self.cos[pos * half..(pos + 1) * half],
-            &self.sin[pos * half..(pos + 1) * half],
-        )
+    /// Gemma 2's final soft-capping, where the family asks for it.
+    fn soft_cap(&self, logits: &mut [f32]) {
+        if let Some(cap) = self.logit_softcap {
+            logits.iter_mut().for_each(|v| *v = cap * (*v / cap).tanh());
+        }
     }
 
     /// Bytes of weights held.
@@ -471,6 +538,24 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut Vec<f32>) {
             *o = v * inv * g;
         }
     }
+}
+
+/// RMSNorm of one vector in place (a query or key head).
+fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
+    let mean = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let inv = 1.0 / (mean + eps).sqrt();
+    x.iter_mut().zip(w).for_each(|(v, g)| *v *= inv * g);
+}
+
+/// Adds a block's output `y` to the residual stream `x`, through the output norm `post` (Gemma's
+/// sandwich norms) when the layer has one; `y` is overwritten then.
+fn add_residual(x: &mut [f32], y: &mut [f32], post: Option<&[f32]>, eps: f32) {
+    if let Some(w) = post {
+        for row in y.chunks_exact_mut(w.len()) {
+            rms_norm_in_place(row, w, eps);
+        }
+    }
+    x.iter_mut().zip(y.iter()).for_each(|(a, b)| *a += b);
 }
 
 /// Rotary embedding of one head in Hugging Face's rotate-half layout.
@@ -501,6 +586,8 @@ fn attention(
         heads,
         kv_heads,
         hd,
+        scale,
+        window,
     } = shape;
     thread_local! {
         /// Attention scores of the head a thread is working on (grows, never shrinks).
@@ -508,7 +595,6 @@ fn attention(
     }
     let kvd = kv_heads * hd;
     let group = heads / kv_heads;
-    let scale = 1.0 / (hd as f32).sqrt();
     let seq: usize = segments.iter().map(|s| s.rows).sum();
     // The first error of any task (only a bug in the shapes above could cause one).
     let failed = std::sync::Mutex::new(None);
@@ -525,10 +611,14 @@ fn attention(
         }) else {
             return;
         };
-        let visible = g.start + (t - first) + 1;
+        let end = g.start + (t - first) + 1;
+        // A sliding window hides the positions before its start.
+        let from = window.map_or(0, |w| end.saturating_sub(w));
+        let visible = end - from;
         let q = &qkv[t * qkv_width + h * hd..][..hd];
         let kvh = h / group;
-        let (keys, values) = (&g.cache.k[layer][kvh * hd..], &g.cache.v[layer][kvh * hd..]);
+        let at = from * kvd + kvh * hd;
+        let (keys, values) = (&g.cache.k[layer][at..], &g.cache.v[layer][at..]);
         SCORES.with_borrow_mut(|scores| {
             if scores.len() < visible {
                 // In steps of 1024 positions, so that decoding rarely allocates here.

@@ -1,0 +1,160 @@
+//! Each family the configuration's `Variant` describes (Qwen3's query/key norms; Gemma 3's
+//! sandwich norms, GELU, embedding scale, sliding-window layers with their own rotary base;
+//! Qwen2's bias) runs the same on both implementations of the layers: burn (f32) and the CPU
+//! kernels (holding f32), at every position of a prompt and of the tokens after it, and again
+//! after an export to a Hugging Face folder. Tiny random GGUF files of each architecture, written
+//! by the test.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use exo_model::testing::{tiny_config, write_gguf};
+use exo_model::{Activation, Checkpoint, ExportDtype, ModelConfig, ShardSpec, Variant, export_hf};
+use exo_shard::{BackendKind, KvCache, LlamaShard, Weights, forward_tokens};
+
+fn family(model_type: &str) -> ModelConfig {
+    let base = ModelConfig {
+        model_type: model_type.into(),
+        // Seven layers: Gemma 3's sixth layer (index 5) is its global one.
+        ..tiny_config(7)
+    };
+    match model_type {
+        "qwen2" => ModelConfig {
+            attention_bias: true,
+            ..base
+        },
+        "qwen3" => ModelConfig {
+            variant: Variant {
+                qk_norm: true,
+                ..Variant::default()
+            },
+            ..base
+        },
+        // A window of three positions, so that an eight-token prompt slides past it. (The
+        // file says only the window; the rest is what the architecture fixes, read back.)
+        "gemma3" => ModelConfig {
+            variant: Variant {
+                qk_norm: true,
+                sandwich_norms: true,
+                activation: Activation::GeluTanh,
+                sliding_window: Some(3),
+                ..Variant::default()
+            },
+            ..base
+        },
+        _ => base,
+    }
+}
+
+/// The logits after `prompt`, then after each of `steps` fed one at a time.
+fn logits(
+    path: &std::path::Path,
+    weights: Weights,
+    prompt: &[u32],
+    steps: &[u32],
+) -> Vec<Vec<f32>> {
+    let checkpoint = Checkpoint::open(path).unwrap();
+    let whole = ShardSpec::whole(checkpoint.config().num_layers);
+    let device = BackendKind::Flex.device().unwrap();
+    let shard = LlamaShard::load_with(&checkpoint, &whole, &device, weights).unwrap();
+    assert_eq!(shard.is_native(), weights != Weights::F32);
+    let mut caches: Vec<KvCache> = vec![shard.new_cache()];
+    let stages = [shard];
+    let mut out = vec![forward_tokens(&stages, prompt, &mut caches).unwrap()];
+    for &t in steps {
+        out.push(forward_tokens(&stages, &[t], &mut caches).unwrap());
+    }
+    out
+}
+
+fn largest_difference(a: &[Vec<f32>], b: &[Vec<f32>]) -> (f32, f32) {
+    let mut worst = 0f32;
+    let mut size = 0f32;
+    for (x, y) in a.iter().zip(b) {
+        for (p, q) in x.iter().zip(y) {
+            worst = worst.max((p - q).abs());
+            size = size.max(p.abs());
+        }
+    }
+    (worst, size)
+}
+
+#[test]
+fn every_family_runs_the_same_on_burn_and_on_the_kernels() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompt = [1u32, 40, 41, 42, 7, 9, 11, 60];
+    let steps = [3u32, 77, 5, 12];
+    let mut results = Vec::new();
+    for model_type in ["llama", "qwen2", "qwen3", "gemma3"] {
+        let path = dir.path().join(format!("{model_type}.gguf"));
+        let config = family(model_type);
+        write_gguf(&path, &config, 11).unwrap();
+        let loaded = Checkpoint::open(&path).unwrap();
+        let variant = &loaded.config().variant;
+        if model_type == "gemma3" {
+            // What llama.cpp fixes for the architecture, read back from the file.
+            assert!(variant.qk_norm && variant.sandwich_norms);
+            assert_eq!(variant.global_every, Some(6));
+            assert_eq!(loaded.config().window_of(0), Some(3));
+            assert_eq!(loaded.config().window_of(5), None);
+        }
+        let burn = logits(&path, Weights::F32, &prompt, &steps);
+        let kernels = logits(&path, Weights::Stored, &prompt, &steps);
+        let (worst, size) = largest_difference(&burn, &kernels);
+        eprintln!("{model_type}: largest difference {worst} (largest logit {size})");
+        assert!(
+            worst <= 1e-3 * size.max(1.0),
+            "{model_type}: max difference {worst} (largest logit {size})"
+        );
+        // Exported as a Hugging Face folder (Gemma's norms stored as `weight - 1`, its family's
+        // config.json keys written) and read back, the model is the same.
+        let folder = dir.path().join(format!("{model_type}-hf"));
+        export_hf(&loaded, &folder, ExportDtype::F32).unwrap();
+        let reloaded = Checkpoint::open(&folder).unwrap();
+        let (mut read, mut wrote) = (reloaded.config().variant.clone(), variant.clone());
+        let scale = |v: &Variant| v.attention_scale.unwrap_or(0.0);
+        assert!((scale(&read) - scale(&wrote)).abs() < 1e-12, "{model_type}");
+        (read.attention_scale, wrote.attention_scale) = (None, None);
+        assert_eq!(read, wrote, "{model_type}");
+        let from_folder = logits(&folder, Weights::Stored, &prompt, &steps);
+        let (worst, size) = largest_difference(&kernels, &from_folder);
+        assert!(
+            worst <= 1e-4 * size.max(1.0),
+            "{model_type} folder: {worst}"
+        );
+        results.push(burn);
+    }
+    // Each family's changes change the answer: the same weights as plain Llama give other logits.
+    for (i, name) in ["qwen2", "qwen3", "gemma3"].iter().enumerate() {
+        let (worst, _) = largest_difference(&results[0], &results[i + 1]);
+        assert!(worst > 1e-2, "{name} computed what llama computes");
+    }
+}
+
+#[test]
+fn the_sliding_window_hides_what_lies_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    // Five layers (none of them Gemma 3's global sixth) whose window is one position: each
+    // position sees only itself, so the last logits cannot depend on the tokens before it.
+    let mut config = ModelConfig {
+        num_layers: 5,
+        ..family("gemma3")
+    };
+    config.variant.sliding_window = Some(1);
+    let path = dir.path().join("gemma3.gguf");
+    write_gguf(&path, &config, 3).unwrap();
+    let (first, second) = ([1u32, 50, 41, 42, 7, 9], [1u32, 51, 43, 44, 8, 9]);
+    for weights in [Weights::Stored, Weights::F32] {
+        let a = logits(&path, weights, &first, &[12]);
+        let b = logits(&path, weights, &second, &[12]);
+        let (worst, size) = largest_difference(&a, &b);
+        assert!(worst <= 1e-4 * size.max(1.0), "{weights:?}: {worst}");
+    }
+    // Without the window the same weights do see the earlier tokens.
+    config.variant.sliding_window = None;
+    config.model_type = "qwen3".into();
+    let path = dir.path().join("qwen3.gguf");
+    write_gguf(&path, &config, 3).unwrap();
+    let a = logits(&path, Weights::Stored, &first, &[12]);
+    let b = logits(&path, Weights::Stored, &second, &[12]);
+    assert!(largest_difference(&a, &b).0 > 1e-3);
+}
