@@ -341,7 +341,7 @@ pub fn spawn_nodes(n: usize, memory_limit: &str, key: &str, extra: &[&str]) -> V
     nodes
 }
 
-/// Starts one node on the default model with cluster key `key`, offering `memory_limit`, that
+/// Starts one node on the default model (or the `--model` in `extra`) with cluster key `key`, offering `memory_limit`, that
 /// dials `peers` (no mDNS), and waits until it listens.
 pub fn spawn_node(memory_limit: &str, key: &str, extra: &[&str], peers: &[NodeProc]) -> NodeProc {
     let home = tempfile::tempdir().unwrap();
@@ -368,7 +368,12 @@ fn launch(
     extra: &[&str],
     peers: &[&str],
 ) -> (Proc, String, String, String) {
-    let model = default_model();
+    // The default model unless the caller names another.
+    let model = if extra.contains(&"--model") {
+        None
+    } else {
+        Some(default_model())
+    };
     let api_port = free_port();
     let mut cmd = exo_node();
     cmd.env("EXO_HOME", home)
@@ -384,7 +389,7 @@ fn launch(
         .args(["--listen", "/ip4/127.0.0.1/tcp/0"])
         .args(["--grpc-listen", "127.0.0.1:0"])
         .args(["--api-addr", &format!("127.0.0.1:{api_port}")])
-        .args(["--model", model.to_str().unwrap()])
+        .args(model.iter().flat_map(|m| ["--model", m.to_str().unwrap()]))
         .args(extra);
     for peer in peers {
         cmd.args(["--peer", peer]);
