@@ -26,6 +26,9 @@ pub(crate) enum Shape {
     Default,
     /// Llama-3.2-1B's shape with random weights.
     OneB,
+    /// Gemma 3 270M: the packaged Q4_K_M file only (a real model of another family, fetched
+    /// with pip; nothing is synthesized).
+    Gemma3,
 }
 
 impl Shape {
@@ -33,6 +36,7 @@ impl Shape {
         match self {
             Shape::Default => "SmolLM2-135M",
             Shape::OneB => "1B shape",
+            Shape::Gemma3 => "Gemma 3 270M",
         }
     }
 
@@ -40,6 +44,7 @@ impl Shape {
         match self {
             Shape::Default => "smollm2-135m",
             Shape::OneB => "llama-1b-shape",
+            Shape::Gemma3 => "gemma-3-270m",
         }
     }
 }
@@ -78,6 +83,18 @@ pub(crate) fn model_path(shape: Shape, format: &str, default_model: &Path) -> Pa
     if shape == Shape::Default && format == "Q4_1" {
         return default_model.to_path_buf();
     }
+    if shape == Shape::Gemma3 && format == "Q4_K_M" {
+        // Fetched on first use; a failure leaves a path that does not exist, which the
+        // matrix reports as missing.
+        let home = exo_model::exo_home();
+        return exo_model::ensure_packaged_model(&exo_model::GEMMA3_270M, &home, &mut |l| {
+            eprintln!("{l}")
+        })
+        .unwrap_or_else(|e| {
+            eprintln!("gemma3-270m: {e}");
+            home.join("models").join(exo_model::GEMMA3_270M.file_name)
+        });
+    }
     models_dir().join(format!("{}.{format}.gguf", shape.file_stem()))
 }
 
@@ -95,6 +112,8 @@ pub(crate) fn synth_models(
         // The source every format is quantized from: F32 for the default model (decoded from
         // its Q4_1 blocks, so requantizing loses nothing more), F16 for the 1B shape.
         let source = match shape {
+            // Nothing to make: the matrix runs the packaged file.
+            Shape::Gemma3 => continue,
             Shape::Default => {
                 let path = model_path(shape, "F32", default_model);
                 if !path.exists() {
@@ -261,6 +280,15 @@ pub(crate) fn matrix(
             (Shape::Default, true) => 32,
             (Shape::OneB, false) => 32,
             (Shape::OneB, true) => 16,
+            (Shape::Gemma3, false) => 64,
+            (Shape::Gemma3, true) => 32,
+        };
+        // Gemma 3 ships in one format.
+        let only_q4_k_m = ["Q4_K_M"];
+        let formats = if shape == Shape::Gemma3 {
+            &only_q4_k_m[..]
+        } else {
+            formats
         };
         for &format in formats {
             let model = model_path(shape, format, default_model);

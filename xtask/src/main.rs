@@ -13,7 +13,7 @@ mod failover;
 mod formats;
 mod modules;
 
-const USAGE: &str = "usage: cargo xtask <ci | bench [--quick] [--runs N] [--llama-bench PATH | --no-llama] [--no-cluster] [--no-formats | --formats-only] [--formats Q4_K_M,Q8_0,...] [--shapes default,1b] | bench-cluster [--exe PATH]... [--runs N] [--quick] [--no-llama] [--no-api | --api-only] | bench-failover [--kills N] [--exe PATH] | synth-model [--formats ...] [--shapes ...] | bandwidth | modules>";
+const USAGE: &str = "usage: cargo xtask <ci | bench [--quick] [--runs N] [--llama-bench PATH | --no-llama] [--no-cluster] [--no-formats | --formats-only] [--formats Q4_K_M,Q8_0,...] [--shapes default,1b,gemma3] | bench-cluster [--exe PATH]... [--runs N] [--quick] [--no-llama] [--no-api | --api-only] | bench-failover [--kills N] [--exe PATH] | synth-model [--formats ...] [--shapes ...] | bandwidth | modules>";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -578,13 +578,18 @@ fn matrix_choice(args: &[String]) -> Result<(Vec<formats::Shape>, Vec<&'static s
             .and_then(|i| args.get(i + 1))
     };
     let shapes = match flag("--shapes") {
-        None => vec![formats::Shape::Default, formats::Shape::OneB],
+        None => vec![
+            formats::Shape::Default,
+            formats::Shape::OneB,
+            formats::Shape::Gemma3,
+        ],
         Some(list) => list
             .split(',')
             .map(|s| match s {
                 "default" => Ok(formats::Shape::Default),
                 "1b" => Ok(formats::Shape::OneB),
-                other => bail!("unknown shape `{other}` (default, 1b)"),
+                "gemma3" => Ok(formats::Shape::Gemma3),
+                other => bail!("unknown shape `{other}` (default, 1b, gemma3)"),
             })
             .collect::<Result<_>>()?,
     };
