@@ -10,10 +10,11 @@ use anyhow::{Context, Result, bail};
 
 mod cluster;
 mod failover;
+mod families;
 mod formats;
 mod modules;
 
-const USAGE: &str = "usage: cargo xtask <ci | bench [--quick] [--runs N] [--llama-bench PATH | --no-llama] [--no-cluster] [--no-formats | --formats-only] [--formats Q4_K_M,Q8_0,...] [--shapes default,1b,gemma3] | bench-cluster [--exe PATH]... [--runs N] [--quick] [--no-llama] [--no-api | --api-only] | bench-failover [--kills N] [--exe PATH] | synth-model [--formats ...] [--shapes ...] | bandwidth | modules>";
+const USAGE: &str = "usage: cargo xtask <ci | bench [--quick] [--runs N] [--llama-bench PATH | --no-llama] [--no-cluster] [--no-formats | --formats-only] [--formats Q4_K_M,Q8_0,...] [--shapes default,1b,gemma3] | bench-cluster [--exe PATH]... [--runs N] [--quick] [--no-llama] [--no-api | --api-only] | bench-failover [--kills N] [--exe PATH] | synth-model [--formats ...] [--shapes ...] | family-fixtures | bandwidth | modules>";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -24,6 +25,7 @@ fn main() -> Result<()> {
         Some("bench-failover") => failover::run(&args[1..]),
         Some("modules") => modules::check(&root()),
         Some("synth-model") => synth_model(&args[1..]),
+        Some("family-fixtures") => family_fixtures(),
         Some("bandwidth") => {
             for threads in [1, 2] {
                 println!(
@@ -608,6 +610,19 @@ fn matrix_choice(args: &[String]) -> Result<(Vec<formats::Shape>, Vec<&'static s
             .collect::<Result<_>>()?,
     };
     Ok((shapes, list))
+}
+
+/// `cargo xtask family-fixtures`: llama.cpp's outputs on each family's small random model,
+/// into `crates/exo-shard/tests/fixtures/families-llama.cpp.json`.
+fn family_fixtures() -> Result<()> {
+    cargo(&["build", "--release", "-p", "exo-node"])?;
+    let exe = target_dir().join("release").join("exo-node");
+    let model = Command::new(&exe).args(["models", "fetch"]).output()?;
+    let model = PathBuf::from(String::from_utf8_lossy(&model.stdout).trim());
+    let server = build_llama_server()?;
+    let out = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../crates/exo-shard/tests/fixtures/families-llama.cpp.json");
+    families::record(&server, &model, &out)
 }
 
 /// `cargo xtask synth-model`: the matrix's models, made where missing.

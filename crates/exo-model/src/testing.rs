@@ -331,14 +331,89 @@ pub fn write_synthetic_gguf(
     seed: u64,
     tokenizer_from: &Path,
 ) -> Result<()> {
+    write_synthetic(path, config, seed, tokenizer_from, DType::F16)
+}
+
+/// The families whose small random models (`family_fixture`) have llama.cpp's outputs recorded
+/// in `exo-shard`'s test fixtures (by `cargo xtask family-fixtures`).
+pub const FIXTURE_FAMILIES: [&str; 3] = ["qwen3", "qwen2", "gemma3"];
+
+/// A small random model of family `name` (one of [`FIXTURE_FAMILIES`]) with the default model's
+/// vocabulary, so that its tokenizer serves and llama.cpp loads the file: seven layers (Gemma
+/// 3's sixth is global), a sliding window of four positions for Gemma 3, attention bias for
+/// Qwen2, query/key norms for Qwen3 and Gemma 3.
+pub fn family_fixture(name: &str) -> Option<ModelConfig> {
+    let base = ModelConfig {
+        model_type: name.into(),
+        vocab_size: 49152,
+        hidden_size: 256,
+        intermediate_size: 512,
+        num_layers: 7,
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 64,
+        rms_norm_eps: 1e-6,
+        rope_theta: 1_000_000.0,
+        max_position_embeddings: 512,
+        ..tiny_config(7)
+    };
+    Some(match name {
+        "qwen3" => ModelConfig {
+            variant: crate::Variant {
+                qk_norm: true,
+                ..Default::default()
+            },
+            ..base
+        },
+        "qwen2" => ModelConfig {
+            attention_bias: true,
+            ..base
+        },
+        "gemma3" => ModelConfig {
+            variant: crate::Variant {
+                qk_norm: true,
+                sandwich_norms: true,
+                activation: crate::Activation::GeluTanh,
+                sliding_window: Some(4),
+                ..Default::default()
+            },
+            ..base
+        },
+        _ => return None,
+    })
+}
+
+/// Writes `family_fixture(name)` as an F32 GGUF with the tokenizer of `tokenizer_from` (the
+/// default model's file).
+pub fn write_family_fixture(path: &Path, name: &str, tokenizer_from: &Path) -> Result<()> {
+    let config = family_fixture(name).ok_or_else(|| Error::Config {
+        path: path.to_path_buf(),
+        message: format!("no fixture family `{name}`"),
+    })?;
+    write_synthetic(path, &config, 7, tokenizer_from, DType::F32)
+}
+
+fn write_synthetic(
+    path: &Path,
+    config: &ModelConfig,
+    seed: u64,
+    tokenizer_from: &Path,
+    matrices: DType,
+) -> Result<()> {
     let source = gguf::GgufFile::open(tokenizer_from)?;
-    let arch = |k: &str| format!("llama.{k}");
+    let family = match config.model_type.as_str() {
+        "gemma3_text" => "gemma3",
+        other => other,
+    };
+    let arch = |k: &str| format!("{family}.{k}");
     let u = |v: usize| Value::U32(v as u32);
     let mut metadata = vec![
         (
             "general.architecture".to_string(),
-            Value::String("llama".into()),
+            Value::String(family.into()),
         ),
+        (arch("attention.key_length"), u(config.head_dim)),
+        (arch("attention.value_length"), u(config.head_dim)),
         (
             "general.name".to_string(),
             Value::String(format!(
@@ -360,6 +435,9 @@ pub fn write_synthetic_gguf(
         ),
         (arch("rope.freq_base"), Value::F32(config.rope_theta as f32)),
     ];
+    if let Some(window) = config.variant.sliding_window {
+        metadata.push((arch("attention.sliding_window"), u(window)));
+    }
     metadata.extend(
         source
             .metadata()
@@ -374,7 +452,7 @@ pub fn write_synthetic_gguf(
     }
     for layer in 0..config.num_layers {
         for part in LayerPart::ALL {
-            if config.has_part(part) && !part.is_bias() {
+            if config.has_part(part) {
                 ids.push(TensorId::Layer { layer, part });
             }
         }
@@ -383,23 +461,31 @@ pub fn write_synthetic_gguf(
     for id in ids {
         let shape = config.expected_shape(id);
         let n: usize = shape.iter().product();
-        let data = if shape.len() == 2 {
-            // Uniform in +-sqrt(3 / cols): standard deviation 1 / sqrt(cols).
-            let bound = (3.0 / shape[1] as f32).sqrt();
-            let mut bytes = Vec::with_capacity(n * 2);
+        let bias = matches!(id, TensorId::Layer { part, .. } if part.is_bias());
+        let data = if shape.len() == 2 || bias {
+            // Uniform in +-sqrt(3 / cols): standard deviation 1 / sqrt(cols) (biases 0.1).
+            let bound = match shape.get(1) {
+                Some(&cols) => (3.0 / cols as f32).sqrt(),
+                None => 0.17,
+            };
+            let mut bytes = Vec::with_capacity(n * 4);
             for _ in 0..n {
                 state ^= state << 13;
                 state ^= state >> 7;
                 state ^= state << 17;
                 let v = ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * bound;
-                bytes.extend_from_slice(&half::f16::from_f32(v).to_le_bytes());
+                if shape.len() == 2 && matrices == DType::F16 {
+                    bytes.extend_from_slice(&half::f16::from_f32(v).to_le_bytes());
+                } else {
+                    bytes.extend_from_slice(&v.to_le_bytes());
+                }
             }
             bytes
         } else {
             (0..n).flat_map(|_| 1f32.to_le_bytes()).collect()
         };
         let dtype = if shape.len() == 2 {
-            DType::F16
+            matrices
         } else {
             DType::F32
         };

@@ -158,3 +158,51 @@ fn the_sliding_window_hides_what_lies_before_it() {
     let b = logits(&path, Weights::Stored, &second, &[12]);
     assert!(largest_difference(&a, &b).0 > 1e-3);
 }
+
+/// Log-probabilities of `logits` (log-softmax, in f64).
+fn log_softmax(logits: &[f32]) -> Vec<f64> {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+    let sum: f64 = logits.iter().map(|&v| (v as f64 - max).exp()).sum();
+    logits.iter().map(|&v| v as f64 - max - sum.ln()).collect()
+}
+
+#[test]
+fn each_family_gives_llama_cpps_five_most_likely_tokens_at_every_position() {
+    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/families-llama.cpp.json");
+    let fixture: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let ids = |v: &serde_json::Value| -> Vec<u32> { serde_json::from_value(v.clone()).unwrap() };
+    let prompt = ids(&fixture["prompt"]);
+    let default_model =
+        exo_model::ensure_default_model(&exo_model::exo_home(), &mut |l| eprintln!("{l}")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for name in exo_model::testing::FIXTURE_FAMILIES {
+        let file = dir.path().join(format!("{name}.gguf"));
+        exo_model::testing::write_family_fixture(&file, name, &default_model).unwrap();
+        let theirs = &fixture["families"][name];
+        let tokens = ids(&theirs["tokens"]);
+        let top5 = theirs["top5"].as_array().unwrap();
+        assert_eq!(top5.len(), tokens.len(), "{name}");
+        for weights in [Weights::F32, Weights::Stored] {
+            // The logits after the prompt, then after each of llama.cpp's tokens but the last.
+            let ours = logits(&file, weights, &prompt, &tokens[..tokens.len() - 1]);
+            let mut worst = 0f64;
+            for (position, (mine, want)) in ours.iter().zip(top5).enumerate() {
+                let mine = log_softmax(mine);
+                for pair in want.as_array().unwrap() {
+                    let id = pair[0].as_u64().unwrap() as usize;
+                    let logprob = pair[1].as_f64().unwrap();
+                    let d = (mine[id] - logprob).abs();
+                    worst = worst.max(d / logprob.abs().max(1.0));
+                    assert!(
+                        d <= 1e-3 * logprob.abs().max(1.0),
+                        "{name} {weights:?}, position {position}, token {id}: ours {}, llama.cpp {logprob}",
+                        mine[id]
+                    );
+                }
+            }
+            eprintln!("{name} {weights:?}: largest relative difference {worst:.2e}");
+        }
+    }
+}
