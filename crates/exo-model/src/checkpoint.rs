@@ -196,6 +196,10 @@ impl Checkpoint {
                     .map(move |part| TensorId::Layer { layer, part })
             }));
         for id in ids {
+            // A fused matrix is checked whole when a part of it is read.
+            if self.fused(id).is_some() {
+                continue;
+            }
             let name = id.gguf_name();
             let Some(info) = file.tensor(&name) else {
                 continue;
@@ -304,19 +308,45 @@ impl Checkpoint {
 
     /// Whether the checkpoint stores a tensor.
     pub fn has_tensor(&self, id: TensorId) -> bool {
+        if let Some(fused) = self.fused(id) {
+            return match &self.source {
+                Source::Gguf(f) => f.tensor(&fused.gguf_name).is_some(),
+                Source::Safetensors(s) => s.contains(&fused.hf_name),
+            };
+        }
         match &self.source {
             Source::Gguf(f) => f.tensor(&id.gguf_name()).is_some(),
             Source::Safetensors(s) => s.contains(&id.hf_name_in(&self.config.model_type)),
         }
     }
 
+    /// Where `id` lives in a family that fuses its projections (Phi-3).
+    fn fused(&self, id: TensorId) -> Option<crate::names::FusedSource> {
+        let c = &self.config;
+        if !c.variant.fused_projections {
+            return None;
+        }
+        id.fused_source(
+            c.num_heads * c.head_dim,
+            c.num_kv_heads * c.head_dim,
+            c.intermediate_size,
+        )
+    }
+
     /// Reads one tensor as stored (quantized blocks stay quantized), in Hugging Face row order,
     /// and checks its shape. Its bytes are copied out of the file.
     pub fn stored_tensor(&self, id: TensorId) -> Result<StoredTensor> {
-        let expected = self.config.expected_shape(id);
-        let (name, shape, dtype, bytes) = match &self.source {
+        let mut expected = self.config.expected_shape(id);
+        let fused = self.fused(id);
+        if let Some(f) = &fused {
+            // The whole fused matrix is read and checked; this part's rows are cut below.
+            expected[0] = f.total_rows;
+        }
+        let (name, shape, dtype, mut bytes) = match &self.source {
             Source::Gguf(file) => {
-                let name = id.gguf_name();
+                let name = fused
+                    .as_ref()
+                    .map_or_else(|| id.gguf_name(), |f| f.gguf_name.clone());
                 let info = file.tensor(&name).ok_or_else(|| Error::MissingTensor {
                     path: self.path.clone(),
                     name: name.clone(),
@@ -329,7 +359,10 @@ impl Checkpoint {
                 )
             }
             Source::Safetensors(set) => {
-                let name = id.hf_name_in(&self.config.model_type);
+                let name = fused.as_ref().map_or_else(
+                    || id.hf_name_in(&self.config.model_type),
+                    |f| f.hf_name.clone(),
+                );
                 let raw = set.get(&name)?.ok_or_else(|| Error::MissingTensor {
                     path: self.path.clone(),
                     name: name.clone(),
@@ -353,6 +386,13 @@ impl Checkpoint {
                 expected,
                 actual: shape,
             });
+        }
+        let mut shape = shape;
+        if let Some(f) = &fused {
+            // Rows are whole blocks in every format, so this cuts quantized data too.
+            let row = bytes.len() / f.total_rows.max(1);
+            bytes = bytes[f.rows.start * row..f.rows.end * row].to_vec();
+            shape[0] = f.rows.len();
         }
         // The one place every tensor passes on its way to a model: a NaN scale or norm here
         // would otherwise load silently and turn every answer into garbage.
@@ -501,6 +541,17 @@ impl Checkpoint {
 
     /// Bytes of stored weights of the tensors a shard would read (for memory planning).
     pub fn stored_bytes(&self, id: TensorId) -> Option<u64> {
+        if let Some(fused) = self.fused(id) {
+            let whole = match &self.source {
+                Source::Gguf(f) => f.tensor(&fused.gguf_name).map(|i| i.len as u64),
+                Source::Safetensors(s) => s
+                    .get(&fused.hf_name)
+                    .ok()
+                    .flatten()
+                    .map(|r| r.bytes().len() as u64),
+            }?;
+            return Some(whole * fused.rows.len() as u64 / fused.total_rows.max(1) as u64);
+        }
         match &self.source {
             Source::Gguf(f) => f.tensor(&id.gguf_name()).map(|i| i.len as u64),
             Source::Safetensors(s) => s
@@ -513,6 +564,12 @@ impl Checkpoint {
 
     /// The element type a tensor is stored in.
     pub fn stored_dtype(&self, id: TensorId) -> Option<DType> {
+        if let Some(fused) = self.fused(id) {
+            return match &self.source {
+                Source::Gguf(f) => f.tensor(&fused.gguf_name).map(|i| i.dtype),
+                Source::Safetensors(s) => s.get(&fused.hf_name).ok().flatten().map(|r| r.dtype),
+            };
+        }
         match &self.source {
             Source::Gguf(f) => f.tensor(&id.gguf_name()).map(|i| i.dtype),
             Source::Safetensors(s) => s
@@ -566,7 +623,7 @@ pub(crate) fn is_norm(id: TensorId) -> bool {
 }
 
 /// The GGUF architectures this reader understands.
-const GGUF_ARCHITECTURES: &str = "llama, qwen2, qwen3, gemma3";
+const GGUF_ARCHITECTURES: &str = "llama, qwen2, qwen3, phi3, gemma3";
 
 /// Fills the configuration from a GGUF file's `{arch}.*` metadata.
 fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
@@ -580,7 +637,10 @@ fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
         .and_then(Value::as_str)
         .ok_or_else(|| missing("general.architecture"))?
         .to_string();
-    if !matches!(arch.as_str(), "llama" | "qwen2" | "qwen3" | "gemma3") {
+    if !matches!(
+        arch.as_str(),
+        "llama" | "qwen2" | "qwen3" | "phi3" | "gemma3"
+    ) {
         return Err(Error::Config {
             path: path.to_path_buf(),
             message: format!(
@@ -619,6 +679,14 @@ fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
                 "`{arch}.context_length` is {context_length}, beyond {MAX_CONTEXT} positions, \
                  longer than any model is trained for"
             ),
+        });
+    }
+    if arch == "phi3" && file.tensor("rope_factors_long.weight").is_some() {
+        return Err(Error::Config {
+            path: path.to_path_buf(),
+            message: "Phi-3's LongRoPE scaling (`rope_factors_long.weight`, the 128k-context \
+                      models) is not supported yet; the 4k-context models are"
+                .into(),
         });
     }
     if file.tensor("rope_freqs.weight").is_some() {
@@ -698,6 +766,13 @@ fn gguf_variant(
             rope_linear_factor: linear,
             ..Variant::default()
         },
+        // llama.cpp ignores the sliding window of Phi-3 GGUF files (its converter does not
+        // write the window reliably), and so do we, so that a file answers as it does there.
+        "phi3" => Variant {
+            rope_linear_factor: linear,
+            fused_projections: true,
+            ..Variant::default()
+        },
         "gemma3" => {
             let layers = uint("block_count").unwrap_or(0);
             // llama.cpp: queries are scaled by 1/sqrt(head_dim), except in the 27B model
@@ -718,6 +793,7 @@ fn gguf_variant(
                 rope_local_theta: Some(10_000.0),
                 rope_linear_factor: linear,
                 final_logit_softcap: float("final_logit_softcapping"),
+                fused_projections: false,
             }
         }
         _ => Variant {

@@ -90,6 +90,9 @@ pub struct Variant {
     pub rope_linear_factor: Option<f64>,
     /// Final logits soft-capped as `cap * tanh(logit / cap)`.
     pub final_logit_softcap: Option<f64>,
+    /// The file stores q, k and v as one matrix, and gate and up as one (Phi-3); the loader
+    /// cuts them apart by rows.
+    pub fused_projections: bool,
 }
 
 /// The activation of an MLP's gate.
@@ -217,7 +220,7 @@ fn default_original_max() -> usize {
 }
 
 /// The families whose `config.json` this reader understands.
-const HF_FAMILIES: &str = "llama, mistral, qwen2, qwen3, gemma3_text";
+const HF_FAMILIES: &str = "llama, mistral, qwen2, qwen3, phi3, gemma3_text";
 
 /// What a `config.json`'s family changes in the Llama layer.
 fn hf_variant(raw: &HfConfig, head_dim: usize, path: &Path) -> Result<Variant> {
@@ -262,6 +265,13 @@ fn hf_variant(raw: &HfConfig, head_dim: usize, path: &Path) -> Result<Variant> {
             rope_linear_factor: linear,
             ..Variant::default()
         },
+        "phi3" => Variant {
+            activation,
+            sliding_window: raw.sliding_window,
+            rope_linear_factor: linear,
+            fused_projections: true,
+            ..Variant::default()
+        },
         "gemma3_text" | "gemma3" => {
             let global_every = match &raw.layer_types {
                 // Newer configs list each layer's kind; the pattern is where the first global
@@ -285,6 +295,7 @@ fn hf_variant(raw: &HfConfig, head_dim: usize, path: &Path) -> Result<Variant> {
                 rope_local_theta: Some(raw.rope_local_base_freq.unwrap_or(10_000.0)),
                 rope_linear_factor: linear,
                 final_logit_softcap: raw.final_logit_softcapping,
+                fused_projections: false,
             }
         }
         other => {
@@ -458,6 +469,7 @@ impl ModelConfig {
             "qwen2" => ("Qwen2ForCausalLM", "qwen2"),
             "qwen3" => ("Qwen3ForCausalLM", "qwen3"),
             "mistral" => ("MistralForCausalLM", "mistral"),
+            "phi3" => ("Phi3ForCausalLM", "phi3"),
             "gemma3" | "gemma3_text" => ("Gemma3ForCausalLM", "gemma3_text"),
             _ => ("LlamaForCausalLM", "llama"),
         };

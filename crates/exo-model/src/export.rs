@@ -82,7 +82,7 @@ fn write_folder(checkpoint: &Checkpoint, dir: &Path, dtype: ExportDtype) -> Resu
     if checkpoint.has_tensor(TensorId::Head) {
         ids.push(TensorId::Head);
     }
-    let mut tensors = Vec::with_capacity(ids.len());
+    let mut tensors: Vec<(String, F32Tensor)> = Vec::with_capacity(ids.len());
     for id in ids {
         let mut t = checkpoint.tensor(id)?;
         if config.variant.sandwich_norms && crate::checkpoint::is_norm(id) {
@@ -90,7 +90,7 @@ fn write_folder(checkpoint: &Checkpoint, dir: &Path, dtype: ExportDtype) -> Resu
             // model here holds the sum.
             t.data.iter_mut().for_each(|v| *v -= 1.0);
         }
-        let (bytes, st_dtype) = match dtype {
+        let (bytes, st_dtype): (Vec<u8>, _) = match dtype {
             ExportDtype::F32 => (
                 t.data.iter().flat_map(|v| v.to_le_bytes()).collect(),
                 safetensors::Dtype::F32,
@@ -110,14 +110,30 @@ fn write_folder(checkpoint: &Checkpoint, dir: &Path, dtype: ExportDtype) -> Resu
                 safetensors::Dtype::BF16,
             ),
         };
-        tensors.push((
-            id.hf_name_in(&config.model_type),
-            F32Tensor {
-                shape: t.shape,
-                bytes,
-                dtype: st_dtype,
-            },
-        ));
+        let fused = id
+            .fused_source(
+                config.num_heads * config.head_dim,
+                config.num_kv_heads * config.head_dim,
+                config.intermediate_size,
+            )
+            .filter(|_| config.variant.fused_projections);
+        match fused {
+            // Phi-3's folders fuse q/k/v and gate/up: later parts join the first one's rows.
+            Some(f) if f.rows.start > 0 => {
+                if let Some((_, whole)) = tensors.iter_mut().find(|(n, _)| *n == f.hf_name) {
+                    whole.bytes.extend_from_slice(&bytes);
+                    whole.shape[0] += t.shape[0];
+                }
+            }
+            _ => tensors.push((
+                fused.map_or_else(|| id.hf_name_in(&config.model_type), |f| f.hf_name),
+                F32Tensor {
+                    shape: t.shape,
+                    bytes,
+                    dtype: st_dtype,
+                },
+            )),
+        }
     }
     let weights = dir.join("model.safetensors");
     write_safetensors(&weights, &tensors)?;

@@ -23,6 +23,19 @@ pub enum TensorId {
     Head,
 }
 
+/// Where a part of a fused matrix lives (see [`TensorId::fused_source`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FusedSource {
+    /// The fused tensor's name in a Hugging Face checkpoint.
+    pub hf_name: String,
+    /// The fused tensor's name in a GGUF file.
+    pub gguf_name: String,
+    /// This part's rows of the fused tensor.
+    pub rows: std::ops::Range<usize>,
+    /// Rows of the whole fused tensor.
+    pub total_rows: usize,
+}
+
 /// The tensors of one decoder layer. Matrices are `[out, in]`, as in Hugging Face checkpoints.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[allow(missing_docs)]
@@ -78,6 +91,45 @@ impl LayerPart {
 }
 
 impl TensorId {
+    /// Where a family that fuses its projections (Phi-3) stores this tensor: the fused
+    /// tensor's Hugging Face and GGUF names, which of its parts this is, and how many parts of
+    /// what sizes it has (`sizes` are the rows of q, k, v or of gate, up); `None` for tensors
+    /// stored on their own.
+    pub fn fused_source(self, q: usize, kv: usize, i: usize) -> Option<FusedSource> {
+        let TensorId::Layer { layer, part } = self else {
+            return None;
+        };
+        let (hf, gguf, rows, total) = match part {
+            LayerPart::Q => (
+                "self_attn.qkv_proj.weight",
+                "attn_qkv.weight",
+                0..q,
+                q + 2 * kv,
+            ),
+            LayerPart::K => (
+                "self_attn.qkv_proj.weight",
+                "attn_qkv.weight",
+                q..q + kv,
+                q + 2 * kv,
+            ),
+            LayerPart::V => (
+                "self_attn.qkv_proj.weight",
+                "attn_qkv.weight",
+                q + kv..q + 2 * kv,
+                q + 2 * kv,
+            ),
+            LayerPart::Gate => ("mlp.gate_up_proj.weight", "ffn_up.weight", 0..i, 2 * i),
+            LayerPart::Up => ("mlp.gate_up_proj.weight", "ffn_up.weight", i..2 * i, 2 * i),
+            _ => return None,
+        };
+        Some(FusedSource {
+            hf_name: format!("model.layers.{layer}.{hf}"),
+            gguf_name: format!("blk.{layer}.{gguf}"),
+            rows,
+            total_rows: total,
+        })
+    }
+
     /// The tensor's name in a Hugging Face safetensors checkpoint of a Llama-layout family.
     pub fn hf_name(self) -> String {
         self.hf_name_in("llama")

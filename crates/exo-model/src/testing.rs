@@ -336,12 +336,12 @@ pub fn write_synthetic_gguf(
 
 /// The families whose small random models (`family_fixture`) have llama.cpp's outputs recorded
 /// in `exo-shard`'s test fixtures (by `cargo xtask family-fixtures`).
-pub const FIXTURE_FAMILIES: [&str; 3] = ["qwen3", "qwen2", "gemma3"];
+pub const FIXTURE_FAMILIES: [&str; 4] = ["qwen3", "qwen2", "gemma3", "phi3"];
 
 /// A small random model of family `name` (one of [`FIXTURE_FAMILIES`]) with the default model's
 /// vocabulary, so that its tokenizer serves and llama.cpp loads the file: seven layers (Gemma
-/// 3's sixth is global), a sliding window of four positions for Gemma 3, attention bias for
-/// Qwen2, query/key norms for Qwen3 and Gemma 3.
+/// 3's sixth is global), a sliding window of four positions for Gemma 3 and Phi-3, attention
+/// bias for Qwen2, query/key norms for Qwen3 and Gemma 3, fused projections for Phi-3.
 pub fn family_fixture(name: &str) -> Option<ModelConfig> {
     let base = ModelConfig {
         model_type: name.into(),
@@ -367,6 +367,18 @@ pub fn family_fixture(name: &str) -> Option<ModelConfig> {
         },
         "qwen2" => ModelConfig {
             attention_bias: true,
+            ..base
+        },
+        // Fused q/k/v and gate/up, a separate head; its file says a window of four positions,
+        // which llama.cpp (and so our GGUF reader) ignores for Phi-3.
+        "phi3" => ModelConfig {
+            num_kv_heads: 4,
+            tie_word_embeddings: false,
+            variant: crate::Variant {
+                sliding_window: Some(4),
+                fused_projections: true,
+                ..Default::default()
+            },
             ..base
         },
         "gemma3" => ModelConfig {
@@ -457,7 +469,7 @@ fn write_synthetic(
             }
         }
     }
-    let mut tensors = Vec::with_capacity(ids.len());
+    let mut tensors: Vec<TensorToWrite> = Vec::with_capacity(ids.len());
     for id in ids {
         let shape = config.expected_shape(id);
         let n: usize = shape.iter().product();
@@ -489,12 +501,32 @@ fn write_synthetic(
         } else {
             DType::F32
         };
-        tensors.push(TensorToWrite {
-            name: id.gguf_name(),
-            shape,
-            dtype,
-            data,
-        });
+        let q = config.num_heads * config.head_dim;
+        let kv = config.num_kv_heads * config.head_dim;
+        let fused = id
+            .fused_source(q, kv, config.intermediate_size)
+            .filter(|_| config.variant.fused_projections);
+        match fused {
+            // The parts of a fused matrix come in row order: append to the first part.
+            Some(f) if f.rows.start > 0 => {
+                if let Some(t) = tensors.iter_mut().find(|t| t.name == f.gguf_name) {
+                    t.data.extend_from_slice(&data);
+                    t.shape[0] += shape[0];
+                }
+            }
+            Some(f) => tensors.push(TensorToWrite {
+                name: f.gguf_name,
+                shape,
+                dtype,
+                data,
+            }),
+            None => tensors.push(TensorToWrite {
+                name: id.gguf_name(),
+                shape,
+                dtype,
+                data,
+            }),
+        }
     }
     gguf::write(path, &metadata, &tensors)
 }

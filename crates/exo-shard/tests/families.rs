@@ -204,5 +204,15 @@ fn each_family_gives_llama_cpps_five_most_likely_tokens_at_every_position() {
             }
             eprintln!("{name} {weights:?}: largest relative difference {worst:.2e}");
         }
+        // Exported as a Hugging Face folder (Phi-3's fused matrices fused again) and read back.
+        let loaded = Checkpoint::open(&file).unwrap();
+        let folder = dir.path().join(format!("{name}-hf"));
+        export_hf(&loaded, &folder, ExportDtype::F32).unwrap();
+        let steps = &tokens[..2];
+        let (worst, size) = largest_difference(
+            &logits(&file, Weights::Stored, &prompt, steps),
+            &logits(&folder, Weights::Stored, &prompt, steps),
+        );
+        assert!(worst <= 1e-4 * size.max(1.0), "{name} folder: {worst}");
     }
 }
