@@ -689,13 +689,16 @@ fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
                 .into(),
         });
     }
-    if file.tensor("rope_freqs.weight").is_some() {
-        tracing::warn!(
-            "{}: llama3 rope scaling stored as `rope_freqs.weight` is not applied yet; \
-             long contexts may degrade",
-            path.display()
-        );
-    }
+    // Llama 3.x stores its rope scaling as one divisor per rotary frequency.
+    let rope_freq_factors = match file.tensor("rope_freqs.weight") {
+        Some(info) => {
+            let bytes = file.read_tensor(info)?;
+            let mut values = Vec::with_capacity(info.elems());
+            dequantize(info.dtype, &bytes, &mut values);
+            Some(values.into_iter().map(f64::from).collect())
+        }
+        None => None,
+    };
     let mut eos_token_ids = Vec::new();
     for key in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"] {
         if let Some(id) = file.get(key).and_then(Value::as_u64)
@@ -732,7 +735,10 @@ fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
             .and_then(Value::as_u64)
             .map(|v| v as u32),
         eos_token_ids,
-        variant: gguf_variant(file, &arch, hidden_size, head_dim, num_heads),
+        variant: Variant {
+            rope_freq_factors,
+            ..gguf_variant(file, &arch, hidden_size, head_dim, num_heads)
+        },
     };
     config.validate(path)?;
     Ok(config)
@@ -793,7 +799,7 @@ fn gguf_variant(
                 rope_local_theta: Some(10_000.0),
                 rope_linear_factor: linear,
                 final_logit_softcap: float("final_logit_softcapping"),
-                fused_projections: false,
+                ..Variant::default()
             }
         }
         _ => Variant {

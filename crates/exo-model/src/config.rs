@@ -93,6 +93,9 @@ pub struct Variant {
     /// The file stores q, k and v as one matrix, and gate and up as one (Phi-3); the loader
     /// cuts them apart by rows.
     pub fused_projections: bool,
+    /// Per-frequency divisors of the rotary frequencies (`head_dim / 2` of them), as Llama 3.x
+    /// GGUF files store their rope scaling (`rope_freqs.weight`).
+    pub rope_freq_factors: Option<Vec<f64>>,
 }
 
 /// The activation of an MLP's gate.
@@ -295,7 +298,7 @@ fn hf_variant(raw: &HfConfig, head_dim: usize, path: &Path) -> Result<Variant> {
                 rope_local_theta: Some(raw.rope_local_base_freq.unwrap_or(10_000.0)),
                 rope_linear_factor: linear,
                 final_logit_softcap: raw.final_logit_softcapping,
-                fused_projections: false,
+                ..Variant::default()
             }
         }
         other => {
@@ -449,6 +452,16 @@ impl ModelConfig {
         {
             return Err(bad(format!(
                 "the family's scales must be finite and positive: {v:?}"
+            )));
+        }
+        if let Some(factors) = &v.rope_freq_factors
+            && (factors.len() != self.head_dim / 2
+                || !factors.iter().all(|f| f.is_finite() && *f > 0.0))
+        {
+            return Err(bad(format!(
+                "rope_freqs.weight must hold {} finite positive factors (head_dim / 2), got {}",
+                self.head_dim / 2,
+                factors.len()
             )));
         }
         if v.sliding_window == Some(0) {

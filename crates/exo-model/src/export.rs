@@ -69,6 +69,13 @@ pub fn export_hf(checkpoint: &Checkpoint, dir: &Path, dtype: ExportDtype) -> Res
 
 fn write_folder(checkpoint: &Checkpoint, dir: &Path, dtype: ExportDtype) -> Result<ExportSummary> {
     let config = checkpoint.config();
+    if config.variant.rope_freq_factors.is_some() {
+        tracing::warn!(
+            "{}: the per-frequency rope factors (`rope_freqs.weight`) have no config.json \
+             equivalent and are not exported; the folder's rotary embedding is unscaled",
+            checkpoint.path().display()
+        );
+    }
     let mut ids = vec![TensorId::Embedding];
     for layer in 0..config.num_layers {
         for part in LayerPart::ALL {

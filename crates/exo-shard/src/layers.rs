@@ -168,7 +168,17 @@ pub(crate) fn rope_tables(config: &ModelConfig, theta: f64, linear: Option<f64>)
     let dim = config.head_dim;
     let max = config.max_position_embeddings.max(1);
     let inv_freq: Vec<f32> = (0..dim / 2)
-        .map(|i| 1.0 / theta.powf((2 * i) as f64 / dim as f64) / linear.unwrap_or(1.0))
+        .map(|i| {
+            // Llama 3.x GGUF files divide each frequency by its own factor.
+            let factor = config
+                .variant
+                .rope_freq_factors
+                .as_ref()
+                .and_then(|f| f.get(i))
+                .copied()
+                .unwrap_or(1.0);
+            1.0 / theta.powf((2 * i) as f64 / dim as f64) / linear.unwrap_or(1.0) / factor
+        })
         .map(|f| match &config.rope_scaling {
             None => f,
             Some(s) => {

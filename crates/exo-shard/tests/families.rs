@@ -216,3 +216,70 @@ fn each_family_gives_llama_cpps_five_most_likely_tokens_at_every_position() {
         assert!(worst <= 1e-4 * size.max(1.0), "{name} folder: {worst}");
     }
 }
+
+#[test]
+fn llama_3_rope_frequencies_from_gguf_match_the_folders_rope_scaling() {
+    let dir = tempfile::tempdir().unwrap();
+    // Small enough an original context that every band of the scaling shows at short range.
+    let scaling = exo_model::RopeScaling {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 64,
+    };
+    let config = ModelConfig {
+        rope_scaling: Some(scaling.clone()),
+        ..family("llama")
+    };
+    let folder = dir.path().join("llama3-hf");
+    exo_model::testing::write_hf_folder(&folder, &config, 21, 1).unwrap();
+    // The same weights as GGUF, with the scaling as llama.cpp's converter stores it: one divisor
+    // per rotary frequency.
+    let plain = dir.path().join("plain.gguf");
+    write_gguf(&plain, &family("llama"), 21).unwrap();
+    let half = config.head_dim / 2;
+    let factors: Vec<f32> = (0..half)
+        .map(|i| {
+            let f = 1.0
+                / config
+                    .rope_theta
+                    .powf((2 * i) as f64 / config.head_dim as f64);
+            let wavelen = 2.0 * std::f64::consts::PI / f;
+            let original = scaling.original_max_position_embeddings as f64;
+            let (low, high) = (
+                original / scaling.low_freq_factor,
+                original / scaling.high_freq_factor,
+            );
+            if wavelen < high {
+                1.0
+            } else if wavelen > low {
+                scaling.factor as f32
+            } else {
+                let smooth = (original / wavelen - scaling.low_freq_factor)
+                    / (scaling.high_freq_factor - scaling.low_freq_factor);
+                (1.0 / ((1.0 - smooth) / scaling.factor + smooth)) as f32
+            }
+        })
+        .collect();
+    let scaled = dir.path().join("llama3.gguf");
+    exo_model::testing::rewrite_gguf(&plain, &scaled, |_, tensors| {
+        tensors.push(exo_model::gguf::TensorToWrite {
+            name: "rope_freqs.weight".into(),
+            shape: vec![half],
+            dtype: exo_model::DType::F32,
+            data: factors.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        });
+    })
+    .unwrap();
+    let prompt = [1u32, 40, 41, 42, 7, 9, 11, 60];
+    let steps = [3u32, 77];
+    let from_folder = logits(&folder, Weights::Stored, &prompt, &steps);
+    for weights in [Weights::Stored, Weights::F32] {
+        let from_gguf = logits(&scaled, weights, &prompt, &steps);
+        let (worst, size) = largest_difference(&from_folder, &from_gguf);
+        assert!(worst <= 1e-3 * size.max(1.0), "{weights:?}: {worst}");
+    }
+    // Without the factors the answer differs: they are applied, not ignored.
+    let unscaled = logits(&plain, Weights::Stored, &prompt, &steps);
+    assert!(largest_difference(&from_folder, &unscaled).0 > 1e-3);
+}
