@@ -80,7 +80,34 @@ fn main() {
             Some((n, reps)) => vec![(n, reps)],
             None => vec![(1, 6), (32, 1)],
         };
-        for (n, reps) in runs {
+        // Integer formats run twice: with f32 activations, then with 8-bit ones.
+        let kinds: &[bool] = if matches!(
+            format,
+            WeightFormat::F16 | WeightFormat::BF16 | WeightFormat::F32
+        ) {
+            &[false]
+        } else {
+            &[false, true]
+        };
+        let default_q8 = ms[0].uses_q8_activations();
+        for &q8 in kinds {
+        let ms: Vec<QuantMatrix> = ms
+            .iter()
+            .map(|m| {
+                if q8 {
+                    m.clone().with_q8_activations()
+                } else {
+                    m.clone().with_f32_activations()
+                }
+            })
+            .collect();
+        let label = match (q8, kinds.len() > 1) {
+            (_, false) => "",
+            (false, true) => " f32-acts",
+            (true, true) => " q8-acts ",
+        };
+        let mark = if kinds.len() > 1 && q8 == default_q8 { " (default)" } else { "" };
+        for &(n, reps) in &runs {
             let x: Vec<f32> = (0..n * cols).map(|j| (j % 7) as f32 * 0.1 - 0.3).collect();
             let mut out = vec![0f32; n * rows];
             let mut best = f64::MAX;
@@ -96,12 +123,13 @@ fn main() {
             }
             let weights = (count as usize * rows * cols) as f64;
             println!(
-                "{:5} n={n:2} threads={threads}: {:6.2} Gweights/s {:6.2} GB/s ({:.3} bytes/weight)",
+                "{:5}{label} n={n:2} threads={threads}: {:6.2} Gweights/s {:6.2} GB/s ({:.3} bytes/weight){mark}",
                 format.name(),
                 weights * n as f64 / best / 1e9,
                 bytes as f64 / best / 1e9,
                 bytes as f64 / weights
             );
+        }
         }
     }
 }

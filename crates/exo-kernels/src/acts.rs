@@ -8,8 +8,12 @@
 pub struct QuantizedActs {
     /// Scale of each block: value = `d * q`.
     pub(crate) d: Vec<f32>,
-    /// `d * sum(q)` of each block, for formats with an offset (Q4_0, Q4_1).
+    /// `d * sum(q)` of each block, for formats with an offset or a minimum (Q4_0, Q4_1, Q4_K,
+    /// Q5_K).
     pub(crate) sum: Vec<f32>,
+    /// `sum(q)` of each 16 values (two per block), for Q6_K's offset of 32 under its 16-value
+    /// scales.
+    pub(crate) s16: Vec<i16>,
     /// The quantized values, 32 per block.
     pub(crate) q: Vec<i8>,
     /// The activations as given, for float and K-quant kernels.
@@ -33,6 +37,7 @@ impl QuantizedActs {
         self.cols = cols;
         self.d.resize(blocks, 0.0);
         self.sum.resize(blocks, 0.0);
+        self.s16.resize(blocks * 2, 0);
         self.q.resize(blocks * 32, 0);
         // The float values and block sums too: a stack may mix formats that take them.
         self.keep_f32(x, rows, cols);
@@ -41,14 +46,18 @@ impl QuantizedActs {
             let d = amax / 127.0;
             let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
             let q = &mut self.q[b * 32..b * 32 + 32];
-            let mut isum = 0i32;
-            for (o, v) in q.iter_mut().zip(chunk) {
-                let r = (v * inv).round() as i32;
+            let mut half = [0i32; 2];
+            for (i, (o, v)) in q.iter_mut().zip(chunk).enumerate() {
+                // |v * inv| <= 127 up to rounding; the clamp keeps NaN and rounding in range.
+                let r = ((v * inv).round() as i32).clamp(-127, 127);
                 *o = r as i8;
-                isum += r;
+                half[i / 16] += r;
             }
             self.d[b] = d;
-            self.sum[b] = d * isum as f32;
+            self.sum[b] = d * (half[0] + half[1]) as f32;
+            // |sum of 16| <= 16 * 127, well inside i16.
+            self.s16[b * 2] = half[0] as i16;
+            self.s16[b * 2 + 1] = half[1] as i16;
         }
     }
 

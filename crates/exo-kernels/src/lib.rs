@@ -25,6 +25,8 @@ mod pool;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+#[cfg(target_arch = "x86_64")]
+mod x86_q8;
 
 use std::sync::OnceLock;
 
@@ -213,11 +215,18 @@ fn x86_rows<const R: usize, const T: usize>(
     if let Some(v) = tiled_rows::<R, T>(isa, w, row, a, t) {
         return Some(v);
     }
-    if isa != Isa::Avx2 || w.q8_acts {
+    if isa != Isa::Avx2 {
         return None;
     }
     let (cols, nb) = (w.cols, w.cols / 32);
     let (wd, wm, wq, kind) = int_rows(w, row, R)?;
+    if w.q8_acts {
+        let rows = x86_q8::IntRows { wd, wm, wq };
+        let acts = std::array::from_fn(|k| q8_row(a, t + k, nb));
+        // SAFETY: the caller checked AVX2 as supported; `rows` holds `R` whole rows and each
+        // activation row `nb` blocks.
+        return Some(unsafe { x86_q8::int_q8::<R, T>(&rows, acts, nb, kind) });
+    }
     let r = row_args(wd, wm, wq, a, 0, 0, 0);
     let x: [&[f32]; T] = std::array::from_fn(|k| &a.f[(t + k) * cols..(t + k + 1) * cols]);
     let xsum: [&[f32]; T] = std::array::from_fn(|k| &a.fsum[(t + k) * nb..(t + k + 1) * nb]);
@@ -283,6 +292,19 @@ fn k_quant_rows<const R: usize, const T: usize>(
     let (cols, nsb) = (w.cols, w.cols / 256);
     let per_row = nsb * block;
     let rows = &bytes[row * per_row..(row + R) * per_row];
+    if w.q8_acts {
+        let acts = std::array::from_fn(|k| q8_row(a, t + k, nsb * 8));
+        // SAFETY: both x86 paths include AVX2, FMA and F16C, and `isa` was checked as
+        // supported; `rows` holds `R` rows of `nsb` super-blocks and each activation row
+        // `nsb * 8` blocks.
+        return Some(unsafe {
+            match format {
+                WeightFormat::Q4K => x86_q8::q4k_q8::<R, T, false>(rows, per_row, acts, nsb),
+                WeightFormat::Q5K => x86_q8::q4k_q8::<R, T, true>(rows, per_row, acts, nsb),
+                _ => x86_q8::q6k_q8::<R, T>(rows, per_row, acts, nsb),
+            }
+        });
+    }
     let x: [&[f32]; T] = std::array::from_fn(|k| &a.f[(t + k) * cols..(t + k + 1) * cols]);
     let nb = cols / 32;
     let xsum: [&[f32]; T] = std::array::from_fn(|k| &a.fsum[(t + k) * nb..(t + k + 1) * nb]);
@@ -300,6 +322,17 @@ fn k_quant_rows<const R: usize, const T: usize>(
             (_, _) => x86::q6k_avx2::<R, T>(rows, per_row, x, nsb),
         }
     })
+}
+
+/// Activation row `t` (of `nb` blocks) quantized, as the 8-bit kernels read it.
+#[cfg(target_arch = "x86_64")]
+fn q8_row(a: &QuantizedActs, t: usize, nb: usize) -> x86_q8::Q8Row<'_> {
+    x86_q8::Q8Row {
+        d: &a.d[t * nb..(t + 1) * nb],
+        sum: &a.sum[t * nb..(t + 1) * nb],
+        s16: &a.s16[t * nb * 2..(t + 1) * nb * 2],
+        q: &a.q[t * nb * 32..(t + 1) * nb * 32],
+    }
 }
 
 /// Slices of some weight rows and one activation row, already cut to the blocks a kernel reads.
@@ -384,6 +417,15 @@ fn dot4(isa: Isa, w: &QuantMatrix, row: usize, a: &QuantizedActs, t: usize) -> O
     #[cfg(target_arch = "x86_64")]
     if row + 4 <= w.rows
         && let Some(four) = tiled_rows::<4, 1>(isa, w, row, a, t)
+    {
+        return Some(four.map(|[v]| v));
+    }
+    // Q4_0/Q4_1/Q8_0 with 8-bit activations: four rows share each activation load.
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2
+        && w.q8_acts
+        && row + 4 <= w.rows
+        && let Some(four) = x86_rows::<4, 1>(isa, w, row, a, t)
     {
         return Some(four.map(|[v]| v));
     }

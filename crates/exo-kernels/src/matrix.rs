@@ -67,12 +67,38 @@ impl WeightFormat {
         }
     }
 
-    /// Whether the kernels quantize activations to 8 bits for this format.
+    /// Whether the kernels can quantize activations to 8 bits for this format.
     pub(crate) fn uses_q8_activations(self) -> bool {
         matches!(
             self,
-            WeightFormat::Q8_0 | WeightFormat::Q4_0 | WeightFormat::Q4_1
+            WeightFormat::Q8_0
+                | WeightFormat::Q4_0
+                | WeightFormat::Q4_1
+                | WeightFormat::Q4K
+                | WeightFormat::Q5K
+                | WeightFormat::Q6K
         )
+    }
+
+    /// Whether a matrix of this format takes 8-bit activations unless told otherwise: on the
+    /// AVX2 path (the CPU's best), for the formats whose integer kernels measured faster there
+    /// and keep the default model's logits close to the f32 path's (see `docs/benchmarks.md`,
+    /// "Kernel notes"). `EXO_KERNELS_ACTS=f32` turns the default off, `q8` on for every
+    /// integer format.
+    pub(crate) fn q8_activations_by_default(self) -> bool {
+        static CHOICE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        let choice = CHOICE.get_or_init(|| std::env::var("EXO_KERNELS_ACTS").unwrap_or_default());
+        match choice.as_str() {
+            "f32" => false,
+            "q8" => self.uses_q8_activations(),
+            _ => {
+                crate::Isa::detected() == crate::Isa::Avx2
+                    && matches!(
+                        self,
+                        WeightFormat::Q4K | WeightFormat::Q5K | WeightFormat::Q6K | WeightFormat::Q4_0
+                    )
+            }
+        }
     }
 }
 
@@ -255,7 +281,7 @@ impl QuantMatrix {
         };
         Ok(QuantMatrix {
             format,
-            q8_acts: false,
+            q8_acts: format.q8_activations_by_default(),
             rows,
             cols,
             storage,
@@ -358,7 +384,7 @@ impl QuantMatrix {
         };
         Ok(QuantMatrix {
             format,
-            q8_acts: false,
+            q8_acts: format.q8_activations_by_default(),
             rows,
             cols,
             storage,
@@ -419,14 +445,27 @@ impl QuantMatrix {
     /// Makes the integer kernels quantize activations to 8-bit blocks (llama.cpp's scheme)
     /// instead of taking them as f32.
     ///
-    /// Measured on the default model: no faster here (decode 51 vs 54 tokens/s on one core),
-    /// and the 8-bit blocks flatten the outliers of a SwiGLU output, moving first-position
-    /// logits by up to 1.0 where f32 activations stay within 0.12. So f32 is the default.
-    pub fn with_q8_activations(mut self) -> Self {
-        self.q8_acts = true;
+    /// The default depends on the path and the format (see
+    /// `WeightFormat::q8_activations_by_default`): on AVX2 the K-quants and Q4_0 take 8-bit
+    /// activations, whose byte products run about four times the multiplies per instruction
+    /// of the f32 kernels. Elsewhere, and for Q4_1 and Q8_0 (the default model's formats, whose
+    /// golden test holds its logits within 0.05 of the reference engines), activations stay
+    /// f32: 8-bit blocks flatten the outliers of a SwiGLU output, moving the default model's
+    /// first-position logits by up to 0.5-1.0 where f32 activations stay within 0.12.
+    pub fn with_q8_activations(self) -> Self {
+        self.with_activations(true)
+    }
+
+    /// Makes the kernels take activations as f32 (the opt-out from 8-bit activations).
+    pub fn with_f32_activations(self) -> Self {
+        self.with_activations(false)
+    }
+
+    fn with_activations(mut self, q8: bool) -> Self {
+        self.q8_acts = q8;
         if let Storage::Parts(parts) = &mut self.storage {
             for p in parts.iter_mut() {
-                p.q8_acts = true;
+                p.q8_acts = q8;
             }
         }
         self

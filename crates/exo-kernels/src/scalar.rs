@@ -4,7 +4,7 @@
 use crate::acts::QuantizedActs;
 
 use crate::decode::{decode_k_block, k_block_bytes};
-use crate::matrix::{QuantMatrix, Storage};
+use crate::matrix::{QuantMatrix, Storage, WeightFormat};
 
 /// One output: row `row` of `w` dotted with activation row `t`.
 pub(crate) fn dot(w: &QuantMatrix, row: usize, a: &QuantizedActs, t: usize) -> f32 {
@@ -97,6 +97,22 @@ pub(crate) fn dot(w: &QuantMatrix, row: usize, a: &QuantizedActs, t: usize) -> f
             }
             acc
         }
+        Storage::Q4K(bytes) | Storage::Q5K(bytes) | Storage::Q6K(bytes) if w.q8_acts => {
+            let bb = k_block_bytes(w);
+            let per_row = cols / 256 * bb;
+            let row_bytes = &bytes[row * per_row..(row + 1) * per_row];
+            let mut acc = 0f32;
+            for (s, blk) in row_bytes.chunks_exact(bb).enumerate() {
+                let first = t * nb + s * 8;
+                let aq = &a.q[first * 32..(first + 8) * 32];
+                let (ad, asum) = (&a.d[first..first + 8], &a.sum[first..first + 8]);
+                acc += match w.format {
+                    WeightFormat::Q6K => q6k_q8(blk, aq, ad, &a.s16[first * 2..(first + 8) * 2]),
+                    f => q4k_q8(blk, f == WeightFormat::Q5K, aq, ad, asum),
+                };
+            }
+            acc
+        }
         Storage::Q4K(bytes) | Storage::Q5K(bytes) | Storage::Q6K(bytes) => {
             let mut buf = [0f32; 256];
             let bb = k_block_bytes(w);
@@ -123,4 +139,61 @@ fn nibble_dot(w: &[u8], a: &[i8]) -> i32 {
         s += (w[j] & 0x0f) as i32 * a[j] as i32 + (w[j] >> 4) as i32 * a[j + 16] as i32;
     }
     s
+}
+
+/// One repacked Q4_K (or Q5_K, `high`) super-block against 8-bit activations: per sub-block
+/// `d * scale * d_act * sum(q * q_act) - dmin * min * d_act * sum(q_act)`, as the SIMD kernels
+/// compute it (integer sums, then float).
+fn q4k_q8(b: &[u8], high: bool, aq: &[i8], ad: &[f32], asum: &[f32]) -> f32 {
+    let d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+    let dmin = half::f16::from_le_bytes([b[2], b[3]]).to_f32();
+    let (sc, m) = (&b[4..12], &b[12..20]);
+    let (qh, qs) = if high {
+        (&b[20..52], &b[52..180])
+    } else {
+        (&b[0..0], &b[20..148])
+    };
+    let mut acc = 0f32;
+    for j in 0..8 {
+        let q = &qs[(j / 2) * 32..(j / 2) * 32 + 32];
+        let mut isum = 0i32;
+        for l in 0..32 {
+            let mut v = if j % 2 == 0 { q[l] & 0x0f } else { q[l] >> 4 };
+            if high {
+                v |= ((qh[l] >> j) & 1) << 4;
+            }
+            isum += v as i32 * aq[j * 32 + l] as i32;
+        }
+        acc += d * sc[j] as f32 * ad[j] * isum as f32 - dmin * m[j] as f32 * asum[j];
+    }
+    acc
+}
+
+/// One Q6_K super-block (ggml's layout) against 8-bit activations: per block of 32,
+/// `d * d_act * sum over its two 16s of scale * sum((q - 32) * q_act)`, with the offset of 32
+/// taken through the activations' sums of 16 as the SIMD kernels do.
+fn q6k_q8(b: &[u8], aq: &[i8], ad: &[f32], s16: &[i16]) -> f32 {
+    let d = half::f16::from_le_bytes([b[208], b[209]]).to_f32();
+    let sc = &b[192..208];
+    let mut acc = 0f32;
+    for blk in 0..8 {
+        let (h, g) = (blk / 4, blk % 4);
+        let (ql, qh) = (&b[64 * h..64 * h + 64], &b[128 + 32 * h..128 + 32 * h + 32]);
+        let mut isum = 0i32;
+        for l in 0..32 {
+            let low = if g < 2 {
+                ql[l + 32 * (g & 1)] & 0x0f
+            } else {
+                ql[l + 32 * (g & 1)] >> 4
+            };
+            let q = (low | (((qh[l] >> (2 * g)) & 3) << 4)) as i32;
+            let scale = sc[2 * blk + l / 16] as i8 as i32;
+            isum += scale * q * aq[blk * 32 + l] as i32;
+        }
+        for k in 0..2 {
+            isum -= 32 * (sc[2 * blk + k] as i8 as i32) * s16[2 * blk + k] as i32;
+        }
+        acc += d * ad[blk] * isum as f32;
+    }
+    acc
 }
