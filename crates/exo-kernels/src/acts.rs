@@ -16,6 +16,13 @@ pub struct QuantizedActs {
     pub(crate) s16: Vec<i16>,
     /// The quantized values, 32 per block.
     pub(crate) q: Vec<i8>,
+    /// With two planes ([`QuantizedActs::quantize`]'s `fine`): what `q` leaves, in steps of
+    /// `d / 254`, so that a value is `d * (q + lo / 254)` (about 15 bits per value).
+    pub(crate) lo: Vec<i8>,
+    /// `sum(lo)` of each 16 values.
+    pub(crate) s16lo: Vec<i16>,
+    /// `d * (sum(q) + sum(lo) / 254)` of each block: `sum` for two planes.
+    pub(crate) sum_fine: Vec<f32>,
     /// The activations as given, for float and K-quant kernels.
     pub(crate) f: Vec<f32>,
     /// Sum of each 32-block of `f`, for 4-bit weights against f32 activations.
@@ -30,8 +37,9 @@ impl QuantizedActs {
         Self::default()
     }
 
-    /// Quantizes `x`, `rows` rows of `cols` values (`cols` a multiple of 32), reusing buffers.
-    pub(crate) fn quantize(&mut self, x: &[f32], rows: usize, cols: usize) {
+    /// Quantizes `x`, `rows` rows of `cols` values (`cols` a multiple of 32), reusing buffers;
+    /// with `fine`, also the second plane of what the first leaves.
+    pub(crate) fn quantize(&mut self, x: &[f32], rows: usize, cols: usize, fine: bool) {
         let blocks = rows * cols / 32;
         self.rows = rows;
         self.cols = cols;
@@ -58,6 +66,32 @@ impl QuantizedActs {
             // |sum of 16| <= 16 * 127, well inside i16.
             self.s16[b * 2] = half[0] as i16;
             self.s16[b * 2 + 1] = half[1] as i16;
+        }
+        if fine {
+            self.quantize_rest(x, blocks);
+        }
+    }
+
+    /// The second plane: each value's remainder after the first (at most half a step, `d / 2`)
+    /// in steps of `d / 254`.
+    fn quantize_rest(&mut self, x: &[f32], blocks: usize) {
+        self.lo.resize(blocks * 32, 0);
+        self.s16lo.resize(blocks * 2, 0);
+        self.sum_fine.resize(blocks, 0.0);
+        for (b, chunk) in x.chunks_exact(32).enumerate() {
+            let d = self.d[b];
+            let inv = if d > 0.0 { 254.0 / d } else { 0.0 };
+            let (q, lo) = (&self.q[b * 32..b * 32 + 32], &mut self.lo[b * 32..b * 32 + 32]);
+            let mut half = [0i32; 2];
+            for (i, ((o, v), &h)) in lo.iter_mut().zip(chunk).zip(q).enumerate() {
+                let r = (((v - d * h as f32) * inv).round() as i32).clamp(-127, 127);
+                *o = r as i8;
+                half[i / 16] += r;
+            }
+            self.s16lo[b * 2] = half[0] as i16;
+            self.s16lo[b * 2 + 1] = half[1] as i16;
+            let high = self.s16[b * 2] as i32 + self.s16[b * 2 + 1] as i32;
+            self.sum_fine[b] = d / 254.0 * (254 * high + half[0] + half[1]) as f32;
         }
     }
 

@@ -140,6 +140,10 @@ fn dot(isa: Isa, w: &QuantMatrix, row: usize, a: &QuantizedActs, t: usize) -> f3
                     }
                 };
             }
+            if w.fine || !wide {
+                let [[v]] = int_q8_rows::<1, 1>(w, row, a, t);
+                return v;
+            }
             let r = row_args(wd, wm, wq, a, t * nb, t * nb * 32, nb);
             return unsafe {
                 match (kind, wide) {
@@ -188,6 +192,10 @@ fn neon_rows<const R: usize>(
 ) -> Option<[f32; R]> {
     let (cols, nb) = (w.cols, w.cols / 32);
     let (wd, wm, wq, kind) = int_rows(w, row, R)?;
+    if w.q8_acts && w.fine {
+        // Two planes: the scalar code.
+        return None;
+    }
     if w.q8_acts {
         let r = row_args(wd, wm, wq, a, t * nb, t * nb * 32, nb);
         // SAFETY: the caller checked NEON as supported; `r` holds `R` rows of `nb` blocks and
@@ -221,11 +229,7 @@ fn x86_rows<const R: usize, const T: usize>(
     let (cols, nb) = (w.cols, w.cols / 32);
     let (wd, wm, wq, kind) = int_rows(w, row, R)?;
     if w.q8_acts {
-        let rows = x86_q8::IntRows { wd, wm, wq };
-        let acts = std::array::from_fn(|k| q8_row(a, t + k, nb));
-        // SAFETY: the caller checked AVX2 as supported; `rows` holds `R` whole rows and each
-        // activation row `nb` blocks.
-        return Some(unsafe { x86_q8::int_q8::<R, T>(&rows, acts, nb, kind) });
+        return Some(int_q8_rows::<R, T>(w, row, a, t));
     }
     let r = row_args(wd, wm, wq, a, 0, 0, 0);
     let x: [&[f32]; T] = std::array::from_fn(|k| &a.f[(t + k) * cols..(t + k + 1) * cols]);
@@ -233,6 +237,34 @@ fn x86_rows<const R: usize, const T: usize>(
     // SAFETY: the caller checked AVX2 as supported; `r` holds `R` whole rows, each `x` `cols`
     // values and each `xsum` `nb` sums.
     Some(unsafe { x86::int_rows_avx2::<R, T>(&r, x, xsum, nb, kind) })
+}
+
+/// Rows `row..row + R` of a Q4_0, Q4_1 or Q8_0 matrix that takes 8-bit activations against
+/// activation rows `t..t + T` with the AVX2 integer kernels (on either x86 path: AVX-512 CPUs
+/// have AVX2); zeros for other formats, which callers do not pass.
+#[cfg(target_arch = "x86_64")]
+fn int_q8_rows<const R: usize, const T: usize>(
+    w: &QuantMatrix,
+    row: usize,
+    a: &QuantizedActs,
+    t: usize,
+) -> [[f32; T]; R] {
+    let nb = w.cols / 32;
+    let Some((wd, wm, wq, kind)) = int_rows(w, row, R) else {
+        return [[0.0; T]; R];
+    };
+    let rows = x86_q8::IntRows { wd, wm, wq };
+    let acts = std::array::from_fn(|k| q8_row(a, t + k, nb, w.fine));
+    // SAFETY: callers reach this only on an x86 path checked as supported (both include AVX2
+    // and FMA); `rows` holds `R` whole rows and each activation row `nb` blocks (with the
+    // second plane where the matrix asks for it: `matmul_with` quantized so).
+    unsafe {
+        if w.fine {
+            x86_q8::int_q8::<R, T, true>(&rows, acts, nb, kind)
+        } else {
+            x86_q8::int_q8::<R, T, false>(&rows, acts, nb, kind)
+        }
+    }
 }
 
 /// Rows `row..row + R` of a K-quant or 16-bit float matrix against activation rows
@@ -293,15 +325,19 @@ fn k_quant_rows<const R: usize, const T: usize>(
     let per_row = nsb * block;
     let rows = &bytes[row * per_row..(row + R) * per_row];
     if w.q8_acts {
-        let acts = std::array::from_fn(|k| q8_row(a, t + k, nsb * 8));
+        let acts = std::array::from_fn(|k| q8_row(a, t + k, nsb * 8, w.fine));
         // SAFETY: both x86 paths include AVX2, FMA and F16C, and `isa` was checked as
         // supported; `rows` holds `R` rows of `nsb` super-blocks and each activation row
-        // `nsb * 8` blocks.
+        // `nsb * 8` blocks (with the second plane where the matrix asks for it).
         return Some(unsafe {
-            match format {
-                WeightFormat::Q4K => x86_q8::q4k_q8::<R, T, false>(rows, per_row, acts, nsb),
-                WeightFormat::Q5K => x86_q8::q4k_q8::<R, T, true>(rows, per_row, acts, nsb),
-                _ => x86_q8::q6k_q8::<R, T>(rows, per_row, acts, nsb),
+            use x86_q8::{q4k_q8, q6k_q8};
+            match (format, w.fine) {
+                (WeightFormat::Q4K, false) => q4k_q8::<R, T, false, false>(rows, per_row, acts, nsb),
+                (WeightFormat::Q4K, true) => q4k_q8::<R, T, false, true>(rows, per_row, acts, nsb),
+                (WeightFormat::Q5K, false) => q4k_q8::<R, T, true, false>(rows, per_row, acts, nsb),
+                (WeightFormat::Q5K, true) => q4k_q8::<R, T, true, true>(rows, per_row, acts, nsb),
+                (_, false) => q6k_q8::<R, T, false>(rows, per_row, acts, nsb),
+                (_, true) => q6k_q8::<R, T, true>(rows, per_row, acts, nsb),
             }
         });
     }
@@ -324,14 +360,27 @@ fn k_quant_rows<const R: usize, const T: usize>(
     })
 }
 
-/// Activation row `t` (of `nb` blocks) quantized, as the 8-bit kernels read it.
+/// Activation row `t` (of `nb` blocks) quantized, as the 8-bit kernels read it; with `fine`,
+/// the second plane too (the caller quantized with it).
 #[cfg(target_arch = "x86_64")]
-fn q8_row(a: &QuantizedActs, t: usize, nb: usize) -> x86_q8::Q8Row<'_> {
+fn q8_row(a: &QuantizedActs, t: usize, nb: usize, fine: bool) -> x86_q8::Q8Row<'_> {
+    let blocks = t * nb..(t + 1) * nb;
+    let (sum, lo, s16lo): (&[f32], &[i8], &[i16]) = if fine {
+        (
+            &a.sum_fine[blocks.clone()],
+            &a.lo[t * nb * 32..(t + 1) * nb * 32],
+            &a.s16lo[t * nb * 2..(t + 1) * nb * 2],
+        )
+    } else {
+        (&a.sum[blocks.clone()], &[], &[])
+    };
     x86_q8::Q8Row {
-        d: &a.d[t * nb..(t + 1) * nb],
-        sum: &a.sum[t * nb..(t + 1) * nb],
+        d: &a.d[blocks],
+        sum,
         s16: &a.s16[t * nb * 2..(t + 1) * nb * 2],
         q: &a.q[t * nb * 32..(t + 1) * nb * 32],
+        lo,
+        s16lo,
     }
 }
 
@@ -578,7 +627,7 @@ pub fn matmul_with(
     }
     let isa = if isa.is_supported() { isa } else { Isa::Scalar };
     if w.uses_q8_activations() {
-        acts.quantize(x, n, w.cols);
+        acts.quantize(x, n, w.cols, w.uses_q16_activations());
     } else {
         acts.keep_f32(x, n, w.cols);
     }

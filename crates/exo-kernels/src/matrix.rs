@@ -81,25 +81,36 @@ impl WeightFormat {
     }
 
     /// Whether a matrix of this format takes 8-bit activations unless told otherwise: on the
-    /// AVX2 path (the CPU's best), for the formats whose integer kernels measured faster there
-    /// and keep the default model's logits close to the f32 path's (see `docs/benchmarks.md`,
-    /// "Kernel notes"). `EXO_KERNELS_ACTS=f32` turns the default off, `q8` on for every
-    /// integer format.
+    /// AVX2 path (the CPU's best), where the integer kernels measured faster for every integer
+    /// format; elsewhere f32 (see `docs/benchmarks.md`, "Kernel notes").
+    /// `EXO_KERNELS_ACTS=f32` turns the default off; `q8` (one plane) or `q16` (two planes)
+    /// turns it on for every integer format on every path.
     pub(crate) fn q8_activations_by_default(self) -> bool {
-        static CHOICE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-        let choice = CHOICE.get_or_init(|| std::env::var("EXO_KERNELS_ACTS").unwrap_or_default());
-        match choice.as_str() {
+        match acts_choice() {
             "f32" => false,
-            "q8" => self.uses_q8_activations(),
-            _ => {
-                crate::Isa::detected() == crate::Isa::Avx2
-                    && matches!(
-                        self,
-                        WeightFormat::Q4K | WeightFormat::Q5K | WeightFormat::Q6K | WeightFormat::Q4_0
-                    )
-            }
+            "q8" | "q16" => self.uses_q8_activations(),
+            _ => crate::Isa::detected() == crate::Isa::Avx2 && self.uses_q8_activations(),
         }
     }
+
+    /// With 8-bit activations by default, whether they take the second plane too (see
+    /// [`QuantMatrix::with_q16_activations`]): for Q4_1 and Q8_0, the default model's
+    /// formats, whose golden test holds its logits within 0.05 of the reference engines (one
+    /// plane moves them by 0.2-0.5).
+    pub(crate) fn fine_activations_by_default(self) -> bool {
+        self.q8_activations_by_default()
+            && match acts_choice() {
+                "q8" => false,
+                "q16" => true,
+                _ => matches!(self, WeightFormat::Q4_1 | WeightFormat::Q8_0),
+            }
+    }
+}
+
+/// `EXO_KERNELS_ACTS`, read once.
+fn acts_choice() -> &'static str {
+    static CHOICE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    CHOICE.get_or_init(|| std::env::var("EXO_KERNELS_ACTS").unwrap_or_default())
 }
 
 impl std::fmt::Display for WeightFormat {
@@ -183,6 +194,8 @@ pub struct QuantMatrix {
     pub(crate) format: WeightFormat,
     /// Integer formats take activations quantized to 8-bit blocks instead of f32.
     pub(crate) q8_acts: bool,
+    /// With `q8_acts`: activations as two 8-bit planes (`QuantizedActs::lo`), about 15 bits.
+    pub(crate) fine: bool,
     pub(crate) rows: usize,
     pub(crate) cols: usize,
     pub(crate) storage: Storage,
@@ -282,6 +295,7 @@ impl QuantMatrix {
         Ok(QuantMatrix {
             format,
             q8_acts: format.q8_activations_by_default(),
+            fine: format.fine_activations_by_default(),
             rows,
             cols,
             storage,
@@ -385,6 +399,7 @@ impl QuantMatrix {
         Ok(QuantMatrix {
             format,
             q8_acts: format.q8_activations_by_default(),
+            fine: format.fine_activations_by_default(),
             rows,
             cols,
             storage,
@@ -421,7 +436,7 @@ impl QuantMatrix {
         let mut run: Vec<&QuantMatrix> = Vec::new();
         for p in flat {
             if let Some(last) = run.last()
-                && (last.format != p.format || last.q8_acts != p.q8_acts)
+                && (last.format != p.format || last.q8_acts != p.q8_acts || last.fine != p.fine)
             {
                 groups.push(stack_same(&run));
                 run.clear();
@@ -436,6 +451,7 @@ impl QuantMatrix {
         Ok(QuantMatrix {
             format: groups[0].format,
             q8_acts: groups.iter().any(|g| g.q8_acts),
+            fine: groups.iter().any(|g| g.fine),
             rows,
             cols,
             storage: Storage::Parts(groups),
@@ -453,22 +469,39 @@ impl QuantMatrix {
     /// f32: 8-bit blocks flatten the outliers of a SwiGLU output, moving the default model's
     /// first-position logits by up to 0.5-1.0 where f32 activations stay within 0.12.
     pub fn with_q8_activations(self) -> Self {
-        self.with_activations(true)
+        self.with_activations(true, false)
+    }
+
+    /// Makes the integer kernels quantize activations to two 8-bit planes, the second holding
+    /// what the first leaves in steps of 1/254 of the first's (about 15 bits per value): the
+    /// byte products of 8-bit activations at twice their integer work, with errors near f32's.
+    pub fn with_q16_activations(self) -> Self {
+        self.with_activations(true, true)
     }
 
     /// Makes the kernels take activations as f32 (the opt-out from 8-bit activations).
     pub fn with_f32_activations(self) -> Self {
-        self.with_activations(false)
+        self.with_activations(false, false)
     }
 
-    fn with_activations(mut self, q8: bool) -> Self {
+    fn with_activations(mut self, q8: bool, fine: bool) -> Self {
         self.q8_acts = q8;
+        self.fine = fine;
         if let Storage::Parts(parts) = &mut self.storage {
             for p in parts.iter_mut() {
                 p.q8_acts = q8;
+                p.fine = fine;
             }
         }
         self
+    }
+
+    /// Whether the kernels quantize this matrix's activations to two 8-bit planes.
+    pub fn uses_q16_activations(&self) -> bool {
+        match &self.storage {
+            Storage::Parts(parts) => parts.iter().any(QuantMatrix::uses_q16_activations),
+            _ => self.uses_q8_activations() && self.fine,
+        }
     }
 
     /// Whether the kernels quantize this matrix's activations to 8-bit blocks.
@@ -606,6 +639,7 @@ fn stack_same(parts: &[&QuantMatrix]) -> QuantMatrix {
     QuantMatrix {
         format: first.format,
         q8_acts: first.q8_acts,
+        fine: first.fine,
         rows,
         cols: first.cols,
         storage,

@@ -26,6 +26,10 @@ pub(crate) struct Q8Row<'a> {
     pub(crate) s16: &'a [i16],
     /// The quants, 32 per block.
     pub(crate) q: &'a [i8],
+    /// The second plane (empty without one): what `q` leaves, in steps of `d / 254`.
+    pub(crate) lo: &'a [i8],
+    /// Integer sum of each 16 of the second plane (empty without one).
+    pub(crate) s16lo: &'a [i16],
 }
 
 /// Scales, minimums (Q4_1 only) and quant bytes of `R` consecutive rows of a Q4_0, Q4_1 or
@@ -57,6 +61,27 @@ const fn k_layout(high: bool) -> (usize, usize) {
     }
 }
 
+/// With a second plane, `254 * dot(w, hi) + dot(w, lo)`, in units of `d / 254` (see
+/// [`dot_u8_i8`]); without, `dot(w, hi)`.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn dot_planes<const FINE: bool>(w: __m256i, hi: *const i8, lo: *const i8) -> __m256i {
+    let a = _mm256_loadu_si256(hi as *const __m256i);
+    if !FINE {
+        return dot_u8_i8(w, a);
+    }
+    let b = _mm256_loadu_si256(lo as *const __m256i);
+    _mm256_add_epi32(
+        _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(254)),
+        dot_u8_i8(w, b),
+    )
+}
+
+/// The factor of a block's scale for the integer sums of [`dot_planes`].
+const fn unit<const FINE: bool>() -> f32 {
+    if FINE { 1.0 / 254.0 } else { 1.0 }
+}
+
 /// The sum of `vpmaddubsw(w, a)` pairs as eight 32-bit lanes (lane `m` covers elements
 /// `4m..4m + 4`): unsigned weight bytes times signed activation bytes.
 #[target_feature(enable = "avx2,fma")]
@@ -75,7 +100,7 @@ unsafe fn dot_u8_i8(w: __m256i, a: __m256i) -> __m256i {
 /// The CPU must support AVX2, FMA and F16C; `w` holds `R` rows of `nsb` super-blocks and each
 /// activation row `nsb * 8` blocks.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn q4k_q8<const R: usize, const T: usize, const HIGH: bool>(
+pub(crate) unsafe fn q4k_q8<const R: usize, const T: usize, const HIGH: bool, const FINE: bool>(
     w: &[u8],
     row_bytes: usize,
     a: [Q8Row<'_>; T],
@@ -102,6 +127,7 @@ pub(crate) unsafe fn q4k_q8<const R: usize, const T: usize, const HIGH: bool>(
             };
             let sc = _mm256_mul_ps(bytes(Q4K_SCALES), _mm256_set1_ps(f16_at(b)));
             let mins = _mm256_mul_ps(bytes(Q4K_MINS), _mm256_set1_ps(f16_at(b.add(2))));
+            let sc = _mm256_mul_ps(sc, _mm256_set1_ps(unit::<FINE>()));
             for t in 0..T {
                 let ad = _mm256_loadu_ps(a[t].d.as_ptr().add(s * 8));
                 _mm256_storeu_ps(scale[r][t].as_mut_ptr(), _mm256_mul_ps(sc, ad));
@@ -126,21 +152,13 @@ pub(crate) unsafe fn q4k_q8<const R: usize, const T: usize, const HIGH: bool>(
                 }
                 for t in 0..T {
                     let e = s * 256 + c * 64;
-                    let ap = a[t].q.as_ptr().add(e);
-                    let a0 = _mm256_loadu_si256(ap as *const __m256i);
-                    let a1 = _mm256_loadu_si256(ap.add(32) as *const __m256i);
+                    let (ap, bp) = (a[t].q.as_ptr().add(e), a[t].lo.as_ptr().wrapping_add(e));
                     let s0 = _mm256_set1_ps(scale[r][t][2 * c]);
                     let s1 = _mm256_set1_ps(scale[r][t][2 * c + 1]);
-                    acc[r][t] = _mm256_fmadd_ps(
-                        _mm256_cvtepi32_ps(dot_u8_i8(lo, a0)),
-                        s0,
-                        acc[r][t],
-                    );
-                    acc[r][t] = _mm256_fmadd_ps(
-                        _mm256_cvtepi32_ps(dot_u8_i8(hi, a1)),
-                        s1,
-                        acc[r][t],
-                    );
+                    let p0 = dot_planes::<FINE>(lo, ap, bp);
+                    let p1 = dot_planes::<FINE>(hi, ap.add(32), bp.wrapping_add(32));
+                    acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), s0, acc[r][t]);
+                    acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), s1, acc[r][t]);
                 }
             }
         }
@@ -205,7 +223,7 @@ unsafe fn q6k_unsigned(ql: *const u8, qh: *const u8, g: usize) -> __m256i {
 /// The CPU must support AVX2, FMA and F16C; `w` holds `R` rows of `nsb` super-blocks and each
 /// activation row `nsb * 8` blocks.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn q6k_q8<const R: usize, const T: usize>(
+pub(crate) unsafe fn q6k_q8<const R: usize, const T: usize, const FINE: bool>(
     w: &[u8],
     row_bytes: usize,
     a: [Q8Row<'_>; T],
@@ -222,14 +240,21 @@ pub(crate) unsafe fn q6k_q8<const R: usize, const T: usize>(
                     _mm_prefetch::<_MM_HINT_T0>(b.add(Q6K_BYTES + line - 64) as *const i8);
                 }
             }
-            let d = _mm256_set1_ps(f16_at(b.add(Q6K_D)));
+            let d = _mm256_set1_ps(f16_at(b.add(Q6K_D)) * unit::<FINE>());
             let sc = _mm256_cvtepi8_epi16(_mm_loadu_si128(b.add(Q6K_SCALES) as *const __m128i));
             for t in 0..T {
                 let dd = _mm256_mul_ps(d, _mm256_loadu_ps(a[t].d.as_ptr().add(s * 8)));
                 _mm256_storeu_ps(scale[r][t].as_mut_ptr(), dd);
                 // 32 * sum over each block's two 16s of scale * sum16(q_act), lane b for block b.
                 let s16 = _mm256_loadu_si256(a[t].s16.as_ptr().add(s * 16) as *const __m256i);
-                let off = _mm256_cvtepi32_ps(_mm256_slli_epi32(_mm256_madd_epi16(sc, s16), 5));
+                let mut off = _mm256_madd_epi16(sc, s16);
+                if FINE {
+                    let lo = a[t].s16lo.as_ptr().add(s * 16);
+                    let lo = _mm256_madd_epi16(sc, _mm256_loadu_si256(lo as *const __m256i));
+                    off = _mm256_add_epi32(_mm256_mullo_epi32(off, _mm256_set1_epi32(254)), lo);
+                }
+                // Times 32 in float: with two planes the integer may pass 2^31 / 32.
+                let off = _mm256_mul_ps(_mm256_cvtepi32_ps(off), _mm256_set1_ps(32.0));
                 acc[r][t] = _mm256_fnmadd_ps(off, dd, acc[r][t]);
             }
         }
@@ -242,10 +267,24 @@ pub(crate) unsafe fn q6k_q8<const R: usize, const T: usize>(
                     let q = q6k_unsigned(b.add(h * 64), b.add(Q6K_HIGH + h * 32), g);
                     let raw = _mm_loadu_si128(b.add(Q6K_SCALES) as *const __m128i);
                     let sc = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(raw, shuffle));
+                    // |scale| <= 128, so 254 * scale still fits 16 bits.
+                    let sc_hi = if FINE {
+                        _mm256_mullo_epi16(sc, _mm256_set1_epi16(254))
+                    } else {
+                        sc
+                    };
                     for t in 0..T {
-                        let ap = a[t].q.as_ptr().add(s * 256 + blk * 32);
+                        let e = s * 256 + blk * 32;
+                        let ap = a[t].q.as_ptr().add(e);
                         let av = _mm256_loadu_si256(ap as *const __m256i);
-                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, av), sc);
+                        let mut p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, av), sc_hi);
+                        if FINE {
+                            let bv = _mm256_loadu_si256(a[t].lo.as_ptr().add(e) as *const __m256i);
+                            p = _mm256_add_epi32(
+                                p,
+                                _mm256_madd_epi16(_mm256_maddubs_epi16(q, bv), sc),
+                            );
+                        }
                         acc[r][t] = _mm256_fmadd_ps(
                             _mm256_cvtepi32_ps(p),
                             _mm256_set1_ps(scale[r][t][blk]),
@@ -274,7 +313,7 @@ pub(crate) unsafe fn q6k_q8<const R: usize, const T: usize>(
 /// The CPU must support AVX2 and FMA; `w` holds `R` rows of `nb` blocks (`w.wm` too for
 /// Q4_1) and each activation row `nb` blocks.
 #[target_feature(enable = "avx2,fma")]
-pub(crate) unsafe fn int_q8<const R: usize, const T: usize>(
+pub(crate) unsafe fn int_q8<const R: usize, const T: usize, const FINE: bool>(
     w: &IntRows<'_>,
     a: [Q8Row<'_>; T],
     nb: usize,
@@ -307,13 +346,24 @@ pub(crate) unsafe fn int_q8<const R: usize, const T: usize>(
                     (_mm256_sign_epi8(v, v), Some(v))
                 }
             };
-            let d = w.wd[i];
+            let d = w.wd[i] * unit::<FINE>();
             for t in 0..T {
                 let mut av = _mm256_loadu_si256(a[t].q.as_ptr().add(b * 32) as *const __m256i);
                 if let Some(v) = sign {
                     av = _mm256_sign_epi8(av, v);
                 }
-                let p = _mm256_cvtepi32_ps(dot_u8_i8(wv, av));
+                let p = if FINE {
+                    let lp = a[t].lo.as_ptr().add(b * 32);
+                    let mut bv = _mm256_loadu_si256(lp as *const __m256i);
+                    if let Some(v) = sign {
+                        bv = _mm256_sign_epi8(bv, v);
+                    }
+                    let hi = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, av), _mm256_set1_epi16(254));
+                    _mm256_add_epi32(hi, dot_u8_i8(wv, bv))
+                } else {
+                    dot_u8_i8(wv, av)
+                };
+                let p = _mm256_cvtepi32_ps(p);
                 acc[k][t] = _mm256_fmadd_ps(p, _mm256_set1_ps(d * a[t].d[b]), acc[k][t]);
             }
         }
