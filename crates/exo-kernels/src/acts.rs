@@ -29,6 +29,10 @@ pub struct QuantizedActs {
     pub(crate) fsum: Vec<f32>,
     pub(crate) rows: usize,
     pub(crate) cols: usize,
+    /// Set per product: matrices whose default is two planes take f32 activations instead
+    /// (prefill, where the f32 kernels' widened weights serve four tokens and measured faster
+    /// than twice the byte products).
+    pub(crate) fine_as_f32: bool,
 }
 
 impl QuantizedActs {

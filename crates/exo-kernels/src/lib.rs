@@ -116,6 +116,12 @@ impl Isa {
     }
 }
 
+/// Whether this product takes `w`'s (one part's) activations quantized: as the matrix asks,
+/// except that a two-plane matrix takes f32 ones where the caller set `fine_as_f32`.
+pub(crate) fn takes_q8(w: &QuantMatrix, a: &QuantizedActs) -> bool {
+    w.q8_acts && !(w.fine && a.fine_as_f32)
+}
+
 /// One output value with the chosen path (`isa` must be supported; callers check).
 #[inline]
 fn dot(isa: Isa, w: &QuantMatrix, row: usize, a: &QuantizedActs, t: usize) -> f32 {
@@ -128,7 +134,7 @@ fn dot(isa: Isa, w: &QuantMatrix, row: usize, a: &QuantizedActs, t: usize) -> f3
         // SAFETY (every call below): `isa` was checked as supported by the CPU before dispatch,
         // and every slice covers exactly `nb` blocks of this row and this token.
         if let Some((wd, wm, wq, kind)) = int_rows(w, row, 1) {
-            if !w.q8_acts {
+            if !takes_q8(w, a) {
                 let r = row_args(wd, wm, wq, a, 0, 0, 0);
                 let xsum = &a.fsum[t * nb..(t + 1) * nb];
                 return unsafe {
@@ -192,11 +198,11 @@ fn neon_rows<const R: usize>(
 ) -> Option<[f32; R]> {
     let (cols, nb) = (w.cols, w.cols / 32);
     let (wd, wm, wq, kind) = int_rows(w, row, R)?;
-    if w.q8_acts && w.fine {
+    if takes_q8(w, a) && w.fine {
         // Two planes: the scalar code.
         return None;
     }
-    if w.q8_acts {
+    if takes_q8(w, a) {
         let r = row_args(wd, wm, wq, a, t * nb, t * nb * 32, nb);
         // SAFETY: the caller checked NEON as supported; `r` holds `R` rows of `nb` blocks and
         // the `nb` activation blocks of token `t`.
@@ -228,7 +234,7 @@ fn x86_rows<const R: usize, const T: usize>(
     }
     let (cols, nb) = (w.cols, w.cols / 32);
     let (wd, wm, wq, kind) = int_rows(w, row, R)?;
-    if w.q8_acts {
+    if takes_q8(w, a) {
         return Some(int_q8_rows::<R, T>(w, row, a, t));
     }
     let r = row_args(wd, wm, wq, a, 0, 0, 0);
@@ -259,10 +265,14 @@ fn int_q8_rows<const R: usize, const T: usize>(
     // and FMA); `rows` holds `R` whole rows and each activation row `nb` blocks (with the
     // second plane where the matrix asks for it: `matmul_with` quantized so).
     unsafe {
-        if w.fine {
-            x86_q8::int_q8::<R, T, true>(&rows, acts, nb, kind)
-        } else {
-            x86_q8::int_q8::<R, T, false>(&rows, acts, nb, kind)
+        use x86_q8::{Q4_0, Q4_1, Q8_0, int_q8};
+        match (kind, w.fine) {
+            (BlockKind::Q4 { offset: true }, false) => int_q8::<R, T, false, Q4_0>(&rows, acts, nb),
+            (BlockKind::Q4 { offset: true }, true) => int_q8::<R, T, true, Q4_0>(&rows, acts, nb),
+            (BlockKind::Q4 { offset: false }, false) => int_q8::<R, T, false, Q4_1>(&rows, acts, nb),
+            (BlockKind::Q4 { offset: false }, true) => int_q8::<R, T, true, Q4_1>(&rows, acts, nb),
+            (BlockKind::Q8, false) => int_q8::<R, T, false, Q8_0>(&rows, acts, nb),
+            (BlockKind::Q8, true) => int_q8::<R, T, true, Q8_0>(&rows, acts, nb),
         }
     }
 }
@@ -324,7 +334,7 @@ fn k_quant_rows<const R: usize, const T: usize>(
     let (cols, nsb) = (w.cols, w.cols / 256);
     let per_row = nsb * block;
     let rows = &bytes[row * per_row..(row + R) * per_row];
-    if w.q8_acts {
+    if takes_q8(w, a) {
         let acts = std::array::from_fn(|k| q8_row(a, t + k, nsb * 8, w.fine));
         // SAFETY: both x86 paths include AVX2, FMA and F16C, and `isa` was checked as
         // supported; `rows` holds `R` rows of `nsb` super-blocks and each activation row
@@ -472,7 +482,7 @@ fn dot4(isa: Isa, w: &QuantMatrix, row: usize, a: &QuantizedActs, t: usize) -> O
     // Q4_0/Q4_1/Q8_0 with 8-bit activations: four rows share each activation load.
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx2
-        && w.q8_acts
+        && takes_q8(w, a)
         && row + 4 <= w.rows
         && let Some(four) = x86_rows::<4, 1>(isa, w, row, a, t)
     {
@@ -483,7 +493,7 @@ fn dot4(isa: Isa, w: &QuantMatrix, row: usize, a: &QuantizedActs, t: usize) -> O
         return neon_rows::<4>(w, row, a, t);
     }
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512Vnni && !w.q8_acts && row + 4 <= w.rows {
+    if isa == Isa::Avx512Vnni && !takes_q8(w, a) && row + 4 <= w.rows {
         let (cols, nb) = (w.cols, w.cols / 32);
         let (wd, wm, wq, kind) = int_rows(w, row, 4)?;
         let r = row_args(wd, wm, wq, a, 0, 0, 0);
@@ -526,7 +536,7 @@ fn dot4x4(
         }
     }
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512Vnni && !w.q8_acts && row + 4 <= w.rows && t + 4 <= a.rows {
+    if isa == Isa::Avx512Vnni && !takes_q8(w, a) && row + 4 <= w.rows && t + 4 <= a.rows {
         let (cols, nb) = (w.cols, w.cols / 32);
         let (wd, wm, wq, kind) = int_rows(w, row, 4)?;
         let r = row_args(wd, wm, wq, a, 0, 0, 0);
@@ -626,8 +636,10 @@ pub fn matmul_with(
         });
     }
     let isa = if isa.is_supported() { isa } else { Isa::Scalar };
-    if w.uses_q8_activations() {
-        acts.quantize(x, n, w.cols, w.uses_q16_activations());
+    // Prefill tiles of four tokens and more run two-plane matrices on f32 activations.
+    acts.fine_as_f32 = n >= 4;
+    if w.quantizes_activations(acts.fine_as_f32) {
+        acts.quantize(x, n, w.cols, !acts.fine_as_f32 && w.uses_q16_activations());
     } else {
         acts.keep_f32(x, n, w.cols);
     }

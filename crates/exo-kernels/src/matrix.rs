@@ -81,28 +81,33 @@ impl WeightFormat {
     }
 
     /// Whether a matrix of this format takes 8-bit activations unless told otherwise: on the
-    /// AVX2 path (the CPU's best), where the integer kernels measured faster for every integer
-    /// format; elsewhere f32 (see `docs/benchmarks.md`, "Kernel notes").
-    /// `EXO_KERNELS_ACTS=f32` turns the default off; `q8` (one plane) or `q16` (two planes)
-    /// turns it on for every integer format on every path.
+    /// AVX2 path (the CPU's best), for the formats whose integer kernels measured faster there
+    /// (all but Q8_0, which reads as many bytes per weight as its f32 kernel can multiply);
+    /// elsewhere f32 (see `docs/benchmarks.md`, "Kernel notes"). `EXO_KERNELS_ACTS=f32` turns
+    /// the default off; `q8` (one plane) or `q16` (two planes) turns it on for every integer
+    /// format on every path.
     pub(crate) fn q8_activations_by_default(self) -> bool {
         match acts_choice() {
             "f32" => false,
             "q8" | "q16" => self.uses_q8_activations(),
-            _ => crate::Isa::detected() == crate::Isa::Avx2 && self.uses_q8_activations(),
+            _ => {
+                crate::Isa::detected() == crate::Isa::Avx2
+                    && self.uses_q8_activations()
+                    && self != WeightFormat::Q8_0
+            }
         }
     }
 
     /// With 8-bit activations by default, whether they take the second plane too (see
-    /// [`QuantMatrix::with_q16_activations`]): for Q4_1 and Q8_0, the default model's
-    /// formats, whose golden test holds its logits within 0.05 of the reference engines (one
-    /// plane moves them by 0.2-0.5).
+    /// [`QuantMatrix::with_q16_activations`]): for Q4_1, the default model's format, whose
+    /// golden test holds its logits within 0.05 of the reference engines (one plane moves
+    /// them by more than 0.5 there).
     pub(crate) fn fine_activations_by_default(self) -> bool {
         self.q8_activations_by_default()
             && match acts_choice() {
                 "q8" => false,
                 "q16" => true,
-                _ => matches!(self, WeightFormat::Q4_1 | WeightFormat::Q8_0),
+                _ => self == WeightFormat::Q4_1,
             }
     }
 }
@@ -475,6 +480,8 @@ impl QuantMatrix {
     /// Makes the integer kernels quantize activations to two 8-bit planes, the second holding
     /// what the first leaves in steps of 1/254 of the first's (about 15 bits per value): the
     /// byte products of 8-bit activations at twice their integer work, with errors near f32's.
+    /// Products of four tokens or more (prefill) take f32 activations instead: there the f32
+    /// kernels widen each weight once for four tokens and measured faster.
     pub fn with_q16_activations(self) -> Self {
         self.with_activations(true, true)
     }
@@ -494,6 +501,15 @@ impl QuantMatrix {
             }
         }
         self
+    }
+
+    /// Whether a product quantizes the activations: some part takes 8-bit activations, and
+    /// with `fine_as_f32` one that is not two-plane.
+    pub(crate) fn quantizes_activations(&self, fine_as_f32: bool) -> bool {
+        match &self.storage {
+            Storage::Parts(parts) => parts.iter().any(|p| p.quantizes_activations(fine_as_f32)),
+            _ => self.uses_q8_activations() && !(self.fine && fine_as_f32),
+        }
     }
 
     /// Whether the kernels quantize this matrix's activations to two 8-bit planes.

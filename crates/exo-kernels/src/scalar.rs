@@ -27,7 +27,7 @@ pub(crate) fn dot(w: &QuantMatrix, row: usize, a: &QuantizedActs, t: usize) -> f
             .zip(x)
             .map(|(a, b)| a.to_f32() * b)
             .sum(),
-        Storage::Q8_0 { d, q } if !w.q8_acts => {
+        Storage::Q8_0 { d, q } if !crate::takes_q8(w, a) => {
             let mut acc = 0f32;
             for b in 0..nb {
                 let wq = &q[(row * nb + b) * 32..][..32];
@@ -40,7 +40,7 @@ pub(crate) fn dot(w: &QuantMatrix, row: usize, a: &QuantizedActs, t: usize) -> f
             }
             acc
         }
-        Storage::Q4_0 { d, q } | Storage::Q4_1 { d, q, .. } if !w.q8_acts => {
+        Storage::Q4_0 { d, q } | Storage::Q4_1 { d, q, .. } if !crate::takes_q8(w, a) => {
             let min = match &w.storage {
                 Storage::Q4_1 { m, .. } => Some(m),
                 _ => None,
@@ -92,7 +92,7 @@ pub(crate) fn dot(w: &QuantMatrix, row: usize, a: &QuantizedActs, t: usize) -> f
             }
             acc
         }
-        Storage::Q4K(bytes) | Storage::Q5K(bytes) | Storage::Q6K(bytes) if w.q8_acts => {
+        Storage::Q4K(bytes) | Storage::Q5K(bytes) | Storage::Q6K(bytes) if crate::takes_q8(w, a) => {
             let acts = Acts::of(w, a, t);
             let bb = k_block_bytes(w);
             let per_row = cols / 256 * bb;

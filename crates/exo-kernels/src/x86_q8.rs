@@ -12,7 +12,6 @@
 
 use std::arch::x86_64::*;
 
-use crate::BlockKind;
 use crate::x86::{f16_at, hsum256};
 
 /// One activation row, quantized: `nb` blocks of 32.
@@ -304,81 +303,82 @@ pub(crate) unsafe fn q6k_q8<const R: usize, const T: usize, const FINE: bool>(
     out
 }
 
-/// `R` consecutive rows of a Q4_0, Q4_1 or Q8_0 matrix (`nb` blocks per row) against `T`
-/// activation rows quantized to 8 bits: per block the integer dot product, scaled by
-/// `d_w * d_act`; Q4_0's offset of 8 and Q4_1's minimum come off with the blocks' activation
-/// sums at the end. Returns `out[row][token]`.
+/// Block kinds of [`int_q8`].
+pub(crate) const Q4_0: u8 = 0;
+pub(crate) const Q4_1: u8 = 1;
+pub(crate) const Q8_0: u8 = 2;
+
+/// `R` consecutive rows of a Q4_0, Q4_1 or Q8_0 matrix (`KIND`; `nb` blocks per row) against
+/// `T` activation rows quantized to 8 bits (two planes with `FINE`): per block the integer dot
+/// product, scaled by `d_w * d_act`; Q4_0's offset of 8 and Q4_1's minimum come off with the
+/// blocks' activation sums at the end. Returns `out[row][token]`.
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA; `w` holds `R` rows of `nb` blocks (`w.wm` too for
-/// Q4_1) and each activation row `nb` blocks.
+/// Q4_1) and each activation row `nb` blocks (and the second plane with `FINE`).
 #[target_feature(enable = "avx2,fma")]
-pub(crate) unsafe fn int_q8<const R: usize, const T: usize, const FINE: bool>(
+pub(crate) unsafe fn int_q8<const R: usize, const T: usize, const FINE: bool, const KIND: u8>(
     w: &IntRows<'_>,
     a: [Q8Row<'_>; T],
     nb: usize,
-    kind: BlockKind,
 ) -> [[f32; T]; R] {
     let mask = _mm_set1_epi8(0x0f);
+    let (wq, wd) = (w.wq.as_ptr(), w.wd.as_ptr());
     let mut acc = [[_mm256_setzero_ps(); T]; R];
     for b in 0..nb {
+        // This block of every token: its bytes (both planes) and its scale.
+        let mut hi = [_mm256_setzero_si256(); T];
+        let mut lo = [_mm256_setzero_si256(); T];
+        let mut ad = [0f32; T];
+        for t in 0..T {
+            hi[t] = _mm256_loadu_si256(a[t].q.as_ptr().add(b * 32) as *const __m256i);
+            if FINE {
+                lo[t] = _mm256_loadu_si256(a[t].lo.as_ptr().add(b * 32) as *const __m256i);
+            }
+            ad[t] = *a[t].d.as_ptr().add(b) * unit::<FINE>();
+        }
         for k in 0..R {
             let i = k * nb + b;
-            // The weights as unsigned bytes, and each token's activations with the weights'
-            // signs (Q8_0) or as they are.
-            let (wv, sign) = match kind {
-                BlockKind::Q4 { .. } => {
-                    let p = w.wq.as_ptr().add(i * 16);
-                    if b % 4 == 0 && (i + 8) * 16 < w.wq.len() {
-                        _mm_prefetch::<_MM_HINT_T0>(p.add(8 * 16) as *const i8);
-                    }
-                    let nib = _mm_loadu_si128(p as *const __m128i);
-                    let lo = _mm_and_si128(nib, mask);
-                    let hi = _mm_and_si128(_mm_srli_epi16(nib, 4), mask);
-                    (_mm256_set_m128i(hi, lo), None)
+            // The weights as unsigned bytes; Q8_0 moves their signs onto the activations.
+            let (wv, sign) = if KIND == Q8_0 {
+                let p = wq.add(i * 32);
+                if b % 2 == 0 && (i + 4) * 32 < w.wq.len() {
+                    _mm_prefetch::<_MM_HINT_T0>(p.add(4 * 32) as *const i8);
                 }
-                BlockKind::Q8 => {
-                    let p = w.wq.as_ptr().add(i * 32);
-                    if b % 2 == 0 && (i + 4) * 32 < w.wq.len() {
-                        _mm_prefetch::<_MM_HINT_T0>(p.add(4 * 32) as *const i8);
-                    }
-                    let v = _mm256_loadu_si256(p as *const __m256i);
-                    (_mm256_sign_epi8(v, v), Some(v))
+                let v = _mm256_loadu_si256(p as *const __m256i);
+                (_mm256_sign_epi8(v, v), v)
+            } else {
+                let p = wq.add(i * 16);
+                if b % 4 == 0 && (i + 8) * 16 < w.wq.len() {
+                    _mm_prefetch::<_MM_HINT_T0>(p.add(8 * 16) as *const i8);
                 }
+                let nib = _mm_loadu_si128(p as *const __m128i);
+                let l = _mm_and_si128(nib, mask);
+                let h = _mm_and_si128(_mm_srli_epi16(nib, 4), mask);
+                (_mm256_set_m128i(h, l), _mm256_setzero_si256())
             };
-            let d = w.wd[i] * unit::<FINE>();
+            let d = *wd.add(i);
             for t in 0..T {
-                let mut av = _mm256_loadu_si256(a[t].q.as_ptr().add(b * 32) as *const __m256i);
-                if let Some(v) = sign {
-                    av = _mm256_sign_epi8(av, v);
-                }
+                let signed = |v: __m256i| if KIND == Q8_0 { _mm256_sign_epi8(v, sign) } else { v };
                 let p = if FINE {
-                    let lp = a[t].lo.as_ptr().add(b * 32);
-                    let mut bv = _mm256_loadu_si256(lp as *const __m256i);
-                    if let Some(v) = sign {
-                        bv = _mm256_sign_epi8(bv, v);
-                    }
-                    let hi = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, av), _mm256_set1_epi16(254));
-                    _mm256_add_epi32(hi, dot_u8_i8(wv, bv))
+                    let h = _mm256_maddubs_epi16(wv, signed(hi[t]));
+                    let h = _mm256_madd_epi16(h, _mm256_set1_epi16(254));
+                    _mm256_add_epi32(h, dot_u8_i8(wv, signed(lo[t])))
                 } else {
-                    dot_u8_i8(wv, av)
+                    dot_u8_i8(wv, signed(hi[t]))
                 };
-                let p = _mm256_cvtepi32_ps(p);
-                acc[k][t] = _mm256_fmadd_ps(p, _mm256_set1_ps(d * a[t].d[b]), acc[k][t]);
+                let s = _mm256_set1_ps(d * ad[t]);
+                acc[k][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc[k][t]);
             }
         }
     }
     let mut out = [[0f32; T]; R];
     for k in 0..R {
         for t in 0..T {
-            let extra = match kind {
-                BlockKind::Q4 { offset: true } => {
-                    -8.0 * short_dot(&w.wd[k * nb..(k + 1) * nb], &a[t].sum[..nb])
-                }
-                BlockKind::Q4 { offset: false } => {
-                    short_dot(&w.wm[k * nb..(k + 1) * nb], &a[t].sum[..nb])
-                }
-                BlockKind::Q8 => 0.0,
+            let extra = match KIND {
+                Q4_0 => -8.0 * short_dot(&w.wd[k * nb..(k + 1) * nb], &a[t].sum[..nb]),
+                Q4_1 => short_dot(&w.wm[k * nb..(k + 1) * nb], &a[t].sum[..nb]),
+                _ => 0.0,
             };
             out[k][t] = hsum256(acc[k][t]) + extra;
         }

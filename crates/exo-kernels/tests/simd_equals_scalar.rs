@@ -539,3 +539,29 @@ fn each_architecture_offers_its_own_simd_paths_only() {
     }
     assert_eq!(Isa::Neon.name(), "neon");
 }
+
+#[test]
+fn avx2_takes_quantized_activations_by_default_where_they_measured_faster() {
+    let choice = std::env::var("EXO_KERNELS_ACTS").unwrap_or_default();
+    if Isa::detected() != Isa::Avx2 || !choice.is_empty() {
+        return;
+    }
+    let k = |format| {
+        QuantMatrix::from_ggml(format, 2, 256, &k_quant_bytes(format, 2, 1, 7)).unwrap()
+    };
+    let int = |format| QuantMatrix::from_f32(format, 2, 32, &[0.25; 64]).unwrap();
+    for w in [
+        k(WeightFormat::Q4K),
+        k(WeightFormat::Q5K),
+        k(WeightFormat::Q6K),
+        int(WeightFormat::Q4_0),
+    ] {
+        assert!(w.uses_q8_activations() && !w.uses_q16_activations(), "{:?}", w.formats());
+    }
+    let q4_1 = int(WeightFormat::Q4_1);
+    assert!(q4_1.uses_q8_activations() && q4_1.uses_q16_activations());
+    assert!(!int(WeightFormat::Q8_0).uses_q8_activations());
+    assert!(!int(WeightFormat::F16).uses_q8_activations());
+    // The opt-out, per matrix.
+    assert!(!k(WeightFormat::Q4K).with_f32_activations().uses_q8_activations());
+}
