@@ -104,44 +104,48 @@ fn main() {
             (true, true) => 2,
         };
         for &kind in kinds {
-        let ms: Vec<QuantMatrix> = ms
-            .iter()
-            .map(|m| match kind {
-                0 => m.clone().with_f32_activations(),
-                1 => m.clone().with_q8_activations(),
-                _ => m.clone().with_q16_activations(),
-            })
-            .collect();
-        let label = match (kind, kinds.len() > 1) {
-            (_, false) => "",
-            (0, true) => " f32-acts",
-            (1, true) => " q8-acts ",
-            _ => " q16-acts",
-        };
-        let mark = if kinds.len() > 1 && kind == default { " (default)" } else { "" };
-        for &(n, reps) in &runs {
-            let x: Vec<f32> = (0..n * cols).map(|j| (j % 7) as f32 * 0.1 - 0.3).collect();
-            let mut out = vec![0f32; n * rows];
-            let mut best = f64::MAX;
-            if reps == 0 {
-                continue;
-            }
-            for _ in 0..reps {
-                let start = Instant::now();
-                for m in &ms {
-                    matmul(m, &x, n, &mut out, &mut acts).unwrap();
+            let ms: Vec<QuantMatrix> = ms
+                .iter()
+                .map(|m| match kind {
+                    0 => m.clone().with_f32_activations(),
+                    1 => m.clone().with_q8_activations(),
+                    _ => m.clone().with_q16_activations(),
+                })
+                .collect();
+            let label = match (kind, kinds.len() > 1) {
+                (_, false) => "",
+                (0, true) => " f32-acts",
+                (1, true) => " q8-acts ",
+                _ => " q16-acts",
+            };
+            let mark = if kinds.len() > 1 && kind == default {
+                " (default)"
+            } else {
+                ""
+            };
+            for &(n, reps) in &runs {
+                let x: Vec<f32> = (0..n * cols).map(|j| (j % 7) as f32 * 0.1 - 0.3).collect();
+                let mut out = vec![0f32; n * rows];
+                let mut best = f64::MAX;
+                if reps == 0 {
+                    continue;
                 }
-                best = best.min(start.elapsed().as_secs_f64());
+                for _ in 0..reps {
+                    let start = Instant::now();
+                    for m in &ms {
+                        matmul(m, &x, n, &mut out, &mut acts).unwrap();
+                    }
+                    best = best.min(start.elapsed().as_secs_f64());
+                }
+                let weights = (count as usize * rows * cols) as f64;
+                println!(
+                    "{:5}{label} n={n:2} threads={threads}: {:6.2} Gweights/s {:6.2} GB/s ({:.3} bytes/weight){mark}",
+                    format.name(),
+                    weights * n as f64 / best / 1e9,
+                    bytes as f64 / best / 1e9,
+                    bytes as f64 / weights
+                );
             }
-            let weights = (count as usize * rows * cols) as f64;
-            println!(
-                "{:5}{label} n={n:2} threads={threads}: {:6.2} Gweights/s {:6.2} GB/s ({:.3} bytes/weight){mark}",
-                format.name(),
-                weights * n as f64 / best / 1e9,
-                bytes as f64 / best / 1e9,
-                bytes as f64 / weights
-            );
-        }
         }
     }
 }

@@ -85,7 +85,10 @@ impl QuantizedActs {
         for (b, chunk) in x.chunks_exact(32).enumerate() {
             let d = self.d[b];
             let inv = if d > 0.0 { 254.0 / d } else { 0.0 };
-            let (q, lo) = (&self.q[b * 32..b * 32 + 32], &mut self.lo[b * 32..b * 32 + 32]);
+            let (q, lo) = (
+                &self.q[b * 32..b * 32 + 32],
+                &mut self.lo[b * 32..b * 32 + 32],
+            );
             let mut half = [0i32; 2];
             for (i, ((o, v), &h)) in lo.iter_mut().zip(chunk).zip(q).enumerate() {
                 let r = (((v - d * h as f32) * inv).round() as i32).clamp(-127, 127);

@@ -1,6 +1,9 @@
 //! Quantized CPU kernels for exo-rs: weight matrices kept in their compact formats (Q8_0,
-//! Q4_0, Q4_1, Q4_K, Q6_K, f16, f32) and matrix-vector / matrix-matrix products that compute on
-//! the quantized blocks, with activations quantized to 8-bit blocks for the integer formats.
+//! Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, f16, bf16, f32) and matrix-vector / matrix-matrix products
+//! that compute on the quantized blocks. The integer formats take activations either as f32 or
+//! quantized to 8-bit blocks of 32 (one plane, or two for about 15 bits: see
+//! [`QuantMatrix::with_q8_activations`]); on AVX2 quantized is the default for the formats
+//! where byte products measured faster, f32 elsewhere.
 //!
 //! The instruction set is chosen at run time ([`Isa`]): on x86-64 AVX-512 with VNNI or AVX2 +
 //! FMA, on aarch64 NEON (with the dot-product extension's SDOT for 8-bit activations where the
@@ -217,7 +220,8 @@ fn neon_rows<const R: usize>(
 
 /// Rows `row..row + R` against activation rows `t..t + T` with the x86 kernels written for
 /// any tile: K-quants and 16-bit floats on both paths, and on AVX2 also Q4_0/Q4_1/Q8_0 with f32
-/// activations (AVX-512 has its own kernels for those). `None` for other formats or paths.
+/// or quantized activations (AVX-512 has its own kernels for those). `None` for other formats
+/// or paths.
 #[cfg(target_arch = "x86_64")]
 fn x86_rows<const R: usize, const T: usize>(
     isa: Isa,
@@ -269,7 +273,9 @@ fn int_q8_rows<const R: usize, const T: usize>(
         match (kind, w.fine) {
             (BlockKind::Q4 { offset: true }, false) => int_q8::<R, T, false, Q4_0>(&rows, acts, nb),
             (BlockKind::Q4 { offset: true }, true) => int_q8::<R, T, true, Q4_0>(&rows, acts, nb),
-            (BlockKind::Q4 { offset: false }, false) => int_q8::<R, T, false, Q4_1>(&rows, acts, nb),
+            (BlockKind::Q4 { offset: false }, false) => {
+                int_q8::<R, T, false, Q4_1>(&rows, acts, nb)
+            }
             (BlockKind::Q4 { offset: false }, true) => int_q8::<R, T, true, Q4_1>(&rows, acts, nb),
             (BlockKind::Q8, false) => int_q8::<R, T, false, Q8_0>(&rows, acts, nb),
             (BlockKind::Q8, true) => int_q8::<R, T, true, Q8_0>(&rows, acts, nb),
@@ -342,7 +348,9 @@ fn k_quant_rows<const R: usize, const T: usize>(
         return Some(unsafe {
             use x86_q8::{q4k_q8, q6k_q8};
             match (format, w.fine) {
-                (WeightFormat::Q4K, false) => q4k_q8::<R, T, false, false>(rows, per_row, acts, nsb),
+                (WeightFormat::Q4K, false) => {
+                    q4k_q8::<R, T, false, false>(rows, per_row, acts, nsb)
+                }
                 (WeightFormat::Q4K, true) => q4k_q8::<R, T, false, true>(rows, per_row, acts, nsb),
                 (WeightFormat::Q5K, false) => q4k_q8::<R, T, true, false>(rows, per_row, acts, nsb),
                 (WeightFormat::Q5K, true) => q4k_q8::<R, T, true, true>(rows, per_row, acts, nsb),
@@ -466,9 +474,9 @@ fn row_args<'a>(
     }
 }
 
-/// Four consecutive outputs `row..row + 4` at once where a fused kernel exists (AVX-512 with
-/// f32 activations; NEON with either activation kind); `None` otherwise, and the caller takes
-/// them one at a time.
+/// Four consecutive outputs `row..row + 4` at once where a fused kernel exists (K-quants and
+/// 16-bit floats on x86; AVX2 with quantized activations; AVX-512 with f32 activations; NEON
+/// with either activation kind); `None` otherwise, and the caller takes them one at a time.
 fn dot4(isa: Isa, w: &QuantMatrix, row: usize, a: &QuantizedActs, t: usize) -> Option<[f32; 4]> {
     // K-quants and 16-bit floats. (Q4_0/Q4_1/Q8_0 with f32 activations take the one-row AVX2
     // kernels for a single token: measured faster than four rows at once, 8.0 against 6.4

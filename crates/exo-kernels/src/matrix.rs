@@ -466,13 +466,13 @@ impl QuantMatrix {
     /// Makes the integer kernels quantize activations to 8-bit blocks (llama.cpp's scheme)
     /// instead of taking them as f32.
     ///
-    /// The default depends on the path and the format (see
-    /// `WeightFormat::q8_activations_by_default`): on AVX2 the K-quants and Q4_0 take 8-bit
-    /// activations, whose byte products run about four times the multiplies per instruction
-    /// of the f32 kernels. Elsewhere, and for Q4_1 and Q8_0 (the default model's formats, whose
-    /// golden test holds its logits within 0.05 of the reference engines), activations stay
-    /// f32: 8-bit blocks flatten the outliers of a SwiGLU output, moving the default model's
-    /// first-position logits by up to 0.5-1.0 where f32 activations stay within 0.12.
+    /// The default depends on the path and the format: on AVX2 the K-quants and Q4_0 take one
+    /// 8-bit plane (byte products do four times the multiplies per instruction of the f32
+    /// kernels), Q4_1 two planes ([`QuantMatrix::with_q16_activations`]) and Q8_0 f32; on the
+    /// other paths f32. One plane flattens the outliers of a SwiGLU output feeding the down
+    /// projection: on the default model (Q4_1 layers, Q8_0 head) it moves first-position
+    /// logits by more than 0.5 and turns the greedy answer into a ramble, where two planes or
+    /// f32 stay within 0.003 of the f32 path.
     pub fn with_q8_activations(self) -> Self {
         self.with_activations(true, false)
     }

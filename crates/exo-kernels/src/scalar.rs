@@ -92,7 +92,9 @@ pub(crate) fn dot(w: &QuantMatrix, row: usize, a: &QuantizedActs, t: usize) -> f
             }
             acc
         }
-        Storage::Q4K(bytes) | Storage::Q5K(bytes) | Storage::Q6K(bytes) if crate::takes_q8(w, a) => {
+        Storage::Q4K(bytes) | Storage::Q5K(bytes) | Storage::Q6K(bytes)
+            if crate::takes_q8(w, a) =>
+        {
             let acts = Acts::of(w, a, t);
             let bb = k_block_bytes(w);
             let per_row = cols / 256 * bb;
@@ -184,8 +186,8 @@ impl<'a> Acts<'a> {
 /// Sum of unsigned nibbles times the integers of activation block `b` for one 32-element block.
 fn nibble_dot(w: &[u8], a: &Acts<'_>, b: usize) -> i32 {
     let mut s = 0i32;
-    for j in 0..16 {
-        s += (w[j] & 0x0f) as i32 * a.at(b * 32 + j) + (w[j] >> 4) as i32 * a.at(b * 32 + j + 16);
+    for (j, &v) in w.iter().enumerate().take(16) {
+        s += (v & 0x0f) as i32 * a.at(b * 32 + j) + (v >> 4) as i32 * a.at(b * 32 + j + 16);
     }
     s
 }
@@ -214,8 +216,8 @@ fn q4k_q8(b: &[u8], high: bool, a: &Acts<'_>, first: usize) -> f32 {
             }
             isum += v as i64 * a.at((first + j) * 32 + l) as i64;
         }
-        acc += d * sc[j] as f32 * a.d(first + j) * isum as f32
-            - dmin * m[j] as f32 * a.sum(first + j);
+        acc +=
+            d * sc[j] as f32 * a.d(first + j) * isum as f32 - dmin * m[j] as f32 * a.sum(first + j);
     }
     acc
 }

@@ -359,7 +359,13 @@ pub(crate) unsafe fn int_q8<const R: usize, const T: usize, const FINE: bool, co
             };
             let d = *wd.add(i);
             for t in 0..T {
-                let signed = |v: __m256i| if KIND == Q8_0 { _mm256_sign_epi8(v, sign) } else { v };
+                let signed = |v: __m256i| {
+                    if KIND == Q8_0 {
+                        _mm256_sign_epi8(v, sign)
+                    } else {
+                        v
+                    }
+                };
                 let p = if FINE {
                     let h = _mm256_maddubs_epi16(wv, signed(hi[t]));
                     let h = _mm256_madd_epi16(h, _mm256_set1_epi16(254));

@@ -95,7 +95,11 @@ fn check(format: WeightFormat, acts: u8, rows: usize, blocks: usize, n: usize, s
                     + 1e-5
             } else {
                 // Two planes: half a step of the second, 254 times finer.
-                let step = if w.uses_q16_activations() { 254.0 * 254.0 } else { 254.0 };
+                let step = if w.uses_q16_activations() {
+                    254.0 * 254.0
+                } else {
+                    254.0
+                };
                 row.chunks(32)
                     .zip(xs.chunks(32))
                     .map(|(wb, xb)| {
@@ -228,11 +232,7 @@ fn check_matrix(w: &QuantMatrix, x: &[f32], n: usize) {
         w.dequantize_row(r, &mut row).unwrap();
         for t in 0..n {
             let xs = &x[t * cols..(t + 1) * cols];
-            magnitude[t * rows + r] = row
-                .iter()
-                .zip(xs)
-                .map(|(a, b)| (a * b).abs() as f64)
-                .sum();
+            magnitude[t * rows + r] = row.iter().zip(xs).map(|(a, b)| (a * b).abs() as f64).sum();
             q8_error[t * rows + r] = row
                 .chunks(32)
                 .zip(xs.chunks(32))
@@ -546,9 +546,8 @@ fn avx2_takes_quantized_activations_by_default_where_they_measured_faster() {
     if Isa::detected() != Isa::Avx2 || !choice.is_empty() {
         return;
     }
-    let k = |format| {
-        QuantMatrix::from_ggml(format, 2, 256, &k_quant_bytes(format, 2, 1, 7)).unwrap()
-    };
+    let k =
+        |format| QuantMatrix::from_ggml(format, 2, 256, &k_quant_bytes(format, 2, 1, 7)).unwrap();
     let int = |format| QuantMatrix::from_f32(format, 2, 32, &[0.25; 64]).unwrap();
     for w in [
         k(WeightFormat::Q4K),
@@ -556,12 +555,20 @@ fn avx2_takes_quantized_activations_by_default_where_they_measured_faster() {
         k(WeightFormat::Q6K),
         int(WeightFormat::Q4_0),
     ] {
-        assert!(w.uses_q8_activations() && !w.uses_q16_activations(), "{:?}", w.formats());
+        assert!(
+            w.uses_q8_activations() && !w.uses_q16_activations(),
+            "{:?}",
+            w.formats()
+        );
     }
     let q4_1 = int(WeightFormat::Q4_1);
     assert!(q4_1.uses_q8_activations() && q4_1.uses_q16_activations());
     assert!(!int(WeightFormat::Q8_0).uses_q8_activations());
     assert!(!int(WeightFormat::F16).uses_q8_activations());
     // The opt-out, per matrix.
-    assert!(!k(WeightFormat::Q4K).with_f32_activations().uses_q8_activations());
+    assert!(
+        !k(WeightFormat::Q4K)
+            .with_f32_activations()
+            .uses_q8_activations()
+    );
 }
