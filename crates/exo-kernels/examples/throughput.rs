@@ -45,8 +45,16 @@ fn main() {
         .nth(3)
         .and_then(|n| n.parse().ok())
         .zip(std::env::args().nth(4).and_then(|r| r.parse().ok()));
-    let (rows, cols) = (8192, 2048);
-    let count = 12;
+    // `EXO_SHAPE=ROWSxCOLSxCOUNT` for other shapes (the default model's: 1536x576x60).
+    let shape: Vec<usize> = std::env::var("EXO_SHAPE")
+        .unwrap_or_default()
+        .split('x')
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let (rows, cols, count) = match shape[..] {
+        [r, c, n] => (r, c, n as u64),
+        _ => (8192, 2048, 12),
+    };
     for format in [
         WeightFormat::Q4K,
         WeightFormat::Q6K,
@@ -80,28 +88,64 @@ fn main() {
             Some((n, reps)) => vec![(n, reps)],
             None => vec![(1, 6), (32, 1)],
         };
-        for (n, reps) in runs {
-            let x: Vec<f32> = (0..n * cols).map(|j| (j % 7) as f32 * 0.1 - 0.3).collect();
-            let mut out = vec![0f32; n * rows];
-            let mut best = f64::MAX;
-            if reps == 0 {
-                continue;
-            }
-            for _ in 0..reps {
-                let start = Instant::now();
-                for m in &ms {
-                    matmul(m, &x, n, &mut out, &mut acts).unwrap();
+        // Integer formats run three times: with f32 activations, 8-bit ones, and two 8-bit
+        // planes.
+        let kinds: &[u8] = if matches!(
+            format,
+            WeightFormat::F16 | WeightFormat::BF16 | WeightFormat::F32
+        ) {
+            &[0]
+        } else {
+            &[0, 1, 2]
+        };
+        let default = match (ms[0].uses_q8_activations(), ms[0].uses_q16_activations()) {
+            (false, _) => 0,
+            (true, false) => 1,
+            (true, true) => 2,
+        };
+        for &kind in kinds {
+            let ms: Vec<QuantMatrix> = ms
+                .iter()
+                .map(|m| match kind {
+                    0 => m.clone().with_f32_activations(),
+                    1 => m.clone().with_q8_activations(),
+                    _ => m.clone().with_q16_activations(),
+                })
+                .collect();
+            let label = match (kind, kinds.len() > 1) {
+                (_, false) => "",
+                (0, true) => " f32-acts",
+                (1, true) => " q8-acts ",
+                _ => " q16-acts",
+            };
+            let mark = if kinds.len() > 1 && kind == default {
+                " (default)"
+            } else {
+                ""
+            };
+            for &(n, reps) in &runs {
+                let x: Vec<f32> = (0..n * cols).map(|j| (j % 7) as f32 * 0.1 - 0.3).collect();
+                let mut out = vec![0f32; n * rows];
+                let mut best = f64::MAX;
+                if reps == 0 {
+                    continue;
                 }
-                best = best.min(start.elapsed().as_secs_f64());
+                for _ in 0..reps {
+                    let start = Instant::now();
+                    for m in &ms {
+                        matmul(m, &x, n, &mut out, &mut acts).unwrap();
+                    }
+                    best = best.min(start.elapsed().as_secs_f64());
+                }
+                let weights = (count as usize * rows * cols) as f64;
+                println!(
+                    "{:5}{label} n={n:2} threads={threads}: {:6.2} Gweights/s {:6.2} GB/s ({:.3} bytes/weight){mark}",
+                    format.name(),
+                    weights * n as f64 / best / 1e9,
+                    bytes as f64 / best / 1e9,
+                    bytes as f64 / weights
+                );
             }
-            let weights = (count as usize * rows * cols) as f64;
-            println!(
-                "{:5} n={n:2} threads={threads}: {:6.2} Gweights/s {:6.2} GB/s ({:.3} bytes/weight)",
-                format.name(),
-                weights * n as f64 / best / 1e9,
-                bytes as f64 / best / 1e9,
-                bytes as f64 / weights
-            );
         }
     }
 }

@@ -1,6 +1,9 @@
 //! Quantized CPU kernels for exo-rs: weight matrices kept in their compact formats (Q8_0,
-//! Q4_0, Q4_1, Q4_K, Q6_K, f16, f32) and matrix-vector / matrix-matrix products that compute on
-//! the quantized blocks, with activations quantized to 8-bit blocks for the integer formats.
+//! Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, f16, bf16, f32) and matrix-vector / matrix-matrix products
+//! that compute on the quantized blocks. The integer formats take activations either as f32 or
+//! quantized to 8-bit blocks of 32 (one plane, or two for about 15 bits: see
+//! [`QuantMatrix::with_q8_activations`]); on AVX2 quantized is the default for the formats
+//! where byte products measured faster, f32 elsewhere.
 //!
 //! The instruction set is chosen at run time ([`Isa`]): on x86-64 AVX-512 with VNNI or AVX2 +
 //! FMA, on aarch64 NEON (with the dot-product extension's SDOT for 8-bit activations where the
@@ -25,6 +28,8 @@ mod pool;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+#[cfg(target_arch = "x86_64")]
+mod x86_q8;
 
 use std::sync::OnceLock;
 
@@ -114,6 +119,12 @@ impl Isa {
     }
 }
 
+/// Whether this product takes `w`'s (one part's) activations quantized: as the matrix asks,
+/// except that a two-plane matrix takes f32 ones where the caller set `fine_as_f32`.
+pub(crate) fn takes_q8(w: &QuantMatrix, a: &QuantizedActs) -> bool {
+    w.q8_acts && !(w.fine && a.fine_as_f32)
+}
+
 /// One output value with the chosen path (`isa` must be supported; callers check).
 #[inline]
 fn dot(isa: Isa, w: &QuantMatrix, row: usize, a: &QuantizedActs, t: usize) -> f32 {
@@ -126,7 +137,7 @@ fn dot(isa: Isa, w: &QuantMatrix, row: usize, a: &QuantizedActs, t: usize) -> f3
         // SAFETY (every call below): `isa` was checked as supported by the CPU before dispatch,
         // and every slice covers exactly `nb` blocks of this row and this token.
         if let Some((wd, wm, wq, kind)) = int_rows(w, row, 1) {
-            if !w.q8_acts {
+            if !takes_q8(w, a) {
                 let r = row_args(wd, wm, wq, a, 0, 0, 0);
                 let xsum = &a.fsum[t * nb..(t + 1) * nb];
                 return unsafe {
@@ -137,6 +148,10 @@ fn dot(isa: Isa, w: &QuantMatrix, row: usize, a: &QuantizedActs, t: usize) -> f3
                         (Q8, false) => x86::dot_q8_f32_avx2(&r, x, nb),
                     }
                 };
+            }
+            if w.fine || !wide {
+                let [[v]] = int_q8_rows::<1, 1>(w, row, a, t);
+                return v;
             }
             let r = row_args(wd, wm, wq, a, t * nb, t * nb * 32, nb);
             return unsafe {
@@ -186,7 +201,11 @@ fn neon_rows<const R: usize>(
 ) -> Option<[f32; R]> {
     let (cols, nb) = (w.cols, w.cols / 32);
     let (wd, wm, wq, kind) = int_rows(w, row, R)?;
-    if w.q8_acts {
+    if takes_q8(w, a) && w.fine {
+        // Two planes: the scalar code.
+        return None;
+    }
+    if takes_q8(w, a) {
         let r = row_args(wd, wm, wq, a, t * nb, t * nb * 32, nb);
         // SAFETY: the caller checked NEON as supported; `r` holds `R` rows of `nb` blocks and
         // the `nb` activation blocks of token `t`.
@@ -201,7 +220,8 @@ fn neon_rows<const R: usize>(
 
 /// Rows `row..row + R` against activation rows `t..t + T` with the x86 kernels written for
 /// any tile: K-quants and 16-bit floats on both paths, and on AVX2 also Q4_0/Q4_1/Q8_0 with f32
-/// activations (AVX-512 has its own kernels for those). `None` for other formats or paths.
+/// or quantized activations (AVX-512 has its own kernels for those). `None` for other formats
+/// or paths.
 #[cfg(target_arch = "x86_64")]
 fn x86_rows<const R: usize, const T: usize>(
     isa: Isa,
@@ -213,17 +233,54 @@ fn x86_rows<const R: usize, const T: usize>(
     if let Some(v) = tiled_rows::<R, T>(isa, w, row, a, t) {
         return Some(v);
     }
-    if isa != Isa::Avx2 || w.q8_acts {
+    if isa != Isa::Avx2 {
         return None;
     }
     let (cols, nb) = (w.cols, w.cols / 32);
     let (wd, wm, wq, kind) = int_rows(w, row, R)?;
+    if takes_q8(w, a) {
+        return Some(int_q8_rows::<R, T>(w, row, a, t));
+    }
     let r = row_args(wd, wm, wq, a, 0, 0, 0);
     let x: [&[f32]; T] = std::array::from_fn(|k| &a.f[(t + k) * cols..(t + k + 1) * cols]);
     let xsum: [&[f32]; T] = std::array::from_fn(|k| &a.fsum[(t + k) * nb..(t + k + 1) * nb]);
     // SAFETY: the caller checked AVX2 as supported; `r` holds `R` whole rows, each `x` `cols`
     // values and each `xsum` `nb` sums.
     Some(unsafe { x86::int_rows_avx2::<R, T>(&r, x, xsum, nb, kind) })
+}
+
+/// Rows `row..row + R` of a Q4_0, Q4_1 or Q8_0 matrix that takes 8-bit activations against
+/// activation rows `t..t + T` with the AVX2 integer kernels (on either x86 path: AVX-512 CPUs
+/// have AVX2); zeros for other formats, which callers do not pass.
+#[cfg(target_arch = "x86_64")]
+fn int_q8_rows<const R: usize, const T: usize>(
+    w: &QuantMatrix,
+    row: usize,
+    a: &QuantizedActs,
+    t: usize,
+) -> [[f32; T]; R] {
+    let nb = w.cols / 32;
+    let Some((wd, wm, wq, kind)) = int_rows(w, row, R) else {
+        return [[0.0; T]; R];
+    };
+    let rows = x86_q8::IntRows { wd, wm, wq };
+    let acts = std::array::from_fn(|k| q8_row(a, t + k, nb, w.fine));
+    // SAFETY: callers reach this only on an x86 path checked as supported (both include AVX2
+    // and FMA); `rows` holds `R` whole rows and each activation row `nb` blocks (with the
+    // second plane where the matrix asks for it: `matmul_with` quantized so).
+    unsafe {
+        use x86_q8::{Q4_0, Q4_1, Q8_0, int_q8};
+        match (kind, w.fine) {
+            (BlockKind::Q4 { offset: true }, false) => int_q8::<R, T, false, Q4_0>(&rows, acts, nb),
+            (BlockKind::Q4 { offset: true }, true) => int_q8::<R, T, true, Q4_0>(&rows, acts, nb),
+            (BlockKind::Q4 { offset: false }, false) => {
+                int_q8::<R, T, false, Q4_1>(&rows, acts, nb)
+            }
+            (BlockKind::Q4 { offset: false }, true) => int_q8::<R, T, true, Q4_1>(&rows, acts, nb),
+            (BlockKind::Q8, false) => int_q8::<R, T, false, Q8_0>(&rows, acts, nb),
+            (BlockKind::Q8, true) => int_q8::<R, T, true, Q8_0>(&rows, acts, nb),
+        }
+    }
 }
 
 /// Rows `row..row + R` of a K-quant or 16-bit float matrix against activation rows
@@ -283,6 +340,25 @@ fn k_quant_rows<const R: usize, const T: usize>(
     let (cols, nsb) = (w.cols, w.cols / 256);
     let per_row = nsb * block;
     let rows = &bytes[row * per_row..(row + R) * per_row];
+    if takes_q8(w, a) {
+        let acts = std::array::from_fn(|k| q8_row(a, t + k, nsb * 8, w.fine));
+        // SAFETY: both x86 paths include AVX2, FMA and F16C, and `isa` was checked as
+        // supported; `rows` holds `R` rows of `nsb` super-blocks and each activation row
+        // `nsb * 8` blocks (with the second plane where the matrix asks for it).
+        return Some(unsafe {
+            use x86_q8::{q4k_q8, q6k_q8};
+            match (format, w.fine) {
+                (WeightFormat::Q4K, false) => {
+                    q4k_q8::<R, T, false, false>(rows, per_row, acts, nsb)
+                }
+                (WeightFormat::Q4K, true) => q4k_q8::<R, T, false, true>(rows, per_row, acts, nsb),
+                (WeightFormat::Q5K, false) => q4k_q8::<R, T, true, false>(rows, per_row, acts, nsb),
+                (WeightFormat::Q5K, true) => q4k_q8::<R, T, true, true>(rows, per_row, acts, nsb),
+                (_, false) => q6k_q8::<R, T, false>(rows, per_row, acts, nsb),
+                (_, true) => q6k_q8::<R, T, true>(rows, per_row, acts, nsb),
+            }
+        });
+    }
     let x: [&[f32]; T] = std::array::from_fn(|k| &a.f[(t + k) * cols..(t + k + 1) * cols]);
     let nb = cols / 32;
     let xsum: [&[f32]; T] = std::array::from_fn(|k| &a.fsum[(t + k) * nb..(t + k + 1) * nb]);
@@ -300,6 +376,30 @@ fn k_quant_rows<const R: usize, const T: usize>(
             (_, _) => x86::q6k_avx2::<R, T>(rows, per_row, x, nsb),
         }
     })
+}
+
+/// Activation row `t` (of `nb` blocks) quantized, as the 8-bit kernels read it; with `fine`,
+/// the second plane too (the caller quantized with it).
+#[cfg(target_arch = "x86_64")]
+fn q8_row(a: &QuantizedActs, t: usize, nb: usize, fine: bool) -> x86_q8::Q8Row<'_> {
+    let blocks = t * nb..(t + 1) * nb;
+    let (sum, lo, s16lo): (&[f32], &[i8], &[i16]) = if fine {
+        (
+            &a.sum_fine[blocks.clone()],
+            &a.lo[t * nb * 32..(t + 1) * nb * 32],
+            &a.s16lo[t * nb * 2..(t + 1) * nb * 2],
+        )
+    } else {
+        (&a.sum[blocks.clone()], &[], &[])
+    };
+    x86_q8::Q8Row {
+        d: &a.d[blocks],
+        sum,
+        s16: &a.s16[t * nb * 2..(t + 1) * nb * 2],
+        q: &a.q[t * nb * 32..(t + 1) * nb * 32],
+        lo,
+        s16lo,
+    }
 }
 
 /// Slices of some weight rows and one activation row, already cut to the blocks a kernel reads.
@@ -374,9 +474,9 @@ fn row_args<'a>(
     }
 }
 
-/// Four consecutive outputs `row..row + 4` at once where a fused kernel exists (AVX-512 with
-/// f32 activations; NEON with either activation kind); `None` otherwise, and the caller takes
-/// them one at a time.
+/// Four consecutive outputs `row..row + 4` at once where a fused kernel exists (K-quants and
+/// 16-bit floats on x86; AVX2 with quantized activations; AVX-512 with f32 activations; NEON
+/// with either activation kind); `None` otherwise, and the caller takes them one at a time.
 fn dot4(isa: Isa, w: &QuantMatrix, row: usize, a: &QuantizedActs, t: usize) -> Option<[f32; 4]> {
     // K-quants and 16-bit floats. (Q4_0/Q4_1/Q8_0 with f32 activations take the one-row AVX2
     // kernels for a single token: measured faster than four rows at once, 8.0 against 6.4
@@ -387,12 +487,21 @@ fn dot4(isa: Isa, w: &QuantMatrix, row: usize, a: &QuantizedActs, t: usize) -> O
     {
         return Some(four.map(|[v]| v));
     }
+    // Q4_0/Q4_1/Q8_0 with 8-bit activations: four rows share each activation load.
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2
+        && takes_q8(w, a)
+        && row + 4 <= w.rows
+        && let Some(four) = x86_rows::<4, 1>(isa, w, row, a, t)
+    {
+        return Some(four.map(|[v]| v));
+    }
     #[cfg(target_arch = "aarch64")]
     if isa == Isa::Neon && row + 4 <= w.rows {
         return neon_rows::<4>(w, row, a, t);
     }
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512Vnni && !w.q8_acts && row + 4 <= w.rows {
+    if isa == Isa::Avx512Vnni && !takes_q8(w, a) && row + 4 <= w.rows {
         let (cols, nb) = (w.cols, w.cols / 32);
         let (wd, wm, wq, kind) = int_rows(w, row, 4)?;
         let r = row_args(wd, wm, wq, a, 0, 0, 0);
@@ -435,7 +544,7 @@ fn dot4x4(
         }
     }
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512Vnni && !w.q8_acts && row + 4 <= w.rows && t + 4 <= a.rows {
+    if isa == Isa::Avx512Vnni && !takes_q8(w, a) && row + 4 <= w.rows && t + 4 <= a.rows {
         let (cols, nb) = (w.cols, w.cols / 32);
         let (wd, wm, wq, kind) = int_rows(w, row, 4)?;
         let r = row_args(wd, wm, wq, a, 0, 0, 0);
@@ -535,8 +644,10 @@ pub fn matmul_with(
         });
     }
     let isa = if isa.is_supported() { isa } else { Isa::Scalar };
-    if w.uses_q8_activations() {
-        acts.quantize(x, n, w.cols);
+    // Prefill tiles of four tokens and more run two-plane matrices on f32 activations.
+    acts.fine_as_f32 = n >= 4;
+    if w.quantizes_activations(acts.fine_as_f32) {
+        acts.quantize(x, n, w.cols, !acts.fine_as_f32 && w.uses_q16_activations());
     } else {
         acts.keep_f32(x, n, w.cols);
     }

@@ -67,13 +67,55 @@ impl WeightFormat {
         }
     }
 
-    /// Whether the kernels quantize activations to 8 bits for this format.
+    /// Whether the kernels can quantize activations to 8 bits for this format.
     pub(crate) fn uses_q8_activations(self) -> bool {
         matches!(
             self,
-            WeightFormat::Q8_0 | WeightFormat::Q4_0 | WeightFormat::Q4_1
+            WeightFormat::Q8_0
+                | WeightFormat::Q4_0
+                | WeightFormat::Q4_1
+                | WeightFormat::Q4K
+                | WeightFormat::Q5K
+                | WeightFormat::Q6K
         )
     }
+
+    /// Whether a matrix of this format takes 8-bit activations unless told otherwise: on the
+    /// AVX2 path (the CPU's best), for the formats whose integer kernels measured faster there
+    /// (all but Q8_0, which reads as many bytes per weight as its f32 kernel can multiply);
+    /// elsewhere f32 (see `docs/benchmarks.md`, "Kernel notes"). `EXO_KERNELS_ACTS=f32` turns
+    /// the default off; `q8` (one plane) or `q16` (two planes) turns it on for every integer
+    /// format on every path.
+    pub(crate) fn q8_activations_by_default(self) -> bool {
+        match acts_choice() {
+            "f32" => false,
+            "q8" | "q16" => self.uses_q8_activations(),
+            _ => {
+                crate::Isa::detected() == crate::Isa::Avx2
+                    && self.uses_q8_activations()
+                    && self != WeightFormat::Q8_0
+            }
+        }
+    }
+
+    /// With 8-bit activations by default, whether they take the second plane too (see
+    /// [`QuantMatrix::with_q16_activations`]): for Q4_1, the default model's format, whose
+    /// golden test holds its logits within 0.05 of the reference engines (one plane moves
+    /// them by more than 0.5 there).
+    pub(crate) fn fine_activations_by_default(self) -> bool {
+        self.q8_activations_by_default()
+            && match acts_choice() {
+                "q8" => false,
+                "q16" => true,
+                _ => self == WeightFormat::Q4_1,
+            }
+    }
+}
+
+/// `EXO_KERNELS_ACTS`, read once.
+fn acts_choice() -> &'static str {
+    static CHOICE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    CHOICE.get_or_init(|| std::env::var("EXO_KERNELS_ACTS").unwrap_or_default())
 }
 
 impl std::fmt::Display for WeightFormat {
@@ -157,6 +199,8 @@ pub struct QuantMatrix {
     pub(crate) format: WeightFormat,
     /// Integer formats take activations quantized to 8-bit blocks instead of f32.
     pub(crate) q8_acts: bool,
+    /// With `q8_acts`: activations as two 8-bit planes (`QuantizedActs::lo`), about 15 bits.
+    pub(crate) fine: bool,
     pub(crate) rows: usize,
     pub(crate) cols: usize,
     pub(crate) storage: Storage,
@@ -255,7 +299,8 @@ impl QuantMatrix {
         };
         Ok(QuantMatrix {
             format,
-            q8_acts: false,
+            q8_acts: format.q8_activations_by_default(),
+            fine: format.fine_activations_by_default(),
             rows,
             cols,
             storage,
@@ -358,7 +403,8 @@ impl QuantMatrix {
         };
         Ok(QuantMatrix {
             format,
-            q8_acts: false,
+            q8_acts: format.q8_activations_by_default(),
+            fine: format.fine_activations_by_default(),
             rows,
             cols,
             storage,
@@ -395,7 +441,7 @@ impl QuantMatrix {
         let mut run: Vec<&QuantMatrix> = Vec::new();
         for p in flat {
             if let Some(last) = run.last()
-                && (last.format != p.format || last.q8_acts != p.q8_acts)
+                && (last.format != p.format || last.q8_acts != p.q8_acts || last.fine != p.fine)
             {
                 groups.push(stack_same(&run));
                 run.clear();
@@ -410,6 +456,7 @@ impl QuantMatrix {
         Ok(QuantMatrix {
             format: groups[0].format,
             q8_acts: groups.iter().any(|g| g.q8_acts),
+            fine: groups.iter().any(|g| g.fine),
             rows,
             cols,
             storage: Storage::Parts(groups),
@@ -419,17 +466,58 @@ impl QuantMatrix {
     /// Makes the integer kernels quantize activations to 8-bit blocks (llama.cpp's scheme)
     /// instead of taking them as f32.
     ///
-    /// Measured on the default model: no faster here (decode 51 vs 54 tokens/s on one core),
-    /// and the 8-bit blocks flatten the outliers of a SwiGLU output, moving first-position
-    /// logits by up to 1.0 where f32 activations stay within 0.12. So f32 is the default.
-    pub fn with_q8_activations(mut self) -> Self {
-        self.q8_acts = true;
+    /// The default depends on the path and the format: on AVX2 the K-quants and Q4_0 take one
+    /// 8-bit plane (byte products do four times the multiplies per instruction of the f32
+    /// kernels), Q4_1 two planes ([`QuantMatrix::with_q16_activations`]) and Q8_0 f32; on the
+    /// other paths f32. One plane flattens the outliers of a SwiGLU output feeding the down
+    /// projection: on the default model (Q4_1 layers, Q8_0 head) it moves first-position
+    /// logits by more than 0.5 and turns the greedy answer into a ramble, where two planes or
+    /// f32 stay within 0.003 of the f32 path.
+    pub fn with_q8_activations(self) -> Self {
+        self.with_activations(true, false)
+    }
+
+    /// Makes the integer kernels quantize activations to two 8-bit planes, the second holding
+    /// what the first leaves in steps of 1/254 of the first's (about 15 bits per value): the
+    /// byte products of 8-bit activations at twice their integer work, with errors near f32's.
+    /// Products of four tokens or more (prefill) take f32 activations instead: there the f32
+    /// kernels widen each weight once for four tokens and measured faster.
+    pub fn with_q16_activations(self) -> Self {
+        self.with_activations(true, true)
+    }
+
+    /// Makes the kernels take activations as f32 (the opt-out from 8-bit activations).
+    pub fn with_f32_activations(self) -> Self {
+        self.with_activations(false, false)
+    }
+
+    fn with_activations(mut self, q8: bool, fine: bool) -> Self {
+        self.q8_acts = q8;
+        self.fine = fine;
         if let Storage::Parts(parts) = &mut self.storage {
             for p in parts.iter_mut() {
-                p.q8_acts = true;
+                p.q8_acts = q8;
+                p.fine = fine;
             }
         }
         self
+    }
+
+    /// Whether a product quantizes the activations: some part takes 8-bit activations, and
+    /// with `fine_as_f32` one that is not two-plane.
+    pub(crate) fn quantizes_activations(&self, fine_as_f32: bool) -> bool {
+        match &self.storage {
+            Storage::Parts(parts) => parts.iter().any(|p| p.quantizes_activations(fine_as_f32)),
+            _ => self.uses_q8_activations() && !(self.fine && fine_as_f32),
+        }
+    }
+
+    /// Whether the kernels quantize this matrix's activations to two 8-bit planes.
+    pub fn uses_q16_activations(&self) -> bool {
+        match &self.storage {
+            Storage::Parts(parts) => parts.iter().any(QuantMatrix::uses_q16_activations),
+            _ => self.uses_q8_activations() && self.fine,
+        }
     }
 
     /// Whether the kernels quantize this matrix's activations to 8-bit blocks.
@@ -567,6 +655,7 @@ fn stack_same(parts: &[&QuantMatrix]) -> QuantMatrix {
     QuantMatrix {
         format: first.format,
         q8_acts: first.q8_acts,
+        fine: first.fine,
         rows,
         cols: first.cols,
         storage,

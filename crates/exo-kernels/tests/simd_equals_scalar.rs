@@ -49,15 +49,24 @@ fn uniform(seed: u64) -> impl FnMut() -> f32 {
     }
 }
 
-fn check(format: WeightFormat, q8_acts: bool, rows: usize, blocks: usize, n: usize, seed: u64) {
+/// A matrix with f32 activations (`acts` 0), 8-bit ones (1) or two 8-bit planes (2).
+fn with_acts(w: QuantMatrix, acts: u8) -> QuantMatrix {
+    match acts {
+        0 => w.with_f32_activations(),
+        1 => w.with_q8_activations(),
+        _ => w.with_q16_activations(),
+    }
+}
+
+fn check(format: WeightFormat, acts: u8, rows: usize, blocks: usize, n: usize, seed: u64) {
     let cols = blocks * 32;
     let mut next = uniform(seed);
     let values: Vec<f32> = (0..rows * cols).map(|_| next()).collect();
     let x: Vec<f32> = (0..n * cols).map(|_| next() * 3.0).collect();
-    let mut w = QuantMatrix::from_f32(format, rows, cols, &values).unwrap();
-    if q8_acts {
-        w = w.with_q8_activations();
-    }
+    let w = with_acts(
+        QuantMatrix::from_f32(format, rows, cols, &values).unwrap(),
+        acts,
+    );
     let reference = product(Isa::Scalar, &w, &x, n);
     let scale: f32 = x.iter().map(|v| v.abs()).sum::<f32>() / n as f32;
     for isa in Isa::supported() {
@@ -85,13 +94,25 @@ fn check(format: WeightFormat, q8_acts: bool, rows: usize, blocks: usize, n: usi
                     .sum::<f64>()
                     + 1e-5
             } else {
+                // Two planes: half a step of the second, 254 times finer.
+                let step = if w.uses_q16_activations() {
+                    254.0 * 254.0
+                } else {
+                    254.0
+                };
                 row.chunks(32)
                     .zip(xs.chunks(32))
                     .map(|(wb, xb)| {
                         let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
-                        wb.iter().map(|v| v.abs() as f64).sum::<f64>() * amax / 254.0 * 1.001
+                        wb.iter().map(|v| v.abs() as f64).sum::<f64>() * amax / step * 1.001
                     })
                     .sum::<f64>()
+                    + 1e-5
+                        * row
+                            .iter()
+                            .zip(xs)
+                            .map(|(a, b)| (a * b).abs() as f64)
+                            .sum::<f64>()
                     + 1e-4
             };
             let (a, b) = (reference[t * rows + r] as f64, exact[t * rows + r]);
@@ -112,10 +133,10 @@ proptest! {
         rows in 1usize..40,
         blocks in 1usize..9,
         n in 1usize..10,
-        q8_acts in any::<bool>(),
+        acts in 0u8..3,
         seed in any::<u64>(),
     ) {
-        check(format, q8_acts, rows, blocks, n, seed);
+        check(format, acts, rows, blocks, n, seed);
     }
 }
 
@@ -192,25 +213,39 @@ fn k_quant_bytes(format: WeightFormat, rows: usize, blocks: usize, seed: u64) ->
 }
 
 /// Every path's product of `w` with `x` (`n` rows) equals the scalar path's, within rounding of
-/// the terms' magnitudes, and the scalar path equals dequantized weights times `x` in f64.
+/// the terms' magnitudes, and the scalar path equals dequantized weights times `x` in f64
+/// (within half an 8-bit step of each activation where the matrix takes 8-bit activations).
 fn check_matrix(w: &QuantMatrix, x: &[f32], n: usize) {
     let (rows, cols) = (w.rows(), w.cols());
     let reference = product(Isa::Scalar, w, x, n);
     let exact = exact(w, x, n);
     let mut row = vec![0f32; cols];
     let mut magnitude = vec![0f64; n * rows];
+    let mut q8_error = vec![0f64; n * rows];
+    // Half a step of the activations' last plane (254 times finer with two planes).
+    let step = if w.uses_q16_activations() {
+        254.0 * 254.0
+    } else {
+        254.0
+    };
     for r in 0..rows {
         w.dequantize_row(r, &mut row).unwrap();
         for t in 0..n {
-            magnitude[t * rows + r] = row
-                .iter()
-                .zip(&x[t * cols..(t + 1) * cols])
-                .map(|(a, b)| (a * b).abs() as f64)
+            let xs = &x[t * cols..(t + 1) * cols];
+            magnitude[t * rows + r] = row.iter().zip(xs).map(|(a, b)| (a * b).abs() as f64).sum();
+            q8_error[t * rows + r] = row
+                .chunks(32)
+                .zip(xs.chunks(32))
+                .map(|(wb, xb)| {
+                    let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+                    wb.iter().map(|v| v.abs() as f64).sum::<f64>() * amax / step * 1.001
+                })
                 .sum();
         }
     }
+    let q8 = w.uses_q8_activations();
     for (i, (a, b)) in reference.iter().zip(&exact).enumerate() {
-        let bound = 1e-5 * magnitude[i] + 1e-5;
+        let bound = 1e-5 * magnitude[i] + 1e-5 + if q8 { q8_error[i] + 1e-4 } else { 0.0 };
         assert!(
             (*a as f64 - b).abs() <= bound,
             "scalar output {i}: {a} vs exact {b}"
@@ -243,11 +278,14 @@ proptest! {
         rows in 1usize..14,
         blocks in 1usize..4,
         n in 1usize..10,
+        acts in 0u8..3,
         seed in any::<u64>(),
     ) {
         let cols = blocks * 256;
         let bytes = k_quant_bytes(format, rows, blocks, seed);
-        let w = QuantMatrix::from_ggml(format, rows, cols, &bytes).unwrap();
+        let w = with_acts(QuantMatrix::from_ggml(format, rows, cols, &bytes).unwrap(), acts);
+        prop_assert_eq!(w.uses_q8_activations(), acts > 0);
+        prop_assert_eq!(w.uses_q16_activations(), acts > 1);
         check_matrix(&w, &activations(n, cols, seed ^ 5), n);
     }
 
@@ -255,7 +293,7 @@ proptest! {
     fn mixed_format_stacks_equal_their_parts(
         picks in prop::collection::vec((0usize..8, 1usize..7), 1..5),
         n in 1usize..7,
-        q8_acts in any::<bool>(),
+        acts in 0u8..3,
         seed in any::<u64>(),
     ) {
         let cols = 512;
@@ -281,7 +319,7 @@ proptest! {
                     let values: Vec<f32> = (0..rows * cols).map(|_| next()).collect();
                     QuantMatrix::from_f32(format, rows, cols, &values).unwrap()
                 };
-                if q8_acts { m.with_q8_activations() } else { m }
+                with_acts(m, acts)
             })
             .collect();
         let stacked = QuantMatrix::stack(&parts).unwrap();
@@ -381,18 +419,22 @@ fn large_k_quant_and_mixed_shapes_split_across_threads_agree() {
         &k_quant_bytes(WeightFormat::Q6K, 90, 4, 12),
     )
     .unwrap();
-    check_matrix(&q4k, &activations(6, cols, 13), 6);
-    check_matrix(&q6k, &activations(9, cols, 14), 9);
-    let mixed = QuantMatrix::stack(&[q4k, q6k]).unwrap();
-    check_matrix(&mixed, &activations(7, cols, 15), 7);
+    for acts in 0..3 {
+        let (q4k, q6k) = (with_acts(q4k.clone(), acts), with_acts(q6k.clone(), acts));
+        check_matrix(&q4k, &activations(6, cols, 13), 6);
+        check_matrix(&q6k, &activations(9, cols, 14), 9);
+        let mixed = QuantMatrix::stack(&[q4k, q6k]).unwrap();
+        check_matrix(&mixed, &activations(7, cols, 15), 7);
+    }
 }
 
 #[test]
 fn large_shapes_split_across_threads_agree() {
     // Big enough to take the multi-threaded path.
     for format in FORMATS {
-        check(format, false, 300, 18, 6, 99);
-        check(format, true, 300, 18, 9, 98);
+        check(format, 0, 300, 18, 6, 99);
+        check(format, 1, 300, 18, 9, 98);
+        check(format, 2, 300, 18, 7, 97);
     }
 }
 
@@ -430,7 +472,7 @@ fn concurrent_callers_get_their_own_results() {
                 for round in 0..20 {
                     check(
                         WeightFormat::Q4_1,
-                        false,
+                        0,
                         256,
                         18,
                         1 + (i + round) % 6,
@@ -463,7 +505,9 @@ fn k_quant_rows_compute_what_they_decode_to() {
             }
         }
         let cols = blocks * 256;
-        let w = QuantMatrix::from_ggml(format, rows, cols, &bytes).unwrap();
+        let w = QuantMatrix::from_ggml(format, rows, cols, &bytes)
+            .unwrap()
+            .with_f32_activations();
         let x: Vec<f32> = (0..cols).map(|i| ((i % 13) as f32 - 6.0) / 7.0).collect();
         let got = product(Isa::detected(), &w, &x, 1);
         let want = exact(&w, &x, 1);
@@ -494,4 +538,37 @@ fn each_architecture_offers_its_own_simd_paths_only() {
         assert!(!Isa::Neon.is_supported());
     }
     assert_eq!(Isa::Neon.name(), "neon");
+}
+
+#[test]
+fn avx2_takes_quantized_activations_by_default_where_they_measured_faster() {
+    let choice = std::env::var("EXO_KERNELS_ACTS").unwrap_or_default();
+    if Isa::detected() != Isa::Avx2 || !choice.is_empty() {
+        return;
+    }
+    let k =
+        |format| QuantMatrix::from_ggml(format, 2, 256, &k_quant_bytes(format, 2, 1, 7)).unwrap();
+    let int = |format| QuantMatrix::from_f32(format, 2, 32, &[0.25; 64]).unwrap();
+    for w in [
+        k(WeightFormat::Q4K),
+        k(WeightFormat::Q5K),
+        k(WeightFormat::Q6K),
+        int(WeightFormat::Q4_0),
+    ] {
+        assert!(
+            w.uses_q8_activations() && !w.uses_q16_activations(),
+            "{:?}",
+            w.formats()
+        );
+    }
+    let q4_1 = int(WeightFormat::Q4_1);
+    assert!(q4_1.uses_q8_activations() && q4_1.uses_q16_activations());
+    assert!(!int(WeightFormat::Q8_0).uses_q8_activations());
+    assert!(!int(WeightFormat::F16).uses_q8_activations());
+    // The opt-out, per matrix.
+    assert!(
+        !k(WeightFormat::Q4K)
+            .with_f32_activations()
+            .uses_q8_activations()
+    );
 }

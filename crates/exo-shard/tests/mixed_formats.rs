@@ -70,6 +70,12 @@ fn a_q4_k_m_style_mix_loads_and_matches_the_f32_path() {
         logits(reference, &prompt, &steps),
         logits(native, &prompt, &steps),
     );
+    // With 8-bit activations (the K-quants' default on AVX2) each input of a product moves by
+    // up to half a step of its block of 32, about 1 % of these logits; f32 activations agree
+    // to rounding.
+    let q8 = exo_kernels::QuantMatrix::from_ggml(exo_kernels::WeightFormat::Q4K, 1, 256, &[0; 144])
+        .is_ok_and(|m| m.uses_q8_activations());
+    let tolerance = if q8 { 2e-2 } else { 1e-3 };
     for (step, (a, b)) in want.iter().zip(&got).enumerate() {
         let worst = a
             .iter()
@@ -78,7 +84,7 @@ fn a_q4_k_m_style_mix_loads_and_matches_the_f32_path() {
             .fold(0f32, f32::max);
         let size = a.iter().fold(0f32, |m, v| m.max(v.abs()));
         assert!(
-            worst <= 1e-3 * size.max(1.0),
+            worst <= tolerance * size.max(1.0),
             "step {step}: max difference {worst} (largest logit {size})"
         );
     }

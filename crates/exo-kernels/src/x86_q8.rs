@@ -1,0 +1,399 @@
+//! AVX2 kernels that take activations quantized to 8-bit blocks of 32 (llama.cpp's scheme):
+//! weights stay bytes, and `vpmaddubsw` + `vpmaddwd` multiply 32 weights by 32 activations in
+//! two instructions (the f32 kernels widen each weight to a float and need four FMAs for the
+//! same work). Each block's integer sum is scaled once, in float, by the weight scale times
+//! the activation block's scale.
+//!
+//! Every kernel computes `R` consecutive weight rows against `T` activation rows (`R x 1` for
+//! decode, `2 x 4` for prefill tiles) and equals the integer math of `scalar::dot`, up to the
+//! order of float additions.
+
+#![allow(unsafe_op_in_unsafe_fn, clippy::needless_range_loop)]
+
+use std::arch::x86_64::*;
+
+use crate::x86::{f16_at, hsum256};
+
+/// One activation row, quantized: `nb` blocks of 32.
+#[derive(Clone, Copy)]
+pub(crate) struct Q8Row<'a> {
+    /// Scale of each block.
+    pub(crate) d: &'a [f32],
+    /// `d * sum(q)` of each block.
+    pub(crate) sum: &'a [f32],
+    /// Integer sum of each 16 quants (two per block).
+    pub(crate) s16: &'a [i16],
+    /// The quants, 32 per block.
+    pub(crate) q: &'a [i8],
+    /// The second plane (empty without one): what `q` leaves, in steps of `d / 254`.
+    pub(crate) lo: &'a [i8],
+    /// Integer sum of each 16 of the second plane (empty without one).
+    pub(crate) s16lo: &'a [i16],
+}
+
+/// Scales, minimums (Q4_1 only) and quant bytes of `R` consecutive rows of a Q4_0, Q4_1 or
+/// Q8_0 matrix (`nb` blocks per row).
+pub(crate) struct IntRows<'a> {
+    pub(crate) wd: &'a [f32],
+    pub(crate) wm: &'a [f32],
+    pub(crate) wq: &'a [u8],
+}
+
+/// Bytes of a repacked Q4_K super-block and where its parts start (see `Storage::Q4K`).
+const Q4K_SCALES: usize = 4;
+const Q4K_MINS: usize = 12;
+/// A repacked Q5_K super-block: Q4_K's header, then 32 bytes of fifth bits, then the quants.
+const Q5K_HIGH: usize = 20;
+/// Bytes of a Q6_K super-block, and where its parts start (ggml's layout).
+const Q6K_BYTES: usize = 210;
+const Q6K_HIGH: usize = 128;
+const Q6K_SCALES: usize = 192;
+const Q6K_D: usize = 208;
+
+/// Bytes per super-block and offset of the quants of a repacked Q4_K (`HIGH = false`) or
+/// Q5_K super-block.
+const fn k_layout(high: bool) -> (usize, usize) {
+    if high {
+        (crate::matrix::Q5K_PACKED, 52)
+    } else {
+        (crate::matrix::Q4K_PACKED, 20)
+    }
+}
+
+/// With a second plane, `254 * dot(w, hi) + dot(w, lo)`, in units of `d / 254` (see
+/// [`dot_u8_i8`]); without, `dot(w, hi)`.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn dot_planes<const FINE: bool>(w: __m256i, hi: *const i8, lo: *const i8) -> __m256i {
+    let a = _mm256_loadu_si256(hi as *const __m256i);
+    if !FINE {
+        return dot_u8_i8(w, a);
+    }
+    let b = _mm256_loadu_si256(lo as *const __m256i);
+    _mm256_add_epi32(
+        _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(254)),
+        dot_u8_i8(w, b),
+    )
+}
+
+/// The factor of a block's scale for the integer sums of [`dot_planes`].
+const fn unit<const FINE: bool>() -> f32 {
+    if FINE { 1.0 / 254.0 } else { 1.0 }
+}
+
+/// The sum of `vpmaddubsw(w, a)` pairs as eight 32-bit lanes (lane `m` covers elements
+/// `4m..4m + 4`): unsigned weight bytes times signed activation bytes.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn dot_u8_i8(w: __m256i, a: __m256i) -> __m256i {
+    _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(1))
+}
+
+/// `R` consecutive rows of a Q4_K (`HIGH = false`) or Q5_K matrix (repacked super-blocks,
+/// `row_bytes` apart) against `T` activation rows quantized to 8 bits. Per sub-block of 32:
+/// the integer dot product of the 4- (5-) bit quants with the activation bytes, scaled by
+/// `d * scale * d_act`; the minimums come off as `dmin * min * d_act * sum(q_act)` per
+/// sub-block. Returns `out[row][token]`.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C; `w` holds `R` rows of `nsb` super-blocks and each
+/// activation row `nsb * 8` blocks.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn q4k_q8<const R: usize, const T: usize, const HIGH: bool, const FINE: bool>(
+    w: &[u8],
+    row_bytes: usize,
+    a: [Q8Row<'_>; T],
+    nsb: usize,
+) -> [[f32; T]; R] {
+    let (block, quants) = k_layout(HIGH);
+    let mask = _mm256_set1_epi8(0x0f);
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    // `d * scale_j * d_act_j` of each row, token and sub-block.
+    let mut scale = [[[0f32; 8]; T]; R];
+    for s in 0..nsb {
+        for r in 0..R {
+            let b = w.as_ptr().add(r * row_bytes + s * block);
+            // The next super-block of each row is ~150 bytes on: ask for it one block ahead.
+            if s + 1 < nsb {
+                for line in (64..=block).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(b.add(block + line) as *const i8);
+                }
+            }
+            let bytes = |at: usize| {
+                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                    b.add(at) as *const __m128i
+                )))
+            };
+            let sc = _mm256_mul_ps(bytes(Q4K_SCALES), _mm256_set1_ps(f16_at(b)));
+            let mins = _mm256_mul_ps(bytes(Q4K_MINS), _mm256_set1_ps(f16_at(b.add(2))));
+            let sc = _mm256_mul_ps(sc, _mm256_set1_ps(unit::<FINE>()));
+            for t in 0..T {
+                let ad = _mm256_loadu_ps(a[t].d.as_ptr().add(s * 8));
+                _mm256_storeu_ps(scale[r][t].as_mut_ptr(), _mm256_mul_ps(sc, ad));
+                // The minimums, lane j for sub-block j: summed with the rest at the end.
+                let asum = _mm256_loadu_ps(a[t].sum.as_ptr().add(s * 8));
+                acc[r][t] = _mm256_fnmadd_ps(mins, asum, acc[r][t]);
+            }
+        }
+        for c in 0..4 {
+            for r in 0..R {
+                let b = w.as_ptr().add(r * row_bytes + s * block);
+                let q = _mm256_loadu_si256(b.add(quants + c * 32) as *const __m256i);
+                let mut lo = _mm256_and_si256(q, mask);
+                let mut hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), mask);
+                if HIGH {
+                    // Bits 2c and 2c + 1 of each high byte, as 16.
+                    let h = _mm256_loadu_si256(b.add(Q5K_HIGH) as *const __m256i);
+                    let sixteen = _mm256_set1_epi8(16);
+                    let h = _mm256_srl_epi16(h, _mm_cvtsi32_si128(2 * c as i32));
+                    lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_slli_epi16(h, 4), sixteen));
+                    hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_slli_epi16(h, 3), sixteen));
+                }
+                for t in 0..T {
+                    let e = s * 256 + c * 64;
+                    let (ap, bp) = (a[t].q.as_ptr().add(e), a[t].lo.as_ptr().wrapping_add(e));
+                    let s0 = _mm256_set1_ps(scale[r][t][2 * c]);
+                    let s1 = _mm256_set1_ps(scale[r][t][2 * c + 1]);
+                    let p0 = dot_planes::<FINE>(lo, ap, bp);
+                    let p1 = dot_planes::<FINE>(hi, ap.add(32), bp.wrapping_add(32));
+                    acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), s0, acc[r][t]);
+                    acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), s1, acc[r][t]);
+                }
+            }
+        }
+    }
+    let mut out = [[0f32; T]; R];
+    for r in 0..R {
+        for t in 0..T {
+            out[r][t] = hsum256(acc[r][t]);
+        }
+    }
+    out
+}
+
+/// `vpshufb` controls that spread scale bytes `2b` and `2b + 1` of a Q6_K super-block over
+/// the low and high eight bytes: with `vpmovsxbw` they become the sixteen 16-bit scales of
+/// block `b`'s `vpmaddubsw` lanes.
+static Q6K_SCALE_SHUFFLE: [[u8; 16]; 8] = {
+    let mut t = [[0u8; 16]; 8];
+    let mut b = 0;
+    while b < 8 {
+        let mut i = 0;
+        while i < 16 {
+            t[b][i] = (2 * b + i / 8) as u8;
+            i += 1;
+        }
+        b += 1;
+    }
+    t
+};
+
+/// The 32 six-bit quants (0..63, unsigned) of group `g` (0..4) of one half of a Q6_K
+/// super-block, from its 64 low-bit bytes at `ql` and 32 high-bit bytes at `qh`.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn q6k_unsigned(ql: *const u8, qh: *const u8, g: usize) -> __m256i {
+    let low = _mm256_loadu_si256(ql.add((g & 1) * 32) as *const __m256i);
+    let high = _mm256_loadu_si256(qh as *const __m256i);
+    let m4 = _mm256_set1_epi8(0x0f);
+    let m2 = _mm256_set1_epi8(0x30);
+    let low = if g < 2 {
+        _mm256_and_si256(low, m4)
+    } else {
+        _mm256_and_si256(_mm256_srli_epi16(low, 4), m4)
+    };
+    // Bits 2g..2g+2 of each high byte, moved to bits 4..6.
+    let high = match g {
+        0 => _mm256_and_si256(_mm256_slli_epi16(high, 4), m2),
+        1 => _mm256_and_si256(_mm256_slli_epi16(high, 2), m2),
+        2 => _mm256_and_si256(high, m2),
+        _ => _mm256_and_si256(_mm256_srli_epi16(high, 2), m2),
+    };
+    _mm256_or_si256(low, high)
+}
+
+/// `R` consecutive rows of a Q6_K matrix (ggml's super-blocks, `row_bytes` apart) against `T`
+/// activation rows quantized to 8 bits. Per block of 32: the quants as unsigned 0..63 times the
+/// activation bytes, each 16 weighted by its signed scale in 16-bit integers, scaled by
+/// `d * d_act`; the quants' offset of 32 comes off once per super-block as
+/// `32 * sum(scale * sum16(q_act))`. Returns `out[row][token]`.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C; `w` holds `R` rows of `nsb` super-blocks and each
+/// activation row `nsb * 8` blocks.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn q6k_q8<const R: usize, const T: usize, const FINE: bool>(
+    w: &[u8],
+    row_bytes: usize,
+    a: [Q8Row<'_>; T],
+    nsb: usize,
+) -> [[f32; T]; R] {
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    // `d * d_act` of each row, token and block.
+    let mut scale = [[[0f32; 8]; T]; R];
+    for s in 0..nsb {
+        for r in 0..R {
+            let b = w.as_ptr().add(r * row_bytes + s * Q6K_BYTES);
+            if s + 1 < nsb {
+                for line in [64, 128, 192, 256] {
+                    _mm_prefetch::<_MM_HINT_T0>(b.add(Q6K_BYTES + line - 64) as *const i8);
+                }
+            }
+            let d = _mm256_set1_ps(f16_at(b.add(Q6K_D)) * unit::<FINE>());
+            let sc = _mm256_cvtepi8_epi16(_mm_loadu_si128(b.add(Q6K_SCALES) as *const __m128i));
+            for t in 0..T {
+                let dd = _mm256_mul_ps(d, _mm256_loadu_ps(a[t].d.as_ptr().add(s * 8)));
+                _mm256_storeu_ps(scale[r][t].as_mut_ptr(), dd);
+                // 32 * sum over each block's two 16s of scale * sum16(q_act), lane b for block b.
+                let s16 = _mm256_loadu_si256(a[t].s16.as_ptr().add(s * 16) as *const __m256i);
+                let mut off = _mm256_madd_epi16(sc, s16);
+                if FINE {
+                    let lo = a[t].s16lo.as_ptr().add(s * 16);
+                    let lo = _mm256_madd_epi16(sc, _mm256_loadu_si256(lo as *const __m256i));
+                    off = _mm256_add_epi32(_mm256_mullo_epi32(off, _mm256_set1_epi32(254)), lo);
+                }
+                // Times 32 in float: with two planes the integer may pass 2^31 / 32.
+                let off = _mm256_mul_ps(_mm256_cvtepi32_ps(off), _mm256_set1_ps(32.0));
+                acc[r][t] = _mm256_fnmadd_ps(off, dd, acc[r][t]);
+            }
+        }
+        for h in 0..2 {
+            for g in 0..4 {
+                let blk = h * 4 + g;
+                let shuffle = _mm_loadu_si128(Q6K_SCALE_SHUFFLE[blk].as_ptr() as *const __m128i);
+                for r in 0..R {
+                    let b = w.as_ptr().add(r * row_bytes + s * Q6K_BYTES);
+                    let q = q6k_unsigned(b.add(h * 64), b.add(Q6K_HIGH + h * 32), g);
+                    let raw = _mm_loadu_si128(b.add(Q6K_SCALES) as *const __m128i);
+                    let sc = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(raw, shuffle));
+                    // |scale| <= 128, so 254 * scale still fits 16 bits.
+                    let sc_hi = if FINE {
+                        _mm256_mullo_epi16(sc, _mm256_set1_epi16(254))
+                    } else {
+                        sc
+                    };
+                    for t in 0..T {
+                        let e = s * 256 + blk * 32;
+                        let ap = a[t].q.as_ptr().add(e);
+                        let av = _mm256_loadu_si256(ap as *const __m256i);
+                        let mut p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, av), sc_hi);
+                        if FINE {
+                            let bv = _mm256_loadu_si256(a[t].lo.as_ptr().add(e) as *const __m256i);
+                            p = _mm256_add_epi32(
+                                p,
+                                _mm256_madd_epi16(_mm256_maddubs_epi16(q, bv), sc),
+                            );
+                        }
+                        acc[r][t] = _mm256_fmadd_ps(
+                            _mm256_cvtepi32_ps(p),
+                            _mm256_set1_ps(scale[r][t][blk]),
+                            acc[r][t],
+                        );
+                    }
+                }
+            }
+        }
+    }
+    let mut out = [[0f32; T]; R];
+    for r in 0..R {
+        for t in 0..T {
+            out[r][t] = hsum256(acc[r][t]);
+        }
+    }
+    out
+}
+
+/// Block kinds of [`int_q8`].
+pub(crate) const Q4_0: u8 = 0;
+pub(crate) const Q4_1: u8 = 1;
+pub(crate) const Q8_0: u8 = 2;
+
+/// `R` consecutive rows of a Q4_0, Q4_1 or Q8_0 matrix (`KIND`; `nb` blocks per row) against
+/// `T` activation rows quantized to 8 bits (two planes with `FINE`): per block the integer dot
+/// product, scaled by `d_w * d_act`; Q4_0's offset of 8 and Q4_1's minimum come off with the
+/// blocks' activation sums at the end. Returns `out[row][token]`.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `w` holds `R` rows of `nb` blocks (`w.wm` too for
+/// Q4_1) and each activation row `nb` blocks (and the second plane with `FINE`).
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn int_q8<const R: usize, const T: usize, const FINE: bool, const KIND: u8>(
+    w: &IntRows<'_>,
+    a: [Q8Row<'_>; T],
+    nb: usize,
+) -> [[f32; T]; R] {
+    let mask = _mm_set1_epi8(0x0f);
+    let (wq, wd) = (w.wq.as_ptr(), w.wd.as_ptr());
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    for b in 0..nb {
+        // This block of every token: its bytes (both planes) and its scale.
+        let mut hi = [_mm256_setzero_si256(); T];
+        let mut lo = [_mm256_setzero_si256(); T];
+        let mut ad = [0f32; T];
+        for t in 0..T {
+            hi[t] = _mm256_loadu_si256(a[t].q.as_ptr().add(b * 32) as *const __m256i);
+            if FINE {
+                lo[t] = _mm256_loadu_si256(a[t].lo.as_ptr().add(b * 32) as *const __m256i);
+            }
+            ad[t] = *a[t].d.as_ptr().add(b) * unit::<FINE>();
+        }
+        for k in 0..R {
+            let i = k * nb + b;
+            // The weights as unsigned bytes; Q8_0 moves their signs onto the activations.
+            let (wv, sign) = if KIND == Q8_0 {
+                let p = wq.add(i * 32);
+                if b % 2 == 0 && (i + 4) * 32 < w.wq.len() {
+                    _mm_prefetch::<_MM_HINT_T0>(p.add(4 * 32) as *const i8);
+                }
+                let v = _mm256_loadu_si256(p as *const __m256i);
+                (_mm256_sign_epi8(v, v), v)
+            } else {
+                let p = wq.add(i * 16);
+                if b % 4 == 0 && (i + 8) * 16 < w.wq.len() {
+                    _mm_prefetch::<_MM_HINT_T0>(p.add(8 * 16) as *const i8);
+                }
+                let nib = _mm_loadu_si128(p as *const __m128i);
+                let l = _mm_and_si128(nib, mask);
+                let h = _mm_and_si128(_mm_srli_epi16(nib, 4), mask);
+                (_mm256_set_m128i(h, l), _mm256_setzero_si256())
+            };
+            let d = *wd.add(i);
+            for t in 0..T {
+                let signed = |v: __m256i| {
+                    if KIND == Q8_0 {
+                        _mm256_sign_epi8(v, sign)
+                    } else {
+                        v
+                    }
+                };
+                let p = if FINE {
+                    let h = _mm256_maddubs_epi16(wv, signed(hi[t]));
+                    let h = _mm256_madd_epi16(h, _mm256_set1_epi16(254));
+                    _mm256_add_epi32(h, dot_u8_i8(wv, signed(lo[t])))
+                } else {
+                    dot_u8_i8(wv, signed(hi[t]))
+                };
+                let s = _mm256_set1_ps(d * ad[t]);
+                acc[k][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc[k][t]);
+            }
+        }
+    }
+    let mut out = [[0f32; T]; R];
+    for k in 0..R {
+        for t in 0..T {
+            let extra = match KIND {
+                Q4_0 => -8.0 * short_dot(&w.wd[k * nb..(k + 1) * nb], &a[t].sum[..nb]),
+                Q4_1 => short_dot(&w.wm[k * nb..(k + 1) * nb], &a[t].sum[..nb]),
+                _ => 0.0,
+            };
+            out[k][t] = hsum256(acc[k][t]) + extra;
+        }
+    }
+    out
+}
+
+/// `sum_b a[b] * b[b]` for short per-block vectors (scales against block sums).
+#[target_feature(enable = "avx2,fma")]
+unsafe fn short_dot(a: &[f32], b: &[f32]) -> f32 {
+    crate::x86::dot_f32_avx2(a, b)
+}
