@@ -414,7 +414,7 @@ mod tests {
                     .with_q8_activations();
                 let x: Vec<f32> = values(n * cols, seed + 1).iter().map(|v| v * 3.0).collect();
                 let mut a = QuantizedActs::new();
-                a.quantize(&x, n, cols);
+                a.quantize(&x, n, cols, false);
                 for &sdot in variants {
                     for t in 0..n {
                         let (ab, aq) = (t * blocks, t * blocks * 32);
