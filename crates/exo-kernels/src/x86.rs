@@ -771,6 +771,14 @@ pub(crate) unsafe fn q4k_avx2<const R: usize, const T: usize, const HIGH: bool>(
 /// Q6_K super-block, from its 64 low-bit bytes at `ql` and 32 high-bit bytes at `qh`.
 #[target_feature(enable = "avx2,fma")]
 unsafe fn q6k_group(ql: *const u8, qh: *const u8, g: usize) -> __m256i {
+    _mm256_sub_epi8(q6k_unsigned(ql, qh, g), _mm256_set1_epi8(32))
+}
+
+/// The 32 six-bit quants (0..63, unsigned) of group `g` (0..4) of one half of a Q6_K
+/// super-block, from its 64 low-bit bytes at `ql` and 32 high-bit bytes at `qh`.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+pub(crate) unsafe fn q6k_unsigned(ql: *const u8, qh: *const u8, g: usize) -> __m256i {
     let low = _mm256_loadu_si256(ql.add((g & 1) * 32) as *const __m256i);
     let high = _mm256_loadu_si256(qh as *const __m256i);
     let m4 = _mm256_set1_epi8(0x0f);
@@ -787,7 +795,7 @@ unsafe fn q6k_group(ql: *const u8, qh: *const u8, g: usize) -> __m256i {
         2 => _mm256_and_si256(high, m2),
         _ => _mm256_and_si256(_mm256_srli_epi16(high, 2), m2),
     };
-    _mm256_sub_epi8(_mm256_or_si256(low, high), _mm256_set1_epi8(32))
+    _mm256_or_si256(low, high)
 }
 
 /// `R` consecutive rows of a Q6_K matrix (ggml's super-blocks, `row_bytes` apart) against `T`

@@ -12,7 +12,7 @@
 
 use std::arch::x86_64::*;
 
-use crate::x86::{f16_at, hsum256};
+use crate::x86::{f16_at, hsum256, q6k_unsigned};
 
 /// One activation row, quantized: `nb` blocks of 32.
 #[derive(Clone, Copy)]
@@ -187,30 +187,6 @@ static Q6K_SCALE_SHUFFLE: [[u8; 16]; 8] = {
     }
     t
 };
-
-/// The 32 six-bit quants (0..63, unsigned) of group `g` (0..4) of one half of a Q6_K
-/// super-block, from its 64 low-bit bytes at `ql` and 32 high-bit bytes at `qh`.
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn q6k_unsigned(ql: *const u8, qh: *const u8, g: usize) -> __m256i {
-    let low = _mm256_loadu_si256(ql.add((g & 1) * 32) as *const __m256i);
-    let high = _mm256_loadu_si256(qh as *const __m256i);
-    let m4 = _mm256_set1_epi8(0x0f);
-    let m2 = _mm256_set1_epi8(0x30);
-    let low = if g < 2 {
-        _mm256_and_si256(low, m4)
-    } else {
-        _mm256_and_si256(_mm256_srli_epi16(low, 4), m4)
-    };
-    // Bits 2g..2g+2 of each high byte, moved to bits 4..6.
-    let high = match g {
-        0 => _mm256_and_si256(_mm256_slli_epi16(high, 4), m2),
-        1 => _mm256_and_si256(_mm256_slli_epi16(high, 2), m2),
-        2 => _mm256_and_si256(high, m2),
-        _ => _mm256_and_si256(_mm256_srli_epi16(high, 2), m2),
-    };
-    _mm256_or_si256(low, high)
-}
 
 /// `R` consecutive rows of a Q6_K matrix (ggml's super-blocks, `row_bytes` apart) against `T`
 /// activation rows quantized to 8 bits. Per block of 32: the quants as unsigned 0..63 times the
