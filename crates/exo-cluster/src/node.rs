@@ -118,7 +118,7 @@ impl Node {
             tokio::task::spawn_blocking(move || -> Result<_> {
                 let checkpoint = Checkpoint::open(&path)?;
                 let tokenizer = checkpoint.tokenizer()?;
-                let template = checkpoint.chat_template()?;
+                let template = checkpoint.chat_template_with(&tokenizer)?;
                 let profile = model_profile(&checkpoint, weights, wire);
                 Ok((
                     checkpoint.name(),

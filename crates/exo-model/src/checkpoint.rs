@@ -264,7 +264,12 @@ impl Checkpoint {
 
     /// The checkpoint's chat template, if it has one.
     pub fn chat_template(&self) -> Result<Option<ChatTemplate>> {
-        let tokenizer = self.tokenizer()?;
+        self.chat_template_with(&self.tokenizer()?)
+    }
+
+    /// [`Checkpoint::chat_template`] with the checkpoint's tokenizer already built (building a
+    /// large vocabulary's tokenizer takes a second and over 100 MiB: once is enough).
+    pub fn chat_template_with(&self, tokenizer: &Tokenizer) -> Result<Option<ChatTemplate>> {
         let token_text =
             |id: Option<u32>| id.and_then(|id| tokenizer.token(id)).unwrap_or_default();
         let bos = token_text(self.config.bos_token_id);

@@ -55,7 +55,7 @@ impl Engine {
     pub fn load(path: &Path, device: &Device, weights: Weights) -> Result<Self> {
         let checkpoint = Checkpoint::open(path)?;
         let tokenizer = checkpoint.tokenizer()?;
-        let template = checkpoint.chat_template()?;
+        let template = checkpoint.chat_template_with(&tokenizer)?;
         let config = checkpoint.config().clone();
         let spec = ShardSpec::whole(config.num_layers);
         let shard = LlamaShard::load_with(&checkpoint, &spec, device, weights)?;
