@@ -313,15 +313,21 @@ impl Checkpoint {
 
     /// Whether the checkpoint stores a tensor.
     pub fn has_tensor(&self, id: TensorId) -> bool {
-        if let Some(fused) = self.fused(id) {
-            return match &self.source {
-                Source::Gguf(f) => f.tensor(&fused.gguf_name).is_some(),
-                Source::Safetensors(s) => s.contains(&fused.hf_name),
-            };
-        }
+        let name = self.file_name(id);
         match &self.source {
-            Source::Gguf(f) => f.tensor(&id.gguf_name()).is_some(),
-            Source::Safetensors(s) => s.contains(&id.hf_name_in(&self.config.model_type)),
+            Source::Gguf(f) => f.tensor(&name).is_some(),
+            Source::Safetensors(s) => s.contains(&name),
+        }
+    }
+
+    /// The name of the tensor that holds `id` in this checkpoint's format and family (for a
+    /// family that fuses its projections, the fused tensor's).
+    fn file_name(&self, id: TensorId) -> String {
+        match (&self.source, self.fused(id)) {
+            (Source::Gguf(_), Some(f)) => f.gguf_name,
+            (Source::Gguf(_), None) => id.gguf_name(),
+            (Source::Safetensors(_), Some(f)) => f.hf_name,
+            (Source::Safetensors(_), None) => id.hf_name_in(&self.config.model_type),
         }
     }
 
@@ -347,11 +353,9 @@ impl Checkpoint {
             // The whole fused matrix is read and checked; this part's rows are cut below.
             expected[0] = f.total_rows;
         }
+        let name = self.file_name(id);
         let (name, shape, dtype, mut bytes) = match &self.source {
             Source::Gguf(file) => {
-                let name = fused
-                    .as_ref()
-                    .map_or_else(|| id.gguf_name(), |f| f.gguf_name.clone());
                 let info = file.tensor(&name).ok_or_else(|| Error::MissingTensor {
                     path: self.path.clone(),
                     name: name.clone(),
@@ -364,10 +368,6 @@ impl Checkpoint {
                 )
             }
             Source::Safetensors(set) => {
-                let name = fused.as_ref().map_or_else(
-                    || id.hf_name_in(&self.config.model_type),
-                    |f| f.hf_name.clone(),
-                );
                 let raw = set.get(&name)?.ok_or_else(|| Error::MissingTensor {
                     path: self.path.clone(),
                     name: name.clone(),
@@ -546,42 +546,24 @@ impl Checkpoint {
 
     /// Bytes of stored weights of the tensors a shard would read (for memory planning).
     pub fn stored_bytes(&self, id: TensorId) -> Option<u64> {
-        if let Some(fused) = self.fused(id) {
-            let whole = match &self.source {
-                Source::Gguf(f) => f.tensor(&fused.gguf_name).map(|i| i.len as u64),
-                Source::Safetensors(s) => s
-                    .get(&fused.hf_name)
-                    .ok()
-                    .flatten()
-                    .map(|r| r.bytes().len() as u64),
-            }?;
-            return Some(whole * fused.rows.len() as u64 / fused.total_rows.max(1) as u64);
-        }
-        match &self.source {
-            Source::Gguf(f) => f.tensor(&id.gguf_name()).map(|i| i.len as u64),
-            Source::Safetensors(s) => s
-                .get(&id.hf_name_in(&self.config.model_type))
-                .ok()
-                .flatten()
-                .map(|r| r.bytes().len() as u64),
-        }
+        let name = self.file_name(id);
+        let whole = match &self.source {
+            Source::Gguf(f) => f.tensor(&name).map(|i| i.len as u64),
+            Source::Safetensors(s) => s.get(&name).ok().flatten().map(|r| r.bytes().len() as u64),
+        }?;
+        // A part of a fused matrix is its share of the rows.
+        Some(match self.fused(id) {
+            Some(f) => whole * f.rows.len() as u64 / f.total_rows.max(1) as u64,
+            None => whole,
+        })
     }
 
     /// The element type a tensor is stored in.
     pub fn stored_dtype(&self, id: TensorId) -> Option<DType> {
-        if let Some(fused) = self.fused(id) {
-            return match &self.source {
-                Source::Gguf(f) => f.tensor(&fused.gguf_name).map(|i| i.dtype),
-                Source::Safetensors(s) => s.get(&fused.hf_name).ok().flatten().map(|r| r.dtype),
-            };
-        }
+        let name = self.file_name(id);
         match &self.source {
-            Source::Gguf(f) => f.tensor(&id.gguf_name()).map(|i| i.dtype),
-            Source::Safetensors(s) => s
-                .get(&id.hf_name_in(&self.config.model_type))
-                .ok()
-                .flatten()
-                .map(|r| r.dtype),
+            Source::Gguf(f) => f.tensor(&name).map(|i| i.dtype),
+            Source::Safetensors(s) => s.get(&name).ok().flatten().map(|r| r.dtype),
         }
     }
 }

@@ -319,6 +319,18 @@ impl ModelConfig {
         }
     }
 
+    /// The rotary base of the sliding-window layers where it differs from `rope_theta`
+    /// (Gemma 3): those layers take tables of their own.
+    pub fn local_rope_theta(&self) -> Option<f64> {
+        let v = &self.variant;
+        v.rope_local_theta.filter(|_| v.sliding_window.is_some())
+    }
+
+    /// Whether layer `layer` takes the local rotary tables ([`ModelConfig::local_rope_theta`]).
+    pub fn uses_local_rope(&self, layer: usize) -> bool {
+        self.window_of(layer).is_some() && self.local_rope_theta().is_some()
+    }
+
     /// Whether a checkpoint of this configuration has the layer tensor `part`.
     pub fn has_part(&self, part: crate::LayerPart) -> bool {
         use crate::LayerPart as P;

@@ -58,9 +58,8 @@ impl BurnShard {
             .map(|(i, w)| DecoderLayer::load(w, first + i, config, device))
             .collect();
         let v = &config.variant;
-        let local_rope = v
-            .rope_local_theta
-            .filter(|_| v.sliding_window.is_some())
+        let local_rope = config
+            .local_rope_theta()
             .map(|theta| Rope::new(config, theta, None, device));
         let final_norm = weights
             .final_norm

@@ -421,7 +421,7 @@ impl DecoderLayer {
             mlp: Mlp::load(w, config.variant.activation, device),
             post_attn_norm: post(0),
             post_mlp_norm: post(1),
-            local_rope: window.is_some() && config.variant.rope_local_theta.is_some(),
+            local_rope: config.uses_local_rope(layer),
         }
     }
 

@@ -223,9 +223,7 @@ impl NativeShard {
             .then(|| load(TensorId::Embedding))
             .transpose()?;
         let local_rope = config
-            .variant
-            .rope_local_theta
-            .filter(|_| config.variant.sliding_window.is_some())
+            .local_rope_theta()
             .map(|theta| rope_tables(config, theta, None));
         let mut layers = Vec::with_capacity(spec.layers.len());
         for layer in spec.layers.clone() {
@@ -252,7 +250,6 @@ impl NativeShard {
                     None
                 })
             };
-            let window = config.window_of(layer);
             layers.push(NativeLayer {
                 qk_norm: pair(LayerPart::QNorm, LayerPart::KNorm, config.variant.qk_norm)?,
                 post_norms: pair(
@@ -260,8 +257,8 @@ impl NativeShard {
                     LayerPart::PostMlpNorm,
                     config.variant.sandwich_norms,
                 )?,
-                window,
-                local_rope: window.is_some() && local_rope.is_some(),
+                window: config.window_of(layer),
+                local_rope: config.uses_local_rope(layer),
                 attn_norm: vector(id(LayerPart::AttnNorm))?,
                 qkv: stack(&[LayerPart::Q, LayerPart::K, LayerPart::V])?,
                 qkv_bias,
