@@ -662,3 +662,98 @@ fn gemma_3_split_over_two_nodes_answers_like_one() {
     assert_eq!(ids, single, "two nodes vs one; {stderr}");
     assert_eq!(text, single_text);
 }
+
+/// A Qwen3-MoE-shaped random model (query/key norms, 32 experts of width 512 in each of 8
+/// layers, 4 per token: 144 MiB) in the default model's vocabulary, its experts quantized to Q4_K as a
+/// Q4_K_M file keeps them (the embedding Q8_0, the rest F16).
+fn mixture_of_experts_model(dir: &std::path::Path) -> std::path::PathBuf {
+    use exo_model::testing::{family_fixture, write_converted_gguf, write_synthetic_gguf};
+    let default_model =
+        exo_model::ensure_default_model(&exo_model::exo_home(), &mut |l| eprintln!("{l}")).unwrap();
+    let base = family_fixture("qwen3moe").unwrap();
+    let config = exo_model::ModelConfig {
+        hidden_size: 512,
+        num_layers: 8,
+        num_heads: 8,
+        num_kv_heads: 2,
+        head_dim: 64,
+        variant: exo_model::Variant {
+            moe: Some(exo_model::Moe {
+                experts: 32,
+                experts_per_token: 4,
+                intermediate_size: 512,
+                normalize: true,
+            }),
+            ..base.variant.clone()
+        },
+        ..base
+    };
+    let f16 = dir.join("qwen3moe-f16.gguf");
+    write_synthetic_gguf(&f16, &config, 5, &default_model).unwrap();
+    let path = dir.join("qwen3moe-q4_k.gguf");
+    write_converted_gguf(&f16, &path, &|name| {
+        use exo_model::DType;
+        if name.contains("_exps") {
+            DType::Q4K
+        } else if name == "token_embd.weight" {
+            DType::Q8_0
+        } else {
+            DType::F16
+        }
+    })
+    .unwrap();
+    std::fs::remove_file(&f16).unwrap();
+    path
+}
+
+#[test]
+fn a_mixture_of_experts_split_over_two_nodes_answers_like_one_and_each_holds_only_its_experts() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = mixture_of_experts_model(dir.path());
+    let model = model.to_str().unwrap();
+    let file_bytes = std::fs::metadata(model).unwrap().len();
+    let (single, single_text, _) = generate(&["--model", model, "--raw"]);
+    assert_eq!(single.len(), 32);
+    // Too little memory for the whole model on one node: two stages of four layers.
+    let cluster = start_cluster(2, "120MiB", &["--model", model]);
+    let (ids, text, stderr) =
+        generate(&["--model", model, "--raw", "--node", &cluster.nodes[0].grpc]);
+    assert_eq!(ids, single, "two nodes vs one; {stderr}");
+    assert_eq!(text, single_text);
+
+    let rt = runtime();
+    wait_until_idle(&rt, &cluster);
+    for node in &cluster.nodes {
+        let status = rt.block_on(async {
+            ShardClient::connect(&node.grpc, Some(&credential()), Limits::default())
+                .await
+                .unwrap()
+                .status()
+                .await
+                .unwrap()
+        });
+        let (rss, peak) = node.memory();
+        let mib = |b: u64| b as f64 / 1048576.0;
+        eprintln!(
+            "layers {:?}: weights {:.1} MiB of a {:.1} MiB file, resident {:.1} MiB, peak {:.1} MiB",
+            status.layers,
+            mib(status.weight_bytes),
+            mib(file_bytes),
+            mib(rss),
+            mib(peak)
+        );
+        assert_eq!(status.layers.end - status.layers.start, 4, "{status:?}");
+        // Half the layers' experts (each end also holds the tied 24 MiB embedding table), and
+        // memory that follows the weights held, not the file.
+        assert!(
+            status.weight_bytes * 10 < file_bytes * 7,
+            "{status:?} of a {file_bytes}-byte file"
+        );
+        assert!(
+            rss < status.weight_bytes + (64 << 20) && peak < status.weight_bytes + (96 << 20),
+            "layers {:?} hold {rss} bytes (peak {peak}) with {} bytes of weights",
+            status.layers,
+            status.weight_bytes
+        );
+    }
+}

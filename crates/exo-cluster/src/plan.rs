@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use exo_core::{Epoch, LayerRange, NodeId, Stage};
-use exo_model::{Checkpoint, LayerPart, ModelConfig, TensorId};
+use exo_model::{Checkpoint, ModelConfig, TensorId};
 use exo_partition::{ClusterProfile, ModelProfile, NodeProfile, Plan, RequestProfile, Strategy};
 use exo_shard::{WeightFormat, Weights};
 use exo_topology::{ModelFile, NodeRole, TopologySnapshot};
@@ -81,10 +81,11 @@ fn held_bytes(
 pub fn model_profile(checkpoint: &Checkpoint, weights: Weights, wire: WireDtype) -> ModelProfile {
     let config = checkpoint.config();
     let bytes = |id| held_bytes(checkpoint, config, id, weights);
-    let layer: u64 = LayerPart::ALL
-        .iter()
-        .filter(|&&part| checkpoint.has_tensor(TensorId::Layer { layer: 0, part }))
-        .map(|&part| bytes(TensorId::Layer { layer: 0, part }))
+    let layer: u64 = config
+        .layer_parts()
+        .into_iter()
+        .filter(|&part| checkpoint.has_tensor(TensorId::Layer { layer: 0, part }))
+        .map(|part| bytes(TensorId::Layer { layer: 0, part }))
         .sum();
     let embedding = bytes(TensorId::Embedding);
     let head = if checkpoint.has_tensor(TensorId::Head) {
@@ -99,7 +100,8 @@ pub fn model_profile(checkpoint: &Checkpoint, weights: Weights, wire: WireDtype)
         layer_weight_bytes: layer,
         embedding_bytes: embedding,
         head_bytes: head,
-        layer_flops_per_token: 2 * config.layer_params() as u64,
+        // A mixture of experts computes only the experts it routes to.
+        layer_flops_per_token: 2 * config.active_layer_params() as u64,
         hidden_size: config.hidden_size as u32,
         intermediate_size: config.intermediate_size as u32,
         attention_heads: config.num_heads as u32,

@@ -69,9 +69,11 @@ pub struct LayerWeights {
     pub qkv_bias: Option<[HostTensor; 3]>,
     pub o: HostTensor,
     pub mlp_norm: HostTensor,
-    pub gate: HostTensor,
-    pub up: HostTensor,
-    pub down: HostTensor,
+    /// The MLP's gate, up and down: one set for a dense layer, one per expert for a mixture
+    /// of experts.
+    pub experts: Vec<[HostTensor; 3]>,
+    /// The mixture of experts' router, `[experts, hidden]`; `None` in a dense layer.
+    pub router: Option<HostTensor>,
     /// Per-head query and key norms, when the family has them (Qwen3, Gemma 3).
     pub qk_norm: Option<[HostTensor; 2]>,
     /// Norms of the attention and MLP outputs, when the family has them (Gemma).
@@ -188,23 +190,25 @@ impl Checkpoint {
         let Source::Gguf(file) = &self.source else {
             return Ok(());
         };
+        let parts = self.config.layer_parts();
         let ids = [TensorId::Embedding, TensorId::FinalNorm, TensorId::Head]
             .into_iter()
             .chain((0..layers).flat_map(|layer| {
-                LayerPart::ALL
-                    .into_iter()
-                    .map(move |part| TensorId::Layer { layer, part })
+                parts
+                    .iter()
+                    .map(move |&part| TensorId::Layer { layer, part })
             }));
         for id in ids {
-            // A fused matrix is checked whole when a part of it is read.
-            if self.fused(id).is_some() {
+            // A fused matrix is checked whole when a part of it is read; a stack of experts
+            // once, through its first expert.
+            if self.fused(id).is_some() || self.stacked_expert(id).is_some_and(|e| e > 0) {
                 continue;
             }
             let name = id.gguf_name();
             let Some(info) = file.tensor(&name) else {
                 continue;
             };
-            let expected = self.config.expected_shape(id);
+            let expected = self.expected_stored_shape(id);
             if info.shape != expected {
                 return Err(Error::ShapeMismatch {
                     path: self.path.clone(),
@@ -331,6 +335,25 @@ impl Checkpoint {
         }
     }
 
+    /// The expert of `id` when the checkpoint stores it in a stack of every expert of its
+    /// layer (GGUF's `ffn_*_exps`); Hugging Face folders store each expert on its own.
+    fn stacked_expert(&self, id: TensorId) -> Option<usize> {
+        match (&self.source, id) {
+            (Source::Gguf(_), TensorId::Layer { part, .. }) => part.expert(),
+            _ => None,
+        }
+    }
+
+    /// The shape of the tensor holding `id` in the file: a stack of experts is
+    /// `[experts, rows, cols]`.
+    fn expected_stored_shape(&self, id: TensorId) -> Vec<usize> {
+        let mut shape = self.config.expected_shape(id);
+        if self.stacked_expert(id).is_some() {
+            shape.insert(0, self.config.variant.moe.map_or(0, |m| m.experts));
+        }
+        shape
+    }
+
     /// Where `id` lives in a family that fuses its projections (Phi-3).
     fn fused(&self, id: TensorId) -> Option<crate::names::FusedSource> {
         let c = &self.config;
@@ -347,7 +370,8 @@ impl Checkpoint {
     /// Reads one tensor as stored (quantized blocks stay quantized), in Hugging Face row order,
     /// and checks its shape. Its bytes are copied out of the file.
     pub fn stored_tensor(&self, id: TensorId) -> Result<StoredTensor> {
-        let mut expected = self.config.expected_shape(id);
+        let mut expected = self.expected_stored_shape(id);
+        let stacked = self.stacked_expert(id);
         let fused = self.fused(id);
         if let Some(f) = &fused {
             // The whole fused matrix is read and checked; this part's rows are cut below.
@@ -360,12 +384,30 @@ impl Checkpoint {
                     path: self.path.clone(),
                     name: name.clone(),
                 })?;
-                (
-                    name,
-                    info.shape.clone(),
-                    info.dtype,
-                    file.read_tensor(info)?,
-                )
+                if info.shape != expected {
+                    return Err(Error::ShapeMismatch {
+                        path: self.path.clone(),
+                        name,
+                        expected,
+                        actual: info.shape.clone(),
+                    });
+                }
+                match stacked {
+                    // Only this expert's bytes: each is a whole number of rows (of blocks).
+                    Some(e) => {
+                        let experts = expected[0].max(1);
+                        let each = info.len / experts;
+                        expected.remove(0);
+                        let bytes = file.read_tensor_part(info, e * each, each)?;
+                        (name, expected.clone(), info.dtype, bytes)
+                    }
+                    None => (
+                        name,
+                        info.shape.clone(),
+                        info.dtype,
+                        file.read_tensor(info)?,
+                    ),
+                }
             }
             Source::Safetensors(set) => {
                 let raw = set.get(&name)?.ok_or_else(|| Error::MissingTensor {
@@ -523,9 +565,24 @@ impl Checkpoint {
             qkv_bias,
             o: t(LayerPart::O)?,
             mlp_norm: t(LayerPart::MlpNorm)?,
-            gate: t(LayerPart::Gate)?,
-            up: t(LayerPart::Up)?,
-            down: t(LayerPart::Down)?,
+            experts: match self.config.variant.moe {
+                Some(m) => (0..m.experts as u32)
+                    .map(|e| {
+                        Ok([
+                            t(LayerPart::ExpertGate(e))?,
+                            t(LayerPart::ExpertUp(e))?,
+                            t(LayerPart::ExpertDown(e))?,
+                        ])
+                    })
+                    .collect::<Result<_>>()?,
+                None => vec![[t(LayerPart::Gate)?, t(LayerPart::Up)?, t(LayerPart::Down)?]],
+            },
+            router: self
+                .config
+                .variant
+                .moe
+                .map(|_| t(LayerPart::Router))
+                .transpose()?,
             qk_norm: if self.config.variant.qk_norm {
                 Some([t(LayerPart::QNorm)?, t(LayerPart::KNorm)?])
             } else {
@@ -551,10 +608,13 @@ impl Checkpoint {
             Source::Gguf(f) => f.tensor(&name).map(|i| i.len as u64),
             Source::Safetensors(s) => s.get(&name).ok().flatten().map(|r| r.bytes().len() as u64),
         }?;
-        // A part of a fused matrix is its share of the rows.
-        Some(match self.fused(id) {
-            Some(f) => whole * f.rows.len() as u64 / f.total_rows.max(1) as u64,
-            None => whole,
+        // A part of a fused matrix is its share of the rows; an expert its share of the stack.
+        Some(match (self.fused(id), self.stacked_expert(id)) {
+            (Some(f), _) => whole * f.rows.len() as u64 / f.total_rows.max(1) as u64,
+            (None, Some(_)) => {
+                whole / self.config.variant.moe.map_or(1, |m| m.experts.max(1)) as u64
+            }
+            (None, None) => whole,
         })
     }
 
@@ -610,7 +670,7 @@ pub(crate) fn is_norm(id: TensorId) -> bool {
 }
 
 /// The GGUF architectures this reader understands.
-const GGUF_ARCHITECTURES: &str = "llama, qwen2, qwen3, phi3, gemma3";
+const GGUF_ARCHITECTURES: &str = "llama (and Mixtral), qwen2, qwen3, qwen3moe, phi3, gemma3";
 
 /// Fills the configuration from a GGUF file's `{arch}.*` metadata.
 fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
@@ -626,7 +686,7 @@ fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
         .to_string();
     if !matches!(
         arch.as_str(),
-        "llama" | "qwen2" | "qwen3" | "phi3" | "gemma3"
+        "llama" | "qwen2" | "qwen3" | "qwen3moe" | "phi3" | "gemma3"
     ) {
         return Err(Error::Config {
             path: path.to_path_buf(),
@@ -698,7 +758,11 @@ fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
         model_type: arch.clone(),
         vocab_size,
         hidden_size,
-        intermediate_size: uint("feed_forward_length")?,
+        intermediate_size: match uint("feed_forward_length") {
+            Ok(width) => width,
+            // Qwen3-MoE files may give only the experts' width.
+            Err(e) => uint("expert_feed_forward_length").map_err(|_| e)?,
+        },
         num_layers: uint("block_count")?,
         num_heads,
         num_kv_heads,
@@ -724,11 +788,63 @@ fn config_from_gguf(file: &GgufFile) -> Result<ModelConfig> {
         eos_token_ids,
         variant: Variant {
             rope_freq_factors,
+            moe: gguf_moe(file, &arch)?,
             ..gguf_variant(file, &arch, hidden_size, head_dim, num_heads)
         },
     };
     config.validate(path)?;
     Ok(config)
+}
+
+/// The mixture of experts a GGUF file describes (`{arch}.expert_count` above zero): Qwen3-MoE,
+/// or Mixtral under the `llama` architecture. Both route by a softmax over every expert,
+/// then rescale the chosen experts' weights to sum to one (as llama.cpp does for them).
+fn gguf_moe(file: &GgufFile, arch: &str) -> Result<Option<crate::config::Moe>> {
+    let uint = |key: &str| {
+        file.get(&format!("{arch}.{key}"))
+            .and_then(Value::as_u64)
+            .map(|v| v as usize)
+    };
+    let experts = uint("expert_count").unwrap_or(0);
+    if experts == 0 {
+        if arch == "qwen3moe" {
+            return Err(Error::Config {
+                path: file.path().to_path_buf(),
+                message: "missing metadata `qwen3moe.expert_count`".into(),
+            });
+        }
+        return Ok(None);
+    }
+    let per_token = uint("expert_used_count").ok_or_else(|| Error::Config {
+        path: file.path().to_path_buf(),
+        message: format!("missing metadata `{arch}.expert_used_count`"),
+    })?;
+    // llama.cpp: Mixtral's experts are `feed_forward_length` wide; Qwen3-MoE's are
+    // `expert_feed_forward_length` wide, or the dense width shared among the chosen experts.
+    let width = match arch {
+        "llama" => uint("feed_forward_length"),
+        _ => uint("expert_feed_forward_length")
+            .or_else(|| uint("feed_forward_length").map(|w| w / per_token.max(1))),
+    }
+    .ok_or_else(|| Error::Config {
+        path: file.path().to_path_buf(),
+        message: format!("missing metadata `{arch}.expert_feed_forward_length`"),
+    })?;
+    if file.tensor("blk.0.ffn_gate.0.weight").is_some() {
+        return Err(Error::Config {
+            path: file.path().to_path_buf(),
+            message: "this file stores each expert as its own tensor (`blk.0.ffn_gate.0.weight`), \
+                      the layout of GGUF files converted before mid-2024; convert the model again \
+                      with a current llama.cpp (its experts are stacked as `ffn_gate_exps`)"
+                .into(),
+        });
+    }
+    Ok(Some(crate::config::Moe {
+        experts,
+        experts_per_token: per_token,
+        intermediate_size: width,
+        normalize: true,
+    }))
 }
 
 /// What a GGUF architecture changes in the Llama layer, with the constants llama.cpp fixes
@@ -754,7 +870,7 @@ fn gguf_variant(
         _ => None,
     };
     match arch {
-        "qwen3" => Variant {
+        "qwen3" | "qwen3moe" => Variant {
             qk_norm: true,
             rope_linear_factor: linear,
             ..Variant::default()

@@ -96,6 +96,24 @@ pub struct Variant {
     /// Per-frequency divisors of the rotary frequencies (`head_dim / 2` of them), as Llama 3.x
     /// GGUF files store their rope scaling (`rope_freqs.weight`).
     pub rope_freq_factors: Option<Vec<f64>>,
+    /// A mixture of experts in place of every layer's MLP (Qwen3-MoE, Mixtral).
+    pub moe: Option<Moe>,
+}
+
+/// A sparse mixture-of-experts block: a router scores every expert for each token, and only
+/// the `experts_per_token` best are computed, their outputs summed with the router's softmax
+/// weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Moe {
+    /// Experts per layer.
+    pub experts: usize,
+    /// Experts computed for each token.
+    pub experts_per_token: usize,
+    /// Width of one expert's hidden layer.
+    pub intermediate_size: usize,
+    /// Whether the chosen experts' weights are rescaled to sum to one (Qwen3-MoE and Mixtral
+    /// do; Qwen3-MoE's `norm_topk_prob`).
+    pub normalize: bool,
 }
 
 /// The activation of an MLP's gate.
@@ -167,6 +185,15 @@ struct HfConfig {
     layer_types: Option<Vec<String>>,
     rope_local_base_freq: Option<f64>,
     final_logit_softcapping: Option<f64>,
+    num_experts: Option<usize>,
+    num_local_experts: Option<usize>,
+    num_experts_per_tok: Option<usize>,
+    moe_intermediate_size: Option<usize>,
+    norm_topk_prob: Option<bool>,
+    decoder_sparse_step: Option<usize>,
+    #[serde(default)]
+    mlp_only_layers: Vec<usize>,
+    shared_expert_intermediate_size: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -223,7 +250,7 @@ fn default_original_max() -> usize {
 }
 
 /// The families whose `config.json` this reader understands.
-const HF_FAMILIES: &str = "llama, mistral, qwen2, qwen3, phi3, gemma3_text";
+const HF_FAMILIES: &str = "llama, mistral, mixtral, qwen2, qwen3, qwen3_moe, phi3, gemma3_text";
 
 /// What a `config.json`'s family changes in the Llama layer.
 fn hf_variant(raw: &HfConfig, head_dim: usize, path: &Path) -> Result<Variant> {
@@ -266,6 +293,47 @@ fn hf_variant(raw: &HfConfig, head_dim: usize, path: &Path) -> Result<Variant> {
             qk_norm: true,
             activation,
             rope_linear_factor: linear,
+            ..Variant::default()
+        },
+        "qwen3_moe" => {
+            if raw.shared_expert_intermediate_size.is_some_and(|s| s > 0) {
+                return Err(bad(
+                    "shared experts (`shared_expert_intermediate_size`, Qwen2-MoE style) are not \
+                     supported"
+                        .into(),
+                ));
+            }
+            if raw.decoder_sparse_step.unwrap_or(1) != 1 || !raw.mlp_only_layers.is_empty() {
+                return Err(bad(
+                    "dense layers among the expert layers (`decoder_sparse_step` other than 1 or \
+                     a non-empty `mlp_only_layers`) are not supported: every layer must be a \
+                     mixture of experts"
+                        .into(),
+                ));
+            }
+            Variant {
+                qk_norm: true,
+                activation,
+                rope_linear_factor: linear,
+                moe: Some(Moe {
+                    experts: raw.num_experts.unwrap_or(0),
+                    experts_per_token: raw.num_experts_per_tok.unwrap_or(0),
+                    intermediate_size: raw.moe_intermediate_size.unwrap_or(raw.intermediate_size),
+                    normalize: raw.norm_topk_prob.unwrap_or(false),
+                }),
+                ..Variant::default()
+            }
+        }
+        "mixtral" => Variant {
+            activation,
+            sliding_window: raw.sliding_window,
+            rope_linear_factor: linear,
+            moe: Some(Moe {
+                experts: raw.num_local_experts.unwrap_or(0),
+                experts_per_token: raw.num_experts_per_tok.unwrap_or(0),
+                intermediate_size: raw.intermediate_size,
+                normalize: true,
+            }),
             ..Variant::default()
         },
         "phi3" => Variant {
@@ -334,11 +402,44 @@ impl ModelConfig {
     /// Whether a checkpoint of this configuration has the layer tensor `part`.
     pub fn has_part(&self, part: crate::LayerPart) -> bool {
         use crate::LayerPart as P;
+        let moe = self.variant.moe;
         match part {
             P::QBias | P::KBias | P::VBias => self.attention_bias,
             P::QNorm | P::KNorm => self.variant.qk_norm,
             P::PostAttnNorm | P::PostMlpNorm => self.variant.sandwich_norms,
+            P::Gate | P::Up | P::Down => moe.is_none(),
+            P::Router => moe.is_some(),
+            P::ExpertGate(e) | P::ExpertUp(e) | P::ExpertDown(e) => {
+                moe.is_some_and(|m| (e as usize) < m.experts)
+            }
             _ => true,
+        }
+    }
+
+    /// Every tensor of one decoder layer, in the order a loader reads them: the dense parts
+    /// the family has, then the router and each expert's gate, up and down.
+    pub fn layer_parts(&self) -> Vec<crate::LayerPart> {
+        use crate::LayerPart as P;
+        let mut parts: Vec<P> = P::ALL.into_iter().filter(|&p| self.has_part(p)).collect();
+        if let Some(moe) = self.variant.moe {
+            parts.push(P::Router);
+            for e in 0..moe.experts as u32 {
+                parts.extend([P::ExpertGate(e), P::ExpertUp(e), P::ExpertDown(e)]);
+            }
+        }
+        parts
+    }
+
+    /// Weights of one layer a token multiplies by: with a mixture of experts, only the router
+    /// and the experts it picks (what compute per token scales with).
+    pub fn active_layer_params(&self) -> usize {
+        let all = self.layer_params();
+        match self.variant.moe {
+            Some(m) => {
+                let expert = 3 * self.hidden_size * m.intermediate_size;
+                all - (m.experts - m.experts_per_token.min(m.experts)) * expert
+            }
+            None => all,
         }
     }
 
@@ -476,6 +577,19 @@ impl ModelConfig {
                 factors.len()
             )));
         }
+        if let Some(m) = v.moe
+            && (m.experts == 0
+                || m.intermediate_size == 0
+                || m.experts_per_token == 0
+                || m.experts_per_token > m.experts
+                || m.experts > u32::MAX as usize)
+        {
+            return Err(bad(format!(
+                "the mixture of experts needs at least one expert, a positive expert width and \
+                 between 1 and {} experts per token: got {} experts of width {}, {} per token",
+                m.experts, m.experts, m.intermediate_size, m.experts_per_token
+            )));
+        }
         if v.sliding_window == Some(0) {
             return Err(bad("sliding_window must be positive".into()));
         }
@@ -488,16 +602,30 @@ impl ModelConfig {
         Ok(())
     }
 
-    /// The `config.json` a Hugging Face loader expects for this configuration.
-    pub fn to_hf_json(&self) -> serde_json::Value {
-        let (architecture, model_type) = match self.model_type.as_str() {
+    /// The `model_type` of this model's Hugging Face folder (`qwen3_moe` for a GGUF file's
+    /// `qwen3moe`, `mixtral` for a Llama with experts): what its tensors are named after.
+    pub fn hf_model_type(&self) -> &'static str {
+        self.hf_architecture().1
+    }
+
+    /// The Hugging Face class and `model_type` of this model.
+    fn hf_architecture(&self) -> (&'static str, &'static str) {
+        match self.model_type.as_str() {
             "qwen2" => ("Qwen2ForCausalLM", "qwen2"),
             "qwen3" => ("Qwen3ForCausalLM", "qwen3"),
+            "qwen3moe" | "qwen3_moe" => ("Qwen3MoeForCausalLM", "qwen3_moe"),
+            "mixtral" => ("MixtralForCausalLM", "mixtral"),
+            "llama" if self.variant.moe.is_some() => ("MixtralForCausalLM", "mixtral"),
             "mistral" => ("MistralForCausalLM", "mistral"),
             "phi3" => ("Phi3ForCausalLM", "phi3"),
             "gemma3" | "gemma3_text" => ("Gemma3ForCausalLM", "gemma3_text"),
             _ => ("LlamaForCausalLM", "llama"),
-        };
+        }
+    }
+
+    /// The `config.json` a Hugging Face loader expects for this configuration.
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        let (architecture, model_type) = self.hf_architecture();
         let v = &self.variant;
         let activation = match v.activation {
             Activation::Silu => "silu",
@@ -550,6 +678,17 @@ impl ModelConfig {
                     })
                     .collect();
                 map.insert("layer_types".into(), kinds.into());
+            }
+            if let Some(m) = v.moe {
+                map.insert("num_experts".into(), m.experts.into());
+                map.insert("num_local_experts".into(), m.experts.into());
+                map.insert("num_experts_per_tok".into(), m.experts_per_token.into());
+                map.insert("moe_intermediate_size".into(), m.intermediate_size.into());
+                map.insert("norm_topk_prob".into(), m.normalize.into());
+                if model_type == "mixtral" {
+                    // Mixtral's experts are as wide as its `intermediate_size`.
+                    map.insert("intermediate_size".into(), m.intermediate_size.into());
+                }
             }
             if let Some(theta) = v.rope_local_theta {
                 map.insert("rope_local_base_freq".into(), theta.into());
@@ -609,7 +748,14 @@ impl ModelConfig {
             0
         };
         let attention = h.checked_mul(q.checked_mul(2)?.checked_add(kv.checked_mul(2)?)?)?;
-        let mlp = h.checked_mul(self.intermediate_size)?.checked_mul(3)?;
+        let mlp = match self.variant.moe {
+            Some(m) => h
+                .checked_mul(m.intermediate_size)?
+                .checked_mul(3)?
+                .checked_add(h)?
+                .checked_mul(m.experts)?,
+            None => h.checked_mul(self.intermediate_size)?.checked_mul(3)?,
+        };
         h.checked_mul(2)?
             .checked_add(attention)?
             .checked_add(bias)?
@@ -636,6 +782,11 @@ impl ModelConfig {
                 P::O => vec![h, q],
                 P::Gate | P::Up => vec![i, h],
                 P::Down => vec![h, i],
+                P::Router => vec![self.variant.moe.map_or(0, |m| m.experts), h],
+                P::ExpertGate(_) | P::ExpertUp(_) => {
+                    vec![self.variant.moe.map_or(0, |m| m.intermediate_size), h]
+                }
+                P::ExpertDown(_) => vec![h, self.variant.moe.map_or(0, |m| m.intermediate_size)],
             },
         }
     }
@@ -703,5 +854,79 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(err.contains("not a multiple"), "{err}");
+    }
+
+    /// Qwen3-30B-A3B's `config.json` (the fields that matter).
+    const QWEN3_MOE: &str = r#"{"architectures":["Qwen3MoeForCausalLM"],"model_type":"qwen3_moe",
+      "vocab_size":151936,"hidden_size":2048,"intermediate_size":6144,"num_hidden_layers":48,
+      "num_attention_heads":32,"num_key_value_heads":4,"head_dim":128,"rms_norm_eps":1e-6,
+      "rope_theta":1000000.0,"max_position_embeddings":40960,"tie_word_embeddings":false,
+      "num_experts":128,"num_experts_per_tok":8,"moe_intermediate_size":768,
+      "norm_topk_prob":true,"decoder_sparse_step":1,"mlp_only_layers":[],
+      "bos_token_id":151643,"eos_token_id":151645}"#;
+
+    #[test]
+    fn parses_qwen3_moe_and_mixtral_configs() -> Result<()> {
+        let c = ModelConfig::from_hf_json(QWEN3_MOE, Path::new("config.json"))?;
+        let moe = c.variant.moe.unwrap_or(Moe {
+            experts: 0,
+            experts_per_token: 0,
+            intermediate_size: 0,
+            normalize: false,
+        });
+        assert_eq!(
+            (moe.experts, moe.experts_per_token, moe.intermediate_size),
+            (128, 8, 768)
+        );
+        assert!(moe.normalize && c.variant.qk_norm);
+        let parts = c.layer_parts();
+        // Norms, attention and query/key norms, then the router and 128 experts of 3.
+        assert_eq!(parts.len(), 8 + 1 + 128 * 3);
+        assert!(!parts.contains(&crate::LayerPart::Gate));
+        // About 3B of 30B parameters are active per token (2.7B of them in the layers).
+        let (all, active) = (c.layer_params() * 48, c.active_layer_params() * 48);
+        assert!((28e9..30e9).contains(&(all as f64)), "{all}");
+        assert!((2.6e9..2.9e9).contains(&(active as f64)), "{active}");
+        assert_eq!(c.to_hf_json()["model_type"], "qwen3_moe");
+
+        let mixtral = r#"{"model_type":"mixtral","vocab_size":32000,"hidden_size":4096,
+          "intermediate_size":14336,"num_hidden_layers":32,"num_attention_heads":32,
+          "num_key_value_heads":8,"num_local_experts":8,"num_experts_per_tok":2,
+          "sliding_window":null}"#;
+        let c = ModelConfig::from_hf_json(mixtral, Path::new("config.json"))?;
+        assert_eq!(
+            c.variant
+                .moe
+                .map(|m| (m.experts, m.experts_per_token, m.intermediate_size)),
+            Some((8, 2, 14336))
+        );
+        assert_eq!(c.variant.sliding_window, None);
+        Ok(())
+    }
+
+    #[test]
+    fn dense_layers_among_experts_and_shared_experts_are_refused_by_name() {
+        let dense = QWEN3_MOE.replace(r#""mlp_only_layers":[]"#, r#""mlp_only_layers":[0]"#);
+        let err = ModelConfig::from_hf_json(&dense, Path::new("config.json"))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("mlp_only_layers"), "{err}");
+        let shared = QWEN3_MOE.replace(
+            r#""num_experts":128"#,
+            r#""num_experts":128,"shared_expert_intermediate_size":5632"#,
+        );
+        let err = ModelConfig::from_hf_json(&shared, Path::new("config.json"))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("shared experts"), "{err}");
+        let too_many =
+            QWEN3_MOE.replace(r#""num_experts_per_tok":8"#, r#""num_experts_per_tok":200"#);
+        let err = ModelConfig::from_hf_json(&too_many, Path::new("config.json"))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("experts per token"), "{err}");
     }
 }

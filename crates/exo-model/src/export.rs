@@ -8,7 +8,7 @@ use half::{bf16, f16};
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::gguf::Value;
-use crate::names::{LayerPart, TensorId};
+use crate::names::TensorId;
 use crate::safetensors_files::{F32Tensor, write_safetensors};
 
 /// Element type of the exported weights.
@@ -77,13 +77,9 @@ fn write_folder(checkpoint: &Checkpoint, dir: &Path, dtype: ExportDtype) -> Resu
         );
     }
     let mut ids = vec![TensorId::Embedding];
+    let parts = config.layer_parts();
     for layer in 0..config.num_layers {
-        for part in LayerPart::ALL {
-            if !config.has_part(part) {
-                continue;
-            }
-            ids.push(TensorId::Layer { layer, part });
-        }
+        ids.extend(parts.iter().map(|&part| TensorId::Layer { layer, part }));
     }
     ids.push(TensorId::FinalNorm);
     if checkpoint.has_tensor(TensorId::Head) {
@@ -133,7 +129,7 @@ fn write_folder(checkpoint: &Checkpoint, dir: &Path, dtype: ExportDtype) -> Resu
                 }
             }
             _ => tensors.push((
-                fused.map_or_else(|| id.hf_name_in(&config.model_type), |f| f.hf_name),
+                fused.map_or_else(|| id.hf_name_in(config.hf_model_type()), |f| f.hf_name),
                 F32Tensor {
                     shape: t.shape,
                     bytes,

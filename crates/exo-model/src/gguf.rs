@@ -333,6 +333,26 @@ impl GgufFile {
         read_at(&self.file, &mut out, info.offset as u64).map_err(|e| Error::io(&self.path, e))?;
         Ok(out)
     }
+
+    /// `len` bytes of a tensor's data from byte `start` of it (one expert of a stacked
+    /// tensor), read like [`GgufFile::read_tensor`].
+    pub fn read_tensor_part(&self, info: &TensorInfo, start: usize, len: usize) -> Result<Vec<u8>> {
+        if start.checked_add(len).is_none_or(|end| end > info.len) {
+            return Err(Error::Gguf {
+                path: self.path.clone(),
+                message: format!(
+                    "tensor `{}`: bytes {start}..{} are outside its {} bytes",
+                    info.name,
+                    start.saturating_add(len),
+                    info.len
+                ),
+            });
+        }
+        let mut out = vec![0u8; len];
+        read_at(&self.file, &mut out, (info.offset + start) as u64)
+            .map_err(|e| Error::io(&self.path, e))?;
+        Ok(out)
+    }
 }
 
 #[cfg(unix)]

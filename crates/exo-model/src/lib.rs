@@ -26,7 +26,7 @@ pub use checkpoint::{
     Checkpoint, HeadWeights, HostTensor, LayerWeights, ReadStats, ShardSpec, ShardWeights,
     StoredTensor,
 };
-pub use config::{Activation, ModelConfig, RopeScaling, Variant};
+pub use config::{Activation, ModelConfig, Moe, RopeScaling, Variant};
 pub use detokenize::{Decoded, Detokenizer};
 pub use error::{Error, Result};
 pub use export::{ExportDtype, ExportSummary, export_hf};

@@ -60,11 +60,20 @@ pub enum LayerPart {
     PostAttnNorm,
     /// RMSNorm of the MLP output before the residual (Gemma), `[hidden]`.
     PostMlpNorm,
+    /// A mixture of experts' router: one row of logits weights per expert, `[experts, hidden]`.
+    Router,
+    /// Expert `n`'s gate projection, `[expert_intermediate, hidden]`.
+    ExpertGate(u32),
+    /// Expert `n`'s up projection, `[expert_intermediate, hidden]`.
+    ExpertUp(u32),
+    /// Expert `n`'s down projection, `[hidden, expert_intermediate]`.
+    ExpertDown(u32),
 }
 
 impl LayerPart {
-    /// Every part of every family (a checkpoint has those its configuration's
-    /// `ModelConfig::has_part` names).
+    /// Every part of every dense family (a checkpoint has those its configuration's
+    /// `ModelConfig::has_part` names; `ModelConfig::layer_parts` lists a layer's parts with its
+    /// experts).
     pub const ALL: [LayerPart; 16] = [
         LayerPart::AttnNorm,
         LayerPart::Q,
@@ -87,6 +96,16 @@ impl LayerPart {
     /// Whether this part exists only in checkpoints with attention bias (Qwen2 style).
     pub fn is_bias(self) -> bool {
         matches!(self, LayerPart::QBias | LayerPart::KBias | LayerPart::VBias)
+    }
+
+    /// The expert this part belongs to, for an expert's matrix.
+    pub fn expert(self) -> Option<usize> {
+        match self {
+            LayerPart::ExpertGate(e) | LayerPart::ExpertUp(e) | LayerPart::ExpertDown(e) => {
+                Some(e as usize)
+            }
+            _ => None,
+        }
     }
 }
 
@@ -152,6 +171,24 @@ impl TensorId {
                 return format!("model.layers.{layer}.{suffix}");
             }
         }
+        if let TensorId::Layer { layer, part } = self {
+            // Mixtral's experts are `w1` (gate), `w3` (up) and `w2` (down) in its own block;
+            // Qwen's (and the default) are named like a dense MLP's.
+            let (block, [gate, up, down]) = if model_type == "mixtral" {
+                ("block_sparse_moe", ["w1", "w3", "w2"])
+            } else {
+                ("mlp", ["gate_proj", "up_proj", "down_proj"])
+            };
+            let expert =
+                |e: u32, m: &str| format!("model.layers.{layer}.{block}.experts.{e}.{m}.weight");
+            match part {
+                LayerPart::Router => return format!("model.layers.{layer}.{block}.gate.weight"),
+                LayerPart::ExpertGate(e) => return expert(e, gate),
+                LayerPart::ExpertUp(e) => return expert(e, up),
+                LayerPart::ExpertDown(e) => return expert(e, down),
+                _ => {}
+            }
+        }
         match self {
             TensorId::Embedding => "model.embed_tokens.weight".into(),
             TensorId::FinalNorm => "model.norm.weight".into(),
@@ -174,13 +211,20 @@ impl TensorId {
                     LayerPart::KNorm => "self_attn.k_norm.weight",
                     LayerPart::PostAttnNorm => "post_attention_norm.weight",
                     LayerPart::PostMlpNorm => "post_feedforward_layernorm.weight",
+                    // Named above.
+                    LayerPart::Router
+                    | LayerPart::ExpertGate(_)
+                    | LayerPart::ExpertUp(_)
+                    | LayerPart::ExpertDown(_) => "",
                 };
                 format!("model.layers.{layer}.{suffix}")
             }
         }
     }
 
-    /// The tensor's name in a GGUF file (llama.cpp's naming).
+    /// The tensor's name in a GGUF file (llama.cpp's naming). All experts of a layer share one
+    /// tensor per projection (`[experts, rows, cols]`), so an expert's matrix is named by the
+    /// stack that holds it.
     pub fn gguf_name(self) -> String {
         match self {
             TensorId::Embedding => "token_embd.weight".into(),
@@ -204,6 +248,10 @@ impl TensorId {
                     LayerPart::KNorm => "attn_k_norm.weight",
                     LayerPart::PostAttnNorm => "post_attention_norm.weight",
                     LayerPart::PostMlpNorm => "post_ffw_norm.weight",
+                    LayerPart::Router => "ffn_gate_inp.weight",
+                    LayerPart::ExpertGate(_) => "ffn_gate_exps.weight",
+                    LayerPart::ExpertUp(_) => "ffn_up_exps.weight",
+                    LayerPart::ExpertDown(_) => "ffn_down_exps.weight",
                 };
                 format!("blk.{layer}.{suffix}")
             }
@@ -244,5 +292,31 @@ mod tests {
             assert!(gemma.insert(id.hf_name_in("gemma3_text")));
             assert!(gguf.insert(id.gguf_name()));
         }
+    }
+
+    #[test]
+    fn experts_follow_each_family() {
+        let id = |part| TensorId::Layer { layer: 2, part };
+        assert_eq!(
+            id(LayerPart::ExpertDown(5)).hf_name_in("qwen3_moe"),
+            "model.layers.2.mlp.experts.5.down_proj.weight"
+        );
+        assert_eq!(
+            id(LayerPart::ExpertUp(5)).hf_name_in("mixtral"),
+            "model.layers.2.block_sparse_moe.experts.5.w3.weight"
+        );
+        assert_eq!(
+            id(LayerPart::Router).hf_name_in("mixtral"),
+            "model.layers.2.block_sparse_moe.gate.weight"
+        );
+        assert_eq!(
+            id(LayerPart::Router).gguf_name(),
+            "blk.2.ffn_gate_inp.weight"
+        );
+        // Every expert of a layer lives in one stacked GGUF tensor per projection.
+        assert_eq!(
+            id(LayerPart::ExpertGate(0)).gguf_name(),
+            id(LayerPart::ExpertGate(7)).gguf_name()
+        );
     }
 }

@@ -52,12 +52,9 @@ pub fn random_tensors(
     if !config.tie_word_embeddings {
         ids.push(TensorId::Head);
     }
+    let parts = config.layer_parts();
     for layer in 0..config.num_layers {
-        for part in LayerPart::ALL {
-            if config.has_part(part) {
-                ids.push(TensorId::Layer { layer, part });
-            }
-        }
+        ids.extend(parts.iter().map(|&part| TensorId::Layer { layer, part }));
     }
     ids.into_iter()
         .map(|id| {
@@ -106,7 +103,7 @@ pub fn write_hf_folder(dir: &Path, config: &ModelConfig, seed: u64, shards: usiz
         .map(|(id, (shape, data))| {
             let bytes = data.iter().flat_map(|v| v.to_le_bytes()).collect();
             (
-                id.hf_name(),
+                id.hf_name_in(config.hf_model_type()),
                 F32Tensor {
                     shape,
                     bytes,
@@ -152,6 +149,9 @@ pub fn write_gguf_typed(
     // the q/k rows for its rotary layout.
     let family = match config.model_type.as_str() {
         "gemma3_text" => "gemma3",
+        "qwen3_moe" => "qwen3moe",
+        // llama.cpp reads Mixtral as a Llama with experts.
+        "mixtral" | "mistral" => "llama",
         other => other,
     };
     let mut tensors = Vec::new();
@@ -168,12 +168,7 @@ pub fn write_gguf_typed(
         let want = dtype(id);
         let whole_blocks = shape.len() == 2 && shape[1].is_multiple_of(want.block_elems());
         let (dtype, data) = encode(if whole_blocks { want } else { DType::F32 }, &data);
-        tensors.push(TensorToWrite {
-            name: id.gguf_name(),
-            shape,
-            dtype,
-            data,
-        });
+        push_gguf_tensor(&mut tensors, config, id, shape, dtype, data);
     }
     let arch = |k: &str| format!("{family}.{k}");
     let u = |v: usize| Value::U32(v as u32);
@@ -219,10 +214,99 @@ pub fn write_gguf_typed(
         ("tokenizer.ggml.bos_token_id".into(), Value::U32(1)),
         ("tokenizer.ggml.eos_token_id".into(), Value::U32(2)),
     ];
+    let tensors_extra = family_metadata(config, family, &mut metadata);
+    tensors.extend(tensors_extra);
+    gguf::write(path, &metadata, &tensors)
+}
+
+/// The metadata a family adds to a GGUF file (sliding window, experts), and the tensors it
+/// adds outside the layers (Llama 3's `rope_freqs.weight`).
+fn family_metadata(
+    config: &ModelConfig,
+    family: &str,
+    metadata: &mut Vec<(String, Value)>,
+) -> Vec<TensorToWrite> {
+    let arch = |k: &str| format!("{family}.{k}");
+    let u = |v: usize| Value::U32(v as u32);
     if let Some(window) = config.variant.sliding_window {
         metadata.push((arch("attention.sliding_window"), u(window)));
     }
-    gguf::write(path, &metadata, &tensors)
+    if let Some(moe) = config.variant.moe {
+        metadata.push((arch("expert_count"), u(moe.experts)));
+        metadata.push((arch("expert_used_count"), u(moe.experts_per_token)));
+        metadata.push((arch("expert_feed_forward_length"), u(moe.intermediate_size)));
+    }
+    let mut extra = Vec::new();
+    if let Some(factors) = &config.variant.rope_freq_factors {
+        extra.push(TensorToWrite {
+            name: "rope_freqs.weight".into(),
+            shape: vec![factors.len()],
+            dtype: DType::F32,
+            data: factors
+                .iter()
+                .flat_map(|&f| (f as f32).to_le_bytes())
+                .collect(),
+        });
+    }
+    extra
+}
+
+/// Adds the tensor `id` to a GGUF file's list as llama.cpp lays it out: experts stacked into
+/// one `[experts, rows, cols]` tensor per projection, fused projections (Phi-3) into one
+/// matrix, everything else on its own.
+fn push_gguf_tensor(
+    tensors: &mut Vec<TensorToWrite>,
+    config: &ModelConfig,
+    id: TensorId,
+    shape: Vec<usize>,
+    dtype: DType,
+    data: Vec<u8>,
+) {
+    let q = config.num_heads * config.head_dim;
+    let kv = config.num_kv_heads * config.head_dim;
+    let fused = id
+        .fused_source(q, kv, config.intermediate_size)
+        .filter(|_| config.variant.fused_projections);
+    let expert = match id {
+        TensorId::Layer { part, .. } => part.expert(),
+        _ => None,
+    };
+    match fused {
+        _ if expert.is_some() => {
+            let name = id.gguf_name();
+            match tensors.iter_mut().find(|t| t.name == name) {
+                Some(t) => {
+                    t.data.extend_from_slice(&data);
+                    t.shape[0] += 1;
+                }
+                None => tensors.push(TensorToWrite {
+                    name,
+                    shape: [vec![1], shape].concat(),
+                    dtype,
+                    data,
+                }),
+            }
+        }
+        // The parts of a fused matrix come in row order: append to the first part.
+        Some(f) if f.rows.start > 0 => {
+            if let Some(t) = tensors.iter_mut().find(|t| t.name == f.gguf_name) {
+                t.data.extend_from_slice(&data);
+                t.shape[0] += shape[0];
+            }
+        }
+        Some(f) => tensors.push(TensorToWrite {
+            name: f.gguf_name,
+            shape,
+            dtype,
+            data,
+        }),
+        None => tensors.push(TensorToWrite {
+            name: id.gguf_name(),
+            shape,
+            dtype,
+            data,
+        }),
+    }
 }
 
 /// llama.cpp's `permute`: within each head, Hugging Face row `j * head_dim/2 + i` becomes row
@@ -253,7 +337,8 @@ pub fn write_dequantized_gguf(src: &Path, dst: &Path) -> Result<()> {
 
 /// Writes a copy of the GGUF file `src` with each tensor decoded and encoded again as
 /// `dtype(name)` says (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K or Q6_K; vectors, other types and
-/// matrices whose rows are not whole blocks become F32). Same names, shapes and metadata.
+/// matrices or stacks of experts whose rows are not whole blocks become F32). Same names, shapes
+/// and metadata.
 pub fn write_converted_gguf(src: &Path, dst: &Path, dtype: &dyn Fn(&str) -> DType) -> Result<()> {
     let file = gguf::GgufFile::open(src)?;
     let metadata: Vec<(String, Value)> = file
@@ -273,8 +358,9 @@ pub fn write_converted_gguf(src: &Path, dst: &Path, dtype: &dyn Fn(&str) -> DTyp
         let mut values = Vec::with_capacity(info.elems());
         crate::quant::dequantize(info.dtype, &bytes, &mut values);
         let want = dtype(&info.name);
-        let whole_blocks =
-            info.shape.len() == 2 && info.shape[1].is_multiple_of(want.block_elems());
+        // Matrices, and stacks of them (experts): rows of whole blocks.
+        let whole_blocks = info.shape.len() >= 2
+            && info.shape[info.shape.len() - 1].is_multiple_of(want.block_elems());
         let (dtype, data) = encode(if whole_blocks { want } else { DType::F32 }, &values);
         tensors.push(TensorToWrite {
             name: info.name.clone(),
@@ -336,12 +422,15 @@ pub fn write_synthetic_gguf(
 
 /// The families whose small random models (`family_fixture`) have llama.cpp's outputs recorded
 /// in `exo-shard`'s test fixtures (by `cargo xtask family-fixtures`).
-pub const FIXTURE_FAMILIES: [&str; 4] = ["qwen3", "qwen2", "gemma3", "phi3"];
+pub const FIXTURE_FAMILIES: [&str; 8] = [
+    "qwen3", "qwen2", "gemma3", "phi3", "mistral", "llama3", "qwen3moe", "mixtral",
+];
 
 /// A small random model of family `name` (one of [`FIXTURE_FAMILIES`]) with the default model's
 /// vocabulary, so that its tokenizer serves and llama.cpp loads the file: seven layers (Gemma
 /// 3's sixth is global), a sliding window of four positions for Gemma 3 and Phi-3, attention
-/// bias for Qwen2, query/key norms for Qwen3 and Gemma 3, fused projections for Phi-3.
+/// bias for Qwen2, query/key norms for Qwen3 and Gemma 3, fused projections for Phi-3, Llama 3's
+/// per-frequency rope divisors, and experts for Qwen3-MoE and Mixtral.
 pub fn family_fixture(name: &str) -> Option<ModelConfig> {
     let base = ModelConfig {
         model_type: name.into(),
@@ -391,6 +480,62 @@ pub fn family_fixture(name: &str) -> Option<ModelConfig> {
             },
             ..base
         },
+        // Mistral's GGUF files are Llama's architecture (llama.cpp ignores a window there):
+        // grouped queries four to one and no bias.
+        "mistral" => ModelConfig {
+            num_heads: 8,
+            rms_norm_eps: 1e-5,
+            head_dim: 32,
+            ..base
+        },
+        // Llama 3.x: the rope scaling stored as one divisor per rotary frequency, from 1 (fast
+        // frequencies) to 8 (slow ones), as `rope_freqs.weight`.
+        "llama3" => {
+            let half = base.head_dim / 2;
+            ModelConfig {
+                model_type: "llama".into(),
+                rope_theta: 500_000.0,
+                variant: crate::Variant {
+                    rope_freq_factors: Some(
+                        (0..half)
+                            .map(|i| 1.0 + 7.0 * (i as f64 / (half - 1) as f64).powi(2))
+                            .collect(),
+                    ),
+                    ..Default::default()
+                },
+                ..base
+            }
+        }
+        // Qwen3-MoE: eight experts of width 128, two per token, their weights renormalised.
+        "qwen3moe" => ModelConfig {
+            variant: crate::Variant {
+                qk_norm: true,
+                moe: Some(crate::Moe {
+                    experts: 8,
+                    experts_per_token: 2,
+                    intermediate_size: 128,
+                    normalize: true,
+                }),
+                ..Default::default()
+            },
+            ..base
+        },
+        // Mixtral (a Llama with experts in GGUF): four experts as wide as the dense width, two
+        // per token.
+        "mixtral" => ModelConfig {
+            model_type: "llama".into(),
+            intermediate_size: 256,
+            variant: crate::Variant {
+                moe: Some(crate::Moe {
+                    experts: 4,
+                    experts_per_token: 2,
+                    intermediate_size: 256,
+                    normalize: true,
+                }),
+                ..Default::default()
+            },
+            ..base
+        },
         _ => return None,
     })
 }
@@ -415,6 +560,9 @@ fn write_synthetic(
     let source = gguf::GgufFile::open(tokenizer_from)?;
     let family = match config.model_type.as_str() {
         "gemma3_text" => "gemma3",
+        "qwen3_moe" => "qwen3moe",
+        // llama.cpp reads Mixtral as a Llama with experts.
+        "mixtral" | "mistral" => "llama",
         other => other,
     };
     let arch = |k: &str| format!("{family}.{k}");
@@ -447,9 +595,7 @@ fn write_synthetic(
         ),
         (arch("rope.freq_base"), Value::F32(config.rope_theta as f32)),
     ];
-    if let Some(window) = config.variant.sliding_window {
-        metadata.push((arch("attention.sliding_window"), u(window)));
-    }
+    let tensors_extra = family_metadata(config, family, &mut metadata);
     metadata.extend(
         source
             .metadata()
@@ -462,12 +608,9 @@ fn write_synthetic(
     if !config.tie_word_embeddings {
         ids.push(TensorId::Head);
     }
+    let parts = config.layer_parts();
     for layer in 0..config.num_layers {
-        for part in LayerPart::ALL {
-            if config.has_part(part) {
-                ids.push(TensorId::Layer { layer, part });
-            }
-        }
+        ids.extend(parts.iter().map(|&part| TensorId::Layer { layer, part }));
     }
     let mut tensors: Vec<TensorToWrite> = Vec::with_capacity(ids.len());
     for id in ids {
@@ -501,33 +644,9 @@ fn write_synthetic(
         } else {
             DType::F32
         };
-        let q = config.num_heads * config.head_dim;
-        let kv = config.num_kv_heads * config.head_dim;
-        let fused = id
-            .fused_source(q, kv, config.intermediate_size)
-            .filter(|_| config.variant.fused_projections);
-        match fused {
-            // The parts of a fused matrix come in row order: append to the first part.
-            Some(f) if f.rows.start > 0 => {
-                if let Some(t) = tensors.iter_mut().find(|t| t.name == f.gguf_name) {
-                    t.data.extend_from_slice(&data);
-                    t.shape[0] += shape[0];
-                }
-            }
-            Some(f) => tensors.push(TensorToWrite {
-                name: f.gguf_name,
-                shape,
-                dtype,
-                data,
-            }),
-            None => tensors.push(TensorToWrite {
-                name: id.gguf_name(),
-                shape,
-                dtype,
-                data,
-            }),
-        }
+        push_gguf_tensor(&mut tensors, config, id, shape, dtype, data);
     }
+    tensors.extend(tensors_extra);
     gguf::write(path, &metadata, &tensors)
 }
 

@@ -346,34 +346,20 @@ fn causal_mask(
     Tensor::from_data(TensorData::new(data, [1, 1, group * seq, total]), device)
 }
 
-/// The gated feed-forward block (SwiGLU, or GELU-gated for Gemma).
+/// One gated feed-forward network (SwiGLU, or GELU-gated for Gemma): a dense layer's MLP or
+/// one expert of a mixture.
 #[derive(Module, Debug)]
-pub struct Mlp {
+pub struct Ffn {
     gate: Linear,
     up: Linear,
     down: Linear,
-    /// Whether the gate takes GELU (tanh approximation) instead of SiLU.
-    gelu: bool,
 }
 
-impl Mlp {
-    pub(crate) fn load(
-        w: &exo_model::LayerWeights,
-        activation: Activation,
-        device: &Device,
-    ) -> Self {
-        Mlp {
-            gate: Linear::load(&w.gate, None, device),
-            up: Linear::load(&w.up, None, device),
-            down: Linear::load(&w.down, None, device),
-            gelu: activation == Activation::GeluTanh,
-        }
-    }
-
+impl Ffn {
     /// Shapes: x [batch, seq, hidden] -> [batch, seq, hidden]
-    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+    fn forward(&self, x: Tensor<3>, gelu: bool) -> Tensor<3> {
         let g = self.gate.forward(x.clone());
-        let gate = if self.gelu {
+        let gate = if gelu {
             // 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))
             let inner =
                 (g.clone() + g.clone().powi_scalar(3) * 0.044_715) * 0.797_884_560_802_865_4;
@@ -382,6 +368,87 @@ impl Mlp {
             silu(g)
         };
         self.down.forward(gate * self.up.forward(x))
+    }
+}
+
+/// The MLP block: one feed-forward network, or a mixture of experts whose router sends each
+/// token to a few of them.
+#[derive(Module, Debug)]
+pub struct Mlp {
+    /// One network in a dense layer; every expert of a mixture.
+    experts: Vec<Ffn>,
+    /// The mixture's router (`[hidden] -> [experts]`); `None` in a dense layer.
+    router: Option<Linear>,
+    per_token: usize,
+    normalize: bool,
+    /// Whether the gate takes GELU (tanh approximation) instead of SiLU.
+    gelu: bool,
+}
+
+impl Mlp {
+    pub(crate) fn load(w: &exo_model::LayerWeights, config: &ModelConfig, device: &Device) -> Self {
+        let moe = config.variant.moe;
+        Mlp {
+            experts: w
+                .experts
+                .iter()
+                .map(|[gate, up, down]| Ffn {
+                    gate: Linear::load(gate, None, device),
+                    up: Linear::load(up, None, device),
+                    down: Linear::load(down, None, device),
+                })
+                .collect(),
+            router: w.router.as_ref().map(|r| Linear::load(r, None, device)),
+            per_token: moe.map_or(1, |m| m.experts_per_token),
+            normalize: moe.is_some_and(|m| m.normalize),
+            gelu: config.variant.activation == Activation::GeluTanh,
+        }
+    }
+
+    /// Shapes: x [batch, seq, hidden] -> [batch, seq, hidden]
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let Some(router) = &self.router else {
+            return self.experts[0].forward(x, self.gelu);
+        };
+        // A mixture: the routing is decided on the host (as the CPU kernels decide it), each
+        // expert runs on the rows sent to it, and the weighted outputs are summed there too.
+        let [batch, seq, hidden] = x.dims();
+        let device = x.device();
+        let rows = batch * seq;
+        // An f32 tensor always reads back as f32.
+        let host = |t: Tensor<3>| t.into_data().try_into_vec::<f32>().unwrap_or_default();
+        let mut logits = host(router.forward(x.clone()));
+        let xs = host(x);
+        let mut routes = Vec::new();
+        let experts = self.experts.len();
+        crate::moe::route(
+            &mut logits,
+            experts,
+            self.per_token,
+            self.normalize,
+            &mut routes,
+        );
+        let mut out = vec![0f32; rows * hidden];
+        for (e, run) in crate::moe::runs(&routes) {
+            let routes = &routes[run];
+            let input: Vec<f32> = routes
+                .iter()
+                .flat_map(|r| {
+                    let row = r.row as usize;
+                    xs[row * hidden..(row + 1) * hidden].iter().copied()
+                })
+                .collect();
+            let input =
+                Tensor::<3>::from_data(TensorData::new(input, [1, routes.len(), hidden]), &device);
+            let y = host(self.experts[e].forward(input, self.gelu));
+            for (r, y) in routes.iter().zip(y.chunks_exact(hidden)) {
+                let row = r.row as usize;
+                for (o, v) in out[row * hidden..(row + 1) * hidden].iter_mut().zip(y) {
+                    *o += r.weight * v;
+                }
+            }
+        }
+        Tensor::<3>::from_data(TensorData::new(out, [batch, seq, hidden]), &device)
     }
 }
 
@@ -418,7 +485,7 @@ impl DecoderLayer {
             attn_norm: RmsNorm::load(&w.attn_norm, eps, device),
             attn: Attention::load(w, config, window, device),
             mlp_norm: RmsNorm::load(&w.mlp_norm, eps, device),
-            mlp: Mlp::load(w, config.variant.activation, device),
+            mlp: Mlp::load(w, config, device),
             post_attn_norm: post(0),
             post_mlp_norm: post(1),
             local_rope: config.uses_local_rope(layer),

@@ -18,6 +18,7 @@ mod engine;
 mod error;
 mod generate;
 mod layers;
+mod moe;
 mod native;
 mod sampling;
 mod shard;

@@ -86,9 +86,10 @@ struct NativeLayer {
     qkv_bias: Option<Vec<f32>>,
     o: QuantMatrix,
     mlp_norm: Vec<f32>,
-    /// gate and up stacked.
-    gate_up: QuantMatrix,
-    down: QuantMatrix,
+    /// The MLP: one expert in a dense layer, every expert of a mixture of experts.
+    experts: Vec<Expert>,
+    /// The mixture of experts' router; `None` in a dense layer.
+    router: Option<Router>,
     /// Per-head RMSNorm weights of queries and keys (`[head_dim]` each), when the family has them.
     qk_norm: Option<[Vec<f32>; 2]>,
     /// RMSNorm weights of the attention and MLP outputs, when the family has them.
@@ -97,6 +98,23 @@ struct NativeLayer {
     window: Option<usize>,
     /// Whether the layer takes the local (sliding-window) rotary tables.
     local_rope: bool,
+}
+
+/// One gated MLP (a dense layer's, or one expert's).
+#[derive(Debug)]
+struct Expert {
+    /// gate and up stacked: one kernel call for both.
+    gate_up: QuantMatrix,
+    down: QuantMatrix,
+}
+
+/// A mixture of experts' router.
+#[derive(Debug)]
+struct Router {
+    /// `[experts, hidden]`: one logit per expert.
+    matrix: QuantMatrix,
+    per_token: usize,
+    normalize: bool,
 }
 
 /// A shard on the CPU kernels.
@@ -167,6 +185,12 @@ pub(crate) struct Scratch {
     gate_up: Vec<f32>,
     h: Vec<f32>,
     acts: QuantizedActs,
+    /// A mixture of experts' router logits, routes, and the rows of one expert's tokens in
+    /// and out.
+    router: Vec<f32>,
+    routes: Vec<crate::moe::Route>,
+    expert_in: Vec<f32>,
+    expert_out: Vec<f32>,
 }
 
 impl NativeCache {
@@ -250,6 +274,42 @@ impl NativeShard {
                     None
                 })
             };
+            let expert = |gate, up, down| -> Result<Expert> {
+                Ok(Expert {
+                    gate_up: stack(&[gate, up])?,
+                    down: load(id(down))?,
+                })
+            };
+            let (experts, router) = match config.variant.moe {
+                None => (
+                    vec![expert(LayerPart::Gate, LayerPart::Up, LayerPart::Down)?],
+                    None,
+                ),
+                Some(moe) => {
+                    let experts = (0..moe.experts as u32)
+                        .map(|e| {
+                            expert(
+                                LayerPart::ExpertGate(e),
+                                LayerPart::ExpertUp(e),
+                                LayerPart::ExpertDown(e),
+                            )
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    // The router picks the experts: it keeps its stored precision (f32 in
+                    // llama.cpp's files) rather than a coarser format asked for the rest.
+                    let stored = checkpoint.stored_tensor(id(LayerPart::Router))?;
+                    let keep = match weights {
+                        Weights::Quantize(_) => Weights::Quantize(WeightFormat::F32),
+                        other => other,
+                    };
+                    let router = Router {
+                        matrix: matrix(stored, keep)?,
+                        per_token: moe.experts_per_token,
+                        normalize: moe.normalize,
+                    };
+                    (experts, Some(router))
+                }
+            };
             layers.push(NativeLayer {
                 qk_norm: pair(LayerPart::QNorm, LayerPart::KNorm, config.variant.qk_norm)?,
                 post_norms: pair(
@@ -264,8 +324,8 @@ impl NativeShard {
                 qkv_bias,
                 o: load(id(LayerPart::O))?,
                 mlp_norm: vector(id(LayerPart::MlpNorm))?,
-                gate_up: stack(&[LayerPart::Gate, LayerPart::Up])?,
-                down: load(id(LayerPart::Down))?,
+                experts,
+                router,
             });
         }
         let (final_norm, head, tied) = if spec.head {
@@ -301,7 +361,9 @@ impl NativeShard {
             heads: config.num_heads,
             kv_heads: config.num_kv_heads,
             head_dim: config.head_dim,
-            intermediate: config.intermediate_size,
+            intermediate: v
+                .moe
+                .map_or(config.intermediate_size, |m| m.intermediate_size),
             eps: config.rms_norm_eps as f32,
             max_positions: config.max_position_embeddings.max(1),
         })
@@ -443,20 +505,99 @@ impl NativeShard {
             add_residual(x, &mut s.proj, post.map(|[a, _]| a.as_slice()), self.eps);
 
             rms_norm(x, &layer.mlp_norm, self.eps, &mut s.xn);
-            let i = self.intermediate;
-            s.gate_up.resize(seq * 2 * i, 0.0);
-            matmul(&layer.gate_up, &s.xn, seq, &mut s.gate_up, &mut s.acts)
-                .map_err(kernel_error)?;
-            s.h.resize(seq * i, 0.0);
-            let act = self.activation;
-            for (hrow, gu) in s.h.chunks_exact_mut(i).zip(s.gate_up.chunks_exact(2 * i)) {
-                let (gate, up) = gu.split_at(i);
-                for ((o, g), u) in hrow.iter_mut().zip(gate).zip(up) {
-                    *o = act.apply(*g) * u;
+            match &layer.router {
+                None => {
+                    let expert = &layer.experts[0];
+                    self.mlp(
+                        expert,
+                        &s.xn,
+                        seq,
+                        &mut s.proj,
+                        &mut s.gate_up,
+                        &mut s.h,
+                        &mut s.acts,
+                    )?;
+                }
+                Some(router) => self.mixture(layer, router, seq, s)?,
+            }
+            add_residual(x, &mut s.proj, post.map(|[_, b]| b.as_slice()), self.eps);
+        }
+        Ok(())
+    }
+
+    /// One gated MLP on `rows` rows of `xn` into `out` (`[rows, hidden]`); `gate_up` and `h`
+    /// are scratch.
+    #[allow(clippy::too_many_arguments)]
+    fn mlp(
+        &self,
+        expert: &Expert,
+        xn: &[f32],
+        rows: usize,
+        out: &mut Vec<f32>,
+        gate_up: &mut Vec<f32>,
+        h: &mut Vec<f32>,
+        acts: &mut QuantizedActs,
+    ) -> Result<()> {
+        let i = self.intermediate;
+        gate_up.resize(rows * 2 * i, 0.0);
+        matmul(&expert.gate_up, xn, rows, gate_up, acts).map_err(kernel_error)?;
+        h.resize(rows * i, 0.0);
+        let act = self.activation;
+        for (hrow, gu) in h.chunks_exact_mut(i).zip(gate_up.chunks_exact(2 * i)) {
+            let (gate, up) = gu.split_at(i);
+            for ((o, g), u) in hrow.iter_mut().zip(gate).zip(up) {
+                *o = act.apply(*g) * u;
+            }
+        }
+        out.resize(rows * self.hidden, 0.0);
+        matmul(&expert.down, h, rows, out, acts).map_err(kernel_error)
+    }
+
+    /// A mixture of experts on the `seq` rows of `s.xn` into `s.proj`: each token's chosen
+    /// experts only, and each expert once for all the rows routed to it (a prompt's tokens
+    /// share the experts' weights as a dense layer's do).
+    fn mixture(
+        &self,
+        layer: &NativeLayer,
+        router: &Router,
+        seq: usize,
+        s: &mut Scratch,
+    ) -> Result<()> {
+        let (hidden, experts) = (self.hidden, layer.experts.len());
+        s.router.resize(seq * experts, 0.0);
+        matmul(&router.matrix, &s.xn, seq, &mut s.router, &mut s.acts).map_err(kernel_error)?;
+        crate::moe::route(
+            &mut s.router,
+            experts,
+            router.per_token,
+            router.normalize,
+            &mut s.routes,
+        );
+        s.proj.clear();
+        s.proj.resize(seq * hidden, 0.0);
+        for (e, run) in crate::moe::runs(&s.routes) {
+            let routes = &s.routes[run];
+            s.expert_in.clear();
+            for r in routes {
+                let row = r.row as usize;
+                s.expert_in
+                    .extend_from_slice(&s.xn[row * hidden..(row + 1) * hidden]);
+            }
+            self.mlp(
+                &layer.experts[e],
+                &s.expert_in,
+                routes.len(),
+                &mut s.expert_out,
+                &mut s.gate_up,
+                &mut s.h,
+                &mut s.acts,
+            )?;
+            for (r, out) in routes.iter().zip(s.expert_out.chunks_exact(hidden)) {
+                let row = r.row as usize;
+                for (p, o) in s.proj[row * hidden..(row + 1) * hidden].iter_mut().zip(out) {
+                    *p += r.weight * o;
                 }
             }
-            matmul(&layer.down, &s.h, seq, &mut s.proj, &mut s.acts).map_err(kernel_error)?;
-            add_residual(x, &mut s.proj, post.map(|[_, b]| b.as_slice()), self.eps);
         }
         Ok(())
     }
@@ -517,7 +658,17 @@ impl NativeShard {
         let layers: usize = self
             .layers
             .iter()
-            .map(|l| l.qkv.bytes() + l.o.bytes() + l.gate_up.bytes() + l.down.bytes())
+            .map(|l| {
+                let experts: usize = l
+                    .experts
+                    .iter()
+                    .map(|e| e.gate_up.bytes() + e.down.bytes())
+                    .sum();
+                l.qkv.bytes()
+                    + l.o.bytes()
+                    + experts
+                    + l.router.as_ref().map_or(0, |r| r.matrix.bytes())
+            })
             .sum();
         layers
             + self.embedding.as_ref().map_or(0, QuantMatrix::bytes)

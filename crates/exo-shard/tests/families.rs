@@ -204,8 +204,13 @@ fn each_family_gives_llama_cpps_five_most_likely_tokens_at_every_position() {
             }
             eprintln!("{name} {weights:?}: largest relative difference {worst:.2e}");
         }
-        // Exported as a Hugging Face folder (Phi-3's fused matrices fused again) and read back.
+        // Exported as a Hugging Face folder (Phi-3's fused matrices fused again, experts one
+        // tensor each) and read back. Llama 3's per-frequency divisors have no `config.json`
+        // form (the folder's own scaling is checked against them below).
         let loaded = Checkpoint::open(&file).unwrap();
+        if loaded.config().variant.rope_freq_factors.is_some() {
+            continue;
+        }
         let folder = dir.path().join(format!("{name}-hf"));
         export_hf(&loaded, &folder, ExportDtype::F32).unwrap();
         let steps = &tokens[..2];
@@ -282,4 +287,66 @@ fn llama_3_rope_frequencies_from_gguf_match_the_folders_rope_scaling() {
     // Without the factors the answer differs: they are applied, not ignored.
     let unscaled = logits(&plain, Weights::Stored, &prompt, &steps);
     assert!(largest_difference(&from_folder, &unscaled).0 > 1e-3);
+}
+
+#[test]
+fn a_mixture_of_experts_keeps_its_experts_quantized_and_answers_close_to_f32() {
+    let dir = tempfile::tempdir().unwrap();
+    // Qwen3-MoE's layout at a width whose rows are whole Q4_K blocks: eight experts, two per
+    // token.
+    let config = ModelConfig {
+        hidden_size: 256,
+        intermediate_size: 512,
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 64,
+        variant: Variant {
+            qk_norm: true,
+            moe: Some(exo_model::Moe {
+                experts: 8,
+                experts_per_token: 2,
+                intermediate_size: 256,
+                normalize: true,
+            }),
+            ..Variant::default()
+        },
+        ..family("qwen3")
+    };
+    let f32_file = dir.path().join("moe-f32.gguf");
+    write_gguf(&f32_file, &config, 9).unwrap();
+    let q4k_file = dir.path().join("moe-q4k.gguf");
+    exo_model::testing::write_gguf_typed(&q4k_file, &config, 9, &|id| match id {
+        exo_model::TensorId::Layer { part, .. } if part.expert().is_some() => exo_model::DType::Q4K,
+        _ => exo_model::DType::F32,
+    })
+    .unwrap();
+    let checkpoint = Checkpoint::open(&q4k_file).unwrap();
+    let id = exo_model::TensorId::Layer {
+        layer: 1,
+        part: exo_model::LayerPart::ExpertDown(5),
+    };
+    assert_eq!(checkpoint.stored_dtype(id), Some(exo_model::DType::Q4K));
+    // One expert's share of the stack: 256 x 256 weights in 144-byte blocks of 256.
+    assert_eq!(checkpoint.stored_bytes(id), Some(256 * 144));
+
+    let prompt = [1u32, 40, 41, 42, 7, 9, 11, 60];
+    let steps = [3u32, 77, 5];
+    let reference = logits(&f32_file, Weights::F32, &prompt, &steps);
+    let quantized = logits(&q4k_file, Weights::Stored, &prompt, &steps);
+    let mut worst = 0f32;
+    for (position, (want, got)) in reference.iter().zip(&quantized).enumerate() {
+        let mut top: Vec<usize> = (0..want.len()).collect();
+        top.sort_by(|&a, &b| want[b].total_cmp(&want[a]));
+        for &t in &top[..5] {
+            let d = (want[t] - got[t]).abs();
+            worst = worst.max(d);
+            assert!(
+                d < 0.5,
+                "position {position}, token {t}: {} vs {}",
+                want[t],
+                got[t]
+            );
+        }
+    }
+    eprintln!("Q4_K experts: top-5 logits within {worst} of f32");
 }

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use exo_core::{Epoch, LayerRange, NodeId, Stage};
-use exo_model::{Checkpoint, LayerPart, ModelConfig, ShardSpec, TensorId};
+use exo_model::{Checkpoint, ModelConfig, ShardSpec, TensorId};
 use exo_shard::{Device, LlamaShard, Weights};
 use exo_transport::{AssignReport, Assignment, NodeStatus};
 use tokio::sync::watch;
@@ -104,10 +104,15 @@ impl Loading {
 /// against.
 fn shard_bytes(checkpoint: &Checkpoint, spec: &ShardSpec) -> u64 {
     let bytes = |id| checkpoint.stored_bytes(id).unwrap_or(0);
+    let parts = checkpoint.config().layer_parts();
     let mut total: u64 = spec
         .layers
         .clone()
-        .flat_map(|layer| LayerPart::ALL.map(|part| TensorId::Layer { layer, part }))
+        .flat_map(|layer| {
+            parts
+                .iter()
+                .map(move |&part| TensorId::Layer { layer, part })
+        })
         .filter(|&id| checkpoint.has_tensor(id))
         .map(bytes)
         .sum();
