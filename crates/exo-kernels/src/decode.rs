@@ -61,6 +61,22 @@ fn dequantize_row(w: &QuantMatrix, row: usize, out: &mut [f32]) {
                 }
             }
         }
+        Storage::Q5 { d, m, qh, q } => {
+            for b in 0..nb {
+                let i = row * nb + b;
+                let qs = &q[i * 16..][..16];
+                let (offset, add) = match m.get(i) {
+                    Some(&min) => (0.0, min),
+                    None => (16.0, 0.0),
+                };
+                for j in 0..16 {
+                    let lo = (qs[j] & 0x0f) as u32 | (((qh[i] >> j) & 1) << 4);
+                    let hi = (qs[j] >> 4) as u32 | (((qh[i] >> (j + 16)) & 1) << 4);
+                    out[b * 32 + j] = (lo as f32 - offset) * d[i] + add;
+                    out[b * 32 + j + 16] = (hi as f32 - offset) * d[i] + add;
+                }
+            }
+        }
         Storage::Q4K(bytes) | Storage::Q5K(bytes) | Storage::Q6K(bytes) => {
             let bb = k_block_bytes(w);
             let per_row = cols / 256 * bb;

@@ -1,5 +1,5 @@
 //! Quantized CPU kernels for exo-rs: weight matrices kept in their compact formats (Q8_0,
-//! Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, f16, bf16, f32) and matrix-vector / matrix-matrix products
+//! Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, f16, bf16, f32) and matrix-vector / matrix-matrix products
 //! that compute on the quantized blocks. The integer formats take activations either as f32 or
 //! quantized to 8-bit blocks of 32 (one plane, or two for about 15 bits: see
 //! [`QuantMatrix::with_q8_activations`]); on AVX2 quantized is the default for the formats
@@ -163,6 +163,9 @@ fn dot(isa: Isa, w: &QuantMatrix, row: usize, a: &QuantizedActs, t: usize) -> f3
                 }
             };
         }
+        if let Some([[v]]) = q5_rows::<1, 1>(isa, w, row, a, t) {
+            return v;
+        }
         if let Storage::F32(v) = &w.storage {
             return unsafe { x86::dot_f32_avx2(&v[row * cols..(row + 1) * cols], x) };
         }
@@ -263,7 +266,12 @@ fn int_q8_rows<const R: usize, const T: usize>(
     let Some((wd, wm, wq, kind)) = int_rows(w, row, R) else {
         return [[0.0; T]; R];
     };
-    let rows = x86_q8::IntRows { wd, wm, wq };
+    let rows = x86_q8::IntRows {
+        wd,
+        wm,
+        wq,
+        wh: &[],
+    };
     let acts = std::array::from_fn(|k| q8_row(a, t + k, nb, w.fine));
     // SAFETY: callers reach this only on an x86 path checked as supported (both include AVX2
     // and FMA); `rows` holds `R` whole rows and each activation row `nb` blocks (with the
@@ -281,6 +289,50 @@ fn int_q8_rows<const R: usize, const T: usize>(
             (BlockKind::Q8, true) => int_q8::<R, T, true, Q8_0>(&rows, acts, nb),
         }
     }
+}
+
+/// Rows `row..row + R` of a Q5_0 or Q5_1 matrix that takes 8-bit activations against
+/// activation rows `t..t + T` with the AVX2 integer kernel (on either x86 path: AVX-512 CPUs
+/// have AVX2); `None` for other formats, paths or f32 activations (the scalar code takes those).
+#[cfg(target_arch = "x86_64")]
+fn q5_rows<const R: usize, const T: usize>(
+    isa: Isa,
+    w: &QuantMatrix,
+    row: usize,
+    a: &QuantizedActs,
+    t: usize,
+) -> Option<[[f32; T]; R]> {
+    let Storage::Q5 { d, m, qh, q } = &w.storage else {
+        return None;
+    };
+    if !matches!(isa, Isa::Avx2 | Isa::Avx512Vnni) || !takes_q8(w, a) {
+        return None;
+    }
+    let nb = w.cols / 32;
+    let blocks = row * nb..(row + R) * nb;
+    let rows = x86_q8::IntRows {
+        wd: &d[blocks.clone()],
+        wm: if m.is_empty() {
+            &[]
+        } else {
+            &m[blocks.clone()]
+        },
+        wq: &q[row * nb * 16..(row + R) * nb * 16],
+        wh: &qh[blocks],
+    };
+    let acts = std::array::from_fn(|k| q8_row(a, t + k, nb, w.fine));
+    // SAFETY: both x86 paths include AVX2 and FMA, and `isa` was checked as supported before
+    // dispatch; `rows` holds `R` whole rows (with their minimums for Q5_1 and their fifth
+    // bits) and each activation row `nb` blocks (the second plane too where the matrix asks).
+    Some(unsafe {
+        use x86_q8::{Q5_0, Q5_1, int_q8};
+        match (w.format == WeightFormat::Q5_1, w.fine) {
+            (false, false) => int_q8::<R, T, false, Q5_0>(&rows, acts, nb),
+            (false, true) => int_q8::<R, T, true, Q5_0>(&rows, acts, nb),
+            (true, false) => int_q8::<R, T, false, Q5_1>(&rows, acts, nb),
+            (true, true) => int_q8::<R, T, true, Q5_1>(&rows, acts, nb),
+        }
+    })
 }
 
 /// Rows `row..row + R` of a K-quant or 16-bit float matrix against activation rows
@@ -487,6 +539,13 @@ fn dot4(isa: Isa, w: &QuantMatrix, row: usize, a: &QuantizedActs, t: usize) -> O
     {
         return Some(four.map(|[v]| v));
     }
+    // Q5_0/Q5_1 with 8-bit activations, on either x86 path.
+    #[cfg(target_arch = "x86_64")]
+    if row + 4 <= w.rows
+        && let Some(four) = q5_rows::<4, 1>(isa, w, row, a, t)
+    {
+        return Some(four.map(|[v]| v));
+    }
     // Q4_0/Q4_1/Q8_0 with 8-bit activations: four rows share each activation load.
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx2
@@ -536,6 +595,11 @@ fn dot4x4(
             return Some(block);
         }
         // Sixteen AVX2 registers hold two rows by four tokens of sums, not four by four.
+        if let Some([r0, r1]) = q5_rows::<2, 4>(isa, w, row, a, t)
+            && let Some([r2, r3]) = q5_rows::<2, 4>(isa, w, row + 2, a, t)
+        {
+            return Some([r0, r1, r2, r3]);
+        }
         if isa == Isa::Avx2
             && let Some([r0, r1]) = x86_rows::<2, 4>(isa, w, row, a, t)
             && let Some([r2, r3]) = x86_rows::<2, 4>(isa, w, row + 2, a, t)

@@ -20,6 +20,11 @@ pub enum WeightFormat {
     Q4_0,
     /// 4-bit quants with a scale and a minimum per 32.
     Q4_1,
+    /// 5-bit quants around 16, one scale per 32 (llama.cpp's fallback where a K-quant's
+    /// super-blocks do not fit a row).
+    Q5_0,
+    /// 5-bit quants with a scale and a minimum per 32.
+    Q5_1,
     /// llama.cpp's Q4_K super-blocks of 256.
     Q4K,
     /// llama.cpp's Q5_K super-blocks of 256.
@@ -38,6 +43,8 @@ impl WeightFormat {
             WeightFormat::Q8_0 => "Q8_0",
             WeightFormat::Q4_0 => "Q4_0",
             WeightFormat::Q4_1 => "Q4_1",
+            WeightFormat::Q5_0 => "Q5_0",
+            WeightFormat::Q5_1 => "Q5_1",
             WeightFormat::Q4K => "Q4_K",
             WeightFormat::Q5K => "Q5_K",
             WeightFormat::Q6K => "Q6_K",
@@ -48,7 +55,11 @@ impl WeightFormat {
     pub fn block_elems(self) -> usize {
         match self {
             WeightFormat::F32 | WeightFormat::F16 | WeightFormat::BF16 => 1,
-            WeightFormat::Q8_0 | WeightFormat::Q4_0 | WeightFormat::Q4_1 => 32,
+            WeightFormat::Q8_0
+            | WeightFormat::Q4_0
+            | WeightFormat::Q4_1
+            | WeightFormat::Q5_0
+            | WeightFormat::Q5_1 => 32,
             WeightFormat::Q4K | WeightFormat::Q5K | WeightFormat::Q6K => 256,
         }
     }
@@ -61,6 +72,8 @@ impl WeightFormat {
             WeightFormat::Q8_0 => 34,
             WeightFormat::Q4_0 => 18,
             WeightFormat::Q4_1 => 20,
+            WeightFormat::Q5_0 => 22,
+            WeightFormat::Q5_1 => 24,
             WeightFormat::Q4K => 144,
             WeightFormat::Q5K => 176,
             WeightFormat::Q6K => 210,
@@ -74,6 +87,8 @@ impl WeightFormat {
             WeightFormat::Q8_0
                 | WeightFormat::Q4_0
                 | WeightFormat::Q4_1
+                | WeightFormat::Q5_0
+                | WeightFormat::Q5_1
                 | WeightFormat::Q4K
                 | WeightFormat::Q5K
                 | WeightFormat::Q6K
@@ -90,11 +105,15 @@ impl WeightFormat {
         match acts_choice() {
             "f32" => false,
             "q8" | "q16" => self.uses_q8_activations(),
-            _ => {
-                crate::Isa::detected() == crate::Isa::Avx2
-                    && self.uses_q8_activations()
-                    && self != WeightFormat::Q8_0
-            }
+            _ => match crate::Isa::detected() {
+                crate::Isa::Avx2 => self.uses_q8_activations() && self != WeightFormat::Q8_0,
+                // Q5_0 and Q5_1 have only the AVX2 integer kernels on x86, which AVX-512 CPUs
+                // run too (their f32 products are the scalar code).
+                crate::Isa::Avx512Vnni => {
+                    matches!(self, WeightFormat::Q5_0 | WeightFormat::Q5_1)
+                }
+                _ => false,
+            },
         }
     }
 
@@ -144,6 +163,15 @@ pub(crate) enum Storage {
     Q4_1 {
         d: Vec<f32>,
         m: Vec<f32>,
+        q: Vec<u8>,
+    },
+    /// Q5_0 (values `q - 16`; `m` empty) or Q5_1 (a minimum per block): the low four bits as
+    /// Q4_0 keeps them, and each block's fifth bits as one `u32` (bit `j` for element `j`), as
+    /// in ggml. 0.75 (Q5_0) or 0.875 bytes per weight, against ggml's 0.6875 and 0.75.
+    Q5 {
+        d: Vec<f32>,
+        m: Vec<f32>,
+        qh: Vec<u32>,
         q: Vec<u8>,
     },
     /// Q4_K super-blocks of 256 repacked to [`Q4K_PACKED`] bytes: `d` and `dmin` (f16), the eight
@@ -281,6 +309,24 @@ impl QuantMatrix {
                 }
                 Storage::Q4_1 { d, m, q }
             }
+            WeightFormat::Q5_0 | WeightFormat::Q5_1 => {
+                // Q5_0: d, qh, 16 bytes of nibbles; Q5_1: d, m, qh, nibbles.
+                let minimum = format == WeightFormat::Q5_1;
+                let at = if minimum { 4 } else { 2 };
+                let mut d = Vec::with_capacity(blocks);
+                let mut m = Vec::with_capacity(if minimum { blocks } else { 0 });
+                let mut qh = Vec::with_capacity(blocks);
+                let mut q = Vec::with_capacity(blocks * 16);
+                for b in bytes.chunks_exact(bb) {
+                    d.push(f16_at(b, 0));
+                    if minimum {
+                        m.push(f16_at(b, 2));
+                    }
+                    qh.push(u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]));
+                    q.extend_from_slice(&b[at + 4..at + 20]);
+                }
+                Storage::Q5 { d, m, qh, q }
+            }
             WeightFormat::Q4K => {
                 let mut out = Vec::with_capacity(blocks * Q4K_PACKED);
                 for b in bytes.chunks_exact(bb) {
@@ -396,6 +442,52 @@ impl QuantMatrix {
                     }
                 }
                 Storage::Q4_1 { d, m, q }
+            }
+            // ggml's reference quantizers: Q5_0 maps the value of largest magnitude to -16,
+            // Q5_1 spans the block's minimum to maximum in 31 steps.
+            WeightFormat::Q5_0 | WeightFormat::Q5_1 => {
+                let minimum = format == WeightFormat::Q5_1;
+                let blocks = values.len() / 32;
+                let mut d = Vec::with_capacity(blocks);
+                let mut m = Vec::new();
+                let mut qh = Vec::with_capacity(blocks);
+                let mut q = Vec::with_capacity(blocks * 16);
+                for chunk in values.chunks_exact(32) {
+                    let (scale, min) = if minimum {
+                        let lo = chunk.iter().fold(f32::INFINITY, |a, &v| a.min(v));
+                        let hi = chunk.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+                        (
+                            f16::from_f32((hi - lo) / 31.0).to_f32(),
+                            f16::from_f32(lo).to_f32(),
+                        )
+                    } else {
+                        let max = chunk
+                            .iter()
+                            .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+                        (f16::from_f32(max / -16.0).to_f32(), 0.0)
+                    };
+                    let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
+                    let qv = |v: f32| -> u32 {
+                        if minimum {
+                            (((v - min) * inv + 0.5) as i32).clamp(0, 31) as u32
+                        } else {
+                            ((v * inv + 16.5) as i32).clamp(0, 31) as u32
+                        }
+                    };
+                    d.push(scale);
+                    if minimum {
+                        m.push(min);
+                    }
+                    let mut high = 0u32;
+                    for j in 0..16 {
+                        let (a, b) = (qv(chunk[j]), qv(chunk[j + 16]));
+                        q.push((a & 0x0f) as u8 | (((b & 0x0f) as u8) << 4));
+                        high |= ((a >> 4) & 1) << j;
+                        high |= ((b >> 4) & 1) << (j + 16);
+                    }
+                    qh.push(high);
+                }
+                Storage::Q5 { d, m, qh, q }
             }
             WeightFormat::Q4K | WeightFormat::Q5K | WeightFormat::Q6K => {
                 Storage::F32(values.to_vec())
@@ -562,6 +654,7 @@ impl QuantMatrix {
             Storage::Q8_0 { d, q } => d.len() * 4 + q.len(),
             Storage::Q4_0 { d, q } => d.len() * 4 + q.len(),
             Storage::Q4_1 { d, m, q } => (d.len() + m.len()) * 4 + q.len(),
+            Storage::Q5 { d, m, qh, q } => (d.len() + m.len() + qh.len()) * 4 + q.len(),
             Storage::Q4K(v) | Storage::Q5K(v) | Storage::Q6K(v) => v.len(),
             Storage::Parts(parts) => parts.iter().map(QuantMatrix::bytes).sum(),
         }
@@ -634,6 +727,24 @@ fn stack_same(parts: &[&QuantMatrix]) -> QuantMatrix {
             }),
             q: cat(parts, |s| match s {
                 Storage::Q4_1 { q, .. } => Some(q),
+                _ => None,
+            }),
+        },
+        Storage::Q5 { .. } => Storage::Q5 {
+            d: cat(parts, |s| match s {
+                Storage::Q5 { d, .. } => Some(d),
+                _ => None,
+            }),
+            m: cat(parts, |s| match s {
+                Storage::Q5 { m, .. } => Some(m),
+                _ => None,
+            }),
+            qh: cat(parts, |s| match s {
+                Storage::Q5 { qh, .. } => Some(qh),
+                _ => None,
+            }),
+            q: cat(parts, |s| match s {
+                Storage::Q5 { q, .. } => Some(q),
                 _ => None,
             }),
         },

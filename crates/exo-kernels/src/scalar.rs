@@ -62,6 +62,33 @@ pub(crate) fn dot(w: &QuantMatrix, row: usize, a: &QuantizedActs, t: usize) -> f
             }
             acc
         }
+        Storage::Q5 { d, m, qh, q } if !crate::takes_q8(w, a) => {
+            let mut acc = 0f32;
+            for b in 0..nb {
+                let i = row * nb + b;
+                let mut s = 0f32;
+                for (j, xv) in x[b * 32..b * 32 + 32].iter().enumerate() {
+                    s += five_bits(&q[i * 16..][..16], qh[i], j) as f32 * xv;
+                }
+                let off = m.get(i).copied().unwrap_or(-16.0 * d[i]);
+                acc += d[i] * s + off * a.fsum[t * nb + b];
+            }
+            acc
+        }
+        Storage::Q5 { d, m, qh, q } => {
+            let acts = Acts::of(w, a, t);
+            let mut acc = 0f32;
+            for b in 0..nb {
+                let i = row * nb + b;
+                let s: i32 = (0..32)
+                    .map(|j| five_bits(&q[i * 16..][..16], qh[i], j) as i32 * acts.at(b * 32 + j))
+                    .sum();
+                // Q5_0: (q - 16) * d_w summed = d_w * (d_a * sum(q * q_a) - 16 * sum(x_a)).
+                let off = m.get(i).copied().unwrap_or(-16.0 * d[i]);
+                acc += d[i] * acts.d(b) * s as f32 + off * acts.sum(b);
+            }
+            acc
+        }
         Storage::Q8_0 { d, q } => {
             let acts = Acts::of(w, a, t);
             let mut acc = 0f32;
@@ -181,6 +208,17 @@ impl<'a> Acts<'a> {
             h
         }
     }
+}
+
+/// Element `j` (0..32) of a Q5 block: its nibble (`qs[j]` low, `qs[j - 16]` high) and its
+/// fifth bit from `qh`.
+fn five_bits(qs: &[u8], qh: u32, j: usize) -> u32 {
+    let nibble = if j < 16 {
+        qs[j] & 0x0f
+    } else {
+        qs[j - 16] >> 4
+    };
+    nibble as u32 | (((qh >> j) & 1) << 4)
 }
 
 /// Sum of unsigned nibbles times the integers of activation block `b` for one 32-element block.

@@ -31,12 +31,13 @@ pub(crate) struct Q8Row<'a> {
     pub(crate) s16lo: &'a [i16],
 }
 
-/// Scales, minimums (Q4_1 only) and quant bytes of `R` consecutive rows of a Q4_0, Q4_1 or
-/// Q8_0 matrix (`nb` blocks per row).
+/// Scales, minimums (Q4_1 and Q5_1 only), quant bytes and fifth bits (Q5_0 and Q5_1 only) of
+/// `R` consecutive rows of a Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0 matrix (`nb` blocks per row).
 pub(crate) struct IntRows<'a> {
     pub(crate) wd: &'a [f32],
     pub(crate) wm: &'a [f32],
     pub(crate) wq: &'a [u8],
+    pub(crate) wh: &'a [u32],
 }
 
 /// Bytes of a repacked Q4_K super-block and where its parts start (see `Storage::Q4K`).
@@ -283,11 +284,33 @@ pub(crate) unsafe fn q6k_q8<const R: usize, const T: usize, const FINE: bool>(
 pub(crate) const Q4_0: u8 = 0;
 pub(crate) const Q4_1: u8 = 1;
 pub(crate) const Q8_0: u8 = 2;
+pub(crate) const Q5_0: u8 = 3;
+pub(crate) const Q5_1: u8 = 4;
 
-/// `R` consecutive rows of a Q4_0, Q4_1 or Q8_0 matrix (`KIND`; `nb` blocks per row) against
-/// `T` activation rows quantized to 8 bits (two planes with `FINE`): per block the integer dot
-/// product, scaled by `d_w * d_act`; Q4_0's offset of 8 and Q4_1's minimum come off with the
-/// blocks' activation sums at the end. Returns `out[row][token]`.
+/// The 32 bits of `x` as bytes of 16 (bit set) or 0, byte `j` for bit `j`: a Q5 block's fifth
+/// bits, ready to join its nibbles.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn fifth_bits(x: u32) -> __m256i {
+    // Byte `j` takes byte `j / 8` of `x`, then tests its bit `j % 8`.
+    let spread = _mm256_shuffle_epi8(
+        _mm256_set1_epi32(x as i32),
+        _mm256_set_epi64x(
+            0x0303_0303_0303_0303,
+            0x0202_0202_0202_0202,
+            0x0101_0101_0101_0101,
+            0,
+        ),
+    );
+    let others = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe_u64 as i64);
+    let set = _mm256_cmpeq_epi8(_mm256_or_si256(spread, others), _mm256_set1_epi8(-1));
+    _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+}
+
+/// `R` consecutive rows of a Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0 matrix (`KIND`; `nb` blocks per
+/// row) against `T` activation rows quantized to 8 bits (two planes with `FINE`): per block the
+/// integer dot product, scaled by `d_w * d_act`; Q4_0's offset of 8 (Q5_0's of 16) and the
+/// minimums come off with the blocks' activation sums at the end. Returns `out[row][token]`.
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA; `w` holds `R` rows of `nb` blocks (`w.wm` too for
@@ -331,7 +354,15 @@ pub(crate) unsafe fn int_q8<const R: usize, const T: usize, const FINE: bool, co
                 let nib = _mm_loadu_si128(p as *const __m128i);
                 let l = _mm_and_si128(nib, mask);
                 let h = _mm_and_si128(_mm_srli_epi16(nib, 4), mask);
-                (_mm256_set_m128i(h, l), _mm256_setzero_si256())
+                let v = _mm256_set_m128i(h, l);
+                if KIND == Q5_0 || KIND == Q5_1 {
+                    (
+                        _mm256_or_si256(v, fifth_bits(*w.wh.as_ptr().add(i))),
+                        _mm256_setzero_si256(),
+                    )
+                } else {
+                    (v, _mm256_setzero_si256())
+                }
             };
             let d = *wd.add(i);
             for t in 0..T {
@@ -359,7 +390,8 @@ pub(crate) unsafe fn int_q8<const R: usize, const T: usize, const FINE: bool, co
         for t in 0..T {
             let extra = match KIND {
                 Q4_0 => -8.0 * short_dot(&w.wd[k * nb..(k + 1) * nb], &a[t].sum[..nb]),
-                Q4_1 => short_dot(&w.wm[k * nb..(k + 1) * nb], &a[t].sum[..nb]),
+                Q5_0 => -16.0 * short_dot(&w.wd[k * nb..(k + 1) * nb], &a[t].sum[..nb]),
+                Q4_1 | Q5_1 => short_dot(&w.wm[k * nb..(k + 1) * nb], &a[t].sum[..nb]),
                 _ => 0.0,
             };
             out[k][t] = hsum256(acc[k][t]) + extra;

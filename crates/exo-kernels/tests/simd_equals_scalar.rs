@@ -6,13 +6,15 @@
 use exo_kernels::{Isa, QuantMatrix, QuantizedActs, WeightFormat, attend_with, matmul_with};
 use proptest::prelude::*;
 
-const FORMATS: [WeightFormat; 6] = [
+const FORMATS: [WeightFormat; 8] = [
     WeightFormat::F32,
     WeightFormat::F16,
     WeightFormat::BF16,
     WeightFormat::Q8_0,
     WeightFormat::Q4_0,
     WeightFormat::Q4_1,
+    WeightFormat::Q5_0,
+    WeightFormat::Q5_1,
 ];
 
 fn product(isa: Isa, w: &QuantMatrix, x: &[f32], n: usize) -> Vec<f32> {
@@ -571,4 +573,19 @@ fn avx2_takes_quantized_activations_by_default_where_they_measured_faster() {
             .with_f32_activations()
             .uses_q8_activations()
     );
+}
+
+#[test]
+fn q5_blocks_on_every_path_equal_the_scalar_reference() {
+    // Decode (one token), a four-token tile and a ragged prefill, with each activation kind,
+    // on shapes with and without whole groups of four rows.
+    for format in [WeightFormat::Q5_0, WeightFormat::Q5_1] {
+        for acts in 0..3 {
+            for (rows, blocks, n) in [(4, 1, 1), (9, 3, 1), (8, 18, 4), (13, 5, 7), (36, 2, 33)] {
+                for seed in 1..4 {
+                    check(format, acts, rows, blocks, n, seed * 7919 + rows as u64);
+                }
+            }
+        }
+    }
 }

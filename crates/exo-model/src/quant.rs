@@ -452,6 +452,44 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_kernels_read_q5_blocks_as_this_decoder_does()
+    -> std::result::Result<(), exo_kernels::Error> {
+        // Random bytes with finite f16 scales (and minimums), in ggml's Q5_0 and Q5_1 layouts.
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut byte = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8
+        };
+        for (dtype, format, block) in [
+            (DType::Q5_0, exo_kernels::WeightFormat::Q5_0, 22),
+            (DType::Q5_1, exo_kernels::WeightFormat::Q5_1, 24),
+        ] {
+            let (rows, cols) = (3, 96);
+            let mut bytes = Vec::new();
+            for _ in 0..rows * cols / 32 {
+                let mut b: Vec<u8> = (0..block).map(|_| byte()).collect();
+                // Scales of magnitude about 0.01 (and minimums about 0.1).
+                b[..2].copy_from_slice(&half::f16::from_f32(0.0123).to_le_bytes());
+                if dtype == DType::Q5_1 {
+                    b[2..4].copy_from_slice(&half::f16::from_f32(-0.1).to_le_bytes());
+                }
+                bytes.extend(b);
+            }
+            let mut want = Vec::new();
+            dequantize(dtype, &bytes, &mut want);
+            let m = exo_kernels::QuantMatrix::from_ggml(format, rows, cols, &bytes)?;
+            let mut row = vec![0f32; cols];
+            for r in 0..rows {
+                m.dequantize_row(r, &mut row)?;
+                assert_eq!(row, want[r * cols..(r + 1) * cols], "{dtype:?} row {r}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
     fn every_scale_field_is_checked_and_each_one_checked_matters() {
         let f16_nan = 0x7e00u16.to_le_bytes();
         let f16_inf = 0x7c00u16.to_le_bytes();

@@ -59,7 +59,8 @@ fn matrix(stored: StoredTensor, weights: Weights) -> Result<QuantMatrix> {
         DType::Q4K => Some(WeightFormat::Q4K),
         DType::Q5K => Some(WeightFormat::Q5K),
         DType::Q6K => Some(WeightFormat::Q6K),
-        DType::Q5_0 | DType::Q5_1 => None,
+        DType::Q5_0 => Some(WeightFormat::Q5_0),
+        DType::Q5_1 => Some(WeightFormat::Q5_1),
     };
     match (weights, native) {
         (Weights::Stored, Some(format)) => {
@@ -68,7 +69,8 @@ fn matrix(stored: StoredTensor, weights: Weights) -> Result<QuantMatrix> {
         (target, _) => {
             let format = match target {
                 Weights::Quantize(f) => f,
-                // Formats the kernels lack are widened to Q8_0, which keeps their precision.
+                // Formats the kernels lack (none of the stored ones today) would be widened
+                // to Q8_0, which keeps their precision.
                 _ => WeightFormat::Q8_0,
             };
             let mut values = Vec::with_capacity(rows * cols);
