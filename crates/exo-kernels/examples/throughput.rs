@@ -62,6 +62,8 @@ fn main() {
         WeightFormat::Q8_0,
         WeightFormat::Q4_0,
         WeightFormat::Q4_1,
+        WeightFormat::Q5_0,
+        WeightFormat::Q5_1,
         WeightFormat::F16,
         WeightFormat::BF16,
     ] {

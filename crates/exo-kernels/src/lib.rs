@@ -120,9 +120,10 @@ impl Isa {
 }
 
 /// Whether this product takes `w`'s (one part's) activations quantized: as the matrix asks,
-/// except that a two-plane matrix takes f32 ones where the caller set `fine_as_f32`.
+/// except that a two-plane matrix takes f32 ones where the caller set `fine_as_f32` (if its
+/// format has f32 kernels: Q5 blocks keep their integer kernels).
 pub(crate) fn takes_q8(w: &QuantMatrix, a: &QuantizedActs) -> bool {
-    w.q8_acts && !(w.fine && a.fine_as_f32)
+    w.q8_acts && !(w.fine && a.fine_as_f32 && w.format.has_f32_kernels())
 }
 
 /// One output value with the chosen path (`isa` must be supported; callers check).
@@ -711,7 +712,7 @@ pub fn matmul_with(
     // Prefill tiles of four tokens and more run two-plane matrices on f32 activations.
     acts.fine_as_f32 = n >= 4;
     if w.quantizes_activations(acts.fine_as_f32) {
-        acts.quantize(x, n, w.cols, !acts.fine_as_f32 && w.uses_q16_activations());
+        acts.quantize(x, n, w.cols, w.quantizes_second_plane(acts.fine_as_f32));
     } else {
         acts.keep_f32(x, n, w.cols);
     }

@@ -95,6 +95,12 @@ impl WeightFormat {
         )
     }
 
+    /// Whether the x86 and NEON paths have kernels for this format with f32 activations (Q5_0
+    /// and Q5_1 have only 8-bit-activation kernels; with f32 they take the scalar code).
+    pub(crate) fn has_f32_kernels(self) -> bool {
+        !matches!(self, WeightFormat::Q5_0 | WeightFormat::Q5_1)
+    }
+
     /// Whether a matrix of this format takes 8-bit activations unless told otherwise: on the
     /// AVX2 path (the CPU's best), for the formats whose integer kernels measured faster there
     /// (all but Q8_0, which reads as many bytes per weight as its f32 kernel can multiply);
@@ -343,14 +349,27 @@ impl QuantMatrix {
             }
             WeightFormat::Q6K => Storage::Q6K(bytes.to_vec()),
         };
-        Ok(QuantMatrix {
+        let matrix = QuantMatrix {
             format,
             q8_acts: format.q8_activations_by_default(),
             fine: format.fine_activations_by_default(),
             rows,
             cols,
             storage,
-        })
+        };
+        if matches!(format, WeightFormat::Q5_0 | WeightFormat::Q5_1)
+            && !format.q8_activations_by_default()
+        {
+            // Q5 blocks have SIMD kernels only for 8-bit activations on x86: elsewhere (NEON,
+            // or f32 activations asked for) they are widened to Q8_0, whose kernels exist on
+            // every path, keeping their precision for 1.125 bytes per weight.
+            let mut values = vec![0f32; rows * cols];
+            for (r, out) in values.chunks_exact_mut(cols.max(1)).enumerate() {
+                matrix.dequantize_row(r, out)?;
+            }
+            return QuantMatrix::from_f32(WeightFormat::Q8_0, rows, cols, &values);
+        }
+        Ok(matrix)
     }
 
     /// Quantizes (or converts) an `f32` matrix, `rows * cols` values row-major.
@@ -600,7 +619,19 @@ impl QuantMatrix {
     pub(crate) fn quantizes_activations(&self, fine_as_f32: bool) -> bool {
         match &self.storage {
             Storage::Parts(parts) => parts.iter().any(|p| p.quantizes_activations(fine_as_f32)),
-            _ => self.uses_q8_activations() && !(self.fine && fine_as_f32),
+            _ => {
+                self.uses_q8_activations()
+                    && !(self.fine && fine_as_f32 && self.format.has_f32_kernels())
+            }
+        }
+    }
+
+    /// Whether a product quantizes the activations with their second plane: some part takes
+    /// two planes, and with `fine_as_f32` one whose format keeps its integer kernels (Q5).
+    pub(crate) fn quantizes_second_plane(&self, fine_as_f32: bool) -> bool {
+        match &self.storage {
+            Storage::Parts(parts) => parts.iter().any(|p| p.quantizes_second_plane(fine_as_f32)),
+            _ => self.uses_q16_activations() && !(fine_as_f32 && self.format.has_f32_kernels()),
         }
     }
 

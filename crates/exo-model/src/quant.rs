@@ -483,7 +483,15 @@ mod tests {
             let mut row = vec![0f32; cols];
             for r in 0..rows {
                 m.dequantize_row(r, &mut row)?;
-                assert_eq!(row, want[r * cols..(r + 1) * cols], "{dtype:?} row {r}");
+                let want = &want[r * cols..(r + 1) * cols];
+                if m.format() == format {
+                    assert_eq!(row, want, "{dtype:?} row {r}");
+                } else {
+                    // Widened to Q8_0 (a path without Q5 kernels): within half its step.
+                    for (a, b) in row.iter().zip(want) {
+                        assert!((a - b).abs() <= 0.01, "{dtype:?} row {r}: {a} vs {b}");
+                    }
+                }
             }
         }
         Ok(())
