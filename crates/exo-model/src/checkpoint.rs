@@ -208,15 +208,7 @@ impl Checkpoint {
             let Some(info) = file.tensor(&name) else {
                 continue;
             };
-            let expected = self.expected_stored_shape(id);
-            if info.shape != expected {
-                return Err(Error::ShapeMismatch {
-                    path: self.path.clone(),
-                    name,
-                    expected,
-                    actual: info.shape.clone(),
-                });
-            }
+            self.check_shape(&name, &self.expected_stored_shape(id), &info.shape)?;
         }
         Ok(())
     }
@@ -335,6 +327,20 @@ impl Checkpoint {
         }
     }
 
+    /// A tensor `name` of shape `actual` where the configuration implies `expected` is an error
+    /// naming both.
+    fn check_shape(&self, name: &str, expected: &[usize], actual: &[usize]) -> Result<()> {
+        if actual == expected {
+            return Ok(());
+        }
+        Err(Error::ShapeMismatch {
+            path: self.path.clone(),
+            name: name.to_string(),
+            expected: expected.to_vec(),
+            actual: actual.to_vec(),
+        })
+    }
+
     /// The expert of `id` when the checkpoint stores it in a stack of every expert of its
     /// layer (GGUF's `ffn_*_exps`); Hugging Face folders store each expert on its own.
     fn stacked_expert(&self, id: TensorId) -> Option<usize> {
@@ -384,14 +390,7 @@ impl Checkpoint {
                     path: self.path.clone(),
                     name: name.clone(),
                 })?;
-                if info.shape != expected {
-                    return Err(Error::ShapeMismatch {
-                        path: self.path.clone(),
-                        name,
-                        expected,
-                        actual: info.shape.clone(),
-                    });
-                }
+                self.check_shape(&name, &expected, &info.shape)?;
                 match stacked {
                     // Only this expert's bytes: each is a whole number of rows (of blocks).
                     Some(e) => {
@@ -426,14 +425,7 @@ impl Checkpoint {
                 (name, raw.shape.clone(), raw.dtype, raw.read()?)
             }
         };
-        if shape != expected {
-            return Err(Error::ShapeMismatch {
-                path: self.path.clone(),
-                name,
-                expected,
-                actual: shape,
-            });
-        }
+        self.check_shape(&name, &expected, &shape)?;
         let mut shape = shape;
         if let Some(f) = &fused {
             // Rows are whole blocks in every format, so this cuts quantized data too.
