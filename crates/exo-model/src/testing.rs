@@ -675,3 +675,120 @@ pub fn rewrite_gguf(
     edit(&mut metadata, &mut tensors);
     gguf::write(dst, &metadata, &tensors)
 }
+
+/// Texts whose Unigram tokenization `exo-model`'s tests compare with llama.cpp's (spaces in
+/// runs and at the ends, characters no entry covers, a user-defined token, tabs and newlines).
+pub const UNIGRAM_SAMPLES: [&str; 7] = [
+    "The quick brown fox jumps over the lazy dog.",
+    "  leading and   several   spaces  ",
+    "What is the capital of France? Paris!",
+    "unknown: zzz Qq \u{fc}ber \u{1f642} end",
+    "hello<tool>world and <tool> again",
+    "tabs\tand\nnewlines stay",
+    "theinthe onthe atan",
+];
+
+/// Writes a GGUF holding only a small SentencePiece Unigram vocabulary (`tokenizer.ggml.model`
+/// `t5`: control `<pad>` and `</s>`, unknown `<unk>`, a user-defined `<tool>`, single
+/// characters with and without `▁`, and some English words and pieces, with fixed pseudo-random
+/// scores), `remove_extra_whitespaces` as given, and the Llama hyper-parameters llama.cpp's
+/// vocabulary-only loading asks for: what the Unigram tokenizer is checked with against
+/// llama.cpp's `llama-tokenize`.
+pub fn write_unigram_gguf(path: &Path, remove_extra_whitespaces: bool) -> Result<()> {
+    const WORDS: &str = "the quick brown fox jump jumps over lazy dog what is capital of france \
+        paris hello world and again leading several spaces tabs new lines stay unknown end an \
+        in on at er ing ed th he re en es ti on al ber";
+    const PIECES: &str = "th he in er an re on at en nd ti es or te of ed is it al ar st to nt ng \
+        ing ion tion ll ow ck qu ui ic ro fo ox mp ps ov la az zy do og wh ha ca ap pi ta fr ra \
+        nc ce pa ar ri is hel lo wor ld ag ai ain ad di se ve sp ac ab ne li ta ay un kn own nd";
+    let mut tokens: Vec<(String, i32)> = vec![
+        ("<pad>".into(), 3),
+        ("</s>".into(), 3),
+        ("<unk>".into(), 2),
+        ("<tool>".into(), 4),
+        ("\u{2581}".into(), 1),
+    ];
+    let mut seen: std::collections::HashSet<String> = tokens.iter().map(|t| t.0.clone()).collect();
+    let mut push = |t: String| {
+        if seen.insert(t.clone()) {
+            tokens.push((t, 1));
+        }
+    };
+    // Single characters, but no `z` nor `Q`: those fall to the unknown token.
+    for c in ('a'..='y')
+        .chain('A'..='P')
+        .chain('R'..='Z')
+        .chain('0'..='9')
+    {
+        push(c.to_string());
+        push(format!("\u{2581}{c}"));
+    }
+    for c in ".,!?:;'-()\t\n".chars() {
+        push(c.to_string());
+    }
+    for w in WORDS.split_whitespace() {
+        push(format!("\u{2581}{w}"));
+        push(w.to_string());
+    }
+    for p in PIECES.split_whitespace() {
+        push(p.to_string());
+    }
+    push("\u{2581}France".into());
+    push("\u{2581}Paris".into());
+    push("\u{2581}The".into());
+    push("\u{2581}What".into());
+    // Scores: longer pieces likelier, with fixed pseudo-random jitter.
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let scores: Vec<Value> = tokens
+        .iter()
+        .map(|(t, kind)| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let jitter = (state >> 40) as f32 / (1u64 << 24) as f32;
+            let score = if *kind == 1 {
+                -12.0 + 1.5 * t.chars().count() as f32 + 3.0 * jitter
+            } else {
+                0.0
+            };
+            Value::F32(score)
+        })
+        .collect();
+    let u = |v: u32| Value::U32(v);
+    let metadata = vec![
+        (
+            "general.architecture".to_string(),
+            Value::String("llama".into()),
+        ),
+        ("llama.block_count".into(), u(1)),
+        ("llama.context_length".into(), u(64)),
+        ("llama.embedding_length".into(), u(32)),
+        ("llama.feed_forward_length".into(), u(64)),
+        ("llama.attention.head_count".into(), u(4)),
+        ("llama.attention.head_count_kv".into(), u(4)),
+        (
+            "llama.attention.layer_norm_rms_epsilon".into(),
+            Value::F32(1e-5),
+        ),
+        ("tokenizer.ggml.model".into(), Value::String("t5".into())),
+        (
+            "tokenizer.ggml.tokens".into(),
+            Value::Array(tokens.iter().map(|t| Value::String(t.0.clone())).collect()),
+        ),
+        ("tokenizer.ggml.scores".into(), Value::Array(scores)),
+        (
+            "tokenizer.ggml.token_type".into(),
+            Value::Array(tokens.iter().map(|t| Value::I32(t.1)).collect()),
+        ),
+        ("tokenizer.ggml.eos_token_id".into(), u(1)),
+        ("tokenizer.ggml.unknown_token_id".into(), u(2)),
+        ("tokenizer.ggml.padding_token_id".into(), u(0)),
+        ("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)),
+        ("tokenizer.ggml.add_eos_token".into(), Value::Bool(false)),
+        (
+            "tokenizer.ggml.remove_extra_whitespaces".into(),
+            Value::Bool(remove_extra_whitespaces),
+        ),
+    ];
+    gguf::write(path, &metadata, &[])
+}

@@ -19,6 +19,7 @@ use crate::gguf::{GgufFile, Value};
 
 /// Token types of `tokenizer.ggml.token_type` (llama.cpp's `llama_token_type`).
 const TOKEN_TYPE_NORMAL: u64 = 1;
+const TOKEN_TYPE_UNKNOWN: u64 = 2;
 const TOKEN_TYPE_CONTROL: u64 = 3;
 const TOKEN_TYPE_USER_DEFINED: u64 = 4;
 
@@ -56,7 +57,8 @@ impl Tokenizer {
     }
 
     /// Builds the tokenizer that a GGUF file describes: the gpt2-style byte-level BPE with merges,
-    /// or SentencePiece's BPE with scores and byte fallback (`llama`, as Gemma and Llama 2 store it).
+    /// SentencePiece's BPE with scores and byte fallback (`llama`, as Gemma and Llama 2 store
+    /// it), or SentencePiece's Unigram (`t5`).
     pub fn from_gguf(file: &GgufFile) -> Result<Self> {
         let path = file.path().to_path_buf();
         let bad = |message: String| Error::Tokenizer {
@@ -67,10 +69,11 @@ impl Tokenizer {
             .get("tokenizer.ggml.model")
             .and_then(Value::as_str)
             .ok_or_else(|| bad("no `tokenizer.ggml.model` metadata".into()))?;
-        if !matches!(model, "gpt2" | "llama") {
+        if !matches!(model, "gpt2" | "llama" | "t5") {
             return Err(bad(format!(
-                "tokenizer model `{model}` is not supported yet (the byte-level BPE `gpt2` and \
-                 SentencePiece `llama` are); use a Hugging Face folder with tokenizer.json instead"
+                "tokenizer model `{model}` is not supported yet (the byte-level BPE `gpt2`, \
+                 SentencePiece BPE `llama` and SentencePiece Unigram `t5` are); use a Hugging \
+                 Face folder with tokenizer.json instead"
             )));
         }
         let tokens = string_array(file, "tokenizer.ggml.tokens").map_err(&bad)?;
@@ -88,10 +91,10 @@ impl Tokenizer {
                 tokens.len()
             )));
         }
-        let mut inner = if model == "llama" {
-            sentencepiece(file, &tokens, &types).map_err(&bad)?
-        } else {
-            byte_level_bpe(file, &tokens).map_err(&bad)?
+        let mut inner = match model {
+            "llama" => sentencepiece(file, &tokens, &types).map_err(&bad)?,
+            "t5" => unigram(file, &tokens, &types).map_err(&bad)?,
+            _ => byte_level_bpe(file, &tokens).map_err(&bad)?,
         };
         let special: Vec<AddedToken> = tokens
             .iter()
@@ -99,11 +102,13 @@ impl Tokenizer {
             .filter(|(_, t)| **t == TOKEN_TYPE_CONTROL)
             .map(|(s, _)| AddedToken::from(s.to_string(), true))
             .collect();
+        // llama.cpp splits a Unigram text at its user-defined tokens before normalizing each
+        // piece on its own (so each gets its own leading `▁`).
         let user: Vec<AddedToken> = tokens
             .iter()
             .zip(&types)
             .filter(|(_, t)| **t == TOKEN_TYPE_USER_DEFINED)
-            .map(|(s, _)| AddedToken::from(s.to_string(), false))
+            .map(|(s, _)| AddedToken::from(s.to_string(), false).normalized(model != "t5"))
             .collect();
         inner.add_special_tokens(&special);
         inner.add_tokens(&user);
@@ -505,6 +510,122 @@ fn sentencepiece(
         Fuse::default().into(),
     ];
     if space_prefix {
+        decoders.push(Strip::new(' ', 1, 0).into());
+    }
+    inner.with_decoder(Some(Decoders::new(decoders)));
+    Ok(inner)
+}
+
+/// A control or unknown token's entry in the Unigram model: text no input can contain (a NUL
+/// and the id), so the model never picks it for text; its own text is an added token.
+fn unmatchable(id: usize) -> String {
+    format!("\u{0}{id}")
+}
+
+/// SentencePiece's Unigram (`t5` in GGUF), as llama.cpp runs it: the text normalized (the
+/// `precompiled_charsmap` if the file has one; spaces escaped as `▁`; a `▁` before the text,
+/// or with `remove_extra_whitespaces` before every run of non-spaces, other spaces dropped),
+/// then the segmentation with the highest sum of scores (Viterbi), user-defined tokens scoring
+/// 0; a character no entry covers is the unknown token (`min score - 10`), and consecutive
+/// unknowns are one. No byte fallback.
+fn unigram(
+    file: &GgufFile,
+    tokens: &[&str],
+    types: &[u64],
+) -> Result<tokenizers::Tokenizer, String> {
+    use tokenizers::decoders::sequence::Sequence as Decoders;
+    use tokenizers::decoders::strip::Strip;
+    use tokenizers::models::unigram::Unigram;
+    use tokenizers::normalizers::precompiled::Precompiled;
+    use tokenizers::normalizers::replace::{Replace, ReplacePattern};
+    use tokenizers::normalizers::{NormalizerWrapper, Prepend, Sequence as Normalizers};
+
+    let scores: Vec<f64> = match file.get("tokenizer.ggml.scores").and_then(Value::as_array) {
+        Some(items) => items.iter().map(|v| v.as_f64().unwrap_or(0.0)).collect(),
+        None => return Err("no `tokenizer.ggml.scores` array in the metadata".into()),
+    };
+    if scores.len() != tokens.len() {
+        return Err(format!(
+            "{} scores for {} tokens",
+            scores.len(),
+            tokens.len()
+        ));
+    }
+    // The unknown score is the lowest normal token's less 10 (in llama.cpp and in the
+    // `tokenizers` model, which takes the lowest of all entries): no other entry goes lower.
+    let floor = scores
+        .iter()
+        .zip(types)
+        .filter(|(_, t)| **t == TOKEN_TYPE_NORMAL)
+        .map(|(s, _)| *s)
+        .fold(f64::INFINITY, f64::min);
+    let floor = if floor.is_finite() { floor } else { 0.0 };
+    let vocab: Vec<(String, f64)> = tokens
+        .iter()
+        .zip(types)
+        .zip(&scores)
+        .enumerate()
+        .map(|(id, ((token, &kind), &score))| match kind {
+            TOKEN_TYPE_CONTROL | TOKEN_TYPE_UNKNOWN => (unmatchable(id), floor),
+            TOKEN_TYPE_USER_DEFINED => (token.to_string(), 0.0),
+            _ => (token.to_string(), score.max(floor)),
+        })
+        .collect();
+    let unk = file
+        .get("tokenizer.ggml.unknown_token_id")
+        .and_then(Value::as_u64)
+        .map(|id| id as usize)
+        .or_else(|| types.iter().position(|&t| t == TOKEN_TYPE_UNKNOWN))
+        .filter(|&id| id < tokens.len())
+        .ok_or("the Unigram vocabulary names no unknown token")?;
+    let model = Unigram::from(vocab, Some(unk), false)
+        .map_err(|e| format!("building the Unigram model: {e}"))?;
+    let flag = |key: &str, default: bool| file.get(key).and_then(Value::as_bool).unwrap_or(default);
+    // llama.cpp's defaults for Unigram files that do not say.
+    let space_prefix = flag("tokenizer.ggml.add_space_prefix", false);
+    let merge_spaces = flag("tokenizer.ggml.remove_extra_whitespaces", false);
+    let replace = |pattern: ReplacePattern, to: &str| -> Result<NormalizerWrapper, String> {
+        Replace::new(pattern, to)
+            .map(Into::into)
+            .map_err(|e| format!("Unigram normalizer: {e}"))
+    };
+    let mut normalizers: Vec<NormalizerWrapper> = Vec::new();
+    if let Some(items) = file
+        .get("tokenizer.ggml.precompiled_charsmap")
+        .and_then(Value::as_array)
+    {
+        let bytes: Vec<u8> = items
+            .iter()
+            .map(|v| match *v {
+                Value::I8(b) => b as u8,
+                Value::U8(b) => b,
+                _ => 0,
+            })
+            .collect();
+        let charsmap = Precompiled::from(&bytes)
+            .map_err(|e| format!("tokenizer.ggml.precompiled_charsmap: {e}"))?;
+        normalizers.push(charsmap.into());
+    }
+    if merge_spaces {
+        // Only the space character counts, as in llama.cpp (not tabs or newlines).
+        normalizers.push(replace(ReplacePattern::Regex("^ +| +$".into()), "")?);
+        normalizers.push(replace(ReplacePattern::Regex(" +".into()), " ")?);
+    }
+    if merge_spaces || space_prefix {
+        normalizers.push(Prepend::new("\u{2581}".into()).into());
+    }
+    normalizers.push(replace(ReplacePattern::String(" ".into()), "\u{2581}")?);
+    let mut inner = tokenizers::Tokenizer::new(model);
+    inner.with_normalizer(Some(Normalizers::new(normalizers)));
+    let mut decoders: Vec<tokenizers::DecoderWrapper> = vec![
+        tokenizers::decoders::metaspace::Metaspace::new(
+            '\u{2581}',
+            tokenizers::decoders::metaspace::PrependScheme::Never,
+            false,
+        )
+        .into(),
+    ];
+    if merge_spaces || space_prefix {
         decoders.push(Strip::new(' ', 1, 0).into());
     }
     inner.with_decoder(Some(Decoders::new(decoders)));
