@@ -372,6 +372,36 @@ impl QuantMatrix {
         Ok(matrix)
     }
 
+    /// Builds a matrix from consecutive pieces of its rows in ggml's block layout (`(rows,
+    /// bytes)` each), converting each piece as it arrives: a large tensor (a big vocabulary's
+    /// head) never has its raw bytes and its repacked form in memory at once. The pieces stay
+    /// parts of the matrix, as a mixed stack's do.
+    pub fn from_ggml_pieces(
+        format: WeightFormat,
+        cols: usize,
+        pieces: impl IntoIterator<Item = (usize, Vec<u8>)>,
+    ) -> Result<Self> {
+        let mut parts = Vec::new();
+        for (rows, bytes) in pieces {
+            parts.push(QuantMatrix::from_ggml(format, rows, cols, &bytes)?);
+        }
+        if parts.len() <= 1 {
+            return parts.pop().ok_or(Error::Shape {
+                what: "pieces of a matrix",
+                expected: 1,
+                actual: 0,
+            });
+        }
+        Ok(QuantMatrix {
+            format: parts[0].format,
+            q8_acts: parts.iter().any(|p| p.q8_acts),
+            fine: parts.iter().any(|p| p.fine),
+            rows: parts.iter().map(|p| p.rows).sum(),
+            cols,
+            storage: Storage::Parts(parts),
+        })
+    }
+
     /// Quantizes (or converts) an `f32` matrix, `rows * cols` values row-major.
     ///
     /// K-quant formats are produced only by llama.cpp's converter; asking for one here gives

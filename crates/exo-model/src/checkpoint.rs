@@ -486,6 +486,72 @@ impl Checkpoint {
         Ok(tensor)
     }
 
+    /// Rows `rows` of a matrix as stored, when the checkpoint can read them alone: a GGUF tensor
+    /// stored whole and in Hugging Face's row order (not a part of a fused matrix or of a stack
+    /// of experts, not a Llama q/k matrix whose rows llama.cpp interleaved). `None` otherwise:
+    /// read it whole with [`Checkpoint::stored_tensor`]. Checked as that checks a tensor.
+    pub fn stored_rows(&self, id: TensorId, rows: Range<usize>) -> Result<Option<StoredTensor>> {
+        let Source::Gguf(file) = &self.source else {
+            return Ok(None);
+        };
+        let permuted = self.config.model_type == "llama"
+            && matches!(
+                id,
+                TensorId::Layer {
+                    part: LayerPart::Q | LayerPart::QBias | LayerPart::K | LayerPart::KBias,
+                    ..
+                }
+            );
+        if permuted || self.fused(id).is_some() || self.stacked_expert(id).is_some() {
+            return Ok(None);
+        }
+        let name = self.file_name(id);
+        let info = file.tensor(&name).ok_or_else(|| Error::MissingTensor {
+            path: self.path.clone(),
+            name: name.clone(),
+        })?;
+        let expected = self.expected_stored_shape(id);
+        self.check_shape(&name, &expected, &info.shape)?;
+        let total = expected.first().copied().unwrap_or(0);
+        if rows.start > rows.end || rows.end > total || expected.len() != 2 {
+            return Err(Error::ShapeMismatch {
+                path: self.path.clone(),
+                name,
+                expected: vec![total],
+                actual: vec![rows.start, rows.end],
+            });
+        }
+        let row_bytes = info.len / total.max(1);
+        let bytes = file.read_tensor_part(info, rows.start * row_bytes, rows.len() * row_bytes)?;
+        if let Some(bad) = first_non_finite(info.dtype, &bytes) {
+            // Counted from the tensor's start, not this piece's.
+            let elements = rows.start * expected[1];
+            let before = if bad.field.starts_with("value") {
+                elements
+            } else {
+                elements / info.dtype.block_elems().max(1)
+            };
+            return Err(Error::NonFinite {
+                path: self.path.clone(),
+                name,
+                field: bad.field,
+                index: before + bad.index,
+            });
+        }
+        {
+            let mut reads = self.reads.lock().unwrap_or_else(|p| p.into_inner());
+            if rows.start == 0 {
+                reads.tensors.push(name);
+            }
+            reads.bytes += bytes.len() as u64;
+        }
+        Ok(Some(StoredTensor {
+            dtype: info.dtype,
+            shape: vec![rows.len(), expected[1]],
+            bytes,
+        }))
+    }
+
     /// Reads one tensor, decoded to `f32` and in Hugging Face layout, and checks its shape.
     pub fn tensor(&self, id: TensorId) -> Result<HostTensor> {
         let stored = self.stored_tensor(id)?;

@@ -142,8 +142,8 @@ impl Rope {
     }
 }
 
-/// Rotary tables `[max_positions, head_dim / 2]`: cosines and sines of each position's angles.
-#[derive(Clone, Debug)]
+/// Rotary tables `[positions, head_dim / 2]`: cosines and sines of each position's angles.
+#[derive(Clone, Debug, Default)]
 pub(crate) struct RopeTables {
     pub(crate) cos: Vec<f32>,
     pub(crate) sin: Vec<f32>,
@@ -161,13 +161,39 @@ impl RopeTables {
     }
 }
 
-/// Rotary tables of base `theta` for every position the configuration allows, with llama3
-/// frequency scaling when the configuration asks for it and linear scaling (positions divided
-/// by `linear`) when given. Angles are computed in f32, as the reference implementation does.
+impl RopeTables {
+    /// Replaces the rows with those of `positions`, in order (row `i` for the `i`-th position),
+    /// from the frequencies of [`rope_frequencies`]: one step's rows, computed as the whole
+    /// table would compute them.
+    pub(crate) fn fill(&mut self, inv_freq: &[f32], positions: impl Iterator<Item = usize>) {
+        self.half = inv_freq.len();
+        self.cos.clear();
+        self.sin.clear();
+        for pos in positions {
+            for f in inv_freq {
+                let angle = pos as f32 * f;
+                self.cos.push(angle.cos());
+                self.sin.push(angle.sin());
+            }
+        }
+    }
+}
+
+/// Rotary tables of base `theta` for every position the configuration allows (see
+/// [`rope_frequencies`]). Angles are computed in f32, as the reference implementation does.
 pub(crate) fn rope_tables(config: &ModelConfig, theta: f64, linear: Option<f64>) -> RopeTables {
-    let dim = config.head_dim;
     let max = config.max_position_embeddings.max(1);
-    let inv_freq: Vec<f32> = (0..dim / 2)
+    let mut tables = RopeTables::default();
+    tables.fill(&rope_frequencies(config, theta, linear), 0..max);
+    tables
+}
+
+/// The rotary frequencies of base `theta` (`head_dim / 2` of them), with llama3 frequency
+/// scaling when the configuration asks for it, Llama 3.x GGUF's per-frequency divisors, and
+/// linear scaling (positions divided by `linear`) when given.
+pub(crate) fn rope_frequencies(config: &ModelConfig, theta: f64, linear: Option<f64>) -> Vec<f32> {
+    let dim = config.head_dim;
+    (0..dim / 2)
         .map(|i| {
             // Llama 3.x GGUF files divide each frequency by its own factor.
             let factor = config
@@ -198,21 +224,7 @@ pub(crate) fn rope_tables(config: &ModelConfig, theta: f64, linear: Option<f64>)
             }
         })
         .map(|f| f as f32)
-        .collect();
-    let mut cos = Vec::with_capacity(max * dim / 2);
-    let mut sin = Vec::with_capacity(max * dim / 2);
-    for pos in 0..max {
-        for f in &inv_freq {
-            let angle = pos as f32 * f;
-            cos.push(angle.cos());
-            sin.push(angle.sin());
-        }
-    }
-    RopeTables {
-        cos,
-        sin,
-        half: dim / 2,
-    }
+        .collect()
 }
 
 /// Grouped-query self-attention.

@@ -7,7 +7,7 @@ use exo_kernels::{QuantMatrix, QuantizedActs, WeightFormat, matmul};
 use exo_model::{Activation, Checkpoint, DType, LayerPart, ShardSpec, StoredTensor, TensorId};
 
 use crate::error::{Error, Result};
-use crate::layers::{RopeTables, rope_tables};
+use crate::layers::{RopeTables, rope_frequencies};
 
 /// How weights are held in memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -49,19 +49,7 @@ fn kernel_error(e: exo_kernels::Error) -> Error {
 /// Turns a stored tensor into a kernel matrix in the format `weights` asks for.
 fn matrix(stored: StoredTensor, weights: Weights) -> Result<QuantMatrix> {
     let (rows, cols) = (stored.shape[0], stored.shape.get(1).copied().unwrap_or(1));
-    let native = match stored.dtype {
-        DType::F32 => Some(WeightFormat::F32),
-        DType::F16 => Some(WeightFormat::F16),
-        DType::BF16 => Some(WeightFormat::BF16),
-        DType::Q8_0 => Some(WeightFormat::Q8_0),
-        DType::Q4_0 => Some(WeightFormat::Q4_0),
-        DType::Q4_1 => Some(WeightFormat::Q4_1),
-        DType::Q4K => Some(WeightFormat::Q4K),
-        DType::Q5K => Some(WeightFormat::Q5K),
-        DType::Q6K => Some(WeightFormat::Q6K),
-        DType::Q5_0 => Some(WeightFormat::Q5_0),
-        DType::Q5_1 => Some(WeightFormat::Q5_1),
-    };
+    let native = native_format(stored.dtype);
     match (weights, native) {
         (Weights::Stored, Some(format)) => {
             QuantMatrix::from_ggml(format, rows, cols, &stored.bytes).map_err(kernel_error)
@@ -78,6 +66,68 @@ fn matrix(stored: StoredTensor, weights: Weights) -> Result<QuantMatrix> {
             QuantMatrix::from_f32(format, rows, cols, &values).map_err(kernel_error)
         }
     }
+}
+
+/// The format the kernels keep a stored type in as it is, if they have one.
+fn native_format(dtype: DType) -> Option<WeightFormat> {
+    match dtype {
+        DType::F32 => Some(WeightFormat::F32),
+        DType::F16 => Some(WeightFormat::F16),
+        DType::BF16 => Some(WeightFormat::BF16),
+        DType::Q8_0 => Some(WeightFormat::Q8_0),
+        DType::Q4_0 => Some(WeightFormat::Q4_0),
+        DType::Q4_1 => Some(WeightFormat::Q4_1),
+        DType::Q4K => Some(WeightFormat::Q4K),
+        DType::Q5K => Some(WeightFormat::Q5K),
+        DType::Q6K => Some(WeightFormat::Q6K),
+        DType::Q5_0 => Some(WeightFormat::Q5_0),
+        DType::Q5_1 => Some(WeightFormat::Q5_1),
+    }
+}
+
+/// Matrices above this many stored bytes are read and converted in pieces of about
+/// [`PIECE_BYTES`]: their raw bytes and their kernel form are never in memory together (a
+/// 262k-token head is 160 MiB).
+const PIECEWISE_ABOVE: u64 = 48 << 20;
+const PIECE_BYTES: usize = 16 << 20;
+
+/// Loads the matrix `id` as `weights` asks, a large stored one piece by piece where the
+/// checkpoint can read its rows alone.
+fn load_matrix(checkpoint: &Checkpoint, id: TensorId, weights: Weights) -> Result<QuantMatrix> {
+    let format = checkpoint.stored_dtype(id).and_then(native_format);
+    let large = checkpoint
+        .stored_bytes(id)
+        .is_some_and(|b| b > PIECEWISE_ABOVE);
+    if let (Weights::Stored, Some(format), true) = (weights, format, large) {
+        let shape = checkpoint.config().expected_shape(id);
+        let (rows, cols) = (shape[0], shape.get(1).copied().unwrap_or(1));
+        let total = checkpoint.stored_bytes(id).unwrap_or(0) as usize;
+        let per_piece = (PIECE_BYTES / (total / rows.max(1)).max(1)).max(1);
+        let mut failed = None;
+        let mut piecewise = true;
+        let pieces = (0..rows).step_by(per_piece).map_while(|start| {
+            let end = (start + per_piece).min(rows);
+            match checkpoint.stored_rows(id, start..end) {
+                Ok(Some(t)) => Some((end - start, t.bytes)),
+                Ok(None) => {
+                    piecewise = false;
+                    None
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    None
+                }
+            }
+        });
+        let built = QuantMatrix::from_ggml_pieces(format, cols, pieces);
+        if let Some(e) = failed {
+            return Err(e.into());
+        }
+        if piecewise {
+            return built.map_err(kernel_error);
+        }
+    }
+    matrix(checkpoint.stored_tensor(id)?, weights)
 }
 
 #[derive(Debug)]
@@ -128,10 +178,11 @@ pub(crate) struct NativeShard {
     /// The head's own matrix; `None` with `tied` uses the embedding.
     head: Option<QuantMatrix>,
     tied: bool,
-    /// Rotary tables of the global layers, and of the sliding-window layers where their base
-    /// differs.
-    rope: RopeTables,
-    local_rope: Option<RopeTables>,
+    /// Rotary frequencies of the global layers, and of the sliding-window layers where their
+    /// base differs (each step computes the rows of its positions: a table of every position
+    /// would take 64 MiB for Gemma 3's 32k context).
+    rope: Vec<f32>,
+    local_rope: Option<Vec<f32>>,
     activation: Activation,
     embedding_scale: Option<f32>,
     attention_scale: f32,
@@ -193,6 +244,9 @@ pub(crate) struct Scratch {
     routes: Vec<crate::moe::Route>,
     expert_in: Vec<f32>,
     expert_out: Vec<f32>,
+    /// The rotary rows of this step's positions (global, and local where it differs).
+    rope: RopeTables,
+    local_rope: RopeTables,
 }
 
 impl NativeCache {
@@ -242,7 +296,7 @@ impl NativeShard {
             }
             .into());
         }
-        let load = |id| -> Result<QuantMatrix> { matrix(checkpoint.stored_tensor(id)?, weights) };
+        let load = |id| load_matrix(checkpoint, id, weights);
         let vector = |id| -> Result<Vec<f32>> { Ok(checkpoint.tensor(id)?.data) };
         let embedding = spec
             .embedding
@@ -250,7 +304,7 @@ impl NativeShard {
             .transpose()?;
         let local_rope = config
             .local_rope_theta()
-            .map(|theta| rope_tables(config, theta, None));
+            .map(|theta| rope_frequencies(config, theta, None));
         let mut layers = Vec::with_capacity(spec.layers.len());
         for layer in spec.layers.clone() {
             let id = |part| TensorId::Layer { layer, part };
@@ -349,7 +403,7 @@ impl NativeShard {
             final_norm,
             head,
             tied,
-            rope: rope_tables(config, config.rope_theta, v.rope_linear_factor),
+            rope: rope_frequencies(config, config.rope_theta, v.rope_linear_factor),
             local_rope,
             activation: v.activation,
             embedding_scale: v.embedding_scale.map(|s| s as f32),
@@ -452,6 +506,11 @@ impl NativeShard {
         let (qd, kvd) = (h * hd, kvh * hd);
         let qkv_width = qd + 2 * kvd;
         let seq: usize = segments.iter().map(|g| g.rows).sum();
+        let positions = || segments.iter().flat_map(|g| g.start..g.start + g.rows);
+        s.rope.fill(&self.rope, positions());
+        if let Some(local) = &self.local_rope {
+            s.local_rope.fill(local, positions());
+        }
         for (l, layer) in self.layers.iter().enumerate() {
             rms_norm(x, &layer.attn_norm, self.eps, &mut s.xn);
             s.qkv.resize(seq * qkv_width, 0.0);
@@ -466,8 +525,8 @@ impl NativeShard {
                     vc.reserve(want - vc.len());
                 }
                 let rope = match (&self.local_rope, layer.local_rope) {
-                    (Some(local), true) => local,
-                    _ => &self.rope,
+                    (Some(_), true) => &s.local_rope,
+                    _ => &s.rope,
                 };
                 for t in 0..g.rows {
                     let row = &mut s.qkv[(first + t) * qkv_width..(first + t + 1) * qkv_width];
@@ -483,7 +542,7 @@ impl NativeShard {
                             rms_norm_in_place(head, kn, self.eps);
                         }
                     }
-                    let (cos, sin) = rope.row(g.start + t);
+                    let (cos, sin) = rope.row(first + t);
                     for head in row[..qd + kvd].chunks_exact_mut(hd) {
                         rotate(head, cos, sin);
                     }
