@@ -58,6 +58,18 @@ fn credential() -> Credential {
     Credential::new(key.derive(Credential::PURPOSE))
 }
 
+/// What the node serving `grpc` says it holds.
+fn node_status(rt: &tokio::runtime::Runtime, grpc: &str) -> exo_transport::NodeStatus {
+    rt.block_on(async {
+        ShardClient::connect(grpc, Some(&credential()), Limits::default())
+            .await
+            .unwrap()
+            .status()
+            .await
+            .unwrap()
+    })
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -95,16 +107,7 @@ fn three_nodes_answer_like_one_and_hold_only_their_layers() {
     let statuses: Vec<_> = cluster
         .nodes
         .iter()
-        .map(|n| {
-            rt.block_on(async {
-                ShardClient::connect(&n.grpc, Some(&credential()), Limits::default())
-                    .await
-                    .unwrap()
-                    .status()
-                    .await
-                    .unwrap()
-            })
-        })
+        .map(|n| node_status(&rt, &n.grpc))
         .collect();
     let mut layers: Vec<_> = statuses.iter().map(|s| s.layers).collect();
     layers.sort_by_key(|r| r.start);
@@ -442,17 +445,7 @@ fn stage_goes_mid_answer(what: &str, how: impl FnOnce(&mut std::process::Child))
         );
     }
     let rt = runtime();
-    let holds_layers = |grpc: &str| {
-        rt.block_on(async {
-            let status = ShardClient::connect(grpc, Some(&credential()), Limits::default())
-                .await
-                .unwrap()
-                .status()
-                .await
-                .unwrap();
-            !status.layers.is_empty()
-        })
-    };
+    let holds_layers = |grpc: &str| !node_status(&rt, grpc).layers.is_empty();
     let origin = nodes
         .iter()
         .find(|n| holds_layers(&n.grpc))
@@ -724,14 +717,7 @@ fn a_mixture_of_experts_split_over_two_nodes_answers_like_one_and_each_holds_onl
     let rt = runtime();
     wait_until_idle(&rt, &cluster);
     for node in &cluster.nodes {
-        let status = rt.block_on(async {
-            ShardClient::connect(&node.grpc, Some(&credential()), Limits::default())
-                .await
-                .unwrap()
-                .status()
-                .await
-                .unwrap()
-        });
+        let status = node_status(&rt, &node.grpc);
         let (rss, peak) = node.memory();
         let mib = |b: u64| b as f64 / 1048576.0;
         eprintln!(

@@ -253,9 +253,9 @@ fn x86_rows<const R: usize, const T: usize>(
     Some(unsafe { x86::int_rows_avx2::<R, T>(&r, x, xsum, nb, kind) })
 }
 
-/// Rows `row..row + R` of a Q4_0, Q4_1 or Q8_0 matrix that takes 8-bit activations against
-/// activation rows `t..t + T` with the AVX2 integer kernels (on either x86 path: AVX-512 CPUs
-/// have AVX2); zeros for other formats, which callers do not pass.
+/// Rows `row..row + R` of a Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0 matrix that takes 8-bit activations
+/// against activation rows `t..t + T` with the AVX2 integer kernels (on either x86 path: AVX-512
+/// CPUs have AVX2); zeros for other formats, which callers do not pass.
 #[cfg(target_arch = "x86_64")]
 fn int_q8_rows<const R: usize, const T: usize>(
     w: &QuantMatrix,
@@ -263,38 +263,67 @@ fn int_q8_rows<const R: usize, const T: usize>(
     a: &QuantizedActs,
     t: usize,
 ) -> [[f32; T]; R] {
+    use x86_q8::{Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, int_q8};
     let nb = w.cols / 32;
-    let Some((wd, wm, wq, kind)) = int_rows(w, row, R) else {
-        return [[0.0; T]; R];
-    };
-    let rows = x86_q8::IntRows {
-        wd,
-        wm,
-        wq,
-        wh: &[],
+    let (rows, kind) = match &w.storage {
+        Storage::Q5 { d, m, qh, q } => {
+            let blocks = row * nb..(row + R) * nb;
+            let rows = x86_q8::IntRows {
+                wd: &d[blocks.clone()],
+                wm: if m.is_empty() {
+                    &[]
+                } else {
+                    &m[blocks.clone()]
+                },
+                wq: &q[row * nb * 16..(row + R) * nb * 16],
+                wh: &qh[blocks],
+            };
+            (rows, if m.is_empty() { Q5_0 } else { Q5_1 })
+        }
+        _ => {
+            let Some((wd, wm, wq, kind)) = int_rows(w, row, R) else {
+                return [[0.0; T]; R];
+            };
+            let kind = match kind {
+                BlockKind::Q4 { offset: true } => Q4_0,
+                BlockKind::Q4 { offset: false } => Q4_1,
+                BlockKind::Q8 => Q8_0,
+            };
+            (
+                x86_q8::IntRows {
+                    wd,
+                    wm,
+                    wq,
+                    wh: &[],
+                },
+                kind,
+            )
+        }
     };
     let acts = std::array::from_fn(|k| q8_row(a, t + k, nb, w.fine));
     // SAFETY: callers reach this only on an x86 path checked as supported (both include AVX2
-    // and FMA); `rows` holds `R` whole rows and each activation row `nb` blocks (with the
-    // second plane where the matrix asks for it: `matmul_with` quantized so).
+    // and FMA); `rows` holds `R` whole rows (with their minimums for Q4_1 and Q5_1, and their
+    // fifth bits for Q5) and each activation row `nb` blocks (with the second plane where the
+    // matrix asks for it: `matmul_with` quantized so).
     unsafe {
-        use x86_q8::{Q4_0, Q4_1, Q8_0, int_q8};
         match (kind, w.fine) {
-            (BlockKind::Q4 { offset: true }, false) => int_q8::<R, T, false, Q4_0>(&rows, acts, nb),
-            (BlockKind::Q4 { offset: true }, true) => int_q8::<R, T, true, Q4_0>(&rows, acts, nb),
-            (BlockKind::Q4 { offset: false }, false) => {
-                int_q8::<R, T, false, Q4_1>(&rows, acts, nb)
-            }
-            (BlockKind::Q4 { offset: false }, true) => int_q8::<R, T, true, Q4_1>(&rows, acts, nb),
-            (BlockKind::Q8, false) => int_q8::<R, T, false, Q8_0>(&rows, acts, nb),
-            (BlockKind::Q8, true) => int_q8::<R, T, true, Q8_0>(&rows, acts, nb),
+            (Q4_0, false) => int_q8::<R, T, false, Q4_0>(&rows, acts, nb),
+            (Q4_0, true) => int_q8::<R, T, true, Q4_0>(&rows, acts, nb),
+            (Q4_1, false) => int_q8::<R, T, false, Q4_1>(&rows, acts, nb),
+            (Q4_1, true) => int_q8::<R, T, true, Q4_1>(&rows, acts, nb),
+            (Q5_0, false) => int_q8::<R, T, false, Q5_0>(&rows, acts, nb),
+            (Q5_0, true) => int_q8::<R, T, true, Q5_0>(&rows, acts, nb),
+            (Q5_1, false) => int_q8::<R, T, false, Q5_1>(&rows, acts, nb),
+            (Q5_1, true) => int_q8::<R, T, true, Q5_1>(&rows, acts, nb),
+            (_, false) => int_q8::<R, T, false, Q8_0>(&rows, acts, nb),
+            (_, true) => int_q8::<R, T, true, Q8_0>(&rows, acts, nb),
         }
     }
 }
 
 /// Rows `row..row + R` of a Q5_0 or Q5_1 matrix that takes 8-bit activations against
-/// activation rows `t..t + T` with the AVX2 integer kernel (on either x86 path: AVX-512 CPUs
-/// have AVX2); `None` for other formats, paths or f32 activations (the scalar code takes those).
+/// activation rows `t..t + T` with the AVX2 integer kernel ([`int_q8_rows`], on either x86
+/// path); `None` for other formats, paths or f32 activations (the scalar code takes those).
 #[cfg(target_arch = "x86_64")]
 fn q5_rows<const R: usize, const T: usize>(
     isa: Isa,
@@ -303,37 +332,11 @@ fn q5_rows<const R: usize, const T: usize>(
     a: &QuantizedActs,
     t: usize,
 ) -> Option<[[f32; T]; R]> {
-    let Storage::Q5 { d, m, qh, q } = &w.storage else {
-        return None;
-    };
-    if !matches!(isa, Isa::Avx2 | Isa::Avx512Vnni) || !takes_q8(w, a) {
+    let q5 = matches!(w.storage, Storage::Q5 { .. });
+    if !q5 || !matches!(isa, Isa::Avx2 | Isa::Avx512Vnni) || !takes_q8(w, a) {
         return None;
     }
-    let nb = w.cols / 32;
-    let blocks = row * nb..(row + R) * nb;
-    let rows = x86_q8::IntRows {
-        wd: &d[blocks.clone()],
-        wm: if m.is_empty() {
-            &[]
-        } else {
-            &m[blocks.clone()]
-        },
-        wq: &q[row * nb * 16..(row + R) * nb * 16],
-        wh: &qh[blocks],
-    };
-    let acts = std::array::from_fn(|k| q8_row(a, t + k, nb, w.fine));
-    // SAFETY: both x86 paths include AVX2 and FMA, and `isa` was checked as supported before
-    // dispatch; `rows` holds `R` whole rows (with their minimums for Q5_1 and their fifth
-    // bits) and each activation row `nb` blocks (the second plane too where the matrix asks).
-    Some(unsafe {
-        use x86_q8::{Q5_0, Q5_1, int_q8};
-        match (w.format == WeightFormat::Q5_1, w.fine) {
-            (false, false) => int_q8::<R, T, false, Q5_0>(&rows, acts, nb),
-            (false, true) => int_q8::<R, T, true, Q5_0>(&rows, acts, nb),
-            (true, false) => int_q8::<R, T, false, Q5_1>(&rows, acts, nb),
-            (true, true) => int_q8::<R, T, true, Q5_1>(&rows, acts, nb),
-        }
-    })
+    Some(int_q8_rows::<R, T>(w, row, a, t))
 }
 
 /// Rows `row..row + R` of a K-quant or 16-bit float matrix against activation rows

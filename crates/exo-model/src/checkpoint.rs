@@ -341,6 +341,53 @@ impl Checkpoint {
         })
     }
 
+    /// The one place every tensor's bytes pass on their way to a model (whole, or a piece
+    /// starting `before` elements into tensor `name`): NaN or infinite values and scales are
+    /// refused (a NaN scale or norm would otherwise load silently and turn every answer into
+    /// garbage), and the read is counted; a tensor is named in the read list by its first piece.
+    fn accept_read(&self, name: String, dtype: DType, bytes: &[u8], before: usize) -> Result<()> {
+        if let Some(bad) = first_non_finite(dtype, bytes) {
+            // Counted from the tensor's start, not the piece's.
+            let skipped = if bad.field.starts_with("value") {
+                before
+            } else {
+                before / dtype.block_elems().max(1)
+            };
+            return Err(Error::NonFinite {
+                path: self.path.clone(),
+                name,
+                field: bad.field,
+                index: skipped + bad.index,
+            });
+        }
+        let mut reads = self.reads.lock().unwrap_or_else(|p| p.into_inner());
+        if before == 0 {
+            reads.tensors.push(name);
+        }
+        reads.bytes += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// The heads whose rows llama.cpp's converter interleaved for its RoPE layout in this
+    /// checkpoint's tensor `id` (a Llama GGUF's q/k weights and biases), which the reader puts
+    /// back in Hugging Face's order; `None` for tensors stored in that order.
+    fn permuted_heads(&self, id: TensorId) -> Option<usize> {
+        if !matches!(self.source, Source::Gguf(_)) || self.config.model_type != "llama" {
+            return None;
+        }
+        match id {
+            TensorId::Layer {
+                part: LayerPart::Q | LayerPart::QBias,
+                ..
+            } => Some(self.config.num_heads),
+            TensorId::Layer {
+                part: LayerPart::K | LayerPart::KBias,
+                ..
+            } => Some(self.config.num_kv_heads),
+            _ => None,
+        }
+    }
+
     /// The expert of `id` when the checkpoint stores it in a stack of every expert of its
     /// layer (GGUF's `ffn_*_exps`); Hugging Face folders store each expert on its own.
     fn stacked_expert(&self, id: TensorId) -> Option<usize> {
@@ -433,41 +480,15 @@ impl Checkpoint {
             bytes = bytes[f.rows.start * row..f.rows.end * row].to_vec();
             shape[0] = f.rows.len();
         }
-        // The one place every tensor passes on its way to a model: a NaN scale or norm here
-        // would otherwise load silently and turn every answer into garbage.
-        if let Some(bad) = first_non_finite(dtype, &bytes) {
-            return Err(Error::NonFinite {
-                path: self.path.clone(),
-                name,
-                field: bad.field,
-                index: bad.index,
-            });
-        }
-        {
-            let mut reads = self.reads.lock().unwrap_or_else(|p| p.into_inner());
-            reads.tensors.push(name);
-            reads.bytes += bytes.len() as u64;
-        }
+        self.accept_read(name, dtype, &bytes, 0)?;
         let mut tensor = StoredTensor {
             dtype,
             shape,
             bytes,
         };
-        if matches!(self.source, Source::Gguf(_)) && self.config.model_type == "llama" {
-            // llama.cpp's converter interleaves the rows of each q/k head for its RoPE layout;
-            // undo it so that every format reaches the model in Hugging Face's layout. Rows are
-            // whole blocks, so this works on quantized data too.
-            match id {
-                TensorId::Layer {
-                    part: LayerPart::Q | LayerPart::QBias,
-                    ..
-                } => unpermute_rows(&mut tensor, self.config.num_heads),
-                TensorId::Layer {
-                    part: LayerPart::K | LayerPart::KBias,
-                    ..
-                } => unpermute_rows(&mut tensor, self.config.num_kv_heads),
-                _ => {}
-            }
+        if let Some(heads) = self.permuted_heads(id) {
+            // Rows are whole blocks, so this works on quantized data too.
+            unpermute_rows(&mut tensor, heads);
         }
         if matches!(self.source, Source::Safetensors(_))
             && self.config.variant.sandwich_norms
@@ -494,14 +515,7 @@ impl Checkpoint {
         let Source::Gguf(file) = &self.source else {
             return Ok(None);
         };
-        let permuted = self.config.model_type == "llama"
-            && matches!(
-                id,
-                TensorId::Layer {
-                    part: LayerPart::Q | LayerPart::QBias | LayerPart::K | LayerPart::KBias,
-                    ..
-                }
-            );
+        let permuted = self.permuted_heads(id).is_some();
         if permuted || self.fused(id).is_some() || self.stacked_expert(id).is_some() {
             return Ok(None);
         }
@@ -523,28 +537,7 @@ impl Checkpoint {
         }
         let row_bytes = info.len / total.max(1);
         let bytes = file.read_tensor_part(info, rows.start * row_bytes, rows.len() * row_bytes)?;
-        if let Some(bad) = first_non_finite(info.dtype, &bytes) {
-            // Counted from the tensor's start, not this piece's.
-            let elements = rows.start * expected[1];
-            let before = if bad.field.starts_with("value") {
-                elements
-            } else {
-                elements / info.dtype.block_elems().max(1)
-            };
-            return Err(Error::NonFinite {
-                path: self.path.clone(),
-                name,
-                field: bad.field,
-                index: before + bad.index,
-            });
-        }
-        {
-            let mut reads = self.reads.lock().unwrap_or_else(|p| p.into_inner());
-            if rows.start == 0 {
-                reads.tensors.push(name);
-            }
-            reads.bytes += bytes.len() as u64;
-        }
+        self.accept_read(name, info.dtype, &bytes, rows.start * expected[1])?;
         Ok(Some(StoredTensor {
             dtype: info.dtype,
             shape: vec![rows.len(), expected[1]],

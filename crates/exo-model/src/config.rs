@@ -608,6 +608,17 @@ impl ModelConfig {
         self.hf_architecture().1
     }
 
+    /// The `general.architecture` of this model's GGUF file: llama.cpp names Gemma 3 and
+    /// Qwen3-MoE its own way, and reads Mistral and Mixtral as Llama (with experts).
+    pub fn gguf_architecture(&self) -> &str {
+        match self.model_type.as_str() {
+            "gemma3_text" => "gemma3",
+            "qwen3_moe" => "qwen3moe",
+            "mixtral" | "mistral" => "llama",
+            other => other,
+        }
+    }
+
     /// The Hugging Face class and `model_type` of this model.
     fn hf_architecture(&self) -> (&'static str, &'static str) {
         match self.model_type.as_str() {
@@ -796,6 +807,14 @@ impl ModelConfig {
 mod tests {
     use super::*;
 
+    /// The error parsing `text` (read from `path`) gives, as the user sees it; empty if none.
+    fn refusal(text: &str, path: &str) -> String {
+        ModelConfig::from_hf_json(text, Path::new(path))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    }
+
     const SMOL: &str = r#"{"architectures":["LlamaForCausalLM"],"model_type":"llama","vocab_size":49152,
       "hidden_size":576,"intermediate_size":1536,"num_hidden_layers":30,"num_attention_heads":9,
       "num_key_value_heads":3,"rms_norm_eps":1e-5,"rope_theta":100000,"tie_word_embeddings":true,
@@ -838,10 +857,7 @@ mod tests {
     #[test]
     fn a_missing_field_is_named_with_the_file() {
         let text = SMOL.replace(r#""hidden_size":576,"#, "");
-        let err = ModelConfig::from_hf_json(&text, Path::new("/m/config.json"))
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
+        let err = refusal(&text, "/m/config.json");
         assert!(err.contains("/m/config.json"), "{err}");
         assert!(err.contains("hidden_size"), "{err}");
     }
@@ -849,10 +865,7 @@ mod tests {
     #[test]
     fn inconsistent_heads_are_refused() {
         let text = SMOL.replace(r#""num_key_value_heads":3"#, r#""num_key_value_heads":4"#);
-        let err = ModelConfig::from_hf_json(&text, Path::new("config.json"))
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
+        let err = refusal(&text, "config.json");
         assert!(err.contains("not a multiple"), "{err}");
     }
 
@@ -907,26 +920,17 @@ mod tests {
     #[test]
     fn dense_layers_among_experts_and_shared_experts_are_refused_by_name() {
         let dense = QWEN3_MOE.replace(r#""mlp_only_layers":[]"#, r#""mlp_only_layers":[0]"#);
-        let err = ModelConfig::from_hf_json(&dense, Path::new("config.json"))
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
+        let err = refusal(&dense, "config.json");
         assert!(err.contains("mlp_only_layers"), "{err}");
         let shared = QWEN3_MOE.replace(
             r#""num_experts":128"#,
             r#""num_experts":128,"shared_expert_intermediate_size":5632"#,
         );
-        let err = ModelConfig::from_hf_json(&shared, Path::new("config.json"))
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
+        let err = refusal(&shared, "config.json");
         assert!(err.contains("shared experts"), "{err}");
         let too_many =
             QWEN3_MOE.replace(r#""num_experts_per_tok":8"#, r#""num_experts_per_tok":200"#);
-        let err = ModelConfig::from_hf_json(&too_many, Path::new("config.json"))
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
+        let err = refusal(&too_many, "config.json");
         assert!(err.contains("experts per token"), "{err}");
     }
 }

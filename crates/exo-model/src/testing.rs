@@ -145,15 +145,8 @@ pub fn write_gguf_typed(
     seed: u64,
     dtype: &dyn Fn(TensorId) -> DType,
 ) -> Result<()> {
-    // The GGUF architecture of the configuration's family; only llama's converter permutes
-    // the q/k rows for its rotary layout.
-    let family = match config.model_type.as_str() {
-        "gemma3_text" => "gemma3",
-        "qwen3_moe" => "qwen3moe",
-        // llama.cpp reads Mixtral as a Llama with experts.
-        "mixtral" | "mistral" => "llama",
-        other => other,
-    };
+    // Only llama's converter permutes the q/k rows for its rotary layout.
+    let family = config.gguf_architecture();
     let mut tensors = Vec::new();
     for (id, (shape, mut data)) in random_tensors(config, seed) {
         if let TensorId::Layer { part, .. } = id
@@ -558,13 +551,7 @@ fn write_synthetic(
     matrices: DType,
 ) -> Result<()> {
     let source = gguf::GgufFile::open(tokenizer_from)?;
-    let family = match config.model_type.as_str() {
-        "gemma3_text" => "gemma3",
-        "qwen3_moe" => "qwen3moe",
-        // llama.cpp reads Mixtral as a Llama with experts.
-        "mixtral" | "mistral" => "llama",
-        other => other,
-    };
+    let family = config.gguf_architecture();
     let arch = |k: &str| format!("{family}.{k}");
     let u = |v: usize| Value::U32(v as u32);
     let mut metadata = vec![

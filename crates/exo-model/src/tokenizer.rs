@@ -440,17 +440,7 @@ fn sentencepiece(
     use tokenizers::decoders::strip::Strip;
     use tokenizers::normalizers::{Prepend, Replace, Sequence as Normalizers};
 
-    let scores: Vec<f64> = match file.get("tokenizer.ggml.scores").and_then(Value::as_array) {
-        Some(items) => items.iter().map(|v| v.as_f64().unwrap_or(0.0)).collect(),
-        None => return Err("no `tokenizer.ggml.scores` array in the metadata".into()),
-    };
-    if scores.len() != tokens.len() {
-        return Err(format!(
-            "{} scores for {} tokens",
-            scores.len(),
-            tokens.len()
-        ));
-    }
+    let scores = scores(file, tokens.len())?;
     let mut vocab = tokenizers::models::bpe::Vocab::with_capacity(tokens.len());
     for (id, token) in tokens.iter().enumerate() {
         vocab.entry(token.to_string()).or_insert(id as u32);
@@ -540,17 +530,7 @@ fn unigram(
     use tokenizers::normalizers::replace::{Replace, ReplacePattern};
     use tokenizers::normalizers::{NormalizerWrapper, Prepend, Sequence as Normalizers};
 
-    let scores: Vec<f64> = match file.get("tokenizer.ggml.scores").and_then(Value::as_array) {
-        Some(items) => items.iter().map(|v| v.as_f64().unwrap_or(0.0)).collect(),
-        None => return Err("no `tokenizer.ggml.scores` array in the metadata".into()),
-    };
-    if scores.len() != tokens.len() {
-        return Err(format!(
-            "{} scores for {} tokens",
-            scores.len(),
-            tokens.len()
-        ));
-    }
+    let scores = scores(file, tokens.len())?;
     // The unknown score is the lowest normal token's less 10 (in llama.cpp and in the
     // `tokenizers` model, which takes the lowest of all entries): no other entry goes lower.
     let floor = scores
@@ -630,6 +610,18 @@ fn unigram(
     }
     inner.with_decoder(Some(Decoders::new(decoders)));
     Ok(inner)
+}
+
+/// The SentencePiece scores of the file's `tokens` tokens, one each.
+fn scores(file: &GgufFile, tokens: usize) -> Result<Vec<f64>, String> {
+    let scores: Vec<f64> = match file.get("tokenizer.ggml.scores").and_then(Value::as_array) {
+        Some(items) => items.iter().map(|v| v.as_f64().unwrap_or(0.0)).collect(),
+        None => return Err("no `tokenizer.ggml.scores` array in the metadata".into()),
+    };
+    if scores.len() != tokens {
+        return Err(format!("{} scores for {tokens} tokens", scores.len()));
+    }
+    Ok(scores)
 }
 
 fn string_array<'a>(file: &'a GgufFile, key: &str) -> Result<Vec<&'a str>, String> {

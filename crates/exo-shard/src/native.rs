@@ -95,14 +95,12 @@ const PIECE_BYTES: usize = 16 << 20;
 /// checkpoint can read its rows alone.
 fn load_matrix(checkpoint: &Checkpoint, id: TensorId, weights: Weights) -> Result<QuantMatrix> {
     let format = checkpoint.stored_dtype(id).and_then(native_format);
-    let large = checkpoint
-        .stored_bytes(id)
-        .is_some_and(|b| b > PIECEWISE_ABOVE);
-    if let (Weights::Stored, Some(format), true) = (weights, format, large) {
+    let total = checkpoint.stored_bytes(id).unwrap_or(0);
+    if let (Weights::Stored, Some(format), true) = (weights, format, total > PIECEWISE_ABOVE) {
         let shape = checkpoint.config().expected_shape(id);
         let (rows, cols) = (shape[0], shape.get(1).copied().unwrap_or(1));
-        let total = checkpoint.stored_bytes(id).unwrap_or(0) as usize;
-        let per_piece = (PIECE_BYTES / (total / rows.max(1)).max(1)).max(1);
+        let row_bytes = total as usize / rows.max(1);
+        let per_piece = (PIECE_BYTES / row_bytes.max(1)).max(1);
         let mut failed = None;
         let mut piecewise = true;
         let pieces = (0..rows).step_by(per_piece).map_while(|start| {
@@ -353,13 +351,12 @@ impl NativeShard {
                         .collect::<Result<Vec<_>>>()?;
                     // The router picks the experts: it keeps its stored precision (f32 in
                     // llama.cpp's files) rather than a coarser format asked for the rest.
-                    let stored = checkpoint.stored_tensor(id(LayerPart::Router))?;
                     let keep = match weights {
                         Weights::Quantize(_) => Weights::Quantize(WeightFormat::F32),
                         other => other,
                     };
                     let router = Router {
-                        matrix: matrix(stored, keep)?,
+                        matrix: load_matrix(checkpoint, id(LayerPart::Router), keep)?,
                         per_token: moe.experts_per_token,
                         normalize: moe.normalize,
                     };

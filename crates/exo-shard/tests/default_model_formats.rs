@@ -7,6 +7,9 @@
 
 use std::path::{Path, PathBuf};
 
+mod common;
+use common::top5;
+
 use exo_model::testing::write_converted_gguf;
 use exo_model::{Checkpoint, DType, ShardSpec, ensure_default_model, exo_home};
 use exo_shard::{BackendKind, LlamaShard, Weights, forward_tokens};
@@ -22,13 +25,6 @@ fn first_logits(path: &Path, weights: Weights, prompt: &[u32]) -> Vec<f32> {
     let shard = LlamaShard::load_with(&checkpoint, &whole, &device, weights).unwrap();
     let mut caches = vec![shard.new_cache()];
     forward_tokens(&[shard], prompt, &mut caches).unwrap()
-}
-
-fn top5(logits: &[f32]) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..logits.len()).collect();
-    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-    order.truncate(5);
-    order
 }
 
 /// Q4_K_M's choice, roughly: Q6_K for the embedding and for v and down in every other layer.

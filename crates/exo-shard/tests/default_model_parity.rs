@@ -8,6 +8,9 @@
 
 use std::path::{Path, PathBuf};
 
+mod common;
+use common::top5;
+
 use exo_model::{Checkpoint, ExportDtype, ShardSpec, ensure_default_model, exo_home, export_hf};
 use exo_shard::{
     BackendKind, GenerateRequest, LlamaShard, SamplingParams, forward_tokens, generate,
@@ -36,9 +39,8 @@ fn check_parity(path: &Path) {
     let mut caches = vec![shard.new_cache()];
     let stages = [shard];
     let logits = forward_tokens(&stages, &prompt, &mut caches).unwrap();
-    let mut order: Vec<usize> = (0..logits.len()).collect();
-    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-    let top5: Vec<u32> = order[..5].iter().map(|&i| i as u32).collect();
+    let order = top5(&logits);
+    let top5: Vec<u32> = order.iter().map(|&i| i as u32).collect();
     assert_eq!(
         top5,
         ids(&golden["first_pos_top5_ids"]),
@@ -115,13 +117,6 @@ fn first_logits(weights: exo_shard::Weights) -> Vec<f32> {
     let shard = LlamaShard::load_with(&checkpoint, &whole, &device, weights).unwrap();
     let mut caches = vec![shard.new_cache()];
     forward_tokens(&[shard], &ids(&golden()["input_ids"]), &mut caches).unwrap()
-}
-
-fn top5(logits: &[f32]) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..logits.len()).collect();
-    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-    order.truncate(5);
-    order
 }
 
 #[test]

@@ -7,6 +7,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use exo_model::testing::{tiny_config, write_gguf};
 use exo_model::{Activation, Checkpoint, ExportDtype, ModelConfig, ShardSpec, Variant, export_hf};
 use exo_shard::{BackendKind, KvCache, LlamaShard, Weights, forward_tokens};
@@ -335,9 +337,7 @@ fn a_mixture_of_experts_keeps_its_experts_quantized_and_answers_close_to_f32() {
     let quantized = logits(&q4k_file, Weights::Stored, &prompt, &steps);
     let mut worst = 0f32;
     for (position, (want, got)) in reference.iter().zip(&quantized).enumerate() {
-        let mut top: Vec<usize> = (0..want.len()).collect();
-        top.sort_by(|&a, &b| want[b].total_cmp(&want[a]));
-        for &t in &top[..5] {
+        for t in common::top5(want) {
             let d = (want[t] - got[t]).abs();
             worst = worst.max(d);
             assert!(

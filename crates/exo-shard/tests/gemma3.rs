@@ -13,6 +13,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+mod common;
+use common::top5;
+
 use exo_model::testing::write_dequantized_gguf;
 use exo_model::{Checkpoint, GEMMA3_270M, ShardSpec, ensure_packaged_model, exo_home};
 use exo_shard::{
@@ -91,13 +94,6 @@ fn greedy(checkpoint: &Checkpoint, stages: &[LlamaShard], prompt: Vec<u32>) -> V
     )
     .unwrap()
     .ids
-}
-
-fn top5(logits: &[f32]) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..logits.len()).collect();
-    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-    order.truncate(5);
-    order
 }
 
 #[test]
