@@ -12,9 +12,7 @@ mod common;
 use common::top5;
 
 use exo_model::{Checkpoint, ExportDtype, ShardSpec, ensure_default_model, exo_home, export_hf};
-use exo_shard::{
-    BackendKind, GenerateRequest, LlamaShard, SamplingParams, forward_tokens, generate,
-};
+use exo_shard::{BackendKind, LlamaShard, forward_tokens};
 
 fn golden() -> serde_json::Value {
     let path =
@@ -32,7 +30,6 @@ fn check_parity(path: &Path) {
     let device = BackendKind::Flex.device().unwrap();
     let whole = ShardSpec::whole(checkpoint.config().num_layers);
     let shard = LlamaShard::load(&checkpoint, &whole, &device).unwrap();
-    let tokenizer = checkpoint.tokenizer().unwrap();
     let prompt = ids(&golden["input_ids"]);
 
     // First generated position: top-5 ids and logits.
@@ -58,21 +55,7 @@ fn check_parity(path: &Path) {
     }
 
     // 32 greedy tokens, EOS ignored.
-    let request = GenerateRequest {
-        prompt_ids: prompt,
-        max_tokens: 32,
-        sampling: SamplingParams::greedy(),
-        stop: vec![],
-        ignore_eos: true,
-    };
-    let out = generate(
-        &stages,
-        &tokenizer,
-        &checkpoint.config().eos_token_ids,
-        &request,
-        &mut |_| {},
-    )
-    .unwrap();
+    let out = common::greedy_32(&checkpoint, &stages, prompt);
     assert_eq!(
         out.ids,
         ids(&golden["greedy_f32_ids"]),

@@ -18,10 +18,7 @@ use common::top5;
 
 use exo_model::testing::write_dequantized_gguf;
 use exo_model::{Checkpoint, GEMMA3_270M, ShardSpec, ensure_packaged_model, exo_home};
-use exo_shard::{
-    BackendKind, GenerateRequest, LlamaShard, SamplingParams, WeightFormat, Weights,
-    forward_tokens, generate,
-};
+use exo_shard::{BackendKind, LlamaShard, WeightFormat, Weights, forward_tokens};
 
 fn fixture() -> serde_json::Value {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gemma3-270m.json");
@@ -77,23 +74,7 @@ fn stages(path: &Path, weights: Weights, splits: &[usize]) -> (Checkpoint, Vec<L
 }
 
 fn greedy(checkpoint: &Checkpoint, stages: &[LlamaShard], prompt: Vec<u32>) -> Vec<u32> {
-    let request = GenerateRequest {
-        prompt_ids: prompt,
-        max_tokens: 32,
-        sampling: SamplingParams::greedy(),
-        stop: vec![],
-        ignore_eos: true,
-    };
-    let tokenizer = checkpoint.tokenizer().unwrap();
-    generate(
-        stages,
-        &tokenizer,
-        &checkpoint.config().eos_token_ids,
-        &request,
-        &mut |_| {},
-    )
-    .unwrap()
-    .ids
+    common::greedy_32(checkpoint, stages, prompt).ids
 }
 
 #[test]
