@@ -441,6 +441,21 @@ fn large_shapes_split_across_threads_agree() {
 }
 
 #[test]
+fn eight_token_tiles_and_their_remainders_equal_the_scalar_reference() {
+    // Prefill and batches of eight tokens or more take AVX2's one-row-by-eight-tokens kernel
+    // for Q4_0, Q4_1 and Q8_0 on f32 activations (and two-plane Q4_1, which takes f32
+    // activations for four tokens or more); the tokens after the last eight take the 2 x 4 and
+    // single-token kernels. Rows that do not fill a group of four take the single-row path.
+    for format in [WeightFormat::Q4_0, WeightFormat::Q4_1, WeightFormat::Q8_0] {
+        for acts in [0, 2] {
+            for (rows, n) in [(8, 8), (12, 9), (7, 16), (20, 19)] {
+                check(format, acts, rows, 5, n, 41 + n as u64);
+            }
+        }
+    }
+}
+
+#[test]
 fn q8_0_weights_from_ggml_bytes_decode_like_the_format_says() {
     // One block: scale 0.5 (f16 0x3800), quants 0..31.
     let mut bytes = vec![0x00, 0x38];
