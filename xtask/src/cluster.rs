@@ -346,18 +346,20 @@ pub(crate) struct Streams {
     pub(crate) gaps: Vec<f64>,
 }
 
-/// `streams` concurrent streaming requests (stream `i` asks [`question`]`(offset + i)`).
-pub(crate) fn concurrent_streams(
-    api: &str,
-    streams: usize,
-    max_tokens: usize,
-    offset: usize,
-) -> Result<Streams> {
+/// Questions asked so far in this run: every request asks a new one, so that no server's
+/// prompt cache answers a prompt it saw before (llama-server keeps each slot's last prompt,
+/// and reused prompts made its time to first token look ten times shorter than its prefill).
+static ASKED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// `streams` concurrent streaming requests, each asking a [`question`] not asked before in
+/// this run.
+pub(crate) fn concurrent_streams(api: &str, streams: usize, max_tokens: usize) -> Result<Streams> {
     let started = Instant::now();
     let handles: Vec<_> = (0..streams)
-        .map(|i| {
+        .map(|_| {
             let api = api.to_owned();
-            std::thread::spawn(move || stream_once(&api, max_tokens, &question(offset + i)))
+            let i = ASKED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            std::thread::spawn(move || stream_once(&api, max_tokens, &question(i)))
         })
         .collect();
     let mut out = Streams {

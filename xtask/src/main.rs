@@ -862,15 +862,15 @@ fn api_tables(
             api
         };
         // A warm-up request, so that no row pays for first-touch page faults.
-        cluster::concurrent_streams(&api, 1, 8, 1000)?;
+        cluster::concurrent_streams(&api, 1, 8)?;
         let mut one = 0.0;
         for &streams in stream_counts {
             let mut rates = Vec::new();
             let (mut ttfts, mut gaps) = (Vec::new(), Vec::new());
             // At least 8 streams measured per row, so the percentiles mean something.
             let rounds = runs.max(8usize.div_ceil(streams));
-            for round in 0..rounds {
-                let r = cluster::concurrent_streams(&api, streams, max_tokens, round * streams)?;
+            for _ in 0..rounds {
+                let r = cluster::concurrent_streams(&api, streams, max_tokens)?;
                 rates.push(r.rate);
                 ttfts.extend(r.ttfts);
                 gaps.extend(r.gaps);
@@ -937,15 +937,15 @@ fn api_tables(
         let nodes = cluster::start(exe, model, layout, &["--max-concurrent", "16"])?;
         let api = nodes[0].api.clone();
         cluster::wait_ready(&api)?;
-        cluster::concurrent_streams(&api, 1, 8, 1000)?;
+        cluster::concurrent_streams(&api, 1, 8)?;
         for streams in [1usize, 8] {
             let mut rates = Vec::new();
             let (mut ttfts, mut gaps) = (Vec::new(), Vec::new());
             let rounds = runs
                 .max(8usize.div_ceil(streams))
                 .min(if quick { 2 } else { 8 });
-            for round in 0..rounds {
-                let r = cluster::concurrent_streams(&api, streams, max_tokens, round * streams)?;
+            for _ in 0..rounds {
+                let r = cluster::concurrent_streams(&api, streams, max_tokens)?;
                 rates.push(r.rate);
                 ttfts.extend(r.ttfts);
                 gaps.extend(r.gaps);
@@ -976,7 +976,7 @@ fn api_tables(
     let mut rss = Vec::new();
     let mut done = 0;
     while done < total {
-        cluster::concurrent_streams(&api, 8, 16, done)?;
+        cluster::concurrent_streams(&api, 8, 16)?;
         done += 8;
         if done == 8 || done == 104 || done >= total {
             rss.push((done, nodes[0].rss_mib()));

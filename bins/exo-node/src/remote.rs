@@ -117,6 +117,11 @@ pub(crate) fn status(endpoint: &str, cluster_key: Option<&str>) -> Result<()> {
             "activation_bytes_sent": s.activation_bytes_sent,
             "activation_frames_sent": s.activation_frames_sent,
             "activation_positions_sent": s.activation_positions_sent,
+            "steps_computed": s.steps_computed,
+            "positions_computed": s.positions_computed,
+            "compute_nanos": s.compute_nanos,
+            "decode_steps": s.decode_steps,
+            "decode_nanos": s.decode_nanos,
         })
     );
     Ok(())

@@ -38,9 +38,13 @@ pub(crate) struct ModelSource {
     pub(crate) memory_offered: Option<u64>,
 }
 
-/// Room left for keys and values once the weights are held, kept for the process and its
-/// buffers.
-const MEMORY_MARGIN: u64 = 64 << 20;
+/// What a node keeps of the memory it offers for the process and its buffers, not for keys
+/// and values: an eighth of the offer, between 16 and 64 MiB. (A fixed 64 MiB left a node
+/// offering 120 MiB for half of the default model no room for a second request's keys and
+/// values, so it served one request at a time.)
+fn memory_margin(offered: u64) -> u64 {
+    (offered / 8).clamp(16 << 20, 64 << 20)
+}
 
 /// The shard this node holds for one plan epoch.
 #[derive(Debug)]
@@ -406,7 +410,7 @@ impl Stages {
             step_rows: self.source.step_rows,
             stats: Arc::clone(&self.stats),
             kv_positions: self.source.memory_offered.map(|offered| {
-                let room = offered.saturating_sub(held.weight_bytes + MEMORY_MARGIN);
+                let room = offered.saturating_sub(held.weight_bytes + memory_margin(offered));
                 room / (held.shard.kv_bytes_per_position().max(1) as u64)
             }),
         };
