@@ -1148,6 +1148,17 @@ mod tests {
     use super::*;
 
     fn worker(kv_positions: Option<u64>, step_rows: usize) -> (Worker, Arc<Inboxes>, Epoch) {
+        first_stage(kv_positions, step_rows, 1, false)
+    }
+
+    /// The first stage of a plan of `stages` stages (the last too when there is one), with the
+    /// gathering timer when `gathers`.
+    fn first_stage(
+        kv_positions: Option<u64>,
+        step_rows: usize,
+        stages: usize,
+        gathers: bool,
+    ) -> (Worker, Arc<Inboxes>, Epoch) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.gguf");
         let config = exo_model::testing::tiny_config(2);
@@ -1162,19 +1173,28 @@ mod tests {
             node: NodeId::from("me"),
             epoch,
             index: 0,
-            stages: vec![Stage {
-                node: NodeId::from("me"),
-                endpoint: String::new(),
-                layers: LayerRange::new(0, 2),
-            }],
+            stages: vec![
+                Stage {
+                    node: NodeId::from("me"),
+                    endpoint: String::new(),
+                    layers: LayerRange::new(0, 2),
+                };
+                stages
+            ],
             shard: Arc::new(shard),
             active: Arc::default(),
             step_rows,
             kv_positions,
             stats: Arc::default(),
         };
+        let timer = gathers.then(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .unwrap()
+        });
         let mut w = Worker {
-            last: true,
+            last: stages == 1,
             spec,
             downstream: None,
             requests: HashMap::new(),
@@ -1187,7 +1207,7 @@ mod tests {
             tokens: Vec::new(),
             sample_rows: Vec::new(),
             logits: Vec::new(),
-            timer: None,
+            timer,
             steps: 0,
             last_step: Duration::ZERO,
         };
@@ -1320,5 +1340,96 @@ mod tests {
         );
         assert!(w.requests.is_empty() && w.waiting.is_empty());
         assert_eq!(w.spec.active.load(Ordering::Relaxed), 0);
+    }
+
+    fn decode(request: u64, position: u32) -> StepFrame {
+        StepFrame {
+            entries: vec![StepEntry::rows(RequestId(request), position, 1, true)],
+            input: StepInput::Tokens(vec![5]),
+        }
+    }
+
+    /// A runtime for the tests' own receives: the worker blocks (its gathering timer, its
+    /// sends downstream), so it must not run inside one.
+    fn receiver() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn the_first_stage_waits_for_tokens_on_their_way_back_so_they_share_a_step() {
+        let rt = receiver();
+        let (mut w, inboxes, epoch) = first_stage(None, 64, 1, true);
+        let mut inbox: Vec<_> = (1..=3).map(|r| inboxes.open(RequestId(r), epoch)).collect();
+        for r in 1..=3 {
+            w.enqueue(1, start(r, 2, 64));
+        }
+        w.step();
+        for i in &mut inbox {
+            assert!(matches!(
+                rt.block_on(i.recv()),
+                Some(TokenOut::Token { position: 2, .. })
+            ));
+        }
+        // Two tokens are back; the third is still in the queue when the step would start (in
+        // the node, a moment away: the origin sends it after reading its token).
+        w.enqueue(1, decode(1, 2));
+        w.enqueue(1, decode(2, 2));
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        tx.send(WorkerMsg::Frame {
+            link: 1,
+            frame: decode(3, 2),
+        })
+        .unwrap();
+        assert_eq!(w.batch_shape().ready, 2);
+        assert!(w.gather(&mut rx));
+        assert_eq!(w.batch_shape().ready, 3);
+        w.step();
+        assert_eq!(
+            w.spec.stats.max_batch.load(Ordering::Relaxed),
+            3,
+            "the late token joined the step"
+        );
+        // Request 1 ends; the tokens of 2 and 3 are out but never come back: the wait ends at
+        // its bound.
+        w.enqueue(1, end(1));
+        let (_tx, mut rx) = mpsc::unbounded_channel::<WorkerMsg>();
+        let waited = Instant::now();
+        assert!(w.gather(&mut rx));
+        assert!(waited.elapsed() < Duration::from_secs(1));
+    }
+
+    #[test]
+    fn on_a_longer_plan_the_first_stage_keeps_one_group_of_decode_tokens_per_stage() {
+        let rt = receiver();
+        // The first of two stages, with four decoding requests: two per step.
+        let (mut w, _inboxes, _epoch) = first_stage(None, 64, 2, true);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (sink, mut delivered) = mpsc::unbounded_channel();
+        w.subscribers
+            .insert(NodeId::from("me"), DeliverySink::Remote(sink));
+        let (down, mut frames) = mpsc::channel(16);
+        w.downstream = Some(down);
+        drop(tx);
+        for r in 1..=4 {
+            w.enqueue(1, start(r, 2, 64));
+        }
+        w.step();
+        let prompt = rt.block_on(frames.recv()).unwrap();
+        assert_eq!(prompt.entries.len(), 4, "prompts are not split into groups");
+        for r in 1..=4 {
+            w.enqueue(1, decode(r, 2));
+        }
+        assert!(w.gather(&mut rx), "four ready, nothing expected: no wait");
+        w.step();
+        assert_eq!(rt.block_on(frames.recv()).unwrap().entries.len(), 2);
+        w.step();
+        assert_eq!(rt.block_on(frames.recv()).unwrap().entries.len(), 2);
+        assert!(!w.runnable());
+        assert!(
+            delivered.try_recv().is_err(),
+            "the first stage samples nothing"
+        );
     }
 }
