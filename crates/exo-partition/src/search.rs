@@ -63,11 +63,69 @@ pub(crate) fn search(ctx: &Ctx<'_>, units: &[Unit]) -> Option<Found> {
     // Only costs are kept while searching; run the winning programme again and read the ring
     // back from them.
     dp.run(best.anchor, best.end);
-    let stages = dp.reconstruct(best)?;
+    let mut stages = dp.reconstruct(best)?;
+    balance(ctx, units, &mut stages);
     Some(Found {
+        cost_ps: ctx.decode(&stages).total_ps(),
         stages,
-        cost_ps: best.cost,
     })
+}
+
+/// Among placements of the same decode time, the one whose slowest stage is fastest.
+///
+/// A single stream's decode time is the sum of the stages' times, so on equal nodes every
+/// split of the layers costs the same, and the programme's pick among them is arbitrary. Under
+/// load it is not: with several requests in flight every stage computes at once, and the
+/// slowest stage sets the pace (on two equal nodes holding the default model, the stage with
+/// the head was busy all the time and the other a fifth less). So layers move, one at a time,
+/// from the slowest stage to a stage whose time per layer is no greater (the sum cannot grow)
+/// and that can hold one more, while that makes the slowest stage faster.
+fn balance(ctx: &Ctx<'_>, units: &[Unit], stages: &mut [StageSpec]) {
+    let n = stages.len();
+    if n < 2 {
+        return;
+    }
+    let Some(unit): Option<Vec<&Unit>> = stages
+        .iter()
+        .map(|s| units.iter().find(|u| u.members == s.members))
+        .collect()
+    else {
+        return;
+    };
+    let cap: Vec<u32> = (0..n).map(|s| unit[s].cap(Role::of(s, n))).collect();
+    let fixed: Vec<u64> = (0..n)
+        .map(|s| {
+            let mut t = unit[s].forward_ps;
+            if s == 0 {
+                t = t.saturating_add(ctx.emb_ps[unit[s].lead()]);
+            }
+            if s + 1 == n {
+                t = t.saturating_add(unit[s].head_ps);
+            }
+            t
+        })
+        .collect();
+    let time =
+        |s: usize, layers: u32| mul(layers as usize, unit[s].layer_ps).saturating_add(fixed[s]);
+    // Each move lowers the slowest stage or ends the loop; bounded all the same.
+    for _ in 0..ctx.layers() as usize * n {
+        let Some(slow) = (0..n).max_by_key(|&s| (time(s, stages[s].layers), Reverse(s))) else {
+            return;
+        };
+        let slowest = time(slow, stages[slow].layers);
+        let target = (0..n)
+            .filter(|&s| {
+                s != slow
+                    && stages[slow].layers > 1
+                    && stages[s].layers < cap[s]
+                    && unit[s].layer_ps <= unit[slow].layer_ps
+                    && time(s, stages[s].layers + 1) < slowest
+            })
+            .min_by_key(|&s| (time(s, stages[s].layers + 1), s));
+        let Some(to) = target else { return };
+        stages[slow].layers -= 1;
+        stages[to].layers += 1;
+    }
 }
 
 /// The nodes in the order the programme for `anchor` visits them.

@@ -477,3 +477,27 @@ fn the_default_model_plans_on_one_core_like_nodes() {
     assert!(pair.stages[0].is_tensor_parallel(), "{pair}");
     assert!(pair.predicted.decode_tokens_per_s > 1.5 * one.predicted.decode_tokens_per_s);
 }
+
+#[test]
+fn equal_pipeline_stages_give_the_head_stage_fewer_layers() {
+    // The default model on two equal one-core nodes that cannot hold it alone, pipeline only:
+    // every split has the same single-stream time, but under load the slowest stage sets the
+    // pace, and the last stage also computes the head (49,152 x 576, about eight layers' worth).
+    let model = ModelProfile::llama(&exo_partition::LlamaShape::smollm2_135m(5.0)).unwrap();
+    let core = |id: &str| NodeProfile::new(id, 100 << 20, 50e9, 10e9, "ndarray");
+    let mut cluster = ClusterProfile::new(
+        vec![core("core-0"), core("core-1")],
+        vec![LinkProfile::new("core-0", "core-1", 5e-6, 5e9)],
+    );
+    cluster.max_tensor_parallel = 1;
+    let request = RequestProfile::new(256, 64);
+    let plan = ours(&model, &cluster, &request);
+    assert_eq!(plan.stages.len(), 2, "{plan}");
+    let (first, last) = (&plan.stages[0], &plan.stages[1]);
+    assert!(first.holds_embedding && last.holds_head, "{plan}");
+    // Balanced: 19 and 11 layers (the search alone left one layer beside the head).
+    assert!(
+        first.layers.len() > last.layers.len() + 4 && last.layers.len() >= 8,
+        "the stages should take equal time, the head's with fewer layers: {plan}"
+    );
+}
