@@ -843,27 +843,28 @@ fn rows_into(
         let t1 = (t0 + TOKENS).min(n);
         let mut r = r0;
         while r + 4 <= r1 {
+            // A kernel's block of four rows by `T` tokens, written out.
+            fn put<const T: usize>(out: OutRows, r: usize, t: usize, block: &[[f32; T]; 4]) {
+                for (k, row) in block.iter().enumerate() {
+                    for (j, v) in row.iter().enumerate() {
+                        // SAFETY: as for every write of `rows_into`.
+                        unsafe { out.write(t + j, r + k, *v) };
+                    }
+                }
+            }
             let mut t = t0;
             while t + 8 <= t1 {
                 let Some(block) = dot4x8(isa, w, r, acts, t) else {
                     break;
                 };
-                for (k, row) in block.iter().enumerate() {
-                    for (j, v) in row.iter().enumerate() {
-                        unsafe { out.write(t + j, r + k, *v) };
-                    }
-                }
+                put(out, r, t, &block);
                 t += 8;
             }
             while t + 4 <= t1 {
                 let Some(block) = dot4x4(isa, w, r, acts, t) else {
                     break;
                 };
-                for (k, row) in block.iter().enumerate() {
-                    for (j, v) in row.iter().enumerate() {
-                        unsafe { out.write(t + j, r + k, *v) };
-                    }
-                }
+                put(out, r, t, &block);
                 t += 4;
             }
             for t in t..t1 {
