@@ -123,7 +123,9 @@ impl Isa {
 /// except that a two-plane matrix takes f32 ones where the caller set `fine_as_f32` (if its
 /// format has f32 kernels: Q5 blocks keep their integer kernels).
 pub(crate) fn takes_q8(w: &QuantMatrix, a: &QuantizedActs) -> bool {
-    w.q8_acts && !(w.fine && a.fine_as_f32 && w.format.has_f32_kernels())
+    w.q8_acts
+        && !(w.fine && a.fine_as_f32 && w.format.has_f32_kernels())
+        && !(w.tiles_f32 && a.rows >= 8)
 }
 
 /// One output value with the chosen path (`isa` must be supported; callers check).
@@ -756,7 +758,7 @@ pub fn matmul_with(
     let isa = if isa.is_supported() { isa } else { Isa::Scalar };
     // Prefill tiles of four tokens and more run two-plane matrices on f32 activations.
     acts.fine_as_f32 = n >= 4;
-    if w.quantizes_activations(acts.fine_as_f32) {
+    if w.quantizes_activations(acts.fine_as_f32, n >= 8) {
         acts.quantize(x, n, w.cols, w.quantizes_second_plane(acts.fine_as_f32));
     } else {
         acts.keep_f32(x, n, w.cols);

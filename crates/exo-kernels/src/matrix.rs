@@ -137,6 +137,22 @@ impl WeightFormat {
     }
 }
 
+impl WeightFormat {
+    /// Whether products of eight tokens or more (prefill, batches) take f32 activations even
+    /// where the format takes 8-bit ones by default: on AVX2 for Q4_0, Q4_1 and Q8_0, whose
+    /// one-row-by-eight-tokens f32 kernel measured faster there than the integer tiles (Q4_0
+    /// prefill on the default model, one thread: 72 -> 97 tokens/s). Not when
+    /// `EXO_KERNELS_ACTS` chooses.
+    pub(crate) fn tiles_take_f32_by_default(self) -> bool {
+        acts_choice().is_empty()
+            && crate::Isa::detected() == crate::Isa::Avx2
+            && matches!(
+                self,
+                WeightFormat::Q4_0 | WeightFormat::Q4_1 | WeightFormat::Q8_0
+            )
+    }
+}
+
 /// `EXO_KERNELS_ACTS`, read once.
 fn acts_choice() -> &'static str {
     static CHOICE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
@@ -235,6 +251,9 @@ pub struct QuantMatrix {
     pub(crate) q8_acts: bool,
     /// With `q8_acts`: activations as two 8-bit planes (`QuantizedActs::lo`), about 15 bits.
     pub(crate) fine: bool,
+    /// Products of eight tokens or more take f32 activations all the same (the default on
+    /// AVX2 for the formats of its eight-token f32 kernel; an explicit choice clears it).
+    pub(crate) tiles_f32: bool,
     pub(crate) rows: usize,
     pub(crate) cols: usize,
     pub(crate) storage: Storage,
@@ -353,6 +372,7 @@ impl QuantMatrix {
             format,
             q8_acts: format.q8_activations_by_default(),
             fine: format.fine_activations_by_default(),
+            tiles_f32: format.tiles_take_f32_by_default(),
             rows,
             cols,
             storage,
@@ -396,6 +416,7 @@ impl QuantMatrix {
             format: parts[0].format,
             q8_acts: parts.iter().any(|p| p.q8_acts),
             fine: parts.iter().any(|p| p.fine),
+            tiles_f32: parts.iter().any(|p| p.tiles_f32),
             rows: parts.iter().map(|p| p.rows).sum(),
             cols,
             storage: Storage::Parts(parts),
@@ -546,6 +567,7 @@ impl QuantMatrix {
             format,
             q8_acts: format.q8_activations_by_default(),
             fine: format.fine_activations_by_default(),
+            tiles_f32: format.tiles_take_f32_by_default(),
             rows,
             cols,
             storage,
@@ -598,6 +620,7 @@ impl QuantMatrix {
             format: groups[0].format,
             q8_acts: groups.iter().any(|g| g.q8_acts),
             fine: groups.iter().any(|g| g.fine),
+            tiles_f32: groups.iter().any(|g| g.tiles_f32),
             rows,
             cols,
             storage: Storage::Parts(groups),
@@ -609,8 +632,10 @@ impl QuantMatrix {
     ///
     /// The default depends on the path and the format: on AVX2 the K-quants and Q4_0 take one
     /// 8-bit plane (byte products do four times the multiplies per instruction of the f32
-    /// kernels), Q4_1 two planes ([`QuantMatrix::with_q16_activations`]) and Q8_0 f32; on the
-    /// other paths f32. One plane flattens the outliers of a SwiGLU output feeding the down
+    /// kernels), Q4_1 two planes ([`QuantMatrix::with_q16_activations`]) and Q8_0 f32, and
+    /// products of eight tokens or more of Q4_0, Q4_1 and Q8_0 take f32 (the one-row-by-eight-
+    /// tokens kernel); on the other paths f32. Choosing with this method (or its siblings)
+    /// replaces the default for every product size. One plane flattens the outliers of a SwiGLU output feeding the down
     /// projection: on the default model (Q4_1 layers, Q8_0 head) it moves first-position
     /// logits by more than 0.5 and turns the greedy answer into a ramble, where two planes or
     /// f32 stay within 0.003 of the f32 path.
@@ -635,10 +660,12 @@ impl QuantMatrix {
     fn with_activations(mut self, q8: bool, fine: bool) -> Self {
         self.q8_acts = q8;
         self.fine = fine;
+        self.tiles_f32 = false;
         if let Storage::Parts(parts) = &mut self.storage {
             for p in parts.iter_mut() {
                 p.q8_acts = q8;
                 p.fine = fine;
+                p.tiles_f32 = false;
             }
         }
         self
@@ -646,12 +673,15 @@ impl QuantMatrix {
 
     /// Whether a product quantizes the activations: some part takes 8-bit activations, and
     /// with `fine_as_f32` one that is not two-plane.
-    pub(crate) fn quantizes_activations(&self, fine_as_f32: bool) -> bool {
+    pub(crate) fn quantizes_activations(&self, fine_as_f32: bool, tiles: bool) -> bool {
         match &self.storage {
-            Storage::Parts(parts) => parts.iter().any(|p| p.quantizes_activations(fine_as_f32)),
+            Storage::Parts(parts) => parts
+                .iter()
+                .any(|p| p.quantizes_activations(fine_as_f32, tiles)),
             _ => {
                 self.uses_q8_activations()
                     && !(self.fine && fine_as_f32 && self.format.has_f32_kernels())
+                    && !(self.tiles_f32 && tiles)
             }
         }
     }
@@ -828,6 +858,7 @@ fn stack_same(parts: &[&QuantMatrix]) -> QuantMatrix {
         format: first.format,
         q8_acts: first.q8_acts,
         fine: first.fine,
+        tiles_f32: first.tiles_f32,
         rows,
         cols: first.cols,
         storage,

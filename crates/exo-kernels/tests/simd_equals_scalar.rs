@@ -56,6 +56,8 @@ fn with_acts(w: QuantMatrix, acts: u8) -> QuantMatrix {
     match acts {
         0 => w.with_f32_activations(),
         1 => w.with_q8_activations(),
+        // The format's default on this CPU.
+        3 => w,
         _ => w.with_q16_activations(),
     }
 }
@@ -444,10 +446,12 @@ fn large_shapes_split_across_threads_agree() {
 fn eight_token_tiles_and_their_remainders_equal_the_scalar_reference() {
     // Prefill and batches of eight tokens or more take AVX2's one-row-by-eight-tokens kernel
     // for Q4_0, Q4_1 and Q8_0 on f32 activations (and two-plane Q4_1, which takes f32
-    // activations for four tokens or more); the tokens after the last eight take the 2 x 4 and
-    // single-token kernels. Rows that do not fill a group of four take the single-row path.
+    // activations for four tokens or more, and by default on AVX2 Q4_0, whose products of
+    // eight tokens or more take f32 activations there); the tokens after the last eight take the
+    // 2 x 4 and single-token kernels. Rows that do not fill a group of four take the single-row
+    // path.
     for format in [WeightFormat::Q4_0, WeightFormat::Q4_1, WeightFormat::Q8_0] {
-        for acts in [0, 2] {
+        for acts in [0, 2, 3] {
             for (rows, n) in [(8, 8), (12, 9), (7, 16), (20, 19)] {
                 check(format, acts, rows, 5, n, 41 + n as u64);
             }
