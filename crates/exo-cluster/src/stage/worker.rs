@@ -247,6 +247,8 @@ pub(crate) fn spawn(
         timer,
         steps: 0,
         last_step: Duration::ZERO,
+        #[cfg(test)]
+        panic_next_step: false,
         spec,
         downstream,
         requests: HashMap::new(),
@@ -372,6 +374,9 @@ struct Worker {
     steps: u64,
     /// How long the last step took.
     last_step: Duration,
+    /// Tests: the next step panics.
+    #[cfg(test)]
+    panic_next_step: bool,
 }
 
 /// How the first stage's next batch looks.
@@ -423,7 +428,7 @@ impl Worker {
                 if !self.gather(&mut rx) {
                     break 'run;
                 }
-                self.step();
+                self.guarded_step();
             }
             if self.retiring && self.requests.is_empty() && self.waiting.is_empty() {
                 break;
@@ -794,6 +799,55 @@ impl Worker {
         Some(state)
     }
 
+    /// [`Worker::step`], with a panic (a bug) failing the requests in hand at once, naming it,
+    /// instead of ending the thread and leaving them to wait for a token that never comes.
+    /// The shard is not changed by a step, so the worker goes on with new requests.
+    fn guarded_step(&mut self) {
+        // Who to tell if the step fails: the requests held, and those it may admit.
+        let held: HashMap<RequestId, NodeId> = self
+            .requests
+            .iter()
+            .map(|(id, r)| (*id, r.origin.clone()))
+            .chain(self.waiting.iter().filter_map(|(id, queue)| {
+                let start = queue.front()?.start.as_ref()?;
+                Some((*id, start.origin.clone()))
+            }))
+            .collect();
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step())).err();
+        let Some(payload) = panicked else { return };
+        let what = payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".to_owned());
+        tracing::error!(
+            stage = self.spec.index,
+            requests = held.len(),
+            panic = %what,
+            "a step of this stage panicked; failing the requests it held"
+        );
+        let reason =
+            format!("this stage's worker failed ({what}); this is a bug, please report it");
+        let mut out = Output::default();
+        for (request, origin) in held {
+            out.deliveries
+                .entry(origin)
+                .or_default()
+                .push(TokenOut::Failed {
+                    request,
+                    failure: self.failure(FailureKind::Failed, reason.clone()),
+                });
+            if !self.last {
+                out.entries.push(StepEntry::end(request));
+            }
+        }
+        self.requests.clear();
+        self.reserved = 0;
+        self.waiting.clear();
+        self.order.clear();
+        self.send(out);
+    }
+
     /// One step: every chosen piece through the shard at once.
     fn step(&mut self) {
         let pieces = self.choose();
@@ -885,6 +939,11 @@ impl Worker {
     fn compute(&mut self, pieces: &[Piece], out: &mut Output) -> Result<(), String> {
         if pieces.is_empty() {
             return Ok(());
+        }
+        #[cfg(test)]
+        #[allow(clippy::panic)]
+        if std::mem::take(&mut self.panic_next_step) {
+            panic!("a test asked this step to panic");
         }
         let shard = Arc::clone(&self.spec.shard);
         let hidden = shard.hidden_size();
@@ -1210,6 +1269,7 @@ mod tests {
             timer,
             steps: 0,
             last_step: Duration::ZERO,
+            panic_next_step: false,
         };
         let inboxes = Arc::new(Inboxes::default());
         w.subscribers.insert(
@@ -1307,6 +1367,32 @@ mod tests {
         let stats = &w.spec.stats;
         assert_eq!(stats.max_batch.load(Ordering::Relaxed), 2);
         assert_eq!(stats.rows.load(Ordering::Relaxed), 2 + 3 + 20);
+    }
+
+    #[tokio::test]
+    async fn a_step_that_panics_fails_its_requests_at_once_and_the_worker_goes_on() {
+        let (mut w, inboxes, epoch) = worker(None, 64);
+        let mut a = inboxes.open(RequestId(1), epoch);
+        let mut b = inboxes.open(RequestId(2), epoch);
+        w.enqueue(1, start(1, 3, 64));
+        w.panic_next_step = true;
+        w.guarded_step();
+        let Some(TokenOut::Failed { failure, .. }) = a.recv().await else {
+            panic!("request 1 was not failed")
+        };
+        assert!(
+            failure.reason.contains("a test asked this step to panic"),
+            "{failure}"
+        );
+        assert!(w.requests.is_empty() && w.waiting.is_empty());
+        assert_eq!(w.spec.active.load(Ordering::Relaxed), 0);
+        // A new request runs as if nothing had happened.
+        w.enqueue(1, start(2, 3, 64));
+        w.guarded_step();
+        assert!(matches!(
+            b.recv().await,
+            Some(TokenOut::Token { position: 3, .. })
+        ));
     }
 
     #[tokio::test]
