@@ -102,6 +102,20 @@ impl QuantizedActs {
         }
     }
 
+    /// The f32 rows `t..t + T` (as [`QuantizedActs::keep_f32`] kept them), for the tile kernels.
+    #[cfg(target_arch = "x86_64")]
+    pub(crate) fn f32_rows<const T: usize>(&self, t: usize) -> [&[f32]; T] {
+        let cols = self.cols;
+        std::array::from_fn(|k| &self.f[(t + k) * cols..(t + k + 1) * cols])
+    }
+
+    /// The 32-block sums of the f32 rows `t..t + T`.
+    #[cfg(target_arch = "x86_64")]
+    pub(crate) fn f32_sums<const T: usize>(&self, t: usize) -> [&[f32]; T] {
+        let nb = self.cols / 32;
+        std::array::from_fn(|k| &self.fsum[(t + k) * nb..(t + k + 1) * nb])
+    }
+
     /// Just keeps `x` as floats (for weights whose kernels take f32 activations), with the sum
     /// of each 32-block when `cols` allows blocks.
     pub(crate) fn keep_f32(&mut self, x: &[f32], rows: usize, cols: usize) {

@@ -242,14 +242,13 @@ fn x86_rows<const R: usize, const T: usize>(
     if isa != Isa::Avx2 {
         return None;
     }
-    let (cols, nb) = (w.cols, w.cols / 32);
+    let nb = w.cols / 32;
     let (wd, wm, wq, kind) = int_rows(w, row, R)?;
     if takes_q8(w, a) {
         return Some(int_q8_rows::<R, T>(w, row, a, t));
     }
     let r = row_args(wd, wm, wq, a, 0, 0, 0);
-    let x: [&[f32]; T] = std::array::from_fn(|k| &a.f[(t + k) * cols..(t + k + 1) * cols]);
-    let xsum: [&[f32]; T] = std::array::from_fn(|k| &a.fsum[(t + k) * nb..(t + k + 1) * nb]);
+    let (x, xsum) = (a.f32_rows::<T>(t), a.f32_sums::<T>(t));
     // SAFETY: the caller checked AVX2 as supported; `r` holds `R` whole rows, each `x` `cols`
     // values and each `xsum` `nb` sums.
     Some(unsafe { x86::int_rows_avx2::<R, T>(&r, x, xsum, nb, kind) })
@@ -363,7 +362,7 @@ fn tiled_rows<const R: usize, const T: usize>(
         _ => return k_quant_rows::<R, T>(isa, w, row, a, t),
     };
     let rows = &bits[row * cols..(row + R) * cols];
-    let x: [&[f32]; T] = std::array::from_fn(|k| &a.f[(t + k) * cols..(t + k + 1) * cols]);
+    let x = a.f32_rows::<T>(t);
     // SAFETY: `isa` was checked as supported before dispatch (both x86 paths include F16C);
     // `rows` holds `R` rows of `cols` values and each `x` `cols` values.
     Some(unsafe {
@@ -395,7 +394,7 @@ fn k_quant_rows<const R: usize, const T: usize>(
         _ => return None,
     };
     let format = w.format;
-    let (cols, nsb) = (w.cols, w.cols / 256);
+    let nsb = w.cols / 256;
     let per_row = nsb * block;
     let rows = &bytes[row * per_row..(row + R) * per_row];
     if takes_q8(w, a) {
@@ -417,9 +416,7 @@ fn k_quant_rows<const R: usize, const T: usize>(
             }
         });
     }
-    let x: [&[f32]; T] = std::array::from_fn(|k| &a.f[(t + k) * cols..(t + k + 1) * cols]);
-    let nb = cols / 32;
-    let xsum: [&[f32]; T] = std::array::from_fn(|k| &a.fsum[(t + k) * nb..(t + k + 1) * nb]);
+    let (x, xsum) = (a.f32_rows::<T>(t), a.f32_sums::<T>(t));
     // SAFETY: `isa` was checked as supported by the CPU before dispatch (both x86 paths include
     // F16C); `rows` holds `R` rows of `nsb` super-blocks, each `x` `cols` values and each
     // `xsum` `cols / 32` sums.
@@ -597,31 +594,16 @@ fn dot4x8(
 ) -> Option<[[f32; 8]; 4]> {
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx2 && !takes_q8(w, a) && row + 4 <= w.rows && t + 8 <= a.rows {
-        let (cols, nb) = (w.cols, w.cols / 32);
-        let (wd, wm, wq, kind) = int_rows(w, row, 4)?;
-        let x: [&[f32]; 8] = std::array::from_fn(|k| &a.f[(t + k) * cols..(t + k + 1) * cols]);
-        let xsum: [&[f32]; 8] = std::array::from_fn(|k| &a.fsum[(t + k) * nb..(t + k + 1) * nb]);
-        let bytes = wq.len() / 4;
-        return Some(std::array::from_fn(|k| {
-            let m = if wm.is_empty() {
-                wm
-            } else {
-                &wm[k * nb..(k + 1) * nb]
-            };
-            // SAFETY: the caller checked AVX2 as supported; each slice holds one whole row of
-            // `nb` blocks, and each `x` `cols` values and each `xsum` `nb` sums.
-            unsafe {
-                x86::int_row_x8_avx2(
-                    &wd[k * nb..(k + 1) * nb],
-                    m,
-                    &wq[k * bytes..(k + 1) * bytes],
-                    x,
-                    xsum,
-                    nb,
-                    kind,
-                )
-            }
-        }));
+        let nb = w.cols / 32;
+        let (x, xsum) = (a.f32_rows::<8>(t), a.f32_sums::<8>(t));
+        let mut out = [[0f32; 8]; 4];
+        for (k, o) in out.iter_mut().enumerate() {
+            let (wd, wm, wq, kind) = int_rows(w, row + k, 1)?;
+            // SAFETY: the caller checked AVX2 as supported; the slices hold one whole row of
+            // `nb` blocks, each `x` `cols` values and each `xsum` `nb` sums.
+            *o = unsafe { x86::int_row_x8_avx2(wd, wm, wq, x, xsum, nb, kind) };
+        }
+        return Some(out);
     }
     let _ = (isa, w, row, a, t);
     None
@@ -657,11 +639,10 @@ fn dot4x4(
     }
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512Vnni && !takes_q8(w, a) && row + 4 <= w.rows && t + 4 <= a.rows {
-        let (cols, nb) = (w.cols, w.cols / 32);
+        let nb = w.cols / 32;
         let (wd, wm, wq, kind) = int_rows(w, row, 4)?;
         let r = row_args(wd, wm, wq, a, 0, 0, 0);
-        let x = [0, 1, 2, 3].map(|k| &a.f[(t + k) * cols..(t + k + 1) * cols]);
-        let xsum = [0, 1, 2, 3].map(|k| &a.fsum[(t + k) * nb..(t + k + 1) * nb]);
+        let (x, xsum) = (a.f32_rows::<4>(t), a.f32_sums::<4>(t));
         // SAFETY: the CPU supports AVX-512 (checked by the caller); slices cover four rows and
         // four tokens.
         return Some(unsafe { x86::dot4x4_f32_avx512(&r, x, xsum, nb, kind) });
