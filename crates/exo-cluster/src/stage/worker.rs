@@ -803,7 +803,15 @@ impl Worker {
     /// instead of ending the thread and leaving them to wait for a token that never comes.
     /// The shard is not changed by a step, so the worker goes on with new requests.
     fn guarded_step(&mut self) {
-        // Who to tell if the step fails: the requests held, and those it may admit.
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step())).err();
+        let Some(payload) = panicked else { return };
+        let what = payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".to_owned());
+        // Who to tell: the requests held (a step keeps them in `requests` throughout), and
+        // those still waiting to start.
         let held: HashMap<RequestId, NodeId> = self
             .requests
             .iter()
@@ -813,13 +821,6 @@ impl Worker {
                 Some((*id, start.origin.clone()))
             }))
             .collect();
-        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step())).err();
-        let Some(payload) = panicked else { return };
-        let what = payload
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "a panic".to_owned());
         tracing::error!(
             stage = self.spec.index,
             requests = held.len(),
@@ -940,11 +941,6 @@ impl Worker {
         if pieces.is_empty() {
             return Ok(());
         }
-        #[cfg(test)]
-        #[allow(clippy::panic)]
-        if std::mem::take(&mut self.panic_next_step) {
-            panic!("a test asked this step to panic");
-        }
         let shard = Arc::clone(&self.spec.shard);
         let hidden = shard.hidden_size();
         // The step's rows, one request after another.
@@ -976,30 +972,32 @@ impl Worker {
             ));
         }
         if total > 0 {
-            // The pieces' states, taken out for the step and put back after it.
-            let mut states: Vec<(RequestId, Request)> = Vec::with_capacity(pieces.len());
-            for piece in pieces {
-                match self.requests.remove(&piece.request) {
-                    Some(state) => states.push((piece.request, state)),
-                    None => {
-                        for (id, state) in states {
-                            self.requests.insert(id, state);
-                        }
-                        return Err(format!("request {} left the step", piece.request));
-                    }
-                }
+            // The pieces' caches, in the pieces' order, borrowed where they are (so that a
+            // panic mid-step leaves every request in `requests`, for `guarded_step` to fail).
+            let mut batch: Vec<(usize, (&mut KvCache, usize))> = self
+                .requests
+                .iter_mut()
+                .filter_map(|(id, r)| {
+                    let at = pieces.iter().position(|p| p.request == *id)?;
+                    Some((at, (&mut r.cache, pieces[at].rows)))
+                })
+                .collect();
+            if let Some(gone) = pieces
+                .iter()
+                .enumerate()
+                .find(|(i, _)| !batch.iter().any(|(at, _)| at == i))
+            {
+                return Err(format!("request {} left the step", gone.1.request));
             }
-            let result = {
-                let mut batch: Vec<(&mut KvCache, usize)> = states
-                    .iter_mut()
-                    .zip(pieces)
-                    .map(|((_, r), p)| (&mut r.cache, p.rows))
-                    .collect();
-                shard.forward_batch(&mut self.x, &mut batch)
-            };
-            for (id, state) in states {
-                self.requests.insert(id, state);
+            batch.sort_unstable_by_key(|(at, _)| *at);
+            let mut batch: Vec<(&mut KvCache, usize)> = batch.into_iter().map(|(_, b)| b).collect();
+            // Tests: a panic with the caches borrowed, the worst moment for one.
+            #[cfg(test)]
+            #[allow(clippy::panic)]
+            if std::mem::take(&mut self.panic_next_step) {
+                panic!("a test asked this step to panic");
             }
+            let result = shard.forward_batch(&mut self.x, &mut batch);
             result.map_err(|e| e.to_string())?;
         }
         if !self.last {
