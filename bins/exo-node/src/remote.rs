@@ -52,6 +52,7 @@ pub(crate) fn generate(args: GenerateArgs) -> Result<()> {
         Prompt::Chat(messages)
     };
     let request = GenerationRequest {
+        constraint: None,
         model: String::new(),
         prompt,
         max_tokens: Some(u32::try_from(args.max_tokens).unwrap_or(u32::MAX).max(1)),

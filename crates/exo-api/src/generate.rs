@@ -20,6 +20,7 @@ use crate::queue::Slot;
 use crate::request::Parsed;
 use crate::state::AppState;
 use crate::telemetry::Metrics;
+use crate::tools::{self, ToolUse};
 
 /// Comment lines sent while a stream is idle (a long prefill, a slow stage) so that proxies do
 /// not time the connection out and a client that went away is noticed on the next write.
@@ -53,9 +54,15 @@ pub(crate) async fn respond(
         request,
         stream,
         include_usage,
+        tools,
+        constraint_param,
     } = parsed;
-    let format = Format::new(api, request.model.clone(), include_usage);
-    let mut running = Running::start(state, request, api.prompt_param(), log).await?;
+    let format = Format::new(api, request.model.clone(), include_usage, tools);
+    let params = Params {
+        prompt: api.prompt_param(),
+        constraint: constraint_param,
+    };
+    let mut running = Running::start(state, request, params, log).await?;
 
     if !stream {
         let (text, finished) = running.whole().await?;
@@ -72,7 +79,9 @@ pub(crate) async fn respond(
         let role = json!({"role": "assistant", "content": ""});
         pending.push_back(event(&format.chunk(role, None)));
     }
-    let render = move |step: Step, out: &mut VecDeque<Event>| format.render(step, out);
+    let mut held = Held::default();
+    let mut render =
+        move |step: Step, out: &mut VecDeque<Event>| format.render(step, out, &mut held);
     render(first, &mut pending);
     let stream = running.into_stream(pending, render);
     Ok(Sse::new(stream)
@@ -80,15 +89,26 @@ pub(crate) async fn respond(
         .into_response())
 }
 
+/// The request fields an engine's error about the request is blamed on.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Params {
+    /// The field holding the prompt, blamed when the prompt alone overflows.
+    pub(crate) prompt: &'static str,
+    /// The field that gave the output's grammar, blamed when it does not compile.
+    pub(crate) constraint: &'static str,
+}
+
 /// Counts an engine's error and turns it into the client's.
-fn engine_error(
-    metrics: &Metrics,
-    error: GenerationError,
-    prompt_param: &str,
-    id: &str,
-) -> ApiError {
+fn engine_error(metrics: &Metrics, error: GenerationError, params: Params, id: &str) -> ApiError {
     metrics.engine_error(&error);
-    ApiError::from_engine(error, prompt_param).for_request(id)
+    let error = match error {
+        GenerationError::Invalid {
+            param: Some(param),
+            message,
+        } if param == "constraint" => GenerationError::invalid(params.constraint, message),
+        other => other,
+    };
+    ApiError::from_engine(error, params.prompt).for_request(id)
 }
 
 fn ended_early(metrics: &Metrics) -> ApiError {
@@ -126,8 +146,7 @@ pub(crate) struct Running {
     slot: Option<Slot>,
     metrics: Arc<Metrics>,
     log: RequestLog,
-    /// The request field holding the prompt, blamed when the prompt alone overflows.
-    prompt_param: &'static str,
+    params: Params,
 }
 
 /// One item of a running generation, already counted (metrics, the request's log line) and,
@@ -149,7 +168,7 @@ impl Running {
     pub(crate) async fn start(
         state: &AppState,
         request: GenerationRequest,
-        prompt_param: &'static str,
+        params: Params,
         log: RequestLog,
     ) -> Result<Self, ApiError> {
         let metrics = Arc::clone(&state.metrics);
@@ -159,13 +178,13 @@ impl Running {
             }
         })?;
         let rx = (state.engine.generate(request).await)
-            .map_err(|error| engine_error(&metrics, error, prompt_param, log.id()))?;
+            .map_err(|error| engine_error(&metrics, error, params, log.id()))?;
         Ok(Self {
             rx: Some(rx),
             slot: Some(slot),
             metrics,
             log,
-            prompt_param,
+            params,
         })
     }
 
@@ -185,7 +204,7 @@ impl Running {
             Some(Err(error)) => {
                 self.done();
                 let id = self.log.id();
-                Step::Failed(engine_error(&self.metrics, error, self.prompt_param, id))
+                Step::Failed(engine_error(&self.metrics, error, self.params, id))
             }
             None => {
                 self.done();
@@ -295,20 +314,51 @@ struct Format {
     created: u64,
     model: String,
     include_usage: bool,
+    /// The tools offered, whose calls are read out of the text.
+    tools: Option<ToolUse>,
+}
+
+/// What a stream with tools holds back: text that may be (or is) a tool call.
+#[derive(Debug, Default)]
+struct Held {
+    text: String,
+    /// A `<tool_call>` tag has come: everything from it waits for the end.
+    in_call: bool,
 }
 
 impl Format {
     /// The events one item of a streamed generation produces.
-    fn render(&self, step: Step, out: &mut VecDeque<Event>) {
+    fn render(&self, step: Step, out: &mut VecDeque<Event>, held: &mut Held) {
         match step {
             Step::Text(piece) => {
+                let piece = match &self.tools {
+                    None => piece,
+                    Some(_) => self.hold(piece, held),
+                };
                 if !piece.is_empty() {
                     out.push_back(event(&self.delta(piece)));
                 }
             }
             Step::Finished(finished) => {
                 let (prompt_tokens, completion_tokens) = counts(&finished);
-                out.push_back(event(&self.last(finished.reason)));
+                let mut reason = finished.reason.as_str();
+                if let Some(tools) = &self.tools {
+                    let rest = std::mem::take(&mut held.text);
+                    let (content, calls) = tools::read_calls(&rest, tools);
+                    if let Some(content) = content.filter(|c| !c.is_empty()) {
+                        out.push_back(event(&self.delta(content)));
+                    }
+                    if !calls.is_empty() {
+                        let calls: Vec<Value> = calls
+                            .iter()
+                            .enumerate()
+                            .map(|(i, c)| c.to_json(Some(i)))
+                            .collect();
+                        out.push_back(event(&self.chunk(json!({"tool_calls": calls}), None)));
+                        reason = "tool_calls";
+                    }
+                }
+                out.push_back(event(&self.last(reason)));
                 if self.include_usage {
                     let usage = usage(prompt_tokens, completion_tokens);
                     out.push_back(event(&self.usage_chunk(usage)));
@@ -319,7 +369,25 @@ impl Format {
         }
     }
 
-    fn new(api: Api, model: String, include_usage: bool) -> Self {
+    /// What of `piece` may be streamed now, holding back what could be a tool call.
+    fn hold(&self, piece: String, held: &mut Held) -> String {
+        held.text.push_str(&piece);
+        if held.in_call {
+            return String::new();
+        }
+        if let Some(at) = held.text.find(tools::CALL_OPEN) {
+            held.in_call = true;
+            let before = held.text[..at].to_owned();
+            held.text.drain(..at);
+            return before;
+        }
+        let keep = tools::partial_open(&held.text);
+        let ready = held.text[..held.text.len() - keep].to_owned();
+        held.text.drain(..held.text.len() - keep);
+        ready
+    }
+
+    fn new(api: Api, model: String, include_usage: bool, tools: Option<ToolUse>) -> Self {
         let prefix = match api {
             Api::Chat => "chatcmpl",
             Api::Completion => "cmpl",
@@ -332,11 +400,22 @@ impl Format {
                 .map_or(0, |since| since.as_secs()),
             model,
             include_usage,
+            tools,
         }
     }
 
     /// The non-streamed response.
     fn whole(&self, text: &str, finish_reason: FinishReason, usage: Value) -> Value {
+        let mut message = json!({"role": "assistant", "content": text});
+        let mut finish_reason = finish_reason.as_str();
+        if let Some(tools) = &self.tools {
+            let (content, calls) = tools::read_calls(text, tools);
+            if !calls.is_empty() {
+                let calls: Vec<Value> = calls.iter().map(|c| c.to_json(None)).collect();
+                message = json!({"role": "assistant", "content": content, "tool_calls": calls});
+                finish_reason = "tool_calls";
+            }
+        }
         match self.api {
             Api::Chat => json!({
                 "id": self.id,
@@ -345,9 +424,9 @@ impl Format {
                 "model": self.model,
                 "choices": [{
                     "index": 0,
-                    "message": {"role": "assistant", "content": text},
+                    "message": message,
                     "logprobs": null,
-                    "finish_reason": finish_reason.as_str(),
+                    "finish_reason": finish_reason,
                 }],
                 "usage": usage,
             }),
@@ -360,7 +439,7 @@ impl Format {
                     "text": text,
                     "index": 0,
                     "logprobs": null,
-                    "finish_reason": finish_reason.as_str(),
+                    "finish_reason": finish_reason,
                 }],
                 "usage": usage,
             }),
@@ -376,7 +455,7 @@ impl Format {
     }
 
     /// The chunk carrying the finish reason.
-    fn last(&self, finish_reason: FinishReason) -> Value {
+    fn last(&self, finish_reason: &str) -> Value {
         let empty = match self.api {
             Api::Chat => json!({}),
             Api::Completion => Value::String(String::new()),
@@ -386,8 +465,7 @@ impl Format {
 
     /// One streamed chunk with a single choice: `content` is the chat delta object or the
     /// completion text.
-    fn chunk(&self, content: Value, finish_reason: Option<FinishReason>) -> Value {
-        let finish_reason = finish_reason.map(FinishReason::as_str);
+    fn chunk(&self, content: Value, finish_reason: Option<&str>) -> Value {
         let choice = match self.api {
             Api::Chat => json!({
                 "index": 0,

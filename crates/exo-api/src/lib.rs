@@ -46,6 +46,7 @@ mod routes;
 mod server;
 mod state;
 mod telemetry;
+mod tools;
 mod web;
 
 use std::future::Future;
@@ -60,7 +61,7 @@ pub use crate::openapi::openapi;
 pub use crate::routes::router;
 pub use exo_core::{
     ChatMessage, FinishReason, Finished, GenerationError, GenerationEvent, GenerationRequest,
-    Prompt, SamplingParams,
+    OutputConstraint, Prompt, SamplingParams,
 };
 
 /// Serves the API on an already-bound `listener` until `shutdown` resolves, then stops

@@ -19,11 +19,14 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
-use exo_core::{ChatMessage, FinishReason, Finished, GenerationRequest, Prompt, SamplingParams};
+use exo_core::{
+    ChatMessage, FinishReason, Finished, GenerationRequest, OutputConstraint, Prompt,
+    SamplingParams,
+};
 
 use crate::engine::ModelCard;
 use crate::error::ApiError;
-use crate::generate::{Running, Step, counts};
+use crate::generate::{Params, Running, Step, counts};
 use crate::middleware::RequestLog;
 use crate::request::{Fields, JsonObject, describe, messages, missing};
 use crate::state::AppState;
@@ -67,7 +70,8 @@ pub(crate) async fn chat(
         return load(&state, Dialect::Chat, &model);
     };
     let options = options(&fields, state.config.default_max_tokens)?;
-    let request = options.request(resolve(&state, &model), Prompt::Chat(parsed));
+    let mut request = options.request(resolve(&state, &model), Prompt::Chat(parsed));
+    request.constraint = format(&fields)?;
     run(
         &state,
         Dialect::Chat,
@@ -107,7 +111,7 @@ pub(crate) async fn generate(
         "'context' (token ids of an earlier answer) is not supported; send the conversation \
          to /api/chat instead",
     )?;
-    refuse_format(&fields)?;
+    let constraint = format(&fields)?;
     // An empty prompt is how Ollama's clients ask for the model to be loaded.
     if prompt.is_empty() {
         return load(&state, Dialect::Generate, &model);
@@ -125,7 +129,8 @@ pub(crate) async fn generate(
         Prompt::Chat(turns)
     };
     let options = options(&fields, state.config.default_max_tokens)?;
-    let request = options.request(resolve(&state, &model), prompt);
+    let mut request = options.request(resolve(&state, &model), prompt);
+    request.constraint = constraint;
     run(
         &state,
         Dialect::Generate,
@@ -233,7 +238,6 @@ impl Dialect {
 /// The messages of a chat request, or `None` for none at all (Ollama's "load the model").
 fn parse_chat(fields: &Fields<'_>) -> Result<Option<Vec<ChatMessage>>, ApiError> {
     refuse_non_empty(fields, "tools", "tools are not supported")?;
-    refuse_format(fields)?;
     let Some(value) = fields.get("messages") else {
         return Ok(None);
     };
@@ -257,14 +261,23 @@ fn parse_chat(fields: &Fields<'_>) -> Result<Option<Vec<ChatMessage>>, ApiError>
     messages(value).map(Some)
 }
 
-/// `format` asks for JSON output (`"json"` or a JSON schema), which is not supported yet.
-fn refuse_format(fields: &Fields<'_>) -> Result<(), ApiError> {
+/// `format`: `"json"` for any JSON object, or a JSON schema the answer must follow.
+fn format(fields: &Fields<'_>) -> Result<Option<OutputConstraint>, ApiError> {
     match fields.get("format") {
-        None => Ok(()),
-        Some(Value::String(format)) if format.is_empty() => Ok(()),
-        Some(_) => Err(ApiError::invalid_param(
+        None => Ok(None),
+        Some(Value::String(format)) if format.is_empty() => Ok(None),
+        Some(Value::String(format)) if format == "json" => {
+            Ok(Some(OutputConstraint::json_object()))
+        }
+        Some(schema @ Value::Object(_)) => {
+            Ok(Some(OutputConstraint::JsonSchema(schema.to_string())))
+        }
+        Some(other) => Err(ApiError::invalid_param(
             "format",
-            "'format' (JSON output or a JSON schema) is not supported",
+            format!(
+                "'format' must be \"json\" or a JSON schema object, got {}",
+                describe(other)
+            ),
         )),
     }
 }
@@ -289,6 +302,7 @@ struct Options {
 impl Options {
     fn request(&self, model: String, prompt: Prompt) -> GenerationRequest {
         GenerationRequest {
+            constraint: None,
             model,
             prompt,
             max_tokens: self.max_tokens,
@@ -470,7 +484,11 @@ async fn run(
     started: Instant,
     log: RequestLog,
 ) -> Result<Response, OllamaError> {
-    let mut running = Running::start(state, request, dialect.prompt_param(), log).await?;
+    let params = Params {
+        prompt: dialect.prompt_param(),
+        constraint: "format",
+    };
+    let mut running = Running::start(state, request, params, log).await?;
     let lines = Lines {
         dialect,
         model,

@@ -475,6 +475,67 @@ fn chat_request() -> Value {
         "logprobs".to_owned(),
         json!({"type": ["boolean", "null"], "const": false, "description": "Not supported"}),
     );
+    properties.insert(
+        "tools".to_owned(),
+        json!({
+            "type": ["array", "null"],
+            "items": object(
+                json!({
+                    "type": {"const": "function"},
+                    "function": object(
+                        json!({
+                            "name": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$"},
+                            "description": {"type": "string"},
+                            "parameters": {"type": "object", "description": "JSON Schema of the arguments"},
+                        }),
+                        &["name"],
+                    ),
+                }),
+                &["type", "function"],
+            ),
+            "description": "Functions the model may call. They reach the model in a generic \
+                prompt (Hermes format: a <tools> block in the system message); calls come back \
+                in message.tool_calls with finish_reason tool_calls",
+        }),
+    );
+    properties.insert(
+        "tool_choice".to_owned(),
+        json!({
+            "oneOf": [
+                {"enum": ["none", "auto", "required"]},
+                object(
+                    json!({"type": {"const": "function"}, "function": object(json!({"name": {"type": "string"}}), &["name"])}),
+                    &["type", "function"],
+                ),
+                {"type": "null"},
+            ],
+            "default": "auto",
+            "description": "required and a named function constrain the output to exactly one \
+                call whose arguments are valid against the tool's schema",
+        }),
+    );
+    properties.insert(
+        "response_format".to_owned(),
+        json!({
+            "oneOf": [
+                object(json!({"type": {"enum": ["text", "json_object"]}}), &["type"]),
+                object(
+                    json!({
+                        "type": {"const": "json_schema"},
+                        "json_schema": object(
+                            json!({"name": {"type": "string"}, "schema": {"type": ["object", "boolean"]}, "strict": {"type": "boolean"}}),
+                            &[],
+                        ),
+                    }),
+                    &["type", "json_schema"],
+                ),
+                {"type": "null"},
+            ],
+            "description": "json_object and json_schema are enforced by constrained decoding: \
+                the answer always parses, and validates against the schema when it ends with \
+                finish_reason stop. A schema the engine cannot compile is a 400 naming the problem",
+        }),
+    );
     object(Value::Object(properties), &["model", "messages"])
 }
 
@@ -483,8 +544,9 @@ fn chat_message() -> Value {
         json!({
             "role": {
                 "type": "string",
-                "enum": ["system", "developer", "user", "assistant"],
-                "description": "developer is treated as system",
+                "enum": ["system", "developer", "user", "assistant", "tool"],
+                "description": "developer is treated as system; a tool message's content goes \
+                    back to the model as a <tool_response> block in a user turn",
             },
             "content": {
                 "oneOf": [
@@ -500,8 +562,13 @@ fn chat_message() -> Value {
                 ],
             },
             "name": {"type": "string", "description": "Accepted and ignored"},
+            "tool_calls": {
+                "type": "array",
+                "description": "An assistant turn's earlier calls, written back as <tool_call> blocks",
+            },
+            "tool_call_id": {"type": "string", "description": "Accepted and ignored"},
         }),
-        &["role", "content"],
+        &["role"],
     )
 }
 

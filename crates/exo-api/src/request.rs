@@ -12,6 +12,7 @@ use serde_json::{Map, Value};
 
 use crate::error::ApiError;
 use crate::state::AppState;
+use crate::tools::{self, ToolUse};
 use exo_core::{ChatMessage as Message, GenerationRequest, Prompt, SamplingParams};
 
 /// OpenAI accepts at most this many stop strings.
@@ -85,6 +86,10 @@ pub(crate) struct Parsed {
     pub(crate) request: GenerationRequest,
     pub(crate) stream: bool,
     pub(crate) include_usage: bool,
+    /// The tools offered, whose calls are read back out of the answer.
+    pub(crate) tools: Option<ToolUse>,
+    /// The field a constraint the engine cannot compile is blamed on.
+    pub(crate) constraint_param: &'static str,
 }
 
 /// Validates a `POST /v1/chat/completions` body.
@@ -94,7 +99,7 @@ pub(crate) fn chat(
 ) -> Result<Parsed, ApiError> {
     let fields = Fields(body);
     let model = fields.required_string("model")?;
-    let messages = messages(fields.get("messages").ok_or_else(|| missing("messages"))?)?;
+    let mut messages = messages(fields.get("messages").ok_or_else(|| missing("messages"))?)?;
     if fields.bool("logprobs")? == Some(true) {
         return Err(ApiError::invalid_param(
             "logprobs",
@@ -107,21 +112,21 @@ pub(crate) fn chat(
             "logprobs are not supported",
         ));
     }
-    if let Some(tools) = fields.get("tools")
-        && tools.as_array().is_none_or(|tools| !tools.is_empty())
-    {
-        return Err(ApiError::invalid_param("tools", "tools are not supported"));
+    let tools = tools::parse(&fields)?;
+    let format = tools::response_format(&fields)?;
+    if let Some(tools) = &tools {
+        tools.add_to(&mut messages);
     }
-    if let Some(format) = fields.get("response_format") {
-        let kind = format.get("type").and_then(Value::as_str);
-        if kind != Some("text") {
-            return Err(ApiError::invalid_param(
-                "response_format",
-                "only response_format {\"type\": \"text\"} is supported",
-            ));
-        }
-    }
-    common(&fields, model, Prompt::Chat(messages), default_max_tokens)
+    let mut parsed = common(&fields, model, Prompt::Chat(messages), default_max_tokens)?;
+    // A call the request demands is the output's grammar; otherwise the response format's.
+    let (constraint, param) = match tools.as_ref().and_then(ToolUse::constraint) {
+        Some(call) => (Some(call), "tool_choice"),
+        None => (format, "response_format"),
+    };
+    parsed.request.constraint = constraint;
+    parsed.constraint_param = param;
+    parsed.tools = tools;
+    Ok(parsed)
 }
 
 /// Validates a `POST /v1/completions` body.
@@ -290,6 +295,7 @@ fn common(
 
     Ok(Parsed {
         request: GenerationRequest {
+            constraint: None,
             model,
             prompt,
             max_tokens,
@@ -305,6 +311,8 @@ fn common(
         },
         stream,
         include_usage: stream && include_usage,
+        tools: None,
+        constraint_param: "response_format",
     })
 }
 
@@ -351,12 +359,14 @@ fn message(i: usize, item: &Value) -> Result<Message, ApiError> {
         "system" | "developer" => "system",
         "user" => "user",
         "assistant" => "assistant",
+        // A tool's result goes back to the model in a user turn (see `tools`).
+        "tool" => "tool",
         other => {
             return Err(ApiError::invalid_param(
                 at("role"),
                 format!(
-                    "'{}' is '{other}', which is not supported; use system, developer, user or \
-                     assistant",
+                    "'{}' is '{other}', which is not supported; use system, developer, user, \
+                     assistant or tool",
                     at("role")
                 ),
             ));
@@ -383,6 +393,19 @@ fn message(i: usize, item: &Value) -> Result<Message, ApiError> {
                 ),
             ));
         }
+    };
+    if role == "tool" {
+        return Ok(Message::new("user", tools::write_result(&content)));
+    }
+    let content = match fields.get("tool_calls") {
+        Some(calls) if role == "assistant" => {
+            let calls = tools::write_calls(i, calls)?;
+            match content.is_empty() {
+                true => calls,
+                false => format!("{content}\n{calls}"),
+            }
+        }
+        _ => content,
     };
     Ok(Message {
         role: role.to_owned(),

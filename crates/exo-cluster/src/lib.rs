@@ -27,6 +27,7 @@ mod clients;
 mod engine;
 mod error;
 mod gateway;
+mod grammar;
 mod inbox;
 mod live;
 mod node;

@@ -20,6 +20,7 @@ use tokio::sync::watch;
 
 use crate::clients::ClientPool;
 use crate::error::{Error, Result};
+use crate::grammar::ModelGrammars;
 use crate::origin::request::ResumePolicy;
 use crate::origin::{OriginModel, Origins, model_id};
 use crate::plan::{ActivePlan, PlanState, model_profile, plan_cluster};
@@ -175,6 +176,7 @@ impl Node {
             .min(config.plan_context.max(1));
         let longest_token_bytes = tokenizer.longest_token_bytes();
         let eos = model_config.eos_token_ids.clone();
+        let grammars = Arc::new(ModelGrammars::new(tokenizer.clone(), eos.clone()));
         let stages = Arc::new(Stages::new(
             id.clone(),
             ModelSource {
@@ -185,6 +187,7 @@ impl Node {
                 weights: config.weights,
                 step_rows: config.step_rows,
                 memory_offered,
+                grammars: Arc::clone(&grammars),
             },
             plan.clone(),
             links.clone(),
@@ -197,6 +200,7 @@ impl Node {
                 tokenizer,
                 template,
                 eos,
+                grammars,
                 context,
                 longest_token_bytes,
                 default_max_tokens: config.default_max_tokens,

@@ -219,6 +219,79 @@ async fn a_stage_lost_mid_request_is_replayed_elsewhere_and_the_answer_goes_on_u
     cluster.shutdown().await;
 }
 
+/// A schema whose answers are long (30 numbers of 4-5 digits), in an array written without
+/// spaces: the tiny model's vocabulary has neither spaces nor braces.
+fn thirty_numbers() -> exo_core::OutputConstraint {
+    exo_core::OutputConstraint::JsonSchema(
+        serde_json::json!({
+            "type": "array",
+            "items": {"type": "integer", "minimum": 1000, "maximum": 99999},
+            "minItems": 30, "maxItems": 30,
+            "x-guidance": {"item_separator": ",", "whitespace_flexible": false},
+        })
+        .to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_constrained_answer_follows_its_schema_across_stages_and_through_a_replay() {
+    let model = TestModel::tiny(6, 13);
+    let mut cluster = TestCluster::start(&model, &[GIB, GIB, GIB]).await;
+    assert_eq!(cluster.wait_ready().await.stages.len(), 3);
+    let request = exo_core::GenerationRequest {
+        sampling: hot(3),
+        constraint: Some(thirty_numbers()),
+        ignore_eos: false,
+        ..raw_request(PROMPT, 230)
+    };
+    let whole = |r: exo_core::GenerationRequest| {
+        let node = std::sync::Arc::clone(cluster.node(0));
+        async move { collect(node.generate(r).await.unwrap()).await.unwrap() }
+    };
+    let (text, end) = whole(request.clone()).await;
+    // A random model's answer, forced into the schema: it parses and validates, and ends
+    // there (with the end-of-sequence token) rather than running to the limit.
+    let value: serde_json::Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    let numbers = value.as_array().unwrap();
+    assert_eq!(numbers.len(), 30, "{text}");
+    assert!(
+        numbers
+            .iter()
+            .all(|n| (1000..=99999).contains(&n.as_i64().unwrap())),
+        "{text}"
+    );
+    assert_eq!(end.reason, exo_core::FinishReason::Stop, "{text}");
+    assert!(end.token_ids.len() > 100, "{} tokens", end.token_ids.len());
+
+    // The same request with a stage stopped mid-answer: the last stage of the new plan walks
+    // the grammar through the tokens already generated, and the answer goes on unchanged.
+    let mut events = cluster.node(0).generate(request).await.unwrap();
+    let start = first_pieces(&mut events, 3).await;
+    cluster.stop_node(2).await;
+    let (rest, resumed) = collect(events).await.expect("the request must go on");
+    assert_eq!(start + &rest, text);
+    assert_eq!(resumed.token_ids, end.token_ids);
+    assert_eq!(cluster.node(0).resumed_requests(), 1);
+
+    // A schema the engine cannot compile is refused before anything runs, naming why.
+    let bad = exo_core::GenerationRequest {
+        constraint: Some(exo_core::OutputConstraint::JsonSchema(
+            r#"{"type": "colour"}"#.into(),
+        )),
+        ..raw_request(PROMPT, 5)
+    };
+    match cluster.node(0).generate(bad).await {
+        Err(GenerationError::Invalid { param, message }) => {
+            assert_eq!(param.as_deref(), Some("constraint"));
+            assert!(message.contains("colour"), "{message}");
+        }
+        other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
+    }
+    cluster.wait_idle().await;
+    cluster.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_request_that_cannot_resume_ends_with_an_error_naming_why_within_the_bound() {
     let model = TestModel::tiny(6, 13);

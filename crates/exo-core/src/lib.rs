@@ -21,6 +21,7 @@ mod step;
 pub use error::{FailureKind, GenerationError, StageFailure};
 pub use ids::{Epoch, LayerRange, NodeId, RequestId, Stage};
 pub use request::{
-    ChatMessage, FinishReason, Finished, GenerationEvent, GenerationRequest, Prompt, SamplingParams,
+    ChatMessage, FinishReason, Finished, GenerationEvent, GenerationRequest, OutputConstraint,
+    Prompt, SamplingParams,
 };
 pub use step::{Activations, RequestStart, StepEntry, StepFrame, StepInput, TokenOut};

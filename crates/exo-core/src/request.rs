@@ -100,6 +100,30 @@ impl SamplingParams {
     }
 }
 
+/// A grammar the output must follow, enforced while sampling (constrained decoding): every
+/// token that would leave it is masked out, and the generation ends once it is complete.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(Serialize, Deserialize),
+    serde(rename_all = "snake_case")
+)]
+pub enum OutputConstraint {
+    /// A JSON value valid against this JSON Schema (the schema's JSON text).
+    /// `{"type": "object"}` asks for any JSON object.
+    JsonSchema(String),
+    /// A grammar in llguidance's Lark dialect (which embeds JSON schemas with `%json`): the
+    /// tool calls of a request that must call a tool.
+    Lark(String),
+}
+
+impl OutputConstraint {
+    /// Any JSON object (OpenAI's `response_format: {"type": "json_object"}`).
+    pub fn json_object() -> Self {
+        OutputConstraint::JsonSchema(r#"{"type":"object"}"#.to_owned())
+    }
+}
+
 /// One generation asked of the cluster (or of a single process).
 #[derive(Clone, Debug, PartialEq)]
 #[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
@@ -117,6 +141,8 @@ pub struct GenerationRequest {
     pub stop: Vec<String>,
     /// Keep generating past end-of-sequence tokens (benchmarks, parity tests).
     pub ignore_eos: bool,
+    /// A grammar the output must follow; `None` leaves it free.
+    pub constraint: Option<OutputConstraint>,
 }
 
 impl GenerationRequest {
@@ -129,6 +155,7 @@ impl GenerationRequest {
             sampling: SamplingParams::greedy(),
             stop: Vec::new(),
             ignore_eos: false,
+            constraint: None,
         }
     }
 }

@@ -9,7 +9,7 @@
 
 use crate::error::StageFailure;
 use crate::ids::{NodeId, RequestId};
-use crate::request::SamplingParams;
+use crate::request::{OutputConstraint, SamplingParams};
 
 /// Hidden activations of consecutive rows: `rows × hidden` values, row-major.
 #[derive(Clone, Debug, PartialEq, Default)]
@@ -54,6 +54,11 @@ pub struct RequestStart {
     /// Random draws the sampler has already made for this request: a request resumed on
     /// another plan replays its tokens, and its sampler goes on where it stopped.
     pub sampled: u32,
+    /// A grammar the sampled tokens must follow.
+    pub constraint: Option<OutputConstraint>,
+    /// The tokens already generated, when the request resumes with a constraint: the last
+    /// stage walks its grammar through them before sampling the next.
+    pub generated: Vec<u32>,
 }
 
 /// One request's part of a frame.

@@ -310,6 +310,79 @@ impl Tokenizer {
         self.inner.id_to_token(id)
     }
 
+    /// The bytes each token id stands for, indexed by id: what a grammar engine needs to know
+    /// which tokens may come next. Control tokens are their text after a `0xFF` byte (a byte
+    /// no UTF-8 text holds, so no grammar over text can match them); ids without a token are
+    /// empty.
+    ///
+    /// Byte-level vocabularies (GPT-2's, Llama 3's, Qwen's, SmolLM's) map each character back
+    /// to its byte; SentencePiece vocabularies read `▁` as a space and `<0xAB>` as the byte
+    /// 0xAB.
+    pub fn token_bytes(&self) -> Result<Vec<Vec<u8>>> {
+        let decoder = match self.inner.get_decoder() {
+            Some(decoder) => serde_json::to_value(decoder).map_err(|e| Error::Tokenizer {
+                path: self.source.clone(),
+                message: format!("reading the decoder: {e}"),
+            })?,
+            None => serde_json::Value::Null,
+        };
+        let kind = |d: &serde_json::Value| d["type"].as_str().unwrap_or_default().to_owned();
+        let mut parts = vec![decoder.clone()];
+        if let Some(list) = decoder["decoders"].as_array() {
+            parts.extend(list.iter().cloned());
+        }
+        let byte_level = parts.iter().any(|d| kind(d) == "ByteLevel");
+        // The character SentencePiece writes for a space: a Replace decoder's pattern, or a
+        // Metaspace decoder's replacement; `▁` when neither says.
+        let space = parts
+            .iter()
+            .find_map(|d| match kind(d).as_str() {
+                "Replace" if d["content"].as_str() == Some(" ") => d["pattern"]["String"]
+                    .as_str()
+                    .and_then(|p| p.chars().next()),
+                "Metaspace" => d["replacement"].as_str().and_then(|p| p.chars().next()),
+                _ => None,
+            })
+            .unwrap_or('\u{2581}');
+        let unicode_to_byte: HashMap<char, u8> = byte_level_chars()
+            .into_iter()
+            .enumerate()
+            .map(|(byte, c)| (c, byte as u8))
+            .collect();
+        let mut bytes = vec![Vec::new(); self.vocab_size()];
+        for (token, id) in self.inner.get_vocab(true) {
+            let Some(slot) = bytes.get_mut(id as usize) else {
+                continue;
+            };
+            *slot = if let Some(text) = self.special.get(&id) {
+                let mut b = vec![0xFF];
+                b.extend_from_slice(text.as_bytes());
+                b
+            } else if let Some(byte) = token
+                .strip_prefix("<0x")
+                .and_then(|t| t.strip_suffix('>'))
+                .filter(|hex| hex.len() == 2)
+                .and_then(|hex| u8::from_str_radix(hex, 16).ok())
+            {
+                vec![byte]
+            } else if byte_level {
+                // A character outside the byte map (an added token written as text) stands
+                // for itself.
+                let mut b = Vec::with_capacity(token.len());
+                for c in token.chars() {
+                    match unicode_to_byte.get(&c) {
+                        Some(&byte) => b.push(byte),
+                        None => b.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
+                    }
+                }
+                b
+            } else {
+                token.replace(space, " ").into_bytes()
+            };
+        }
+        Ok(bytes)
+    }
+
     /// Checks that every id this tokenizer produces has a row in a model of `vocab_size`.
     pub fn check_fits(&self, vocab_size: usize, model: &Path) -> Result<()> {
         let ours = self.vocab_size();
@@ -669,6 +742,25 @@ fn pre_tokenizer_for(pre: &str) -> Result<PreTokenizerWrapper, String> {
     })
 }
 
+/// GPT-2's byte-level alphabet: the character each byte is written as, indexed by byte.
+/// Printable bytes stand for themselves; the others take the characters from U+0100 on, in
+/// byte order.
+fn byte_level_chars() -> Vec<char> {
+    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+    let mut next = 0x100u32;
+    (0..=255u8)
+        .map(|b| {
+            if printable(b) {
+                char::from(b)
+            } else {
+                let c = char::from_u32(next).unwrap_or('\u{fffd}');
+                next += 1;
+                c
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -715,6 +807,25 @@ pub(crate) mod tests {
         assert_eq!(plain.first().copied(), bos);
         assert!(plain[1..].iter().all(|id| !t.special.contains_key(id)));
         assert_eq!(t.decode(&plain[1..])?, "<|im_start|>ab");
+        Ok(())
+    }
+
+    #[test]
+    fn token_bytes_undo_the_byte_level_alphabet_and_mark_control_tokens() -> Result<()> {
+        let t = chatml_tokenizer()?;
+        let bytes = t.token_bytes()?;
+        assert_eq!(bytes.len(), t.vocab_size());
+        // Every one of the 256 bytes has its token, and each token's bytes decode back to it.
+        for byte in 0..=255u8 {
+            let id = bytes.iter().position(|b| b == &[byte]);
+            assert!(id.is_some(), "no token for byte {byte:#x}");
+        }
+        let ab = t.token_id("ab").unwrap_or_default();
+        assert_eq!(bytes[ab as usize], b"ab");
+        let space = t.encode_plain(" ")?;
+        assert_eq!(bytes[space[space.len() - 1] as usize], b" ");
+        let end = t.token_id("<|im_end|>").unwrap_or_default();
+        assert_eq!(bytes[end as usize], b"\xFF<|im_end|>");
         Ok(())
     }
 

@@ -3,8 +3,8 @@
 
 use exo_core::{
     Activations, ChatMessage, Epoch, FailureKind, FinishReason, Finished, GenerationError,
-    GenerationEvent, GenerationRequest, LayerRange, NodeId, Prompt, RequestId, RequestStart,
-    SamplingParams, Stage, StageFailure, StepEntry, StepFrame, StepInput, TokenOut,
+    GenerationEvent, GenerationRequest, LayerRange, NodeId, OutputConstraint, Prompt, RequestId,
+    RequestStart, SamplingParams, Stage, StageFailure, StepEntry, StepFrame, StepInput, TokenOut,
 };
 use half::{bf16, f16};
 
@@ -234,6 +234,8 @@ pub(crate) fn frame_to_pb(frame: &StepFrame, wire: WireDtype) -> pb::Frame {
                 sampling: Some(sampling_to_pb(&s.sampling)),
                 positions: s.positions,
                 sampled: s.sampled,
+                constraint: s.constraint.as_ref().map(constraint_to_pb),
+                generated: s.generated.clone(),
             }),
             end: e.end,
         })
@@ -305,6 +307,8 @@ pub(crate) fn frame_from_pb(frame: &pb::Frame, limits: &Limits) -> Result<StepFr
                     })?)?,
                     positions: s.positions,
                     sampled: s.sampled,
+                    constraint: constraint_from_pb(s.constraint.as_ref())?,
+                    generated: s.generated.clone(),
                 }),
             };
             Ok(StepEntry {
@@ -511,6 +515,7 @@ impl From<&GenerationRequest> for pb::GenerateRequest {
             sampling: Some(sampling_to_pb(&r.sampling)),
             stop: r.stop.clone(),
             ignore_eos: r.ignore_eos,
+            constraint: r.constraint.as_ref().map(constraint_to_pb),
         }
     }
 }
@@ -540,7 +545,32 @@ impl TryFrom<pb::GenerateRequest> for GenerationRequest {
             },
             stop: r.stop,
             ignore_eos: r.ignore_eos,
+            constraint: constraint_from_pb(r.constraint.as_ref())?,
         })
+    }
+}
+
+fn constraint_to_pb(c: &OutputConstraint) -> pb::Constraint {
+    use pb::constraint::Kind;
+    pb::Constraint {
+        kind: Some(match c {
+            OutputConstraint::JsonSchema(schema) => Kind::JsonSchema(schema.clone()),
+            OutputConstraint::Lark(grammar) => Kind::Lark(grammar.clone()),
+        }),
+    }
+}
+
+fn constraint_from_pb(c: Option<&pb::Constraint>) -> Result<Option<OutputConstraint>> {
+    use pb::constraint::Kind;
+    match c.map(|c| &c.kind) {
+        None => Ok(None),
+        Some(Some(Kind::JsonSchema(schema))) => {
+            Ok(Some(OutputConstraint::JsonSchema(schema.clone())))
+        }
+        Some(Some(Kind::Lark(grammar))) => Ok(Some(OutputConstraint::Lark(grammar.clone()))),
+        Some(None) => Err(Error::invalid(
+            "a constraint must carry a schema or a grammar",
+        )),
     }
 }
 
@@ -865,6 +895,8 @@ mod tests {
             sampling: SamplingParams::greedy(),
             positions: 40,
             sampled: 3,
+            constraint: Some(OutputConstraint::json_object()),
+            generated: vec![5, 6, 7],
         }
     }
 

@@ -77,6 +77,8 @@ pub async fn send_raw_frame(
                     )),
                     positions: rows,
                     sampled: 0,
+                    constraint: None,
+                    generated: Vec::new(),
                 }),
                 end: true,
             }],

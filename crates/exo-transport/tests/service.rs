@@ -199,6 +199,8 @@ fn epoch() -> Epoch {
 fn started(request: u64, position: u32, rows: u32) -> StepEntry {
     let mut e = StepEntry::rows(RequestId(request), position, rows, true);
     e.start = Some(RequestStart {
+        constraint: None,
+        generated: Vec::new(),
         origin: NodeId::from("origin-a"),
         sampling: SamplingParams::greedy(),
         positions: 64,

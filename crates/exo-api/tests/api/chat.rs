@@ -189,6 +189,7 @@ async fn request_fields_reach_the_engine() {
     assert_eq!(
         engine.probe.requests(),
         vec![GenerationRequest {
+            constraint: None,
             model: "llama-3.2-1b".into(),
             prompt: Prompt::Chat(vec![
                 message("system", "Be brief."),

@@ -19,9 +19,9 @@ async fn invalid_chat_requests_are_400_naming_the_field() {
         (json!({"messages": []}), "messages", "at least one"),
         (json!({"messages": "hi"}), "messages", "must be an array"),
         (
-            json!({"messages": [user(json!("a")), {"role": "tool", "content": "x"}]}),
+            json!({"messages": [user(json!("a")), {"role": "function", "content": "x"}]}),
             "messages[1].role",
-            "'tool'",
+            "'function'",
         ),
         (
             json!({"messages": [{"role": 3, "content": "x"}]}),
@@ -112,13 +112,23 @@ async fn invalid_chat_requests_are_400_naming_the_field() {
         (json!({"top_logprobs": 3}), "top_logprobs", "not supported"),
         (
             json!({"tools": [{"type": "function"}]}),
-            "tools",
-            "not supported",
+            "tools[0].function",
+            "must be an object",
         ),
         (
-            json!({"response_format": {"type": "json_object"}}),
+            json!({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "maybe"}),
+            "tool_choice",
+            "none, auto, required",
+        ),
+        (
+            json!({"response_format": {"type": "yaml"}}),
             "response_format",
-            "text",
+            "json_schema",
+        ),
+        (
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": "no"}}}),
+            "response_format.json_schema.schema",
+            "JSON Schema object",
         ),
         (json!({"stream": "yes"}), "stream", "boolean"),
         (json!({"stream_options": true}), "stream_options", "object"),

@@ -17,4 +17,5 @@ mod openapi;
 mod queue;
 mod serve;
 mod support;
+mod tools;
 mod web;

@@ -279,8 +279,8 @@ async fn errors_use_ollamas_shape_and_status() {
 
     for body in [
         json!({"messages": [{"role": "user", "content": "hi"}]}),
-        with(chat_body(), json!({"format": "json"})),
-        with(chat_body(), json!({"format": {"type": "object"}})),
+        with(chat_body(), json!({"format": "yaml"})),
+        with(chat_body(), json!({"format": 7})),
         with(chat_body(), json!({"options": {"temperature": "hot"}})),
         with(chat_body(), json!({"options": {"num_predict": 0}})),
         with(chat_body(), json!({"tools": [{"type": "function"}]})),

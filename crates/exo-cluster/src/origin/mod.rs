@@ -14,6 +14,7 @@ use exo_core::{Epoch, GenerationError, GenerationRequest, NodeId, Prompt, Reques
 use exo_model::{ChatTemplate, Tokenizer};
 use tokio::sync::{mpsc, watch};
 
+use crate::grammar::ModelGrammars;
 use crate::inbox::Inboxes;
 use crate::origin::request::{Journal, RequestTask, ResumePolicy};
 use crate::origin::route::{Route, RouteDeps};
@@ -30,6 +31,8 @@ pub(crate) struct OriginModel {
     pub(crate) tokenizer: Tokenizer,
     pub(crate) template: Option<ChatTemplate>,
     pub(crate) eos: Vec<u32>,
+    /// The model's grammars, to refuse a constraint they cannot compile.
+    pub(crate) grammars: Arc<ModelGrammars>,
     /// Positions a request may use in all (prompt plus generated): the model's context, or
     /// less, what the plan reserves keys and values for (`--plan-context`).
     pub(crate) context: usize,
@@ -227,8 +230,16 @@ impl Origins {
             .await
             .map_err(|_| GenerationError::Internal("the tokenizing pool closed".into()))?;
         let (model, prompt) = (Arc::clone(&self.model), request.prompt);
+        let constraint = request.constraint.clone();
         let prompt = tokio::task::spawn_blocking(move || {
-            let ids = model.prompt_ids(&prompt);
+            // A grammar the last stage could not compile is refused here, before any work.
+            let ids = match &constraint {
+                Some(c) => model
+                    .grammars
+                    .guide(c)
+                    .and_then(|_| model.prompt_ids(&prompt)),
+                None => model.prompt_ids(&prompt),
+            };
             drop(permit);
             ids
         })
@@ -250,6 +261,7 @@ impl Origins {
                 generated: Vec::new(),
             },
             sampling: request.sampling,
+            constraint: request.constraint,
             max_tokens,
             stop: request.stop,
             ignore_eos: request.ignore_eos,
@@ -283,6 +295,7 @@ mod tests {
             template: None,
             longest_token_bytes: 8,
             eos: vec![2],
+            grammars: Arc::new(ModelGrammars::new(checkpoint.tokenizer().unwrap(), vec![2])),
             context,
             default_max_tokens: Some(256),
             prefill_chunk: 512,

@@ -9,8 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use exo_core::{
-    FailureKind, FinishReason, Finished, GenerationError, GenerationEvent, NodeId, RequestId,
-    RequestStart, SamplingParams, StageFailure, StepEntry, StepFrame, StepInput, TokenOut,
+    FailureKind, FinishReason, Finished, GenerationError, GenerationEvent, NodeId,
+    OutputConstraint, RequestId, RequestStart, SamplingParams, StageFailure, StepEntry, StepFrame,
+    StepInput, TokenOut,
 };
 use exo_model::Detokenizer;
 use tokio::sync::mpsc;
@@ -118,6 +119,7 @@ pub(crate) struct RequestTask {
     pub(crate) inbox: Inbox,
     pub(crate) journal: Journal,
     pub(crate) sampling: SamplingParams,
+    pub(crate) constraint: Option<OutputConstraint>,
     pub(crate) max_tokens: usize,
     pub(crate) stop: Vec<String>,
     pub(crate) ignore_eos: bool,
@@ -261,6 +263,12 @@ impl RequestTask {
                     sampling: self.sampling,
                     positions: (self.journal.prompt.len() + self.max_tokens) as u32,
                     sampled: self.journal.generated.len() as u32,
+                    constraint: self.constraint.clone(),
+                    // Only a grammar needs them; the sampler counts its draws.
+                    generated: match self.constraint {
+                        Some(_) => self.journal.generated.clone(),
+                        None => Vec::new(),
+                    },
                 });
             }
             // A busy first stage may hold a chunk back for a while: a caller that leaves

@@ -18,6 +18,7 @@ use exo_shard::{Device, LlamaShard, Weights};
 use exo_transport::{AssignReport, Assignment, NodeStatus};
 use tokio::sync::watch;
 
+use crate::grammar::ModelGrammars;
 use crate::plan::PlanState;
 use crate::stage::link::{LinkSettings, LinkTarget};
 use crate::stage::worker::{WorkerHandle, WorkerMsg, WorkerSpec};
@@ -36,6 +37,8 @@ pub(crate) struct ModelSource {
     /// Memory this node offers the cluster, if known: what its weights leave of it bounds the
     /// keys and values its requests may reserve.
     pub(crate) memory_offered: Option<u64>,
+    /// The model's grammars, for constrained requests.
+    pub(crate) grammars: Arc<ModelGrammars>,
 }
 
 /// What a node keeps of the memory it offers for the process and its buffers, not for keys
@@ -409,6 +412,7 @@ impl Stages {
             active: Arc::clone(&self.active),
             step_rows: self.source.step_rows,
             stats: Arc::clone(&self.stats),
+            grammars: Arc::clone(&self.source.grammars),
             kv_positions: self.source.memory_offered.map(|offered| {
                 let room = offered.saturating_sub(held.weight_bytes + memory_margin(offered));
                 room / (held.shard.kv_bytes_per_position().max(1) as u64)

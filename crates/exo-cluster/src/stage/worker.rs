@@ -29,9 +29,11 @@ use exo_core::{
     Activations, Epoch, FailureKind, NodeId, RequestId, RequestStart, Stage, StageFailure,
     StepEntry, StepFrame, StepInput, TokenOut,
 };
+use exo_grammar::Guide;
 use exo_shard::{KvCache, LlamaShard, Sampler};
 use tokio::sync::mpsc;
 
+use crate::grammar::ModelGrammars;
 use crate::inbox::Inboxes;
 
 /// The longest the first stage waits, before a step, for tokens on their way back.
@@ -215,6 +217,8 @@ pub(crate) struct WorkerSpec {
     pub(crate) kv_positions: Option<u64>,
     /// Where the worker counts its steps.
     pub(crate) stats: Arc<StepStats>,
+    /// The model's grammars, for constrained requests (last stage).
+    pub(crate) grammars: Arc<ModelGrammars>,
 }
 
 /// A worker's queue, before the worker starts.
@@ -272,6 +276,8 @@ pub(crate) fn spawn(
 struct Request {
     cache: KvCache,
     sampler: Option<Sampler>,
+    /// The grammar its tokens must follow (last stage, constrained requests).
+    guide: Option<Guide>,
     origin: NodeId,
     link: LinkId,
     /// Positions reserved against the stage's budget.
@@ -726,23 +732,22 @@ impl Worker {
         } else {
             None
         };
-        let sampler = match (&refused, self.last) {
-            (None, true) => match Sampler::new(start.sampling) {
-                Ok(mut s) => {
+        let sampling = match (&refused, self.last) {
+            (None, true) => match self.sampling_state(start) {
+                Ok((mut s, guide)) => {
                     s.skip(start.sampled);
-                    Some(s)
+                    Some((s, guide))
                 }
                 Err(e) => {
-                    self.drop_waiting(
-                        request,
-                        start.origin.clone(),
-                        FailureKind::Failed,
-                        e.to_string(),
-                    );
+                    self.drop_waiting(request, start.origin.clone(), FailureKind::Failed, e);
                     return false;
                 }
             },
             _ => None,
+        };
+        let (sampler, guide) = match sampling {
+            Some((sampler, guide)) => (Some(sampler), guide),
+            None => (None, None),
         };
         if let Some(reason) = refused {
             self.drop_waiting(request, start.origin.clone(), FailureKind::Refused, reason);
@@ -758,6 +763,7 @@ impl Worker {
             Request {
                 cache,
                 sampler,
+                guide,
                 origin: start.origin.clone(),
                 link,
                 positions,
@@ -767,6 +773,27 @@ impl Worker {
             },
         );
         true
+    }
+
+    /// The sampler of a request that starts on this (last) stage, and its grammar walked
+    /// through the tokens it generated before, if it has one.
+    fn sampling_state(&self, start: &RequestStart) -> Result<(Sampler, Option<Guide>), String> {
+        let sampler = Sampler::new(start.sampling).map_err(|e| e.to_string())?;
+        let guide = match &start.constraint {
+            None => None,
+            Some(constraint) => {
+                let mut guide = self
+                    .spec
+                    .grammars
+                    .guide(constraint)
+                    .map_err(|e| format!("compiling the request's grammar: {e}"))?;
+                guide
+                    .replay(&start.generated)
+                    .map_err(|e| format!("replaying the request's tokens: {e}"))?;
+                Some(guide)
+            }
+        };
+        Ok((sampler, guide))
     }
 
     /// Drops the waiting work of a request that cannot start, telling its origin why and
@@ -1039,14 +1066,28 @@ impl Worker {
         // A request whose logits cannot be sampled (NaN from a broken-down model) fails alone;
         // the failure names this stage and its layers, the last that computed its logits.
         let mut unsampled: Vec<(RequestId, String)> = Vec::new();
-        for (piece, logits) in sampling.iter().zip(self.logits.chunks_exact(vocab.max(1))) {
+        for (piece, logits) in sampling
+            .iter()
+            .zip(self.logits.chunks_exact_mut(vocab.max(1)))
+        {
             let Some(request) = self.requests.get_mut(&piece.request) else {
                 continue;
             };
             let Some(sampler) = request.sampler.as_mut() else {
                 return Err("the last stage has no sampler".to_owned());
             };
-            let token = match sampler.sample(logits) {
+            let sampled = match request.guide.as_mut() {
+                None => sampler.sample(logits).map_err(|e| e.to_string()),
+                Some(guide) => guide
+                    .restrict(logits)
+                    .map_err(|e| e.to_string())
+                    .and_then(|()| sampler.sample(logits).map_err(|e| e.to_string()))
+                    .and_then(|token| {
+                        guide.accept(token).map_err(|e| e.to_string())?;
+                        Ok(token)
+                    }),
+            };
+            let token = match sampled {
                 Ok(token) => token,
                 Err(e) => {
                     let at = piece.work.position + piece.rows as u32;
@@ -1243,6 +1284,10 @@ mod tests {
             step_rows,
             kv_positions,
             stats: Arc::default(),
+            grammars: Arc::new(ModelGrammars::new(
+                checkpoint.tokenizer().unwrap(),
+                config.eos_token_ids.clone(),
+            )),
         };
         let timer = gathers.then(|| {
             tokio::runtime::Builder::new_current_thread()
@@ -1280,6 +1325,8 @@ mod tests {
     fn start(request: u64, rows: u32, positions: u32) -> StepFrame {
         let mut entry = StepEntry::rows(RequestId(request), 0, rows, true);
         entry.start = Some(RequestStart {
+            constraint: None,
+            generated: Vec::new(),
             origin: NodeId::from("me"),
             sampling: SamplingParams::greedy(),
             positions,

@@ -1,0 +1,221 @@
+"""What agents and frameworks build on, with their own client libraries, against a running
+exo-node: structured output (the openai SDK's `.parse` with a Pydantic model, LangChain's
+`with_structured_output`), tool calls (the openai SDK whole and streamed, LangChain's
+`bind_tools`) and a tool's result going back in so the answer continues.
+
+Run by tests/agents_clients.rs; exits non-zero with a message on the first failed check.
+"""
+
+import argparse
+import json
+import sys
+from typing import List
+
+from openai import OpenAI
+from pydantic import BaseModel, Field
+
+
+def check(condition, message):
+    if not condition:
+        print(f"FAILED: {message}", file=sys.stderr)
+        sys.exit(1)
+
+
+class Person(BaseModel):
+    name: str = Field(max_length=40)
+    age: int
+    hobbies: List[str] = Field(max_length=3)
+
+
+class Capital(BaseModel):
+    country: str = Field(max_length=40)
+    capital: str = Field(max_length=40)
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather of a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 40},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "description": "The current time in a time zone",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"type": "string", "maxLength": 40}},
+            "required": ["zone"],
+        },
+    },
+}
+ASK = [{"role": "user", "content": "What is the weather in Paris, in celsius?"}]
+
+
+def openai_checks(client, model, results):
+    # Structured output: `.parse` sends a strict json_schema and validates the answer.
+    for seed in range(3):
+        parsed = client.chat.completions.parse(
+            model=model,
+            messages=[{"role": "user", "content": "Describe a person: name, age and hobbies."}],
+            response_format=Person,
+            max_tokens=200,
+            temperature=0.7,
+            seed=seed,
+        )
+        person = parsed.choices[0].message.parsed
+        check(isinstance(person, Person), f"parse gave {parsed}")
+    results["parse"] = person.model_dump()
+
+    # json_object: any JSON object.
+    reply = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "Reply in JSON with the capital of France."}],
+        response_format={"type": "json_object"},
+        max_tokens=100,
+        temperature=0,
+    )
+    text = reply.choices[0].message.content
+    check(reply.choices[0].finish_reason == "stop", f"json_object did not end: {reply}")
+    check(isinstance(json.loads(text), dict), f"json_object gave {text!r}")
+    results["json_object"] = text
+
+    # A required call, whole: parsed into tool_calls with arguments valid for the schema.
+    reply = client.chat.completions.create(
+        model=model, messages=ASK, tools=[WEATHER, TIME], tool_choice="required", max_tokens=100
+    )
+    choice = reply.choices[0]
+    check(choice.finish_reason == "tool_calls", f"finish_reason {choice.finish_reason}")
+    calls = choice.message.tool_calls
+    check(calls and len(calls) == 1, f"tool_calls {calls}")
+    call = calls[0]
+    check(call.function.name in ("get_weather", "get_time"), f"called {call.function.name}")
+    args = json.loads(call.function.arguments)
+    results["required_call"] = {"name": call.function.name, "arguments": args}
+
+    # A named function, streamed: the SDK's deltas add up to the call.
+    stream = client.chat.completions.create(
+        model=model,
+        messages=ASK,
+        tools=[WEATHER, TIME],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=100,
+        stream=True,
+    )
+    name, arguments, finish, content = None, "", None, ""
+    for chunk in stream:
+        if not chunk.choices:
+            continue
+        delta = chunk.choices[0].delta
+        if delta.content:
+            content += delta.content
+        for tc in delta.tool_calls or []:
+            name = tc.function.name or name
+            arguments += tc.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    check(name == "get_weather", f"streamed call named {name!r}")
+    check(finish == "tool_calls", f"streamed finish {finish!r}")
+    check(content == "", f"a forced call streamed text {content!r}")
+    args = json.loads(arguments)
+    check(set(args) == {"city", "unit"} and args["unit"] in ("celsius", "fahrenheit"), f"{args}")
+    results["named_call_streamed"] = args
+
+    # The round trip: the call and its result go back in, and the model answers in text.
+    messages = ASK + [
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": json.dumps(args)},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21, "sky": "sunny"}'},
+    ]
+    reply = client.chat.completions.create(
+        model=model, messages=messages, tools=[WEATHER], tool_choice="none", max_tokens=60,
+        temperature=0,
+    )
+    answer = reply.choices[0].message
+    check(answer.tool_calls is None, f"tool_choice none still called {answer.tool_calls}")
+    check(answer.content, f"no answer after the tool result: {reply}")
+    results["after_tool"] = answer.content
+
+    # A schema the engine cannot compile is a 400 that names the field.
+    try:
+        client.chat.completions.create(
+            model=model,
+            messages=ASK,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "colour"}}},
+            max_tokens=10,
+        )
+        check(False, "an impossible schema was accepted")
+    except Exception as e:  # openai.BadRequestError
+        check(getattr(e, "status_code", None) == 400, f"impossible schema: {e!r}")
+        body = getattr(e, "body", None) or {}
+        check(body.get("param") == "response_format", f"impossible schema blamed on {body}")
+        results["bad_schema"] = body.get("message")
+
+
+def langchain_checks(base_url, api_key, model, results):
+    from langchain_core.messages import HumanMessage, ToolMessage
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(base_url=base_url, api_key=api_key, model=model, max_tokens=120,
+                     temperature=0, max_retries=0, timeout=120)
+
+    structured = llm.with_structured_output(Capital, method="json_schema")
+    capital = structured.invoke("What is the capital of France?")
+    check(isinstance(capital, Capital), f"with_structured_output gave {capital!r}")
+    results["langchain_structured"] = capital.model_dump()
+
+    @tool
+    def get_weather(city: str) -> str:
+        """The current weather of a city."""
+        return f"It is sunny and 21 degrees in {city}."
+
+    bound = llm.bind_tools([get_weather], tool_choice="get_weather")
+    question = HumanMessage("What is the weather in Paris?")
+    first = bound.invoke([question])
+    check(first.tool_calls, f"bind_tools gave no tool call: {first!r}")
+    call = first.tool_calls[0]
+    check(call["name"] == "get_weather" and isinstance(call["args"].get("city"), str), f"{call}")
+    result = get_weather.invoke(call["args"])
+    follow = llm.bind_tools([get_weather]).invoke(
+        [question, first, ToolMessage(result, tool_call_id=call["id"])]
+    )
+    check(isinstance(follow.content, str), f"after the tool: {follow!r}")
+    results["langchain_call"] = call["args"]
+    results["langchain_after_tool"] = follow.content
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--base-url", required=True)
+    parser.add_argument("--api-key", default="none")
+    args = parser.parse_args()
+    client = OpenAI(base_url=args.base_url, api_key=args.api_key, max_retries=0, timeout=120)
+    model = client.models.list().data[0].id
+    results = {}
+    openai_checks(client, model, results)
+    langchain_checks(args.base_url, args.api_key, model, results)
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+//! Tools and structured output at the API: what reaches the engine (the tools' prompt, the
+//! history's calls and results, the grammar) and how calls in the text come back, whole and
+//! streamed.
+
+use exo_api::{OutputConstraint, Prompt};
+use serde_json::{Value, json};
+
+use crate::fake::FakeEngine;
+use crate::support::{app, chat_body, post, sse_chunks, with};
+
+fn weather() -> Value {
+    json!([{"type": "function", "function": {
+        "name": "get_weather",
+        "description": "Weather of a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    }}])
+}
+
+#[tokio::test]
+async fn tools_and_the_history_reach_the_model_in_the_hermes_format() {
+    let engine = FakeEngine::new().build();
+    let body = with(
+        chat_body(),
+        json!({
+            "tools": weather(),
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+            ],
+        }),
+    );
+    let reply = post(&app(&engine), "/v1/chat/completions", body).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let request = engine.probe.requests().pop().unwrap();
+    let Prompt::Chat(messages) = request.prompt else {
+        panic!("{:?}", request.prompt);
+    };
+    assert_eq!(messages[0].role, "system");
+    assert!(
+        messages[0].content.starts_with("Be brief.\n\n# Tools"),
+        "{}",
+        messages[0].content
+    );
+    assert!(
+        messages[0].content.contains("\"name\":\"get_weather\""),
+        "{}",
+        messages[0].content
+    );
+    assert_eq!(
+        messages[2].content,
+        "<tool_call>\n{\"name\":\"get_weather\",\"arguments\":{\"city\":\"Paris\"}}\n</tool_call>"
+    );
+    assert_eq!(messages[3].role, "user");
+    assert_eq!(
+        messages[3].content,
+        "<tool_response>\nsunny\n</tool_response>"
+    );
+    // `auto`: the model is free, no grammar.
+    assert_eq!(request.constraint, None);
+}
+
+#[tokio::test]
+async fn a_required_call_and_a_response_format_are_grammars() {
+    let engine = FakeEngine::new().build();
+    let app = app(&engine);
+    post(
+        &app,
+        "/v1/chat/completions",
+        with(
+            chat_body(),
+            json!({"tools": weather(), "tool_choice": "required"}),
+        ),
+    )
+    .await;
+    post(
+        &app,
+        "/v1/chat/completions",
+        with(
+            chat_body(),
+            json!({"response_format": {"type": "json_object"}}),
+        ),
+    )
+    .await;
+    let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
+    post(
+        &app,
+        "/v1/chat/completions",
+        with(chat_body(), json!({"response_format": {"type": "json_schema", "json_schema": {"name": "s", "strict": true, "schema": schema}}})),
+    )
+    .await;
+    // `none`: the tools are not even shown to the model.
+    post(
+        &app,
+        "/v1/chat/completions",
+        with(
+            chat_body(),
+            json!({"tools": weather(), "tool_choice": "none"}),
+        ),
+    )
+    .await;
+    let requests = engine.probe.requests();
+    assert!(
+        matches!(&requests[0].constraint, Some(OutputConstraint::Lark(g)) if g.contains("get_weather"))
+    );
+    assert_eq!(
+        requests[1].constraint,
+        Some(OutputConstraint::json_object())
+    );
+    assert_eq!(
+        requests[2].constraint,
+        Some(OutputConstraint::JsonSchema(schema.to_string()))
+    );
+    assert_eq!(requests[3].constraint, None);
+    let Prompt::Chat(messages) = &requests[3].prompt else {
+        panic!()
+    };
+    assert!(messages.iter().all(|m| !m.content.contains("# Tools")));
+}
+
+#[tokio::test]
+async fn a_call_in_the_text_comes_back_as_tool_calls() {
+    let engine = FakeEngine::new()
+        .pieces(&[
+            "Sure.",
+            "<tool_call>\n{\"name\": \"get_weather\", ",
+            "\"arguments\": {\"city\": \"Paris\"}}\n</tool_call>",
+        ])
+        .build();
+    let body = post(
+        &app(&engine),
+        "/v1/chat/completions",
+        with(chat_body(), json!({"tools": weather()})),
+    )
+    .await
+    .json();
+    let choice = &body["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls");
+    assert_eq!(choice["message"]["content"], "Sure.");
+    let call = &choice["message"]["tool_calls"][0];
+    assert_eq!(call["type"], "function");
+    assert!(call["id"].as_str().unwrap().starts_with("call_"));
+    assert_eq!(call["function"]["name"], "get_weather");
+    assert_eq!(call["function"]["arguments"], "{\"city\":\"Paris\"}");
+}
+
+#[tokio::test]
+async fn a_streamed_call_is_held_back_and_sent_as_one_delta() {
+    // The opening tag arrives cut in two: nothing of it may leak as text.
+    let engine = FakeEngine::new()
+        .pieces(&[
+            "Let me check <tool",
+            "_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}</tool_call>",
+        ])
+        .build();
+    let reply = post(
+        &app(&engine),
+        "/v1/chat/completions",
+        with(chat_body(), json!({"tools": weather(), "stream": true})),
+    )
+    .await;
+    let chunks = sse_chunks(&reply);
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, "Let me check ");
+    let calls: Vec<&Value> = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"].get("tool_calls"))
+        .collect();
+    assert_eq!(calls.len(), 1, "{chunks:?}");
+    assert_eq!(calls[0][0]["index"], 0);
+    assert_eq!(calls[0][0]["function"]["arguments"], "{\"city\":\"Oslo\"}");
+    let last = chunks
+        .iter()
+        .rev()
+        .find(|c| !c["choices"][0]["finish_reason"].is_null())
+        .unwrap();
+    assert_eq!(last["choices"][0]["finish_reason"], "tool_calls");
+}
+
+#[tokio::test]
+async fn text_that_only_looks_like_a_tag_streams_as_text() {
+    let engine = FakeEngine::new().pieces(&["a <to", "y> b"]).build();
+    let reply = post(
+        &app(&engine),
+        "/v1/chat/completions",
+        with(chat_body(), json!({"tools": weather(), "stream": true})),
+    )
+    .await;
+    let chunks = sse_chunks(&reply);
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, "a <toy> b");
+    assert!(
+        chunks
+            .iter()
+            .all(|c| c["choices"][0]["delta"].get("tool_calls").is_none())
+    );
+}
