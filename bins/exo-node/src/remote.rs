@@ -52,6 +52,7 @@ pub(crate) fn generate(args: GenerateArgs) -> Result<()> {
         Prompt::Chat(messages)
     };
     let request = GenerationRequest {
+        penalties: Default::default(),
         constraint: None,
         model: String::new(),
         prompt,

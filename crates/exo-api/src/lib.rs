@@ -61,7 +61,7 @@ pub use crate::openapi::openapi;
 pub use crate::routes::router;
 pub use exo_core::{
     ChatMessage, FinishReason, Finished, GenerationError, GenerationEvent, GenerationRequest,
-    OutputConstraint, Prompt, SamplingParams,
+    OutputConstraint, Penalties, Prompt, SamplingParams,
 };
 
 /// Serves the API on an already-bound `listener` until `shutdown` resolves, then stops

@@ -302,6 +302,7 @@ struct Options {
 impl Options {
     fn request(&self, model: String, prompt: Prompt) -> GenerationRequest {
         GenerationRequest {
+            penalties: Default::default(),
             constraint: None,
             model,
             prompt,

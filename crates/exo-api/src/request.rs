@@ -13,7 +13,7 @@ use serde_json::{Map, Value};
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::tools::{self, ToolUse};
-use exo_core::{ChatMessage as Message, GenerationRequest, Prompt, SamplingParams};
+use exo_core::{ChatMessage as Message, GenerationRequest, Penalties, Prompt, SamplingParams};
 
 /// OpenAI accepts at most this many stop strings.
 const MAX_STOP: usize = 4;
@@ -206,24 +206,7 @@ fn common(
             format!("only n=1 is supported, got {n}"),
         ));
     }
-    for penalty in ["presence_penalty", "frequency_penalty"] {
-        if let Some(value) = fields.number(penalty)?
-            && value != 0.0
-        {
-            return Err(ApiError::invalid_param(
-                penalty,
-                format!("{penalty} is not supported; only 0 is accepted, got {value}"),
-            ));
-        }
-    }
-    if let Some(bias) = fields.get("logit_bias")
-        && bias.as_object().is_none_or(|bias| !bias.is_empty())
-    {
-        return Err(ApiError::invalid_param(
-            "logit_bias",
-            "logit_bias is not supported",
-        ));
-    }
+    let penalties = penalties(fields)?;
 
     // OpenAI's newer name wins when both are given.
     let max_tokens = match fields.count("max_completion_tokens")? {
@@ -308,12 +291,76 @@ fn common(
             },
             stop,
             ignore_eos: false,
+            penalties,
         },
         stream,
         include_usage: stream && include_usage,
         tools: None,
         constraint_param: "response_format",
     })
+}
+
+/// `presence_penalty`, `frequency_penalty` (-2 to 2) and `logit_bias` (token ids, as the
+/// object's keys, to biases from -100 to 100).
+fn penalties(fields: &Fields<'_>) -> Result<Penalties, ApiError> {
+    let mut penalties = Penalties::default();
+    for (name, slot) in [
+        ("presence_penalty", &mut penalties.presence),
+        ("frequency_penalty", &mut penalties.frequency),
+    ] {
+        if let Some(value) = fields.number(name)? {
+            if !(-2.0..=2.0).contains(&value) {
+                return Err(ApiError::invalid_param(
+                    name,
+                    format!("'{name}' must be between -2 and 2, got {value}"),
+                ));
+            }
+            *slot = value as f32;
+        }
+    }
+    match fields.get("logit_bias") {
+        None => {}
+        Some(Value::Object(biases)) => {
+            if biases.len() > Penalties::MAX_BIASES {
+                return Err(ApiError::invalid_param(
+                    "logit_bias",
+                    format!(
+                        "'logit_bias' may hold at most {} tokens, got {}",
+                        Penalties::MAX_BIASES,
+                        biases.len()
+                    ),
+                ));
+            }
+            for (token, bias) in biases {
+                let id: u32 = token.parse().map_err(|_| {
+                    ApiError::invalid_param(
+                        "logit_bias",
+                        format!("'logit_bias' keys must be token ids, got '{token}'"),
+                    )
+                })?;
+                let bias = bias.as_f64().filter(|b| (-100.0..=100.0).contains(b)).ok_or_else(|| {
+                    ApiError::invalid_param(
+                        "logit_bias",
+                        format!(
+                            "'logit_bias' values must be numbers from -100 to 100, got {} for token {id}",
+                            describe(bias)
+                        ),
+                    )
+                })?;
+                penalties.logit_bias.push((id, bias as f32));
+            }
+        }
+        Some(other) => {
+            return Err(ApiError::invalid_param(
+                "logit_bias",
+                format!(
+                    "'logit_bias' must be an object of token ids to biases, got {}",
+                    describe(other)
+                ),
+            ));
+        }
+    }
+    Ok(penalties)
 }
 
 pub(crate) fn messages(value: &Value) -> Result<Vec<Message>, ApiError> {

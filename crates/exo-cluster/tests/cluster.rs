@@ -293,6 +293,69 @@ async fn a_constrained_answer_follows_its_schema_across_stages_and_through_a_rep
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn penalties_and_biases_apply_on_the_last_stage_and_survive_a_replay() {
+    let model = TestModel::tiny(6, 13);
+    let mut cluster = TestCluster::start(&model, &[GIB, GIB, GIB]).await;
+    assert_eq!(cluster.wait_ready().await.stages.len(), 3);
+    let whole = |r: exo_core::GenerationRequest| {
+        let node = std::sync::Arc::clone(cluster.node(0));
+        async move {
+            collect(node.generate(r).await.unwrap())
+                .await
+                .unwrap()
+                .1
+                .token_ids
+        }
+    };
+    // A random model's greedy answer repeats itself; banning its first token changes the
+    // answer at once, and a frequency penalty makes it vary.
+    let plain = whole(raw_request(PROMPT, 60)).await;
+    let banned = plain[0];
+    let penalized = exo_core::GenerationRequest {
+        penalties: exo_core::Penalties {
+            presence: 0.5,
+            frequency: 2.0,
+            logit_bias: vec![(banned, -100.0)],
+        },
+        ..raw_request(PROMPT, 60)
+    };
+    let ids = whole(penalized.clone()).await;
+    assert!(!ids.contains(&banned), "{ids:?}");
+    let distinct = |ids: &[u32]| ids.iter().collect::<std::collections::HashSet<_>>().len();
+    assert!(
+        distinct(&ids) > distinct(&plain),
+        "{ids:?} against {plain:?}"
+    );
+
+    // Stopped mid-answer, the replayed request counts the tokens it had generated: the answer
+    // is the uninterrupted one.
+    let mut events = cluster.node(0).generate(penalized).await.unwrap();
+    first_pieces(&mut events, 3).await;
+    cluster.stop_node(2).await;
+    let (_, resumed) = collect(events).await.expect("the request must go on");
+    assert_eq!(resumed.token_ids, ids);
+    assert_eq!(cluster.node(0).resumed_requests(), 1);
+
+    // A bias for a token the model does not have is refused, naming the field.
+    let bad = exo_core::GenerationRequest {
+        penalties: exo_core::Penalties {
+            logit_bias: vec![(1_000_000, 1.0)],
+            ..Default::default()
+        },
+        ..raw_request(PROMPT, 5)
+    };
+    match cluster.node(0).generate(bad).await {
+        Err(GenerationError::Invalid { param, message }) => {
+            assert_eq!(param.as_deref(), Some("logit_bias"));
+            assert!(message.contains("1000000"), "{message}");
+        }
+        other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
+    }
+    cluster.wait_idle().await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_request_that_cannot_resume_ends_with_an_error_naming_why_within_the_bound() {
     let model = TestModel::tiny(6, 13);
     let options = Options {

@@ -22,6 +22,6 @@ pub use error::{FailureKind, GenerationError, StageFailure};
 pub use ids::{Epoch, LayerRange, NodeId, RequestId, Stage};
 pub use request::{
     ChatMessage, FinishReason, Finished, GenerationEvent, GenerationRequest, OutputConstraint,
-    Prompt, SamplingParams,
+    Penalties, Prompt, SamplingParams,
 };
 pub use step::{Activations, RequestStart, StepEntry, StepFrame, StepInput, TokenOut};

@@ -100,6 +100,70 @@ impl SamplingParams {
     }
 }
 
+/// OpenAI's adjustments of the logits before sampling: penalties on tokens already generated
+/// (not the prompt's) and fixed biases by token id.
+#[derive(Clone, Debug, Default, PartialEq)]
+#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
+pub struct Penalties {
+    /// Subtracted once from the logit of every token generated at least once (-2 to 2).
+    pub presence: f32,
+    /// Subtracted from a token's logit for each time it was generated (-2 to 2).
+    pub frequency: f32,
+    /// Added to these tokens' logits (-100 to 100; -100 in effect bans a token).
+    pub logit_bias: Vec<(u32, f32)>,
+}
+
+impl Penalties {
+    /// The most entries `logit_bias` may hold.
+    pub const MAX_BIASES: usize = 1024;
+
+    /// Whether these change nothing.
+    pub fn is_none(&self) -> bool {
+        self.presence == 0.0 && self.frequency == 0.0 && self.logit_bias.is_empty()
+    }
+
+    /// Whether they depend on the tokens generated so far.
+    pub fn uses_history(&self) -> bool {
+        self.presence != 0.0 || self.frequency != 0.0
+    }
+
+    /// Checks the ranges (the vocabulary is checked where it is known).
+    pub fn validate(&self) -> Result<(), GenerationError> {
+        for (name, value) in [
+            ("presence_penalty", self.presence),
+            ("frequency_penalty", self.frequency),
+        ] {
+            if !(-2.0..=2.0).contains(&value) {
+                return Err(GenerationError::invalid(
+                    name,
+                    format!("{name} must be between -2 and 2, got {value}"),
+                ));
+            }
+        }
+        if self.logit_bias.len() > Self::MAX_BIASES {
+            return Err(GenerationError::invalid(
+                "logit_bias",
+                format!(
+                    "logit_bias may hold at most {} tokens, got {}",
+                    Self::MAX_BIASES,
+                    self.logit_bias.len()
+                ),
+            ));
+        }
+        if let Some((token, bias)) = self
+            .logit_bias
+            .iter()
+            .find(|(_, b)| !(-100.0..=100.0).contains(b))
+        {
+            return Err(GenerationError::invalid(
+                "logit_bias",
+                format!("the bias of token {token} must be between -100 and 100, got {bias}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// A grammar the output must follow, enforced while sampling (constrained decoding): every
 /// token that would leave it is masked out, and the generation ends once it is complete.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -143,6 +207,8 @@ pub struct GenerationRequest {
     pub ignore_eos: bool,
     /// A grammar the output must follow; `None` leaves it free.
     pub constraint: Option<OutputConstraint>,
+    /// Penalties and biases applied to the logits before sampling.
+    pub penalties: Penalties,
 }
 
 impl GenerationRequest {
@@ -156,6 +222,7 @@ impl GenerationRequest {
             stop: Vec::new(),
             ignore_eos: false,
             constraint: None,
+            penalties: Penalties::default(),
         }
     }
 }

@@ -9,7 +9,7 @@
 
 use crate::error::StageFailure;
 use crate::ids::{NodeId, RequestId};
-use crate::request::{OutputConstraint, SamplingParams};
+use crate::request::{OutputConstraint, Penalties, SamplingParams};
 
 /// Hidden activations of consecutive rows: `rows × hidden` values, row-major.
 #[derive(Clone, Debug, PartialEq, Default)]
@@ -56,8 +56,10 @@ pub struct RequestStart {
     pub sampled: u32,
     /// A grammar the sampled tokens must follow.
     pub constraint: Option<OutputConstraint>,
-    /// The tokens already generated, when the request resumes with a constraint: the last
-    /// stage walks its grammar through them before sampling the next.
+    /// Penalties and biases the last stage applies before sampling.
+    pub penalties: Penalties,
+    /// The tokens already generated, when the request resumes with a constraint or
+    /// penalties: the last stage walks its grammar through them and counts them.
     pub generated: Vec<u32>,
 }
 

@@ -1,11 +1,13 @@
 //! Choosing the next token from logits: greedy, temperature, top-k, top-p, with a seed.
 
+use std::collections::HashMap;
+
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::error::{Error, Result};
 
-pub use exo_core::SamplingParams;
+pub use exo_core::{Penalties, SamplingParams};
 
 /// Temperatures below this sample greedily. Dividing logits by a smaller temperature overflows
 /// (1e-40 turns every logit into an infinity) and leaves nothing to draw between anyway: at
@@ -17,6 +19,9 @@ pub(crate) const GREEDY_TEMPERATURE: f32 = 1e-5;
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
+    penalties: Penalties,
+    /// How often each token was generated, while penalties need it.
+    counts: HashMap<u32, u32>,
 }
 
 impl Sampler {
@@ -26,7 +31,50 @@ impl Sampler {
             .validate()
             .map_err(|e| Error::Sampling(format!("invalid parameters: {e}")))?;
         let rng = StdRng::seed_from_u64(params.seed);
-        Ok(Sampler { params, rng })
+        Ok(Sampler {
+            params,
+            rng,
+            penalties: Penalties::default(),
+            counts: HashMap::new(),
+        })
+    }
+
+    /// Applies OpenAI's penalties and biases from now on; `history` is what was generated
+    /// before (a resumed request), counted as if this sampler had sampled it.
+    pub fn with_penalties(mut self, penalties: Penalties, history: &[u32]) -> Result<Self> {
+        penalties
+            .validate()
+            .map_err(|e| Error::Sampling(format!("invalid parameters: {e}")))?;
+        self.penalties = penalties;
+        if self.penalties.uses_history() {
+            for &token in history {
+                *self.counts.entry(token).or_default() += 1;
+            }
+        }
+        Ok(self)
+    }
+
+    /// Adjusts one position's logits by the penalties (tokens generated so far) and the
+    /// biases; ids past the logits are ignored. Call before [`Sampler::sample`].
+    pub fn penalize(&self, logits: &mut [f32]) {
+        for (&token, &count) in &self.counts {
+            if let Some(logit) = logits.get_mut(token as usize) {
+                *logit -= self.penalties.presence + self.penalties.frequency * count as f32;
+            }
+        }
+        for &(token, bias) in &self.penalties.logit_bias {
+            if let Some(logit) = logits.get_mut(token as usize) {
+                *logit += bias;
+            }
+        }
+    }
+
+    /// Counts a token that was chosen, for the penalties.
+    fn chose(&mut self, token: u32) -> u32 {
+        if self.penalties.uses_history() {
+            *self.counts.entry(token).or_default() += 1;
+        }
+        token
     }
 
     /// Whether this sampler takes the most likely token (temperature 0, or one below 1e-5) and
@@ -55,6 +103,11 @@ impl Sampler {
     /// impossible; `+inf` is read as the limit it stands for, all of the probability shared by
     /// the infinite logits (greedy takes the first of them).
     pub fn sample(&mut self, logits: &[f32]) -> Result<u32> {
+        let token = self.draw(logits)?;
+        Ok(self.chose(token))
+    }
+
+    fn draw(&mut self, logits: &[f32]) -> Result<u32> {
         if logits.is_empty() {
             return Err(Error::Sampling("no logits to sample from".into()));
         }
@@ -152,6 +205,43 @@ mod tests {
             seed: 7,
             ..Default::default()
         })
+    }
+
+    #[test]
+    fn penalties_push_generated_tokens_down_and_biases_move_any() -> Result<()> {
+        let penalties = Penalties {
+            presence: 0.5,
+            frequency: 1.0,
+            logit_bias: vec![(3, -100.0), (0, 0.25)],
+        };
+        // Token 1 came twice before (a resumed request's history), token 2 once.
+        let mut s = sampler(0.0)?.with_penalties(penalties.clone(), &[1, 2, 1])?;
+        let mut logits = vec![1.0, 4.0, 3.1, 9.0, 0.0];
+        s.penalize(&mut logits);
+        assert_eq!(
+            logits,
+            vec![1.25, 4.0 - (0.5 + 2.0), 3.1 - (0.5 + 1.0), -91.0, 0.0]
+        );
+        // Greedy now picks token 2; picking it counts it.
+        assert_eq!(s.sample(&logits)?, 2);
+        let mut again = vec![1.0, 4.0, 3.1, 9.0, 0.0];
+        s.penalize(&mut again);
+        assert_eq!(again[2], 3.1 - (0.5 + 2.0));
+        // Out-of-range ids and penalties are refused or ignored, never a panic.
+        let mut short = vec![0.0; 2];
+        s.penalize(&mut short);
+        assert!(
+            sampler(0.0)?
+                .with_penalties(
+                    Penalties {
+                        presence: 3.0,
+                        ..Penalties::default()
+                    },
+                    &[]
+                )
+                .is_err()
+        );
+        Ok(())
     }
 
     #[test]

@@ -3,8 +3,9 @@
 
 use exo_core::{
     Activations, ChatMessage, Epoch, FailureKind, FinishReason, Finished, GenerationError,
-    GenerationEvent, GenerationRequest, LayerRange, NodeId, OutputConstraint, Prompt, RequestId,
-    RequestStart, SamplingParams, Stage, StageFailure, StepEntry, StepFrame, StepInput, TokenOut,
+    GenerationEvent, GenerationRequest, LayerRange, NodeId, OutputConstraint, Penalties, Prompt,
+    RequestId, RequestStart, SamplingParams, Stage, StageFailure, StepEntry, StepFrame, StepInput,
+    TokenOut,
 };
 use half::{bf16, f16};
 
@@ -169,6 +170,7 @@ pub(crate) fn sampling_to_pb(s: &SamplingParams) -> pb::Sampling {
         top_p: s.top_p,
         top_k: s.top_k,
         seed: s.seed,
+        ..pb::Sampling::default()
     }
 }
 
@@ -231,7 +233,7 @@ pub(crate) fn frame_to_pb(frame: &StepFrame, wire: WireDtype) -> pb::Frame {
             sample: e.sample,
             start: e.start.as_ref().map(|s| pb::RequestStart {
                 origin: s.origin.as_str().to_owned(),
-                sampling: Some(sampling_to_pb(&s.sampling)),
+                sampling: Some(penalties_to_pb(&s.penalties, sampling_to_pb(&s.sampling))),
                 positions: s.positions,
                 sampled: s.sampled,
                 constraint: s.constraint.as_ref().map(constraint_to_pb),
@@ -305,6 +307,7 @@ pub(crate) fn frame_from_pb(frame: &pb::Frame, limits: &Limits) -> Result<StepFr
                     sampling: sampling_from_pb(s.sampling.as_ref().ok_or_else(|| {
                         Error::invalid("a request's start must carry its sampling")
                     })?)?,
+                    penalties: penalties_from_pb(s.sampling.as_ref())?,
                     positions: s.positions,
                     sampled: s.sampled,
                     constraint: constraint_from_pb(s.constraint.as_ref())?,
@@ -512,7 +515,7 @@ impl From<&GenerationRequest> for pb::GenerateRequest {
                 }),
             }),
             max_tokens: r.max_tokens.unwrap_or(0),
-            sampling: Some(sampling_to_pb(&r.sampling)),
+            sampling: Some(penalties_to_pb(&r.penalties, sampling_to_pb(&r.sampling))),
             stop: r.stop.clone(),
             ignore_eos: r.ignore_eos,
             constraint: r.constraint.as_ref().map(constraint_to_pb),
@@ -536,6 +539,7 @@ impl TryFrom<pb::GenerateRequest> for GenerationRequest {
             ),
         };
         Ok(GenerationRequest {
+            penalties: penalties_from_pb(r.sampling.as_ref())?,
             model: r.model,
             prompt,
             max_tokens: (r.max_tokens > 0).then_some(r.max_tokens),
@@ -548,6 +552,40 @@ impl TryFrom<pb::GenerateRequest> for GenerationRequest {
             constraint: constraint_from_pb(r.constraint.as_ref())?,
         })
     }
+}
+
+fn penalties_to_pb(p: &Penalties, mut s: pb::Sampling) -> pb::Sampling {
+    s.presence_penalty = p.presence;
+    s.frequency_penalty = p.frequency;
+    (s.bias_tokens, s.bias_values) = p.logit_bias.iter().copied().unzip();
+    s
+}
+
+fn penalties_from_pb(s: Option<&pb::Sampling>) -> Result<Penalties> {
+    let Some(s) = s else {
+        return Ok(Penalties::default());
+    };
+    if s.bias_tokens.len() != s.bias_values.len() {
+        return Err(Error::invalid(format!(
+            "{} biased tokens with {} biases",
+            s.bias_tokens.len(),
+            s.bias_values.len()
+        )));
+    }
+    let penalties = Penalties {
+        presence: s.presence_penalty,
+        frequency: s.frequency_penalty,
+        logit_bias: s
+            .bias_tokens
+            .iter()
+            .copied()
+            .zip(s.bias_values.iter().copied())
+            .collect(),
+    };
+    penalties
+        .validate()
+        .map_err(|e| Error::invalid(e.to_string()))?;
+    Ok(penalties)
 }
 
 fn constraint_to_pb(c: &OutputConstraint) -> pb::Constraint {
@@ -891,6 +929,11 @@ mod tests {
 
     fn start() -> RequestStart {
         RequestStart {
+            penalties: Penalties {
+                presence: 0.5,
+                frequency: -0.25,
+                logit_bias: vec![(3, -100.0), (9, 2.5)],
+            },
             origin: NodeId::from("origin"),
             sampling: SamplingParams::greedy(),
             positions: 40,

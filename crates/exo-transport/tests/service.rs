@@ -199,6 +199,7 @@ fn epoch() -> Epoch {
 fn started(request: u64, position: u32, rows: u32) -> StepEntry {
     let mut e = StepEntry::rows(RequestId(request), position, rows, true);
     e.start = Some(RequestStart {
+        penalties: Default::default(),
         constraint: None,
         generated: Vec::new(),
         origin: NodeId::from("origin-a"),

@@ -174,8 +174,9 @@ async fn request_fields_reach_the_engine() {
         "seed": 42,
         "stop": "\n\n",
         "n": 1,
-        "presence_penalty": 0,
-        "frequency_penalty": 0.0,
+        "presence_penalty": 0.5,
+        "frequency_penalty": -0.25,
+        "logit_bias": {"7": -100, "12": 3.5},
         "logprobs": false,
         "user": "someone",
         "metadata": {"anything": "goes"},
@@ -189,6 +190,11 @@ async fn request_fields_reach_the_engine() {
     assert_eq!(
         engine.probe.requests(),
         vec![GenerationRequest {
+            penalties: exo_api::Penalties {
+                presence: 0.5,
+                frequency: -0.25,
+                logit_bias: vec![(7, -100.0), (12, 3.5)],
+            },
             constraint: None,
             model: "llama-3.2-1b".into(),
             prompt: Prompt::Chat(vec![

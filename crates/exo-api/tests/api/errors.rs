@@ -99,15 +99,22 @@ async fn invalid_chat_requests_are_400_naming_the_field() {
         (json!({"stop": [1]}), "stop", "strings"),
         (json!({"n": 2}), "n", "n=1"),
         (
-            json!({"presence_penalty": 0.5}),
+            json!({"presence_penalty": 2.5}),
             "presence_penalty",
-            "not supported",
+            "between -2 and 2",
         ),
         (
-            json!({"frequency_penalty": -1}),
+            json!({"frequency_penalty": "high"}),
             "frequency_penalty",
-            "not supported",
+            "a number",
         ),
+        (json!({"logit_bias": {"x": 1}}), "logit_bias", "token ids"),
+        (
+            json!({"logit_bias": {"5": 101}}),
+            "logit_bias",
+            "-100 to 100",
+        ),
+        (json!({"logit_bias": [1]}), "logit_bias", "an object"),
         (json!({"logprobs": true}), "logprobs", "not supported"),
         (json!({"top_logprobs": 3}), "top_logprobs", "not supported"),
         (

@@ -219,6 +219,19 @@ impl Origins {
             });
         }
         request.sampling.validate()?;
+        request.penalties.validate()?;
+        let vocab = self.model.tokenizer.vocab_size();
+        if let Some((token, _)) = request
+            .penalties
+            .logit_bias
+            .iter()
+            .find(|(t, _)| *t as usize >= vocab)
+        {
+            return Err(GenerationError::invalid(
+                "logit_bias",
+                format!("token {token} is not in this model's vocabulary of {vocab} tokens"),
+            ));
+        }
         self.model.refuse_far_too_long(&request.prompt)?;
         let plan = self.current_plan()?;
         // Templating and tokenizing a long prompt takes a while: off the async workers, and a
@@ -262,6 +275,7 @@ impl Origins {
             },
             sampling: request.sampling,
             constraint: request.constraint,
+            penalties: request.penalties,
             max_tokens,
             stop: request.stop,
             ignore_eos: request.ignore_eos,

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use exo_core::{
     FailureKind, FinishReason, Finished, GenerationError, GenerationEvent, NodeId,
-    OutputConstraint, RequestId, RequestStart, SamplingParams, StageFailure, StepEntry, StepFrame,
-    StepInput, TokenOut,
+    OutputConstraint, Penalties, RequestId, RequestStart, SamplingParams, StageFailure, StepEntry,
+    StepFrame, StepInput, TokenOut,
 };
 use exo_model::Detokenizer;
 use tokio::sync::mpsc;
@@ -120,6 +120,7 @@ pub(crate) struct RequestTask {
     pub(crate) journal: Journal,
     pub(crate) sampling: SamplingParams,
     pub(crate) constraint: Option<OutputConstraint>,
+    pub(crate) penalties: Penalties,
     pub(crate) max_tokens: usize,
     pub(crate) stop: Vec<String>,
     pub(crate) ignore_eos: bool,
@@ -264,10 +265,12 @@ impl RequestTask {
                     positions: (self.journal.prompt.len() + self.max_tokens) as u32,
                     sampled: self.journal.generated.len() as u32,
                     constraint: self.constraint.clone(),
-                    // Only a grammar needs them; the sampler counts its draws.
-                    generated: match self.constraint {
-                        Some(_) => self.journal.generated.clone(),
-                        None => Vec::new(),
+                    penalties: self.penalties.clone(),
+                    // Only a grammar and penalties need them; the sampler counts its draws.
+                    generated: if self.constraint.is_some() || self.penalties.uses_history() {
+                        self.journal.generated.clone()
+                    } else {
+                        Vec::new()
                     },
                 });
             }

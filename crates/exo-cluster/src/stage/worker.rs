@@ -778,7 +778,9 @@ impl Worker {
     /// The sampler of a request that starts on this (last) stage, and its grammar walked
     /// through the tokens it generated before, if it has one.
     fn sampling_state(&self, start: &RequestStart) -> Result<(Sampler, Option<Guide>), String> {
-        let sampler = Sampler::new(start.sampling).map_err(|e| e.to_string())?;
+        let sampler = Sampler::new(start.sampling)
+            .and_then(|s| s.with_penalties(start.penalties.clone(), &start.generated))
+            .map_err(|e| e.to_string())?;
         let guide = match &start.constraint {
             None => None,
             Some(constraint) => {
@@ -1076,6 +1078,7 @@ impl Worker {
             let Some(sampler) = request.sampler.as_mut() else {
                 return Err("the last stage has no sampler".to_owned());
             };
+            sampler.penalize(logits);
             let sampled = match request.guide.as_mut() {
                 None => sampler.sample(logits).map_err(|e| e.to_string()),
                 Some(guide) => guide
@@ -1325,6 +1328,7 @@ mod tests {
     fn start(request: u64, rows: u32, positions: u32) -> StepFrame {
         let mut entry = StepEntry::rows(RequestId(request), 0, rows, true);
         entry.start = Some(RequestStart {
+            penalties: Default::default(),
             constraint: None,
             generated: Vec::new(),
             origin: NodeId::from("me"),
