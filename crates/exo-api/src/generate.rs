@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use axum::Json;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
@@ -43,7 +44,7 @@ impl Api {
     }
 }
 
-/// Admits, starts and delivers one generation.
+/// Admits, starts and delivers one generation, or `n` of them as the choices of one answer.
 pub(crate) async fn respond(
     state: &AppState,
     api: Api,
@@ -56,34 +57,91 @@ pub(crate) async fn respond(
         include_usage,
         tools,
         constraint_param,
+        n,
     } = parsed;
-    let format = Format::new(api, request.model.clone(), include_usage, tools);
     let params = Params {
         prompt: api.prompt_param(),
         constraint: constraint_param,
     };
-    let mut running = Running::start(state, request, params, log).await?;
+    if n > state.config.max_concurrent {
+        return Err(ApiError::invalid_param(
+            "n",
+            format!(
+                "'n' is {n}, but this server runs at most {} generations at once (--max-concurrent)",
+                state.config.max_concurrent
+            ),
+        ));
+    }
+    let format = Format::new(api, request.model.clone(), include_usage, tools);
+    // Each choice is a generation of its own, with its own seed (so that sampled choices
+    // differ) and its own slot: `n` counts against `--max-concurrent` like `n` requests.
+    let mut runnings = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut request = request.clone();
+        request.sampling.seed = request.sampling.seed.wrapping_add(i as u64);
+        runnings.push(Running::start(state, request, params, log.clone()).await?);
+    }
 
     if !stream {
-        let (text, finished) = running.whole().await?;
-        let (prompt_tokens, completion_tokens) = counts(&finished);
+        let wholes = futures::future::join_all(runnings.iter_mut().map(Running::whole)).await;
+        let mut choices = Vec::with_capacity(n);
+        let (mut prompt_tokens, mut completion_tokens) = (0, 0);
+        for (index, whole) in wholes.into_iter().enumerate() {
+            let (text, finished) = whole?;
+            let (prompt, completion) = counts(&finished);
+            prompt_tokens = prompt;
+            completion_tokens += completion;
+            choices.push(format.choice(index, &text, finished.reason));
+        }
         let usage = usage(prompt_tokens, completion_tokens);
-        return Ok(Json(format.whole(&text, finished.reason, usage)).into_response());
+        return Ok(Json(format.whole(choices, usage)).into_response());
     }
 
     // Until the first item the response can still be an ordinary error; after it, errors
     // can only travel inside the stream.
-    let first = running.first().await?;
-    let mut pending = VecDeque::new();
-    if api == Api::Chat {
-        let role = json!({"role": "assistant", "content": ""});
-        pending.push_back(event(&format.chunk(role, None)));
+    let mut firsts = Vec::with_capacity(n);
+    for running in &mut runnings {
+        firsts.push(running.first().await?);
     }
-    let mut held = Held::default();
-    let mut render =
-        move |step: Step, out: &mut VecDeque<Event>| format.render(step, out, &mut held);
-    render(first, &mut pending);
-    let stream = running.into_stream(pending, render);
+    let format = Arc::new(format);
+    let totals = Arc::new(std::sync::Mutex::new((0usize, 0usize)));
+    let mut streams = Vec::with_capacity(n);
+    for (index, (running, first)) in runnings.into_iter().zip(firsts).enumerate() {
+        let mut pending = VecDeque::new();
+        if api == Api::Chat {
+            let role = json!({"role": "assistant", "content": ""});
+            pending.push_back(event(&format.chunk(index, role, None)));
+        }
+        let mut choice = Choice {
+            index,
+            held: Held::default(),
+            // One choice ends the stream itself; several end it together, below.
+            closes: n == 1,
+            totals: Arc::clone(&totals),
+        };
+        let format = Arc::clone(&format);
+        let mut render =
+            move |step: Step, out: &mut VecDeque<Event>| format.render(step, out, &mut choice);
+        render(first, &mut pending);
+        streams.push(running.into_stream(pending, render).boxed());
+    }
+    let stream = if n == 1 {
+        streams.remove(0)
+    } else {
+        let end = futures::stream::once(async move {
+            let (prompt_tokens, completion_tokens) = totals.lock().map_or((0, 0), |t| *t);
+            let mut out = Vec::new();
+            if format.include_usage {
+                out.push(Ok(event(
+                    &format.usage_chunk(usage(prompt_tokens, completion_tokens)),
+                )));
+            }
+            out.push(Ok(Event::default().data("[DONE]")));
+            futures::stream::iter(out)
+        })
+        .flatten();
+        futures::stream::select_all(streams).chain(end).boxed()
+    };
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
         .into_response())
@@ -326,27 +384,39 @@ struct Held {
     in_call: bool,
 }
 
+/// One choice of a streamed answer.
+#[derive(Debug)]
+struct Choice {
+    index: usize,
+    held: Held,
+    /// Whether its end ends the stream (usage, `[DONE]`): the only choice does.
+    closes: bool,
+    /// Prompt and completion tokens of the choices ended so far.
+    totals: Arc<std::sync::Mutex<(usize, usize)>>,
+}
+
 impl Format {
-    /// The events one item of a streamed generation produces.
-    fn render(&self, step: Step, out: &mut VecDeque<Event>, held: &mut Held) {
+    /// The events one item of a streamed choice produces.
+    fn render(&self, step: Step, out: &mut VecDeque<Event>, choice: &mut Choice) {
+        let index = choice.index;
         match step {
             Step::Text(piece) => {
                 let piece = match &self.tools {
                     None => piece,
-                    Some(_) => self.hold(piece, held),
+                    Some(_) => self.hold(piece, &mut choice.held),
                 };
                 if !piece.is_empty() {
-                    out.push_back(event(&self.delta(piece)));
+                    out.push_back(event(&self.delta(index, piece)));
                 }
             }
             Step::Finished(finished) => {
                 let (prompt_tokens, completion_tokens) = counts(&finished);
                 let mut reason = finished.reason.as_str();
                 if let Some(tools) = &self.tools {
-                    let rest = std::mem::take(&mut held.text);
+                    let rest = std::mem::take(&mut choice.held.text);
                     let (content, calls) = tools::read_calls(&rest, tools);
                     if let Some(content) = content.filter(|c| !c.is_empty()) {
-                        out.push_back(event(&self.delta(content)));
+                        out.push_back(event(&self.delta(index, content)));
                     }
                     if !calls.is_empty() {
                         let calls: Vec<Value> = calls
@@ -354,16 +424,23 @@ impl Format {
                             .enumerate()
                             .map(|(i, c)| c.to_json(Some(i)))
                             .collect();
-                        out.push_back(event(&self.chunk(json!({"tool_calls": calls}), None)));
+                        let delta = json!({"tool_calls": calls});
+                        out.push_back(event(&self.chunk(index, delta, None)));
                         reason = "tool_calls";
                     }
                 }
-                out.push_back(event(&self.last(reason)));
-                if self.include_usage {
-                    let usage = usage(prompt_tokens, completion_tokens);
-                    out.push_back(event(&self.usage_chunk(usage)));
+                out.push_back(event(&self.last(index, reason)));
+                if let Ok(mut totals) = choice.totals.lock() {
+                    totals.0 = prompt_tokens;
+                    totals.1 += completion_tokens;
                 }
-                out.push_back(Event::default().data("[DONE]"));
+                if choice.closes {
+                    if self.include_usage {
+                        let usage = usage(prompt_tokens, completion_tokens);
+                        out.push_back(event(&self.usage_chunk(usage)));
+                    }
+                    out.push_back(Event::default().data("[DONE]"));
+                }
             }
             Step::Failed(error) => out.push_back(event(&error.envelope())),
         }
@@ -404,8 +481,8 @@ impl Format {
         }
     }
 
-    /// The non-streamed response.
-    fn whole(&self, text: &str, finish_reason: FinishReason, usage: Value) -> Value {
+    /// One choice of the non-streamed response.
+    fn choice(&self, index: usize, text: &str, finish_reason: FinishReason) -> Value {
         let mut message = json!({"role": "assistant", "content": text});
         let mut finish_reason = finish_reason.as_str();
         if let Some(tools) = &self.tools {
@@ -418,64 +495,66 @@ impl Format {
         }
         match self.api {
             Api::Chat => json!({
-                "id": self.id,
-                "object": "chat.completion",
-                "created": self.created,
-                "model": self.model,
-                "choices": [{
-                    "index": 0,
-                    "message": message,
-                    "logprobs": null,
-                    "finish_reason": finish_reason,
-                }],
-                "usage": usage,
+                "index": index,
+                "message": message,
+                "logprobs": null,
+                "finish_reason": finish_reason,
             }),
             Api::Completion => json!({
-                "id": self.id,
-                "object": "text_completion",
-                "created": self.created,
-                "model": self.model,
-                "choices": [{
-                    "text": text,
-                    "index": 0,
-                    "logprobs": null,
-                    "finish_reason": finish_reason,
-                }],
-                "usage": usage,
+                "text": text,
+                "index": index,
+                "logprobs": null,
+                "finish_reason": finish_reason,
             }),
         }
     }
 
-    /// A chunk carrying a piece of text.
-    fn delta(&self, piece: String) -> Value {
+    /// The non-streamed response.
+    fn whole(&self, choices: Vec<Value>, usage: Value) -> Value {
+        let object = match self.api {
+            Api::Chat => "chat.completion",
+            Api::Completion => "text_completion",
+        };
+        json!({
+            "id": self.id,
+            "object": object,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "usage": usage,
+        })
+    }
+
+    /// A chunk carrying a piece of choice `index`'s text.
+    fn delta(&self, index: usize, piece: String) -> Value {
         match self.api {
-            Api::Chat => self.chunk(json!({"content": piece}), None),
-            Api::Completion => self.chunk(Value::String(piece), None),
+            Api::Chat => self.chunk(index, json!({"content": piece}), None),
+            Api::Completion => self.chunk(index, Value::String(piece), None),
         }
     }
 
-    /// The chunk carrying the finish reason.
-    fn last(&self, finish_reason: &str) -> Value {
+    /// The chunk carrying choice `index`'s finish reason.
+    fn last(&self, index: usize, finish_reason: &str) -> Value {
         let empty = match self.api {
             Api::Chat => json!({}),
             Api::Completion => Value::String(String::new()),
         };
-        self.chunk(empty, Some(finish_reason))
+        self.chunk(index, empty, Some(finish_reason))
     }
 
     /// One streamed chunk with a single choice: `content` is the chat delta object or the
     /// completion text.
-    fn chunk(&self, content: Value, finish_reason: Option<&str>) -> Value {
+    fn chunk(&self, index: usize, content: Value, finish_reason: Option<&str>) -> Value {
         let choice = match self.api {
             Api::Chat => json!({
-                "index": 0,
+                "index": index,
                 "delta": content,
                 "logprobs": null,
                 "finish_reason": finish_reason,
             }),
             Api::Completion => json!({
                 "text": content,
-                "index": 0,
+                "index": index,
                 "logprobs": null,
                 "finish_reason": finish_reason,
             }),

@@ -450,9 +450,19 @@ fn sampling_properties() -> serde_json::Map<String, Value> {
                 {"type": "null"},
             ],
         },
-        "n": {"type": ["integer", "null"], "const": 1, "description": "Only 1 is supported"},
-        "presence_penalty": {"type": ["number", "null"], "const": 0, "description": "Only 0 is supported"},
-        "frequency_penalty": {"type": ["number", "null"], "const": 0, "description": "Only 0 is supported"},
+        "n": {
+            "type": ["integer", "null"], "minimum": 1, "maximum": 16, "default": 1,
+            "description": "Choices: each is a generation of its own (seeds seed, seed+1, ...) \
+                and takes a slot of --max-concurrent; the prompt's prefill is not shared",
+        },
+        "presence_penalty": {"type": ["number", "null"], "minimum": -2, "maximum": 2, "default": 0},
+        "frequency_penalty": {"type": ["number", "null"], "minimum": -2, "maximum": 2, "default": 0},
+        "logit_bias": {
+            "type": ["object", "null"],
+            "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+            "maxProperties": 1024,
+            "description": "Token ids (as keys) to biases added to their logits",
+        },
         "user": {"type": "string", "description": "Accepted and ignored"},
     });
     match properties {

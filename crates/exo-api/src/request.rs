@@ -15,6 +15,9 @@ use crate::state::AppState;
 use crate::tools::{self, ToolUse};
 use exo_core::{ChatMessage as Message, GenerationRequest, Penalties, Prompt, SamplingParams};
 
+/// The most choices (`n`) one request may ask for; each is a generation of its own.
+const MAX_CHOICES: u64 = 16;
+
 /// OpenAI accepts at most this many stop strings.
 const MAX_STOP: usize = 4;
 
@@ -90,6 +93,8 @@ pub(crate) struct Parsed {
     pub(crate) tools: Option<ToolUse>,
     /// The field a constraint the engine cannot compile is blamed on.
     pub(crate) constraint_param: &'static str,
+    /// Choices asked for: that many generations of the same prompt.
+    pub(crate) n: usize,
 }
 
 /// Validates a `POST /v1/chat/completions` body.
@@ -198,14 +203,16 @@ fn common(
     prompt: Prompt,
     default_max_tokens: Option<usize>,
 ) -> Result<Parsed, ApiError> {
-    if let Some(n) = fields.count("n")?
-        && n != 1
-    {
-        return Err(ApiError::invalid_param(
-            "n",
-            format!("only n=1 is supported, got {n}"),
-        ));
-    }
+    let n = match fields.count("n")? {
+        None => 1,
+        Some(n @ 1..=MAX_CHOICES) => n as usize,
+        Some(n) => {
+            return Err(ApiError::invalid_param(
+                "n",
+                format!("'n' must be from 1 to {MAX_CHOICES}, got {n}"),
+            ));
+        }
+    };
     let penalties = penalties(fields)?;
 
     // OpenAI's newer name wins when both are given.
@@ -297,6 +304,7 @@ fn common(
         include_usage: stream && include_usage,
         tools: None,
         constraint_param: "response_format",
+        n,
     })
 }
 

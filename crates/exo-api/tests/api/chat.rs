@@ -435,3 +435,66 @@ async fn unknown_model_is_404_listing_available_models() {
         "{message}"
     );
 }
+
+#[tokio::test]
+async fn n_choices_are_generations_with_their_own_seeds() {
+    let engine = FakeEngine::new().build();
+    let app = app(&engine);
+    let body = post(
+        &app,
+        "/v1/chat/completions",
+        with(chat_body(), json!({"n": 3, "seed": 10})),
+    )
+    .await
+    .json();
+    let choices = body["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3);
+    for (i, choice) in choices.iter().enumerate() {
+        assert_eq!(choice["index"], i);
+        assert_eq!(choice["message"]["content"], "Hello, world!");
+    }
+    // The prompt counts once, every choice's tokens count.
+    assert_eq!(
+        body["usage"],
+        json!({"prompt_tokens": 7, "completion_tokens": 9, "total_tokens": 16})
+    );
+    let seeds: Vec<u64> = engine
+        .probe
+        .requests()
+        .iter()
+        .map(|r| r.sampling.seed)
+        .collect();
+    assert_eq!(seeds, vec![10, 11, 12]);
+
+    // Streamed: each choice's chunks carry its index, and one [DONE] ends them all.
+    let reply = post(
+        &app,
+        "/v1/chat/completions",
+        with(
+            chat_body(),
+            json!({"n": 2, "stream": true, "stream_options": {"include_usage": true}}),
+        ),
+    )
+    .await;
+    let chunks = sse_chunks(&reply);
+    for index in 0..2 {
+        let text: String = chunks
+            .iter()
+            .filter(|c| c["choices"][0]["index"] == index)
+            .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+            .collect();
+        assert_eq!(text, "Hello, world!", "choice {index}");
+    }
+    let usage = chunks.last().unwrap();
+    assert_eq!(usage["usage"]["completion_tokens"], 6, "{usage}");
+    assert_eq!(reply.text().matches("[DONE]").count(), 1);
+
+    // More choices than the server runs at once cannot be served together.
+    let reply = post(
+        &app,
+        "/v1/chat/completions",
+        with(chat_body(), json!({"n": 17})),
+    )
+    .await;
+    reply.assert_error(400, Some("n"), None);
+}

@@ -97,7 +97,7 @@ async fn invalid_chat_requests_are_400_naming_the_field() {
             "at most 4",
         ),
         (json!({"stop": [1]}), "stop", "strings"),
-        (json!({"n": 2}), "n", "n=1"),
+        (json!({"n": 0}), "n", "from 1 to 16"),
         (
             json!({"presence_penalty": 2.5}),
             "presence_penalty",
