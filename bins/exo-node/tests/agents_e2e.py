@@ -1,7 +1,8 @@
 """What agents and frameworks build on, with their own client libraries, against a running
 exo-node: structured output (the openai SDK's `.parse` with a Pydantic model, LangChain's
 `with_structured_output`), tool calls (the openai SDK whole and streamed, LangChain's
-`bind_tools`) and a tool's result going back in so the answer continues.
+`bind_tools`, the Anthropic SDK on /v1/messages) and a tool's result going back in so the
+answer continues.
 
 Run by tests/agents_clients.rs; exits non-zero with a message on the first failed check.
 """
@@ -204,6 +205,70 @@ def langchain_checks(base_url, api_key, model, results):
     results["langchain_after_tool"] = follow.content
 
 
+def anthropic_checks(base_url, api_key, model, results):
+    import anthropic
+
+    # The SDK appends /v1/messages to the host. This SDK version has no `temperature`
+    # argument; the API still takes the field.
+    client = anthropic.Anthropic(base_url=base_url.removesuffix("/v1"), api_key=api_key,
+                                 max_retries=0, timeout=120)
+    reply = client.messages.create(
+        model=model, max_tokens=40, extra_body={"temperature": 0}, system="Answer in one short sentence.",
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+    )
+    check(reply.type == "message" and reply.role == "assistant", f"{reply!r}")
+    check(reply.content[0].type == "text" and reply.content[0].text, f"{reply!r}")
+    check(reply.stop_reason in ("end_turn", "max_tokens"), f"stop_reason {reply.stop_reason}")
+    check(reply.usage.input_tokens > 0 and reply.usage.output_tokens > 0, f"{reply.usage}")
+    results["anthropic_text"] = reply.content[0].text
+
+    # Streamed: the SDK's stream helper puts the events back together.
+    with client.messages.stream(
+        model=model, max_tokens=40, extra_body={"temperature": 0},
+        system="Answer in one short sentence.",
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+    ) as stream:
+        streamed = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    check(streamed == reply.content[0].text, f"streamed {streamed!r} vs {reply.content[0].text!r}")
+    check(final.usage.input_tokens == reply.usage.input_tokens, f"{final.usage}")
+
+    # A forced tool call, streamed, and its result going back in.
+    weather = {
+        "name": "get_weather",
+        "description": "The current weather of a city",
+        "input_schema": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40}},
+                         "required": ["city"]},
+    }
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    with client.messages.stream(
+        model=model, max_tokens=60, tools=[weather], tool_choice={"type": "any"}, messages=ask,
+    ) as stream:
+        called = stream.get_final_message()
+    check(called.stop_reason == "tool_use", f"stop_reason {called.stop_reason}: {called!r}")
+    use = [b for b in called.content if b.type == "tool_use"]
+    check(len(use) == 1 and use[0].name == "get_weather", f"{called.content!r}")
+    check(isinstance(use[0].input.get("city"), str), f"{use[0].input!r}")
+    after = client.messages.create(
+        model=model, max_tokens=40, extra_body={"temperature": 0}, tools=[weather],
+        messages=ask + [
+            {"role": "assistant", "content": called.content},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use[0].id,
+                                          "content": "Sunny, 21 degrees."}]},
+        ],
+    )
+    check(after.content and after.content[0].type == "text", f"after the tool: {after!r}")
+    results["anthropic_call"] = use[0].input
+    results["anthropic_after_tool"] = after.content[0].text
+
+    # Errors in Anthropic's shape.
+    try:
+        client.messages.create(model=model, max_tokens=0, messages=ask)
+        check(False, "max_tokens 0 was accepted")
+    except anthropic.BadRequestError as e:
+        check(e.body["error"]["type"] == "invalid_request_error", f"{e.body}")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--base-url", required=True)
@@ -214,6 +279,7 @@ def main():
     results = {}
     openai_checks(client, model, results)
     langchain_checks(args.base_url, args.api_key, model, results)
+    anthropic_checks(args.base_url, args.api_key, model, results)
     print(json.dumps(results, indent=1))
 
 

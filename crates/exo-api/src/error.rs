@@ -216,6 +216,16 @@ impl ApiError {
         self.status
     }
 
+    /// What went wrong, for people.
+    pub(crate) fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The request field at fault, if one is.
+    pub(crate) fn param(&self) -> Option<&str> {
+        self.param.as_deref()
+    }
+
     /// The envelope, also sent as an SSE event when a stream fails after its first chunk.
     pub(crate) fn envelope(&self) -> Value {
         json!({

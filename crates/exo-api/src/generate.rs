@@ -21,7 +21,7 @@ use crate::queue::Slot;
 use crate::request::Parsed;
 use crate::state::AppState;
 use crate::telemetry::Metrics;
-use crate::tools::{self, ToolUse};
+use crate::tools::{self, Held, ToolUse};
 
 /// Comment lines sent while a stream is idle (a long prefill, a slow stage) so that proxies do
 /// not time the connection out and a client that went away is noticed on the next write.
@@ -376,14 +376,6 @@ struct Format {
     tools: Option<ToolUse>,
 }
 
-/// What a stream with tools holds back: text that may be (or is) a tool call.
-#[derive(Debug, Default)]
-struct Held {
-    text: String,
-    /// A `<tool_call>` tag has come: everything from it waits for the end.
-    in_call: bool,
-}
-
 /// One choice of a streamed answer.
 #[derive(Debug)]
 struct Choice {
@@ -403,7 +395,7 @@ impl Format {
             Step::Text(piece) => {
                 let piece = match &self.tools {
                     None => piece,
-                    Some(_) => self.hold(piece, &mut choice.held),
+                    Some(_) => choice.held.take(piece),
                 };
                 if !piece.is_empty() {
                     out.push_back(event(&self.delta(index, piece)));
@@ -444,24 +436,6 @@ impl Format {
             }
             Step::Failed(error) => out.push_back(event(&error.envelope())),
         }
-    }
-
-    /// What of `piece` may be streamed now, holding back what could be a tool call.
-    fn hold(&self, piece: String, held: &mut Held) -> String {
-        held.text.push_str(&piece);
-        if held.in_call {
-            return String::new();
-        }
-        if let Some(at) = held.text.find(tools::CALL_OPEN) {
-            held.in_call = true;
-            let before = held.text[..at].to_owned();
-            held.text.drain(..at);
-            return before;
-        }
-        let keep = tools::partial_open(&held.text);
-        let ready = held.text[..held.text.len() - keep].to_owned();
-        held.text.drain(..held.text.len() - keep);
-        ready
     }
 
     fn new(api: Api, model: String, include_usage: bool, tools: Option<ToolUse>) -> Self {

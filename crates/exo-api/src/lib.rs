@@ -32,6 +32,7 @@
 //! # }
 //! ```
 
+mod anthropic;
 mod cluster;
 mod config;
 mod engine;

@@ -163,7 +163,8 @@ impl http_body::Body for LoggedBody {
     }
 }
 
-/// Requires `Authorization: Bearer <key>` on `/v1/*` (OpenAI's dialect), `/metrics` and
+/// Requires `Authorization: Bearer <key>` (or `x-api-key: <key>`, as Anthropic's clients send
+/// it) on `/v1/*` (OpenAI's and Anthropic's dialects), `/metrics` and
 /// `/api/*` (Ollama's), answering each in its own error shape. Ollama's clients send no key
 /// unless told to, but they can send the header (`ollama.Client(headers=...)`, Open WebUI's
 /// connection key), and a configured key that one dialect bypassed would protect nothing.
@@ -181,11 +182,19 @@ pub(crate) async fn require_api_key(
     if !(under("/v1") || ollama || path == "/metrics") {
         return next.run(req).await;
     }
+    // Anthropic's clients send the key in `x-api-key`.
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
-        .and_then(bearer_token);
+        .and_then(bearer_token)
+        .or_else(|| {
+            req.headers()
+                .get("x-api-key")
+                .and_then(|value| value.to_str().ok())
+                .map(str::trim)
+                .filter(|key| !key.is_empty())
+        });
     let error = match given {
         Some(given) if same_secret(given.as_bytes(), key.as_bytes()) => {
             return next.run(req).await;

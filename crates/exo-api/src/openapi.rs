@@ -310,6 +310,16 @@ fn ollama_paths(secured: &Value) -> serde_json::Map<String, Value> {
             "/api/version".to_owned(),
             read("get", "ollamaVersion", "Ollama: this server's version"),
         ),
+        (
+            "/v1/messages".to_owned(),
+            generation(
+                "anthropicMessages",
+                "Anthropic: the assistant's next message (`model`, `max_tokens`, `messages` with \
+                 text, tool_use and tool_result blocks, `system`, `tools`, `tool_choice`, \
+                 `stop_sequences`, `stream` as Anthropic's named events); the key may come in \
+                 `x-api-key`",
+            ),
+        ),
     ])
 }
 

@@ -14,6 +14,7 @@ use axum::{Json, Router};
 use serde_json::{Value, json};
 use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 
+use crate::anthropic;
 use crate::config::ApiConfig;
 use crate::engine::{Engine, ModelCard, Readiness};
 use crate::error::ApiError;
@@ -49,6 +50,7 @@ pub(crate) const PATHS: &[(&str, &[&str])] = &[
     ("/api/show", &["post"]),
     ("/api/ps", &["get"]),
     ("/api/version", &["get"]),
+    ("/v1/messages", &["post"]),
 ];
 
 /// Builds the API's router over `engine`; see the crate documentation for the routes.
@@ -88,6 +90,8 @@ pub fn router(engine: Arc<dyn Engine>, config: ApiConfig) -> Router {
         .route("/api/show", post(ollama::show))
         .route("/api/ps", get(ollama::ps))
         .route("/api/version", get(ollama::version))
+        // Anthropic's Messages dialect.
+        .route("/v1/messages", post(anthropic::messages))
         .method_not_allowed_fallback(middleware::method_not_allowed)
         .fallback(middleware::not_found)
         .layer(body_limit)

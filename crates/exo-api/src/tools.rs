@@ -16,7 +16,7 @@ use crate::error::ApiError;
 use crate::request::{Fields, describe};
 use exo_core::{ChatMessage, OutputConstraint};
 
-pub(crate) const CALL_OPEN: &str = "<tool_call>";
+const CALL_OPEN: &str = "<tool_call>";
 const CALL_CLOSE: &str = "</tool_call>";
 
 /// One function a request offers the model.
@@ -336,6 +336,35 @@ fn call(json: &str, tools: &ToolUse) -> Option<Call> {
         name: name.to_owned(),
         arguments,
     })
+}
+
+/// What a stream with tools holds back: text that may be (or is) a tool call.
+#[derive(Debug, Default)]
+pub(crate) struct Held {
+    pub(crate) text: String,
+    /// A `<tool_call>` tag has come: everything from it waits for the end.
+    in_call: bool,
+}
+
+impl Held {
+    /// What of `piece` may be streamed now, holding back what could be a tool call; the
+    /// rest stays in `text` for [`read_calls`] at the end.
+    pub(crate) fn take(&mut self, piece: String) -> String {
+        self.text.push_str(&piece);
+        if self.in_call {
+            return String::new();
+        }
+        if let Some(at) = self.text.find(CALL_OPEN) {
+            self.in_call = true;
+            let before = self.text[..at].to_owned();
+            self.text.drain(..at);
+            return before;
+        }
+        let keep = partial_open(&self.text);
+        let ready = self.text[..self.text.len() - keep].to_owned();
+        self.text.drain(..self.text.len() - keep);
+        ready
+    }
 }
 
 /// How much of `text`'s end could be the start of a `<tool_call>` tag, held back from a

@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod access;
+mod anthropic;
 mod chat;
 mod completions;
 mod errors;

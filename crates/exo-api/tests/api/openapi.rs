@@ -43,6 +43,7 @@ async fn every_routed_path_is_documented_and_every_documented_path_is_routed() {
             "/v1/cluster",
             "/v1/cluster/events",
             "/v1/completions",
+            "/v1/messages",
             "/v1/models",
             "/v1/models/{model}",
         ]
@@ -70,7 +71,11 @@ async fn every_routed_path_is_documented_and_every_documented_path_is_routed() {
             let reply = match method.as_str() {
                 "get" => get(&app, &concrete).await,
                 "post" => {
-                    let body = if path.contains("chat") {
+                    let body = if path == "/v1/messages" {
+                        let mut body = chat_body();
+                        body["max_tokens"] = 16.into();
+                        body
+                    } else if path.contains("chat") {
                         chat_body()
                     } else {
                         completion_body()

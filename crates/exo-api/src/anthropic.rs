@@ -1,0 +1,546 @@
+//! Anthropic's Messages dialect: `POST /v1/messages`, whole or as its named stream events,
+//! with tools (`tool_use` and `tool_result` blocks).
+//!
+//! A thin mapping over the same engine, admission queue and [`Running`] generation as the
+//! OpenAI routes, and the same tools module: Anthropic's `tools` and `tool_choice` become
+//! OpenAI's (`any` is `required`), its content blocks become chat turns, and calls read out
+//! of the answer become `tool_use` blocks with `stop_reason: "tool_use"`. Errors are
+//! Anthropic's `{"type": "error", "error": {"type": ..., "message": ...}}`.
+
+use std::collections::VecDeque;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Map, Value, json};
+
+use exo_core::{ChatMessage, FinishReason, GenerationRequest, Penalties, Prompt, SamplingParams};
+
+use crate::error::ApiError;
+use crate::generate::{Params, Running, Step, counts};
+use crate::middleware::RequestLog;
+use crate::request::{Fields, JsonObject, describe, missing};
+use crate::state::AppState;
+use crate::tools::{self, Held, ToolUse};
+
+/// An error in Anthropic's shape.
+#[derive(Debug)]
+pub(crate) struct AnthropicError(ApiError);
+
+impl From<ApiError> for AnthropicError {
+    fn from(error: ApiError) -> Self {
+        Self(error)
+    }
+}
+
+impl IntoResponse for AnthropicError {
+    fn into_response(self) -> Response {
+        let status = self.0.status();
+        let mut response = (status, Json(body(&self.0))).into_response();
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+        }
+        response
+    }
+}
+
+/// Anthropic's error body for `error`, its type from the status.
+fn body(error: &ApiError) -> Value {
+    let kind = match error.status().as_u16() {
+        400 | 422 => "invalid_request_error",
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        408 | 413 => "request_too_large",
+        429 => "rate_limit_error",
+        503 => "overloaded_error",
+        _ => "api_error",
+    };
+    let mut message = error.message().to_owned();
+    if let Some(param) = error.param()
+        && !message.contains(param)
+    {
+        message = format!("{param}: {message}");
+    }
+    json!({"type": "error", "error": {"type": kind, "message": message}})
+}
+
+/// `POST /v1/messages`.
+pub(crate) async fn messages(
+    State(state): State<AppState>,
+    log: RequestLog,
+    body: Result<JsonObject, ApiError>,
+) -> Result<Response, AnthropicError> {
+    let JsonObject(body) = body?;
+    let fields = Fields(&body);
+    let model = fields.required_string("model")?;
+    let max_tokens = match fields.count("max_tokens")? {
+        None => return Err(missing("max_tokens").into()),
+        Some(0) => {
+            return Err(
+                ApiError::invalid_param("max_tokens", "'max_tokens' must be at least 1").into(),
+            );
+        }
+        Some(n) => u32::try_from(n).unwrap_or(u32::MAX),
+    };
+    let tools = tool_use(&fields)?;
+    let mut turns = Vec::new();
+    if let Some(system) = system(fields.get("system"))? {
+        turns.push(ChatMessage::new("system", system));
+    }
+    let Some(Value::Array(items)) = fields.get("messages") else {
+        return Err(
+            ApiError::invalid_param("messages", "'messages' must be a non-empty array").into(),
+        );
+    };
+    if items.is_empty() {
+        return Err(
+            ApiError::invalid_param("messages", "'messages' must be a non-empty array").into(),
+        );
+    }
+    for (i, item) in items.iter().enumerate() {
+        turns.extend(message(i, item)?);
+    }
+    if let Some(tools) = &tools {
+        tools.add_to(&mut turns);
+    }
+    let temperature = fields.number("temperature")?.unwrap_or(1.0);
+    if !(0.0..=1.0).contains(&temperature) {
+        return Err(ApiError::invalid_param(
+            "temperature",
+            format!("'temperature' must be between 0 and 1, got {temperature}"),
+        )
+        .into());
+    }
+    let top_p = fields.number("top_p")?.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::invalid_param(
+            "top_p",
+            format!("'top_p' must be greater than 0 and at most 1, got {top_p}"),
+        )
+        .into());
+    }
+    let top_k = fields.count("top_k")?.unwrap_or(0);
+    let stop = match fields.get("stop_sequences") {
+        None => Vec::new(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|s| match s {
+                Value::String(s) => Ok(s.clone()),
+                other => Err(ApiError::invalid_param(
+                    "stop_sequences",
+                    format!(
+                        "'stop_sequences' must hold strings, got {}",
+                        describe(other)
+                    ),
+                )),
+            })
+            .filter(|s| s.as_ref().map_or(true, |s| !s.is_empty()))
+            .collect::<Result<Vec<_>, _>>()?,
+        Some(other) => {
+            return Err(ApiError::invalid_param(
+                "stop_sequences",
+                format!(
+                    "'stop_sequences' must be an array of strings, got {}",
+                    describe(other)
+                ),
+            )
+            .into());
+        }
+    };
+    let stream = fields.bool("stream")?.unwrap_or(false);
+    let request = GenerationRequest {
+        model: model.clone(),
+        prompt: Prompt::Chat(turns),
+        max_tokens: Some(max_tokens),
+        sampling: SamplingParams {
+            temperature: temperature as f32,
+            top_p: top_p as f32,
+            top_k: u32::try_from(top_k).unwrap_or(u32::MAX),
+            seed: rand::random(),
+        },
+        stop,
+        ignore_eos: false,
+        constraint: tools.as_ref().and_then(ToolUse::constraint),
+        penalties: Penalties::default(),
+    };
+    let params = Params {
+        prompt: "messages",
+        constraint: "tool_choice",
+    };
+    let mut running = Running::start(&state, request, params, log).await?;
+    let answer = Answer {
+        id: format!("msg_{:024x}", rand::random::<u128>() >> 32),
+        model,
+        tools,
+    };
+    if !stream {
+        let (text, finished) = running.whole().await?;
+        let (input, output) = counts(&finished);
+        let (content, stop_reason) = answer.content(&text, finished.reason);
+        return Ok(Json(json!({
+            "id": answer.id,
+            "type": "message",
+            "role": "assistant",
+            "model": answer.model,
+            "content": content,
+            "stop_reason": stop_reason,
+            "stop_sequence": null,
+            "usage": {"input_tokens": input, "output_tokens": output},
+        }))
+        .into_response());
+    }
+
+    let first = running.first().await?;
+    let mut pending = VecDeque::new();
+    pending.push_back(named(
+        "message_start",
+        json!({"type": "message_start", "message": {
+            "id": answer.id,
+            "type": "message",
+            "role": "assistant",
+            "model": answer.model,
+            "content": [],
+            "stop_reason": null,
+            "stop_sequence": null,
+            "usage": {"input_tokens": 0, "output_tokens": 0},
+        }}),
+    ));
+    let mut state = StreamState::default();
+    let mut render =
+        move |step: Step, out: &mut VecDeque<Event>| answer.render(step, out, &mut state);
+    render(first, &mut pending);
+    let stream = running.into_stream(pending, render);
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+/// An event named as Anthropic names them.
+fn named(name: &str, data: Value) -> Event {
+    Event::default().event(name).data(data.to_string())
+}
+
+/// `system`: a string or text blocks.
+fn system(value: Option<&Value>) -> Result<Option<String>, ApiError> {
+    match value {
+        None => Ok(None),
+        Some(Value::String(s)) if s.is_empty() => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(Value::Array(blocks)) => {
+            let texts = blocks
+                .iter()
+                .enumerate()
+                .map(|(j, b)| text_block(&format!("system[{j}]"), b))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Some(texts.join("\n")))
+        }
+        Some(other) => Err(ApiError::invalid_param(
+            "system",
+            format!(
+                "'system' must be a string or text blocks, got {}",
+                describe(other)
+            ),
+        )),
+    }
+}
+
+fn text_block(at: &str, block: &Value) -> Result<String, ApiError> {
+    match (block.get("type").and_then(Value::as_str), block.get("text")) {
+        (Some("text"), Some(Value::String(text))) => Ok(text.clone()),
+        _ => Err(ApiError::invalid_param(
+            at,
+            format!("'{at}' must be a text block: {{\"type\": \"text\", \"text\": ...}}"),
+        )),
+    }
+}
+
+/// One message as chat turns: its text, its tool calls written as the model writes them,
+/// and tool results as the turn that carries them back.
+fn message(i: usize, item: &Value) -> Result<Vec<ChatMessage>, ApiError> {
+    let at = |field: &str| format!("messages[{i}].{field}");
+    let role = match item.get("role").and_then(Value::as_str) {
+        Some(role @ ("user" | "assistant")) => role,
+        _ => {
+            return Err(ApiError::invalid_param(
+                at("role"),
+                format!("'{}' must be \"user\" or \"assistant\"", at("role")),
+            ));
+        }
+    };
+    let blocks = match item.get("content") {
+        Some(Value::String(text)) => return Ok(vec![ChatMessage::new(role, text.clone())]),
+        Some(Value::Array(blocks)) => blocks,
+        _ => {
+            return Err(ApiError::invalid_param(
+                at("content"),
+                format!(
+                    "'{}' must be a string or an array of content blocks",
+                    at("content")
+                ),
+            ));
+        }
+    };
+    let mut text = Vec::new();
+    let mut calls = Vec::new();
+    let mut results = Vec::new();
+    for (j, block) in blocks.iter().enumerate() {
+        let here = format!("messages[{i}].content[{j}]");
+        match block.get("type").and_then(Value::as_str) {
+            Some("text") => text.push(text_block(&here, block)?),
+            Some("tool_use") if role == "assistant" => {
+                let name = block.get("name").cloned().unwrap_or(Value::Null);
+                let input = block.get("input").cloned().unwrap_or_else(|| json!({}));
+                calls.push(json!({"function": {"name": name, "arguments": input}}));
+            }
+            Some("tool_result") if role == "user" => {
+                let content = match block.get("content") {
+                    None | Some(Value::Null) => String::new(),
+                    Some(Value::String(s)) => s.clone(),
+                    Some(Value::Array(parts)) => parts
+                        .iter()
+                        .enumerate()
+                        .map(|(k, p)| text_block(&format!("{here}.content[{k}]"), p))
+                        .collect::<Result<Vec<_>, _>>()?
+                        .join("\n"),
+                    Some(other) => {
+                        return Err(ApiError::invalid_param(
+                            format!("{here}.content"),
+                            format!(
+                                "a tool result's content must be text, got {}",
+                                describe(other)
+                            ),
+                        ));
+                    }
+                };
+                results.push(tools::write_result(&content));
+            }
+            Some(other) => {
+                return Err(ApiError::invalid_param(
+                    format!("{here}.type"),
+                    format!(
+                        "content blocks of type '{other}' are not supported in a {role} message; \
+                         text, tool_use (assistant) and tool_result (user) are"
+                    ),
+                ));
+            }
+            None => {
+                return Err(ApiError::invalid_param(
+                    format!("{here}.type"),
+                    format!("'{here}' must have a \"type\""),
+                ));
+            }
+        }
+    }
+    let mut turns = Vec::new();
+    if !results.is_empty() {
+        turns.push(ChatMessage::new("user", results.join("\n")));
+    }
+    let mut content = text.join("\n");
+    if !calls.is_empty() {
+        let written = tools::write_calls(i, &Value::Array(calls))?;
+        content = if content.is_empty() {
+            written
+        } else {
+            format!("{content}\n{written}")
+        };
+    }
+    if !content.is_empty() || turns.is_empty() {
+        turns.push(ChatMessage::new(role, content));
+    }
+    Ok(turns)
+}
+
+/// Anthropic's `tools` and `tool_choice`, read through the OpenAI shapes the tools module
+/// knows.
+fn tool_use(fields: &Fields<'_>) -> Result<Option<ToolUse>, ApiError> {
+    let mut openai = Map::new();
+    if let Some(tools) = fields.get("tools") {
+        let Value::Array(tools) = tools else {
+            return Err(ApiError::invalid_param(
+                "tools",
+                format!("'tools' must be an array, got {}", describe(tools)),
+            ));
+        };
+        let mut functions = Vec::with_capacity(tools.len());
+        for (i, tool) in tools.iter().enumerate() {
+            if let Some(kind) = tool.get("type").and_then(Value::as_str)
+                && kind != "custom"
+            {
+                return Err(ApiError::invalid_param(
+                    format!("tools[{i}].type"),
+                    format!(
+                        "server tools ('{kind}') are not supported; define the tool with name and input_schema"
+                    ),
+                ));
+            }
+            let mut function = Map::new();
+            for (from, to) in [
+                ("name", "name"),
+                ("description", "description"),
+                ("input_schema", "parameters"),
+            ] {
+                if let Some(v) = tool.get(from) {
+                    function.insert(to.to_owned(), v.clone());
+                }
+            }
+            functions.push(json!({"type": "function", "function": function}));
+        }
+        openai.insert("tools".into(), Value::Array(functions));
+    }
+    if let Some(choice) = fields.get("tool_choice") {
+        let kind = choice.get("type").and_then(Value::as_str);
+        let mapped = match kind {
+            Some("auto") => json!("auto"),
+            Some("any") => json!("required"),
+            Some("none") => json!("none"),
+            Some("tool") => json!({"type": "function", "function": {"name": choice.get("name")}}),
+            _ => {
+                return Err(ApiError::invalid_param(
+                    "tool_choice",
+                    "'tool_choice.type' must be auto, any, tool or none",
+                ));
+            }
+        };
+        openai.insert("tool_choice".into(), mapped);
+    }
+    tools::parse(&Fields(&openai))
+}
+
+/// What every part of one answer shares.
+#[derive(Debug)]
+struct Answer {
+    id: String,
+    model: String,
+    tools: Option<ToolUse>,
+}
+
+/// Where a streamed answer is: the text block open or not, the blocks sent so far, what
+/// the tools hold back.
+#[derive(Debug, Default)]
+struct StreamState {
+    text_open: bool,
+    blocks: usize,
+    held: Held,
+}
+
+impl Answer {
+    /// The content blocks of a whole answer and its stop reason.
+    fn content(&self, text: &str, reason: FinishReason) -> (Vec<Value>, &'static str) {
+        let (text, calls) = match &self.tools {
+            Some(tools) => tools::read_calls(text, tools),
+            None => (Some(text.to_owned()), Vec::new()),
+        };
+        let mut content = Vec::new();
+        if let Some(text) = text.filter(|t| !t.is_empty() || calls.is_empty()) {
+            content.push(json!({"type": "text", "text": text}));
+        }
+        for call in &calls {
+            content.push(tool_use_block(call));
+        }
+        (content, stop_reason(reason, !calls.is_empty()))
+    }
+
+    fn render(&self, step: Step, out: &mut VecDeque<Event>, state: &mut StreamState) {
+        match step {
+            Step::Text(piece) => {
+                let piece = match &self.tools {
+                    Some(_) => state.held.take(piece),
+                    None => piece,
+                };
+                self.text(piece, out, state);
+            }
+            Step::Finished(finished) => {
+                let rest = std::mem::take(&mut state.held.text);
+                let calls = match &self.tools {
+                    Some(tools) => {
+                        let (text, calls) = tools::read_calls(&rest, tools);
+                        self.text(text.unwrap_or_default(), out, state);
+                        calls
+                    }
+                    None => Vec::new(),
+                };
+                if state.text_open {
+                    out.push_back(self.stop_block(state));
+                }
+                for call in &calls {
+                    let index = state.blocks;
+                    let mut start = tool_use_block(call);
+                    start["input"] = json!({});
+                    out.push_back(named(
+                        "content_block_start",
+                        json!({"type": "content_block_start", "index": index, "content_block": start}),
+                    ));
+                    out.push_back(named(
+                        "content_block_delta",
+                        json!({"type": "content_block_delta", "index": index,
+                               "delta": {"type": "input_json_delta", "partial_json": call.arguments}}),
+                    ));
+                    out.push_back(self.stop_block(state));
+                }
+                let (input, output) = counts(&finished);
+                out.push_back(named(
+                    "message_delta",
+                    json!({"type": "message_delta",
+                           "delta": {"stop_reason": stop_reason(finished.reason, !calls.is_empty()), "stop_sequence": null},
+                           "usage": {"input_tokens": input, "output_tokens": output}}),
+                ));
+                out.push_back(named("message_stop", json!({"type": "message_stop"})));
+            }
+            Step::Failed(error) => out.push_back(named("error", body(&error))),
+        }
+    }
+
+    /// A piece of text, opening the text block first if needed.
+    fn text(&self, piece: String, out: &mut VecDeque<Event>, state: &mut StreamState) {
+        if piece.is_empty() {
+            return;
+        }
+        if !state.text_open {
+            state.text_open = true;
+            out.push_back(named(
+                "content_block_start",
+                json!({"type": "content_block_start", "index": state.blocks,
+                       "content_block": {"type": "text", "text": ""}}),
+            ));
+        }
+        out.push_back(named(
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": state.blocks,
+                   "delta": {"type": "text_delta", "text": piece}}),
+        ));
+    }
+
+    fn stop_block(&self, state: &mut StreamState) -> Event {
+        let event = named(
+            "content_block_stop",
+            json!({"type": "content_block_stop", "index": state.blocks}),
+        );
+        state.text_open = false;
+        state.blocks += 1;
+        event
+    }
+}
+
+fn tool_use_block(call: &tools::Call) -> Value {
+    let input: Value = serde_json::from_str(&call.arguments).unwrap_or_else(|_| json!({}));
+    json!({
+        "type": "tool_use",
+        "id": format!("toolu_{:024x}", rand::random::<u128>() >> 32),
+        "name": call.name,
+        "input": input,
+    })
+}
+
+fn stop_reason(reason: FinishReason, called: bool) -> &'static str {
+    match (called, reason) {
+        (true, _) => "tool_use",
+        (false, FinishReason::Stop) => "end_turn",
+        (false, FinishReason::Length) => "max_tokens",
+    }
+}
