@@ -52,6 +52,7 @@ pub(crate) fn generate(args: GenerateArgs) -> Result<()> {
         Prompt::Chat(messages)
     };
     let request = GenerationRequest {
+        logprobs: None,
         penalties: Default::default(),
         constraint: None,
         model: String::new(),
@@ -77,6 +78,7 @@ pub(crate) fn generate(args: GenerateArgs) -> Result<()> {
                     let _ = stdout.write_all(piece.as_bytes());
                     let _ = stdout.flush();
                 }
+                GenerationEvent::Logprob(_) => {}
                 GenerationEvent::Finished(f) => {
                     let _ = writeln!(stdout);
                     eprintln!(

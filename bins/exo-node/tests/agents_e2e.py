@@ -156,6 +156,23 @@ def openai_checks(client, model, results):
     check(answer.content, f"no answer after the tool result: {reply}")
     results["after_tool"] = answer.content
 
+    # Log-probabilities: one entry per token, the likeliest alternatives in order, and a
+    # greedy answer's tokens the likeliest of their positions.
+    reply = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Say hello."}], max_tokens=8,
+        temperature=0, logprobs=True, top_logprobs=3,
+    )
+    entries = reply.choices[0].logprobs.content
+    check(len(entries) == reply.usage.completion_tokens
+          or (reply.choices[0].finish_reason == "stop" and len(entries) == reply.usage.completion_tokens - 1),
+          f"{len(entries)} entries for {reply.usage.completion_tokens} tokens")
+    for e in entries:
+        check(e.logprob <= 0 and len(e.top_logprobs) == 3, f"{e}")
+        check(e.top_logprobs[0].token == e.token, f"greedy took {e.token!r}, likeliest {e.top_logprobs[0]}")
+    check("".join(e.token for e in entries) == reply.choices[0].message.content,
+          f"tokens {[e.token for e in entries]} vs {reply.choices[0].message.content!r}")
+    results["logprobs"] = [(e.token, round(e.logprob, 3)) for e in entries]
+
     # A schema the engine cannot compile is a 400 that names the field.
     try:
         client.chat.completions.create(

@@ -155,6 +155,7 @@ pub(crate) async fn messages(
     };
     let stream = fields.bool("stream")?.unwrap_or(false);
     let request = GenerationRequest {
+        logprobs: None,
         model: model.clone(),
         prompt: Prompt::Chat(turns),
         max_tokens: Some(max_tokens),
@@ -455,6 +456,7 @@ impl Answer {
                 };
                 self.text(piece, out, state);
             }
+            Step::Logprob(_) => {}
             Step::Finished(finished) => {
                 let rest = std::mem::take(&mut state.held.text);
                 let calls = match &self.tools {

@@ -10,10 +10,12 @@ use axum::Json;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 use tokio::sync::mpsc;
 
-use exo_core::{FinishReason, Finished, GenerationError, GenerationEvent, GenerationRequest};
+use exo_core::{
+    FinishReason, Finished, GenerationError, GenerationEvent, GenerationRequest, Logprob, TokenText,
+};
 
 use crate::error::ApiError;
 use crate::middleware::RequestLog;
@@ -72,7 +74,8 @@ pub(crate) async fn respond(
             ),
         ));
     }
-    let format = Format::new(api, request.model.clone(), include_usage, tools);
+    let mut format = Format::new(api, request.model.clone(), include_usage, tools);
+    format.logprobs = request.logprobs.is_some();
     // Each choice is a generation of its own, with its own seed (so that sampled choices
     // differ) and its own slot: `n` counts against `--max-concurrent` like `n` requests.
     let mut runnings = Vec::with_capacity(n);
@@ -83,15 +86,20 @@ pub(crate) async fn respond(
     }
 
     if !stream {
-        let wholes = futures::future::join_all(runnings.iter_mut().map(Running::whole)).await;
+        let wholes =
+            futures::future::join_all(runnings.iter_mut().map(Running::whole_with_logprobs)).await;
         let mut choices = Vec::with_capacity(n);
         let (mut prompt_tokens, mut completion_tokens) = (0, 0);
         for (index, whole) in wholes.into_iter().enumerate() {
-            let (text, finished) = whole?;
+            let (text, finished, logprobs) = whole?;
             let (prompt, completion) = counts(&finished);
             prompt_tokens = prompt;
             completion_tokens += completion;
-            choices.push(format.choice(index, &text, finished.reason));
+            let mut choice = format.choice(index, &text, finished.reason);
+            if format.logprobs {
+                choice["logprobs"] = format.logprobs_json(&logprobs, &mut 0);
+            }
+            choices.push(choice);
         }
         let usage = usage(prompt_tokens, completion_tokens);
         return Ok(Json(format.whole(choices, usage)).into_response());
@@ -118,6 +126,8 @@ pub(crate) async fn respond(
             // One choice ends the stream itself; several end it together, below.
             closes: n == 1,
             totals: Arc::clone(&totals),
+            pending: Vec::new(),
+            offset: 0,
         };
         let format = Arc::clone(&format);
         let mut render =
@@ -211,6 +221,8 @@ pub(crate) struct Running {
 /// when it is a failure, already the client's error.
 pub(crate) enum Step {
     Text(String),
+    /// A generated token's log-probability (only when the request asked), before its text.
+    Logprob(Logprob),
     Finished(Finished),
     Failed(ApiError),
 }
@@ -252,6 +264,7 @@ impl Running {
         let item = self.rx.as_mut()?.recv().await;
         Some(match item {
             Some(Ok(GenerationEvent::Text(piece))) => Step::Text(piece),
+            Some(Ok(GenerationEvent::Logprob(entry))) => Step::Logprob(entry),
             Some(Ok(GenerationEvent::Finished(finished))) => {
                 self.done();
                 self.metrics.finished(&finished);
@@ -283,11 +296,21 @@ impl Running {
 
     /// The whole answer and how it ended, or the error.
     pub(crate) async fn whole(&mut self) -> Result<(String, Finished), ApiError> {
+        let (text, finished, _) = self.whole_with_logprobs().await?;
+        Ok((text, finished))
+    }
+
+    /// The whole answer, how it ended and its tokens' log-probabilities (if asked for).
+    pub(crate) async fn whole_with_logprobs(
+        &mut self,
+    ) -> Result<(String, Finished, Vec<Logprob>), ApiError> {
         let mut text = String::new();
+        let mut logprobs = Vec::new();
         loop {
             match self.next().await {
                 Some(Step::Text(piece)) => text.push_str(&piece),
-                Some(Step::Finished(finished)) => return Ok((text, finished)),
+                Some(Step::Logprob(entry)) => logprobs.push(entry),
+                Some(Step::Finished(finished)) => return Ok((text, finished, logprobs)),
                 Some(Step::Failed(error)) => return Err(error),
                 None => return Err(ApiError::internal()),
             }
@@ -374,6 +397,8 @@ struct Format {
     include_usage: bool,
     /// The tools offered, whose calls are read out of the text.
     tools: Option<ToolUse>,
+    /// Whether the request asked for log-probabilities.
+    logprobs: bool,
 }
 
 /// One choice of a streamed answer.
@@ -385,6 +410,10 @@ struct Choice {
     closes: bool,
     /// Prompt and completion tokens of the choices ended so far.
     totals: Arc<std::sync::Mutex<(usize, usize)>>,
+    /// Log-probabilities not sent yet: they go with the next chunk.
+    pending: Vec<Logprob>,
+    /// Characters of text their tokens covered so far (completions' `text_offset`).
+    offset: usize,
 }
 
 impl Format {
@@ -398,9 +427,11 @@ impl Format {
                     Some(_) => choice.held.take(piece),
                 };
                 if !piece.is_empty() {
-                    out.push_back(event(&self.delta(index, piece)));
+                    let chunk = self.delta(index, piece);
+                    out.push_back(event(&self.with_logprobs(chunk, choice)));
                 }
             }
+            Step::Logprob(entry) => choice.pending.push(entry),
             Step::Finished(finished) => {
                 let (prompt_tokens, completion_tokens) = counts(&finished);
                 let mut reason = finished.reason.as_str();
@@ -408,7 +439,8 @@ impl Format {
                     let rest = std::mem::take(&mut choice.held.text);
                     let (content, calls) = tools::read_calls(&rest, tools);
                     if let Some(content) = content.filter(|c| !c.is_empty()) {
-                        out.push_back(event(&self.delta(index, content)));
+                        let chunk = self.delta(index, content);
+                        out.push_back(event(&self.with_logprobs(chunk, choice)));
                     }
                     if !calls.is_empty() {
                         let calls: Vec<Value> = calls
@@ -421,7 +453,8 @@ impl Format {
                         reason = "tool_calls";
                     }
                 }
-                out.push_back(event(&self.last(index, reason)));
+                let last = self.last(index, reason);
+                out.push_back(event(&self.with_logprobs(last, choice)));
                 if let Ok(mut totals) = choice.totals.lock() {
                     totals.0 = prompt_tokens;
                     totals.1 += completion_tokens;
@@ -452,6 +485,59 @@ impl Format {
             model,
             include_usage,
             tools,
+            logprobs: false,
+        }
+    }
+
+    /// `chunk` with the log-probabilities `choice` holds, if the request asked for them.
+    fn with_logprobs(&self, mut chunk: Value, choice: &mut Choice) -> Value {
+        if self.logprobs && !choice.pending.is_empty() {
+            let entries = std::mem::take(&mut choice.pending);
+            chunk["choices"][0]["logprobs"] = self.logprobs_json(&entries, &mut choice.offset);
+        }
+        chunk
+    }
+
+    /// Log-probabilities in the endpoint's shape: chat's `content` list, or the legacy
+    /// completion's parallel lists (`offset` counts the characters before them).
+    fn logprobs_json(&self, entries: &[Logprob], offset: &mut usize) -> Value {
+        let token =
+            |t: &TokenText| json!({"token": t.token, "logprob": t.logprob, "bytes": t.bytes});
+        match self.api {
+            Api::Chat => {
+                let content: Vec<Value> = entries
+                    .iter()
+                    .map(|e| {
+                        let mut entry = token(&e.chosen);
+                        entry["top_logprobs"] = e.top.iter().map(token).collect();
+                        entry
+                    })
+                    .collect();
+                json!({"content": content, "refusal": null})
+            }
+            Api::Completion => {
+                let mut offsets = Vec::with_capacity(entries.len());
+                for e in entries {
+                    offsets.push(*offset);
+                    *offset += e.chosen.token.chars().count();
+                }
+                let tops: Vec<Value> = entries
+                    .iter()
+                    .map(|e| {
+                        let mut top = Map::new();
+                        for t in &e.top {
+                            top.insert(t.token.clone(), json!(t.logprob));
+                        }
+                        Value::Object(top)
+                    })
+                    .collect();
+                json!({
+                    "tokens": entries.iter().map(|e| e.chosen.token.clone()).collect::<Vec<_>>(),
+                    "token_logprobs": entries.iter().map(|e| e.chosen.logprob).collect::<Vec<_>>(),
+                    "top_logprobs": tops,
+                    "text_offset": offsets,
+                })
+            }
         }
     }
 

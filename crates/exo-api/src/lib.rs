@@ -62,7 +62,7 @@ pub use crate::openapi::openapi;
 pub use crate::routes::router;
 pub use exo_core::{
     ChatMessage, FinishReason, Finished, GenerationError, GenerationEvent, GenerationRequest,
-    OutputConstraint, Penalties, Prompt, SamplingParams,
+    Logprob, OutputConstraint, Penalties, Prompt, SamplingParams, TokenText,
 };
 
 /// Serves the API on an already-bound `listener` until `shutdown` resolves, then stops

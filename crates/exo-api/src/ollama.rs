@@ -302,6 +302,7 @@ struct Options {
 impl Options {
     fn request(&self, model: String, prompt: Prompt) -> GenerationRequest {
         GenerationRequest {
+            logprobs: None,
             penalties: Default::default(),
             constraint: None,
             model,
@@ -528,6 +529,7 @@ impl Lines {
     fn render(&self, step: Step, out: &mut VecDeque<Bytes>) {
         let line = match step {
             Step::Text(piece) if piece.is_empty() => return,
+            Step::Logprob(_) => return,
             Step::Text(piece) => self.piece(&piece),
             Step::Finished(finished) => self.last("", &finished),
             Step::Failed(error) => error.ollama_body(),

@@ -493,7 +493,16 @@ fn chat_request() -> Value {
     );
     properties.insert(
         "logprobs".to_owned(),
-        json!({"type": ["boolean", "null"], "const": false, "description": "Not supported"}),
+        json!({
+            "type": ["boolean", "null"], "default": false,
+            "description": "Each generated token's log-probability (under the model as the \
+                penalties and biases adjust it, before temperature and any grammar) in \
+                choices[].logprobs.content",
+        }),
+    );
+    properties.insert(
+        "top_logprobs".to_owned(),
+        json!({"type": ["integer", "null"], "minimum": 0, "maximum": 20, "description": "Likeliest alternatives per token; needs logprobs"}),
     );
     properties.insert(
         "tools".to_owned(),
@@ -617,7 +626,11 @@ fn completion_request() -> Value {
         ("echo", "Only false is supported"),
         ("best_of", "Only 1 is supported"),
         ("suffix", "Not supported"),
-        ("logprobs", "Not supported"),
+        (
+            "logprobs",
+            "0 to 5: each token's log-probability and that many alternatives (tokens, \
+             token_logprobs, top_logprobs, text_offset)",
+        ),
     ] {
         properties.insert(name.to_owned(), json!({"description": description}));
     }

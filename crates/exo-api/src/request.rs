@@ -105,18 +105,17 @@ pub(crate) fn chat(
     let fields = Fields(body);
     let model = fields.required_string("model")?;
     let mut messages = messages(fields.get("messages").ok_or_else(|| missing("messages"))?)?;
-    if fields.bool("logprobs")? == Some(true) {
-        return Err(ApiError::invalid_param(
-            "logprobs",
-            "logprobs are not supported",
-        ));
-    }
-    if fields.count("top_logprobs")?.is_some_and(|n| n > 0) {
-        return Err(ApiError::invalid_param(
-            "top_logprobs",
-            "logprobs are not supported",
-        ));
-    }
+    let top = fields.count("top_logprobs")?;
+    let logprobs = match (fields.bool("logprobs")?.unwrap_or(false), top) {
+        (false, Some(n)) if n > 0 => {
+            return Err(ApiError::invalid_param(
+                "top_logprobs",
+                "'top_logprobs' needs 'logprobs': true",
+            ));
+        }
+        (false, _) => None,
+        (true, top) => Some(top_logprobs("top_logprobs", top.unwrap_or(0), 20)?),
+    };
     let tools = tools::parse(&fields)?;
     let format = tools::response_format(&fields)?;
     if let Some(tools) = &tools {
@@ -129,6 +128,7 @@ pub(crate) fn chat(
         None => (format, "response_format"),
     };
     parsed.request.constraint = constraint;
+    parsed.request.logprobs = logprobs;
     parsed.constraint_param = param;
     parsed.tools = tools;
     Ok(parsed)
@@ -181,19 +181,31 @@ pub(crate) fn completion(
     if fields.string("suffix")?.is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::invalid_param("suffix", "suffix is not supported"));
     }
-    if fields.count("logprobs")?.is_some_and(|n| n > 0) {
-        return Err(ApiError::invalid_param(
-            "logprobs",
-            "logprobs are not supported",
-        ));
-    }
+    let logprobs = match fields.count("logprobs")? {
+        None => None,
+        Some(n) => Some(top_logprobs("logprobs", n, 5)?),
+    };
     // Special tokens written in the prompt stay text unless the caller asks for them.
     let prompt = if fields.bool("parse_special_tokens")? == Some(true) {
         Prompt::Raw(prompt)
     } else {
         Prompt::Text(prompt)
     };
-    common(&fields, model, prompt, default_max_tokens)
+    let mut parsed = common(&fields, model, prompt, default_max_tokens)?;
+    parsed.request.logprobs = logprobs;
+    Ok(parsed)
+}
+
+/// How many alternatives per token a request asks for, at most `max` (OpenAI's bound for the
+/// endpoint).
+fn top_logprobs(param: &str, n: u64, max: u64) -> Result<u32, ApiError> {
+    if n > max {
+        return Err(ApiError::invalid_param(
+            param,
+            format!("'{param}' must be from 0 to {max}, got {n}"),
+        ));
+    }
+    Ok(n as u32)
 }
 
 /// The fields both endpoints share: sampling, limits, streaming and the unsupported extras.
@@ -285,6 +297,7 @@ fn common(
 
     Ok(Parsed {
         request: GenerationRequest {
+            logprobs: None,
             constraint: None,
             model,
             prompt,

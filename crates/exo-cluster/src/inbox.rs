@@ -109,16 +109,19 @@ mod tests {
                 request: RequestId(2),
                 token: 7,
                 position: 3,
+                logprob: None,
             },
             TokenOut::Token {
                 request: RequestId(9),
                 token: 1,
                 position: 1,
+                logprob: None,
             },
         ]);
         assert_eq!(
             b.recv().await,
             Some(TokenOut::Token {
+                logprob: None,
                 request: RequestId(2),
                 token: 7,
                 position: 3

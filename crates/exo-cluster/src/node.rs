@@ -201,6 +201,7 @@ impl Node {
                 template,
                 eos,
                 grammars,
+                token_bytes: std::sync::OnceLock::new(),
                 context,
                 longest_token_bytes,
                 default_max_tokens: config.default_max_tokens,

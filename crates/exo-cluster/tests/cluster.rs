@@ -356,6 +356,47 @@ async fn penalties_and_biases_apply_on_the_last_stage_and_survive_a_replay() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn log_probabilities_come_from_the_last_stage_with_each_token() {
+    let model = TestModel::tiny(6, 13);
+    let cluster = TestCluster::start(&model, &[GIB, GIB]).await;
+    assert_eq!(cluster.wait_ready().await.stages.len(), 2);
+    let request = exo_core::GenerationRequest {
+        logprobs: Some(3),
+        ..raw_request(PROMPT, 12)
+    };
+    let mut events = cluster.node(1).generate(request).await.unwrap();
+    let mut entries = Vec::new();
+    let finished = loop {
+        match events.recv().await {
+            Some(Ok(GenerationEvent::Logprob(entry))) => entries.push(entry),
+            Some(Ok(GenerationEvent::Text(_))) => {}
+            Some(Ok(GenerationEvent::Finished(f))) => break f,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(entries.len(), finished.token_ids.len());
+    for entry in &entries {
+        // Greedy: the token taken is the likeliest, and the alternatives come in order.
+        assert_eq!(entry.top.len(), 3);
+        assert_eq!(entry.top[0].token, entry.chosen.token);
+        assert!((entry.top[0].logprob - entry.chosen.logprob).abs() < 1e-6);
+        assert!(entry.chosen.logprob <= 0.0);
+        assert!(entry.top.windows(2).all(|w| w[0].logprob >= w[1].logprob));
+    }
+    // Too many alternatives are refused before anything runs.
+    let greedy = exo_core::GenerationRequest {
+        logprobs: Some(21),
+        ..raw_request(PROMPT, 2)
+    };
+    assert!(matches!(
+        cluster.node(0).generate(greedy).await,
+        Err(GenerationError::Invalid { .. })
+    ));
+    cluster.wait_idle().await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_request_that_cannot_resume_ends_with_an_error_naming_why_within_the_bound() {
     let model = TestModel::tiny(6, 13);
     let options = Options {

@@ -21,7 +21,9 @@ mod step;
 pub use error::{FailureKind, GenerationError, StageFailure};
 pub use ids::{Epoch, LayerRange, NodeId, RequestId, Stage};
 pub use request::{
-    ChatMessage, FinishReason, Finished, GenerationEvent, GenerationRequest, OutputConstraint,
-    Penalties, Prompt, SamplingParams,
+    ChatMessage, FinishReason, Finished, GenerationEvent, GenerationRequest, Logprob,
+    OutputConstraint, Penalties, Prompt, SamplingParams, TokenText,
 };
-pub use step::{Activations, RequestStart, StepEntry, StepFrame, StepInput, TokenOut};
+pub use step::{
+    Activations, RequestStart, StepEntry, StepFrame, StepInput, TokenLogprob, TokenOut,
+};

@@ -209,9 +209,15 @@ pub struct GenerationRequest {
     pub constraint: Option<OutputConstraint>,
     /// Penalties and biases applied to the logits before sampling.
     pub penalties: Penalties,
+    /// Report each generated token's log-probability, with this many of the most likely
+    /// alternatives (at most [`GenerationRequest::MAX_TOP_LOGPROBS`]); `None`: do not.
+    pub logprobs: Option<u32>,
 }
 
 impl GenerationRequest {
+    /// The most alternatives a token's log-probability may come with.
+    pub const MAX_TOP_LOGPROBS: u32 = 20;
+
     /// A greedy request for `prompt` with the server's defaults.
     pub fn new(prompt: Prompt) -> Self {
         GenerationRequest {
@@ -223,6 +229,7 @@ impl GenerationRequest {
             ignore_eos: false,
             constraint: None,
             penalties: Penalties::default(),
+            logprobs: None,
         }
     }
 }
@@ -283,6 +290,28 @@ impl Finished {
     }
 }
 
+/// A token as text, for log-probabilities.
+#[derive(Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
+pub struct TokenText {
+    /// The token's text (lossy where its bytes are part of a character).
+    pub token: String,
+    /// Its bytes.
+    pub bytes: Vec<u8>,
+    /// Its log-probability.
+    pub logprob: f32,
+}
+
+/// One generated token's log-probability and the most likely alternatives.
+#[derive(Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
+pub struct Logprob {
+    /// The generated token.
+    pub chosen: TokenText,
+    /// The most likely tokens at its position, most likely first.
+    pub top: Vec<TokenText>,
+}
+
 /// What a generation streams: text pieces as they are decided, then exactly one
 /// [`GenerationEvent::Finished`].
 #[derive(Clone, Debug, PartialEq)]
@@ -295,6 +324,8 @@ pub enum GenerationEvent {
     /// The next piece of text (one token or several, or none of a character held back until
     /// it is complete).
     Text(String),
+    /// A generated token's log-probability (when asked), before the text it completes.
+    Logprob(Logprob),
     /// The end; always the last event.
     Finished(Finished),
 }

@@ -58,9 +58,22 @@ pub struct RequestStart {
     pub constraint: Option<OutputConstraint>,
     /// Penalties and biases the last stage applies before sampling.
     pub penalties: Penalties,
+    /// Whether the last stage reports each token's log-probability, and with how many of the
+    /// most likely alternatives (`Some(0)`: the token's alone).
+    pub logprobs: Option<u32>,
     /// The tokens already generated, when the request resumes with a constraint or
     /// penalties: the last stage walks its grammar through them and counts them.
     pub generated: Vec<u32>,
+}
+
+/// A sampled token's log-probability under the model (after the request's penalties and
+/// biases, before temperature and any grammar), and the most likely tokens with theirs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprob {
+    /// The sampled token's log-probability.
+    pub logprob: f32,
+    /// The most likely tokens, most likely first.
+    pub top: Vec<(u32, f32)>,
 }
 
 /// One request's part of a frame.
@@ -135,6 +148,8 @@ pub enum TokenOut {
         token: u32,
         /// Its position.
         position: u32,
+        /// Its log-probability and the most likely alternatives, when the request asked.
+        logprob: Option<TokenLogprob>,
     },
     /// A stage failed the request.
     Failed {

@@ -32,5 +32,5 @@ pub use exo_core::FinishReason;
 pub use exo_kernels::{WeightFormat, set_threads as set_kernel_threads};
 pub use generate::{GenerateRequest, Generation, GenerationStats, forward_tokens, generate};
 pub use native::Weights;
-pub use sampling::{Penalties, Sampler, SamplingParams, argmax};
+pub use sampling::{Penalties, Sampler, SamplingParams, argmax, log_probabilities};
 pub use shard::LlamaShard;

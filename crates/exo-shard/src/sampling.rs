@@ -184,6 +184,41 @@ impl Sampler {
     }
 }
 
+/// Log-probabilities from one position's logits: their log-sum-exp (a token's log-probability
+/// is its logit minus it) and the `top` likeliest tokens with their log-probabilities, most
+/// likely first (ties by id). Non-finite logits count as impossible.
+pub fn log_probabilities(logits: &[f32], top: usize) -> (f32, Vec<(u32, f32)>) {
+    let max = logits
+        .iter()
+        .copied()
+        .filter(|l| l.is_finite())
+        .fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        return (f32::INFINITY, Vec::new());
+    }
+    let sum: f32 = logits
+        .iter()
+        .filter(|l| l.is_finite())
+        .map(|&l| (l - max).exp())
+        .sum();
+    let lse = max + sum.ln();
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(top + 1);
+    if top > 0 {
+        for (i, &l) in logits.iter().enumerate() {
+            if !l.is_finite() || (best.len() == top && l <= best[top - 1].1) {
+                continue;
+            }
+            let at = best.partition_point(|&(_, b)| b >= l);
+            best.insert(at, (i as u32, l));
+            best.truncate(top);
+        }
+    }
+    for entry in &mut best {
+        entry.1 -= lse;
+    }
+    (lse, best)
+}
+
 /// Index of the largest logit (the first one on ties, NaN never wins).
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;
@@ -242,6 +277,23 @@ mod tests {
                 .is_err()
         );
         Ok(())
+    }
+
+    #[test]
+    fn log_probabilities_normalise_and_rank() {
+        let logits = [1.0f32, 3.0, f32::NEG_INFINITY, 2.0, 3.0];
+        let (lse, top) = log_probabilities(&logits, 3);
+        let total: f32 = logits
+            .iter()
+            .filter(|l| l.is_finite())
+            .map(|l| (l - lse).exp())
+            .sum();
+        assert!((total - 1.0).abs() < 1e-6, "{total}");
+        let ids: Vec<u32> = top.iter().map(|t| t.0).collect();
+        assert_eq!(ids, vec![1, 4, 3]);
+        assert!((top[0].1 - (3.0 - lse)).abs() < 1e-6);
+        assert!(log_probabilities(&logits, 0).1.is_empty());
+        assert!(log_probabilities(&[f32::NEG_INFINITY], 2).1.is_empty());
     }
 
     #[test]

@@ -293,6 +293,7 @@ pub async fn collect(
             .unwrap_or_else(|_| panic!("no event within {within:?}; text so far: {text:?}"));
         match item {
             Some(Ok(GenerationEvent::Text(t))) => text.push_str(&t),
+            Some(Ok(GenerationEvent::Logprob(_))) => {}
             Some(Ok(GenerationEvent::Finished(f))) => return Ok((text, f)),
             Some(Err(e)) => return Err(e),
             None => panic!("the generation ended without a final event; text: {text:?}"),

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use exo_api::{
     ClusterView, Engine, FinishReason, Finished, Generation, GenerationError, GenerationEvent,
-    GenerationRequest, LinkView, ModelCard, NodeState, NodeView, PlanView, Readiness, StageView,
+    GenerationRequest, LinkView, Logprob, ModelCard, NodeState, NodeView, PlanView, Readiness,
+    StageView, TokenText,
 };
 use futures::future::BoxFuture;
 use tokio::sync::{Notify, mpsc, watch};
@@ -275,13 +276,14 @@ impl Engine for FakeEngine {
             }
             let (tx, rx) = mpsc::channel(1);
             let script = self.script.clone();
+            let logprobs = request.logprobs;
             let probe = Arc::clone(&self.probe);
             probe.started.fetch_add(1, Ordering::SeqCst);
             let now = probe.running.fetch_add(1, Ordering::SeqCst) + 1;
             probe.peak.fetch_max(now, Ordering::SeqCst);
             probe.touch();
             tokio::spawn(async move {
-                let cancelled = !run(&script, &tx).await;
+                let cancelled = !run(&script, logprobs, &tx).await;
                 if cancelled {
                     probe.cancelled.fetch_add(1, Ordering::SeqCst);
                     probe.touch();
@@ -297,8 +299,14 @@ impl Engine for FakeEngine {
     }
 }
 
-/// Plays the script; returns false when it noticed the receiver was dropped.
-async fn run(script: &Script, tx: &mpsc::Sender<Result<GenerationEvent, GenerationError>>) -> bool {
+/// Plays the script; returns false when it noticed the receiver was dropped. With `logprobs`
+/// asked, each piece is one token whose log-probability is -0.5, after `n` alternatives
+/// `alt0`, `alt1`... at -1, -2...
+async fn run(
+    script: &Script,
+    logprobs: Option<u32>,
+    tx: &mpsc::Sender<Result<GenerationEvent, GenerationError>>,
+) -> bool {
     for (index, piece) in script.pieces.iter().enumerate() {
         if script.hang_after == Some(index) {
             tx.closed().await;
@@ -314,6 +322,22 @@ async fn run(script: &Script, tx: &mpsc::Sender<Result<GenerationEvent, Generati
             && *at == index
         {
             return tx.send(Err(error.clone())).await.is_ok();
+        }
+        if let Some(n) = logprobs {
+            let text = |token: String, logprob: f32| TokenText {
+                bytes: token.clone().into_bytes(),
+                token,
+                logprob,
+            };
+            let entry = Logprob {
+                chosen: text(piece.clone(), -0.5),
+                top: (0..n)
+                    .map(|i| text(format!("alt{i}"), -1.0 - i as f32))
+                    .collect(),
+            };
+            if tx.send(Ok(GenerationEvent::Logprob(entry))).await.is_err() {
+                return false;
+            }
         }
         if tx
             .send(Ok(GenerationEvent::Text(piece.clone())))

@@ -3,9 +3,9 @@
 
 use exo_core::{
     Activations, ChatMessage, Epoch, FailureKind, FinishReason, Finished, GenerationError,
-    GenerationEvent, GenerationRequest, LayerRange, NodeId, OutputConstraint, Penalties, Prompt,
-    RequestId, RequestStart, SamplingParams, Stage, StageFailure, StepEntry, StepFrame, StepInput,
-    TokenOut,
+    GenerationEvent, GenerationRequest, LayerRange, Logprob, NodeId, OutputConstraint, Penalties,
+    Prompt, RequestId, RequestStart, SamplingParams, Stage, StageFailure, StepEntry, StepFrame,
+    StepInput, TokenLogprob, TokenOut, TokenText,
 };
 use half::{bf16, f16};
 
@@ -238,6 +238,8 @@ pub(crate) fn frame_to_pb(frame: &StepFrame, wire: WireDtype) -> pb::Frame {
                 sampled: s.sampled,
                 constraint: s.constraint.as_ref().map(constraint_to_pb),
                 generated: s.generated.clone(),
+                logprobs: s.logprobs.is_some(),
+                top_logprobs: s.logprobs.unwrap_or(0),
             }),
             end: e.end,
         })
@@ -312,6 +314,7 @@ pub(crate) fn frame_from_pb(frame: &pb::Frame, limits: &Limits) -> Result<StepFr
                     sampled: s.sampled,
                     constraint: constraint_from_pb(s.constraint.as_ref())?,
                     generated: s.generated.clone(),
+                    logprobs: logprobs_from_pb(s.logprobs, s.top_logprobs)?,
                 }),
             };
             Ok(StepEntry {
@@ -381,11 +384,22 @@ impl From<&TokenOut> for pb::TokenOut {
                 request,
                 token,
                 position,
+                logprob,
             } => pb::TokenOut {
                 request_id: request.0,
                 kind: Some(pb::token_out::Kind::Token(pb::SampledToken {
                     token: *token,
                     position: *position,
+                    has_logprob: logprob.is_some(),
+                    logprob: logprob.as_ref().map_or(0.0, |l| l.logprob),
+                    top_tokens: logprob
+                        .as_ref()
+                        .map(|l| l.top.iter().map(|t| t.0).collect())
+                        .unwrap_or_default(),
+                    top_logprobs: logprob
+                        .as_ref()
+                        .map(|l| l.top.iter().map(|t| t.1).collect())
+                        .unwrap_or_default(),
                 })),
             },
             TokenOut::Failed { request, failure } => pb::TokenOut {
@@ -402,11 +416,29 @@ impl TryFrom<&pb::TokenOut> for TokenOut {
     fn try_from(t: &pb::TokenOut) -> Result<Self> {
         let request = RequestId(t.request_id);
         match &t.kind {
-            Some(pb::token_out::Kind::Token(s)) => Ok(TokenOut::Token {
-                request,
-                token: s.token,
-                position: s.position,
-            }),
+            Some(pb::token_out::Kind::Token(s)) => {
+                if s.top_tokens.len() != s.top_logprobs.len() {
+                    return Err(Error::invalid(format!(
+                        "{} likeliest tokens with {} log-probabilities",
+                        s.top_tokens.len(),
+                        s.top_logprobs.len()
+                    )));
+                }
+                Ok(TokenOut::Token {
+                    request,
+                    token: s.token,
+                    position: s.position,
+                    logprob: s.has_logprob.then(|| TokenLogprob {
+                        logprob: s.logprob,
+                        top: s
+                            .top_tokens
+                            .iter()
+                            .copied()
+                            .zip(s.top_logprobs.iter().copied())
+                            .collect(),
+                    }),
+                })
+            }
             Some(pb::token_out::Kind::Failed(f)) => Ok(TokenOut::Failed {
                 request,
                 failure: f.try_into()?,
@@ -519,6 +551,8 @@ impl From<&GenerationRequest> for pb::GenerateRequest {
             stop: r.stop.clone(),
             ignore_eos: r.ignore_eos,
             constraint: r.constraint.as_ref().map(constraint_to_pb),
+            logprobs: r.logprobs.is_some(),
+            top_logprobs: r.logprobs.unwrap_or(0),
         }
     }
 }
@@ -550,7 +584,34 @@ impl TryFrom<pb::GenerateRequest> for GenerationRequest {
             stop: r.stop,
             ignore_eos: r.ignore_eos,
             constraint: constraint_from_pb(r.constraint.as_ref())?,
+            logprobs: logprobs_from_pb(r.logprobs, r.top_logprobs)?,
         })
+    }
+}
+
+fn logprobs_from_pb(wanted: bool, top: u32) -> Result<Option<u32>> {
+    if top > GenerationRequest::MAX_TOP_LOGPROBS {
+        return Err(Error::invalid(format!(
+            "at most {} alternatives per token, asked for {top}",
+            GenerationRequest::MAX_TOP_LOGPROBS
+        )));
+    }
+    Ok(wanted.then_some(top))
+}
+
+fn token_text_to_pb(t: &TokenText) -> pb::TokenText {
+    pb::TokenText {
+        token: t.token.clone(),
+        bytes: t.bytes.clone(),
+        logprob: t.logprob,
+    }
+}
+
+fn token_text_from_pb(t: pb::TokenText) -> TokenText {
+    TokenText {
+        token: t.token,
+        bytes: t.bytes,
+        logprob: t.logprob,
     }
 }
 
@@ -683,6 +744,10 @@ pub(crate) fn generation_item_to_pb(
     use pb::generate_event::Event;
     let event = match item {
         Ok(GenerationEvent::Text(t)) => Event::Text(t.clone()),
+        Ok(GenerationEvent::Logprob(l)) => Event::Logprob(pb::Logprob {
+            chosen: Some(token_text_to_pb(&l.chosen)),
+            top: l.top.iter().map(token_text_to_pb).collect(),
+        }),
         Ok(GenerationEvent::Finished(f)) => Event::Finished(pb::Finished {
             reason: match f.reason {
                 FinishReason::Stop => pb::FinishReason::Stop,
@@ -705,6 +770,13 @@ pub(crate) fn generation_item_from_pb(
     use pb::generate_event::Event;
     match e.event {
         Some(Event::Text(t)) => Ok(Ok(GenerationEvent::Text(t))),
+        Some(Event::Logprob(l)) => Ok(Ok(GenerationEvent::Logprob(Logprob {
+            chosen: token_text_from_pb(
+                l.chosen
+                    .ok_or_else(|| Error::invalid("a log-probability without its token"))?,
+            ),
+            top: l.top.into_iter().map(token_text_from_pb).collect(),
+        }))),
         Some(Event::Finished(f)) => Ok(Ok(GenerationEvent::Finished(Finished {
             reason: match pb::FinishReason::try_from(f.reason) {
                 Ok(pb::FinishReason::Length) => FinishReason::Length,
@@ -929,6 +1001,7 @@ mod tests {
 
     fn start() -> RequestStart {
         RequestStart {
+            logprobs: None,
             penalties: Penalties {
                 presence: 0.5,
                 frequency: -0.25,

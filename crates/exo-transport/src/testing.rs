@@ -79,6 +79,8 @@ pub async fn send_raw_frame(
                     sampled: 0,
                     constraint: None,
                     generated: Vec::new(),
+                    logprobs: false,
+                    top_logprobs: 0,
                 }),
                 end: true,
             }],

@@ -69,6 +69,7 @@ impl FrameSink for ToySink {
                 let sink = self.origins.lock().unwrap().get(&origin).cloned();
                 let position = e.position + e.rows;
                 let out = TokenOut::Token {
+                    logprob: None,
                     request: e.request,
                     token: position * 10 + first.round() as u32,
                     position,
@@ -199,6 +200,7 @@ fn epoch() -> Epoch {
 fn started(request: u64, position: u32, rows: u32) -> StepEntry {
     let mut e = StepEntry::rows(RequestId(request), position, rows, true);
     e.start = Some(RequestStart {
+        logprobs: None,
         penalties: Default::default(),
         constraint: None,
         generated: Vec::new(),
@@ -263,11 +265,13 @@ async fn frames_of_several_requests_go_through_one_link_and_tokens_reach_the_ori
         got,
         vec![
             TokenOut::Token {
+                logprob: None,
                 request: RequestId(1),
                 token: 23,
                 position: 2
             },
             TokenOut::Token {
+                logprob: None,
                 request: RequestId(2),
                 token: 14,
                 position: 1
@@ -289,6 +293,7 @@ async fn frames_of_several_requests_go_through_one_link_and_tokens_reach_the_ori
     assert_eq!(
         got,
         vec![TokenOut::Token {
+            logprob: None,
             request: RequestId(1),
             token: 35,
             position: 3

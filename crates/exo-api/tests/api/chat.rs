@@ -190,6 +190,7 @@ async fn request_fields_reach_the_engine() {
     assert_eq!(
         engine.probe.requests(),
         vec![GenerationRequest {
+            logprobs: None,
             penalties: exo_api::Penalties {
                 presence: 0.5,
                 frequency: -0.25,
@@ -497,4 +498,60 @@ async fn n_choices_are_generations_with_their_own_seeds() {
     )
     .await;
     reply.assert_error(400, Some("n"), None);
+}
+
+#[tokio::test]
+async fn logprobs_come_in_openais_shapes() {
+    let engine = FakeEngine::new().pieces(&["Hel", "lo"]).build();
+    let app = app(&engine);
+    let body = post(
+        &app,
+        "/v1/chat/completions",
+        with(chat_body(), json!({"logprobs": true, "top_logprobs": 2})),
+    )
+    .await
+    .json();
+    assert_eq!(engine.probe.requests()[0].logprobs, Some(2));
+    let content = &body["choices"][0]["logprobs"]["content"];
+    assert_eq!(content.as_array().unwrap().len(), 2);
+    assert_eq!(content[0]["token"], "Hel");
+    assert_eq!(content[0]["logprob"], -0.5);
+    assert_eq!(content[0]["bytes"], json!([72, 101, 108]));
+    assert_eq!(content[0]["top_logprobs"][1]["token"], "alt1");
+    assert_eq!(content[0]["top_logprobs"][1]["logprob"], -2.0);
+
+    // Streamed: each token's entry rides with the chunk of its text.
+    let reply = post(
+        &app,
+        "/v1/chat/completions",
+        with(chat_body(), json!({"logprobs": true, "stream": true})),
+    )
+    .await;
+    let tokens: Vec<String> = sse_chunks(&reply)
+        .iter()
+        .filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array().cloned())
+        .flatten()
+        .map(|e| e["token"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(tokens, ["Hel", "lo"]);
+
+    // Legacy completions: the parallel lists, with each token's offset in the text.
+    let body = post(
+        &app,
+        "/v1/completions",
+        json!({"model": "llama-3.2-1b", "prompt": "x", "logprobs": 1}),
+    )
+    .await
+    .json();
+    let logprobs = &body["choices"][0]["logprobs"];
+    assert_eq!(logprobs["tokens"], json!(["Hel", "lo"]));
+    assert_eq!(logprobs["token_logprobs"], json!([-0.5, -0.5]));
+    assert_eq!(
+        logprobs["top_logprobs"],
+        json!([{"alt0": -1.0}, {"alt0": -1.0}])
+    );
+    assert_eq!(logprobs["text_offset"], json!([0, 3]));
+    // Without asking, none.
+    let body = post(&app, "/v1/chat/completions", chat_body()).await.json();
+    assert_eq!(body["choices"][0]["logprobs"], Value::Null);
 }

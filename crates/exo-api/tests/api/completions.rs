@@ -95,7 +95,7 @@ async fn unsupported_prompts_and_options_are_400() {
         (json!({"echo": true}), "echo"),
         (json!({"best_of": 3}), "best_of"),
         (json!({"suffix": "the end"}), "suffix"),
-        (json!({"logprobs": 5}), "logprobs"),
+        (json!({"logprobs": 6}), "logprobs"),
         (json!({"n": 99}), "n"),
         (json!({"max_tokens": 0}), "max_tokens"),
     ];

@@ -115,8 +115,16 @@ async fn invalid_chat_requests_are_400_naming_the_field() {
             "-100 to 100",
         ),
         (json!({"logit_bias": [1]}), "logit_bias", "an object"),
-        (json!({"logprobs": true}), "logprobs", "not supported"),
-        (json!({"top_logprobs": 3}), "top_logprobs", "not supported"),
+        (
+            json!({"logprobs": true, "top_logprobs": 21}),
+            "top_logprobs",
+            "from 0 to 20",
+        ),
+        (
+            json!({"top_logprobs": 3}),
+            "top_logprobs",
+            "needs 'logprobs'",
+        ),
         (
             json!({"tools": [{"type": "function"}]}),
             "tools[0].function",

@@ -33,6 +33,8 @@ pub(crate) struct OriginModel {
     pub(crate) eos: Vec<u32>,
     /// The model's grammars, to refuse a constraint they cannot compile.
     pub(crate) grammars: Arc<ModelGrammars>,
+    /// Each token's bytes, for log-probabilities; read from the tokenizer on first use.
+    pub(crate) token_bytes: std::sync::OnceLock<Vec<Vec<u8>>>,
     /// Positions a request may use in all (prompt plus generated): the model's context, or
     /// less, what the plan reserves keys and values for (`--plan-context`).
     pub(crate) context: usize,
@@ -51,6 +53,23 @@ pub(crate) fn model_id(name: &str) -> String {
 }
 
 impl OriginModel {
+    /// A token as text for log-probabilities: its bytes (a control token's name), and
+    /// the text they make, lossy where a character is cut.
+    pub(crate) fn token_text(&self, token: u32, logprob: f32) -> exo_core::TokenText {
+        let table = self
+            .token_bytes
+            .get_or_init(|| self.tokenizer.token_bytes().unwrap_or_default());
+        let mut bytes = table.get(token as usize).cloned().unwrap_or_default();
+        if bytes.first() == Some(&0xFF) {
+            bytes.remove(0);
+        }
+        exo_core::TokenText {
+            token: String::from_utf8_lossy(&bytes).into_owned(),
+            bytes,
+            logprob,
+        }
+    }
+
     /// Whether `name` names this model (with or without `.gguf`).
     pub(crate) fn matches(&self, name: &str) -> bool {
         model_id(name) == model_id(&self.name)
@@ -220,6 +239,18 @@ impl Origins {
         }
         request.sampling.validate()?;
         request.penalties.validate()?;
+        if let Some(top) = request
+            .logprobs
+            .filter(|&t| t > GenerationRequest::MAX_TOP_LOGPROBS)
+        {
+            return Err(GenerationError::invalid(
+                "top_logprobs",
+                format!(
+                    "at most {} alternatives per token, got {top}",
+                    GenerationRequest::MAX_TOP_LOGPROBS
+                ),
+            ));
+        }
         let vocab = self.model.tokenizer.vocab_size();
         if let Some((token, _)) = request
             .penalties
@@ -276,6 +307,7 @@ impl Origins {
             sampling: request.sampling,
             constraint: request.constraint,
             penalties: request.penalties,
+            logprobs: request.logprobs,
             max_tokens,
             stop: request.stop,
             ignore_eos: request.ignore_eos,
@@ -310,6 +342,7 @@ mod tests {
             longest_token_bytes: 8,
             eos: vec![2],
             grammars: Arc::new(ModelGrammars::new(checkpoint.tokenizer().unwrap(), vec![2])),
+            token_bytes: std::sync::OnceLock::new(),
             context,
             default_max_tokens: Some(256),
             prefill_chunk: 512,

@@ -121,6 +121,7 @@ pub(crate) struct RequestTask {
     pub(crate) sampling: SamplingParams,
     pub(crate) constraint: Option<OutputConstraint>,
     pub(crate) penalties: Penalties,
+    pub(crate) logprobs: Option<u32>,
     pub(crate) max_tokens: usize,
     pub(crate) stop: Vec<String>,
     pub(crate) ignore_eos: bool,
@@ -266,6 +267,7 @@ impl RequestTask {
                     sampled: self.journal.generated.len() as u32,
                     constraint: self.constraint.clone(),
                     penalties: self.penalties.clone(),
+                    logprobs: self.logprobs,
                     // Only a grammar and penalties need them; the sampler counts its draws.
                     generated: if self.constraint.is_some() || self.penalties.uses_history() {
                         self.journal.generated.clone()
@@ -357,10 +359,13 @@ impl RequestTask {
                     continue;
                 }
             };
-            let (token, position) = match item {
+            let (token, position, logprob) = match item {
                 Some(TokenOut::Token {
-                    token, position, ..
-                }) => (token, position),
+                    token,
+                    position,
+                    logprob,
+                    ..
+                }) => (token, position, logprob),
                 Some(TokenOut::Failed { failure, .. }) => {
                     return State::Failed(GenerationError::StageFailed(failure));
                 }
@@ -380,6 +385,26 @@ impl RequestTask {
             (first, last_token, quiet) = (false, now, 0);
             first_token_at.get_or_insert(now);
             self.journal.generated.push(token);
+            // An end-of-sequence token is no part of the answer, nor of its log-probabilities.
+            let ends = !self.ignore_eos && self.model.eos.contains(&token);
+            if let Some(logprob) = logprob.filter(|_| !ends) {
+                let entry = exo_core::Logprob {
+                    chosen: self.model.token_text(token, logprob.logprob),
+                    top: logprob
+                        .top
+                        .iter()
+                        .map(|&(t, l)| self.model.token_text(t, l))
+                        .collect(),
+                };
+                if self
+                    .events
+                    .send(Ok(GenerationEvent::Logprob(entry)))
+                    .await
+                    .is_err()
+                {
+                    return State::Cancelled;
+                }
+            }
             let decoded = match text.push(token) {
                 Ok(d) => d,
                 Err(e) => {

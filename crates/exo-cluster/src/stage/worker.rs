@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use exo_core::{
     Activations, Epoch, FailureKind, NodeId, RequestId, RequestStart, Stage, StageFailure,
-    StepEntry, StepFrame, StepInput, TokenOut,
+    StepEntry, StepFrame, StepInput, TokenLogprob, TokenOut,
 };
 use exo_grammar::Guide;
 use exo_shard::{KvCache, LlamaShard, Sampler};
@@ -278,6 +278,8 @@ struct Request {
     sampler: Option<Sampler>,
     /// The grammar its tokens must follow (last stage, constrained requests).
     guide: Option<Guide>,
+    /// Whether to report its tokens' log-probabilities, with how many alternatives.
+    logprobs: Option<u32>,
     origin: NodeId,
     link: LinkId,
     /// Positions reserved against the stage's budget.
@@ -764,6 +766,7 @@ impl Worker {
                 cache,
                 sampler,
                 guide,
+                logprobs: start.logprobs,
                 origin: start.origin.clone(),
                 link,
                 positions,
@@ -1079,6 +1082,11 @@ impl Worker {
                 return Err("the last stage has no sampler".to_owned());
             };
             sampler.penalize(logits);
+            // The model's distribution as the request adjusted it, before the grammar's mask
+            // (a token the grammar allows keeps its logit).
+            let distribution = request
+                .logprobs
+                .map(|top| exo_shard::log_probabilities(logits, top as usize));
             let sampled = match request.guide.as_mut() {
                 None => sampler.sample(logits).map_err(|e| e.to_string()),
                 Some(guide) => guide
@@ -1105,6 +1113,12 @@ impl Worker {
                     request: piece.request,
                     token,
                     position: piece.work.position + piece.rows as u32,
+                    logprob: distribution.map(|(lse, top)| TokenLogprob {
+                        logprob: logits
+                            .get(token as usize)
+                            .map_or(f32::NEG_INFINITY, |l| l - lse),
+                        top,
+                    }),
                 });
         }
         for (request, reason) in unsampled {
@@ -1328,6 +1342,7 @@ mod tests {
     fn start(request: u64, rows: u32, positions: u32) -> StepFrame {
         let mut entry = StepEntry::rows(RequestId(request), 0, rows, true);
         entry.start = Some(RequestStart {
+            logprobs: None,
             penalties: Default::default(),
             constraint: None,
             generated: Vec::new(),
