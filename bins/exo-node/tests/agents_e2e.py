@@ -189,6 +189,46 @@ def openai_checks(client, model, results):
         results["bad_schema"] = body.get("message")
 
 
+def responses_checks(client, model, results):
+    # The Responses API: text, its event stream, structured output and a function call.
+    reply = client.responses.create(model=model, input="What is the capital of France?",
+                                    instructions="Answer in one sentence.", max_output_tokens=40,
+                                    temperature=0)
+    check(reply.status in ("completed", "incomplete") and reply.output_text, f"{reply!r}")
+    results["responses_text"] = reply.output_text
+    streamed, done = "", None
+    for event in client.responses.create(model=model, input="What is the capital of France?",
+                                         instructions="Answer in one sentence.",
+                                         max_output_tokens=40, temperature=0, stream=True):
+        if event.type == "response.output_text.delta":
+            streamed += event.delta
+        elif event.type in ("response.completed", "response.incomplete"):
+            done = event.response
+    check(streamed == reply.output_text, f"streamed {streamed!r} vs {reply.output_text!r}")
+    check(done is not None and done.output_text == streamed, f"final {done!r}")
+    parsed = client.responses.parse(model=model, input="What is the capital of France?",
+                                    text_format=Capital, max_output_tokens=100, temperature=0)
+    check(isinstance(parsed.output_parsed, Capital), f"{parsed!r}")
+    results["responses_parse"] = parsed.output_parsed.model_dump()
+    tool = {"type": "function", "name": "get_weather", "description": "Weather of a city",
+            "parameters": WEATHER["function"]["parameters"]}
+    called = client.responses.create(model=model, input="What is the weather in Paris?",
+                                     tools=[tool], tool_choice="required", max_output_tokens=80)
+    calls = [o for o in called.output if o.type == "function_call"]
+    check(len(calls) == 1 and calls[0].name == "get_weather", f"{called.output!r}")
+    args = json.loads(calls[0].arguments)
+    after = client.responses.create(
+        model=model, max_output_tokens=40, temperature=0, tools=[tool],
+        input=[{"role": "user", "content": "What is the weather in Paris?"},
+               {"type": "function_call", "call_id": calls[0].call_id, "name": "get_weather",
+                "arguments": calls[0].arguments},
+               {"type": "function_call_output", "call_id": calls[0].call_id,
+                "output": "Sunny, 21 degrees."}],
+    )
+    check(after.output_text is not None, f"{after!r}")
+    results["responses_call"] = args
+
+
 def langchain_checks(base_url, api_key, model, results):
     from langchain_core.messages import HumanMessage, ToolMessage
     from langchain_core.tools import tool
@@ -295,6 +335,7 @@ def main():
     model = client.models.list().data[0].id
     results = {}
     openai_checks(client, model, results)
+    responses_checks(client, model, results)
     langchain_checks(args.base_url, args.api_key, model, results)
     anthropic_checks(args.base_url, args.api_key, model, results)
     print(json.dumps(results, indent=1))

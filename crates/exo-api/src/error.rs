@@ -226,6 +226,21 @@ impl ApiError {
         self.param.as_deref()
     }
 
+    /// The same error blaming `to` where it blamed `from` (or a field under it): a dialect
+    /// that reads its field through another's parser names its own.
+    pub(crate) fn renamed(mut self, from: &str, to: &str) -> Self {
+        if let Some(param) = &self.param
+            && (param == from || param.starts_with(&format!("{from}.")))
+        {
+            let renamed = format!("{to}{}", &param[from.len()..]);
+            self.message = self
+                .message
+                .replace(&format!("'{param}'"), &format!("'{renamed}'"));
+            self.param = Some(renamed);
+        }
+        self
+    }
+
     /// The envelope, also sent as an SSE event when a stream fails after its first chunk.
     pub(crate) fn envelope(&self) -> Value {
         json!({

@@ -43,6 +43,7 @@ mod ollama;
 mod openapi;
 mod queue;
 mod request;
+mod responses;
 mod routes;
 mod server;
 mod state;

@@ -311,6 +311,17 @@ fn ollama_paths(secured: &Value) -> serde_json::Map<String, Value> {
             read("get", "ollamaVersion", "Ollama: this server's version"),
         ),
         (
+            "/v1/responses".to_owned(),
+            generation(
+                "createResponse",
+                "OpenAI Responses: `input` (a string or message, function_call and \
+                 function_call_output items), `instructions`, function `tools`, `tool_choice`, \
+                 `text.format` (json_object, json_schema by constrained decoding), \
+                 `max_output_tokens`, `stream` as typed events; nothing is stored, so \
+                 `previous_response_id` is refused",
+            ),
+        ),
+        (
             "/v1/messages".to_owned(),
             generation(
                 "anthropicMessages",

@@ -23,6 +23,7 @@ use crate::middleware::{self, RequestLog};
 use crate::ollama;
 use crate::queue::Admission;
 use crate::request::{self, JsonObject};
+use crate::responses;
 use crate::state::AppState;
 use crate::telemetry::{self, Metrics};
 use crate::web;
@@ -51,6 +52,7 @@ pub(crate) const PATHS: &[(&str, &[&str])] = &[
     ("/api/ps", &["get"]),
     ("/api/version", &["get"]),
     ("/v1/messages", &["post"]),
+    ("/v1/responses", &["post"]),
 ];
 
 /// Builds the API's router over `engine`; see the crate documentation for the routes.
@@ -92,6 +94,8 @@ pub fn router(engine: Arc<dyn Engine>, config: ApiConfig) -> Router {
         .route("/api/version", get(ollama::version))
         // Anthropic's Messages dialect.
         .route("/v1/messages", post(anthropic::messages))
+        // OpenAI's Responses dialect.
+        .route("/v1/responses", post(responses::create))
         .method_not_allowed_fallback(middleware::method_not_allowed)
         .fallback(middleware::not_found)
         .layer(body_limit)

@@ -16,6 +16,7 @@ mod models;
 mod ollama;
 mod openapi;
 mod queue;
+mod responses;
 mod serve;
 mod support;
 mod tools;

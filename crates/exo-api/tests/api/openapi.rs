@@ -46,6 +46,7 @@ async fn every_routed_path_is_documented_and_every_documented_path_is_routed() {
             "/v1/messages",
             "/v1/models",
             "/v1/models/{model}",
+            "/v1/responses",
         ]
     );
 
@@ -71,7 +72,9 @@ async fn every_routed_path_is_documented_and_every_documented_path_is_routed() {
             let reply = match method.as_str() {
                 "get" => get(&app, &concrete).await,
                 "post" => {
-                    let body = if path == "/v1/messages" {
+                    let body = if path == "/v1/responses" {
+                        serde_json::json!({"model": "llama-3.2-1b", "input": "Hi"})
+                    } else if path == "/v1/messages" {
                         let mut body = chat_body();
                         body["max_tokens"] = 16.into();
                         body

@@ -1,0 +1,546 @@
+//! OpenAI's Responses dialect: `POST /v1/responses`, whole or as its stream of typed events,
+//! with function tools and structured output (`text.format`).
+//!
+//! A thin mapping over the same engine, admission queue and [`Running`] generation as chat
+//! completions, and the same tools module: `input` items become chat turns (`function_call`
+//! items are written back as the model writes calls, `function_call_output` items as tool
+//! results), `instructions` the system turn, and calls read out of the answer become
+//! `function_call` output items. Nothing is stored: `previous_response_id` is refused.
+
+use std::collections::VecDeque;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::Json;
+use axum::extract::State;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Map, Value, json};
+
+use exo_core::{ChatMessage, FinishReason, Finished, GenerationRequest, Prompt};
+
+use crate::error::ApiError;
+use crate::generate::{Params, Running, Step, counts};
+use crate::middleware::RequestLog;
+use crate::request::{self, Fields, JsonObject, describe};
+use crate::state::AppState;
+use crate::tools::{self, Call, Held, ToolUse};
+
+/// `POST /v1/responses`.
+pub(crate) async fn create(
+    State(state): State<AppState>,
+    log: RequestLog,
+    JsonObject(body): JsonObject,
+) -> Result<Response, ApiError> {
+    let fields = Fields(&body);
+    if fields.get("previous_response_id").is_some() {
+        return Err(ApiError::invalid_param(
+            "previous_response_id",
+            "responses are not stored: send the whole conversation in 'input'",
+        ));
+    }
+    let model = fields.required_string("model")?;
+    let mut turns = Vec::new();
+    if let Some(instructions) = fields.string("instructions")?.filter(|s| !s.is_empty()) {
+        turns.push(ChatMessage::new("system", instructions));
+    }
+    match fields.get("input") {
+        None => return Err(request::missing("input")),
+        Some(Value::String(text)) => turns.push(ChatMessage::new("user", text.clone())),
+        Some(Value::Array(items)) => {
+            for (i, item) in items.iter().enumerate() {
+                turns.push(input_item(i, item)?);
+            }
+        }
+        Some(other) => {
+            return Err(ApiError::invalid_param(
+                "input",
+                format!(
+                    "'input' must be a string or an array of items, got {}",
+                    describe(other)
+                ),
+            ));
+        }
+    }
+    if turns.iter().all(|t| t.role == "system") {
+        return Err(ApiError::invalid_param("input", "'input' holds no message"));
+    }
+    let tools = tool_use(&fields)?;
+    if let Some(tools) = &tools {
+        tools.add_to(&mut turns);
+    }
+    // Everything chat completions reads the same way: sampling, stop, seed, penalties.
+    let mut common = Map::new();
+    for name in ["temperature", "top_p", "seed", "stream"] {
+        if let Some(v) = body.get(name) {
+            common.insert(name.to_owned(), v.clone());
+        }
+    }
+    if let Some(max) = body.get("max_output_tokens") {
+        common.insert("max_tokens".to_owned(), max.clone());
+    }
+    common.insert("model".to_owned(), Value::String(model.clone()));
+    common.insert(
+        "messages".to_owned(),
+        json!([{"role": "user", "content": "-"}]),
+    );
+    let mut parsed = request::chat(&common, state.config.default_max_tokens)
+        .map_err(|e| e.renamed("max_tokens", "max_output_tokens"))?;
+    parsed.request.prompt = Prompt::Chat(turns);
+    let format = text_format(&fields)?;
+    let (constraint, param) = match tools.as_ref().and_then(ToolUse::constraint) {
+        Some(call) => (Some(call), "tool_choice"),
+        None => (format, "text.format"),
+    };
+    parsed.request.constraint = constraint;
+    let request: GenerationRequest = parsed.request;
+    let params = Params {
+        prompt: "input",
+        constraint: param,
+    };
+    let mut running = Running::start(&state, request, params, log).await?;
+    let answer = Answer {
+        id: format!("resp_{:032x}", rand::random::<u128>()),
+        created_at: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        model,
+        tools,
+        echo: echoed(&body),
+    };
+    if !parsed.stream {
+        let (text, finished) = running.whole().await?;
+        let (text, calls) = answer.split(&text);
+        return Ok(Json(answer.response(&text, &calls, Some(&finished))).into_response());
+    }
+
+    let first = running.first().await?;
+    let mut stream = StreamState::default();
+    let mut pending = VecDeque::new();
+    let created = answer.response("", &[], None);
+    stream.emit(
+        &mut pending,
+        "response.created",
+        json!({"response": created}),
+    );
+    stream.emit(
+        &mut pending,
+        "response.in_progress",
+        json!({"response": created}),
+    );
+    let mut render =
+        move |step: Step, out: &mut VecDeque<Event>| answer.render(step, out, &mut stream);
+    render(first, &mut pending);
+    let stream = running.into_stream(pending, render);
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+/// One item of `input` as a chat turn.
+fn input_item(i: usize, item: &Value) -> Result<ChatMessage, ApiError> {
+    let at = format!("input[{i}]");
+    let kind = item
+        .get("type")
+        .and_then(Value::as_str)
+        .unwrap_or("message");
+    match kind {
+        "message" => {
+            let role = match item.get("role").and_then(Value::as_str) {
+                Some("system" | "developer") => "system",
+                Some(role @ ("user" | "assistant")) => role,
+                _ => {
+                    return Err(ApiError::invalid_param(
+                        format!("{at}.role"),
+                        format!("'{at}.role' must be user, assistant, system or developer"),
+                    ));
+                }
+            };
+            let content = match item.get("content") {
+                Some(Value::String(text)) => text.clone(),
+                Some(Value::Array(parts)) => {
+                    let mut texts = Vec::with_capacity(parts.len());
+                    for (j, part) in parts.iter().enumerate() {
+                        let kind = part.get("type").and_then(Value::as_str);
+                        match (kind, part.get("text")) {
+                            (
+                                Some("input_text" | "output_text" | "text"),
+                                Some(Value::String(t)),
+                            ) => {
+                                texts.push(t.clone());
+                            }
+                            _ => {
+                                return Err(ApiError::invalid_param(
+                                    format!("{at}.content[{j}]"),
+                                    format!(
+                                        "content parts of type '{}' are not supported; input_text \
+                                         and output_text are",
+                                        kind.unwrap_or("?")
+                                    ),
+                                ));
+                            }
+                        }
+                    }
+                    texts.join("\n")
+                }
+                _ => {
+                    return Err(ApiError::invalid_param(
+                        format!("{at}.content"),
+                        format!("'{at}.content' must be a string or an array of text parts"),
+                    ));
+                }
+            };
+            Ok(ChatMessage::new(role, content))
+        }
+        "function_call" => {
+            let call = json!([{"function": {
+                "name": item.get("name").cloned().unwrap_or(Value::Null),
+                "arguments": item.get("arguments").cloned().unwrap_or_else(|| json!("{}")),
+            }}]);
+            Ok(ChatMessage::new("assistant", tools::write_calls(i, &call)?))
+        }
+        "function_call_output" => {
+            let output = match item.get("output") {
+                Some(Value::String(s)) => s.clone(),
+                Some(other) => other.to_string(),
+                None => String::new(),
+            };
+            Ok(ChatMessage::new("user", tools::write_result(&output)))
+        }
+        other => Err(ApiError::invalid_param(
+            format!("{at}.type"),
+            format!("input items of type '{other}' are not supported"),
+        )),
+    }
+}
+
+/// The Responses API's flat function tools, read through chat's shapes.
+fn tool_use(fields: &Fields<'_>) -> Result<Option<ToolUse>, ApiError> {
+    let mut chat = Map::new();
+    if let Some(tools) = fields.get("tools") {
+        let Value::Array(tools) = tools else {
+            return Err(ApiError::invalid_param(
+                "tools",
+                format!("'tools' must be an array, got {}", describe(tools)),
+            ));
+        };
+        let mut functions = Vec::with_capacity(tools.len());
+        for (i, tool) in tools.iter().enumerate() {
+            match tool.get("type").and_then(Value::as_str) {
+                Some("function") => {}
+                other => {
+                    return Err(ApiError::invalid_param(
+                        format!("tools[{i}].type"),
+                        format!(
+                            "tools of type '{}' are not supported; function tools are",
+                            other.unwrap_or("?")
+                        ),
+                    ));
+                }
+            }
+            let mut function = Map::new();
+            for name in ["name", "description", "parameters"] {
+                if let Some(v) = tool.get(name).filter(|v| !v.is_null()) {
+                    function.insert(name.to_owned(), v.clone());
+                }
+            }
+            functions.push(json!({"type": "function", "function": function}));
+        }
+        chat.insert("tools".into(), Value::Array(functions));
+    }
+    if let Some(choice) = fields.get("tool_choice") {
+        let mapped = match choice {
+            Value::Object(o) if o.get("type").and_then(Value::as_str) == Some("function") => {
+                json!({"type": "function", "function": {"name": o.get("name")}})
+            }
+            other => other.clone(),
+        };
+        chat.insert("tool_choice".into(), mapped);
+    }
+    tools::parse(&Fields(&chat))
+}
+
+/// `text.format`: the Responses API's `response_format`, with the schema beside its name.
+fn text_format(fields: &Fields<'_>) -> Result<Option<exo_core::OutputConstraint>, ApiError> {
+    let Some(format) = fields.get("text").and_then(|t| t.get("format")) else {
+        return Ok(None);
+    };
+    let mut chat = Map::new();
+    let converted = match format.get("type").and_then(Value::as_str) {
+        Some("json_schema") => json!({"type": "json_schema", "json_schema": {
+            "name": format.get("name"),
+            "schema": format.get("schema"),
+            "strict": format.get("strict"),
+        }}),
+        _ => format.clone(),
+    };
+    chat.insert("response_format".into(), converted);
+    tools::response_format(&Fields(&chat)).map_err(|e| e.renamed("response_format", "text.format"))
+}
+
+/// The request's settings a response echoes.
+fn echoed(body: &Map<String, Value>) -> Map<String, Value> {
+    let mut echo = Map::new();
+    for (name, default) in [
+        ("instructions", Value::Null),
+        ("max_output_tokens", Value::Null),
+        ("temperature", json!(1.0)),
+        ("top_p", json!(1.0)),
+        ("tools", json!([])),
+        ("tool_choice", json!("auto")),
+        ("text", json!({"format": {"type": "text"}})),
+        ("parallel_tool_calls", json!(true)),
+        ("metadata", json!({})),
+    ] {
+        let value = body
+            .get(name)
+            .filter(|v| !v.is_null())
+            .cloned()
+            .unwrap_or(default);
+        echo.insert(name.to_owned(), value);
+    }
+    echo
+}
+
+/// What every part of one response shares.
+#[derive(Debug)]
+struct Answer {
+    id: String,
+    created_at: u64,
+    model: String,
+    tools: Option<ToolUse>,
+    echo: Map<String, Value>,
+}
+
+/// Where a streamed response is.
+#[derive(Debug, Default)]
+struct StreamState {
+    sequence: u64,
+    /// The text message item is open, and its text so far.
+    message_open: bool,
+    text: String,
+    /// Output items sent so far.
+    items: usize,
+    held: Held,
+}
+
+impl StreamState {
+    fn emit(&mut self, out: &mut VecDeque<Event>, kind: &str, mut data: Value) {
+        data["type"] = Value::from(kind);
+        data["sequence_number"] = Value::from(self.sequence);
+        self.sequence += 1;
+        out.push_back(Event::default().event(kind).data(data.to_string()));
+    }
+}
+
+impl Answer {
+    fn message_id(&self) -> String {
+        format!("msg_{}", &self.id[5..])
+    }
+
+    /// The text and the calls of an answer.
+    fn split(&self, text: &str) -> (String, Vec<Call>) {
+        match &self.tools {
+            Some(tools) => {
+                let (content, calls) = tools::read_calls(text, tools);
+                (content.unwrap_or_default(), calls)
+            }
+            None => (text.to_owned(), Vec::new()),
+        }
+    }
+
+    fn message_item(&self, text: &str, status: &str) -> Value {
+        json!({
+            "type": "message",
+            "id": self.message_id(),
+            "status": status,
+            "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": []}],
+        })
+    }
+
+    fn call_item(&self, call: &Call, index: usize) -> Value {
+        json!({
+            "type": "function_call",
+            "id": format!("fc_{}_{index}", &self.id[5..]),
+            "call_id": format!("call_{:024x}", rand::random::<u128>() >> 32),
+            "name": call.name,
+            "arguments": call.arguments,
+            "status": "completed",
+        })
+    }
+
+    /// The response object: in progress (no `finished`), or done with its output.
+    fn response(&self, text: &str, calls: &[Call], finished: Option<&Finished>) -> Value {
+        let mut output = Vec::new();
+        if finished.is_some() && (!text.is_empty() || calls.is_empty()) {
+            output.push(self.message_item(text, "completed"));
+        }
+        output.extend(calls.iter().enumerate().map(|(i, c)| self.call_item(c, i)));
+        self.envelope(output, finished)
+    }
+
+    fn envelope(&self, output: Vec<Value>, finished: Option<&Finished>) -> Value {
+        let (status, incomplete, usage) = match finished {
+            None => ("in_progress", Value::Null, Value::Null),
+            Some(f) => {
+                let (input, out) = counts(f);
+                let usage = json!({
+                    "input_tokens": input,
+                    "input_tokens_details": {"cached_tokens": 0},
+                    "output_tokens": out,
+                    "output_tokens_details": {"reasoning_tokens": 0},
+                    "total_tokens": input + out,
+                });
+                match f.reason {
+                    FinishReason::Length => {
+                        ("incomplete", json!({"reason": "max_output_tokens"}), usage)
+                    }
+                    FinishReason::Stop => ("completed", Value::Null, usage),
+                }
+            }
+        };
+        let mut response = json!({
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created_at,
+            "status": status,
+            "error": null,
+            "incomplete_details": incomplete,
+            "model": self.model,
+            "output": output,
+            "usage": usage,
+        });
+        if let Value::Object(fields) = &mut response {
+            fields.extend(self.echo.clone());
+        }
+        response
+    }
+
+    fn render(&self, step: Step, out: &mut VecDeque<Event>, stream: &mut StreamState) {
+        match step {
+            Step::Text(piece) => {
+                let piece = match &self.tools {
+                    Some(_) => stream.held.take(piece),
+                    None => piece,
+                };
+                self.text(piece, out, stream);
+            }
+            Step::Logprob(_) => {}
+            Step::Finished(finished) => {
+                let rest = std::mem::take(&mut stream.held.text);
+                let (rest, calls) = self.split(&rest);
+                self.text(rest, out, stream);
+                if !stream.message_open && calls.is_empty() {
+                    // An empty answer is still one message.
+                    self.open_message(out, stream);
+                }
+                if stream.message_open {
+                    let item = self.message_item(&stream.text, "completed");
+                    let part = &item["content"][0];
+                    let (id, index) = (self.message_id(), stream.items);
+                    stream.emit(out, "response.output_text.done", json!({
+                        "item_id": id, "output_index": index, "content_index": 0, "text": stream.text,
+                    }));
+                    stream.emit(
+                        out,
+                        "response.content_part.done",
+                        json!({
+                            "item_id": id, "output_index": index, "content_index": 0, "part": part,
+                        }),
+                    );
+                    stream.emit(
+                        out,
+                        "response.output_item.done",
+                        json!({"output_index": index, "item": item}),
+                    );
+                    stream.items += 1;
+                }
+                let mut output = Vec::new();
+                if !stream.text.is_empty() || calls.is_empty() {
+                    output.push(self.message_item(&stream.text, "completed"));
+                }
+                for (i, call) in calls.iter().enumerate() {
+                    let item = self.call_item(call, i);
+                    let index = stream.items;
+                    let mut added = item.clone();
+                    added["arguments"] = Value::from("");
+                    added["status"] = Value::from("in_progress");
+                    stream.emit(
+                        out,
+                        "response.output_item.added",
+                        json!({"output_index": index, "item": added}),
+                    );
+                    stream.emit(
+                        out,
+                        "response.function_call_arguments.delta",
+                        json!({
+                            "item_id": item["id"], "output_index": index, "delta": call.arguments,
+                        }),
+                    );
+                    stream.emit(out, "response.function_call_arguments.done", json!({
+                        "item_id": item["id"], "output_index": index, "arguments": call.arguments,
+                    }));
+                    stream.emit(
+                        out,
+                        "response.output_item.done",
+                        json!({"output_index": index, "item": item}),
+                    );
+                    stream.items += 1;
+                    output.push(item);
+                }
+                let kind = match finished.reason {
+                    FinishReason::Length => "response.incomplete",
+                    FinishReason::Stop => "response.completed",
+                };
+                let response = self.envelope(output, Some(&finished));
+                stream.emit(out, kind, json!({"response": response}));
+            }
+            Step::Failed(error) => {
+                let envelope = error.envelope();
+                stream.emit(
+                    out,
+                    "error",
+                    json!({
+                        "code": envelope["error"]["code"],
+                        "message": envelope["error"]["message"],
+                        "param": envelope["error"]["param"],
+                    }),
+                );
+            }
+        }
+    }
+
+    fn open_message(&self, out: &mut VecDeque<Event>, stream: &mut StreamState) {
+        stream.message_open = true;
+        let index = stream.items;
+        stream.emit(
+            out,
+            "response.output_item.added",
+            json!({
+                "output_index": index, "item": self.message_item("", "in_progress"),
+            }),
+        );
+        stream.emit(
+            out,
+            "response.content_part.added",
+            json!({
+                "item_id": self.message_id(), "output_index": index, "content_index": 0,
+                "part": {"type": "output_text", "text": "", "annotations": []},
+            }),
+        );
+    }
+
+    fn text(&self, piece: String, out: &mut VecDeque<Event>, stream: &mut StreamState) {
+        if piece.is_empty() {
+            return;
+        }
+        if !stream.message_open {
+            self.open_message(out, stream);
+        }
+        stream.text.push_str(&piece);
+        let index = stream.items;
+        stream.emit(out, "response.output_text.delta", json!({
+            "item_id": self.message_id(), "output_index": index, "content_index": 0, "delta": piece,
+        }));
+    }
+}
