@@ -19,9 +19,10 @@ use serde_json::{Map, Value, json};
 use exo_core::{ChatMessage, FinishReason, GenerationRequest, Penalties, Prompt, SamplingParams};
 
 use crate::error::ApiError;
+use crate::fields::{Fields, describe, missing};
 use crate::generate::{Params, Running, Step, counts};
 use crate::middleware::RequestLog;
-use crate::request::{Fields, JsonObject, describe, missing};
+use crate::request::JsonObject;
 use crate::state::AppState;
 use crate::tools::{self, Held, ToolUse};
 

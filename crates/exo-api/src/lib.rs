@@ -37,6 +37,7 @@ mod cluster;
 mod config;
 mod engine;
 mod error;
+mod fields;
 mod generate;
 mod middleware;
 mod ollama;

@@ -26,9 +26,10 @@ use exo_core::{
 
 use crate::engine::ModelCard;
 use crate::error::ApiError;
+use crate::fields::{Fields, describe, missing};
 use crate::generate::{Params, Running, Step, counts};
 use crate::middleware::RequestLog;
-use crate::request::{Fields, JsonObject, describe, messages, missing};
+use crate::request::{JsonObject, messages};
 use crate::state::AppState;
 
 /// The content type of Ollama's streamed answers: one JSON object per line.

@@ -19,9 +19,10 @@ use serde_json::{Map, Value, json};
 use exo_core::{ChatMessage, FinishReason, Finished, GenerationRequest, Prompt};
 
 use crate::error::ApiError;
+use crate::fields::{Fields, describe, missing};
 use crate::generate::{Params, Running, Step, counts};
 use crate::middleware::RequestLog;
-use crate::request::{self, Fields, JsonObject, describe};
+use crate::request::{self, JsonObject};
 use crate::state::AppState;
 use crate::tools::{self, Call, Held, ToolUse};
 
@@ -44,7 +45,7 @@ pub(crate) async fn create(
         turns.push(ChatMessage::new("system", instructions));
     }
     match fields.get("input") {
-        None => return Err(request::missing("input")),
+        None => return Err(missing("input")),
         Some(Value::String(text)) => turns.push(ChatMessage::new("user", text.clone())),
         Some(Value::Array(items)) => {
             for (i, item) in items.iter().enumerate() {

@@ -13,7 +13,7 @@
 use serde_json::{Map, Value, json};
 
 use crate::error::ApiError;
-use crate::request::{Fields, describe};
+use crate::fields::{Fields, describe};
 use exo_core::{ChatMessage, OutputConstraint};
 
 const CALL_OPEN: &str = "<tool_call>";
