@@ -3,7 +3,9 @@
 //! and streamed), a tool result going back in, a schema the engine cannot compile (400), and
 //! LangChain's `with_structured_output` and `bind_tools` round trip, and the Anthropic SDK
 //! against `/v1/messages` (text, its stream helper, a forced tool call streamed and its result
-//! going back in, an error in Anthropic's shape). The two nodes split the
+//! going back in, an error in Anthropic's shape), and the `llm` CLI's `--schema` through chat
+//! completions and the Responses API, and litellm (plain, streamed, a forced call, a schema).
+//! The two nodes split the
 //! model, so every grammar is followed on the last stage of a real pipeline.
 //!
 //! Needs `python3` with pip: the test installs the pinned packages itself, once, into a folder
@@ -14,6 +16,11 @@
 mod common;
 
 use common::start_cluster;
+
+/// The `llm` CLI and litellm, each in a package folder of its own (their dependencies pin
+/// other versions).
+const LLM_CLI: &str = "llm==0.36";
+const LITELLM: &str = "litellm==1.110.2";
 
 /// The client versions the test runs, pinned so that a new release cannot change the test.
 const CLIENTS: &[&str] = &[
@@ -52,4 +59,60 @@ fn agent_clients_get_structured_output_and_tool_calls_from_a_pipeline() {
             .unwrap()
             .contains("Paris")
     );
+
+    // The `llm` CLI with a schema, through chat completions and through the Responses API
+    // (OpenAI-compatible models of its own `extra-openai-models.yaml`).
+    let home = tempfile::tempdir().unwrap();
+    let model = "SmolLM2-135M-Instruct.Q4_1";
+    let api = &node.api;
+    std::fs::write(
+        home.path().join("extra-openai-models.yaml"),
+        format!(
+            "- model_id: exo\n  model_name: {model}\n  api_base: \"{api}\"\n  supports_schema: true\n\
+             - model_id: exo-responses\n  model_name: {model}\n  api_base: \"{api}\"\n  supports_schema: true\n  responses: true\n"
+        ),
+    )
+    .unwrap();
+    for model in ["exo", "exo-responses"] {
+        let out = common::python_with(&[LLM_CLI])
+            .env("LLM_USER_PATH", home.path())
+            .args([
+                "-m",
+                "llm",
+                "--no-log",
+                "-m",
+                model,
+                "--schema",
+                "name, age int",
+            ])
+            .arg("Invent a person.")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "llm -m {model}: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let person: serde_json::Value = serde_json::from_str(stdout.trim())
+            .unwrap_or_else(|e| panic!("llm -m {model} printed {stdout:?}: {e}"));
+        assert!(person["name"].is_string(), "{person}");
+        assert!(person["age"].is_i64(), "{person}");
+        eprintln!("llm -m {model} --schema: {person}");
+    }
+
+    // litellm, as an OpenAI-compatible provider.
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/litellm_e2e.py");
+    let out = common::python_with(&[LITELLM])
+        .arg(script)
+        .args(["--base-url", &node.api, "--model", model])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "litellm: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("litellm: {stdout}");
 }

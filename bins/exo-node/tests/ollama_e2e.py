@@ -73,6 +73,15 @@ def main():
     check(0 < generated.eval_count <= 8, f"at most 8 tokens: {generated}")
     results["generate"] = generated.response
 
+    # Structured output: `format` as a JSON schema, enforced by constrained decoding.
+    schema = {"type": "object", "properties": {"capital": {"type": "string", "maxLength": 40}},
+              "required": ["capital"]}
+    shaped = client.chat(model=model, messages=QUESTION, format=schema,
+                         options={"num_predict": 40, "temperature": 0})
+    answer = json.loads(shaped.message.content)
+    check(isinstance(answer.get("capital"), str), f"format: {shaped.message.content!r}")
+    results["format"] = answer
+
     try:
         client.chat(model="no-such-model", messages=QUESTION)
         check(False, "an unknown model is refused")
