@@ -451,23 +451,13 @@ impl Answer {
     fn render(&self, step: Step, out: &mut VecDeque<Event>, state: &mut StreamState) {
         match step {
             Step::Text(piece) => {
-                let piece = match &self.tools {
-                    Some(_) => state.held.take(piece),
-                    None => piece,
-                };
+                let piece = state.held.pass(self.tools.as_ref(), piece);
                 self.text(piece, out, state);
             }
             Step::Logprob(_) => {}
             Step::Finished(finished) => {
-                let rest = std::mem::take(&mut state.held.text);
-                let calls = match &self.tools {
-                    Some(tools) => {
-                        let (text, calls) = tools::read_calls(&rest, tools);
-                        self.text(text.unwrap_or_default(), out, state);
-                        calls
-                    }
-                    None => Vec::new(),
-                };
+                let (rest, calls) = state.held.finish(self.tools.as_ref());
+                self.text(rest, out, state);
                 if state.text_open {
                     out.push_back(self.stop_block(state));
                 }

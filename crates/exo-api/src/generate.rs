@@ -422,10 +422,7 @@ impl Format {
         let index = choice.index;
         match step {
             Step::Text(piece) => {
-                let piece = match &self.tools {
-                    None => piece,
-                    Some(_) => choice.held.take(piece),
-                };
+                let piece = choice.held.pass(self.tools.as_ref(), piece);
                 if !piece.is_empty() {
                     let chunk = self.delta(index, piece);
                     out.push_back(event(&self.with_logprobs(chunk, choice)));
@@ -435,23 +432,20 @@ impl Format {
             Step::Finished(finished) => {
                 let (prompt_tokens, completion_tokens) = counts(&finished);
                 let mut reason = finished.reason.as_str();
-                if let Some(tools) = &self.tools {
-                    let rest = std::mem::take(&mut choice.held.text);
-                    let (content, calls) = tools::read_calls(&rest, tools);
-                    if let Some(content) = content.filter(|c| !c.is_empty()) {
-                        let chunk = self.delta(index, content);
-                        out.push_back(event(&self.with_logprobs(chunk, choice)));
-                    }
-                    if !calls.is_empty() {
-                        let calls: Vec<Value> = calls
-                            .iter()
-                            .enumerate()
-                            .map(|(i, c)| c.to_json(Some(i)))
-                            .collect();
-                        let delta = json!({"tool_calls": calls});
-                        out.push_back(event(&self.chunk(index, delta, None)));
-                        reason = "tool_calls";
-                    }
+                let (content, calls) = choice.held.finish(self.tools.as_ref());
+                if !content.is_empty() {
+                    let chunk = self.delta(index, content);
+                    out.push_back(event(&self.with_logprobs(chunk, choice)));
+                }
+                if !calls.is_empty() {
+                    let calls: Vec<Value> = calls
+                        .iter()
+                        .enumerate()
+                        .map(|(i, c)| c.to_json(Some(i)))
+                        .collect();
+                    let delta = json!({"tool_calls": calls});
+                    out.push_back(event(&self.chunk(index, delta, None)));
+                    reason = "tool_calls";
                 }
                 let last = self.last(index, reason);
                 out.push_back(event(&self.with_logprobs(last, choice)));

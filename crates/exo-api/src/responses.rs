@@ -420,16 +420,12 @@ impl Answer {
     fn render(&self, step: Step, out: &mut VecDeque<Event>, stream: &mut StreamState) {
         match step {
             Step::Text(piece) => {
-                let piece = match &self.tools {
-                    Some(_) => stream.held.take(piece),
-                    None => piece,
-                };
+                let piece = stream.held.pass(self.tools.as_ref(), piece);
                 self.text(piece, out, stream);
             }
             Step::Logprob(_) => {}
             Step::Finished(finished) => {
-                let rest = std::mem::take(&mut stream.held.text);
-                let (rest, calls) = self.split(&rest);
+                let (rest, calls) = stream.held.finish(self.tools.as_ref());
                 self.text(rest, out, stream);
                 if !stream.message_open && calls.is_empty() {
                     // An empty answer is still one message.

@@ -341,15 +341,36 @@ fn call(json: &str, tools: &ToolUse) -> Option<Call> {
 /// What a stream with tools holds back: text that may be (or is) a tool call.
 #[derive(Debug, Default)]
 pub(crate) struct Held {
-    pub(crate) text: String,
+    text: String,
     /// A `<tool_call>` tag has come: everything from it waits for the end.
     in_call: bool,
 }
 
 impl Held {
+    /// What of `piece` may be streamed now: all of it without tools; with tools, all but what
+    /// could be a tool call, which waits for [`Held::finish`].
+    pub(crate) fn pass(&mut self, tools: Option<&ToolUse>, piece: String) -> String {
+        match tools {
+            Some(_) => self.take(piece),
+            None => piece,
+        }
+    }
+
+    /// At the end of a stream: the text held back that is not a call, and the calls.
+    pub(crate) fn finish(&mut self, tools: Option<&ToolUse>) -> (String, Vec<Call>) {
+        let rest = std::mem::take(&mut self.text);
+        match tools {
+            Some(tools) => {
+                let (text, calls) = read_calls(&rest, tools);
+                (text.unwrap_or_default(), calls)
+            }
+            None => (rest, Vec::new()),
+        }
+    }
+
     /// What of `piece` may be streamed now, holding back what could be a tool call; the
     /// rest stays in `text` for [`read_calls`] at the end.
-    pub(crate) fn take(&mut self, piece: String) -> String {
+    fn take(&mut self, piece: String) -> String {
         self.text.push_str(&piece);
         if self.in_call {
             return String::new();
