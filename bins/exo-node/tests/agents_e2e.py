@@ -94,7 +94,8 @@ def openai_checks(client, model, results):
 
     # A required call, whole: parsed into tool_calls with arguments valid for the schema.
     reply = client.chat.completions.create(
-        model=model, messages=ASK, tools=[WEATHER, TIME], tool_choice="required", max_tokens=100
+        model=model, messages=ASK, tools=[WEATHER, TIME], tool_choice="required", max_tokens=100,
+        temperature=0,
     )
     choice = reply.choices[0]
     check(choice.finish_reason == "tool_calls", f"finish_reason {choice.finish_reason}")
