@@ -236,9 +236,11 @@ fn valid(value: &Value, schema: &Value) -> bool {
         Some("string") => value.as_str().is_some_and(|s| {
             s.chars().count() as u64 <= schema["maxLength"].as_u64().unwrap_or(u64::MAX)
         }),
-        Some("integer") => value.as_i64().is_some_and(|n| {
-            n >= schema["minimum"].as_i64().unwrap_or(i64::MIN)
-                && n <= schema["maximum"].as_i64().unwrap_or(i64::MAX)
+        // JSON's `-0` is the integer 0 (serde_json reads it as a float).
+        Some("integer") => value.as_f64().is_some_and(|n| {
+            n.fract() == 0.0
+                && n >= schema["minimum"].as_f64().unwrap_or(f64::MIN)
+                && n <= schema["maximum"].as_f64().unwrap_or(f64::MAX)
         }),
         Some("number") => value.as_f64().is_some_and(|n| (0.0..=10.0).contains(&n)),
         Some("boolean") => value.is_boolean(),
