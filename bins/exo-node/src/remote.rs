@@ -53,6 +53,7 @@ pub(crate) fn generate(args: GenerateArgs) -> Result<()> {
     };
     let request = GenerationRequest {
         logprobs: None,
+        embed: false,
         penalties: Default::default(),
         constraint: None,
         model: String::new(),

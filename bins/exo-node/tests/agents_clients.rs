@@ -4,7 +4,10 @@
 //! LangChain's `with_structured_output` and `bind_tools` round trip, and the Anthropic SDK
 //! against `/v1/messages` (text, its stream helper, a forced tool call streamed and its result
 //! going back in, an error in Anthropic's shape), and the `llm` CLI's `--schema` through chat
-//! completions and the Responses API, and litellm (plain, streamed, a forced call, a schema).
+//! completions and the Responses API, and litellm (plain, streamed, a forced call, a schema);
+//! and embeddings through `/v1/embeddings` (the openai SDK and LangChain's OpenAIEmbeddings:
+//! unit vectors, the same for one text alone or in a batch, two capitals closer to each other
+//! than to a cat).
 //! The two nodes split the
 //! model, so every grammar is followed on the last stage of a real pipeline.
 //!
@@ -52,6 +55,8 @@ fn agent_clients_get_structured_output_and_tool_calls_from_a_pipeline() {
     eprintln!("{stdout}");
     let results: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert!(results["required_call"]["arguments"]["city"].is_string());
+    // SmolLM2-135M's hidden width.
+    assert_eq!(results["embeddings"]["width"], 576);
     assert_eq!(results["langchain_structured"]["capital"], "Paris");
     assert!(
         results["anthropic_text"]

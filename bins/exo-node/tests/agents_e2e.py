@@ -2,7 +2,8 @@
 exo-node: structured output (the openai SDK's `.parse` with a Pydantic model, LangChain's
 `with_structured_output`), tool calls (the openai SDK whole and streamed, LangChain's
 `bind_tools`, the Anthropic SDK on /v1/messages) and a tool's result going back in so the
-answer continues.
+answer continues; embeddings (the openai SDK, base64 and float, and LangChain's
+OpenAIEmbeddings).
 
 Run by tests/agents_clients.rs; exits non-zero with a message on the first failed check.
 """
@@ -12,6 +13,7 @@ import json
 import sys
 from typing import List
 
+import openai
 from openai import OpenAI
 from pydantic import BaseModel, Field
 
@@ -327,6 +329,55 @@ def anthropic_checks(base_url, api_key, model, results):
         check(e.body["error"]["type"] == "invalid_request_error", f"{e.body}")
 
 
+def cosine(a, b):
+    dot = sum(x * y for x, y in zip(a, b))
+    return dot / (sum(x * x for x in a) ** 0.5 * sum(y * y for y in b) ** 0.5)
+
+
+EMBED_TEXTS = [
+    "Paris is the capital of France.",
+    "Berlin is the capital of Germany.",
+    "My cat sleeps on the warm windowsill all afternoon.",
+]
+
+
+def embeddings_checks(client, base_url, api_key, model, results):
+    # The SDK asks for base64 unless told otherwise, and decodes it to floats.
+    reply = client.embeddings.create(model=model, input=EMBED_TEXTS)
+    vectors = [d.embedding for d in reply.data]
+    check([d.index for d in reply.data] == [0, 1, 2], f"indexes {[d.index for d in reply.data]}")
+    width = len(vectors[0])
+    check(width > 0 and all(len(v) == width for v in vectors), f"widths {[len(v) for v in vectors]}")
+    for v in vectors:
+        check(abs(sum(x * x for x in v) - 1) < 1e-3, "embeddings are L2-normalised")
+    check(reply.usage.prompt_tokens > 0 and reply.usage.total_tokens == reply.usage.prompt_tokens,
+          f"usage {reply.usage}")
+    floats = client.embeddings.create(model=model, input=EMBED_TEXTS[0], encoding_format="float")
+    check(cosine(floats.data[0].embedding, vectors[0]) > 0.999,
+          "one text alone, as floats, embeds like it did in a batch, as base64")
+    # Meaning, even from a 135M chat model: the two capitals are closer to each other than to
+    # the cat.
+    capitals, cat = cosine(vectors[0], vectors[1]), cosine(vectors[0], vectors[2])
+    check(capitals > cat, f"capitals {capitals:.3f} vs cat {cat:.3f}")
+    try:
+        client.embeddings.create(model=model, input=[[1, 2, 3]])
+        check(False, "token ids are refused")
+    except openai.BadRequestError as error:
+        check("check_embedding_ctx_length" in str(error), f"the refusal says what to do: {error}")
+
+    # LangChain's OpenAIEmbeddings, told to send text (by default it sends tiktoken's ids).
+    from langchain_openai import OpenAIEmbeddings
+
+    embedder = OpenAIEmbeddings(base_url=base_url, api_key=api_key, model=model,
+                                check_embedding_ctx_length=False, max_retries=0)
+    documents = embedder.embed_documents(EMBED_TEXTS)
+    query = embedder.embed_query(EMBED_TEXTS[1])
+    check(len(documents) == 3 and all(len(d) == width for d in documents), "LangChain's widths")
+    check(all(cosine(d, v) > 0.999 for d, v in zip(documents, vectors)), "LangChain's documents")
+    check(cosine(query, vectors[1]) > 0.999, "LangChain's query")
+    results["embeddings"] = {"width": width, "capitals": round(capitals, 4), "cat": round(cat, 4)}
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--base-url", required=True)
@@ -339,6 +390,7 @@ def main():
     responses_checks(client, model, results)
     langchain_checks(args.base_url, args.api_key, model, results)
     anthropic_checks(args.base_url, args.api_key, model, results)
+    embeddings_checks(client, args.base_url, args.api_key, model, results)
     print(json.dumps(results, indent=1))
 
 

@@ -82,6 +82,16 @@ def main():
     check(isinstance(answer.get("capital"), str), f"format: {shaped.message.content!r}")
     results["format"] = answer
 
+    # Embeddings, the current form and the older one.
+    embedded = client.embed(model=model, input=["Paris is in France.", "Berlin is in Germany."])
+    vectors = embedded.embeddings
+    check(len(vectors) == 2 and len(vectors[0]) == len(vectors[1]) > 0, f"embed: {embedded}")
+    check(abs(sum(x * x for x in vectors[0]) - 1) < 1e-3, "embeddings are normalised")
+    check(embedded.prompt_eval_count > 0, f"prompt tokens counted: {embedded}")
+    older = client.embeddings(model=model, prompt="Paris is in France.")
+    check(len(older.embedding) == len(vectors[0]), f"embeddings: {len(older.embedding)} values")
+    results["embedding_width"] = len(vectors[0])
+
     try:
         client.chat(model="no-such-model", messages=QUESTION)
         check(False, "an unknown model is refused")

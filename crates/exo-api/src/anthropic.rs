@@ -157,6 +157,7 @@ pub(crate) async fn messages(
     let stream = fields.bool("stream")?.unwrap_or(false);
     let request = GenerationRequest {
         logprobs: None,
+        embed: false,
         model: model.clone(),
         prompt: Prompt::Chat(turns),
         max_tokens: Some(max_tokens),

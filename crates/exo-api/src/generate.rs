@@ -215,6 +215,8 @@ pub(crate) struct Running {
     metrics: Arc<Metrics>,
     log: RequestLog,
     params: Params,
+    /// The prompt's embedding, once it came (requests that asked for one).
+    embedding: Option<Vec<f32>>,
 }
 
 /// One item of a running generation, already counted (metrics, the request's log line) and,
@@ -255,14 +257,21 @@ impl Running {
             metrics,
             log,
             params,
+            embedding: None,
         })
     }
 
     /// The next item; `None` once the generation has ended (its last item was a
     /// [`Step::Finished`] or a [`Step::Failed`]).
     pub(crate) async fn next(&mut self) -> Option<Step> {
-        let item = self.rx.as_mut()?.recv().await;
+        let mut item = self.rx.as_mut()?.recv().await;
+        // An embedding is kept for [`Running::embedding`], not a step of a text's stream.
+        while let Some(Ok(GenerationEvent::Embedding(values))) = item {
+            self.embedding = Some(values);
+            item = self.rx.as_mut()?.recv().await;
+        }
         Some(match item {
+            Some(Ok(GenerationEvent::Embedding(_))) => Step::Failed(ApiError::internal()),
             Some(Ok(GenerationEvent::Text(piece))) => Step::Text(piece),
             Some(Ok(GenerationEvent::Logprob(entry))) => Step::Logprob(entry),
             Some(Ok(GenerationEvent::Finished(finished))) => {
@@ -314,6 +323,15 @@ impl Running {
                 Some(Step::Failed(error)) => return Err(error),
                 None => return Err(ApiError::internal()),
             }
+        }
+    }
+
+    /// The embedding a request with [`GenerationRequest::embed`] asked for, and how it ended.
+    pub(crate) async fn embedding(&mut self) -> Result<(Vec<f32>, Finished), ApiError> {
+        let (_, finished) = self.whole().await?;
+        match self.embedding.take() {
+            Some(values) => Ok((values, finished)),
+            None => Err(ended_early(&self.metrics).for_request(self.log.id())),
         }
     }
 

@@ -10,7 +10,8 @@
 //! and Ollama's dialect of the same generations (`POST /api/chat`, `POST /api/generate`,
 //! `GET /api/tags`, `POST /api/show`, `GET /api/ps`, `GET /api/version`, answered as NDJSON
 //! lines with Ollama's `{"error": ...}` errors; a configured API key protects `/api/*` as it
-//! does `/v1/*`);
+//! does `/v1/*`), Anthropic's `POST /v1/messages`, OpenAI's `POST /v1/responses`, and
+//! embeddings (`POST /v1/embeddings`, Ollama's `POST /api/embed` and `POST /api/embeddings`);
 //! [`serve`] runs it on an already-bound listener until a shutdown future resolves. Requests
 //! are validated here, in OpenAI's terms and with OpenAI's error envelope, then admitted by a
 //! bounded queue ([`ApiConfig::max_concurrent`] running, [`ApiConfig::max_queued`] waiting,
@@ -35,6 +36,7 @@
 mod anthropic;
 mod cluster;
 mod config;
+mod embeddings;
 mod engine;
 mod error;
 mod fields;

@@ -304,6 +304,7 @@ impl Options {
     fn request(&self, model: String, prompt: Prompt) -> GenerationRequest {
         GenerationRequest {
             logprobs: None,
+            embed: false,
             penalties: Default::default(),
             constraint: None,
             model,
@@ -443,7 +444,7 @@ fn options(fields: &Fields<'_>, default_max_tokens: Option<usize>) -> Result<Opt
 
 /// The model id to ask the engine for: Ollama's clients may add the default tag `:latest`
 /// to a name the tags list gave them without one.
-fn resolve(state: &AppState, model: &str) -> String {
+pub(crate) fn resolve(state: &AppState, model: &str) -> String {
     let models = state.engine.models();
     if models.iter().any(|card| card.id == model) {
         return model.to_owned();

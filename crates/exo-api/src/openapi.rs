@@ -159,6 +159,26 @@ fn paths() -> Value {
                 ),
             },
         },
+        "/v1/embeddings": {
+            "post": {
+                "operationId": "createEmbedding",
+                "summary": "Embeddings of one text or several",
+                "description": "Each input runs through the cluster's stages like a prompt (as \
+                    is, without the chat template); the last stage takes the mean of its last \
+                    hidden states after the final norm and L2-normalises it (llama.cpp's \
+                    `--pooling mean`). Inputs run up to --max-concurrent at once, in batched \
+                    steps.",
+                "security": secured,
+                "requestBody": {
+                    "required": true,
+                    "content": {"application/json": {"schema": schema_ref("EmbeddingRequest")}},
+                },
+                "responses": with_errors(
+                    json!({"200": ok_json("One embedding per input, in order", "EmbeddingList")}),
+                    &["400", "401", "404", "413", "429", "500", "503"],
+                ),
+            },
+        },
         "/healthz": {
             "get": {
                 "operationId": "health",
@@ -311,6 +331,22 @@ fn ollama_paths(secured: &Value) -> serde_json::Map<String, Value> {
             read("get", "ollamaVersion", "Ollama: this server's version"),
         ),
         (
+            "/api/embed".to_owned(),
+            read(
+                "post",
+                "ollamaEmbed",
+                "Ollama: embeddings of `input` (a string or strings), as `embeddings`",
+            ),
+        ),
+        (
+            "/api/embeddings".to_owned(),
+            read(
+                "post",
+                "ollamaEmbeddings",
+                "Ollama's older form: the embedding of one `prompt`, as `embedding`",
+            ),
+        ),
+        (
             "/v1/responses".to_owned(),
             generation(
                 "createResponse",
@@ -437,6 +473,64 @@ fn schemas() -> Value {
             ),
         ),
         ("ErrorResponse", error_envelope()),
+        (
+            "EmbeddingRequest",
+            object(
+                json!({
+                    "model": {"type": "string", "description": "A model id from GET /v1/models"},
+                    "input": {
+                        "oneOf": [
+                            {"type": "string", "minLength": 1},
+                            {
+                                "type": "array",
+                                "items": {"type": "string", "minLength": 1},
+                                "minItems": 1,
+                                "maxItems": crate::embeddings::MAX_INPUTS,
+                            },
+                        ],
+                        "description": "Text to embed; token ids are refused (this server \
+                            reads text with the model's own tokenizer)",
+                    },
+                    "encoding_format": {"enum": ["float", "base64", null], "default": "float"},
+                    "dimensions": {
+                        "type": ["integer", "null"],
+                        "description": "Only the model's own width: embeddings are not shortened",
+                    },
+                    "user": {"type": ["string", "null"]},
+                }),
+                &["model", "input"],
+            ),
+        ),
+        (
+            "EmbeddingList",
+            object(
+                json!({
+                    "object": {"const": "list"},
+                    "model": {"type": "string"},
+                    "data": {"type": "array", "items": object(
+                        json!({
+                            "object": {"const": "embedding"},
+                            "index": {"type": "integer"},
+                            "embedding": {
+                                "oneOf": [
+                                    {"type": "array", "items": {"type": "number"}},
+                                    {"type": "string", "description": "base64 of little-endian f32"},
+                                ],
+                            },
+                        }),
+                        &["object", "index", "embedding"],
+                    )},
+                    "usage": object(
+                        json!({
+                            "prompt_tokens": {"type": "integer"},
+                            "total_tokens": {"type": "integer"},
+                        }),
+                        &["prompt_tokens", "total_tokens"],
+                    ),
+                }),
+                &["object", "model", "data", "usage"],
+            ),
+        ),
     ]
     .into_iter()
     .chain(cluster_schemas())

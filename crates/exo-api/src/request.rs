@@ -299,6 +299,7 @@ fn common(
     Ok(Parsed {
         request: GenerationRequest {
             logprobs: None,
+            embed: false,
             constraint: None,
             model,
             prompt,

@@ -16,6 +16,7 @@ use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 
 use crate::anthropic;
 use crate::config::ApiConfig;
+use crate::embeddings;
 use crate::engine::{Engine, ModelCard, Readiness};
 use crate::error::ApiError;
 use crate::generate::{Api, respond};
@@ -53,6 +54,9 @@ pub(crate) const PATHS: &[(&str, &[&str])] = &[
     ("/api/version", &["get"]),
     ("/v1/messages", &["post"]),
     ("/v1/responses", &["post"]),
+    ("/v1/embeddings", &["post"]),
+    ("/api/embed", &["post"]),
+    ("/api/embeddings", &["post"]),
 ];
 
 /// Builds the API's router over `engine`; see the crate documentation for the routes.
@@ -92,10 +96,14 @@ pub fn router(engine: Arc<dyn Engine>, config: ApiConfig) -> Router {
         .route("/api/show", post(ollama::show))
         .route("/api/ps", get(ollama::ps))
         .route("/api/version", get(ollama::version))
+        .route("/api/embed", post(embeddings::ollama_embed))
+        .route("/api/embeddings", post(embeddings::ollama_embeddings))
         // Anthropic's Messages dialect.
         .route("/v1/messages", post(anthropic::messages))
         // OpenAI's Responses dialect.
         .route("/v1/responses", post(responses::create))
+        // Embeddings, pooled on the last stage.
+        .route("/v1/embeddings", post(embeddings::openai))
         .method_not_allowed_fallback(middleware::method_not_allowed)
         .fallback(middleware::not_found)
         .layer(body_limit)

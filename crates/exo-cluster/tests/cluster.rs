@@ -670,3 +670,68 @@ async fn the_live_view_follows_a_join_a_request_and_a_departure() {
     drop(engine);
     cluster.shutdown().await;
 }
+
+/// Largest difference between two embeddings, value by value.
+fn farthest(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_embedding_is_pooled_on_the_last_stage_like_one_process_pools_it() {
+    let model = TestModel::tiny(6, 17);
+    let texts = [
+        PROMPT,
+        "a much longer text, sent in several chunks of five tokens each",
+        "x",
+    ];
+    let references: Vec<Vec<f32>> = texts.iter().map(|t| model.reference_embedding(t)).collect();
+    for reference in &references {
+        let length: f32 = reference.iter().map(|v| v * v).sum::<f32>().sqrt();
+        assert!((length - 1.0).abs() < 1e-5, "normalised: {length}");
+    }
+    assert!(
+        farthest(&references[0], &references[1]) > 1e-3,
+        "texts differ"
+    );
+    // Prompts go in chunks of 5 tokens and stages compute at most 4 rows a step, so a text's
+    // rows are pooled over several pieces.
+    let options = Options {
+        prefill_chunk: 5,
+        step_rows: 4,
+        ..Options::default()
+    };
+    for memory in [vec![GIB], vec![GIB, GIB], vec![3 * GIB, GIB, GIB]] {
+        let cluster = TestCluster::start_with(&model, &memory, options.clone()).await;
+        let stages = cluster.wait_ready().await.stages.len();
+        assert_eq!(stages, memory.len());
+        // All at once, beside a generation, so that they share steps with it and each other.
+        let generation = cluster
+            .node(0)
+            .generate(raw_request(PROMPT, 8))
+            .await
+            .unwrap();
+        let mut pending = Vec::new();
+        for text in texts {
+            let request = exo_core::GenerationRequest::embedding(text);
+            pending.push(cluster.node(stages - 1).generate(request).await.unwrap());
+        }
+        for ((events, reference), text) in pending.into_iter().zip(&references).zip(texts) {
+            let (values, finished) = exo_testkit::collect_embedding(events).await.unwrap();
+            assert!(
+                farthest(&values, reference) < 1e-4,
+                "{stages} stages, {text:?}: {values:?} against {reference:?}"
+            );
+            assert!(finished.token_ids.is_empty());
+            assert!(finished.prompt_tokens > 0);
+        }
+        let (_, finished) = collect(generation).await.unwrap();
+        assert_eq!(finished.token_ids.len(), 8);
+        // Every stage freed the requests' keys and values.
+        cluster.wait_idle().await;
+        cluster.shutdown().await;
+    }
+}

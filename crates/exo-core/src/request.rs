@@ -212,6 +212,9 @@ pub struct GenerationRequest {
     /// Report each generated token's log-probability, with this many of the most likely
     /// alternatives (at most [`GenerationRequest::MAX_TOP_LOGPROBS`]); `None`: do not.
     pub logprobs: Option<u32>,
+    /// Instead of generating, compute the prompt's embedding: one
+    /// [`GenerationEvent::Embedding`], then [`GenerationEvent::Finished`] with no tokens.
+    pub embed: bool,
 }
 
 impl GenerationRequest {
@@ -230,6 +233,16 @@ impl GenerationRequest {
             constraint: None,
             penalties: Penalties::default(),
             logprobs: None,
+            embed: false,
+        }
+    }
+
+    /// A request for the embedding of `text` (taken as is, without the chat template).
+    pub fn embedding(text: impl Into<String>) -> Self {
+        GenerationRequest {
+            embed: true,
+            max_tokens: Some(0),
+            ..GenerationRequest::new(Prompt::Text(text.into()))
         }
     }
 }
@@ -326,6 +339,9 @@ pub enum GenerationEvent {
     Text(String),
     /// A generated token's log-probability (when asked), before the text it completes.
     Logprob(Logprob),
+    /// The prompt's embedding (a request with [`GenerationRequest::embed`]): the mean of its
+    /// last hidden states after the final norm, L2-normalised.
+    Embedding(Vec<f32>),
     /// The end; always the last event.
     Finished(Finished),
 }

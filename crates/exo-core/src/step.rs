@@ -64,6 +64,9 @@ pub struct RequestStart {
     /// The tokens already generated, when the request resumes with a constraint or
     /// penalties: the last stage walks its grammar through them and counts them.
     pub generated: Vec<u32>,
+    /// Instead of sampling, the last stage pools the prompt's last hidden states (the mean of
+    /// the rows after the final norm, L2-normalised) and delivers that embedding.
+    pub embed: bool,
 }
 
 /// A sampled token's log-probability under the model (after the request's penalties and
@@ -151,6 +154,13 @@ pub enum TokenOut {
         /// Its log-probability and the most likely alternatives, when the request asked.
         logprob: Option<TokenLogprob>,
     },
+    /// The prompt's embedding (requests that asked for one instead of tokens).
+    Embedding {
+        /// The request.
+        request: RequestId,
+        /// The pooled, L2-normalised last hidden state.
+        values: Vec<f32>,
+    },
     /// A stage failed the request.
     Failed {
         /// The request.
@@ -164,7 +174,9 @@ impl TokenOut {
     /// The request it is for.
     pub fn request(&self) -> RequestId {
         match self {
-            TokenOut::Token { request, .. } | TokenOut::Failed { request, .. } => *request,
+            TokenOut::Token { request, .. }
+            | TokenOut::Embedding { request, .. }
+            | TokenOut::Failed { request, .. } => *request,
         }
     }
 }

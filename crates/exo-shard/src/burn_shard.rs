@@ -225,6 +225,17 @@ impl BurnShard {
         })
     }
 
+    /// Every row through the final norm (last stage only).
+    ///
+    /// Shapes: x [1, seq, hidden] -> [1, seq, hidden]
+    pub(crate) fn final_norm(&self, x: Tensor<3>) -> Result<Tensor<3>> {
+        let norm = self
+            .final_norm
+            .as_ref()
+            .ok_or_else(|| self.not_held("final norm"))?;
+        Ok(norm.forward(x))
+    }
+
     /// [`LlamaShard::logits`] read back to the host.
     pub(crate) fn logits_vec(&self, x: Tensor<3>) -> Result<Vec<f32>> {
         self.logits(x)?

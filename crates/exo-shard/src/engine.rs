@@ -10,6 +10,7 @@ use exo_model::{ChatMessage, ChatTemplate, Checkpoint, ModelConfig, ShardSpec, T
 use crate::error::{Error, Result};
 use crate::generate::{GenerateRequest, Generation, generate};
 use crate::native::Weights;
+use crate::pooling::MeanPool;
 use crate::sampling::SamplingParams;
 use crate::shard::LlamaShard;
 
@@ -114,6 +115,28 @@ impl Engine {
     ) -> Result<Generation> {
         let prompt_ids = self.tokenizer.encode(prompt)?;
         self.generate_ids(prompt_ids, options, on_text)
+    }
+
+    /// The embedding of prompt token ids: the mean of their last hidden states after the
+    /// final norm, L2-normalised (what the cluster's last stage computes for an embedding
+    /// request).
+    pub fn embed_ids(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        let (Some(first), Some(last)) = (self.stages.first(), self.stages.last()) else {
+            return Err(Error::Backend("no stages to run".into()));
+        };
+        let mut hidden = Vec::new();
+        first.embed_into(ids, &mut hidden)?;
+        for stage in &self.stages {
+            let mut cache = stage.new_cache();
+            stage.forward_in_place(&mut hidden, &mut cache)?;
+        }
+        let mut normed = Vec::new();
+        last.final_norm_rows(&hidden, &mut normed)?;
+        let mut pool = MeanPool::default();
+        pool.add(&normed, last.hidden_size());
+        pool.embedding().ok_or_else(|| {
+            Error::Backend("the embedding has no direction (zero or not finite)".into())
+        })
     }
 
     /// Generates from prompt token ids, streaming pieces to `on_text`.

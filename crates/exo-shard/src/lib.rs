@@ -8,8 +8,9 @@
 //! placement: the node runtime moves activations between shards.
 //!
 //! Entry points: [`LlamaShard::load`], then [`LlamaShard::embed`] (first stage),
-//! [`LlamaShard::forward`] (any stage) and [`LlamaShard::logits`] (last stage); or
-//! [`generate`] to run every stage in one process.
+//! [`LlamaShard::forward`] (any stage) and [`LlamaShard::logits`] (last stage), or
+//! [`LlamaShard::final_norm_rows`] and [`MeanPool`] for embeddings; or [`generate`] to run every
+//! stage in one process.
 
 mod backend;
 mod burn_shard;
@@ -20,6 +21,7 @@ mod generate;
 mod layers;
 mod moe;
 mod native;
+mod pooling;
 mod sampling;
 mod shard;
 
@@ -32,5 +34,6 @@ pub use exo_core::FinishReason;
 pub use exo_kernels::{WeightFormat, set_threads as set_kernel_threads};
 pub use generate::{GenerateRequest, Generation, GenerationStats, forward_tokens, generate};
 pub use native::Weights;
+pub use pooling::MeanPool;
 pub use sampling::{Penalties, Sampler, SamplingParams, argmax, log_probabilities};
 pub use shard::LlamaShard;

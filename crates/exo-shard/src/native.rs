@@ -682,6 +682,14 @@ impl NativeShard {
         Some(result)
     }
 
+    /// Rows (`[n * hidden]`) through the final norm into `out`, the model's last hidden states
+    /// as embeddings read them. `None` if this shard has no final norm.
+    pub(crate) fn final_norm_rows(&self, rows: &[f32], out: &mut Vec<f32>) -> Option<()> {
+        let norm = self.final_norm.as_ref()?;
+        rms_norm(rows, norm, self.eps, out);
+        Some(())
+    }
+
     /// Final norm and head on the last row of `x`, into `out`. `None` if this shard has no head.
     pub(crate) fn logits_into(
         &self,

@@ -391,6 +391,24 @@ impl LlamaShard {
         Ok(())
     }
 
+    /// Rows of activations (`[n * hidden]`, from the last layer) through the final norm, into
+    /// `out`: the last hidden states that embeddings pool (last stage only).
+    ///
+    /// Shapes: rows [n * hidden] -> out [n * hidden]
+    pub fn final_norm_rows(&self, rows: &[f32], out: &mut Vec<f32>) -> Result<()> {
+        let (count, hidden) = self.host_rows(rows)?;
+        match &self.kind {
+            Kind::Native(n) => n
+                .final_norm_rows(rows, out)
+                .ok_or_else(|| self.not_held("final norm")),
+            Kind::Burn(b) => {
+                let normed = b.final_norm(self.to_tensor(rows.to_vec(), count, hidden))?;
+                *out = read(normed)?;
+                Ok(())
+            }
+        }
+    }
+
     /// Positions a request may hold in all (the model's context).
     pub fn max_positions(&self) -> usize {
         match &self.kind {

@@ -75,6 +75,17 @@ impl TestModel {
     }
 }
 
+impl TestModel {
+    /// The embedding one process computes for `text` (taken as is, as the cluster takes an
+    /// embedding request's text).
+    pub fn reference_embedding(&self, text: &str) -> Vec<f32> {
+        let device = BackendKind::Flex.device().unwrap();
+        let engine = Engine::load(&self.path, &device, Weights::Stored).unwrap();
+        let ids = engine.tokenizer().encode_plain(text).unwrap();
+        engine.embed_ids(&ids).unwrap()
+    }
+}
+
 /// How the nodes of a [`TestCluster`] run.
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -293,10 +304,34 @@ pub async fn collect(
             .unwrap_or_else(|_| panic!("no event within {within:?}; text so far: {text:?}"));
         match item {
             Some(Ok(GenerationEvent::Text(t))) => text.push_str(&t),
-            Some(Ok(GenerationEvent::Logprob(_))) => {}
+            Some(Ok(GenerationEvent::Logprob(_) | GenerationEvent::Embedding(_))) => {}
             Some(Ok(GenerationEvent::Finished(f))) => return Ok((text, f)),
             Some(Err(e)) => return Err(e),
             None => panic!("the generation ended without a final event; text: {text:?}"),
+        }
+    }
+}
+
+/// Reads an embedding request to its end: the vector (checked to come before the final
+/// event, with no text), or the failure.
+pub async fn collect_embedding(
+    mut events: exo_api::Generation,
+) -> Result<(Vec<f32>, Finished), GenerationError> {
+    let within = Duration::from_secs(60);
+    let mut embedding = None;
+    loop {
+        let item = tokio::time::timeout(within, events.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no event within {within:?}"));
+        match item {
+            Some(Ok(GenerationEvent::Embedding(values))) => embedding = Some(values),
+            Some(Ok(GenerationEvent::Finished(f))) => {
+                let values = embedding.expect("the embedding came before the final event");
+                return Ok((values, f));
+            }
+            Some(Ok(other)) => panic!("an embedding request gave {other:?}"),
+            Some(Err(e)) => return Err(e),
+            None => panic!("the embedding request ended without a final event"),
         }
     }
 }

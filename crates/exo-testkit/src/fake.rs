@@ -277,13 +277,17 @@ impl Engine for FakeEngine {
             let (tx, rx) = mpsc::channel(1);
             let script = self.script.clone();
             let logprobs = request.logprobs;
+            let embedding = request.embed.then(|| fake_embedding(&request.prompt));
             let probe = Arc::clone(&self.probe);
             probe.started.fetch_add(1, Ordering::SeqCst);
             let now = probe.running.fetch_add(1, Ordering::SeqCst) + 1;
             probe.peak.fetch_max(now, Ordering::SeqCst);
             probe.touch();
             tokio::spawn(async move {
-                let cancelled = !run(&script, logprobs, &tx).await;
+                let cancelled = !match embedding {
+                    Some(values) => embed(&script, values, &tx).await,
+                    None => run(&script, logprobs, &tx).await,
+                };
                 if cancelled {
                     probe.cancelled.fetch_add(1, Ordering::SeqCst);
                     probe.touch();
@@ -297,6 +301,46 @@ impl Engine for FakeEngine {
             Ok(rx)
         })
     }
+}
+
+/// The fake's embedding of a prompt of `L` bytes: `(L, 1)`, normalised (so that tests can
+/// tell inputs and their order apart).
+pub fn fake_embedding(prompt: &exo_api::Prompt) -> Vec<f32> {
+    let bytes = match prompt {
+        exo_api::Prompt::Text(t) | exo_api::Prompt::Raw(t) => t.len(),
+        exo_api::Prompt::Chat(messages) => messages.iter().map(|m| m.content.len()).sum(),
+    } as f32;
+    let norm = (bytes * bytes + 1.0).sqrt();
+    vec![bytes / norm, 1.0 / norm]
+}
+
+/// Answers an embedding request: the script's error at 0 if it has one, else the embedding
+/// and a final event with no tokens. Returns false when the receiver was dropped.
+async fn embed(
+    script: &Script,
+    values: Vec<f32>,
+    tx: &mpsc::Sender<Result<GenerationEvent, GenerationError>>,
+) -> bool {
+    if let Some((0, error)) = &script.error_at {
+        return tx.send(Err(error.clone())).await.is_ok();
+    }
+    if tx
+        .send(Ok(GenerationEvent::Embedding(values)))
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    let finished = Finished {
+        reason: FinishReason::Stop,
+        prompt_tokens: script.prompt_tokens as u32,
+        token_ids: Vec::new(),
+        time_to_first_token_s: 0.0,
+        decode_s: 0.0,
+    };
+    tx.send(Ok(GenerationEvent::Finished(finished)))
+        .await
+        .is_ok()
 }
 
 /// Plays the script; returns false when it noticed the receiver was dropped. With `logprobs`

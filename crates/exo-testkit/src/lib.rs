@@ -16,5 +16,5 @@ pub mod cluster;
 pub mod fake;
 pub mod http;
 
-pub use cluster::{Options, TestCluster, TestModel, collect, raw_request};
+pub use cluster::{Options, TestCluster, TestModel, collect, collect_embedding, raw_request};
 pub use exo_transport::testing::{RawFrame, open_link, send_raw_frame};

@@ -240,6 +240,7 @@ pub(crate) fn frame_to_pb(frame: &StepFrame, wire: WireDtype) -> pb::Frame {
                 generated: s.generated.clone(),
                 logprobs: s.logprobs.is_some(),
                 top_logprobs: s.logprobs.unwrap_or(0),
+                embed: s.embed,
             }),
             end: e.end,
         })
@@ -315,6 +316,7 @@ pub(crate) fn frame_from_pb(frame: &pb::Frame, limits: &Limits) -> Result<StepFr
                     constraint: constraint_from_pb(s.constraint.as_ref())?,
                     generated: s.generated.clone(),
                     logprobs: logprobs_from_pb(s.logprobs, s.top_logprobs)?,
+                    embed: s.embed,
                 }),
             };
             Ok(StepEntry {
@@ -402,6 +404,12 @@ impl From<&TokenOut> for pb::TokenOut {
                         .unwrap_or_default(),
                 })),
             },
+            TokenOut::Embedding { request, values } => pb::TokenOut {
+                request_id: request.0,
+                kind: Some(pb::token_out::Kind::Embedding(pb::Embedding {
+                    values: values.clone(),
+                })),
+            },
             TokenOut::Failed { request, failure } => pb::TokenOut {
                 request_id: request.0,
                 kind: Some(pb::token_out::Kind::Failed(failure.into())),
@@ -439,6 +447,10 @@ impl TryFrom<&pb::TokenOut> for TokenOut {
                     }),
                 })
             }
+            Some(pb::token_out::Kind::Embedding(e)) => Ok(TokenOut::Embedding {
+                request,
+                values: embedding_from_pb(&e.values)?,
+            }),
             Some(pb::token_out::Kind::Failed(f)) => Ok(TokenOut::Failed {
                 request,
                 failure: f.try_into()?,
@@ -553,6 +565,7 @@ impl From<&GenerationRequest> for pb::GenerateRequest {
             constraint: r.constraint.as_ref().map(constraint_to_pb),
             logprobs: r.logprobs.is_some(),
             top_logprobs: r.logprobs.unwrap_or(0),
+            embed: r.embed,
         }
     }
 }
@@ -585,8 +598,19 @@ impl TryFrom<pb::GenerateRequest> for GenerationRequest {
             ignore_eos: r.ignore_eos,
             constraint: constraint_from_pb(r.constraint.as_ref())?,
             logprobs: logprobs_from_pb(r.logprobs, r.top_logprobs)?,
+            embed: r.embed,
         })
     }
+}
+
+/// An embedding from a peer: values, all finite.
+fn embedding_from_pb(values: &[f32]) -> Result<Vec<f32>> {
+    if values.is_empty() || values.iter().any(|v| !v.is_finite()) {
+        return Err(Error::invalid(
+            "an embedding must hold at least one value, all finite",
+        ));
+    }
+    Ok(values.to_vec())
 }
 
 fn logprobs_from_pb(wanted: bool, top: u32) -> Result<Option<u32>> {
@@ -748,6 +772,9 @@ pub(crate) fn generation_item_to_pb(
             chosen: Some(token_text_to_pb(&l.chosen)),
             top: l.top.iter().map(token_text_to_pb).collect(),
         }),
+        Ok(GenerationEvent::Embedding(values)) => Event::Embedding(pb::Embedding {
+            values: values.clone(),
+        }),
         Ok(GenerationEvent::Finished(f)) => Event::Finished(pb::Finished {
             reason: match f.reason {
                 FinishReason::Stop => pb::FinishReason::Stop,
@@ -777,6 +804,9 @@ pub(crate) fn generation_item_from_pb(
             ),
             top: l.top.into_iter().map(token_text_from_pb).collect(),
         }))),
+        Some(Event::Embedding(e)) => Ok(Ok(GenerationEvent::Embedding(embedding_from_pb(
+            &e.values,
+        )?))),
         Some(Event::Finished(f)) => Ok(Ok(GenerationEvent::Finished(Finished {
             reason: match pb::FinishReason::try_from(f.reason) {
                 Ok(pb::FinishReason::Length) => FinishReason::Length,
@@ -1013,6 +1043,7 @@ mod tests {
             sampled: 3,
             constraint: Some(OutputConstraint::json_object()),
             generated: vec![5, 6, 7],
+            embed: true,
         }
     }
 
@@ -1130,6 +1161,24 @@ mod tests {
             failure,
         };
         assert_eq!(TokenOut::try_from(&pb::TokenOut::from(&out)).unwrap(), out);
+        let out = TokenOut::Embedding {
+            request: RequestId(4),
+            values: vec![0.6, -0.8],
+        };
+        assert_eq!(TokenOut::try_from(&pb::TokenOut::from(&out)).unwrap(), out);
+        let item = Ok(GenerationEvent::Embedding(vec![1.0, 0.0]));
+        assert_eq!(
+            generation_item_from_pb(generation_item_to_pb(&item)).unwrap(),
+            item
+        );
+        // A peer's embedding with a NaN (or none at all) is refused.
+        for values in [vec![f32::NAN, 1.0], Vec::new()] {
+            let bad = pb::TokenOut {
+                request_id: 4,
+                kind: Some(pb::token_out::Kind::Embedding(pb::Embedding { values })),
+            };
+            assert!(TokenOut::try_from(&bad).is_err());
+        }
     }
 
     #[test]

@@ -81,6 +81,7 @@ pub async fn send_raw_frame(
                     generated: Vec::new(),
                     logprobs: false,
                     top_logprobs: 0,
+                    embed: false,
                 }),
                 end: true,
             }],

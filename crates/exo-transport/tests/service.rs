@@ -204,6 +204,7 @@ fn started(request: u64, position: u32, rows: u32) -> StepEntry {
         penalties: Default::default(),
         constraint: None,
         generated: Vec::new(),
+        embed: false,
         origin: NodeId::from("origin-a"),
         sampling: SamplingParams::greedy(),
         positions: 64,

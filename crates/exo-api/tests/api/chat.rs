@@ -191,6 +191,7 @@ async fn request_fields_reach_the_engine() {
         engine.probe.requests(),
         vec![GenerationRequest {
             logprobs: None,
+            embed: false,
             penalties: exo_api::Penalties {
                 presence: 0.5,
                 frequency: -0.25,

@@ -334,7 +334,7 @@ async fn oversized_body_is_413() {
 async fn unknown_route_is_404_envelope() {
     let engine = FakeEngine::new().build();
     let app = app(&engine);
-    for path in ["/v1/embeddings", "/nope", "/v1/models/"] {
+    for path in ["/v1/audio/speech", "/nope", "/v1/models/"] {
         let reply = get(&app, path).await;
         let message = reply.assert_error(404, None, Some("unknown_url"));
         assert!(message.contains(path), "{message}");

@@ -6,6 +6,7 @@ mod access;
 mod anthropic;
 mod chat;
 mod completions;
+mod embeddings;
 mod errors;
 mod events;
 mod limits;

@@ -28,6 +28,8 @@ async fn every_routed_path_is_documented_and_every_documented_path_is_routed() {
         [
             "/",
             "/api/chat",
+            "/api/embed",
+            "/api/embeddings",
             "/api/generate",
             "/api/ps",
             "/api/show",
@@ -43,6 +45,7 @@ async fn every_routed_path_is_documented_and_every_documented_path_is_routed() {
             "/v1/cluster",
             "/v1/cluster/events",
             "/v1/completions",
+            "/v1/embeddings",
             "/v1/messages",
             "/v1/models",
             "/v1/models/{model}",
@@ -72,8 +75,8 @@ async fn every_routed_path_is_documented_and_every_documented_path_is_routed() {
             let reply = match method.as_str() {
                 "get" => get(&app, &concrete).await,
                 "post" => {
-                    let body = if path == "/v1/responses" {
-                        serde_json::json!({"model": "llama-3.2-1b", "input": "Hi"})
+                    let body = if path == "/v1/responses" || path.contains("embed") {
+                        serde_json::json!({"model": "llama-3.2-1b", "input": "Hi", "prompt": "Hi"})
                     } else if path == "/v1/messages" {
                         let mut body = chat_body();
                         body["max_tokens"] = 16.into();

@@ -289,7 +289,13 @@ impl Origins {
         })
         .await
         .map_err(|e| GenerationError::Internal(format!("tokenizing task: {e}")))??;
-        let max_tokens = self.model.max_tokens(prompt.len(), request.max_tokens)?;
+        // An embedding generates nothing: the prompt alone must fit the context.
+        let asked = if request.embed {
+            Some(0)
+        } else {
+            request.max_tokens
+        };
+        let max_tokens = self.model.max_tokens(prompt.len(), asked)?;
         let route = self.route(&plan).await?;
         let id = RequestId(rand::random());
         let (events, rx) = mpsc::channel(64);
@@ -308,6 +314,7 @@ impl Origins {
             constraint: request.constraint,
             penalties: request.penalties,
             logprobs: request.logprobs,
+            embed: request.embed,
             max_tokens,
             stop: request.stop,
             ignore_eos: request.ignore_eos,

@@ -122,6 +122,8 @@ pub(crate) struct RequestTask {
     pub(crate) constraint: Option<OutputConstraint>,
     pub(crate) penalties: Penalties,
     pub(crate) logprobs: Option<u32>,
+    /// The request asks for its prompt's embedding instead of tokens.
+    pub(crate) embed: bool,
     pub(crate) max_tokens: usize,
     pub(crate) stop: Vec<String>,
     pub(crate) ignore_eos: bool,
@@ -274,6 +276,7 @@ impl RequestTask {
                     } else {
                         Vec::new()
                     },
+                    embed: self.embed,
                 });
             }
             // A busy first stage may hold a chunk back for a while: a caller that leaves
@@ -369,8 +372,30 @@ impl RequestTask {
                 Some(TokenOut::Failed { failure, .. }) => {
                     return State::Failed(GenerationError::StageFailed(failure));
                 }
+                Some(TokenOut::Embedding { values, .. }) if self.embed => {
+                    first_token_at.get_or_insert_with(Instant::now);
+                    if self
+                        .events
+                        .send(Ok(GenerationEvent::Embedding(values)))
+                        .await
+                        .is_err()
+                    {
+                        return State::Cancelled;
+                    }
+                    return State::Finished(FinishReason::Stop);
+                }
+                Some(TokenOut::Embedding { .. }) => {
+                    return State::Failed(GenerationError::Internal(
+                        "an embedding came for a request that generates tokens".to_owned(),
+                    ));
+                }
                 None => return self.link_lost(),
             };
+            if self.embed {
+                return State::Failed(GenerationError::Internal(format!(
+                    "token {token} came for a request that asked for an embedding"
+                )));
+            }
             if position != self.journal.positions() {
                 return State::Failed(GenerationError::Internal(format!(
                     "token for position {position} while the request holds {}",

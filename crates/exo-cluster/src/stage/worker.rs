@@ -30,7 +30,7 @@ use exo_core::{
     StepEntry, StepFrame, StepInput, TokenLogprob, TokenOut,
 };
 use exo_grammar::Guide;
-use exo_shard::{KvCache, LlamaShard, Sampler};
+use exo_shard::{KvCache, LlamaShard, MeanPool, Sampler};
 use tokio::sync::mpsc;
 
 use crate::grammar::ModelGrammars;
@@ -265,6 +265,7 @@ pub(crate) fn spawn(
         tokens: Vec::new(),
         sample_rows: Vec::new(),
         logits: Vec::new(),
+        normed: Vec::new(),
     };
     std::thread::Builder::new()
         .name(name)
@@ -288,6 +289,9 @@ struct Request {
     expecting: bool,
     /// The step that computed its last piece (first stage): its group.
     group: u64,
+    /// The request asks for its prompt's embedding instead of tokens; on the last stage, the
+    /// pooling so far.
+    embedding: Option<MeanPool>,
     _active: ActiveGuard,
 }
 
@@ -376,6 +380,8 @@ struct Worker {
     sample_rows: Vec<f32>,
     /// Their logits, reused.
     logits: Vec<f32>,
+    /// Rows after the final norm (requests that embed), reused.
+    normed: Vec<f32>,
     /// The first stage's timer for gathering a batch (`None` elsewhere).
     timer: Option<tokio::runtime::Runtime>,
     /// Steps run (the id of the next step's group).
@@ -772,6 +778,7 @@ impl Worker {
                 positions,
                 expecting: false,
                 group: 0,
+                embedding: start.embed.then(MeanPool::default),
                 _active: ActiveGuard::new(&self.spec.active),
             },
         );
@@ -958,9 +965,11 @@ impl Worker {
                 if piece.work.end {
                     self.remove(piece.request);
                 } else if let Some(request) = self.requests.get_mut(&piece.request) {
-                    // A piece that samples is followed by the request's next token.
-                    request.expecting =
-                        piece.work.sample && !self.waiting.contains_key(&piece.request);
+                    // A piece that samples is followed by the request's next token (an
+                    // embedding's last piece by nothing).
+                    request.expecting = piece.work.sample
+                        && request.embedding.is_none()
+                        && !self.waiting.contains_key(&piece.request);
                     request.group = group;
                 }
             }
@@ -1046,19 +1055,69 @@ impl Worker {
             }
             return Ok(());
         }
-        // The last stage: logits of each sampling request's last row, in one batch.
+        // The last stage. Requests that embed pool their rows after the final norm; the last
+        // piece of the prompt delivers the embedding.
+        let mut row = 0usize;
+        let mut unsampled: Vec<(RequestId, String)> = Vec::new();
+        for piece in pieces {
+            let rows = row..row + piece.rows;
+            row += piece.rows;
+            let Some(request) = self.requests.get_mut(&piece.request) else {
+                continue;
+            };
+            let Some(pooled) = request.embedding.as_mut() else {
+                continue;
+            };
+            if piece.rows > 0 {
+                shard
+                    .final_norm_rows(
+                        &self.x[rows.start * hidden..rows.end * hidden],
+                        &mut self.normed,
+                    )
+                    .map_err(|e| e.to_string())?;
+                pooled.add(&self.normed, hidden);
+            }
+            if piece.work.sample {
+                match pooled.embedding() {
+                    Some(values) => out
+                        .deliveries
+                        .entry(request.origin.clone())
+                        .or_default()
+                        .push(TokenOut::Embedding {
+                            request: piece.request,
+                            values,
+                        }),
+                    None => unsampled.push((
+                        piece.request,
+                        format!(
+                            "the embedding of {} positions has no direction (zero or not finite)",
+                            pooled.rows()
+                        ),
+                    )),
+                }
+            }
+        }
+        // Logits of each sampling request's last row, in one batch.
         self.sample_rows.clear();
         let mut sampling: Vec<&Piece> = Vec::new();
         let mut row = 0usize;
         for piece in pieces {
             row += piece.rows;
-            if piece.work.sample && piece.rows > 0 {
+            let embeds = self
+                .requests
+                .get(&piece.request)
+                .is_some_and(|r| r.embedding.is_some());
+            if piece.work.sample && piece.rows > 0 && !embeds {
                 self.sample_rows
                     .extend_from_slice(&self.x[(row - 1) * hidden..row * hidden]);
                 sampling.push(piece);
             }
         }
         if sampling.is_empty() {
+            for (request, reason) in unsampled {
+                let failure = self.failure(FailureKind::Failed, reason);
+                self.fail(request, failure, out);
+            }
             return Ok(());
         }
         let Some(first) = self.requests.get_mut(&sampling[0].request) else {
@@ -1070,7 +1129,6 @@ impl Worker {
         let vocab = self.logits.len() / sampling.len();
         // A request whose logits cannot be sampled (NaN from a broken-down model) fails alone;
         // the failure names this stage and its layers, the last that computed its logits.
-        let mut unsampled: Vec<(RequestId, String)> = Vec::new();
         for (piece, logits) in sampling
             .iter()
             .zip(self.logits.chunks_exact_mut(vocab.max(1)))
@@ -1326,6 +1384,7 @@ mod tests {
             tokens: Vec::new(),
             sample_rows: Vec::new(),
             logits: Vec::new(),
+            normed: Vec::new(),
             timer,
             steps: 0,
             last_step: Duration::ZERO,
@@ -1346,6 +1405,7 @@ mod tests {
             penalties: Default::default(),
             constraint: None,
             generated: Vec::new(),
+            embed: false,
             origin: NodeId::from("me"),
             sampling: SamplingParams::greedy(),
             positions,
