@@ -54,6 +54,7 @@ pub(crate) fn generate(args: GenerateArgs) -> Result<()> {
     let request = GenerationRequest {
         logprobs: None,
         embed: false,
+        prompt_logprobs: None,
         penalties: Default::default(),
         constraint: None,
         model: String::new(),
@@ -79,7 +80,10 @@ pub(crate) fn generate(args: GenerateArgs) -> Result<()> {
                     let _ = stdout.write_all(piece.as_bytes());
                     let _ = stdout.flush();
                 }
-                GenerationEvent::Logprob(_) => {}
+                // Not asked for here.
+                GenerationEvent::Logprob(_)
+                | GenerationEvent::Embedding(_)
+                | GenerationEvent::PromptLogprobs(_) => {}
                 GenerationEvent::Finished(f) => {
                     let _ = writeln!(stdout);
                     eprintln!(

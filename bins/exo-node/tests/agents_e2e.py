@@ -176,6 +176,28 @@ def openai_checks(client, model, results):
           f"tokens {[e.token for e in entries]} vs {reply.choices[0].message.content!r}")
     results["logprobs"] = [(e.token, round(e.logprob, 3)) for e in entries]
 
+    # Completions' echo with logprobs, as evaluation harnesses score a text: the prompt's
+    # tokens first (the first without a log-probability), then the answer's.
+    prompt = "The capital of France is Paris. The capital of Germany is"
+    reply = client.completions.create(model=model, prompt=prompt, max_tokens=1, echo=True,
+                                      logprobs=1, temperature=0)
+    choice = reply.choices[0]
+    lists = choice.logprobs
+    check(choice.text.startswith(prompt), f"echo: {choice.text!r}")
+    check(len(lists.tokens) == reply.usage.prompt_tokens + reply.usage.completion_tokens,
+          f"{len(lists.tokens)} tokens for {reply.usage}")
+    check("".join(lists.tokens) == choice.text, f"tokens {lists.tokens} vs {choice.text!r}")
+    check(lists.token_logprobs[0] is None and lists.top_logprobs[0] is None, "the first is null")
+    check(all(l <= 0 for l in lists.token_logprobs[1:]), f"{lists.token_logprobs}")
+    check(lists.text_offset == sorted(lists.text_offset), f"offsets {lists.text_offset}")
+    # "Paris" after "The capital of France is" is far likelier than the sentence's first
+    # words were.
+    paris = lists.tokens.index(" Paris")
+    check(lists.token_logprobs[paris] > lists.token_logprobs[1],
+          f"Paris {lists.token_logprobs[paris]} vs {lists.tokens[1]!r} {lists.token_logprobs[1]}")
+    results["echo"] = [(t, None if l is None else round(l, 2))
+                       for t, l in zip(lists.tokens, lists.token_logprobs)]
+
     # A schema the engine cannot compile is a 400 that names the field.
     try:
         client.chat.completions.create(

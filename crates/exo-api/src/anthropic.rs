@@ -158,6 +158,7 @@ pub(crate) async fn messages(
     let request = GenerationRequest {
         logprobs: None,
         embed: false,
+        prompt_logprobs: None,
         model: model.clone(),
         prompt: Prompt::Chat(turns),
         max_tokens: Some(max_tokens),

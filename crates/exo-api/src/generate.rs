@@ -14,7 +14,8 @@ use serde_json::{Map, Value, json};
 use tokio::sync::mpsc;
 
 use exo_core::{
-    FinishReason, Finished, GenerationError, GenerationEvent, GenerationRequest, Logprob, TokenText,
+    FinishReason, Finished, GenerationError, GenerationEvent, GenerationRequest, Logprob,
+    PromptLogprobs, TokenText,
 };
 
 use crate::error::ApiError;
@@ -60,6 +61,7 @@ pub(crate) async fn respond(
         tools,
         constraint_param,
         n,
+        echo,
     } = parsed;
     let params = Params {
         prompt: api.prompt_param(),
@@ -90,11 +92,17 @@ pub(crate) async fn respond(
             futures::future::join_all(runnings.iter_mut().map(Running::whole_with_logprobs)).await;
         let mut choices = Vec::with_capacity(n);
         let (mut prompt_tokens, mut completion_tokens) = (0, 0);
-        for (index, whole) in wholes.into_iter().enumerate() {
-            let (text, finished, logprobs) = whole?;
+        for (index, (whole, running)) in wholes.into_iter().zip(&mut runnings).enumerate() {
+            let (mut text, finished, mut logprobs) = whole?;
             let (prompt, completion) = counts(&finished);
             prompt_tokens = prompt;
             completion_tokens += completion;
+            if let Some(prompt) = &echo {
+                text.insert_str(0, prompt);
+                let mut entries = running.prompt_entries();
+                entries.append(&mut logprobs);
+                logprobs = entries;
+            }
             let mut choice = format.choice(index, &text, finished.reason);
             if format.logprobs {
                 choice["logprobs"] = format.logprobs_json(&logprobs, &mut 0);
@@ -114,7 +122,7 @@ pub(crate) async fn respond(
     let format = Arc::new(format);
     let totals = Arc::new(std::sync::Mutex::new((0usize, 0usize)));
     let mut streams = Vec::with_capacity(n);
-    for (index, (running, first)) in runnings.into_iter().zip(firsts).enumerate() {
+    for (index, (mut running, first)) in runnings.into_iter().zip(firsts).enumerate() {
         let mut pending = VecDeque::new();
         if api == Api::Chat {
             let role = json!({"role": "assistant", "content": ""});
@@ -129,6 +137,12 @@ pub(crate) async fn respond(
             pending: Vec::new(),
             offset: 0,
         };
+        // The echoed prompt first, with its tokens' log-probabilities when asked.
+        if let Some(prompt) = &echo {
+            choice.pending = running.prompt_entries();
+            let chunk = format.delta(index, prompt.clone());
+            pending.push_back(event(&format.with_logprobs(chunk, &mut choice)));
+        }
         let format = Arc::clone(&format);
         let mut render =
             move |step: Step, out: &mut VecDeque<Event>| format.render(step, out, &mut choice);
@@ -217,6 +231,8 @@ pub(crate) struct Running {
     params: Params,
     /// The prompt's embedding, once it came (requests that asked for one).
     embedding: Option<Vec<f32>>,
+    /// The prompt's tokens' log-probabilities, once they came (requests that asked).
+    prompt_logprobs: Option<PromptLogprobs>,
 }
 
 /// One item of a running generation, already counted (metrics, the request's log line) and,
@@ -258,20 +274,26 @@ impl Running {
             log,
             params,
             embedding: None,
+            prompt_logprobs: None,
         })
     }
 
     /// The next item; `None` once the generation has ended (its last item was a
     /// [`Step::Finished`] or a [`Step::Failed`]).
     pub(crate) async fn next(&mut self) -> Option<Step> {
-        let mut item = self.rx.as_mut()?.recv().await;
-        // An embedding is kept for [`Running::embedding`], not a step of a text's stream.
-        while let Some(Ok(GenerationEvent::Embedding(values))) = item {
-            self.embedding = Some(values);
-            item = self.rx.as_mut()?.recv().await;
-        }
+        // An embedding or the prompt's log-probabilities are kept (for [`Running::embedding`]
+        // and [`Running::prompt_entries`]), not steps of a text's stream.
+        let item = loop {
+            match self.rx.as_mut()?.recv().await {
+                Some(Ok(GenerationEvent::Embedding(values))) => self.embedding = Some(values),
+                Some(Ok(GenerationEvent::PromptLogprobs(p))) => self.prompt_logprobs = Some(p),
+                other => break other,
+            }
+        };
         Some(match item {
-            Some(Ok(GenerationEvent::Embedding(_))) => Step::Failed(ApiError::internal()),
+            Some(Ok(GenerationEvent::Embedding(_) | GenerationEvent::PromptLogprobs(_))) => {
+                Step::Failed(ApiError::internal())
+            }
             Some(Ok(GenerationEvent::Text(piece))) => Step::Text(piece),
             Some(Ok(GenerationEvent::Logprob(entry))) => Step::Logprob(entry),
             Some(Ok(GenerationEvent::Finished(finished))) => {
@@ -324,6 +346,23 @@ impl Running {
                 None => return Err(ApiError::internal()),
             }
         }
+    }
+
+    /// The prompt's tokens as entries of completions' `logprobs` (for `echo`): the first has
+    /// no log-probability (NaN here, `null` in the response). Empty when they did not come
+    /// (the request did not ask).
+    pub(crate) fn prompt_entries(&mut self) -> Vec<Logprob> {
+        let Some(prompt) = self.prompt_logprobs.take() else {
+            return Vec::new();
+        };
+        let mut first = prompt.first;
+        first.logprob = f32::NAN;
+        std::iter::once(Logprob {
+            chosen: first,
+            top: Vec::new(),
+        })
+        .chain(prompt.rest)
+        .collect()
     }
 
     /// The embedding a request with [`GenerationRequest::embed`] asked for, and how it ended.
@@ -533,9 +572,13 @@ impl Format {
                     offsets.push(*offset);
                     *offset += e.chosen.token.chars().count();
                 }
+                // An echoed prompt's first token has no log-probability: null in both lists.
                 let tops: Vec<Value> = entries
                     .iter()
                     .map(|e| {
+                        if e.chosen.logprob.is_nan() {
+                            return Value::Null;
+                        }
                         let mut top = Map::new();
                         for t in &e.top {
                             top.insert(t.token.clone(), json!(t.logprob));
@@ -545,7 +588,10 @@ impl Format {
                     .collect();
                 json!({
                     "tokens": entries.iter().map(|e| e.chosen.token.clone()).collect::<Vec<_>>(),
-                    "token_logprobs": entries.iter().map(|e| e.chosen.logprob).collect::<Vec<_>>(),
+                    "token_logprobs": entries
+                        .iter()
+                        .map(|e| (!e.chosen.logprob.is_nan()).then_some(e.chosen.logprob))
+                        .collect::<Vec<_>>(),
                     "top_logprobs": tops,
                     "text_offset": offsets,
                 })

@@ -66,7 +66,7 @@ pub use crate::openapi::openapi;
 pub use crate::routes::router;
 pub use exo_core::{
     ChatMessage, FinishReason, Finished, GenerationError, GenerationEvent, GenerationRequest,
-    Logprob, OutputConstraint, Penalties, Prompt, SamplingParams, TokenText,
+    Logprob, OutputConstraint, Penalties, Prompt, PromptLogprobs, SamplingParams, TokenText,
 };
 
 /// Serves the API on an already-bound `listener` until `shutdown` resolves, then stops

@@ -305,6 +305,7 @@ impl Options {
         GenerationRequest {
             logprobs: None,
             embed: false,
+            prompt_logprobs: None,
             penalties: Default::default(),
             constraint: None,
             model,

@@ -728,7 +728,11 @@ fn completion_request() -> Value {
         }),
     );
     for (name, description) in [
-        ("echo", "Only false is supported"),
+        (
+            "echo",
+            "The text begins with the prompt; with logprobs, the lists begin with the \
+             prompt's tokens, each scored under the tokens before it (the first: null)",
+        ),
         ("best_of", "Only 1 is supported"),
         ("suffix", "Not supported"),
         (

@@ -96,6 +96,9 @@ pub(crate) struct Parsed {
     pub(crate) constraint_param: &'static str,
     /// Choices asked for: that many generations of the same prompt.
     pub(crate) n: usize,
+    /// Completions' `echo`: the prompt, which the answer's text (and log-probabilities)
+    /// begin with.
+    pub(crate) echo: Option<String>,
 }
 
 /// Validates a `POST /v1/chat/completions` body.
@@ -170,9 +173,6 @@ pub(crate) fn completion(
             ));
         }
     };
-    if fields.bool("echo")? == Some(true) {
-        return Err(ApiError::invalid_param("echo", "echo is not supported"));
-    }
     if fields.count("best_of")?.is_some_and(|n| n > 1) {
         return Err(ApiError::invalid_param(
             "best_of",
@@ -192,8 +192,17 @@ pub(crate) fn completion(
     } else {
         Prompt::Text(prompt)
     };
+    let echo = (fields.bool("echo")? == Some(true)).then(|| match &prompt {
+        Prompt::Text(text) | Prompt::Raw(text) => text.clone(),
+        Prompt::Chat(_) => String::new(),
+    });
     let mut parsed = common(&fields, model, prompt, default_max_tokens)?;
     parsed.request.logprobs = logprobs;
+    // With log-probabilities, the echoed prompt's tokens come with theirs.
+    if echo.is_some() {
+        parsed.request.prompt_logprobs = logprobs;
+    }
+    parsed.echo = echo;
     Ok(parsed)
 }
 
@@ -300,6 +309,7 @@ fn common(
         request: GenerationRequest {
             logprobs: None,
             embed: false,
+            prompt_logprobs: None,
             constraint: None,
             model,
             prompt,
@@ -320,6 +330,7 @@ fn common(
         tools: None,
         constraint_param: "response_format",
         n,
+        echo: None,
     })
 }
 

@@ -735,3 +735,50 @@ async fn an_embedding_is_pooled_on_the_last_stage_like_one_process_pools_it() {
         cluster.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn prompt_log_probabilities_come_from_the_last_stage_before_the_first_token() {
+    let model = TestModel::tiny(6, 19);
+    // The tiny vocabulary has no space.
+    let text = "score_every_token,of;this_prompt:sent_in_chunks";
+    let reference = model.reference_prompt_logprobs(text);
+    assert!(reference.len() > 12, "a prompt of several chunks");
+    let options = Options {
+        prefill_chunk: 5,
+        step_rows: 4,
+        ..Options::default()
+    };
+    let cluster = TestCluster::start_with(&model, &[GIB, GIB], options).await;
+    assert_eq!(cluster.wait_ready().await.stages.len(), 2);
+    let request = exo_core::GenerationRequest {
+        prompt_logprobs: Some(2),
+        ..raw_request(text, 3)
+    };
+    let mut events = cluster.node(0).generate(request).await.unwrap();
+    let scored = match events.recv().await {
+        Some(Ok(GenerationEvent::PromptLogprobs(p))) => p,
+        other => panic!("the prompt's scores come first, got {other:?}"),
+    };
+    assert_eq!(scored.rest.len(), reference.len());
+    for (i, (entry, expected)) in scored.rest.iter().zip(&reference).enumerate() {
+        assert!(
+            (entry.chosen.logprob - expected).abs() < 1e-4,
+            "position {}: {} against {expected}",
+            i + 1,
+            entry.chosen.logprob
+        );
+        assert_eq!(entry.top.len(), 2);
+        assert!(entry.top[0].logprob >= entry.top[1].logprob);
+        assert!(entry.top[0].logprob >= entry.chosen.logprob - 1e-6);
+    }
+    // The texts of the prompt's tokens make the prompt.
+    let joined: String = std::iter::once(&scored.first)
+        .chain(scored.rest.iter().map(|e| &e.chosen))
+        .map(|t| t.token.as_str())
+        .collect();
+    assert_eq!(joined, text);
+    let (_, finished) = collect(events).await.unwrap();
+    assert_eq!(finished.token_ids.len(), 3);
+    cluster.wait_idle().await;
+    cluster.shutdown().await;
+}

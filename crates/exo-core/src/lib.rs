@@ -22,7 +22,7 @@ pub use error::{FailureKind, GenerationError, StageFailure};
 pub use ids::{Epoch, LayerRange, NodeId, RequestId, Stage};
 pub use request::{
     ChatMessage, FinishReason, Finished, GenerationEvent, GenerationRequest, Logprob,
-    OutputConstraint, Penalties, Prompt, SamplingParams, TokenText,
+    OutputConstraint, Penalties, Prompt, PromptLogprobs, SamplingParams, TokenText,
 };
 pub use step::{
     Activations, RequestStart, StepEntry, StepFrame, StepInput, TokenLogprob, TokenOut,

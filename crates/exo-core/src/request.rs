@@ -215,6 +215,11 @@ pub struct GenerationRequest {
     /// Instead of generating, compute the prompt's embedding: one
     /// [`GenerationEvent::Embedding`], then [`GenerationEvent::Finished`] with no tokens.
     pub embed: bool,
+    /// Also report the prompt's tokens' log-probabilities (each under the tokens before it),
+    /// with this many of the most likely alternatives (at most
+    /// [`GenerationRequest::MAX_TOP_LOGPROBS`]): one [`GenerationEvent::PromptLogprobs`]
+    /// before the first generated token. `None`: do not.
+    pub prompt_logprobs: Option<u32>,
 }
 
 impl GenerationRequest {
@@ -234,6 +239,7 @@ impl GenerationRequest {
             penalties: Penalties::default(),
             logprobs: None,
             embed: false,
+            prompt_logprobs: None,
         }
     }
 
@@ -325,6 +331,18 @@ pub struct Logprob {
     pub top: Vec<TokenText>,
 }
 
+/// The prompt's tokens with their log-probabilities (completions' `echo` with `logprobs`).
+#[derive(Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
+pub struct PromptLogprobs {
+    /// The prompt's first token, which nothing before it predicts (its `logprob` is 0 and
+    /// means nothing).
+    pub first: TokenText,
+    /// Every later prompt token, under the tokens before it, with the most likely
+    /// alternatives at its position.
+    pub rest: Vec<Logprob>,
+}
+
 /// What a generation streams: text pieces as they are decided, then exactly one
 /// [`GenerationEvent::Finished`].
 #[derive(Clone, Debug, PartialEq)]
@@ -342,6 +360,9 @@ pub enum GenerationEvent {
     /// The prompt's embedding (a request with [`GenerationRequest::embed`]): the mean of its
     /// last hidden states after the final norm, L2-normalised.
     Embedding(Vec<f32>),
+    /// The prompt's tokens' log-probabilities (a request with
+    /// [`GenerationRequest::prompt_logprobs`]), before any text.
+    PromptLogprobs(PromptLogprobs),
     /// The end; always the last event.
     Finished(Finished),
 }

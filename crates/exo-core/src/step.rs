@@ -67,6 +67,12 @@ pub struct RequestStart {
     /// Instead of sampling, the last stage pools the prompt's last hidden states (the mean of
     /// the rows after the final norm, L2-normalised) and delivers that embedding.
     pub embed: bool,
+    /// The last stage also reports the log-probability of each prompt token after the first
+    /// (under the tokens before it), with this many alternatives; `prompt` then holds the
+    /// prompt's ids, the tokens whose log-probabilities it reports.
+    pub prompt_logprobs: Option<u32>,
+    /// The prompt's ids (only with `prompt_logprobs`).
+    pub prompt: Vec<u32>,
 }
 
 /// A sampled token's log-probability under the model (after the request's penalties and
@@ -161,6 +167,17 @@ pub enum TokenOut {
         /// The pooled, L2-normalised last hidden state.
         values: Vec<f32>,
     },
+    /// Log-probabilities of prompt tokens (requests that asked), for the positions from
+    /// `position` on, one per position, in order; the last stage sends them as it computes
+    /// the prompt's pieces, before the request's first token.
+    PromptLogprobs {
+        /// The request.
+        request: RequestId,
+        /// The position of the first token they score.
+        position: u32,
+        /// One per position.
+        entries: Vec<TokenLogprob>,
+    },
     /// A stage failed the request.
     Failed {
         /// The request.
@@ -176,6 +193,7 @@ impl TokenOut {
         match self {
             TokenOut::Token { request, .. }
             | TokenOut::Embedding { request, .. }
+            | TokenOut::PromptLogprobs { request, .. }
             | TokenOut::Failed { request, .. } => *request,
         }
     }

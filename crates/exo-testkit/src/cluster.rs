@@ -84,6 +84,30 @@ impl TestModel {
         let ids = engine.tokenizer().encode_plain(text).unwrap();
         engine.embed_ids(&ids).unwrap()
     }
+
+    /// The log-probability one process gives each token of `text` after the first, under
+    /// the tokens before it.
+    pub fn reference_prompt_logprobs(&self, text: &str) -> Vec<f32> {
+        let device = BackendKind::Flex.device().unwrap();
+        let engine = Engine::load(&self.path, &device, Weights::Stored).unwrap();
+        let ids = engine.tokenizer().encode_plain(text).unwrap();
+        let shard = engine.shard();
+        let mut x = Vec::new();
+        shard.embed_into(&ids, &mut x).unwrap();
+        let mut cache = shard.new_cache();
+        shard.forward_in_place(&mut x, &mut cache).unwrap();
+        let mut logits = Vec::new();
+        shard.logits_rows(&x, &mut cache, &mut logits).unwrap();
+        let vocab = logits.len() / ids.len();
+        logits
+            .chunks_exact(vocab)
+            .zip(&ids[1..])
+            .map(|(row, &next)| {
+                let (lse, _) = exo_shard::log_probabilities(row, 0);
+                row[next as usize] - lse
+            })
+            .collect()
+    }
 }
 
 /// How the nodes of a [`TestCluster`] run.
@@ -304,7 +328,11 @@ pub async fn collect(
             .unwrap_or_else(|_| panic!("no event within {within:?}; text so far: {text:?}"));
         match item {
             Some(Ok(GenerationEvent::Text(t))) => text.push_str(&t),
-            Some(Ok(GenerationEvent::Logprob(_) | GenerationEvent::Embedding(_))) => {}
+            Some(Ok(
+                GenerationEvent::Logprob(_)
+                | GenerationEvent::Embedding(_)
+                | GenerationEvent::PromptLogprobs(_),
+            )) => {}
             Some(Ok(GenerationEvent::Finished(f))) => return Ok((text, f)),
             Some(Err(e)) => return Err(e),
             None => panic!("the generation ended without a final event; text: {text:?}"),

@@ -278,6 +278,7 @@ impl Engine for FakeEngine {
             let script = self.script.clone();
             let logprobs = request.logprobs;
             let embedding = request.embed.then(|| fake_embedding(&request.prompt));
+            let prompt_logprobs = request.prompt_logprobs;
             let probe = Arc::clone(&self.probe);
             probe.started.fetch_add(1, Ordering::SeqCst);
             let now = probe.running.fetch_add(1, Ordering::SeqCst) + 1;
@@ -286,7 +287,16 @@ impl Engine for FakeEngine {
             tokio::spawn(async move {
                 let cancelled = !match embedding {
                     Some(values) => embed(&script, values, &tx).await,
-                    None => run(&script, logprobs, &tx).await,
+                    None => {
+                        let scored = match prompt_logprobs {
+                            Some(n) => tx
+                                .send(Ok(GenerationEvent::PromptLogprobs(fake_prompt_logprobs(n))))
+                                .await
+                                .is_ok(),
+                            None => true,
+                        };
+                        scored && run(&script, logprobs, &tx).await
+                    }
                 };
                 if cancelled {
                     probe.cancelled.fetch_add(1, Ordering::SeqCst);
@@ -312,6 +322,25 @@ pub fn fake_embedding(prompt: &exo_api::Prompt) -> Vec<f32> {
     } as f32;
     let norm = (bytes * bytes + 1.0).sqrt();
     vec![bytes / norm, 1.0 / norm]
+}
+
+/// The fake's prompt log-probabilities: the prompt is the tokens `P` and `rompt` (-0.25), with
+/// `n` alternatives `alt0`, `alt1`... at -1, -2...
+pub fn fake_prompt_logprobs(n: u32) -> exo_api::PromptLogprobs {
+    let text = |token: &str, logprob: f32| TokenText {
+        bytes: token.as_bytes().to_vec(),
+        token: token.to_owned(),
+        logprob,
+    };
+    exo_api::PromptLogprobs {
+        first: text("P", 0.0),
+        rest: vec![Logprob {
+            chosen: text("rompt", -0.25),
+            top: (0..n)
+                .map(|i| text(&format!("alt{i}"), -1.0 - i as f32))
+                .collect(),
+        }],
+    }
 }
 
 /// Answers an embedding request: the script's error at 0 if it has one, else the embedding

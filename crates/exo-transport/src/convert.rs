@@ -4,8 +4,8 @@
 use exo_core::{
     Activations, ChatMessage, Epoch, FailureKind, FinishReason, Finished, GenerationError,
     GenerationEvent, GenerationRequest, LayerRange, Logprob, NodeId, OutputConstraint, Penalties,
-    Prompt, RequestId, RequestStart, SamplingParams, Stage, StageFailure, StepEntry, StepFrame,
-    StepInput, TokenLogprob, TokenOut, TokenText,
+    Prompt, PromptLogprobs, RequestId, RequestStart, SamplingParams, Stage, StageFailure,
+    StepEntry, StepFrame, StepInput, TokenLogprob, TokenOut, TokenText,
 };
 use half::{bf16, f16};
 
@@ -241,6 +241,9 @@ pub(crate) fn frame_to_pb(frame: &StepFrame, wire: WireDtype) -> pb::Frame {
                 logprobs: s.logprobs.is_some(),
                 top_logprobs: s.logprobs.unwrap_or(0),
                 embed: s.embed,
+                prompt_logprobs: s.prompt_logprobs.is_some(),
+                prompt_top_logprobs: s.prompt_logprobs.unwrap_or(0),
+                prompt: s.prompt.clone(),
             }),
             end: e.end,
         })
@@ -317,6 +320,8 @@ pub(crate) fn frame_from_pb(frame: &pb::Frame, limits: &Limits) -> Result<StepFr
                     generated: s.generated.clone(),
                     logprobs: logprobs_from_pb(s.logprobs, s.top_logprobs)?,
                     embed: s.embed,
+                    prompt_logprobs: logprobs_from_pb(s.prompt_logprobs, s.prompt_top_logprobs)?,
+                    prompt: s.prompt.clone(),
                 }),
             };
             Ok(StepEntry {
@@ -410,6 +415,26 @@ impl From<&TokenOut> for pb::TokenOut {
                     values: values.clone(),
                 })),
             },
+            TokenOut::PromptLogprobs {
+                request,
+                position,
+                entries,
+            } => pb::TokenOut {
+                request_id: request.0,
+                kind: Some(pb::token_out::Kind::PromptLogprobs(pb::PromptScores {
+                    position: *position,
+                    logprobs: entries.iter().map(|e| e.logprob).collect(),
+                    top: entries.first().map_or(0, |e| e.top.len() as u32),
+                    top_tokens: entries
+                        .iter()
+                        .flat_map(|e| e.top.iter().map(|t| t.0))
+                        .collect(),
+                    top_logprobs: entries
+                        .iter()
+                        .flat_map(|e| e.top.iter().map(|t| t.1))
+                        .collect(),
+                })),
+            },
             TokenOut::Failed { request, failure } => pb::TokenOut {
                 request_id: request.0,
                 kind: Some(pb::token_out::Kind::Failed(failure.into())),
@@ -450,6 +475,11 @@ impl TryFrom<&pb::TokenOut> for TokenOut {
             Some(pb::token_out::Kind::Embedding(e)) => Ok(TokenOut::Embedding {
                 request,
                 values: embedding_from_pb(&e.values)?,
+            }),
+            Some(pb::token_out::Kind::PromptLogprobs(p)) => Ok(TokenOut::PromptLogprobs {
+                request,
+                position: p.position,
+                entries: prompt_scores_from_pb(p)?,
             }),
             Some(pb::token_out::Kind::Failed(f)) => Ok(TokenOut::Failed {
                 request,
@@ -566,6 +596,8 @@ impl From<&GenerationRequest> for pb::GenerateRequest {
             logprobs: r.logprobs.is_some(),
             top_logprobs: r.logprobs.unwrap_or(0),
             embed: r.embed,
+            prompt_logprobs: r.prompt_logprobs.is_some(),
+            prompt_top_logprobs: r.prompt_logprobs.unwrap_or(0),
         }
     }
 }
@@ -599,8 +631,38 @@ impl TryFrom<pb::GenerateRequest> for GenerationRequest {
             constraint: constraint_from_pb(r.constraint.as_ref())?,
             logprobs: logprobs_from_pb(r.logprobs, r.top_logprobs)?,
             embed: r.embed,
+            prompt_logprobs: logprobs_from_pb(r.prompt_logprobs, r.prompt_top_logprobs)?,
         })
     }
+}
+
+/// A peer's prompt scores, checked: `top` alternatives per position (at most the most a
+/// request may ask for), as many as the lists hold.
+fn prompt_scores_from_pb(p: &pb::PromptScores) -> Result<Vec<TokenLogprob>> {
+    let top = p.top as usize;
+    if p.top > GenerationRequest::MAX_TOP_LOGPROBS
+        || p.top_tokens.len() != p.logprobs.len() * top
+        || p.top_logprobs.len() != p.top_tokens.len()
+    {
+        return Err(Error::invalid(format!(
+            "prompt scores: {} positions with {} alternatives each do not fit {} tokens and {} \
+             log-probabilities",
+            p.logprobs.len(),
+            p.top,
+            p.top_tokens.len(),
+            p.top_logprobs.len()
+        )));
+    }
+    Ok(p.logprobs
+        .iter()
+        .enumerate()
+        .map(|(i, &logprob)| TokenLogprob {
+            logprob,
+            top: (i * top..(i + 1) * top)
+                .map(|j| (p.top_tokens[j], p.top_logprobs[j]))
+                .collect(),
+        })
+        .collect())
 }
 
 /// An embedding from a peer: values, all finite.
@@ -629,6 +691,16 @@ fn token_text_to_pb(t: &TokenText) -> pb::TokenText {
         bytes: t.bytes.clone(),
         logprob: t.logprob,
     }
+}
+
+fn logprob_from_pb(l: pb::Logprob) -> Result<Logprob> {
+    Ok(Logprob {
+        chosen: token_text_from_pb(
+            l.chosen
+                .ok_or_else(|| Error::invalid("a log-probability without its token"))?,
+        ),
+        top: l.top.into_iter().map(token_text_from_pb).collect(),
+    })
 }
 
 fn token_text_from_pb(t: pb::TokenText) -> TokenText {
@@ -775,6 +847,17 @@ pub(crate) fn generation_item_to_pb(
         Ok(GenerationEvent::Embedding(values)) => Event::Embedding(pb::Embedding {
             values: values.clone(),
         }),
+        Ok(GenerationEvent::PromptLogprobs(p)) => Event::PromptLogprobs(pb::PromptLogprobs {
+            first: Some(token_text_to_pb(&p.first)),
+            rest: p
+                .rest
+                .iter()
+                .map(|l| pb::Logprob {
+                    chosen: Some(token_text_to_pb(&l.chosen)),
+                    top: l.top.iter().map(token_text_to_pb).collect(),
+                })
+                .collect(),
+        }),
         Ok(GenerationEvent::Finished(f)) => Event::Finished(pb::Finished {
             reason: match f.reason {
                 FinishReason::Stop => pb::FinishReason::Stop,
@@ -797,16 +880,22 @@ pub(crate) fn generation_item_from_pb(
     use pb::generate_event::Event;
     match e.event {
         Some(Event::Text(t)) => Ok(Ok(GenerationEvent::Text(t))),
-        Some(Event::Logprob(l)) => Ok(Ok(GenerationEvent::Logprob(Logprob {
-            chosen: token_text_from_pb(
-                l.chosen
-                    .ok_or_else(|| Error::invalid("a log-probability without its token"))?,
-            ),
-            top: l.top.into_iter().map(token_text_from_pb).collect(),
-        }))),
+        Some(Event::Logprob(l)) => Ok(Ok(GenerationEvent::Logprob(logprob_from_pb(l)?))),
         Some(Event::Embedding(e)) => Ok(Ok(GenerationEvent::Embedding(embedding_from_pb(
             &e.values,
         )?))),
+        Some(Event::PromptLogprobs(p)) => {
+            Ok(Ok(GenerationEvent::PromptLogprobs(PromptLogprobs {
+                first: token_text_from_pb(p.first.ok_or_else(|| {
+                    Error::invalid("prompt log-probabilities without a first token")
+                })?),
+                rest: p
+                    .rest
+                    .into_iter()
+                    .map(logprob_from_pb)
+                    .collect::<Result<_>>()?,
+            })))
+        }
         Some(Event::Finished(f)) => Ok(Ok(GenerationEvent::Finished(Finished {
             reason: match pb::FinishReason::try_from(f.reason) {
                 Ok(pb::FinishReason::Length) => FinishReason::Length,
@@ -1044,6 +1133,8 @@ mod tests {
             constraint: Some(OutputConstraint::json_object()),
             generated: vec![5, 6, 7],
             embed: true,
+            prompt_logprobs: Some(2),
+            prompt: vec![1, 2, 3],
         }
     }
 
@@ -1166,6 +1257,49 @@ mod tests {
             values: vec![0.6, -0.8],
         };
         assert_eq!(TokenOut::try_from(&pb::TokenOut::from(&out)).unwrap(), out);
+        let out = TokenOut::PromptLogprobs {
+            request: RequestId(5),
+            position: 1,
+            entries: vec![
+                TokenLogprob {
+                    logprob: -0.5,
+                    top: vec![(3, -0.25), (4, -1.0)],
+                },
+                TokenLogprob {
+                    logprob: -2.0,
+                    top: vec![(5, -0.1), (6, -3.0)],
+                },
+            ],
+        };
+        assert_eq!(TokenOut::try_from(&pb::TokenOut::from(&out)).unwrap(), out);
+        // Alternatives that do not fit the positions are refused.
+        let bad = pb::TokenOut {
+            request_id: 5,
+            kind: Some(pb::token_out::Kind::PromptLogprobs(pb::PromptScores {
+                position: 1,
+                logprobs: vec![-0.5, -1.0],
+                top: 2,
+                top_tokens: vec![1, 2, 3],
+                top_logprobs: vec![-1.0, -2.0, -3.0],
+            })),
+        };
+        assert!(TokenOut::try_from(&bad).is_err());
+        let text = |t: &str| TokenText {
+            token: t.into(),
+            bytes: t.as_bytes().to_vec(),
+            logprob: -1.0,
+        };
+        let item = Ok(GenerationEvent::PromptLogprobs(PromptLogprobs {
+            first: text("The"),
+            rest: vec![Logprob {
+                chosen: text(" cat"),
+                top: vec![text(" dog")],
+            }],
+        }));
+        assert_eq!(
+            generation_item_from_pb(generation_item_to_pb(&item)).unwrap(),
+            item
+        );
         let item = Ok(GenerationEvent::Embedding(vec![1.0, 0.0]));
         assert_eq!(
             generation_item_from_pb(generation_item_to_pb(&item)).unwrap(),

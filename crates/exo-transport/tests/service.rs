@@ -205,6 +205,8 @@ fn started(request: u64, position: u32, rows: u32) -> StepEntry {
         constraint: None,
         generated: Vec::new(),
         embed: false,
+        prompt_logprobs: None,
+        prompt: Vec::new(),
         origin: NodeId::from("origin-a"),
         sampling: SamplingParams::greedy(),
         positions: 64,

@@ -192,6 +192,7 @@ async fn request_fields_reach_the_engine() {
         vec![GenerationRequest {
             logprobs: None,
             embed: false,
+            prompt_logprobs: None,
             penalties: exo_api::Penalties {
                 presence: 0.5,
                 frequency: -0.25,

@@ -92,7 +92,6 @@ async fn unsupported_prompts_and_options_are_400() {
         (json!({"prompt": [1, 2, 3]}), "prompt"),
         (json!({"prompt": [[1, 2, 3]]}), "prompt"),
         (json!({"prompt": 5}), "prompt"),
-        (json!({"echo": true}), "echo"),
         (json!({"best_of": 3}), "best_of"),
         (json!({"suffix": "the end"}), "suffix"),
         (json!({"logprobs": 6}), "logprobs"),
@@ -132,4 +131,57 @@ async fn context_overflow_blames_the_prompt_field() {
         .build();
     let reply = post(&app(&engine), "/v1/completions", completion_body()).await;
     reply.assert_error(400, Some("prompt"), Some("context_length_exceeded"));
+}
+
+#[tokio::test]
+async fn echo_begins_the_text_with_the_prompt_and_scores_its_tokens_with_logprobs() {
+    let engine = FakeEngine::new().pieces(&["Hel", "lo"]).build();
+    let app = app(&engine);
+    // Without logprobs: the prompt, then the answer; nothing asks the engine to score it.
+    let body = post(
+        &app,
+        "/v1/completions",
+        json!({"model": "llama-3.2-1b", "prompt": "Prompt", "echo": true}),
+    )
+    .await
+    .json();
+    assert_eq!(body["choices"][0]["text"], "PromptHello");
+    assert_eq!(engine.probe.requests().pop().unwrap().prompt_logprobs, None);
+
+    // With logprobs: the prompt's tokens lead the lists, the first with null (nothing before
+    // it predicts it), and the offsets run on through the answer.
+    let ask = json!({"model": "llama-3.2-1b", "prompt": "Prompt", "echo": true, "logprobs": 1});
+    let body = post(&app, "/v1/completions", ask.clone()).await.json();
+    assert_eq!(
+        engine.probe.requests().pop().unwrap().prompt_logprobs,
+        Some(1)
+    );
+    let choice = &body["choices"][0];
+    assert_eq!(choice["text"], "PromptHello");
+    let logprobs = &choice["logprobs"];
+    assert_eq!(logprobs["tokens"], json!(["P", "rompt", "Hel", "lo"]));
+    assert_eq!(logprobs["token_logprobs"], json!([null, -0.25, -0.5, -0.5]));
+    assert_eq!(
+        logprobs["top_logprobs"],
+        json!([null, {"alt0": -1.0}, {"alt0": -1.0}, {"alt0": -1.0}])
+    );
+    assert_eq!(logprobs["text_offset"], json!([0, 1, 6, 9]));
+
+    // Streamed: the first chunk is the prompt with its tokens' log-probabilities.
+    let reply = post(&app, "/v1/completions", with(ask, json!({"stream": true}))).await;
+    let chunks = sse_chunks(&reply);
+    assert_eq!(chunks[0]["choices"][0]["text"], "Prompt");
+    let first = &chunks[0]["choices"][0]["logprobs"];
+    assert_eq!(first["tokens"], json!(["P", "rompt"]));
+    assert_eq!(first["token_logprobs"], json!([null, -0.25]));
+    assert_eq!(first["text_offset"], json!([0, 1]));
+    let texts: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["text"].as_str())
+        .collect();
+    assert_eq!(texts, "PromptHello");
+    assert_eq!(
+        chunks[1]["choices"][0]["logprobs"]["text_offset"],
+        json!([6])
+    );
 }

@@ -239,9 +239,10 @@ impl Origins {
         }
         request.sampling.validate()?;
         request.penalties.validate()?;
-        if let Some(top) = request
-            .logprobs
-            .filter(|&t| t > GenerationRequest::MAX_TOP_LOGPROBS)
+        if let Some(top) = [request.logprobs, request.prompt_logprobs]
+            .into_iter()
+            .flatten()
+            .find(|&t| t > GenerationRequest::MAX_TOP_LOGPROBS)
         {
             return Err(GenerationError::invalid(
                 "top_logprobs",
@@ -315,6 +316,9 @@ impl Origins {
             penalties: request.penalties,
             logprobs: request.logprobs,
             embed: request.embed,
+            prompt_logprobs: request.prompt_logprobs,
+            prompt_scores: Vec::new(),
+            prompt_scores_sent: false,
             max_tokens,
             stop: request.stop,
             ignore_eos: request.ignore_eos,

@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use exo_core::{
-    FailureKind, FinishReason, Finished, GenerationError, GenerationEvent, NodeId,
-    OutputConstraint, Penalties, RequestId, RequestStart, SamplingParams, StageFailure, StepEntry,
-    StepFrame, StepInput, TokenOut,
+    FailureKind, FinishReason, Finished, GenerationError, GenerationEvent, Logprob, NodeId,
+    OutputConstraint, Penalties, PromptLogprobs, RequestId, RequestStart, SamplingParams,
+    StageFailure, StepEntry, StepFrame, StepInput, TokenLogprob, TokenOut,
 };
 use exo_model::Detokenizer;
 use tokio::sync::mpsc;
@@ -124,6 +124,12 @@ pub(crate) struct RequestTask {
     pub(crate) logprobs: Option<u32>,
     /// The request asks for its prompt's embedding instead of tokens.
     pub(crate) embed: bool,
+    /// The request asks for its prompt tokens' log-probabilities, with this many alternatives.
+    pub(crate) prompt_logprobs: Option<u32>,
+    /// Those received so far, for the prompt's positions from 1 on.
+    pub(crate) prompt_scores: Vec<TokenLogprob>,
+    /// They went to the caller (a resumed request does not ask again).
+    pub(crate) prompt_scores_sent: bool,
     pub(crate) max_tokens: usize,
     pub(crate) stop: Vec<String>,
     pub(crate) ignore_eos: bool,
@@ -252,6 +258,9 @@ impl RequestTask {
         debug_assert_eq!(state, State::Routed);
         let chunk = self.model.prefill_chunk.max(1);
         let ids = self.journal.replay();
+        // Prompt scores not yet handed on are asked for again, from the start.
+        let prompt_logprobs = self.prompt_logprobs.filter(|_| !self.prompt_scores_sent);
+        self.prompt_scores.clear();
         let total = ids.len();
         let mut sent = 0;
         while sent < total {
@@ -277,6 +286,12 @@ impl RequestTask {
                         Vec::new()
                     },
                     embed: self.embed,
+                    prompt_logprobs,
+                    prompt: if prompt_logprobs.is_some() {
+                        self.journal.prompt.clone()
+                    } else {
+                        Vec::new()
+                    },
                 });
             }
             // A busy first stage may hold a chunk back for a while: a caller that leaves
@@ -389,12 +404,41 @@ impl RequestTask {
                         "an embedding came for a request that generates tokens".to_owned(),
                     ));
                 }
+                Some(TokenOut::PromptLogprobs {
+                    position, entries, ..
+                }) => {
+                    let expected = 1 + self.prompt_scores.len();
+                    if self.prompt_logprobs.is_none()
+                        || self.prompt_scores_sent
+                        || position as usize != expected
+                    {
+                        return State::Failed(GenerationError::Internal(format!(
+                            "prompt scores from position {position} where the request expects \
+                             none or position {expected}"
+                        )));
+                    }
+                    self.prompt_scores.extend(entries);
+                    continue;
+                }
                 None => return self.link_lost(),
             };
             if self.embed {
                 return State::Failed(GenerationError::Internal(format!(
                     "token {token} came for a request that asked for an embedding"
                 )));
+            }
+            if self.prompt_logprobs.is_some() && !self.prompt_scores_sent {
+                let Some(event) = self.prompt_event() else {
+                    return State::Failed(GenerationError::Internal(format!(
+                        "{} prompt scores for a prompt of {} tokens",
+                        self.prompt_scores.len(),
+                        self.journal.prompt.len()
+                    )));
+                };
+                if self.events.send(Ok(event)).await.is_err() {
+                    return State::Cancelled;
+                }
+                self.prompt_scores_sent = true;
             }
             if position != self.journal.positions() {
                 return State::Failed(GenerationError::Internal(format!(
@@ -457,6 +501,31 @@ impl RequestTask {
                 return self.link_lost();
             }
         }
+    }
+
+    /// The prompt's tokens with their scores, once every position after the first has one.
+    fn prompt_event(&self) -> Option<GenerationEvent> {
+        let prompt = &self.journal.prompt;
+        let (&first, rest) = prompt.split_first()?;
+        if rest.len() != self.prompt_scores.len() {
+            return None;
+        }
+        let model = &self.model;
+        Some(GenerationEvent::PromptLogprobs(PromptLogprobs {
+            first: model.token_text(first, 0.0),
+            rest: rest
+                .iter()
+                .zip(&self.prompt_scores)
+                .map(|(&token, score)| Logprob {
+                    chosen: model.token_text(token, score.logprob),
+                    top: score
+                        .top
+                        .iter()
+                        .map(|&(t, l)| model.token_text(t, l))
+                        .collect(),
+                })
+                .collect(),
+        }))
     }
 
     /// A newer plan that leaves out a node of this request's route: membership saw it go

@@ -292,8 +292,15 @@ struct Request {
     /// The request asks for its prompt's embedding instead of tokens; on the last stage, the
     /// pooling so far.
     embedding: Option<MeanPool>,
+    /// The request asks for its prompt tokens' log-probabilities (last stage): how many
+    /// alternatives, and the prompt's ids.
+    prompt_logprobs: Option<(u32, Vec<u32>)>,
     _active: ActiveGuard,
 }
+
+/// Prompt rows whose logits are computed at once when a request scores its prompt (the
+/// logits of 16 rows of a 262k vocabulary take 16 MiB).
+const PROMPT_SCORE_ROWS: usize = 16;
 
 struct ActiveGuard(Arc<AtomicU32>);
 
@@ -779,6 +786,10 @@ impl Worker {
                 expecting: false,
                 group: 0,
                 embedding: start.embed.then(MeanPool::default),
+                prompt_logprobs: start
+                    .prompt_logprobs
+                    .filter(|_| self.last)
+                    .map(|top| (top, start.prompt.clone())),
                 _active: ActiveGuard::new(&self.spec.active),
             },
         );
@@ -1097,6 +1108,56 @@ impl Worker {
                 }
             }
         }
+        // Requests that score their prompt: each row's logits against the prompt's next token,
+        // sent before the request's first token.
+        let mut row = 0usize;
+        for piece in pieces {
+            let rows = row..row + piece.rows;
+            row += piece.rows;
+            let Some(request) = self.requests.get_mut(&piece.request) else {
+                continue;
+            };
+            let Some((top, prompt)) = request.prompt_logprobs.as_ref() else {
+                continue;
+            };
+            // The row at position q scores the token at q + 1, while that is a prompt token.
+            let first = piece.work.position as usize;
+            let scored = prompt.len().saturating_sub(first + 1).min(piece.rows);
+            if scored == 0 {
+                continue;
+            }
+            let mut entries = Vec::with_capacity(scored);
+            for start in (0..scored).step_by(PROMPT_SCORE_ROWS) {
+                let n = PROMPT_SCORE_ROWS.min(scored - start);
+                let at = (rows.start + start) * hidden;
+                shard
+                    .logits_rows(
+                        &self.x[at..at + n * hidden],
+                        &mut request.cache,
+                        &mut self.logits,
+                    )
+                    .map_err(|e| e.to_string())?;
+                let vocab = self.logits.len() / n;
+                for (i, logits) in self.logits.chunks_exact(vocab.max(1)).enumerate() {
+                    let target = prompt[first + start + i + 1];
+                    let (lse, top) = exo_shard::log_probabilities(logits, *top as usize);
+                    entries.push(TokenLogprob {
+                        logprob: logits
+                            .get(target as usize)
+                            .map_or(f32::NEG_INFINITY, |l| l - lse),
+                        top,
+                    });
+                }
+            }
+            out.deliveries
+                .entry(request.origin.clone())
+                .or_default()
+                .push(TokenOut::PromptLogprobs {
+                    request: piece.request,
+                    position: (first + 1) as u32,
+                    entries,
+                });
+        }
         // Logits of each sampling request's last row, in one batch.
         self.sample_rows.clear();
         let mut sampling: Vec<&Piece> = Vec::new();
@@ -1406,6 +1467,8 @@ mod tests {
             constraint: None,
             generated: Vec::new(),
             embed: false,
+            prompt_logprobs: None,
+            prompt: Vec::new(),
             origin: NodeId::from("me"),
             sampling: SamplingParams::greedy(),
             positions,
