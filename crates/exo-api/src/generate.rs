@@ -21,7 +21,7 @@ use exo_core::{
 use crate::error::ApiError;
 use crate::middleware::RequestLog;
 use crate::queue::Slot;
-use crate::request::Parsed;
+use crate::request::{Echo, Parsed};
 use crate::state::AppState;
 use crate::telemetry::Metrics;
 use crate::tools::{self, Held, ToolUse};
@@ -97,9 +97,9 @@ pub(crate) async fn respond(
             let (prompt, completion) = counts(&finished);
             prompt_tokens = prompt;
             completion_tokens += completion;
-            if let Some(prompt) = &echo {
-                text.insert_str(0, prompt);
+            if let Some(echo) = &echo {
                 let mut entries = running.prompt_entries();
+                text.insert_str(0, &echo_text(echo, &entries));
                 entries.append(&mut logprobs);
                 logprobs = entries;
             }
@@ -138,9 +138,9 @@ pub(crate) async fn respond(
             offset: 0,
         };
         // The echoed prompt first, with its tokens' log-probabilities when asked.
-        if let Some(prompt) = &echo {
+        if let Some(echo) = &echo {
             choice.pending = running.prompt_entries();
-            let chunk = format.delta(index, prompt.clone());
+            let chunk = format.delta(index, echo_text(echo, &choice.pending));
             pending.push_back(event(&format.with_logprobs(chunk, &mut choice)));
         }
         let format = Arc::clone(&format);
@@ -169,6 +169,14 @@ pub(crate) async fn respond(
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
         .into_response())
+}
+
+/// The text an echoed answer begins with: the prompt, or its tokens' texts.
+fn echo_text(echo: &Echo, entries: &[Logprob]) -> String {
+    match echo {
+        Echo::Text(text) => text.clone(),
+        Echo::Tokens => entries.iter().map(|e| e.chosen.token.as_str()).collect(),
+    }
 }
 
 /// The request fields an engine's error about the request is blamed on.

@@ -714,7 +714,16 @@ fn completion_request() -> Value {
             "oneOf": [
                 {"type": "string"},
                 {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1},
+                {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+                {
+                    "type": "array",
+                    "items": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+                    "minItems": 1,
+                    "maxItems": 1,
+                },
             ],
+            "description": "One prompt: text, or token ids of the model's own vocabulary \
+                (lm-evaluation-harness sends those); batches are refused",
         }),
     );
     properties.insert(

@@ -98,7 +98,16 @@ pub(crate) struct Parsed {
     pub(crate) n: usize,
     /// Completions' `echo`: the prompt, which the answer's text (and log-probabilities)
     /// begin with.
-    pub(crate) echo: Option<String>,
+    pub(crate) echo: Option<Echo>,
+}
+
+/// What an echoed answer begins with.
+#[derive(Clone, Debug)]
+pub(crate) enum Echo {
+    /// The prompt's text.
+    Text(String),
+    /// The texts of the prompt's tokens (a prompt of token ids), from the engine's scores.
+    Tokens,
 }
 
 /// Validates a `POST /v1/chat/completions` body.
@@ -145,34 +154,44 @@ pub(crate) fn completion(
 ) -> Result<Parsed, ApiError> {
     let fields = Fields(body);
     let model = fields.required_string("model")?;
-    let prompt = match fields.get("prompt").ok_or_else(|| missing("prompt"))? {
-        Value::String(text) => text.clone(),
-        Value::Array(items) => match items.as_slice() {
-            [Value::String(text)] => text.clone(),
-            [] | [_, _, ..] => {
-                return Err(ApiError::invalid_param(
-                    "prompt",
-                    format!(
-                        "'prompt' must be a string or an array of exactly one string; \
-                         batches of {} prompts are not supported",
-                        items.len()
-                    ),
-                ));
-            }
-            [_] => {
-                return Err(ApiError::invalid_param(
-                    "prompt",
-                    "'prompt' must be text; token-id prompts are not supported",
-                ));
-            }
-        },
-        other => {
-            return Err(ApiError::invalid_param(
-                "prompt",
-                format!("'prompt' must be a string, got {}", describe(other)),
-            ));
-        }
+    let batch = |count: usize| {
+        ApiError::invalid_param(
+            "prompt",
+            format!(
+                "'prompt' must be one prompt (a string, or an array of token ids); batches of \
+                 {count} prompts are not supported"
+            ),
+        )
     };
+    // The prompt's text, or (as the error side) its token ids.
+    let prompt: Result<String, Vec<u32>> =
+        match fields.get("prompt").ok_or_else(|| missing("prompt"))? {
+            Value::String(text) => Ok(text.clone()),
+            Value::Array(items) => match items.as_slice() {
+                [Value::String(text)] => Ok(text.clone()),
+                [Value::Array(ids)] => token_ids(ids).map(Err)?,
+                [Value::Number(_), ..] => token_ids(items).map(Err)?,
+                [] => {
+                    return Err(ApiError::invalid_param(
+                        "prompt",
+                        "'prompt' is an empty array",
+                    ));
+                }
+                [_] => {
+                    return Err(ApiError::invalid_param(
+                        "prompt",
+                        "'prompt' must be a string or an array of token ids",
+                    ));
+                }
+                _ => return Err(batch(items.len())),
+            },
+            other => {
+                return Err(ApiError::invalid_param(
+                    "prompt",
+                    format!("'prompt' must be a string, got {}", describe(other)),
+                ));
+            }
+        };
     if fields.count("best_of")?.is_some_and(|n| n > 1) {
         return Err(ApiError::invalid_param(
             "best_of",
@@ -187,23 +206,55 @@ pub(crate) fn completion(
         Some(n) => Some(top_logprobs("logprobs", n, 5)?),
     };
     // Special tokens written in the prompt stay text unless the caller asks for them.
-    let prompt = if fields.bool("parse_special_tokens")? == Some(true) {
-        Prompt::Raw(prompt)
-    } else {
-        Prompt::Text(prompt)
+    let parse_special = fields.bool("parse_special_tokens")? == Some(true);
+    let prompt = match prompt {
+        Ok(text) if parse_special => Prompt::Raw(text),
+        Ok(text) => Prompt::Text(text),
+        Err(ids) => Prompt::Tokens(ids),
     };
     let echo = (fields.bool("echo")? == Some(true)).then(|| match &prompt {
-        Prompt::Text(text) | Prompt::Raw(text) => text.clone(),
-        Prompt::Chat(_) => String::new(),
+        Prompt::Text(text) | Prompt::Raw(text) => Echo::Text(text.clone()),
+        Prompt::Tokens(_) | Prompt::Chat(_) => Echo::Tokens,
     });
     let mut parsed = common(&fields, model, prompt, default_max_tokens)?;
     parsed.request.logprobs = logprobs;
-    // With log-probabilities, the echoed prompt's tokens come with theirs.
-    if echo.is_some() {
-        parsed.request.prompt_logprobs = logprobs;
-    }
+    // With log-probabilities, the echoed prompt's tokens come with theirs; a prompt of token
+    // ids is echoed as its tokens' texts, which come with them.
+    parsed.request.prompt_logprobs = match &echo {
+        Some(Echo::Text(_)) => logprobs,
+        Some(Echo::Tokens) => Some(logprobs.unwrap_or(0)),
+        None => None,
+    };
     parsed.echo = echo;
     Ok(parsed)
+}
+
+/// A prompt of token ids: integers from 0 to 2^32 - 1 (the engine checks them against the
+/// model's vocabulary).
+fn token_ids(items: &[Value]) -> Result<Vec<u32>, ApiError> {
+    if items.is_empty() {
+        return Err(ApiError::invalid_param(
+            "prompt",
+            "'prompt' holds no token ids",
+        ));
+    }
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            item.as_u64()
+                .and_then(|id| u32::try_from(id).ok())
+                .ok_or_else(|| {
+                    ApiError::invalid_param(
+                        "prompt",
+                        format!(
+                            "'prompt[{i}]' must be a token id (an integer from 0), got {}",
+                            describe(item)
+                        ),
+                    )
+                })
+        })
+        .collect()
 }
 
 /// How many alternatives per token a request asks for, at most `max` (OpenAI's bound for the

@@ -779,6 +779,27 @@ async fn prompt_log_probabilities_come_from_the_last_stage_before_the_first_toke
     assert_eq!(joined, text);
     let (_, finished) = collect(events).await.unwrap();
     assert_eq!(finished.token_ids.len(), 3);
+
+    // A prompt of token ids runs as they are; one outside the vocabulary is refused.
+    let ids = vec![10, 20, 30, 40];
+    let request = exo_core::GenerationRequest {
+        prompt_logprobs: Some(0),
+        ..exo_core::GenerationRequest::new(exo_core::Prompt::Tokens(ids.clone()))
+    };
+    let mut events = cluster.node(1).generate(request).await.unwrap();
+    match events.recv().await {
+        Some(Ok(GenerationEvent::PromptLogprobs(p))) => assert_eq!(p.rest.len(), ids.len() - 1),
+        other => panic!("the prompt's scores come first, got {other:?}"),
+    }
+    collect(events).await.unwrap();
+    let outside = exo_core::GenerationRequest::new(exo_core::Prompt::Tokens(vec![1, 96]));
+    match cluster.node(0).generate(outside).await {
+        Err(GenerationError::Invalid { param, message }) => {
+            assert_eq!(param.as_deref(), Some("prompt"));
+            assert!(message.contains("token 96"), "{message}");
+        }
+        other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
+    }
     cluster.wait_idle().await;
     cluster.shutdown().await;
 }

@@ -41,6 +41,9 @@ pub enum Prompt {
     /// Text continued as is, in which special tokens written out are the control tokens they
     /// name: for a caller that writes the model's own format (opted into per request).
     Raw(String),
+    /// Token ids of the model's own vocabulary, continued as they are (a caller that
+    /// tokenized the text itself, with the model's tokenizer).
+    Tokens(Vec<u32>),
 }
 
 /// How the next token is picked from the logits.

@@ -318,6 +318,7 @@ impl Engine for FakeEngine {
 pub fn fake_embedding(prompt: &exo_api::Prompt) -> Vec<f32> {
     let bytes = match prompt {
         exo_api::Prompt::Text(t) | exo_api::Prompt::Raw(t) => t.len(),
+        exo_api::Prompt::Tokens(ids) => ids.len(),
         exo_api::Prompt::Chat(messages) => messages.iter().map(|m| m.content.len()).sum(),
     } as f32;
     let norm = (bytes * bytes + 1.0).sqrt();

@@ -578,6 +578,9 @@ impl From<&GenerationRequest> for pb::GenerateRequest {
             prompt: Some(match &r.prompt {
                 Prompt::Text(t) => pb::generate_request::Prompt::Text(t.clone()),
                 Prompt::Raw(t) => pb::generate_request::Prompt::RawText(t.clone()),
+                Prompt::Tokens(ids) => {
+                    pb::generate_request::Prompt::Tokens(pb::TokenIds { ids: ids.clone() })
+                }
                 Prompt::Chat(messages) => pb::generate_request::Prompt::Chat(pb::ChatPrompt {
                     messages: messages
                         .iter()
@@ -610,6 +613,7 @@ impl TryFrom<pb::GenerateRequest> for GenerationRequest {
             None => return Err(Error::invalid("generate request carries no prompt")),
             Some(pb::generate_request::Prompt::Text(t)) => Prompt::Text(t),
             Some(pb::generate_request::Prompt::RawText(t)) => Prompt::Raw(t),
+            Some(pb::generate_request::Prompt::Tokens(t)) => Prompt::Tokens(t.ids),
             Some(pb::generate_request::Prompt::Chat(c)) => Prompt::Chat(
                 c.messages
                     .into_iter()

@@ -89,8 +89,10 @@ async fn unsupported_prompts_and_options_are_400() {
     let cases = [
         (json!({"prompt": ["a", "b"]}), "prompt"),
         (json!({"prompt": []}), "prompt"),
-        (json!({"prompt": [1, 2, 3]}), "prompt"),
-        (json!({"prompt": [[1, 2, 3]]}), "prompt"),
+        (json!({"prompt": [1, -2, 3]}), "prompt"),
+        (json!({"prompt": [1.5]}), "prompt"),
+        (json!({"prompt": [[1, 2], [3]]}), "prompt"),
+        (json!({"prompt": [[]]}), "prompt"),
         (json!({"prompt": 5}), "prompt"),
         (json!({"best_of": 3}), "best_of"),
         (json!({"suffix": "the end"}), "suffix"),
@@ -184,4 +186,26 @@ async fn echo_begins_the_text_with_the_prompt_and_scores_its_tokens_with_logprob
         chunks[1]["choices"][0]["logprobs"]["text_offset"],
         json!([6])
     );
+}
+
+#[tokio::test]
+async fn a_prompt_of_token_ids_reaches_the_engine_as_ids_and_echoes_as_their_texts() {
+    let engine = FakeEngine::new().pieces(&["Hel", "lo"]).build();
+    let app = app(&engine);
+    for prompt in [json!([5, 6]), json!([[5, 6]])] {
+        let body = post(
+            &app,
+            "/v1/completions",
+            json!({"model": "llama-3.2-1b", "prompt": prompt, "echo": true}),
+        )
+        .await
+        .json();
+        let request = engine.probe.requests().pop().unwrap();
+        assert_eq!(request.prompt, Prompt::Tokens(vec![5, 6]));
+        // Echoed without logprobs: the texts come from the engine's scores, which are not
+        // shown.
+        assert_eq!(request.prompt_logprobs, Some(0));
+        assert_eq!(body["choices"][0]["text"], "PromptHello");
+        assert_eq!(body["choices"][0]["logprobs"], Value::Null);
+    }
 }

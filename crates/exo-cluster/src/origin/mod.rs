@@ -83,6 +83,17 @@ impl OriginModel {
         let (ids, param) = match prompt {
             Prompt::Text(t) => (self.tokenizer.encode_plain(t).map_err(tokenizing), "prompt"),
             Prompt::Raw(t) => (self.tokenizer.encode(t).map_err(tokenizing), "prompt"),
+            Prompt::Tokens(ids) => {
+                let vocab = self.tokenizer.vocab_size();
+                let outside = ids.iter().find(|&&id| id as usize >= vocab);
+                let ids = match outside {
+                    Some(id) => Err(format!(
+                        "token {id} is not in this model's vocabulary of {vocab} tokens"
+                    )),
+                    None => Ok(ids.clone()),
+                };
+                (ids, "prompt")
+            }
             Prompt::Chat(messages) => (
                 exo_model::encode_chat(&self.tokenizer, self.template.as_ref(), messages)
                     .map_err(|e| format!("chat template: {e}")),
@@ -102,6 +113,8 @@ impl OriginModel {
     fn refuse_far_too_long(&self, prompt: &Prompt) -> Result<(), GenerationError> {
         let (bytes, param) = match prompt {
             Prompt::Text(t) | Prompt::Raw(t) => (t.len(), "prompt"),
+            // Counted exactly when the context rule sees them.
+            Prompt::Tokens(_) => return Ok(()),
             Prompt::Chat(messages) => (
                 messages.iter().map(|m| m.content.len()).sum::<usize>(),
                 "messages",
