@@ -449,7 +449,13 @@ async fn a_request_that_cannot_resume_ends_with_an_error_naming_why_within_the_b
     let text = error.to_string();
     // The caller hears the cluster-level problem; which node it was is for the log.
     assert!(!text.contains(&victim.to_string()), "{text}");
-    assert!(text.contains("a node of the cluster went away"), "{text}");
+    // A node shutting down may first refuse the request's next step (more often on a loaded
+    // machine) before its links close: either is how it left.
+    assert!(
+        text.contains("a node of the cluster went away")
+            || text.contains("a node of the cluster would not take it"),
+        "{text}"
+    );
     assert!(text.contains("no plan without it"), "{text}");
     assert!(text.contains("short by"), "{text}");
     assert!(took < Duration::from_secs(10), "{took:?}");
