@@ -196,6 +196,23 @@ fn three_nodes_answer_like_one_and_hold_only_their_layers() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body.matches("\"layers_start\"").count(), 3, "{body}");
     assert_eq!(body.matches("\"is_self\":true").count(), 1, "{body}");
+    // `/metrics` shows the bytes each hop carried: the first two stages sent activations on,
+    // the last none (its tokens go to their origins).
+    let (status, metrics) = http(&cluster.nodes[1].api, "GET", "/metrics", None);
+    assert_eq!(status, 200, "{metrics}");
+    let sent = |stage: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("exo_stage_sent_bytes_total{")
+                    && l.contains(&format!("stage=\"{stage}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no sent bytes for stage {stage}: {metrics}"))
+    };
+    assert!(sent("0") > 0.0 && sent("1") > 0.0, "{metrics}");
+    assert_eq!(sent("2"), 0.0, "{metrics}");
 
     // A streaming client that goes away cancels its request on every stage.
     {

@@ -151,6 +151,10 @@ pub struct StageView {
     /// Requests with state on the stage's node now.
     #[serde(default)]
     pub requests: Option<u32>,
+    /// Bytes of activations the stage's node sent on to the next stage since it started (the
+    /// last stage sends none: its tokens go to their origins).
+    #[serde(default)]
+    pub sent_bytes: Option<u64>,
 }
 
 /// A peer that was seen but is not in the cluster.

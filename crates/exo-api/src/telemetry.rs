@@ -17,6 +17,7 @@
 //! | `exo_stage_step_seconds` | gauge | `stage`, `layers` | Each pipeline stage's mean decode step lately (the cluster view's `step_ms`) |
 //! | `exo_stage_tokens_per_second` | gauge | `stage`, `layers` | Positions each stage computed per second lately |
 //! | `exo_stage_requests` | gauge | `stage`, `layers` | Requests with state on each stage's node |
+//! | `exo_stage_sent_bytes_total` | counter | `stage`, `layers` | Bytes of activations each stage's node sent on to the next stage since it started (the hop after the stage) |
 //!
 //! `stage` is the stage's index in the plan and `layers` its range (`0..16`); node ids are
 //! left out, as they tell internals to whoever may scrape. The stage gauges and the
@@ -58,6 +59,7 @@ const FAILED: &str = "exo_generations_failed_total";
 const STAGE_STEP: &str = "exo_stage_step_seconds";
 const STAGE_TOKENS_PER_S: &str = "exo_stage_tokens_per_second";
 const STAGE_REQUESTS: &str = "exo_stage_requests";
+const STAGE_SENT_BYTES: &str = "exo_stage_sent_bytes_total";
 
 /// Upper bounds of the time-to-first-token buckets, in seconds: a short prompt on one node
 /// answers in tens of milliseconds, a long one across slow links in tens of seconds.
@@ -237,6 +239,11 @@ fn stage_gauges(cluster: &ClusterView) {
         "Positions each pipeline stage computed per second lately"
     );
     describe_gauge!(STAGE_REQUESTS, "Requests with state on each stage's node");
+    describe_counter!(
+        STAGE_SENT_BYTES,
+        Unit::Bytes,
+        "Bytes of activations each stage's node sent on to the next stage since it started"
+    );
     let Some(plan) = &cluster.plan else {
         return;
     };
@@ -256,6 +263,9 @@ fn stage_gauges(cluster: &ClusterView) {
         }
         if let Some(requests) = stage.requests {
             gauge!(STAGE_REQUESTS, &labels).set(f64::from(requests));
+        }
+        if let Some(bytes) = stage.sent_bytes {
+            counter!(STAGE_SENT_BYTES, &labels).absolute(bytes);
         }
     }
 }

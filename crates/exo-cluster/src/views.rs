@@ -188,6 +188,7 @@ impl Tracker {
                     stage.step_ms = step_ms;
                     stage.tokens_per_s = tokens_per_s;
                     stage.requests = Some(report.active_requests);
+                    stage.sent_bytes = Some(report.activation_bytes_sent);
                 }
             }
         }

@@ -658,6 +658,8 @@ async fn the_live_view_follows_a_join_a_request_and_a_departure() {
             p.stages[0].step_ms.is_some_and(|ms| ms > 0.0)
                 && p.stages[0].tokens_per_s.is_some()
                 && p.stages[0].requests.is_some()
+                // One stage: its tokens go to their origin, no activations to a next stage.
+                && p.stages[0].sent_bytes == Some(0)
         })
     })
     .await;

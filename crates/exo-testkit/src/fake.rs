@@ -229,6 +229,7 @@ pub fn sample_cluster() -> ClusterView {
                 step_ms: Some(21.5),
                 tokens_per_s: Some(46.5),
                 requests: Some(0),
+                sent_bytes: Some(4096),
                 ..StageView::default()
             }],
             predicted_decode_tokens_per_s: Some(42.0),

@@ -156,6 +156,7 @@ async fn counters_gauges_and_histograms_follow_the_traffic() {
     assert_sample(&text, "exo_stage_step_seconds", &stage, 0.0215);
     assert_sample(&text, "exo_stage_tokens_per_second", &stage, 46.5);
     assert_sample(&text, "exo_stage_requests", &stage, 0.0);
+    assert_sample(&text, "exo_stage_sent_bytes_total", &stage, 4096.0);
     assert!(!text.contains("12D3KooW"), "{text}");
     assert!(text.contains("# HELP exo_http_requests_total "), "{text}");
 }
