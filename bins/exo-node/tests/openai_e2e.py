@@ -93,6 +93,14 @@ def main():
         check(through == text, f"through the gateway {through!r} != direct {text!r}")
         check(gusage is not None and gusage.prompt_tokens == 37, f"gateway usage {gusage}")
         results["gateway"] = through
+        # An embedding through the gateway, computed by the two nodes' pipeline, is the one
+        # node's (up to the f16 activations between the stages).
+        text_in = "Paris is in France."
+        direct = client.embeddings.create(model=model, input=text_in).data[0].embedding
+        via = gateway.embeddings.create(model=model, input=text_in).data[0].embedding
+        dot = sum(x * y for x, y in zip(direct, via))
+        check(len(via) == len(direct) and dot > 0.999, f"gateway embedding: cosine {dot}")
+        results["gateway_embedding_cosine"] = round(dot, 6)
 
     print(json.dumps(results))
 
