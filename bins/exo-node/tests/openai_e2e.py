@@ -101,6 +101,14 @@ def main():
         dot = sum(x * y for x, y in zip(direct, via))
         check(len(via) == len(direct) and dot > 0.999, f"gateway embedding: cosine {dot}")
         results["gateway_embedding_cosine"] = round(dot, 6)
+        # Log-probabilities through the gateway too: one per token, before the text.
+        scored = gateway.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Say hello."}], max_tokens=6,
+            temperature=0, logprobs=True, top_logprobs=2,
+        )
+        entries = scored.choices[0].logprobs.content
+        check(entries and "".join(e.token for e in entries) == scored.choices[0].message.content,
+              f"gateway logprobs {entries} for {scored.choices[0].message.content!r}")
 
     print(json.dumps(results))
 

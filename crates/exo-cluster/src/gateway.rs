@@ -345,7 +345,9 @@ fn relay(mut stream: GenerateStream, node: String) -> Generation {
                     ))
                 }
             };
-            let last = !matches!(item, Ok(GenerationEvent::Text(_)));
+            // Only the final event or an error ends a generation (log-probabilities, an
+            // embedding or the prompt's scores come before it).
+            let last = matches!(item, Ok(GenerationEvent::Finished(_)) | Err(_));
             if tx.send(item).await.is_err() || last {
                 return;
             }

@@ -251,7 +251,8 @@ impl pb::shard_server::Shard for Service {
                     () = &mut stop => break,
                     item = events.recv() => {
                         let Some(item) = item else { break };
-                        let last = !matches!(item, Ok(GenerationEvent::Text(_)));
+                        // Only the final event or an error ends a generation.
+                        let last = matches!(item, Ok(GenerationEvent::Finished(_)) | Err(_));
                         if tx.send(Ok(generation_item_to_pb(&item))).await.is_err() || last {
                             break;
                         }
