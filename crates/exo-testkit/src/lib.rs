@@ -6,6 +6,7 @@
 //! - [`fake`]: a scripted [`fake::FakeEngine`] that records what the HTTP API asked of it;
 //! - [`http`]: a small HTTP/1.1 client with server-sent-event parsing, for API tests over a
 //!   real socket;
+//! - [`fuzz`]: a bounded, deterministic mutation fuzzer that runs inside `cargo test`;
 //! - a raw-frame peer: [`send_raw_frame`] and [`open_link`], which play a misbehaving node.
 //!
 //! Helpers panic with a message naming what did not happen: they are for tests only.
@@ -14,6 +15,7 @@
 
 pub mod cluster;
 pub mod fake;
+pub mod fuzz;
 pub mod http;
 
 pub use cluster::{Options, TestCluster, TestModel, collect, collect_embedding, raw_request};
