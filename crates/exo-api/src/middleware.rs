@@ -4,7 +4,7 @@
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -24,7 +24,8 @@ use crate::error::ApiError;
 /// response body is done, and the request's id.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct RequestLog {
-    tokens: Arc<OnceLock<(usize, usize)>>,
+    /// Prompt and completion tokens of the request's generations, summed.
+    tokens: Arc<Mutex<Option<(usize, usize)>>>,
     id: Arc<str>,
 }
 
@@ -40,10 +41,14 @@ impl RequestLog {
         }
     }
 
+    /// Adds a finished generation's tokens. A request may run several (`n` choices, each
+    /// prefilling the prompt; embeddings, one per input): the log line shows their sums.
     pub(crate) fn record_tokens(&self, prompt_tokens: usize, completion_tokens: usize) {
-        // Only one generation runs per request; a second record would be a bug, and the first
-        // value is the right one to keep.
-        let _ = self.tokens.set((prompt_tokens, completion_tokens));
+        if let Ok(mut tokens) = self.tokens.lock() {
+            let (prompt, completion) = tokens.get_or_insert((0, 0));
+            *prompt += prompt_tokens;
+            *completion += completion_tokens;
+        }
     }
 
     /// The request's id (`req_` and 16 hex digits; empty outside the logging middleware).
@@ -102,8 +107,9 @@ impl Drop for LogLine {
     fn drop(&mut self) {
         let duration_ms = self.started.elapsed().as_secs_f64() * 1e3;
         let status = self.status;
-        match self.log.tokens.get() {
-            Some(&(prompt_tokens, completion_tokens)) => tracing::info!(
+        let tokens = self.log.tokens.lock().ok().and_then(|t| *t);
+        match tokens {
+            Some((prompt_tokens, completion_tokens)) => tracing::info!(
                 id = %self.log.id,
                 method = %self.method,
                 path = %self.path,

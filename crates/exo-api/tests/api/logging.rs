@@ -96,4 +96,17 @@ async fn each_request_logs_one_line_with_status_and_tokens() {
     assert!(lines[1].contains("status=404"), "{}", lines[1]);
     assert!(lines[2].contains("status=200"), "{}", lines[2]);
     assert!(lines[2].contains("complete=false"), "{}", lines[2]);
+
+    // A request of several generations logs their sums: two inputs of 7 prompt tokens each.
+    post(
+        &app_,
+        "/v1/embeddings",
+        json!({"model": "llama-3.2-1b", "input": ["a", "b"]}),
+    )
+    .await;
+    let lines = request_lines();
+    let embedded = lines.last().unwrap();
+    assert!(embedded.contains("path=/v1/embeddings"), "{embedded}");
+    assert!(embedded.contains("prompt_tokens=14"), "{embedded}");
+    assert!(embedded.contains("completion_tokens=0"), "{embedded}");
 }
