@@ -115,6 +115,7 @@ def openai_checks(client, model, results):
         tools=[WEATHER, TIME],
         tool_choice={"type": "function", "function": {"name": "get_weather"}},
         max_tokens=100,
+        temperature=0,
         stream=True,
     )
     name, arguments, finish, content = None, "", None, ""
@@ -238,7 +239,8 @@ def responses_checks(client, model, results):
     tool = {"type": "function", "name": "get_weather", "description": "Weather of a city",
             "parameters": WEATHER["function"]["parameters"]}
     called = client.responses.create(model=model, input="What is the weather in Paris?",
-                                     tools=[tool], tool_choice="required", max_output_tokens=80)
+                                     tools=[tool], tool_choice="required", max_output_tokens=80,
+                                     temperature=0)
     calls = [o for o in called.output if o.type == "function_call"]
     check(len(calls) == 1 and calls[0].name == "get_weather", f"{called.output!r}")
     args = json.loads(calls[0].arguments)
@@ -325,6 +327,7 @@ def anthropic_checks(base_url, api_key, model, results):
     ask = [{"role": "user", "content": "What is the weather in Paris?"}]
     with client.messages.stream(
         model=model, max_tokens=60, tools=[weather], tool_choice={"type": "any"}, messages=ask,
+        extra_body={"temperature": 0},
     ) as stream:
         called = stream.get_final_message()
     check(called.stop_reason == "tool_use", f"stop_reason {called.stop_reason}: {called!r}")
