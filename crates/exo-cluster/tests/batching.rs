@@ -75,6 +75,10 @@ async fn all_at_once(cluster: &TestCluster) -> Vec<Vec<u32>> {
 async fn eight_requests_in_batches_answer_as_each_would_alone() {
     let model = TestModel::tiny(6, 17);
     let reference = references(&model);
+    // A long request runs through each round, so that the eight (each over within
+    // milliseconds) find a request in progress to share steps with, whatever the load.
+    const LONG: &str = "long";
+    let long_reference = model.reference(LONG, 200, SamplingParams::greedy(), Weights::Stored);
     // Small steps: prompts are cut into pieces that share steps with decode tokens.
     let options = Options {
         prefill_chunk: 16,
@@ -83,12 +87,17 @@ async fn eight_requests_in_batches_answer_as_each_would_alone() {
     };
     for memory in [vec![GIB], vec![GIB, GIB, GIB]] {
         let cluster = TestCluster::start_with(&model, &memory, options.clone()).await;
-        // Requests of a tiny model end within milliseconds: on a loaded machine eight of them
-        // may happen not to overlap. Rounds go on (at most 5) until a step has batched two;
-        // every round's answers must equal the references.
+        // Rounds go on (at most 5) until a step has batched two; every round's answers must
+        // equal the references.
         let mut batched = 0;
         for _round in 0..5 {
+            let long = cluster
+                .node(0)
+                .generate(raw_request(LONG, 200))
+                .await
+                .unwrap();
             let answers = all_at_once(&cluster).await;
+            assert_eq!(collect(long).await.unwrap().1.token_ids, long_reference);
             for (i, (got, want)) in answers.iter().zip(&reference).enumerate() {
                 assert_eq!(
                     got,
