@@ -364,13 +364,7 @@ fn message(i: usize, item: &Value) -> Result<Vec<ChatMessage>, ApiError> {
 /// knows.
 fn tool_use(fields: &Fields<'_>) -> Result<Option<ToolUse>, ApiError> {
     let mut openai = Map::new();
-    if let Some(tools) = fields.get("tools") {
-        let Value::Array(tools) = tools else {
-            return Err(ApiError::invalid_param(
-                "tools",
-                format!("'tools' must be an array, got {}", describe(tools)),
-            ));
-        };
+    if let Some(tools) = fields.array("tools")? {
         let mut functions = Vec::with_capacity(tools.len());
         for (i, tool) in tools.iter().enumerate() {
             if let Some(kind) = tool.get("type").and_then(Value::as_str)

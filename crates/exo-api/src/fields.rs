@@ -36,6 +36,10 @@ impl Fields<'_> {
         self.typed(name, "a non-negative integer", Value::as_u64)
     }
 
+    pub(crate) fn array(&self, name: &str) -> Result<Option<&Vec<Value>>, ApiError> {
+        self.typed(name, "an array", Value::as_array)
+    }
+
     fn typed<'v, T>(
         &'v self,
         name: &str,

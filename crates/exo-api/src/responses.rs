@@ -217,13 +217,7 @@ fn input_item(i: usize, item: &Value) -> Result<ChatMessage, ApiError> {
 /// The Responses API's flat function tools, read through chat's shapes.
 fn tool_use(fields: &Fields<'_>) -> Result<Option<ToolUse>, ApiError> {
     let mut chat = Map::new();
-    if let Some(tools) = fields.get("tools") {
-        let Value::Array(tools) = tools else {
-            return Err(ApiError::invalid_param(
-                "tools",
-                format!("'tools' must be an array, got {}", describe(tools)),
-            ));
-        };
+    if let Some(tools) = fields.array("tools")? {
         let mut functions = Vec::with_capacity(tools.len());
         for (i, tool) in tools.iter().enumerate() {
             match tool.get("type").and_then(Value::as_str) {

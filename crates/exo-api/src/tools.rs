@@ -49,19 +49,13 @@ pub(crate) struct ToolUse {
 
 /// Reads `tools` and `tool_choice`.
 pub(crate) fn parse(fields: &Fields<'_>) -> Result<Option<ToolUse>, ApiError> {
-    let tools = match fields.get("tools") {
+    let tools = match fields.array("tools")? {
         None => Vec::new(),
-        Some(Value::Array(items)) => items
+        Some(items) => items
             .iter()
             .enumerate()
             .map(|(i, item)| tool(i, item))
             .collect::<Result<Vec<_>, _>>()?,
-        Some(other) => {
-            return Err(ApiError::invalid_param(
-                "tools",
-                format!("'tools' must be an array, got {}", describe(other)),
-            ));
-        }
     };
     for (i, t) in tools.iter().enumerate() {
         if tools[..i].iter().any(|earlier| earlier.name == t.name) {
