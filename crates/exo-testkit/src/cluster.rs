@@ -60,8 +60,7 @@ impl TestModel {
         sampling: SamplingParams,
         weights: Weights,
     ) -> Vec<u32> {
-        let device = BackendKind::Flex.device().unwrap();
-        let engine = Engine::load(&self.path, &device, weights).unwrap();
+        let engine = self.engine(weights);
         let options = TextOptions {
             max_tokens,
             sampling,
@@ -76,11 +75,16 @@ impl TestModel {
 }
 
 impl TestModel {
+    /// The whole model in one process, on the CPU, holding weights as `weights` says.
+    fn engine(&self, weights: Weights) -> Engine {
+        let device = BackendKind::Flex.device().unwrap();
+        Engine::load(&self.path, &device, weights).unwrap()
+    }
+
     /// The embedding one process computes for `text` (taken as is, as the cluster takes an
     /// embedding request's text).
     pub fn reference_embedding(&self, text: &str) -> Vec<f32> {
-        let device = BackendKind::Flex.device().unwrap();
-        let engine = Engine::load(&self.path, &device, Weights::Stored).unwrap();
+        let engine = self.engine(Weights::Stored);
         let ids = engine.tokenizer().encode_plain(text).unwrap();
         engine.embed_ids(&ids).unwrap()
     }
@@ -88,8 +92,7 @@ impl TestModel {
     /// The log-probability one process gives each token of `text` after the first, under
     /// the tokens before it.
     pub fn reference_prompt_logprobs(&self, text: &str) -> Vec<f32> {
-        let device = BackendKind::Flex.device().unwrap();
-        let engine = Engine::load(&self.path, &device, Weights::Stored).unwrap();
+        let engine = self.engine(Weights::Stored);
         let ids = engine.tokenizer().encode_plain(text).unwrap();
         let shard = engine.shard();
         let mut x = Vec::new();
