@@ -537,7 +537,21 @@ fn a_frozen_stage_is_left_behind_and_waking_it_later_breaks_nothing() {
     // is still one machine's.
     signal(&gone.nodes[gone.victim].proc.child, "-CONT");
     std::thread::sleep(Duration::from_secs(3));
-    answers_like(&gone.origin, &gone.reference);
+    let answered = std::panic::catch_unwind(|| answers_like(&gone.origin, &gone.reference));
+    if let Err(panic) = answered {
+        // Which node refused what, and which plans each one saw.
+        for (i, node) in gone.nodes.iter().enumerate() {
+            let log = node.log_text();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            eprintln!(
+                "--- node {i} ({}), its log's end:\n{}",
+                node.grpc,
+                tail.join("\n")
+            );
+        }
+        std::panic::resume_unwind(panic);
+    }
 }
 
 #[test]

@@ -99,6 +99,9 @@ impl Default for ResumePolicy {
     }
 }
 
+/// How long a request refused by a stage waits before it tries again.
+const REFUSED_PAUSE: Duration = Duration::from_millis(500);
+
 /// Failures a replay on another plan can get past: the node is gone, silent or holds another
 /// plan. A step that failed on a node (a computation error) would fail again.
 fn resumable(kind: FailureKind) -> bool {
@@ -183,7 +186,8 @@ impl RequestTask {
             resumes += 1;
             tracing::warn!(
                 request = %self.id, %failure, generated = self.journal.generated.len(),
-                "resuming the request on a plan without the failed stage"
+                "resuming the request (on a plan without the failed stage, or the same plan \
+                 after a refusal)"
             );
             match self.resume(State::Resuming(failure)).await {
                 State::Routed => {}
@@ -587,7 +591,8 @@ impl RequestTask {
         ))
     }
 
-    /// Waits (within the policy's bound) for a plan without the failed stage, and moves the
+    /// Waits (within the policy's bound) for a plan without the failed stage (or, after a
+    /// refusal, for a moment to try the same plan again), and moves the
     /// request onto it under a new id; `Routed` when it can replay there, or how it ended.
     async fn resume(&mut self, state: State) -> State {
         let State::Resuming(failure) = state else {
@@ -595,12 +600,24 @@ impl RequestTask {
         };
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + self.policy.within;
+        // A refusal can pass on the same plan: plan epochs name their content, so a node
+        // that left and came back follows the same epoch again with a new stage worker, and
+        // the stage before it still held a link to the old one. That link is dialled anew
+        // after the refusal, so the request tries the same plan again, after a pause in
+        // which the nodes settle (each try counts as a resume, which bounds them).
+        let same_plan = self.replay_in_place || failure.kind == FailureKind::Refused;
+        if failure.kind == FailureKind::Refused {
+            tokio::select! {
+                () = tokio::time::sleep(REFUSED_PAUSE) => {}
+                () = self.events.closed() => return State::Cancelled,
+            }
+        }
         let mut plan = self.origins.plan.clone();
         let mut why = "no new plan yet".to_owned();
         loop {
             let current = plan.borrow_and_update().clone();
             match current {
-                PlanState::Ready(p) if p.epoch != failure.epoch || self.replay_in_place => {
+                PlanState::Ready(p) if p.epoch != failure.epoch || same_plan => {
                     match tokio::time::timeout_at(deadline, self.origins.route(&p)).await {
                         Ok(Ok(route)) => {
                             let id = RequestId(rand::random());
