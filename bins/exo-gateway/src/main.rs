@@ -24,13 +24,15 @@ struct Cli {
     /// A node to dial directly, for networks that block multicast (may be repeated).
     #[arg(long = "peer")]
     peers: Vec<String>,
-    /// Membership address to listen on (may be repeated).
+    /// Membership address to listen on (may be repeated), so that the nodes can reach the
+    /// gateway; its traffic is encrypted under the cluster key.
     #[arg(long)]
     listen: Vec<String>,
     /// Do not discover nodes by mDNS; only --peer.
     #[arg(long)]
     no_mdns: bool,
-    /// Where the API listens.
+    /// Where the API listens (loopback by default: only this device's programs; give a LAN
+    /// address with --api-key to serve others; plain HTTP).
     #[arg(long, default_value = "127.0.0.1:52415")]
     api_addr: SocketAddr,
     /// Require this key as `Authorization: Bearer KEY` on every /v1 request.

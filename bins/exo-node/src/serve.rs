@@ -28,13 +28,19 @@ pub(crate) struct ServeArgs {
     /// `/ip4/10.0.0.5/tcp/52416`, `10.0.0.5:52416` or `10.0.0.5`.
     #[arg(long = "peer")]
     pub(crate) peers: Vec<String>,
-    /// Membership address to listen on (may be repeated). A port in use is replaced by a free one.
+    /// Membership address to listen on (may be repeated). Default `/ip4/0.0.0.0/tcp/52416`:
+    /// every interface, so that the other devices on the LAN can find and join this one. Its
+    /// traffic is encrypted under the cluster key (a pre-shared key, then Noise): a device
+    /// without the key cannot connect. A port in use is replaced by a free one.
     #[arg(long)]
     pub(crate) listen: Vec<String>,
     /// Do not discover peers by mDNS; only --peer.
     #[arg(long)]
     pub(crate) no_mdns: bool,
-    /// Where the shard service (gRPC, activations between nodes) listens.
+    /// Where the shard service listens: requests, activations and tokens between the nodes.
+    /// Every interface by default, since the other devices call it. Every connection is TLS
+    /// 1.3 in which both ends show a certificate signed by a key derived from the cluster key,
+    /// so nobody without the key can read or call it. Give a LAN address to serve one network.
     #[arg(long, default_value = "0.0.0.0:52417")]
     pub(crate) grpc_listen: SocketAddr,
     /// Caps the memory this node offers to the cluster (`512MiB`, `2GiB`, `3G`, bytes), so one
@@ -84,6 +90,9 @@ pub(crate) struct ServeArgs {
 #[derive(Args, Debug)]
 pub(crate) struct ApiArgs {
     /// Where the OpenAI-compatible HTTP API listens (point clients at http://ADDR/v1).
+    /// Loopback by default: only programs on this device can call it. To serve other devices,
+    /// give a LAN address (`0.0.0.0:52415`) with --api-key; it is plain HTTP, for networks you
+    /// trust or behind a TLS proxy.
     #[arg(long, default_value = "127.0.0.1:52415")]
     pub(crate) api_addr: SocketAddr,
     /// Do not serve the HTTP API on this node.

@@ -1,15 +1,21 @@
-//! The cluster credential: a secret derived from the cluster key, sent as a bearer token on
-//! every call and checked by every server before anything else runs.
+//! The cluster credential: a secret derived from the cluster key. It never crosses the wire:
+//! every node derives the cluster's certificate authority from it, and the shard service runs
+//! over TLS 1.3 in which both ends prove with a certificate of that authority that they hold
+//! it (see `tls`).
 
 use std::fmt;
+use std::sync::{Arc, OnceLock};
 
-use tonic::metadata::MetadataValue;
-use tonic::service::Interceptor;
-use tonic::{Request, Status};
+use crate::tls::Tls;
 
-/// The secret every call between the nodes of one cluster carries.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Credential([u8; 32]);
+/// What proves that a process belongs to one cluster.
+#[derive(Clone)]
+pub struct Credential {
+    secret: [u8; 32],
+    /// This process's certificate under the cluster's authority, made on first use and shared
+    /// by clones.
+    tls: Arc<OnceLock<Result<Arc<Tls>, String>>>,
+}
 
 impl Credential {
     /// The purpose string to derive a credential from the cluster key with (the cluster key's
@@ -18,85 +24,35 @@ impl Credential {
 
     /// Wraps a derived secret.
     pub fn new(secret: [u8; 32]) -> Self {
-        Credential(secret)
+        Credential {
+            secret,
+            tls: Arc::new(OnceLock::new()),
+        }
     }
 
-    fn header(&self) -> String {
-        let mut text = String::with_capacity(7 + 64);
-        text.push_str("Bearer ");
-        for b in self.0 {
-            text.push_str(&format!("{b:02x}"));
-        }
-        text
+    /// This process's TLS settings (its key and certificate, the cluster's authority).
+    pub(crate) fn tls(&self) -> Result<Arc<Tls>, String> {
+        self.tls
+            .get_or_init(|| Tls::new(&self.secret).map(Arc::new))
+            .clone()
     }
 }
+
+impl PartialEq for Credential {
+    fn eq(&self, other: &Self) -> bool {
+        // Constant time: how much of a secret matched must not show in the time taken.
+        self.secret
+            .iter()
+            .zip(&other.secret)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+    }
+}
+
+impl Eq for Credential {}
 
 impl fmt::Debug for Credential {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Credential(..)")
-    }
-}
-
-/// Adds the credential to outgoing calls.
-#[derive(Clone, Debug)]
-pub(crate) struct AddCredential {
-    value: Option<MetadataValue<tonic::metadata::Ascii>>,
-}
-
-impl AddCredential {
-    pub(crate) fn new(credential: Option<&Credential>) -> Self {
-        AddCredential {
-            value: credential.and_then(|c| c.header().parse().ok()),
-        }
-    }
-}
-
-impl Interceptor for AddCredential {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(value) = &self.value {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
-        Ok(request)
-    }
-}
-
-/// Refuses calls that do not carry the credential.
-#[derive(Clone, Debug)]
-pub(crate) struct CheckCredential {
-    expected: Vec<u8>,
-}
-
-impl CheckCredential {
-    pub(crate) fn new(credential: &Credential) -> Self {
-        CheckCredential {
-            expected: credential.header().into_bytes(),
-        }
-    }
-}
-
-impl Interceptor for CheckCredential {
-    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        let Some(given) = request.metadata().get("authorization") else {
-            return Err(Status::unauthenticated(
-                "missing cluster credential (is the caller a node of this cluster?)",
-            ));
-        };
-        let given = given.as_bytes();
-        // Compare in constant time so the secret cannot be guessed byte by byte.
-        let same = given.len() == self.expected.len()
-            && given
-                .iter()
-                .zip(&self.expected)
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0;
-        if same {
-            Ok(request)
-        } else {
-            Err(Status::unauthenticated(
-                "wrong cluster credential (the caller uses another cluster key)",
-            ))
-        }
     }
 }

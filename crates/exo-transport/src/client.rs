@@ -2,7 +2,6 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use exo_core::{
     Epoch, GenerationError, GenerationEvent, GenerationRequest, NodeId, StepFrame, StepInput,
@@ -11,17 +10,19 @@ use exo_core::{
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
-use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::auth::{AddCredential, Credential};
+use hyper_util::rt::TokioIo;
+
+use crate::auth::Credential;
 use crate::convert::{frame_to_pb, generation_item_from_pb};
 use crate::error::{Error, Result};
 use crate::pb;
 use crate::server::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
+use crate::tls::Tls;
 use crate::types::{AssignReport, Assignment, Limits, LinkOpen, NodeStatus, WireDtype};
 
-type Inner = pb::shard_client::ShardClient<InterceptedService<Channel, AddCredential>>;
+type Inner = pb::shard_client::ShardClient<Channel>;
 
 /// A connection to one node's shard service. Cheap to clone; clones share the connection.
 #[derive(Clone, Debug)]
@@ -42,8 +43,10 @@ pub struct SentCounters {
 }
 
 impl ShardClient {
-    /// Connects to the shard service at `endpoint` (`http://host:port`), presenting
-    /// `credential` on every call (`None` only to test that servers refuse such calls).
+    /// Connects to the shard service at `endpoint` (`http://host:port`) over TLS 1.3, with a
+    /// certificate of `credential`'s cluster, and checks that the node's certificate is of the
+    /// same cluster (`Unauthenticated` when it is not). `None` connects without TLS, only to
+    /// test that servers refuse such connections.
     pub async fn connect(
         endpoint: &str,
         credential: Option<&Credential>,
@@ -53,22 +56,41 @@ impl ShardClient {
             endpoint: endpoint.to_owned(),
             message,
         };
+        let tls = credential
+            .map(Credential::tls)
+            .transpose()
+            .map_err(connect_error)?;
+        let connector = tower::service_fn(move |uri: tonic::codegen::http::Uri| {
+            let tls = tls.clone();
+            async move {
+                tokio::time::timeout(crate::tls::CONNECT_TIMEOUT, dial(uri, tls))
+                    .await
+                    .map_err(|_| {
+                        std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "no connection within 3 s",
+                        )
+                    })?
+            }
+        });
         let channel = Endpoint::from_shared(endpoint.to_owned())
             .map_err(|e| connect_error(format!("not a valid endpoint: {e}")))?
-            .connect_timeout(Duration::from_secs(3))
-            .tcp_nodelay(true)
+            .connect_timeout(crate::tls::CONNECT_TIMEOUT)
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true)
-            .connect()
+            .connect_with_connector(connector)
             .await
-            .map_err(|e| connect_error(source_chain(&e)))?;
-        let inner = pb::shard_client::ShardClient::new(InterceptedService::new(
-            channel,
-            AddCredential::new(credential),
-        ))
-        .max_decoding_message_size(limits.max_message_bytes())
-        .max_encoding_message_size(limits.max_message_bytes());
+            .map_err(|e| match not_of_cluster(&e) {
+                Some(why) => Error::Unauthenticated {
+                    endpoint: endpoint.to_owned(),
+                    message: why,
+                },
+                None => connect_error(source_chain(&e)),
+            })?;
+        let inner = pb::shard_client::ShardClient::new(channel)
+            .max_decoding_message_size(limits.max_message_bytes())
+            .max_encoding_message_size(limits.max_message_bytes());
         Ok(ShardClient {
             inner,
             endpoint: endpoint.to_owned(),
@@ -308,6 +330,142 @@ impl GenerateStream {
             Err(status) => Err(Error::remote(&self.endpoint, &status)),
         }
     }
+}
+
+/// A TCP connection to `uri`'s host and port, secured with `tls` when given.
+async fn dial(
+    uri: tonic::codegen::http::Uri,
+    tls: Option<Arc<Tls>>,
+) -> std::io::Result<TokioIo<Dialled>> {
+    let invalid = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, what);
+    let host = uri
+        .host()
+        .ok_or_else(|| invalid("the endpoint names no host"))?;
+    // An IPv6 address comes in brackets.
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port = uri
+        .port_u16()
+        .ok_or_else(|| invalid("the endpoint names no port"))?;
+    let tcp = tokio::net::TcpStream::connect((host, port)).await?;
+    // Activation frames are latency-bound: they must not wait for Nagle's algorithm.
+    tcp.set_nodelay(true)?;
+    let Some(tls) = tls else {
+        return Ok(TokioIo::new(Dialled::Plain(tcp)));
+    };
+    let connector = tokio_rustls::TlsConnector::from(Arc::clone(&tls.client));
+    match connector.connect(Tls::server_name(), tcp).await {
+        Ok(secured) => Ok(TokioIo::new(Dialled::Secured(Box::new(secured)))),
+        Err(e) => Err(match crate::tls::refusal(&e) {
+            Some(why) => std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                NotOfCluster(format!("the node is not of this cluster: {why}")),
+            ),
+            None => e,
+        }),
+    }
+}
+
+/// A dialled connection: TLS, or plain TCP for tests of refusal.
+enum Dialled {
+    Plain(tokio::net::TcpStream),
+    Secured(Box<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>),
+}
+
+impl tokio::io::AsyncRead for Dialled {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Dialled::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Dialled::Secured(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Dialled {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Dialled::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Dialled::Secured(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Dialled::Plain(s) => std::pin::Pin::new(s).poll_write_vectored(cx, bufs),
+            Dialled::Secured(s) => std::pin::Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Dialled::Plain(s) => s.is_write_vectored(),
+            Dialled::Secured(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Dialled::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Dialled::Secured(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Dialled::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Dialled::Secured(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// A handshake refused for the cluster's certificates (either end's).
+#[derive(Debug)]
+struct NotOfCluster(String);
+
+impl std::fmt::Display for NotOfCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NotOfCluster {}
+
+/// What a [`NotOfCluster`] among `e`'s causes says.
+fn not_of_cluster(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut source = Some(e);
+    while let Some(s) = source {
+        // An `io::Error`'s own source skips the error it wraps: look inside.
+        let inner = s
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .map(|inner| inner as &(dyn std::error::Error + 'static));
+        if let Some(refused) = [Some(s), inner]
+            .into_iter()
+            .flatten()
+            .find_map(|e| e.downcast_ref::<NotOfCluster>())
+        {
+            return Some(refused.0.clone());
+        }
+        source = s.source();
+    }
+    None
 }
 
 /// The error and its causes on one line (tonic's transport errors hide the useful part in

@@ -66,6 +66,15 @@ pub enum Error {
         /// What went wrong.
         message: String,
     },
+    /// The node at `endpoint` is not of this cluster, or refused this process as not of its
+    /// cluster: their TLS handshake failed on the certificates.
+    #[error("the node at {endpoint} is not of this cluster: {message}")]
+    Unauthenticated {
+        /// The endpoint dialled.
+        endpoint: String,
+        /// What was refused, and why.
+        message: String,
+    },
     /// The node at `endpoint` answered with an error (or the connection to it failed mid-call).
     #[error("node at {endpoint}: {message}")]
     Remote {
@@ -105,6 +114,7 @@ impl Error {
     pub fn code(&self) -> Code {
         match self {
             Error::Connect { .. } => Code::Unavailable,
+            Error::Unauthenticated { .. } => Code::Unauthenticated,
             Error::Remote { code, .. } | Error::Service { code, .. } => *code,
         }
     }

@@ -20,6 +20,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
+use crate::tls::Secured;
+
 /// Connections the shard service keeps open at once: far more than a cluster's peers, clients
 /// and gateways need, and far fewer than a default soft limit of 1,024 open files, so that a
 /// flood of connections here leaves the process descriptors for its HTTP API and its peers.
@@ -37,6 +39,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// that a new connection is closed at once (its client sees a reset and may retry). Never
 /// yields an error and never ends: errors accepting are logged at most once a second and
 /// retried. Dropping the stream closes the listener.
+#[cfg(test)]
 pub(crate) fn accept(
     listener: TcpListener,
     max_connections: usize,
@@ -53,6 +56,51 @@ pub(crate) fn accept(
         let capped = state.next().await;
         Some((Ok(capped), state))
     })
+}
+
+/// The connections accepted on `listener` (as [`accept`] does) once each has completed a TLS
+/// handshake with `tls` within `first_byte_timeout`. Handshakes run side by side, so a slow
+/// or silent client delays no one; a failed one closes its connection and is logged (at most
+/// once a second). Dropping the stream closes the listener.
+pub(crate) fn accept_tls(
+    listener: TcpListener,
+    max_connections: usize,
+    first_byte_timeout: Duration,
+    tls: Arc<rustls::ServerConfig>,
+) -> impl Stream<Item = io::Result<Secured>> + Send + 'static {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    tokio::spawn(async move {
+        let mut state = Accepting {
+            listener,
+            permits: Arc::new(Semaphore::new(max_connections.max(1))),
+            first_byte_timeout,
+            last_logged: None,
+            suppressed: 0,
+        };
+        loop {
+            let capped = tokio::select! {
+                capped = state.next() => capped,
+                () = tx.closed() => return,
+            };
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                let peer = capped.stream.peer_addr().ok();
+                let handshake = acceptor.accept(capped);
+                match tokio::time::timeout(first_byte_timeout, handshake).await {
+                    Ok(Ok(secured)) => {
+                        let _ = tx.send(Ok(Secured(secured))).await;
+                    }
+                    Ok(Err(e)) => match crate::tls::refusal(&e) {
+                        Some(why) => crate::tls::log_refused(peer, &why),
+                        None => tracing::debug!(?peer, error = %e, "a TLS handshake failed"),
+                    },
+                    Err(_) => tracing::debug!(?peer, "a TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
 struct Accepting {

@@ -8,8 +8,11 @@
 //! Activations travel as f16 by default ([`WireDtype`]). Every incoming message is checked
 //! before a handler sees it: shape × dtype = byte length, within [`Limits`], finite values,
 //! entries that account for the rows, valid sampling; a bad message ends its stream with
-//! `InvalidArgument` and the server keeps serving. Every call carries a [`Credential`]
-//! derived from the cluster key; calls without it are refused with `Unauthenticated`.
+//! `InvalidArgument` and the server keeps serving. Every connection is TLS 1.3 in which both
+//! ends present a certificate signed by the cluster's authority, a key every node derives
+//! from its [`Credential`] (itself derived from the cluster key); a connection without one is
+//! closed in its handshake, and a client finds out that a node is not of its cluster
+//! (`Unauthenticated`). No secret crosses the wire.
 //! Generation failures cross the wire as data (`exo-core`'s typed `GenerationError`), not as
 //! status codes.
 //!
@@ -23,6 +26,7 @@ mod convert;
 mod error;
 mod incoming;
 mod server;
+mod tls;
 mod types;
 
 #[doc(hidden)]

@@ -1,5 +1,5 @@
-//! The shard service's server: checks the credential and every message, then hands plain
-//! types to a [`ShardHandler`].
+//! The shard service's server: accepts only this cluster's TLS connections, checks every
+//! message, then hands plain types to a [`ShardHandler`].
 
 use std::future::Future;
 use std::sync::Arc;
@@ -12,10 +12,9 @@ use futures::future::BoxFuture;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::auth::{CheckCredential, Credential};
+use crate::auth::Credential;
 use crate::convert::{frame_from_pb, generation_item_to_pb};
 use crate::error::{Error, Result};
 use crate::pb;
@@ -68,8 +67,9 @@ pub(crate) const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
 /// can make the server keep.
 const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
 
-/// Serves the shard service on `listener` until `shutdown` resolves. Calls without
-/// `credential` are refused with `Unauthenticated`; malformed messages end their stream with
+/// Serves the shard service on `listener` until `shutdown` resolves, over TLS 1.3 with a
+/// certificate of `credential`'s cluster on both ends (a connection without one is closed
+/// during its handshake, before any call); malformed messages end their stream with
 /// `InvalidArgument` and leave the server serving. At most 256 connections are open at once
 /// (more are closed at once), a connection silent for 10 s after it is accepted is closed, and
 /// errors accepting (such as running out of file descriptors) are retried, never fatal.
@@ -102,19 +102,23 @@ pub async fn serve(
     // No request timeout: links and deliveries are streams that last as long as a plan. A
     // dead peer is found by the keep-alive pings, a silent connection by the first-byte timeout
     // of `incoming`, and open connections and each one's streams are capped.
-    let incoming = crate::incoming::accept(
+    // Every connection is TLS 1.3 with a certificate of the cluster's authority on both ends:
+    // a caller without the cluster key does not get as far as HTTP/2.
+    let tls = credential.tls().map_err(|message| Error::Connect {
+        endpoint: local.clone(),
+        message,
+    })?;
+    let incoming = crate::incoming::accept_tls(
         listener,
         crate::incoming::MAX_CONNECTIONS,
         crate::incoming::FIRST_BYTE_TIMEOUT,
+        Arc::clone(&tls.server),
     );
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
-        .add_service(InterceptedService::new(
-            server,
-            CheckCredential::new(&credential),
-        ))
+        .add_service(server)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(|e| Error::Connect {

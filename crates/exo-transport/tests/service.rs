@@ -1,4 +1,6 @@
-//! The shard service over loopback with a toy handler: credentials, links carrying frames of
+//! The shard service over loopback with a toy handler: TLS with the cluster's certificates (a
+//! device without the key calls nothing, a recording shows nothing and replays to nothing),
+//! links carrying frames of
 //! several requests, deliveries straight to the subscribed origin, typed generation errors,
 //! message checks, and a server that keeps serving after bad calls.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -27,6 +29,8 @@ const EPOCH: u64 = 7;
 /// `position_after * 10 + round(first value)`.
 #[derive(Default)]
 struct Toy {
+    /// Calls that reached the handler.
+    calls: AtomicUsize,
     open_links: Arc<AtomicUsize>,
     origins: Arc<Mutex<HashMap<NodeId, mpsc::UnboundedSender<Vec<TokenOut>>>>>,
 }
@@ -85,6 +89,7 @@ impl FrameSink for ToySink {
 
 impl ShardHandler for Toy {
     fn assign(&self, a: Assignment) -> BoxFuture<'_, exo_transport::Result<AssignReport>> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
         Box::pin(async move {
             Ok(AssignReport {
                 epoch: a.epoch,
@@ -96,6 +101,7 @@ impl ShardHandler for Toy {
     }
 
     fn status(&self) -> BoxFuture<'_, NodeStatus> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
         Box::pin(async move {
             NodeStatus {
                 node_id: "toy".into(),
@@ -109,6 +115,7 @@ impl ShardHandler for Toy {
         &self,
         open: LinkOpen,
     ) -> BoxFuture<'_, exo_transport::Result<Box<dyn FrameSink>>> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
         Box::pin(async move {
             if open.epoch.get() != EPOCH {
                 return Err(Error::service(Code::FailedPrecondition, "wrong epoch"));
@@ -127,6 +134,7 @@ impl ShardHandler for Toy {
         epoch: Epoch,
         origin: NodeId,
     ) -> BoxFuture<'_, exo_transport::Result<mpsc::UnboundedReceiver<Vec<TokenOut>>>> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
         Box::pin(async move {
             if epoch.get() != EPOCH {
                 return Err(Error::service(Code::FailedPrecondition, "wrong epoch"));
@@ -141,6 +149,7 @@ impl ShardHandler for Toy {
         &self,
         request: GenerationRequest,
     ) -> BoxFuture<'_, Result<GenerationItems, GenerationError>> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
         Box::pin(async move {
             let Prompt::Text(text) = request.prompt else {
                 return Err(GenerationError::invalid("messages", "text only"));
@@ -373,38 +382,192 @@ fn raw(epoch: u64, dtype: i32, shape: Vec<u32>, data: Vec<u8>) -> RawFrame {
 }
 
 #[tokio::test]
-async fn calls_without_the_credential_are_refused() {
-    let (endpoint, credential, _toy, _stop) = start().await;
+async fn a_device_without_the_cluster_key_can_call_nothing() {
+    let (endpoint, credential, toy, _stop) = start().await;
     let frame = raw(EPOCH, 1, vec![1, 1], 1f32.to_le_bytes().to_vec());
+    // Plain HTTP/2, no TLS: the server closes the connection in its handshake.
     let e = send_raw_frame(&endpoint, None, frame.clone())
         .await
         .unwrap_err();
-    assert_eq!(e.code(), Code::Unauthenticated, "{e}");
+    assert_eq!(e.code(), Code::Unavailable, "{e}");
+    if let Ok(plain) = ShardClient::connect(&endpoint, None, Limits::default()).await {
+        assert!(plain.status().await.is_err());
+        assert!(plain.deliveries(epoch(), &NodeId::from("x")).await.is_err());
+    }
+    // TLS with another cluster's certificate: the client finds the node is not of its
+    // cluster, and the node would have refused the client's certificate too.
     let other = Credential::new([8; 32]);
+    let e = ShardClient::connect(&endpoint, Some(&other), Limits::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e}");
+    assert!(e.to_string().contains("not of this cluster"), "{e}");
     let e = send_raw_frame(&endpoint, Some(&other), frame.clone())
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{e}");
-    assert!(e.to_string().contains("cluster"), "{e}");
-    let client = ShardClient::connect(&endpoint, None, Limits::default())
-        .await
-        .unwrap();
     assert_eq!(
-        client.status().await.unwrap_err().code(),
-        Code::Unauthenticated
-    );
-    assert_eq!(
-        client
-            .deliveries(epoch(), &NodeId::from("x"))
-            .await
-            .unwrap_err()
-            .code(),
-        Code::Unauthenticated
+        toy.calls.load(Ordering::SeqCst),
+        0,
+        "a call reached the node"
     );
     // The right credential still works.
     send_raw_frame(&endpoint, Some(&credential), frame)
         .await
         .unwrap();
+    assert!(toy.calls.load(Ordering::SeqCst) > 0);
+}
+
+/// A TCP relay to `target` that records what each side sent: (endpoint, client to server,
+/// server to client).
+async fn recording_relay(target: &str) -> (String, Arc<Mutex<Vec<u8>>>, Arc<Mutex<Vec<u8>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let target = target.trim_start_matches("http://").to_owned();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let (up, down) = (
+        Arc::new(Mutex::new(Vec::new())),
+        Arc::new(Mutex::new(Vec::new())),
+    );
+    let (up_log, down_log) = (Arc::clone(&up), Arc::clone(&down));
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let server = tokio::net::TcpStream::connect(&target).await.unwrap();
+            let (mut client_rx, mut client_tx) = client.into_split();
+            let (mut server_rx, mut server_tx) = server.into_split();
+            let log = Arc::clone(&up_log);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16384];
+                while let Ok(n @ 1..) = client_rx.read(&mut buf).await {
+                    log.lock().unwrap().extend_from_slice(&buf[..n]);
+                    if server_tx.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            let log = Arc::clone(&down_log);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16384];
+                while let Ok(n @ 1..) = server_rx.read(&mut buf).await {
+                    log.lock().unwrap().extend_from_slice(&buf[..n]);
+                    if client_tx.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    (endpoint, up, down)
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// `ids` as protobuf writes a packed repeated integer field's values (LEB128 varints).
+fn varints(ids: &[u32]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for &id in ids {
+        let mut v = id;
+        while v >= 0x80 {
+            out.push((v as u8 & 0x7f) | 0x80);
+            v >>= 7;
+        }
+        out.push(v as u8);
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_recorded_session_shows_nothing_and_replayed_it_calls_nothing() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (endpoint, credential, toy, _stop) = start().await;
+    let (relayed, up, down) = recording_relay(&endpoint).await;
+    const PROMPT: &str = "the launch code is tangerine-4471";
+    let ids = [31337u32, 27182, 16180, 14142, 17320, 22360, 26457, 30000];
+
+    // A session through the relay: a status call, a link carrying token ids, a generation.
+    let client = ShardClient::connect(&relayed, Some(&credential), Limits::default())
+        .await
+        .unwrap();
+    client.status().await.unwrap();
+    let mut deliveries = client
+        .deliveries(epoch(), &NodeId::from("origin-a"))
+        .await
+        .unwrap();
+    let mut link = open_link(&relayed, &credential, epoch(), "origin-a")
+        .await
+        .unwrap();
+    let frame = StepFrame {
+        entries: vec![started(1, 0, ids.len() as u32)],
+        input: StepInput::Tokens(ids.to_vec()),
+    };
+    link.send(&frame).await.unwrap();
+    assert!(deliveries.next().await.unwrap().is_some());
+    let mut events = client
+        .generate(&GenerationRequest::new(Prompt::Text(PROMPT.into())))
+        .await
+        .unwrap();
+    while events.next().await.unwrap().is_some() {}
+    drop((link, deliveries, events, client));
+    let calls = toy.calls.load(Ordering::SeqCst);
+    assert!(calls >= 4, "{calls} calls");
+
+    // What a passive observer of the link saw: neither the prompt, nor the token ids, nor the
+    // credential (raw, or as the hex of the bearer header the service once sent).
+    let recorded = [up.lock().unwrap().clone(), down.lock().unwrap().clone()];
+    let secret_hex: String = [7u8; 32].iter().map(|b| format!("{b:02x}")).collect();
+    for (side, bytes) in ["client to node", "node to client"].iter().zip(&recorded) {
+        assert!(
+            bytes.len() > 1000,
+            "{side}: only {} bytes recorded",
+            bytes.len()
+        );
+        assert!(
+            !contains(bytes, PROMPT.as_bytes()),
+            "{side}: the prompt in clear"
+        );
+        assert!(
+            !contains(bytes, b"tangerine"),
+            "{side}: the prompt in clear"
+        );
+        assert!(
+            !contains(bytes, &varints(&ids)),
+            "{side}: the token ids in clear"
+        );
+        assert!(!contains(bytes, &[7u8; 32]), "{side}: the credential");
+        assert!(
+            !contains(bytes, secret_hex.as_bytes()),
+            "{side}: the credential"
+        );
+        assert!(
+            !contains(bytes, b"authorization"),
+            "{side}: a bearer header"
+        );
+    }
+
+    // The client's half replayed to the node: its handshake cannot complete (fresh keys on
+    // the node's side), the connection closes, and no call reaches the node.
+    let mut replay = tokio::net::TcpStream::connect(endpoint.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let _ = replay.write_all(&recorded[0]).await;
+    let mut buf = vec![0u8; 65536];
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match replay.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the node kept a replayed session open");
+    assert_eq!(
+        toy.calls.load(Ordering::SeqCst),
+        calls,
+        "a replayed call ran"
+    );
 }
 
 #[tokio::test]
