@@ -20,8 +20,6 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
-use crate::tls::Secured;
-
 /// Connections the shard service keeps open at once: far more than a cluster's peers, clients
 /// and gateways need, and far fewer than a default soft limit of 1,024 open files, so that a
 /// flood of connections here leaves the process descriptors for its HTTP API and its peers.
@@ -35,33 +33,12 @@ pub(crate) const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(10);
 /// descriptors, out of memory) before accepting again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-/// The connections accepted on `listener`, at most `max_connections` open at once; beyond
-/// that a new connection is closed at once (its client sees a reset and may retry). Never
-/// yields an error and never ends: errors accepting are logged at most once a second and
-/// retried. Dropping the stream closes the listener.
-#[cfg(test)]
-pub(crate) fn accept(
-    listener: TcpListener,
-    max_connections: usize,
-    first_byte_timeout: Duration,
-) -> impl Stream<Item = io::Result<Capped>> + Send + 'static {
-    let state = Accepting {
-        listener,
-        permits: Arc::new(Semaphore::new(max_connections.max(1))),
-        first_byte_timeout,
-        last_logged: None,
-        suppressed: 0,
-    };
-    futures::stream::unfold(state, |mut state| async move {
-        let capped = state.next().await;
-        Some((Ok(capped), state))
-    })
-}
-
-/// The connections accepted on `listener` (as [`accept`] does) once each has completed a TLS
-/// handshake with `tls` within `first_byte_timeout`. Handshakes run side by side, so a slow
-/// or silent client delays no one; a failed one closes its connection and is logged (at most
-/// once a second). Dropping the stream closes the listener.
+/// The connections accepted on `listener` once each has completed a TLS handshake with `tls`
+/// within `first_byte_timeout`. At most `max_connections` are open at once (handshaking or
+/// not); beyond that a new one is closed at once. Errors accepting are logged at most once a
+/// second and retried. Handshakes run side by side, so a slow or silent client delays no one;
+/// a failed one closes its connection and is logged (at most once a second). Dropping the
+/// stream closes the listener.
 pub(crate) fn accept_tls(
     listener: TcpListener,
     max_connections: usize,
@@ -236,6 +213,57 @@ impl AsyncWrite for Capped {
     }
 }
 
+/// A connection the shard service accepted and secured.
+pub(crate) struct Secured(pub(crate) tokio_rustls::server::TlsStream<Capped>);
+
+impl Connected for Secured {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> TcpConnectInfo {
+        self.0.get_ref().0.connect_info()
+    }
+}
+
+impl AsyncRead for Secured {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Secured {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -244,6 +272,28 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
+
+    /// The connections accepted on `listener`, at most `max_connections` open at once; beyond
+    /// that a new connection is closed at once (its client sees a reset and may retry). Never
+    /// yields an error and never ends: errors accepting are logged at most once a second and
+    /// retried. Dropping the stream closes the listener.
+    fn accept(
+        listener: TcpListener,
+        max_connections: usize,
+        first_byte_timeout: Duration,
+    ) -> impl Stream<Item = io::Result<Capped>> + Send + 'static {
+        let state = Accepting {
+            listener,
+            permits: Arc::new(Semaphore::new(max_connections.max(1))),
+            first_byte_timeout,
+            last_logged: None,
+            suppressed: 0,
+        };
+        futures::stream::unfold(state, |mut state| async move {
+            let capped = state.next().await;
+            Some((Ok(capped), state))
+        })
+    }
 
     async fn listener() -> (TcpListener, std::net::SocketAddr) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
