@@ -1,9 +1,11 @@
 //! `exo-node`: runs on each device. `serve` (the default) joins the cluster and holds this
 //! node's layers of the plan; `generate` answers a prompt on this machine (or through a running
-//! node with `--node`); `models` fetches and converts model files; `peers` lists the cluster.
+//! node with `--node`); `models` fetches and converts model files; `peers` lists the cluster;
+//! `invite` and `join` put a new device in the cluster with a short code.
 //!
 //! This binary is glue: it parses flags, sets up logging, and calls the library crates.
 
+mod join;
 mod peers;
 mod remote;
 mod serve;
@@ -61,6 +63,14 @@ enum Command {
     /// Joins the cluster as an observer for --wait seconds (or, with --watch, until
     /// interrupted), then leaves.
     Peers(peers::PeersArgs),
+    /// Let one more device into the cluster with a short code: shows the code and the command
+    /// to run on the new device, and waits (10 minutes by default) for it. The code is never
+    /// sent: both devices prove they know it by a password-authenticated key exchange
+    /// (SPAKE2), so an overheard or wrong code gives nobody the key.
+    Invite(join::InviteArgs),
+    /// Join a cluster with the code a device of it shows (`exo-node invite` there): receives
+    /// the cluster key and keeps it in $EXO_HOME/cluster.key, for `exo-node serve`.
+    Join(join::JoinArgs),
 }
 
 #[derive(Args, Debug)]
@@ -211,6 +221,8 @@ fn main() -> Result<()> {
         }
         Command::Models(ModelsCommand::Info { path }) => info(&path),
         Command::Peers(args) => peers::run(args),
+        Command::Invite(args) => join::invite(args),
+        Command::Join(args) => join::join(args),
         Command::Models(ModelsCommand::Export { source, dir, dtype }) => {
             let checkpoint = Checkpoint::open(&source)?;
             let dtype = match dtype {

@@ -60,6 +60,9 @@ pub enum Error {
         /// Why it could not be dialled.
         message: String,
     },
+    /// Joining by a code (or offering an invitation) failed.
+    #[error("{0}")]
+    Join(String),
     /// The membership service has stopped (it was shut down, or its task ended).
     #[error("the topology service has stopped")]
     Stopped,

@@ -117,6 +117,16 @@ impl ClusterKey {
         hasher.finalize().into()
     }
 
+    /// The key's bytes, for the join exchange that hands it to a new device.
+    pub(crate) fn bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// A key received from another device of the cluster.
+    pub(crate) fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
     pub(crate) fn psk(&self) -> PreSharedKey {
         PreSharedKey::new(self.0)
     }
@@ -209,7 +219,7 @@ pub(crate) fn load_or_create_identity(home: &Path) -> Result<Keypair> {
 }
 
 /// The cluster key to use: the given one, else `home/cluster.key`, else a new one written there.
-pub(crate) fn resolve_cluster_key(
+pub fn resolve_cluster_key(
     given: Option<&ClusterKey>,
     home: &Path,
 ) -> Result<(ClusterKey, ClusterKeyInfo)> {
@@ -253,7 +263,7 @@ fn stretch_passphrase(passphrase: &str) -> Result<[u8; 32], argon2::Error> {
 
 /// Writes a secret readable only by its owner: to a temporary file first, then renamed, so a
 /// crash never leaves half a key behind.
-fn write_secret(home: &Path, path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_secret(home: &Path, path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::create_dir_all(home).map_err(|e| Error::io(home, e))?;
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     let mut options = std::fs::OpenOptions::new();

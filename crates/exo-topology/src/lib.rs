@@ -10,6 +10,9 @@
 //! measured compute and memory bandwidth, models held, shard endpoint) and a bandwidth probe (a
 //! timed transfer of up to a few MiB, one at a time, every 30 s).
 //!
+//! A new device gets the cluster key by a short code ([`offer_key`] on a device of the cluster,
+//! [`fetch_key`] on the new one: SPAKE2, so the code cannot be tested offline).
+//!
 //! [`Topology::start`] joins; the returned client gives a [`TopologySnapshot`] and a stream of
 //! [`TopologyEvent`]s. Peers that were seen but could not join are kept as
 //! [`PeerDiagnostic`]s that say why (another cluster key, another version, a copied identity,
@@ -45,6 +48,7 @@ mod event_loop;
 mod format;
 mod host;
 mod identity;
+mod join;
 mod network;
 mod open_files;
 mod profile;
@@ -60,7 +64,9 @@ pub use event::{
 pub use host::{ProcessMemory, cpu_name, process_memory};
 pub use identity::{
     CLUSTER_KEY_FILE, ClusterKey, ClusterKeyInfo, KeyOrigin, MIN_PASSPHRASE_CHARS, NODE_KEY_FILE,
+    resolve_cluster_key,
 };
+pub use join::{INVITE_PORT, JoinCode, MAX_WRONG_CODES, fetch_key, offer_key, save_cluster_key};
 pub use libp2p::Multiaddr;
 pub use open_files::{OpenFileLimit, raise_open_file_limit, raise_open_file_limit_at_start};
 pub use profile::{LinkMeasurement, MemoryInfo, ModelFile, NodeId, NodeProfile, NodeRole};
