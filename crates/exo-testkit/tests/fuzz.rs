@@ -6,7 +6,9 @@
 //! - every protobuf message a peer can send, through the checks and conversions a handler's
 //!   input passes;
 //! - request bodies of every generating route, mutated as JSON trees and as bytes, against the
-//!   API with a scripted engine: never a 500.
+//!   API with a scripted engine: never a 500;
+//! - both sides of the join exchange (`exo-node invite` / `join`) against mutated transcripts:
+//!   never a crash, and never a key handed on or accepted.
 //!
 //! Each target runs a fixed number of executions within a time budget and prints what it did.
 
@@ -146,6 +148,45 @@ fn peer_messages_never_crash_a_node() {
         });
         eprintln!("{kind}: {run:?}, {accepted} accepted");
     }
+}
+
+#[test]
+fn the_join_exchange_never_crashes_either_side() {
+    use exo_topology::join_testing::{fetch_against, offer_against, seeds};
+    let (joining, inviting) = seeds();
+    // Every exchange runs the SPAKE2 arithmetic: fewer executions than the parsers get.
+    let mut handed = 0;
+    let run = fuzz::run(
+        "join-inviter",
+        &[joining],
+        EXECUTIONS / 4,
+        BUDGET,
+        64,
+        |bytes| {
+            handed += usize::from(offer_against(bytes));
+        },
+    );
+    eprintln!("join-inviter: {run:?}");
+    assert_eq!(
+        handed, 0,
+        "an inviter handed the key to a mutant that cannot know the code"
+    );
+    let mut accepted = 0;
+    let run = fuzz::run(
+        "join-joiner",
+        &[inviting],
+        EXECUTIONS / 4,
+        BUDGET,
+        160,
+        |bytes| {
+            accepted += usize::from(fetch_against(bytes));
+        },
+    );
+    eprintln!("join-joiner: {run:?}");
+    assert_eq!(
+        accepted, 0,
+        "a joiner accepted a key from a mutant that cannot know the code"
+    );
 }
 
 /// A JSON tree with one node replaced by a value of some other shape.

@@ -43,6 +43,11 @@ const MAX_MESSAGE: usize = 256;
 const JOINER: &[u8] = b"exo-rs join v1: joining device";
 const INVITER: &[u8] = b"exo-rs join v1: inviting device";
 
+/// What the exchange runs over: a TCP connection, or a pipe in tests.
+trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin {}
+
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Stream for T {}
+
 /// The inviter's verdicts.
 const ACCEPTED: u8 = 0;
 const WRONG_CODE: u8 = 1;
@@ -129,7 +134,7 @@ pub async fn offer_key(
 }
 
 /// One exchange with a joining device: `true` when it had the code and got the key.
-async fn offer_once(mut stream: TcpStream, key: &ClusterKey, code: &JoinCode) -> Result<bool> {
+async fn offer_once<S: Stream>(mut stream: S, key: &ClusterKey, code: &JoinCode) -> Result<bool> {
     let mut magic = [0u8; MAGIC.len()];
     read_exact(&mut stream, &mut magic).await?;
     if &magic != MAGIC {
@@ -182,6 +187,15 @@ pub async fn fetch_key(address: &str, code: &JoinCode) -> Result<ClusterKey> {
         Ok(Err(e)) => return Err(failed(e.to_string())),
         Err(_) => return Err(failed("no answer within 10 s".to_owned())),
     };
+    fetch_over(&mut stream, code).await.map_err(|e| match e {
+        Error::Join(message) => failed(message),
+        other => other,
+    })
+}
+
+/// The joining side of the exchange over `stream`.
+async fn fetch_over<S: Stream>(stream: &mut S, code: &JoinCode) -> Result<ClusterKey> {
+    let failed = |message: String| Error::Join(message);
     let (spake, ours) = Spake2::<Ed25519Group>::start_a(
         &Password::new(code.0.as_bytes()),
         &Identity::new(JOINER),
@@ -190,14 +204,14 @@ pub async fn fetch_key(address: &str, code: &JoinCode) -> Result<ClusterKey> {
     let mut hello = MAGIC.to_vec();
     hello.extend_from_slice(&(ours.len() as u16).to_be_bytes());
     hello.extend_from_slice(&ours);
-    write_all(&mut stream, &hello).await?;
-    let theirs = read_message(&mut stream).await?;
+    write_all(stream, &hello).await?;
+    let theirs = read_message(stream).await?;
     let shared = spake
         .finish(&theirs)
         .map_err(|e| failed(format!("the inviting device's message: {e:?}")))?;
     let confirm = hmac::Key::new(hmac::HMAC_SHA256, &shared);
-    write_message(&mut stream, hmac::sign(&confirm, JOINER).as_ref()).await?;
-    let answer = read_message(&mut stream).await?;
+    write_message(stream, hmac::sign(&confirm, JOINER).as_ref()).await?;
+    let answer = read_message(stream).await?;
     match answer.split_first() {
         Some((&ACCEPTED, rest)) if rest.len() == 32 + 32 + aead::MAX_TAG_LEN => {
             let (proof, sealed) = rest.split_at(32);
@@ -264,13 +278,13 @@ fn wrapping_key(shared: &[u8]) -> aead::LessSafeKey {
     aead::LessSafeKey::new(unbound)
 }
 
-async fn write_message(stream: &mut TcpStream, bytes: &[u8]) -> Result<()> {
+async fn write_message<S: Stream>(stream: &mut S, bytes: &[u8]) -> Result<()> {
     let mut framed = (bytes.len() as u16).to_be_bytes().to_vec();
     framed.extend_from_slice(bytes);
     write_all(stream, &framed).await
 }
 
-async fn write_all(stream: &mut TcpStream, bytes: &[u8]) -> Result<()> {
+async fn write_all<S: Stream>(stream: &mut S, bytes: &[u8]) -> Result<()> {
     match tokio::time::timeout(STEP_TIMEOUT, stream.write_all(bytes)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(Error::Join(format!("sending: {e}"))),
@@ -278,7 +292,7 @@ async fn write_all(stream: &mut TcpStream, bytes: &[u8]) -> Result<()> {
     }
 }
 
-async fn read_message(stream: &mut TcpStream) -> Result<Vec<u8>> {
+async fn read_message<S: Stream>(stream: &mut S) -> Result<Vec<u8>> {
     let mut length = [0u8; 2];
     read_exact(stream, &mut length).await?;
     let length = usize::from(u16::from_be_bytes(length));
@@ -292,7 +306,7 @@ async fn read_message(stream: &mut TcpStream) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
-async fn read_exact(stream: &mut TcpStream, buf: &mut [u8]) -> Result<()> {
+async fn read_exact<S: Stream>(stream: &mut S, buf: &mut [u8]) -> Result<()> {
     match tokio::time::timeout(STEP_TIMEOUT, stream.read_exact(buf)).await {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(Error::Join(
@@ -300,6 +314,95 @@ async fn read_exact(stream: &mut TcpStream, buf: &mut [u8]) -> Result<()> {
         )),
         Ok(Err(e)) => Err(Error::Join(format!("receiving: {e}"))),
         Err(_) => Err(Error::Join("no answer within 10 s".to_owned())),
+    }
+}
+
+/// Each side of the exchange against bytes from an untrusted peer, for fuzzing.
+#[doc(hidden)]
+pub mod testing {
+    use super::*;
+
+    /// The code the seeds are made with.
+    pub const CODE: &str = "1234-5678";
+
+    fn run<T>(exchange: impl std::future::Future<Output = T>) -> Option<T> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .ok()?;
+        runtime.block_on(async {
+            tokio::time::timeout(Duration::from_secs(5), exchange)
+                .await
+                .ok()
+        })
+    }
+
+    /// Runs the inviting side of one exchange against a device that sends `bytes` and then
+    /// only reads: `true` when it handed the key on.
+    pub fn offer_against(bytes: &[u8]) -> bool {
+        let (ours, mut theirs) = tokio::io::duplex(1 << 16);
+        let Ok(code) = JoinCode::parse(CODE) else {
+            return false;
+        };
+        let key = ClusterKey::from_bytes([7; 32]);
+        run(async move {
+            let _ = theirs.write_all(bytes).await;
+            let _ = theirs.shutdown().await;
+            let outcome = offer_once(ours, &key, &code).await;
+            drop(theirs);
+            matches!(outcome, Ok(true))
+        })
+        .unwrap_or(false)
+    }
+
+    /// Runs the joining side against an inviting device that answers with `bytes`: `true`
+    /// when it accepted a key.
+    pub fn fetch_against(bytes: &[u8]) -> bool {
+        let (mut ours, mut theirs) = tokio::io::duplex(1 << 16);
+        let Ok(code) = JoinCode::parse(CODE) else {
+            return false;
+        };
+        run(async move {
+            let _ = theirs.write_all(bytes).await;
+            let _ = theirs.shutdown().await;
+            let outcome = fetch_over(&mut ours, &code).await;
+            drop(theirs);
+            outcome.is_ok()
+        })
+        .unwrap_or(false)
+    }
+
+    /// What each side sends in a well-formed exchange with [`CODE`]: (the joining device's
+    /// bytes, the inviting device's), to seed mutations from.
+    pub fn seeds() -> (Vec<u8>, Vec<u8>) {
+        let password = Password::new(b"12345678");
+        let (joiner, a) = Spake2::<Ed25519Group>::start_a(
+            &password,
+            &Identity::new(JOINER),
+            &Identity::new(INVITER),
+        );
+        let (inviter, b) = Spake2::<Ed25519Group>::start_b(
+            &password,
+            &Identity::new(JOINER),
+            &Identity::new(INVITER),
+        );
+        let frame = |bytes: &[u8]| {
+            let mut out = (bytes.len() as u16).to_be_bytes().to_vec();
+            out.extend_from_slice(bytes);
+            out
+        };
+        let shared = joiner.finish(&b).unwrap_or_default();
+        let _ = inviter.finish(&a);
+        let confirm = hmac::Key::new(hmac::HMAC_SHA256, &shared);
+        let mut joining = MAGIC.to_vec();
+        joining.extend(frame(&a));
+        joining.extend(frame(hmac::sign(&confirm, JOINER).as_ref()));
+        let mut answer = vec![ACCEPTED];
+        answer.extend_from_slice(hmac::sign(&confirm, INVITER).as_ref());
+        answer.extend_from_slice(&[9; 32 + 16]);
+        let mut inviting = frame(&b);
+        inviting.extend(frame(&answer));
+        (joining, inviting)
     }
 }
 
@@ -323,6 +426,17 @@ mod tests {
         let (offered, code) = (key.clone(), code.clone());
         let task = tokio::spawn(async move { offer_key(listener, &offered, &code, expires).await });
         (address, task, key)
+    }
+
+    #[test]
+    fn the_fuzzing_hooks_run_each_side_to_its_verdict() {
+        let (joining, inviting) = testing::seeds();
+        // The seeds are well formed, but made with other random values than each run's: the
+        // inviter finds the proof wrong, the joiner the inviter's proof.
+        assert!(!testing::offer_against(&joining));
+        assert!(!testing::fetch_against(&inviting));
+        assert!(!testing::offer_against(b""));
+        assert!(!testing::fetch_against(&[0xff; 600]));
     }
 
     #[test]

@@ -66,6 +66,8 @@ pub use identity::{
     CLUSTER_KEY_FILE, ClusterKey, ClusterKeyInfo, KeyOrigin, MIN_PASSPHRASE_CHARS, NODE_KEY_FILE,
     resolve_cluster_key,
 };
+#[doc(hidden)]
+pub use join::testing as join_testing;
 pub use join::{INVITE_PORT, JoinCode, MAX_WRONG_CODES, fetch_key, offer_key, save_cluster_key};
 pub use libp2p::Multiaddr;
 pub use open_files::{OpenFileLimit, raise_open_file_limit, raise_open_file_limit_at_start};
