@@ -1,13 +1,15 @@
 //! `exo-node`: runs on each device. `serve` (the default) joins the cluster and holds this
 //! node's layers of the plan; `generate` answers a prompt on this machine (or through a running
 //! node with `--node`); `models` fetches and converts model files; `peers` lists the cluster;
-//! `invite` and `join` put a new device in the cluster with a short code.
+//! `invite` and `join` put a new device in the cluster with a short code; `revoke` locks one
+//! out by rotating the cluster key.
 //!
 //! This binary is glue: it parses flags, sets up logging, and calls the library crates.
 
 mod join;
 mod peers;
 mod remote;
+mod revoke;
 mod serve;
 
 use std::io::Write;
@@ -71,6 +73,10 @@ enum Command {
     /// Join a cluster with the code a device of it shows (`exo-node invite` there): receives
     /// the cluster key and keeps it in $EXO_HOME/cluster.key, for `exo-node serve`.
     Join(join::JoinArgs),
+    /// Lock a device out of the cluster: rotates the cluster key, handing the new one to every
+    /// node reachable now except that device (inside the connections the current key
+    /// protects). The nodes join again with it; the device keeps a key that opens nothing.
+    Revoke(revoke::RevokeArgs),
 }
 
 #[derive(Args, Debug)]
@@ -223,6 +229,7 @@ fn main() -> Result<()> {
         Command::Peers(args) => peers::run(args),
         Command::Invite(args) => join::invite(args),
         Command::Join(args) => join::join(args),
+        Command::Revoke(args) => revoke::run(args),
         Command::Models(ModelsCommand::Export { source, dir, dtype }) => {
             let checkpoint = Checkpoint::open(&source)?;
             let dtype = match dtype {

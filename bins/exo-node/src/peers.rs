@@ -48,17 +48,28 @@ pub(crate) fn run(args: PeersArgs) -> Result<()> {
     runtime.block_on(peers(args))
 }
 
-async fn peers(args: PeersArgs) -> Result<()> {
+/// Membership settings for a command that joins as an observer (it computes nothing).
+pub(crate) fn observer_config(
+    cluster_key: Option<&str>,
+    peers: &[String],
+    listen: &[String],
+    mdns: bool,
+) -> Result<TopologyConfig> {
     let mut config = TopologyConfig::new(exo_model::exo_home());
-    config.apply_flags(
+    config.apply_flags(cluster_key, peers, listen, mdns)?;
+    config.role = NodeRole::Observer;
+    config.backend = "none".to_owned();
+    config.device = cpu_name();
+    Ok(config)
+}
+
+async fn peers(args: PeersArgs) -> Result<()> {
+    let config = observer_config(
         args.cluster_key.as_deref(),
         &args.peers,
         &args.listen,
         !args.no_mdns,
     )?;
-    config.role = NodeRole::Observer;
-    config.backend = "none".to_owned();
-    config.device = cpu_name();
 
     // A key generated now comes with a warning that says how to share it (from exo-topology).
     let topology = Topology::start(config).await?;

@@ -224,106 +224,268 @@ pub(crate) fn run(args: ServeArgs) -> Result<()> {
         .context("starting the async runtime")?;
     let api = (!args.api.no_api).then(|| (args.api.api_addr, args.api.config()));
     let max_body_bytes = args.api.max_body_bytes;
+    let key_given = args.cluster_key.is_some();
     runtime.block_on(async move {
-        // Bind the API first: a port in use is an error before anything else starts.
-        let api_listener = match &api {
-            Some((address, _)) => Some(
-                tokio::net::TcpListener::bind(address)
-                    .await
-                    .with_context(|| format!("binding the API to {address} (use --api-addr or --no-api)"))?,
-            ),
-            None => None,
-        };
-        let node = std::sync::Arc::new(Node::start(config).await?);
-        let (api_stop, api_stopped) = tokio::sync::oneshot::channel::<()>();
-        let api_url = api
-            .as_ref()
-            .map(|(address, _)| format!(" at http://{address}/v1"))
-            .unwrap_or_default();
-        let api_task = match (api_listener, api) {
-            (Some(listener), Some((address, mut api_config))) => {
-                api_config.max_body_bytes = body_limit(max_body_bytes, node.max_prompt_bytes());
-                tracing::debug!(bytes = api_config.max_body_bytes, "request body limit");
-                eprintln!("exo-node: OpenAI-compatible API at http://{address}/v1");
-                let engine = std::sync::Arc::new(exo_cluster::NodeEngine::new(std::sync::Arc::clone(&node)));
-                Some(tokio::spawn(exo_api::serve(listener, engine, api_config, async move {
-                    let _ = api_stopped.await;
-                })))
-            }
-            _ => None,
-        };
-        eprintln!(
-            "exo-node: serving {} as node {}; shard service at {}",
-            node.model_name(),
-            node.node_id(),
-            node.grpc_endpoint()
-        );
-        let mut plans = node.plan_changes();
-        let report = async {
-            loop {
-                match &*plans.borrow_and_update() {
-                    PlanState::Ready(plan) => {
-                        let mine = plan
-                            .index_of(node.node_id())
-                            .map(|i| format!("layers {} (stage {} of {})", plan.stages[i].layers, i + 1, plan.stages.len()))
-                            .unwrap_or_else(|| "no layers".to_owned());
+        // A member may rotate the cluster key (`exo-node revoke`): the node then starts again
+        // with the new key, on the same addresses.
+        loop {
+            match serve_once(&config, api.clone(), max_body_bytes).await? {
+                Ended::Stopped => return anyhow::Ok(()),
+                Ended::Rotated {
+                    rotation,
+                    listen,
+                    grpc,
+                } => {
+                    let home = &config.topology.home;
+                    let saved = exo_topology::save_cluster_key(home, &rotation.key, true)?;
+                    eprintln!(
+                        "exo-node: node {} rotated the cluster key (new fingerprint {}), \
+                         revoking {}; this node joins again with it (saved in {})",
+                        rotation.by,
+                        rotation.key.fingerprint(),
+                        match rotation.revoked.as_slice() {
+                            [] => "no node".to_owned(),
+                            ids => ids
+                                .iter()
+                                .map(ToString::to_string)
+                                .collect::<Vec<_>>()
+                                .join(", "),
+                        },
+                        saved.display()
+                    );
+                    if key_given {
                         eprintln!(
-                            "exo-node: plan {}: {} stage(s), this node holds {mine}; predicted {:.1} tokens/s",
-                            plan.epoch,
-                            plan.stages.len(),
-                            plan.plan.predicted.decode_tokens_per_s
+                            "exo-node: this node was started with --cluster-key or \
+                             EXO_CLUSTER_KEY, which now holds the old key: start it next time \
+                             without them (it reads {}) or with the new key",
+                            saved.display()
                         );
                     }
-                    PlanState::Waiting(reason) => eprintln!("exo-node: waiting: {reason}"),
-                }
-                if plans.changed().await.is_err() {
-                    break;
+                    config.topology.cluster_key = Some(rotation.key);
+                    if !listen.is_empty() {
+                        config.topology.listen = listen;
+                    }
+                    config.grpc_listen = grpc;
                 }
             }
-        };
-        // One line when the cluster can serve (every stage holds its layers and this node
-        // reaches them all), and one when it stops being able to.
-        let mut readiness = node.readiness_changes();
-        let api_url = api_url.clone();
-        let ready = async {
-            let mut was_ready = false;
-            loop {
-                let now = readiness.borrow_and_update().clone();
-                match now {
-                    Readiness::Ready if !was_ready => {
-                        was_ready = true;
-                        eprintln!(
-                            "exo-node: ready: the cluster serves {}{api_url}",
-                            node.model_id()
-                        );
-                    }
-                    Readiness::NotReady(reason) if was_ready => {
-                        was_ready = false;
-                        eprintln!("exo-node: not ready: {reason}");
-                    }
-                    _ => {}
-                }
-                if readiness.changed().await.is_err() {
-                    std::future::pending::<()>().await;
-                }
-            }
-        };
-        tokio::select! {
-            () = report => {}
-            () = ready => {}
-            () = shutdown_signal() => {}
         }
-        eprintln!("exo-node: leaving the cluster");
-        let _ = api_stop.send(());
-        if let Some(task) = api_task {
-            // Streams in flight get a moment to finish.
-            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
-        }
-        tokio::time::timeout(Duration::from_secs(10), node.shutdown())
-            .await
-            .context("leaving the cluster took too long")??;
-        anyhow::Ok(())
     })
+}
+
+/// How one run of the node ended.
+enum Ended {
+    /// Interrupted: the process ends.
+    Stopped,
+    /// A member rotated the cluster key: start again with it, on these addresses (the ports
+    /// bound, so that peers find the node where it was).
+    Rotated {
+        rotation: exo_topology::Rotation,
+        listen: Vec<exo_topology::Multiaddr>,
+        grpc: SocketAddr,
+    },
+}
+
+/// Runs the node and its API until interrupted or until the cluster key is rotated.
+async fn serve_once(
+    config: &ClusterConfig,
+    api: Option<(SocketAddr, exo_api::ApiConfig)>,
+    max_body_bytes: Option<u64>,
+) -> Result<Ended> {
+    // Bind the API first: a port in use is an error before anything else starts.
+    let api_listener = match &api {
+        Some((address, _)) => Some(tokio::net::TcpListener::bind(address).await.with_context(
+            || format!("binding the API to {address} (use --api-addr or --no-api)"),
+        )?),
+        None => None,
+    };
+    let node = std::sync::Arc::new(Node::start(config.clone()).await?);
+    let (api_stop, api_stopped) = tokio::sync::oneshot::channel::<()>();
+    let api_url = api
+        .as_ref()
+        .map(|(address, _)| format!(" at http://{address}/v1"))
+        .unwrap_or_default();
+    let api_task = match (api_listener, api) {
+        (Some(listener), Some((address, mut api_config))) => {
+            api_config.max_body_bytes = body_limit(max_body_bytes, node.max_prompt_bytes());
+            tracing::debug!(bytes = api_config.max_body_bytes, "request body limit");
+            eprintln!("exo-node: OpenAI-compatible API at http://{address}/v1");
+            let engine =
+                std::sync::Arc::new(exo_cluster::NodeEngine::new(std::sync::Arc::clone(&node)));
+            Some(tokio::spawn(exo_api::serve(
+                listener,
+                engine,
+                api_config,
+                async move {
+                    let _ = api_stopped.await;
+                },
+            )))
+        }
+        _ => None,
+    };
+    eprintln!(
+        "exo-node: serving {} as node {}; shard service at {}",
+        node.model_name(),
+        node.node_id(),
+        node.grpc_endpoint()
+    );
+    let mut plans = node.plan_changes();
+    let report = async {
+        loop {
+            match &*plans.borrow_and_update() {
+                PlanState::Ready(plan) => {
+                    let mine = plan
+                        .index_of(node.node_id())
+                        .map(|i| {
+                            format!(
+                                "layers {} (stage {} of {})",
+                                plan.stages[i].layers,
+                                i + 1,
+                                plan.stages.len()
+                            )
+                        })
+                        .unwrap_or_else(|| "no layers".to_owned());
+                    eprintln!(
+                        "exo-node: plan {}: {} stage(s), this node holds {mine}; predicted {:.1} tokens/s",
+                        plan.epoch,
+                        plan.stages.len(),
+                        plan.plan.predicted.decode_tokens_per_s
+                    );
+                }
+                PlanState::Waiting(reason) => eprintln!("exo-node: waiting: {reason}"),
+            }
+            if plans.changed().await.is_err() {
+                break;
+            }
+        }
+    };
+    // One line when the cluster can serve (every stage holds its layers and this node
+    // reaches them all), and one when it stops being able to.
+    let mut readiness = node.readiness_changes();
+    let ready = async {
+        let mut was_ready = false;
+        loop {
+            let now = readiness.borrow_and_update().clone();
+            match now {
+                Readiness::Ready if !was_ready => {
+                    was_ready = true;
+                    eprintln!(
+                        "exo-node: ready: the cluster serves {}{api_url}",
+                        node.model_id()
+                    );
+                }
+                Readiness::NotReady(reason) if was_ready => {
+                    was_ready = false;
+                    eprintln!("exo-node: not ready: {reason}");
+                }
+                _ => {}
+            }
+            if readiness.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    let mut rotations = node.topology().rotations();
+    let rotated = async {
+        loop {
+            if let Some(rotation) = rotations.borrow_and_update().clone() {
+                return rotation;
+            }
+            if rotations.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    let mut rotation = None;
+    tokio::select! {
+        () = report => {}
+        () = ready => {}
+        () = shutdown_signal() => {}
+        r = rotated => rotation = Some(r),
+    }
+    // Where the node listens now, to listen there again after a rotation.
+    let listen = match &rotation {
+        Some(_) => bound_listen(&node, &config.topology.listen).await,
+        None => Vec::new(),
+    };
+    let grpc = bound_grpc(config.grpc_listen, node.grpc_endpoint());
+    eprintln!("exo-node: leaving the cluster");
+    let _ = api_stop.send(());
+    if let Some(mut task) = api_task {
+        // Streams in flight get a moment to finish; then the API lets go of its port.
+        if tokio::time::timeout(Duration::from_secs(5), &mut task)
+            .await
+            .is_err()
+        {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+    tokio::time::timeout(Duration::from_secs(10), node.shutdown())
+        .await
+        .context("leaving the cluster took too long")??;
+    Ok(match rotation {
+        Some(rotation) => Ended::Rotated {
+            rotation,
+            listen,
+            grpc,
+        },
+        None => Ended::Stopped,
+    })
+}
+
+/// The membership addresses to listen on again: those configured, except that a port 0 (any
+/// free port) becomes the port taken, so that peers that dial this node find it again.
+async fn bound_listen(
+    node: &Node,
+    configured: &[exo_topology::Multiaddr],
+) -> Vec<exo_topology::Multiaddr> {
+    use exo_topology::multiaddr::Protocol;
+    let Ok(snapshot) = node.topology().snapshot().await else {
+        return configured.to_vec();
+    };
+    let bound: Vec<exo_topology::Multiaddr> = snapshot
+        .listen_addresses
+        .iter()
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let port_of = |a: &exo_topology::Multiaddr| {
+        a.iter().find_map(|p| match p {
+            Protocol::Tcp(port) => Some(port),
+            _ => None,
+        })
+    };
+    configured
+        .iter()
+        .map(|address| {
+            if port_of(address) != Some(0) {
+                return address.clone();
+            }
+            let Some(taken) = bound.iter().find_map(port_of) else {
+                return address.clone();
+            };
+            address
+                .iter()
+                .map(|p| match p {
+                    Protocol::Tcp(0) => Protocol::Tcp(taken),
+                    other => other,
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// The shard service address to listen on again: the configured one, with port 0 replaced by
+/// the port `endpoint` (`http://host:port`) shows.
+fn bound_grpc(configured: SocketAddr, endpoint: &str) -> SocketAddr {
+    if configured.port() != 0 {
+        return configured;
+    }
+    let port = endpoint
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.trim_end_matches('/').parse().ok())
+        .unwrap_or(0);
+    SocketAddr::new(configured.ip(), port)
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use libp2p::Multiaddr;
 use libp2p::core::transport::ListenerId;
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::Swarm;
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::bench::Benchmark;
 use crate::config::TopologyConfig;
@@ -25,6 +25,7 @@ use crate::identity::{
 };
 use crate::network::{Behaviour, build_swarm};
 use crate::profile::{NodeId, NodeProfile};
+use crate::rotation::{Rotation, RotationAck};
 
 /// How long the start-up micro-benchmark runs.
 const BENCHMARK_BUDGET: Duration = Duration::from_millis(240);
@@ -38,6 +39,7 @@ pub struct Topology {
     local_id: NodeId,
     cluster_key: ClusterKeyInfo,
     key: ClusterKey,
+    rotations: watch::Receiver<Option<Rotation>>,
 }
 
 impl Topology {
@@ -90,14 +92,23 @@ impl Topology {
         tracing::info!(id = %local_id, "joining the cluster");
 
         let (commands, receiver) = mpsc::channel(64);
-        let event_loop =
-            EventLoop::new(swarm, listeners, receiver, config, local, key_info.clone());
+        let (rotated, rotations) = watch::channel(None);
+        let event_loop = EventLoop::new(
+            swarm,
+            listeners,
+            receiver,
+            config,
+            local,
+            key_info.clone(),
+            rotated,
+        );
         tokio::spawn(event_loop.run());
         Ok(Self {
             commands,
             local_id,
             cluster_key: key_info,
             key,
+            rotations,
         })
     }
 
@@ -105,6 +116,28 @@ impl Topology {
     /// other services of the cluster authenticate each other.
     pub fn derive_secret(&self, purpose: &str) -> [u8; 32] {
         self.key.derive(purpose)
+    }
+
+    /// A new cluster key another member handed this node (`None` until one comes): the owner
+    /// is expected to save it and start again with it (see [`Rotation`]).
+    pub fn rotations(&self) -> watch::Receiver<Option<Rotation>> {
+        self.rotations.clone()
+    }
+
+    /// Hands `key` to every node of the cluster except `revoked`, and says how each answered.
+    /// The nodes that take it start again with it; the revoked ones keep a key that then opens
+    /// nothing. This node keeps its own key: its owner saves and uses the new one.
+    pub async fn rotate_key(
+        &self,
+        key: ClusterKey,
+        revoked: Vec<NodeId>,
+    ) -> Result<Vec<RotationAck>> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Rotate(key, revoked, reply))
+            .await
+            .map_err(|_| Error::Stopped)?;
+        answer.await.map_err(|_| Error::Stopped)
     }
 
     /// This node's id.

@@ -14,7 +14,7 @@ use libp2p::request_response;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionError, ConnectionId, DialError, ListenError, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm, identify, mdns, ping};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::config::TopologyConfig;
 use crate::diagnose::{classify_dial, classify_io, failed_address, leave_reason};
@@ -23,10 +23,11 @@ use crate::event::{
     Discovery, LeaveReason, PeerDiagnostic, PeerInfo, Problem, TopologyEvent, TopologySnapshot,
 };
 use crate::host::read_memory;
-use crate::identity::ClusterKeyInfo;
+use crate::identity::{ClusterKey, ClusterKeyInfo};
 use crate::network::{Behaviour, BehaviourEvent};
 use crate::profile::{LinkMeasurement, NodeId, NodeProfile};
-use crate::protocol::compatible;
+use crate::protocol::{RekeyReply, RekeyRequest, compatible};
+use crate::rotation::{Rotation, RotationAck};
 
 use probe::{FIRST_PROBE_BYTES, ProbeSlot};
 
@@ -41,7 +42,15 @@ pub(crate) enum Command {
     Subscribe(oneshot::Sender<(TopologySnapshot, broadcast::Receiver<TopologyEvent>)>),
     AddPeer(Multiaddr, oneshot::Sender<Result<()>>),
     UpdateProfile(ProfileEdit, oneshot::Sender<NodeProfile>),
+    Rotate(ClusterKey, Vec<NodeId>, oneshot::Sender<Vec<RotationAck>>),
     Shutdown(oneshot::Sender<()>),
+}
+
+/// A rotation this node sent, waiting for its answers.
+struct Rotating {
+    waiting: HashMap<request_response::OutboundRequestId, NodeId>,
+    acks: Vec<RotationAck>,
+    reply: oneshot::Sender<Vec<RotationAck>>,
 }
 
 /// How often the loop checks liveness, schedules probes and redials.
@@ -83,6 +92,10 @@ pub(crate) struct EventLoop {
     probe: ProbeSlot,
     last_memory_refresh: Instant,
     shutting_down: bool,
+    /// Where a key rotation another member sent is announced.
+    rotations: watch::Sender<Option<Rotation>>,
+    /// A rotation this node sent, until every node has answered.
+    rotating: Option<Rotating>,
 }
 
 /// A peer with at least one open connection. It is a node of the cluster once `joined_at` is
@@ -176,6 +189,7 @@ impl EventLoop {
         config: TopologyConfig,
         local: NodeProfile,
         key_info: ClusterKeyInfo,
+        rotations: watch::Sender<Option<Rotation>>,
     ) -> Self {
         let (events, _) = broadcast::channel(1024);
         let now = Instant::now();
@@ -208,6 +222,8 @@ impl EventLoop {
             probe: ProbeSlot::Free,
             last_memory_refresh: now,
             shutting_down: false,
+            rotations,
+            rotating: None,
         }
     }
 
@@ -314,7 +330,147 @@ impl EventLoop {
                 }
                 let _ = reply.send(self.local.clone());
             }
+            Command::Rotate(key, except, reply) => self.rotate(key, &except, reply),
             Command::Shutdown(_) => {}
+        }
+    }
+
+    // ----- key rotation -----
+
+    /// Hands `key` to every node of the cluster but `except`; answers `reply` once each has
+    /// answered or failed to (the request times out after 10 s).
+    fn rotate(
+        &mut self,
+        key: ClusterKey,
+        except: &[NodeId],
+        reply: oneshot::Sender<Vec<RotationAck>>,
+    ) {
+        if self.rotating.is_some() {
+            let _ = reply.send(Vec::new());
+            return;
+        }
+        let members: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(peer, p)| p.joined() && !except.contains(&NodeId::from(**peer)))
+            .map(|(peer, _)| *peer)
+            .collect();
+        let request = RekeyRequest {
+            key: key.to_hex(),
+            revoked: except.to_vec(),
+        };
+        let mut waiting = HashMap::new();
+        for peer in members {
+            let id = self
+                .swarm
+                .behaviour_mut()
+                .rekey
+                .send_request(&peer, request.clone());
+            waiting.insert(id, NodeId::from(peer));
+        }
+        tracing::info!(
+            nodes = waiting.len(),
+            revoked = except.len(),
+            "handing on a new cluster key"
+        );
+        let rotating = Rotating {
+            waiting,
+            acks: Vec::new(),
+            reply,
+        };
+        self.rotating = Some(rotating);
+        self.finish_rotation();
+    }
+
+    /// Answers the rotation this node sent once nothing is left waiting.
+    fn finish_rotation(&mut self) {
+        if self.rotating.as_ref().is_some_and(|r| r.waiting.is_empty())
+            && let Some(done) = self.rotating.take()
+        {
+            let _ = done.reply.send(done.acks);
+        }
+    }
+
+    fn on_rekey_event(&mut self, event: request_response::Event<RekeyRequest, RekeyReply>) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => {
+                    let reply = self.take_rotation(peer, &request);
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .rekey
+                        .send_response(channel, reply);
+                }
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => {
+                    let outcome = if response.accepted {
+                        Ok(())
+                    } else {
+                        Err(response.message)
+                    };
+                    self.rotation_answered(request_id, outcome);
+                }
+            },
+            request_response::Event::OutboundFailure {
+                request_id, error, ..
+            } => self.rotation_answered(request_id, Err(error.to_string())),
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, %error, "answering a key rotation failed");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+
+    fn rotation_answered(
+        &mut self,
+        request: request_response::OutboundRequestId,
+        outcome: Result<(), String>,
+    ) {
+        if let Some(rotating) = self.rotating.as_mut()
+            && let Some(node) = rotating.waiting.remove(&request)
+        {
+            rotating.acks.push(RotationAck { node, outcome });
+        }
+        self.finish_rotation();
+    }
+
+    /// A member's new key: taken (and announced) unless it is malformed or names this node as
+    /// revoked. Only a node of the cluster can send one: the connection needs the current key.
+    fn take_rotation(&mut self, peer: PeerId, request: &RekeyRequest) -> RekeyReply {
+        let refuse = |message: String| {
+            tracing::warn!(%peer, "refused a cluster key rotation: {message}");
+            RekeyReply {
+                accepted: false,
+                message,
+            }
+        };
+        if !self.peers.get(&peer).is_some_and(Peer::joined) {
+            return refuse("the sender is not a node of the cluster yet".to_owned());
+        }
+        if request.revoked.contains(&self.local.id) {
+            return refuse("it revokes this node".to_owned());
+        }
+        let key = match ClusterKey::parse(&request.key, "a key rotation") {
+            Ok(key) => key,
+            Err(e) => return refuse(e.to_string()),
+        };
+        tracing::warn!(
+            by = %peer, fingerprint = %key.fingerprint(), revoked = request.revoked.len(),
+            "a member rotated the cluster key"
+        );
+        self.rotations.send_replace(Some(Rotation {
+            key,
+            by: NodeId::from(peer),
+            revoked: request.revoked.clone(),
+        }));
+        RekeyReply {
+            accepted: true,
+            message: String::new(),
         }
     }
 
@@ -433,6 +589,7 @@ impl EventLoop {
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(event)) => self.on_mdns(event),
             SwarmEvent::Behaviour(BehaviourEvent::Profile(event)) => self.on_profile_event(event),
             SwarmEvent::Behaviour(BehaviourEvent::Probe(event)) => self.on_probe_event(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Rekey(event)) => self.on_rekey_event(event),
             _ => {}
         }
     }

@@ -53,6 +53,7 @@ mod network;
 mod open_files;
 mod profile;
 mod protocol;
+mod rotation;
 
 pub use bench::Benchmark;
 pub use client::{EventStream, Topology};
@@ -69,7 +70,8 @@ pub use identity::{
 #[doc(hidden)]
 pub use join::testing as join_testing;
 pub use join::{INVITE_PORT, JoinCode, MAX_WRONG_CODES, fetch_key, offer_key, save_cluster_key};
-pub use libp2p::Multiaddr;
+pub use libp2p::{Multiaddr, multiaddr};
 pub use open_files::{OpenFileLimit, raise_open_file_limit, raise_open_file_limit_at_start};
 pub use profile::{LinkMeasurement, MemoryInfo, ModelFile, NodeId, NodeProfile, NodeRole};
 pub use protocol::PROTOCOL_VERSION;
+pub use rotation::{Rotation, RotationAck};

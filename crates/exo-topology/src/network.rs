@@ -18,7 +18,9 @@ use libp2p::{PeerId, Swarm, Transport, identify, mdns, noise, ping, tcp, yamux};
 use crate::config::{TopologyConfig, TransportKind};
 use crate::error::{Error, Result};
 use crate::profile::NodeProfile;
-use crate::protocol::{PROBE_PROTOCOL, PROFILE_PROTOCOL, ProbeCodec};
+use crate::protocol::{
+    PROBE_PROTOCOL, PROFILE_PROTOCOL, ProbeCodec, REKEY_PROTOCOL, RekeyReply, RekeyRequest,
+};
 
 /// Everything a node speaks, in one behaviour.
 #[derive(NetworkBehaviour)]
@@ -33,6 +35,8 @@ pub(crate) struct Behaviour {
     pub(crate) profile: request_response::json::Behaviour<NodeProfile, NodeProfile>,
     /// The bandwidth probe.
     pub(crate) probe: request_response::Behaviour<ProbeCodec>,
+    /// Cluster key rotations.
+    pub(crate) rekey: request_response::json::Behaviour<RekeyRequest, RekeyReply>,
 }
 
 /// How long a connection may take from the first packet to a finished Yamux handshake.
@@ -139,12 +143,17 @@ pub(crate) fn build_swarm(
         [(PROBE_PROTOCOL, ProtocolSupport::Full)],
         request_response::Config::default().with_request_timeout(Duration::from_secs(60)),
     );
+    let rekey = request_response::json::Behaviour::new(
+        [(REKEY_PROTOCOL, ProtocolSupport::Full)],
+        request_response::Config::default().with_request_timeout(Duration::from_secs(10)),
+    );
     let behaviour = Behaviour {
         identify,
         ping,
         mdns: Toggle::from(mdns),
         profile,
         probe,
+        rekey,
     };
     // Connections stay open while both nodes live: membership is the connection, and liveness
     // is judged by pings, not by idleness.

@@ -17,6 +17,36 @@ pub const PROTOCOL_VERSION: &str = "/exo/2.0.0";
 pub(crate) const PROFILE_PROTOCOL: StreamProtocol = StreamProtocol::new("/exo/profile/1.0.0");
 /// The bandwidth probe (see [`ProbeCodec`]).
 pub(crate) const PROBE_PROTOCOL: StreamProtocol = StreamProtocol::new("/exo/probe/1.0.0");
+/// A cluster key rotation (see [`RekeyRequest`]).
+pub(crate) const REKEY_PROTOCOL: StreamProtocol = StreamProtocol::new("/exo/rekey/1.0.0");
+
+/// A member hands the cluster's next key to another (inside the connection the current key
+/// and Noise protect), leaving out the nodes it revokes.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct RekeyRequest {
+    /// The new key, 64 hexadecimal digits.
+    pub(crate) key: String,
+    /// The nodes left out: they keep the old key, which opens nothing any more.
+    pub(crate) revoked: Vec<crate::NodeId>,
+}
+
+impl std::fmt::Display for RekeyRequest {
+    // Never the key itself.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "a new cluster key, revoking {} node(s)",
+            self.revoked.len()
+        )
+    }
+}
+
+/// Whether a node took the new key.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct RekeyReply {
+    pub(crate) accepted: bool,
+    pub(crate) message: String,
+}
 
 /// Whether a peer announcing `theirs` can work with a node running `ours`: same protocol family
 /// and the same major version.

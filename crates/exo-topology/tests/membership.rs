@@ -419,3 +419,43 @@ async fn a_static_peer_that_starts_later_is_reached_by_redialling() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_key_reaches_every_node_but_the_revoked_one() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let key = ClusterKey::generate();
+    let pa = memory_port();
+    let a = Topology::start(config(dirs[0].path(), pa, &key))
+        .await
+        .unwrap();
+    let mut nodes = Vec::new();
+    for dir in &dirs[1..] {
+        let mut c = config(dir.path(), memory_port(), &key);
+        c.static_peers = vec![address(pa)];
+        nodes.push(Topology::start(c).await.unwrap());
+    }
+    let (b, c) = (&nodes[0], &nodes[1]);
+    wait_snapshot(&a, WITHIN, "both nodes joined", |s| s.nodes.len() == 2).await;
+
+    let new = ClusterKey::generate();
+    let acks = a
+        .rotate_key(new.clone(), vec![c.local_id().clone()])
+        .await
+        .unwrap();
+    assert_eq!(acks.len(), 1, "{acks:?}");
+    assert_eq!(&acks[0].node, b.local_id());
+    assert_eq!(acks[0].outcome, Ok(()));
+    let rotation = b
+        .rotations()
+        .borrow()
+        .clone()
+        .expect("b heard of the rotation");
+    assert_eq!(rotation.key, new);
+    assert_eq!(&rotation.by, a.local_id());
+    assert_eq!(rotation.revoked, vec![c.local_id().clone()]);
+    assert!(
+        c.rotations().borrow().is_none(),
+        "the revoked node got the key"
+    );
+    assert!(a.rotations().borrow().is_none());
+}

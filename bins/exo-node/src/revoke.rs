@@ -1,0 +1,129 @@
+//! `exo-node revoke`: lock a device out of the cluster by rotating the cluster key. Joins as
+//! an observer, hands a new key to every node it reaches except the revoked one (inside the
+//! connections the current key protects), and keeps the new key on this device. The nodes
+//! that take it join again with it; the revoked device keeps a key that opens nothing.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use exo_topology::{ClusterKey, NodeId, Topology};
+
+use crate::peers::observer_config;
+
+#[derive(Args, Debug)]
+pub(crate) struct RevokeArgs {
+    /// The id of the device to lock out, as `exo-node peers` or the web page lists it
+    /// (`12D3KooW...`). It may be off or lost: it is left out all the same.
+    node: String,
+    /// The cluster key now in use: 64 hexadecimal digits, or the passphrase. Default: this
+    /// device's ($EXO_HOME/cluster.key), which is replaced by the new key.
+    #[arg(long, env = "EXO_CLUSTER_KEY", hide_env_values = true)]
+    cluster_key: Option<String>,
+    /// A node to dial directly, for networks that block multicast (may be repeated). The new
+    /// key reaches the nodes found by mDNS or named here: without mDNS, name every node.
+    #[arg(long = "peer")]
+    peers: Vec<String>,
+    /// Membership address to listen on while it runs (may be repeated).
+    #[arg(long, default_values_t = [format!("/ip4/0.0.0.0/tcp/{}", exo_topology::DEFAULT_PORT)])]
+    listen: Vec<String>,
+    /// Do not discover nodes by mDNS; only --peer.
+    #[arg(long)]
+    no_mdns: bool,
+    /// Seconds to find the cluster's nodes before handing on the new key.
+    #[arg(long, default_value_t = 5.0)]
+    wait: f64,
+}
+
+pub(crate) fn run(args: RevokeArgs) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(revoke(args))
+}
+
+async fn revoke(args: RevokeArgs) -> Result<()> {
+    let config = observer_config(
+        args.cluster_key.as_deref(),
+        &args.peers,
+        &args.listen,
+        !args.no_mdns,
+    )?;
+    let home = config.home.clone();
+    let revoked = NodeId::from(
+        args.node
+            .trim()
+            .parse::<exo_topology::multiaddr::PeerId>()
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "`{}` is not a node id ({e}); `exo-node peers` lists them",
+                    args.node
+                )
+            })?,
+    );
+    let topology = Topology::start(config).await?;
+    if &revoked == topology.local_id() {
+        anyhow::bail!("{revoked} is this command's own id; give the id of the device to lock out");
+    }
+    // Gather the cluster: until the wait ends, or until nothing new joined for a second.
+    let wait = Duration::try_from_secs_f64(args.wait.max(0.0)).unwrap_or(Duration::ZERO);
+    let deadline = Instant::now() + wait;
+    let (mut seen, mut steady_since) = (0, Instant::now());
+    while Instant::now() < deadline {
+        let count = topology.snapshot().await?.nodes.len();
+        if count != seen {
+            (seen, steady_since) = (count, Instant::now());
+        } else if count > 0 && steady_since.elapsed() > Duration::from_secs(1) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let snapshot = topology.snapshot().await?;
+    if snapshot.node(&revoked).is_none() {
+        eprintln!(
+            "exo-node: {revoked} was not reached (off, lost, or not found by mDNS or --peer); \
+             it is locked out all the same"
+        );
+    }
+    let key = ClusterKey::generate();
+    let acks = topology
+        .rotate_key(key.clone(), vec![revoked.clone()])
+        .await?;
+    let saved = exo_topology::save_cluster_key(&home, &key, true)?;
+    let took: Vec<_> = acks.iter().filter(|a| a.outcome.is_ok()).collect();
+    for ack in &acks {
+        match &ack.outcome {
+            Ok(()) => eprintln!(
+                "exo-node: {} took the new key and joins again with it",
+                ack.node
+            ),
+            Err(why) => eprintln!("exo-node: {} did not take the new key: {why}", ack.node),
+        }
+    }
+    topology.shutdown().await?;
+    eprintln!(
+        "exo-node: the cluster key is rotated (new fingerprint {}), kept in {}; {} node(s) took it. \
+         {revoked} keeps the old key, which opens no connection and no call any more. A device \
+         of the cluster that did not take it (off, or unreachable now) is locked out too: let it \
+         in again with `exo-node invite` here and `exo-node join` there.",
+        key.fingerprint(),
+        saved.display(),
+        took.len()
+    );
+    if args.cluster_key.is_some() {
+        eprintln!(
+            "exo-node: --cluster-key or EXO_CLUSTER_KEY holds the old key: drop it (the devices \
+             read {}) or give the new key from that file",
+            saved.display()
+        );
+    }
+    if took.len() < acks.len() {
+        anyhow::bail!(
+            "{} of {} node(s) did not take the new key",
+            acks.len() - took.len(),
+            acks.len()
+        );
+    }
+    Ok(())
+}

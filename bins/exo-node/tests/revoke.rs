@@ -1,0 +1,160 @@
+//! Revoking a device as a user does it: three nodes serve (any two hold the model), `exo-node
+//! revoke` locks one of those holding layers out. The other two take the new key, join again
+//! with it on the same addresses and answer as one machine does; the old key opens neither
+//! the shard service nor membership.
+//!
+//! Runs the real default model: run with `--release` (as CI does).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::{Duration, Instant};
+
+use exo_transport::{Credential, Limits, ShardClient};
+
+mod common;
+
+use common::{KEY, NodeProc, exo_node};
+
+const QUESTION: &str = "What is the capital of France?";
+
+/// Greedy ids from `generate`, locally or through `--node` with `key`.
+fn generate(key: &str, extra: &[&str]) -> String {
+    let out = exo_node()
+        .args(["generate", QUESTION, "--max-tokens", "24", "--ignore-eos"])
+        .args(["--show-token-ids", "--cluster-key", key])
+        .args(extra)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{stderr}");
+    stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("token ids: "))
+        .unwrap_or_else(|| panic!("no ids in: {stderr}"))
+        .to_owned()
+}
+
+fn holds_layers(grpc: &str) -> bool {
+    let key = exo_topology::ClusterKey::parse(KEY, "test").unwrap();
+    let credential = Credential::new(key.derive(Credential::PURPOSE));
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            let client = ShardClient::connect(grpc, Some(&credential), Limits::default())
+                .await
+                .unwrap();
+            !client.status().await.unwrap().layers.is_empty()
+        })
+}
+
+/// Waits until `node`'s log, past its first `from` bytes, contains `text`.
+fn wait_after(node: &NodeProc, from: usize, text: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let log = node.proc.log_text();
+        if log.get(from..).is_some_and(|rest| rest.contains(text)) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "`{text}` not logged within {within:?}; log:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_revoked_device_is_locked_out_and_the_others_serve_on_with_the_new_key() {
+    let reference = generate(KEY, &[]);
+    let nodes = common::spawn_nodes(3, "120MiB", KEY, &[]);
+    for node in &nodes {
+        node.wait_for("2 stage(s)", Duration::from_secs(90));
+        node.wait_for("exo-node: ready", Duration::from_secs(90));
+    }
+    // Lock out a node that holds layers: the other two must plan without it.
+    let victim = nodes.iter().position(|n| holds_layers(&n.grpc)).unwrap();
+    let victim_id = common::node_id(&nodes[victim].api);
+    let others: Vec<usize> = (0..3).filter(|&i| i != victim).collect();
+    let logged: Vec<usize> = nodes.iter().map(|n| n.proc.log_text().len()).collect();
+
+    let admin = tempfile::tempdir().unwrap();
+    let out = exo_node()
+        .env("EXO_HOME", admin.path())
+        .args(["revoke", &victim_id, "--cluster-key", KEY, "--no-mdns"])
+        .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--wait", "10"])
+        .args(["--peer", &nodes[others[0]].membership])
+        .args(["--peer", &nodes[others[1]].membership])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    eprintln!("exo-node revoke said:\n{said}");
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("2 node(s) took it"), "{said}");
+    let new_key = std::fs::read_to_string(admin.path().join("cluster.key"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    assert_ne!(new_key, KEY);
+
+    // The other two join again with the new key and serve; the answer is one machine's.
+    for &i in &others {
+        wait_after(
+            &nodes[i],
+            logged[i],
+            "rotated the cluster key",
+            Duration::from_secs(30),
+        );
+        wait_after(
+            &nodes[i],
+            logged[i],
+            "exo-node: ready",
+            Duration::from_secs(120),
+        );
+    }
+    let origin = &nodes[others[0]].grpc;
+    let rejoined = nodes[others[0]].proc.log_text();
+    eprintln!(
+        "the first node after the rotation:\n{}",
+        rejoined[logged[others[0]]..]
+            .lines()
+            .filter(|l| l.starts_with("exo-node:"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert_eq!(generate(&new_key, &["--node", origin]), reference);
+
+    // The old key opens nothing: no shard service call...
+    let refused = exo_node()
+        .args(["status", "--node", origin, "--cluster-key", KEY])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(stderr.contains("not of this cluster"), "{stderr}");
+    // ...and no membership: a device with it sees none of the nodes that took the new key.
+    let peers = exo_node()
+        .args(["peers", "--json", "--no-mdns", "--wait", "3"])
+        .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--cluster-key", KEY])
+        .args(["--peer", &nodes[others[0]].membership])
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&peers.stdout);
+    for &i in &others {
+        let id = common::node_id(&nodes[i].api);
+        let view: serde_json::Value = serde_json::from_str(&listed).unwrap();
+        let seen = view["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["profile"]["id"] == id.as_str());
+        assert!(!seen, "a device with the old key still sees {id}: {listed}");
+    }
+    // The revoked node itself was told nothing.
+    assert!(
+        !nodes[victim].proc.log_text()[logged[victim]..].contains("rotated the cluster key"),
+        "{}",
+        nodes[victim].proc.log_text()
+    );
+}
