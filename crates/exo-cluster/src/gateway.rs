@@ -361,24 +361,76 @@ pub async fn run_gateway(
     config: GatewayConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    use futures::FutureExt;
+    let shutdown = Box::pin(shutdown).shared();
     let mut topology = config.topology;
     topology.role = NodeRole::Observer;
     topology.backend = "none".to_owned();
     topology.grpc_endpoint = None;
     topology.models = Vec::new();
-    let listener = tokio::net::TcpListener::bind(config.api_listen)
-        .await
-        .map_err(|source| Error::Listen {
-            address: config.api_listen.to_string(),
-            source,
-        })?;
-    let topology = Topology::start(topology).await?;
-    let engine = Arc::new(GatewayEngine::start(topology.clone(), config.limits).await?);
-    tracing::info!(address = %config.api_listen, "gateway serving the API");
-    let served = exo_api::serve(listener, engine, config.api, shutdown).await;
-    topology.shutdown().await?;
-    served.map_err(|source| Error::Listen {
+    let listen_error = |source| Error::Listen {
         address: config.api_listen.to_string(),
         source,
-    })
+    };
+    // A member may rotate the cluster key (`exo-node revoke`): the gateway then joins again
+    // with the new key, and serves on.
+    loop {
+        let listener = tokio::net::TcpListener::bind(config.api_listen)
+            .await
+            .map_err(listen_error)?;
+        let membership = Topology::start(topology.clone()).await?;
+        let engine = Arc::new(GatewayEngine::start(membership.clone(), config.limits).await?);
+        tracing::info!(address = %config.api_listen, "gateway serving the API");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let until = {
+            let shutdown = shutdown.clone();
+            async move {
+                tokio::select! {
+                    () = shutdown => {}
+                    _ = stopped => {}
+                }
+            }
+        };
+        let mut served = tokio::spawn(exo_api::serve(listener, engine, config.api.clone(), until));
+        let mut rotations = membership.rotations();
+        let rotated = async {
+            loop {
+                if let Some(rotation) = rotations.borrow_and_update().clone() {
+                    return rotation;
+                }
+                if rotations.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        let rotation = tokio::select! {
+            outcome = &mut served => {
+                membership.shutdown().await?;
+                return match outcome {
+                    Ok(result) => result.map_err(listen_error),
+                    Err(e) => Err(Error::Listen {
+                        address: config.api_listen.to_string(),
+                        source: std::io::Error::other(e),
+                    }),
+                };
+            }
+            rotation = rotated => rotation,
+        };
+        let _ = stop.send(());
+        if tokio::time::timeout(std::time::Duration::from_secs(5), &mut served)
+            .await
+            .is_err()
+        {
+            served.abort();
+            let _ = served.await;
+        }
+        membership.shutdown().await?;
+        let saved = exo_topology::save_cluster_key(&topology.home, &rotation.key, true)?;
+        tracing::warn!(
+            by = %rotation.by, fingerprint = %rotation.key.fingerprint(),
+            saved = %saved.display(),
+            "a member rotated the cluster key; the gateway joins again with it"
+        );
+        topology.cluster_key = Some(rotation.key);
+    }
 }

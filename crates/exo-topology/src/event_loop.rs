@@ -46,11 +46,20 @@ pub(crate) enum Command {
     Shutdown(oneshot::Sender<()>),
 }
 
-/// A rotation this node sent, waiting for its answers.
+/// A rotation this node is handing on, waiting for the answers.
 struct Rotating {
+    key: ClusterKey,
     waiting: HashMap<request_response::OutboundRequestId, NodeId>,
     acks: Vec<RotationAck>,
-    reply: oneshot::Sender<Vec<RotationAck>>,
+    then: AfterRotation,
+}
+
+/// What a rotation does once every node has answered.
+enum AfterRotation {
+    /// This node started it: answer the caller.
+    Reply(oneshot::Sender<Vec<RotationAck>>),
+    /// Another member sent it: announce it to this node's owner.
+    Announce(Rotation),
 }
 
 /// How often the loop checks liveness, schedules probes and redials.
@@ -94,8 +103,10 @@ pub(crate) struct EventLoop {
     shutting_down: bool,
     /// Where a key rotation another member sent is announced.
     rotations: watch::Sender<Option<Rotation>>,
-    /// A rotation this node sent, until every node has answered.
+    /// A rotation this node is handing on, until every node has answered.
     rotating: Option<Rotating>,
+    /// The key of the last rotation this node started.
+    started_rotation: Option<ClusterKey>,
 }
 
 /// A peer with at least one open connection. It is a node of the cluster once `joined_at` is
@@ -224,6 +235,7 @@ impl EventLoop {
             shutting_down: false,
             rotations,
             rotating: None,
+            started_rotation: None,
         }
     }
 
@@ -337,6 +349,32 @@ impl EventLoop {
 
     // ----- key rotation -----
 
+    /// Sends `request` to every node of the cluster but those in `skip`; the ids of the
+    /// requests, by node.
+    fn send_rotation(
+        &mut self,
+        request: &RekeyRequest,
+        skip: &[NodeId],
+    ) -> HashMap<request_response::OutboundRequestId, NodeId> {
+        let members: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(peer, p)| p.joined() && !skip.contains(&NodeId::from(**peer)))
+            .map(|(peer, _)| *peer)
+            .collect();
+        members
+            .into_iter()
+            .map(|peer| {
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .rekey
+                    .send_request(&peer, request.clone());
+                (id, NodeId::from(peer))
+            })
+            .collect()
+    }
+
     /// Hands `key` to every node of the cluster but `except`; answers `reply` once each has
     /// answered or failed to (the request times out after 10 s).
     fn rotate(
@@ -346,48 +384,50 @@ impl EventLoop {
         reply: oneshot::Sender<Vec<RotationAck>>,
     ) {
         if self.rotating.is_some() {
-            let _ = reply.send(Vec::new());
+            let _ = reply.send(vec![RotationAck {
+                node: self.local.id.clone(),
+                outcome: Err("a rotation is already under way".to_owned()),
+            }]);
             return;
         }
-        let members: Vec<PeerId> = self
-            .peers
-            .iter()
-            .filter(|(peer, p)| p.joined() && !except.contains(&NodeId::from(**peer)))
-            .map(|(peer, _)| *peer)
-            .collect();
         let request = RekeyRequest {
             key: key.to_hex(),
             revoked: except.to_vec(),
         };
-        let mut waiting = HashMap::new();
-        for peer in members {
-            let id = self
-                .swarm
-                .behaviour_mut()
-                .rekey
-                .send_request(&peer, request.clone());
-            waiting.insert(id, NodeId::from(peer));
-        }
+        let waiting = self.send_rotation(&request, except);
         tracing::info!(
             nodes = waiting.len(),
             revoked = except.len(),
             "handing on a new cluster key"
         );
-        let rotating = Rotating {
+        self.started_rotation = Some(key.clone());
+        self.rotating = Some(Rotating {
+            key,
             waiting,
             acks: Vec::new(),
-            reply,
-        };
-        self.rotating = Some(rotating);
+            then: AfterRotation::Reply(reply),
+        });
         self.finish_rotation();
     }
 
-    /// Answers the rotation this node sent once nothing is left waiting.
+    /// Once nothing is left waiting: answers the caller of a rotation this node started, or
+    /// announces the one it took (after handing it on).
     fn finish_rotation(&mut self) {
-        if self.rotating.as_ref().is_some_and(|r| r.waiting.is_empty())
-            && let Some(done) = self.rotating.take()
-        {
-            let _ = done.reply.send(done.acks);
+        if !self.rotating.as_ref().is_some_and(|r| r.waiting.is_empty()) {
+            return;
+        }
+        let Some(done) = self.rotating.take() else {
+            return;
+        };
+        match done.then {
+            AfterRotation::Reply(reply) => {
+                let _ = reply.send(done.acks);
+            }
+            AfterRotation::Announce(rotation) => {
+                let handed = done.acks.iter().filter(|a| a.outcome.is_ok()).count();
+                tracing::info!(handed, "handed the new cluster key on; announcing it");
+                self.rotations.send_replace(Some(rotation));
+            }
         }
     }
 
@@ -403,6 +443,7 @@ impl EventLoop {
                         .behaviour_mut()
                         .rekey
                         .send_response(channel, reply);
+                    self.finish_rotation();
                 }
                 request_response::Message::Response {
                     request_id,
@@ -439,8 +480,11 @@ impl EventLoop {
         self.finish_rotation();
     }
 
-    /// A member's new key: taken (and announced) unless it is malformed or names this node as
-    /// revoked. Only a node of the cluster can send one: the connection needs the current key.
+    /// A member's new key: taken unless it is malformed or names this node as revoked. Only
+    /// a node of the cluster can send one: the connection needs the current key. Before it is
+    /// announced, it is handed on to the nodes the sender may not reach (every member but the
+    /// sender and the revoked; one that has it already just says yes), so that a rotation
+    /// started anywhere reaches the whole cluster.
     fn take_rotation(&mut self, peer: PeerId, request: &RekeyRequest) -> RekeyReply {
         let refuse = |message: String| {
             tracing::warn!(%peer, "refused a cluster key rotation: {message}");
@@ -448,6 +492,10 @@ impl EventLoop {
                 accepted: false,
                 message,
             }
+        };
+        let accepted = RekeyReply {
+            accepted: true,
+            message: String::new(),
         };
         if !self.peers.get(&peer).is_some_and(Peer::joined) {
             return refuse("the sender is not a node of the cluster yet".to_owned());
@@ -459,19 +507,38 @@ impl EventLoop {
             Ok(key) => key,
             Err(e) => return refuse(e.to_string()),
         };
+        // A copy handed on by another member, or this node's own rotation coming back.
+        let known = self.rotating.as_ref().is_some_and(|r| r.key == key)
+            || self.started_rotation.as_ref() == Some(&key)
+            || self
+                .rotations
+                .borrow()
+                .as_ref()
+                .is_some_and(|r| r.key == key);
+        if known {
+            return accepted;
+        }
+        if self.rotating.is_some() {
+            return refuse("another rotation is under way".to_owned());
+        }
         tracing::warn!(
             by = %peer, fingerprint = %key.fingerprint(), revoked = request.revoked.len(),
             "a member rotated the cluster key"
         );
-        self.rotations.send_replace(Some(Rotation {
-            key,
-            by: NodeId::from(peer),
-            revoked: request.revoked.clone(),
-        }));
-        RekeyReply {
-            accepted: true,
-            message: String::new(),
-        }
+        let mut skip = request.revoked.clone();
+        skip.push(NodeId::from(peer));
+        let waiting = self.send_rotation(request, &skip);
+        self.rotating = Some(Rotating {
+            key: key.clone(),
+            waiting,
+            acks: Vec::new(),
+            then: AfterRotation::Announce(Rotation {
+                key,
+                by: NodeId::from(peer),
+                revoked: request.revoked.clone(),
+            }),
+        });
+        accepted
     }
 
     fn snapshot(&self) -> TopologySnapshot {

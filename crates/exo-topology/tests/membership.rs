@@ -420,42 +420,67 @@ async fn a_static_peer_that_starts_later_is_reached_by_redialling() {
     .await;
 }
 
+/// The rotation `topology` was handed, once it is announced (within [`WITHIN`]).
+async fn rotation_of(topology: &Topology) -> exo_topology::Rotation {
+    let mut rotations = topology.rotations();
+    let wait = async {
+        loop {
+            if let Some(rotation) = rotations.borrow_and_update().clone() {
+                return rotation;
+            }
+            rotations.changed().await.unwrap();
+        }
+    };
+    tokio::time::timeout(WITHIN, wait)
+        .await
+        .expect("no rotation announced")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_key_reaches_every_node_but_the_revoked_one() {
-    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    // A hub `a` with `b` and `c` around it, and `x`, which reaches only `b`, rotating the key
+    // and revoking `c`: the key travels x -> b -> a, never to c.
+    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
     let key = ClusterKey::generate();
     let pa = memory_port();
     let a = Topology::start(config(dirs[0].path(), pa, &key))
         .await
         .unwrap();
-    let mut nodes = Vec::new();
-    for dir in &dirs[1..] {
-        let mut c = config(dir.path(), memory_port(), &key);
-        c.static_peers = vec![address(pa)];
-        nodes.push(Topology::start(c).await.unwrap());
-    }
-    let (b, c) = (&nodes[0], &nodes[1]);
-    wait_snapshot(&a, WITHIN, "both nodes joined", |s| s.nodes.len() == 2).await;
+    let pb = memory_port();
+    let mut cb = config(dirs[1].path(), pb, &key);
+    cb.static_peers = vec![address(pa)];
+    let b = Topology::start(cb).await.unwrap();
+    let mut cc = config(dirs[2].path(), memory_port(), &key);
+    cc.static_peers = vec![address(pa)];
+    let c = Topology::start(cc).await.unwrap();
+    let mut cx = config(dirs[3].path(), memory_port(), &key);
+    cx.static_peers = vec![address(pb)];
+    let x = Topology::start(cx).await.unwrap();
+    wait_snapshot(&a, WITHIN, "b and c joined a", |s| s.nodes.len() == 2).await;
+    wait_snapshot(&x, WITHIN, "x joined b", |s| s.nodes.len() == 1).await;
 
     let new = ClusterKey::generate();
-    let acks = a
+    let acks = x
         .rotate_key(new.clone(), vec![c.local_id().clone()])
         .await
         .unwrap();
     assert_eq!(acks.len(), 1, "{acks:?}");
     assert_eq!(&acks[0].node, b.local_id());
     assert_eq!(acks[0].outcome, Ok(()));
-    let rotation = b
-        .rotations()
-        .borrow()
-        .clone()
-        .expect("b heard of the rotation");
-    assert_eq!(rotation.key, new);
-    assert_eq!(&rotation.by, a.local_id());
-    assert_eq!(rotation.revoked, vec![c.local_id().clone()]);
+    let at_b = rotation_of(&b).await;
+    assert_eq!(at_b.key, new);
+    assert_eq!(&at_b.by, x.local_id());
+    assert_eq!(at_b.revoked, vec![c.local_id().clone()]);
+    let at_a = rotation_of(&a).await;
+    assert_eq!(at_a.key, new);
+    assert_eq!(&at_a.by, b.local_id(), "handed on by b");
+    tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
         c.rotations().borrow().is_none(),
         "the revoked node got the key"
     );
-    assert!(a.rotations().borrow().is_none());
+    assert!(
+        x.rotations().borrow().is_none(),
+        "the rotation came back to x"
+    );
 }
