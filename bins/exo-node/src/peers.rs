@@ -21,7 +21,9 @@ pub(crate) struct PeersArgs {
     /// `/ip4/10.0.0.5/tcp/52416`, `10.0.0.5:52416` or `10.0.0.5`.
     #[arg(long = "peer")]
     peers: Vec<String>,
-    /// Address to listen on (may be repeated). A port in use is replaced by a free one.
+    /// Membership address to listen on while it runs (may be repeated), so that the nodes can
+    /// connect back; its traffic is encrypted under the cluster key. A port in use is replaced
+    /// by a free one.
     #[arg(long, default_values_t = [format!("/ip4/0.0.0.0/tcp/{}", exo_topology::DEFAULT_PORT)])]
     listen: Vec<String>,
     /// Seconds to gather before printing.

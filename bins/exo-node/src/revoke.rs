@@ -24,7 +24,8 @@ pub(crate) struct RevokeArgs {
     /// key reaches the nodes found by mDNS or named here: without mDNS, name every node.
     #[arg(long = "peer")]
     peers: Vec<String>,
-    /// Membership address to listen on while it runs (may be repeated).
+    /// Membership address to listen on while it runs (may be repeated), so that the nodes can
+    /// connect back; its traffic is encrypted under the cluster key.
     #[arg(long, default_values_t = [format!("/ip4/0.0.0.0/tcp/{}", exo_topology::DEFAULT_PORT)])]
     listen: Vec<String>,
     /// Do not discover nodes by mDNS; only --peer.
