@@ -154,12 +154,11 @@ fn peer_messages_never_crash_a_node() {
 fn the_join_exchange_never_crashes_either_side() {
     use exo_topology::join_testing::{fetch_against, offer_against, seeds};
     let (joining, inviting) = seeds();
-    // Every exchange runs the SPAKE2 arithmetic: fewer executions than the parsers get.
     let mut handed = 0;
     let run = fuzz::run(
         "join-inviter",
         &[joining],
-        EXECUTIONS / 4,
+        EXECUTIONS,
         BUDGET,
         64,
         |bytes| {
@@ -175,7 +174,7 @@ fn the_join_exchange_never_crashes_either_side() {
     let run = fuzz::run(
         "join-joiner",
         &[inviting],
-        EXECUTIONS / 4,
+        EXECUTIONS,
         BUDGET,
         160,
         |bytes| {
