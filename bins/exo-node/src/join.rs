@@ -64,7 +64,13 @@ pub(crate) fn invite(args: InviteArgs) -> Result<()> {
             .with_context(|| format!("listening for the new device on {}", args.listen))?;
         let bound = listener.local_addr()?;
         let code = JoinCode::generate();
-        let shown = SocketAddr::new(shown_ip(bound.ip()), bound.port());
+        let ip = shown_ip(bound.ip());
+        // Without a route to find it by, the user fills in this device's address.
+        let shown = if ip.is_unspecified() {
+            format!("<this device's address>:{}", bound.port())
+        } else {
+            SocketAddr::new(ip, bound.port()).to_string()
+        };
         eprintln!(
             "exo-node: invitation to cluster {} open for {}; it lets in one device and closes \
              after {MAX_WRONG_CODES} wrong codes. On the new device, run:",

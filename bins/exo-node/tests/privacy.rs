@@ -5,6 +5,8 @@
 //! its token ids nor any secret; the HTTP API on loopback, plain by design, shows the prompt,
 //! which proves the capture sees what crosses.
 //!
+//! Then what the API and the web page show: no secret and no file path.
+//!
 //! Needs CAP_NET_RAW (CI runs as root); without it the test says so and checks nothing.
 //! Runs the real default model: run with `--release` (as CI does).
 
@@ -258,5 +260,43 @@ fn a_capture_between_the_nodes_shows_no_prompt_no_token_ids_and_no_secret() {
             !contains(&wire, bytes),
             "{what} crossed between the nodes in clear"
         );
+    }
+
+    // What the API and the web page show anyone who can reach them: no secret, no file path
+    // (the model's name, not where it lies; not the node's home with its keys).
+    let model_dir = common::default_model()
+        .parent()
+        .unwrap()
+        .display()
+        .to_string();
+    let show = serde_json::json!({"model": MODEL}).to_string();
+    for node in &cluster.nodes {
+        let home = node.home().display().to_string();
+        for (method, path, body) in [
+            ("GET", "/v1/cluster", None),
+            ("GET", "/v1/models", None),
+            ("GET", "/metrics", None),
+            ("GET", "/health", None),
+            ("GET", "/readyz", None),
+            ("GET", "/openapi.json", None),
+            ("GET", "/", None),
+            ("GET", "/api/tags", None),
+            ("GET", "/api/ps", None),
+            ("POST", "/api/show", Some(show.as_str())),
+        ] {
+            let (status, text) = http(&node.api, method, path, body);
+            assert!(status < 500, "{path}: {status} {text}");
+            for (what, bytes) in &secrets[3..] {
+                assert!(!contains(text.as_bytes(), bytes), "{path} shows {what}");
+            }
+            assert!(
+                !text.contains(&home),
+                "{path} shows the node's home {home}: {text}"
+            );
+            assert!(
+                !text.contains(&model_dir),
+                "{path} shows where the model lies: {text}"
+            );
+        }
     }
 }

@@ -229,6 +229,11 @@ impl std::ops::Deref for NodeProc {
 }
 
 impl NodeProc {
+    /// The node's home folder (its keys).
+    pub fn home(&self) -> &std::path::Path {
+        self.home.path()
+    }
+
     /// Starts the node again, as it was started, with the same home (so the same identity),
     /// dialling the membership addresses `peers`; the old process is killed first if it still
     /// runs. Waits until it listens.
