@@ -82,21 +82,29 @@ fn modules(src: &Path) -> Result<BTreeMap<String, String>> {
                 parts.join("::")
             };
             let text = std::fs::read_to_string(&path)?;
-            // Unit tests sit at the bottom of a file, after `#[cfg(test)]`.
-            let text = match text.find("\n#[cfg(test)]") {
-                Some(at) => &text[..at],
-                None => &text[..],
-            };
-            // Comments (doc links included) are not dependencies.
-            let code: String = text
-                .lines()
-                .filter(|l| !l.trim_start().starts_with("//"))
-                .map(|l| format!("{l}\n"))
-                .collect();
+            let code = code_of(&text);
             out.insert(module, code);
         }
     }
     Ok(out)
+}
+
+/// The code of a source file that counts for dependencies: without its unit tests (a
+/// `#[cfg(test)]` module named `tests` at the bottom; a test-only item elsewhere does not end
+/// the code) and without comments (doc links included).
+fn code_of(text: &str) -> String {
+    let text = [
+        "\n#[cfg(test)]\nmod tests",
+        "\n#[cfg(test)]\npub(crate) mod tests",
+    ]
+    .iter()
+    .filter_map(|marker| text.find(marker))
+    .min()
+    .map_or(text, |at| &text[..at]);
+    text.lines()
+        .filter(|l| !l.trim_start().starts_with("//"))
+        .map(|l| format!("{l}\n"))
+        .collect()
 }
 
 /// Items the crate root re-exports, and the module each comes from (`pub use a::b::{X, Y}`).
@@ -271,6 +279,21 @@ fn cycles(graph: &Graph) -> Vec<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_tests_module_and_comments_are_left_out() {
+        let text = "use crate::a::X;\n#[cfg(test)]\nfn helper() {}\nuse crate::b::Y;\n\
+                    // crate::c::Z\n#[cfg(test)]\nmod tests {\n    use crate::d::W;\n}\n";
+        let code = code_of(text);
+        assert!(
+            code.contains("crate::a::X") && code.contains("crate::b::Y"),
+            "{code}"
+        );
+        assert!(
+            !code.contains("crate::c") && !code.contains("crate::d"),
+            "{code}"
+        );
+    }
 
     #[test]
     fn paths_are_found_with_braces_expanded() {
