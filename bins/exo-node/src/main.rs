@@ -73,9 +73,10 @@ enum Command {
     /// Join a cluster with the code a device of it shows (`exo-node invite` there): receives
     /// the cluster key and keeps it in $EXO_HOME/cluster.key, for `exo-node serve`.
     Join(join::JoinArgs),
-    /// Lock a device out of the cluster: rotates the cluster key, handing the new one to every
-    /// node reachable now except that device (inside the connections the current key
-    /// protects). The nodes join again with it; the device keeps a key that opens nothing.
+    /// Lock a device out of the cluster: rotates the cluster key. The new key goes to the nodes
+    /// this command reaches (mDNS or --peer), which hand it on to the others, never to that
+    /// device, inside the connections the current key protects; every node joins again with
+    /// it, and this device keeps it. The locked-out device keeps a key that opens nothing.
     Revoke(revoke::RevokeArgs),
 }
 

@@ -10,14 +10,15 @@ use futures::StreamExt;
 
 use crate::shutdown_signal;
 
+/// How a command that joins as an observer (it computes nothing) finds the cluster.
 #[derive(Args, Debug)]
-pub(crate) struct PeersArgs {
+pub(crate) struct ObserverArgs {
     /// The cluster key: 64 hexadecimal digits, or a passphrase of at least 12 characters
     /// typed the same on every device. Without it the key in $EXO_HOME/cluster.key is used
     /// (created on first use); every device of a cluster needs the same key.
     #[arg(long, env = "EXO_CLUSTER_KEY", hide_env_values = true)]
-    cluster_key: Option<String>,
-    /// A peer to dial directly, for networks that block multicast (may be repeated):
+    pub(crate) cluster_key: Option<String>,
+    /// A node to dial directly, for networks that block multicast (may be repeated):
     /// `/ip4/10.0.0.5/tcp/52416`, `10.0.0.5:52416` or `10.0.0.5`.
     #[arg(long = "peer")]
     peers: Vec<String>,
@@ -26,6 +27,32 @@ pub(crate) struct PeersArgs {
     /// by a free one.
     #[arg(long, default_values_t = [format!("/ip4/0.0.0.0/tcp/{}", exo_topology::DEFAULT_PORT)])]
     listen: Vec<String>,
+    /// Do not discover nodes by mDNS; only --peer.
+    #[arg(long)]
+    no_mdns: bool,
+}
+
+impl ObserverArgs {
+    /// Membership settings from these flags, as an observer.
+    pub(crate) fn config(&self) -> Result<TopologyConfig> {
+        let mut config = TopologyConfig::new(exo_model::exo_home());
+        config.apply_flags(
+            self.cluster_key.as_deref(),
+            &self.peers,
+            &self.listen,
+            !self.no_mdns,
+        )?;
+        config.role = NodeRole::Observer;
+        config.backend = "none".to_owned();
+        config.device = cpu_name();
+        Ok(config)
+    }
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct PeersArgs {
+    #[command(flatten)]
+    membership: ObserverArgs,
     /// Seconds to gather before printing.
     #[arg(long, default_value_t = 3.0)]
     wait: f64,
@@ -37,9 +64,6 @@ pub(crate) struct PeersArgs {
     /// then the events).
     #[arg(long)]
     json: bool,
-    /// Do not discover peers by mDNS; only --peer.
-    #[arg(long)]
-    no_mdns: bool,
 }
 
 pub(crate) fn run(args: PeersArgs) -> Result<()> {
@@ -50,28 +74,8 @@ pub(crate) fn run(args: PeersArgs) -> Result<()> {
     runtime.block_on(peers(args))
 }
 
-/// Membership settings for a command that joins as an observer (it computes nothing).
-pub(crate) fn observer_config(
-    cluster_key: Option<&str>,
-    peers: &[String],
-    listen: &[String],
-    mdns: bool,
-) -> Result<TopologyConfig> {
-    let mut config = TopologyConfig::new(exo_model::exo_home());
-    config.apply_flags(cluster_key, peers, listen, mdns)?;
-    config.role = NodeRole::Observer;
-    config.backend = "none".to_owned();
-    config.device = cpu_name();
-    Ok(config)
-}
-
 async fn peers(args: PeersArgs) -> Result<()> {
-    let config = observer_config(
-        args.cluster_key.as_deref(),
-        &args.peers,
-        &args.listen,
-        !args.no_mdns,
-    )?;
+    let config = args.membership.config()?;
 
     // A key generated now comes with a warning that says how to share it (from exo-topology).
     let topology = Topology::start(config).await?;

@@ -9,28 +9,15 @@ use anyhow::{Context, Result};
 use clap::Args;
 use exo_topology::{ClusterKey, NodeId, Topology};
 
-use crate::peers::observer_config;
+use crate::peers::ObserverArgs;
 
 #[derive(Args, Debug)]
 pub(crate) struct RevokeArgs {
     /// The id of the device to lock out, as `exo-node peers` or the web page lists it
     /// (`12D3KooW...`). It may be off or lost: it is left out all the same.
     node: String,
-    /// The cluster key now in use: 64 hexadecimal digits, or the passphrase. Default: this
-    /// device's ($EXO_HOME/cluster.key), which is replaced by the new key.
-    #[arg(long, env = "EXO_CLUSTER_KEY", hide_env_values = true)]
-    cluster_key: Option<String>,
-    /// A node to dial directly, for networks that block multicast (may be repeated). The new
-    /// key reaches the nodes found by mDNS or named here: without mDNS, name every node.
-    #[arg(long = "peer")]
-    peers: Vec<String>,
-    /// Membership address to listen on while it runs (may be repeated), so that the nodes can
-    /// connect back; its traffic is encrypted under the cluster key.
-    #[arg(long, default_values_t = [format!("/ip4/0.0.0.0/tcp/{}", exo_topology::DEFAULT_PORT)])]
-    listen: Vec<String>,
-    /// Do not discover nodes by mDNS; only --peer.
-    #[arg(long)]
-    no_mdns: bool,
+    #[command(flatten)]
+    membership: ObserverArgs,
     /// Seconds to find the cluster's nodes before handing on the new key.
     #[arg(long, default_value_t = 5.0)]
     wait: f64,
@@ -45,13 +32,6 @@ pub(crate) fn run(args: RevokeArgs) -> Result<()> {
 }
 
 async fn revoke(args: RevokeArgs) -> Result<()> {
-    let config = observer_config(
-        args.cluster_key.as_deref(),
-        &args.peers,
-        &args.listen,
-        !args.no_mdns,
-    )?;
-    let home = config.home.clone();
     let revoked = NodeId::from(
         args.node
             .trim()
@@ -63,6 +43,17 @@ async fn revoke(args: RevokeArgs) -> Result<()> {
                 )
             })?,
     );
+    let config = args.membership.config()?;
+    if args.membership.cluster_key.is_none()
+        && !config.home.join(exo_topology::CLUSTER_KEY_FILE).exists()
+    {
+        anyhow::bail!(
+            "this device has no cluster key ({} is missing): run `exo-node revoke` on a device of \
+             the cluster, or give its key with --cluster-key",
+            config.home.join(exo_topology::CLUSTER_KEY_FILE).display()
+        );
+    }
+    let home = config.home.clone();
     let topology = Topology::start(config).await?;
     if &revoked == topology.local_id() {
         anyhow::bail!("{revoked} is this command's own id; give the id of the device to lock out");
@@ -112,7 +103,7 @@ async fn revoke(args: RevokeArgs) -> Result<()> {
         saved.display(),
         took.len()
     );
-    if args.cluster_key.is_some() {
+    if args.membership.cluster_key.is_some() {
         eprintln!(
             "exo-node: --cluster-key or EXO_CLUSTER_KEY holds the old key: drop it (the devices \
              read {}) or give the new key from that file",

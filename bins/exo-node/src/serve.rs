@@ -384,17 +384,7 @@ async fn serve_once(
             }
         }
     };
-    let mut rotations = node.topology().rotations();
-    let rotated = async {
-        loop {
-            if let Some(rotation) = rotations.borrow_and_update().clone() {
-                return rotation;
-            }
-            if rotations.changed().await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        }
-    };
+    let rotated = node.topology().rotated();
     let mut rotation = None;
     tokio::select! {
         () = report => {}

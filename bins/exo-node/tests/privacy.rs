@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 
 use exo_transport::Credential;
+use exo_transport::testing::{contains, packed_varints};
 
 mod common;
 
@@ -150,24 +151,6 @@ fn bytes_of(segments: &[Segment], ports: &HashSet<u16>) -> Vec<u8> {
         .collect()
 }
 
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
-}
-
-/// `ids` as protobuf writes a packed repeated integer field's values (LEB128 varints).
-fn varints(ids: &[u32]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for &id in ids {
-        let mut v = id;
-        while v >= 0x80 {
-            out.push((v as u8 & 0x7f) | 0x80);
-            v >>= 7;
-        }
-        out.push(v as u8);
-    }
-    out
-}
-
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -250,7 +233,7 @@ fn a_capture_between_the_nodes_shows_no_prompt_no_token_ids_and_no_secret() {
     let secrets: [(&str, Vec<u8>); 6] = [
         ("the prompt", PROMPT.as_bytes().to_vec()),
         ("a word of the prompt", b"tangerine".to_vec()),
-        ("the prompt's token ids", varints(&IDS)),
+        ("the prompt's token ids", packed_varints(&IDS)),
         ("the cluster key as typed", KEY.as_bytes().to_vec()),
         ("the credential", credential.to_vec()),
         ("the credential in hex", hex(&credential).into_bytes()),

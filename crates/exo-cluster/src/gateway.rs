@@ -392,17 +392,7 @@ pub async fn run_gateway(
             }
         };
         let mut served = tokio::spawn(exo_api::serve(listener, engine, config.api.clone(), until));
-        let mut rotations = membership.rotations();
-        let rotated = async {
-            loop {
-                if let Some(rotation) = rotations.borrow_and_update().clone() {
-                    return rotation;
-                }
-                if rotations.changed().await.is_err() {
-                    std::future::pending::<()>().await;
-                }
-            }
-        };
+        let rotated = membership.rotated();
         let rotation = tokio::select! {
             outcome = &mut served => {
                 membership.shutdown().await?;

@@ -124,6 +124,20 @@ impl Topology {
         self.rotations.clone()
     }
 
+    /// Resolves with the first rotation another member hands this node (at once if one came
+    /// already); never, if none comes.
+    pub async fn rotated(&self) -> Rotation {
+        let mut rotations = self.rotations.clone();
+        loop {
+            if let Some(rotation) = rotations.borrow_and_update().clone() {
+                return rotation;
+            }
+            if rotations.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
     /// Hands `key` to every node of the cluster except `revoked`, and says how each answered.
     /// The nodes that take it start again with it; the revoked ones keep a key that then opens
     /// nothing. This node keeps its own key: its owner saves and uses the new one.

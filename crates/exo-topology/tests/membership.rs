@@ -422,16 +422,7 @@ async fn a_static_peer_that_starts_later_is_reached_by_redialling() {
 
 /// The rotation `topology` was handed, once it is announced (within [`WITHIN`]).
 async fn rotation_of(topology: &Topology) -> exo_topology::Rotation {
-    let mut rotations = topology.rotations();
-    let wait = async {
-        loop {
-            if let Some(rotation) = rotations.borrow_and_update().clone() {
-                return rotation;
-            }
-            rotations.changed().await.unwrap();
-        }
-    };
-    tokio::time::timeout(WITHIN, wait)
+    tokio::time::timeout(WITHIN, topology.rotated())
         .await
         .expect("no rotation announced")
 }

@@ -375,3 +375,23 @@ pub fn sample_messages(kind: &str) -> Vec<Vec<u8>> {
         _ => Vec::new(),
     }
 }
+
+/// Whether `haystack` holds `needle` anywhere (for tests that look for secrets in bytes).
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// `ids` as protobuf writes a packed repeated integer field's values (LEB128 varints): what a
+/// frame of token ids carries on the wire.
+pub fn packed_varints(ids: &[u32]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for &id in ids {
+        let mut v = id;
+        while v >= 0x80 {
+            out.push((v as u8 & 0x7f) | 0x80);
+            v >>= 7;
+        }
+        out.push(v as u8);
+    }
+    out
+}

@@ -15,7 +15,7 @@ use exo_core::{
     GenerationRequest, NodeId, Prompt, RequestId, RequestStart, SamplingParams, StepEntry,
     StepFrame, StepInput, TokenOut,
 };
-use exo_transport::testing::{RawFrame, open_link, send_raw_frame};
+use exo_transport::testing::{RawFrame, contains, open_link, packed_varints, send_raw_frame};
 use exo_transport::{
     AssignReport, Assignment, Code, Credential, Error, FrameSink, GenerationItems, Limits,
     LinkOpen, NodeStatus, ShardClient, ShardHandler, WireDtype,
@@ -460,24 +460,6 @@ async fn recording_relay(target: &str) -> (String, Arc<Mutex<Vec<u8>>>, Arc<Mute
     (endpoint, up, down)
 }
 
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
-}
-
-/// `ids` as protobuf writes a packed repeated integer field's values (LEB128 varints).
-fn varints(ids: &[u32]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for &id in ids {
-        let mut v = id;
-        while v >= 0x80 {
-            out.push((v as u8 & 0x7f) | 0x80);
-            v >>= 7;
-        }
-        out.push(v as u8);
-    }
-    out
-}
-
 #[tokio::test]
 async fn a_recorded_session_shows_nothing_and_replayed_it_calls_nothing() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -532,7 +514,7 @@ async fn a_recorded_session_shows_nothing_and_replayed_it_calls_nothing() {
             "{side}: the prompt in clear"
         );
         assert!(
-            !contains(bytes, &varints(&ids)),
+            !contains(bytes, &packed_varints(&ids)),
             "{side}: the token ids in clear"
         );
         assert!(!contains(bytes, &[7u8; 32]), "{side}: the credential");
