@@ -110,9 +110,10 @@ fn a_revoked_device_is_locked_out_and_the_others_serve_on_with_the_new_key() {
         std::thread::sleep(Duration::from_millis(100));
     }
 
-    let admin = tempfile::tempdir().unwrap();
+    // Run on the device of a node that stays (its home, with that node's identity).
+    let admin = nodes[others[0]].home().to_path_buf();
     let out = exo_node()
-        .env("EXO_HOME", admin.path())
+        .env("EXO_HOME", &admin)
         .args(["revoke", &victim_id, "--cluster-key", KEY, "--no-mdns"])
         .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--wait", "10"])
         .args(["--peer", &nodes[others[0]].membership])
@@ -122,7 +123,7 @@ fn a_revoked_device_is_locked_out_and_the_others_serve_on_with_the_new_key() {
     eprintln!("exo-node revoke said:\n{said}");
     assert!(out.status.success(), "{said}");
     assert!(said.contains("1 node(s) took it"), "{said}");
-    let new_key = std::fs::read_to_string(admin.path().join("cluster.key"))
+    let new_key = std::fs::read_to_string(admin.join("cluster.key"))
         .unwrap()
         .trim()
         .to_owned();
