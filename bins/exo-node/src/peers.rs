@@ -43,6 +43,8 @@ impl ObserverArgs {
             !self.no_mdns,
         )?;
         config.role = NodeRole::Observer;
+        // Not the identity of a node this device may run from the same home.
+        config.ephemeral_identity = true;
         config.backend = "none".to_owned();
         config.device = cpu_name();
         Ok(config)

@@ -43,7 +43,7 @@ async fn revoke(args: RevokeArgs) -> Result<()> {
                 )
             })?,
     );
-    let mut config = args.membership.config()?;
+    let config = args.membership.config()?;
     if args.membership.cluster_key.is_none()
         && !config.home.join(exo_topology::CLUSTER_KEY_FILE).exists()
     {
@@ -53,17 +53,11 @@ async fn revoke(args: RevokeArgs) -> Result<()> {
             config.home.join(exo_topology::CLUSTER_KEY_FILE).display()
         );
     }
-    // The command joins under an identity of its own: on a device that runs a node too, the
-    // home's identity is the node's, and the new key, which is never handed back to its
-    // sender, would miss that node.
+    // The command joins under an identity of its own (ObserverArgs): on a device that runs a
+    // node too, the home's identity is the node's, and the new key, which is never handed back
+    // to its sender, would miss that node.
     let home = config.home.clone();
-    let (key_now, _) = exo_topology::resolve_cluster_key(config.cluster_key.as_ref(), &home)?;
-    config.cluster_key = Some(key_now);
-    let scratch = std::env::temp_dir().join(format!("exo-revoke-{}", std::process::id()));
-    config.home = scratch.clone();
-    let topology = Topology::start(config).await;
-    let _ = std::fs::remove_dir_all(&scratch);
-    let topology = topology?;
+    let topology = Topology::start(config).await?;
     if &revoked == topology.local_id() {
         anyhow::bail!("{revoked} is this command's own id; give the id of the device to lock out");
     }

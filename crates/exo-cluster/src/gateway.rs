@@ -365,6 +365,8 @@ pub async fn run_gateway(
     let shutdown = Box::pin(shutdown).shared();
     let mut topology = config.topology;
     topology.role = NodeRole::Observer;
+    // A gateway may share its device, and its home, with a node: not that node's identity.
+    topology.ephemeral_identity = true;
     topology.backend = "none".to_owned();
     topology.grpc_endpoint = None;
     topology.models = Vec::new();

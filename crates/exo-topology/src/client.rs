@@ -47,7 +47,11 @@ impl Topology {
     /// measures this machine, listens, dials the static peers, starts mDNS and spawns the event
     /// loop on the current tokio runtime (it must be called from within one).
     pub async fn start(config: TopologyConfig) -> Result<Self> {
-        let keypair = load_or_create_identity(&config.home)?;
+        let keypair = if config.ephemeral_identity {
+            libp2p::identity::Keypair::generate_ed25519()
+        } else {
+            load_or_create_identity(&config.home)?
+        };
         let (cluster_key, key_info) =
             resolve_cluster_key(config.cluster_key.as_ref(), &config.home)?;
         match &key_info.origin {

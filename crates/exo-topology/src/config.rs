@@ -77,6 +77,11 @@ pub struct TopologyConfig {
     /// The protocol version announced. Leave it at [`PROTOCOL_VERSION`]; tests change it to
     /// play a node of another release.
     pub protocol_version: String,
+    /// Join under an identity made for this run instead of `home/node.key`: for observers
+    /// (`exo-node peers`, `exo-node revoke`, a gateway), which may run on a device whose home
+    /// a node uses too. Two processes under one identity look like a copied home folder to the
+    /// others, and a node would take the observer's messages for its own.
+    pub ephemeral_identity: bool,
 }
 
 impl TopologyConfig {
@@ -107,6 +112,7 @@ impl TopologyConfig {
             probe_max_bytes: 4 << 20,
             probe_target: Duration::from_secs(1),
             protocol_version: PROTOCOL_VERSION.to_owned(),
+            ephemeral_identity: false,
         }
     }
 

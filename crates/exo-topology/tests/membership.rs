@@ -475,3 +475,22 @@ async fn a_rotated_key_reaches_every_node_but_the_revoked_one() {
         "the rotation came back to x"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_observer_sharing_a_nodes_home_joins_under_its_own_identity() {
+    let home = tempfile::tempdir().unwrap();
+    let key = ClusterKey::generate();
+    let pa = memory_port();
+    let node = Topology::start(config(home.path(), pa, &key))
+        .await
+        .unwrap();
+    let mut observing = config(home.path(), memory_port(), &key);
+    observing.static_peers = vec![address(pa)];
+    observing.ephemeral_identity = true;
+    let observer = Topology::start(observing).await.unwrap();
+    assert_ne!(observer.local_id(), node.local_id());
+    let snapshot =
+        wait_snapshot(&observer, WITHIN, "the node joined", |s| s.nodes.len() == 1).await;
+    assert!(snapshot.diagnostics.is_empty(), "{snapshot}");
+    assert!(node.snapshot().await.unwrap().diagnostics.is_empty());
+}
