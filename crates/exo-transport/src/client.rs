@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use exo_core::{
     Epoch, GenerationError, GenerationEvent, GenerationRequest, NodeId, StepFrame, StepInput,
@@ -13,6 +14,9 @@ use tonic::Streaming;
 use tonic::transport::{Channel, Endpoint};
 
 use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_util::either::Either;
 
 use crate::auth::Credential;
 use crate::convert::{frame_to_pb, generation_item_from_pb};
@@ -23,6 +27,9 @@ use crate::tls::Tls;
 use crate::types::{AssignReport, Assignment, Limits, LinkOpen, NodeStatus, WireDtype};
 
 type Inner = pb::shard_client::ShardClient<Channel>;
+
+/// How long a client waits for the TCP connection and the TLS handshake together.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A connection to one node's shard service. Cheap to clone; clones share the connection.
 #[derive(Clone, Debug)]
@@ -60,22 +67,13 @@ impl ShardClient {
             .map(Credential::tls)
             .transpose()
             .map_err(connect_error)?;
-        let connector = tower::service_fn(move |uri: tonic::codegen::http::Uri| {
-            let tls = tls.clone();
-            async move {
-                tokio::time::timeout(crate::tls::CONNECT_TIMEOUT, dial(uri, tls))
-                    .await
-                    .map_err(|_| {
-                        std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            "no connection within 3 s",
-                        )
-                    })?
-            }
-        });
+        // tonic bounds this connector (TCP and TLS handshake together) by `connect_timeout`,
+        // on every reconnection too.
+        let connector =
+            tower::service_fn(move |uri: tonic::codegen::http::Uri| dial(uri, tls.clone()));
         let channel = Endpoint::from_shared(endpoint.to_owned())
             .map_err(|e| connect_error(format!("not a valid endpoint: {e}")))?
-            .connect_timeout(crate::tls::CONNECT_TIMEOUT)
+            .connect_timeout(CONNECT_TIMEOUT)
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true)
@@ -346,15 +344,15 @@ async fn dial(
     let port = uri
         .port_u16()
         .ok_or_else(|| invalid("the endpoint names no port"))?;
-    let tcp = tokio::net::TcpStream::connect((host, port)).await?;
+    let tcp = TcpStream::connect((host, port)).await?;
     // Activation frames are latency-bound: they must not wait for Nagle's algorithm.
     tcp.set_nodelay(true)?;
     let Some(tls) = tls else {
-        return Ok(TokioIo::new(Dialled::Plain(tcp)));
+        return Ok(TokioIo::new(Either::Left(tcp)));
     };
     let connector = tokio_rustls::TlsConnector::from(Arc::clone(&tls.client));
     match connector.connect(Tls::server_name(), tcp).await {
-        Ok(secured) => Ok(TokioIo::new(Dialled::Secured(Box::new(secured)))),
+        Ok(secured) => Ok(TokioIo::new(Either::Right(secured))),
         Err(e) => Err(match crate::tls::refusal(&e) {
             Some(why) => std::io::Error::new(
                 std::io::ErrorKind::PermissionDenied,
@@ -366,74 +364,7 @@ async fn dial(
 }
 
 /// A dialled connection: TLS, or plain TCP for tests of refusal.
-enum Dialled {
-    Plain(tokio::net::TcpStream),
-    Secured(Box<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>),
-}
-
-impl tokio::io::AsyncRead for Dialled {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Dialled::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
-            Dialled::Secured(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl tokio::io::AsyncWrite for Dialled {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Dialled::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
-            Dialled::Secured(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Dialled::Plain(s) => std::pin::Pin::new(s).poll_write_vectored(cx, bufs),
-            Dialled::Secured(s) => std::pin::Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            Dialled::Plain(s) => s.is_write_vectored(),
-            Dialled::Secured(s) => s.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Dialled::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
-            Dialled::Secured(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Dialled::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
-            Dialled::Secured(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
-}
+type Dialled = Either<TcpStream, TlsStream<TcpStream>>;
 
 /// A handshake refused for the cluster's certificates (either end's).
 #[derive(Debug)]

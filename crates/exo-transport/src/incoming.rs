@@ -18,6 +18,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
+use tokio_rustls::server::TlsStream;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
 /// Connections the shard service keeps open at once: far more than a cluster's peers, clients
@@ -44,32 +45,34 @@ pub(crate) fn accept_tls(
     max_connections: usize,
     first_byte_timeout: Duration,
     tls: Arc<rustls::ServerConfig>,
-) -> impl Stream<Item = io::Result<Secured>> + Send + 'static {
+) -> impl Stream<Item = io::Result<TlsStream<Capped>>> + Send + 'static {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    // Refused handshakes are logged like the accept loop's errors, at most once a second.
+    let refusals = Arc::new(std::sync::Mutex::new(RareLog::default()));
     tokio::spawn(async move {
-        let mut state = Accepting {
-            listener,
-            permits: Arc::new(Semaphore::new(max_connections.max(1))),
-            first_byte_timeout,
-            last_logged: None,
-            suppressed: 0,
-        };
+        let mut state = Accepting::new(listener, max_connections, first_byte_timeout);
         loop {
             let capped = tokio::select! {
                 capped = state.next() => capped,
                 () = tx.closed() => return,
             };
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            let (acceptor, tx, refusals) = (acceptor.clone(), tx.clone(), Arc::clone(&refusals));
             tokio::spawn(async move {
                 let peer = capped.stream.peer_addr().ok();
                 let handshake = acceptor.accept(capped);
                 match tokio::time::timeout(first_byte_timeout, handshake).await {
                     Ok(Ok(secured)) => {
-                        let _ = tx.send(Ok(Secured(secured))).await;
+                        let _ = tx.send(Ok(secured)).await;
                     }
                     Ok(Err(e)) => match crate::tls::refusal(&e) {
-                        Some(why) => crate::tls::log_refused(peer, &why),
+                        Some(why) => {
+                            let peer = peer
+                                .map_or_else(|| "an unknown address".to_owned(), |p| p.to_string());
+                            if let Ok(mut log) = refusals.lock() {
+                                log.warn(&format!("refused a shard connection from {peer}: {why}"));
+                            }
+                        }
                         None => tracing::debug!(?peer, error = %e, "a TLS handshake failed"),
                     },
                     Err(_) => tracing::debug!(?peer, "a TLS handshake timed out"),
@@ -84,24 +87,34 @@ struct Accepting {
     listener: TcpListener,
     permits: Arc<Semaphore>,
     first_byte_timeout: Duration,
-    last_logged: Option<Instant>,
-    suppressed: u64,
+    log: RareLog,
 }
 
 impl Accepting {
+    fn new(listener: TcpListener, max_connections: usize, first_byte_timeout: Duration) -> Self {
+        Accepting {
+            listener,
+            permits: Arc::new(Semaphore::new(max_connections.max(1))),
+            first_byte_timeout,
+            log: RareLog::default(),
+        }
+    }
+
     async fn next(&mut self) -> Capped {
         loop {
             let stream = match self.listener.accept().await {
                 Ok((stream, _)) => stream,
                 Err(error) if is_connection_error(&error) => continue,
                 Err(error) => {
-                    self.log_rarely(&format!("accepting a shard connection failed: {error}"));
+                    self.log
+                        .warn(&format!("accepting a shard connection failed: {error}"));
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
                     continue;
                 }
             };
             let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() else {
-                self.log_rarely("refusing a shard connection: at the connection cap");
+                self.log
+                    .warn("refusing a shard connection: at the connection cap");
                 continue;
             };
             // Activation frames are latency-bound: they must not wait for Nagle's algorithm.
@@ -113,9 +126,18 @@ impl Accepting {
             };
         }
     }
+}
 
-    /// Logs at most once a second, with the number of lines left out since the last.
-    fn log_rarely(&mut self, message: &str) {
+/// A warning logged at most once a second, with the number of lines left out since the last
+/// (a flood of bad connections must not flood the log).
+#[derive(Default)]
+struct RareLog {
+    last_logged: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RareLog {
+    fn warn(&mut self, message: &str) {
         let now = Instant::now();
         if self
             .last_logged
@@ -213,57 +235,6 @@ impl AsyncWrite for Capped {
     }
 }
 
-/// A connection the shard service accepted and secured.
-pub(crate) struct Secured(pub(crate) tokio_rustls::server::TlsStream<Capped>);
-
-impl Connected for Secured {
-    type ConnectInfo = TcpConnectInfo;
-
-    fn connect_info(&self) -> TcpConnectInfo {
-        self.0.get_ref().0.connect_info()
-    }
-}
-
-impl AsyncRead for Secured {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Secured {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -282,13 +253,7 @@ mod tests {
         max_connections: usize,
         first_byte_timeout: Duration,
     ) -> impl Stream<Item = io::Result<Capped>> + Send + 'static {
-        let state = Accepting {
-            listener,
-            permits: Arc::new(Semaphore::new(max_connections.max(1))),
-            first_byte_timeout,
-            last_logged: None,
-            suppressed: 0,
-        };
+        let state = Accepting::new(listener, max_connections, first_byte_timeout);
         futures::stream::unfold(state, |mut state| async move {
             let capped = state.next().await;
             Some((Ok(capped), state))

@@ -9,8 +9,6 @@
 
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -159,33 +157,12 @@ pub(crate) fn refusal(error: &io::Error) -> Option<String> {
     }
 }
 
-/// When a refused handshake was last logged (ms since the first), to log at most one a second.
-static LAST_REFUSAL_LOGGED: AtomicU64 = AtomicU64::new(0);
-
-/// Logs a refused handshake, at most once a second (a scanner must not flood the log).
-pub(crate) fn log_refused(peer: Option<std::net::SocketAddr>, why: &str) {
-    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    let now = START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1_000;
-    let last = LAST_REFUSAL_LOGGED.load(Ordering::Relaxed);
-    if now.saturating_sub(last) < 1_000
-        || LAST_REFUSAL_LOGGED
-            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_err()
-    {
-        return;
-    }
-    let peer = peer.map_or_else(|| "an unknown address".to_owned(), |p| p.to_string());
-    tracing::warn!(%peer, "refused a shard connection: {why}");
-}
-
-/// How long a client waits for the TCP connection and the TLS handshake together.
-pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn every_node_derives_the_same_authority_and_another_key_another() {
