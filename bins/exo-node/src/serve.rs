@@ -397,7 +397,7 @@ async fn serve_once(
         Some(_) => bound_listen(&node, &config.topology.listen).await,
         None => Vec::new(),
     };
-    let grpc = bound_grpc(config.grpc_listen, node.grpc_endpoint());
+    let grpc = node.grpc_addr();
     eprintln!("exo-node: leaving the cluster");
     let _ = api_stop.send(());
     if let Some(mut task) = api_task {
@@ -462,20 +462,6 @@ async fn bound_listen(
                 .collect()
         })
         .collect()
-}
-
-/// The shard service address to listen on again: the configured one, with port 0 replaced by
-/// the port `endpoint` (`http://host:port`) shows.
-fn bound_grpc(configured: SocketAddr, endpoint: &str) -> SocketAddr {
-    if configured.port() != 0 {
-        return configured;
-    }
-    let port = endpoint
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.trim_end_matches('/').parse().ok())
-        .unwrap_or(0);
-    SocketAddr::new(configured.ip(), port)
 }
 
 #[cfg(test)]

@@ -101,6 +101,8 @@ pub struct Node {
     id: NodeId,
     topology: Topology,
     endpoint: String,
+    /// The address the shard service is bound to (`endpoint` names it).
+    grpc_addr: SocketAddr,
     stages: Arc<Stages>,
     origins: Arc<Origins>,
     plan: watch::Receiver<PlanState>,
@@ -262,6 +264,7 @@ impl Node {
             id,
             topology,
             endpoint,
+            grpc_addr: bound,
             stages,
             origins,
             plan,
@@ -274,6 +277,12 @@ impl Node {
     /// Where this node's shard service listens.
     pub fn grpc_endpoint(&self) -> &str {
         &self.endpoint
+    }
+
+    /// The address the shard service is bound to: `grpc_listen` with the port taken when it
+    /// asked for any (port 0).
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
     }
 
     /// This node's identity.
