@@ -9,7 +9,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 mod common;
 
@@ -49,17 +49,6 @@ fn join(command: &str, code: Option<&str>, home: &std::path::Path) -> std::proce
         .unwrap()
 }
 
-fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(Instant::now() < deadline, "still running after {within:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn stderr_of(child: &mut Child) -> String {
     let mut text = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut text).unwrap();
@@ -89,7 +78,8 @@ fn a_device_joins_with_the_code_and_a_wrong_or_expired_code_gets_nothing() {
     assert!(joined.status.success(), "{stderr}");
     let kept = std::fs::read_to_string(new_device.path().join("cluster.key")).unwrap();
     assert_eq!(kept.trim(), KEY);
-    assert!(wait_exit(&mut inviter, Duration::from_secs(10)).success());
+    let status = common::wait_exit(&mut inviter, Duration::from_secs(10));
+    assert!(status.expect("the invitation still runs").success());
     let said = stderr_of(&mut inviter);
     assert!(said.contains("joined cluster"), "{said}");
     assert!(said.contains("wrong join code"), "{said}");
@@ -127,7 +117,8 @@ fn a_device_joins_with_the_code_and_a_wrong_or_expired_code_gets_nothing() {
 
     // An invitation that expired lets nobody in.
     let (mut expired, command) = invite("1s");
-    assert!(!wait_exit(&mut expired, Duration::from_secs(10)).success());
+    let status = common::wait_exit(&mut expired, Duration::from_secs(10));
+    assert!(!status.expect("the expired invitation still runs").success());
     let said = stderr_of(&mut expired);
     assert!(said.contains("expired"), "{said}");
     let late = tempfile::tempdir().unwrap();

@@ -48,15 +48,7 @@ fn the_openai_sdk_works_against_a_node_and_through_a_gateway() {
     let gateway = Proc::spawn(gateway);
     gateway.wait_for("gateway serving the API", Duration::from_secs(30));
     // Wait until the gateway sees both nodes.
-    let mut joined = 0;
-    for _ in 0..300 {
-        joined = gateway.log_text().matches("node joined").count();
-        if joined >= 2 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(joined >= 2, "gateway log:\n{}", gateway.log_text());
+    gateway.wait_for_count(0, "node joined", 2, Duration::from_secs(30));
 
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_e2e.py");
     let out = python()

@@ -14,7 +14,7 @@ use exo_transport::{Credential, Limits, ShardClient};
 
 mod common;
 
-use common::{KEY, NodeProc, exo_node};
+use common::{KEY, exo_node};
 
 const QUESTION: &str = "What is the capital of France?";
 
@@ -48,22 +48,6 @@ fn holds_layers(grpc: &str) -> bool {
                 .unwrap();
             !client.status().await.unwrap().layers.is_empty()
         })
-}
-
-/// Waits until `node`'s log, past its first `from` bytes, contains `text`.
-fn wait_after(node: &NodeProc, from: usize, text: &str, within: Duration) {
-    let deadline = Instant::now() + within;
-    loop {
-        let log = node.proc.log_text();
-        if log.get(from..).is_some_and(|rest| rest.contains(text)) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "`{text}` not logged within {within:?}; log:\n{log}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]
@@ -104,11 +88,7 @@ fn a_revoked_device_is_locked_out_and_the_others_serve_on_with_the_new_key() {
     }
     let gateway = common::Proc::spawn(gateway);
     gateway.wait_for("gateway serving the API", Duration::from_secs(30));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while gateway.log_text().matches("node joined").count() < 3 {
-        assert!(Instant::now() < deadline, "{}", gateway.log_text());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    gateway.wait_for_count(0, "node joined", 3, Duration::from_secs(30));
 
     // Run on the device of a node that stays (its home, with that node's identity).
     let admin = nodes[others[0]].home().to_path_buf();
@@ -131,18 +111,15 @@ fn a_revoked_device_is_locked_out_and_the_others_serve_on_with_the_new_key() {
 
     // The other two join again with the new key and serve; the answer is one machine's.
     for &i in &others {
-        wait_after(
-            &nodes[i],
+        nodes[i].proc.wait_for_count(
             logged[i],
             "rotated the cluster key",
+            1,
             Duration::from_secs(30),
         );
-        wait_after(
-            &nodes[i],
-            logged[i],
-            "exo-node: ready",
-            Duration::from_secs(120),
-        );
+        nodes[i]
+            .proc
+            .wait_for_count(logged[i], "exo-node: ready", 1, Duration::from_secs(120));
     }
     // The gateway got it from a node, and serves through the new key too.
     gateway.wait_for("the gateway joins again with it", Duration::from_secs(30));

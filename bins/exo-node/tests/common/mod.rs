@@ -169,12 +169,24 @@ impl Proc {
 
     /// Waits until the log contains `text`.
     pub fn wait_for(&self, text: &str, within: Duration) {
+        self.wait_for_count(0, text, 1, within);
+    }
+
+    /// Waits until the log, past its first `from` bytes, contains `text` at least `times`
+    /// times.
+    pub fn wait_for_count(&self, from: usize, text: &str, times: usize, within: Duration) {
         let deadline = Instant::now() + within;
-        while !self.log_text().contains(text) {
+        loop {
+            let log = self.log_text();
+            if log
+                .get(from..)
+                .is_some_and(|rest| rest.matches(text).count() >= times)
+            {
+                return;
+            }
             assert!(
                 Instant::now() < deadline,
-                "`{text}` not logged within {within:?}; log:\n{}",
-                self.log_text()
+                "`{text}` not logged {times} time(s) within {within:?}; log:\n{log}"
             );
             std::thread::sleep(Duration::from_millis(100));
         }
