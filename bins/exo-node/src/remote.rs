@@ -57,6 +57,7 @@ pub(crate) fn generate(args: GenerateArgs) -> Result<()> {
         prompt_logprobs: None,
         penalties: Default::default(),
         constraint: None,
+        tools: Vec::new(),
         model: String::new(),
         prompt,
         max_tokens: Some(u32::try_from(args.max_tokens).unwrap_or(u32::MAX).max(1)),

@@ -89,7 +89,7 @@ pub(crate) async fn messages(
         }
         Some(n) => u32::try_from(n).unwrap_or(u32::MAX),
     };
-    let tools = tool_use(&fields)?;
+    let mut tools = tool_use(&fields)?;
     let mut turns = Vec::new();
     if let Some(system) = system(fields.get("system"))? {
         turns.push(ChatMessage::new("system", system));
@@ -107,9 +107,7 @@ pub(crate) async fn messages(
     for (i, item) in items.iter().enumerate() {
         turns.extend(message(i, item)?);
     }
-    if let Some(tools) = &tools {
-        tools.add_to(&mut turns);
-    }
+    let specs = tools::lower(state.tool_syntax(Some(&model)), &mut turns, tools.as_mut());
     let temperature = fields.number("temperature")?.unwrap_or(1.0);
     if !(0.0..=1.0).contains(&temperature) {
         return Err(ApiError::invalid_param(
@@ -161,6 +159,7 @@ pub(crate) async fn messages(
         prompt_logprobs: None,
         model: model.clone(),
         prompt: Prompt::Chat(turns),
+        tools: specs,
         max_tokens: Some(max_tokens),
         sampling: SamplingParams {
             temperature: temperature as f32,
@@ -300,7 +299,8 @@ fn message(i: usize, item: &Value) -> Result<Vec<ChatMessage>, ApiError> {
             Some("tool_use") if role == "assistant" => {
                 let name = block.get("name").cloned().unwrap_or(Value::Null);
                 let input = block.get("input").cloned().unwrap_or_else(|| json!({}));
-                calls.push(json!({"function": {"name": name, "arguments": input}}));
+                let id = block.get("id").cloned().unwrap_or(Value::Null);
+                calls.push(json!({"id": id, "function": {"name": name, "arguments": input}}));
             }
             Some("tool_result") if role == "user" => {
                 let content = match block.get("content") {
@@ -322,7 +322,13 @@ fn message(i: usize, item: &Value) -> Result<Vec<ChatMessage>, ApiError> {
                         ));
                     }
                 };
-                results.push(tools::write_result(&content));
+                results.push(ChatMessage {
+                    tool_call_id: block
+                        .get("tool_use_id")
+                        .and_then(Value::as_str)
+                        .map(str::to_owned),
+                    ..ChatMessage::new("tool", content)
+                });
             }
             Some(other) => {
                 return Err(ApiError::invalid_param(
@@ -341,21 +347,17 @@ fn message(i: usize, item: &Value) -> Result<Vec<ChatMessage>, ApiError> {
             }
         }
     }
-    let mut turns = Vec::new();
-    if !results.is_empty() {
-        turns.push(ChatMessage::new("user", results.join("\n")));
-    }
-    let mut content = text.join("\n");
-    if !calls.is_empty() {
-        let written = tools::write_calls(i, &Value::Array(calls))?;
-        content = if content.is_empty() {
-            written
-        } else {
-            format!("{content}\n{written}")
-        };
-    }
-    if !content.is_empty() || turns.is_empty() {
-        turns.push(ChatMessage::new(role, content));
+    let mut turns = results;
+    let content = text.join("\n");
+    let tool_calls = match calls.is_empty() {
+        true => Vec::new(),
+        false => tools::history_calls(&format!("messages[{i}].content"), &Value::Array(calls))?,
+    };
+    if !content.is_empty() || !tool_calls.is_empty() || turns.is_empty() {
+        turns.push(ChatMessage {
+            tool_calls,
+            ..ChatMessage::new(role, content)
+        });
     }
     Ok(turns)
 }

@@ -1,7 +1,7 @@
 //! The boundary between the HTTP API and whatever runs the model: the [`Engine`] trait and the
 //! plain data that crosses it.
 
-use exo_core::{GenerationError, GenerationEvent, GenerationRequest};
+use exo_core::{GenerationError, GenerationEvent, GenerationRequest, ToolSyntax};
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
@@ -79,4 +79,9 @@ pub struct ModelCard {
     pub owned_by: String,
     /// The most tokens (prompt plus completion) one request may use.
     pub context_length: usize,
+    /// How the model's chat template writes tool calls, when it takes tools: the API then hands
+    /// it a chat's tools and tool turns as they are, and reads calls in that syntax. `None`:
+    /// the API asks for calls through its own generic prompt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_syntax: Option<ToolSyntax>,
 }

@@ -67,6 +67,7 @@ pub use crate::routes::router;
 pub use exo_core::{
     ChatMessage, FinishReason, Finished, GenerationError, GenerationEvent, GenerationRequest,
     Logprob, OutputConstraint, Penalties, Prompt, PromptLogprobs, SamplingParams, TokenText,
+    ToolCall, ToolSpec, ToolSyntax,
 };
 
 /// Serves the API on an already-bound `listener` until `shutdown` resolves, then stops

@@ -308,6 +308,7 @@ impl Options {
             prompt_logprobs: None,
             penalties: Default::default(),
             constraint: None,
+            tools: Vec::new(),
             model,
             prompt,
             max_tokens: self.max_tokens,

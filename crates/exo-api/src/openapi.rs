@@ -627,9 +627,11 @@ fn chat_request() -> Value {
                 }),
                 &["type", "function"],
             ),
-            "description": "Functions the model may call. They reach the model in a generic \
-                prompt (Hermes format: a <tools> block in the system message); calls come back \
-                in message.tool_calls with finish_reason tool_calls",
+            "description": "Functions the model may call. A model whose chat template takes \
+                tools (its tool_syntax in /v1/models) gets them through that template and its \
+                calls are read in that syntax; any other model gets them in a generic prompt \
+                (Hermes format: a <tools> block in the system message). Calls come back in \
+                message.tool_calls with finish_reason tool_calls",
         }),
     );
     properties.insert(
@@ -698,9 +700,13 @@ fn chat_message() -> Value {
             "name": {"type": "string", "description": "Accepted and ignored"},
             "tool_calls": {
                 "type": "array",
-                "description": "An assistant turn's earlier calls, written back as <tool_call> blocks",
+                "description": "An assistant turn's earlier calls, handed to a chat template \
+                    that takes tools, or written back as <tool_call> blocks",
             },
-            "tool_call_id": {"type": "string", "description": "Accepted and ignored"},
+            "tool_call_id": {
+                "type": "string",
+                "description": "A tool turn's call, for chat templates that pair results with calls",
+            },
         }),
         &["role"],
     )
@@ -859,6 +865,11 @@ fn model() -> Value {
             "created": {"type": "integer", "description": "Unix seconds"},
             "owned_by": {"type": "string"},
             "context_length": {"type": "integer", "description": "Prompt plus completion tokens"},
+            "tool_syntax": {
+                "enum": ["hermes", "llama3", "mistral", null],
+                "description": "How the model's chat template writes tool calls, when it takes \
+                    tools; null: tools reach it through a generic prompt",
+            },
         }),
         &["id", "object", "created", "owned_by"],
     )

@@ -14,7 +14,9 @@ use crate::error::ApiError;
 use crate::fields::{Fields, describe, missing};
 use crate::state::AppState;
 use crate::tools::{self, ToolUse};
-use exo_core::{ChatMessage as Message, GenerationRequest, Penalties, Prompt, SamplingParams};
+use exo_core::{
+    ChatMessage as Message, GenerationRequest, Penalties, Prompt, SamplingParams, ToolSyntax,
+};
 
 /// The most choices (`n`) one request may ask for; each is a generation of its own.
 const MAX_CHOICES: u64 = 16;
@@ -111,9 +113,13 @@ pub(crate) enum Echo {
 }
 
 /// Validates a `POST /v1/chat/completions` body.
+///
+/// `native`: the tool-call syntax of the model's chat template, when it takes tools
+/// ([`tools::lower`]).
 pub(crate) fn chat(
     body: &Map<String, Value>,
     default_max_tokens: Option<usize>,
+    native: Option<ToolSyntax>,
 ) -> Result<Parsed, ApiError> {
     let fields = Fields(body);
     let model = fields.required_string("model")?;
@@ -129,12 +135,11 @@ pub(crate) fn chat(
         (false, _) => None,
         (true, top) => Some(top_logprobs("top_logprobs", top.unwrap_or(0), 20)?),
     };
-    let tools = tools::parse(&fields)?;
+    let mut tools = tools::parse(&fields)?;
     let format = tools::response_format(&fields)?;
-    if let Some(tools) = &tools {
-        tools.add_to(&mut messages);
-    }
+    let specs = tools::lower(native, &mut messages, tools.as_mut());
     let mut parsed = common(&fields, model, Prompt::Chat(messages), default_max_tokens)?;
+    parsed.request.tools = specs;
     // A call the request demands is the output's grammar; otherwise the response format's.
     let (constraint, param) = match tools.as_ref().and_then(ToolUse::constraint) {
         Some(call) => (Some(call), "tool_choice"),
@@ -362,6 +367,7 @@ fn common(
             embed: false,
             prompt_logprobs: None,
             constraint: None,
+            tools: Vec::new(),
             model,
             prompt,
             max_tokens,
@@ -491,7 +497,7 @@ fn message(i: usize, item: &Value) -> Result<Message, ApiError> {
         "system" | "developer" => "system",
         "user" => "user",
         "assistant" => "assistant",
-        // A tool's result goes back to the model in a user turn (see `tools`).
+        // A tool's result (see `tools::lower`).
         "tool" => "tool",
         other => {
             return Err(ApiError::invalid_param(
@@ -526,22 +532,20 @@ fn message(i: usize, item: &Value) -> Result<Message, ApiError> {
             ));
         }
     };
-    if role == "tool" {
-        return Ok(Message::new("user", tools::write_result(&content)));
-    }
-    let content = match fields.get("tool_calls") {
-        Some(calls) if role == "assistant" => {
-            let calls = tools::write_calls(i, calls)?;
-            match content.is_empty() {
-                true => calls,
-                false => format!("{content}\n{calls}"),
-            }
-        }
-        _ => content,
+    let tool_calls = match fields.get("tool_calls") {
+        Some(Value::Null) | None => Vec::new(),
+        Some(calls) if role == "assistant" => tools::history_calls(&at("tool_calls"), calls)?,
+        Some(_) => Vec::new(),
+    };
+    let tool_call_id = match (role, fields.get("tool_call_id")) {
+        ("tool", Some(Value::String(id))) => Some(id.clone()),
+        _ => None,
     };
     Ok(Message {
         role: role.to_owned(),
         content,
+        tool_calls,
+        tool_call_id,
     })
 }
 
@@ -617,7 +621,7 @@ mod tests {
 
     fn parse_chat(body: Value) -> Result<Parsed, ApiError> {
         match body {
-            Value::Object(map) => chat(&map, None),
+            Value::Object(map) => chat(&map, None, None),
             _ => Err(ApiError::invalid("not an object")),
         }
     }
@@ -643,10 +647,7 @@ mod tests {
         assert!(!parsed.stream);
         assert_eq!(
             parsed.request.prompt,
-            Prompt::Chat(vec![Message {
-                role: "system".into(),
-                content: "a\nb".into()
-            }])
+            Prompt::Chat(vec![Message::new("system", "a\nb")])
         );
     }
 

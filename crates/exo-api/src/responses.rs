@@ -49,7 +49,19 @@ pub(crate) async fn create(
         Some(Value::String(text)) => turns.push(ChatMessage::new("user", text.clone())),
         Some(Value::Array(items)) => {
             for (i, item) in items.iter().enumerate() {
-                turns.push(input_item(i, item)?);
+                let turn = input_item(i, item)?;
+                // Calls made one after another are one assistant turn, as chat completions
+                // gives them.
+                match turns.last_mut() {
+                    Some(last)
+                        if !turn.tool_calls.is_empty()
+                            && last.role == "assistant"
+                            && !last.tool_calls.is_empty() =>
+                    {
+                        last.tool_calls.extend(turn.tool_calls);
+                    }
+                    _ => turns.push(turn),
+                }
             }
         }
         Some(other) => {
@@ -65,10 +77,9 @@ pub(crate) async fn create(
     if turns.iter().all(|t| t.role == "system") {
         return Err(ApiError::invalid_param("input", "'input' holds no message"));
     }
-    let tools = tool_use(&fields)?;
-    if let Some(tools) = &tools {
-        tools.add_to(&mut turns);
-    }
+    let mut tools = tool_use(&fields)?;
+    let native = state.tool_syntax(Some(&model));
+    let specs = tools::lower(native, &mut turns, tools.as_mut());
     // Everything chat completions reads the same way: sampling, stop, seed, penalties.
     let mut common = Map::new();
     for name in ["temperature", "top_p", "seed", "stream"] {
@@ -84,9 +95,10 @@ pub(crate) async fn create(
         "messages".to_owned(),
         json!([{"role": "user", "content": "-"}]),
     );
-    let mut parsed = request::chat(&common, state.config.default_max_tokens)
+    let mut parsed = request::chat(&common, state.config.default_max_tokens, None)
         .map_err(|e| e.renamed("max_tokens", "max_output_tokens"))?;
     parsed.request.prompt = Prompt::Chat(turns);
+    parsed.request.tools = specs;
     let format = text_format(&fields)?;
     let (constraint, param) = match tools.as_ref().and_then(ToolUse::constraint) {
         Some(call) => (Some(call), "tool_choice"),
@@ -193,11 +205,17 @@ fn input_item(i: usize, item: &Value) -> Result<ChatMessage, ApiError> {
             Ok(ChatMessage::new(role, content))
         }
         "function_call" => {
-            let call = json!([{"function": {
+            let mut call = json!({"function": {
                 "name": item.get("name").cloned().unwrap_or(Value::Null),
                 "arguments": item.get("arguments").cloned().unwrap_or_else(|| json!("{}")),
-            }}]);
-            Ok(ChatMessage::new("assistant", tools::write_calls(i, &call)?))
+            }});
+            if let (Some(id), Value::Object(fields)) = (item.get("call_id"), &mut call) {
+                fields.insert("id".into(), id.clone());
+            }
+            Ok(ChatMessage {
+                tool_calls: tools::history_calls(&at, &Value::Array(vec![call]))?,
+                ..ChatMessage::new("assistant", "")
+            })
         }
         "function_call_output" => {
             let output = match item.get("output") {
@@ -205,7 +223,13 @@ fn input_item(i: usize, item: &Value) -> Result<ChatMessage, ApiError> {
                 Some(other) => other.to_string(),
                 None => String::new(),
             };
-            Ok(ChatMessage::new("user", tools::write_result(&output)))
+            Ok(ChatMessage {
+                tool_call_id: item
+                    .get("call_id")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned),
+                ..ChatMessage::new("tool", output)
+            })
         }
         other => Err(ApiError::invalid_param(
             format!("{at}.type"),

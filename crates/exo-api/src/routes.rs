@@ -160,7 +160,8 @@ async fn chat_completions(
     log: RequestLog,
     JsonObject(body): JsonObject,
 ) -> Result<Response, ApiError> {
-    let parsed = request::chat(&body, state.config.default_max_tokens)?;
+    let native = state.tool_syntax(body.get("model").and_then(Value::as_str));
+    let parsed = request::chat(&body, state.config.default_max_tokens, native)?;
     respond(&state, Api::Chat, parsed, log).await
 }
 
@@ -180,6 +181,7 @@ fn model_object(card: &ModelCard) -> Value {
         "created": card.created,
         "owned_by": card.owned_by,
         "context_length": card.context_length,
+        "tool_syntax": card.tool_syntax.map(|s| s.name()),
     })
 }
 

@@ -1,23 +1,39 @@
 //! Tool calling and structured output in OpenAI's shapes: `tools` and `tool_choice`, tool
 //! turns in the history, `response_format`, and the tool calls read back out of the text.
 //!
-//! Tools reach the model through a generic prompt in the Hermes format (the one Qwen's and
-//! Hermes' templates write): the functions' signatures in a `<tools>` block of the system
-//! message, each call the model makes as `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`,
-//! earlier calls written back the same way, and tool results as `<tool_response>` blocks in a
-//! user turn. Any model can be asked this way; models trained on the format answer it best.
-//! `tool_choice: "required"` or a named function constrains the output to exactly such a
-//! call, by grammar, so even a model that knows nothing of tools calls one with arguments
-//! valid against its schema.
+//! A model whose chat template takes tools (the engine's [`ModelCard::tool_syntax`] says
+//! which call syntax the template teaches) gets them through that template: the tools, the
+//! history's calls and the tools' results go to the engine as they are
+//! ([`GenerationRequest::tools`](exo_core::GenerationRequest::tools), [`ChatMessage::tool_calls`],
+//! `tool` turns) and the template writes them the way the model was trained on. Its answer's
+//! calls are read in that syntax: Hermes' and Qwen's `<tool_call>` blocks, Llama 3.x's
+//! `{"name": ..., "parameters": ...}` answer, Mistral's `[TOOL_CALLS] [...]` list.
+//!
+//! Any other model is asked through a generic prompt in the Hermes format: the functions'
+//! signatures in a `<tools>` block of the system message, each call the model makes as
+//! `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, earlier calls written back the
+//! same way, and tool results as `<tool_response>` blocks in a user turn ([`lower`] rewrites
+//! the chat so). Models trained on the format answer it best.
+//!
+//! `tool_choice: "required"` or a named function constrains the output to exactly one call in
+//! the model's syntax, by grammar, so even a model that knows nothing of tools calls one with
+//! arguments valid against its schema.
+//!
+//! [`ModelCard::tool_syntax`]: crate::ModelCard::tool_syntax
 
 use serde_json::{Map, Value, json};
 
 use crate::error::ApiError;
 use crate::fields::{Fields, describe};
-use exo_core::{ChatMessage, OutputConstraint};
+use exo_core::{ChatMessage, OutputConstraint, ToolCall, ToolSpec, ToolSyntax};
 
 const CALL_OPEN: &str = "<tool_call>";
 const CALL_CLOSE: &str = "</tool_call>";
+/// What opens Mistral's list of calls (a control token in its tokenizers, which the answer's
+/// text spells out).
+const MISTRAL_CALLS: &str = "[TOOL_CALLS]";
+/// What Llama 3.x may write before a call (a control token, spelled out in the text).
+const PYTHON_TAG: &str = "<|python_tag|>";
 
 /// One function a request offers the model.
 #[derive(Clone, Debug, PartialEq)]
@@ -45,6 +61,8 @@ pub(crate) enum Choice {
 pub(crate) struct ToolUse {
     pub(crate) tools: Vec<Tool>,
     pub(crate) choice: Choice,
+    /// The syntax the model writes calls in: its template's, or the generic prompt's Hermes.
+    pub(crate) syntax: ToolSyntax,
 }
 
 /// Reads `tools` and `tool_choice`.
@@ -123,6 +141,7 @@ pub(crate) fn parse(fields: &Fields<'_>) -> Result<Option<ToolUse>, ApiError> {
     Ok(Some(ToolUse {
         tools,
         choice: choice.unwrap_or(Choice::Auto),
+        syntax: ToolSyntax::Hermes,
     }))
 }
 
@@ -211,7 +230,7 @@ impl ToolUse {
     }
 
     /// Puts the tools into the conversation: into the system message, or a new one first.
-    pub(crate) fn add_to(&self, messages: &mut Vec<ChatMessage>) {
+    fn add_to(&self, messages: &mut Vec<ChatMessage>) {
         let prompt = self.prompt();
         match messages.first_mut() {
             Some(first) if first.role == "system" => {
@@ -221,13 +240,31 @@ impl ToolUse {
         }
     }
 
+    /// The tools as the engine hands them to a chat template.
+    fn specs(&self) -> Vec<ToolSpec> {
+        self.tools
+            .iter()
+            .map(|t| ToolSpec {
+                name: t.name.clone(),
+                description: t.description.clone(),
+                parameters: t.parameters.to_string(),
+            })
+            .collect()
+    }
+
     /// The grammar the output must follow: exactly one call of the named tool, or of any
-    /// of them, with arguments valid against its schema; `None` when the model may answer.
+    /// of them, with arguments valid against its schema, in the model's syntax; `None` when
+    /// the model may answer.
     pub(crate) fn constraint(&self) -> Option<OutputConstraint> {
         let chosen: Vec<&Tool> = match &self.choice {
             Choice::Auto => return None,
             Choice::Required => self.tools.iter().collect(),
             Choice::Named(name) => self.tools.iter().filter(|t| &t.name == name).collect(),
+        };
+        // Llama 3.x names the arguments `parameters`.
+        let arguments = match self.syntax {
+            ToolSyntax::Llama3 => "parameters",
+            ToolSyntax::Hermes | ToolSyntax::Mistral => "arguments",
         };
         let calls: Vec<Value> = chosen
             .iter()
@@ -236,9 +273,9 @@ impl ToolUse {
                     "type": "object",
                     "properties": {
                         "name": {"const": t.name},
-                        "arguments": t.parameters,
+                        arguments: t.parameters,
                     },
-                    "required": ["name", "arguments"],
+                    "required": ["name", arguments],
                     "additionalProperties": false,
                 })
             })
@@ -253,10 +290,67 @@ impl ToolUse {
                 json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}),
             );
         }
+        let start = match self.syntax {
+            ToolSyntax::Hermes => format!("\"{CALL_OPEN}\\n\" call \"\\n{CALL_CLOSE}\""),
+            ToolSyntax::Llama3 => "call".to_owned(),
+            ToolSyntax::Mistral => format!("\"{MISTRAL_CALLS} [\" call \"]\""),
+        };
         Some(OutputConstraint::Lark(format!(
-            "start: \"{CALL_OPEN}\\n\" call \"\\n{CALL_CLOSE}\"\ncall: %json {schema}"
+            "start: {start}\ncall: %json {schema}"
         )))
     }
+}
+
+/// Makes a parsed chat fit the model: with a chat template that takes tools (`native`), the
+/// tools are handed to the engine as they are and the history's calls and results stay
+/// structured; otherwise the chat is rewritten for the generic Hermes prompt: the tools into
+/// the system message, earlier calls into their assistant turns' text, and each run of tool
+/// results into one user turn of `<tool_response>` blocks. Returns what goes in
+/// [`GenerationRequest::tools`](exo_core::GenerationRequest::tools).
+pub(crate) fn lower(
+    native: Option<ToolSyntax>,
+    messages: &mut Vec<ChatMessage>,
+    tools: Option<&mut ToolUse>,
+) -> Vec<ToolSpec> {
+    if let Some(syntax) = native {
+        return match tools {
+            Some(tools) => {
+                tools.syntax = syntax;
+                tools.specs()
+            }
+            None => Vec::new(),
+        };
+    }
+    let mut lowered: Vec<ChatMessage> = Vec::with_capacity(messages.len());
+    for m in messages.drain(..) {
+        if m.role == "tool" {
+            let result = write_result(&m.content);
+            match lowered.last_mut() {
+                Some(last) if last.role == "user" && last.content.ends_with("</tool_response>") => {
+                    last.content = format!("{}\n{result}", last.content);
+                }
+                _ => lowered.push(ChatMessage::new("user", result)),
+            }
+            continue;
+        }
+        let content = match m.tool_calls.is_empty() {
+            true => m.content,
+            false => {
+                let calls = write_calls(&m.tool_calls);
+                match m.content.is_empty() {
+                    true => calls,
+                    false => format!("{}\n{calls}", m.content),
+                }
+            }
+        };
+        lowered.push(ChatMessage::new(m.role, content));
+    }
+    *messages = lowered;
+    if let Some(tools) = tools {
+        tools.syntax = ToolSyntax::Hermes;
+        tools.add_to(messages);
+    }
+    Vec::new()
 }
 
 /// A tool call read out of the model's text.
@@ -282,11 +376,27 @@ impl Call {
     }
 }
 
-/// Splits the model's text into what it said and the calls it made: every
-/// `<tool_call>{...}</tool_call>` block whose JSON names one of `tools` (a last block may
-/// lack its closing tag when the answer was cut). If any block does not parse, nothing is
+/// Splits the model's text into what it said and the calls it made, in the model's syntax
+/// (see the module's text). A call must name one of `tools`; if any does not parse, nothing is
 /// taken for a call and the text stays as it was.
 pub(crate) fn read_calls(text: &str, tools: &ToolUse) -> (Option<String>, Vec<Call>) {
+    let read = match tools.syntax {
+        ToolSyntax::Hermes => read_hermes(text, tools),
+        ToolSyntax::Llama3 => read_llama3(text, tools),
+        ToolSyntax::Mistral => read_mistral(text, tools),
+    };
+    match read {
+        Some((content, calls)) if !calls.is_empty() => {
+            let content = content.trim();
+            ((!content.is_empty()).then(|| content.to_owned()), calls)
+        }
+        _ => (Some(text.to_owned()), Vec::new()),
+    }
+}
+
+/// Every `<tool_call>{...}</tool_call>` block (a last block may lack its closing tag when the
+/// answer was cut), and the text around them.
+fn read_hermes(text: &str, tools: &ToolUse) -> Option<(String, Vec<Call>)> {
     let mut calls = Vec::new();
     let mut content = String::new();
     let mut rest = text;
@@ -297,23 +407,69 @@ pub(crate) fn read_calls(text: &str, tools: &ToolUse) -> (Option<String>, Vec<Ca
             Some(end) => (&after[..end], &after[end + CALL_CLOSE.len()..]),
             None => (after, ""),
         };
-        match call(inner.trim(), tools) {
-            Some(c) => calls.push(c),
-            None => return (Some(text.to_owned()), Vec::new()),
-        }
+        calls.push(call(&serde_json::from_str(inner.trim()).ok()?, tools)?);
         rest = next;
     }
     content.push_str(rest);
-    let content = content.trim();
-    let content = (!content.is_empty() || calls.is_empty()).then(|| content.to_owned());
-    match calls.is_empty() {
-        true => (Some(text.to_owned()), calls),
-        false => (content, calls),
-    }
+    Some((content, calls))
 }
 
-fn call(json: &str, tools: &ToolUse) -> Option<Call> {
-    let Value::Object(object) = serde_json::from_str::<Value>(json).ok()? else {
+/// Llama 3.x: the whole answer is one call (or several, separated by `;`), perhaps after
+/// `<|python_tag|>`.
+fn read_llama3(text: &str, tools: &ToolUse) -> Option<(String, Vec<Call>)> {
+    let body = text.trim_start();
+    let body = body.strip_prefix(PYTHON_TAG).unwrap_or(body);
+    let mut calls = Vec::new();
+    let mut rest = body.trim();
+    while !rest.is_empty() {
+        let (value, used) = first_json(rest)?;
+        calls.push(call(&value, tools)?);
+        rest = rest[used..]
+            .trim_start()
+            .trim_start_matches(';')
+            .trim_start();
+    }
+    Some((String::new(), calls))
+}
+
+/// Mistral: text, then `[TOOL_CALLS]` and a JSON list of calls (or, in its newer tokenizers,
+/// `name[ARGS]{...}` for each call).
+fn read_mistral(text: &str, tools: &ToolUse) -> Option<(String, Vec<Call>)> {
+    let at = text.find(MISTRAL_CALLS)?;
+    let mut calls = Vec::new();
+    let mut rest = text[at..].trim_start_matches(MISTRAL_CALLS).trim_start();
+    if rest.starts_with('[') {
+        let (Value::Array(items), used) = first_json(rest)? else {
+            return None;
+        };
+        for item in &items {
+            calls.push(call(item, tools)?);
+        }
+        rest = &rest[used..];
+    } else {
+        while let Some((name, after)) = rest.split_once("[ARGS]") {
+            let (arguments, used) = first_json(after)?;
+            calls.push(call(
+                &json!({"name": name.trim(), "arguments": arguments}),
+                tools,
+            )?);
+            rest = after[used..].trim_start().trim_start_matches(MISTRAL_CALLS);
+        }
+    }
+    rest.trim()
+        .is_empty()
+        .then(|| (text[..at].to_owned(), calls))
+}
+
+/// The JSON value at the start of `text`, and the bytes it took.
+fn first_json(text: &str) -> Option<(Value, usize)> {
+    let mut values = serde_json::Deserializer::from_str(text).into_iter::<Value>();
+    let value = values.next()?.ok()?;
+    Some((value, values.byte_offset()))
+}
+
+fn call(value: &Value, tools: &ToolUse) -> Option<Call> {
+    let Value::Object(object) = value else {
         return None;
     };
     let name = object.get("name")?.as_str()?;
@@ -336,17 +492,21 @@ fn call(json: &str, tools: &ToolUse) -> Option<Call> {
 #[derive(Debug, Default)]
 pub(crate) struct Held {
     text: String,
-    /// A `<tool_call>` tag has come: everything from it waits for the end.
+    /// A call has begun: everything from it waits for the end.
     in_call: bool,
+    /// Llama 3.x: the answer began with text, so it is no call.
+    free: bool,
 }
 
 impl Held {
     /// What of `piece` may be streamed now: all of it without tools; with tools, all but what
     /// could be a tool call, which waits for [`Held::finish`].
     pub(crate) fn pass(&mut self, tools: Option<&ToolUse>, piece: String) -> String {
-        match tools {
-            Some(_) => self.take(piece),
+        match tools.map(|t| t.syntax) {
             None => piece,
+            Some(ToolSyntax::Hermes) => self.take(piece, CALL_OPEN),
+            Some(ToolSyntax::Mistral) => self.take(piece, MISTRAL_CALLS),
+            Some(ToolSyntax::Llama3) => self.take_start(piece),
         }
     }
 
@@ -362,77 +522,119 @@ impl Held {
         }
     }
 
-    /// What of `piece` may be streamed now, holding back what could be a tool call; the
-    /// rest stays in `text` for [`read_calls`] at the end.
-    fn take(&mut self, piece: String) -> String {
+    /// What of `piece` may be streamed now, holding back from `marker` on (and what could be
+    /// its start); the rest stays in `text` for [`read_calls`] at the end.
+    fn take(&mut self, piece: String, marker: &str) -> String {
         self.text.push_str(&piece);
         if self.in_call {
             return String::new();
         }
-        if let Some(at) = self.text.find(CALL_OPEN) {
+        if let Some(at) = self.text.find(marker) {
             self.in_call = true;
             let before = self.text[..at].to_owned();
             self.text.drain(..at);
             return before;
         }
-        let keep = partial_open(&self.text);
+        let keep = partial_marker(&self.text, marker);
         let ready = self.text[..self.text.len() - keep].to_owned();
         self.text.drain(..self.text.len() - keep);
         ready
     }
+
+    /// Llama 3.x: an answer that opens with `{` or `<|python_tag|>` is held whole; one that
+    /// opens with anything else streams.
+    fn take_start(&mut self, piece: String) -> String {
+        if self.free {
+            return piece;
+        }
+        self.text.push_str(&piece);
+        if self.in_call {
+            return String::new();
+        }
+        let start = self.text.trim_start();
+        if start.is_empty() || (PYTHON_TAG.starts_with(start) && start != PYTHON_TAG) {
+            return String::new();
+        }
+        if start.starts_with('{') || start.starts_with(PYTHON_TAG) {
+            self.in_call = true;
+            return String::new();
+        }
+        self.free = true;
+        std::mem::take(&mut self.text)
+    }
 }
 
-/// How much of `text`'s end could be the start of a `<tool_call>` tag, held back from a
-/// stream until the next piece tells.
-pub(crate) fn partial_open(text: &str) -> usize {
-    (1..CALL_OPEN.len().min(text.len() + 1))
+/// How much of `text`'s end could be the start of `marker`, held back from a stream until the
+/// next piece tells.
+fn partial_marker(text: &str, marker: &str) -> usize {
+    (1..marker.len().min(text.len() + 1))
         .rev()
         .find(|&n| {
-            text.is_char_boundary(text.len() - n) && CALL_OPEN.starts_with(&text[text.len() - n..])
+            text.is_char_boundary(text.len() - n) && marker.starts_with(&text[text.len() - n..])
         })
         .unwrap_or(0)
 }
 
-/// An assistant turn's earlier tool calls, written as the model would have written them.
-pub(crate) fn write_calls(i: usize, calls: &Value) -> Result<String, ApiError> {
-    let at = format!("messages[{i}].tool_calls");
+/// The calls of an assistant turn of the history, given in OpenAI's shape (`at` names the
+/// field): `[{"id", "type": "function", "function": {"name", "arguments"}}]`, the arguments as
+/// a string of JSON or as the object itself.
+pub(crate) fn history_calls(at: &str, calls: &Value) -> Result<Vec<ToolCall>, ApiError> {
     let Value::Array(calls) = calls else {
         return Err(ApiError::invalid_param(
-            at.clone(),
+            at,
             format!("'{at}' must be an array, got {}", describe(calls)),
         ));
     };
-    let mut text = String::new();
-    for (j, c) in calls.iter().enumerate() {
-        let function = c.get("function");
-        let name = function.and_then(|f| f.get("name")).and_then(Value::as_str);
-        let Some(name) = name else {
-            return Err(ApiError::invalid_param(
-                format!("{at}[{j}].function.name"),
-                format!("'{at}[{j}].function.name' must be a string"),
-            ));
-        };
-        // Arguments come as a string of JSON; written back as the object they stand for.
-        let arguments = match function.and_then(|f| f.get("arguments")) {
-            Some(Value::String(s)) => {
-                serde_json::from_str::<Value>(s).unwrap_or_else(|_| Value::String(s.clone()))
-            }
-            Some(v) => v.clone(),
-            None => json!({}),
-        };
-        if !text.is_empty() {
-            text.push('\n');
-        }
-        text.push_str(&format!(
-            "{CALL_OPEN}\n{}\n{CALL_CLOSE}",
-            json!({"name": name, "arguments": arguments})
-        ));
-    }
-    Ok(text)
+    calls
+        .iter()
+        .enumerate()
+        .map(|(j, c)| {
+            let function = c.get("function");
+            let name = function.and_then(|f| f.get("name")).and_then(Value::as_str);
+            let Some(name) = name else {
+                return Err(ApiError::invalid_param(
+                    format!("{at}[{j}].function.name"),
+                    format!("'{at}[{j}].function.name' must be a string"),
+                ));
+            };
+            let arguments = match function.and_then(|f| f.get("arguments")) {
+                Some(Value::String(s)) => s.clone(),
+                Some(v) => v.to_string(),
+                None => "{}".to_owned(),
+            };
+            let id = match c.get("id") {
+                Some(Value::String(id)) => id.clone(),
+                _ => format!("call_{j}"),
+            };
+            Ok(ToolCall {
+                id,
+                name: name.to_owned(),
+                arguments,
+            })
+        })
+        .collect()
+}
+
+/// An assistant turn's earlier tool calls, written as the generic prompt asks the model to
+/// write them.
+fn write_calls(calls: &[ToolCall]) -> String {
+    calls
+        .iter()
+        .map(|c| {
+            // Arguments come as a string of JSON; written back as the object they stand for.
+            let arguments = serde_json::from_str::<Value>(&c.arguments)
+                .unwrap_or_else(|_| Value::String(c.arguments.clone()));
+            format!(
+                "{CALL_OPEN}\n{}\n{CALL_CLOSE}",
+                json!({"name": c.name, "arguments": arguments})
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// A `tool` message's result, as the user turn that carries it back.
-pub(crate) fn write_result(content: &str) -> String {
+fn write_result(content: &str) -> String {
     format!("<tool_response>\n{content}\n</tool_response>")
 }
 
@@ -517,10 +719,11 @@ mod tests {
 
     #[test]
     fn a_partial_opening_tag_is_held_back() {
-        assert_eq!(partial_open("hello <tool_"), 6);
-        assert_eq!(partial_open("hello <"), 1);
-        assert_eq!(partial_open("hello"), 0);
-        assert_eq!(partial_open("é<t"), 2);
+        assert_eq!(partial_marker("hello <tool_", CALL_OPEN), 6);
+        assert_eq!(partial_marker("hello <", CALL_OPEN), 1);
+        assert_eq!(partial_marker("hello", CALL_OPEN), 0);
+        assert_eq!(partial_marker("é<t", CALL_OPEN), 2);
+        assert_eq!(partial_marker("ok [TOOL_", MISTRAL_CALLS), 6);
     }
 
     #[test]

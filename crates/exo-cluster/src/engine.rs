@@ -166,6 +166,7 @@ impl exo_api::Engine for NodeEngine {
             created: self.created,
             owned_by: "exo-rs".to_owned(),
             context_length: node.context_length(),
+            tool_syntax: node.tool_syntax(),
         }]
     }
 

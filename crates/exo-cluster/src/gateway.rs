@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use exo_api::{ApiConfig, ClusterView, Generation, ModelCard, PlanView, Readiness, StageView};
-use exo_core::{GenerationError, GenerationEvent, GenerationRequest};
+use exo_core::{GenerationError, GenerationEvent, GenerationRequest, ToolSyntax};
 use exo_topology::{NodeRole, Topology, TopologyConfig, TopologyEvent, TopologySnapshot};
 use exo_transport::{Credential, GenerateStream, Limits, NodeStatus};
 use futures::StreamExt;
@@ -60,6 +60,8 @@ struct Worker {
     id: String,
     endpoint: String,
     models: Vec<String>,
+    /// The tool-call syntax of each model's template, by model id, where it takes tools.
+    tool_syntax: Vec<(String, ToolSyntax)>,
 }
 
 impl GatewayEngine {
@@ -114,6 +116,15 @@ impl GatewayEngine {
                     id: p.profile.id.as_str().to_owned(),
                     endpoint: reachable(p.profile.grpc_endpoint.as_deref()?, &p.addresses),
                     models: p.profile.models.iter().map(|m| model_id(&m.name)).collect(),
+                    tool_syntax: p
+                        .profile
+                        .models
+                        .iter()
+                        .filter_map(|m| {
+                            let syntax = ToolSyntax::from_name(m.tool_syntax.as_deref()?)?;
+                            Some((model_id(&m.name), syntax))
+                        })
+                        .collect(),
                 })
             })
             .collect();
@@ -236,9 +247,15 @@ fn model_ids(workers: &[Worker]) -> Vec<String> {
 
 impl exo_api::Engine for GatewayEngine {
     fn models(&self) -> Vec<ModelCard> {
-        model_ids(&self.workers())
+        let workers = self.workers();
+        model_ids(&workers)
             .into_iter()
             .map(|id| ModelCard {
+                tool_syntax: workers
+                    .iter()
+                    .flat_map(|w| &w.tool_syntax)
+                    .find(|(model, _)| *model == id)
+                    .map(|(_, syntax)| *syntax),
                 id,
                 created: self.created,
                 owned_by: "exo-rs".to_owned(),

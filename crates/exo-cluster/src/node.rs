@@ -137,6 +137,10 @@ impl Node {
             name: name.clone(),
             bytes: model_bytes(&config.model),
             sha256: None,
+            tool_syntax: template
+                .as_ref()
+                .and_then(exo_model::ChatTemplate::tool_syntax)
+                .map(|s| s.name().to_owned()),
         };
 
         let listener = tokio::net::TcpListener::bind(config.grpc_listen)
@@ -307,6 +311,15 @@ impl Node {
             .model
             .context
             .saturating_mul(self.origins.model.longest_token_bytes)
+    }
+
+    /// How the model's chat template writes tool calls, when it takes tools.
+    pub fn tool_syntax(&self) -> Option<exo_core::ToolSyntax> {
+        self.origins
+            .model
+            .template
+            .as_ref()
+            .and_then(exo_model::ChatTemplate::tool_syntax)
     }
 
     /// The most tokens one request may use: the model's context length, or the plan's

@@ -22,7 +22,8 @@ pub use error::{FailureKind, GenerationError, StageFailure};
 pub use ids::{Epoch, LayerRange, NodeId, RequestId, Stage};
 pub use request::{
     ChatMessage, FinishReason, Finished, GenerationEvent, GenerationRequest, Logprob,
-    OutputConstraint, Penalties, Prompt, PromptLogprobs, SamplingParams, TokenText,
+    OutputConstraint, Penalties, Prompt, PromptLogprobs, SamplingParams, TokenText, ToolCall,
+    ToolSpec, ToolSyntax,
 };
 pub use step::{
     Activations, RequestStart, StepEntry, StepFrame, StepInput, TokenLogprob, TokenOut,

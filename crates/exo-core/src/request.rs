@@ -6,13 +6,26 @@ use serde::{Deserialize, Serialize};
 use crate::error::GenerationError;
 
 /// One chat message.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
 pub struct ChatMessage {
-    /// `system`, `user` or `assistant` (or whatever else the model's chat template accepts).
+    /// `system`, `user`, `assistant` or `tool` (or whatever else the model's chat template
+    /// accepts).
     pub role: String,
     /// The message text.
     pub content: String,
+    /// The tools an `assistant` turn called (empty when it called none).
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Vec::is_empty")
+    )]
+    pub tool_calls: Vec<ToolCall>,
+    /// On a `tool` turn: the id of the call whose result it carries.
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
+    pub tool_call_id: Option<String>,
 }
 
 impl ChatMessage {
@@ -21,7 +34,69 @@ impl ChatMessage {
         ChatMessage {
             role: role.into(),
             content: content.into(),
+            ..ChatMessage::default()
         }
+    }
+}
+
+/// A call of a tool, as an assistant turn in a chat's history made it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
+pub struct ToolCall {
+    /// The call's id, which the `tool` turn carrying its result names.
+    pub id: String,
+    /// The tool's name.
+    pub name: String,
+    /// The arguments, as the text of a JSON object.
+    pub arguments: String,
+}
+
+/// A function a chat offers the model, handed to the chat template (which decides how the
+/// model is told of it).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
+pub struct ToolSpec {
+    /// The function's name.
+    pub name: String,
+    /// What it does, for the model.
+    pub description: Option<String>,
+    /// The JSON Schema of its arguments, as text.
+    pub parameters: String,
+}
+
+/// How a model's chat template teaches it to call tools: the syntax its answers write calls
+/// in, which the API reads them back out of and constrains them to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(
+    feature = "serde",
+    derive(Serialize, Deserialize),
+    serde(rename_all = "snake_case")
+)]
+pub enum ToolSyntax {
+    /// Hermes' and Qwen's: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks.
+    Hermes,
+    /// Llama 3.x's: the answer is `{"name": ..., "parameters": {...}}` (after `<|python_tag|>`
+    /// in some versions).
+    Llama3,
+    /// Mistral's: `[TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]`.
+    Mistral,
+}
+
+impl ToolSyntax {
+    /// The name written in logs and model listings (`hermes`, `llama3`, `mistral`).
+    pub fn name(self) -> &'static str {
+        match self {
+            ToolSyntax::Hermes => "hermes",
+            ToolSyntax::Llama3 => "llama3",
+            ToolSyntax::Mistral => "mistral",
+        }
+    }
+
+    /// The syntax of [`ToolSyntax::name`]; `None` for a name not known.
+    pub fn from_name(name: &str) -> Option<Self> {
+        [ToolSyntax::Hermes, ToolSyntax::Llama3, ToolSyntax::Mistral]
+            .into_iter()
+            .find(|s| s.name() == name)
     }
 }
 
@@ -223,6 +298,14 @@ pub struct GenerationRequest {
     /// [`GenerationRequest::MAX_TOP_LOGPROBS`]): one [`GenerationEvent::PromptLogprobs`]
     /// before the first generated token. `None`: do not.
     pub prompt_logprobs: Option<u32>,
+    /// The functions a chat prompt offers the model, written into the prompt by the model's
+    /// chat template. Only for [`Prompt::Chat`] with a model whose template has a
+    /// [`ToolSyntax`]; the API lowers tools to plain messages for any other model.
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Vec::is_empty")
+    )]
+    pub tools: Vec<ToolSpec>,
 }
 
 impl GenerationRequest {
@@ -243,6 +326,7 @@ impl GenerationRequest {
             logprobs: None,
             embed: false,
             prompt_logprobs: None,
+            tools: Vec::new(),
         }
     }
 

@@ -92,7 +92,11 @@ impl Engine {
     /// Renders chat messages with the checkpoint's template, opening the assistant's turn.
     /// A checkpoint without a template gets the messages' contents, one per line.
     pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String> {
-        Ok(exo_model::render_prompt(self.template.as_ref(), messages)?)
+        Ok(exo_model::render_prompt(
+            self.template.as_ref(),
+            messages,
+            &[],
+        )?)
     }
 
     /// Token ids of chat messages through the checkpoint's template: special tokens only
@@ -102,6 +106,7 @@ impl Engine {
             &self.tokenizer,
             self.template.as_ref(),
             messages,
+            &[],
         )?)
     }
 

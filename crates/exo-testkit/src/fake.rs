@@ -8,7 +8,7 @@ use std::time::Duration;
 use exo_api::{
     ClusterView, Engine, FinishReason, Finished, Generation, GenerationError, GenerationEvent,
     GenerationRequest, LinkView, Logprob, ModelCard, NodeState, NodeView, PlanView, Readiness,
-    StageView, TokenText,
+    StageView, TokenText, ToolSyntax,
 };
 use futures::future::BoxFuture;
 use tokio::sync::{Notify, mpsc, watch};
@@ -100,6 +100,7 @@ pub fn card(id: &str) -> ModelCard {
         created: 1_700_000_000,
         owned_by: "exo".to_owned(),
         context_length: 8192,
+        tool_syntax: None,
     }
 }
 
@@ -176,6 +177,14 @@ impl FakeEngine {
 
     pub fn stop_delay(mut self, delay: Duration) -> Self {
         self.script.stop_delay = delay;
+        self
+    }
+
+    /// Says every model's chat template writes tool calls in `syntax`.
+    pub fn tool_syntax(mut self, syntax: ToolSyntax) -> Self {
+        for card in &mut self.models {
+            card.tool_syntax = Some(syntax);
+        }
         self
     }
 

@@ -97,6 +97,10 @@ pub struct ModelFile {
     pub bytes: u64,
     /// Its SHA-256, hex, when known.
     pub sha256: Option<String>,
+    /// How its chat template writes tool calls (`hermes`, `llama3`, `mistral`), when it takes
+    /// tools: what an API front that reads no model needs to read calls back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_syntax: Option<String>,
 }
 
 /// What this node measured about its link to one peer.

@@ -5,7 +5,7 @@ use exo_core::{
     Activations, ChatMessage, Epoch, FailureKind, FinishReason, Finished, GenerationError,
     GenerationEvent, GenerationRequest, LayerRange, Logprob, NodeId, OutputConstraint, Penalties,
     Prompt, PromptLogprobs, RequestId, RequestStart, SamplingParams, Stage, StageFailure,
-    StepEntry, StepFrame, StepInput, TokenLogprob, TokenOut, TokenText,
+    StepEntry, StepFrame, StepInput, TokenLogprob, TokenOut, TokenText, ToolCall, ToolSpec,
 };
 use half::{bf16, f16};
 
@@ -587,6 +587,16 @@ impl From<&GenerationRequest> for pb::GenerateRequest {
                         .map(|m| pb::ChatMessage {
                             role: m.role.clone(),
                             content: m.content.clone(),
+                            tool_calls: m
+                                .tool_calls
+                                .iter()
+                                .map(|c| pb::ToolCall {
+                                    id: c.id.clone(),
+                                    name: c.name.clone(),
+                                    arguments: c.arguments.clone(),
+                                })
+                                .collect(),
+                            tool_call_id: m.tool_call_id.clone(),
                         })
                         .collect(),
                 }),
@@ -601,6 +611,15 @@ impl From<&GenerationRequest> for pb::GenerateRequest {
             embed: r.embed,
             prompt_logprobs: r.prompt_logprobs.is_some(),
             prompt_top_logprobs: r.prompt_logprobs.unwrap_or(0),
+            tools: r
+                .tools
+                .iter()
+                .map(|t| pb::ToolSpec {
+                    name: t.name.clone(),
+                    description: t.description.clone(),
+                    parameters: t.parameters.clone(),
+                })
+                .collect(),
         }
     }
 }
@@ -617,7 +636,20 @@ impl TryFrom<pb::GenerateRequest> for GenerationRequest {
             Some(pb::generate_request::Prompt::Chat(c)) => Prompt::Chat(
                 c.messages
                     .into_iter()
-                    .map(|m| ChatMessage::new(m.role, m.content))
+                    .map(|m| ChatMessage {
+                        role: m.role,
+                        content: m.content,
+                        tool_calls: m
+                            .tool_calls
+                            .into_iter()
+                            .map(|c| ToolCall {
+                                id: c.id,
+                                name: c.name,
+                                arguments: c.arguments,
+                            })
+                            .collect(),
+                        tool_call_id: m.tool_call_id,
+                    })
                     .collect(),
             ),
         };
@@ -636,6 +668,15 @@ impl TryFrom<pb::GenerateRequest> for GenerationRequest {
             logprobs: logprobs_from_pb(r.logprobs, r.top_logprobs)?,
             embed: r.embed,
             prompt_logprobs: logprobs_from_pb(r.prompt_logprobs, r.prompt_top_logprobs)?,
+            tools: r
+                .tools
+                .into_iter()
+                .map(|t| ToolSpec {
+                    name: t.name,
+                    description: t.description,
+                    parameters: t.parameters,
+                })
+                .collect(),
         })
     }
 }

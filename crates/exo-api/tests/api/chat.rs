@@ -183,10 +183,7 @@ async fn request_fields_reach_the_engine() {
     });
     let reply = post(&app(&engine), "/v1/chat/completions", body).await;
     assert_eq!(reply.status, 200, "{}", reply.text());
-    let message = |role: &str, content: &str| Message {
-        role: role.into(),
-        content: content.into(),
-    };
+    let message = |role: &str, content: &str| Message::new(role, content);
     assert_eq!(
         engine.probe.requests(),
         vec![GenerationRequest {
@@ -199,6 +196,7 @@ async fn request_fields_reach_the_engine() {
                 logit_bias: vec![(7, -100.0), (12, 3.5)],
             },
             constraint: None,
+            tools: Vec::new(),
             model: "llama-3.2-1b".into(),
             prompt: Prompt::Chat(vec![
                 message("system", "Be brief."),

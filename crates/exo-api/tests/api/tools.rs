@@ -2,7 +2,7 @@
 //! history's calls and results, the grammar) and how calls in the text come back, whole and
 //! streamed.
 
-use exo_api::{OutputConstraint, Prompt};
+use exo_api::{ChatMessage, OutputConstraint, Prompt, ToolCall, ToolSpec, ToolSyntax};
 use serde_json::{Value, json};
 
 use crate::fake::FakeEngine;
@@ -201,4 +201,214 @@ async fn text_that_only_looks_like_a_tag_streams_as_text() {
             .iter()
             .all(|c| c["choices"][0]["delta"].get("tool_calls").is_none())
     );
+}
+
+#[tokio::test]
+async fn a_template_that_takes_tools_gets_them_and_the_history_as_they_are() {
+    let engine = FakeEngine::new().tool_syntax(ToolSyntax::Llama3).build();
+    let body = with(
+        chat_body(),
+        json!({
+            "tools": weather(),
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+                {"role": "tool", "tool_call_id": "c2", "content": "windy"},
+            ],
+        }),
+    );
+    let reply = post(&app(&engine), "/v1/chat/completions", body).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let request = engine.probe.requests().pop().unwrap();
+    assert_eq!(
+        request.tools,
+        vec![ToolSpec {
+            name: "get_weather".into(),
+            description: Some("Weather of a city".into()),
+            parameters: weather()[0]["function"]["parameters"].to_string(),
+        }]
+    );
+    let tool = |id: &str, content: &str| ChatMessage {
+        tool_call_id: Some(id.into()),
+        ..ChatMessage::new("tool", content)
+    };
+    assert_eq!(
+        request.prompt,
+        Prompt::Chat(vec![
+            ChatMessage::new("system", "Be brief."),
+            ChatMessage::new("user", "Weather in Paris?"),
+            ChatMessage {
+                tool_calls: vec![ToolCall {
+                    id: "c1".into(),
+                    name: "get_weather".into(),
+                    arguments: "{\"city\": \"Paris\"}".into(),
+                }],
+                ..ChatMessage::new("assistant", "")
+            },
+            tool("c1", "sunny"),
+            tool("c2", "windy"),
+        ])
+    );
+}
+
+#[tokio::test]
+async fn without_such_a_template_two_results_are_one_user_turn() {
+    let engine = FakeEngine::new().build();
+    let body = with(
+        chat_body(),
+        json!({
+            "messages": [
+                {"role": "user", "content": "Weather?"},
+                {"role": "assistant", "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "a", "arguments": "{}"}},
+                    {"id": "c2", "type": "function", "function": {"name": "b", "arguments": "{}"}},
+                ]},
+                {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+                {"role": "tool", "tool_call_id": "c2", "content": "windy"},
+            ],
+        }),
+    );
+    let reply = post(&app(&engine), "/v1/chat/completions", body).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let request = engine.probe.requests().pop().unwrap();
+    assert!(request.tools.is_empty());
+    let Prompt::Chat(messages) = request.prompt else {
+        panic!("{:?}", request.prompt);
+    };
+    assert_eq!(messages.len(), 3, "{messages:?}");
+    assert_eq!(
+        messages[2],
+        ChatMessage::new(
+            "user",
+            "<tool_response>\nsunny\n</tool_response>\n<tool_response>\nwindy\n</tool_response>"
+        )
+    );
+}
+
+#[tokio::test]
+async fn llama_3_calls_come_back_whole_and_streamed() {
+    let engine = FakeEngine::new()
+        .tool_syntax(ToolSyntax::Llama3)
+        .pieces(&[
+            " <|python",
+            "_tag|>{\"name\": \"get_weather\", ",
+            "\"parameters\": {\"city\": \"Lyon\"}}",
+        ])
+        .build();
+    let app = app(&engine);
+    let body = post(
+        &app,
+        "/v1/chat/completions",
+        with(chat_body(), json!({"tools": weather()})),
+    )
+    .await
+    .json();
+    let choice = &body["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls", "{body}");
+    assert!(choice["message"]["content"].is_null(), "{body}");
+    let call = &choice["message"]["tool_calls"][0];
+    assert_eq!(call["function"]["name"], "get_weather");
+    assert_eq!(call["function"]["arguments"], "{\"city\":\"Lyon\"}");
+
+    let reply = post(
+        &app,
+        "/v1/chat/completions",
+        with(chat_body(), json!({"tools": weather(), "stream": true})),
+    )
+    .await;
+    let chunks = sse_chunks(&reply);
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, "");
+    let calls: Vec<&Value> = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"].get("tool_calls"))
+        .collect();
+    assert_eq!(calls.len(), 1, "{chunks:?}");
+    assert_eq!(calls[0][0]["function"]["arguments"], "{\"city\":\"Lyon\"}");
+}
+
+#[tokio::test]
+async fn a_llama_3_answer_in_words_streams_as_it_comes() {
+    let engine = FakeEngine::new()
+        .tool_syntax(ToolSyntax::Llama3)
+        .pieces(&[" ", "It is", " {sunny}"])
+        .build();
+    let reply = post(
+        &app(&engine),
+        "/v1/chat/completions",
+        with(chat_body(), json!({"tools": weather(), "stream": true})),
+    )
+    .await;
+    let chunks = sse_chunks(&reply);
+    let texts: Vec<&str> = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .filter(|t| !t.is_empty())
+        .collect();
+    // Held while it could still open a call, then streamed piece by piece.
+    assert_eq!(texts, [" It is", " {sunny}"]);
+}
+
+#[tokio::test]
+async fn mistral_calls_follow_their_text() {
+    let engine = FakeEngine::new()
+        .tool_syntax(ToolSyntax::Mistral)
+        .pieces(&[
+            "Checking. [TOOL_",
+            "CALLS] [{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Rome\"}}]",
+        ])
+        .build();
+    let reply = post(
+        &app(&engine),
+        "/v1/chat/completions",
+        with(chat_body(), json!({"tools": weather(), "stream": true})),
+    )
+    .await;
+    let chunks = sse_chunks(&reply);
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, "Checking. ");
+    let calls: Vec<&Value> = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"].get("tool_calls"))
+        .collect();
+    assert_eq!(calls.len(), 1, "{chunks:?}");
+    assert_eq!(calls[0][0]["function"]["arguments"], "{\"city\":\"Rome\"}");
+}
+
+#[tokio::test]
+async fn a_required_call_follows_the_models_syntax() {
+    for (syntax, start) in [
+        (ToolSyntax::Hermes, "start: \"<tool_call>\\n\" call"),
+        (ToolSyntax::Llama3, "start: call\n"),
+        (ToolSyntax::Mistral, "start: \"[TOOL_CALLS] [\" call \"]\""),
+    ] {
+        let engine = FakeEngine::new().tool_syntax(syntax).build();
+        post(
+            &app(&engine),
+            "/v1/chat/completions",
+            with(
+                chat_body(),
+                json!({"tools": weather(), "tool_choice": "required"}),
+            ),
+        )
+        .await;
+        let request = engine.probe.requests().pop().unwrap();
+        let Some(OutputConstraint::Lark(grammar)) = request.constraint else {
+            panic!("{syntax:?}: {:?}", request.constraint);
+        };
+        assert!(grammar.starts_with(start), "{syntax:?}: {grammar}");
+        let arguments = match syntax {
+            ToolSyntax::Llama3 => "\"parameters\"",
+            _ => "\"arguments\"",
+        };
+        assert!(grammar.contains(arguments), "{syntax:?}: {grammar}");
+    }
 }

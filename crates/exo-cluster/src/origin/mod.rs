@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use exo_core::{Epoch, GenerationError, GenerationRequest, NodeId, Prompt, RequestId};
+use exo_core::{Epoch, GenerationError, GenerationRequest, NodeId, Prompt, RequestId, ToolSpec};
 use exo_model::{ChatTemplate, Tokenizer};
 use tokio::sync::{mpsc, watch};
 
@@ -78,7 +78,7 @@ impl OriginModel {
     /// Token ids of a prompt: chat messages through the chat template (special tokens only
     /// where the template writes them), or text as is (special tokens written in it parsed
     /// only when the caller asked for that).
-    fn prompt_ids(&self, prompt: &Prompt) -> Result<Vec<u32>, GenerationError> {
+    fn prompt_ids(&self, prompt: &Prompt, tools: &[ToolSpec]) -> Result<Vec<u32>, GenerationError> {
         let tokenizing = |e: exo_model::Error| format!("tokenizing the prompt: {e}");
         let (ids, param) = match prompt {
             Prompt::Text(t) => (self.tokenizer.encode_plain(t).map_err(tokenizing), "prompt"),
@@ -95,7 +95,7 @@ impl OriginModel {
                 (ids, "prompt")
             }
             Prompt::Chat(messages) => (
-                exo_model::encode_chat(&self.tokenizer, self.template.as_ref(), messages)
+                exo_model::encode_chat(&self.tokenizer, self.template.as_ref(), messages, tools)
                     .map_err(|e| format!("chat template: {e}")),
                 "messages",
             ),
@@ -287,7 +287,7 @@ impl Origins {
             .acquire_owned()
             .await
             .map_err(|_| GenerationError::Internal("the tokenizing pool closed".into()))?;
-        let (model, prompt) = (Arc::clone(&self.model), request.prompt);
+        let (model, prompt, tools) = (Arc::clone(&self.model), request.prompt, request.tools);
         let constraint = request.constraint.clone();
         let prompt = tokio::task::spawn_blocking(move || {
             // A grammar the last stage could not compile is refused here, before any work.
@@ -295,8 +295,8 @@ impl Origins {
                 Some(c) => model
                     .grammars
                     .guide(c)
-                    .and_then(|_| model.prompt_ids(&prompt)),
-                None => model.prompt_ids(&prompt),
+                    .and_then(|_| model.prompt_ids(&prompt, &tools)),
+                None => model.prompt_ids(&prompt, &tools),
             };
             drop(permit);
             ids
@@ -414,12 +414,7 @@ mod tests {
             m.refuse_far_too_long(&Prompt::Text("a".repeat(792)))
                 .is_ok()
         );
-        let chat = |n| {
-            Prompt::Chat(vec![exo_core::ChatMessage {
-                role: "user".into(),
-                content: "b".repeat(n),
-            }])
-        };
+        let chat = |n| Prompt::Chat(vec![exo_core::ChatMessage::new("user", "b".repeat(n))]);
         assert!(matches!(
             m.refuse_far_too_long(&chat(100_000)),
             Err(GenerationError::Invalid { param: Some(p), .. }) if p == "messages"
@@ -432,12 +427,12 @@ mod tests {
     fn prompts_are_tokenized_once_and_empty_ones_refused() {
         let m = model(100);
         assert!(
-            !m.prompt_ids(&Prompt::Text("abc".into()))
+            !m.prompt_ids(&Prompt::Text("abc".into()), &[])
                 .unwrap()
                 .is_empty()
         );
         assert!(matches!(
-            m.prompt_ids(&Prompt::Text(String::new())),
+            m.prompt_ids(&Prompt::Text(String::new()), &[]),
             Err(GenerationError::Invalid { param: Some(p), .. }) if p == "prompt"
         ));
         assert!(m.matches("m") && m.matches("m.gguf") && !m.matches("n"));
