@@ -48,6 +48,11 @@ impl ChatTemplate {
                 Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
             },
         );
+        // Hugging Face's renderer gives templates today's date (Llama 3.x writes it in its
+        // system turn).
+        env.add_function("strftime_now", |format: String| {
+            strftime(&format, std::time::SystemTime::now())
+        });
         // Hugging Face's `tojson` is Python's `json.dumps`: spaces after separators, no
         // escaping of `<`, `>`, `&` or `'` (minijinja's own escapes them for HTML, which would
         // show a model its tools' descriptions spelled in a way it never saw in training).
@@ -292,6 +297,79 @@ fn python_json(
     let text = String::from_utf8(out)
         .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
     Ok(Value::from_safe_string(text))
+}
+
+/// Python's `strftime` for the codes chat templates use (`%d %b %Y`, `%B`, `%A`, `%a`, `%m`,
+/// `%y`, `%e`-less digits, `%H:%M:%S`, `%%`), in UTC; other codes are left as written.
+fn strftime(format: &str, now: std::time::SystemTime) -> String {
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
+    const DAYS: [&str; 7] = [
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+    ];
+    let secs = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let days = secs / 86_400;
+    let (h, m, sec) = (secs % 86_400 / 3600, secs % 3600 / 60, secs % 60);
+    // Howard Hinnant's days-to-civil, for days since 1970-01-01.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let month_name = MONTHS[(month - 1) as usize];
+    let weekday = DAYS[(days % 7) as usize];
+    let mut out = String::new();
+    let mut chars = format.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('d') => out.push_str(&format!("{day:02}")),
+            Some('m') => out.push_str(&format!("{month:02}")),
+            Some('Y') => out.push_str(&year.to_string()),
+            Some('y') => out.push_str(&format!("{:02}", year % 100)),
+            Some('b') => out.push_str(&month_name[..3]),
+            Some('B') => out.push_str(month_name),
+            Some('a') => out.push_str(&weekday[..3]),
+            Some('A') => out.push_str(weekday),
+            Some('H') => out.push_str(&format!("{h:02}")),
+            Some('M') => out.push_str(&format!("{m:02}")),
+            Some('S') => out.push_str(&format!("{sec:02}")),
+            Some('%') => out.push('%'),
+            Some(other) => {
+                out.push('%');
+                out.push(other);
+            }
+            None => out.push('%'),
+        }
+    }
+    out
 }
 
 /// serde_json's compact writer with Python's default separators, `", "` and `": "`.
@@ -915,6 +993,23 @@ Answer a call as {"name": function name, "parameters": its arguments}.
         assert_eq!(count, written, "{text}");
         assert!(text.contains("obey"));
         Ok(())
+    }
+
+    #[test]
+    fn strftime_writes_the_dates_templates_ask_for() {
+        let at = |secs: u64| std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+        // 2026-12-07 14:49:50 UTC, a Monday; 2024-02-29, a leap day.
+        assert_eq!(
+            strftime("%d %b %Y, %A %H:%M:%S %%", at(1_796_654_990)),
+            "07 Dec 2026, Monday 14:49:50 %"
+        );
+        assert_eq!(
+            strftime("%Y-%m-%d %B %a %y %q", at(1_709_164_800)),
+            "2024-02-29 February Thu 24 %q"
+        );
+        let t = ChatTemplate::new("{{ strftime_now('%Y') }}", "", "");
+        let year = t.and_then(|t| t.render(&[], false)).unwrap_or_default();
+        assert_eq!(year.len(), 4, "{year}");
     }
 
     #[test]
