@@ -58,6 +58,7 @@ pub(crate) fn generate(args: GenerateArgs) -> Result<()> {
         penalties: Default::default(),
         constraint: None,
         tools: Vec::new(),
+        share_prefill: None,
         model: String::new(),
         prompt,
         max_tokens: Some(u32::try_from(args.max_tokens).unwrap_or(u32::MAX).max(1)),

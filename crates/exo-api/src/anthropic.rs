@@ -160,6 +160,7 @@ pub(crate) async fn messages(
         model: model.clone(),
         prompt: Prompt::Chat(turns),
         tools: specs,
+        share_prefill: None,
         max_tokens: Some(max_tokens),
         sampling: SamplingParams {
             temperature: temperature as f32,

@@ -79,7 +79,12 @@ pub(crate) async fn respond(
     let mut format = Format::new(api, request.model.clone(), include_usage, tools);
     format.logprobs = request.logprobs.is_some();
     // Each choice is a generation of its own, with its own seed (so that sampled choices
-    // differ) and its own slot: `n` counts against `--max-concurrent` like `n` requests.
+    // differ) and its own slot: `n` counts against `--max-concurrent` like `n` requests. They
+    // share a key, so that the engine may compute their prompt once.
+    let mut request = request;
+    if n > 1 {
+        request.share_prefill = Some(rand::random());
+    }
     let mut runnings = Vec::with_capacity(n);
     for i in 0..n {
         let mut request = request.clone();

@@ -309,6 +309,7 @@ impl Options {
             penalties: Default::default(),
             constraint: None,
             tools: Vec::new(),
+            share_prefill: None,
             model,
             prompt,
             max_tokens: self.max_tokens,

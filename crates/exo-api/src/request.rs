@@ -368,6 +368,7 @@ fn common(
             prompt_logprobs: None,
             constraint: None,
             tools: Vec::new(),
+            share_prefill: None,
             model,
             prompt,
             max_tokens,

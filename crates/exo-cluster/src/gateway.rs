@@ -304,7 +304,11 @@ impl exo_api::Engine for GatewayEngine {
                     available,
                 });
             }
-            let start = self.next.fetch_add(1, Ordering::Relaxed);
+            // Choices of one answer go to one node, which may compute their prompt once.
+            let start = match request.share_prefill {
+                Some(key) => key as usize,
+                None => self.next.fetch_add(1, Ordering::Relaxed),
+            };
             let mut last_error = None;
             // Try the nodes in turn, so one that just left does not fail the request.
             for i in 0..serving.len() {

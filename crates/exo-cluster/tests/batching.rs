@@ -158,3 +158,51 @@ async fn cancelling_one_request_of_a_batch_leaves_the_others_unchanged() {
     cluster.wait_idle().await;
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn choices_of_one_answer_compute_their_prompt_once() {
+    let model = TestModel::tiny(6, 23);
+    const PROMPT: &str = "choices_of_one_answer_share_the_prompt_they_all_continue";
+    const TOKENS: usize = 12;
+    let prompt_rows = PROMPT.chars().count() as u64;
+    let reference: Vec<Vec<u32>> = (0..3)
+        .map(|i| model.reference(PROMPT, TOKENS, sampling(i), Weights::Stored))
+        .collect();
+    for memory in [vec![GIB], vec![GIB, GIB, GIB]] {
+        let cluster = TestCluster::start(&model, &memory).await;
+        let rows = || -> Vec<u64> {
+            cluster
+                .nodes
+                .iter()
+                .map(|n| n.node.stage_stats().rows)
+                .collect()
+        };
+        let before = rows();
+        // Three choices, as the API asks for them: one key, the same prompt, a seed each.
+        let mut streams = Vec::new();
+        for i in 0..3 {
+            let mut request = raw_request(PROMPT, TOKENS as u32);
+            request.sampling = sampling(i);
+            request.share_prefill = Some(42);
+            streams.push(cluster.node(0).generate(request).await.unwrap());
+        }
+        for (i, stream) in streams.into_iter().enumerate() {
+            let ids = collect(stream).await.unwrap().1.token_ids;
+            assert_eq!(ids, reference[i], "choice {i} on {} node(s)", memory.len());
+        }
+        cluster.wait_idle().await;
+        // Every stage computed the prompt once, the last prompt row once more for each other
+        // choice, and a row for each token fed back.
+        let want = prompt_rows + 2 + 3 * (TOKENS as u64 - 1);
+        for (stage, (after, before)) in rows().iter().zip(&before).enumerate() {
+            assert_eq!(
+                after - before,
+                want,
+                "rows computed by node {stage} of {} (without sharing: {})",
+                memory.len(),
+                3 * (prompt_rows + TOKENS as u64 - 1)
+            );
+        }
+        cluster.shutdown().await;
+    }
+}

@@ -26,5 +26,5 @@ pub use request::{
     ToolSpec, ToolSyntax,
 };
 pub use step::{
-    Activations, RequestStart, StepEntry, StepFrame, StepInput, TokenLogprob, TokenOut,
+    Activations, Fork, RequestStart, StepEntry, StepFrame, StepInput, TokenLogprob, TokenOut,
 };

@@ -306,6 +306,14 @@ pub struct GenerationRequest {
         serde(default, skip_serializing_if = "Vec::is_empty")
     )]
     pub tools: Vec<ToolSpec>,
+    /// Requests with the same key and the same prompt are choices of one answer: the engine may
+    /// compute the prompt once, for the first of them, and start the others from its keys and
+    /// values.
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
+    pub share_prefill: Option<u64>,
 }
 
 impl GenerationRequest {
@@ -327,6 +335,7 @@ impl GenerationRequest {
             embed: false,
             prompt_logprobs: None,
             tools: Vec::new(),
+            share_prefill: None,
         }
     }
 

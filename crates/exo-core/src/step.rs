@@ -73,6 +73,20 @@ pub struct RequestStart {
     pub prompt_logprobs: Option<u32>,
     /// The prompt's ids (only with `prompt_logprobs`).
     pub prompt: Vec<u32>,
+    /// The request starts from another request's keys and values: choices of one answer
+    /// share their prompt's prefill.
+    pub fork: Option<Fork>,
+}
+
+/// Where a request's keys and values start from: the first `positions` of request `parent`'s
+/// on the same stage (a stage that no longer holds that many refuses the request, whose
+/// origin then sends the whole prompt).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fork {
+    /// The request whose keys and values are copied.
+    pub parent: RequestId,
+    /// How many positions are copied; the request's first entry starts there.
+    pub positions: u32,
 }
 
 /// A sampled token's log-probability under the model (after the request's penalties and

@@ -42,6 +42,19 @@ impl KvCache {
         }
     }
 
+    /// A cache holding this one's first `positions` keys and values, for a request that starts
+    /// from another's prompt; `None` when this one holds fewer.
+    pub fn prefix(&self, positions: usize) -> Option<KvCache> {
+        if positions > self.len {
+            return None;
+        }
+        Some(KvCache {
+            layers: self.layers.iter().map(|l| l.prefix(positions)).collect(),
+            native: self.native.as_ref().map(|n| n.prefix(self.len, positions)),
+            len: positions,
+        })
+    }
+
     /// Forgets everything, keeping the layer count.
     pub fn clear(&mut self) {
         self.layers.iter_mut().for_each(LayerCache::clear);

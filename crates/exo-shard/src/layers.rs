@@ -537,6 +537,18 @@ impl LayerCache {
         self.kv = None;
     }
 
+    /// The first `positions` keys and values (the cache must hold that many).
+    pub(crate) fn prefix(&self, positions: usize) -> LayerCache {
+        LayerCache {
+            kv: self.kv.as_ref().filter(|_| positions > 0).map(|(k, v)| {
+                (
+                    k.clone().narrow(2, 0, positions),
+                    v.clone().narrow(2, 0, positions),
+                )
+            }),
+        }
+    }
+
     /// Appends this step's keys and values and returns everything cached so far.
     pub(crate) fn append(&mut self, k: Tensor<4>, v: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
         let (k, v) = match self.kv.take() {

@@ -260,6 +260,23 @@ impl NativeCache {
         self.k.len()
     }
 
+    /// A cache with the first `positions` of this one's `len` positions (fresh scratch).
+    pub(crate) fn prefix(&self, len: usize, positions: usize) -> NativeCache {
+        let cut = |rows: &Vec<Vec<f32>>| -> Vec<Vec<f32>> {
+            rows.iter()
+                .map(|layer| {
+                    let width = layer.len().checked_div(len).unwrap_or(0);
+                    layer[..(width * positions).min(layer.len())].to_vec()
+                })
+                .collect()
+        };
+        NativeCache {
+            k: cut(&self.k),
+            v: cut(&self.v),
+            scratch: Scratch::default(),
+        }
+    }
+
     /// Takes the scratch buffers (to lend them to a batch), leaving empty ones.
     pub(crate) fn take_scratch(&mut self) -> Scratch {
         std::mem::take(&mut self.scratch)

@@ -90,3 +90,44 @@ fn a_batched_step_gives_what_each_request_gives_alone() {
     }
     assert!(worst < 1e-2, "logits moved by {worst} in a batch");
 }
+
+#[test]
+fn a_cache_cut_from_another_goes_on_as_if_it_had_computed_the_prompt() {
+    let path = ensure_default_model(&exo_home(), &mut |_| {}).unwrap();
+    let checkpoint = Checkpoint::open(&path).unwrap();
+    let device = BackendKind::Flex.device().unwrap();
+    let spec = ShardSpec::whole(checkpoint.config().num_layers);
+    let prompt = PROMPTS[2];
+    for weights in [Weights::Stored, Weights::F32] {
+        let shard = LlamaShard::load_with(&checkpoint, &spec, &device, weights).unwrap();
+        let (want, want_logits) = alone(&shard, prompt);
+        // A request that went on past its prompt (as the parent has, by the time a choice
+        // forks from it) lends its first positions but the last prompt token's.
+        let mut parent = shard.new_cache();
+        let (mut x, mut logits) = (Vec::new(), Vec::new());
+        let mut ids = prompt.to_vec();
+        ids.extend_from_slice(&want[..3]);
+        shard.embed_into(&ids, &mut x).unwrap();
+        shard.forward_in_place(&mut x, &mut parent).unwrap();
+        assert!(parent.prefix(ids.len() + 1).is_none());
+        let mut cache = parent.prefix(prompt.len() - 1).unwrap();
+        assert_eq!(cache.len(), prompt.len() - 1);
+        let mut input = vec![prompt[prompt.len() - 1]];
+        for (step, want_id) in want.iter().enumerate() {
+            shard.embed_into(&input, &mut x).unwrap();
+            shard.forward_in_place(&mut x, &mut cache).unwrap();
+            shard.logits_into(&x, &mut cache, &mut logits).unwrap();
+            let diff = logits
+                .iter()
+                .zip(&want_logits[step])
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                diff < 1e-3,
+                "{weights:?} step {step}: logits differ by {diff}"
+            );
+            assert_eq!(argmax(&logits), *want_id, "{weights:?} step {step}");
+            input = vec![*want_id];
+        }
+    }
+}

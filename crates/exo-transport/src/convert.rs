@@ -2,7 +2,7 @@
 //! crate's), and the checks every incoming message passes before a handler sees it.
 
 use exo_core::{
-    Activations, ChatMessage, Epoch, FailureKind, FinishReason, Finished, GenerationError,
+    Activations, ChatMessage, Epoch, FailureKind, FinishReason, Finished, Fork, GenerationError,
     GenerationEvent, GenerationRequest, LayerRange, Logprob, NodeId, OutputConstraint, Penalties,
     Prompt, PromptLogprobs, RequestId, RequestStart, SamplingParams, Stage, StageFailure,
     StepEntry, StepFrame, StepInput, TokenLogprob, TokenOut, TokenText, ToolCall, ToolSpec,
@@ -244,6 +244,8 @@ pub(crate) fn frame_to_pb(frame: &StepFrame, wire: WireDtype) -> pb::Frame {
                 prompt_logprobs: s.prompt_logprobs.is_some(),
                 prompt_top_logprobs: s.prompt_logprobs.unwrap_or(0),
                 prompt: s.prompt.clone(),
+                fork_parent: s.fork.map(|f| f.parent.0),
+                fork_positions: s.fork.map_or(0, |f| f.positions),
             }),
             end: e.end,
         })
@@ -322,6 +324,10 @@ pub(crate) fn frame_from_pb(frame: &pb::Frame, limits: &Limits) -> Result<StepFr
                     embed: s.embed,
                     prompt_logprobs: logprobs_from_pb(s.prompt_logprobs, s.prompt_top_logprobs)?,
                     prompt: s.prompt.clone(),
+                    fork: s.fork_parent.map(|parent| Fork {
+                        parent: RequestId(parent),
+                        positions: s.fork_positions,
+                    }),
                 }),
             };
             Ok(StepEntry {
@@ -620,6 +626,7 @@ impl From<&GenerationRequest> for pb::GenerateRequest {
                     parameters: t.parameters.clone(),
                 })
                 .collect(),
+            share_prefill: r.share_prefill,
         }
     }
 }
@@ -677,6 +684,7 @@ impl TryFrom<pb::GenerateRequest> for GenerationRequest {
                     parameters: t.parameters,
                 })
                 .collect(),
+            share_prefill: r.share_prefill,
         })
     }
 }
@@ -1180,6 +1188,10 @@ mod tests {
             embed: true,
             prompt_logprobs: Some(2),
             prompt: vec![1, 2, 3],
+            fork: Some(Fork {
+                parent: RequestId(11),
+                positions: 30,
+            }),
         }
     }
 

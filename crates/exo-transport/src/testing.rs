@@ -85,6 +85,8 @@ pub async fn send_raw_frame(
                     prompt_logprobs: false,
                     prompt_top_logprobs: 0,
                     prompt: Vec::new(),
+                    fork_parent: None,
+                    fork_positions: 0,
                 }),
                 end: true,
             }],
@@ -198,6 +200,10 @@ pub fn sample_messages(kind: &str) -> Vec<Vec<u8>> {
         embed: false,
         prompt_logprobs: Some(1),
         prompt: vec![1, 2, 3],
+        fork: Some(exo_core::Fork {
+            parent: RequestId(3),
+            positions: 9,
+        }),
     };
     let mut entry = StepEntry::rows(RequestId(7), 0, 2, true);
     entry.start = Some(start);

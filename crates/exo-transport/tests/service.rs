@@ -220,6 +220,7 @@ fn started(request: u64, position: u32, rows: u32) -> StepEntry {
         sampling: SamplingParams::greedy(),
         positions: 64,
         sampled: 0,
+        fork: None,
     });
     e
 }

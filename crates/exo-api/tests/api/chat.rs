@@ -197,6 +197,7 @@ async fn request_fields_reach_the_engine() {
             },
             constraint: None,
             tools: Vec::new(),
+            share_prefill: None,
             model: "llama-3.2-1b".into(),
             prompt: Prompt::Chat(vec![
                 message("system", "Be brief."),
@@ -466,6 +467,19 @@ async fn n_choices_are_generations_with_their_own_seeds() {
         .map(|r| r.sampling.seed)
         .collect();
     assert_eq!(seeds, vec![10, 11, 12]);
+    // One key marks them choices of one answer, so that the engine may share their prefill.
+    let keys: Vec<Option<u64>> = engine
+        .probe
+        .requests()
+        .iter()
+        .map(|r| r.share_prefill)
+        .collect();
+    assert!(
+        keys[0].is_some() && keys.iter().all(|k| *k == keys[0]),
+        "{keys:?}"
+    );
+    post(&app, "/v1/chat/completions", chat_body()).await;
+    assert_eq!(engine.probe.requests()[3].share_prefill, None);
 
     // Streamed: each choice's chunks carry its index, and one [DONE] ends them all.
     let reply = post(

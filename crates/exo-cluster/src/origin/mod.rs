@@ -173,6 +173,36 @@ pub(crate) struct Origins {
     routes: tokio::sync::Mutex<HashMap<Epoch, Arc<Route>>>,
     /// Prompts templated and tokenized at once: half the cores, at least one.
     tokenizing: Arc<tokio::sync::Semaphore>,
+    /// The first choices of answers whose other choices start from their prompt's keys and
+    /// values (`GenerationRequest::share_prefill`), by key.
+    shares: std::sync::Mutex<HashMap<u64, Shared>>,
+}
+
+/// The first choice of an answer, as its other choices find it.
+#[derive(Debug)]
+struct Shared {
+    parent: RequestId,
+    prompt: Vec<u32>,
+    /// `true` once the parent's prompt is computed on every stage (its first token came); the
+    /// sender goes with the parent.
+    ready: watch::Receiver<bool>,
+}
+
+/// A request's part in an answer of several choices that share their prompt.
+#[derive(Debug)]
+pub(crate) enum Share {
+    /// The first: it tells the others when its prompt is computed, and leaves the registry
+    /// when it ends.
+    Parent {
+        key: u64,
+        ready: watch::Sender<bool>,
+    },
+    /// Another: it starts from the parent's keys and values once they are computed (or, if
+    /// the parent ends first, computes its prompt itself).
+    Child {
+        parent: RequestId,
+        ready: watch::Receiver<bool>,
+    },
 }
 
 impl Origins {
@@ -199,6 +229,46 @@ impl Origins {
             tokenizing: Arc::new(tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
             )),
+            shares: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The part request `id` (prompt `prompt`) takes among the choices sharing `key`: the
+    /// parent if it is the first, a child if the parent's prompt is the same; `None` otherwise.
+    fn share(&self, key: u64, id: RequestId, prompt: &[u32]) -> Option<Share> {
+        let mut shares = self
+            .shares
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match shares.get(&key) {
+            Some(s) if s.prompt == prompt => Some(Share::Child {
+                parent: s.parent,
+                ready: s.ready.clone(),
+            }),
+            Some(_) => None,
+            None => {
+                let (tx, rx) = watch::channel(false);
+                shares.insert(
+                    key,
+                    Shared {
+                        parent: id,
+                        prompt: prompt.to_vec(),
+                        ready: rx,
+                    },
+                );
+                Some(Share::Parent { key, ready: tx })
+            }
+        }
+    }
+
+    /// Request `id`, the parent of the choices sharing `key`, has ended.
+    pub(crate) fn unshare(&self, key: u64, id: RequestId) {
+        let mut shares = self
+            .shares
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if shares.get(&key).is_some_and(|s| s.parent == id) {
+            shares.remove(&key);
         }
     }
 
@@ -312,6 +382,12 @@ impl Origins {
         let max_tokens = self.model.max_tokens(prompt.len(), asked)?;
         let route = self.route(&plan).await?;
         let id = RequestId(rand::random());
+        // Choices of one answer compute their prompt once. Not when every prompt row is
+        // scored (each choice would need them all) or nothing is generated.
+        let share = request
+            .share_prefill
+            .filter(|_| !request.embed && request.prompt_logprobs.is_none() && prompt.len() > 1)
+            .and_then(|key| self.share(key, id, &prompt));
         let (events, rx) = mpsc::channel(64);
         let task = RequestTask {
             id,
@@ -340,6 +416,7 @@ impl Origins {
             policy: self.policy,
             gap_s: None,
             replay_in_place: false,
+            share,
         };
         // What the request logs carries the caller's span (the API's request id).
         self.tasks

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use exo_core::{
-    FailureKind, FinishReason, Finished, GenerationError, GenerationEvent, Logprob, NodeId,
+    FailureKind, FinishReason, Finished, Fork, GenerationError, GenerationEvent, Logprob, NodeId,
     OutputConstraint, Penalties, PromptLogprobs, RequestId, RequestStart, SamplingParams,
     StageFailure, StepEntry, StepFrame, StepInput, TokenLogprob, TokenOut,
 };
@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 
 use crate::inbox::Inbox;
 use crate::origin::route::Route;
-use crate::origin::{OriginModel, Origins};
+use crate::origin::{OriginModel, Origins, Share};
 use crate::plan::PlanState;
 
 /// Where a request stands.
@@ -144,6 +144,8 @@ pub(crate) struct RequestTask {
     /// The request was lost on a route whose stages all answer: it may be replayed on the
     /// same plan.
     pub(crate) replay_in_place: bool,
+    /// Its part among choices that share their prompt.
+    pub(crate) share: Option<Share>,
 }
 
 /// Stall bounds in a row without a token, every stage answering, after which the request
@@ -163,9 +165,12 @@ impl RequestTask {
             self.max_tokens,
         );
         let mut resumes = 0;
+        let mut fork = self.fork().await;
         let state = loop {
             let running = self.route.enter();
-            let mut state = self.prefill(State::Routed).await;
+            // Only the first attempt starts from another request's keys and values; a resumed
+            // request sends its whole journal.
+            let mut state = self.prefill(State::Routed, fork.take()).await;
             if state == State::Decoding {
                 state = self.decode(&mut text, &mut first_token_at).await;
             }
@@ -194,6 +199,9 @@ impl RequestTask {
                 other => break other,
             }
         };
+        if let Some(Share::Parent { key, .. }) = &self.share {
+            self.origins.unshare(*key, self.id);
+        }
         let first = first_token_at.unwrap_or_else(Instant::now);
         match state {
             State::Finished(reason) => {
@@ -222,6 +230,25 @@ impl RequestTask {
                 debug_assert!(unfinished.is_over(), "{unfinished:?}");
             }
         }
+    }
+
+    /// For a choice that shares its prompt with an earlier one: waits until that one's prompt
+    /// is computed on every stage, and says where to start from; `None` if it ended first (or
+    /// the caller left), and for any other request.
+    async fn fork(&mut self) -> Option<Fork> {
+        let Some(Share::Child { parent, ready }) = &mut self.share else {
+            return None;
+        };
+        let parent = *parent;
+        let computed = tokio::select! {
+            computed = ready.wait_for(|r| *r) => computed.is_ok(),
+            () = self.events.closed() => false,
+        };
+        self.share = None;
+        computed.then(|| Fork {
+            parent,
+            positions: self.journal.prompt.len().saturating_sub(1) as u32,
+        })
     }
 
     /// Sends `entries` with token rows `ids` to the first stage; `false` when the link is gone.
@@ -257,8 +284,9 @@ impl RequestTask {
     }
 
     /// Sends the journal (the prompt, and the tokens generated before a resume) in chunks (no
-    /// frame outgrows the limits); the last one samples.
-    async fn prefill(&mut self, mut state: State) -> State {
+    /// frame outgrows the limits); the last one samples. With a `fork`, the stages start from
+    /// another request's keys and values, and only the rows after them are sent.
+    async fn prefill(&mut self, mut state: State, fork: Option<Fork>) -> State {
         debug_assert_eq!(state, State::Routed);
         let chunk = self.model.prefill_chunk.max(1);
         let ids = self.journal.replay();
@@ -266,7 +294,8 @@ impl RequestTask {
         let prompt_logprobs = self.prompt_logprobs.filter(|_| !self.prompt_scores_sent);
         self.prompt_scores.clear();
         let total = ids.len();
-        let mut sent = 0;
+        let from = fork.map_or(0, |f| (f.positions as usize).min(total.saturating_sub(1)));
+        let mut sent = from;
         while sent < total {
             if self.events.is_closed() {
                 return State::Cancelled;
@@ -274,8 +303,9 @@ impl RequestTask {
             let rows = chunk.min(total - sent);
             let last = sent + rows == total;
             let mut entry = StepEntry::rows(self.id, sent as u32, rows as u32, last);
-            if sent == 0 {
+            if sent == from {
                 entry.start = Some(RequestStart {
+                    fork,
                     origin: self.origin.clone(),
                     sampling: self.sampling,
                     positions: (self.journal.prompt.len() + self.max_tokens) as u32,
@@ -387,7 +417,13 @@ impl RequestTask {
                     position,
                     logprob,
                     ..
-                }) => (token, position, logprob),
+                }) => {
+                    // The prompt is computed on every stage: choices sharing it may start.
+                    if let Some(Share::Parent { ready, .. }) = &self.share {
+                        ready.send_replace(true);
+                    }
+                    (token, position, logprob)
+                }
                 Some(TokenOut::Failed { failure, .. }) => {
                     return State::Failed(GenerationError::StageFailed(failure));
                 }

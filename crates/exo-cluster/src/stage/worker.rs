@@ -744,6 +744,18 @@ impl Worker {
                 "origin {} has not subscribed to this stage's deliveries",
                 start.origin
             ))
+        } else if let Some(fork) = start.fork
+            && self
+                .requests
+                .get(&fork.parent)
+                .is_none_or(|p| p.cache.len() < fork.positions as usize)
+        {
+            // The origin sends the whole prompt instead.
+            Some(format!(
+                "request {} shares its prompt with request {}, whose first {} positions this \
+                 stage no longer holds",
+                request, fork.parent, fork.positions
+            ))
         } else {
             None
         };
@@ -769,7 +781,13 @@ impl Worker {
             return false;
         }
         let shard = &self.spec.shard;
-        let mut cache = shard.new_cache();
+        // A choice that shares its prompt starts from a copy of the keys and values computed
+        // for another request (checked above).
+        let forked = start.fork.and_then(|fork| {
+            let parent = self.requests.get(&fork.parent)?;
+            parent.cache.prefix(fork.positions as usize)
+        });
+        let mut cache = forked.unwrap_or_else(|| shard.new_cache());
         shard.reserve(&mut cache, start.positions as usize);
         let positions = u64::from(start.positions);
         self.reserved += positions;
@@ -1473,6 +1491,7 @@ mod tests {
             sampling: SamplingParams::greedy(),
             positions,
             sampled: 0,
+            fork: None,
         });
         StepFrame {
             entries: vec![entry],
@@ -1518,6 +1537,61 @@ mod tests {
         assert_eq!(
             w.reserved, 50,
             "what the first request reserved was given back"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_fork_starts_from_its_parents_keys_and_values_or_is_refused() {
+        let (mut w, inboxes, epoch) = worker(None, 64);
+        let mut a = inboxes.open(RequestId(1), epoch);
+        let mut b = inboxes.open(RequestId(2), epoch);
+        let mut c = inboxes.open(RequestId(3), epoch);
+        // The parent: tokens 3..=7 at positions 0..5.
+        w.enqueue(1, start(1, 5, 64));
+        w.step();
+        let Some(TokenOut::Token {
+            token, position, ..
+        }) = a.recv().await
+        else {
+            panic!("no token")
+        };
+        assert_eq!(position, 5);
+        // A choice of the same prompt: the parent's first four positions, then its last
+        // prompt token.
+        let forked = |request: u64, parent: u64| {
+            let mut frame = start(request, 1, 64);
+            frame.entries[0].position = 4;
+            if let Some(s) = &mut frame.entries[0].start {
+                s.fork = Some(exo_core::Fork {
+                    parent: RequestId(parent),
+                    positions: 4,
+                });
+            }
+            frame.input = StepInput::Tokens(vec![7]);
+            frame
+        };
+        w.enqueue(1, forked(2, 1));
+        w.step();
+        assert_eq!(
+            b.recv().await,
+            Some(TokenOut::Token {
+                request: RequestId(2),
+                token,
+                position: 5,
+                logprob: None,
+            })
+        );
+        // A fork of a request this stage does not hold is refused, so that its origin sends
+        // the whole prompt.
+        w.enqueue(1, forked(3, 9));
+        w.step();
+        let Some(TokenOut::Failed { failure, .. }) = c.recv().await else {
+            panic!("not refused")
+        };
+        assert_eq!(failure.kind, FailureKind::Refused, "{failure}");
+        assert!(
+            failure.reason.contains(&RequestId(9).to_string()),
+            "{failure}"
         );
     }
 
