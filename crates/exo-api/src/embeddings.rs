@@ -18,6 +18,7 @@ use crate::generate::{Params, Running};
 use crate::middleware::RequestLog;
 use crate::ollama::{OllamaError, resolve};
 use crate::request::JsonObject;
+use crate::schema::{self, Embedding, EmbeddingList, EmbeddingRequest, EmbeddingUsage};
 use crate::state::AppState;
 
 /// The most inputs one request may hold (OpenAI's limit).
@@ -35,10 +36,10 @@ pub(crate) async fn openai(
     log: RequestLog,
     JsonObject(body): JsonObject,
 ) -> Result<Response, ApiError> {
-    let fields = Fields(&body);
-    let model = fields.required_string("model")?;
-    let inputs = inputs(&fields, "input")?;
-    let base64 = match fields.string("encoding_format")? {
+    let request: EmbeddingRequest = schema::read(&body)?;
+    let model = request.model;
+    let inputs = inputs(request.input.as_ref(), "input")?;
+    let base64 = match request.encoding_format.as_deref() {
         None | Some("float") => false,
         Some("base64") => true,
         Some(other) => {
@@ -48,7 +49,7 @@ pub(crate) async fn openai(
             ));
         }
     };
-    let dimensions = fields.count("dimensions")?;
+    let dimensions = request.dimensions;
     let (vectors, prompt_tokens) = embed_all(&state, &log, &model, inputs).await?;
     if let (Some(asked), Some(first)) = (dimensions, vectors.first())
         && asked != first.len() as u64
@@ -63,24 +64,28 @@ pub(crate) async fn openai(
             ),
         ));
     }
-    let data: Vec<Value> = vectors
+    let data = vectors
         .iter()
         .enumerate()
-        .map(|(index, v)| {
-            let embedding = if base64 {
+        .map(|(index, v)| Embedding {
+            object: schema::EmbeddingObject::Name,
+            index,
+            embedding: if base64 {
                 Value::String(base64_f32(v))
             } else {
                 json!(v)
-            };
-            json!({"object": "embedding", "index": index, "embedding": embedding})
+            },
         })
         .collect();
-    Ok(Json(json!({
-        "object": "list",
-        "data": data,
-        "model": model,
-        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
-    }))
+    Ok(Json(EmbeddingList {
+        object: schema::ListObject::Name,
+        data,
+        model,
+        usage: EmbeddingUsage {
+            prompt_tokens,
+            total_tokens: prompt_tokens,
+        },
+    })
     .into_response())
 }
 
@@ -94,7 +99,7 @@ pub(crate) async fn ollama_embed(
     let JsonObject(body) = body?;
     let fields = Fields(&body);
     let model = fields.required_string("model")?;
-    let inputs = inputs(&fields, "input")?;
+    let inputs = inputs(fields.get("input"), "input")?;
     let (vectors, prompt_tokens) =
         embed_all(&state, &log, &resolve(&state, &model), inputs).await?;
     Ok(Json(json!({
@@ -116,13 +121,13 @@ pub(crate) async fn ollama_embeddings(
     let JsonObject(body) = body?;
     let fields = Fields(&body);
     let model = fields.required_string("model")?;
-    let inputs = inputs(&fields, "prompt")?;
+    let inputs = inputs(fields.get("prompt"), "prompt")?;
     let (mut vectors, _) = embed_all(&state, &log, &resolve(&state, &model), inputs).await?;
     Ok(Json(json!({"embedding": vectors.pop().unwrap_or_default()})).into_response())
 }
 
 /// The texts to embed: `name` holds a string or an array of strings, each non-empty.
-fn inputs(fields: &Fields<'_>, name: &str) -> Result<Vec<String>, ApiError> {
+fn inputs(value: Option<&Value>, name: &str) -> Result<Vec<String>, ApiError> {
     let token_ids = || {
         ApiError::invalid_param(
             name,
@@ -133,7 +138,7 @@ fn inputs(fields: &Fields<'_>, name: &str) -> Result<Vec<String>, ApiError> {
             ),
         )
     };
-    let texts = match fields.get(name) {
+    let texts = match value {
         None => return Err(missing(name)),
         Some(Value::String(text)) => vec![text.clone()],
         Some(Value::Array(items)) if items.is_empty() => {
@@ -258,7 +263,7 @@ mod tests {
     }
 
     fn parse(body: Value) -> Result<Vec<String>, ApiError> {
-        inputs(&Fields(body.as_object().unwrap()), "input")
+        inputs(Fields(body.as_object().unwrap()).get("input"), "input")
     }
 
     #[test]

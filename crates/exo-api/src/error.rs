@@ -243,14 +243,15 @@ impl ApiError {
 
     /// The envelope, also sent as an SSE event when a stream fails after its first chunk.
     pub(crate) fn envelope(&self) -> Value {
-        json!({
-            "error": {
-                "message": self.message,
-                "type": self.kind,
-                "param": self.param,
-                "code": self.code,
-            }
-        })
+        let envelope = crate::schema::ErrorResponse {
+            error: crate::schema::ErrorBody {
+                message: self.message.clone(),
+                kind: self.kind.to_owned(),
+                param: self.param.clone(),
+                code: self.code.map(str::to_owned),
+            },
+        };
+        serde_json::to_value(envelope).unwrap_or_default()
     }
 }
 

@@ -22,6 +22,10 @@ use crate::error::ApiError;
 use crate::middleware::RequestLog;
 use crate::queue::Slot;
 use crate::request::{Echo, Parsed};
+use crate::schema::{
+    self, AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChunkChoice,
+    Completion, CompletionChoice, Delta, Usage,
+};
 use crate::state::AppState;
 use crate::telemetry::Metrics;
 use crate::tools::{self, Held, ToolUse};
@@ -108,13 +112,12 @@ pub(crate) async fn respond(
                 entries.append(&mut logprobs);
                 logprobs = entries;
             }
-            let mut choice = format.choice(index, &text, finished.reason);
-            if format.logprobs {
-                choice["logprobs"] = format.logprobs_json(&logprobs, &mut 0);
-            }
-            choices.push(choice);
+            let logprobs = format
+                .logprobs
+                .then(|| format.logprobs_json(&logprobs, &mut 0));
+            choices.push((index, text, finished.reason, logprobs));
         }
-        let usage = usage(prompt_tokens, completion_tokens);
+        let usage = Usage::new(prompt_tokens, completion_tokens);
         return Ok(Json(format.whole(choices, usage)).into_response());
     }
 
@@ -130,8 +133,12 @@ pub(crate) async fn respond(
     for (index, (mut running, first)) in runnings.into_iter().zip(firsts).enumerate() {
         let mut pending = VecDeque::new();
         if api == Api::Chat {
-            let role = json!({"role": "assistant", "content": ""});
-            pending.push_back(event(&format.chunk(index, role, None)));
+            let role = Delta {
+                role: Some(schema::AssistantRole::Name),
+                content: Some(String::new()),
+                tool_calls: None,
+            };
+            pending.push_back(event(&format.chunk(index, Piece::Delta(role), None)));
         }
         let mut choice = Choice {
             index,
@@ -162,7 +169,7 @@ pub(crate) async fn respond(
             let mut out = Vec::new();
             if format.include_usage {
                 out.push(Ok(event(
-                    &format.usage_chunk(usage(prompt_tokens, completion_tokens)),
+                    &format.usage_chunk(Usage::new(prompt_tokens, completion_tokens)),
                 )));
             }
             out.push(Ok(Event::default().data("[DONE]")));
@@ -217,14 +224,6 @@ pub(crate) fn counts(finished: &Finished) -> (usize, usize) {
         finished.prompt_tokens as usize,
         finished.completion_tokens() as usize,
     )
-}
-
-fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {
-    json!({
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens.saturating_add(completion_tokens),
-    })
 }
 
 /// A generation the engine is running, and the slot it holds.
@@ -501,21 +500,26 @@ impl Format {
             Step::Logprob(entry) => choice.pending.push(entry),
             Step::Finished(finished) => {
                 let (prompt_tokens, completion_tokens) = counts(&finished);
-                let mut reason = finished.reason.as_str();
+                let mut reason = schema::FinishReason::from(finished.reason);
                 let (content, calls) = choice.held.finish(self.tools.as_ref());
                 if !content.is_empty() {
                     let chunk = self.delta(index, content);
                     out.push_back(event(&self.with_logprobs(chunk, choice)));
                 }
                 if !calls.is_empty() {
-                    let calls: Vec<Value> = calls
-                        .iter()
-                        .enumerate()
-                        .map(|(i, c)| c.to_json(Some(i)))
-                        .collect();
-                    let delta = json!({"tool_calls": calls});
-                    out.push_back(event(&self.chunk(index, delta, None)));
-                    reason = "tool_calls";
+                    let delta = Delta {
+                        role: None,
+                        content: None,
+                        tool_calls: Some(
+                            calls
+                                .iter()
+                                .enumerate()
+                                .map(|(i, c)| c.openai(Some(i)))
+                                .collect(),
+                        ),
+                    };
+                    out.push_back(event(&self.chunk(index, Piece::Delta(delta), None)));
+                    reason = schema::FinishReason::ToolCalls;
                 }
                 let last = self.last(index, reason);
                 out.push_back(event(&self.with_logprobs(last, choice)));
@@ -525,7 +529,7 @@ impl Format {
                 }
                 if choice.closes {
                     if self.include_usage {
-                        let usage = usage(prompt_tokens, completion_tokens);
+                        let usage = Usage::new(prompt_tokens, completion_tokens);
                         out.push_back(event(&self.usage_chunk(usage)));
                     }
                     out.push_back(Event::default().data("[DONE]"));
@@ -612,111 +616,179 @@ impl Format {
         }
     }
 
-    /// One choice of the non-streamed response.
-    fn choice(&self, index: usize, text: &str, finish_reason: FinishReason) -> Value {
-        let mut message = json!({"role": "assistant", "content": text});
-        let mut finish_reason = finish_reason.as_str();
-        if let Some(tools) = &self.tools {
-            let (content, calls) = tools::read_calls(text, tools);
-            if !calls.is_empty() {
-                let calls: Vec<Value> = calls.iter().map(|c| c.to_json(None)).collect();
-                message = json!({"role": "assistant", "content": content, "tool_calls": calls});
-                finish_reason = "tool_calls";
-            }
-        }
-        match self.api {
-            Api::Chat => json!({
-                "index": index,
-                "message": message,
-                "logprobs": null,
-                "finish_reason": finish_reason,
+    /// The non-streamed response: each choice's index, text, end and log-probabilities.
+    fn whole(
+        &self,
+        choices: Vec<(usize, String, FinishReason, Option<Value>)>,
+        usage: Usage,
+    ) -> Value {
+        let response = match self.api {
+            Api::Chat => serde_json::to_value(ChatCompletion {
+                id: self.id.clone(),
+                object: schema::ChatCompletionObject::Name,
+                created: self.created,
+                model: self.model.clone(),
+                choices: choices
+                    .into_iter()
+                    .map(|(index, text, reason, logprobs)| {
+                        self.chat_choice(index, text, reason, logprobs)
+                    })
+                    .collect(),
+                usage,
             }),
-            Api::Completion => json!({
-                "text": text,
-                "index": index,
-                "logprobs": null,
-                "finish_reason": finish_reason,
+            Api::Completion => serde_json::to_value(Completion {
+                id: self.id.clone(),
+                object: schema::TextCompletionObject::Name,
+                created: self.created,
+                model: self.model.clone(),
+                choices: choices
+                    .into_iter()
+                    .map(|(index, text, reason, logprobs)| CompletionChoice {
+                        text,
+                        index,
+                        logprobs,
+                        finish_reason: Some(reason.into()),
+                    })
+                    .collect(),
+                usage: Some(Some(usage)),
             }),
-        }
+        };
+        response.unwrap_or_default()
     }
 
-    /// The non-streamed response.
-    fn whole(&self, choices: Vec<Value>, usage: Value) -> Value {
-        let object = match self.api {
-            Api::Chat => "chat.completion",
-            Api::Completion => "text_completion",
+    /// One choice of a whole chat answer: its text, or the tool calls read out of it.
+    fn chat_choice(
+        &self,
+        index: usize,
+        text: String,
+        reason: FinishReason,
+        logprobs: Option<Value>,
+    ) -> ChatChoice {
+        let mut message = AssistantMessage {
+            role: schema::AssistantRole::Name,
+            content: Some(text),
+            tool_calls: None,
         };
-        json!({
-            "id": self.id,
-            "object": object,
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-            "usage": usage,
-        })
+        let mut finish_reason = schema::FinishReason::from(reason);
+        if let (Some(tools), Some(text)) = (&self.tools, &message.content) {
+            let (content, calls) = tools::read_calls(text, tools);
+            if !calls.is_empty() {
+                message.tool_calls = Some(calls.iter().map(|c| c.openai(None)).collect());
+                message.content = content;
+                finish_reason = schema::FinishReason::ToolCalls;
+            }
+        }
+        ChatChoice {
+            index,
+            message,
+            logprobs,
+            finish_reason,
+        }
     }
 
     /// A chunk carrying a piece of choice `index`'s text.
     fn delta(&self, index: usize, piece: String) -> Value {
         match self.api {
-            Api::Chat => self.chunk(index, json!({"content": piece}), None),
-            Api::Completion => self.chunk(index, Value::String(piece), None),
+            Api::Chat => self.chunk(
+                index,
+                Piece::Delta(Delta {
+                    role: None,
+                    content: Some(piece),
+                    tool_calls: None,
+                }),
+                None,
+            ),
+            Api::Completion => self.chunk(index, Piece::Text(piece), None),
         }
     }
 
     /// The chunk carrying choice `index`'s finish reason.
-    fn last(&self, index: usize, finish_reason: &str) -> Value {
+    fn last(&self, index: usize, finish_reason: schema::FinishReason) -> Value {
         let empty = match self.api {
-            Api::Chat => json!({}),
-            Api::Completion => Value::String(String::new()),
+            Api::Chat => Piece::Delta(Delta {
+                role: None,
+                content: None,
+                tool_calls: None,
+            }),
+            Api::Completion => Piece::Text(String::new()),
         };
         self.chunk(index, empty, Some(finish_reason))
     }
 
-    /// One streamed chunk with a single choice: `content` is the chat delta object or the
-    /// completion text.
-    fn chunk(&self, index: usize, content: Value, finish_reason: Option<&str>) -> Value {
-        let choice = match self.api {
-            Api::Chat => json!({
-                "index": index,
-                "delta": content,
-                "logprobs": null,
-                "finish_reason": finish_reason,
-            }),
-            Api::Completion => json!({
-                "text": content,
-                "index": index,
-                "logprobs": null,
-                "finish_reason": finish_reason,
-            }),
-        };
-        self.envelope(vec![choice], Value::Null)
+    /// One streamed chunk with a single choice.
+    fn chunk(
+        &self,
+        index: usize,
+        piece: Piece,
+        finish_reason: Option<schema::FinishReason>,
+    ) -> Value {
+        self.envelope(Some((index, piece, finish_reason)), None)
     }
 
     /// The chunk after the last choice when the client asked for usage.
-    fn usage_chunk(&self, usage: Value) -> Value {
-        self.envelope(Vec::new(), usage)
+    fn usage_chunk(&self, usage: Usage) -> Value {
+        self.envelope(None, Some(usage))
     }
 
-    fn envelope(&self, choices: Vec<Value>, usage: Value) -> Value {
-        let object = match self.api {
-            Api::Chat => "chat.completion.chunk",
-            Api::Completion => "text_completion",
+    /// A streamed chunk: one choice's piece, or (with `usage`) none. OpenAI sends
+    /// `"usage": null` on every chunk but the last only when usage was asked for; without it
+    /// the field is absent.
+    fn envelope(
+        &self,
+        choice: Option<(usize, Piece, Option<schema::FinishReason>)>,
+        usage: Option<Usage>,
+    ) -> Value {
+        let usage = self.include_usage.then_some(usage);
+        let chunk = match self.api {
+            Api::Chat => serde_json::to_value(ChatCompletionChunk {
+                id: self.id.clone(),
+                object: schema::ChatCompletionChunkObject::Name,
+                created: self.created,
+                model: self.model.clone(),
+                choices: choice
+                    .into_iter()
+                    .map(|(index, piece, finish_reason)| ChunkChoice {
+                        index,
+                        delta: match piece {
+                            Piece::Delta(delta) => delta,
+                            Piece::Text(text) => Delta {
+                                role: None,
+                                content: Some(text),
+                                tool_calls: None,
+                            },
+                        },
+                        logprobs: None,
+                        finish_reason,
+                    })
+                    .collect(),
+                usage,
+            }),
+            Api::Completion => serde_json::to_value(Completion {
+                id: self.id.clone(),
+                object: schema::TextCompletionObject::Name,
+                created: self.created,
+                model: self.model.clone(),
+                choices: choice
+                    .into_iter()
+                    .map(|(index, piece, finish_reason)| CompletionChoice {
+                        text: match piece {
+                            Piece::Text(text) => text,
+                            Piece::Delta(delta) => delta.content.unwrap_or_default(),
+                        },
+                        index,
+                        logprobs: None,
+                        finish_reason,
+                    })
+                    .collect(),
+                usage,
+            }),
         };
-        let mut chunk = json!({
-            "id": self.id,
-            "object": object,
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-        });
-        // OpenAI sends `"usage": null` on every chunk but the last only when usage was asked
-        // for; without it the field is absent.
-        if self.include_usage
-            && let Value::Object(fields) = &mut chunk
-        {
-            fields.insert("usage".to_owned(), usage);
-        }
-        chunk
+        chunk.unwrap_or_default()
     }
+}
+
+/// What a streamed chunk carries of its choice: a chat delta, or a completion's text.
+enum Piece {
+    Delta(Delta),
+    Text(String),
 }

@@ -48,6 +48,7 @@ mod queue;
 mod request;
 mod responses;
 mod routes;
+mod schema;
 mod server;
 mod state;
 mod telemetry;

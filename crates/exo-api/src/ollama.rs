@@ -29,7 +29,7 @@ use crate::error::ApiError;
 use crate::fields::{Fields, describe, missing};
 use crate::generate::{Params, Running, Step, counts};
 use crate::middleware::RequestLog;
-use crate::request::{JsonObject, messages};
+use crate::request::{JsonObject, messages_value};
 use crate::state::AppState;
 
 /// The content type of Ollama's streamed answers: one JSON object per line.
@@ -259,7 +259,7 @@ fn parse_chat(fields: &Fields<'_>) -> Result<Option<Vec<ChatMessage>>, ApiError>
             }
         }
     }
-    messages(value).map(Some)
+    messages_value(value).map(Some)
 }
 
 /// `format`: `"json"` for any JSON object, or a JSON schema the answer must follow.

@@ -1,9 +1,9 @@
 //! Reading and validating request bodies in OpenAI's shapes.
 //!
-//! Bodies are parsed into a `serde_json` object and read field by field rather than derived
-//! into structs: that lets every 400 name the field at fault (`param`) and describe the
-//! problem in JSON terms ("must be a number, got a string") instead of serde's Rust terms
-//! ("expected f32"), and lets unknown fields pass as OpenAI's do.
+//! Bodies are deserialized into the typed requests of [`crate::schema`] (whose errors name the
+//! field at fault as `param` and describe the problem in JSON terms: "must be a number, got a
+//! string"; unknown fields pass, as OpenAI's do), then checked here: ranges, the fields that
+//! take several shapes, and what the engine needs made of them.
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
@@ -12,6 +12,7 @@ use serde_json::{Map, Value};
 
 use crate::error::ApiError;
 use crate::fields::{Fields, describe, missing};
+use crate::schema::{self, ChatCompletionRequest, CompletionRequest, MessageIn, Sampling};
 use crate::state::AppState;
 use crate::tools::{self, ToolUse};
 use exo_core::{
@@ -121,11 +122,9 @@ pub(crate) fn chat(
     default_max_tokens: Option<usize>,
     native: Option<ToolSyntax>,
 ) -> Result<Parsed, ApiError> {
-    let fields = Fields(body);
-    let model = fields.required_string("model")?;
-    let mut messages = messages(fields.get("messages").ok_or_else(|| missing("messages"))?)?;
-    let top = fields.count("top_logprobs")?;
-    let logprobs = match (fields.bool("logprobs")?.unwrap_or(false), top) {
+    let ChatCompletionRequest { sampling, chat } = ChatCompletionRequest::read(body)?;
+    let mut messages = messages(&chat.messages)?;
+    let logprobs = match (chat.logprobs.unwrap_or(false), chat.top_logprobs) {
         (false, Some(n)) if n > 0 => {
             return Err(ApiError::invalid_param(
                 "top_logprobs",
@@ -135,10 +134,32 @@ pub(crate) fn chat(
         (false, _) => None,
         (true, top) => Some(top_logprobs("top_logprobs", top.unwrap_or(0), 20)?),
     };
-    let mut tools = tools::parse(&fields)?;
-    let format = tools::response_format(&fields)?;
+    // Tools and formats take several shapes: the tools module reads them.
+    let mut shaped = Map::new();
+    for (name, value) in [
+        ("tools", chat.tools),
+        ("tool_choice", chat.tool_choice),
+        ("response_format", chat.response_format),
+    ] {
+        if let Some(value) = value {
+            shaped.insert(name.to_owned(), value);
+        }
+    }
+    let shaped = Fields(&shaped);
+    let mut tools = tools::parse(&shaped)?;
+    let format = tools::response_format(&shaped)?;
     let specs = tools::lower(native, &mut messages, tools.as_mut());
-    let mut parsed = common(&fields, model, Prompt::Chat(messages), default_max_tokens)?;
+    // OpenAI's newer name wins when both are given.
+    let max_tokens = match chat.max_completion_tokens {
+        Some(n) => Some(("max_completion_tokens", n)),
+        None => sampling.max_tokens.map(|n| ("max_tokens", n)),
+    };
+    let mut parsed = common(
+        sampling,
+        max_tokens,
+        Prompt::Chat(messages),
+        default_max_tokens,
+    )?;
     parsed.request.tools = specs;
     // A call the request demands is the output's grammar; otherwise the response format's.
     let (constraint, param) = match tools.as_ref().and_then(ToolUse::constraint) {
@@ -157,8 +178,10 @@ pub(crate) fn completion(
     body: &Map<String, Value>,
     default_max_tokens: Option<usize>,
 ) -> Result<Parsed, ApiError> {
-    let fields = Fields(body);
-    let model = fields.required_string("model")?;
+    let CompletionRequest {
+        sampling,
+        completion: fields,
+    } = CompletionRequest::read(body)?;
     let batch = |count: usize| {
         ApiError::invalid_param(
             "prompt",
@@ -169,59 +192,59 @@ pub(crate) fn completion(
         )
     };
     // The prompt's text, or (as the error side) its token ids.
-    let prompt: Result<String, Vec<u32>> =
-        match fields.get("prompt").ok_or_else(|| missing("prompt"))? {
-            Value::String(text) => Ok(text.clone()),
-            Value::Array(items) => match items.as_slice() {
-                [Value::String(text)] => Ok(text.clone()),
-                [Value::Array(ids)] => token_ids(ids).map(Err)?,
-                [Value::Number(_), ..] => token_ids(items).map(Err)?,
-                [] => {
-                    return Err(ApiError::invalid_param(
-                        "prompt",
-                        "'prompt' is an empty array",
-                    ));
-                }
-                [_] => {
-                    return Err(ApiError::invalid_param(
-                        "prompt",
-                        "'prompt' must be a string or an array of token ids",
-                    ));
-                }
-                _ => return Err(batch(items.len())),
-            },
-            other => {
+    let prompt: Result<String, Vec<u32>> = match fields.prompt.ok_or_else(|| missing("prompt"))? {
+        Value::String(text) => Ok(text),
+        Value::Array(items) => match items.as_slice() {
+            [Value::String(text)] => Ok(text.clone()),
+            [Value::Array(ids)] => token_ids(ids).map(Err)?,
+            [Value::Number(_), ..] => token_ids(&items).map(Err)?,
+            [] => {
                 return Err(ApiError::invalid_param(
                     "prompt",
-                    format!("'prompt' must be a string, got {}", describe(other)),
+                    "'prompt' is an empty array",
                 ));
             }
-        };
-    if fields.count("best_of")?.is_some_and(|n| n > 1) {
+            [_] => {
+                return Err(ApiError::invalid_param(
+                    "prompt",
+                    "'prompt' must be a string or an array of token ids",
+                ));
+            }
+            _ => return Err(batch(items.len())),
+        },
+        other => {
+            return Err(ApiError::invalid_param(
+                "prompt",
+                format!("'prompt' must be a string, got {}", describe(&other)),
+            ));
+        }
+    };
+    if fields.best_of.is_some_and(|n| n > 1) {
         return Err(ApiError::invalid_param(
             "best_of",
             "best_of > 1 is not supported",
         ));
     }
-    if fields.string("suffix")?.is_some_and(|s| !s.is_empty()) {
+    if fields.suffix.is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::invalid_param("suffix", "suffix is not supported"));
     }
-    let logprobs = match fields.count("logprobs")? {
+    let logprobs = match fields.logprobs {
         None => None,
         Some(n) => Some(top_logprobs("logprobs", n, 5)?),
     };
     // Special tokens written in the prompt stay text unless the caller asks for them.
-    let parse_special = fields.bool("parse_special_tokens")? == Some(true);
+    let parse_special = fields.parse_special_tokens == Some(true);
     let prompt = match prompt {
         Ok(text) if parse_special => Prompt::Raw(text),
         Ok(text) => Prompt::Text(text),
         Err(ids) => Prompt::Tokens(ids),
     };
-    let echo = (fields.bool("echo")? == Some(true)).then(|| match &prompt {
+    let echo = (fields.echo == Some(true)).then(|| match &prompt {
         Prompt::Text(text) | Prompt::Raw(text) => Echo::Text(text.clone()),
         Prompt::Tokens(_) | Prompt::Chat(_) => Echo::Tokens,
     });
-    let mut parsed = common(&fields, model, prompt, default_max_tokens)?;
+    let max_tokens = sampling.max_tokens.map(|n| ("max_tokens", n));
+    let mut parsed = common(sampling, max_tokens, prompt, default_max_tokens)?;
     parsed.request.logprobs = logprobs;
     // With log-probabilities, the echoed prompt's tokens come with theirs; a prompt of token
     // ids is echoed as its tokens' texts, which come with them.
@@ -274,14 +297,15 @@ fn top_logprobs(param: &str, n: u64, max: u64) -> Result<u32, ApiError> {
     Ok(n as u32)
 }
 
-/// The fields both endpoints share: sampling, limits, streaming and the unsupported extras.
+/// The fields both endpoints share: sampling, limits, streaming and the unsupported extras;
+/// `max_tokens` is the limit asked for and the field that asked.
 fn common(
-    fields: &Fields<'_>,
-    model: String,
+    sampling: Sampling,
+    max_tokens: Option<(&'static str, u64)>,
     prompt: Prompt,
     default_max_tokens: Option<usize>,
 ) -> Result<Parsed, ApiError> {
-    let n = match fields.count("n")? {
+    let n = match sampling.n {
         None => 1,
         Some(n @ 1..=MAX_CHOICES) => n as usize,
         Some(n) => {
@@ -291,13 +315,7 @@ fn common(
             ));
         }
     };
-    let penalties = penalties(fields)?;
-
-    // OpenAI's newer name wins when both are given.
-    let max_tokens = match fields.count("max_completion_tokens")? {
-        Some(n) => Some(("max_completion_tokens", n)),
-        None => fields.count("max_tokens")?.map(|n| ("max_tokens", n)),
-    };
+    let penalties = penalties(&sampling)?;
     let max_tokens = match max_tokens {
         Some((param, 0)) => {
             return Err(ApiError::invalid_param(
@@ -309,57 +327,29 @@ fn common(
         None => default_max_tokens.map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
     };
 
-    let temperature = fields.number("temperature")?.unwrap_or(1.0);
+    let temperature = sampling.temperature.unwrap_or(1.0);
     if !(0.0..=2.0).contains(&temperature) {
         return Err(ApiError::invalid_param(
             "temperature",
             format!("'temperature' must be between 0 and 2, got {temperature}"),
         ));
     }
-    let top_p = fields.number("top_p")?.unwrap_or(1.0);
+    let top_p = sampling.top_p.unwrap_or(1.0);
     if !(top_p > 0.0 && top_p <= 1.0) {
         return Err(ApiError::invalid_param(
             "top_p",
             format!("'top_p' must be greater than 0 and at most 1, got {top_p}"),
         ));
     }
-
-    let seed = match fields.get("seed") {
-        None => None,
-        // OpenAI takes any 64-bit signed integer; a seed is only bits, so negative ones are
-        // reinterpreted rather than refused.
-        Some(value) => Some(
-            value
-                .as_u64()
-                .or_else(|| value.as_i64().map(|n| n as u64))
-                .ok_or_else(|| {
-                    ApiError::invalid_param(
-                        "seed",
-                        format!("'seed' must be an integer, got {}", describe(value)),
-                    )
-                })?,
-        ),
-    };
-
-    let stop = stop(fields.get("stop"))?;
-
-    let stream = fields.bool("stream")?.unwrap_or(false);
-    let include_usage = match fields.get("stream_options") {
-        None => false,
-        Some(Value::Object(options)) => Fields(options)
-            .bool("include_usage")
-            .map_err(|error| error.with_param("stream_options.include_usage"))?
-            .unwrap_or(false),
-        Some(other) => {
-            return Err(ApiError::invalid_param(
-                "stream_options",
-                format!(
-                    "'stream_options' must be an object, got {}",
-                    describe(other)
-                ),
-            ));
-        }
-    };
+    // OpenAI takes any 64-bit signed integer; a seed is only bits, so negative ones are
+    // reinterpreted rather than refused.
+    let seed = sampling.seed.map(|seed| seed as u64);
+    let stop = stop(sampling.stop.as_ref())?;
+    let stream = sampling.stream.unwrap_or(false);
+    let include_usage = sampling
+        .stream_options
+        .and_then(|o| o.include_usage)
+        .unwrap_or(false);
 
     Ok(Parsed {
         request: GenerationRequest {
@@ -369,7 +359,7 @@ fn common(
             constraint: None,
             tools: Vec::new(),
             share_prefill: None,
-            model,
+            model: sampling.model,
             prompt,
             max_tokens,
             sampling: SamplingParams {
@@ -394,13 +384,21 @@ fn common(
 
 /// `presence_penalty`, `frequency_penalty` (-2 to 2) and `logit_bias` (token ids, as the
 /// object's keys, to biases from -100 to 100).
-fn penalties(fields: &Fields<'_>) -> Result<Penalties, ApiError> {
+fn penalties(sampling: &Sampling) -> Result<Penalties, ApiError> {
     let mut penalties = Penalties::default();
-    for (name, slot) in [
-        ("presence_penalty", &mut penalties.presence),
-        ("frequency_penalty", &mut penalties.frequency),
+    for (name, slot, value) in [
+        (
+            "presence_penalty",
+            &mut penalties.presence,
+            sampling.presence_penalty,
+        ),
+        (
+            "frequency_penalty",
+            &mut penalties.frequency,
+            sampling.frequency_penalty,
+        ),
     ] {
-        if let Some(value) = fields.number(name)? {
+        if let Some(value) = value {
             if !(-2.0..=2.0).contains(&value) {
                 return Err(ApiError::invalid_param(
                     name,
@@ -410,7 +408,7 @@ fn penalties(fields: &Fields<'_>) -> Result<Penalties, ApiError> {
             *slot = value as f32;
         }
     }
-    match fields.get("logit_bias") {
+    match &sampling.logit_bias {
         None => {}
         Some(Value::Object(biases)) => {
             if biases.len() > Penalties::MAX_BIASES {
@@ -455,13 +453,18 @@ fn penalties(fields: &Fields<'_>) -> Result<Penalties, ApiError> {
     Ok(penalties)
 }
 
-pub(crate) fn messages(value: &Value) -> Result<Vec<Message>, ApiError> {
-    let Value::Array(items) = value else {
-        return Err(ApiError::invalid_param(
-            "messages",
-            format!("'messages' must be an array, got {}", describe(value)),
-        ));
-    };
+/// A chat's messages from their JSON (Ollama's `messages`), read as chat completions reads them.
+pub(crate) fn messages_value(value: &Value) -> Result<Vec<Message>, ApiError> {
+    #[derive(serde::Deserialize)]
+    struct Messages {
+        messages: Vec<MessageIn>,
+    }
+    let mut body = Map::new();
+    body.insert("messages".to_owned(), value.clone());
+    messages(&schema::read::<Messages>(&body)?.messages)
+}
+
+fn messages(items: &[MessageIn]) -> Result<Vec<Message>, ApiError> {
     if items.is_empty() {
         return Err(ApiError::invalid_param(
             "messages",
@@ -475,26 +478,9 @@ pub(crate) fn messages(value: &Value) -> Result<Vec<Message>, ApiError> {
         .collect()
 }
 
-fn message(i: usize, item: &Value) -> Result<Message, ApiError> {
+fn message(i: usize, item: &MessageIn) -> Result<Message, ApiError> {
     let at = |field: &str| format!("messages[{i}].{field}");
-    let Value::Object(object) = item else {
-        return Err(ApiError::invalid_param(
-            format!("messages[{i}]"),
-            format!("'messages[{i}]' must be an object, got {}", describe(item)),
-        ));
-    };
-    let fields = Fields(object);
-    let role = match fields.get("role") {
-        None => return Err(missing(&at("role"))),
-        Some(Value::String(role)) => role.as_str(),
-        Some(other) => {
-            return Err(ApiError::invalid_param(
-                at("role"),
-                format!("'{}' must be a string, got {}", at("role"), describe(other)),
-            ));
-        }
-    };
-    let role = match role {
+    let role = match item.role.as_str() {
         "system" | "developer" => "system",
         "user" => "user",
         "assistant" => "assistant",
@@ -511,7 +497,7 @@ fn message(i: usize, item: &Value) -> Result<Message, ApiError> {
             ));
         }
     };
-    let content = match fields.get("content") {
+    let content = match &item.content {
         Some(Value::String(text)) => text.clone(),
         Some(Value::Array(parts)) => parts
             .iter()
@@ -533,15 +519,11 @@ fn message(i: usize, item: &Value) -> Result<Message, ApiError> {
             ));
         }
     };
-    let tool_calls = match fields.get("tool_calls") {
-        Some(Value::Null) | None => Vec::new(),
+    let tool_calls = match &item.tool_calls {
         Some(calls) if role == "assistant" => tools::history_calls(&at("tool_calls"), calls)?,
-        Some(_) => Vec::new(),
+        _ => Vec::new(),
     };
-    let tool_call_id = match (role, fields.get("tool_call_id")) {
-        ("tool", Some(Value::String(id))) => Some(id.clone()),
-        _ => None,
-    };
+    let tool_call_id = item.tool_call_id.clone().filter(|_| role == "tool");
     Ok(Message {
         role: role.to_owned(),
         content,

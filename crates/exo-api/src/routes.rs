@@ -25,6 +25,7 @@ use crate::ollama;
 use crate::queue::Admission;
 use crate::request::{self, JsonObject};
 use crate::responses;
+use crate::schema;
 use crate::state::AppState;
 use crate::telemetry::{self, Metrics};
 use crate::web;
@@ -174,26 +175,28 @@ async fn completions(
     respond(&state, Api::Completion, parsed, log).await
 }
 
-fn model_object(card: &ModelCard) -> Value {
-    json!({
-        "id": card.id,
-        "object": "model",
-        "created": card.created,
-        "owned_by": card.owned_by,
-        "context_length": card.context_length,
-        "tool_syntax": card.tool_syntax.map(|s| s.name()),
-    })
+fn model_object(card: &ModelCard) -> schema::Model {
+    schema::Model {
+        id: card.id.clone(),
+        object: schema::ModelObject::Name,
+        created: card.created,
+        owned_by: card.owned_by.clone(),
+        context_length: card.context_length,
+        tool_syntax: card.tool_syntax.map(|s| s.name()),
+    }
 }
 
-async fn list_models(State(state): State<AppState>) -> Json<Value> {
-    let data: Vec<Value> = state.engine.models().iter().map(model_object).collect();
-    Json(json!({"object": "list", "data": data}))
+async fn list_models(State(state): State<AppState>) -> Json<schema::ModelList> {
+    Json(schema::ModelList {
+        object: schema::ListObject::Name,
+        data: state.engine.models().iter().map(model_object).collect(),
+    })
 }
 
 async fn get_model(
     State(state): State<AppState>,
     model: Result<Path<String>, PathRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<schema::Model>, ApiError> {
     let Path(model) = model.map_err(|rejection| {
         ApiError::invalid_param(
             "model",

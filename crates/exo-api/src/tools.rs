@@ -25,6 +25,7 @@ use serde_json::{Map, Value, json};
 
 use crate::error::ApiError;
 use crate::fields::{Fields, describe};
+use crate::schema;
 use exo_core::{ChatMessage, OutputConstraint, ToolCall, ToolSpec, ToolSyntax};
 
 const CALL_OPEN: &str = "<tool_call>";
@@ -363,16 +364,16 @@ pub(crate) struct Call {
 
 impl Call {
     /// OpenAI's shape of the call; a streamed delta also gives its `index` in the list.
-    pub(crate) fn to_json(&self, index: Option<usize>) -> Value {
-        let mut call = json!({
-            "id": format!("call_{:024x}", rand::random::<u128>() >> 32),
-            "type": "function",
-            "function": {"name": self.name, "arguments": self.arguments},
-        });
-        if let (Some(index), Value::Object(fields)) = (index, &mut call) {
-            fields.insert("index".into(), index.into());
+    pub(crate) fn openai(&self, index: Option<usize>) -> schema::ToolCall {
+        schema::ToolCall {
+            id: format!("call_{:024x}", rand::random::<u128>() >> 32),
+            kind: schema::FunctionType::Name,
+            function: schema::FunctionCall {
+                name: self.name.clone(),
+                arguments: self.arguments.clone(),
+            },
+            index,
         }
-        call
     }
 }
 

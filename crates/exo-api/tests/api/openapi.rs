@@ -100,7 +100,185 @@ async fn every_routed_path_is_documented_and_every_documented_path_is_routed() {
             assert!(operation["responses"]["200"].is_object(), "{operation}");
         }
     }
-    let envelope = &document["components"]["schemas"]["ErrorResponse"]["properties"]["error"];
+    let envelope = resolve(
+        &document,
+        &document["components"]["schemas"]["ErrorResponse"]["properties"]["error"],
+    );
     let required: Vec<&Value> = envelope["required"].as_array().unwrap().iter().collect();
     assert_eq!(required.len(), 4);
+}
+
+/// `schema`, or the component its `$ref` names.
+fn resolve<'d>(document: &'d Value, schema: &'d Value) -> &'d Value {
+    match schema["$ref"].as_str() {
+        Some(reference) => {
+            let name = reference.trim_start_matches("#/components/schemas/");
+            &document["components"]["schemas"][name]
+        }
+        None => schema,
+    }
+}
+
+/// Where `value` breaks `schema` (the JSON Schema keywords the document uses), if anywhere:
+/// a wrong type, a missing required property, a value outside an `enum`, or a property the
+/// schema does not declare.
+fn violation(document: &Value, schema: &Value, value: &Value, at: &str) -> Option<String> {
+    let schema = resolve(document, schema);
+    if let Some(all) = schema["allOf"].as_array() {
+        // Parts of one object: each checks its own properties, none the others'.
+        let mut merged = serde_json::Map::new();
+        let mut required = Vec::new();
+        for part in all {
+            let part = resolve(document, part);
+            merged.extend(part["properties"].as_object().cloned().unwrap_or_default());
+            required.extend(part["required"].as_array().cloned().unwrap_or_default());
+        }
+        let object =
+            serde_json::json!({"type": "object", "properties": merged, "required": required});
+        return violation(document, &object, value, at);
+    }
+    if let Some(options) = schema["oneOf"].as_array() {
+        return match options
+            .iter()
+            .any(|o| violation(document, o, value, at).is_none())
+        {
+            true => None,
+            false => Some(format!("{at}: {value} matches none of {schema}")),
+        };
+    }
+    if let Some(allowed) = schema["enum"].as_array()
+        && !allowed.contains(value)
+    {
+        return Some(format!("{at}: {value} is not one of {allowed:?}"));
+    }
+    let kind = match value {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(n) if n.is_f64() => "number",
+        Value::Number(_) => "integer",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    };
+    let types: Vec<&str> = match &schema["type"] {
+        Value::String(t) => vec![t.as_str()],
+        Value::Array(ts) => ts.iter().filter_map(Value::as_str).collect(),
+        _ => Vec::new(),
+    };
+    let fits = types.is_empty()
+        || types.contains(&kind)
+        || (kind == "integer" && types.contains(&"number"));
+    if !fits {
+        return Some(format!("{at}: {value} is not {types:?}"));
+    }
+    match value {
+        Value::Object(fields) => {
+            let properties = schema["properties"].as_object();
+            for name in schema["required"].as_array().into_iter().flatten() {
+                let name = name.as_str().unwrap_or_default();
+                if !fields.contains_key(name) {
+                    return Some(format!("{at}: no required '{name}' in {value}"));
+                }
+            }
+            for (name, field) in fields {
+                let here = format!("{at}.{name}");
+                match properties.and_then(|p| p.get(name)) {
+                    Some(property) => {
+                        if let Some(problem) = violation(document, property, field, &here) {
+                            return Some(problem);
+                        }
+                    }
+                    None if properties.is_some() => {
+                        return Some(format!("{here} is not in the schema"));
+                    }
+                    None => {}
+                }
+            }
+            None
+        }
+        Value::Array(items) => items.iter().enumerate().find_map(|(i, item)| {
+            let schema = &schema["items"];
+            (!schema.is_null())
+                .then(|| violation(document, schema, item, &format!("{at}[{i}]")))
+                .flatten()
+        }),
+        _ => None,
+    }
+}
+
+/// Every body the OpenAI routes send, whole and streamed, with tools, log-probabilities and
+/// usage, and their errors, follows the schema the document derives for it.
+#[tokio::test]
+async fn answers_follow_the_documented_schemas() {
+    use crate::support::{post, sse_chunks, with};
+    use serde_json::json;
+    let document = exo_api::openapi();
+    let schema = |name: &str| document["components"]["schemas"][name].clone();
+    let check = |name: &str, value: &Value| {
+        if let Some(problem) = violation(&document, &schema(name), value, name) {
+            panic!("{problem}");
+        }
+    };
+    let weather = json!([{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]);
+    let engine = FakeEngine::new()
+        .pieces(&[
+            "Sure. ",
+            "<tool_call>{\"name\": \"get_weather\", \"arguments\": {}}</tool_call>",
+        ])
+        .build();
+    let app = app(&engine);
+    for extra in [
+        json!({}),
+        json!({"tools": weather, "n": 2}),
+        json!({"logprobs": true, "top_logprobs": 2}),
+    ] {
+        let reply = post(
+            &app,
+            "/v1/chat/completions",
+            with(chat_body(), extra.clone()),
+        )
+        .await;
+        check("ChatCompletion", &reply.json());
+        let mut streamed = extra.clone();
+        streamed["stream"] = json!(true);
+        streamed["stream_options"] = json!({"include_usage": true});
+        let reply = post(&app, "/v1/chat/completions", with(chat_body(), streamed)).await;
+        for chunk in sse_chunks(&reply) {
+            check("ChatCompletionChunk", &chunk);
+        }
+    }
+    for extra in [json!({}), json!({"logprobs": 2, "echo": true})] {
+        let reply = post(
+            &app,
+            "/v1/completions",
+            with(completion_body(), extra.clone()),
+        )
+        .await;
+        check("Completion", &reply.json());
+        let mut streamed = extra;
+        streamed["stream"] = json!(true);
+        let reply = post(&app, "/v1/completions", with(completion_body(), streamed)).await;
+        for chunk in sse_chunks(&reply) {
+            check("Completion", &chunk);
+        }
+    }
+    check("ModelList", &get(&app, "/v1/models").await.json());
+    check("Model", &get(&app, "/v1/models/llama-3.2-1b").await.json());
+    let reply = post(
+        &app,
+        "/v1/chat/completions",
+        json!({"model": "llama-3.2-1b", "messages": [{"role": 3}]}),
+    )
+    .await;
+    assert_eq!(reply.status, 400);
+    check("ErrorResponse", &reply.json());
+    // And what the document says a request is, a request is.
+    check(
+        "ChatCompletionRequest",
+        &with(
+            chat_body(),
+            json!({"tools": weather, "stop": ["x"], "seed": -1}),
+        ),
+    );
+    check("CompletionRequest", &completion_body());
 }

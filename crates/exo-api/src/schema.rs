@@ -1,0 +1,782 @@
+//! The typed shapes of the OpenAI routes' bodies, from which their part of the OpenAPI
+//! document is derived (utoipa): the requests that parsing deserializes into, and the responses
+//! the handlers write.
+//!
+//! Requests are read with serde ([`read`]), and serde's errors are rewritten in JSON's terms,
+//! with the field's path as `param` ("'temperature' must be a number, got a string",
+//! "'messages[2].role' must be a string, got 3"), as clients of OpenAI's API expect. Unknown
+//! fields are ignored, as OpenAI ignores them, and `null` counts as absent. Fields whose JSON
+//! takes several shapes (`stop`, `content`, `prompt`, `tools`, `tool_choice`,
+//! `response_format`, `logit_bias`) stay JSON values, checked by the code that reads them (which
+//! names the exact problem); their schemas are written out beside them.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+use utoipa::ToSchema;
+
+use crate::error::ApiError;
+use crate::fields::{describe, missing};
+
+/// Deserializes a request body (or a part of one) into `T`, with errors in JSON's terms.
+pub(crate) fn read<T: DeserializeOwned>(body: &Map<String, Value>) -> Result<T, ApiError> {
+    // serde_json reads a `Value` by reference only as a whole `Value`.
+    let value = Value::Object(body.clone());
+    serde_path_to_error::deserialize(&value).map_err(|error| rewrite(&error, &value))
+}
+
+/// serde's error at a path, in the words the API uses: what the field must be and what it is.
+fn rewrite(error: &serde_path_to_error::Error<serde_json::Error>, body: &Value) -> ApiError {
+    let mut path = String::new();
+    let mut at = Some(body);
+    for segment in error.path().iter() {
+        match segment {
+            serde_path_to_error::Segment::Seq { index } => {
+                path.push_str(&format!("[{index}]"));
+                at = at.and_then(|v| v.get(*index));
+            }
+            serde_path_to_error::Segment::Map { key } => {
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push_str(key);
+                at = at.and_then(|v| v.get(key));
+            }
+            serde_path_to_error::Segment::Enum { .. } | serde_path_to_error::Segment::Unknown => {}
+        }
+    }
+    let message = error.inner().to_string();
+    if let Some(field) = message
+        .strip_prefix("missing field `")
+        .and_then(|rest| rest.split('`').next())
+    {
+        let field = match path.is_empty() {
+            true => field.to_owned(),
+            false => format!("{path}.{field}"),
+        };
+        return missing(&field);
+    }
+    let expected = message
+        .rsplit_once(", expected ")
+        .map(|(_, expected)| expected.split(" at line").next().unwrap_or(expected))
+        .map(json_terms);
+    match (expected, at) {
+        (Some(expected), Some(value)) if !path.is_empty() => ApiError::invalid_param(
+            path.clone(),
+            format!("'{path}' must be {expected}, got {}", describe(value)),
+        ),
+        _ if path.is_empty() => ApiError::invalid(format!("the request body: {message}")),
+        _ => ApiError::invalid_param(path.clone(), format!("'{path}': {message}")),
+    }
+}
+
+/// A type as serde names it ("f64", "a sequence", "struct Message"), in JSON's words.
+fn json_terms(expected: &str) -> String {
+    match expected {
+        "f64" | "f32" => "a number",
+        "u64" | "u32" | "u16" | "u8" | "usize" => "a non-negative integer",
+        "i128" | "i64" | "i32" => "an integer",
+        "a boolean" => "a boolean",
+        "a string" => "a string",
+        "a sequence" => "an array",
+        "a map" => "an object",
+        other if other.starts_with("struct ") => "an object",
+        other => return other.to_owned(),
+    }
+    .to_owned()
+}
+
+fn stop_shape() -> Value {
+    json!({
+        "oneOf": [
+            {"type": "string"},
+            {"type": "array", "items": {"type": "string"}, "maxItems": 4},
+            {"type": "null"},
+        ],
+        "description": "Generation stops before the first of these strings",
+    })
+}
+
+fn logit_bias_shape() -> Value {
+    json!({
+        "type": ["object", "null"],
+        "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+        "maxProperties": 1024,
+        "description": "Token ids (as keys) to biases added to their logits",
+    })
+}
+
+/// The fields chat and text completions share: sampling, limits, streaming.
+#[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
+pub(crate) struct Sampling {
+    /// A model id from `GET /v1/models`.
+    pub(crate) model: String,
+    /// Answer as server-sent events.
+    #[schema(default = false)]
+    pub(crate) stream: Option<bool>,
+    pub(crate) stream_options: Option<StreamOptions>,
+    /// The most tokens to generate (default: as many as fit the context, or the server's
+    /// `--default-max-tokens`).
+    #[schema(minimum = 1)]
+    pub(crate) max_tokens: Option<u64>,
+    #[schema(minimum = 0, maximum = 2, default = 1)]
+    pub(crate) temperature: Option<f64>,
+    #[schema(exclusive_minimum = 0, maximum = 1, default = 1)]
+    pub(crate) top_p: Option<f64>,
+    /// Any 64-bit integer; without one, every request samples differently.
+    #[schema(value_type = Option<i64>)]
+    pub(crate) seed: Option<i128>,
+    #[schema(value_type = Option<Object>)]
+    pub(crate) stop: Option<Value>,
+    /// Choices: each is a generation of its own (seeds `seed`, `seed+1`, ...) and takes a
+    /// slot of `--max-concurrent`; the prompt is computed once and shared.
+    #[schema(minimum = 1, maximum = 16, default = 1)]
+    pub(crate) n: Option<u64>,
+    #[schema(minimum = -2, maximum = 2, default = 0)]
+    pub(crate) presence_penalty: Option<f64>,
+    #[schema(minimum = -2, maximum = 2, default = 0)]
+    pub(crate) frequency_penalty: Option<f64>,
+    #[schema(value_type = Option<Object>)]
+    pub(crate) logit_bias: Option<Value>,
+    /// Accepted and ignored.
+    pub(crate) user: Option<String>,
+}
+
+/// `stream_options`.
+#[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
+pub(crate) struct StreamOptions {
+    /// A last chunk with empty choices carries the usage.
+    pub(crate) include_usage: Option<bool>,
+}
+
+fn tools_shape() -> Value {
+    json!({
+        "type": ["array", "null"],
+        "items": {
+            "type": "object",
+            "properties": {
+                "type": {"enum": ["function"]},
+                "function": {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$"},
+                        "description": {"type": "string"},
+                        "parameters": {"type": "object", "description": "JSON Schema of the arguments"},
+                    },
+                    "required": ["name"],
+                },
+            },
+            "required": ["type", "function"],
+        },
+        "description": "Functions the model may call. A model whose chat template takes tools \
+            (its tool_syntax in /v1/models) gets them through that template and its calls are \
+            read in that syntax; any other model gets them in a generic prompt (Hermes format: \
+            a <tools> block in the system message). Calls come back in message.tool_calls with \
+            finish_reason tool_calls",
+    })
+}
+
+fn tool_choice_shape() -> Value {
+    json!({
+        "oneOf": [
+            {"enum": ["none", "auto", "required"]},
+            {
+                "type": "object",
+                "properties": {
+                    "type": {"enum": ["function"]},
+                    "function": {
+                        "type": "object",
+                        "properties": {"name": {"type": "string"}},
+                        "required": ["name"],
+                    },
+                },
+                "required": ["type", "function"],
+            },
+            {"type": "null"},
+        ],
+        "default": "auto",
+        "description": "required and a named function constrain the output to exactly one call \
+            whose arguments are valid against the tool's schema",
+    })
+}
+
+fn response_format_shape() -> Value {
+    json!({
+        "oneOf": [
+            {
+                "type": "object",
+                "properties": {"type": {"enum": ["text", "json_object"]}},
+                "required": ["type"],
+            },
+            {
+                "type": "object",
+                "properties": {
+                    "type": {"enum": ["json_schema"]},
+                    "json_schema": {
+                        "type": "object",
+                        "properties": {
+                            "name": {"type": "string"},
+                            "schema": {"type": ["object", "boolean"]},
+                            "strict": {"type": "boolean"},
+                        },
+                    },
+                },
+                "required": ["type", "json_schema"],
+            },
+            {"type": "null"},
+        ],
+        "description": "json_object and json_schema are enforced by constrained decoding: the \
+            answer always parses, and validates against the schema when it ends with \
+            finish_reason stop. A schema the engine cannot compile is a 400 naming the problem",
+    })
+}
+
+fn content_shape() -> Value {
+    json!({
+        "oneOf": [
+            {"type": "string"},
+            {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {"type": {"enum": ["text"]}, "text": {"type": "string"}},
+                    "required": ["type", "text"],
+                },
+            },
+            {"type": "null", "description": "Only for assistant messages"},
+        ],
+    })
+}
+
+fn prompt_shape() -> Value {
+    json!({
+        "oneOf": [
+            {"type": "string"},
+            {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1},
+            {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+            {
+                "type": "array",
+                "items": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+                "minItems": 1,
+                "maxItems": 1,
+            },
+        ],
+        "description": "One prompt: text, or token ids of the model's own vocabulary \
+            (lm-evaluation-harness sends those); batches are refused",
+    })
+}
+
+fn history_calls_shape() -> Value {
+    json!({
+        "type": ["array", "null"],
+        "items": {
+            "type": "object",
+            "properties": {
+                "id": {"type": "string"},
+                "type": {"enum": ["function"]},
+                "function": {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string"},
+                        "arguments": {"type": ["string", "object"], "description": "JSON text"},
+                    },
+                    "required": ["name"],
+                },
+            },
+            "required": ["function"],
+        },
+        "description": "An assistant turn's earlier calls, handed to a chat template that \
+            takes tools, or written back as <tool_call> blocks",
+    })
+}
+
+/// The fields only chat completions read.
+#[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
+pub(crate) struct ChatFields {
+    #[schema(min_items = 1)]
+    pub(crate) messages: Vec<MessageIn>,
+    /// Wins over `max_tokens`.
+    #[schema(minimum = 1)]
+    pub(crate) max_completion_tokens: Option<u64>,
+    /// Each generated token's log-probability (under the model as the penalties and biases
+    /// adjust it, before temperature and any grammar) in `choices[].logprobs.content`.
+    #[schema(default = false)]
+    pub(crate) logprobs: Option<bool>,
+    /// The likeliest alternatives per token; needs `logprobs`.
+    #[schema(minimum = 0, maximum = 20)]
+    pub(crate) top_logprobs: Option<u64>,
+    #[schema(value_type = Option<Object>)]
+    pub(crate) tools: Option<Value>,
+    #[schema(value_type = Option<Object>)]
+    pub(crate) tool_choice: Option<Value>,
+    #[schema(value_type = Option<Object>)]
+    pub(crate) response_format: Option<Value>,
+}
+
+/// One message of a chat.
+#[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
+#[schema(as = ChatMessage)]
+pub(crate) struct MessageIn {
+    /// `system`, `developer` (taken as `system`), `user`, `assistant` or `tool`.
+    #[schema(pattern = "^(system|developer|user|assistant|tool)$")]
+    pub(crate) role: String,
+    #[schema(value_type = Option<Object>)]
+    pub(crate) content: Option<Value>,
+    /// Accepted and ignored.
+    pub(crate) name: Option<String>,
+    #[schema(value_type = Option<Object>)]
+    pub(crate) tool_calls: Option<Value>,
+    /// A tool turn's call, for chat templates that pair results with calls.
+    pub(crate) tool_call_id: Option<String>,
+}
+
+/// A `POST /v1/chat/completions` body.
+#[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
+pub(crate) struct ChatCompletionRequest {
+    #[serde(flatten)]
+    pub(crate) sampling: Sampling,
+    #[serde(flatten)]
+    pub(crate) chat: ChatFields,
+}
+
+impl ChatCompletionRequest {
+    /// Reads `body`, a part at a time, so that an error names its field's whole path (serde's
+    /// `flatten` loses it).
+    pub(crate) fn read(body: &Map<String, Value>) -> Result<Self, ApiError> {
+        Ok(ChatCompletionRequest {
+            sampling: read(body)?,
+            chat: read(body)?,
+        })
+    }
+}
+
+/// The fields only text completions read.
+#[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
+pub(crate) struct CompletionFields {
+    #[schema(value_type = Option<Object>)]
+    pub(crate) prompt: Option<Value>,
+    /// Only 1 is supported.
+    pub(crate) best_of: Option<u64>,
+    /// Not supported.
+    pub(crate) suffix: Option<String>,
+    /// 0 to 5: each token's log-probability and that many alternatives (`tokens`,
+    /// `token_logprobs`, `top_logprobs`, `text_offset`).
+    #[schema(minimum = 0, maximum = 5)]
+    pub(crate) logprobs: Option<u64>,
+    /// The text begins with the prompt; with `logprobs`, the lists begin with the prompt's
+    /// tokens, each scored under the tokens before it (the first: null).
+    pub(crate) echo: Option<bool>,
+    /// exo extension: parse special tokens written in the prompt (`<|im_start|>`) as the
+    /// control tokens they name. By default they are plain text, so a prompt cannot forge the
+    /// model's control sequences.
+    #[schema(default = false)]
+    pub(crate) parse_special_tokens: Option<bool>,
+}
+
+/// A `POST /v1/completions` body.
+#[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
+pub(crate) struct CompletionRequest {
+    #[serde(flatten)]
+    pub(crate) sampling: Sampling,
+    #[serde(flatten)]
+    pub(crate) completion: CompletionFields,
+}
+
+impl CompletionRequest {
+    /// Reads `body`, a part at a time (see [`ChatCompletionRequest::read`]).
+    pub(crate) fn read(body: &Map<String, Value>) -> Result<Self, ApiError> {
+        Ok(CompletionRequest {
+            sampling: read(body)?,
+            completion: read(body)?,
+        })
+    }
+}
+
+/// A fixed `object` name.
+macro_rules! object_name {
+    ($name:ident, $value:tt) => {
+        #[doc = concat!("`\"", $value, "\"`.")]
+        #[derive(Clone, Copy, Debug, Default, Serialize, ToSchema)]
+        pub(crate) enum $name {
+            #[default]
+            #[serde(rename = $value)]
+            Name,
+        }
+    };
+}
+
+object_name!(ListObject, "list");
+object_name!(ModelObject, "model");
+object_name!(EmbeddingObject, "embedding");
+object_name!(ChatCompletionObject, "chat.completion");
+object_name!(ChatCompletionChunkObject, "chat.completion.chunk");
+object_name!(TextCompletionObject, "text_completion");
+object_name!(AssistantRole, "assistant");
+object_name!(FunctionType, "function");
+
+/// Why a choice ended.
+#[derive(Clone, Copy, Debug, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum FinishReason {
+    /// The model ended its answer, or a stop string came.
+    Stop,
+    /// `max_tokens`, or the context, was reached.
+    Length,
+    /// The answer called tools (chat).
+    ToolCalls,
+}
+
+impl From<exo_core::FinishReason> for FinishReason {
+    fn from(reason: exo_core::FinishReason) -> Self {
+        match reason {
+            exo_core::FinishReason::Stop => FinishReason::Stop,
+            exo_core::FinishReason::Length => FinishReason::Length,
+        }
+    }
+}
+
+/// Tokens a request used.
+#[derive(Clone, Copy, Debug, Serialize, ToSchema)]
+pub(crate) struct Usage {
+    pub(crate) prompt_tokens: usize,
+    pub(crate) completion_tokens: usize,
+    pub(crate) total_tokens: usize,
+}
+
+impl Usage {
+    /// The prompt's tokens (once, however many choices) and every choice's.
+    pub(crate) fn new(prompt_tokens: usize, completion_tokens: usize) -> Self {
+        Usage {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens.saturating_add(completion_tokens),
+        }
+    }
+}
+
+/// A model an engine serves.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub(crate) struct Model {
+    pub(crate) id: String,
+    pub(crate) object: ModelObject,
+    /// Unix seconds.
+    pub(crate) created: u64,
+    pub(crate) owned_by: String,
+    /// Prompt plus completion tokens.
+    pub(crate) context_length: usize,
+    /// How the model's chat template writes tool calls (`hermes`, `llama3`, `mistral`), when it
+    /// takes tools; null: tools reach it through a generic prompt.
+    #[schema(required = true)]
+    pub(crate) tool_syntax: Option<&'static str>,
+}
+
+/// `GET /v1/models`.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub(crate) struct ModelList {
+    pub(crate) object: ListObject,
+    pub(crate) data: Vec<Model>,
+}
+
+/// A call the answer made.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub(crate) struct ToolCall {
+    pub(crate) id: String,
+    #[serde(rename = "type")]
+    pub(crate) kind: FunctionType,
+    pub(crate) function: FunctionCall,
+    /// Its place among the answer's calls (streamed deltas only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) index: Option<usize>,
+}
+
+/// The function a call names, and its arguments.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub(crate) struct FunctionCall {
+    pub(crate) name: String,
+    /// The arguments, as the text of a JSON object.
+    pub(crate) arguments: String,
+}
+
+fn logprobs_shape() -> Value {
+    json!({
+        "type": ["object", "null"],
+        "description": "With logprobs: chat's {\"content\": [{\"token\", \"logprob\", \"bytes\", \
+            \"top_logprobs\"}]}, or completions' {\"tokens\", \"token_logprobs\", \
+            \"top_logprobs\", \"text_offset\"}",
+    })
+}
+
+/// The assistant's message in a whole answer.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub(crate) struct AssistantMessage {
+    pub(crate) role: AssistantRole,
+    /// The text; null when the answer is only tool calls.
+    #[schema(required = true)]
+    pub(crate) content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) tool_calls: Option<Vec<ToolCall>>,
+}
+
+/// One choice of a whole chat answer.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub(crate) struct ChatChoice {
+    pub(crate) index: usize,
+    pub(crate) message: AssistantMessage,
+    #[schema(value_type = Option<Object>, required = true)]
+    pub(crate) logprobs: Option<Value>,
+    pub(crate) finish_reason: FinishReason,
+}
+
+/// A whole chat answer.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub(crate) struct ChatCompletion {
+    pub(crate) id: String,
+    pub(crate) object: ChatCompletionObject,
+    /// Unix seconds.
+    pub(crate) created: u64,
+    pub(crate) model: String,
+    pub(crate) choices: Vec<ChatChoice>,
+    pub(crate) usage: Usage,
+}
+
+/// What a streamed chat chunk adds to its choice.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub(crate) struct Delta {
+    /// On a choice's first chunk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) role: Option<AssistantRole>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) content: Option<String>,
+    /// Each call as one delta, at the end of the choice.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) tool_calls: Option<Vec<ToolCall>>,
+}
+
+/// One choice's part of a streamed chat chunk.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub(crate) struct ChunkChoice {
+    pub(crate) index: usize,
+    pub(crate) delta: Delta,
+    #[schema(value_type = Option<Object>, required = true)]
+    pub(crate) logprobs: Option<Value>,
+    /// On the choice's last chunk.
+    #[schema(required = true)]
+    pub(crate) finish_reason: Option<FinishReason>,
+}
+
+/// A streamed chat chunk (server-sent event `data`).
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub(crate) struct ChatCompletionChunk {
+    pub(crate) id: String,
+    pub(crate) object: ChatCompletionChunkObject,
+    pub(crate) created: u64,
+    pub(crate) model: String,
+    /// Empty on the usage chunk.
+    pub(crate) choices: Vec<ChunkChoice>,
+    /// With `stream_options.include_usage` only: null on every chunk but the last, whose
+    /// choices are empty.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Usage>)]
+    pub(crate) usage: Option<Option<Usage>>,
+}
+
+/// One choice of a text completion (whole or streamed).
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub(crate) struct CompletionChoice {
+    pub(crate) text: String,
+    pub(crate) index: usize,
+    #[schema(value_type = Option<Object>, required = true)]
+    pub(crate) logprobs: Option<Value>,
+    /// Null on streamed chunks but a choice's last.
+    #[schema(required = true)]
+    pub(crate) finish_reason: Option<FinishReason>,
+}
+
+/// A text completion, whole or one streamed chunk.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub(crate) struct Completion {
+    pub(crate) id: String,
+    pub(crate) object: TextCompletionObject,
+    pub(crate) created: u64,
+    pub(crate) model: String,
+    pub(crate) choices: Vec<CompletionChoice>,
+    /// On a whole completion; on chunks only with `stream_options.include_usage` (null on
+    /// every chunk but the last).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Usage>)]
+    pub(crate) usage: Option<Option<Usage>>,
+}
+
+/// The API's error envelope, OpenAI's.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub(crate) struct ErrorResponse {
+    pub(crate) error: ErrorBody,
+}
+
+/// What went wrong.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub(crate) struct ErrorBody {
+    pub(crate) message: String,
+    /// `invalid_request_error`, `rate_limit_error` or `server_error`.
+    #[serde(rename = "type")]
+    #[schema(pattern = "^(invalid_request_error|rate_limit_error|server_error)$")]
+    pub(crate) kind: String,
+    /// The request field at fault.
+    #[schema(required = true)]
+    pub(crate) param: Option<String>,
+    /// A machine-readable code (`model_not_found`, `context_length_exceeded`, ...).
+    #[schema(required = true)]
+    pub(crate) code: Option<String>,
+}
+
+/// `POST /v1/embeddings` body.
+#[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
+pub(crate) struct EmbeddingRequest {
+    /// A model id from `GET /v1/models`.
+    pub(crate) model: String,
+    /// Text to embed: a string or up to 2048 strings; token ids are refused (this server reads
+    /// text with the model's own tokenizer).
+    #[schema(value_type = Option<Object>)]
+    pub(crate) input: Option<Value>,
+    /// `float` (default) or `base64` (little-endian f32).
+    #[schema(pattern = "^(float|base64)$")]
+    pub(crate) encoding_format: Option<String>,
+    /// Only the model's own width: embeddings are not shortened.
+    pub(crate) dimensions: Option<u64>,
+    /// Accepted and ignored.
+    pub(crate) user: Option<String>,
+}
+
+fn embedding_input_shape() -> Value {
+    json!({
+        "oneOf": [
+            {"type": "string", "minLength": 1},
+            {
+                "type": "array",
+                "items": {"type": "string", "minLength": 1},
+                "minItems": 1,
+                "maxItems": crate::embeddings::MAX_INPUTS,
+            },
+        ],
+    })
+}
+
+fn embedding_shape() -> Value {
+    json!({
+        "oneOf": [
+            {"type": "array", "items": {"type": "number"}},
+            {"type": "string", "description": "base64 of little-endian f32"},
+        ],
+    })
+}
+
+/// One input's embedding.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub(crate) struct Embedding {
+    pub(crate) object: EmbeddingObject,
+    pub(crate) index: usize,
+    #[schema(value_type = Object)]
+    pub(crate) embedding: Value,
+}
+
+/// Tokens the inputs took.
+#[derive(Clone, Copy, Debug, Serialize, ToSchema)]
+pub(crate) struct EmbeddingUsage {
+    pub(crate) prompt_tokens: u64,
+    pub(crate) total_tokens: u64,
+}
+
+/// `POST /v1/embeddings` answer.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub(crate) struct EmbeddingList {
+    pub(crate) object: ListObject,
+    pub(crate) data: Vec<Embedding>,
+    pub(crate) model: String,
+    pub(crate) usage: EmbeddingUsage,
+}
+
+/// The fields that take several shapes, by schema and property: their schemas, written out
+/// (utoipa's types cannot hold every keyword of them).
+fn shapes() -> [(&'static str, &'static str, Value); 11] {
+    [
+        ("Sampling", "stop", stop_shape()),
+        ("Sampling", "logit_bias", logit_bias_shape()),
+        ("ChatFields", "tools", tools_shape()),
+        ("ChatFields", "tool_choice", tool_choice_shape()),
+        ("ChatFields", "response_format", response_format_shape()),
+        ("ChatMessage", "content", content_shape()),
+        ("ChatMessage", "tool_calls", history_calls_shape()),
+        ("CompletionFields", "prompt", prompt_shape()),
+        ("EmbeddingRequest", "input", embedding_input_shape()),
+        ("Embedding", "embedding", embedding_shape()),
+        ("ChatChoice", "logprobs", logprobs_shape()),
+    ]
+}
+
+/// The schemas the typed bodies derive, with those they refer to, by name, as JSON: the
+/// fields that take several shapes get their written schemas (and the logprobs of every
+/// choice the same).
+pub(crate) fn components() -> Result<Vec<(String, Value)>, String> {
+    use utoipa::PartialSchema;
+    let mut derived = Vec::new();
+    macro_rules! add {
+        ($($t:ty),* $(,)?) => {
+            $(
+                derived.push((<$t as ToSchema>::name().into_owned(), <$t as PartialSchema>::schema()));
+                <$t as ToSchema>::schemas(&mut derived);
+            )*
+        };
+    }
+    add!(
+        ChatCompletionRequest,
+        CompletionRequest,
+        ChatCompletion,
+        ChatCompletionChunk,
+        Completion,
+        ModelList,
+        EmbeddingRequest,
+        EmbeddingList,
+        ErrorResponse,
+    );
+    let mut schemas = serde_json::Map::new();
+    for (name, schema) in derived {
+        let json = serde_json::to_value(schema).map_err(|e| format!("{name}: {e}"))?;
+        schemas.insert(name, json);
+    }
+    let mut shapes = shapes().to_vec();
+    for other in ["ChunkChoice", "CompletionChoice"] {
+        shapes.push((other, "logprobs", logprobs_shape()));
+    }
+    for (name, property, shape) in shapes {
+        let slot = schemas
+            .get_mut(name)
+            .and_then(|s| s.get_mut("properties"))
+            .and_then(|p| p.get_mut(property))
+            .ok_or_else(|| format!("no property {property} in schema {name}"))?;
+        *slot = shape;
+    }
+    Ok(schemas.into_iter().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn every_written_shape_replaces_a_derived_property() {
+        let schemas: serde_json::Map<String, Value> = components().unwrap().into_iter().collect();
+        for (name, property, shape) in shapes() {
+            assert_eq!(
+                schemas[name]["properties"][property], shape,
+                "{name}.{property}"
+            );
+        }
+        assert_eq!(
+            schemas["ModelObject"]["enum"],
+            json!(["model"]),
+            "object names are their serde names"
+        );
+    }
+}
