@@ -636,22 +636,20 @@ impl Format {
                     .collect(),
                 usage,
             }),
-            Api::Completion => serde_json::to_value(Completion {
-                id: self.id.clone(),
-                object: schema::TextCompletionObject::Name,
-                created: self.created,
-                model: self.model.clone(),
-                choices: choices
-                    .into_iter()
-                    .map(|(index, text, reason, logprobs)| CompletionChoice {
-                        text,
-                        index,
-                        logprobs,
-                        finish_reason: Some(reason.into()),
-                    })
-                    .collect(),
-                usage: Some(Some(usage)),
-            }),
+            Api::Completion => serde_json::to_value(
+                self.completion(
+                    choices
+                        .into_iter()
+                        .map(|(index, text, reason, logprobs)| CompletionChoice {
+                            text,
+                            index,
+                            logprobs,
+                            finish_reason: Some(reason.into()),
+                        })
+                        .collect(),
+                    Some(Some(usage)),
+                ),
+            ),
         };
         response.unwrap_or_default()
     }
@@ -763,27 +761,41 @@ impl Format {
                     .collect(),
                 usage,
             }),
-            Api::Completion => serde_json::to_value(Completion {
-                id: self.id.clone(),
-                object: schema::TextCompletionObject::Name,
-                created: self.created,
-                model: self.model.clone(),
-                choices: choice
-                    .into_iter()
-                    .map(|(index, piece, finish_reason)| CompletionChoice {
-                        text: match piece {
-                            Piece::Text(text) => text,
-                            Piece::Delta(delta) => delta.content.unwrap_or_default(),
-                        },
-                        index,
-                        logprobs: None,
-                        finish_reason,
-                    })
-                    .collect(),
-                usage,
-            }),
+            Api::Completion => serde_json::to_value(
+                self.completion(
+                    choice
+                        .into_iter()
+                        .map(|(index, piece, finish_reason)| CompletionChoice {
+                            text: match piece {
+                                Piece::Text(text) => text,
+                                Piece::Delta(delta) => delta.content.unwrap_or_default(),
+                            },
+                            index,
+                            logprobs: None,
+                            finish_reason,
+                        })
+                        .collect(),
+                    usage,
+                ),
+            ),
         };
         chunk.unwrap_or_default()
+    }
+
+    /// A text completion, whole or a chunk of one.
+    fn completion(
+        &self,
+        choices: Vec<CompletionChoice>,
+        usage: Option<Option<Usage>>,
+    ) -> Completion {
+        Completion {
+            id: self.id.clone(),
+            object: schema::TextCompletionObject::Name,
+            created: self.created,
+            model: self.model.clone(),
+            choices,
+            usage,
+        }
     }
 }
 

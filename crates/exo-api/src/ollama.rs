@@ -31,6 +31,7 @@ use crate::generate::{Params, Running, Step, counts};
 use crate::middleware::RequestLog;
 use crate::request::{JsonObject, messages_value};
 use crate::state::AppState;
+use crate::tools::{self, Call, Held, ToolUse};
 
 /// The content type of Ollama's streamed answers: one JSON object per line.
 const NDJSON: &str = "application/x-ndjson";
@@ -67,11 +68,27 @@ pub(crate) async fn chat(
     let JsonObject(body) = body?;
     let fields = Fields(&body);
     let model = fields.required_string("model")?;
-    let Some(parsed) = parse_chat(&fields)? else {
+    let Some(mut parsed) = parse_chat(&fields)? else {
         return load(&state, Dialect::Chat, &model);
     };
+    // Ollama's `tools` are OpenAI's; it has no `tool_choice` (the model decides).
+    let mut tools = match fields.get("tools") {
+        Some(tools) => {
+            let mut openai = Map::new();
+            openai.insert("tools".to_owned(), tools.clone());
+            tools::parse(&Fields(&openai))?
+        }
+        None => None,
+    };
+    let resolved = resolve(&state, &model);
+    let specs = tools::lower(
+        state.tool_syntax(Some(&resolved)),
+        &mut parsed,
+        tools.as_mut(),
+    );
     let options = options(&fields, state.config.default_max_tokens)?;
-    let mut request = options.request(resolve(&state, &model), Prompt::Chat(parsed));
+    let mut request = options.request(resolved, Prompt::Chat(parsed));
+    request.tools = specs;
     request.constraint = format(&fields)?;
     run(
         &state,
@@ -81,6 +98,7 @@ pub(crate) async fn chat(
         options.stream,
         started,
         log,
+        tools,
     )
     .await
 }
@@ -140,6 +158,7 @@ pub(crate) async fn generate(
         options.stream,
         started,
         log,
+        None,
     )
     .await
 }
@@ -238,7 +257,6 @@ impl Dialect {
 
 /// The messages of a chat request, or `None` for none at all (Ollama's "load the model").
 fn parse_chat(fields: &Fields<'_>) -> Result<Option<Vec<ChatMessage>>, ApiError> {
-    refuse_non_empty(fields, "tools", "tools are not supported")?;
     let Some(value) = fields.get("messages") else {
         return Ok(None);
     };
@@ -475,13 +493,15 @@ fn find(state: &AppState, model: &str) -> Result<ModelCard, ApiError> {
 /// served already, so it is done at once; an unknown model is still a 404.
 fn load(state: &AppState, dialect: Dialect, model: &str) -> Result<Response, OllamaError> {
     find(state, model)?;
-    let mut line = Line::new(dialect, model).text("");
+    let mut line = Line::new(dialect, model).text("", &[]);
     line.insert("done".to_owned(), Value::Bool(true));
     line.insert("done_reason".to_owned(), Value::from("load"));
     Ok(Json(Value::Object(line)).into_response())
 }
 
-/// Admits, starts and delivers one generation, as NDJSON lines or one JSON object.
+/// Admits, starts and delivers one generation, as NDJSON lines or one JSON object; calls of
+/// `tools` come back as the message's `tool_calls`.
+#[allow(clippy::too_many_arguments)]
 async fn run(
     state: &AppState,
     dialect: Dialect,
@@ -490,21 +510,31 @@ async fn run(
     stream: bool,
     started: Instant,
     log: RequestLog,
+    tools: Option<ToolUse>,
 ) -> Result<Response, OllamaError> {
     let params = Params {
         prompt: dialect.prompt_param(),
         constraint: "format",
     };
     let mut running = Running::start(state, request, params, log).await?;
-    let lines = Lines {
+    let mut lines = Lines {
         dialect,
         model,
         started,
+        tools,
+        held: Held::default(),
     };
 
     if !stream {
         let (text, finished) = running.whole().await?;
-        return Ok(Json(lines.last(&text, &finished)).into_response());
+        let (text, calls) = match &lines.tools {
+            Some(tools) => {
+                let (content, calls) = tools::read_calls(&text, tools);
+                (content.unwrap_or_default(), calls)
+            }
+            None => (text, Vec::new()),
+        };
+        return Ok(Json(lines.last(&text, &calls, &finished)).into_response());
     }
 
     // Until the first item the response can still be an ordinary error; after it, errors
@@ -527,33 +557,52 @@ struct Lines {
     /// The model as the client named it, echoed as Ollama does.
     model: String,
     started: Instant,
+    /// The tools offered, whose calls are read out of the text.
+    tools: Option<ToolUse>,
+    /// Text held back while it may be a call.
+    held: Held,
 }
 
 impl Lines {
-    /// The NDJSON lines one item of a streamed answer produces.
-    fn render(&self, step: Step, out: &mut VecDeque<Bytes>) {
-        let line = match step {
-            Step::Text(piece) if piece.is_empty() => return,
-            Step::Logprob(_) => return,
-            Step::Text(piece) => self.piece(&piece),
-            Step::Finished(finished) => self.last("", &finished),
-            Step::Failed(error) => error.ollama_body(),
-        };
-        let mut bytes = line.to_string().into_bytes();
-        bytes.push(b'\n');
-        out.push_back(Bytes::from(bytes));
+    /// The NDJSON lines one item of a streamed answer produces: pieces as they come (less what
+    /// may be a tool call), and at the end the rest of the text and the calls, then the last
+    /// line.
+    fn render(&mut self, step: Step, out: &mut VecDeque<Bytes>) {
+        let mut lines = Vec::new();
+        match step {
+            Step::Logprob(_) => {}
+            Step::Text(piece) => {
+                let piece = self.held.pass(self.tools.as_ref(), piece);
+                if !piece.is_empty() {
+                    lines.push(self.piece(&piece, &[]));
+                }
+            }
+            Step::Finished(finished) => {
+                let (rest, calls) = self.held.finish(self.tools.as_ref());
+                if !rest.is_empty() || !calls.is_empty() {
+                    lines.push(self.piece(&rest, &calls));
+                }
+                lines.push(self.last("", &[], &finished));
+            }
+            Step::Failed(error) => lines.push(error.ollama_body()),
+        }
+        for line in lines {
+            let mut bytes = line.to_string().into_bytes();
+            bytes.push(b'\n');
+            out.push_back(Bytes::from(bytes));
+        }
     }
 
-    /// A line carrying a piece of the answer.
-    fn piece(&self, piece: &str) -> Value {
-        let mut line = Line::new(self.dialect, &self.model).text(piece);
+    /// A line carrying a piece of the answer (and calls, at its end).
+    fn piece(&self, piece: &str, calls: &[Call]) -> Value {
+        let mut line = Line::new(self.dialect, &self.model).text(piece, calls);
         line.insert("done".to_owned(), Value::Bool(false));
         Value::Object(line)
     }
 
     /// The last line (or the whole answer, when not streamed), with the counts and timings.
-    fn last(&self, text: &str, finished: &Finished) -> Value {
-        let mut line = Line::new(self.dialect, &self.model).text(text);
+    fn last(&self, text: &str, calls: &[Call], finished: &Finished) -> Value {
+        let mut line = Line::new(self.dialect, &self.model).text(text, calls);
         let done_reason = match finished.reason {
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",
@@ -596,13 +645,24 @@ impl Line {
         Self { dialect, fields }
     }
 
-    /// Adds the text where the dialect puts it.
-    fn text(mut self, text: &str) -> Map<String, Value> {
+    /// Adds the text where the dialect puts it, and a chat's tool calls (Ollama's shape: the
+    /// arguments as an object).
+    fn text(mut self, text: &str, calls: &[Call]) -> Map<String, Value> {
         match self.dialect {
-            Dialect::Chat => self.fields.insert(
-                "message".to_owned(),
-                json!({"role": "assistant", "content": text}),
-            ),
+            Dialect::Chat => {
+                let mut message = json!({"role": "assistant", "content": text});
+                if !calls.is_empty() {
+                    message["tool_calls"] = calls
+                        .iter()
+                        .map(|c| {
+                            let arguments: Value =
+                                serde_json::from_str(&c.arguments).unwrap_or_else(|_| json!({}));
+                            json!({"function": {"name": c.name, "arguments": arguments}})
+                        })
+                        .collect();
+                }
+                self.fields.insert("message".to_owned(), message)
+            }
             Dialect::Generate => self.fields.insert("response".to_owned(), Value::from(text)),
         };
         self.fields

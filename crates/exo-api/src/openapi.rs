@@ -302,7 +302,8 @@ fn ollama_paths(secured: &Value) -> serde_json::Map<String, Value> {
             "/api/chat".to_owned(),
             generation(
                 "ollamaChat",
-                "Ollama: the assistant's next message (`model`, `messages`, `stream`, `options`)",
+                "Ollama: the assistant's next message (`model`, `messages`, `tools`, `stream`, \
+                 `options`); calls come back in `message.tool_calls`",
             ),
         ),
         (

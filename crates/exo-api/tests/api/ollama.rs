@@ -404,3 +404,67 @@ async fn dropping_a_streamed_chat_cancels_the_generation() {
         .await;
     assert!(!engine.probe.finished.load(Ordering::SeqCst));
 }
+
+#[tokio::test]
+async fn tools_go_in_and_calls_come_back_as_ollama_writes_them() {
+    let weather = json!([{"type": "function", "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    }}]);
+    let engine = FakeEngine::new()
+        .pieces(&[
+            "Checking. <tool_",
+            "call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}</tool_call>",
+        ])
+        .build();
+    let app = app(&engine);
+    // A history with a call and its result, as Ollama's clients send it: arguments as an
+    // object, the result in a `tool` turn.
+    let body = with(
+        chat_body(),
+        json!({
+            "stream": false,
+            "tools": weather,
+            "messages": [
+                {"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+                {"role": "tool", "content": "sunny", "tool_name": "get_weather"},
+                {"role": "user", "content": "And Oslo?"},
+            ],
+        }),
+    );
+    let whole = post(&app, "/api/chat", body.clone()).await;
+    assert_eq!(whole.status, StatusCode::OK, "{}", whole.text());
+    let whole = whole.json();
+    assert_eq!(whole["message"]["content"], "Checking.", "{whole}");
+    assert_eq!(
+        whole["message"]["tool_calls"],
+        json!([{"function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}])
+    );
+    // The model (no template of its own for tools) got them in the generic prompt, and the
+    // history's call and result in its format.
+    let request = engine.probe.requests().pop().unwrap();
+    let Prompt::Chat(turns) = request.prompt else {
+        panic!("{:?}", request.prompt)
+    };
+    assert!(turns[0].content.contains("get_weather"), "{turns:?}");
+    assert!(turns[2].content.contains("<tool_call>"), "{turns:?}");
+    assert_eq!(turns[3].content, "<tool_response>\nsunny\n</tool_response>");
+
+    // Streamed: the text as it comes, the call in a line of its own, then the last line.
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    let lines = ndjson(&post(&app, "/api/chat", streamed).await);
+    let text: String = lines
+        .iter()
+        .filter_map(|l| l["message"]["content"].as_str())
+        .collect();
+    assert_eq!(text, "Checking. ");
+    let calls: Vec<&Value> = lines
+        .iter()
+        .filter_map(|l| l["message"].get("tool_calls"))
+        .collect();
+    assert_eq!(calls.len(), 1, "{lines:?}");
+    assert_eq!(calls[0][0]["function"]["arguments"]["city"], "Oslo");
+    assert_eq!(lines.last().unwrap()["done"], true);
+}

@@ -8,6 +8,22 @@ use serde_json::{Value, json};
 use crate::fake::FakeEngine;
 use crate::support::{app, chat_body, post, sse_chunks, with};
 
+/// The text a streamed chat's chunks carry.
+fn streamed_text(chunks: &[Value]) -> String {
+    chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect()
+}
+
+/// The `tool_calls` deltas of a streamed chat's chunks.
+fn streamed_calls(chunks: &[Value]) -> Vec<&Value> {
+    chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"].get("tool_calls"))
+        .collect()
+}
+
 fn weather() -> Value {
     json!([{"type": "function", "function": {
         "name": "get_weather",
@@ -161,15 +177,9 @@ async fn a_streamed_call_is_held_back_and_sent_as_one_delta() {
     )
     .await;
     let chunks = sse_chunks(&reply);
-    let text: String = chunks
-        .iter()
-        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
-        .collect();
+    let text = streamed_text(&chunks);
     assert_eq!(text, "Let me check ");
-    let calls: Vec<&Value> = chunks
-        .iter()
-        .filter_map(|c| c["choices"][0]["delta"].get("tool_calls"))
-        .collect();
+    let calls = streamed_calls(&chunks);
     assert_eq!(calls.len(), 1, "{chunks:?}");
     assert_eq!(calls[0][0]["index"], 0);
     assert_eq!(calls[0][0]["function"]["arguments"], "{\"city\":\"Oslo\"}");
@@ -191,10 +201,7 @@ async fn text_that_only_looks_like_a_tag_streams_as_text() {
     )
     .await;
     let chunks = sse_chunks(&reply);
-    let text: String = chunks
-        .iter()
-        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
-        .collect();
+    let text = streamed_text(&chunks);
     assert_eq!(text, "a <toy> b");
     assert!(
         chunks
@@ -319,15 +326,9 @@ async fn llama_3_calls_come_back_whole_and_streamed() {
     )
     .await;
     let chunks = sse_chunks(&reply);
-    let text: String = chunks
-        .iter()
-        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
-        .collect();
+    let text = streamed_text(&chunks);
     assert_eq!(text, "");
-    let calls: Vec<&Value> = chunks
-        .iter()
-        .filter_map(|c| c["choices"][0]["delta"].get("tool_calls"))
-        .collect();
+    let calls = streamed_calls(&chunks);
     assert_eq!(calls.len(), 1, "{chunks:?}");
     assert_eq!(calls[0][0]["function"]["arguments"], "{\"city\":\"Lyon\"}");
 }
@@ -370,15 +371,9 @@ async fn mistral_calls_follow_their_text() {
     )
     .await;
     let chunks = sse_chunks(&reply);
-    let text: String = chunks
-        .iter()
-        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
-        .collect();
+    let text = streamed_text(&chunks);
     assert_eq!(text, "Checking. ");
-    let calls: Vec<&Value> = chunks
-        .iter()
-        .filter_map(|c| c["choices"][0]["delta"].get("tool_calls"))
-        .collect();
+    let calls = streamed_calls(&chunks);
     assert_eq!(calls.len(), 1, "{chunks:?}");
     assert_eq!(calls[0][0]["function"]["arguments"], "{\"city\":\"Rome\"}");
 }
