@@ -23,6 +23,11 @@ use crate::fields::{Fields, describe, missing};
 use crate::generate::{Params, Running, Step, counts};
 use crate::middleware::RequestLog;
 use crate::request::JsonObject;
+use crate::schema::anthropic::{
+    AnthropicEvent, AnthropicMessage, AnthropicMessageIn, AnthropicRequest, AnthropicUsage,
+    BlockDelta, ContentBlock, StopReason,
+};
+use crate::schema::{self};
 use crate::state::AppState;
 use crate::tools::{self, Held, ToolUse};
 
@@ -68,7 +73,11 @@ fn body(error: &ApiError) -> Value {
     {
         message = format!("{param}: {message}");
     }
-    json!({"type": "error", "error": {"type": kind, "message": message}})
+    let body = schema::anthropic::AnthropicError {
+        kind: "error",
+        error: schema::anthropic::AnthropicErrorBody { kind, message },
+    };
+    serde_json::to_value(body).unwrap_or_default()
 }
 
 /// `POST /v1/messages`.
@@ -78,9 +87,9 @@ pub(crate) async fn messages(
     body: Result<JsonObject, ApiError>,
 ) -> Result<Response, AnthropicError> {
     let JsonObject(body) = body?;
-    let fields = Fields(&body);
-    let model = fields.required_string("model")?;
-    let max_tokens = match fields.count("max_tokens")? {
+    let typed: AnthropicRequest = schema::read(&body)?;
+    let model = typed.model;
+    let max_tokens = match typed.max_tokens {
         None => return Err(missing("max_tokens").into()),
         Some(0) => {
             return Err(
@@ -89,26 +98,26 @@ pub(crate) async fn messages(
         }
         Some(n) => u32::try_from(n).unwrap_or(u32::MAX),
     };
-    let mut tools = tool_use(&fields)?;
+    let mut tools = tool_use(typed.tools.as_ref(), typed.tool_choice.as_ref())?;
     let mut turns = Vec::new();
-    if let Some(system) = system(fields.get("system"))? {
+    if let Some(system) = system(typed.system.as_ref())? {
         turns.push(ChatMessage::new("system", system));
     }
-    let Some(Value::Array(items)) = fields.get("messages") else {
-        return Err(
-            ApiError::invalid_param("messages", "'messages' must be a non-empty array").into(),
-        );
+    let items = match typed.messages {
+        Some(items) if !items.is_empty() => items,
+        _ => {
+            return Err(ApiError::invalid_param(
+                "messages",
+                "'messages' must be a non-empty array",
+            )
+            .into());
+        }
     };
-    if items.is_empty() {
-        return Err(
-            ApiError::invalid_param("messages", "'messages' must be a non-empty array").into(),
-        );
-    }
     for (i, item) in items.iter().enumerate() {
         turns.extend(message(i, item)?);
     }
     let specs = tools::lower(state.tool_syntax(Some(&model)), &mut turns, tools.as_mut());
-    let temperature = fields.number("temperature")?.unwrap_or(1.0);
+    let temperature = typed.temperature.unwrap_or(1.0);
     if !(0.0..=1.0).contains(&temperature) {
         return Err(ApiError::invalid_param(
             "temperature",
@@ -116,7 +125,7 @@ pub(crate) async fn messages(
         )
         .into());
     }
-    let top_p = fields.number("top_p")?.unwrap_or(1.0);
+    let top_p = typed.top_p.unwrap_or(1.0);
     if !(top_p > 0.0 && top_p <= 1.0) {
         return Err(ApiError::invalid_param(
             "top_p",
@@ -124,8 +133,8 @@ pub(crate) async fn messages(
         )
         .into());
     }
-    let top_k = fields.count("top_k")?.unwrap_or(0);
-    let stop = match fields.get("stop_sequences") {
+    let top_k = typed.top_k.unwrap_or(0);
+    let stop = match &typed.stop_sequences {
         None => Vec::new(),
         Some(Value::Array(items)) => items
             .iter()
@@ -152,7 +161,7 @@ pub(crate) async fn messages(
             .into());
         }
     };
-    let stream = fields.bool("stream")?.unwrap_or(false);
+    let stream = typed.stream.unwrap_or(false);
     let request = GenerationRequest {
         logprobs: None,
         embed: false,
@@ -185,36 +194,28 @@ pub(crate) async fn messages(
     };
     if !stream {
         let (text, finished) = running.whole().await?;
-        let (input, output) = counts(&finished);
+        let (input_tokens, output_tokens) = counts(&finished);
         let (content, stop_reason) = answer.content(&text, finished.reason);
-        return Ok(Json(json!({
-            "id": answer.id,
-            "type": "message",
-            "role": "assistant",
-            "model": answer.model,
-            "content": content,
-            "stop_reason": stop_reason,
-            "stop_sequence": null,
-            "usage": {"input_tokens": input, "output_tokens": output},
-        }))
-        .into_response());
+        let message = answer.message(
+            content,
+            Some(stop_reason),
+            AnthropicUsage {
+                input_tokens,
+                output_tokens,
+            },
+        );
+        return Ok(Json(message).into_response());
     }
 
     let first = running.first().await?;
     let mut pending = VecDeque::new();
-    pending.push_back(named(
-        "message_start",
-        json!({"type": "message_start", "message": {
-            "id": answer.id,
-            "type": "message",
-            "role": "assistant",
-            "model": answer.model,
-            "content": [],
-            "stop_reason": null,
-            "stop_sequence": null,
-            "usage": {"input_tokens": 0, "output_tokens": 0},
-        }}),
-    ));
+    let usage = AnthropicUsage {
+        input_tokens: 0,
+        output_tokens: 0,
+    };
+    pending.push_back(event(&AnthropicEvent::MessageStart {
+        message: answer.message(Vec::new(), None, usage),
+    }));
     let mut state = StreamState::default();
     let mut render =
         move |step: Step, out: &mut VecDeque<Event>| answer.render(step, out, &mut state);
@@ -223,6 +224,14 @@ pub(crate) async fn messages(
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::default())
         .into_response())
+}
+
+/// An event, named as Anthropic names them (by its `type`).
+fn event(event: &AnthropicEvent) -> Event {
+    named(
+        event.name(),
+        serde_json::to_value(event).unwrap_or_default(),
+    )
 }
 
 /// An event named as Anthropic names them.
@@ -266,10 +275,10 @@ fn text_block(at: &str, block: &Value) -> Result<String, ApiError> {
 
 /// One message as chat turns: its text, its tool calls written as the model writes them,
 /// and tool results as the turn that carries them back.
-fn message(i: usize, item: &Value) -> Result<Vec<ChatMessage>, ApiError> {
+fn message(i: usize, item: &AnthropicMessageIn) -> Result<Vec<ChatMessage>, ApiError> {
     let at = |field: &str| format!("messages[{i}].{field}");
-    let role = match item.get("role").and_then(Value::as_str) {
-        Some(role @ ("user" | "assistant")) => role,
+    let role = match item.role.as_str() {
+        role @ ("user" | "assistant") => role,
         _ => {
             return Err(ApiError::invalid_param(
                 at("role"),
@@ -277,9 +286,9 @@ fn message(i: usize, item: &Value) -> Result<Vec<ChatMessage>, ApiError> {
             ));
         }
     };
-    let blocks = match item.get("content") {
-        Some(Value::String(text)) => return Ok(vec![ChatMessage::new(role, text.clone())]),
-        Some(Value::Array(blocks)) => blocks,
+    let blocks = match &item.content {
+        Value::String(text) => return Ok(vec![ChatMessage::new(role, text.clone())]),
+        Value::Array(blocks) => blocks,
         _ => {
             return Err(ApiError::invalid_param(
                 at("content"),
@@ -365,9 +374,19 @@ fn message(i: usize, item: &Value) -> Result<Vec<ChatMessage>, ApiError> {
 
 /// Anthropic's `tools` and `tool_choice`, read through the OpenAI shapes the tools module
 /// knows.
-fn tool_use(fields: &Fields<'_>) -> Result<Option<ToolUse>, ApiError> {
+fn tool_use(tools: Option<&Value>, choice: Option<&Value>) -> Result<Option<ToolUse>, ApiError> {
     let mut openai = Map::new();
-    if let Some(tools) = fields.array("tools")? {
+    let tools = match tools {
+        None => None,
+        Some(Value::Array(tools)) => Some(tools),
+        Some(other) => {
+            return Err(ApiError::invalid_param(
+                "tools",
+                format!("'tools' must be an array, got {}", describe(other)),
+            ));
+        }
+    };
+    if let Some(tools) = tools {
         let mut functions = Vec::with_capacity(tools.len());
         for (i, tool) in tools.iter().enumerate() {
             if let Some(kind) = tool.get("type").and_then(Value::as_str)
@@ -394,7 +413,7 @@ fn tool_use(fields: &Fields<'_>) -> Result<Option<ToolUse>, ApiError> {
         }
         openai.insert("tools".into(), Value::Array(functions));
     }
-    if let Some(choice) = fields.get("tool_choice") {
+    if let Some(choice) = choice {
         let kind = choice.get("type").and_then(Value::as_str);
         let mapped = match kind {
             Some("auto") => json!("auto"),
@@ -432,19 +451,38 @@ struct StreamState {
 
 impl Answer {
     /// The content blocks of a whole answer and its stop reason.
-    fn content(&self, text: &str, reason: FinishReason) -> (Vec<Value>, &'static str) {
+    fn content(&self, text: &str, reason: FinishReason) -> (Vec<ContentBlock>, StopReason) {
         let (text, calls) = match &self.tools {
             Some(tools) => tools::read_calls(text, tools),
             None => (Some(text.to_owned()), Vec::new()),
         };
         let mut content = Vec::new();
         if let Some(text) = text.filter(|t| !t.is_empty() || calls.is_empty()) {
-            content.push(json!({"type": "text", "text": text}));
+            content.push(ContentBlock::Text { text });
         }
         for call in &calls {
             content.push(tool_use_block(call));
         }
         (content, stop_reason(reason, !calls.is_empty()))
+    }
+
+    /// The answer as a message.
+    fn message(
+        &self,
+        content: Vec<ContentBlock>,
+        stop_reason: Option<StopReason>,
+        usage: AnthropicUsage,
+    ) -> AnthropicMessage {
+        AnthropicMessage {
+            id: self.id.clone(),
+            kind: schema::anthropic::MessageType::Name,
+            role: schema::AssistantRole::Name,
+            model: self.model.clone(),
+            content,
+            stop_reason,
+            stop_sequence: None,
+            usage,
+        }
     }
 
     fn render(&self, step: Step, out: &mut VecDeque<Event>, state: &mut StreamState) {
@@ -462,27 +500,39 @@ impl Answer {
                 }
                 for call in &calls {
                     let index = state.blocks;
-                    let mut start = tool_use_block(call);
-                    start["input"] = json!({});
-                    out.push_back(named(
-                        "content_block_start",
-                        json!({"type": "content_block_start", "index": index, "content_block": start}),
-                    ));
-                    out.push_back(named(
-                        "content_block_delta",
-                        json!({"type": "content_block_delta", "index": index,
-                               "delta": {"type": "input_json_delta", "partial_json": call.arguments}}),
-                    ));
+                    // The block opens with an empty input; the input follows as JSON text.
+                    let content_block = match tool_use_block(call) {
+                        ContentBlock::ToolUse { id, name, .. } => ContentBlock::ToolUse {
+                            id,
+                            name,
+                            input: json!({}),
+                        },
+                        other => other,
+                    };
+                    out.push_back(event(&AnthropicEvent::ContentBlockStart {
+                        index,
+                        content_block,
+                    }));
+                    out.push_back(event(&AnthropicEvent::ContentBlockDelta {
+                        index,
+                        delta: BlockDelta::InputJsonDelta {
+                            partial_json: call.arguments.clone(),
+                        },
+                    }));
                     out.push_back(self.stop_block(state));
                 }
-                let (input, output) = counts(&finished);
-                out.push_back(named(
-                    "message_delta",
-                    json!({"type": "message_delta",
-                           "delta": {"stop_reason": stop_reason(finished.reason, !calls.is_empty()), "stop_sequence": null},
-                           "usage": {"input_tokens": input, "output_tokens": output}}),
-                ));
-                out.push_back(named("message_stop", json!({"type": "message_stop"})));
+                let (input_tokens, output_tokens) = counts(&finished);
+                out.push_back(event(&AnthropicEvent::MessageDelta {
+                    delta: schema::anthropic::MessageDelta {
+                        stop_reason: stop_reason(finished.reason, !calls.is_empty()),
+                        stop_sequence: None,
+                    },
+                    usage: AnthropicUsage {
+                        input_tokens,
+                        output_tokens,
+                    },
+                }));
+                out.push_back(event(&AnthropicEvent::MessageStop));
             }
             Step::Failed(error) => out.push_back(named("error", body(&error))),
         }
@@ -495,44 +545,41 @@ impl Answer {
         }
         if !state.text_open {
             state.text_open = true;
-            out.push_back(named(
-                "content_block_start",
-                json!({"type": "content_block_start", "index": state.blocks,
-                       "content_block": {"type": "text", "text": ""}}),
-            ));
+            out.push_back(event(&AnthropicEvent::ContentBlockStart {
+                index: state.blocks,
+                content_block: ContentBlock::Text {
+                    text: String::new(),
+                },
+            }));
         }
-        out.push_back(named(
-            "content_block_delta",
-            json!({"type": "content_block_delta", "index": state.blocks,
-                   "delta": {"type": "text_delta", "text": piece}}),
-        ));
+        out.push_back(event(&AnthropicEvent::ContentBlockDelta {
+            index: state.blocks,
+            delta: BlockDelta::TextDelta { text: piece },
+        }));
     }
 
     fn stop_block(&self, state: &mut StreamState) -> Event {
-        let event = named(
-            "content_block_stop",
-            json!({"type": "content_block_stop", "index": state.blocks}),
-        );
+        let stop = event(&AnthropicEvent::ContentBlockStop {
+            index: state.blocks,
+        });
         state.text_open = false;
         state.blocks += 1;
-        event
+        stop
     }
 }
 
-fn tool_use_block(call: &tools::Call) -> Value {
-    let input: Value = serde_json::from_str(&call.arguments).unwrap_or_else(|_| json!({}));
-    json!({
-        "type": "tool_use",
-        "id": format!("toolu_{:024x}", rand::random::<u128>() >> 32),
-        "name": call.name,
-        "input": input,
-    })
+fn tool_use_block(call: &tools::Call) -> ContentBlock {
+    ContentBlock::ToolUse {
+        id: format!("toolu_{:024x}", rand::random::<u128>() >> 32),
+        name: call.name.clone(),
+        input: serde_json::from_str(&call.arguments).unwrap_or_else(|_| json!({})),
+    }
 }
 
-fn stop_reason(reason: FinishReason, called: bool) -> &'static str {
+fn stop_reason(reason: FinishReason, called: bool) -> StopReason {
     match (called, reason) {
-        (true, _) => "tool_use",
-        (false, FinishReason::Stop) => "end_turn",
-        (false, FinishReason::Length) => "max_tokens",
+        (true, _) => StopReason::ToolUse,
+        (false, FinishReason::Stop) => StopReason::EndTurn,
+        (false, FinishReason::Length) => StopReason::MaxTokens,
     }
 }

@@ -362,13 +362,31 @@ fn ollama_paths(secured: &Value) -> serde_json::Map<String, Value> {
         ),
         (
             "/v1/messages".to_owned(),
-            generation(
-                "anthropicMessages",
-                "Anthropic: the assistant's next message (`model`, `max_tokens`, `messages` with \
-                 text, tool_use and tool_result blocks, `system`, `tools`, `tool_choice`, \
-                 `stop_sequences`, `stream` as Anthropic's named events); the key may come in \
-                 `x-api-key`",
-            ),
+            json!({"post": {
+                "operationId": "anthropicMessages",
+                "summary": "Anthropic: the assistant's next message (text, tool_use and \
+                    tool_result blocks, tools, stop sequences); the key may come in `x-api-key`",
+                "security": secured,
+                "requestBody": {
+                    "required": true,
+                    "content": {"application/json": {"schema": schema_ref("AnthropicRequest")}},
+                },
+                "responses": {
+                    "200": {
+                        "description": "The message; with `stream`, Anthropic's named events, \
+                            each event's name its data's `type`",
+                        "content": {
+                            "application/json": {"schema": schema_ref("AnthropicMessage")},
+                            "text/event-stream": {"schema": schema_ref("AnthropicEvent")},
+                        },
+                    },
+                    "default": {
+                        "description": "Anthropic's error shape, with the status OpenAI's \
+                            routes give the same failure",
+                        "content": {"application/json": {"schema": schema_ref("AnthropicError")}},
+                    },
+                },
+            }}),
         ),
     ])
 }

@@ -737,6 +737,10 @@ pub(crate) fn components() -> Result<Vec<(String, Value)>, String> {
         EmbeddingRequest,
         EmbeddingList,
         ErrorResponse,
+        anthropic::AnthropicRequest,
+        anthropic::AnthropicMessage,
+        anthropic::AnthropicEvent,
+        anthropic::AnthropicError,
     );
     let mut schemas = serde_json::Map::new();
     for (name, schema) in derived {
@@ -744,6 +748,7 @@ pub(crate) fn components() -> Result<Vec<(String, Value)>, String> {
         schemas.insert(name, json);
     }
     let mut shapes = shapes().to_vec();
+    shapes.extend(anthropic::shapes());
     for other in ["ChunkChoice", "CompletionChoice"] {
         shapes.push((other, "logprobs", logprobs_shape()));
     }
@@ -767,7 +772,7 @@ mod tests {
     #[test]
     fn every_written_shape_replaces_a_derived_property() {
         let schemas: serde_json::Map<String, Value> = components().unwrap().into_iter().collect();
-        for (name, property, shape) in shapes() {
+        for (name, property, shape) in shapes().into_iter().chain(anthropic::shapes()) {
             assert_eq!(
                 schemas[name]["properties"][property], shape,
                 "{name}.{property}"
@@ -778,5 +783,276 @@ mod tests {
             json!(["model"]),
             "object names are their serde names"
         );
+    }
+}
+
+/// Anthropic's Messages dialect (`POST /v1/messages`).
+pub(crate) mod anthropic {
+    use super::*;
+
+    fn system_shape() -> Value {
+        json!({
+            "oneOf": [
+                {"type": "string"},
+                {"type": "array", "items": {
+                    "type": "object",
+                    "properties": {"type": {"enum": ["text"]}, "text": {"type": "string"}},
+                    "required": ["type", "text"],
+                }},
+                {"type": "null"},
+            ],
+        })
+    }
+
+    fn content_shape() -> Value {
+        json!({
+            "oneOf": [
+                {"type": "string"},
+                {"type": "array", "items": {"oneOf": [
+                    {
+                        "type": "object",
+                        "properties": {"type": {"enum": ["text"]}, "text": {"type": "string"}},
+                        "required": ["type", "text"],
+                    },
+                    {
+                        "type": "object",
+                        "description": "In an assistant message: a call it made",
+                        "properties": {
+                            "type": {"enum": ["tool_use"]},
+                            "id": {"type": "string"},
+                            "name": {"type": "string"},
+                            "input": {"type": "object"},
+                        },
+                        "required": ["type", "name"],
+                    },
+                    {
+                        "type": "object",
+                        "description": "In a user message: a call's result",
+                        "properties": {
+                            "type": {"enum": ["tool_result"]},
+                            "tool_use_id": {"type": "string"},
+                            "content": {"type": ["string", "array", "null"]},
+                        },
+                        "required": ["type"],
+                    },
+                ]}},
+            ],
+        })
+    }
+
+    fn tools_shape() -> Value {
+        json!({
+            "type": ["array", "null"],
+            "items": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$"},
+                    "description": {"type": "string"},
+                    "input_schema": {"type": "object", "description": "JSON Schema of the input"},
+                    "type": {"enum": ["custom"], "description": "Server tools are refused"},
+                },
+                "required": ["name"],
+            },
+            "description": "Tools through the same module as chat completions': the model's own \
+                chat template when it takes tools, the generic Hermes prompt otherwise",
+        })
+    }
+
+    fn tool_choice_shape() -> Value {
+        json!({
+            "oneOf": [
+                {
+                    "type": "object",
+                    "properties": {"type": {"enum": ["auto", "any", "none"]}},
+                    "required": ["type"],
+                },
+                {
+                    "type": "object",
+                    "properties": {"type": {"enum": ["tool"]}, "name": {"type": "string"}},
+                    "required": ["type", "name"],
+                },
+                {"type": "null"},
+            ],
+            "description": "any and a named tool constrain the answer to one call",
+        })
+    }
+
+    fn stop_sequences_shape() -> Value {
+        json!({"type": ["array", "null"], "items": {"type": "string"}})
+    }
+
+    /// The fields whose schemas are written out.
+    pub(crate) fn shapes() -> [(&'static str, &'static str, Value); 5] {
+        [
+            ("AnthropicRequest", "system", system_shape()),
+            ("AnthropicRequest", "tools", tools_shape()),
+            ("AnthropicRequest", "tool_choice", tool_choice_shape()),
+            ("AnthropicRequest", "stop_sequences", stop_sequences_shape()),
+            ("AnthropicMessageIn", "content", content_shape()),
+        ]
+    }
+
+    /// A `POST /v1/messages` body.
+    #[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
+    pub(crate) struct AnthropicRequest {
+        /// A model id from `GET /v1/models`.
+        pub(crate) model: String,
+        /// The most tokens to generate.
+        #[schema(minimum = 1)]
+        pub(crate) max_tokens: Option<u64>,
+        #[schema(min_items = 1)]
+        pub(crate) messages: Option<Vec<AnthropicMessageIn>>,
+        #[schema(value_type = Option<Object>)]
+        pub(crate) system: Option<Value>,
+        #[schema(minimum = 0, maximum = 1, default = 1)]
+        pub(crate) temperature: Option<f64>,
+        #[schema(exclusive_minimum = 0, maximum = 1, default = 1)]
+        pub(crate) top_p: Option<f64>,
+        pub(crate) top_k: Option<u64>,
+        #[schema(value_type = Option<Object>)]
+        pub(crate) stop_sequences: Option<Value>,
+        /// Answer as Anthropic's named server-sent events.
+        #[schema(default = false)]
+        pub(crate) stream: Option<bool>,
+        #[schema(value_type = Option<Object>)]
+        pub(crate) tools: Option<Value>,
+        #[schema(value_type = Option<Object>)]
+        pub(crate) tool_choice: Option<Value>,
+    }
+
+    /// One message of the conversation.
+    #[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
+    pub(crate) struct AnthropicMessageIn {
+        /// `user` or `assistant`.
+        #[schema(pattern = "^(user|assistant)$")]
+        pub(crate) role: String,
+        #[schema(value_type = Object)]
+        pub(crate) content: Value,
+    }
+
+    object_name!(MessageType, "message");
+
+    /// Why an answer ended.
+    #[derive(Clone, Copy, Debug, Serialize, ToSchema)]
+    #[serde(rename_all = "snake_case")]
+    pub(crate) enum StopReason {
+        EndTurn,
+        MaxTokens,
+        ToolUse,
+    }
+
+    /// A block of an answer's content.
+    #[derive(Clone, Debug, Serialize, ToSchema)]
+    #[serde(tag = "type", rename_all = "snake_case")]
+    pub(crate) enum ContentBlock {
+        Text {
+            text: String,
+        },
+        ToolUse {
+            id: String,
+            name: String,
+            /// The call's arguments.
+            #[schema(value_type = Object)]
+            input: Value,
+        },
+    }
+
+    /// Tokens an answer took.
+    #[derive(Clone, Copy, Debug, Serialize, ToSchema)]
+    pub(crate) struct AnthropicUsage {
+        pub(crate) input_tokens: usize,
+        pub(crate) output_tokens: usize,
+    }
+
+    /// The answer: a message.
+    #[derive(Clone, Debug, Serialize, ToSchema)]
+    pub(crate) struct AnthropicMessage {
+        pub(crate) id: String,
+        #[serde(rename = "type")]
+        pub(crate) kind: MessageType,
+        pub(crate) role: AssistantRole,
+        pub(crate) model: String,
+        pub(crate) content: Vec<ContentBlock>,
+        /// Null while streaming.
+        #[schema(required = true)]
+        pub(crate) stop_reason: Option<StopReason>,
+        /// Always null: a stop sequence is reported as `end_turn`.
+        #[schema(required = true)]
+        pub(crate) stop_sequence: Option<String>,
+        pub(crate) usage: AnthropicUsage,
+    }
+
+    /// What a `content_block_delta` adds.
+    #[derive(Clone, Debug, Serialize, ToSchema)]
+    #[serde(tag = "type", rename_all = "snake_case")]
+    pub(crate) enum BlockDelta {
+        TextDelta { text: String },
+        InputJsonDelta { partial_json: String },
+    }
+
+    /// The end of a streamed message.
+    #[derive(Clone, Debug, Serialize, ToSchema)]
+    pub(crate) struct MessageDelta {
+        pub(crate) stop_reason: StopReason,
+        #[schema(required = true)]
+        pub(crate) stop_sequence: Option<String>,
+    }
+
+    /// The streamed answer: each event's `data` (its SSE name is its `type`).
+    #[derive(Clone, Debug, Serialize, ToSchema)]
+    #[serde(tag = "type", rename_all = "snake_case")]
+    pub(crate) enum AnthropicEvent {
+        MessageStart {
+            message: AnthropicMessage,
+        },
+        ContentBlockStart {
+            index: usize,
+            content_block: ContentBlock,
+        },
+        ContentBlockDelta {
+            index: usize,
+            delta: BlockDelta,
+        },
+        ContentBlockStop {
+            index: usize,
+        },
+        MessageDelta {
+            delta: MessageDelta,
+            usage: AnthropicUsage,
+        },
+        MessageStop,
+    }
+
+    impl AnthropicEvent {
+        /// The event's SSE name: its `type`.
+        pub(crate) fn name(&self) -> &'static str {
+            match self {
+                AnthropicEvent::MessageStart { .. } => "message_start",
+                AnthropicEvent::ContentBlockStart { .. } => "content_block_start",
+                AnthropicEvent::ContentBlockDelta { .. } => "content_block_delta",
+                AnthropicEvent::ContentBlockStop { .. } => "content_block_stop",
+                AnthropicEvent::MessageDelta { .. } => "message_delta",
+                AnthropicEvent::MessageStop => "message_stop",
+            }
+        }
+    }
+
+    /// Anthropic's error body.
+    #[derive(Clone, Debug, Serialize, ToSchema)]
+    pub(crate) struct AnthropicError {
+        #[serde(rename = "type")]
+        #[schema(pattern = "^error$")]
+        pub(crate) kind: &'static str,
+        pub(crate) error: AnthropicErrorBody,
+    }
+
+    /// What went wrong, in Anthropic's terms.
+    #[derive(Clone, Debug, Serialize, ToSchema)]
+    pub(crate) struct AnthropicErrorBody {
+        /// `invalid_request_error`, `authentication_error`, `not_found_error`,
+        /// `rate_limit_error`, `api_error`, `overloaded_error`, ...
+        #[serde(rename = "type")]
+        pub(crate) kind: &'static str,
+        pub(crate) message: String,
     }
 }

@@ -272,6 +272,38 @@ async fn answers_follow_the_documented_schemas() {
     .await;
     assert_eq!(reply.status, 400);
     check("ErrorResponse", &reply.json());
+    // Anthropic's dialect: the message, every streamed event (text and a call), an error.
+    let anthropic = json!({
+        "model": "llama-3.2-1b",
+        "max_tokens": 32,
+        "tools": [{"name": "get_weather", "input_schema": {"type": "object"}}],
+        "messages": [{"role": "user", "content": "Weather?"}],
+    });
+    check("AnthropicRequest", &anthropic);
+    let reply = post(&app, "/v1/messages", anthropic.clone()).await;
+    check("AnthropicMessage", &reply.json());
+    let mut streamed = anthropic.clone();
+    streamed["stream"] = json!(true);
+    let reply = post(&app, "/v1/messages", streamed).await;
+    let events = crate::support::sse_data(&reply.text());
+    assert!(events.len() > 5, "{events:?}");
+    for data in events {
+        check("AnthropicEvent", &serde_json::from_str(&data).unwrap());
+    }
+    // The check can fail: an event of no documented type, or one missing a field, does not pass.
+    for wrong in [
+        json!({"type": "message_stopped"}),
+        json!({"type": "content_block_stop"}),
+        json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta"}}),
+    ] {
+        assert!(
+            violation(&document, &schema("AnthropicEvent"), &wrong, "e").is_some(),
+            "{wrong}"
+        );
+    }
+    let reply = post(&app, "/v1/messages", json!({"model": "llama-3.2-1b"})).await;
+    assert_eq!(reply.status, 400);
+    check("AnthropicError", &reply.json());
     // And what the document says a request is, a request is.
     check(
         "ChatCompletionRequest",
