@@ -351,14 +351,29 @@ fn ollama_paths(secured: &Value) -> serde_json::Map<String, Value> {
         ),
         (
             "/v1/responses".to_owned(),
-            generation(
-                "createResponse",
-                "OpenAI Responses: `input` (a string or message, function_call and \
-                 function_call_output items), `instructions`, function `tools`, `tool_choice`, \
-                 `text.format` (json_object, json_schema by constrained decoding), \
-                 `max_output_tokens`, `stream` as typed events; nothing is stored, so \
-                 `previous_response_id` is refused",
-            ),
+            json!({"post": {
+                "operationId": "createResponse",
+                "summary": "OpenAI Responses: `input` (a string or message, function_call and \
+                    function_call_output items), `instructions`, function `tools`, \
+                    `tool_choice`, `text.format` by constrained decoding; nothing is stored, \
+                    so `previous_response_id` is refused",
+                "security": secured,
+                "requestBody": {
+                    "required": true,
+                    "content": {"application/json": {"schema": schema_ref("ResponsesRequest")}},
+                },
+                "responses": with_errors(
+                    json!({"200": {
+                        "description": "The response; with `stream`, its typed events, each \
+                            event's name its data's `type`",
+                        "content": {
+                            "application/json": {"schema": schema_ref("ResponseObject")},
+                            "text/event-stream": {"schema": schema_ref("ResponseEvent")},
+                        },
+                    }}),
+                    &["400", "401", "404", "413", "429", "500", "503"],
+                ),
+            }}),
         ),
         (
             "/v1/messages".to_owned(),

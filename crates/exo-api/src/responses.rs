@@ -23,6 +23,11 @@ use crate::fields::{Fields, describe, missing};
 use crate::generate::{Params, Running, Step, counts};
 use crate::middleware::RequestLog;
 use crate::request::{self, JsonObject};
+use crate::schema::responses::{
+    Echo, IncompleteDetails, OutputItem, OutputText, ResponseEvent, ResponseObject, ResponseStatus,
+    ResponseUsage, ResponsesRequest,
+};
+use crate::schema::{self};
 use crate::state::AppState;
 use crate::tools::{self, Call, Held, ToolUse};
 
@@ -32,19 +37,20 @@ pub(crate) async fn create(
     log: RequestLog,
     JsonObject(body): JsonObject,
 ) -> Result<Response, ApiError> {
+    let typed: ResponsesRequest = schema::read(&body)?;
     let fields = Fields(&body);
-    if fields.get("previous_response_id").is_some() {
+    if typed.previous_response_id.is_some() {
         return Err(ApiError::invalid_param(
             "previous_response_id",
             "responses are not stored: send the whole conversation in 'input'",
         ));
     }
-    let model = fields.required_string("model")?;
+    let model = typed.model;
     let mut turns = Vec::new();
-    if let Some(instructions) = fields.string("instructions")?.filter(|s| !s.is_empty()) {
+    if let Some(instructions) = typed.instructions.filter(|s| !s.is_empty()) {
         turns.push(ChatMessage::new("system", instructions));
     }
-    match fields.get("input") {
+    match &typed.input {
         None => return Err(missing("input")),
         Some(Value::String(text)) => turns.push(ChatMessage::new("user", text.clone())),
         Some(Value::Array(items)) => {
@@ -130,16 +136,15 @@ pub(crate) async fn create(
     let mut stream = StreamState::default();
     let mut pending = VecDeque::new();
     let created = answer.response("", &[], None);
-    stream.emit(
-        &mut pending,
-        "response.created",
-        json!({"response": created}),
-    );
-    stream.emit(
-        &mut pending,
-        "response.in_progress",
-        json!({"response": created}),
-    );
+    let in_progress = created.clone();
+    stream.emit(&mut pending, |n| ResponseEvent::Created {
+        response: created,
+        sequence_number: n,
+    });
+    stream.emit(&mut pending, |n| ResponseEvent::InProgress {
+        response: in_progress,
+        sequence_number: n,
+    });
     let mut render =
         move |step: Step, out: &mut VecDeque<Event>| answer.render(step, out, &mut stream);
     render(first, &mut pending);
@@ -297,27 +302,24 @@ fn text_format(fields: &Fields<'_>) -> Result<Option<exo_core::OutputConstraint>
 }
 
 /// The request's settings a response echoes.
-fn echoed(body: &Map<String, Value>) -> Map<String, Value> {
-    let mut echo = Map::new();
-    for (name, default) in [
-        ("instructions", Value::Null),
-        ("max_output_tokens", Value::Null),
-        ("temperature", json!(1.0)),
-        ("top_p", json!(1.0)),
-        ("tools", json!([])),
-        ("tool_choice", json!("auto")),
-        ("text", json!({"format": {"type": "text"}})),
-        ("parallel_tool_calls", json!(true)),
-        ("metadata", json!({})),
-    ] {
-        let value = body
-            .get(name)
+fn echoed(body: &Map<String, Value>) -> Echo {
+    let get = |name: &str, default: Value| {
+        body.get(name)
             .filter(|v| !v.is_null())
             .cloned()
-            .unwrap_or(default);
-        echo.insert(name.to_owned(), value);
+            .unwrap_or(default)
+    };
+    Echo {
+        instructions: get("instructions", Value::Null),
+        max_output_tokens: get("max_output_tokens", Value::Null),
+        temperature: get("temperature", json!(1.0)),
+        top_p: get("top_p", json!(1.0)),
+        tools: get("tools", json!([])),
+        tool_choice: get("tool_choice", json!("auto")),
+        text: get("text", json!({"format": {"type": "text"}})),
+        parallel_tool_calls: get("parallel_tool_calls", json!(true)),
+        metadata: get("metadata", json!({})),
     }
-    echo
 }
 
 /// What every part of one response shares.
@@ -327,7 +329,7 @@ struct Answer {
     created_at: u64,
     model: String,
     tools: Option<ToolUse>,
-    echo: Map<String, Value>,
+    echo: Echo,
 }
 
 /// Where a streamed response is.
@@ -343,11 +345,12 @@ struct StreamState {
 }
 
 impl StreamState {
-    fn emit(&mut self, out: &mut VecDeque<Event>, kind: &str, mut data: Value) {
-        data["type"] = Value::from(kind);
-        data["sequence_number"] = Value::from(self.sequence);
+    /// Sends the next event (`make` gets its sequence number), named by its `type`.
+    fn emit(&mut self, out: &mut VecDeque<Event>, make: impl FnOnce(u64) -> ResponseEvent) {
+        let data = serde_json::to_value(make(self.sequence)).unwrap_or_default();
         self.sequence += 1;
-        out.push_back(Event::default().event(kind).data(data.to_string()));
+        let name = data["type"].as_str().unwrap_or("error").to_owned();
+        out.push_back(Event::default().event(name).data(data.to_string()));
     }
 }
 
@@ -367,72 +370,71 @@ impl Answer {
         }
     }
 
-    fn message_item(&self, text: &str, status: &str) -> Value {
-        json!({
-            "type": "message",
-            "id": self.message_id(),
-            "status": status,
-            "role": "assistant",
-            "content": [{"type": "output_text", "text": text, "annotations": []}],
-        })
+    fn message_item(&self, text: &str, status: ResponseStatus) -> OutputItem {
+        OutputItem::Message {
+            id: self.message_id(),
+            status,
+            role: schema::AssistantRole::Name,
+            content: vec![output_text(text)],
+        }
     }
 
-    fn call_item(&self, call: &Call, index: usize) -> Value {
-        json!({
-            "type": "function_call",
-            "id": format!("fc_{}_{index}", &self.id[5..]),
-            "call_id": format!("call_{:024x}", rand::random::<u128>() >> 32),
-            "name": call.name,
-            "arguments": call.arguments,
-            "status": "completed",
-        })
+    fn call_item(&self, call: &Call, index: usize) -> OutputItem {
+        OutputItem::FunctionCall {
+            id: format!("fc_{}_{index}", &self.id[5..]),
+            call_id: format!("call_{:024x}", rand::random::<u128>() >> 32),
+            name: call.name.clone(),
+            arguments: call.arguments.clone(),
+            status: ResponseStatus::Completed,
+        }
     }
 
     /// The response object: in progress (no `finished`), or done with its output.
-    fn response(&self, text: &str, calls: &[Call], finished: Option<&Finished>) -> Value {
+    fn response(&self, text: &str, calls: &[Call], finished: Option<&Finished>) -> ResponseObject {
         let mut output = Vec::new();
         if finished.is_some() && (!text.is_empty() || calls.is_empty()) {
-            output.push(self.message_item(text, "completed"));
+            output.push(self.message_item(text, ResponseStatus::Completed));
         }
         output.extend(calls.iter().enumerate().map(|(i, c)| self.call_item(c, i)));
         self.envelope(output, finished)
     }
 
-    fn envelope(&self, output: Vec<Value>, finished: Option<&Finished>) -> Value {
-        let (status, incomplete, usage) = match finished {
-            None => ("in_progress", Value::Null, Value::Null),
+    fn envelope(&self, output: Vec<OutputItem>, finished: Option<&Finished>) -> ResponseObject {
+        let (status, incomplete_details, usage) = match finished {
+            None => (ResponseStatus::InProgress, None, None),
             Some(f) => {
-                let (input, out) = counts(f);
-                let usage = json!({
-                    "input_tokens": input,
-                    "input_tokens_details": {"cached_tokens": 0},
-                    "output_tokens": out,
-                    "output_tokens_details": {"reasoning_tokens": 0},
-                    "total_tokens": input + out,
-                });
+                let (input_tokens, output_tokens) = counts(f);
+                let usage = ResponseUsage {
+                    input_tokens,
+                    input_tokens_details: json!({"cached_tokens": 0}),
+                    output_tokens,
+                    output_tokens_details: json!({"reasoning_tokens": 0}),
+                    total_tokens: input_tokens + output_tokens,
+                };
                 match f.reason {
-                    FinishReason::Length => {
-                        ("incomplete", json!({"reason": "max_output_tokens"}), usage)
-                    }
-                    FinishReason::Stop => ("completed", Value::Null, usage),
+                    FinishReason::Length => (
+                        ResponseStatus::Incomplete,
+                        Some(IncompleteDetails {
+                            reason: "max_output_tokens",
+                        }),
+                        Some(usage),
+                    ),
+                    FinishReason::Stop => (ResponseStatus::Completed, None, Some(usage)),
                 }
             }
         };
-        let mut response = json!({
-            "id": self.id,
-            "object": "response",
-            "created_at": self.created_at,
-            "status": status,
-            "error": null,
-            "incomplete_details": incomplete,
-            "model": self.model,
-            "output": output,
-            "usage": usage,
-        });
-        if let Value::Object(fields) = &mut response {
-            fields.extend(self.echo.clone());
+        ResponseObject {
+            id: self.id.clone(),
+            object: schema::responses::ResponseObjectName::Name,
+            created_at: self.created_at,
+            status,
+            error: None,
+            incomplete_details,
+            model: self.model.clone(),
+            output,
+            usage,
+            echo: self.echo.clone(),
         }
-        response
     }
 
     fn render(&self, step: Step, out: &mut VecDeque<Event>, stream: &mut StreamState) {
@@ -450,99 +452,120 @@ impl Answer {
                     self.open_message(out, stream);
                 }
                 if stream.message_open {
-                    let item = self.message_item(&stream.text, "completed");
-                    let part = &item["content"][0];
-                    let (id, index) = (self.message_id(), stream.items);
-                    stream.emit(out, "response.output_text.done", json!({
-                        "item_id": id, "output_index": index, "content_index": 0, "text": stream.text,
-                    }));
-                    stream.emit(
-                        out,
-                        "response.content_part.done",
-                        json!({
-                            "item_id": id, "output_index": index, "content_index": 0, "part": part,
-                        }),
-                    );
-                    stream.emit(
-                        out,
-                        "response.output_item.done",
-                        json!({"output_index": index, "item": item}),
-                    );
+                    let item = self.message_item(&stream.text, ResponseStatus::Completed);
+                    let (item_id, output_index) = (self.message_id(), stream.items);
+                    let text = stream.text.clone();
+                    stream.emit(out, |n| ResponseEvent::OutputTextDone {
+                        item_id: item_id.clone(),
+                        output_index,
+                        content_index: 0,
+                        text: text.clone(),
+                        sequence_number: n,
+                    });
+                    stream.emit(out, |n| ResponseEvent::ContentPartDone {
+                        item_id,
+                        output_index,
+                        content_index: 0,
+                        part: output_text(&text),
+                        sequence_number: n,
+                    });
+                    stream.emit(out, |n| ResponseEvent::OutputItemDone {
+                        output_index,
+                        item,
+                        sequence_number: n,
+                    });
                     stream.items += 1;
                 }
                 let mut output = Vec::new();
                 if !stream.text.is_empty() || calls.is_empty() {
-                    output.push(self.message_item(&stream.text, "completed"));
+                    output.push(self.message_item(&stream.text, ResponseStatus::Completed));
                 }
                 for (i, call) in calls.iter().enumerate() {
                     let item = self.call_item(call, i);
-                    let index = stream.items;
-                    let mut added = item.clone();
-                    added["arguments"] = Value::from("");
-                    added["status"] = Value::from("in_progress");
-                    stream.emit(
-                        out,
-                        "response.output_item.added",
-                        json!({"output_index": index, "item": added}),
-                    );
-                    stream.emit(
-                        out,
-                        "response.function_call_arguments.delta",
-                        json!({
-                            "item_id": item["id"], "output_index": index, "delta": call.arguments,
-                        }),
-                    );
-                    stream.emit(out, "response.function_call_arguments.done", json!({
-                        "item_id": item["id"], "output_index": index, "arguments": call.arguments,
-                    }));
-                    stream.emit(
-                        out,
-                        "response.output_item.done",
-                        json!({"output_index": index, "item": item}),
-                    );
+                    let output_index = stream.items;
+                    let (item_id, added) = match &item {
+                        OutputItem::FunctionCall {
+                            id, call_id, name, ..
+                        } => (
+                            id.clone(),
+                            OutputItem::FunctionCall {
+                                id: id.clone(),
+                                call_id: call_id.clone(),
+                                name: name.clone(),
+                                arguments: String::new(),
+                                status: ResponseStatus::InProgress,
+                            },
+                        ),
+                        other => (String::new(), other.clone()),
+                    };
+                    stream.emit(out, |n| ResponseEvent::OutputItemAdded {
+                        output_index,
+                        item: added,
+                        sequence_number: n,
+                    });
+                    stream.emit(out, |n| ResponseEvent::FunctionCallArgumentsDelta {
+                        item_id: item_id.clone(),
+                        output_index,
+                        delta: call.arguments.clone(),
+                        sequence_number: n,
+                    });
+                    stream.emit(out, |n| ResponseEvent::FunctionCallArgumentsDone {
+                        item_id,
+                        output_index,
+                        arguments: call.arguments.clone(),
+                        sequence_number: n,
+                    });
+                    let done = item.clone();
+                    stream.emit(out, |n| ResponseEvent::OutputItemDone {
+                        output_index,
+                        item: done,
+                        sequence_number: n,
+                    });
                     stream.items += 1;
                     output.push(item);
                 }
-                let kind = match finished.reason {
-                    FinishReason::Length => "response.incomplete",
-                    FinishReason::Stop => "response.completed",
-                };
                 let response = self.envelope(output, Some(&finished));
-                stream.emit(out, kind, json!({"response": response}));
+                stream.emit(out, |n| match finished.reason {
+                    FinishReason::Length => ResponseEvent::Incomplete {
+                        response,
+                        sequence_number: n,
+                    },
+                    FinishReason::Stop => ResponseEvent::Completed {
+                        response,
+                        sequence_number: n,
+                    },
+                });
             }
             Step::Failed(error) => {
                 let envelope = error.envelope();
-                stream.emit(
-                    out,
-                    "error",
-                    json!({
-                        "code": envelope["error"]["code"],
-                        "message": envelope["error"]["message"],
-                        "param": envelope["error"]["param"],
-                    }),
-                );
+                let field = |name: &str| envelope["error"][name].as_str().map(str::to_owned);
+                stream.emit(out, |n| ResponseEvent::Error {
+                    code: field("code"),
+                    message: field("message").unwrap_or_default(),
+                    param: field("param"),
+                    sequence_number: n,
+                });
             }
         }
     }
 
     fn open_message(&self, out: &mut VecDeque<Event>, stream: &mut StreamState) {
         stream.message_open = true;
-        let index = stream.items;
-        stream.emit(
-            out,
-            "response.output_item.added",
-            json!({
-                "output_index": index, "item": self.message_item("", "in_progress"),
-            }),
-        );
-        stream.emit(
-            out,
-            "response.content_part.added",
-            json!({
-                "item_id": self.message_id(), "output_index": index, "content_index": 0,
-                "part": {"type": "output_text", "text": "", "annotations": []},
-            }),
-        );
+        let output_index = stream.items;
+        let item = self.message_item("", ResponseStatus::InProgress);
+        stream.emit(out, |n| ResponseEvent::OutputItemAdded {
+            output_index,
+            item,
+            sequence_number: n,
+        });
+        let item_id = self.message_id();
+        stream.emit(out, |n| ResponseEvent::ContentPartAdded {
+            item_id,
+            output_index,
+            content_index: 0,
+            part: output_text(""),
+            sequence_number: n,
+        });
     }
 
     fn text(&self, piece: String, out: &mut VecDeque<Event>, stream: &mut StreamState) {
@@ -553,9 +576,21 @@ impl Answer {
             self.open_message(out, stream);
         }
         stream.text.push_str(&piece);
-        let index = stream.items;
-        stream.emit(out, "response.output_text.delta", json!({
-            "item_id": self.message_id(), "output_index": index, "content_index": 0, "delta": piece,
-        }));
+        let (item_id, output_index) = (self.message_id(), stream.items);
+        stream.emit(out, |n| ResponseEvent::OutputTextDelta {
+            item_id,
+            output_index,
+            content_index: 0,
+            delta: piece,
+            sequence_number: n,
+        });
+    }
+}
+
+fn output_text(text: &str) -> OutputText {
+    OutputText {
+        kind: schema::responses::OutputTextType::Name,
+        text: text.to_owned(),
+        annotations: Vec::new(),
     }
 }

@@ -741,6 +741,9 @@ pub(crate) fn components() -> Result<Vec<(String, Value)>, String> {
         anthropic::AnthropicMessage,
         anthropic::AnthropicEvent,
         anthropic::AnthropicError,
+        responses::ResponsesRequest,
+        responses::ResponseObject,
+        responses::ResponseEvent,
     );
     let mut schemas = serde_json::Map::new();
     for (name, schema) in derived {
@@ -749,6 +752,7 @@ pub(crate) fn components() -> Result<Vec<(String, Value)>, String> {
     }
     let mut shapes = shapes().to_vec();
     shapes.extend(anthropic::shapes());
+    shapes.extend(responses::shapes());
     for other in ["ChunkChoice", "CompletionChoice"] {
         shapes.push((other, "logprobs", logprobs_shape()));
     }
@@ -772,7 +776,11 @@ mod tests {
     #[test]
     fn every_written_shape_replaces_a_derived_property() {
         let schemas: serde_json::Map<String, Value> = components().unwrap().into_iter().collect();
-        for (name, property, shape) in shapes().into_iter().chain(anthropic::shapes()) {
+        let all = shapes()
+            .into_iter()
+            .chain(anthropic::shapes())
+            .chain(responses::shapes());
+        for (name, property, shape) in all {
             assert_eq!(
                 schemas[name]["properties"][property], shape,
                 "{name}.{property}"
@@ -1054,5 +1062,362 @@ pub(crate) mod anthropic {
         #[serde(rename = "type")]
         pub(crate) kind: &'static str,
         pub(crate) message: String,
+    }
+}
+
+/// OpenAI's Responses dialect (`POST /v1/responses`).
+pub(crate) mod responses {
+    use super::*;
+
+    fn input_shape() -> Value {
+        json!({
+            "oneOf": [
+                {"type": "string"},
+                {"type": "array", "items": {"oneOf": [
+                    {
+                        "type": "object",
+                        "description": "A message (type message, or no type)",
+                        "properties": {
+                            "type": {"enum": ["message"]},
+                            "role": {"enum": ["user", "assistant", "system", "developer"]},
+                            "content": {"oneOf": [
+                                {"type": "string"},
+                                {"type": "array", "items": {
+                                    "type": "object",
+                                    "properties": {
+                                        "type": {"enum": ["input_text", "output_text", "text"]},
+                                        "text": {"type": "string"},
+                                    },
+                                    "required": ["type", "text"],
+                                }},
+                            ]},
+                        },
+                        "required": ["role", "content"],
+                    },
+                    {
+                        "type": "object",
+                        "description": "A call the model made earlier",
+                        "properties": {
+                            "type": {"enum": ["function_call"]},
+                            "call_id": {"type": "string"},
+                            "name": {"type": "string"},
+                            "arguments": {"type": "string"},
+                        },
+                        "required": ["type", "name"],
+                    },
+                    {
+                        "type": "object",
+                        "description": "A call's result",
+                        "properties": {
+                            "type": {"enum": ["function_call_output"]},
+                            "call_id": {"type": "string"},
+                            "output": {"type": "string"},
+                        },
+                        "required": ["type"],
+                    },
+                ]}},
+            ],
+        })
+    }
+
+    fn tools_shape() -> Value {
+        json!({
+            "type": ["array", "null"],
+            "items": {
+                "type": "object",
+                "properties": {
+                    "type": {"enum": ["function"]},
+                    "name": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$"},
+                    "description": {"type": "string"},
+                    "parameters": {"type": "object", "description": "JSON Schema of the arguments"},
+                    "strict": {"type": "boolean"},
+                },
+                "required": ["type", "name"],
+            },
+        })
+    }
+
+    fn tool_choice_shape() -> Value {
+        json!({
+            "oneOf": [
+                {"enum": ["none", "auto", "required"]},
+                {
+                    "type": "object",
+                    "properties": {"type": {"enum": ["function"]}, "name": {"type": "string"}},
+                    "required": ["type", "name"],
+                },
+                {"type": "null"},
+            ],
+            "description": "required and a named function constrain the answer to one call",
+        })
+    }
+
+    fn text_shape() -> Value {
+        json!({
+            "type": ["object", "null"],
+            "properties": {"format": {"oneOf": [
+                {
+                    "type": "object",
+                    "properties": {"type": {"enum": ["text", "json_object"]}},
+                    "required": ["type"],
+                },
+                {
+                    "type": "object",
+                    "properties": {
+                        "type": {"enum": ["json_schema"]},
+                        "name": {"type": "string"},
+                        "schema": {"type": ["object", "boolean"]},
+                        "strict": {"type": "boolean"},
+                    },
+                    "required": ["type", "schema"],
+                },
+            ]}},
+            "description": "json_object and json_schema are enforced by constrained decoding",
+        })
+    }
+
+    /// The fields whose schemas are written out.
+    pub(crate) fn shapes() -> [(&'static str, &'static str, Value); 4] {
+        [
+            ("ResponsesRequest", "input", input_shape()),
+            ("ResponsesRequest", "tools", tools_shape()),
+            ("ResponsesRequest", "tool_choice", tool_choice_shape()),
+            ("ResponsesRequest", "text", text_shape()),
+        ]
+    }
+
+    /// A `POST /v1/responses` body.
+    #[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
+    pub(crate) struct ResponsesRequest {
+        /// A model id from `GET /v1/models`.
+        pub(crate) model: String,
+        #[schema(value_type = Option<Object>)]
+        pub(crate) input: Option<Value>,
+        /// The system turn.
+        pub(crate) instructions: Option<String>,
+        #[schema(value_type = Option<Object>)]
+        pub(crate) tools: Option<Value>,
+        #[schema(value_type = Option<Object>)]
+        pub(crate) tool_choice: Option<Value>,
+        #[schema(value_type = Option<Object>)]
+        pub(crate) text: Option<Value>,
+        #[schema(minimum = 1)]
+        pub(crate) max_output_tokens: Option<u64>,
+        #[schema(minimum = 0, maximum = 2, default = 1)]
+        pub(crate) temperature: Option<f64>,
+        #[schema(exclusive_minimum = 0, maximum = 1, default = 1)]
+        pub(crate) top_p: Option<f64>,
+        #[schema(value_type = Option<i64>)]
+        pub(crate) seed: Option<i128>,
+        /// Answer as typed server-sent events.
+        #[schema(default = false)]
+        pub(crate) stream: Option<bool>,
+        /// Refused: nothing is stored, so send the whole conversation in `input`.
+        pub(crate) previous_response_id: Option<String>,
+        /// Echoed.
+        pub(crate) parallel_tool_calls: Option<bool>,
+        /// Echoed.
+        #[schema(value_type = Option<Object>)]
+        pub(crate) metadata: Option<Value>,
+    }
+
+    object_name!(ResponseObjectName, "response");
+    object_name!(OutputTextType, "output_text");
+
+    /// Where a response stands.
+    #[derive(Clone, Copy, Debug, Serialize, ToSchema)]
+    #[serde(rename_all = "snake_case")]
+    pub(crate) enum ResponseStatus {
+        InProgress,
+        Completed,
+        Incomplete,
+    }
+
+    /// Why a response is incomplete.
+    #[derive(Clone, Debug, Serialize, ToSchema)]
+    pub(crate) struct IncompleteDetails {
+        /// `max_output_tokens`.
+        pub(crate) reason: &'static str,
+    }
+
+    /// Text of a message item.
+    #[derive(Clone, Debug, Serialize, ToSchema)]
+    pub(crate) struct OutputText {
+        #[serde(rename = "type")]
+        pub(crate) kind: OutputTextType,
+        pub(crate) text: String,
+        /// Always empty.
+        #[schema(value_type = Vec<Object>)]
+        pub(crate) annotations: Vec<Value>,
+    }
+
+    /// An item of a response's output.
+    #[derive(Clone, Debug, Serialize, ToSchema)]
+    #[serde(tag = "type", rename_all = "snake_case")]
+    pub(crate) enum OutputItem {
+        Message {
+            id: String,
+            status: ResponseStatus,
+            role: AssistantRole,
+            content: Vec<OutputText>,
+        },
+        FunctionCall {
+            id: String,
+            call_id: String,
+            name: String,
+            /// The arguments, as the text of a JSON object.
+            arguments: String,
+            status: ResponseStatus,
+        },
+    }
+
+    /// Token counts.
+    #[derive(Clone, Debug, Serialize, ToSchema)]
+    pub(crate) struct ResponseUsage {
+        pub(crate) input_tokens: usize,
+        #[schema(value_type = Object)]
+        pub(crate) input_tokens_details: Value,
+        pub(crate) output_tokens: usize,
+        #[schema(value_type = Object)]
+        pub(crate) output_tokens_details: Value,
+        pub(crate) total_tokens: usize,
+    }
+
+    /// The settings a response echoes from its request.
+    #[derive(Clone, Debug, Default, Serialize, ToSchema)]
+    pub(crate) struct Echo {
+        #[schema(value_type = Option<String>, required = true)]
+        pub(crate) instructions: Value,
+        #[schema(value_type = Option<u64>, required = true)]
+        pub(crate) max_output_tokens: Value,
+        #[schema(value_type = f64)]
+        pub(crate) temperature: Value,
+        #[schema(value_type = f64)]
+        pub(crate) top_p: Value,
+        #[schema(value_type = Vec<Object>)]
+        pub(crate) tools: Value,
+        /// `auto`, `none`, `required`, or a named function.
+        #[schema(value_type = Value)]
+        pub(crate) tool_choice: Value,
+        #[schema(value_type = Object)]
+        pub(crate) text: Value,
+        #[schema(value_type = bool)]
+        pub(crate) parallel_tool_calls: Value,
+        #[schema(value_type = Object)]
+        pub(crate) metadata: Value,
+    }
+
+    /// A response: in progress, or done with its output.
+    #[derive(Clone, Debug, Serialize, ToSchema)]
+    pub(crate) struct ResponseObject {
+        pub(crate) id: String,
+        pub(crate) object: ResponseObjectName,
+        /// Unix seconds.
+        pub(crate) created_at: u64,
+        pub(crate) status: ResponseStatus,
+        /// Always null (a failure is an error answer).
+        #[schema(value_type = Option<Object>, required = true)]
+        pub(crate) error: Option<Value>,
+        #[schema(required = true)]
+        pub(crate) incomplete_details: Option<IncompleteDetails>,
+        pub(crate) model: String,
+        pub(crate) output: Vec<OutputItem>,
+        #[schema(required = true)]
+        pub(crate) usage: Option<ResponseUsage>,
+        #[serde(flatten)]
+        pub(crate) echo: Echo,
+    }
+
+    /// A streamed event's data (its SSE name is its `type`), numbered in order.
+    #[derive(Clone, Debug, Serialize, ToSchema)]
+    #[serde(tag = "type")]
+    pub(crate) enum ResponseEvent {
+        #[serde(rename = "response.created")]
+        Created {
+            response: ResponseObject,
+            sequence_number: u64,
+        },
+        #[serde(rename = "response.in_progress")]
+        InProgress {
+            response: ResponseObject,
+            sequence_number: u64,
+        },
+        #[serde(rename = "response.output_item.added")]
+        OutputItemAdded {
+            output_index: usize,
+            item: OutputItem,
+            sequence_number: u64,
+        },
+        #[serde(rename = "response.content_part.added")]
+        ContentPartAdded {
+            item_id: String,
+            output_index: usize,
+            content_index: usize,
+            part: OutputText,
+            sequence_number: u64,
+        },
+        #[serde(rename = "response.output_text.delta")]
+        OutputTextDelta {
+            item_id: String,
+            output_index: usize,
+            content_index: usize,
+            delta: String,
+            sequence_number: u64,
+        },
+        #[serde(rename = "response.output_text.done")]
+        OutputTextDone {
+            item_id: String,
+            output_index: usize,
+            content_index: usize,
+            text: String,
+            sequence_number: u64,
+        },
+        #[serde(rename = "response.content_part.done")]
+        ContentPartDone {
+            item_id: String,
+            output_index: usize,
+            content_index: usize,
+            part: OutputText,
+            sequence_number: u64,
+        },
+        #[serde(rename = "response.output_item.done")]
+        OutputItemDone {
+            output_index: usize,
+            item: OutputItem,
+            sequence_number: u64,
+        },
+        #[serde(rename = "response.function_call_arguments.delta")]
+        FunctionCallArgumentsDelta {
+            item_id: String,
+            output_index: usize,
+            delta: String,
+            sequence_number: u64,
+        },
+        #[serde(rename = "response.function_call_arguments.done")]
+        FunctionCallArgumentsDone {
+            item_id: String,
+            output_index: usize,
+            arguments: String,
+            sequence_number: u64,
+        },
+        #[serde(rename = "response.completed")]
+        Completed {
+            response: ResponseObject,
+            sequence_number: u64,
+        },
+        #[serde(rename = "response.incomplete")]
+        Incomplete {
+            response: ResponseObject,
+            sequence_number: u64,
+        },
+        #[serde(rename = "error")]
+        Error {
+            #[schema(required = true)]
+            code: Option<String>,
+            message: String,
+            #[schema(required = true)]
+            param: Option<String>,
+            sequence_number: u64,
+        },
     }
 }

@@ -304,6 +304,23 @@ async fn answers_follow_the_documented_schemas() {
     let reply = post(&app, "/v1/messages", json!({"model": "llama-3.2-1b"})).await;
     assert_eq!(reply.status, 400);
     check("AnthropicError", &reply.json());
+    // The Responses dialect: the response, every streamed event (text and a call).
+    let responses = json!({
+        "model": "llama-3.2-1b",
+        "input": [{"role": "user", "content": "Weather?"}],
+        "tools": [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}],
+    });
+    check("ResponsesRequest", &responses);
+    let reply = post(&app, "/v1/responses", responses.clone()).await;
+    check("ResponseObject", &reply.json());
+    let mut streamed = responses;
+    streamed["stream"] = json!(true);
+    let reply = post(&app, "/v1/responses", streamed).await;
+    let events = crate::support::sse_data(&reply.text());
+    assert!(events.len() > 8, "{events:?}");
+    for data in events {
+        check("ResponseEvent", &serde_json::from_str(&data).unwrap());
+    }
     // And what the document says a request is, a request is.
     check(
         "ChatCompletionRequest",
