@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 /// The whole cluster as one node sees it.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ClusterView {
     /// Every node known, this one included, and nodes that left a moment ago.
     pub nodes: Vec<NodeView>,
@@ -27,7 +27,7 @@ pub struct ClusterView {
 }
 
 /// One node.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NodeView {
     /// The node's stable id (for example a libp2p peer id).
     pub id: String,
@@ -74,7 +74,7 @@ pub struct NodeView {
 }
 
 /// Where a node stands in the cluster.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum NodeState {
@@ -96,7 +96,7 @@ pub enum NodeState {
 }
 
 /// A measured link from one node to another.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LinkView {
     /// Id of the sending node.
     pub from: String,
@@ -109,7 +109,7 @@ pub struct LinkView {
 }
 
 /// A placement plan: which node holds which layers of which model.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PlanView {
     /// Identifies the plan; it changes whenever the cluster re-plans.
     pub epoch: String,
@@ -126,7 +126,7 @@ pub struct PlanView {
 }
 
 /// One pipeline stage.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StageView {
     /// Id of the node running the stage (its lead, for a tensor-parallel group).
     pub node: String,
@@ -158,7 +158,7 @@ pub struct StageView {
 }
 
 /// A peer that was seen but is not in the cluster.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PeerProblemView {
     /// The peer's id, when known.
     pub peer: Option<String>,

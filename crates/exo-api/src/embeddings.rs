@@ -13,11 +13,14 @@ use serde_json::{Value, json};
 use exo_core::GenerationRequest;
 
 use crate::error::ApiError;
-use crate::fields::{Fields, describe, missing};
+use crate::fields::{describe, missing};
 use crate::generate::{Params, Running};
 use crate::middleware::RequestLog;
 use crate::ollama::{OllamaError, resolve};
 use crate::request::JsonObject;
+use crate::schema::ollama::{
+    OllamaEmbedRequest, OllamaEmbedResponse, OllamaEmbeddingsRequest, OllamaEmbeddingsResponse,
+};
 use crate::schema::{self, Embedding, EmbeddingList, EmbeddingRequest, EmbeddingUsage};
 use crate::state::AppState;
 
@@ -97,18 +100,17 @@ pub(crate) async fn ollama_embed(
 ) -> Result<Response, OllamaError> {
     let started = std::time::Instant::now();
     let JsonObject(body) = body?;
-    let fields = Fields(&body);
-    let model = fields.required_string("model")?;
-    let inputs = inputs(fields.get("input"), "input")?;
-    let (vectors, prompt_tokens) =
-        embed_all(&state, &log, &resolve(&state, &model), inputs).await?;
-    Ok(Json(json!({
-        "model": model,
-        "embeddings": vectors,
-        "total_duration": started.elapsed().as_nanos() as u64,
-        "load_duration": 0,
-        "prompt_eval_count": prompt_tokens,
-    }))
+    let typed: OllamaEmbedRequest = schema::read(&body)?;
+    let inputs = inputs(typed.input.as_ref(), "input")?;
+    let (embeddings, prompt_eval_count) =
+        embed_all(&state, &log, &resolve(&state, &typed.model), inputs).await?;
+    Ok(Json(OllamaEmbedResponse {
+        model: typed.model,
+        embeddings,
+        total_duration: started.elapsed().as_nanos() as u64,
+        load_duration: 0,
+        prompt_eval_count,
+    })
     .into_response())
 }
 
@@ -119,11 +121,13 @@ pub(crate) async fn ollama_embeddings(
     body: Result<JsonObject, ApiError>,
 ) -> Result<Response, OllamaError> {
     let JsonObject(body) = body?;
-    let fields = Fields(&body);
-    let model = fields.required_string("model")?;
-    let inputs = inputs(fields.get("prompt"), "prompt")?;
-    let (mut vectors, _) = embed_all(&state, &log, &resolve(&state, &model), inputs).await?;
-    Ok(Json(json!({"embedding": vectors.pop().unwrap_or_default()})).into_response())
+    let typed: OllamaEmbeddingsRequest = schema::read(&body)?;
+    let inputs = inputs(typed.prompt.as_ref(), "prompt")?;
+    let (mut vectors, _) = embed_all(&state, &log, &resolve(&state, &typed.model), inputs).await?;
+    Ok(Json(OllamaEmbeddingsResponse {
+        embedding: vectors.pop().unwrap_or_default(),
+    })
+    .into_response())
 }
 
 /// The texts to embed: `name` holds a string or an array of strings, each non-empty.
@@ -263,7 +267,7 @@ mod tests {
     }
 
     fn parse(body: Value) -> Result<Vec<String>, ApiError> {
-        inputs(Fields(body.as_object().unwrap()).get("input"), "input")
+        inputs(body.get("input").filter(|v| !v.is_null()), "input")
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use exo_core::{FailureKind, GenerationError};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 /// An error response in OpenAI's envelope: `{"error": {"message", "type", "param", "code"}}`.
 ///
@@ -285,7 +285,10 @@ impl ApiError {
     /// Ollama's error shape, `{"error": "<message>"}`, with the same status: what the
     /// `/api/*` routes answer, and also a line of their NDJSON streams.
     pub(crate) fn ollama_body(&self) -> Value {
-        json!({"error": self.message})
+        let body = crate::schema::ollama::OllamaError {
+            error: self.message.clone(),
+        };
+        serde_json::to_value(body).unwrap_or_default()
     }
 
     /// The response for an `/api/*` route (Ollama's dialect).

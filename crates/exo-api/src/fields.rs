@@ -1,6 +1,6 @@
-//! Reading a JSON object's fields in JSON's terms: `null` counts as absent (as OpenAI's API
-//! reads it), and a field of the wrong type is a 400 naming it ("'temperature' must be a
-//! number, got a string").
+//! Reading the JSON fields that take several shapes (typed request bodies keep them as JSON,
+//! see `schema.rs`) in JSON's terms: `null` counts as absent (as OpenAI's API reads it), and a
+//! field of the wrong type is a 400 naming it ("'tools' must be an array, got a string").
 
 use serde_json::{Map, Value};
 
@@ -12,28 +12,6 @@ pub(crate) struct Fields<'a>(pub(crate) &'a Map<String, Value>);
 impl Fields<'_> {
     pub(crate) fn get(&self, name: &str) -> Option<&Value> {
         self.0.get(name).filter(|value| !value.is_null())
-    }
-
-    pub(crate) fn required_string(&self, name: &str) -> Result<String, ApiError> {
-        self.string(name)?
-            .map(str::to_owned)
-            .ok_or_else(|| missing(name))
-    }
-
-    pub(crate) fn string(&self, name: &str) -> Result<Option<&str>, ApiError> {
-        self.typed(name, "a string", Value::as_str)
-    }
-
-    pub(crate) fn bool(&self, name: &str) -> Result<Option<bool>, ApiError> {
-        self.typed(name, "a boolean", Value::as_bool)
-    }
-
-    pub(crate) fn number(&self, name: &str) -> Result<Option<f64>, ApiError> {
-        self.typed(name, "a number", Value::as_f64)
-    }
-
-    pub(crate) fn count(&self, name: &str) -> Result<Option<u64>, ApiError> {
-        self.typed(name, "a non-negative integer", Value::as_u64)
     }
 
     pub(crate) fn array(&self, name: &str) -> Result<Option<&Vec<Value>>, ApiError> {

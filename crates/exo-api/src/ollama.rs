@@ -30,6 +30,12 @@ use crate::fields::{Fields, describe, missing};
 use crate::generate::{Params, Running, Step, counts};
 use crate::middleware::RequestLog;
 use crate::request::{JsonObject, messages_value};
+use crate::schema::ollama::{
+    OllamaChatLine, OllamaChatRequest, OllamaDetails, OllamaDone, OllamaGenerateLine,
+    OllamaGenerateRequest, OllamaMessage, OllamaModel, OllamaModels, OllamaOptions,
+    OllamaShowRequest, OllamaShowResponse, OllamaToolCall, OllamaVersion,
+};
+use crate::schema::{self};
 use crate::state::AppState;
 use crate::tools::{self, Call, Held, ToolUse};
 
@@ -66,16 +72,16 @@ pub(crate) async fn chat(
 ) -> Result<Response, OllamaError> {
     let started = Instant::now();
     let JsonObject(body) = body?;
-    let fields = Fields(&body);
-    let model = fields.required_string("model")?;
-    let Some(mut parsed) = parse_chat(&fields)? else {
+    let typed: OllamaChatRequest = schema::read(&body)?;
+    let model = typed.model;
+    let Some(mut parsed) = parse_chat(typed.messages.as_ref())? else {
         return load(&state, Dialect::Chat, &model);
     };
     // Ollama's `tools` are OpenAI's; it has no `tool_choice` (the model decides).
-    let mut tools = match fields.get("tools") {
+    let mut tools = match typed.tools {
         Some(tools) => {
             let mut openai = Map::new();
-            openai.insert("tools".to_owned(), tools.clone());
+            openai.insert("tools".to_owned(), tools);
             tools::parse(&Fields(&openai))?
         }
         None => None,
@@ -86,10 +92,10 @@ pub(crate) async fn chat(
         &mut parsed,
         tools.as_mut(),
     );
-    let options = options(&fields, state.config.default_max_tokens)?;
+    let options = options(typed.options, typed.stream, state.config.default_max_tokens)?;
     let mut request = options.request(resolved, Prompt::Chat(parsed));
     request.tools = specs;
-    request.constraint = format(&fields)?;
+    request.constraint = format(typed.format.as_ref())?;
     run(
         &state,
         Dialect::Chat,
@@ -111,11 +117,11 @@ pub(crate) async fn generate(
 ) -> Result<Response, OllamaError> {
     let started = Instant::now();
     let JsonObject(body) = body?;
-    let fields = Fields(&body);
-    let model = fields.required_string("model")?;
-    let prompt = fields.string("prompt")?.unwrap_or_default();
-    for unsupported in ["suffix", "template"] {
-        if fields.string(unsupported)?.is_some_and(|s| !s.is_empty()) {
+    let typed: OllamaGenerateRequest = schema::read(&body)?;
+    let model = typed.model;
+    let prompt = typed.prompt.unwrap_or_default();
+    for (unsupported, value) in [("suffix", &typed.suffix), ("template", &typed.template)] {
+        if value.as_ref().is_some_and(|s| !s.is_empty()) {
             return Err(ApiError::invalid_param(
                 unsupported,
                 format!("'{unsupported}' is not supported"),
@@ -123,31 +129,31 @@ pub(crate) async fn generate(
             .into());
         }
     }
-    refuse_non_empty(&fields, "images", "images are not supported")?;
+    refuse_non_empty("images", typed.images.as_ref(), "images are not supported")?;
     refuse_non_empty(
-        &fields,
         "context",
+        typed.context.as_ref(),
         "'context' (token ids of an earlier answer) is not supported; send the conversation \
          to /api/chat instead",
     )?;
-    let constraint = format(&fields)?;
+    let constraint = format(typed.format.as_ref())?;
     // An empty prompt is how Ollama's clients ask for the model to be loaded.
     if prompt.is_empty() {
         return load(&state, Dialect::Generate, &model);
     }
-    let prompt = if fields.bool("raw")? == Some(true) {
+    let prompt = if typed.raw == Some(true) {
         // The caller wrote the model's own format, control tokens included.
-        Prompt::Raw(prompt.to_owned())
+        Prompt::Raw(prompt)
     } else {
         // Like Ollama, the prompt is the user's turn of the model's chat template.
         let mut turns = Vec::with_capacity(2);
-        if let Some(system) = fields.string("system")?.filter(|s| !s.is_empty()) {
+        if let Some(system) = typed.system.filter(|s| !s.is_empty()) {
             turns.push(ChatMessage::new("system", system));
         }
         turns.push(ChatMessage::new("user", prompt));
         Prompt::Chat(turns)
     };
-    let options = options(&fields, state.config.default_max_tokens)?;
+    let options = options(typed.options, typed.stream, state.config.default_max_tokens)?;
     let mut request = options.request(resolve(&state, &model), prompt);
     request.constraint = constraint;
     run(
@@ -164,79 +170,76 @@ pub(crate) async fn generate(
 }
 
 /// `GET /api/tags`: the models the engine serves.
-pub(crate) async fn tags(State(state): State<AppState>) -> Json<Value> {
-    let models: Vec<Value> = state
+pub(crate) async fn tags(State(state): State<AppState>) -> Json<OllamaModels> {
+    let models = state
         .engine
         .models()
         .iter()
-        .map(|card| {
-            json!({
-                "name": card.id,
-                "model": card.id,
-                "modified_at": rfc3339(card.created, 0),
-                "size": 0,
-                "digest": digest(&card.id),
-                "details": details(&card.id),
-            })
+        .map(|card| OllamaModel {
+            name: card.id.clone(),
+            model: card.id.clone(),
+            modified_at: Some(rfc3339(card.created, 0)),
+            size: 0,
+            size_vram: None,
+            digest: digest(&card.id),
+            details: details(&card.id),
+            context_length: None,
         })
         .collect();
-    Json(json!({"models": models}))
+    Json(OllamaModels { models })
 }
 
 /// `GET /api/ps`: the models loaded now, which for a cluster are the ones it serves.
-pub(crate) async fn ps(State(state): State<AppState>) -> Json<Value> {
-    let models: Vec<Value> = state
+pub(crate) async fn ps(State(state): State<AppState>) -> Json<OllamaModels> {
+    let models = state
         .engine
         .models()
         .iter()
-        .map(|card| {
-            json!({
-                "name": card.id,
-                "model": card.id,
-                "size": 0,
-                "size_vram": 0,
-                "digest": digest(&card.id),
-                "details": details(&card.id),
-                "context_length": card.context_length,
-            })
+        .map(|card| OllamaModel {
+            name: card.id.clone(),
+            model: card.id.clone(),
+            modified_at: None,
+            size: 0,
+            size_vram: Some(0),
+            digest: digest(&card.id),
+            details: details(&card.id),
+            context_length: Some(card.context_length),
         })
         .collect();
-    Json(json!({"models": models}))
+    Json(OllamaModels { models })
 }
 
 /// `POST /api/show`: one model's details (`model`, or `name` as older clients send it).
 pub(crate) async fn show(
     State(state): State<AppState>,
     body: Result<JsonObject, ApiError>,
-) -> Result<Json<Value>, OllamaError> {
+) -> Result<Json<OllamaShowResponse>, OllamaError> {
     let JsonObject(body) = body?;
-    let fields = Fields(&body);
-    let model = match fields.string("model")? {
-        Some(model) => model.to_owned(),
-        None => fields
-            .required_string("name")
-            .map_err(|_| missing("model"))?,
-    };
+    let typed: OllamaShowRequest = schema::read(&body)?;
+    let model = typed.model.or(typed.name).ok_or_else(|| missing("model"))?;
     let card = find(&state, &model)?;
     let family = family(&card.id);
-    Ok(Json(json!({
-        "modelfile": "",
-        "parameters": "",
-        "template": "",
-        "details": details(&card.id),
-        "model_info": {
+    Ok(Json(OllamaShowResponse {
+        modelfile: String::new(),
+        parameters: String::new(),
+        template: String::new(),
+        details: details(&card.id),
+        model_info: json!({
             "general.architecture": family,
             "general.basename": card.id,
             format!("{family}.context_length"): card.context_length,
-        },
-        "capabilities": ["completion"],
-        "modified_at": rfc3339(card.created, 0),
-    })))
+        }),
+        // Every model takes tools: through its chat template, or the generic prompt.
+        capabilities: vec!["completion", "tools"],
+        modified_at: rfc3339(card.created, 0),
+    }))
 }
 
 /// `GET /api/version`: this server's version (the crate's, not an Ollama release's).
-pub(crate) async fn version() -> Json<Value> {
-    Json(json!({"version": env!("CARGO_PKG_VERSION")}))
+pub(crate) async fn version() -> Json<OllamaVersion> {
+    Json(OllamaVersion {
+        version: env!("CARGO_PKG_VERSION"),
+    })
 }
 
 /// Which Ollama endpoint a generation answers; they differ only in where the text goes.
@@ -256,8 +259,8 @@ impl Dialect {
 }
 
 /// The messages of a chat request, or `None` for none at all (Ollama's "load the model").
-fn parse_chat(fields: &Fields<'_>) -> Result<Option<Vec<ChatMessage>>, ApiError> {
-    let Some(value) = fields.get("messages") else {
+fn parse_chat(messages: Option<&Value>) -> Result<Option<Vec<ChatMessage>>, ApiError> {
+    let Some(value) = messages else {
         return Ok(None);
     };
     if value.as_array().is_some_and(Vec::is_empty) {
@@ -281,8 +284,8 @@ fn parse_chat(fields: &Fields<'_>) -> Result<Option<Vec<ChatMessage>>, ApiError>
 }
 
 /// `format`: `"json"` for any JSON object, or a JSON schema the answer must follow.
-fn format(fields: &Fields<'_>) -> Result<Option<OutputConstraint>, ApiError> {
-    match fields.get("format") {
+fn format(format: Option<&Value>) -> Result<Option<OutputConstraint>, ApiError> {
+    match format {
         None => Ok(None),
         Some(Value::String(format)) if format.is_empty() => Ok(None),
         Some(Value::String(format)) if format == "json" => {
@@ -301,8 +304,8 @@ fn format(fields: &Fields<'_>) -> Result<Option<OutputConstraint>, ApiError> {
     }
 }
 
-fn refuse_non_empty(fields: &Fields<'_>, name: &str, message: &str) -> Result<(), ApiError> {
-    match fields.get(name) {
+fn refuse_non_empty(name: &str, value: Option<&Value>, message: &str) -> Result<(), ApiError> {
+    match value {
         Some(Value::Array(items)) if items.is_empty() => Ok(()),
         None => Ok(()),
         Some(_) => Err(ApiError::invalid_param(name, message)),
@@ -341,46 +344,30 @@ impl Options {
 /// Reads `stream` (on unless `false`, as in Ollama) and the `options` the engine can honour;
 /// the other options (`num_ctx`, `repeat_penalty`, ...) are accepted and ignored, as
 /// Ollama's clients send them freely.
-fn options(fields: &Fields<'_>, default_max_tokens: Option<usize>) -> Result<Options, ApiError> {
-    let stream = fields.bool("stream")?.unwrap_or(true);
-    let empty = Map::new();
-    let options = match fields.get("options") {
-        None => &empty,
-        Some(Value::Object(options)) => options,
-        Some(other) => {
-            return Err(ApiError::invalid_param(
-                "options",
-                format!("'options' must be an object, got {}", describe(other)),
-            ));
-        }
-    };
+fn options(
+    options: Option<OllamaOptions>,
+    stream: Option<bool>,
+    default_max_tokens: Option<usize>,
+) -> Result<Options, ApiError> {
+    let stream = stream.unwrap_or(true);
+    let options = options.unwrap_or_default();
     let at = |name: &str| format!("options.{name}");
-    let options = Fields(options);
-    let temperature = options
-        .number("temperature")
-        .map_err(|e| e.with_param(at("temperature")))?
-        .unwrap_or(DEFAULT_TEMPERATURE);
+    let temperature = options.temperature.unwrap_or(DEFAULT_TEMPERATURE);
     if !(temperature.is_finite() && temperature >= 0.0) {
         return Err(ApiError::invalid_param(
             at("temperature"),
             format!("'options.temperature' must be at least 0, got {temperature}"),
         ));
     }
-    let top_p = options
-        .number("top_p")
-        .map_err(|e| e.with_param(at("top_p")))?
-        .unwrap_or(DEFAULT_TOP_P);
+    let top_p = options.top_p.unwrap_or(DEFAULT_TOP_P);
     if !(top_p > 0.0 && top_p <= 1.0) {
         return Err(ApiError::invalid_param(
             at("top_p"),
             format!("'options.top_p' must be greater than 0 and at most 1, got {top_p}"),
         ));
     }
-    let top_k = options
-        .count("top_k")
-        .map_err(|e| e.with_param(at("top_k")))?
-        .unwrap_or(DEFAULT_TOP_K);
-    let seed = match options.get("seed") {
+    let top_k = options.top_k.unwrap_or(DEFAULT_TOP_K);
+    let seed = match &options.seed {
         // Ollama's -1 (and no seed) mean a random one.
         None => None,
         Some(value) => match value.as_i64().filter(|&n| n >= 0) {
@@ -397,7 +384,7 @@ fn options(fields: &Fields<'_>, default_max_tokens: Option<usize>) -> Result<Opt
             })?),
         },
     };
-    let max_tokens = match options.get("num_predict") {
+    let max_tokens = match &options.num_predict {
         None => None,
         Some(value) => match value.as_i64() {
             // -1 (no limit) and -2 (fill the context) leave it to the engine, within the
@@ -426,7 +413,7 @@ fn options(fields: &Fields<'_>, default_max_tokens: Option<usize>) -> Result<Opt
     };
     let max_tokens =
         max_tokens.or_else(|| default_max_tokens.map(|n| u32::try_from(n).unwrap_or(u32::MAX)));
-    let stop = match options.get("stop") {
+    let stop = match &options.stop {
         None => Vec::new(),
         Some(Value::String(stop)) => vec![stop.clone()],
         Some(Value::Array(items)) => items
@@ -493,10 +480,11 @@ fn find(state: &AppState, model: &str) -> Result<ModelCard, ApiError> {
 /// served already, so it is done at once; an unknown model is still a 404.
 fn load(state: &AppState, dialect: Dialect, model: &str) -> Result<Response, OllamaError> {
     find(state, model)?;
-    let mut line = Line::new(dialect, model).text("", &[]);
-    line.insert("done".to_owned(), Value::Bool(true));
-    line.insert("done_reason".to_owned(), Value::from("load"));
-    Ok(Json(Value::Object(line)).into_response())
+    let done = OllamaDone {
+        done_reason: Some("load"),
+        ..OllamaDone::default()
+    };
+    Ok(Json(line(dialect, model, "", &[], Some(done))).into_response())
 }
 
 /// Admits, starts and delivers one generation, as NDJSON lines or one JSON object; calls of
@@ -595,78 +583,72 @@ impl Lines {
 
     /// A line carrying a piece of the answer (and calls, at its end).
     fn piece(&self, piece: &str, calls: &[Call]) -> Value {
-        let mut line = Line::new(self.dialect, &self.model).text(piece, calls);
-        line.insert("done".to_owned(), Value::Bool(false));
-        Value::Object(line)
+        line(self.dialect, &self.model, piece, calls, None)
     }
 
     /// The last line (or the whole answer, when not streamed), with the counts and timings.
     fn last(&self, text: &str, calls: &[Call], finished: &Finished) -> Value {
-        let mut line = Line::new(self.dialect, &self.model).text(text, calls);
         let done_reason = match finished.reason {
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",
         };
         let (prompt_tokens, completion_tokens) = counts(finished);
-        for (key, value) in [
-            ("done", Value::Bool(true)),
-            ("done_reason", Value::from(done_reason)),
-            (
-                "total_duration",
-                Value::from(nanos(self.started.elapsed().as_secs_f64())),
-            ),
+        let done = OllamaDone {
+            done_reason: Some(done_reason),
+            total_duration: Some(nanos(self.started.elapsed().as_secs_f64())),
             // The cluster loads its model before it serves, never per request.
-            ("load_duration", Value::from(0)),
-            ("prompt_eval_count", Value::from(prompt_tokens)),
-            (
-                "prompt_eval_duration",
-                Value::from(nanos(finished.time_to_first_token_s)),
-            ),
-            ("eval_count", Value::from(completion_tokens)),
-            ("eval_duration", Value::from(nanos(finished.decode_s))),
-        ] {
-            line.insert(key.to_owned(), value);
-        }
-        Value::Object(line)
+            load_duration: Some(0),
+            prompt_eval_count: Some(prompt_tokens),
+            prompt_eval_duration: Some(nanos(finished.time_to_first_token_s)),
+            eval_count: Some(completion_tokens),
+            eval_duration: Some(nanos(finished.decode_s)),
+        };
+        line(self.dialect, &self.model, text, calls, Some(done))
     }
 }
 
-/// The fields every line starts with.
-struct Line {
+/// One line of an answer: the text (and a chat's tool calls, Ollama's shape: the arguments as
+/// an object) where the dialect puts it; with `done`, the last.
+fn line(
     dialect: Dialect,
-    fields: Map<String, Value>,
-}
-
-impl Line {
-    fn new(dialect: Dialect, model: &str) -> Self {
-        let mut fields = Map::new();
-        fields.insert("model".to_owned(), Value::from(model));
-        fields.insert("created_at".to_owned(), Value::from(now()));
-        Self { dialect, fields }
-    }
-
-    /// Adds the text where the dialect puts it, and a chat's tool calls (Ollama's shape: the
-    /// arguments as an object).
-    fn text(mut self, text: &str, calls: &[Call]) -> Map<String, Value> {
-        match self.dialect {
-            Dialect::Chat => {
-                let mut message = json!({"role": "assistant", "content": text});
-                if !calls.is_empty() {
-                    message["tool_calls"] = calls
+    model: &str,
+    text: &str,
+    calls: &[Call],
+    done: Option<OllamaDone>,
+) -> Value {
+    let (model, created_at, finished) = (model.to_owned(), now(), done.is_some());
+    let line = match dialect {
+        Dialect::Chat => serde_json::to_value(OllamaChatLine {
+            model,
+            created_at,
+            message: OllamaMessage {
+                role: schema::AssistantRole::Name,
+                content: text.to_owned(),
+                tool_calls: (!calls.is_empty()).then(|| {
+                    calls
                         .iter()
                         .map(|c| {
                             let arguments: Value =
                                 serde_json::from_str(&c.arguments).unwrap_or_else(|_| json!({}));
-                            json!({"function": {"name": c.name, "arguments": arguments}})
+                            OllamaToolCall {
+                                function: json!({"name": c.name, "arguments": arguments}),
+                            }
                         })
-                        .collect();
-                }
-                self.fields.insert("message".to_owned(), message)
-            }
-            Dialect::Generate => self.fields.insert("response".to_owned(), Value::from(text)),
-        };
-        self.fields
-    }
+                        .collect()
+                }),
+            },
+            done: finished,
+            end: done.unwrap_or_default(),
+        }),
+        Dialect::Generate => serde_json::to_value(OllamaGenerateLine {
+            model,
+            created_at,
+            response: text.to_owned(),
+            done: finished,
+            end: done.unwrap_or_default(),
+        }),
+    };
+    line.unwrap_or_default()
 }
 
 /// Seconds as whole nanoseconds (Ollama's unit for durations); negative or non-finite
@@ -687,16 +669,16 @@ fn digest(id: &str) -> String {
 }
 
 /// Ollama's `details`, guessed from the model id (the API knows no more of the model).
-fn details(id: &str) -> Value {
+fn details(id: &str) -> OllamaDetails {
     let family = family(id);
-    json!({
-        "parent_model": "",
-        "format": "gguf",
-        "family": family,
-        "families": [family],
-        "parameter_size": parameter_size(id),
-        "quantization_level": "",
-    })
+    OllamaDetails {
+        parent_model: String::new(),
+        format: "gguf".to_owned(),
+        families: vec![family.clone()],
+        family,
+        parameter_size: parameter_size(id),
+        quantization_level: String::new(),
+    }
 }
 
 /// The family a model id names: its last path segment up to the first `-`, lowercased
@@ -805,16 +787,18 @@ mod tests {
         let Value::Object(map) = body else {
             panic!("not an object")
         };
-        options(&Fields(&map), None)
+        let typed: OllamaChatRequest = schema::read(&map)?;
+        options(typed.options, typed.stream, None)
     }
 
     #[test]
     fn options_follow_ollama() {
-        let defaults = options_of(json!({})).unwrap();
+        let defaults = options_of(json!({"model": "m"})).unwrap();
         assert!(defaults.stream);
         assert_eq!(defaults.max_tokens, None);
         assert_eq!(defaults.sampling.top_k, 40);
         let set = options_of(json!({
+            "model": "m",
             "stream": false,
             "options": {"temperature": 0, "top_p": 0.5, "top_k": 3, "seed": 42,
                         "num_predict": 8, "stop": ["\n", ""], "num_ctx": 4096},
@@ -826,15 +810,16 @@ mod tests {
         assert_eq!(set.sampling.top_k, 3);
         assert_eq!(set.sampling.seed, 42);
         assert_eq!(set.stop, ["\n"]);
-        let unlimited = options_of(json!({"options": {"num_predict": -1}})).unwrap();
+        let unlimited = options_of(json!({"model": "m", "options": {"num_predict": -1}})).unwrap();
         assert_eq!(unlimited.max_tokens, None);
-        let error = options_of(json!({"options": {"temperature": "hot"}})).unwrap_err();
+        let error =
+            options_of(json!({"model": "m", "options": {"temperature": "hot"}})).unwrap_err();
         assert_eq!(
             error.envelope()["error"]["param"],
             json!("options.temperature")
         );
-        assert!(options_of(json!({"options": {"num_predict": 0}})).is_err());
-        assert!(options_of(json!({"options": {"seed": 1.5}})).is_err());
-        assert!(options_of(json!({"options": 3})).is_err());
+        assert!(options_of(json!({"model": "m", "options": {"num_predict": 0}})).is_err());
+        assert!(options_of(json!({"model": "m", "options": {"seed": 1.5}})).is_err());
+        assert!(options_of(json!({"model": "m", "options": 3})).is_err());
     }
 }

@@ -1,9 +1,9 @@
 //! The OpenAPI 3.1 document served at `/openapi.json`.
 //!
-//! The OpenAI routes' request and response bodies are derived from the types the handlers read
-//! and write (`schema.rs`, utoipa); the paths, the cluster's views and the other dialects'
-//! bodies are written here. It names only the fields the API reads or writes; other request
-//! fields are accepted and ignored, as OpenAI's are.
+//! The request and response bodies are derived from the types the handlers read and write
+//! (`schema.rs` and the cluster views, with utoipa); the paths are written here. It names only
+//! the fields the API reads or writes; other request fields are accepted and ignored, as
+//! OpenAI's are.
 
 use serde_json::{Value, json};
 
@@ -245,55 +245,56 @@ fn paths() -> Value {
     paths
 }
 
-/// Ollama's dialect, briefly: its shapes are Ollama's own (see Ollama's API documentation),
-/// and its errors are `{"error": "<message>"}`.
+/// Ollama's dialect (its shapes are Ollama's own, derived from `schema::ollama`; its errors
+/// are `{"error": "<message>"}`), and the Responses and Anthropic dialects.
 fn ollama_paths(secured: &Value) -> serde_json::Map<String, Value> {
-    let object = json!({"type": "object"});
     let error = json!({
         "description": "Ollama's error shape, with the status OpenAI's routes give the same \
             failure (400, 401, 404 unknown model, 413, 429, 500, 503)",
-        "content": {"application/json": {"schema": {
-            "type": "object",
-            "required": ["error"],
-            "properties": {"error": {"type": "string"}},
-        }}},
+        "content": {"application/json": {"schema": schema_ref("OllamaError")}},
     });
-    let generation = |operation: &str, summary: &str| {
+    let generation = |operation: &str, summary: &str, request: &str, line: &str| {
         json!({"post": {
             "operationId": operation,
             "summary": summary,
             "security": secured,
-            "requestBody": {"required": true, "content": {"application/json": {"schema": object}}},
+            "requestBody": {"required": true, "content": {"application/json": {"schema": schema_ref(request)}}},
             "responses": {
                 "200": {
-                    "description": "With `stream` absent or true, NDJSON: one object per line \
-                        with a piece of the answer and `done: false`, then one with `done: true`, \
+                    "description": "With `stream` absent or true, NDJSON: one line per piece \
+                        of the answer with `done: false`, then one with `done: true`, \
                         `done_reason` (`stop` or `length`), token counts and durations in \
                         nanoseconds; an error after the first line arrives as a line \
                         `{\"error\": ...}`. With `stream: false`, one object with the whole \
                         answer.",
                     "content": {
-                        "application/x-ndjson": {"schema": {"type": "string"}},
-                        "application/json": {"schema": object},
+                        "application/x-ndjson": {"schema": schema_ref(line)},
+                        "application/json": {"schema": schema_ref(line)},
                     },
                 },
                 "default": error,
             },
         }})
     };
-    let read = |method: &str, operation: &str, summary: &str| {
+    let read = |method: &str,
+                operation: &str,
+                summary: &str,
+                request: Option<&str>,
+                answer: &str| {
         let mut item = json!({
             "operationId": operation,
             "summary": summary,
             "security": secured,
             "responses": {
-                "200": {"description": summary, "content": {"application/json": {"schema": object}}},
+                "200": {"description": summary, "content": {"application/json": {"schema": schema_ref(answer)}}},
                 "default": error,
             },
         });
-        if method == "post" {
-            item["requestBody"] =
-                json!({"required": true, "content": {"application/json": {"schema": object}}});
+        if let Some(request) = request {
+            item["requestBody"] = json!({
+                "required": true,
+                "content": {"application/json": {"schema": schema_ref(request)}},
+            });
         }
         json!({method: item})
     };
@@ -302,43 +303,69 @@ fn ollama_paths(secured: &Value) -> serde_json::Map<String, Value> {
             "/api/chat".to_owned(),
             generation(
                 "ollamaChat",
-                "Ollama: the assistant's next message (`model`, `messages`, `tools`, `stream`, \
-                 `options`); calls come back in `message.tool_calls`",
+                "Ollama: the assistant's next message; calls of `tools` come back in \
+                 `message.tool_calls`",
+                "OllamaChatRequest",
+                "OllamaChatLine",
             ),
         ),
         (
             "/api/generate".to_owned(),
             generation(
                 "ollamaGenerate",
-                "Ollama: continue a prompt (`model`, `prompt`, `system`, `raw`, `stream`, `options`)",
+                "Ollama: continue a prompt (the user's turn of the chat template, or `raw`)",
+                "OllamaGenerateRequest",
+                "OllamaGenerateLine",
             ),
         ),
         (
             "/api/tags".to_owned(),
-            read("get", "ollamaTags", "Ollama: the models served"),
+            read(
+                "get",
+                "ollamaTags",
+                "Ollama: the models served",
+                None,
+                "OllamaModels",
+            ),
         ),
         (
             "/api/show".to_owned(),
             read(
                 "post",
                 "ollamaShow",
-                "Ollama: one model's details (`model`)",
+                "Ollama: one model's details",
+                Some("OllamaShowRequest"),
+                "OllamaShowResponse",
             ),
         ),
         (
             "/api/ps".to_owned(),
-            read("get", "ollamaPs", "Ollama: the models loaded"),
+            read(
+                "get",
+                "ollamaPs",
+                "Ollama: the models loaded",
+                None,
+                "OllamaModels",
+            ),
         ),
         (
             "/api/version".to_owned(),
-            read("get", "ollamaVersion", "Ollama: this server's version"),
+            read(
+                "get",
+                "ollamaVersion",
+                "Ollama: this server's version",
+                None,
+                "OllamaVersion",
+            ),
         ),
         (
             "/api/embed".to_owned(),
             read(
                 "post",
                 "ollamaEmbed",
-                "Ollama: embeddings of `input` (a string or strings), as `embeddings`",
+                "Ollama: embeddings of `input` (a string or strings)",
+                Some("OllamaEmbedRequest"),
+                "OllamaEmbedResponse",
             ),
         ),
         (
@@ -346,7 +373,9 @@ fn ollama_paths(secured: &Value) -> serde_json::Map<String, Value> {
             read(
                 "post",
                 "ollamaEmbeddings",
-                "Ollama's older form: the embedding of one `prompt`, as `embedding`",
+                "Ollama's older form: the embedding of one `prompt`",
+                Some("OllamaEmbeddingsRequest"),
+                "OllamaEmbeddingsResponse",
             ),
         ),
         (
@@ -492,10 +521,7 @@ fn schemas() -> Value {
                 &["status"],
             ),
         ),
-    ]
-    .into_iter()
-    .chain(cluster_schemas())
-    {
+    ] {
         schemas.insert(name.to_owned(), schema);
     }
     Value::Object(schemas)
@@ -503,152 +529,6 @@ fn schemas() -> Value {
 
 fn object(properties: Value, required: &[&str]) -> Value {
     json!({"type": "object", "properties": properties, "required": required})
-}
-
-fn cluster_schemas() -> Vec<(&'static str, Value)> {
-    let optional_number = json!({"type": ["number", "null"]});
-    vec![
-        (
-            "ClusterView",
-            object(
-                json!({
-                    "nodes": {"type": "array", "items": schema_ref("NodeView")},
-                    "links": {"type": "array", "items": schema_ref("LinkView")},
-                    "plan": {"oneOf": [schema_ref("PlanView"), {"type": "null"}]},
-                    "status": {"type": "string"},
-                    "ready": {"type": "boolean"},
-                    "problems": {"type": "array", "items": schema_ref("PeerProblemView")},
-                }),
-                &["nodes", "links", "plan", "status", "ready"],
-            ),
-        ),
-        (
-            "PeerProblemView",
-            object(
-                json!({
-                    "peer": {"type": ["string", "null"]},
-                    "address": {"type": ["string", "null"]},
-                    "problem": {"type": "string"},
-                }),
-                &["peer", "address", "problem"],
-            ),
-        ),
-        (
-            "NodeState",
-            json!({
-                "type": "string",
-                "enum": ["joining", "loading", "ready", "idle", "waiting", "observer", "gone"],
-                "description": "joining: in the cluster, not yet in the plan; loading: loading its \
-                    layers of the plan; ready: holds them; idle: a worker the plan leaves out; \
-                    waiting: a worker while the cluster has no plan; observer: a gateway; \
-                    gone: left a moment ago",
-            }),
-        ),
-        (
-            "NodeView",
-            object(
-                json!({
-                    "id": {"type": "string"},
-                    "name": {"type": "string"},
-                    "role": {"type": "string"},
-                    "address": {"type": ["string", "null"]},
-                    "memory_bytes": {"type": "integer"},
-                    "offered_memory_bytes": {"type": "integer"},
-                    "flops": {"type": "number"},
-                    "models": {"type": "array", "items": {"type": "string"}},
-                    "is_self": {"type": "boolean"},
-                    "state": schema_ref("NodeState"),
-                    "progress": {
-                        "type": ["number", "null"],
-                        "description": "While loading: the part loaded, 0 to 1",
-                    },
-                    "os": {"type": "string"},
-                    "device": {"type": "string", "description": "A CPU model or a GPU name"},
-                    "cores": {"type": "integer"},
-                    "backend": {"type": "string"},
-                    "used_memory_bytes": {
-                        "type": ["integer", "null"],
-                        "description": "Resident memory of the node's process",
-                    },
-                    "weight_bytes": {"type": ["integer", "null"]},
-                }),
-                &[
-                    "id",
-                    "name",
-                    "role",
-                    "address",
-                    "memory_bytes",
-                    "offered_memory_bytes",
-                    "flops",
-                    "models",
-                    "is_self",
-                ],
-            ),
-        ),
-        (
-            "LinkView",
-            object(
-                json!({
-                    "from": {"type": "string"},
-                    "to": {"type": "string"},
-                    "latency_ms": optional_number,
-                    "bandwidth_bytes_per_s": optional_number,
-                }),
-                &["from", "to", "latency_ms", "bandwidth_bytes_per_s"],
-            ),
-        ),
-        (
-            "PlanView",
-            object(
-                json!({
-                    "epoch": {"type": "string"},
-                    "model": {"type": "string"},
-                    "stages": {"type": "array", "items": schema_ref("StageView")},
-                    "predicted_decode_tokens_per_s": optional_number,
-                    "predicted_time_to_first_token_ms": optional_number,
-                    "explanation": {"type": "array", "items": {"type": "string"}},
-                }),
-                &[
-                    "epoch",
-                    "model",
-                    "stages",
-                    "predicted_decode_tokens_per_s",
-                    "predicted_time_to_first_token_ms",
-                    "explanation",
-                ],
-            ),
-        ),
-        (
-            "StageView",
-            object(
-                json!({
-                    "node": {"type": "string"},
-                    "layers_start": {"type": "integer", "description": "Inclusive"},
-                    "layers_end": {"type": "integer", "description": "Exclusive"},
-                    "embeds": {"type": "boolean"},
-                    "has_head": {"type": "boolean"},
-                    "group": {
-                        "type": "array",
-                        "items": {"type": "string"},
-                        "description": "A tensor-parallel group's nodes, lead first; empty for one node",
-                    },
-                    "step_ms": {
-                        "type": ["number", "null"],
-                        "description": "Mean time per decode step lately (prompt chunks left out)",
-                    },
-                    "tokens_per_s": {
-                        "type": ["number", "null"],
-                        "description": "Positions computed per second lately, prompts included",
-                    },
-                    "requests": {
-                        "type": ["integer", "null"],
-                        "description": "Requests with state on the stage's node",
-                    },
-                }),
-                &["node", "layers_start", "layers_end", "embeds", "has_head"],
-            ),
-        ),
-    ]
 }
 
 #[cfg(test)]

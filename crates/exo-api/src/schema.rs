@@ -744,6 +744,20 @@ pub(crate) fn components() -> Result<Vec<(String, Value)>, String> {
         responses::ResponsesRequest,
         responses::ResponseObject,
         responses::ResponseEvent,
+        ollama::OllamaChatRequest,
+        ollama::OllamaGenerateRequest,
+        ollama::OllamaChatLine,
+        ollama::OllamaGenerateLine,
+        ollama::OllamaModels,
+        ollama::OllamaShowRequest,
+        ollama::OllamaShowResponse,
+        ollama::OllamaVersion,
+        ollama::OllamaEmbedRequest,
+        ollama::OllamaEmbedResponse,
+        ollama::OllamaEmbeddingsRequest,
+        ollama::OllamaEmbeddingsResponse,
+        ollama::OllamaError,
+        crate::cluster::ClusterView,
     );
     let mut schemas = serde_json::Map::new();
     for (name, schema) in derived {
@@ -753,6 +767,7 @@ pub(crate) fn components() -> Result<Vec<(String, Value)>, String> {
     let mut shapes = shapes().to_vec();
     shapes.extend(anthropic::shapes());
     shapes.extend(responses::shapes());
+    shapes.extend(ollama::shapes());
     for other in ["ChunkChoice", "CompletionChoice"] {
         shapes.push((other, "logprobs", logprobs_shape()));
     }
@@ -779,7 +794,8 @@ mod tests {
         let all = shapes()
             .into_iter()
             .chain(anthropic::shapes())
-            .chain(responses::shapes());
+            .chain(responses::shapes())
+            .chain(ollama::shapes());
         for (name, property, shape) in all {
             assert_eq!(
                 schemas[name]["properties"][property], shape,
@@ -1419,5 +1435,332 @@ pub(crate) mod responses {
             param: Option<String>,
             sequence_number: u64,
         },
+    }
+}
+
+/// Ollama's dialect (`/api/*`).
+pub(crate) mod ollama {
+    use super::*;
+
+    fn messages_shape() -> Value {
+        json!({
+            "type": ["array", "null"],
+            "items": {
+                "type": "object",
+                "properties": {
+                    "role": {"enum": ["system", "user", "assistant", "tool"]},
+                    "content": {"type": "string"},
+                    "tool_calls": {"type": "array", "items": {
+                        "type": "object",
+                        "properties": {"function": {
+                            "type": "object",
+                            "properties": {"name": {"type": "string"}, "arguments": {"type": "object"}},
+                            "required": ["name"],
+                        }},
+                        "required": ["function"],
+                    }},
+                    "images": {"type": "array", "maxItems": 0, "description": "Refused"},
+                },
+                "required": ["role"],
+            },
+            "description": "The conversation; none (or none at all) asks for the model to be loaded",
+        })
+    }
+
+    fn format_shape() -> Value {
+        json!({
+            "oneOf": [
+                {"enum": ["json", ""]},
+                {"type": "object", "description": "A JSON schema the answer follows"},
+                {"type": "null"},
+            ],
+            "description": "Enforced by constrained decoding",
+        })
+    }
+
+    fn tools_shape() -> Value {
+        json!({
+            "type": ["array", "null"],
+            "items": {
+                "type": "object",
+                "properties": {
+                    "type": {"enum": ["function"]},
+                    "function": {
+                        "type": "object",
+                        "properties": {
+                            "name": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$"},
+                            "description": {"type": "string"},
+                            "parameters": {"type": "object"},
+                        },
+                        "required": ["name"],
+                    },
+                },
+                "required": ["type", "function"],
+            },
+            "description": "OpenAI's tool shape; the model decides whether to call",
+        })
+    }
+
+    fn input_shape() -> Value {
+        json!({
+            "oneOf": [
+                {"type": "string"},
+                {"type": "array", "items": {"type": "string"}, "minItems": 1},
+            ],
+        })
+    }
+
+    fn stop_shape() -> Value {
+        json!({"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}, {"type": "null"}]})
+    }
+
+    /// The fields whose schemas are written out.
+    pub(crate) fn shapes() -> [(&'static str, &'static str, Value); 9] {
+        [
+            ("OllamaChatRequest", "messages", messages_shape()),
+            ("OllamaChatRequest", "format", format_shape()),
+            ("OllamaChatRequest", "tools", tools_shape()),
+            ("OllamaGenerateRequest", "format", format_shape()),
+            ("OllamaOptions", "stop", stop_shape()),
+            ("OllamaEmbedRequest", "input", input_shape()),
+            ("OllamaEmbeddingsRequest", "prompt", input_shape()),
+            (
+                "OllamaToolCall",
+                "function",
+                json!({
+                    "type": "object",
+                    "properties": {"name": {"type": "string"}, "arguments": {"type": "object"}},
+                    "required": ["name", "arguments"],
+                }),
+            ),
+            (
+                "OllamaShowResponse",
+                "model_info",
+                json!({"type": "object"}),
+            ),
+        ]
+    }
+
+    /// `options`: the sampling settings the engine honours; others (`num_ctx`,
+    /// `repeat_penalty`, ...) are accepted and ignored.
+    #[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
+    pub(crate) struct OllamaOptions {
+        #[schema(minimum = 0, default = 0.8)]
+        pub(crate) temperature: Option<f64>,
+        #[schema(exclusive_minimum = 0, maximum = 1, default = 0.9)]
+        pub(crate) top_p: Option<f64>,
+        #[schema(default = 40)]
+        pub(crate) top_k: Option<u64>,
+        /// -1 (or none): a random seed.
+        #[schema(value_type = Option<i64>)]
+        pub(crate) seed: Option<Value>,
+        /// The most tokens to generate; -1 or -2: as many as fit the context.
+        #[schema(value_type = Option<i64>)]
+        pub(crate) num_predict: Option<Value>,
+        #[schema(value_type = Option<Object>)]
+        pub(crate) stop: Option<Value>,
+    }
+
+    /// `POST /api/chat`.
+    #[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
+    pub(crate) struct OllamaChatRequest {
+        pub(crate) model: String,
+        #[schema(value_type = Option<Object>)]
+        pub(crate) messages: Option<Value>,
+        #[schema(value_type = Option<Object>)]
+        pub(crate) tools: Option<Value>,
+        #[schema(value_type = Option<Object>)]
+        pub(crate) format: Option<Value>,
+        pub(crate) options: Option<OllamaOptions>,
+        /// NDJSON lines unless `false`.
+        #[schema(default = true)]
+        pub(crate) stream: Option<bool>,
+    }
+
+    /// `POST /api/generate`.
+    #[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
+    pub(crate) struct OllamaGenerateRequest {
+        pub(crate) model: String,
+        /// The user's turn of the model's chat template (or, with `raw`, the whole prompt); empty
+        /// asks for the model to be loaded.
+        pub(crate) prompt: Option<String>,
+        pub(crate) system: Option<String>,
+        /// The prompt is written in the model's own format, control tokens included.
+        pub(crate) raw: Option<bool>,
+        #[schema(value_type = Option<Object>)]
+        pub(crate) format: Option<Value>,
+        pub(crate) options: Option<OllamaOptions>,
+        #[schema(default = true)]
+        pub(crate) stream: Option<bool>,
+        /// Refused when not empty.
+        #[schema(value_type = Option<Vec<String>>)]
+        pub(crate) images: Option<Value>,
+        /// Refused when not empty: send the conversation to `/api/chat`.
+        #[schema(value_type = Option<Vec<u64>>)]
+        pub(crate) context: Option<Value>,
+        /// Refused when not empty.
+        pub(crate) suffix: Option<String>,
+        /// Refused when not empty.
+        pub(crate) template: Option<String>,
+    }
+
+    /// `POST /api/show` (`name` is older clients' `model`).
+    #[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
+    pub(crate) struct OllamaShowRequest {
+        pub(crate) model: Option<String>,
+        pub(crate) name: Option<String>,
+    }
+
+    /// `POST /api/embed`.
+    #[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
+    pub(crate) struct OllamaEmbedRequest {
+        pub(crate) model: String,
+        #[schema(value_type = Option<Object>)]
+        pub(crate) input: Option<Value>,
+    }
+
+    /// `POST /api/embeddings`, the older form.
+    #[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
+    pub(crate) struct OllamaEmbeddingsRequest {
+        pub(crate) model: String,
+        #[schema(value_type = Option<Object>)]
+        pub(crate) prompt: Option<Value>,
+    }
+
+    /// A call the answer made.
+    #[derive(Clone, Debug, Serialize, ToSchema)]
+    pub(crate) struct OllamaToolCall {
+        /// `name`, and `arguments` as an object.
+        #[schema(value_type = Object)]
+        pub(crate) function: Value,
+    }
+
+    /// The assistant's message (a piece of it, streamed).
+    #[derive(Clone, Debug, Serialize, ToSchema)]
+    pub(crate) struct OllamaMessage {
+        pub(crate) role: AssistantRole,
+        pub(crate) content: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub(crate) tool_calls: Option<Vec<OllamaToolCall>>,
+    }
+
+    /// What the last line adds: why it ended, counts, and durations in nanoseconds (absent
+    /// from the other lines).
+    #[derive(Clone, Debug, Default, Serialize, ToSchema)]
+    pub(crate) struct OllamaDone {
+        /// `stop`, `length`, or `load` (a request with nothing to generate).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub(crate) done_reason: Option<&'static str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub(crate) total_duration: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub(crate) load_duration: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub(crate) prompt_eval_count: Option<usize>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub(crate) prompt_eval_duration: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub(crate) eval_count: Option<usize>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub(crate) eval_duration: Option<u64>,
+    }
+
+    /// A line of `/api/chat`'s answer (NDJSON), or the whole answer.
+    #[derive(Clone, Debug, Serialize, ToSchema)]
+    pub(crate) struct OllamaChatLine {
+        pub(crate) model: String,
+        /// RFC 3339.
+        pub(crate) created_at: String,
+        pub(crate) message: OllamaMessage,
+        pub(crate) done: bool,
+        #[serde(flatten)]
+        pub(crate) end: OllamaDone,
+    }
+
+    /// A line of `/api/generate`'s answer (NDJSON), or the whole answer.
+    #[derive(Clone, Debug, Serialize, ToSchema)]
+    pub(crate) struct OllamaGenerateLine {
+        pub(crate) model: String,
+        /// RFC 3339.
+        pub(crate) created_at: String,
+        pub(crate) response: String,
+        pub(crate) done: bool,
+        #[serde(flatten)]
+        pub(crate) end: OllamaDone,
+    }
+
+    /// Guessed from the model's id: the API knows no model files.
+    #[derive(Clone, Debug, Serialize, ToSchema)]
+    pub(crate) struct OllamaDetails {
+        pub(crate) parent_model: String,
+        pub(crate) format: String,
+        pub(crate) family: String,
+        pub(crate) families: Vec<String>,
+        pub(crate) parameter_size: String,
+        pub(crate) quantization_level: String,
+    }
+
+    /// A model served.
+    #[derive(Clone, Debug, Serialize, ToSchema)]
+    pub(crate) struct OllamaModel {
+        pub(crate) name: String,
+        pub(crate) model: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub(crate) modified_at: Option<String>,
+        pub(crate) size: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub(crate) size_vram: Option<u64>,
+        pub(crate) digest: String,
+        pub(crate) details: OllamaDetails,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub(crate) context_length: Option<usize>,
+    }
+
+    /// `GET /api/tags` and `GET /api/ps`.
+    #[derive(Clone, Debug, Serialize, ToSchema)]
+    pub(crate) struct OllamaModels {
+        pub(crate) models: Vec<OllamaModel>,
+    }
+
+    /// `POST /api/show`.
+    #[derive(Clone, Debug, Serialize, ToSchema)]
+    pub(crate) struct OllamaShowResponse {
+        pub(crate) modelfile: String,
+        pub(crate) parameters: String,
+        pub(crate) template: String,
+        pub(crate) details: OllamaDetails,
+        #[schema(value_type = Object)]
+        pub(crate) model_info: Value,
+        /// `completion` and `tools`.
+        pub(crate) capabilities: Vec<&'static str>,
+        pub(crate) modified_at: String,
+    }
+
+    /// `GET /api/version`.
+    #[derive(Clone, Debug, Serialize, ToSchema)]
+    pub(crate) struct OllamaVersion {
+        pub(crate) version: &'static str,
+    }
+
+    /// `POST /api/embed`.
+    #[derive(Clone, Debug, Serialize, ToSchema)]
+    pub(crate) struct OllamaEmbedResponse {
+        pub(crate) model: String,
+        pub(crate) embeddings: Vec<Vec<f32>>,
+        pub(crate) total_duration: u64,
+        pub(crate) load_duration: u64,
+        pub(crate) prompt_eval_count: u64,
+    }
+
+    /// `POST /api/embeddings`.
+    #[derive(Clone, Debug, Serialize, ToSchema)]
+    pub(crate) struct OllamaEmbeddingsResponse {
+        pub(crate) embedding: Vec<f32>,
+    }
+
+    /// Ollama's error shape.
+    #[derive(Clone, Debug, Serialize, ToSchema)]
+    pub(crate) struct OllamaError {
+        pub(crate) error: String,
     }
 }

@@ -244,7 +244,8 @@ async fn tags_show_ps_and_version_describe_the_served_models() {
     let show = show.json();
     assert_eq!(show["model_info"]["llama.context_length"], 8192);
     assert_eq!(show["model_info"]["general.architecture"], "llama");
-    assert_eq!(show["capabilities"], json!(["completion"]));
+    // Clients (Open WebUI) offer tools only to models whose capabilities list them.
+    assert_eq!(show["capabilities"], json!(["completion", "tools"]));
     assert_eq!(show["details"]["family"], "llama");
     // Older clients send `name`.
     let by_name = post(&app, "/api/show", json!({"name": "llama-3.2-1b"})).await;

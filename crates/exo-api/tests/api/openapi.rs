@@ -263,6 +263,7 @@ async fn answers_follow_the_documented_schemas() {
         }
     }
     check("ModelList", &get(&app, "/v1/models").await.json());
+    check("ClusterView", &get(&app, "/v1/cluster").await.json());
     check("Model", &get(&app, "/v1/models/llama-3.2-1b").await.json());
     let reply = post(
         &app,
@@ -321,6 +322,47 @@ async fn answers_follow_the_documented_schemas() {
     for data in events {
         check("ResponseEvent", &serde_json::from_str(&data).unwrap());
     }
+    // Ollama's dialect: whole and streamed lines (with a call), the lists, show, version,
+    // embeddings, an error.
+    let ollama = json!({
+        "model": "llama-3.2-1b",
+        "messages": [{"role": "user", "content": "Weather?"}],
+        "tools": weather,
+        "options": {"temperature": 0},
+        "stream": false,
+    });
+    check("OllamaChatRequest", &ollama);
+    check(
+        "OllamaChatLine",
+        &post(&app, "/api/chat", ollama.clone()).await.json(),
+    );
+    let mut streamed = ollama;
+    streamed["stream"] = json!(true);
+    let reply = post(&app, "/api/chat", streamed).await;
+    for line in reply.text().lines() {
+        check("OllamaChatLine", &serde_json::from_str(line).unwrap());
+    }
+    let generate = json!({"model": "llama-3.2-1b", "prompt": "Hi", "stream": true});
+    check("OllamaGenerateRequest", &generate);
+    let reply = post(&app, "/api/generate", generate).await;
+    for line in reply.text().lines() {
+        check("OllamaGenerateLine", &serde_json::from_str(line).unwrap());
+    }
+    let load = json!({"model": "llama-3.2-1b", "prompt": ""});
+    check(
+        "OllamaGenerateLine",
+        &post(&app, "/api/generate", load).await.json(),
+    );
+    check("OllamaModels", &get(&app, "/api/tags").await.json());
+    check("OllamaModels", &get(&app, "/api/ps").await.json());
+    check("OllamaVersion", &get(&app, "/api/version").await.json());
+    let show = json!({"model": "llama-3.2-1b"});
+    check(
+        "OllamaShowResponse",
+        &post(&app, "/api/show", show).await.json(),
+    );
+    let reply = post(&app, "/api/chat", json!({"model": "gpt-9", "messages": []})).await;
+    check("OllamaError", &reply.json());
     // And what the document says a request is, a request is.
     check(
         "ChatCompletionRequest",
