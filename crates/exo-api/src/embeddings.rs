@@ -21,11 +21,8 @@ use crate::request::JsonObject;
 use crate::schema::ollama::{
     OllamaEmbedRequest, OllamaEmbedResponse, OllamaEmbeddingsRequest, OllamaEmbeddingsResponse,
 };
-use crate::schema::{self, Embedding, EmbeddingList, EmbeddingRequest, EmbeddingUsage};
+use crate::schema::{self, Embedding, EmbeddingList, EmbeddingRequest, EmbeddingUsage, MAX_INPUTS};
 use crate::state::AppState;
-
-/// The most inputs one request may hold (OpenAI's limit).
-pub(crate) const MAX_INPUTS: usize = 2048;
 
 /// The fields blamed for an engine's error about an input.
 const PARAMS: Params = Params {

@@ -4,7 +4,9 @@
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use exo_core::{FailureKind, GenerationError};
+use serde::Serialize;
 use serde_json::Value;
+use utoipa::ToSchema;
 
 /// An error response in OpenAI's envelope: `{"error": {"message", "type", "param", "code"}}`.
 ///
@@ -17,6 +19,35 @@ pub(crate) struct ApiError {
     message: String,
     param: Option<String>,
     code: Option<&'static str>,
+}
+
+/// The API's error envelope, OpenAI's.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub(crate) struct ErrorResponse {
+    pub(crate) error: ErrorBody,
+}
+
+/// What went wrong.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub(crate) struct ErrorBody {
+    pub(crate) message: String,
+    /// `invalid_request_error`, `rate_limit_error` or `server_error`.
+    #[serde(rename = "type")]
+    #[schema(pattern = "^(invalid_request_error|rate_limit_error|server_error)$")]
+    pub(crate) kind: String,
+    /// The request field at fault.
+    #[schema(required = true)]
+    pub(crate) param: Option<String>,
+    /// A machine-readable code (`model_not_found`, `context_length_exceeded`, ...).
+    #[schema(required = true)]
+    pub(crate) code: Option<String>,
+}
+
+/// Ollama's error shape.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+#[schema(as = OllamaError)]
+pub(crate) struct OllamaErrorBody {
+    pub(crate) error: String,
 }
 
 const INVALID_REQUEST: &str = "invalid_request_error";
@@ -243,8 +274,8 @@ impl ApiError {
 
     /// The envelope, also sent as an SSE event when a stream fails after its first chunk.
     pub(crate) fn envelope(&self) -> Value {
-        let envelope = crate::schema::ErrorResponse {
-            error: crate::schema::ErrorBody {
+        let envelope = ErrorResponse {
+            error: ErrorBody {
                 message: self.message.clone(),
                 kind: self.kind.to_owned(),
                 param: self.param.clone(),
@@ -285,7 +316,7 @@ impl ApiError {
     /// Ollama's error shape, `{"error": "<message>"}`, with the same status: what the
     /// `/api/*` routes answer, and also a line of their NDJSON streams.
     pub(crate) fn ollama_body(&self) -> Value {
-        let body = crate::schema::ollama::OllamaError {
+        let body = OllamaErrorBody {
             error: self.message.clone(),
         };
         serde_json::to_value(body).unwrap_or_default()

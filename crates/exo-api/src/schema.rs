@@ -18,6 +18,9 @@ use utoipa::ToSchema;
 use crate::error::ApiError;
 use crate::fields::{describe, missing};
 
+/// The most inputs one embeddings request may hold (OpenAI's limit).
+pub(crate) const MAX_INPUTS: usize = 2048;
+
 /// Deserializes a request body (or a part of one) into `T`, with errors in JSON's terms.
 pub(crate) fn read<T: DeserializeOwned>(body: &Map<String, Value>) -> Result<T, ApiError> {
     // serde_json reads a `Value` by reference only as a whole `Value`.
@@ -607,28 +610,6 @@ pub(crate) struct Completion {
     pub(crate) usage: Option<Option<Usage>>,
 }
 
-/// The API's error envelope, OpenAI's.
-#[derive(Clone, Debug, Serialize, ToSchema)]
-pub(crate) struct ErrorResponse {
-    pub(crate) error: ErrorBody,
-}
-
-/// What went wrong.
-#[derive(Clone, Debug, Serialize, ToSchema)]
-pub(crate) struct ErrorBody {
-    pub(crate) message: String,
-    /// `invalid_request_error`, `rate_limit_error` or `server_error`.
-    #[serde(rename = "type")]
-    #[schema(pattern = "^(invalid_request_error|rate_limit_error|server_error)$")]
-    pub(crate) kind: String,
-    /// The request field at fault.
-    #[schema(required = true)]
-    pub(crate) param: Option<String>,
-    /// A machine-readable code (`model_not_found`, `context_length_exceeded`, ...).
-    #[schema(required = true)]
-    pub(crate) code: Option<String>,
-}
-
 /// `POST /v1/embeddings` body.
 #[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
 pub(crate) struct EmbeddingRequest {
@@ -655,7 +636,7 @@ fn embedding_input_shape() -> Value {
                 "type": "array",
                 "items": {"type": "string", "minLength": 1},
                 "minItems": 1,
-                "maxItems": crate::embeddings::MAX_INPUTS,
+                "maxItems": MAX_INPUTS,
             },
         ],
     })
@@ -736,7 +717,7 @@ pub(crate) fn components() -> Result<Vec<(String, Value)>, String> {
         ModelList,
         EmbeddingRequest,
         EmbeddingList,
-        ErrorResponse,
+        crate::error::ErrorResponse,
         anthropic::AnthropicRequest,
         anthropic::AnthropicMessage,
         anthropic::AnthropicEvent,
@@ -756,7 +737,7 @@ pub(crate) fn components() -> Result<Vec<(String, Value)>, String> {
         ollama::OllamaEmbedResponse,
         ollama::OllamaEmbeddingsRequest,
         ollama::OllamaEmbeddingsResponse,
-        ollama::OllamaError,
+        crate::error::OllamaErrorBody,
         crate::cluster::ClusterView,
     );
     let mut schemas = serde_json::Map::new();
@@ -1756,11 +1737,5 @@ pub(crate) mod ollama {
     #[derive(Clone, Debug, Serialize, ToSchema)]
     pub(crate) struct OllamaEmbeddingsResponse {
         pub(crate) embedding: Vec<f32>,
-    }
-
-    /// Ollama's error shape.
-    #[derive(Clone, Debug, Serialize, ToSchema)]
-    pub(crate) struct OllamaError {
-        pub(crate) error: String,
     }
 }
