@@ -270,29 +270,43 @@ impl Checkpoint {
             |id: Option<u32>| id.and_then(|id| tokenizer.token(id)).unwrap_or_default();
         let bos = token_text(self.config.bos_token_id);
         let eos = token_text(self.config.eos_token_ids.first().copied());
-        let source = match &self.source {
-            Source::Gguf(file) => file
-                .get("tokenizer.chat_template")
-                .and_then(Value::as_str)
-                .map(str::to_string),
+        // The default template, and the one for chats with tools when the checkpoint names one.
+        let (source, tool_use) = match &self.source {
+            Source::Gguf(file) => {
+                let named = |key: &str| file.get(key).and_then(Value::as_str).map(str::to_string);
+                (
+                    named("tokenizer.chat_template"),
+                    named("tokenizer.chat_template.tool_use"),
+                )
+            }
             Source::Safetensors(_) => {
                 let tc = self.tokenizer_config()?;
                 match tc.get("chat_template") {
-                    Some(serde_json::Value::String(s)) => Some(s.clone()),
-                    // A list of named templates: use the one called "default".
-                    Some(serde_json::Value::Array(items)) => items
-                        .iter()
-                        .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
-                        .and_then(|t| t.get("template"))
-                        .and_then(|t| t.as_str())
-                        .map(str::to_string),
-                    _ => None,
+                    Some(serde_json::Value::String(s)) => (Some(s.clone()), None),
+                    // A list of named templates: "default", and "tool_use" for chats with tools.
+                    Some(serde_json::Value::Array(items)) => {
+                        let named = |name: &str| {
+                            items
+                                .iter()
+                                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some(name))
+                                .and_then(|t| t.get("template"))
+                                .and_then(|t| t.as_str())
+                                .map(str::to_string)
+                        };
+                        (named("default"), named("tool_use"))
+                    }
+                    _ => (None, None),
                 }
             }
         };
-        source
-            .map(|s| ChatTemplate::new(&s, &bos, &eos))
-            .transpose()
+        let Some(source) = source else {
+            return Ok(None);
+        };
+        let template = ChatTemplate::new(&source, &bos, &eos)?;
+        match tool_use {
+            Some(tool_use) => template.with_tool_use(&tool_use).map(Some),
+            None => Ok(Some(template)),
+        }
     }
 
     fn tokenizer_config(&self) -> Result<serde_json::Value> {

@@ -39,5 +39,5 @@ pub use quant::{
     DType, dequantize, quantize_q4_0, quantize_q4_1, quantize_q4_k, quantize_q5_k, quantize_q6_k,
     quantize_q8_0,
 };
-pub use template::{ChatMessage, ChatTemplate, encode_chat, render_prompt};
+pub use template::{ChatMessage, ChatTemplate, ToolSpec, ToolSyntax, encode_chat, render_prompt};
 pub use tokenizer::{TextStream, Tokenizer};

@@ -26,9 +26,13 @@ pub struct ChatTemplate {
     warned: AtomicBool,
     /// How the template teaches the model to call tools; `None` when it takes no tools.
     tool_syntax: Option<ToolSyntax>,
+    /// The checkpoint has a template of its own for chats with tools (Hugging Face's named
+    /// `tool_use` template), used whenever a chat offers tools.
+    tool_use: bool,
 }
 
 const NAME: &str = "chat";
+const TOOL_USE: &str = "tool_use";
 
 impl ChatTemplate {
     /// Compiles `source`; `bos_token` and `eos_token` are exposed to it as variables.
@@ -65,7 +69,20 @@ impl ChatTemplate {
             eos_token: eos_token.to_string(),
             warned: AtomicBool::new(false),
             tool_syntax: tool_syntax(source),
+            tool_use: false,
         })
+    }
+
+    /// Adds the checkpoint's template for chats with tools (Hugging Face's named `tool_use`
+    /// template, llama.cpp's `tokenizer.chat_template.tool_use`): chats that offer tools are
+    /// rendered with it, as `apply_chat_template` does.
+    pub fn with_tool_use(mut self, source: &str) -> Result<Self> {
+        self.env
+            .add_template_owned(TOOL_USE, source.to_string())
+            .map_err(|e| Error::Template(format!("parsing the tool_use template: {e}")))?;
+        self.tool_syntax = tool_syntax(source).or(self.tool_syntax);
+        self.tool_use = true;
+        Ok(self)
     }
 
     /// How this template teaches the model to call tools, read from its text; `None` when it
@@ -108,9 +125,13 @@ impl ChatTemplate {
                 ));
             }
         };
+        let name = match self.tool_use && !tools.is_empty() {
+            true => TOOL_USE,
+            false => NAME,
+        };
         let template = self
             .env
-            .get_template(NAME)
+            .get_template(name)
             .map_err(|e| Error::Template(e.to_string()))?;
         let tools = (!tools.is_empty()).then(|| tools_value(tools, marks));
         template
@@ -931,6 +952,24 @@ Answer a call as {"name": function name, "parameters": its arguments}.
         assert!(
             call.is_some_and(|c| c.chars().all(|c| c.is_ascii_alphanumeric())),
             "{text}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn a_tool_use_template_renders_the_chats_with_tools() -> Result<()> {
+        let template = ChatTemplate::new(CHATML, "<s>", "</s>")?.with_tool_use(HERMES_TOOLS)?;
+        assert_eq!(template.tool_syntax(), Some(ToolSyntax::Hermes));
+        let chat = [ChatMessage::new("user", "hi")];
+        let plain = template.render_chat(&chat, &[], true)?;
+        assert_eq!(
+            plain,
+            ChatTemplate::new(CHATML, "<s>", "</s>")?.render(&chat, true)?
+        );
+        let with_tools = template.render_chat(&chat, &[weather_tool("w")], true)?;
+        assert!(
+            with_tools.contains("Functions you may call"),
+            "{with_tools}"
         );
         Ok(())
     }
