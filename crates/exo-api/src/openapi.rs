@@ -499,36 +499,14 @@ fn error_responses() -> Value {
 
 fn schemas() -> Value {
     let mut schemas = serde_json::Map::new();
-    // The OpenAI routes' bodies, derived from the types the handlers read and write.
+    // Every route's bodies, derived from the types the handlers read and write.
     match crate::schema::components() {
         Ok(derived) => schemas.extend(derived),
         // Tests catch this (a written shape naming a field that is gone); a server still
-        // describes its other routes.
-        Err(e) => tracing::error!("the OpenAPI document lacks the OpenAI bodies: {e}"),
-    }
-    for (name, schema) in [
-        (
-            "Health",
-            object(json!({"status": {"const": "ok"}}), &["status"]),
-        ),
-        (
-            "Readiness",
-            object(
-                json!({
-                    "status": {"enum": ["ready", "not_ready"]},
-                    "reason": {"type": "string"},
-                }),
-                &["status"],
-            ),
-        ),
-    ] {
-        schemas.insert(name.to_owned(), schema);
+        // describes its paths.
+        Err(e) => tracing::error!("the OpenAPI document lacks the bodies' schemas: {e}"),
     }
     Value::Object(schemas)
-}
-
-fn object(properties: Value, required: &[&str]) -> Value {
-    json!({"type": "object", "properties": properties, "required": required})
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde_json::{Value, json};
+use serde_json::Value;
 use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 
 use crate::anthropic;
@@ -258,21 +258,30 @@ async fn cluster_events(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-async fn healthz() -> Json<Value> {
-    Json(json!({"status": "ok"}))
+async fn healthz() -> Json<schema::HealthBody> {
+    Json(schema::HealthBody { status: "ok" })
 }
 
 /// 200 once the engine can serve, 503 with the reason until then (`GET /healthz` only says
 /// the API answers).
 async fn readyz(State(state): State<AppState>) -> Response {
-    match state.engine.readiness() {
-        Readiness::Ready => Json(json!({"status": "ready"})).into_response(),
+    let (status, body) = match state.engine.readiness() {
+        Readiness::Ready => (
+            axum::http::StatusCode::OK,
+            schema::ReadinessBody {
+                status: schema::ReadinessStatus::Ready,
+                reason: None,
+            },
+        ),
         Readiness::NotReady(reason) => (
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "not_ready", "reason": reason})),
-        )
-            .into_response(),
-    }
+            schema::ReadinessBody {
+                status: schema::ReadinessStatus::NotReady,
+                reason: Some(reason),
+            },
+        ),
+    };
+    (status, Json(body)).into_response()
 }
 
 async fn openapi() -> Json<Value> {

@@ -694,6 +694,31 @@ fn shapes() -> [(&'static str, &'static str, Value); 11] {
     ]
 }
 
+/// `GET /healthz`: the API answers.
+#[derive(Clone, Copy, Debug, Serialize, ToSchema)]
+#[schema(as = Health)]
+pub(crate) struct HealthBody {
+    #[schema(pattern = "^ok$")]
+    pub(crate) status: &'static str,
+}
+
+/// Whether the engine can serve now.
+#[derive(Clone, Copy, Debug, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum ReadinessStatus {
+    Ready,
+    NotReady,
+}
+
+/// `GET /readyz`: 200 and `ready`, or 503, `not_ready` and why.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+#[schema(as = Readiness)]
+pub(crate) struct ReadinessBody {
+    pub(crate) status: ReadinessStatus,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) reason: Option<String>,
+}
+
 /// The schemas the typed bodies derive, with those they refer to, by name, as JSON: the
 /// fields that take several shapes get their written schemas (and the logprobs of every
 /// choice the same).
@@ -739,6 +764,8 @@ pub(crate) fn components() -> Result<Vec<(String, Value)>, String> {
         ollama::OllamaEmbeddingsResponse,
         crate::error::OllamaErrorBody,
         crate::cluster::ClusterView,
+        HealthBody,
+        ReadinessBody,
     );
     let mut schemas = serde_json::Map::new();
     for (name, schema) in derived {

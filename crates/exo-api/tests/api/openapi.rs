@@ -264,6 +264,8 @@ async fn answers_follow_the_documented_schemas() {
     }
     check("ModelList", &get(&app, "/v1/models").await.json());
     check("ClusterView", &get(&app, "/v1/cluster").await.json());
+    check("Health", &get(&app, "/healthz").await.json());
+    check("Readiness", &get(&app, "/readyz").await.json());
     check("Model", &get(&app, "/v1/models/llama-3.2-1b").await.json());
     let reply = post(
         &app,
