@@ -23,15 +23,17 @@ pub(crate) const MAX_INPUTS: usize = 2048;
 
 /// Deserializes a request body (or a part of one) into `T`, with errors in JSON's terms.
 pub(crate) fn read<T: DeserializeOwned>(body: &Map<String, Value>) -> Result<T, ApiError> {
-    // serde_json reads a `Value` by reference only as a whole `Value`.
-    let value = Value::Object(body.clone());
-    serde_path_to_error::deserialize(&value).map_err(|error| rewrite(&error, &value))
+    serde_path_to_error::deserialize(body).map_err(|error| rewrite(&error, body))
 }
 
 /// serde's error at a path, in the words the API uses: what the field must be and what it is.
-fn rewrite(error: &serde_path_to_error::Error<serde_json::Error>, body: &Value) -> ApiError {
+fn rewrite(
+    error: &serde_path_to_error::Error<serde_json::Error>,
+    body: &Map<String, Value>,
+) -> ApiError {
     let mut path = String::new();
-    let mut at = Some(body);
+    // The value at the path so far; `None` at the body itself (or past a missing field).
+    let mut at: Option<&Value> = None;
     for segment in error.path().iter() {
         match segment {
             serde_path_to_error::Segment::Seq { index } => {
@@ -39,11 +41,14 @@ fn rewrite(error: &serde_path_to_error::Error<serde_json::Error>, body: &Value) 
                 at = at.and_then(|v| v.get(*index));
             }
             serde_path_to_error::Segment::Map { key } => {
+                at = match path.is_empty() {
+                    true => body.get(key),
+                    false => at.and_then(|v| v.get(key)),
+                };
                 if !path.is_empty() {
                     path.push('.');
                 }
                 path.push_str(key);
-                at = at.and_then(|v| v.get(key));
             }
             serde_path_to_error::Segment::Enum { .. } | serde_path_to_error::Segment::Unknown => {}
         }
