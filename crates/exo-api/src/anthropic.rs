@@ -19,7 +19,7 @@ use serde_json::{Map, Value, json};
 use exo_core::{ChatMessage, FinishReason, GenerationRequest, Penalties, Prompt, SamplingParams};
 
 use crate::error::ApiError;
-use crate::fields::{Fields, describe, missing};
+use crate::fields::{describe, missing};
 use crate::generate::{Params, Running, Step, counts};
 use crate::middleware::RequestLog;
 use crate::request::JsonObject;
@@ -375,61 +375,54 @@ fn message(i: usize, item: &AnthropicMessageIn) -> Result<Vec<ChatMessage>, ApiE
 /// Anthropic's `tools` and `tool_choice`, read through the OpenAI shapes the tools module
 /// knows.
 fn tool_use(tools: Option<&Value>, choice: Option<&Value>) -> Result<Option<ToolUse>, ApiError> {
-    let mut openai = Map::new();
     let tools = match tools {
         None => None,
-        Some(Value::Array(tools)) => Some(tools),
-        Some(other) => {
+        Some(Value::Array(tools)) => {
+            let mut functions = Vec::with_capacity(tools.len());
+            for (i, tool) in tools.iter().enumerate() {
+                if let Some(kind) = tool.get("type").and_then(Value::as_str)
+                    && kind != "custom"
+                {
+                    return Err(ApiError::invalid_param(
+                        format!("tools[{i}].type"),
+                        format!(
+                            "server tools ('{kind}') are not supported; define the tool with name and input_schema"
+                        ),
+                    ));
+                }
+                let mut function = Map::new();
+                for (from, to) in [
+                    ("name", "name"),
+                    ("description", "description"),
+                    ("input_schema", "parameters"),
+                ] {
+                    if let Some(v) = tool.get(from) {
+                        function.insert(to.to_owned(), v.clone());
+                    }
+                }
+                functions.push(json!({"type": "function", "function": function}));
+            }
+            Some(Value::Array(functions))
+        }
+        // The tools module says what is wrong with it.
+        Some(other) => Some(other.clone()),
+    };
+    let choice = match choice.map(|c| c.get("type").and_then(Value::as_str)) {
+        None => None,
+        Some(Some("auto")) => Some(json!("auto")),
+        Some(Some("any")) => Some(json!("required")),
+        Some(Some("none")) => Some(json!("none")),
+        Some(Some("tool")) => Some(
+            json!({"type": "function", "function": {"name": choice.and_then(|c| c.get("name"))}}),
+        ),
+        Some(_) => {
             return Err(ApiError::invalid_param(
-                "tools",
-                format!("'tools' must be an array, got {}", describe(other)),
+                "tool_choice",
+                "'tool_choice.type' must be auto, any, tool or none",
             ));
         }
     };
-    if let Some(tools) = tools {
-        let mut functions = Vec::with_capacity(tools.len());
-        for (i, tool) in tools.iter().enumerate() {
-            if let Some(kind) = tool.get("type").and_then(Value::as_str)
-                && kind != "custom"
-            {
-                return Err(ApiError::invalid_param(
-                    format!("tools[{i}].type"),
-                    format!(
-                        "server tools ('{kind}') are not supported; define the tool with name and input_schema"
-                    ),
-                ));
-            }
-            let mut function = Map::new();
-            for (from, to) in [
-                ("name", "name"),
-                ("description", "description"),
-                ("input_schema", "parameters"),
-            ] {
-                if let Some(v) = tool.get(from) {
-                    function.insert(to.to_owned(), v.clone());
-                }
-            }
-            functions.push(json!({"type": "function", "function": function}));
-        }
-        openai.insert("tools".into(), Value::Array(functions));
-    }
-    if let Some(choice) = choice {
-        let kind = choice.get("type").and_then(Value::as_str);
-        let mapped = match kind {
-            Some("auto") => json!("auto"),
-            Some("any") => json!("required"),
-            Some("none") => json!("none"),
-            Some("tool") => json!({"type": "function", "function": {"name": choice.get("name")}}),
-            _ => {
-                return Err(ApiError::invalid_param(
-                    "tool_choice",
-                    "'tool_choice.type' must be auto, any, tool or none",
-                ));
-            }
-        };
-        openai.insert("tool_choice".into(), mapped);
-    }
-    tools::parse(&Fields(&openai))
+    tools::parse(tools.as_ref(), choice.as_ref())
 }
 
 /// What every part of one answer shares.

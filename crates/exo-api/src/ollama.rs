@@ -26,10 +26,10 @@ use exo_core::{
 
 use crate::engine::ModelCard;
 use crate::error::ApiError;
-use crate::fields::{Fields, describe, missing};
+use crate::fields::{describe, missing};
 use crate::generate::{Params, Running, Step, counts};
 use crate::middleware::RequestLog;
-use crate::request::{JsonObject, messages_value};
+use crate::request::{JsonObject, body_messages};
 use crate::schema::ollama::{
     OllamaChatLine, OllamaChatRequest, OllamaDetails, OllamaDone, OllamaGenerateLine,
     OllamaGenerateRequest, OllamaMessage, OllamaModel, OllamaModels, OllamaOptions,
@@ -74,18 +74,11 @@ pub(crate) async fn chat(
     let JsonObject(body) = body?;
     let typed: OllamaChatRequest = schema::read(&body)?;
     let model = typed.model;
-    let Some(mut parsed) = parse_chat(typed.messages.as_ref())? else {
+    let Some(mut parsed) = parse_chat(&body)? else {
         return load(&state, Dialect::Chat, &model);
     };
     // Ollama's `tools` are OpenAI's; it has no `tool_choice` (the model decides).
-    let mut tools = match typed.tools {
-        Some(tools) => {
-            let mut openai = Map::new();
-            openai.insert("tools".to_owned(), tools);
-            tools::parse(&Fields(&openai))?
-        }
-        None => None,
-    };
+    let mut tools = tools::parse(typed.tools.as_ref(), None)?;
     let resolved = resolve(&state, &model);
     let specs = tools::lower(
         state.tool_syntax(Some(&resolved)),
@@ -259,8 +252,8 @@ impl Dialect {
 }
 
 /// The messages of a chat request, or `None` for none at all (Ollama's "load the model").
-fn parse_chat(messages: Option<&Value>) -> Result<Option<Vec<ChatMessage>>, ApiError> {
-    let Some(value) = messages else {
+fn parse_chat(body: &Map<String, Value>) -> Result<Option<Vec<ChatMessage>>, ApiError> {
+    let Some(value) = body.get("messages").filter(|v| !v.is_null()) else {
         return Ok(None);
     };
     if value.as_array().is_some_and(Vec::is_empty) {
@@ -280,7 +273,7 @@ fn parse_chat(messages: Option<&Value>) -> Result<Option<Vec<ChatMessage>>, ApiE
             }
         }
     }
-    messages_value(value).map(Some)
+    body_messages(body).map(Some)
 }
 
 /// `format`: `"json"` for any JSON object, or a JSON schema the answer must follow.

@@ -11,7 +11,7 @@ use axum::http::{StatusCode, header};
 use serde_json::{Map, Value};
 
 use crate::error::ApiError;
-use crate::fields::{Fields, describe, missing};
+use crate::fields::{describe, missing};
 use crate::schema::{self, ChatCompletionRequest, CompletionRequest, MessageIn, Sampling};
 use crate::state::AppState;
 use crate::tools::{self, ToolUse};
@@ -135,19 +135,8 @@ pub(crate) fn chat(
         (true, top) => Some(top_logprobs("top_logprobs", top.unwrap_or(0), 20)?),
     };
     // Tools and formats take several shapes: the tools module reads them.
-    let mut shaped = Map::new();
-    for (name, value) in [
-        ("tools", chat.tools),
-        ("tool_choice", chat.tool_choice),
-        ("response_format", chat.response_format),
-    ] {
-        if let Some(value) = value {
-            shaped.insert(name.to_owned(), value);
-        }
-    }
-    let shaped = Fields(&shaped);
-    let mut tools = tools::parse(&shaped)?;
-    let format = tools::response_format(&shaped)?;
+    let mut tools = tools::parse(chat.tools.as_ref(), chat.tool_choice.as_ref())?;
+    let format = tools::response_format(chat.response_format.as_ref())?;
     let specs = tools::lower(native, &mut messages, tools.as_mut());
     // OpenAI's newer name wins when both are given.
     let max_tokens = match chat.max_completion_tokens {
@@ -297,9 +286,9 @@ fn top_logprobs(param: &str, n: u64, max: u64) -> Result<u32, ApiError> {
     Ok(n as u32)
 }
 
-/// The fields both endpoints share: sampling, limits, streaming and the unsupported extras;
-/// `max_tokens` is the limit asked for and the field that asked.
-fn common(
+/// The fields both endpoints (and the Responses dialect) share: sampling, limits, streaming
+/// and the unsupported extras; `max_tokens` is the limit asked for and the field that asked.
+pub(crate) fn common(
     sampling: Sampling,
     max_tokens: Option<(&'static str, u64)>,
     prompt: Prompt,
@@ -453,15 +442,13 @@ fn penalties(sampling: &Sampling) -> Result<Penalties, ApiError> {
     Ok(penalties)
 }
 
-/// A chat's messages from their JSON (Ollama's `messages`), read as chat completions reads them.
-pub(crate) fn messages_value(value: &Value) -> Result<Vec<Message>, ApiError> {
+/// The `messages` of a body in another dialect (Ollama's), read as chat completions reads them.
+pub(crate) fn body_messages(body: &Map<String, Value>) -> Result<Vec<Message>, ApiError> {
     #[derive(serde::Deserialize)]
     struct Messages {
         messages: Vec<MessageIn>,
     }
-    let mut body = Map::new();
-    body.insert("messages".to_owned(), value.clone());
-    messages(&schema::read::<Messages>(&body)?.messages)
+    messages(&schema::read::<Messages>(body)?.messages)
 }
 
 fn messages(items: &[MessageIn]) -> Result<Vec<Message>, ApiError> {

@@ -19,7 +19,7 @@ use serde_json::{Map, Value, json};
 use exo_core::{ChatMessage, FinishReason, Finished, GenerationRequest, Prompt};
 
 use crate::error::ApiError;
-use crate::fields::{Fields, describe, missing};
+use crate::fields::{describe, missing};
 use crate::generate::{Params, Running, Step, counts};
 use crate::middleware::RequestLog;
 use crate::request::{self, JsonObject};
@@ -27,7 +27,7 @@ use crate::schema::responses::{
     Echo, IncompleteDetails, OutputItem, OutputText, ResponseEvent, ResponseObject, ResponseStatus,
     ResponseUsage, ResponsesRequest,
 };
-use crate::schema::{self};
+use crate::schema::{self, Sampling};
 use crate::state::AppState;
 use crate::tools::{self, Call, Held, ToolUse};
 
@@ -38,7 +38,6 @@ pub(crate) async fn create(
     JsonObject(body): JsonObject,
 ) -> Result<Response, ApiError> {
     let typed: ResponsesRequest = schema::read(&body)?;
-    let fields = Fields(&body);
     if typed.previous_response_id.is_some() {
         return Err(ApiError::invalid_param(
             "previous_response_id",
@@ -83,29 +82,28 @@ pub(crate) async fn create(
     if turns.iter().all(|t| t.role == "system") {
         return Err(ApiError::invalid_param("input", "'input' holds no message"));
     }
-    let mut tools = tool_use(&fields)?;
+    let mut tools = tool_use(typed.tools.as_ref(), typed.tool_choice.as_ref())?;
     let native = state.tool_syntax(Some(&model));
     let specs = tools::lower(native, &mut turns, tools.as_mut());
-    // Everything chat completions reads the same way: sampling, stop, seed, penalties.
-    let mut common = Map::new();
-    for name in ["temperature", "top_p", "seed", "stream"] {
-        if let Some(v) = body.get(name) {
-            common.insert(name.to_owned(), v.clone());
-        }
-    }
-    if let Some(max) = body.get("max_output_tokens") {
-        common.insert("max_tokens".to_owned(), max.clone());
-    }
-    common.insert("model".to_owned(), Value::String(model.clone()));
-    common.insert(
-        "messages".to_owned(),
-        json!([{"role": "user", "content": "-"}]),
-    );
-    let mut parsed = request::chat(&common, state.config.default_max_tokens, None)
-        .map_err(|e| e.renamed("max_tokens", "max_output_tokens"))?;
-    parsed.request.prompt = Prompt::Chat(turns);
+    let echo = echoed(&body);
+    // Sampling, limits and streaming, checked as chat completions checks them.
+    let sampling = Sampling {
+        model: model.clone(),
+        stream: typed.stream,
+        temperature: typed.temperature,
+        top_p: typed.top_p,
+        seed: typed.seed,
+        ..Sampling::default()
+    };
+    let max_tokens = typed.max_output_tokens.map(|n| ("max_output_tokens", n));
+    let mut parsed = request::common(
+        sampling,
+        max_tokens,
+        Prompt::Chat(turns),
+        state.config.default_max_tokens,
+    )?;
     parsed.request.tools = specs;
-    let format = text_format(&fields)?;
+    let format = text_format(typed.text.as_ref())?;
     let (constraint, param) = match tools.as_ref().and_then(ToolUse::constraint) {
         Some(call) => (Some(call), "tool_choice"),
         None => (format, "text.format"),
@@ -124,7 +122,7 @@ pub(crate) async fn create(
             .map_or(0, |d| d.as_secs()),
         model,
         tools,
-        echo: echoed(&body),
+        echo,
     };
     if !parsed.stream {
         let (text, finished) = running.whole().await?;
@@ -244,51 +242,51 @@ fn input_item(i: usize, item: &Value) -> Result<ChatMessage, ApiError> {
 }
 
 /// The Responses API's flat function tools, read through chat's shapes.
-fn tool_use(fields: &Fields<'_>) -> Result<Option<ToolUse>, ApiError> {
-    let mut chat = Map::new();
-    if let Some(tools) = fields.array("tools")? {
-        let mut functions = Vec::with_capacity(tools.len());
-        for (i, tool) in tools.iter().enumerate() {
-            match tool.get("type").and_then(Value::as_str) {
-                Some("function") => {}
-                other => {
-                    return Err(ApiError::invalid_param(
-                        format!("tools[{i}].type"),
-                        format!(
-                            "tools of type '{}' are not supported; function tools are",
-                            other.unwrap_or("?")
-                        ),
-                    ));
+fn tool_use(tools: Option<&Value>, choice: Option<&Value>) -> Result<Option<ToolUse>, ApiError> {
+    let tools = match tools {
+        None => None,
+        Some(Value::Array(tools)) => {
+            let mut functions = Vec::with_capacity(tools.len());
+            for (i, tool) in tools.iter().enumerate() {
+                match tool.get("type").and_then(Value::as_str) {
+                    Some("function") => {}
+                    other => {
+                        return Err(ApiError::invalid_param(
+                            format!("tools[{i}].type"),
+                            format!(
+                                "tools of type '{}' are not supported; function tools are",
+                                other.unwrap_or("?")
+                            ),
+                        ));
+                    }
                 }
-            }
-            let mut function = Map::new();
-            for name in ["name", "description", "parameters"] {
-                if let Some(v) = tool.get(name).filter(|v| !v.is_null()) {
-                    function.insert(name.to_owned(), v.clone());
+                let mut function = Map::new();
+                for name in ["name", "description", "parameters"] {
+                    if let Some(v) = tool.get(name).filter(|v| !v.is_null()) {
+                        function.insert(name.to_owned(), v.clone());
+                    }
                 }
+                functions.push(json!({"type": "function", "function": function}));
             }
-            functions.push(json!({"type": "function", "function": function}));
+            Some(Value::Array(functions))
         }
-        chat.insert("tools".into(), Value::Array(functions));
-    }
-    if let Some(choice) = fields.get("tool_choice") {
-        let mapped = match choice {
-            Value::Object(o) if o.get("type").and_then(Value::as_str) == Some("function") => {
-                json!({"type": "function", "function": {"name": o.get("name")}})
-            }
-            other => other.clone(),
-        };
-        chat.insert("tool_choice".into(), mapped);
-    }
-    tools::parse(&Fields(&chat))
+        // The tools module says what is wrong with it.
+        Some(other) => Some(other.clone()),
+    };
+    let choice = choice.map(|choice| match choice {
+        Value::Object(o) if o.get("type").and_then(Value::as_str) == Some("function") => {
+            json!({"type": "function", "function": {"name": o.get("name")}})
+        }
+        other => other.clone(),
+    });
+    tools::parse(tools.as_ref(), choice.as_ref())
 }
 
 /// `text.format`: the Responses API's `response_format`, with the schema beside its name.
-fn text_format(fields: &Fields<'_>) -> Result<Option<exo_core::OutputConstraint>, ApiError> {
-    let Some(format) = fields.get("text").and_then(|t| t.get("format")) else {
+fn text_format(text: Option<&Value>) -> Result<Option<exo_core::OutputConstraint>, ApiError> {
+    let Some(format) = text.and_then(|t| t.get("format")) else {
         return Ok(None);
     };
-    let mut chat = Map::new();
     let converted = match format.get("type").and_then(Value::as_str) {
         Some("json_schema") => json!({"type": "json_schema", "json_schema": {
             "name": format.get("name"),
@@ -297,8 +295,8 @@ fn text_format(fields: &Fields<'_>) -> Result<Option<exo_core::OutputConstraint>
         }}),
         _ => format.clone(),
     };
-    chat.insert("response_format".into(), converted);
-    tools::response_format(&Fields(&chat)).map_err(|e| e.renamed("response_format", "text.format"))
+    tools::response_format(Some(&converted))
+        .map_err(|e| e.renamed("response_format", "text.format"))
 }
 
 /// The request's settings a response echoes.

@@ -115,7 +115,7 @@ fn logit_bias_shape() -> Value {
 }
 
 /// The fields chat and text completions share: sampling, limits, streaming.
-#[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 pub(crate) struct Sampling {
     /// A model id from `GET /v1/models`.
     pub(crate) model: String,
@@ -147,11 +147,13 @@ pub(crate) struct Sampling {
     #[schema(value_type = Option<Object>)]
     pub(crate) logit_bias: Option<Value>,
     /// Accepted and ignored.
+    // Read only to check its type (and to document it); nothing uses it.
+    #[allow(dead_code)]
     pub(crate) user: Option<String>,
 }
 
 /// `stream_options`.
-#[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 pub(crate) struct StreamOptions {
     /// A last chunk with empty choices carries the usage.
     pub(crate) include_usage: Option<bool>,
@@ -299,7 +301,7 @@ fn history_calls_shape() -> Value {
 }
 
 /// The fields only chat completions read.
-#[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 pub(crate) struct ChatFields {
     #[schema(min_items = 1)]
     pub(crate) messages: Vec<MessageIn>,
@@ -322,7 +324,7 @@ pub(crate) struct ChatFields {
 }
 
 /// One message of a chat.
-#[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[schema(as = ChatMessage)]
 pub(crate) struct MessageIn {
     /// `system`, `developer` (taken as `system`), `user`, `assistant` or `tool`.
@@ -331,6 +333,8 @@ pub(crate) struct MessageIn {
     #[schema(value_type = Option<Object>)]
     pub(crate) content: Option<Value>,
     /// Accepted and ignored.
+    // Read only to check its type (and to document it); nothing uses it.
+    #[allow(dead_code)]
     pub(crate) name: Option<String>,
     #[schema(value_type = Option<Object>)]
     pub(crate) tool_calls: Option<Value>,
@@ -339,7 +343,7 @@ pub(crate) struct MessageIn {
 }
 
 /// A `POST /v1/chat/completions` body.
-#[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 pub(crate) struct ChatCompletionRequest {
     #[serde(flatten)]
     pub(crate) sampling: Sampling,
@@ -359,7 +363,7 @@ impl ChatCompletionRequest {
 }
 
 /// The fields only text completions read.
-#[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 pub(crate) struct CompletionFields {
     #[schema(value_type = Option<Object>)]
     pub(crate) prompt: Option<Value>,
@@ -382,7 +386,7 @@ pub(crate) struct CompletionFields {
 }
 
 /// A `POST /v1/completions` body.
-#[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 pub(crate) struct CompletionRequest {
     #[serde(flatten)]
     pub(crate) sampling: Sampling,
@@ -616,7 +620,7 @@ pub(crate) struct Completion {
 }
 
 /// `POST /v1/embeddings` body.
-#[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 pub(crate) struct EmbeddingRequest {
     /// A model id from `GET /v1/models`.
     pub(crate) model: String,
@@ -630,6 +634,8 @@ pub(crate) struct EmbeddingRequest {
     /// Only the model's own width: embeddings are not shortened.
     pub(crate) dimensions: Option<u64>,
     /// Accepted and ignored.
+    // Read only to check its type (and to document it); nothing uses it.
+    #[allow(dead_code)]
     pub(crate) user: Option<String>,
 }
 
@@ -930,7 +936,7 @@ pub(crate) mod anthropic {
     }
 
     /// A `POST /v1/messages` body.
-    #[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
+    #[derive(Debug, Default, Deserialize, ToSchema)]
     pub(crate) struct AnthropicRequest {
         /// A model id from `GET /v1/models`.
         pub(crate) model: String,
@@ -958,7 +964,7 @@ pub(crate) mod anthropic {
     }
 
     /// One message of the conversation.
-    #[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
+    #[derive(Debug, Default, Deserialize, ToSchema)]
     pub(crate) struct AnthropicMessageIn {
         /// `user` or `assistant`.
         #[schema(pattern = "^(user|assistant)$")]
@@ -1216,7 +1222,7 @@ pub(crate) mod responses {
     }
 
     /// A `POST /v1/responses` body.
-    #[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
+    #[derive(Debug, Default, Deserialize, ToSchema)]
     pub(crate) struct ResponsesRequest {
         /// A model id from `GET /v1/models`.
         pub(crate) model: String,
@@ -1244,9 +1250,12 @@ pub(crate) mod responses {
         /// Refused: nothing is stored, so send the whole conversation in `input`.
         pub(crate) previous_response_id: Option<String>,
         /// Echoed.
+        // Type-checked here; the response echoes the body's own value.
+        #[allow(dead_code)]
         pub(crate) parallel_tool_calls: Option<bool>,
         /// Echoed.
         #[schema(value_type = Option<Object>)]
+        #[allow(dead_code)]
         pub(crate) metadata: Option<Value>,
     }
 
@@ -1556,7 +1565,7 @@ pub(crate) mod ollama {
 
     /// `options`: the sampling settings the engine honours; others (`num_ctx`,
     /// `repeat_penalty`, ...) are accepted and ignored.
-    #[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
+    #[derive(Debug, Default, Deserialize, ToSchema)]
     pub(crate) struct OllamaOptions {
         #[schema(minimum = 0, default = 0.8)]
         pub(crate) temperature: Option<f64>,
@@ -1575,11 +1584,14 @@ pub(crate) mod ollama {
     }
 
     /// `POST /api/chat`.
-    #[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
+    #[derive(Debug, Default, Deserialize, ToSchema)]
     pub(crate) struct OllamaChatRequest {
         pub(crate) model: String,
+        /// Read from the body as chat completions' messages (`request::body_messages`), so
+        /// only skipped here.
         #[schema(value_type = Option<Object>)]
-        pub(crate) messages: Option<Value>,
+        #[allow(dead_code)]
+        pub(crate) messages: Option<serde::de::IgnoredAny>,
         #[schema(value_type = Option<Object>)]
         pub(crate) tools: Option<Value>,
         #[schema(value_type = Option<Object>)]
@@ -1591,7 +1603,7 @@ pub(crate) mod ollama {
     }
 
     /// `POST /api/generate`.
-    #[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
+    #[derive(Debug, Default, Deserialize, ToSchema)]
     pub(crate) struct OllamaGenerateRequest {
         pub(crate) model: String,
         /// The user's turn of the model's chat template (or, with `raw`, the whole prompt); empty
@@ -1618,14 +1630,14 @@ pub(crate) mod ollama {
     }
 
     /// `POST /api/show` (`name` is older clients' `model`).
-    #[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
+    #[derive(Debug, Default, Deserialize, ToSchema)]
     pub(crate) struct OllamaShowRequest {
         pub(crate) model: Option<String>,
         pub(crate) name: Option<String>,
     }
 
     /// `POST /api/embed`.
-    #[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
+    #[derive(Debug, Default, Deserialize, ToSchema)]
     pub(crate) struct OllamaEmbedRequest {
         pub(crate) model: String,
         #[schema(value_type = Option<Object>)]
@@ -1633,7 +1645,7 @@ pub(crate) mod ollama {
     }
 
     /// `POST /api/embeddings`, the older form.
-    #[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
+    #[derive(Debug, Default, Deserialize, ToSchema)]
     pub(crate) struct OllamaEmbeddingsRequest {
         pub(crate) model: String,
         #[schema(value_type = Option<Object>)]

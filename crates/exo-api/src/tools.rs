@@ -24,7 +24,7 @@
 use serde_json::{Map, Value, json};
 
 use crate::error::ApiError;
-use crate::fields::{Fields, describe};
+use crate::fields::describe;
 use crate::schema;
 use exo_core::{ChatMessage, OutputConstraint, ToolCall, ToolSpec, ToolSyntax};
 
@@ -66,15 +66,24 @@ pub(crate) struct ToolUse {
     pub(crate) syntax: ToolSyntax,
 }
 
-/// Reads `tools` and `tool_choice`.
-pub(crate) fn parse(fields: &Fields<'_>) -> Result<Option<ToolUse>, ApiError> {
-    let tools = match fields.array("tools")? {
+/// Reads `tools` and `tool_choice` (absent or null: `None`).
+pub(crate) fn parse(
+    tools: Option<&Value>,
+    choice: Option<&Value>,
+) -> Result<Option<ToolUse>, ApiError> {
+    let tools = match tools.filter(|v| !v.is_null()) {
         None => Vec::new(),
-        Some(items) => items
+        Some(Value::Array(items)) => items
             .iter()
             .enumerate()
             .map(|(i, item)| tool(i, item))
             .collect::<Result<Vec<_>, _>>()?,
+        Some(other) => {
+            return Err(ApiError::invalid_param(
+                "tools",
+                format!("'tools' must be an array, got {}", describe(other)),
+            ));
+        }
     };
     for (i, t) in tools.iter().enumerate() {
         if tools[..i].iter().any(|earlier| earlier.name == t.name) {
@@ -84,7 +93,7 @@ pub(crate) fn parse(fields: &Fields<'_>) -> Result<Option<ToolUse>, ApiError> {
             ));
         }
     }
-    let choice = match fields.get("tool_choice") {
+    let choice = match choice.filter(|v| !v.is_null()) {
         None => None,
         Some(Value::String(s)) => match s.as_str() {
             "none" => return Ok(None),
@@ -639,9 +648,12 @@ fn write_result(content: &str) -> String {
     format!("<tool_response>\n{content}\n</tool_response>")
 }
 
-/// Reads `response_format`: `None` for text, else the grammar of the JSON asked for.
-pub(crate) fn response_format(fields: &Fields<'_>) -> Result<Option<OutputConstraint>, ApiError> {
-    let Some(format) = fields.get("response_format") else {
+/// Reads `response_format` (absent or null: `None`): `None` for text, else the grammar of the
+/// JSON asked for.
+pub(crate) fn response_format(
+    format: Option<&Value>,
+) -> Result<Option<OutputConstraint>, ApiError> {
+    let Some(format) = format.filter(|v| !v.is_null()) else {
         return Ok(None);
     };
     let param = "response_format";
@@ -690,7 +702,9 @@ mod tests {
         let body = json!({
             "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}],
         });
-        parse(&Fields(body.as_object().unwrap())).unwrap().unwrap()
+        parse(body.get("tools"), body.get("tool_choice"))
+            .unwrap()
+            .unwrap()
     }
 
     #[test]
@@ -730,12 +744,12 @@ mod tests {
     #[test]
     fn tool_choice_is_checked_against_the_tools() {
         let body = json!({"tools": [], "tool_choice": "required"});
-        assert!(parse(&Fields(body.as_object().unwrap())).is_err());
+        assert!(parse(body.get("tools"), body.get("tool_choice")).is_err());
         let body = json!({
             "tools": [{"type": "function", "function": {"name": "a"}}],
             "tool_choice": {"type": "function", "function": {"name": "b"}},
         });
-        let e = parse(&Fields(body.as_object().unwrap())).unwrap_err();
+        let e = parse(body.get("tools"), body.get("tool_choice")).unwrap_err();
         assert!(
             e.envelope()["error"]["message"]
                 .as_str()
@@ -746,9 +760,12 @@ mod tests {
             "tools": [{"type": "function", "function": {"name": "a"}}],
             "tool_choice": "none",
         });
-        assert_eq!(parse(&Fields(body.as_object().unwrap())).unwrap(), None);
+        assert_eq!(
+            parse(body.get("tools"), body.get("tool_choice")).unwrap(),
+            None
+        );
         let body = json!({"tools": [{"type": "function", "function": {"name": "a b"}}]});
-        let e = parse(&Fields(body.as_object().unwrap())).unwrap_err();
+        let e = parse(body.get("tools"), body.get("tool_choice")).unwrap_err();
         assert_eq!(e.envelope()["error"]["param"], "tools[0].function.name");
     }
 
