@@ -454,7 +454,7 @@ impl Answer {
             content.push(ContentBlock::Text { text });
         }
         for call in &calls {
-            content.push(tool_use_block(call));
+            content.push(tool_use_block(call, arguments(call)));
         }
         (content, stop_reason(reason, !calls.is_empty()))
     }
@@ -494,17 +494,9 @@ impl Answer {
                 for call in &calls {
                     let index = state.blocks;
                     // The block opens with an empty input; the input follows as JSON text.
-                    let content_block = match tool_use_block(call) {
-                        ContentBlock::ToolUse { id, name, .. } => ContentBlock::ToolUse {
-                            id,
-                            name,
-                            input: json!({}),
-                        },
-                        other => other,
-                    };
                     out.push_back(event(&AnthropicEvent::ContentBlockStart {
                         index,
-                        content_block,
+                        content_block: tool_use_block(call, json!({})),
                     }));
                     out.push_back(event(&AnthropicEvent::ContentBlockDelta {
                         index,
@@ -561,12 +553,18 @@ impl Answer {
     }
 }
 
-fn tool_use_block(call: &tools::Call) -> ContentBlock {
+/// A call as a `tool_use` block with `input`.
+fn tool_use_block(call: &tools::Call, input: Value) -> ContentBlock {
     ContentBlock::ToolUse {
         id: format!("toolu_{:024x}", rand::random::<u128>() >> 32),
         name: call.name.clone(),
-        input: serde_json::from_str(&call.arguments).unwrap_or_else(|_| json!({})),
+        input,
     }
+}
+
+/// A call's arguments as the object they stand for.
+fn arguments(call: &tools::Call) -> Value {
+    serde_json::from_str(&call.arguments).unwrap_or_else(|_| json!({}))
 }
 
 fn stop_reason(reason: FinishReason, called: bool) -> StopReason {

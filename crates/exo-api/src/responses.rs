@@ -377,13 +377,26 @@ impl Answer {
         }
     }
 
-    fn call_item(&self, call: &Call, index: usize) -> OutputItem {
+    fn call_item_id(&self, index: usize) -> String {
+        format!("fc_{}_{index}", &self.id[5..])
+    }
+
+    /// Call `index` as an output item: done (with its arguments), or just added (without).
+    fn call_item(&self, call: &Call, index: usize, call_id: &str, done: bool) -> OutputItem {
         OutputItem::FunctionCall {
-            id: format!("fc_{}_{index}", &self.id[5..]),
-            call_id: format!("call_{:024x}", rand::random::<u128>() >> 32),
+            id: self.call_item_id(index),
+            call_id: call_id.to_owned(),
             name: call.name.clone(),
-            arguments: call.arguments.clone(),
-            status: ResponseStatus::Completed,
+            arguments: if done {
+                call.arguments.clone()
+            } else {
+                String::new()
+            },
+            status: if done {
+                ResponseStatus::Completed
+            } else {
+                ResponseStatus::InProgress
+            },
         }
     }
 
@@ -393,7 +406,12 @@ impl Answer {
         if finished.is_some() && (!text.is_empty() || calls.is_empty()) {
             output.push(self.message_item(text, ResponseStatus::Completed));
         }
-        output.extend(calls.iter().enumerate().map(|(i, c)| self.call_item(c, i)));
+        output.extend(
+            calls
+                .iter()
+                .enumerate()
+                .map(|(i, c)| self.call_item(c, i, &new_call_id(), true)),
+        );
         self.envelope(output, finished)
     }
 
@@ -479,23 +497,10 @@ impl Answer {
                     output.push(self.message_item(&stream.text, ResponseStatus::Completed));
                 }
                 for (i, call) in calls.iter().enumerate() {
-                    let item = self.call_item(call, i);
-                    let output_index = stream.items;
-                    let (item_id, added) = match &item {
-                        OutputItem::FunctionCall {
-                            id, call_id, name, ..
-                        } => (
-                            id.clone(),
-                            OutputItem::FunctionCall {
-                                id: id.clone(),
-                                call_id: call_id.clone(),
-                                name: name.clone(),
-                                arguments: String::new(),
-                                status: ResponseStatus::InProgress,
-                            },
-                        ),
-                        other => (String::new(), other.clone()),
-                    };
+                    let call_id = new_call_id();
+                    let item = self.call_item(call, i, &call_id, true);
+                    let added = self.call_item(call, i, &call_id, false);
+                    let (item_id, output_index) = (self.call_item_id(i), stream.items);
                     stream.emit(out, |n| ResponseEvent::OutputItemAdded {
                         output_index,
                         item: added,
@@ -583,6 +588,11 @@ impl Answer {
             sequence_number: n,
         });
     }
+}
+
+/// A new id for a call, as OpenAI's are written.
+fn new_call_id() -> String {
+    format!("call_{:024x}", rand::random::<u128>() >> 32)
 }
 
 fn output_text(text: &str) -> OutputText {
