@@ -29,7 +29,7 @@ use crate::schema::responses::{
 };
 use crate::schema::{self, Sampling};
 use crate::state::AppState;
-use crate::tools::{self, Call, Held, ToolUse};
+use crate::tools::{self, Call, Held, ToolUse, new_call_id};
 
 /// `POST /v1/responses`.
 pub(crate) async fn create(
@@ -588,11 +588,6 @@ impl Answer {
             sequence_number: n,
         });
     }
-}
-
-/// A new id for a call, as OpenAI's are written.
-fn new_call_id() -> String {
-    format!("call_{:024x}", rand::random::<u128>() >> 32)
 }
 
 fn output_text(text: &str) -> OutputText {

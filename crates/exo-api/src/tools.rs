@@ -375,7 +375,7 @@ impl Call {
     /// OpenAI's shape of the call; a streamed delta also gives its `index` in the list.
     pub(crate) fn openai(&self, index: Option<usize>) -> schema::ToolCall {
         schema::ToolCall {
-            id: format!("call_{:024x}", rand::random::<u128>() >> 32),
+            id: new_call_id(),
             kind: schema::FunctionType::Name,
             function: schema::FunctionCall {
                 name: self.name.clone(),
@@ -384,6 +384,11 @@ impl Call {
             index,
         }
     }
+}
+
+/// A new id for a call the answer made, written as OpenAI writes them.
+pub(crate) fn new_call_id() -> String {
+    format!("call_{:024x}", rand::random::<u128>() >> 32)
 }
 
 /// Splits the model's text into what it said and the calls it made, in the model's syntax
