@@ -418,9 +418,10 @@ impl RequestTask {
                     logprob,
                     ..
                 }) => {
-                    // The prompt is computed on every stage: choices sharing it may start.
+                    // The prompt is computed on every stage: choices sharing it may start
+                    // (told once, at the first token).
                     if let Some(Share::Parent { ready, .. }) = &self.share {
-                        ready.send_replace(true);
+                        ready.send_if_modified(|computed| !std::mem::replace(computed, true));
                     }
                     (token, position, logprob)
                 }
