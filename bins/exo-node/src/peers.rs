@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
 use exo_topology::{NodeRole, Topology, TopologyConfig, cpu_name};
 use futures::StreamExt;
@@ -69,10 +69,7 @@ pub(crate) struct PeersArgs {
 }
 
 pub(crate) fn run(args: PeersArgs) -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let runtime = crate::multi_thread_runtime()?;
     runtime.block_on(peers(args))
 }
 

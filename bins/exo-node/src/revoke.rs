@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
 use exo_topology::{ClusterKey, NodeId, Topology};
 
@@ -24,10 +24,7 @@ pub(crate) struct RevokeArgs {
 }
 
 pub(crate) fn run(args: RevokeArgs) -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let runtime = crate::multi_thread_runtime()?;
     runtime.block_on(revoke(args))
 }
 

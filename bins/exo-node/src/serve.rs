@@ -218,10 +218,7 @@ pub(crate) fn run(args: ServeArgs) -> Result<()> {
     config.stall_timeout = seconds(args.stall_timeout, "--stall-timeout")?;
     config.resume_within = seconds(args.resume_within, "--resume-within")?;
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let runtime = crate::multi_thread_runtime()?;
     let api = (!args.api.no_api).then(|| (args.api.api_addr, args.api.config()));
     let max_body_bytes = args.api.max_body_bytes;
     let key_given = args.cluster_key.is_some();
