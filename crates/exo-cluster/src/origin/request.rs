@@ -170,6 +170,7 @@ impl RequestTask {
             let running = self.route.enter();
             // Only the first attempt starts from another request's keys and values; a resumed
             // request sends its whole journal.
+            let forked = fork.is_some();
             let mut state = self.prefill(State::Routed, fork.take()).await;
             if state == State::Decoding {
                 state = self.decode(&mut text, &mut first_token_at).await;
@@ -189,12 +190,23 @@ impl RequestTask {
                 other => break other,
             };
             resumes += 1;
-            tracing::warn!(
-                request = %self.id, %failure, generated = self.journal.generated.len(),
-                "resuming the request (on a plan without the failed stage, or the same plan \
-                 after a refusal)"
-            );
-            match self.resume(State::Resuming(failure)).await {
+            // A stage that refuses a fork no longer holds the first choice's keys and values
+            // (it admitted this choice only after the first had ended, for lack of memory):
+            // nothing is wrong with the plan, and the whole prompt goes at once.
+            let lost_fork = forked && failure.kind == FailureKind::Refused;
+            if lost_fork {
+                tracing::info!(
+                    request = %self.id, %failure,
+                    "the prompt this choice shares is gone from a stage; sending all of it"
+                );
+            } else {
+                tracing::warn!(
+                    request = %self.id, %failure, generated = self.journal.generated.len(),
+                    "resuming the request (on a plan without the failed stage, or the same \
+                     plan after a refusal)"
+                );
+            }
+            match self.resume(State::Resuming(failure), lost_fork).await {
                 State::Routed => {}
                 other => break other,
             }
@@ -629,9 +641,10 @@ impl RequestTask {
     }
 
     /// Waits (within the policy's bound) for a plan without the failed stage (or, after a
-    /// refusal, for a moment to try the same plan again), and moves the
-    /// request onto it under a new id; `Routed` when it can replay there, or how it ended.
-    async fn resume(&mut self, state: State) -> State {
+    /// refusal, for a moment to try the same plan again; at once after a `lost_fork`), and
+    /// moves the request onto it under a new id; `Routed` when it can replay there, or how it
+    /// ended.
+    async fn resume(&mut self, state: State, lost_fork: bool) -> State {
         let State::Resuming(failure) = state else {
             return state;
         };
@@ -641,9 +654,10 @@ impl RequestTask {
         // that left and came back follows the same epoch again with a new stage worker, and
         // the stage before it still held a link to the old one. That link is dialled anew
         // after the refusal, so the request tries the same plan again, after a pause in
-        // which the nodes settle (each try counts as a resume, which bounds them).
+        // which the nodes settle (each try counts as a resume, which bounds them). A lost fork
+        // needs no settling.
         let same_plan = self.replay_in_place || failure.kind == FailureKind::Refused;
-        if failure.kind == FailureKind::Refused {
+        if failure.kind == FailureKind::Refused && !lost_fork {
             tokio::select! {
                 () = tokio::time::sleep(REFUSED_PAUSE) => {}
                 () = self.events.closed() => return State::Cancelled,
