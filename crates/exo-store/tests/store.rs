@@ -1,0 +1,263 @@
+//! The store on real (tiny) GGUF files: manifests, verified chunks, partial copies that the
+//! checkpoint reader loads a shard from, resuming after a process ends, eviction.
+
+use std::path::{Path, PathBuf};
+
+use exo_model::{Checkpoint, ShardSpec};
+use exo_store::{ChunkSet, Error, Manifest, ShardParts, Store};
+
+fn model(dir: &Path, layers: usize, tied: bool) -> PathBuf {
+    let path = dir.join("tiny.gguf");
+    let mut config = exo_model::testing::tiny_config(layers);
+    config.tie_word_embeddings = tied;
+    exo_model::testing::write_gguf(&path, &config, 7).unwrap();
+    path
+}
+
+fn copy(from: &exo_store::Entry, to: &exo_store::Entry, set: &ChunkSet) {
+    for i in set.iter() {
+        to.write_chunk(i, &from.read_chunk(i).unwrap()).unwrap();
+    }
+}
+
+#[test]
+fn a_manifest_covers_the_header_and_every_tensor_and_its_hash_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = model(dir.path(), 3, true);
+    let manifest = Manifest::of_gguf_chunked(&path, 256, |_, _| {}).unwrap();
+    let gguf = exo_model::gguf::GgufFile::open(&path).unwrap();
+    assert_eq!(manifest.tensors.len(), gguf.tensors().len());
+    assert!(manifest.header_chunks >= 1);
+    for t in &manifest.tensors {
+        let info = gguf.tensor(&t.name).unwrap();
+        assert_eq!((t.offset, t.bytes), (info.offset as u64, info.len as u64));
+    }
+    assert!(manifest.chunks.iter().all(|c| c.len <= 256));
+    let bytes = manifest.to_bytes();
+    let hash = manifest.hash();
+    assert_eq!(Manifest::from_bytes(&bytes, &hash).unwrap(), manifest);
+    // One changed byte: another hash, refused.
+    let mut forged = bytes.clone();
+    let at = forged.len() / 2;
+    forged[at] ^= 1;
+    assert!(matches!(
+        Manifest::from_bytes(&forged, &hash),
+        Err(Error::ManifestHash { .. })
+    ));
+    // A manifest that hashes right but lies about its chunks is refused too.
+    let mut lying = manifest.clone();
+    lying.chunks[0].offset = lying.bytes;
+    let lying_bytes = lying.to_bytes();
+    let lying_hash = exo_store::hash_hex(&lying_bytes);
+    assert!(matches!(
+        Manifest::from_bytes(&lying_bytes, &lying_hash),
+        Err(Error::BadManifest { .. })
+    ));
+}
+
+#[test]
+fn a_partial_copy_loads_its_shard_reading_only_the_chunks_it_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = model(dir.path(), 4, false);
+    let source = Store::open(&dir.path().join("a"), None)
+        .unwrap()
+        .with_chunk_bytes(512)
+        .import(&path, |_, _| {})
+        .unwrap();
+    assert!(source.is_imported() && source.is_complete());
+    let store = Store::open(&dir.path().join("b"), None).unwrap();
+    let entry = store
+        .create(source.manifest_bytes(), source.hash())
+        .unwrap();
+    assert!(entry.held().is_empty());
+    let parts = ShardParts {
+        layers: 2..4,
+        embedding: false,
+        head: true,
+    };
+    let wanted = entry.manifest().chunks_for_shard(&parts);
+    assert!(wanted.len() < u64::from(entry.manifest().chunk_count()));
+    copy(&source, &entry, &wanted);
+    assert_eq!(entry.missing(&wanted), ChunkSet::new());
+    entry.persist().unwrap();
+
+    let spec = ShardSpec {
+        layers: 2..4,
+        embedding: false,
+        head: true,
+    };
+    let partial = Checkpoint::open(entry.path()).unwrap();
+    let whole = Checkpoint::open(&path).unwrap();
+    let (a, b) = (
+        partial.load_shard(&spec).unwrap(),
+        whole.load_shard(&spec).unwrap(),
+    );
+    assert_eq!(format!("{a:?}"), format!("{b:?}"));
+    // Every tensor the shard read lies in the chunks fetched.
+    let manifest = entry.manifest();
+    for name in partial.read_stats().tensors {
+        let t = manifest.tensors.iter().find(|t| t.name == name).unwrap();
+        assert!(
+            (t.first..t.first + t.count).all(|i| wanted.contains(i)),
+            "{name} was read but not fetched"
+        );
+    }
+}
+
+#[test]
+fn the_first_and_last_stage_of_a_tied_model_both_take_the_embedding() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = model(dir.path(), 2, true);
+    let manifest = Manifest::of_gguf_chunked(&path, 1 << 20, |_, _| {}).unwrap();
+    let embedding = manifest
+        .tensors
+        .iter()
+        .find(|t| t.name == "token_embd.weight")
+        .unwrap()
+        .first;
+    let shard = |layers, embedding, head| {
+        manifest.chunks_for_shard(&ShardParts {
+            layers,
+            embedding,
+            head,
+        })
+    };
+    assert!(shard(0..1, true, false).contains(embedding));
+    assert!(shard(1..2, false, true).contains(embedding));
+    assert!(!shard(1..2, false, false).contains(embedding));
+    let layer1 = manifest
+        .tensors
+        .iter()
+        .find(|t| t.name.starts_with("blk.1."))
+        .unwrap()
+        .first;
+    assert!(!shard(0..1, true, false).contains(layer1));
+    assert!(shard(0..2, true, true).covers(manifest.chunk_count()));
+}
+
+#[test]
+fn a_corrupt_chunk_is_refused_and_nothing_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = model(dir.path(), 2, true);
+    let source = Store::open(&dir.path().join("a"), None)
+        .unwrap()
+        .with_chunk_bytes(512)
+        .import(&path, |_, _| {})
+        .unwrap();
+    let store = Store::open(&dir.path().join("b"), None).unwrap();
+    let entry = store
+        .create(source.manifest_bytes(), source.hash())
+        .unwrap();
+    let mut bytes = source.read_chunk(3).unwrap();
+    bytes[0] ^= 0x40;
+    assert!(matches!(
+        entry.write_chunk(3, &bytes),
+        Err(Error::BadChunk { index: 3, .. })
+    ));
+    assert!(matches!(
+        entry.write_chunk(3, &bytes[1..]),
+        Err(Error::BadChunk { .. })
+    ));
+    assert!(entry.held().is_empty());
+    assert!(matches!(entry.read_chunk(3), Err(Error::NotHeld { .. })));
+    // A manifest asked for by another hash is refused before anything is made.
+    assert!(matches!(
+        store.create(source.manifest_bytes(), &"0".repeat(64)),
+        Err(Error::ManifestHash { .. })
+    ));
+}
+
+#[test]
+fn a_fetch_resumes_with_exactly_the_chunks_that_reached_the_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = model(dir.path(), 3, true);
+    let source = Store::open(&dir.path().join("a"), None)
+        .unwrap()
+        .with_chunk_bytes(512)
+        .import(&path, |_, _| {})
+        .unwrap();
+    let root = dir.path().join("b");
+    let count = source.manifest().chunk_count();
+    let (first, rest): (Vec<u32>, Vec<u32>) = (0..count).partition(|i| i % 3 != 0);
+    {
+        let entry = Store::open(&root, None)
+            .unwrap()
+            .create(source.manifest_bytes(), source.hash())
+            .unwrap();
+        for &i in &first {
+            entry
+                .write_chunk(i, &source.read_chunk(i).unwrap())
+                .unwrap();
+        }
+        entry.persist().unwrap();
+        // Written but never persisted: as if the process was killed here.
+        entry
+            .write_chunk(rest[0], &source.read_chunk(rest[0]).unwrap())
+            .unwrap();
+    }
+    let store = Store::open(&root, None).unwrap();
+    let entry = store.find("tiny").unwrap().unwrap();
+    let missing = entry.missing(&ChunkSet::all(count));
+    assert_eq!(missing.iter().collect::<Vec<_>>(), rest);
+    copy(&source, &entry, &missing);
+    entry.persist().unwrap();
+    assert!(entry.is_complete());
+    // Put together, the copy is the file byte for byte (GGUF pads with zeros, and the holes
+    // between tensors read as zeros).
+    assert_eq!(
+        std::fs::read(entry.path()).unwrap(),
+        std::fs::read(&path).unwrap()
+    );
+}
+
+#[test]
+fn the_limit_evicts_the_least_recently_used_model_and_never_an_import() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sources = Vec::new();
+    for seed in 0..3u64 {
+        let sub = dir.path().join(format!("m{seed}"));
+        std::fs::create_dir_all(&sub).unwrap();
+        let path = sub.join(format!("model{seed}.gguf"));
+        exo_model::testing::write_gguf(&path, &exo_model::testing::tiny_config(2), seed).unwrap();
+        sources.push(
+            Store::open(&dir.path().join("imports"), None)
+                .unwrap()
+                .import(&path, |_, _| {})
+                .unwrap(),
+        );
+    }
+    let size = sources[0].manifest().bytes;
+    let root = dir.path().join("store");
+    let unlimited = Store::open(&root, None).unwrap();
+    for source in &sources[..2] {
+        let entry = unlimited
+            .create(source.manifest_bytes(), source.hash())
+            .unwrap();
+        copy(
+            source,
+            &entry,
+            &ChunkSet::all(entry.manifest().chunk_count()),
+        );
+        entry.persist().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // Room for two models: the third evicts the first, the least recently used.
+    let store = Store::open(&root, Some(size * 2 + size / 2)).unwrap();
+    let third = store
+        .create(sources[2].manifest_bytes(), sources[2].hash())
+        .unwrap();
+    store.make_room(third.hash(), size).unwrap();
+    let left: Vec<String> = store.list().unwrap().into_iter().map(|e| e.name).collect();
+    assert!(!left.contains(&"model0.gguf".to_owned()), "{left:?}");
+    assert!(left.contains(&"model1.gguf".to_owned()), "{left:?}");
+    // More than the limit allows at all: refused, naming the flag.
+    let err = store.make_room(third.hash(), size * 3).unwrap_err();
+    assert!(err.to_string().contains("--store-limit"), "{err}");
+    // Imports never count and are never evicted; removing one keeps the user's file.
+    let imports = Store::open(&dir.path().join("imports"), Some(1)).unwrap();
+    imports.make_room("x", 0).unwrap();
+    assert_eq!(imports.list().unwrap().len(), 3);
+    let removed = imports.remove("model0").unwrap();
+    assert_eq!(removed.len(), 1);
+    assert!(dir.path().join("m0/model0.gguf").exists());
+}
