@@ -26,6 +26,7 @@
 mod clients;
 mod engine;
 mod error;
+mod fetch;
 mod gateway;
 mod grammar;
 mod inbox;
@@ -41,6 +42,7 @@ mod views;
 pub use engine::NodeEngine;
 pub use error::{Error, Result};
 pub use exo_partition::Strategy;
+pub use exo_store::Store;
 pub use gateway::{GatewayConfig, GatewayEngine, run_gateway};
 pub use node::{ClusterConfig, Node, run, shutdown_signal};
 pub use plan::{ActivePlan, PlanState, model_profile};

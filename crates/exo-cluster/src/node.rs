@@ -13,6 +13,7 @@ use exo_core::{GenerationError, GenerationRequest, NodeId};
 use exo_model::Checkpoint;
 use exo_partition::{ModelProfile, Strategy};
 use exo_shard::{Device, Weights};
+use exo_store::{Entry, Store};
 use exo_topology::{ModelFile, Topology, TopologyConfig};
 use exo_transport::{Assignment, Credential, Limits, NodeStatus, SentCounters, WireDtype};
 use futures::StreamExt;
@@ -20,6 +21,7 @@ use tokio::sync::watch;
 
 use crate::clients::ClientPool;
 use crate::error::{Error, Result};
+use crate::fetch::{ModelStore, from_peers, locate};
 use crate::grammar::ModelGrammars;
 use crate::origin::request::ResumePolicy;
 use crate::origin::{OriginModel, Origins, model_id};
@@ -70,6 +72,16 @@ pub struct ClusterConfig {
     /// How long a request whose stage was lost waits for a plan without it, to replay its
     /// tokens there and go on; past that its stream ends with an error naming why.
     pub resume_within: Duration,
+    /// The model store (`$EXO_HOME/store`): where a model fetched from peers is kept, and what
+    /// lets this node send its model's chunks to peers that lack them. With a store, `model`
+    /// may be a name (the file name, with or without `.gguf`) that is no path here: the store's
+    /// copy, or else a peer's. `None`: neither.
+    pub store: Option<Store>,
+    /// The most bytes per second this node sends to peers fetching chunks (`None`: no cap).
+    pub upload_limit: Option<u64>,
+    /// Test hook: flip a byte of every chunk this node sends (a peer that corrupts data).
+    #[doc(hidden)]
+    pub corrupt_chunks: bool,
 }
 
 impl ClusterConfig {
@@ -91,6 +103,9 @@ impl ClusterConfig {
             strategy: Strategy::CostOptimal,
             stall_timeout: Duration::from_secs(10),
             resume_within: Duration::from_secs(20),
+            store: None,
+            upload_limit: None,
+            corrupt_chunks: false,
         }
     }
 }
@@ -113,36 +128,11 @@ pub struct Node {
 
 impl Node {
     /// Loads the tokenizer, binds the shard service, joins the cluster and starts planning.
-    /// Layers are loaded once a plan gives this node some.
+    /// Layers are loaded once a plan gives this node some. A model named but not at hand (no
+    /// such file, nothing in the store) is learned from a peer that announces it: the node
+    /// waits for one, takes its manifest and the file's header, and fetches its layers once a
+    /// plan gives it some.
     pub async fn start(config: ClusterConfig) -> Result<Node> {
-        let path = config.model.clone();
-        let (weights, wire) = (config.weights, config.wire);
-        let (name, model_config, tokenizer, template, profile) =
-            tokio::task::spawn_blocking(move || -> Result<_> {
-                let checkpoint = Checkpoint::open(&path)?;
-                let tokenizer = checkpoint.tokenizer()?;
-                let template = checkpoint.chat_template_with(&tokenizer)?;
-                let profile = model_profile(&checkpoint, weights, wire);
-                Ok((
-                    checkpoint.name(),
-                    checkpoint.config().clone(),
-                    tokenizer,
-                    template,
-                    profile,
-                ))
-            })
-            .await
-            .map_err(|e| Error::Config(format!("loading the model's metadata: {e}")))??;
-        let model_file = ModelFile {
-            name: name.clone(),
-            bytes: model_bytes(&config.model),
-            sha256: None,
-            tool_syntax: template
-                .as_ref()
-                .and_then(exo_model::ChatTemplate::tool_syntax)
-                .map(|s| s.name().to_owned()),
-        };
-
         let listener = tokio::net::TcpListener::bind(config.grpc_listen)
             .await
             .map_err(|source| Error::Listen {
@@ -155,11 +145,87 @@ impl Node {
         })?;
         let endpoint = format!("http://{bound}");
 
+        let (path, store) = (config.model.clone(), config.store.clone());
+        let located = tokio::task::spawn_blocking(move || locate(&path, store.as_ref()))
+            .await
+            .map_err(|e| Error::Config(format!("looking for the model: {e}")))??;
+        let (weights, wire) = (config.weights, config.wire);
         let mut topology_config = config.topology.clone();
         topology_config.grpc_endpoint = Some(endpoint.clone());
-        topology_config.models = vec![model_file.clone()];
+        // A model at hand is announced from the start; one learned from a peer once known.
+        let at_hand = match &located {
+            Some(found) => {
+                let meta = read_model(found.path.clone(), weights, wire).await?;
+                topology_config.models = vec![model_file(&meta, &found.path, found.entry.as_ref())];
+                Some(meta)
+            }
+            None => {
+                topology_config.models = Vec::new();
+                None
+            }
+        };
         let topology = Topology::start(topology_config).await?;
         let id = NodeId::from(topology.local_id().as_str());
+        let credential = Credential::new(topology.derive_secret(Credential::PURPOSE));
+        let clients = Arc::new(ClientPool::new(credential.clone(), config.limits));
+        let store_of = |entry: Entry, store: exo_store::Store| {
+            Arc::new(ModelStore::new(
+                Arc::new(entry),
+                store,
+                id.clone(),
+                topology.clone(),
+                Arc::clone(&clients),
+                config.upload_limit,
+                config.corrupt_chunks,
+            ))
+        };
+        let (model_path, model_store, meta) = match (located, at_hand) {
+            (Some(found), Some(meta)) => {
+                let model_store = found
+                    .entry
+                    .zip(config.store.clone())
+                    .map(|(entry, store)| store_of(entry, store));
+                (found.path, model_store, meta)
+            }
+            _ => {
+                let Some(store) = config.store.clone() else {
+                    return Err(Error::Config(format!(
+                        "{}: no such model file",
+                        config.model.display()
+                    )));
+                };
+                let name = config.model.to_string_lossy().into_owned();
+                let entry = from_peers(&topology, &clients, &store, &name).await?;
+                let model_store = store_of(entry, store);
+                model_store
+                    .ensure_chunks(&model_store.entry.manifest().header())
+                    .await
+                    .map_err(|e| Error::Config(format!("fetching the header of {name}: {e}")))?;
+                let path = model_store.entry.path().to_owned();
+                let meta = read_model(path.clone(), weights, wire).await?;
+                let file = model_file(&meta, &path, Some(&model_store.entry));
+                topology
+                    .update_profile(move |p| p.models = vec![file])
+                    .await?;
+                (path, Some(model_store), meta)
+            }
+        };
+        let ModelMeta {
+            name,
+            config: model_config,
+            tokenizer,
+            template,
+            profile,
+            file: model_file,
+        } = meta;
+        let model_file = match &model_store {
+            Some(s) => {
+                let mut file = model_file;
+                s.announce(&mut file);
+                file
+            }
+            None => model_file,
+        };
         // What this node offers (its limit, cgroup and free memory), as the planner sees it.
         let offered = topology.snapshot().await?.local.memory;
         let memory_offered = offered.available_bytes.or(offered.total_bytes);
@@ -168,9 +234,8 @@ impl Node {
         let (plan_tx, plan) = watch::channel(PlanState::Waiting("planning has not run yet".into()));
         let (ready_tx, ready) =
             watch::channel(Readiness::NotReady("planning has not run yet".into()));
-        let credential = Credential::new(topology.derive_secret(Credential::PURPOSE));
         let links = LinkSettings {
-            clients: Arc::new(ClientPool::new(credential.clone(), config.limits)),
+            clients,
             wire: config.wire,
             sent: Arc::new(SentCounters::default()),
         };
@@ -186,7 +251,7 @@ impl Node {
         let stages = Arc::new(Stages::new(
             id.clone(),
             ModelSource {
-                path: config.model.clone(),
+                path: model_path,
                 name: name.clone(),
                 config: model_config,
                 device: config.device.clone(),
@@ -194,6 +259,7 @@ impl Node {
                 step_rows: config.step_rows,
                 memory_offered,
                 grammars: Arc::clone(&grammars),
+                store: model_store.clone(),
             },
             plan.clone(),
             links.clone(),
@@ -224,9 +290,13 @@ impl Node {
             },
         ));
 
+        let chunk_count = model_store
+            .as_ref()
+            .map(|s| s.entry.manifest().chunk_count());
         let service = Arc::new(Service {
             stages: Arc::clone(&stages),
             origins: Arc::clone(&origins),
+            store: model_store,
         });
         let (limits, stop) = (config.limits, tasks.clone());
         tasks.spawn_detached(async move {
@@ -254,6 +324,7 @@ impl Node {
             origins: Arc::clone(&origins),
             topology: topology.clone(),
             model: model_file,
+            chunks: chunk_count,
             profile,
             context: context as u64,
             settle: config.settle,
@@ -377,6 +448,31 @@ impl Node {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Chunk bytes of the model this node sent to peers and received from them (verified)
+    /// since it started: `(sent, received)`; zeros without a store.
+    pub fn chunk_traffic(&self) -> (u64, u64) {
+        self.stages.store().map_or((0, 0), |s| {
+            (
+                s.traffic.sent.load(std::sync::atomic::Ordering::Relaxed),
+                s.traffic
+                    .received
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            )
+        })
+    }
+
+    /// The model in this node's store (`None` without one): its manifest hash and the chunks
+    /// held now.
+    pub fn store_entry(&self) -> Option<(String, exo_store::ChunkSet, exo_store::Manifest)> {
+        self.stages.store().map(|s| {
+            (
+                s.entry.hash().to_owned(),
+                s.entry.held(),
+                s.entry.manifest().clone(),
+            )
+        })
+    }
+
     /// What this node's stage workers have computed (steps, rows, batch sizes, busy time).
     pub fn stage_stats(&self) -> StageStats {
         self.stages.stats()
@@ -411,6 +507,58 @@ impl Node {
     }
 }
 
+/// What a node reads of its model's file before it joins: names, configuration, tokenizer,
+/// template, the planner's profile, and what it announces.
+struct ModelMeta {
+    name: String,
+    config: exo_model::ModelConfig,
+    tokenizer: exo_model::Tokenizer,
+    template: Option<exo_model::ChatTemplate>,
+    profile: ModelProfile,
+    file: ModelFile,
+}
+
+/// Reads the metadata of the model at `path` (headers only) on a blocking thread.
+async fn read_model(path: PathBuf, weights: Weights, wire: WireDtype) -> Result<ModelMeta> {
+    tokio::task::spawn_blocking(move || -> Result<ModelMeta> {
+        let checkpoint = Checkpoint::open(&path)?;
+        let tokenizer = checkpoint.tokenizer()?;
+        let template = checkpoint.chat_template_with(&tokenizer)?;
+        let profile = model_profile(&checkpoint, weights, wire);
+        let file = ModelFile {
+            name: checkpoint.name(),
+            bytes: model_bytes(&path),
+            tool_syntax: template
+                .as_ref()
+                .and_then(exo_model::ChatTemplate::tool_syntax)
+                .map(|s| s.name().to_owned()),
+            ..ModelFile::default()
+        };
+        Ok(ModelMeta {
+            name: checkpoint.name(),
+            config: checkpoint.config().clone(),
+            tokenizer,
+            template,
+            profile,
+            file,
+        })
+    })
+    .await
+    .map_err(|e| Error::Config(format!("loading the model's metadata: {e}")))?
+}
+
+/// What this node announces of its model: the file, and the store's manifest and chunks when
+/// it keeps one.
+fn model_file(meta: &ModelMeta, path: &std::path::Path, entry: Option<&Entry>) -> ModelFile {
+    let mut file = meta.file.clone();
+    file.bytes = model_bytes(path);
+    if let Some(entry) = entry {
+        file.manifest = Some(entry.hash().to_owned());
+        file.chunks = (!entry.is_complete()).then(|| entry.held().runs().to_vec());
+    }
+    file
+}
+
 fn model_bytes(path: &std::path::Path) -> u64 {
     if path.is_dir() {
         std::fs::read_dir(path)
@@ -434,6 +582,8 @@ struct Planner {
     origins: Arc<Origins>,
     topology: Topology,
     model: ModelFile,
+    /// The model's chunk count, when this node keeps it in its store.
+    chunks: Option<u32>,
     profile: ModelProfile,
     context: u64,
     settle: Duration,
@@ -467,6 +617,7 @@ impl Planner {
             match plan_cluster(
                 &snapshot,
                 &self.model,
+                self.chunks,
                 &self.profile,
                 self.context,
                 self.strategy,

@@ -134,16 +134,63 @@ pub(crate) fn reachable(endpoint: &str, peer_addresses: &[String]) -> String {
     format!("http://{}:{rest}", ip.as_deref().unwrap_or("127.0.0.1"))
 }
 
+/// Whether a node announcing `theirs` serves the same model as `ours`: the same name and size,
+/// and the same manifest when both keep one.
+fn same_model(ours: &ModelFile, theirs: &ModelFile) -> bool {
+    theirs.name == ours.name
+        && theirs.bytes == ours.bytes
+        && match (&ours.manifest, &theirs.manifest) {
+            (Some(a), Some(b)) => a == b,
+            _ => true,
+        }
+}
+
+/// `Err` when the workers serving `model` do not hold every chunk of it between them (the
+/// model is known from peers only, and the node with the whole file is gone): their layers
+/// could not all be loaded. `chunks` is the model's chunk count when this node keeps it in
+/// its store.
+fn check_coverage(
+    serving: &[&ModelFile],
+    model: &ModelFile,
+    chunks: Option<u32>,
+) -> Result<(), String> {
+    let Some(count) = chunks else {
+        return Ok(());
+    };
+    let mut held = exo_store::ChunkSet::new();
+    for file in serving {
+        match (&file.manifest, &file.chunks) {
+            // The whole file (no store, or a complete copy).
+            (None, _) | (Some(_), None) => return Ok(()),
+            (Some(_), Some(runs)) => {
+                held = held.union(&exo_store::ChunkSet::from_runs(runs, count))
+            }
+        }
+    }
+    if held.covers(count) {
+        return Ok(());
+    }
+    Err(format!(
+        "no node of the cluster holds the whole of {} and the nodes hold only {} of its {}          chunks between them: start a node that has the model file",
+        model.name,
+        held.len(),
+        count
+    ))
+}
+
 /// Plans `model` on the workers of `snapshot` that hold the same model file, with `strategy`.
-/// `Err` says why the cluster cannot serve it now.
+/// `chunks` is the model's chunk count when this node keeps it in its store: the workers must
+/// then hold every chunk between them. `Err` says why the cluster cannot serve it now.
 pub(crate) fn plan_cluster(
     snapshot: &TopologySnapshot,
     model: &ModelFile,
+    chunks: Option<u32>,
     profile: &ModelProfile,
     context: u64,
     strategy: Strategy,
 ) -> Result<ActivePlan, String> {
     let mut members: Vec<(NodeProfile, String)> = Vec::new();
+    let mut serving: Vec<&ModelFile> = Vec::new();
     let local = &snapshot.local;
     let candidates = std::iter::once((local, Vec::new())).chain(
         snapshot
@@ -152,14 +199,12 @@ pub(crate) fn plan_cluster(
             .map(|p| (&p.profile, p.addresses.clone())),
     );
     for (node, addresses) in candidates {
-        let serves = node.role == NodeRole::Worker
-            && node
-                .models
-                .iter()
-                .any(|m| m.name == model.name && m.bytes == model.bytes);
+        let file = node.models.iter().find(|m| same_model(model, m));
+        let serves = node.role == NodeRole::Worker && file.is_some();
         let Some(endpoint) = node.grpc_endpoint.as_deref().filter(|_| serves) else {
             continue;
         };
+        serving.extend(file);
         let memory = node
             .memory
             .available_bytes
@@ -176,6 +221,7 @@ pub(crate) fn plan_cluster(
             reachable(endpoint, &addresses),
         ));
     }
+    check_coverage(&serving, model, chunks)?;
     let endpoints: std::collections::HashMap<String, String> = members
         .iter()
         .map(|(n, e)| (n.id.as_str().to_owned(), e.clone()))

@@ -5,12 +5,13 @@ use std::sync::Arc;
 
 use exo_core::{Epoch, GenerationError, GenerationRequest, NodeId, StepFrame, TokenOut};
 use exo_transport::{
-    AssignReport, Assignment, Code, Error as TError, FrameSink, GenerationItems, LinkOpen,
-    NodeStatus, ShardHandler,
+    AssignReport, Assignment, ChunkItems, Code, Error as TError, FrameSink, GenerationItems,
+    LinkOpen, NodeStatus, ShardHandler,
 };
 use futures::future::BoxFuture;
 use tokio::sync::mpsc;
 
+use crate::fetch::ModelStore;
 use crate::origin::Origins;
 use crate::stage::worker::{DeliverySink, LinkRefusal, WorkerLink, WorkerMsg};
 use crate::stage::{HoldError, Stages};
@@ -20,6 +21,8 @@ use crate::stage::{HoldError, Stages};
 pub(crate) struct Service {
     pub(crate) stages: Arc<Stages>,
     pub(crate) origins: Arc<Origins>,
+    /// The model in the store, whose manifest and chunks peers may ask for.
+    pub(crate) store: Option<Arc<ModelStore>>,
 }
 
 impl FrameSink for WorkerLink {
@@ -92,5 +95,34 @@ impl ShardHandler for Service {
         request: GenerationRequest,
     ) -> BoxFuture<'_, Result<GenerationItems, GenerationError>> {
         Box::pin(async move { self.origins.start(request).await })
+    }
+
+    fn manifest(
+        &self,
+        model: String,
+        hash: String,
+    ) -> BoxFuture<'_, exo_transport::Result<(String, Vec<u8>)>> {
+        let found = self.store.as_ref().and_then(|s| s.manifest(&model, &hash));
+        Box::pin(async move {
+            found.ok_or_else(|| {
+                let asked = if hash.is_empty() { model } else { hash };
+                TError::service(Code::NotFound, format!("this node holds no model {asked}"))
+            })
+        })
+    }
+
+    fn chunks(
+        &self,
+        hash: String,
+        indices: Vec<u32>,
+    ) -> BoxFuture<'_, exo_transport::Result<ChunkItems>> {
+        let sent = match &self.store {
+            Some(store) => store.send_chunks(&hash, indices),
+            None => Err(TError::service(
+                Code::NotFound,
+                "this node keeps no model store",
+            )),
+        };
+        Box::pin(async move { sent })
     }
 }

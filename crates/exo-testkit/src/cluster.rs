@@ -158,6 +158,13 @@ pub struct TestNode {
     _home: tempfile::TempDir,
 }
 
+impl TestNode {
+    /// The node's home folder.
+    pub fn home(&self) -> &std::path::Path {
+        self._home.path()
+    }
+}
+
 /// Nodes in this process that found each other and agree on a plan.
 #[derive(Debug)]
 pub struct TestCluster {
@@ -201,14 +208,38 @@ impl TestCluster {
     /// Starts one more node offering `memory` bytes; it dials every node already here.
     /// Returns its index. (Call [`TestCluster::wait_ready`] to wait for the new plan.)
     pub async fn add_node(&mut self, model: &TestModel, memory: u64) -> usize {
+        self.add_node_with(model.path.clone(), memory, |_| {}).await
+    }
+
+    /// [`TestCluster::add_node`] for the model at `model` (a path, or with a store a model's
+    /// name), with `configure` changing the node's configuration last (its home folder is
+    /// `config.topology.home`).
+    pub async fn add_node_with(
+        &mut self,
+        model: PathBuf,
+        memory: u64,
+        configure: impl FnOnce(&mut ClusterConfig),
+    ) -> usize {
         let home = tempfile::tempdir().unwrap();
+        self.add_node_in(home, model, memory, configure).await
+    }
+
+    /// [`TestCluster::add_node_with`] in the home folder `home` (a node started again where
+    /// an earlier one ran).
+    pub async fn add_node_in(
+        &mut self,
+        home: tempfile::TempDir,
+        model: PathBuf,
+        memory: u64,
+        configure: impl FnOnce(&mut ClusterConfig),
+    ) -> usize {
         let port = memory_port();
         let mut topology = TopologyConfig::in_memory(home.path(), port);
         topology.cluster_key = Some(self.key.clone());
         topology.memory_limit = Some(memory);
         topology.static_peers = self.nodes.iter().map(|n| n.address.clone()).collect();
         let device = BackendKind::Flex.device().unwrap();
-        let mut config = ClusterConfig::new(model.path.clone(), topology, device);
+        let mut config = ClusterConfig::new(model, topology, device);
         config.grpc_listen = "127.0.0.1:0".parse().unwrap();
         config.weights = self.options.weights;
         config.wire = self.options.wire;
@@ -220,6 +251,7 @@ impl TestCluster {
         config.strategy = self.options.strategy;
         config.resume_within = self.options.resume_within;
         config.stall_timeout = self.options.stall_timeout;
+        configure(&mut config);
         let node = Node::start(config)
             .await
             .unwrap_or_else(|e| panic!("starting a test node: {e}"));
@@ -300,6 +332,13 @@ impl TestCluster {
     pub async fn stop_node(&mut self, i: usize) {
         let node = self.nodes.remove(i);
         node.node.shutdown().await.unwrap();
+    }
+
+    /// Stops node `i` and gives back its home folder, to start a node there again.
+    pub async fn stop_node_keeping_home(&mut self, i: usize) -> tempfile::TempDir {
+        let node = self.nodes.remove(i);
+        node.node.shutdown().await.unwrap();
+        node._home
     }
 
     /// Stops every node.

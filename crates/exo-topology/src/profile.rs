@@ -89,7 +89,7 @@ pub struct MemoryInfo {
 }
 
 /// A model file a node holds.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct ModelFile {
     /// The file name or model name (`SmolLM2-135M-Instruct-Q4_1.gguf`).
     pub name: String,
@@ -101,6 +101,14 @@ pub struct ModelFile {
     /// tools: what an API front that reads no model needs to read calls back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool_syntax: Option<String>,
+    /// The hash of the model's manifest in the node's model store (64 hex digits), when the
+    /// node can send its chunks to peers that lack them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest: Option<String>,
+    /// The chunks the node holds, as sorted `[start, end)` runs, when it holds only some (it is
+    /// fetching, or holds only its shard); absent when it holds every chunk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunks: Option<Vec<[u32; 2]>>,
 }
 
 /// What this node measured about its link to one peer.

@@ -88,7 +88,7 @@ async fn two_nodes_exchange_profiles_and_measure_their_link() {
         name: "smollm2.gguf".to_owned(),
         bytes: 94_000_000,
         sha256: None,
-        tool_syntax: None,
+        ..ModelFile::default()
     }];
     let a = Topology::start(ca).await.unwrap();
     let mut a_events = a.events().await.unwrap();
@@ -140,6 +140,7 @@ async fn two_nodes_exchange_profiles_and_measure_their_link() {
                 bytes: 1 << 30,
                 sha256: Some("ab".repeat(32)),
                 tool_syntax: Some("hermes".to_owned()),
+                ..ModelFile::default()
             });
             p.id = NodeId("forged".to_owned());
         })

@@ -207,6 +207,41 @@ impl ShardClient {
         })
     }
 
+    /// A model's manifest from the node's store, by hash (or by name when `hash` is empty):
+    /// the hash the node gives and the bytes, which the caller must check.
+    pub async fn manifest(&self, model: &str, hash: &str) -> Result<(String, Vec<u8>)> {
+        let reply = self
+            .inner
+            .clone()
+            .manifest(pb::ManifestRequest {
+                model: model.to_owned(),
+                hash: hash.to_owned(),
+            })
+            .await
+            .map_err(|s| self.remote(&s))?
+            .into_inner();
+        Ok((reply.hash, reply.manifest))
+    }
+
+    /// Chunks of the model whose manifest hashes to `hash`, streamed in the order asked (at
+    /// most [`crate::MAX_CHUNKS_PER_CALL`]).
+    pub async fn chunks(&self, hash: &str, indices: &[u32]) -> Result<ChunkStream> {
+        let stream = self
+            .inner
+            .clone()
+            .chunks(pb::ChunksRequest {
+                hash: hash.to_owned(),
+                indices: indices.to_vec(),
+            })
+            .await
+            .map_err(|s| self.remote(&s))?
+            .into_inner();
+        Ok(ChunkStream {
+            stream,
+            endpoint: self.endpoint.clone(),
+        })
+    }
+
     pub(crate) fn raw(&self) -> Inner {
         self.inner.clone()
     }
@@ -282,6 +317,24 @@ impl LinkEnded {
                     message: "the link's call ended without an outcome".to_owned(),
                 });
             }
+        }
+    }
+}
+
+/// Chunks coming from a node's model store.
+#[derive(Debug)]
+pub struct ChunkStream {
+    stream: Streaming<pb::ChunkData>,
+    endpoint: String,
+}
+
+impl ChunkStream {
+    /// The next chunk as `(index, bytes)`; `None` once the node sent every chunk asked for.
+    pub async fn next(&mut self) -> Result<Option<(u32, Vec<u8>)>> {
+        match self.stream.message().await {
+            Ok(Some(chunk)) => Ok(Some((chunk.index, chunk.data))),
+            Ok(None) => Ok(None),
+            Err(status) => Err(Error::remote(&self.endpoint, &status)),
         }
     }
 }

@@ -988,6 +988,10 @@ impl From<&NodeStatus> for pb::StatusReply {
             compute_nanos: s.compute_nanos,
             decode_steps: s.decode_steps,
             decode_nanos: s.decode_nanos,
+            fetching: s.fetch.is_some(),
+            fetched_bytes: s.fetch.map_or(0, |f| f.done_bytes),
+            fetch_bytes: s.fetch.map_or(0, |f| f.total_bytes),
+            fetch_bytes_per_s: s.fetch.map_or(0.0, |f| f.bytes_per_s),
         }
     }
 }
@@ -1020,6 +1024,16 @@ impl From<pb::StatusReply> for NodeStatus {
             compute_nanos: s.compute_nanos,
             decode_steps: s.decode_steps,
             decode_nanos: s.decode_nanos,
+            // Figures for people: a peer's nonsense rate reads as 0.
+            fetch: s.fetching.then(|| crate::FetchStatus {
+                done_bytes: s.fetched_bytes,
+                total_bytes: s.fetch_bytes,
+                bytes_per_s: if s.fetch_bytes_per_s.is_finite() {
+                    s.fetch_bytes_per_s.max(0.0)
+                } else {
+                    0.0
+                },
+            }),
         }
     }
 }
@@ -1387,6 +1401,11 @@ mod tests {
             compute_nanos: 1_000_000,
             decode_steps: 30,
             decode_nanos: 600_000,
+            fetch: Some(crate::FetchStatus {
+                done_bytes: 3 << 20,
+                total_bytes: 9 << 20,
+                bytes_per_s: 1e6,
+            }),
             ..NodeStatus::default()
         };
         assert_eq!(NodeStatus::from(pb::StatusReply::from(&status)), status);

@@ -3,7 +3,9 @@
 //! [`ShardHandler`]'s [`FrameSink`]), each stage links to the next, and every stage delivers
 //! tokens and failures straight back to the origin on a stream the origin subscribed to
 //! ([`ShardClient::deliveries`]). A node also asks another to hold a shard ([`Assignment`]),
-//! to generate end to end ([`ShardClient::generate`]), and for its status.
+//! to generate end to end ([`ShardClient::generate`]), for its status, and for a model's
+//! manifest and chunks from its model store ([`ShardClient::manifest`], [`ShardClient::chunks`]:
+//! opaque bytes here, checked against their hashes by the caller).
 //!
 //! Activations travel as f16 by default ([`WireDtype`]). Every incoming message is checked
 //! before a handler sees it: shape × dtype = byte length, within [`Limits`], finite values,
@@ -47,8 +49,10 @@ mod pb {
 
 pub use auth::Credential;
 pub use client::{
-    DeliveryStream, GenerateStream, LinkEnded, LinkSender, SentCounters, ShardClient,
+    ChunkStream, DeliveryStream, GenerateStream, LinkEnded, LinkSender, SentCounters, ShardClient,
 };
 pub use error::{Code, Error, Result};
-pub use server::{FrameSink, GenerationItems, ShardHandler, serve};
-pub use types::{AssignReport, Assignment, Limits, LinkOpen, NodeStatus, WireDtype};
+pub use server::{
+    ChunkItems, FrameSink, GenerationItems, MAX_CHUNKS_PER_CALL, ShardHandler, serve,
+};
+pub use types::{AssignReport, Assignment, FetchStatus, Limits, LinkOpen, NodeStatus, WireDtype};

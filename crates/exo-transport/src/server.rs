@@ -56,6 +56,41 @@ pub trait ShardHandler: Send + Sync + 'static {
         &self,
         request: GenerationRequest,
     ) -> BoxFuture<'_, std::result::Result<GenerationItems, GenerationError>>;
+
+    /// A model's manifest from this node's model store, by its hash (`hash`), or by the
+    /// model's name when `hash` is empty: the hash and the manifest's bytes.
+    fn manifest(&self, model: String, hash: String) -> BoxFuture<'_, Result<(String, Vec<u8>)>> {
+        let _ = (model, hash);
+        Box::pin(async {
+            Err(Error::service(
+                crate::Code::NotFound,
+                "this node keeps no model store",
+            ))
+        })
+    }
+
+    /// Chunks `indices` of the model whose manifest hashes to `hash`, in that order, each as
+    /// `(index, bytes)`; an item that is an error ends the stream.
+    fn chunks(&self, hash: String, indices: Vec<u32>) -> BoxFuture<'_, Result<ChunkItems>> {
+        let _ = (hash, indices);
+        Box::pin(async {
+            Err(Error::service(
+                crate::Code::NotFound,
+                "this node keeps no model store",
+            ))
+        })
+    }
+}
+
+/// Chunks a handler sends, in the order asked; an error ends the stream.
+pub type ChunkItems = mpsc::Receiver<Result<(u32, Vec<u8>)>>;
+
+/// The most chunks one `Chunks` call may ask for.
+pub const MAX_CHUNKS_PER_CALL: usize = 1024;
+
+/// Whether `hash` is 64 hex digits.
+fn is_hash(hash: &str) -> bool {
+    hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// How long a connection may stay silent before keep-alive pings give up on it.
@@ -262,6 +297,71 @@ impl pb::shard_server::Shard for Service {
                         }
                     }
                     // The caller went away: dropping `events` cancels the generation.
+                    () = tx.closed() => break,
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn manifest(
+        &self,
+        request: Request<pb::ManifestRequest>,
+    ) -> std::result::Result<Response<pb::ManifestReply>, Status> {
+        let request = request.into_inner();
+        if !request.hash.is_empty() && !is_hash(&request.hash) {
+            return Err(Error::invalid("a manifest hash is 64 hex digits").into_status());
+        }
+        if request.hash.is_empty() && (request.model.is_empty() || request.model.len() > 1024) {
+            return Err(Error::invalid("ask for a manifest by hash or by name").into_status());
+        }
+        let (hash, manifest) = self
+            .handler
+            .manifest(request.model, request.hash)
+            .await
+            .map_err(Error::into_status)?;
+        Ok(Response::new(pb::ManifestReply { hash, manifest }))
+    }
+
+    type ChunksStream = ReplyStream<pb::ChunkData>;
+
+    async fn chunks(
+        &self,
+        request: Request<pb::ChunksRequest>,
+    ) -> std::result::Result<Response<Self::ChunksStream>, Status> {
+        let request = request.into_inner();
+        if !is_hash(&request.hash) {
+            return Err(Error::invalid("a manifest hash is 64 hex digits").into_status());
+        }
+        if request.indices.is_empty() || request.indices.len() > MAX_CHUNKS_PER_CALL {
+            return Err(Error::invalid(format!(
+                "ask for 1 to {MAX_CHUNKS_PER_CALL} chunks at a time"
+            ))
+            .into_status());
+        }
+        let mut items = self
+            .handler
+            .chunks(request.hash, request.indices)
+            .await
+            .map_err(Error::into_status)?;
+        let (tx, rx) = mpsc::channel(2);
+        let stopped = self.stopped.clone();
+        tokio::spawn(async move {
+            let stop = stopping(stopped);
+            tokio::pin!(stop);
+            loop {
+                tokio::select! {
+                    () = &mut stop => break,
+                    item = items.recv() => {
+                        let Some(item) = item else { break };
+                        let (message, last) = match item {
+                            Ok((index, data)) => (Ok(pb::ChunkData { index, data }), false),
+                            Err(e) => (Err(e.into_status()), true),
+                        };
+                        if tx.send(message).await.is_err() || last {
+                            break;
+                        }
+                    }
                     () = tx.closed() => break,
                 }
             }

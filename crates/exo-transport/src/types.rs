@@ -170,4 +170,17 @@ pub struct NodeStatus {
     pub decode_steps: u64,
     /// Time the decode steps took, nanoseconds.
     pub decode_nanos: u64,
+    /// The fetch of this node's shard from its peers, while one runs.
+    pub fetch: Option<FetchStatus>,
+}
+
+/// How far a node's fetch of its shard's chunks has come.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct FetchStatus {
+    /// Bytes received and verified.
+    pub done_bytes: u64,
+    /// Bytes the shard needs that the node did not hold when the fetch began.
+    pub total_bytes: u64,
+    /// Bytes per second over the last seconds.
+    pub bytes_per_s: f64,
 }

@@ -18,6 +18,7 @@ use exo_shard::{Device, LlamaShard, Weights};
 use exo_transport::{AssignReport, Assignment, NodeStatus};
 use tokio::sync::watch;
 
+use crate::fetch::ModelStore;
 use crate::grammar::ModelGrammars;
 use crate::plan::PlanState;
 use crate::stage::link::{LinkSettings, LinkTarget};
@@ -39,6 +40,9 @@ pub(crate) struct ModelSource {
     pub(crate) memory_offered: Option<u64>,
     /// The model's grammars, for constrained requests.
     pub(crate) grammars: Arc<ModelGrammars>,
+    /// The model in the store, when the node keeps one: a shard's chunks the node lacks are
+    /// fetched from peers before it loads.
+    pub(crate) store: Option<Arc<ModelStore>>,
 }
 
 /// What a node keeps of the memory it offers for the process and its buffers, not for keys
@@ -199,6 +203,11 @@ impl Stages {
         }
     }
 
+    /// The model in the store, when the node keeps one.
+    pub(crate) fn store(&self) -> Option<&Arc<ModelStore>> {
+        self.source.store.as_ref()
+    }
+
     /// Changes whenever a load starts or ends, or the held shard changes.
     pub(crate) fn changes(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
@@ -343,6 +352,17 @@ impl Stages {
             layers: stage.layers,
             reason,
         };
+        if let Some(store) = &self.source.store {
+            let parts = exo_store::ShardParts {
+                layers: spec.layers.clone(),
+                embedding: spec.embedding,
+                head: spec.head,
+            };
+            self.changed();
+            let fetched = store.ensure(&parts).await;
+            self.changed();
+            fetched.map_err(|e| failed(format!("fetching its chunks from peers: {e}")))?;
+        }
         let checkpoint = tokio::task::spawn_blocking(move || Checkpoint::open(&path))
             .await
             .map_err(|e| failed(e.to_string()))?
@@ -537,6 +557,7 @@ impl Stages {
             compute_nanos: self.stats.busy_us.load(Ordering::Relaxed) * 1000,
             decode_steps: self.stats.decode_steps.load(Ordering::Relaxed),
             decode_nanos: self.stats.decode_us.load(Ordering::Relaxed) * 1000,
+            fetch: self.source.store.as_ref().and_then(|s| s.status()),
         }
     }
 }

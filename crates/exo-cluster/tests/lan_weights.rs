@@ -1,0 +1,217 @@
+//! Models over the LAN, in one process: nodes that have no model file learn it from a peer
+//! that has it and fetch exactly the chunks of their own shard.
+//!
+//! - a node with an empty store serves its stage, and the cluster answers like one process;
+//!   it received exactly its shard's chunks and the header, nothing else;
+//! - a peer that corrupts what it sends is dropped as a source and the chunks come from
+//!   another; nothing corrupt reaches the store;
+//! - a node stopped in the middle of its fetch, started again on the same store, fetches only
+//!   the chunks it did not have.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use exo_cluster::{ClusterConfig, Store};
+use exo_core::SamplingParams;
+use exo_shard::Weights;
+use exo_store::{ChunkSet, Manifest, ShardParts};
+use exo_testkit::cluster::Options;
+use exo_testkit::{TestCluster, TestModel, collect, raw_request};
+
+const GIB: u64 = 1 << 30;
+const PROMPT: &str = "fetch,me;from_peers";
+
+/// Gives the node a store in its home folder; imports are described in `chunk` bytes.
+fn with_store(chunk: u64) -> impl FnOnce(&mut ClusterConfig) {
+    move |config| {
+        let root = config.topology.home.join("store");
+        config.store = Some(Store::open(&root, None).unwrap().with_chunk_bytes(chunk));
+    }
+}
+
+async fn ids_from(cluster: &TestCluster, node: usize, prompt: &str) -> Vec<u32> {
+    let events = cluster
+        .node(node)
+        .generate(raw_request(prompt, 12))
+        .await
+        .unwrap();
+    collect(events).await.unwrap().1.token_ids
+}
+
+/// The chunks node `i`'s stage reads, by the plan.
+fn shard_chunks(cluster: &TestCluster, i: usize, manifest: &Manifest) -> ChunkSet {
+    let exo_cluster::PlanState::Ready(plan) = cluster.node(i).plan_state() else {
+        panic!("no plan");
+    };
+    let index = plan.index_of(cluster.node(i).node_id()).unwrap();
+    let layers = plan.stages[index].layers;
+    manifest.chunks_for_shard(&ShardParts {
+        layers: layers.start as usize..layers.end as usize,
+        embedding: index == 0,
+        head: index + 1 == plan.stages.len(),
+    })
+}
+
+/// Checks every chunk `i` holds against the original file, byte for byte.
+fn held_chunks_are_the_files(cluster: &TestCluster, i: usize, original: &Path) {
+    let (_, held, manifest) = cluster.node(i).store_entry().unwrap();
+    let bytes = std::fs::read(original).unwrap();
+    let root = manifest.name.clone();
+    let copy_path = find_copy(cluster, i, &root);
+    let copy = std::fs::read(copy_path).unwrap();
+    for index in held.iter() {
+        let c = &manifest.chunks[index as usize];
+        let range = c.offset as usize..(c.offset + c.len) as usize;
+        assert_eq!(copy[range.clone()], bytes[range], "chunk {index}");
+    }
+}
+
+fn find_copy(cluster: &TestCluster, i: usize, name: &str) -> PathBuf {
+    let (hash, _, _) = cluster.node(i).store_entry().unwrap();
+    let home = cluster.nodes[i].home();
+    home.join("store").join(hash).join(name)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_with_an_empty_store_serves_its_stage_and_answers_like_one_process() {
+    let model = TestModel::tiny(4, 21);
+    let reference = model.reference(PROMPT, 12, SamplingParams::greedy(), Weights::Stored);
+    let mut cluster = TestCluster::empty(Options::default());
+    cluster
+        .add_node_with(model.path.clone(), GIB, with_store(512))
+        .await;
+    // The second node names the model; it has no file and nothing in its store.
+    cluster
+        .add_node_with(PathBuf::from(model.id()), GIB, with_store(512))
+        .await;
+    cluster.wait_ready().await;
+    for origin in [0, 1] {
+        assert_eq!(
+            ids_from(&cluster, origin, PROMPT).await,
+            reference,
+            "at node {origin}"
+        );
+    }
+    let (hash, held, manifest) = cluster.node(1).store_entry().unwrap();
+    assert_eq!(
+        Some(&hash),
+        cluster.node(0).store_entry().map(|e| e.0).as_ref()
+    );
+    // Exactly its shard's chunks (with the header): not the other node's layers.
+    let wanted = shard_chunks(&cluster, 1, &manifest);
+    assert_eq!(held, wanted);
+    assert!(held.len() < u64::from(manifest.chunk_count()));
+    let (_, received) = cluster.node(1).chunk_traffic();
+    assert_eq!(received, manifest.bytes_of(&wanted));
+    let (sent, _) = cluster.node(0).chunk_traffic();
+    assert_eq!(sent, received);
+    held_chunks_are_the_files(&cluster, 1, &model.path);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_peer_that_corrupts_chunks_is_dropped_and_the_chunks_come_from_another() {
+    let model = TestModel::tiny(4, 22);
+    let reference = model.reference(PROMPT, 12, SamplingParams::greedy(), Weights::Stored);
+    let mut cluster = TestCluster::empty(Options::default());
+    cluster
+        .add_node_with(model.path.clone(), GIB, with_store(256))
+        .await;
+    cluster
+        .add_node_with(model.path.clone(), GIB, |config| {
+            with_store(256)(config);
+            config.corrupt_chunks = true;
+        })
+        .await;
+    cluster.wait_ready().await;
+    cluster
+        .add_node_with(PathBuf::from(model.id()), GIB, with_store(256))
+        .await;
+    cluster.wait_ready().await;
+    for origin in [0, 2] {
+        assert_eq!(
+            ids_from(&cluster, origin, PROMPT).await,
+            reference,
+            "at node {origin}"
+        );
+    }
+    held_chunks_are_the_files(&cluster, 2, &model.path);
+    let (_, held, manifest) = cluster.node(2).store_entry().unwrap();
+    assert_eq!(held, shard_chunks(&cluster, 2, &manifest));
+    // The corrupting peer sent something (and was caught), the honest one the rest.
+    let (corrupt_sent, _) = cluster.node(1).chunk_traffic();
+    let (honest_sent, _) = cluster.node(0).chunk_traffic();
+    assert!(corrupt_sent > 0, "the corrupting peer was never asked");
+    assert_eq!(honest_sent, manifest.bytes_of(&held));
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fetch_cut_short_resumes_with_only_the_missing_chunks() {
+    let model = TestModel::tiny(4, 23);
+    let reference = model.reference(PROMPT, 12, SamplingParams::greedy(), Weights::Stored);
+    let mut cluster = TestCluster::empty(Options::default());
+    // The source sends slowly (4 KiB/s), so the fetch is still running when the node stops.
+    cluster
+        .add_node_with(model.path.clone(), GIB, |config| {
+            with_store(256)(config);
+            config.upload_limit = Some(4 << 10);
+        })
+        .await;
+    cluster
+        .add_node_with(PathBuf::from(model.id()), GIB, with_store(256))
+        .await;
+    // Wait until some chunks are durable (made so every 2 s), then stop the node mid-fetch.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let store_root = cluster.nodes[1].home().join("store");
+    let held_on_disk = || {
+        Store::open(&store_root, None)
+            .unwrap()
+            .find(&model.id())
+            .unwrap()
+            .map_or(0, |e| e.held().len())
+    };
+    let header = cluster.node(1).store_entry().unwrap().2.header_chunks as u64;
+    while held_on_disk() <= header + 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the fetch made no progress"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, received_before) = cluster.node(1).chunk_traffic();
+    let home = cluster.stop_node_keeping_home(1).await;
+    let kept = Store::open(&home.path().join("store"), None)
+        .unwrap()
+        .find(&model.id())
+        .unwrap()
+        .unwrap()
+        .held();
+    // Start it again where it ran, with the source at full speed.
+    cluster.stop_node(0).await;
+    cluster
+        .add_node_with(model.path.clone(), GIB, with_store(256))
+        .await;
+    cluster
+        .add_node_in(home, PathBuf::from(model.id()), GIB, with_store(256))
+        .await;
+    cluster.wait_ready().await;
+    assert_eq!(ids_from(&cluster, 1, PROMPT).await, reference);
+    let (_, held, manifest) = cluster.node(1).store_entry().unwrap();
+    let wanted = shard_chunks(&cluster, 1, &manifest);
+    let (_, received_after) = cluster.node(1).chunk_traffic();
+    // It fetched what it lacked of its shard, and nothing it kept.
+    let lacking = ChunkSet::from_flags(
+        &(0..manifest.chunk_count())
+            .map(|i| wanted.contains(i) && !kept.contains(i))
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(received_after, manifest.bytes_of(&lacking));
+    assert!(received_after < manifest.bytes_of(&wanted));
+    assert!(received_before > 0);
+    assert!(wanted.iter().all(|i| held.contains(i)));
+    held_chunks_are_the_files(&cluster, 1, &model.path);
+    cluster.shutdown().await;
+}
