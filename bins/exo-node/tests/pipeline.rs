@@ -16,42 +16,7 @@ use exo_transport::{Code, Credential, Limits, ShardClient};
 
 mod common;
 
-use common::{KEY, exo_node, http, ids_in, start_cluster};
-
-const QUESTION: &str = "What is the capital of France?";
-
-/// Greedy ids (EOS ignored) and text from `generate`, locally or through `--node`.
-fn generate(extra: &[&str]) -> (Vec<u32>, String, String) {
-    let out = exo_node()
-        .args([
-            "generate",
-            QUESTION,
-            "--max-tokens",
-            "32",
-            "--ignore-eos",
-            "--show-token-ids",
-        ])
-        .args(["--cluster-key", KEY])
-        .args(extra)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(out.status.success(), "{stderr}");
-    let ids = stderr
-        .lines()
-        .find_map(|l| l.strip_prefix("token ids: "))
-        .unwrap_or_else(|| panic!("no ids in: {stderr}"));
-    let ids = ids
-        .trim_matches(|c| c == '[' || c == ']')
-        .split(", ")
-        .map(|t| t.parse().unwrap())
-        .collect();
-    (
-        ids,
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        stderr,
-    )
-}
+use common::{KEY, exo_node, generate, http, ids_in, start_cluster};
 
 fn credential() -> Credential {
     let key = exo_topology::ClusterKey::parse(KEY, "test").unwrap();

@@ -71,6 +71,22 @@ pub struct NodeView {
     /// Bytes of model weights the node holds, when it reports it.
     #[serde(default)]
     pub weight_bytes: Option<u64>,
+    /// While the node fetches its layers' chunks from its peers: how far it got.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetch: Option<FetchView>,
+}
+
+/// A node's fetch of its shard from its peers.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct FetchView {
+    /// Bytes received and verified.
+    pub received_bytes: u64,
+    /// Bytes the node needs in all (what it lacked when the fetch began).
+    pub total_bytes: u64,
+    /// The rate over the last seconds.
+    pub bytes_per_s: f64,
+    /// Seconds left at that rate, when it is known.
+    pub eta_s: Option<f64>,
 }
 
 /// Where a node stands in the cluster.
@@ -83,6 +99,8 @@ pub enum NodeState {
     Joining,
     /// Part of the plan, loading its layers.
     Loading,
+    /// Part of the plan, fetching its layers from its peers (it lacks the model file).
+    Fetching,
     /// Holds its layers of the plan in force.
     Ready,
     /// A worker the plan leaves out (the plan's explanation says why).

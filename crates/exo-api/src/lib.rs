@@ -59,7 +59,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 pub use crate::cluster::{
-    ClusterView, LinkView, NodeState, NodeView, PeerProblemView, PlanView, StageView,
+    ClusterView, FetchView, LinkView, NodeState, NodeView, PeerProblemView, PlanView, StageView,
 };
 pub use crate::config::ApiConfig;
 pub use crate::engine::{Engine, Generation, ModelCard, Readiness};

@@ -131,6 +131,7 @@ function ring(view, names) {
 const STATE_WORDS = {
   joining: 'joining',
   loading: 'loading',
+  fetching: 'fetching its layers',
   ready: 'ready',
   idle: 'idle: not in the plan',
   waiting: 'waiting',
@@ -143,6 +144,7 @@ function device(node, plan) {
   const stage = stageIndex >= 0 ? plan.stages[stageIndex] : null;
   let state = STATE_WORDS[node.state] ?? node.state;
   if (node.state === 'loading' && node.progress != null) state = `loading ${Math.round(node.progress * 100)}%`;
+  if (node.state === 'fetching' && node.progress != null) state = `fetching ${Math.round(node.progress * 100)}%`;
   const swatch = el('span', { class: 'swatch' });
   swatch.style.setProperty('background', colour(node.id));
   const head = el('div', { class: 'node-head' },
@@ -157,6 +159,13 @@ function device(node, plan) {
   if (facts) parts.push(el('div', { class: 'muted' }, facts));
   if (node.state === 'loading' && node.progress != null) {
     parts.push(el('progress', { max: 1, value: node.progress.toFixed(3), 'aria-label': 'layers loaded' }));
+  }
+  if (node.state === 'fetching' && node.fetch) {
+    const f = node.fetch;
+    parts.push(el('progress', { max: 1, value: (node.progress ?? 0).toFixed(3), 'aria-label': 'layers fetched from peers' }));
+    const eta = f.eta_s != null ? ` · ${Math.ceil(f.eta_s)} s left` : '';
+    parts.push(el('div', { class: 'muted' },
+      `from peers: ${bytes(f.received_bytes)} of ${bytes(f.total_bytes)} · ${bytes(f.bytes_per_s)}/s${eta}`));
   }
   if (node.role !== 'observer' && node.offered_memory_bytes) {
     const used = node.used_memory_bytes;

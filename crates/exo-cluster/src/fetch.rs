@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use exo_core::NodeId;
 use exo_store::{ChunkSet, Entry, ShardParts, Store};
-use exo_topology::{ModelFile, Topology};
+use exo_topology::Topology;
 use exo_transport::{ChunkItems, FetchStatus};
 use tokio::sync::mpsc;
 
@@ -149,13 +149,6 @@ impl ModelStore {
         }
     }
 
-    /// What the node announces of its model: the manifest's hash and, unless it holds them
-    /// all, the chunks it holds.
-    pub(crate) fn announce(&self, file: &mut ModelFile) {
-        file.manifest = Some(self.entry.hash().to_owned());
-        file.chunks = (!self.entry.is_complete()).then(|| self.entry.held().runs().to_vec());
-    }
-
     /// The fetch under way, if any.
     pub(crate) fn status(&self) -> Option<FetchStatus> {
         self.progress
@@ -198,10 +191,10 @@ impl ModelStore {
                 let read = tokio::task::spawn_blocking(move || entry.read_chunk(index)).await;
                 let item = match read {
                     Ok(Ok(mut bytes)) => {
-                        if this.corrupt {
-                            if let Some(b) = bytes.first_mut() {
-                                *b ^= 0x5a;
-                            }
+                        if this.corrupt
+                            && let Some(b) = bytes.first_mut()
+                        {
+                            *b ^= 0x5a;
                         }
                         tokio::time::sleep(this.upload.reserve(bytes.len() as u64)).await;
                         this.traffic
@@ -230,12 +223,24 @@ impl ModelStore {
     /// Makes sure this node holds every chunk a shard of `parts` reads, fetching the missing
     /// ones from peers. `Err` says why it cannot.
     pub(crate) async fn ensure(&self, parts: &ShardParts) -> Result<(), String> {
-        self.ensure_chunks(&self.entry.manifest().chunks_for_shard(parts))
+        let what = format!(
+            "layers {}..{}{}{}",
+            parts.layers.start,
+            parts.layers.end,
+            if parts.embedding {
+                " with the embedding"
+            } else {
+                ""
+            },
+            if parts.head { " with the head" } else { "" }
+        );
+        self.ensure_chunks(&self.entry.manifest().chunks_for_shard(parts), &what)
             .await
     }
 
-    /// Makes sure this node holds the chunks `wanted`, fetching the missing ones from peers.
-    pub(crate) async fn ensure_chunks(&self, wanted: &ChunkSet) -> Result<(), String> {
+    /// Makes sure this node holds the chunks `wanted` (`what` names them in the log), fetching
+    /// the missing ones from peers.
+    pub(crate) async fn ensure_chunks(&self, wanted: &ChunkSet, what: &str) -> Result<(), String> {
         let manifest = self.entry.manifest();
         let missing = self.entry.missing(wanted);
         if missing.is_empty() {
@@ -249,10 +254,11 @@ impl ModelStore {
             .map_err(|e| e.to_string())?;
         tracing::info!(
             model = %manifest.name,
+            %what,
             chunks = missing.len(),
             mib = total as f64 / (1 << 20) as f64,
             held_chunks = self.entry.held().len(),
-            "fetching this node's shard from its peers"
+            "fetching from peers"
         );
         let done = Arc::new(AtomicU64::new(0));
         let started = Instant::now();
@@ -270,11 +276,12 @@ impl ModelStore {
         let seconds = started.elapsed().as_secs_f64();
         tracing::info!(
             model = %manifest.name,
+            %what,
             mib = total as f64 / (1 << 20) as f64,
             seconds,
             mib_per_s = total as f64 / (1 << 20) as f64 / seconds.max(1e-9),
             received_bytes = done.load(Ordering::Relaxed),
-            "fetched this node's shard"
+            "fetched from peers"
         );
         self.announce_held().await;
         Ok(())
@@ -356,7 +363,7 @@ impl ModelStore {
                 let runs = useful.iter().map(|source| {
                     let queue = Arc::clone(&queue);
                     async move {
-                        let end = self.from_source(source, &queue, done).await;
+                        let end = self.take_from(source, &queue, done).await;
                         (source.clone(), end)
                     }
                 });
@@ -463,7 +470,7 @@ impl ModelStore {
     }
 
     /// Takes batches of chunks `source` holds from `queue` until none is left for it.
-    async fn from_source(
+    async fn take_from(
         &self,
         source: &Source,
         queue: &Mutex<VecDeque<u32>>,

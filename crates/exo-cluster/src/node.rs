@@ -198,7 +198,7 @@ impl Node {
                 let entry = from_peers(&topology, &clients, &store, &name).await?;
                 let model_store = store_of(entry, store);
                 model_store
-                    .ensure_chunks(&model_store.entry.manifest().header())
+                    .ensure_chunks(&model_store.entry.manifest().header(), "the file's header")
                     .await
                     .map_err(|e| Error::Config(format!("fetching the header of {name}: {e}")))?;
                 let path = model_store.entry.path().to_owned();
@@ -210,22 +210,19 @@ impl Node {
                 (path, Some(model_store), meta)
             }
         };
+        let model_file = model_file(
+            &meta,
+            &model_path,
+            model_store.as_deref().map(|s| &*s.entry),
+        );
         let ModelMeta {
             name,
             config: model_config,
             tokenizer,
             template,
             profile,
-            file: model_file,
+            ..
         } = meta;
-        let model_file = match &model_store {
-            Some(s) => {
-                let mut file = model_file;
-                s.announce(&mut file);
-                file
-            }
-            None => model_file,
-        };
         // What this node offers (its limit, cgroup and free memory), as the planner sees it.
         let offered = topology.snapshot().await?.local.memory;
         let memory_offered = offered.available_bytes.or(offered.total_bytes);

@@ -171,7 +171,8 @@ fn check_coverage(
         return Ok(());
     }
     Err(format!(
-        "no node of the cluster holds the whole of {} and the nodes hold only {} of its {}          chunks between them: start a node that has the model file",
+        "no node of the cluster holds the whole of {} and the nodes hold only {} of its {} \
+         chunks between them: start a node that has the model file",
         model.name,
         held.len(),
         count
@@ -289,6 +290,38 @@ mod tests {
         );
         assert_eq!(reachable("http://10.1.1.1:9", &[]), "http://10.1.1.1:9");
         assert_eq!(reachable("http://0.0.0.0:9", &[]), "http://127.0.0.1:9");
+    }
+
+    #[test]
+    fn a_model_known_from_peers_plans_only_while_the_workers_hold_all_its_chunks() {
+        let file = |manifest: Option<&str>, chunks: Option<Vec<[u32; 2]>>| ModelFile {
+            name: "m.gguf".into(),
+            bytes: 10,
+            manifest: manifest.map(str::to_owned),
+            chunks,
+            ..ModelFile::default()
+        };
+        let ours = file(Some("a"), Some(vec![[0, 4]]));
+        // Same name and size: the same model, unless both name manifests and they differ.
+        assert!(same_model(&ours, &file(None, None)));
+        assert!(same_model(&ours, &file(Some("a"), None)));
+        assert!(!same_model(&ours, &file(Some("b"), None)));
+        let (half, other_half) = (
+            file(Some("a"), Some(vec![[0, 6]])),
+            file(Some("a"), Some(vec![[5, 10]])),
+        );
+        // Without a store nothing is checked; a whole copy (or a plain file) covers.
+        assert!(check_coverage(&[&half], &ours, None).is_ok());
+        assert!(check_coverage(&[&half, &file(Some("a"), None)], &ours, Some(10)).is_ok());
+        assert!(check_coverage(&[&half, &file(None, None)], &ours, Some(10)).is_ok());
+        // Two parts that cover between them do; one alone does not, and says why.
+        assert!(check_coverage(&[&half, &other_half], &ours, Some(10)).is_ok());
+        let why = check_coverage(&[&half], &ours, Some(10));
+        assert!(
+            why.as_ref()
+                .is_err_and(|w| w.contains("6 of its 10 chunks")),
+            "{why:?}"
+        );
     }
 
     #[test]

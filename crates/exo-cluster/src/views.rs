@@ -6,7 +6,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use exo_api::{ClusterView, LinkView, NodeState, NodeView, PeerProblemView, PlanView};
+use exo_api::{ClusterView, FetchView, LinkView, NodeState, NodeView, PeerProblemView, PlanView};
 use exo_core::Epoch;
 use exo_topology::{NodeProfile, NodeRole, TopologyEvent, TopologySnapshot};
 use exo_transport::NodeStatus;
@@ -116,6 +116,7 @@ impl Tracker {
         let gone = NodeView {
             state: NodeState::Gone,
             progress: None,
+            fetch: None,
             used_memory_bytes: None,
             is_self: false,
             ..node
@@ -308,6 +309,13 @@ fn node_view(
             .map(|r| r.resident_bytes >> 20 << 20)
             .filter(|&b| b > 0),
         weight_bytes: report.map(|r| r.weight_bytes).filter(|&b| b > 0),
+        fetch: report.and_then(|r| r.fetch).map(|f| FetchView {
+            received_bytes: f.done_bytes,
+            total_bytes: f.total_bytes,
+            bytes_per_s: f.bytes_per_s,
+            eta_s: (f.bytes_per_s > 0.0)
+                .then(|| f.total_bytes.saturating_sub(f.done_bytes) as f64 / f.bytes_per_s),
+        }),
     }
 }
 
@@ -322,6 +330,10 @@ fn state_of(
 ) -> (NodeState, Option<f64>) {
     if role == NodeRole::Observer {
         return (NodeState::Observer, None);
+    }
+    if let Some(fetch) = report.and_then(|r| r.fetch) {
+        let fraction = fetch.done_bytes as f64 / fetch.total_bytes.max(1) as f64;
+        return (NodeState::Fetching, Some(fraction.clamp(0.0, 1.0)));
     }
     if let Some(report) = report
         && report.loading.is_some()

@@ -319,7 +319,7 @@ impl Manifest {
                 true
             };
             if wanted {
-                for flag in &mut flags[t.first as usize..(t.first + t.count) as usize] {
+                for flag in &mut flags[t.first as usize..t.first as usize + t.count as usize] {
                     *flag = true;
                 }
             }

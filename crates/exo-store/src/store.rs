@@ -150,12 +150,12 @@ impl Store {
             let Ok(text) = std::fs::read(dir.join("source.json")) else {
                 continue;
             };
-            if serde_json::from_slice::<Source>(&text).ok().as_ref() == Some(&source) {
-                let same_chunks = |e: &Entry| e.manifest.chunk_bytes == self.chunk_bytes;
-                if let Some(entry) = self.open_dir(&dir).ok().filter(same_chunks) {
-                    entry.touch();
-                    return Ok(entry);
-                }
+            let same_chunks = |e: &Entry| e.manifest.chunk_bytes == self.chunk_bytes;
+            if serde_json::from_slice::<Source>(&text).ok().as_ref() == Some(&source)
+                && let Some(entry) = self.open_dir(&dir).ok().filter(same_chunks)
+            {
+                entry.touch();
+                return Ok(entry);
             }
         }
         let manifest = Manifest::of_gguf_chunked(&path, self.chunk_bytes, progress)?;
@@ -181,11 +181,11 @@ impl Store {
     pub fn create(&self, manifest_bytes: &[u8], hash: &str) -> Result<Entry> {
         let manifest = Manifest::from_bytes(manifest_bytes, hash)?;
         let dir = self.root.join(hash);
-        if dir.join("manifest.json").exists() {
-            if let Ok(entry) = self.open_dir(&dir) {
-                entry.touch();
-                return Ok(entry);
-            }
+        if dir.join("manifest.json").exists()
+            && let Ok(entry) = self.open_dir(&dir)
+        {
+            entry.touch();
+            return Ok(entry);
         }
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         let data = dir.join(&manifest.name);

@@ -8,7 +8,9 @@
 //! - request bodies of every generating route, mutated as JSON trees and as bytes, against the
 //!   API with a scripted engine: never a 500;
 //! - both sides of the join exchange (`exo-node invite` / `join`) against mutated transcripts:
-//!   never a crash, and never a key handed on or accepted.
+//!   never a crash, and never a key handed on or accepted;
+//! - model manifests a peer sends (`exo-store`), mutated as JSON trees and as bytes (with the
+//!   hash made to match, so they reach the checks), and what a node then does with one.
 //!
 //! Each target runs a fixed number of executions within a time budget and prints what it did.
 
@@ -186,6 +188,56 @@ fn the_join_exchange_never_crashes_either_side() {
         accepted, 0,
         "a joiner accepted a key from a mutant that cannot know the code"
     );
+}
+
+#[test]
+fn manifests_from_peers_never_crash_a_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("seed.gguf");
+    write_gguf(&path, &tiny_config(3), 5).unwrap();
+    let manifest = exo_store::Manifest::of_gguf_chunked(&path, 512, |_, _| {}).unwrap();
+    let seed: Value = serde_json::from_slice(&manifest.to_bytes()).unwrap();
+    let mut mutator = Mutator::new(41);
+    let mut parsed = 0usize;
+    let run = fuzz::run(
+        "manifest",
+        &[manifest.to_bytes()],
+        EXECUTIONS,
+        BUDGET,
+        0,
+        |bytes| {
+            let bytes = if mutator.below(3) < 2 {
+                let mut tree = seed.clone();
+                for _ in 0..1 + mutator.below(3) {
+                    mutate_tree(&mut tree, &mut mutator);
+                }
+                tree.to_string().into_bytes()
+            } else {
+                mutator.mutate(bytes, bytes.len())
+            };
+            let hash = exo_store::hash_hex(&bytes);
+            let Ok(m) = exo_store::Manifest::from_bytes(&bytes, &hash) else {
+                return;
+            };
+            parsed += 1;
+            for (layers, embedding, head) in [
+                (0..1, true, false),
+                (1..3, false, true),
+                (0..usize::MAX, true, true),
+            ] {
+                let parts = exo_store::ShardParts {
+                    layers,
+                    embedding,
+                    head,
+                };
+                let set = m.chunks_for_shard(&parts);
+                let _ = m.bytes_of(&set);
+            }
+            let _ = (m.header().covers(m.chunk_count()), m.hash());
+        },
+    );
+    eprintln!("manifest: {run:?}, {parsed} parsed");
+    assert!(parsed > 0);
 }
 
 /// A JSON tree with one node replaced by a value of some other shape.

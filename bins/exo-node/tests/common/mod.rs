@@ -36,6 +36,41 @@ pub fn default_model() -> PathBuf {
     PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
 
+pub const QUESTION: &str = "What is the capital of France?";
+
+/// Greedy ids (EOS ignored) and text from `generate`, locally or through `--node`.
+pub fn generate(extra: &[&str]) -> (Vec<u32>, String, String) {
+    let out = exo_node()
+        .args([
+            "generate",
+            QUESTION,
+            "--max-tokens",
+            "32",
+            "--ignore-eos",
+            "--show-token-ids",
+        ])
+        .args(["--cluster-key", KEY])
+        .args(extra)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{stderr}");
+    let ids = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("token ids: "))
+        .unwrap_or_else(|| panic!("no ids in: {stderr}"));
+    let ids = ids
+        .trim_matches(|c| c == '[' || c == ']')
+        .split(", ")
+        .map(|t| t.parse().unwrap())
+        .collect();
+    (
+        ids,
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        stderr,
+    )
+}
+
 /// The token ids `generate --show-token-ids` printed on stderr.
 pub fn ids_in(stderr: &str) -> &str {
     stderr
