@@ -78,6 +78,22 @@ impl Progress {
     }
 }
 
+/// A fetch running: on drop (its end, or the fetch dropped) the progress is cleared and the
+/// ticker stopped.
+struct Running {
+    progress: Arc<Mutex<Option<Progress>>>,
+    ticker: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.ticker.abort();
+        if let Ok(mut slot) = self.progress.lock() {
+            *slot = None;
+        }
+    }
+}
+
 /// A cap on the bytes per second this node sends to peers (`--upload-limit`): each chunk
 /// reserves its share of time, so concurrent calls share the cap.
 #[derive(Debug)]
@@ -268,9 +284,14 @@ impl ModelStore {
             mark: (started, 0),
             rate: 0.0,
         }));
+        // Ends the progress and its ticker however this ends, a plan change dropping the fetch
+        // included (what was written since the last tick is then fetched again next time).
+        let _running = Running {
+            progress: Arc::clone(&self.progress),
+            ticker: self.tick(),
+        };
         let fetched = self.fetch(&missing, &done).await;
         let persisted = self.persist().await;
-        self.set_progress(None);
         fetched?;
         persisted?;
         let seconds = started.elapsed().as_secs_f64();
@@ -330,72 +351,83 @@ impl ModelStore {
         let mut bad: HashSet<String> = HashSet::new();
         let mut last_progress = Instant::now();
         let mut last_done = 0;
-        let ticker = self.tick();
-        let result = async {
-            loop {
-                let left: Vec<u32> = queue.lock().map(|q| q.iter().copied().collect()).unwrap_or_default();
-                if left.is_empty() {
-                    return Ok(());
+        let mut told: HashSet<String> = HashSet::new();
+        loop {
+            let left: Vec<u32> = queue
+                .lock()
+                .map(|q| q.iter().copied().collect())
+                .unwrap_or_default();
+            if left.is_empty() {
+                return Ok(());
+            }
+            let sources = self.sources(&bad).await;
+            let useful: Vec<Source> = sources
+                .into_iter()
+                .filter(|s| left.iter().any(|&i| s.chunks.contains(i)))
+                .collect();
+            let now_done = done.load(Ordering::Relaxed);
+            if now_done > last_done {
+                last_done = now_done;
+                last_progress = Instant::now();
+            }
+            if last_progress.elapsed() > NO_SOURCE_WAIT {
+                let why = if useful.is_empty() {
+                    "no peer holds them"
+                } else {
+                    "the peers that hold them do not send them"
+                };
+                return Err(format!(
+                    "{} chunk(s) of {} this node still needs came from nowhere for {} s \
+                         ({why}): start a node that has the model file",
+                    left.len(),
+                    self.entry.manifest().name,
+                    NO_SOURCE_WAIT.as_secs()
+                ));
+            }
+            if useful.is_empty() {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            let runs = useful.iter().map(|source| {
+                let queue = Arc::clone(&queue);
+                async move {
+                    let end = self.take_from(source, &queue, done).await;
+                    (source.clone(), end)
                 }
-                let sources = self.sources(&bad).await;
-                let useful: Vec<Source> = sources
-                    .into_iter()
-                    .filter(|s| left.iter().any(|&i| s.chunks.contains(i)))
-                    .collect();
-                let now_done = done.load(Ordering::Relaxed);
-                if now_done > last_done {
-                    last_done = now_done;
-                    last_progress = Instant::now();
-                }
-                if useful.is_empty() {
-                    if last_progress.elapsed() > NO_SOURCE_WAIT {
-                        return Err(format!(
-                            "no peer holds the {} chunk(s) of {} this node still needs \
-                             (waited {} s): start a node that has the model file",
-                            left.len(),
-                            self.entry.manifest().name,
-                            NO_SOURCE_WAIT.as_secs()
-                        ));
+            });
+            let mut local = None;
+            for (source, end) in futures::future::join_all(runs).await {
+                match end {
+                    SourceEnd::Done => {}
+                    SourceEnd::Local(reason) => local = Some(reason),
+                    SourceEnd::Corrupt(reason) => {
+                        tracing::warn!(
+                            peer = %source.node,
+                            %reason,
+                            "a peer sent a chunk that does not match the model's manifest: \
+                             it is no longer a source, the chunk comes from another"
+                        );
+                        bad.insert(source.node.clone());
                     }
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    continue;
-                }
-                let runs = useful.iter().map(|source| {
-                    let queue = Arc::clone(&queue);
-                    async move {
-                        let end = self.take_from(source, &queue, done).await;
-                        (source.clone(), end)
-                    }
-                });
-                let mut local = None;
-                for (source, end) in futures::future::join_all(runs).await {
-                    match end {
-                        SourceEnd::Done => {}
-                        SourceEnd::Local(reason) => local = Some(reason),
-                        SourceEnd::Corrupt(reason) => {
+                    SourceEnd::Failed(reason) => {
+                        // Once per peer and fetch: a peer that keeps failing is retried
+                        // quietly until the fetch gives up.
+                        if told.insert(source.node.clone()) {
                             tracing::warn!(
                                 peer = %source.node,
                                 %reason,
-                                "a peer sent a chunk that does not match the model's manifest: \
-                                 it is no longer a source, the chunk comes from another"
+                                "fetching chunks from a peer failed; trying again"
                             );
-                            bad.insert(source.node.clone());
                         }
-                        SourceEnd::Failed(reason) => {
-                            tracing::warn!(peer = %source.node, %reason, "fetching chunks from a peer failed; trying again");
-                            self.clients.forget(&source.endpoint);
-                            tokio::time::sleep(Duration::from_millis(200)).await;
-                        }
+                        self.clients.forget(&source.endpoint);
+                        tokio::time::sleep(Duration::from_millis(200)).await;
                     }
                 }
-                if let Some(reason) = local {
-                    return Err(reason);
-                }
+            }
+            if let Some(reason) = local {
+                return Err(reason);
             }
         }
-        .await;
-        ticker.abort();
-        result
     }
 
     /// Logs progress, updates the rate and makes verified chunks durable every [`TICK`]; the
@@ -642,6 +674,7 @@ pub(crate) async fn from_peers(
     let mut events = topology.events().await?;
     let started = Instant::now();
     let mut told = Instant::now();
+    let mut refused: HashSet<String> = HashSet::new();
     tracing::info!(model = %name, "no such file here: waiting for a peer that holds the model");
     loop {
         let snapshot = topology.snapshot().await?;
@@ -688,7 +721,9 @@ pub(crate) async fn from_peers(
                 }
                 Err(reason) => {
                     clients.forget(&endpoint);
-                    tracing::warn!(%peer, %reason, "cannot take the model's manifest from a peer");
+                    if refused.insert(peer.to_string()) {
+                        tracing::warn!(%peer, %reason, "cannot take the model's manifest from a peer");
+                    }
                 }
             }
         }

@@ -137,10 +137,20 @@ impl GgufFile {
         // SAFETY: the map is read-only; a checkpoint modified while mapped is the user's error
         // and can only yield wrong numbers, which every reader of mapped model files accepts.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        Self::parse(path.to_path_buf(), file, map)
+        Self::parse(path.to_path_buf(), file, map, true)
     }
 
-    fn parse(path: PathBuf, file: File, map: Mmap) -> Result<Self> {
+    /// Opens `path` for its tensor index only: every check [`GgufFile::open`] makes, but of the
+    /// metadata only `general.alignment` is kept (a tokenizer's hundred thousand strings are
+    /// not built), for tools that need only where the tensors are.
+    pub fn open_index(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: as in `open`.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        Self::parse(path.to_path_buf(), file, map, false)
+    }
+
+    fn parse(path: PathBuf, file: File, map: Mmap, all_metadata: bool) -> Result<Self> {
         let mut r = Reader {
             bytes: &map,
             pos: 0,
@@ -213,6 +223,12 @@ impl GgufFile {
         let mut metadata = BTreeMap::new();
         for i in 0..n_kv {
             let (key, ty) = r.entry_head(i).map_err(&fail)?;
+            if !all_metadata && key != "general.alignment" {
+                let mut skipped = 0u64;
+                r.skip_value(ty, 0, &mut skipped)
+                    .map_err(|e| fail(format!("metadata `{key}`: {e}")))?;
+                continue;
+            }
             let value = r
                 .value(ty, 0)
                 .map_err(|e| fail(format!("metadata `{key}`: {e}")))?;

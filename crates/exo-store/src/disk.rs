@@ -11,26 +11,9 @@ pub(crate) fn write_at(file: &File, path: &Path, bytes: &[u8], offset: u64) -> R
     #[cfg(unix)]
     let written = std::os::unix::fs::FileExt::write_all_at(file, bytes, offset);
     #[cfg(windows)]
-    let written = {
-        use std::os::windows::fs::FileExt;
-        let mut done = 0usize;
-        let mut result = Ok(());
-        while done < bytes.len() {
-            match file.seek_write(&bytes[done..], offset + done as u64) {
-                Ok(0) => {
-                    result = Err(std::io::ErrorKind::WriteZero.into());
-                    break;
-                }
-                Ok(n) => done += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    result = Err(e);
-                    break;
-                }
-            }
-        }
-        result
-    };
+    let written = windows_all(bytes.len(), std::io::ErrorKind::WriteZero, |done| {
+        std::os::windows::fs::FileExt::seek_write(file, &bytes[done..], offset + done as u64)
+    });
     written.map_err(|e| Error::io(path, e))
 }
 
@@ -39,27 +22,30 @@ pub(crate) fn read_at(file: &File, path: &Path, buffer: &mut [u8], offset: u64) 
     #[cfg(unix)]
     let read = std::os::unix::fs::FileExt::read_exact_at(file, buffer, offset);
     #[cfg(windows)]
-    let read = {
-        use std::os::windows::fs::FileExt;
-        let mut done = 0usize;
-        let mut result = Ok(());
-        while done < buffer.len() {
-            match file.seek_read(&mut buffer[done..], offset + done as u64) {
-                Ok(0) => {
-                    result = Err(std::io::ErrorKind::UnexpectedEof.into());
-                    break;
-                }
-                Ok(n) => done += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    result = Err(e);
-                    break;
-                }
-            }
-        }
-        result
-    };
+    let read = windows_all(buffer.len(), std::io::ErrorKind::UnexpectedEof, |done| {
+        std::os::windows::fs::FileExt::seek_read(file, &mut buffer[done..], offset + done as u64)
+    });
     read.map_err(|e| Error::io(path, e))
+}
+
+/// Repeats a positional read or write (`step(done)` moves bytes from `done` on) until `len`
+/// bytes moved: Windows has no `*_all_at`. A step that moves nothing is `short`.
+#[cfg(windows)]
+fn windows_all(
+    len: usize,
+    short: std::io::ErrorKind,
+    mut step: impl FnMut(usize) -> std::io::Result<usize>,
+) -> std::io::Result<()> {
+    let mut done = 0usize;
+    while done < len {
+        match step(done) {
+            Ok(0) => return Err(short.into()),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Replaces `path` with `bytes` so that a reader (or a restart after a crash) sees the old

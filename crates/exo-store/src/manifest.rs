@@ -97,7 +97,7 @@ impl Manifest {
         mut progress: impl FnMut(u64, u64),
     ) -> Result<Manifest> {
         let chunk_bytes = chunk_bytes.clamp(1, 64 << 20);
-        let gguf = exo_model::gguf::GgufFile::open(path)?;
+        let gguf = exo_model::gguf::GgufFile::open_index(path)?;
         let name = path
             .file_name()
             .and_then(|n| n.to_str())
@@ -151,7 +151,10 @@ impl Manifest {
         let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         let mut chunks = Vec::with_capacity(ranges.len());
         let mut position = 0u64;
-        let mut buffer = vec![0u8; chunk_bytes as usize];
+        // Read in small pieces: a buffer of a whole chunk (megabytes) would raise the
+        // allocator's threshold for mapping large blocks, and the node would keep more of the
+        // memory its later loads free.
+        let mut buffer = vec![0u8; 64 << 10];
         let mut done = 0u64;
         for (offset, len) in ranges {
             // Skip the padding between tensors (GGUF aligns each tensor's data).
@@ -162,13 +165,19 @@ impl Manifest {
                 )
                 .map_err(|e| Error::io(path, e))?;
             }
-            let piece = &mut buffer[..len as usize];
-            file.read_exact(piece).map_err(|e| Error::io(path, e))?;
+            let mut hasher = blake3::Hasher::new();
+            let mut left = len;
+            while left > 0 {
+                let piece = &mut buffer[..left.min(64 << 10) as usize];
+                file.read_exact(piece).map_err(|e| Error::io(path, e))?;
+                hasher.update(piece);
+                left -= piece.len() as u64;
+            }
             position = offset + len;
             chunks.push(Chunk {
                 offset,
                 len,
-                hash: hash_hex(piece),
+                hash: hasher.finalize().to_hex().to_string(),
             });
             done += len;
             progress(done, bytes);

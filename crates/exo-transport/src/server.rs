@@ -180,6 +180,38 @@ async fn stopping(mut stopped: watch::Receiver<bool>) {
 
 type ReplyStream<T> = ReceiverStream<std::result::Result<T, Status>>;
 
+/// Sends `items` to a reply stream's sender `tx`, each made a message by `message` (which also
+/// says whether it is the last), until the items end, the server stops, or the caller goes away
+/// (then `items` is dropped, which tells the handler).
+fn relay<I, T>(
+    tx: mpsc::Sender<std::result::Result<T, Status>>,
+    items: impl futures::Stream<Item = I> + Send + 'static,
+    stopped: watch::Receiver<bool>,
+    mut message: impl FnMut(I) -> (std::result::Result<T, Status>, bool) + Send + 'static,
+) where
+    I: Send + 'static,
+    T: Send + 'static,
+{
+    use futures::StreamExt;
+    tokio::spawn(async move {
+        let stop = stopping(stopped);
+        tokio::pin!(stop, items);
+        loop {
+            tokio::select! {
+                () = &mut stop => break,
+                item = items.next() => {
+                    let Some(item) = item else { break };
+                    let (reply, last) = message(item);
+                    if tx.send(reply).await.is_err() || last {
+                        break;
+                    }
+                }
+                () = tx.closed() => break,
+            }
+        }
+    });
+}
+
 #[tonic::async_trait]
 impl pb::shard_server::Shard for Service {
     async fn assign(
@@ -228,7 +260,7 @@ impl pb::shard_server::Shard for Service {
         if request.origin.is_empty() {
             return Err(Error::invalid("a subscription must name its origin").into_status());
         }
-        let mut items = self
+        let items = self
             .handler
             .deliveries(epoch, NodeId::from(request.origin))
             .await
@@ -239,28 +271,19 @@ impl pb::shard_server::Shard for Service {
             items: Vec::new(),
         };
         let _ = tx.send(Ok(subscribed)).await;
-        let stopped = self.stopped.clone();
-        tokio::spawn(async move {
-            let stop = stopping(stopped);
-            tokio::pin!(stop);
-            loop {
-                tokio::select! {
-                    () = &mut stop => break,
-                    batch = items.recv() => {
-                        let Some(batch) = batch else { break };
-                        let delivery = pb::Delivery {
-                            subscribed: false,
-                            items: batch.iter().map(pb::TokenOut::from).collect(),
-                        };
-                        if tx.send(Ok(delivery)).await.is_err() {
-                            break;
-                        }
-                    }
-                    // The origin went away: dropping `items` ends the subscription.
-                    () = tx.closed() => break,
-                }
-            }
-        });
+        // The origin going away drops `items`, which ends the subscription.
+        relay(
+            tx,
+            tokio_stream::wrappers::UnboundedReceiverStream::new(items),
+            self.stopped.clone(),
+            |batch: Vec<TokenOut>| {
+                let delivery = pb::Delivery {
+                    subscribed: false,
+                    items: batch.iter().map(pb::TokenOut::from).collect(),
+                };
+                (Ok(delivery), false)
+            },
+        );
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -273,7 +296,7 @@ impl pb::shard_server::Shard for Service {
         let request =
             GenerationRequest::try_from(request.into_inner()).map_err(Error::into_status)?;
         let (tx, rx) = mpsc::channel(16);
-        let mut events = match self.handler.generate(request).await {
+        let events = match self.handler.generate(request).await {
             Ok(events) => events,
             Err(e) => {
                 // A refusal is the stream's one event, as data, like a later failure.
@@ -281,26 +304,17 @@ impl pb::shard_server::Shard for Service {
                 return Ok(Response::new(ReceiverStream::new(rx)));
             }
         };
-        let stopped = self.stopped.clone();
-        tokio::spawn(async move {
-            let stop = stopping(stopped);
-            tokio::pin!(stop);
-            loop {
-                tokio::select! {
-                    () = &mut stop => break,
-                    item = events.recv() => {
-                        let Some(item) = item else { break };
-                        // Only the final event or an error ends a generation.
-                        let last = matches!(item, Ok(GenerationEvent::Finished(_)) | Err(_));
-                        if tx.send(Ok(generation_item_to_pb(&item))).await.is_err() || last {
-                            break;
-                        }
-                    }
-                    // The caller went away: dropping `events` cancels the generation.
-                    () = tx.closed() => break,
-                }
-            }
-        });
+        // The caller going away drops `events`, which cancels the generation.
+        relay(
+            tx,
+            ReceiverStream::new(events),
+            self.stopped.clone(),
+            |item| {
+                // Only the final event or an error ends a generation.
+                let last = matches!(item, Ok(GenerationEvent::Finished(_)) | Err(_));
+                (Ok(generation_item_to_pb(&item)), last)
+            },
+        );
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -339,33 +353,21 @@ impl pb::shard_server::Shard for Service {
             ))
             .into_status());
         }
-        let mut items = self
+        let items = self
             .handler
             .chunks(request.hash, request.indices)
             .await
             .map_err(Error::into_status)?;
         let (tx, rx) = mpsc::channel(2);
-        let stopped = self.stopped.clone();
-        tokio::spawn(async move {
-            let stop = stopping(stopped);
-            tokio::pin!(stop);
-            loop {
-                tokio::select! {
-                    () = &mut stop => break,
-                    item = items.recv() => {
-                        let Some(item) = item else { break };
-                        let (message, last) = match item {
-                            Ok((index, data)) => (Ok(pb::ChunkData { index, data }), false),
-                            Err(e) => (Err(e.into_status()), true),
-                        };
-                        if tx.send(message).await.is_err() || last {
-                            break;
-                        }
-                    }
-                    () = tx.closed() => break,
-                }
-            }
-        });
+        relay(
+            tx,
+            ReceiverStream::new(items),
+            self.stopped.clone(),
+            |item| match item {
+                Ok((index, data)) => (Ok(pb::ChunkData { index, data }), false),
+                Err(e) => (Err(e.into_status()), true),
+            },
+        );
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
