@@ -106,12 +106,13 @@ def wait_for(home, text, within=300):
 
 
 def fetched(home):
-    """(bytes received, seconds) of the "fetched from peers" line for the node's layers."""
+    """(bytes received, seconds, what) of the "fetched from peers" line for the node's layers."""
     for line in log_of(home).splitlines():
         if "fetched from peers" in line and "layers" in line:
             got = int(re.search(r"received_bytes=(\d+)", line).group(1))
             seconds = float(re.search(r"seconds=([\d.e-]+)", line).group(1))
-            return got, seconds
+            what = re.search(r"what=(.*?) mib=", line).group(1)
+            return got, seconds, what
     raise RuntimeError("no fetch logged")
 
 
@@ -152,18 +153,18 @@ def scenario_one_holder(rate):
         print(f"- from starting the two empty nodes to the first answer (through one of "
               f"them): {first_answer:.2f} s")
         for i in (1, 2):
-            got, seconds = fetched(homes[i])
+            got, seconds, what = fetched(homes[i])
             header = received_total(homes[i]) - got
             held, manifest = held_bytes(homes[i])
             print(f"- node {i}: received {received_total(homes[i]):,} bytes of chunks "
-                  f"(its layers {got:,} + the file's header {header:,}) = the chunks it "
+                  f"({what}: {got:,} + the file's header {header:,}) = the chunks it "
                   f"holds: {held:,} ({'equal' if held == received_total(homes[i]) else 'DIFFERENT'})"
                   f"; plus the manifest, {manifest:,} bytes; layers in {seconds:.2f} s = "
                   f"{got * 8 / seconds / 1e6:.1f} Mbit/s")
         # Both fetched at once through the holder's one capped link.
         fetches = [fetched(homes[i]) for i in (1, 2)]
-        total = sum(g for g, _ in fetches)
-        span = max(s for _, s in fetches)
+        total = sum(f[0] for f in fetches)
+        span = max(f[1] for f in fetches)
         print(f"- the holder's link carried {total * 8 / span / 1e6:.1f} Mbit/s while both "
               f"fetched ({100 * total * 8 / span / 1e6 / rate:.0f} % of its {rate} Mbit/s cap)\n")
     finally:
@@ -186,7 +187,7 @@ def scenario_sources(rate, sources):
             wait_for(homes[1], "shard service at")
         lab.start(fetcher, homes[fetcher], MODEL_ID, "120MiB", list(range(sources)))
         wait_for(homes[fetcher], "exo-node: ready", within=600)
-        got, seconds = fetched(homes[fetcher])
+        got, seconds, _ = fetched(homes[fetcher])
         return got, seconds
     finally:
         lab.close()

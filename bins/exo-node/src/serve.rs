@@ -254,7 +254,13 @@ pub(crate) fn run(args: ServeArgs) -> Result<()> {
     if let Some(threads) = args.threads {
         exo_shard::set_kernel_threads(threads);
     }
-    let weights = resolve_weights(&args.weights, backend, &model)?;
+    // A model named by peers' name is the store's copy when there is one (a GGUF file or a
+    // folder); one still to come from a peer is taken for GGUF.
+    let stored = (!model.exists())
+        .then(|| store.find(&model.to_string_lossy()).ok().flatten())
+        .flatten();
+    let weights_of = stored.as_ref().map_or(model.as_path(), |e| e.path());
+    let weights = resolve_weights(&args.weights, backend, weights_of)?;
     let wire = args
         .wire
         .parse()

@@ -605,19 +605,21 @@ pub(crate) struct Located {
     pub(crate) entry: Option<Entry>,
 }
 
-/// Where this node's model is: the file at `path` (imported into the store, when there is one
-/// and the file is GGUF, so peers can fetch from it), or the store's copy of the model `path`
+/// Where this node's model is: the file or folder at `path` (imported into the store, when
+/// there is one and it is a GGUF file or a Hugging Face folder, so peers can fetch from it), or the store's copy of the model `path`
 /// names when that copy holds the header. `None`: it must come from a peer.
 pub(crate) fn locate(
     path: &std::path::Path,
     store: Option<&Store>,
 ) -> crate::error::Result<Option<Located>> {
     if path.exists() {
-        let gguf = path.is_file()
-            && path
+        // A GGUF file or a Hugging Face folder; a model the store cannot describe is served
+        // here but not offered to peers.
+        let describable = path.is_dir()
+            || path
                 .extension()
                 .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
-        let entry = match store.filter(|_| gguf) {
+        let entry = match store.filter(|_| describable) {
             Some(store) => {
                 let started = Instant::now();
                 let mut told = false;

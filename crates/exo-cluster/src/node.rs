@@ -550,6 +550,9 @@ fn model_file(meta: &ModelMeta, path: &std::path::Path, entry: Option<&Entry>) -
     let mut file = meta.file.clone();
     file.bytes = model_bytes(path);
     if let Some(entry) = entry {
+        // What the store keeps of a folder (not, say, a README beside the weights): the same
+        // length on every node that has the model.
+        file.bytes = entry.manifest().bytes;
         file.manifest = Some(entry.hash().to_owned());
         file.chunks = (!entry.is_complete()).then(|| entry.held().runs().to_vec());
     }

@@ -174,7 +174,7 @@ async fn a_fetch_cut_short_resumes_with_only_the_missing_chunks() {
             .unwrap()
             .map_or(0, |e| e.held().len())
     };
-    let header = cluster.node(1).store_entry().unwrap().2.header_chunks as u64;
+    let header = cluster.node(1).store_entry().unwrap().2.header().len();
     while held_on_disk() <= header + 2 {
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -247,5 +247,47 @@ async fn a_new_plan_that_moves_layers_fetches_only_the_new_ones() {
     // fetched nothing.)
     let (_, received_after) = cluster.node(1).chunk_traffic();
     assert_eq!(received_after - received_before, manifest.bytes_of(&new));
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hugging_face_folder_travels_file_by_file_and_the_cluster_answers_like_one_process() {
+    let model = TestModel::tiny(4, 25);
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("tiny-hf");
+    let checkpoint = exo_model::Checkpoint::open(&model.path).unwrap();
+    exo_model::export_hf(&checkpoint, &folder, exo_model::ExportDtype::F32).unwrap();
+    let device = exo_shard::BackendKind::Flex.device().unwrap();
+    let engine = exo_shard::Engine::load(&folder, &device, Weights::Stored).unwrap();
+    let options = exo_shard::TextOptions {
+        max_tokens: 12,
+        sampling: SamplingParams::greedy(),
+        stop: Vec::new(),
+        ignore_eos: true,
+    };
+    let reference = engine
+        .generate_text(PROMPT, &options, &mut |_| {})
+        .unwrap()
+        .ids;
+    let mut cluster = TestCluster::empty(Options::default());
+    cluster
+        .add_node_with(folder.clone(), GIB, with_store(512))
+        .await;
+    cluster
+        .add_node_with(PathBuf::from("tiny-hf"), GIB, with_store(512))
+        .await;
+    cluster.wait_ready().await;
+    for origin in [0, 1] {
+        assert_eq!(
+            ids_from(&cluster, origin, PROMPT).await,
+            reference,
+            "at node {origin}"
+        );
+    }
+    let (_, held, manifest) = cluster.node(1).store_entry().unwrap();
+    assert!(manifest.folder);
+    assert_eq!(held, shard_chunks(&cluster, 1, &manifest));
+    let (_, received) = cluster.node(1).chunk_traffic();
+    assert_eq!(received, manifest.bytes_of(&held));
     cluster.shutdown().await;
 }

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::chunks::ChunkSet;
 use crate::disk;
 use crate::error::{Error, Result};
-use crate::manifest::{CHUNK_BYTES, Manifest, hash_hex};
+use crate::manifest::{CHUNK_BYTES, Manifest, hash_hex, kept_in_folder};
 
 /// The model store under one folder.
 #[derive(Debug, Clone)]
@@ -38,16 +38,32 @@ struct Source {
 }
 
 impl Source {
+    /// A file, or a folder as the files the store keeps of it (their lengths added, the
+    /// latest modification).
     fn of(path: &Path) -> Result<Source> {
+        let stamp = |meta: &std::fs::Metadata| {
+            meta.modified()
+                .ok()
+                .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos())
+        };
         let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
-        let modified_ns = meta
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_nanos());
+        let (mut bytes, mut modified_ns) = (meta.len(), stamp(&meta));
+        if meta.is_dir() {
+            (bytes, modified_ns) = (0, 0);
+            for entry in std::fs::read_dir(path).map_err(|e| Error::io(path, e))? {
+                let entry = entry.map_err(|e| Error::io(path, e))?;
+                let kept = entry.file_name().to_str().is_some_and(kept_in_folder);
+                let meta = entry.metadata().map_err(|e| Error::io(&entry.path(), e))?;
+                if kept && meta.is_file() {
+                    bytes += meta.len();
+                    modified_ns = modified_ns.max(stamp(&meta));
+                }
+            }
+        }
         Ok(Source {
             path: path.to_owned(),
-            bytes: meta.len(),
+            bytes,
             modified_ns,
         })
     }
@@ -83,7 +99,8 @@ pub struct Entry {
     dir: PathBuf,
     data: PathBuf,
     imported: bool,
-    file: File,
+    /// The model's files, open, in the manifest's order.
+    files: Vec<(PathBuf, File)>,
     held: Mutex<Vec<bool>>,
     dirty: AtomicBool,
 }
@@ -140,7 +157,8 @@ impl Store {
         self.limit
     }
 
-    /// Describes the user's file at `path` (a GGUF file) so that peers can fetch its chunks:
+    /// Describes the user's model at `path` (a GGUF file, or a Hugging Face folder) so that
+    /// peers can fetch its chunks:
     /// the manifest is computed once and kept while the file's size and modification time stay
     /// the same. The file is read where it is, never copied or changed.
     pub fn import(&self, path: &Path, progress: impl FnMut(u64, u64)) -> Result<Entry> {
@@ -158,7 +176,7 @@ impl Store {
                 return Ok(entry);
             }
         }
-        let manifest = Manifest::of_gguf_chunked(&path, self.chunk_bytes, progress)?;
+        let manifest = Manifest::of_model_chunked(&path, self.chunk_bytes, progress)?;
         let bytes = manifest.to_bytes();
         let hash = hash_hex(&bytes);
         let dir = self.root.join(&hash);
@@ -189,11 +207,15 @@ impl Store {
         }
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         let data = dir.join(&manifest.name);
-        let file = File::create(&data).map_err(|e| Error::io(&data, e))?;
-        // Sparse where the file system allows: only chunks written take disk space.
-        file.set_len(manifest.bytes)
-            .map_err(|e| Error::io(&data, e))?;
-        drop(file);
+        if manifest.folder {
+            std::fs::create_dir_all(&data).map_err(|e| Error::io(&data, e))?;
+        }
+        for span in &manifest.files {
+            let path = file_path(&data, &manifest, &span.name);
+            let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
+            // Sparse where the file system allows: only chunks written take disk space.
+            file.set_len(span.bytes).map_err(|e| Error::io(&path, e))?;
+        }
         disk::replace(&dir.join("held"), &vec![0u8; manifest.chunks.len()])?;
         // The manifest last: a folder without one is an unfinished creation, made again.
         disk::replace(&dir.join("manifest.json"), manifest_bytes)?;
@@ -320,25 +342,19 @@ impl Store {
         let source: Option<Source> = std::fs::read(dir.join("source.json"))
             .ok()
             .and_then(|text| serde_json::from_slice(&text).ok());
-        let (data, imported, held, file) = match source {
+        let (data, imported, held) = match source {
             Some(source) => {
                 // An import stands only while the user's file is the one described.
                 if Source::of(&source.path).ok().as_ref() != Some(&source) {
                     return Err(Error::Unsupported {
                         path: source.path.clone(),
-                        reason: "the file changed since the store described it".to_owned(),
+                        reason: "the model changed since the store described it".to_owned(),
                     });
                 }
-                let file = File::open(&source.path).map_err(|e| Error::io(&source.path, e))?;
-                (source.path, true, vec![true; count], file)
+                (source.path, true, vec![true; count])
             }
             None => {
                 let data = dir.join(&manifest.name);
-                let file = File::options()
-                    .read(true)
-                    .write(true)
-                    .open(&data)
-                    .map_err(|e| Error::io(&data, e))?;
                 let recorded = std::fs::read(dir.join("held")).unwrap_or_default();
                 // A record of another length is no record: everything is fetched again.
                 let held = if recorded.len() == count {
@@ -346,9 +362,22 @@ impl Store {
                 } else {
                     vec![false; count]
                 };
-                (data, false, held, file)
+                (data, false, held)
             }
         };
+        let files = manifest
+            .files
+            .iter()
+            .map(|span| {
+                let path = file_path(&data, &manifest, &span.name);
+                File::options()
+                    .read(true)
+                    .write(!imported)
+                    .open(&path)
+                    .map(|f| (path.clone(), f))
+                    .map_err(|e| Error::io(&path, e))
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(Entry {
             hash,
             manifest,
@@ -356,10 +385,19 @@ impl Store {
             dir: dir.to_owned(),
             data,
             imported,
-            file,
+            files,
             held: Mutex::new(held),
             dirty: AtomicBool::new(false),
         })
+    }
+}
+
+/// Where file `name` of a model is, the model being at `data` (a file, or a folder).
+fn file_path(data: &Path, manifest: &Manifest, name: &str) -> PathBuf {
+    if manifest.folder {
+        data.join(name)
+    } else {
+        data.to_owned()
     }
 }
 
@@ -379,7 +417,8 @@ impl Entry {
         &self.manifest_bytes
     }
 
-    /// The GGUF file to open: the sparse copy, or the user's file for an import.
+    /// The checkpoint to open (a GGUF file or a folder): the sparse copy, or the user's own
+    /// for an import.
     pub fn path(&self) -> &Path {
         &self.data
     }
@@ -444,7 +483,8 @@ impl Entry {
         if self.imported {
             return Ok(());
         }
-        disk::write_at(&self.file, &self.data, bytes, chunk.offset)?;
+        let (file, path, at) = self.locate(index, chunk.offset)?;
+        disk::write_at(file, path, bytes, at)?;
         if let Ok(mut held) = self.held.lock() {
             held[index as usize] = true;
         }
@@ -463,9 +503,9 @@ impl Entry {
             Ok(held) => held.iter().map(|&b| u8::from(b)).collect(),
             Err(_) => return Ok(()),
         };
-        self.file
-            .sync_data()
-            .map_err(|e| Error::io(&self.data, e))?;
+        for (path, file) in &self.files {
+            file.sync_data().map_err(|e| Error::io(path, e))?;
+        }
         disk::replace(&self.dir.join("held"), &record)
     }
 
@@ -484,8 +524,24 @@ impl Entry {
             });
         };
         let mut buffer = vec![0u8; chunk.len as usize];
-        disk::read_at(&self.file, &self.data, &mut buffer, chunk.offset)?;
+        let (file, path, at) = self.locate(index, chunk.offset)?;
+        disk::read_at(file, path, &mut buffer, at)?;
         Ok(buffer)
+    }
+
+    /// The open file holding the model's byte `offset` (chunk `index`'s), its path, and the
+    /// offset in it.
+    fn locate(&self, index: u32, offset: u64) -> Result<(&File, &Path, u64)> {
+        let (i, at) = self
+            .manifest
+            .file_of(offset)
+            .ok_or_else(|| Error::BadChunk {
+                model: self.hash.clone(),
+                index,
+                reason: "in no file of the model".to_owned(),
+            })?;
+        let (path, file) = &self.files[i];
+        Ok((file, path, at))
     }
 
     /// What `exo-node models ls` shows.

@@ -26,10 +26,10 @@ fn copy(from: &exo_store::Entry, to: &exo_store::Entry, set: &ChunkSet) {
 fn a_manifest_covers_the_header_and_every_tensor_and_its_hash_names_it() {
     let dir = tempfile::tempdir().unwrap();
     let path = model(dir.path(), 3, true);
-    let manifest = Manifest::of_gguf_chunked(&path, 256, |_, _| {}).unwrap();
+    let manifest = Manifest::of_model_chunked(&path, 256, |_, _| {}).unwrap();
     let gguf = exo_model::gguf::GgufFile::open(&path).unwrap();
     assert_eq!(manifest.tensors.len(), gguf.tensors().len());
-    assert!(manifest.header_chunks >= 1);
+    assert!(!manifest.header().is_empty());
     for t in &manifest.tensors {
         let info = gguf.tensor(&t.name).unwrap();
         assert_eq!((t.offset, t.bytes), (info.offset as u64, info.len as u64));
@@ -110,7 +110,7 @@ fn a_partial_copy_loads_its_shard_reading_only_the_chunks_it_holds() {
 fn the_first_and_last_stage_of_a_tied_model_both_take_the_embedding() {
     let dir = tempfile::tempdir().unwrap();
     let path = model(dir.path(), 2, true);
-    let manifest = Manifest::of_gguf_chunked(&path, 1 << 20, |_, _| {}).unwrap();
+    let manifest = Manifest::of_model_chunked(&path, 1 << 20, |_, _| {}).unwrap();
     let embedding = manifest
         .tensors
         .iter()
@@ -262,4 +262,76 @@ fn the_limit_evicts_the_least_recently_used_model_and_never_an_import() {
     let removed = imports.remove("model0").unwrap();
     assert_eq!(removed.len(), 1);
     assert!(dir.path().join("m0/model0.gguf").exists());
+}
+
+#[test]
+fn a_hugging_face_folder_is_kept_file_by_file_and_a_partial_copy_loads_its_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("tiny-hf");
+    let config = exo_model::testing::tiny_config(4);
+    exo_model::testing::write_hf_folder(&folder, &config, 9, 2).unwrap();
+    // Files the checkpoint reader does not open stay out of the manifest.
+    std::fs::write(folder.join("README.md"), "a model card").unwrap();
+    let source = Store::open(&dir.path().join("a"), None)
+        .unwrap()
+        .with_chunk_bytes(512)
+        .import(&folder, |_, _| {})
+        .unwrap();
+    let manifest = source.manifest();
+    assert!(manifest.folder);
+    let names: Vec<&str> = manifest.files.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "config.json",
+            "model-00001-of-00002.safetensors",
+            "model-00002-of-00002.safetensors",
+            "model.safetensors.index.json"
+        ]
+    );
+    let store = Store::open(&dir.path().join("b"), None).unwrap();
+    let entry = store
+        .create(source.manifest_bytes(), source.hash())
+        .unwrap();
+    assert!(entry.path().ends_with("tiny-hf") && entry.path().is_dir());
+    // The header alone opens as a checkpoint: configuration, index, safetensors headers.
+    copy(&source, &entry, &manifest.header());
+    assert!(Checkpoint::open(entry.path()).is_ok());
+    let spec = ShardSpec {
+        layers: 1..3,
+        embedding: false,
+        head: false,
+    };
+    let wanted = manifest.chunks_for_shard(&ShardParts {
+        layers: 1..3,
+        embedding: false,
+        head: false,
+    });
+    copy(&source, &entry, &wanted);
+    entry.persist().unwrap();
+    assert!(wanted.len() < u64::from(manifest.chunk_count()));
+    let partial = Checkpoint::open(entry.path()).unwrap();
+    let whole = Checkpoint::open(&folder).unwrap();
+    assert_eq!(
+        format!("{:?}", partial.load_shard(&spec).unwrap()),
+        format!("{:?}", whole.load_shard(&spec).unwrap())
+    );
+    for name in partial.read_stats().tensors {
+        let t = manifest.tensors.iter().find(|t| t.name == name).unwrap();
+        assert!(
+            (t.first..t.first + t.count).all(|i| wanted.contains(i)),
+            "{name} was read but not fetched"
+        );
+    }
+    // The whole copy is the folder's kept files, byte for byte.
+    copy(&source, &entry, &ChunkSet::all(manifest.chunk_count()));
+    for f in &manifest.files {
+        assert_eq!(
+            std::fs::read(entry.path().join(&f.name)).unwrap(),
+            std::fs::read(folder.join(&f.name)).unwrap(),
+            "{}",
+            f.name
+        );
+    }
+    assert!(!entry.path().join("README.md").exists());
 }

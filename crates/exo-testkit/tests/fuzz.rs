@@ -195,7 +195,7 @@ fn manifests_from_peers_never_crash_a_node() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("seed.gguf");
     write_gguf(&path, &tiny_config(3), 5).unwrap();
-    let manifest = exo_store::Manifest::of_gguf_chunked(&path, 512, |_, _| {}).unwrap();
+    let manifest = exo_store::Manifest::of_model_chunked(&path, 512, |_, _| {}).unwrap();
     let seed: Value = serde_json::from_slice(&manifest.to_bytes()).unwrap();
     let mut mutator = Mutator::new(41);
     let mut parsed = 0usize;
