@@ -663,7 +663,7 @@ pub(crate) fn locate(
         }))
 }
 
-/// Waits for a peer that announces the model `name` (its file name, with or without `.gguf`)
+/// Waits for a peer that announces the model `name` (its name, or its file's name)
 /// with a manifest, takes the manifest from it (checked against the hash it announced) and
 /// keeps it in `store`. Logs every ten seconds while no peer has it.
 pub(crate) async fn from_peers(
@@ -677,6 +677,10 @@ pub(crate) async fn from_peers(
     let started = Instant::now();
     let mut told = Instant::now();
     let mut refused: HashSet<String> = HashSet::new();
+    // Nodes announce a model by its checkpoint's name, the file stem (`X` for `X.gguf`).
+    let stem = std::path::Path::new(name)
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned());
     tracing::info!(model = %name, "no such file here: waiting for a peer that holds the model");
     loop {
         let snapshot = topology.snapshot().await?;
@@ -684,7 +688,7 @@ pub(crate) async fn from_peers(
             peer.profile
                 .models
                 .iter()
-                .filter(|m| m.name == name || m.name.strip_suffix(".gguf") == Some(name))
+                .filter(|m| m.name == name || Some(&m.name) == stem.as_ref())
                 .filter_map(move |m| {
                     let hash = m.manifest.clone()?;
                     let endpoint = peer.profile.grpc_endpoint.as_deref()?;

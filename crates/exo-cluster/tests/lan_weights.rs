@@ -83,9 +83,14 @@ async fn a_node_with_an_empty_store_serves_its_stage_and_answers_like_one_proces
     cluster
         .add_node_with(model.path.clone(), GIB, with_store(512))
         .await;
-    // The second node names the model; it has no file and nothing in its store.
+    // The second node names the model by its file's name (the others use the model's name);
+    // it has no file and nothing in its store.
     cluster
-        .add_node_with(PathBuf::from(model.id()), GIB, with_store(512))
+        .add_node_with(
+            PathBuf::from(format!("{}.gguf", model.id())),
+            GIB,
+            with_store(512),
+        )
         .await;
     cluster.wait_ready().await;
     for origin in [0, 1] {

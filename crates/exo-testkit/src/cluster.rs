@@ -252,8 +252,10 @@ impl TestCluster {
         config.resume_within = self.options.resume_within;
         config.stall_timeout = self.options.stall_timeout;
         configure(&mut config);
-        let node = Node::start(config)
+        // A node that names a model it lacks waits for a peer that has it: bounded here.
+        let node = tokio::time::timeout(Duration::from_secs(60), Node::start(config))
             .await
+            .unwrap_or_else(|_| panic!("a test node did not start within 60 s"))
             .unwrap_or_else(|e| panic!("starting a test node: {e}"));
         self.nodes.push(TestNode {
             node: Arc::new(node),
