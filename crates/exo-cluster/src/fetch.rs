@@ -263,11 +263,7 @@ impl ModelStore {
             return Ok(());
         }
         let total = manifest.bytes_of(&missing);
-        let (store, hash) = (self.store.clone(), self.entry.hash().to_owned());
-        tokio::task::spawn_blocking(move || store.make_room(&hash, total))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+        self.make_room(wanted, total).await?;
         tracing::info!(
             model = %manifest.name,
             %what,
@@ -306,6 +302,45 @@ impl ModelStore {
         );
         self.announce_held().await;
         Ok(())
+    }
+
+    /// Makes room in the store for `needed` more bytes of this model: other models go first,
+    /// least recently used; then, if that is not enough, this model's chunks outside `wanted`
+    /// (layers of an earlier plan) are given back.
+    async fn make_room(&self, wanted: &ChunkSet, needed: u64) -> Result<(), String> {
+        let (store, hash) = (self.store.clone(), self.entry.hash().to_owned());
+        let attempt = move || store.make_room(&hash, needed);
+        let first = attempt.clone();
+        let full = match tokio::task::spawn_blocking(first).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e @ exo_store::Error::Full { .. })) => e,
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(e) => return Err(e.to_string()),
+        };
+        let held = self.entry.held();
+        let stale = ChunkSet::from_flags(
+            &(0..self.entry.manifest().chunk_count())
+                .map(|i| held.contains(i) && !wanted.contains(i))
+                .collect::<Vec<_>>(),
+        );
+        let entry = Arc::clone(&self.entry);
+        let freed = tokio::task::spawn_blocking(move || entry.release(&stale))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        if freed == 0 {
+            return Err(full.to_string());
+        }
+        tracing::info!(
+            model = %self.entry.manifest().name,
+            freed_mib = freed as f64 / (1 << 20) as f64,
+            "model store: gave back the layers this node no longer serves, to stay within its limit"
+        );
+        self.announce_held().await;
+        tokio::task::spawn_blocking(attempt)
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
     }
 
     /// Tells the cluster which chunks this node holds now.

@@ -62,6 +62,38 @@ pub(crate) fn replace(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&temporary, path).map_err(|e| Error::io(path, e))
 }
 
+/// Frees the disk space of `len` bytes at `offset` of `file`, which then read as zeros, where
+/// the OS can (Linux: a punched hole). `Ok(false)` where it cannot: the bytes stay.
+pub(crate) fn punch_hole(file: &File, path: &Path, offset: u64, len: u64) -> Result<bool> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let (Ok(at), Ok(length)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len))
+        else {
+            return Ok(false);
+        };
+        // SAFETY: `file` is open for writing and stays open during the call; the call only
+        // changes the file's allocation, never memory of ours.
+        let done = unsafe {
+            libc::fallocate(
+                file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                at,
+                length,
+            )
+        };
+        if done != 0 {
+            return Err(Error::io(path, std::io::Error::last_os_error()));
+        }
+        Ok(true)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (file, path, offset, len);
+        Ok(false)
+    }
+}
+
 /// Bytes free for this user on the file system holding `path`, when the OS says.
 pub(crate) fn free_bytes(path: &Path) -> Option<u64> {
     #[cfg(unix)]

@@ -509,6 +509,37 @@ impl Entry {
         disk::replace(&self.dir.join("held"), &record)
     }
 
+    /// Gives back the disk space of the chunks of `chunks` held (a node that serves other layers
+    /// now), where the OS can free part of a file (Linux); they are then no longer held, and
+    /// the record says so. Returns the bytes freed (0 for an import, or elsewhere).
+    pub fn release(&self, chunks: &ChunkSet) -> Result<u64> {
+        if self.imported {
+            return Ok(0);
+        }
+        let mut freed = 0u64;
+        for index in chunks.iter() {
+            let held = self
+                .held
+                .lock()
+                .map(|h| h.get(index as usize).copied().unwrap_or(false))
+                .unwrap_or(false);
+            let Some(chunk) = self.manifest.chunks.get(index as usize).filter(|_| held) else {
+                continue;
+            };
+            let (file, path, at) = self.locate(index, chunk.offset)?;
+            if !disk::punch_hole(file, path, at, chunk.len)? {
+                break;
+            }
+            if let Ok(mut held) = self.held.lock() {
+                held[index as usize] = false;
+            }
+            self.dirty.store(true, Ordering::Release);
+            freed += chunk.len;
+        }
+        self.persist()?;
+        Ok(freed)
+    }
+
     /// Reads chunk `index`, which must be held.
     pub fn read_chunk(&self, index: u32) -> Result<Vec<u8>> {
         let held = self

@@ -335,3 +335,65 @@ fn a_hugging_face_folder_is_kept_file_by_file_and_a_partial_copy_loads_its_shard
     }
     assert!(!entry.path().join("README.md").exists());
 }
+
+#[test]
+fn chunks_given_back_free_their_disk_and_are_no_longer_held() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big.gguf");
+    let mut config = exo_model::testing::tiny_config(4);
+    (config.hidden_size, config.intermediate_size) = (128, 512);
+    exo_model::testing::write_gguf(&path, &config, 3).unwrap();
+    let source = Store::open(&dir.path().join("a"), None)
+        .unwrap()
+        .with_chunk_bytes(64 << 10)
+        .import(&path, |_, _| {})
+        .unwrap();
+    let store = Store::open(&dir.path().join("b"), None).unwrap();
+    let entry = store
+        .create(source.manifest_bytes(), source.hash())
+        .unwrap();
+    let all = ChunkSet::all(entry.manifest().chunk_count());
+    copy(&source, &entry, &all);
+    entry.persist().unwrap();
+    let first_layers = entry.manifest().chunks_for_shard(&ShardParts {
+        layers: 0..2,
+        embedding: true,
+        head: false,
+    });
+    let others = ChunkSet::from_flags(
+        &(0..entry.manifest().chunk_count())
+            .map(|i| !first_layers.contains(i))
+            .collect::<Vec<_>>(),
+    );
+    #[cfg(target_os = "linux")]
+    let blocks =
+        || std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(entry.path()).unwrap());
+    #[cfg(target_os = "linux")]
+    let before = blocks();
+    let freed = entry.release(&others).unwrap();
+    if cfg!(target_os = "linux") {
+        assert_eq!(freed, entry.manifest().bytes_of(&others));
+        assert_eq!(entry.held(), first_layers);
+        #[cfg(target_os = "linux")]
+        assert!(
+            blocks() * 512 <= before * 512 - freed / 2,
+            "the disk space was not freed"
+        );
+        // The record on disk says so, and what is left still loads its shard.
+        let reopened = store.find("big").unwrap().unwrap();
+        assert_eq!(reopened.held(), first_layers);
+        let spec = ShardSpec {
+            layers: 0..2,
+            embedding: true,
+            head: false,
+        };
+        let partial = Checkpoint::open(reopened.path()).unwrap();
+        let whole = Checkpoint::open(&path).unwrap();
+        assert_eq!(
+            format!("{:?}", partial.load_shard(&spec).unwrap()),
+            format!("{:?}", whole.load_shard(&spec).unwrap())
+        );
+    } else {
+        assert_eq!(freed, 0);
+    }
+}
