@@ -318,11 +318,7 @@ impl ModelStore {
             Err(e) => return Err(e.to_string()),
         };
         let held = self.entry.held();
-        let stale = ChunkSet::from_flags(
-            &(0..self.entry.manifest().chunk_count())
-                .map(|i| held.contains(i) && !wanted.contains(i))
-                .collect::<Vec<_>>(),
-        );
+        let stale = held.difference(wanted);
         let entry = Arc::clone(&self.entry);
         let freed = tokio::task::spawn_blocking(move || entry.release(&stale))
             .await

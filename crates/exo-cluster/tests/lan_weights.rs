@@ -33,6 +33,31 @@ fn with_store(chunk: u64) -> impl FnOnce(&mut ClusterConfig) {
     }
 }
 
+/// A cluster of a node holding the model at `holds` and one that names it `names` with an empty
+/// store; `holder` and `fetcher` configure them further (both get a store, in `chunk` bytes).
+async fn holder_and_fetcher(
+    holds: &Path,
+    names: &str,
+    chunk: u64,
+    holder: impl FnOnce(&mut ClusterConfig),
+    fetcher: impl FnOnce(&mut ClusterConfig),
+) -> TestCluster {
+    let mut cluster = TestCluster::empty(Options::default());
+    cluster
+        .add_node_with(holds.to_owned(), GIB, |config| {
+            with_store(chunk)(config);
+            holder(config);
+        })
+        .await;
+    cluster
+        .add_node_with(PathBuf::from(names), GIB, |config| {
+            with_store(chunk)(config);
+            fetcher(config);
+        })
+        .await;
+    cluster
+}
+
 async fn ids_from(cluster: &TestCluster, node: usize, prompt: &str) -> Vec<u32> {
     let events = cluster
         .node(node)
@@ -80,19 +105,10 @@ fn find_copy(cluster: &TestCluster, i: usize, name: &str) -> PathBuf {
 async fn a_node_with_an_empty_store_serves_its_stage_and_answers_like_one_process() {
     let model = TestModel::tiny(4, 21);
     let reference = model.reference(PROMPT, 12, SamplingParams::greedy(), Weights::Stored);
-    let mut cluster = TestCluster::empty(Options::default());
-    cluster
-        .add_node_with(model.path.clone(), GIB, with_store(512))
-        .await;
     // The second node names the model by its file's name (the others use the model's name);
     // it has no file and nothing in its store.
-    cluster
-        .add_node_with(
-            PathBuf::from(format!("{}.gguf", model.id())),
-            GIB,
-            with_store(512),
-        )
-        .await;
+    let name = format!("{}.gguf", model.id());
+    let cluster = holder_and_fetcher(&model.path, &name, 512, |_| {}, |_| {}).await;
     cluster.wait_ready().await;
     for origin in [0, 1] {
         assert_eq!(
@@ -159,17 +175,9 @@ async fn a_peer_that_corrupts_chunks_is_dropped_and_the_chunks_come_from_another
 async fn a_fetch_cut_short_resumes_with_only_the_missing_chunks() {
     let model = TestModel::tiny(4, 23);
     let reference = model.reference(PROMPT, 12, SamplingParams::greedy(), Weights::Stored);
-    let mut cluster = TestCluster::empty(Options::default());
     // The source sends slowly (4 KiB/s), so the fetch is still running when the node stops.
-    cluster
-        .add_node_with(model.path.clone(), GIB, |config| {
-            with_store(256)(config);
-            config.upload_limit = Some(4 << 10);
-        })
-        .await;
-    cluster
-        .add_node_with(PathBuf::from(model.id()), GIB, with_store(256))
-        .await;
+    let slow = |config: &mut ClusterConfig| config.upload_limit = Some(4 << 10);
+    let mut cluster = holder_and_fetcher(&model.path, &model.id(), 256, slow, |_| {}).await;
     // Wait until some chunks are durable (made so every 2 s), then stop the node mid-fetch.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let store_root = cluster.nodes[1].home().join("store");
@@ -210,11 +218,7 @@ async fn a_fetch_cut_short_resumes_with_only_the_missing_chunks() {
     let wanted = shard_chunks(&cluster, 1, &manifest);
     let (_, received_after) = cluster.node(1).chunk_traffic();
     // It fetched what it lacked of its shard, and nothing it kept.
-    let lacking = ChunkSet::from_flags(
-        &(0..manifest.chunk_count())
-            .map(|i| wanted.contains(i) && !kept.contains(i))
-            .collect::<Vec<_>>(),
-    );
+    let lacking = wanted.difference(&kept);
     assert_eq!(received_after, manifest.bytes_of(&lacking));
     assert!(received_after < manifest.bytes_of(&wanted));
     assert!(received_before > 0);
@@ -227,13 +231,7 @@ async fn a_fetch_cut_short_resumes_with_only_the_missing_chunks() {
 async fn a_new_plan_that_moves_layers_fetches_only_the_new_ones() {
     let model = TestModel::tiny(6, 24);
     let reference = model.reference(PROMPT, 12, SamplingParams::greedy(), Weights::Stored);
-    let mut cluster = TestCluster::empty(Options::default());
-    cluster
-        .add_node_with(model.path.clone(), GIB, with_store(256))
-        .await;
-    cluster
-        .add_node_with(PathBuf::from(model.id()), GIB, with_store(256))
-        .await;
+    let mut cluster = holder_and_fetcher(&model.path, &model.id(), 256, |_| {}, |_| {}).await;
     cluster.wait_ready().await;
     let (_, before, manifest) = cluster.node(1).store_entry().unwrap();
     let (_, received_before) = cluster.node(1).chunk_traffic();
@@ -244,11 +242,7 @@ async fn a_new_plan_that_moves_layers_fetches_only_the_new_ones() {
     cluster.wait_ready().await;
     assert_eq!(ids_from(&cluster, 1, PROMPT).await, reference);
     let wanted = shard_chunks(&cluster, 1, &manifest);
-    let new = ChunkSet::from_flags(
-        &(0..manifest.chunk_count())
-            .map(|i| wanted.contains(i) && !before.contains(i))
-            .collect::<Vec<_>>(),
-    );
+    let new = wanted.difference(&before);
     // (Which layers node 1 gets depends on the ring's order, so `new` may be empty: then it
     // fetched nothing.)
     let (_, received_after) = cluster.node(1).chunk_traffic();
@@ -275,13 +269,7 @@ async fn a_hugging_face_folder_travels_file_by_file_and_the_cluster_answers_like
         .generate_text(PROMPT, &options, &mut |_| {})
         .unwrap()
         .ids;
-    let mut cluster = TestCluster::empty(Options::default());
-    cluster
-        .add_node_with(folder.clone(), GIB, with_store(512))
-        .await;
-    cluster
-        .add_node_with(PathBuf::from("tiny-hf"), GIB, with_store(512))
-        .await;
+    let cluster = holder_and_fetcher(&folder, "tiny-hf", 512, |_| {}, |_| {}).await;
     cluster.wait_ready().await;
     for origin in [0, 1] {
         assert_eq!(
@@ -314,13 +302,8 @@ async fn a_store_at_its_limit_gives_back_layers_of_an_earlier_plan() {
                 .with_chunk_bytes(256),
         );
     };
-    let mut cluster = TestCluster::empty(Options::default());
-    let source = cluster
-        .add_node_with(model.path.clone(), GIB, with_store(256))
-        .await;
-    cluster
-        .add_node_with(PathBuf::from(model.id()), GIB, limited)
-        .await;
+    let mut cluster = holder_and_fetcher(&model.path, &model.id(), 256, |_| {}, limited).await;
+    let source = 0;
     cluster.wait_ready().await;
     // The holder leaves and two new holders join: a new three-way plan. (Where node 1's new
     // layers fall depends on the ring's order: when they are not among its old ones, they fit

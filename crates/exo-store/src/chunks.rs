@@ -91,6 +91,15 @@ impl ChunkSet {
         ChunkSet::from_runs(&runs, end)
     }
 
+    /// The chunks of this set that `other` lacks.
+    pub fn difference(&self, other: &ChunkSet) -> ChunkSet {
+        let end = self.0.last().map_or(0, |r| r[1]);
+        let flags: Vec<bool> = (0..end)
+            .map(|i| self.contains(i) && !other.contains(i))
+            .collect();
+        ChunkSet::from_flags(&flags)
+    }
+
     /// Whether the set holds every chunk of a model of `count` chunks.
     pub fn covers(&self, count: u32) -> bool {
         count == 0 || self.0.first() == Some(&[0, count])
@@ -119,6 +128,7 @@ mod tests {
         let b = ChunkSet::from_flags(&[false, false, true]);
         assert!(a.union(&b).covers(4));
         assert!(ChunkSet::all(4).covers(4));
+        assert_eq!(ChunkSet::all(6).difference(&a).runs(), &[[2, 3], [4, 6]]);
         assert!(ChunkSet::new().covers(0));
     }
 }

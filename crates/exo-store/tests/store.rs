@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use exo_model::{Checkpoint, ShardSpec};
-use exo_store::{ChunkSet, Error, Manifest, ShardParts, Store};
+use exo_store::{ChunkSet, Entry, Error, Manifest, ShardParts, Store};
 
 fn model(dir: &Path, layers: usize, tied: bool) -> PathBuf {
     let path = dir.join("tiny.gguf");
@@ -14,6 +14,25 @@ fn model(dir: &Path, layers: usize, tied: bool) -> PathBuf {
     config.tie_word_embeddings = tied;
     exo_model::testing::write_gguf(&path, &config, 7).unwrap();
     path
+}
+
+/// The model at `path` imported into a store under `dir` (in chunks of `chunk` bytes): a peer
+/// that has it.
+fn imported(dir: &Path, path: &Path, chunk: u64) -> Entry {
+    Store::open(&dir.join("a"), None)
+        .unwrap()
+        .with_chunk_bytes(chunk)
+        .import(path, |_, _| {})
+        .unwrap()
+}
+
+/// A store at `root` and an empty entry in it for `source`'s model: a node that lacks it.
+fn lacking(root: &Path, source: &Entry) -> (Store, Entry) {
+    let store = Store::open(root, None).unwrap();
+    let entry = store
+        .create(source.manifest_bytes(), source.hash())
+        .unwrap();
+    (store, entry)
 }
 
 fn copy(from: &exo_store::Entry, to: &exo_store::Entry, set: &ChunkSet) {
@@ -61,16 +80,9 @@ fn a_manifest_covers_the_header_and_every_tensor_and_its_hash_names_it() {
 fn a_partial_copy_loads_its_shard_reading_only_the_chunks_it_holds() {
     let dir = tempfile::tempdir().unwrap();
     let path = model(dir.path(), 4, false);
-    let source = Store::open(&dir.path().join("a"), None)
-        .unwrap()
-        .with_chunk_bytes(512)
-        .import(&path, |_, _| {})
-        .unwrap();
+    let source = imported(dir.path(), &path, 512);
     assert!(source.is_imported() && source.is_complete());
-    let store = Store::open(&dir.path().join("b"), None).unwrap();
-    let entry = store
-        .create(source.manifest_bytes(), source.hash())
-        .unwrap();
+    let (_store, entry) = lacking(&dir.path().join("b"), &source);
     assert!(entry.held().is_empty());
     let parts = ShardParts {
         layers: 2..4,
@@ -141,15 +153,8 @@ fn the_first_and_last_stage_of_a_tied_model_both_take_the_embedding() {
 fn a_corrupt_chunk_is_refused_and_nothing_is_written() {
     let dir = tempfile::tempdir().unwrap();
     let path = model(dir.path(), 2, true);
-    let source = Store::open(&dir.path().join("a"), None)
-        .unwrap()
-        .with_chunk_bytes(512)
-        .import(&path, |_, _| {})
-        .unwrap();
-    let store = Store::open(&dir.path().join("b"), None).unwrap();
-    let entry = store
-        .create(source.manifest_bytes(), source.hash())
-        .unwrap();
+    let source = imported(dir.path(), &path, 512);
+    let (store, entry) = lacking(&dir.path().join("b"), &source);
     let mut bytes = source.read_chunk(3).unwrap();
     bytes[0] ^= 0x40;
     assert!(matches!(
@@ -173,11 +178,7 @@ fn a_corrupt_chunk_is_refused_and_nothing_is_written() {
 fn a_fetch_resumes_with_exactly_the_chunks_that_reached_the_disk() {
     let dir = tempfile::tempdir().unwrap();
     let path = model(dir.path(), 3, true);
-    let source = Store::open(&dir.path().join("a"), None)
-        .unwrap()
-        .with_chunk_bytes(512)
-        .import(&path, |_, _| {})
-        .unwrap();
+    let source = imported(dir.path(), &path, 512);
     let root = dir.path().join("b");
     let count = source.manifest().chunk_count();
     let (first, rest): (Vec<u32>, Vec<u32>) = (0..count).partition(|i| i % 3 != 0);
@@ -272,11 +273,7 @@ fn a_hugging_face_folder_is_kept_file_by_file_and_a_partial_copy_loads_its_shard
     exo_model::testing::write_hf_folder(&folder, &config, 9, 2).unwrap();
     // Files the checkpoint reader does not open stay out of the manifest.
     std::fs::write(folder.join("README.md"), "a model card").unwrap();
-    let source = Store::open(&dir.path().join("a"), None)
-        .unwrap()
-        .with_chunk_bytes(512)
-        .import(&folder, |_, _| {})
-        .unwrap();
+    let source = imported(dir.path(), &folder, 512);
     let manifest = source.manifest();
     assert!(manifest.folder);
     let names: Vec<&str> = manifest.files.iter().map(|f| f.name.as_str()).collect();
@@ -289,10 +286,7 @@ fn a_hugging_face_folder_is_kept_file_by_file_and_a_partial_copy_loads_its_shard
             "model.safetensors.index.json"
         ]
     );
-    let store = Store::open(&dir.path().join("b"), None).unwrap();
-    let entry = store
-        .create(source.manifest_bytes(), source.hash())
-        .unwrap();
+    let (_store, entry) = lacking(&dir.path().join("b"), &source);
     assert!(entry.path().ends_with("tiny-hf") && entry.path().is_dir());
     // The header alone opens as a checkpoint: configuration, index, safetensors headers.
     copy(&source, &entry, &manifest.header());
@@ -343,15 +337,8 @@ fn chunks_given_back_free_their_disk_and_are_no_longer_held() {
     let mut config = exo_model::testing::tiny_config(4);
     (config.hidden_size, config.intermediate_size) = (128, 512);
     exo_model::testing::write_gguf(&path, &config, 3).unwrap();
-    let source = Store::open(&dir.path().join("a"), None)
-        .unwrap()
-        .with_chunk_bytes(64 << 10)
-        .import(&path, |_, _| {})
-        .unwrap();
-    let store = Store::open(&dir.path().join("b"), None).unwrap();
-    let entry = store
-        .create(source.manifest_bytes(), source.hash())
-        .unwrap();
+    let source = imported(dir.path(), &path, 64 << 10);
+    let (store, entry) = lacking(&dir.path().join("b"), &source);
     let all = ChunkSet::all(entry.manifest().chunk_count());
     copy(&source, &entry, &all);
     entry.persist().unwrap();
@@ -360,11 +347,7 @@ fn chunks_given_back_free_their_disk_and_are_no_longer_held() {
         embedding: true,
         head: false,
     });
-    let others = ChunkSet::from_flags(
-        &(0..entry.manifest().chunk_count())
-            .map(|i| !first_layers.contains(i))
-            .collect::<Vec<_>>(),
-    );
+    let others = all.difference(&first_layers);
     #[cfg(target_os = "linux")]
     let blocks =
         || std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(entry.path()).unwrap());
