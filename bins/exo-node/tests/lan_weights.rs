@@ -9,7 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{KEY, NodeProc, exo_node, generate, spawn_node};
+use common::{KEY, NodeProc, exo_node, generate, node_id, spawn_node, wait_for_node_state};
 use exo_store::{ChunkSet, Store};
 
 /// The default model's name, as `/v1/models` lists it.
@@ -109,8 +109,21 @@ fn killed_mid_fetch_and_started_again_it_fetches_only_what_it_lacked() {
         &["--model", NAME],
         std::slice::from_ref(&source),
     );
-    // Progress is logged, and made durable, every 2 s.
+    // Progress is logged, and made durable, every 2 s; `/v1/cluster` shows it.
     fetching.wait_for("fetching from peers", Duration::from_secs(60));
+    let id = node_id(&fetching.api);
+    let view = wait_for_node_state(&fetching.api, &id, &["fetching"], Duration::from_secs(30));
+    let me = view["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["id"] == id.as_str())
+        .unwrap();
+    assert!(
+        me["fetch"]["total_bytes"].as_u64().unwrap() > 1 << 20,
+        "{me}"
+    );
+    assert!(me["progress"].as_f64().is_some(), "{me}");
     fetching.wait_for_count(0, "fetching model=", 2, Duration::from_secs(60));
     fetching.proc.child.kill().unwrap();
     let _ = fetching.proc.child.wait();

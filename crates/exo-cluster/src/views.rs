@@ -459,6 +459,19 @@ mod tests {
             state_of(worker, Some(&loading), true, true, Some(epoch), None),
             (NodeState::Loading, Some(0.5))
         );
+        // Fetching its layers from peers comes before loading them, with its own progress.
+        let fetching = NodeStatus {
+            fetch: Some(exo_transport::FetchStatus {
+                done_bytes: 1 << 20,
+                total_bytes: 4 << 20,
+                bytes_per_s: 1e6,
+            }),
+            ..NodeStatus::default()
+        };
+        assert_eq!(
+            state_of(worker, Some(&fetching), true, true, Some(epoch), None),
+            (NodeState::Fetching, Some(0.25))
+        );
         assert_eq!(
             state_of(worker, None, false, true, None, Some(1.0)).0,
             NodeState::Joining
