@@ -23,7 +23,7 @@ use exo_transport::{ChunkItems, FetchStatus};
 use tokio::sync::mpsc;
 
 use crate::clients::ClientPool;
-use crate::plan::reachable;
+use crate::plan::{held_by, reachable};
 
 /// Chunks asked of one peer in one call: enough to keep a link busy, few enough that a slow
 /// peer does not hold back much of the queue.
@@ -48,7 +48,7 @@ pub(crate) struct ModelStore {
     /// Test hook: flip a byte of every chunk sent (a peer that corrupts data).
     corrupt: bool,
     /// Chunk bytes sent to peers and received (verified) from them since the node started.
-    pub(crate) traffic: Arc<Traffic>,
+    pub(crate) traffic: Traffic,
 }
 
 /// Chunk bytes a node sent and received.
@@ -59,7 +59,7 @@ pub(crate) struct Traffic {
 }
 
 /// A fetch under way, for status and logs.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Progress {
     total: u64,
     done: Arc<AtomicU64>,
@@ -161,7 +161,7 @@ impl ModelStore {
             },
             progress: Arc::default(),
             corrupt,
-            traffic: Arc::default(),
+            traffic: Traffic::default(),
         }
     }
 
@@ -175,9 +175,7 @@ impl ModelStore {
 
     /// The manifest, when `hash` (or, when empty, `model`) names this node's model.
     pub(crate) fn manifest(&self, model: &str, hash: &str) -> Option<(String, Vec<u8>)> {
-        let name = &self.entry.manifest().name;
-        let named = hash.is_empty()
-            && (model == name || name.strip_suffix(".gguf").is_some_and(|s| s == model));
+        let named = hash.is_empty() && self.entry.manifest().answers_to(model);
         (hash == self.entry.hash() || named).then(|| {
             (
                 self.entry.hash().to_owned(),
@@ -310,20 +308,15 @@ impl ModelStore {
     async fn make_room(&self, wanted: &ChunkSet, needed: u64) -> Result<(), String> {
         let (store, hash) = (self.store.clone(), self.entry.hash().to_owned());
         let attempt = move || store.make_room(&hash, needed);
-        let first = attempt.clone();
-        let full = match tokio::task::spawn_blocking(first).await {
+        let full = match tokio::task::spawn_blocking(attempt.clone()).await {
             Ok(Ok(())) => return Ok(()),
             Ok(Err(e @ exo_store::Error::Full { .. })) => e,
             Ok(Err(e)) => return Err(e.to_string()),
             Err(e) => return Err(e.to_string()),
         };
-        let held = self.entry.held();
-        let stale = held.difference(wanted);
+        let stale = self.entry.held().difference(wanted);
         let entry = Arc::clone(&self.entry);
-        let freed = tokio::task::spawn_blocking(move || entry.release(&stale))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+        let freed = blocking(move || entry.release(&stale)).await?;
         if freed == 0 {
             return Err(full.to_string());
         }
@@ -333,25 +326,18 @@ impl ModelStore {
             "model store: gave back the layers this node no longer serves, to stay within its limit"
         );
         self.announce_held().await;
-        tokio::task::spawn_blocking(attempt)
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())
+        blocking(attempt).await
     }
 
     /// Tells the cluster which chunks this node holds now.
     async fn announce_held(&self) {
-        let (hash, complete, runs) = (
-            self.entry.hash().to_owned(),
-            self.entry.is_complete(),
-            self.entry.held().runs().to_vec(),
-        );
+        let (hash, chunks) = (self.entry.hash().to_owned(), announced_chunks(&self.entry));
         let updated = self
             .topology
             .update_profile(move |p| {
                 for m in &mut p.models {
                     if m.manifest.as_deref() == Some(hash.as_str()) {
-                        m.chunks = (!complete).then(|| runs.clone());
+                        m.chunks.clone_from(&chunks);
                     }
                 }
             })
@@ -369,10 +355,7 @@ impl ModelStore {
 
     async fn persist(&self) -> Result<(), String> {
         let entry = Arc::clone(&self.entry);
-        tokio::task::spawn_blocking(move || entry.persist())
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())
+        blocking(move || entry.persist()).await
     }
 
     /// Fetches `missing` in rounds: every peer holding some of what is left takes batches
@@ -517,14 +500,10 @@ impl ModelStore {
                     .models
                     .iter()
                     .find(|m| m.manifest.as_deref() == Some(hash))?;
-                let chunks = match &model.chunks {
-                    None => ChunkSet::all(count),
-                    Some(runs) => ChunkSet::from_runs(runs, count),
-                };
                 Some(Source {
                     node: p.profile.id.as_str().to_owned(),
                     endpoint: reachable(endpoint, &p.addresses),
-                    chunks,
+                    chunks: held_by(model, count),
                 })
             })
             .collect();
@@ -557,49 +536,63 @@ impl ModelStore {
                 }
             };
             for (position, &expected) in batch.iter().enumerate() {
-                let (index, bytes) = match stream.next().await {
-                    Ok(Some(item)) => item,
-                    Ok(None) => {
-                        give_back(queue, &batch[position..]);
-                        return SourceEnd::Failed("the peer ended the stream early".to_owned());
-                    }
-                    Err(e) => {
-                        give_back(queue, &batch[position..]);
-                        return SourceEnd::Failed(e.to_string());
-                    }
-                };
-                if index != expected {
+                if let Err(end) = self.receive(&mut stream, expected, done).await {
                     give_back(queue, &batch[position..]);
-                    return SourceEnd::Failed(format!(
-                        "sent chunk {index} where chunk {expected} was asked for"
-                    ));
-                }
-                let entry = Arc::clone(&self.entry);
-                let len = bytes.len() as u64;
-                let written =
-                    tokio::task::spawn_blocking(move || entry.write_chunk(index, &bytes)).await;
-                match written {
-                    Ok(Ok(())) => {
-                        done.fetch_add(len, Ordering::Relaxed);
-                        self.traffic.received.fetch_add(len, Ordering::Relaxed);
-                    }
-                    Ok(Err(exo_store::Error::BadChunk { reason, .. })) => {
-                        give_back(queue, &batch[position..]);
-                        return SourceEnd::Corrupt(format!("chunk {index}: {reason}"));
-                    }
-                    Ok(Err(e)) => {
-                        // The local disk failed (full, gone): no peer can help.
-                        give_back(queue, &batch[position..]);
-                        return SourceEnd::Local(e.to_string());
-                    }
-                    Err(e) => {
-                        give_back(queue, &batch[position..]);
-                        return SourceEnd::Failed(e.to_string());
-                    }
+                    return end;
                 }
             }
         }
     }
+
+    /// Receives chunk `expected` from `stream`, checks it and writes it; `Err` says how the
+    /// source's part ends.
+    async fn receive(
+        &self,
+        stream: &mut exo_transport::ChunkStream,
+        expected: u32,
+        done: &AtomicU64,
+    ) -> Result<(), SourceEnd> {
+        let (index, bytes) = match stream.next().await {
+            Ok(Some(item)) => item,
+            Ok(None) => return Err(SourceEnd::Failed("the peer ended the stream early".into())),
+            Err(e) => return Err(SourceEnd::Failed(e.to_string())),
+        };
+        if index != expected {
+            return Err(SourceEnd::Failed(format!(
+                "sent chunk {index} where chunk {expected} was asked for"
+            )));
+        }
+        let entry = Arc::clone(&self.entry);
+        let len = bytes.len() as u64;
+        match tokio::task::spawn_blocking(move || entry.write_chunk(index, &bytes)).await {
+            Ok(Ok(())) => {
+                done.fetch_add(len, Ordering::Relaxed);
+                self.traffic.received.fetch_add(len, Ordering::Relaxed);
+                Ok(())
+            }
+            Ok(Err(exo_store::Error::BadChunk { reason, .. })) => {
+                Err(SourceEnd::Corrupt(format!("chunk {index}: {reason}")))
+            }
+            // The local disk failed (full, gone): no peer can help.
+            Ok(Err(e)) => Err(SourceEnd::Local(e.to_string())),
+            Err(e) => Err(SourceEnd::Failed(e.to_string())),
+        }
+    }
+}
+
+/// Runs store work on a blocking thread; its error, or the thread's, as text.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> exo_store::Result<T> + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
+}
+
+/// The chunks a node announces of `entry`: `None` when it holds them all.
+pub(crate) fn announced_chunks(entry: &Entry) -> Option<Vec<[u32; 2]>> {
+    (!entry.is_complete()).then(|| entry.held().runs().to_vec())
 }
 
 /// Up to [`BATCH_CHUNKS`] chunks of `queue` that `held` contains, taken out of it.
@@ -738,10 +731,7 @@ pub(crate) async fn from_peers(
                     .await
                     .map_err(|e| e.to_string())?;
                 let (store, asked) = (store.clone(), hash.clone());
-                tokio::task::spawn_blocking(move || store.create(&bytes, &asked))
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| e.to_string())
+                blocking(move || store.create(&bytes, &asked)).await
             };
             match asked.await {
                 Ok(entry) => {

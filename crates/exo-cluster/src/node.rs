@@ -21,7 +21,7 @@ use tokio::sync::watch;
 
 use crate::clients::ClientPool;
 use crate::error::{Error, Result};
-use crate::fetch::{ModelStore, from_peers, locate};
+use crate::fetch::{ModelStore, announced_chunks, from_peers, locate};
 use crate::grammar::ModelGrammars;
 use crate::origin::request::ResumePolicy;
 use crate::origin::{OriginModel, Origins, model_id};
@@ -156,8 +156,9 @@ impl Node {
         let at_hand = match &located {
             Some(found) => {
                 let meta = read_model(found.path.clone(), weights, wire).await?;
-                topology_config.models = vec![model_file(&meta, &found.path, found.entry.as_ref())];
-                Some(meta)
+                let file = model_file(&meta, found.entry.as_ref());
+                topology_config.models = vec![file.clone()];
+                Some((meta, file))
             }
             None => {
                 topology_config.models = Vec::new();
@@ -179,13 +180,13 @@ impl Node {
                 config.corrupt_chunks,
             ))
         };
-        let (model_path, model_store, meta) = match (located, at_hand) {
-            (Some(found), Some(meta)) => {
+        let (model_path, model_store, meta, model_file) = match (located, at_hand) {
+            (Some(found), Some((meta, file))) => {
                 let model_store = found
                     .entry
                     .zip(config.store.clone())
                     .map(|(entry, store)| store_of(entry, store));
-                (found.path, model_store, meta)
+                (found.path, model_store, meta, file)
             }
             _ => {
                 let Some(store) = config.store.clone() else {
@@ -203,18 +204,14 @@ impl Node {
                     .map_err(|e| Error::Config(format!("fetching the header of {name}: {e}")))?;
                 let path = model_store.entry.path().to_owned();
                 let meta = read_model(path.clone(), weights, wire).await?;
-                let file = model_file(&meta, &path, Some(&model_store.entry));
+                let file = model_file(&meta, Some(&model_store.entry));
+                let announced = file.clone();
                 topology
-                    .update_profile(move |p| p.models = vec![file])
+                    .update_profile(move |p| p.models = vec![announced])
                     .await?;
-                (path, Some(model_store), meta)
+                (path, Some(model_store), meta, file)
             }
         };
-        let model_file = model_file(
-            &meta,
-            &model_path,
-            model_store.as_deref().map(|s| &*s.entry),
-        );
         let ModelMeta {
             name,
             config: model_config,
@@ -546,15 +543,14 @@ async fn read_model(path: PathBuf, weights: Weights, wire: WireDtype) -> Result<
 
 /// What this node announces of its model: the file, and the store's manifest and chunks when
 /// it keeps one.
-fn model_file(meta: &ModelMeta, path: &std::path::Path, entry: Option<&Entry>) -> ModelFile {
+fn model_file(meta: &ModelMeta, entry: Option<&Entry>) -> ModelFile {
     let mut file = meta.file.clone();
-    file.bytes = model_bytes(path);
     if let Some(entry) = entry {
         // What the store keeps of a folder (not, say, a README beside the weights): the same
         // length on every node that has the model.
         file.bytes = entry.manifest().bytes;
         file.manifest = Some(entry.hash().to_owned());
-        file.chunks = (!entry.is_complete()).then(|| entry.held().runs().to_vec());
+        file.chunks = announced_chunks(entry);
     }
     file
 }

@@ -145,6 +145,16 @@ fn same_model(ours: &ModelFile, theirs: &ModelFile) -> bool {
         }
 }
 
+/// The chunks of a model of `count` chunks that a node announcing `file` holds: the ones it
+/// lists, when it keeps the model in a store and holds only some; else all of them (a node
+/// without a store has the whole file).
+pub(crate) fn held_by(file: &ModelFile, count: u32) -> exo_store::ChunkSet {
+    match (&file.manifest, &file.chunks) {
+        (Some(_), Some(runs)) => exo_store::ChunkSet::from_runs(runs, count),
+        _ => exo_store::ChunkSet::all(count),
+    }
+}
+
 /// `Err` when the workers serving `model` do not hold every chunk of it between them (the
 /// model is known from peers only, and the node with the whole file is gone): their layers
 /// could not all be loaded. `chunks` is the model's chunk count when this node keeps it in
@@ -157,16 +167,11 @@ fn check_coverage(
     let Some(count) = chunks else {
         return Ok(());
     };
-    let mut held = exo_store::ChunkSet::new();
-    for file in serving {
-        match (&file.manifest, &file.chunks) {
-            // The whole file (no store, or a complete copy).
-            (None, _) | (Some(_), None) => return Ok(()),
-            (Some(_), Some(runs)) => {
-                held = held.union(&exo_store::ChunkSet::from_runs(runs, count))
-            }
-        }
-    }
+    let held = serving
+        .iter()
+        .fold(exo_store::ChunkSet::new(), |held, file| {
+            held.union(&held_by(file, count))
+        });
     if held.covers(count) {
         return Ok(());
     }

@@ -351,6 +351,12 @@ impl Manifest {
         Ok(())
     }
 
+    /// Whether `asked` names this model: its file's (or folder's) name, or that name without
+    /// `.gguf`.
+    pub fn answers_to(&self, asked: &str) -> bool {
+        answers_to(&self.name, asked)
+    }
+
     /// How many chunks the model has.
     pub fn chunk_count(&self) -> u32 {
         self.chunks.len() as u32
@@ -414,6 +420,11 @@ impl Manifest {
         }
         ChunkSet::from_flags(&flags)
     }
+}
+
+/// Whether `asked` names the model whose file (or folder) is `name`.
+pub(crate) fn answers_to(name: &str, asked: &str) -> bool {
+    asked == name || name.strip_suffix(".gguf") == Some(asked)
 }
 
 /// A tensor in a file: its name, offset in the file and length.

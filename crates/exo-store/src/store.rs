@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::chunks::ChunkSet;
 use crate::disk;
 use crate::error::{Error, Result};
-use crate::manifest::{CHUNK_BYTES, Manifest, hash_hex, kept_in_folder};
+use crate::manifest::{CHUNK_BYTES, Manifest, answers_to, hash_hex, kept_in_folder};
 
 /// The model store under one folder.
 #[derive(Debug, Clone)]
@@ -232,11 +232,7 @@ impl Store {
             let Ok(entry) = self.open_dir(&dir) else {
                 continue;
             };
-            let file = entry.manifest.name.as_str();
-            let matches = entry.hash == name
-                || file == name
-                || file.strip_suffix(".gguf").is_some_and(|stem| stem == name);
-            if !matches {
+            if entry.hash != name && !entry.manifest.answers_to(name) {
                 continue;
             }
             let held = entry.held().len();
@@ -267,8 +263,7 @@ impl Store {
     pub fn remove(&self, name: &str) -> Result<Vec<EntryInfo>> {
         let mut removed = Vec::new();
         for info in self.list()? {
-            let stem = info.name.strip_suffix(".gguf").unwrap_or(&info.name);
-            if info.hash == name || info.name == name || stem == name {
+            if info.hash == name || answers_to(&info.name, name) {
                 let dir = self.root.join(&info.hash);
                 std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
                 removed.push(info);
