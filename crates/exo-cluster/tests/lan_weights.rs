@@ -67,6 +67,17 @@ async fn ids_from(cluster: &TestCluster, node: usize, prompt: &str) -> Vec<u32> 
     collect(events).await.unwrap().1.token_ids
 }
 
+/// Checks that requests at each of `origins` get `reference`'s tokens.
+async fn answers_like(cluster: &TestCluster, origins: &[usize], reference: &[u32]) {
+    for &origin in origins {
+        assert_eq!(
+            ids_from(cluster, origin, PROMPT).await,
+            reference,
+            "at node {origin}"
+        );
+    }
+}
+
 /// The chunks node `i`'s stage reads, by the plan.
 fn shard_chunks(cluster: &TestCluster, i: usize, manifest: &Manifest) -> ChunkSet {
     let exo_cluster::PlanState::Ready(plan) = cluster.node(i).plan_state() else {
@@ -110,13 +121,7 @@ async fn a_node_with_an_empty_store_serves_its_stage_and_answers_like_one_proces
     let name = format!("{}.gguf", model.id());
     let cluster = holder_and_fetcher(&model.path, &name, 512, |_| {}, |_| {}).await;
     cluster.wait_ready().await;
-    for origin in [0, 1] {
-        assert_eq!(
-            ids_from(&cluster, origin, PROMPT).await,
-            reference,
-            "at node {origin}"
-        );
-    }
+    answers_like(&cluster, &[0, 1], &reference).await;
     let (hash, held, manifest) = cluster.node(1).store_entry().unwrap();
     assert_eq!(
         Some(&hash),
@@ -153,13 +158,7 @@ async fn a_peer_that_corrupts_chunks_is_dropped_and_the_chunks_come_from_another
         .add_node_with(PathBuf::from(model.id()), GIB, with_store(256))
         .await;
     cluster.wait_ready().await;
-    for origin in [0, 2] {
-        assert_eq!(
-            ids_from(&cluster, origin, PROMPT).await,
-            reference,
-            "at node {origin}"
-        );
-    }
+    answers_like(&cluster, &[0, 2], &reference).await;
     held_chunks_are_the_files(&cluster, 2, &model.path);
     let (_, held, manifest) = cluster.node(2).store_entry().unwrap();
     assert_eq!(held, shard_chunks(&cluster, 2, &manifest));
@@ -271,13 +270,7 @@ async fn a_hugging_face_folder_travels_file_by_file_and_the_cluster_answers_like
         .ids;
     let cluster = holder_and_fetcher(&folder, "tiny-hf", 512, |_| {}, |_| {}).await;
     cluster.wait_ready().await;
-    for origin in [0, 1] {
-        assert_eq!(
-            ids_from(&cluster, origin, PROMPT).await,
-            reference,
-            "at node {origin}"
-        );
-    }
+    answers_like(&cluster, &[0, 1], &reference).await;
     let (_, held, manifest) = cluster.node(1).store_entry().unwrap();
     assert!(manifest.folder);
     assert_eq!(held, shard_chunks(&cluster, 1, &manifest));
