@@ -2,8 +2,10 @@
 //! Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, f16, bf16, f32) and matrix-vector / matrix-matrix products
 //! that compute on the quantized blocks. The integer formats take activations either as f32 or
 //! quantized to 8-bit blocks of 32 (one plane, or two for about 15 bits: see
-//! [`QuantMatrix::with_q8_activations`]); on AVX2 quantized is the default for the formats
-//! where byte products measured faster, f32 elsewhere.
+//! [`QuantMatrix::with_q8_activations`]); on AVX2 and AVX-512 quantized is the default for the
+//! formats where byte products measured faster, f32 elsewhere. On AVX-512 with VNNI the 32-blocks
+//! (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) take four blocks per step with `vpdpbusd`, rows asked for
+//! from memory ahead of their use.
 //!
 //! The instruction set is chosen at run time ([`Isa`]): on x86-64 AVX-512 with VNNI or AVX2 +
 //! FMA, on aarch64 NEON (with the dot-product extension's SDOT for 8-bit activations where the
@@ -30,6 +32,8 @@ mod scalar;
 mod x86;
 #[cfg(target_arch = "x86_64")]
 mod x86_q8;
+#[cfg(target_arch = "x86_64")]
+mod x86_vnni;
 
 use std::sync::OnceLock;
 
@@ -100,7 +104,9 @@ impl Isa {
                     && is_x86_feature_detected!("avx512f")
                     && is_x86_feature_detected!("avx512bw")
                     && is_x86_feature_detected!("avx512dq")
+                    && is_x86_feature_detected!("avx512vl")
                     && is_x86_feature_detected!("avx512vnni")
+                    && is_x86_feature_detected!("bmi2")
             }
             #[cfg(target_arch = "aarch64")]
             Isa::Neon => cap != "scalar" && std::arch::is_aarch64_feature_detected!("neon"),
@@ -152,19 +158,8 @@ fn dot(isa: Isa, w: &QuantMatrix, row: usize, a: &QuantizedActs, t: usize) -> f3
                     }
                 };
             }
-            if w.fine || !wide {
-                let [[v]] = int_q8_rows::<1, 1>(w, row, a, t);
-                return v;
-            }
-            let r = row_args(wd, wm, wq, a, t * nb, t * nb * 32, nb);
-            return unsafe {
-                match (kind, wide) {
-                    (Q4 { offset }, true) => x86::dot_q4_avx512(&r, nb, offset),
-                    (Q4 { offset }, false) => x86::dot_q4_avx2(&r, nb, offset),
-                    (Q8, true) => x86::dot_q8_avx512(&r, nb),
-                    (Q8, false) => x86::dot_q8_avx2(&r, nb),
-                }
-            };
+            let [[v]] = int_q8_rows::<1, 1>(isa, w, row, a, t);
+            return v;
         }
         if let Some([[v]]) = q5_rows::<1, 1>(isa, w, row, a, t) {
             return v;
@@ -239,14 +234,14 @@ fn x86_rows<const R: usize, const T: usize>(
     if let Some(v) = tiled_rows::<R, T>(isa, w, row, a, t) {
         return Some(v);
     }
+    let (wd, wm, wq, kind) = int_rows(w, row, R)?;
+    if takes_q8(w, a) {
+        return Some(int_q8_rows::<R, T>(isa, w, row, a, t));
+    }
     if isa != Isa::Avx2 {
         return None;
     }
     let nb = w.cols / 32;
-    let (wd, wm, wq, kind) = int_rows(w, row, R)?;
-    if takes_q8(w, a) {
-        return Some(int_q8_rows::<R, T>(w, row, a, t));
-    }
     let r = row_args(wd, wm, wq, a, 0, 0, 0);
     let (x, xsum) = (a.f32_rows::<T>(t), a.f32_sums::<T>(t));
     // SAFETY: the caller checked AVX2 as supported; `r` holds `R` whole rows, each `x` `cols`
@@ -254,11 +249,49 @@ fn x86_rows<const R: usize, const T: usize>(
     Some(unsafe { x86::int_rows_avx2::<R, T>(&r, x, xsum, nb, kind) })
 }
 
+/// Rows `row..row + count` of a Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0 matrix as the 8-bit-activation
+/// kernels read them, with the block kind; `None` for other formats.
+#[cfg(target_arch = "x86_64")]
+fn int_q8_parts(w: &QuantMatrix, row: usize, count: usize) -> Option<(x86_q8::IntRows<'_>, u8)> {
+    use x86_q8::{Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
+    let nb = w.cols / 32;
+    if let Storage::Q5 { d, m, qh, q } = &w.storage {
+        let blocks = row * nb..(row + count) * nb;
+        let rows = x86_q8::IntRows {
+            wd: &d[blocks.clone()],
+            wm: if m.is_empty() {
+                &[]
+            } else {
+                &m[blocks.clone()]
+            },
+            wq: &q[row * nb * 16..(row + count) * nb * 16],
+            wh: &qh[blocks],
+        };
+        return Some((rows, if m.is_empty() { Q5_0 } else { Q5_1 }));
+    }
+    let (wd, wm, wq, kind) = int_rows(w, row, count)?;
+    let kind = match kind {
+        BlockKind::Q4 { offset: true } => Q4_0,
+        BlockKind::Q4 { offset: false } => Q4_1,
+        BlockKind::Q8 => Q8_0,
+    };
+    Some((
+        x86_q8::IntRows {
+            wd,
+            wm,
+            wq,
+            wh: &[],
+        },
+        kind,
+    ))
+}
+
 /// Rows `row..row + R` of a Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0 matrix that takes 8-bit activations
-/// against activation rows `t..t + T` with the AVX2 integer kernels (on either x86 path: AVX-512
-/// CPUs have AVX2); zeros for other formats, which callers do not pass.
+/// against activation rows `t..t + T`: with the AVX-512 VNNI kernels on that path, the AVX2
+/// ones on AVX2; zeros for other formats, which callers do not pass.
 #[cfg(target_arch = "x86_64")]
 fn int_q8_rows<const R: usize, const T: usize>(
+    isa: Isa,
     w: &QuantMatrix,
     row: usize,
     a: &QuantizedActs,
@@ -266,42 +299,15 @@ fn int_q8_rows<const R: usize, const T: usize>(
 ) -> [[f32; T]; R] {
     use x86_q8::{Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, int_q8};
     let nb = w.cols / 32;
-    let (rows, kind) = match &w.storage {
-        Storage::Q5 { d, m, qh, q } => {
-            let blocks = row * nb..(row + R) * nb;
-            let rows = x86_q8::IntRows {
-                wd: &d[blocks.clone()],
-                wm: if m.is_empty() {
-                    &[]
-                } else {
-                    &m[blocks.clone()]
-                },
-                wq: &q[row * nb * 16..(row + R) * nb * 16],
-                wh: &qh[blocks],
-            };
-            (rows, if m.is_empty() { Q5_0 } else { Q5_1 })
-        }
-        _ => {
-            let Some((wd, wm, wq, kind)) = int_rows(w, row, R) else {
-                return [[0.0; T]; R];
-            };
-            let kind = match kind {
-                BlockKind::Q4 { offset: true } => Q4_0,
-                BlockKind::Q4 { offset: false } => Q4_1,
-                BlockKind::Q8 => Q8_0,
-            };
-            (
-                x86_q8::IntRows {
-                    wd,
-                    wm,
-                    wq,
-                    wh: &[],
-                },
-                kind,
-            )
-        }
+    let Some((rows, kind)) = int_q8_parts(w, row, R) else {
+        return [[0.0; T]; R];
     };
     let acts = std::array::from_fn(|k| q8_row(a, t + k, nb, w.fine));
+    if isa == Isa::Avx512Vnni {
+        // SAFETY: `isa` was checked as supported; `rows` holds `R` whole rows and each
+        // activation row `nb` blocks, as for the AVX2 kernels below.
+        return unsafe { x86_vnni::int_vnni_kind::<R, T>(&rows, acts, nb, kind, w.fine) };
+    }
     // SAFETY: callers reach this only on an x86 path checked as supported (both include AVX2
     // and FMA); `rows` holds `R` whole rows (with their minimums for Q4_1 and Q5_1, and their
     // fifth bits for Q5) and each activation row `nb` blocks (with the second plane where the
@@ -322,6 +328,53 @@ fn int_q8_rows<const R: usize, const T: usize>(
     }
 }
 
+/// Rows `r0..r1` of a Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0 matrix that takes 8-bit activations, for
+/// all `n` tokens, with the AVX-512 VNNI kernels, chosen once per task rather than once per
+/// group of rows (on the default model's small matrices that choice and its argument copies
+/// cost a seventh of a decode step). `false` (nothing written) for other formats, paths or
+/// activations.
+#[cfg(target_arch = "x86_64")]
+fn vnni_rows_into(
+    isa: Isa,
+    w: &QuantMatrix,
+    a: &QuantizedActs,
+    n: usize,
+    r0: usize,
+    r1: usize,
+    out: OutRows,
+) -> bool {
+    use x86_q8::{Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
+    use x86_vnni::rows_into;
+    if isa != Isa::Avx512Vnni || !takes_q8(w, a) {
+        return false;
+    }
+    let Some((all, kind)) = int_q8_parts(w, 0, w.rows) else {
+        return false;
+    };
+    let nb = w.cols / 32;
+    let range = (r0, r1);
+    // SAFETY: `matmul_with` checked `out` against `n` tokens of all the stack's rows, and tasks
+    // own disjoint row ranges `r0..r1` of this part.
+    let put = |t: usize, r: usize, v: f32| unsafe { out.write(t, r, v) };
+    // SAFETY: `isa` was checked as supported by `matmul_with`; `all` holds every row of the
+    // matrix and `a` its `n` activation rows, quantized as the matrix asks.
+    unsafe {
+        match (kind, w.fine) {
+            (Q4_0, false) => rows_into::<false, Q4_0>(&all, a, nb, n, range, put),
+            (Q4_0, true) => rows_into::<true, Q4_0>(&all, a, nb, n, range, put),
+            (Q4_1, false) => rows_into::<false, Q4_1>(&all, a, nb, n, range, put),
+            (Q4_1, true) => rows_into::<true, Q4_1>(&all, a, nb, n, range, put),
+            (Q5_0, false) => rows_into::<false, Q5_0>(&all, a, nb, n, range, put),
+            (Q5_0, true) => rows_into::<true, Q5_0>(&all, a, nb, n, range, put),
+            (Q5_1, false) => rows_into::<false, Q5_1>(&all, a, nb, n, range, put),
+            (Q5_1, true) => rows_into::<true, Q5_1>(&all, a, nb, n, range, put),
+            (Q8_0, false) => rows_into::<false, Q8_0>(&all, a, nb, n, range, put),
+            (_, _) => rows_into::<true, Q8_0>(&all, a, nb, n, range, put),
+        }
+    }
+    true
+}
+
 /// Rows `row..row + R` of a Q5_0 or Q5_1 matrix that takes 8-bit activations against
 /// activation rows `t..t + T` with the AVX2 integer kernel ([`int_q8_rows`], on either x86
 /// path); `None` for other formats, paths or f32 activations (the scalar code takes those).
@@ -337,7 +390,7 @@ fn q5_rows<const R: usize, const T: usize>(
     if !q5 || !matches!(isa, Isa::Avx2 | Isa::Avx512Vnni) || !takes_q8(w, a) {
         return None;
     }
-    Some(int_q8_rows::<R, T>(w, row, a, t))
+    Some(int_q8_rows::<R, T>(isa, w, row, a, t))
 }
 
 /// Rows `row..row + R` of a K-quant or 16-bit float matrix against activation rows
@@ -463,8 +516,12 @@ pub(crate) struct RowArgs<'a> {
     pub(crate) wd: &'a [f32],
     pub(crate) wm: &'a [f32],
     pub(crate) wq: &'a [u8],
+    // The activation blocks: only the NEON kernels read them (the x86 ones take `Q8Row`s).
+    #[cfg_attr(target_arch = "x86_64", allow(dead_code))]
     pub(crate) ad: &'a [f32],
+    #[cfg_attr(target_arch = "x86_64", allow(dead_code))]
     pub(crate) asum: &'a [f32],
+    #[cfg_attr(target_arch = "x86_64", allow(dead_code))]
     pub(crate) aq: &'a [i8],
 }
 
@@ -551,7 +608,7 @@ fn dot4(isa: Isa, w: &QuantMatrix, row: usize, a: &QuantizedActs, t: usize) -> O
     }
     // Q4_0/Q4_1/Q8_0 with 8-bit activations: four rows share each activation load.
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2
+    if matches!(isa, Isa::Avx2 | Isa::Avx512Vnni)
         && takes_q8(w, a)
         && row + 4 <= w.rows
         && let Some(four) = x86_rows::<4, 1>(isa, w, row, a, t)
@@ -621,6 +678,13 @@ fn dot4x4(
     if row + 4 <= w.rows && t + 4 <= a.rows {
         if isa == Isa::Avx512Vnni
             && let Some(block) = tiled_rows::<4, 4>(isa, w, row, a, t)
+        {
+            return Some(block);
+        }
+        // 8-bit activations on AVX-512: 32 registers hold four rows by four tokens.
+        if isa == Isa::Avx512Vnni
+            && takes_q8(w, a)
+            && let Some(block) = x86_rows::<4, 4>(isa, w, row, a, t)
         {
             return Some(block);
         }
@@ -821,6 +885,10 @@ fn rows_into(
     // them (each unpacked weight serves all four): the four rows stay in the nearest cache while
     // the block's activations stream past, so a matrix bigger than the caches is read from
     // memory once per block of tokens, not once per four tokens.
+    #[cfg(target_arch = "x86_64")]
+    if vnni_rows_into(isa, w, acts, n, r0, r1, out) {
+        return;
+    }
     const TOKENS: usize = 32;
     for t0 in (0..n).step_by(TOKENS) {
         let t1 = (t0 + TOKENS).min(n);

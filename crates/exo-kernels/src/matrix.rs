@@ -113,11 +113,10 @@ impl WeightFormat {
             "q8" | "q16" => self.uses_q8_activations(),
             _ => match crate::Isa::detected() {
                 crate::Isa::Avx2 => self.uses_q8_activations() && self != WeightFormat::Q8_0,
-                // Q5_0 and Q5_1 have only the AVX2 integer kernels on x86, which AVX-512 CPUs
-                // run too (their f32 products are the scalar code).
-                crate::Isa::Avx512Vnni => {
-                    matches!(self, WeightFormat::Q5_0 | WeightFormat::Q5_1)
-                }
+                // The 32-blocks have VNNI kernels there, four blocks per step; Q4_K and Q5_K
+                // take the AVX2 integer kernels (Q4_K decode on a 1B shape: 35 against 16
+                // Gweights/s with f32 activations). Q6_K measured even, and keeps f32.
+                crate::Isa::Avx512Vnni => self.uses_q8_activations() && self != WeightFormat::Q6K,
                 _ => false,
             },
         }
@@ -132,7 +131,9 @@ impl WeightFormat {
             && match acts_choice() {
                 "q8" => false,
                 "q16" => true,
-                _ => self == WeightFormat::Q4_1,
+                // Q8_0 too where it takes 8-bit activations (AVX-512): the default model's
+                // tied head is Q8_0, and one plane moves its logits by 0.03.
+                _ => matches!(self, WeightFormat::Q4_1 | WeightFormat::Q8_0),
             }
     }
 }

@@ -595,6 +595,41 @@ fn avx2_takes_quantized_activations_by_default_where_they_measured_faster() {
 }
 
 #[test]
+fn avx512_takes_quantized_activations_by_default_where_its_kernels_measured_faster() {
+    let choice = std::env::var("EXO_KERNELS_ACTS").unwrap_or_default();
+    if Isa::detected() != Isa::Avx512Vnni || !choice.is_empty() {
+        return;
+    }
+    let k =
+        |format| QuantMatrix::from_ggml(format, 2, 256, &k_quant_bytes(format, 2, 1, 7)).unwrap();
+    let int = |format| QuantMatrix::from_f32(format, 2, 32, &[0.25; 64]).unwrap();
+    // The VNNI kernels of the 32-blocks, and AVX2's integer kernels of Q4_K and Q5_K.
+    for w in [
+        k(WeightFormat::Q4K),
+        k(WeightFormat::Q5K),
+        int(WeightFormat::Q4_0),
+        int(WeightFormat::Q5_0),
+        int(WeightFormat::Q5_1),
+    ] {
+        assert!(
+            w.uses_q8_activations() && !w.uses_q16_activations(),
+            "{:?}",
+            w.formats()
+        );
+    }
+    // Q4_1 and Q8_0 take a second plane (the default model's golden logits).
+    for format in [WeightFormat::Q4_1, WeightFormat::Q8_0] {
+        let w = int(format);
+        assert!(
+            w.uses_q8_activations() && w.uses_q16_activations(),
+            "{format}"
+        );
+    }
+    assert!(!k(WeightFormat::Q6K).uses_q8_activations());
+    assert!(!int(WeightFormat::F16).uses_q8_activations());
+}
+
+#[test]
 fn q5_blocks_on_every_path_equal_the_scalar_reference() {
     // Decode (one token), a four-token tile and a ragged prefill, with each activation kind,
     // on shapes with and without whole groups of four rows.

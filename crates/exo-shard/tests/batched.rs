@@ -122,8 +122,12 @@ fn a_cache_cut_from_another_goes_on_as_if_it_had_computed_the_prompt() {
                 .zip(&want_logits[step])
                 .map(|(a, b)| (a - b).abs())
                 .fold(0f32, f32::max);
+            // The stored weights' first step decodes the last prompt token on its own, where
+            // the reference computed it in the prompt: 8-bit activations (two planes) against
+            // f32 ones on the CPUs where those differ, 1.2e-3 to 1.7e-3 measured.
+            let limit = if weights == Weights::F32 { 1e-3 } else { 1e-2 };
             assert!(
-                diff < 1e-3,
+                diff < limit,
                 "{weights:?} step {step}: logits differ by {diff}"
             );
             assert_eq!(argmax(&logits), *want_id, "{weights:?} step {step}");
