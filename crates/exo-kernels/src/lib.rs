@@ -452,6 +452,18 @@ fn k_quant_rows<const R: usize, const T: usize>(
     let rows = &bytes[row * per_row..(row + R) * per_row];
     if takes_q8(w, a) {
         let acts = std::array::from_fn(|k| q8_row(a, t + k, nsb * 8, w.fine));
+        if isa == Isa::Avx512Vnni && !w.fine {
+            use x86_vnni::{q4k_vnni, q6k_vnni};
+            // SAFETY: `isa` was checked as supported; `rows` holds `R` rows of `nsb`
+            // super-blocks and each activation row `nsb * 8` blocks.
+            return Some(unsafe {
+                match format {
+                    WeightFormat::Q4K => q4k_vnni::<R, T, false>(rows, per_row, &acts, nsb),
+                    WeightFormat::Q5K => q4k_vnni::<R, T, true>(rows, per_row, &acts, nsb),
+                    _ => q6k_vnni::<R, T>(rows, per_row, &acts, nsb),
+                }
+            });
+        }
         // SAFETY: both x86 paths include AVX2, FMA and F16C, and `isa` was checked as
         // supported; `rows` holds `R` rows of `nsb` super-blocks and each activation row
         // `nsb * 8` blocks (with the second plane where the matrix asks for it).

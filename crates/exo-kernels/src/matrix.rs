@@ -113,10 +113,10 @@ impl WeightFormat {
             "q8" | "q16" => self.uses_q8_activations(),
             _ => match crate::Isa::detected() {
                 crate::Isa::Avx2 => self.uses_q8_activations() && self != WeightFormat::Q8_0,
-                // The 32-blocks have VNNI kernels there, four blocks per step; Q4_K and Q5_K
-                // take the AVX2 integer kernels (Q4_K decode on a 1B shape: 35 against 16
-                // Gweights/s with f32 activations). Q6_K measured even, and keeps f32.
-                crate::Isa::Avx512Vnni => self.uses_q8_activations() && self != WeightFormat::Q6K,
+                // Every integer format: the 32-blocks and Q6_K have VNNI kernels there; Q4_K
+                // and Q5_K take the AVX2 integer kernels (decode on a 1B shape's matrices:
+                // Q4_K 35 against 16 Gweights/s with f32 activations, Q6_K 33-39 against 8.4).
+                crate::Isa::Avx512Vnni => self.uses_q8_activations(),
                 _ => false,
             },
         }

@@ -24,7 +24,7 @@ use crate::x86_q8::{IntRows, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8Row};
 macro_rules! vnni {
     ($($item:item)*) => {
         $(
-            #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma,bmi2")]
+            #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma,f16c,bmi2")]
             $item
         )*
     };
@@ -232,6 +232,222 @@ vnni! {
                     _ => 0.0,
                 };
                 out[r][t] = _mm512_reduce_add_ps(acc[r][t]) + tail[r][t] + extra;
+            }
+        }
+        out
+    }
+
+    /// `R` consecutive rows of a Q6_K matrix (ggml's super-blocks of 210 bytes, `row_bytes`
+    /// apart) against `T` activation rows quantized to 8 bits (one plane). Per half super-block
+    /// the 64 low-bit bytes and the 32 high-bit bytes make two vectors of 64 unsigned quants
+    /// (0..63); each `vpdpbusd` lane group of 16 elements has one scale, so the sixteen lanes of
+    /// `d * scale * d_act` multiply the integer sums directly. The offset of 32 comes off once
+    /// per super-block as `32 * sum(d * scale * d_act * sum16(q_act))`. Returns
+    /// `out[row][token]`.
+    ///
+    /// # Safety
+    /// As [`int_vnni`], plus F16C; `w` holds `R` rows of `nsb` super-blocks and each activation
+    /// row `nsb * 8` blocks.
+    #[inline]
+    pub(crate) unsafe fn q6k_vnni<const R: usize, const T: usize>(
+        w: &[u8],
+        row_bytes: usize,
+        a: &[Q8Row<'_>; T],
+        nsb: usize,
+    ) -> [[f32; T]; R] {
+        const BYTES: usize = 210;
+        const HIGH: usize = 128;
+        const SCALES: usize = 192;
+        const D: usize = 208;
+        let m4 = _mm512_set1_epi8(0x0f);
+        let m2 = _mm512_set1_epi8(0x30);
+        // The high bits of elements 0..32 and 32..64 of a half (the first vector) sit at bits
+        // 0..2 and 2..4 of its high bytes; of 64..96 and 96..128 at 4..6 and 6..8: shifted
+        // (in 16-bit lanes, which the mask then cleans) to bits 4..6.
+        let up = _mm512_inserti64x4::<1>(_mm512_set1_epi16(4), _mm256_set1_epi16(2));
+        let down = _mm512_inserti64x4::<1>(_mm512_setzero_si512(), _mm256_set1_epi16(2));
+        // Lane group `k` of the integer sums of half `h`'s first vector takes scale `8h + k`,
+        // of its second `8h + 4 + k`.
+        let pick = |first: i32| {
+            _mm512_setr_epi32(
+                first, first, first, first, first + 1, first + 1, first + 1, first + 1,
+                first + 2, first + 2, first + 2, first + 2, first + 3, first + 3, first + 3,
+                first + 3,
+            )
+        };
+        let picks = [pick(0), pick(4), pick(8), pick(12)];
+        // Activation block `k / 2` for scale `k`.
+        let halves = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+        let group = R * row_bytes;
+        let ahead = group * AHEAD.div_ceil(group.max(1));
+        let mut acc = [[_mm512_setzero_ps(); T]; R];
+        for s in 0..nsb {
+            // Per token: the activation scale of each 16 and the sums of each 16.
+            let mut dact = [_mm512_setzero_ps(); T];
+            let mut sum16 = [_mm512_setzero_ps(); T];
+            for t in 0..T {
+                let d = _mm512_castps256_ps512(_mm256_loadu_ps(a[t].d.as_ptr().add(s * 8)));
+                dact[t] = _mm512_permutexvar_ps(halves, d);
+                let s16 = _mm256_loadu_si256(a[t].s16.as_ptr().add(s * 16) as *const __m256i);
+                sum16[t] = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(s16));
+            }
+            for r in 0..R {
+                let b = w.as_ptr().add(r * row_bytes + s * BYTES);
+                for line in [0, 64, 128, 192] {
+                    _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(ahead + line) as *const i8);
+                }
+                let d = crate::x86::f16_at(b.add(D));
+                let sc = _mm_loadu_si128(b.add(SCALES) as *const __m128i);
+                let sc = _mm512_mul_ps(
+                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)),
+                    _mm512_set1_ps(d),
+                );
+                let mut q = [_mm512_setzero_si512(); 4];
+                for h in 0..2 {
+                    let low = _mm512_loadu_si512(b.add(h * 64) as *const __m512i);
+                    let high = _mm256_loadu_si256(b.add(HIGH + h * 32) as *const __m256i);
+                    let high = _mm512_broadcast_i64x4(high);
+                    let hi_a = _mm512_and_si512(_mm512_sllv_epi16(high, up), m2);
+                    let hi_b = _mm512_and_si512(_mm512_srlv_epi16(high, down), m2);
+                    q[2 * h] = _mm512_or_si512(_mm512_and_si512(low, m4), hi_a);
+                    q[2 * h + 1] = _mm512_or_si512(
+                        _mm512_and_si512(_mm512_srli_epi16::<4>(low), m4),
+                        hi_b,
+                    );
+                }
+                for t in 0..T {
+                    let scale = _mm512_mul_ps(sc, dact[t]);
+                    let off = _mm512_mul_ps(scale, _mm512_set1_ps(32.0));
+                    let mut sum = _mm512_fnmadd_ps(off, sum16[t], acc[r][t]);
+                    let ap = a[t].q.as_ptr().add(s * 256);
+                    for k in 0..4 {
+                        let x = _mm512_loadu_si512(ap.add(64 * k) as *const __m512i);
+                        let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[k], x);
+                        let lanes = _mm512_permutexvar_ps(picks[k], scale);
+                        sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), lanes, sum);
+                    }
+                    acc[r][t] = sum;
+                }
+            }
+        }
+        let mut out = [[0f32; T]; R];
+        for r in 0..R {
+            for t in 0..T {
+                out[r][t] = _mm512_reduce_add_ps(acc[r][t]);
+            }
+        }
+        out
+    }
+
+    /// `R` consecutive rows of a Q4_K (`HIGH = false`) or Q5_K matrix (repacked super-blocks,
+    /// `row_bytes` apart, as `x86_q8::q4k_q8` reads them) against `T` activation rows quantized
+    /// to 8 bits (one plane). A step takes 64 quant bytes: their low nibbles are sub-blocks
+    /// `2c` and `2c + 2`, their high ones `2c + 1` and `2c + 3` (Q5_K's fifth bits joined in),
+    /// one sub-block per 256-bit half, each half scaled by `d * scale * d_act` of its
+    /// sub-block. The minimums come off per super-block as `dmin * min * d_act * sum(q_act)`.
+    /// Returns `out[row][token]`.
+    ///
+    /// # Safety
+    /// As [`int_vnni`], plus F16C; `w` holds `R` rows of `nsb` super-blocks and each activation
+    /// row `nsb * 8` blocks.
+    #[inline]
+    pub(crate) unsafe fn q4k_vnni<const R: usize, const T: usize, const HIGH: bool>(
+        w: &[u8],
+        row_bytes: usize,
+        a: &[Q8Row<'_>; T],
+        nsb: usize,
+    ) -> [[f32; T]; R] {
+        const SCALES: usize = 4;
+        const MINS: usize = 12;
+        const FIFTH: usize = 20;
+        let (block, quants) = if HIGH {
+            (crate::matrix::Q5K_PACKED, 52)
+        } else {
+            (crate::matrix::Q4K_PACKED, 20)
+        };
+        let m4 = _mm512_set1_epi8(0x0f);
+        let sixteen = _mm512_set1_epi8(16);
+        // Q5_K: bit 2c of each fifth-bit byte goes to sub-block 2c (bit 4 of the quant),
+        // 2c + 1 to 2c + 1; per half of a step (c, c + 1), in 16-bit lanes the mask then cleans.
+        let shifts = |lo: i16, hi: i16| _mm512_inserti64x4::<1>(_mm512_set1_epi16(lo), _mm256_set1_epi16(hi));
+        // Lane `i` takes scale `first + 2 * (i / 8)`.
+        let pick = |first: i32| {
+            _mm512_setr_epi32(
+                first, first, first, first, first, first, first, first, first + 2, first + 2,
+                first + 2, first + 2, first + 2, first + 2, first + 2, first + 2,
+            )
+        };
+        let picks = [pick(0), pick(1), pick(4), pick(5)];
+        let group = R * row_bytes;
+        let ahead = group * AHEAD.div_ceil(group.max(1));
+        let mut acc = [[_mm512_setzero_ps(); T]; R];
+        for s in 0..nsb {
+            // Per token: each sub-block's activation scale and scaled sum, and the step's
+            // activations matched to the quant layout.
+            let mut dact = [_mm256_setzero_ps(); T];
+            let mut asum = [_mm256_setzero_ps(); T];
+            let mut x = [[_mm512_setzero_si512(); 4]; T];
+            for t in 0..T {
+                dact[t] = _mm256_loadu_ps(a[t].d.as_ptr().add(s * 8));
+                asum[t] = _mm256_loadu_ps(a[t].sum.as_ptr().add(s * 8));
+                let p = a[t].q.as_ptr().add(s * 256);
+                for half in 0..2 {
+                    let u = _mm512_loadu_si512(p.add(128 * half) as *const __m512i);
+                    let v = _mm512_loadu_si512(p.add(128 * half + 64) as *const __m512i);
+                    // Sub-blocks (2c, 2c + 2) and (2c + 1, 2c + 3) of c = 2 * half.
+                    x[t][2 * half] = _mm512_shuffle_i64x2::<0b01_00_01_00>(u, v);
+                    x[t][2 * half + 1] = _mm512_shuffle_i64x2::<0b11_10_11_10>(u, v);
+                }
+            }
+            for r in 0..R {
+                let b = w.as_ptr().add(r * row_bytes + s * block);
+                for line in (0..block).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(ahead + line) as *const i8);
+                }
+                let bytes = |at: usize| {
+                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                        b.add(at) as *const __m128i
+                    )))
+                };
+                let sc = _mm256_mul_ps(bytes(SCALES), _mm256_set1_ps(crate::x86::f16_at(b)));
+                let mins = _mm256_mul_ps(bytes(MINS), _mm256_set1_ps(crate::x86::f16_at(b.add(2))));
+                let mut q = [_mm512_setzero_si512(); 4];
+                for half in 0..2 {
+                    let v = _mm512_loadu_si512(b.add(quants + 64 * half) as *const __m512i);
+                    let mut lo = _mm512_and_si512(v, m4);
+                    let mut hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4);
+                    if HIGH {
+                        let h = _mm512_broadcast_i64x4(_mm256_loadu_si256(b.add(FIFTH) as *const __m256i));
+                        // Bits 4c, 4c + 2 (low nibbles) and 4c + 1, 4c + 3 (high) of this half's
+                        // two steps c = 2 * half, 2 * half + 1, moved to bit 4.
+                        let (l, hh) = if half == 0 {
+                            (_mm512_sllv_epi16(h, shifts(4, 2)), _mm512_sllv_epi16(h, shifts(3, 1)))
+                        } else {
+                            (_mm512_srlv_epi16(h, shifts(0, 2)), _mm512_srlv_epi16(h, shifts(1, 3)))
+                        };
+                        lo = _mm512_or_si512(lo, _mm512_and_si512(l, sixteen));
+                        hi = _mm512_or_si512(hi, _mm512_and_si512(hh, sixteen));
+                    }
+                    q[2 * half] = lo;
+                    q[2 * half + 1] = hi;
+                }
+                for t in 0..T {
+                    let scale = _mm512_castps256_ps512(_mm256_mul_ps(sc, dact[t]));
+                    let mut sum = acc[r][t];
+                    for k in 0..4 {
+                        let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[k], x[t][k]);
+                        let lanes = _mm512_permutexvar_ps(picks[k], scale);
+                        sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), lanes, sum);
+                    }
+                    let m = _mm512_castps256_ps512(_mm256_mul_ps(mins, asum[t]));
+                    acc[r][t] = _mm512_sub_ps(sum, _mm512_maskz_mov_ps(0x00ff, m));
+                }
+            }
+        }
+        let mut out = [[0f32; T]; R];
+        for r in 0..R {
+            for t in 0..T {
+                out[r][t] = _mm512_reduce_add_ps(acc[r][t]);
             }
         }
         out
