@@ -158,7 +158,7 @@ fn dot(isa: Isa, w: &QuantMatrix, row: usize, a: &QuantizedActs, t: usize) -> f3
                     }
                 };
             }
-            let [[v]] = int_q8_rows::<1, 1>(isa, w, row, a, t);
+            let [[v]] = int_q8_rows::<1, 1>(w, row, a, t);
             return v;
         }
         if let Some([[v]]) = q5_rows::<1, 1>(isa, w, row, a, t) {
@@ -236,7 +236,7 @@ fn x86_rows<const R: usize, const T: usize>(
     }
     let (wd, wm, wq, kind) = int_rows(w, row, R)?;
     if takes_q8(w, a) {
-        return Some(int_q8_rows::<R, T>(isa, w, row, a, t));
+        return Some(int_q8_rows::<R, T>(w, row, a, t));
     }
     if isa != Isa::Avx2 {
         return None;
@@ -287,11 +287,11 @@ fn int_q8_parts(w: &QuantMatrix, row: usize, count: usize) -> Option<(x86_q8::In
 }
 
 /// Rows `row..row + R` of a Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0 matrix that takes 8-bit activations
-/// against activation rows `t..t + T`: with the AVX-512 VNNI kernels on that path, the AVX2
-/// ones on AVX2; zeros for other formats, which callers do not pass.
+/// against activation rows `t..t + T` with the AVX2 integer kernels (on either x86 path; on
+/// AVX-512 `vnni_rows_into` takes these matrices first); zeros for other formats, which callers
+/// do not pass.
 #[cfg(target_arch = "x86_64")]
 fn int_q8_rows<const R: usize, const T: usize>(
-    isa: Isa,
     w: &QuantMatrix,
     row: usize,
     a: &QuantizedActs,
@@ -303,11 +303,6 @@ fn int_q8_rows<const R: usize, const T: usize>(
         return [[0.0; T]; R];
     };
     let acts = std::array::from_fn(|k| q8_row(a, t + k, nb, w.fine));
-    if isa == Isa::Avx512Vnni {
-        // SAFETY: `isa` was checked as supported; `rows` holds `R` whole rows and each
-        // activation row `nb` blocks, as for the AVX2 kernels below.
-        return unsafe { x86_vnni::int_vnni_kind::<R, T>(&rows, acts, nb, kind, w.fine) };
-    }
     // SAFETY: callers reach this only on an x86 path checked as supported (both include AVX2
     // and FMA); `rows` holds `R` whole rows (with their minimums for Q4_1 and Q5_1, and their
     // fifth bits for Q5) and each activation row `nb` blocks (with the second plane where the
@@ -347,6 +342,23 @@ fn vnni_rows_into(
     use x86_vnni::rows_into;
     if isa != Isa::Avx512Vnni || !takes_q8(w, a) {
         return false;
+    }
+    let nsb = w.cols / 256;
+    let k_quant = match &w.storage {
+        Storage::Q4K(b) => Some((b, matrix::Q4K_PACKED)),
+        Storage::Q5K(b) => Some((b, matrix::Q5K_PACKED)),
+        Storage::Q6K(b) => Some((b, WeightFormat::Q6K.ggml_block_bytes())),
+        _ => None,
+    };
+    if let Some((bytes, block)) = k_quant {
+        if w.fine {
+            return false;
+        }
+        // SAFETY: as below; `bytes` holds every row's `nsb` super-blocks of `block` bytes and
+        // `a` the activation rows quantized with one plane.
+        let put = |t: usize, r: usize, v: f32| unsafe { out.write(t, r, v) };
+        unsafe { x86_vnni::k_rows_into(w.format, bytes, nsb * block, a, nsb, n, (r0, r1), put) };
+        return true;
     }
     let Some((all, kind)) = int_q8_parts(w, 0, w.rows) else {
         return false;
@@ -390,7 +402,7 @@ fn q5_rows<const R: usize, const T: usize>(
     if !q5 || !matches!(isa, Isa::Avx2 | Isa::Avx512Vnni) || !takes_q8(w, a) {
         return None;
     }
-    Some(int_q8_rows::<R, T>(isa, w, row, a, t))
+    Some(int_q8_rows::<R, T>(w, row, a, t))
 }
 
 /// Rows `row..row + R` of a K-quant or 16-bit float matrix against activation rows
@@ -452,18 +464,6 @@ fn k_quant_rows<const R: usize, const T: usize>(
     let rows = &bytes[row * per_row..(row + R) * per_row];
     if takes_q8(w, a) {
         let acts = std::array::from_fn(|k| q8_row(a, t + k, nsb * 8, w.fine));
-        if isa == Isa::Avx512Vnni && !w.fine {
-            use x86_vnni::{q4k_vnni, q6k_vnni};
-            // SAFETY: `isa` was checked as supported; `rows` holds `R` rows of `nsb`
-            // super-blocks and each activation row `nsb * 8` blocks.
-            return Some(unsafe {
-                match format {
-                    WeightFormat::Q4K => q4k_vnni::<R, T, false>(rows, per_row, &acts, nsb),
-                    WeightFormat::Q5K => q4k_vnni::<R, T, true>(rows, per_row, &acts, nsb),
-                    _ => q6k_vnni::<R, T>(rows, per_row, &acts, nsb),
-                }
-            });
-        }
         // SAFETY: both x86 paths include AVX2, FMA and F16C, and `isa` was checked as
         // supported; `rows` holds `R` rows of `nsb` super-blocks and each activation row
         // `nsb * 8` blocks (with the second plane where the matrix asks for it).
@@ -690,13 +690,6 @@ fn dot4x4(
     if row + 4 <= w.rows && t + 4 <= a.rows {
         if isa == Isa::Avx512Vnni
             && let Some(block) = tiled_rows::<4, 4>(isa, w, row, a, t)
-        {
-            return Some(block);
-        }
-        // 8-bit activations on AVX-512: 32 registers hold four rows by four tokens.
-        if isa == Isa::Avx512Vnni
-            && takes_q8(w, a)
-            && let Some(block) = x86_rows::<4, 4>(isa, w, row, a, t)
         {
             return Some(block);
         }

@@ -453,37 +453,9 @@ vnni! {
         out
     }
 
-    /// [`int_vnni`] for a block kind and activation planes chosen at run time.
-    ///
-    /// # Safety
-    /// As [`int_vnni`].
-    #[inline]
-    pub(crate) unsafe fn int_vnni_kind<const R: usize, const T: usize>(
-        w: &IntRows<'_>,
-        a: [Q8Row<'_>; T],
-        nb: usize,
-        kind: u8,
-        fine: bool,
-    ) -> [[f32; T]; R] {
-        match (kind, fine) {
-            (Q4_0, false) => int_vnni::<R, T, false, Q4_0>(w, &a, nb),
-            (Q4_0, true) => int_vnni::<R, T, true, Q4_0>(w, &a, nb),
-            (Q4_1, false) => int_vnni::<R, T, false, Q4_1>(w, &a, nb),
-            (Q4_1, true) => int_vnni::<R, T, true, Q4_1>(w, &a, nb),
-            (Q5_0, false) => int_vnni::<R, T, false, Q5_0>(w, &a, nb),
-            (Q5_0, true) => int_vnni::<R, T, true, Q5_0>(w, &a, nb),
-            (Q5_1, false) => int_vnni::<R, T, false, Q5_1>(w, &a, nb),
-            (Q5_1, true) => int_vnni::<R, T, true, Q5_1>(w, &a, nb),
-            (_, false) => int_vnni::<R, T, false, Q8_0>(w, &a, nb),
-            (_, true) => int_vnni::<R, T, true, Q8_0>(w, &a, nb),
-        }
-    }
-
     /// Rows `r0..r1` of a whole matrix `w` (`KIND`, `nb` blocks per row) against all `n`
     /// activation rows of `a` (quantized with the second plane when `FINE`), each output given
-    /// to `put(token, row, value)`. Four rows at a time for a block of 32 tokens, four tokens
-    /// at a time within it: the four rows stay in the nearest cache while the block's
-    /// activations stream past.
+    /// to `put(token, row, value)`.
     ///
     /// # Safety
     /// As [`int_vnni`], for rows `r0..r1` of `w` and `n` activation rows.
@@ -492,8 +464,8 @@ vnni! {
         a: &crate::QuantizedActs,
         nb: usize,
         n: usize,
-        (r0, r1): (usize, usize),
-        mut put: impl FnMut(usize, usize, f32),
+        range: (usize, usize),
+        put: impl FnMut(usize, usize, f32),
     ) {
         let bytes = if KIND == Q8_0 { 32 } else { 16 };
         let from = |r: usize| IntRows {
@@ -502,45 +474,114 @@ vnni! {
             wq: &w.wq[r * nb * bytes..],
             wh: w.wh.get(r * nb..).unwrap_or(&[]),
         };
+        let tile = |r: usize, four: bool, x: &[Q8Row<'_>]| {
+            let rows = from(r);
+            let mut out = [[0f32; 4]; 4];
+            match (four, x.first_chunk::<4>()) {
+                (true, Some(x)) => out = int_vnni::<4, 4, FINE, KIND>(&rows, x, nb),
+                (false, Some(x)) => out[0] = int_vnni::<1, 4, FINE, KIND>(&rows, x, nb)[0],
+                (true, None) => {
+                    let v = int_vnni::<4, 1, FINE, KIND>(&rows, &[x[0]], nb);
+                    (0..4).for_each(|k| out[k][0] = v[k][0]);
+                }
+                (false, None) => out[0][0] = int_vnni::<1, 1, FINE, KIND>(&rows, &[x[0]], nb)[0][0],
+            }
+            out
+        };
+        tiles_into(a, nb, FINE, n, range, tile, put);
+    }
+
+    /// Rows `r0..r1` of a Q4_K, Q5_K or Q6_K matrix (`w` its whole bytes, `row_bytes` per
+    /// row, `nsb` super-blocks) against all `n` activation rows of `a` (one plane), as
+    /// [`rows_into`].
+    ///
+    /// # Safety
+    /// As [`q4k_vnni`] and [`q6k_vnni`], for rows `r0..r1` of `w` and `n` activation rows.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn k_rows_into(
+        format: crate::WeightFormat,
+        w: &[u8],
+        row_bytes: usize,
+        a: &crate::QuantizedActs,
+        nsb: usize,
+        n: usize,
+        range: (usize, usize),
+        put: impl FnMut(usize, usize, f32),
+    ) {
+        use crate::WeightFormat::{Q4K, Q5K};
+        #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma,f16c,bmi2")]
+        unsafe fn run<const R: usize, const T: usize>(
+            format: crate::WeightFormat,
+            rows: &[u8],
+            row_bytes: usize,
+            x: &[Q8Row<'_>; T],
+            nsb: usize,
+        ) -> [[f32; T]; R] {
+            match format {
+                Q4K => q4k_vnni::<R, T, false>(rows, row_bytes, x, nsb),
+                Q5K => q4k_vnni::<R, T, true>(rows, row_bytes, x, nsb),
+                _ => q6k_vnni::<R, T>(rows, row_bytes, x, nsb),
+            }
+        }
+        let tile = |r: usize, four: bool, x: &[Q8Row<'_>]| {
+            let rows = &w[r * row_bytes..];
+            let mut out = [[0f32; 4]; 4];
+            match (four, x.first_chunk::<4>()) {
+                (true, Some(x)) => out = run::<4, 4>(format, rows, row_bytes, x, nsb),
+                (false, Some(x)) => out[0] = run::<1, 4>(format, rows, row_bytes, x, nsb)[0],
+                (true, None) => {
+                    let v = run::<4, 1>(format, rows, row_bytes, &[x[0]], nsb);
+                    (0..4).for_each(|k| out[k][0] = v[k][0]);
+                }
+                (false, None) => out[0][0] = run::<1, 1>(format, rows, row_bytes, &[x[0]], nsb)[0][0],
+            }
+            out
+        };
+        tiles_into(a, nsb * 8, false, n, range, tile, put);
+    }
+
+    /// Rows `r0..r1` for all `n` activation rows of `a` (`nb` blocks each) through `tile(row,
+    /// four, x)`, which computes rows `row..row + 4` (or only `row`) against the activation
+    /// rows `x` (four, or one) as `out[row][token]`. Four rows at a time for a block of 32
+    /// tokens, four tokens at a time within it: the four rows stay in the nearest cache while
+    /// the block's activations stream past. The kernel is chosen once per task, not once per
+    /// tile (on the default model's small matrices that choice and its argument copies cost a
+    /// seventh of a decode step).
+    #[inline]
+    unsafe fn tiles_into(
+        a: &crate::QuantizedActs,
+        nb: usize,
+        fine: bool,
+        n: usize,
+        (r0, r1): (usize, usize),
+        mut tile: impl FnMut(usize, bool, &[Q8Row<'_>]) -> [[f32; 4]; 4],
+        mut put: impl FnMut(usize, usize, f32),
+    ) {
         const TOKENS: usize = 32;
         let mut t0 = 0;
         while t0 < n {
             let t1 = (t0 + TOKENS).min(n);
             let acts: [Q8Row<'_>; TOKENS] =
-                std::array::from_fn(|k| crate::q8_row(a, (t0 + k).min(t1 - 1), nb, FINE));
+                std::array::from_fn(|k| crate::q8_row(a, (t0 + k).min(t1 - 1), nb, fine));
             let quads = (t1 - t0) / 4;
             let mut r = r0;
             while r < r1 {
-                let rows = from(r);
-                let four = r + 4 <= r1;
+                let (four, count) = if r + 4 <= r1 { (true, 4) } else { (false, 1) };
                 for q in 0..quads {
-                    let (t, x) = (t0 + 4 * q, &acts[4 * q..]);
-                    let Some(x) = x.first_chunk::<4>() else { break };
-                    if four {
-                        let v = int_vnni::<4, 4, FINE, KIND>(&rows, x, nb);
-                        for k in 0..16 {
-                            put(t + k % 4, r + k / 4, v[k / 4][k % 4]);
-                        }
-                    } else {
-                        let [v] = int_vnni::<1, 4, FINE, KIND>(&rows, x, nb);
-                        for k in 0..4 {
-                            put(t + k, r, v[k]);
+                    let (t, v) = (t0 + 4 * q, tile(r, four, &acts[4 * q..4 * q + 4]));
+                    for k in 0..count {
+                        for j in 0..4 {
+                            put(t + j, r + k, v[k][j]);
                         }
                     }
                 }
                 for t in t0 + 4 * quads..t1 {
-                    let x = std::array::from_ref(&acts[t - t0]);
-                    if four {
-                        let v = int_vnni::<4, 1, FINE, KIND>(&rows, x, nb);
-                        for k in 0..4 {
-                            put(t, r + k, v[k][0]);
-                        }
-                    } else {
-                        let [[v]] = int_vnni::<1, 1, FINE, KIND>(&rows, x, nb);
-                        put(t, r, v);
+                    let v = tile(r, four, &acts[t - t0..t - t0 + 1]);
+                    for k in 0..count {
+                        put(t, r + k, v[k][0]);
                     }
                 }
-                r += if four { 4 } else { 1 };
+                r += count;
             }
             t0 = t1;
         }
