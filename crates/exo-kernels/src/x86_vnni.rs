@@ -9,8 +9,8 @@
 //! block per 128-bit lane. The activations are shuffled to match, once per step and token for
 //! all `R` rows. Q8_0 weights are signed: they take 128 on (`xor 0x80`), which makes them
 //! unsigned, and `128 * d_w * sum(q_act)` comes off at the end, as Q4_0's offset of 8 does.
-//! Each lane's integer sum is scaled by its block's `d_w * d_act` in float. Blocks after the
-//! last whole four take the 256-bit form of the same instructions.
+//! Each lane's integer sum is scaled by its block's `d_w * d_act` in float. A last step of fewer
+//! than four blocks loads with masks: the missing lanes read as zeros and add nothing.
 //!
 //! Every kernel equals the integer math of `scalar::dot` up to the order of float additions.
 
@@ -41,25 +41,24 @@ const AHEAD: usize = 4096;
 const SPREAD: [i32; 16] = [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3];
 
 vnni! {
-    /// The activation bytes of blocks `b..b + 4` (at `p`) as two vectors that match the nibble
-    /// layout: block `b + g`'s elements 0..16 in lane `g` of the first, 16..32 of the second.
+    /// The fifth bits of `k` (up to four) Q5 blocks (`h` at block `b`) as byte masks over the
+    /// low and high nibble vectors: bit `j` of block `b + g` at byte `16g + j` of the first for
+    /// `j < 16`, of the second for the rest; zeros for blocks past `k`.
     #[inline]
-    unsafe fn acts_by_half(p: *const i8) -> (__m512i, __m512i) {
-        let x = _mm512_loadu_si512(p as *const __m512i);
-        let y = _mm512_loadu_si512(p.add(64) as *const __m512i);
-        (
-            _mm512_shuffle_i64x2::<0b10_00_10_00>(x, y),
-            _mm512_shuffle_i64x2::<0b11_01_11_01>(x, y),
-        )
-    }
-
-    /// The fifth bits of four Q5 blocks (`h` at block `b`) as byte masks over the low and
-    /// high nibble vectors: bit `j` of block `b + g` at byte `16g + j` of the first for
-    /// `j < 16`, of the second for the rest.
-    #[inline]
-    unsafe fn fifth_masks(h: *const u32) -> (u64, u64) {
-        let h01 = (h as *const u64).read_unaligned();
-        let h23 = (h.add(2) as *const u64).read_unaligned();
+    unsafe fn fifth_masks(h: *const u32, k: usize) -> (u64, u64) {
+        let (h01, h23) = if k == 4 {
+            (
+                (h as *const u64).read_unaligned(),
+                (h.add(2) as *const u64).read_unaligned(),
+            )
+        } else {
+            let mut v = [0u32; 4];
+            std::ptr::copy_nonoverlapping(h, v.as_mut_ptr(), k);
+            (
+                v[0] as u64 | (v[1] as u64) << 32,
+                v[2] as u64 | (v[3] as u64) << 32,
+            )
+        };
         const LOW: u64 = 0x0000_ffff_0000_ffff;
         const HIGH: u64 = 0xffff_0000_ffff_0000;
         (
@@ -93,35 +92,51 @@ vnni! {
         let group = R * nb * bytes;
         let ahead = group * AHEAD.div_ceil(group);
         let mut b = 0;
-        while b + 4 <= nb {
+        while b < nb {
+            // A step of four blocks; the last may have fewer, whose missing lanes load as
+            // zeros (weights, activations and scales alike), so they add nothing.
+            let k = (nb - b).min(4);
+            let bits = |n: usize| if n >= 64 { u64::MAX } else { (1u64 << n) - 1 };
+            let (m0, m1) = (bits(32 * k), bits((32 * k).saturating_sub(64)));
+            let m4 = bits(k) as __mmask8;
             // This step's activations of every token, in the weights' layout, and their scales.
             let mut x = [[_mm512_setzero_si512(); 2]; T];
             let mut y = [[_mm512_setzero_si512(); 2]; T];
             let mut ad = [_mm_setzero_ps(); T];
-            for t in 0..T {
-                let p = a[t].q.as_ptr().add(b * 32);
-                if nibbles {
-                    let (l, h) = acts_by_half(p);
-                    x[t] = [l, h];
+            // Masked loads only for a last, short step: on Zen 5 they cost a third of decode
+            // when every step takes them.
+            let full = k == 4;
+            let bytes64 = |m: u64, p: *const i8| {
+                if full {
+                    _mm512_loadu_si512(p as *const __m512i)
                 } else {
-                    x[t] = [
-                        _mm512_loadu_si512(p as *const __m512i),
-                        _mm512_loadu_si512(p.add(64) as *const __m512i),
-                    ];
+                    _mm512_maskz_loadu_epi8(m, p)
                 }
+            };
+            let load = |p: *const i8| {
+                let u = bytes64(m0, p);
+                let v = bytes64(m1, p.wrapping_add(64));
+                if nibbles {
+                    // Block `b + g`'s elements 0..16 in lane `g` of the first, 16..32 of the
+                    // second, as the nibbles lie.
+                    [
+                        _mm512_shuffle_i64x2::<0b10_00_10_00>(u, v),
+                        _mm512_shuffle_i64x2::<0b11_01_11_01>(u, v),
+                    ]
+                } else {
+                    [u, v]
+                }
+            };
+            for t in 0..T {
+                x[t] = load(a[t].q.as_ptr().add(b * 32));
                 if FINE {
-                    let p = a[t].lo.as_ptr().add(b * 32);
-                    if nibbles {
-                        let (l, h) = acts_by_half(p);
-                        y[t] = [l, h];
-                    } else {
-                        y[t] = [
-                            _mm512_loadu_si512(p as *const __m512i),
-                            _mm512_loadu_si512(p.add(64) as *const __m512i),
-                        ];
-                    }
+                    y[t] = load(a[t].lo.as_ptr().add(b * 32));
                 }
-                ad[t] = _mm_loadu_ps(a[t].d.as_ptr().add(b));
+                ad[t] = if full {
+                    _mm_loadu_ps(a[t].d.as_ptr().add(b))
+                } else {
+                    _mm_maskz_loadu_ps(m4, a[t].d.as_ptr().add(b))
+                };
             }
             for r in 0..R {
                 let i = r * nb + b;
@@ -134,25 +149,34 @@ vnni! {
                 }
                 // Two vectors of weight bytes, unsigned.
                 let v = if nibbles {
-                    let q = _mm512_loadu_si512(p as *const __m512i);
+                    let q = bytes64(bits(16 * k), p as *const i8);
                     let mut lo = _mm512_and_si512(q, mask);
                     let mut hi = _mm512_and_si512(_mm512_srli_epi16::<4>(q), mask);
                     if KIND == Q5_0 || KIND == Q5_1 {
-                        let (ml, mh) = fifth_masks(w.wh.as_ptr().add(i));
+                        let (ml, mh) = fifth_masks(w.wh.as_ptr().add(i), k);
                         lo = _mm512_or_si512(lo, _mm512_maskz_mov_epi8(ml, sixteen));
                         hi = _mm512_or_si512(hi, _mm512_maskz_mov_epi8(mh, sixteen));
                     }
                     [lo, hi]
                 } else {
+                    // Bytes past the last block become 128 here, against zero activations.
+                    let p = p as *const i8;
                     [
-                        _mm512_xor_si512(_mm512_loadu_si512(p as *const __m512i), flip),
-                        _mm512_xor_si512(_mm512_loadu_si512(p.add(64) as *const __m512i), flip),
+                        _mm512_xor_si512(bytes64(m0, p), flip),
+                        _mm512_xor_si512(bytes64(m1, p.wrapping_add(64)), flip),
                     ]
                 };
-                let dw = _mm_loadu_ps(wd.add(i));
+                let dw = if full {
+                    _mm_loadu_ps(wd.add(i))
+                } else {
+                    _mm_maskz_loadu_ps(m4, wd.add(i))
+                };
                 for t in 0..T {
                     let zero = _mm512_setzero_si512();
-                    let s = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_mul_ps(dw, ad[t])));
+                    let s = _mm512_permutexvar_ps(
+                        spread,
+                        _mm512_castps128_ps512(_mm_mul_ps(dw, ad[t])),
+                    );
                     let sums = |xs: [__m512i; 2]| {
                         if nibbles {
                             // One block per 128-bit lane already.
@@ -176,48 +200,7 @@ vnni! {
                     acc[r][t] = _mm512_fmadd_ps(f, s, acc[r][t]);
                 }
             }
-            b += 4;
-        }
-        // The last blocks, one at a time in 256-bit registers.
-        let mut tail = [[0f32; T]; R];
-        while b < nb {
-            for r in 0..R {
-                let i = r * nb + b;
-                let p = wq.add(i * bytes);
-                let v = if nibbles {
-                    let nib = _mm_loadu_si128(p as *const __m128i);
-                    let m = _mm_set1_epi8(0x0f);
-                    let v = _mm256_set_m128i(
-                        _mm_and_si128(_mm_srli_epi16::<4>(nib), m),
-                        _mm_and_si128(nib, m),
-                    );
-                    if KIND == Q5_0 || KIND == Q5_1 {
-                        let bits = *w.wh.as_ptr().add(i);
-                        _mm256_or_si256(v, _mm256_maskz_mov_epi8(bits, _mm256_set1_epi8(16)))
-                    } else {
-                        v
-                    }
-                } else {
-                    _mm256_xor_si256(
-                        _mm256_loadu_si256(p as *const __m256i),
-                        _mm256_set1_epi8(-128),
-                    )
-                };
-                let dw = *wd.add(i);
-                for t in 0..T {
-                    let zero = _mm256_setzero_si256();
-                    let q = _mm256_loadu_si256(a[t].q.as_ptr().add(b * 32) as *const __m256i);
-                    let mut s = _mm256_dpbusd_epi32(zero, v, q) ;
-                    let mut f = hsum_i32(s) as f32;
-                    if FINE {
-                        let lo = _mm256_loadu_si256(a[t].lo.as_ptr().add(b * 32) as *const __m256i);
-                        s = _mm256_dpbusd_epi32(zero, v, lo);
-                        f += hsum_i32(s) as f32 / 254.0;
-                    }
-                    tail[r][t] += f * dw * *a[t].d.as_ptr().add(b);
-                }
-            }
-            b += 1;
+            b += k;
         }
         let mut out = [[0f32; T]; R];
         for r in 0..R {
@@ -231,7 +214,7 @@ vnni! {
                     Q4_1 | Q5_1 => short_dot(&m[r * nb..(r + 1) * nb], sum),
                     _ => 0.0,
                 };
-                out[r][t] = _mm512_reduce_add_ps(acc[r][t]) + tail[r][t] + extra;
+                out[r][t] = _mm512_reduce_add_ps(acc[r][t]) + extra;
             }
         }
         out
@@ -585,15 +568,6 @@ vnni! {
             }
             t0 = t1;
         }
-    }
-
-    /// The sum of eight 32-bit integers.
-    #[inline]
-    unsafe fn hsum_i32(v: __m256i) -> i32 {
-        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
-        _mm_cvtsi128_si32(s)
     }
 
     /// `sum_b a[b] * b[b]` for short per-block vectors (scales against block sums).
