@@ -207,6 +207,8 @@ vnni! {
             let (d, m) = (&w.wd[r * nb..(r + 1) * nb], &w.wm);
             for t in 0..T {
                 let sum = &a[t].sum[..nb];
+                // `sum_b a[b] * b[b]` over the blocks: scales against block sums.
+                let short_dot = |a: &[f32], b: &[f32]| crate::x86::dot_f32_avx2(a, b);
                 let extra = match KIND {
                     Q4_0 => -8.0 * short_dot(d, sum),
                     Q5_0 => -16.0 * short_dot(d, sum),
@@ -570,27 +572,4 @@ vnni! {
         }
     }
 
-    /// `sum_b a[b] * b[b]` for short per-block vectors (scales against block sums).
-    unsafe fn short_dot(a: &[f32], b: &[f32]) -> f32 {
-        let n = a.len().min(b.len());
-        let mut acc = _mm512_setzero_ps();
-        let mut i = 0;
-        while i + 16 <= n {
-            acc = _mm512_fmadd_ps(
-                _mm512_loadu_ps(a.as_ptr().add(i)),
-                _mm512_loadu_ps(b.as_ptr().add(i)),
-                acc,
-            );
-            i += 16;
-        }
-        if i < n {
-            let m: __mmask16 = (1u16 << (n - i)) - 1;
-            acc = _mm512_fmadd_ps(
-                _mm512_maskz_loadu_ps(m, a.as_ptr().add(i)),
-                _mm512_maskz_loadu_ps(m, b.as_ptr().add(i)),
-                acc,
-            );
-        }
-        _mm512_reduce_add_ps(acc)
-    }
 }
