@@ -960,6 +960,11 @@ pub(crate) unsafe fn half_rows_avx512<const R: usize, const T: usize, const BF16
     x: [&[f32]; T],
 ) -> [[f32; T]; R] {
     let mut acc = [[_mm512_setzero_ps(); T]; R];
+    // Each row asks for its line at least 4 KiB ahead, rounded up to whole groups of `R` rows
+    // (as the VNNI kernels do: 256 bytes ahead left decode waiting on memory, 8 against 12-15
+    // Gweights/s on the 1B shape's matrices, one thread).
+    let group = R * cols;
+    let ahead = group * (2048usize).div_ceil(group.max(1));
     let mut i = 0;
     while i + 16 <= cols {
         let mut xs = [_mm512_setzero_ps(); T];
@@ -968,9 +973,9 @@ pub(crate) unsafe fn half_rows_avx512<const R: usize, const T: usize, const BF16
         }
         for r in 0..R {
             let p = w.as_ptr().add(r * cols + i);
-            // Several row streams: ask for each row's line 256 bytes ahead, once per line.
-            if i % 32 == 0 && r * cols + i + 128 < w.len() {
-                _mm_prefetch::<_MM_HINT_T0>(p.add(128) as *const i8);
+            // Once per 64-byte line; a pointer past the matrix is never read.
+            if i % 32 == 0 {
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ahead) as *const i8);
             }
             let wv = half16::<BF16>(p);
             for (t, v) in xs.iter().enumerate() {
