@@ -4,8 +4,8 @@
 //! quantized to 8-bit blocks of 32 (one plane, or two for about 15 bits: see
 //! [`QuantMatrix::with_q8_activations`]); on AVX2 and AVX-512 quantized is the default for the
 //! formats where byte products measured faster, f32 elsewhere. On AVX-512 with VNNI the 32-blocks
-//! (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) take four blocks per step with `vpdpbusd`, rows asked for
-//! from memory ahead of their use.
+//! (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) take four blocks per step with `vpdpbusd`, and Q4_K, Q5_K and
+//! Q6_K have their own VNNI kernels, rows asked for from memory ahead of their use.
 //!
 //! The instruction set is chosen at run time ([`Isa`]): on x86-64 AVX-512 with VNNI or AVX2 +
 //! FMA, on aarch64 NEON (with the dot-product extension's SDOT for 8-bit activations where the

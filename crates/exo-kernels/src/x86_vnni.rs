@@ -12,6 +12,10 @@
 //! Each lane's integer sum is scaled by its block's `d_w * d_act` in float. A last step of fewer
 //! than four blocks loads with masks: the missing lanes read as zeros and add nothing.
 //!
+//! Q6_K takes 64 quants per `vpdpbusd` (each 128-bit lane group under one of its 16-element
+//! scales) and Q4_K/Q5_K two sub-blocks per register. A product picks its kernel once per task
+//! (`rows_into`, `k_rows_into`): four rows by four tokens, or four rows by one for decode.
+//!
 //! Every kernel equals the integer math of `scalar::dot` up to the order of float additions.
 
 #![allow(unsafe_op_in_unsafe_fn, clippy::needless_range_loop)]
