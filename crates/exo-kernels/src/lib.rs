@@ -234,14 +234,14 @@ fn x86_rows<const R: usize, const T: usize>(
     if let Some(v) = tiled_rows::<R, T>(isa, w, row, a, t) {
         return Some(v);
     }
-    let (wd, wm, wq, kind) = int_rows(w, row, R)?;
-    if takes_q8(w, a) {
-        return Some(int_q8_rows::<R, T>(w, row, a, t));
-    }
     if isa != Isa::Avx2 {
         return None;
     }
     let nb = w.cols / 32;
+    let (wd, wm, wq, kind) = int_rows(w, row, R)?;
+    if takes_q8(w, a) {
+        return Some(int_q8_rows::<R, T>(w, row, a, t));
+    }
     let r = row_args(wd, wm, wq, a, 0, 0, 0);
     let (x, xsum) = (a.f32_rows::<T>(t), a.f32_sums::<T>(t));
     // SAFETY: the caller checked AVX2 as supported; `r` holds `R` whole rows, each `x` `cols`
@@ -350,13 +350,15 @@ fn vnni_rows_into(
         Storage::Q6K(b) => Some((b, WeightFormat::Q6K.ggml_block_bytes())),
         _ => None,
     };
+    // SAFETY: `matmul_with` checked `out` against `n` tokens of all the stack's rows, and tasks
+    // own disjoint row ranges `r0..r1` of this part.
+    let put = |t: usize, r: usize, v: f32| unsafe { out.write(t, r, v) };
     if let Some((bytes, block)) = k_quant {
         if w.fine {
             return false;
         }
         // SAFETY: as below; `bytes` holds every row's `nsb` super-blocks of `block` bytes and
         // `a` the activation rows quantized with one plane.
-        let put = |t: usize, r: usize, v: f32| unsafe { out.write(t, r, v) };
         unsafe { x86_vnni::k_rows_into(w.format, bytes, nsb * block, a, nsb, n, (r0, r1), put) };
         return true;
     }
@@ -365,9 +367,6 @@ fn vnni_rows_into(
     };
     let nb = w.cols / 32;
     let range = (r0, r1);
-    // SAFETY: `matmul_with` checked `out` against `n` tokens of all the stack's rows, and tasks
-    // own disjoint row ranges `r0..r1` of this part.
-    let put = |t: usize, r: usize, v: f32| unsafe { out.write(t, r, v) };
     // SAFETY: `isa` was checked as supported by `matmul_with`; `all` holds every row of the
     // matrix and `a` its `n` activation rows, quantized as the matrix asks.
     unsafe {
@@ -620,7 +619,7 @@ fn dot4(isa: Isa, w: &QuantMatrix, row: usize, a: &QuantizedActs, t: usize) -> O
     }
     // Q4_0/Q4_1/Q8_0 with 8-bit activations: four rows share each activation load.
     #[cfg(target_arch = "x86_64")]
-    if matches!(isa, Isa::Avx2 | Isa::Avx512Vnni)
+    if isa == Isa::Avx2
         && takes_q8(w, a)
         && row + 4 <= w.rows
         && let Some(four) = x86_rows::<4, 1>(isa, w, row, a, t)

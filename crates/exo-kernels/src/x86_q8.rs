@@ -388,20 +388,38 @@ pub(crate) unsafe fn int_q8<const R: usize, const T: usize, const FINE: bool, co
     let mut out = [[0f32; T]; R];
     for k in 0..R {
         for t in 0..T {
-            let extra = match KIND {
-                Q4_0 => -8.0 * short_dot(&w.wd[k * nb..(k + 1) * nb], &a[t].sum[..nb]),
-                Q5_0 => -16.0 * short_dot(&w.wd[k * nb..(k + 1) * nb], &a[t].sum[..nb]),
-                Q4_1 | Q5_1 => short_dot(&w.wm[k * nb..(k + 1) * nb], &a[t].sum[..nb]),
-                _ => 0.0,
-            };
-            out[k][t] = hsum256(acc[k][t]) + extra;
+            // Q8_0's signs moved onto the activations: no offset.
+            out[k][t] = hsum256(acc[k][t]) + block_sum_terms(KIND, w, k, nb, a[t].sum, 0.0);
         }
     }
     out
 }
 
-/// `sum_b a[b] * b[b]` for short per-block vectors (scales against block sums).
+/// What the activations' block sums (`sum`, `d * sum(q)` per block) add to row `r` of `w`
+/// (`nb` blocks per row) in the integer kernels: each block's offset times its scale, for
+/// Q4_0 (-8), Q5_0 (-16) and Q8_0 (`q8_offset`: -128 where a kernel made its weights unsigned
+/// by adding 128, 0 where it moved their signs onto the activations), or the minimums of Q4_1
+/// and Q5_1.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `w` holds row `r` (its minimums for Q4_1 and Q5_1) and
+/// `sum` at least `nb` values.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn short_dot(a: &[f32], b: &[f32]) -> f32 {
-    crate::x86::dot_f32_avx2(a, b)
+pub(crate) unsafe fn block_sum_terms(
+    kind: u8,
+    w: &IntRows<'_>,
+    r: usize,
+    nb: usize,
+    sum: &[f32],
+    q8_offset: f32,
+) -> f32 {
+    let row = r * nb..(r + 1) * nb;
+    let dot = |v: &[f32]| crate::x86::dot_f32_avx2(&v[row.clone()], &sum[..nb]);
+    match kind {
+        Q4_0 => -8.0 * dot(w.wd),
+        Q5_0 => -16.0 * dot(w.wd),
+        Q8_0 if q8_offset != 0.0 => q8_offset * dot(w.wd),
+        Q4_1 | Q5_1 => dot(w.wm),
+        _ => 0.0,
+    }
 }

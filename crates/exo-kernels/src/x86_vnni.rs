@@ -22,7 +22,7 @@
 
 use std::arch::x86_64::*;
 
-use crate::x86_q8::{IntRows, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8Row};
+use crate::x86_q8::{IntRows, Q5_0, Q5_1, Q8_0, Q8Row, block_sum_terms};
 
 /// The target features every kernel here needs (checked by [`crate::Isa::Avx512Vnni`]).
 macro_rules! vnni {
@@ -208,18 +208,9 @@ vnni! {
         }
         let mut out = [[0f32; T]; R];
         for r in 0..R {
-            let (d, m) = (&w.wd[r * nb..(r + 1) * nb], &w.wm);
             for t in 0..T {
-                let sum = &a[t].sum[..nb];
-                // `sum_b a[b] * b[b]` over the blocks: scales against block sums.
-                let short_dot = |a: &[f32], b: &[f32]| crate::x86::dot_f32_avx2(a, b);
-                let extra = match KIND {
-                    Q4_0 => -8.0 * short_dot(d, sum),
-                    Q5_0 => -16.0 * short_dot(d, sum),
-                    Q8_0 => -128.0 * short_dot(d, sum),
-                    Q4_1 | Q5_1 => short_dot(&m[r * nb..(r + 1) * nb], sum),
-                    _ => 0.0,
-                };
+                // Q8_0's weights took 128 on.
+                let extra = block_sum_terms(KIND, w, r, nb, a[t].sum, -128.0);
                 out[r][t] = _mm512_reduce_add_ps(acc[r][t]) + extra;
             }
         }
@@ -319,13 +310,7 @@ vnni! {
                 }
             }
         }
-        let mut out = [[0f32; T]; R];
-        for r in 0..R {
-            for t in 0..T {
-                out[r][t] = _mm512_reduce_add_ps(acc[r][t]);
-            }
-        }
-        out
+        acc.map(|row| row.map(|v| _mm512_reduce_add_ps(v)))
     }
 
     /// `R` consecutive rows of a Q4_K (`HIGH = false`) or Q5_K matrix (repacked super-blocks,
@@ -433,13 +418,7 @@ vnni! {
                 }
             }
         }
-        let mut out = [[0f32; T]; R];
-        for r in 0..R {
-            for t in 0..T {
-                out[r][t] = _mm512_reduce_add_ps(acc[r][t]);
-            }
-        }
-        out
+        acc.map(|row| row.map(|v| _mm512_reduce_add_ps(v)))
     }
 
     /// Rows `r0..r1` of a whole matrix `w` (`KIND`, `nb` blocks per row) against all `n`
