@@ -31,6 +31,8 @@ mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 #[cfg(target_arch = "x86_64")]
+mod x86_panel;
+#[cfg(target_arch = "x86_64")]
 mod x86_q8;
 #[cfg(target_arch = "x86_64")]
 mod x86_vnni;
@@ -344,6 +346,21 @@ fn vnni_rows_into(
         return false;
     }
     let nsb = w.cols / 256;
+    let mut r0 = r0;
+    if n >= PANEL_TOKENS
+        && let Some(panel) = panel_weights(w)
+    {
+        // SAFETY: as below; the panel kernels read rows `r0..r1` as `panel` describes them,
+        // and write each token's rows of a whole panel.
+        r0 = unsafe {
+            x86_panel::rows_into(&panel, a, w.fine, n, (r0, r1), |t, r, v| {
+                out.write_rows(t, r, v)
+            })
+        };
+        if r0 == r1 {
+            return true;
+        }
+    }
     let k_quant = match &w.storage {
         Storage::Q4K(b) => Some((b, matrix::Q4K_PACKED)),
         Storage::Q5K(b) => Some((b, matrix::Q5K_PACKED)),
@@ -384,6 +401,43 @@ fn vnni_rows_into(
         }
     }
     true
+}
+
+/// From how many tokens a product takes the panel kernels (`x86_panel`) on AVX-512 VNNI.
+const PANEL_TOKENS: usize = 8;
+
+/// Rows per panel of the panel kernels (sixteen; four where there are none).
+fn x86_panel_rows() -> usize {
+    #[cfg(target_arch = "x86_64")]
+    return x86_panel::ROWS;
+    #[cfg(not(target_arch = "x86_64"))]
+    4
+}
+
+/// `w` (one format, taking 8-bit activations) as the panel kernels read it; `None` for formats
+/// they do not take.
+#[cfg(target_arch = "x86_64")]
+fn panel_weights(w: &QuantMatrix) -> Option<x86_panel::Weights<'_>> {
+    let nsb = w.cols / 256;
+    let (bytes, block) = match &w.storage {
+        Storage::Q4K(b) => (b, matrix::Q4K_PACKED),
+        Storage::Q5K(b) => (b, matrix::Q5K_PACKED),
+        Storage::Q6K(b) => (b, WeightFormat::Q6K.ggml_block_bytes()),
+        _ => {
+            let (rows, kind) = int_q8_parts(w, 0, w.rows)?;
+            return Some(x86_panel::Weights::Blocks {
+                rows,
+                kind,
+                nb: w.cols / 32,
+            });
+        }
+    };
+    Some(x86_panel::Weights::Super {
+        format: w.format,
+        bytes,
+        row_bytes: nsb * block,
+        nsb,
+    })
 }
 
 /// Rows `row..row + R` of a Q5_0 or Q5_1 matrix that takes 8-bit activations against
@@ -805,8 +859,9 @@ pub fn matmul_with(
         });
     }
     let isa = if isa.is_supported() { isa } else { Isa::Scalar };
-    // Prefill tiles of four tokens and more run two-plane matrices on f32 activations.
-    acts.fine_as_f32 = n >= 4;
+    // Prefill tiles of four tokens and more run two-plane matrices on f32 activations, except
+    // where the panel kernels take them (their two planes measured faster).
+    acts.fine_as_f32 = n >= 4 && !(isa == Isa::Avx512Vnni && n >= PANEL_TOKENS);
     if w.quantizes_activations(acts.fine_as_f32, n >= 8) {
         acts.quantize(x, n, w.cols, w.quantizes_second_plane(acts.fine_as_f32));
     } else {
@@ -845,8 +900,14 @@ pub fn matmul_with(
     if threads <= 1 || work < 1 << 16 {
         run(0, rows);
     } else {
-        // A couple of tasks per thread: balance when one core is busier, at little cost.
-        let chunk = rows.div_ceil(threads * 2).max(8).next_multiple_of(4);
+        // A couple of tasks per thread: balance when one core is busier, at little cost. Whole
+        // groups of four rows, or of sixteen where the panel kernels take many tokens.
+        let group = if isa == Isa::Avx512Vnni && n >= PANEL_TOKENS {
+            x86_panel_rows()
+        } else {
+            4
+        };
+        let chunk = rows.div_ceil(threads * 2).max(8).next_multiple_of(group);
         let tasks = rows.div_ceil(chunk);
         pool.run(tasks, &|i| run(i * chunk, ((i + 1) * chunk).min(rows)));
     }
@@ -868,6 +929,19 @@ impl OutRows {
     unsafe fn write(self, t: usize, r: usize, v: f32) {
         // SAFETY: guaranteed by the caller.
         unsafe { self.ptr.write(t * self.stride + self.offset + r, v) };
+    }
+
+    /// Token `t`, rows `r..r + v.len()`.
+    ///
+    /// # Safety
+    /// As [`OutRows::write`], for each of those rows.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn write_rows(self, t: usize, r: usize, v: &[f32]) {
+        // SAFETY: guaranteed by the caller.
+        unsafe {
+            let at = self.ptr.0.add(t * self.stride + self.offset + r);
+            std::ptr::copy_nonoverlapping(v.as_ptr(), at, v.len());
+        }
     }
 }
 

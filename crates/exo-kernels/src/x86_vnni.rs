@@ -24,7 +24,8 @@ use std::arch::x86_64::*;
 
 use crate::x86_q8::{IntRows, Q5_0, Q5_1, Q8_0, Q8Row, block_sum_terms};
 
-/// The target features every kernel here needs (checked by [`crate::Isa::Avx512Vnni`]).
+/// The target features every kernel here and in `x86_panel` needs (checked by
+/// [`crate::Isa::Avx512Vnni`]).
 macro_rules! vnni {
     ($($item:item)*) => {
         $(
@@ -33,6 +34,7 @@ macro_rules! vnni {
         )*
     };
 }
+pub(crate) use vnni;
 
 /// At least how far ahead of a row's current step its weight bytes are asked for: decode
 /// streams the weights from memory, and without this it waited on them (Q4_0 on the default

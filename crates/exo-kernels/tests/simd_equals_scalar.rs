@@ -460,6 +460,39 @@ fn eight_token_tiles_and_their_remainders_equal_the_scalar_reference() {
 }
 
 #[test]
+fn sixteen_row_panels_and_their_remainders_equal_the_scalar_reference() {
+    // On AVX-512 VNNI, products of eight tokens or more take the panel kernels sixteen rows at a
+    // time, in chunks of 16, 8, 4, 2 and 1 tokens; rows after the last whole panel take the
+    // four-row tiles. Block counts below and above four cover the panel's transposed scales
+    // and its gathered last ones; Q5 covers the fifth bits, Q4_1 and Q5_1 the minimums.
+    let shapes = [(16, 8, 5), (37, 31, 9), (48, 9, 4), (33, 16, 3)];
+    for format in [
+        WeightFormat::Q8_0,
+        WeightFormat::Q4_0,
+        WeightFormat::Q4_1,
+        WeightFormat::Q5_0,
+        WeightFormat::Q5_1,
+    ] {
+        for acts in [1, 2, 3] {
+            for (rows, n, blocks) in shapes {
+                check(format, acts, rows, blocks, n, 7 * n as u64 + rows as u64);
+            }
+        }
+    }
+    for format in [WeightFormat::Q4K, WeightFormat::Q5K, WeightFormat::Q6K] {
+        for acts in [1, 2] {
+            for (rows, n, blocks) in shapes {
+                let blocks = blocks.div_ceil(3);
+                let bytes = k_quant_bytes(format, rows, blocks, rows as u64);
+                let w = QuantMatrix::from_ggml(format, rows, blocks * 256, &bytes).unwrap();
+                let w = with_acts(w, acts);
+                check_matrix(&w, &activations(n, blocks * 256, n as u64), n);
+            }
+        }
+    }
+}
+
+#[test]
 fn q8_0_weights_from_ggml_bytes_decode_like_the_format_says() {
     // One block: scale 0.5 (f16 0x3800), quants 0..31.
     let mut bytes = vec![0x00, 0x38];
