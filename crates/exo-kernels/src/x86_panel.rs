@@ -1,4 +1,4 @@
-//! AVX-512 VNNI kernels for many tokens at once (prefill, batches). Sixteen rows of a matrix are
+//! AVX-512 VNNI kernels for two tokens or more (prefill, batches). Sixteen rows of a matrix are
 //! unpacked into a *panel*: for each group of columns (32, or Q6_K's 16), `group / 4` vectors
 //! whose lane `r` holds four consecutive quants of row `r` as unsigned bytes, and the group's
 //! sixteen scales (and minimums) beside them. One `vpdpbusd` then multiplies sixteen rows by four
@@ -14,6 +14,9 @@
 //! An offset (Q4_0's 8, Q5_0's 16, Q6_K's 32, and the 128 that makes Q8_0's weights unsigned)
 //! comes off as the integer sums' starting value, `-offset * sum(q_act)` of each token and group;
 //! a minimum (Q4_1, Q5_1, Q4_K, Q5_K) as a float term, `min * d_act * sum(q_act)`.
+//!
+//! 16-bit floats take a panel of f32, one vector per column (sixteen rows widened once), and one
+//! fused multiply-add per column and token against the activations as given.
 //!
 //! Every kernel here equals the integer math of `scalar::dot` up to the order of float additions.
 
@@ -180,8 +183,19 @@ vnni! {
     /// The sixteen bytes at `at` of sixteen rows `stride` bytes apart from `base`, transposed:
     /// lane `r` of vector `j` is the `j`th four bytes of row `r`'s sixteen. Sixteen 128-bit
     /// loads and twelve shuffles, where four gathers cost the panel half of its time.
+    ///
+    /// The first time it reads a 64-byte stretch of the rows, it asks for the same bytes of
+    /// the next sixteen rows, which the next panel reads: a panel's rows are read across, a
+    /// few bytes of each at a time, which the hardware prefetchers do not follow (on matrices
+    /// bigger than the caches, filling the panel took half of a 16-bit float product).
     #[inline]
     unsafe fn transpose(base: *const u8, stride: usize, at: usize) -> [__m512i; 4] {
+        if at % 64 < 16 {
+            for r in ROWS..2 * ROWS {
+                // A pointer past the matrix is never read: prefetches do not fault.
+                _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(r * stride + at) as *const i8);
+            }
+        }
         let row = |r: usize| _mm_loadu_si128(base.add(r * stride + at) as *const __m128i);
         // Rows `4k..4k + 4`, one per 128-bit lane, then each lane's four words spread so that
         // 128-bit lane `j` holds word `j` of the four rows.
@@ -478,6 +492,16 @@ vnni! {
         acc
     }
 
+    /// Each token's sixteen outputs `acc` (tokens from `start` on) to `put`.
+    #[inline]
+    unsafe fn hand_out(start: usize, acc: &[__m512], put: &mut impl FnMut(usize, &[f32; ROWS])) {
+        for (t, v) in acc.iter().enumerate() {
+            let mut row = [0f32; ROWS];
+            _mm512_storeu_ps(row.as_mut_ptr(), *v);
+            put(start + t, &row);
+        }
+    }
+
     /// [`tokens`] with the chunk length chosen at run time.
     #[inline]
     unsafe fn chunk<const G: usize, const MIN: bool, const FINE: bool>(
@@ -488,13 +512,7 @@ vnni! {
         mut put: impl FnMut(usize, &[f32; ROWS]),
     ) {
         let e0 = start * groups;
-        let mut give = |acc: &[__m512]| {
-            for (t, v) in acc.iter().enumerate() {
-                let mut row = [0f32; ROWS];
-                _mm512_storeu_ps(row.as_mut_ptr(), *v);
-                put(start + t, &row);
-            }
-        };
+        let mut give = |acc: &[__m512]| hand_out(start, acc, &mut put);
         match len {
             16 => give(&tokens::<16, G, MIN, FINE>(p, groups, x, e0)),
             8 => give(&tokens::<8, G, MIN, FINE>(p, groups, x, e0)),
@@ -540,6 +558,107 @@ vnni! {
                     (_, true, false) => chunk::<32, true, false>(&p, groups, &x, c, put),
                     (_, false, true) => chunk::<32, false, true>(&p, groups, &x, c, put),
                     (_, true, true) => chunk::<32, true, true>(&p, groups, &x, c, put),
+                }
+            }
+            r += ROWS;
+        }
+        r
+    }
+
+    /// Sixteen rows of a 16-bit float matrix (`cols` values each, row 0 at `base`; bfloat16
+    /// with `BF16`) widened to f32 into `p`: `p[k]` holds column `k`, one row per lane.
+    unsafe fn fill_half<const BF16: bool>(p: &mut [__m512], base: *const u16, cols: usize) {
+        let eight = cols / 8 * 8;
+        for k in (0..eight).step_by(8) {
+            // Word `j` of a row's sixteen bytes: columns `k + 2j` (low half) and `k + 2j + 1`.
+            let v = transpose(base as *const u8, cols * 2, k * 2);
+            for j in 0..4 {
+                let (even, odd) = if BF16 {
+                    (
+                        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v[j])),
+                        _mm512_castsi512_ps(_mm512_and_si512(v[j], _mm512_set1_epi32(-65536))),
+                    )
+                } else {
+                    (
+                        _mm512_cvtph_ps(_mm512_cvtepi32_epi16(v[j])),
+                        _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(v[j]))),
+                    )
+                };
+                p[k + 2 * j] = even;
+                p[k + 2 * j + 1] = odd;
+            }
+        }
+        for k in eight..cols {
+            let column: [f32; ROWS] = std::array::from_fn(|r| {
+                let b = *base.add(r * cols + k);
+                if BF16 {
+                    half::bf16::from_bits(b).to_f32()
+                } else {
+                    half::f16::from_bits(b).to_f32()
+                }
+            });
+            p[k] = _mm512_loadu_ps(column.as_ptr());
+        }
+    }
+
+    /// The widened panel `p` against `T` tokens whose column `k` lies at `x[k * T..]`: each
+    /// token's sixteen outputs, one row per lane.
+    #[inline]
+    unsafe fn half_tokens<const T: usize>(p: &[__m512], x: *const f32) -> [__m512; T] {
+        let mut acc = [_mm512_setzero_ps(); T];
+        for (k, w) in p.iter().enumerate() {
+            let xk = x.add(k * T);
+            // Written out sixteen times, as in `tokens`.
+            macro_rules! token {
+                ($($t:literal)*) => {$(
+                    if $t < T {
+                        acc[$t] = _mm512_fmadd_ps(*w, _mm512_set1_ps(*xk.add($t)), acc[$t]);
+                    }
+                )*};
+            }
+            token!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15);
+        }
+        acc
+    }
+
+    /// Rows `r0..` of a 16-bit float matrix (`bits`, `cols` values per row; bfloat16 with
+    /// `BF16`) in whole panels of sixteen, up to `r1`, against the `n` f32 activation rows
+    /// `x`, as [`rows_into`]: one fused multiply-add per sixteen rows, column and token, the
+    /// weights widened once per panel. Returns the first row not computed.
+    ///
+    /// # Safety
+    /// As [`rows_into`]; `bits` holds every row up to `r1` and `x` `n` rows of `cols` values.
+    pub(crate) unsafe fn half_rows_into<const BF16: bool>(
+        bits: &[u16],
+        cols: usize,
+        x: &[f32],
+        n: usize,
+        (r0, r1): (usize, usize),
+        mut put: impl FnMut(usize, usize, &[f32; ROWS]),
+    ) -> usize {
+        // The activations chunk by chunk, column by column, the chunk's tokens side by side.
+        let mut xs = vec![0f32; n * cols];
+        for (start, len) in chunks(n) {
+            for t in 0..len {
+                let row = &x[(start + t) * cols..(start + t + 1) * cols];
+                for (k, v) in row.iter().enumerate() {
+                    xs[start * cols + k * len + t] = *v;
+                }
+            }
+        }
+        let mut p = vec![_mm512_setzero_ps(); cols];
+        let mut r = r0;
+        while r + ROWS <= r1 {
+            fill_half::<BF16>(&mut p, bits.as_ptr().add(r * cols), cols);
+            for (start, len) in chunks(n) {
+                let xc = xs.as_ptr().add(start * cols);
+                let mut put = |t: usize, v: &[f32; ROWS]| put(t, r, v);
+                match len {
+                    16 => hand_out(start, &half_tokens::<16>(&p, xc), &mut put),
+                    8 => hand_out(start, &half_tokens::<8>(&p, xc), &mut put),
+                    4 => hand_out(start, &half_tokens::<4>(&p, xc), &mut put),
+                    2 => hand_out(start, &half_tokens::<2>(&p, xc), &mut put),
+                    _ => hand_out(start, &half_tokens::<1>(&p, xc), &mut put),
                 }
             }
             r += ROWS;

@@ -461,11 +461,19 @@ fn eight_token_tiles_and_their_remainders_equal_the_scalar_reference() {
 
 #[test]
 fn sixteen_row_panels_and_their_remainders_equal_the_scalar_reference() {
-    // On AVX-512 VNNI, products of eight tokens or more take the panel kernels sixteen rows at a
-    // time, in chunks of 16, 8, 4, 2 and 1 tokens; rows after the last whole panel take the
-    // four-row tiles. Block counts below and above four cover the panel's transposed scales
-    // and its gathered last ones; Q5 covers the fifth bits, Q4_1 and Q5_1 the minimums.
-    let shapes = [(16, 8, 5), (37, 31, 9), (48, 9, 4), (33, 16, 3)];
+    // On AVX-512 VNNI, products of two tokens or more (twelve for 16-bit floats) take the
+    // panel kernels sixteen rows at a time, in chunks of 16, 8, 4, 2 and 1 tokens; rows after
+    // the last whole panel take the four-row tiles. Block counts below and above four cover the
+    // panel's transposed scales and its gathered last ones; Q5 covers the fifth bits, Q4_1 and
+    // Q5_1 the minimums.
+    let shapes = [
+        (16, 8, 5),
+        (37, 31, 9),
+        (48, 9, 4),
+        (33, 16, 3),
+        (32, 3, 2),
+        (17, 2, 1),
+    ];
     for format in [
         WeightFormat::Q8_0,
         WeightFormat::Q4_0,
@@ -478,6 +486,17 @@ fn sixteen_row_panels_and_their_remainders_equal_the_scalar_reference() {
                 check(format, acts, rows, blocks, n, 7 * n as u64 + rows as u64);
             }
         }
+    }
+    // 16-bit floats take f32 activations; a column count that is not a multiple of eight
+    // covers the panel's columns widened one by one.
+    for format in [WeightFormat::F16, WeightFormat::BF16] {
+        for (rows, n, blocks) in shapes {
+            check(format, 0, rows, blocks, n, n as u64);
+        }
+        let mut next = uniform(3);
+        let values: Vec<f32> = (0..35 * 36).map(|_| next()).collect();
+        let w = QuantMatrix::from_f32(format, 35, 36, &values).unwrap();
+        check_matrix(&w, &activations(21, 36, 4), 21);
     }
     for format in [WeightFormat::Q4K, WeightFormat::Q5K, WeightFormat::Q6K] {
         for acts in [1, 2] {
