@@ -153,6 +153,11 @@ vnni! {
                 if !nibbles {
                     _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ahead + 64) as *const i8);
                 }
+                // The scales, a step's 16 bytes, as far ahead in blocks: once per 64 bytes.
+                if b % 16 == 0 {
+                    let d = wd.add(i) as *const i8;
+                    _mm_prefetch::<_MM_HINT_T0>(d.wrapping_add(ahead / bytes * 4));
+                }
                 // Two vectors of weight bytes, unsigned.
                 let v = if nibbles {
                     let q = bytes64(bits(16 * k), p as *const i8);
