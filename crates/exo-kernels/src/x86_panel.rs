@@ -135,8 +135,9 @@ fn chunks(n: usize) -> impl Iterator<Item = (usize, usize)> {
     )
 }
 
-/// Regroups `n` tokens of `a` (quantized with the second plane when `fine`) for `w`.
-fn regroup(w: &Weights<'_>, a: &crate::QuantizedActs, fine: bool, n: usize) -> Acts {
+/// Regroups tokens `first..first + n` of `a` (quantized with the second plane when `fine`) for
+/// `w`, as tokens `0..n`.
+fn regroup(w: &Weights<'_>, a: &crate::QuantizedActs, fine: bool, first: usize, n: usize) -> Acts {
     let (group, groups, offset) = (w.group(), w.groups(), w.offset());
     let (cols, nb) = (a.cols, a.cols / 32);
     let entries = n * groups;
@@ -155,13 +156,14 @@ fn regroup(w: &Weights<'_>, a: &crate::QuantizedActs, fine: bool, n: usize) -> A
     let sums = if fine { &a.sum_fine } else { &a.sum };
     for (start, len) in chunks(n) {
         for t in start..start + len {
+            let ta = first + t;
             for g in 0..groups {
                 let e = start * groups + g * len + (t - start);
-                let at = t * cols + g * group;
+                let at = ta * cols + g * group;
                 out.q[e * group..(e + 1) * group].copy_from_slice(&a.q[at..at + group]);
                 // Sums of each 16 quants: two per block.
                 let s16 = |v: &[i16]| -> i32 {
-                    let i = t * nb * 2 + g * group / 16;
+                    let i = ta * nb * 2 + g * group / 16;
                     v[i..i + group / 16].iter().map(|&s| s as i32).sum()
                 };
                 out.init[e] = -offset * s16(&a.s16);
@@ -169,7 +171,7 @@ fn regroup(w: &Weights<'_>, a: &crate::QuantizedActs, fine: bool, n: usize) -> A
                     out.lo[e * group..(e + 1) * group].copy_from_slice(&a.lo[at..at + group]);
                     out.init_lo[e] = -offset * s16(&a.s16lo);
                 }
-                let b = t * nb + g * group / 32;
+                let b = ta * nb + g * group / 32;
                 out.d[e] = a.d[b];
                 // Minimums come only with groups of 32.
                 out.am[e] = if group == 32 { sums[b] } else { 0.0 };
@@ -540,29 +542,42 @@ vnni! {
         mut put: impl FnMut(usize, usize, &[f32; ROWS]),
     ) -> usize {
         let (group, groups) = (w.group(), w.groups());
-        let x = regroup(w, a, fine, n);
         let mut p = Panel {
             q: vec![_mm512_setzero_si512(); groups * group / 4],
             scale: vec![_mm512_setzero_ps(); groups],
             min: vec![_mm512_setzero_ps(); if w.has_min() { groups } else { 0 }],
         };
-        let mut r = r0;
-        while r + ROWS <= r1 {
-            fill(&mut p, w, r);
-            for c in chunks(n) {
-                let put = |t: usize, v: &[f32; ROWS]| put(t, r, v);
-                match (group, w.has_min(), fine) {
-                    (16, _, false) => chunk::<16, false, false>(&p, groups, &x, c, put),
-                    (16, _, true) => chunk::<16, false, true>(&p, groups, &x, c, put),
-                    (_, false, false) => chunk::<32, false, false>(&p, groups, &x, c, put),
-                    (_, true, false) => chunk::<32, true, false>(&p, groups, &x, c, put),
-                    (_, false, true) => chunk::<32, false, true>(&p, groups, &x, c, put),
-                    (_, true, true) => chunk::<32, true, true>(&p, groups, &x, c, put),
+        // Tokens in blocks whose regrouped activations take at most `SCRATCH` bytes (whole
+        // chunks of sixteen): a task's copy of a long prompt's activations for the 1B shape's
+        // MLP down projection was 2.5 MiB, and two tasks at once raised the peak memory of a
+        // two-thread prefill by 6 MiB. Each block fills the panels again.
+        const SCRATCH: usize = 512 << 10;
+        let planes = if fine { 2 } else { 1 };
+        let per_token = groups * (group * planes + 16);
+        let block = (SCRATCH / per_token.max(1)).max(TOKENS) / TOKENS * TOKENS;
+        let mut first = 0;
+        while first < n {
+            let len = block.min(n - first);
+            let x = regroup(w, a, fine, first, len);
+            let mut r = r0;
+            while r + ROWS <= r1 {
+                fill(&mut p, w, r);
+                for c in chunks(len) {
+                    let put = |t: usize, v: &[f32; ROWS]| put(first + t, r, v);
+                    match (group, w.has_min(), fine) {
+                        (16, _, false) => chunk::<16, false, false>(&p, groups, &x, c, put),
+                        (16, _, true) => chunk::<16, false, true>(&p, groups, &x, c, put),
+                        (_, false, false) => chunk::<32, false, false>(&p, groups, &x, c, put),
+                        (_, true, false) => chunk::<32, true, false>(&p, groups, &x, c, put),
+                        (_, false, true) => chunk::<32, false, true>(&p, groups, &x, c, put),
+                        (_, true, true) => chunk::<32, true, true>(&p, groups, &x, c, put),
+                    }
                 }
+                r += ROWS;
             }
-            r += ROWS;
+            first += len;
         }
-        r
+        r0 + (r1.saturating_sub(r0)) / ROWS * ROWS
     }
 
     /// Sixteen rows of a 16-bit float matrix (`cols` values each, row 0 at `base`; bfloat16

@@ -487,6 +487,9 @@ fn sixteen_row_panels_and_their_remainders_equal_the_scalar_reference() {
             }
         }
     }
+    // Long rows take the tokens in blocks (here of sixteen: 8,192 columns with two planes).
+    check(WeightFormat::Q4_1, 2, 17, 256, 40, 5);
+    check(WeightFormat::Q4_0, 1, 16, 256, 70, 6);
     // 16-bit floats take f32 activations; a column count that is not a multiple of eight
     // covers the panel's columns widened one by one.
     for format in [WeightFormat::F16, WeightFormat::BF16] {
