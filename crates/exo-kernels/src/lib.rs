@@ -325,25 +325,38 @@ fn int_q8_rows<const R: usize, const T: usize>(
     }
 }
 
-/// Rows `r0..r1` of a Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0 matrix that takes 8-bit activations, for
-/// all `n` tokens, with the AVX-512 VNNI kernels, chosen once per task rather than once per
-/// group of rows (on the default model's small matrices that choice and its argument copies
-/// cost a seventh of a decode step). `false` (nothing written) for other formats, paths or
-/// activations.
+/// A K-quant matrix's super-block bytes and the size of one super-block as stored (Q4_K and
+/// Q5_K repacked, Q6_K as ggml's); `None` for other formats.
+#[cfg(target_arch = "x86_64")]
+fn k_quant_storage(w: &QuantMatrix) -> Option<(&[u8], usize)> {
+    match &w.storage {
+        Storage::Q4K(b) => Some((b, matrix::Q4K_PACKED)),
+        Storage::Q5K(b) => Some((b, matrix::Q5K_PACKED)),
+        Storage::Q6K(b) => Some((b, WeightFormat::Q6K.ggml_block_bytes())),
+        _ => None,
+    }
+}
+
+/// Rows `r0..r1` of an integer-format matrix that takes 8-bit activations, for all `n`
+/// tokens, with the AVX-512 kernels: the panels for two tokens or more, the VNNI tiles
+/// otherwise and for the rows after the last whole panel, chosen once per task rather than
+/// once per group of rows (on the default model's small matrices that choice and its argument
+/// copies cost a seventh of a decode step). Returns the first row not computed: `r0` for other
+/// formats, paths or activations, and the rows after the panels of a two-plane K-quant matrix
+/// (whose tiles are AVX2's).
 #[cfg(target_arch = "x86_64")]
 fn vnni_rows_into(
     isa: Isa,
     w: &QuantMatrix,
     a: &QuantizedActs,
     n: usize,
-    r0: usize,
-    r1: usize,
+    (r0, r1): (usize, usize),
     out: OutRows,
-) -> bool {
+) -> usize {
     use x86_q8::{Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
     use x86_vnni::rows_into;
     if isa != Isa::Avx512Vnni || !takes_q8(w, a) {
-        return false;
+        return r0;
     }
     let nsb = w.cols / 256;
     let mut r0 = r0;
@@ -358,29 +371,23 @@ fn vnni_rows_into(
             })
         };
         if r0 == r1 {
-            return true;
+            return r1;
         }
     }
-    let k_quant = match &w.storage {
-        Storage::Q4K(b) => Some((b, matrix::Q4K_PACKED)),
-        Storage::Q5K(b) => Some((b, matrix::Q5K_PACKED)),
-        Storage::Q6K(b) => Some((b, WeightFormat::Q6K.ggml_block_bytes())),
-        _ => None,
-    };
     // SAFETY: `matmul_with` checked `out` against `n` tokens of all the stack's rows, and tasks
     // own disjoint row ranges `r0..r1` of this part.
     let put = |t: usize, r: usize, v: f32| unsafe { out.write(t, r, v) };
-    if let Some((bytes, block)) = k_quant {
+    if let Some((bytes, block)) = k_quant_storage(w) {
         if w.fine {
-            return false;
+            return r0;
         }
         // SAFETY: as below; `bytes` holds every row's `nsb` super-blocks of `block` bytes and
         // `a` the activation rows quantized with one plane.
         unsafe { x86_vnni::k_rows_into(w.format, bytes, nsb * block, a, nsb, n, (r0, r1), put) };
-        return true;
+        return r1;
     }
     let Some((all, kind)) = int_q8_parts(w, 0, w.rows) else {
-        return false;
+        return r0;
     };
     let nb = w.cols / 32;
     let range = (r0, r1);
@@ -400,7 +407,7 @@ fn vnni_rows_into(
             (_, _) => rows_into::<true, Q8_0>(&all, a, nb, n, range, put),
         }
     }
-    true
+    r1
 }
 
 /// From how many tokens a product takes the panel kernels (`x86_panel`) on AVX-512 VNNI: from
@@ -461,18 +468,13 @@ fn x86_panel_rows() -> usize {
 #[cfg(target_arch = "x86_64")]
 fn panel_weights(w: &QuantMatrix) -> Option<x86_panel::Weights<'_>> {
     let nsb = w.cols / 256;
-    let (bytes, block) = match &w.storage {
-        Storage::Q4K(b) => (b, matrix::Q4K_PACKED),
-        Storage::Q5K(b) => (b, matrix::Q5K_PACKED),
-        Storage::Q6K(b) => (b, WeightFormat::Q6K.ggml_block_bytes()),
-        _ => {
-            let (rows, kind) = int_q8_parts(w, 0, w.rows)?;
-            return Some(x86_panel::Weights::Blocks {
-                rows,
-                kind,
-                nb: w.cols / 32,
-            });
-        }
+    let Some((bytes, block)) = k_quant_storage(w) else {
+        let (rows, kind) = int_q8_parts(w, 0, w.rows)?;
+        return Some(x86_panel::Weights::Blocks {
+            rows,
+            kind,
+            nb: w.cols / 32,
+        });
     };
     Some(x86_panel::Weights::Super {
         format: w.format,
@@ -547,12 +549,7 @@ fn k_quant_rows<const R: usize, const T: usize>(
     if !matches!(isa, Isa::Avx2 | Isa::Avx512Vnni) {
         return None;
     }
-    let (bytes, block) = match &w.storage {
-        Storage::Q4K(b) => (b, matrix::Q4K_PACKED),
-        Storage::Q5K(b) => (b, matrix::Q5K_PACKED),
-        Storage::Q6K(b) => (b, WeightFormat::Q6K.ggml_block_bytes()),
-        _ => return None,
-    };
+    let (bytes, block) = k_quant_storage(w)?;
     let format = w.format;
     let nsb = w.cols / 256;
     let per_row = nsb * block;
@@ -1011,7 +1008,8 @@ fn rows_into(
     #[cfg(target_arch = "x86_64")]
     let r0 = half_panel_rows_into(isa, w, acts, n, (r0, r1), out);
     #[cfg(target_arch = "x86_64")]
-    if vnni_rows_into(isa, w, acts, n, r0, r1, out) {
+    let r0 = vnni_rows_into(isa, w, acts, n, (r0, r1), out);
+    if r0 == r1 {
         return;
     }
     const TOKENS: usize = 32;

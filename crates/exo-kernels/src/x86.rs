@@ -364,19 +364,20 @@ pub(crate) unsafe fn dot4x4_f32_avx512(
     out
 }
 
-/// Bytes of a repacked Q4_K super-block, and where its parts start (see `Storage::Q4K`).
+/// Bytes of a repacked Q4_K super-block, and where its parts start (see `Storage::Q4K`); the
+/// AVX2 8-bit, VNNI and panel kernels read the same layouts through these.
 const Q4K_BYTES: usize = crate::matrix::Q4K_PACKED;
-const Q4K_SCALES: usize = 4;
-const Q4K_MINS: usize = 12;
+pub(crate) const Q4K_SCALES: usize = 4;
+pub(crate) const Q4K_MINS: usize = 12;
 const Q4K_QUANTS: usize = 20;
 /// A repacked Q5_K super-block: Q4_K's header, then 32 bytes of fifth bits, then the quants.
 const Q5K_BYTES: usize = crate::matrix::Q5K_PACKED;
-const Q5K_HIGH: usize = 20;
+pub(crate) const Q5K_HIGH: usize = 20;
 const Q5K_QUANTS: usize = 52;
 
 /// Bytes per super-block and offset of the quants of a repacked Q4_K (`HIGH = false`) or
 /// Q5_K super-block.
-const fn k_layout(high: bool) -> (usize, usize) {
+pub(crate) const fn k_layout(high: bool) -> (usize, usize) {
     if high {
         (Q5K_BYTES, Q5K_QUANTS)
     } else {
@@ -384,10 +385,10 @@ const fn k_layout(high: bool) -> (usize, usize) {
     }
 }
 /// Bytes of a Q6_K super-block, and where its parts start (ggml's layout).
-const Q6K_BYTES: usize = 210;
-const Q6K_HIGH: usize = 128;
-const Q6K_SCALES: usize = 192;
-const Q6K_D: usize = 208;
+pub(crate) const Q6K_BYTES: usize = 210;
+pub(crate) const Q6K_HIGH: usize = 128;
+pub(crate) const Q6K_SCALES: usize = 192;
+pub(crate) const Q6K_D: usize = 208;
 
 /// The f16 at `p` as f32.
 #[target_feature(enable = "avx2,fma,f16c")]

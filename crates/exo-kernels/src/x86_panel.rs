@@ -25,6 +25,7 @@
 use std::arch::x86_64::*;
 
 use crate::WeightFormat;
+use crate::x86::{Q4K_MINS, Q5K_HIGH, Q6K_BYTES, Q6K_D, Q6K_HIGH, Q6K_SCALES, k_layout};
 use crate::x86_q8::{IntRows, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
 use crate::x86_vnni::vnni;
 
@@ -333,18 +334,14 @@ vnni! {
         row_bytes: usize,
         nsb: usize,
     ) {
-        let (block, quants) = if HIGH {
-            (crate::matrix::Q5K_PACKED, 52)
-        } else {
-            (crate::matrix::Q4K_PACKED, 20)
-        };
+        let (block, quants) = k_layout(HIGH);
         let m4 = _mm512_set1_epi8(0x0f);
         let byte = _mm512_set1_epi32(0xff);
         for s in 0..nsb {
             let at = s * block;
             // Words 0..5: `d` and `dmin`, four scales, four scales, four minimums, four minimums.
             let [dd, sc0, sc1, mn0] = transpose(base, row_bytes, at);
-            let mn1 = transpose(base, row_bytes, at + 4)[3];
+            let mn1 = transpose(base, row_bytes, at + Q4K_MINS - 8)[3];
             let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dd));
             let dmin = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(dd)));
             let neg = _mm512_sub_ps(_mm512_setzero_ps(), dmin);
@@ -358,8 +355,8 @@ vnni! {
                 p.min[s * 8 + k] = _mm512_mul_ps(nth([mn0, mn1]), neg);
             }
             let fifth: [__m512i; 8] = if HIGH {
-                let [a, b, c, d] = transpose(base, row_bytes, at + 20);
-                let [e, f, g, h] = transpose(base, row_bytes, at + 36);
+                let [a, b, c, d] = transpose(base, row_bytes, at + Q5K_HIGH);
+                let [e, f, g, h] = transpose(base, row_bytes, at + Q5K_HIGH + 16);
                 [a, b, c, d, e, f, g, h]
             } else {
                 [_mm512_setzero_si512(); 8]
@@ -393,15 +390,14 @@ vnni! {
 
     /// [`fill`] for Q6_K super-blocks (ggml's layout), row 0 at `base`: groups of 16.
     unsafe fn fill_q6k(p: &mut Panel, base: *const u8, row_bytes: usize, nsb: usize) {
-        const BYTES: usize = 210;
         let m4 = _mm512_set1_epi8(0x0f);
         let m2 = _mm512_set1_epi8(0x03);
         for s in 0..nsb {
-            let at = s * BYTES;
+            let at = s * Q6K_BYTES;
             // `d` is the last two bytes: read the sixteen that end with them, not past the row.
-            let d = transpose(base, row_bytes, at + 194)[3];
+            let d = transpose(base, row_bytes, at + Q6K_D + 2 - 16)[3];
             let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(d)));
-            let scales = transpose(base, row_bytes, at + 192);
+            let scales = transpose(base, row_bytes, at + Q6K_SCALES);
             for q4 in 0..4 {
                 for k in 0..4 {
                     // Signed byte `k` of the word.
@@ -413,8 +409,8 @@ vnni! {
             // Element `128h + l`: low bits in nibble `l / 64` of byte `64h + l % 64`, high bits
             // at bits `2 * (l / 32)` of byte `128 + 32h + l % 32`; scale `(128h + l) / 16`.
             for h in 0..2 {
-                let [a, b, c, d] = transpose(base, row_bytes, at + 128 + 32 * h);
-                let [e, f, g, hh] = transpose(base, row_bytes, at + 144 + 32 * h);
+                let [a, b, c, d] = transpose(base, row_bytes, at + Q6K_HIGH + 32 * h);
+                let [e, f, g, hh] = transpose(base, row_bytes, at + Q6K_HIGH + 16 + 32 * h);
                 let high = [a, b, c, d, e, f, g, hh];
                 for i4 in 0..4 {
                     let low4 = transpose(base, row_bytes, at + 64 * h + 16 * i4);
@@ -459,26 +455,24 @@ vnni! {
             let sc = p.scale[g];
             let xq = x.q.as_ptr().add(e * G) as *const i32;
             let xlo = x.lo.as_ptr().add(if FINE { e * G } else { 0 }) as *const i32;
+            // One plane of a token's group: its integer sums from `init`, as floats.
+            let plane = |words: *const i32, init: i32| {
+                let mut i = _mm512_set1_epi32(init);
+                for j in 0..quads {
+                    let a = _mm512_set1_epi32(words.add(j).read_unaligned());
+                    i = _mm512_dpbusd_epi32(i, w[j], a);
+                }
+                _mm512_cvtepi32_ps(i)
+            };
             // One token's products (written out sixteen times: LLVM keeps a loop over tokens
             // rolled, and the accumulators in memory).
             macro_rules! token {
                 ($($t:literal)*) => {$(
                     if $t < T {
-                        let words = xq.add($t * quads);
-                        let mut i = _mm512_set1_epi32(*x.init.get_unchecked(e + $t));
-                        for j in 0..quads {
-                            let a = _mm512_set1_epi32(words.add(j).read_unaligned());
-                            i = _mm512_dpbusd_epi32(i, w[j], a);
-                        }
-                        let mut f = _mm512_cvtepi32_ps(i);
+                        let mut f = plane(xq.add($t * quads), *x.init.get_unchecked(e + $t));
                         if FINE {
-                            let words = xlo.add($t * quads);
-                            let mut i = _mm512_set1_epi32(*x.init_lo.get_unchecked(e + $t));
-                            for j in 0..quads {
-                                let a = _mm512_set1_epi32(words.add(j).read_unaligned());
-                                i = _mm512_dpbusd_epi32(i, w[j], a);
-                            }
-                            f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), third, f);
+                            let lo = plane(xlo.add($t * quads), *x.init_lo.get_unchecked(e + $t));
+                            f = _mm512_fmadd_ps(lo, third, f);
                         }
                         let d = _mm512_set1_ps(*x.d.get_unchecked(e + $t));
                         acc[$t] = _mm512_fmadd_ps(_mm512_mul_ps(f, sc), d, acc[$t]);

@@ -12,7 +12,10 @@
 
 use std::arch::x86_64::*;
 
-use crate::x86::{f16_at, hsum256, q6k_unsigned};
+use crate::x86::{
+    Q4K_MINS, Q4K_SCALES, Q5K_HIGH, Q6K_BYTES, Q6K_D, Q6K_HIGH, Q6K_SCALES, f16_at, hsum256,
+    k_layout, q6k_unsigned,
+};
 
 /// One activation row, quantized: `nb` blocks of 32.
 #[derive(Clone, Copy)]
@@ -38,27 +41,6 @@ pub(crate) struct IntRows<'a> {
     pub(crate) wm: &'a [f32],
     pub(crate) wq: &'a [u8],
     pub(crate) wh: &'a [u32],
-}
-
-/// Bytes of a repacked Q4_K super-block and where its parts start (see `Storage::Q4K`).
-const Q4K_SCALES: usize = 4;
-const Q4K_MINS: usize = 12;
-/// A repacked Q5_K super-block: Q4_K's header, then 32 bytes of fifth bits, then the quants.
-const Q5K_HIGH: usize = 20;
-/// Bytes of a Q6_K super-block, and where its parts start (ggml's layout).
-const Q6K_BYTES: usize = 210;
-const Q6K_HIGH: usize = 128;
-const Q6K_SCALES: usize = 192;
-const Q6K_D: usize = 208;
-
-/// Bytes per super-block and offset of the quants of a repacked Q4_K (`HIGH = false`) or
-/// Q5_K super-block.
-const fn k_layout(high: bool) -> (usize, usize) {
-    if high {
-        (crate::matrix::Q5K_PACKED, 52)
-    } else {
-        (crate::matrix::Q4K_PACKED, 20)
-    }
 }
 
 /// With a second plane, `254 * dot(w, hi) + dot(w, lo)`, in units of `d / 254` (see

@@ -22,6 +22,9 @@
 
 use std::arch::x86_64::*;
 
+use crate::x86::{
+    Q4K_MINS, Q4K_SCALES, Q5K_HIGH, Q6K_BYTES, Q6K_D, Q6K_HIGH, Q6K_SCALES, k_layout,
+};
 use crate::x86_q8::{IntRows, Q5_0, Q5_1, Q8_0, Q8Row, block_sum_terms};
 
 /// The target features every kernel here and in `x86_panel` needs (checked by
@@ -242,10 +245,6 @@ vnni! {
         a: &[Q8Row<'_>; T],
         nsb: usize,
     ) -> [[f32; T]; R] {
-        const BYTES: usize = 210;
-        const HIGH: usize = 128;
-        const SCALES: usize = 192;
-        const D: usize = 208;
         let m4 = _mm512_set1_epi8(0x0f);
         let m2 = _mm512_set1_epi8(0x30);
         // The high bits of elements 0..32 and 32..64 of a half (the first vector) sit at bits
@@ -279,12 +278,12 @@ vnni! {
                 sum16[t] = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(s16));
             }
             for r in 0..R {
-                let b = w.as_ptr().add(r * row_bytes + s * BYTES);
+                let b = w.as_ptr().add(r * row_bytes + s * Q6K_BYTES);
                 for line in [0, 64, 128, 192] {
                     _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(ahead + line) as *const i8);
                 }
-                let d = crate::x86::f16_at(b.add(D));
-                let sc = _mm_loadu_si128(b.add(SCALES) as *const __m128i);
+                let d = crate::x86::f16_at(b.add(Q6K_D));
+                let sc = _mm_loadu_si128(b.add(Q6K_SCALES) as *const __m128i);
                 let sc = _mm512_mul_ps(
                     _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)),
                     _mm512_set1_ps(d),
@@ -292,7 +291,7 @@ vnni! {
                 let mut q = [_mm512_setzero_si512(); 4];
                 for h in 0..2 {
                     let low = _mm512_loadu_si512(b.add(h * 64) as *const __m512i);
-                    let high = _mm256_loadu_si256(b.add(HIGH + h * 32) as *const __m256i);
+                    let high = _mm256_loadu_si256(b.add(Q6K_HIGH + h * 32) as *const __m256i);
                     let high = _mm512_broadcast_i64x4(high);
                     let hi_a = _mm512_and_si512(_mm512_sllv_epi16(high, up), m2);
                     let hi_b = _mm512_and_si512(_mm512_srlv_epi16(high, down), m2);
@@ -338,14 +337,7 @@ vnni! {
         a: &[Q8Row<'_>; T],
         nsb: usize,
     ) -> [[f32; T]; R] {
-        const SCALES: usize = 4;
-        const MINS: usize = 12;
-        const FIFTH: usize = 20;
-        let (block, quants) = if HIGH {
-            (crate::matrix::Q5K_PACKED, 52)
-        } else {
-            (crate::matrix::Q4K_PACKED, 20)
-        };
+        let (block, quants) = k_layout(HIGH);
         let m4 = _mm512_set1_epi8(0x0f);
         let sixteen = _mm512_set1_epi8(16);
         // Q5_K: bit 2c of each fifth-bit byte goes to sub-block 2c (bit 4 of the quant),
@@ -390,15 +382,15 @@ vnni! {
                         b.add(at) as *const __m128i
                     )))
                 };
-                let sc = _mm256_mul_ps(bytes(SCALES), _mm256_set1_ps(crate::x86::f16_at(b)));
-                let mins = _mm256_mul_ps(bytes(MINS), _mm256_set1_ps(crate::x86::f16_at(b.add(2))));
+                let sc = _mm256_mul_ps(bytes(Q4K_SCALES), _mm256_set1_ps(crate::x86::f16_at(b)));
+                let mins = _mm256_mul_ps(bytes(Q4K_MINS), _mm256_set1_ps(crate::x86::f16_at(b.add(2))));
                 let mut q = [_mm512_setzero_si512(); 4];
                 for half in 0..2 {
                     let v = _mm512_loadu_si512(b.add(quants + 64 * half) as *const __m512i);
                     let mut lo = _mm512_and_si512(v, m4);
                     let mut hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4);
                     if HIGH {
-                        let h = _mm512_broadcast_i64x4(_mm256_loadu_si256(b.add(FIFTH) as *const __m256i));
+                        let h = _mm512_broadcast_i64x4(_mm256_loadu_si256(b.add(Q5K_HIGH) as *const __m256i));
                         // Bits 4c, 4c + 2 (low nibbles) and 4c + 1, 4c + 3 (high) of this half's
                         // two steps c = 2 * half, 2 * half + 1, moved to bit 4.
                         let (l, hh) = if half == 0 {
